@@ -1,0 +1,19 @@
+//! CPU kernels for the Hymba engine.
+//!
+//! Everything here is plain numerics over `f32` activations and weights kept in their stored
+//! precision (f32, bf16 or f16). Nothing in this crate knows about Hymba: the model code in the
+//! `hymba` crate composes these pieces in the order of the spec.
+//!
+//! Every optimised kernel has a slow reference beside it (`*_ref`) and tests comparing the two on
+//! random inputs of odd sizes.
+
+pub mod act;
+pub mod attention;
+pub mod conv;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+pub mod scan;
+pub mod testing;
+
+pub use matmul::{matmul, matmul_ref, Mat, WeightData};

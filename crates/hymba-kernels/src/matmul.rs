@@ -1,0 +1,181 @@
+//! `y = x · Wᵀ` with f32 activations and weights in their stored precision.
+//!
+//! This is where nearly all the time of a forward pass goes. Work is split over output rows
+//! (rows of `W`) on rayon's persistent pool; each weight row is widened to f32 once and used for
+//! every input row, so the weights are streamed from memory once per call.
+
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+
+/// The elements of a weight matrix, in the precision they were stored in.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightData<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl WeightData<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(d) => d.len(),
+            WeightData::BF16(d) => d.len(),
+            WeightData::F16(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Widens elements `start..start + out.len()` to f32.
+    pub fn to_f32(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            WeightData::F32(d) => out.copy_from_slice(&d[start..end]),
+            WeightData::BF16(d) => {
+                // bf16 is the top half of an f32: widening is a shift.
+                for (o, v) in out.iter_mut().zip(&d[start..end]) {
+                    *o = f32::from_bits((v.to_bits() as u32) << 16);
+                }
+            }
+            WeightData::F16(d) => d[start..end].convert_to_f32_slice(out),
+        }
+    }
+}
+
+/// A row-major matrix `[rows, cols]` view.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    pub data: WeightData<'a>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> Mat<'a> {
+    pub fn new(data: WeightData<'a>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix data does not match [{rows}, {cols}]");
+        Mat { data, rows, cols }
+    }
+
+    /// Rows `start..start + n` as a matrix of their own (a view, no copy).
+    pub fn rows(&self, start: usize, n: usize) -> Mat<'a> {
+        assert!(start + n <= self.rows);
+        let (a, b) = (start * self.cols, (start + n) * self.cols);
+        let data = match self.data {
+            WeightData::F32(d) => WeightData::F32(&d[a..b]),
+            WeightData::BF16(d) => WeightData::BF16(&d[a..b]),
+            WeightData::F16(d) => WeightData::F16(&d[a..b]),
+        };
+        Mat { data, rows: n, cols: self.cols }
+    }
+
+    /// Row `r` widened to f32.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.cols);
+        self.data.to_f32(r * self.cols, out);
+    }
+}
+
+/// Dot product with 16 independent accumulators so the compiler can vectorise it without
+/// reassociating a single sum.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Output rows handled by one task: small enough to balance two to many cores, large enough
+/// that scheduling costs nothing next to the arithmetic.
+const ROWS_PER_TASK: usize = 32;
+
+/// Pointer to the output that tasks write disjoint elements of.
+struct OutPtr(*mut f32);
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+
+/// `y[t, n] = Σ_k x[t, k] · w[n, k]` for `t` input rows; `y` is `[t, w.rows]`.
+pub fn matmul(x: &[f32], w: Mat, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len() % k.max(1), 0, "matmul: input width does not match weight columns");
+    let t = if k == 0 { 0 } else { x.len() / k };
+    assert_eq!(y.len(), t * n, "matmul: output is not [{t}, {n}]");
+    let out = OutPtr(y.as_mut_ptr());
+    let tasks = n.div_ceil(ROWS_PER_TASK);
+    (0..tasks).into_par_iter().for_each_init(
+        || vec![0f32; k],
+        |wrow, task| {
+            let out = &out;
+            for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n) {
+                w.row_f32(r, wrow);
+                for ti in 0..t {
+                    let v = dot(&x[ti * k..(ti + 1) * k], wrow);
+                    // SAFETY: (ti, r) is written by exactly one task: r belongs to this task.
+                    unsafe { *out.0.add(ti * n + r) = v };
+                }
+            }
+        },
+    );
+}
+
+/// Scalar reference for [`matmul`]: a plain triple loop, one element widened at a time.
+pub fn matmul_ref(x: &[f32], w: Mat, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    let t = x.len() / k;
+    let mut e = [0f32; 1];
+    for ti in 0..t {
+        for r in 0..n {
+            let mut s = 0f32;
+            for j in 0..k {
+                w.data.to_f32(r * k + j, &mut e);
+                s += x[ti * k + j] * e[0];
+            }
+            y[ti * n + r] = s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, Rng};
+
+    #[test]
+    fn matmul_matches_reference_all_dtypes_odd_sizes() {
+        let mut rng = Rng::new(7);
+        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161)] {
+            let x = rng.normal_vec(t * k, 1.0);
+            let wf = rng.normal_vec(n * k, 1.0);
+            let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+            for data in [WeightData::F32(&wf), WeightData::BF16(&wb), WeightData::F16(&wh)] {
+                let w = Mat::new(data, n, k);
+                let (mut y, mut yr) = (vec![0.0; t * n], vec![0.0; t * n]);
+                matmul(&x, w, &mut y);
+                matmul_ref(&x, w, &mut yr);
+                assert_close(&y, &yr, 1e-4 * (k as f32).sqrt(), "matmul");
+            }
+        }
+    }
+
+    #[test]
+    fn row_views_select_the_right_rows() {
+        let w: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let m = Mat::new(WeightData::F32(&w), 4, 3).rows(1, 2);
+        let mut r = vec![0.0; 3];
+        m.row_f32(1, &mut r);
+        assert_eq!(r, vec![6.0, 7.0, 8.0]);
+    }
+}

@@ -1,1 +1,29 @@
-pub fn x(){}
+//! # hymba
+//!
+//! A Rust engine for NVIDIA's Hymba hybrid-head language models: attention heads and Mamba (SSM)
+//! heads side by side in every layer, learnable meta tokens prepended to every sequence, K/V
+//! shared across consecutive layers and sliding-window attention in all but a few layers.
+//!
+//! The math follows `HYMBA_SPEC.md` (cited as "spec §n"). A minimal use:
+//!
+//! ```no_run
+//! use hymba::{Model, Logits, DecodeWindow};
+//! let model = Model::load(std::path::Path::new("hymba-1.5b"))?;
+//! let mut cache = model.new_cache();
+//! let logits = model.forward(&mut cache, &[1, 450, 4996], Logits::Last, DecodeWindow::Trained)?;
+//! # Ok::<(), hymba::Error>(())
+//! ```
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod mask;
+pub mod model;
+pub mod tensor;
+pub mod weights;
+
+pub use cache::{Cache, CacheBytes};
+pub use config::Config;
+pub use error::{Error, Result};
+pub use mask::DecodeWindow;
+pub use model::{Logits, Model};

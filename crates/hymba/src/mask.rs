@@ -1,0 +1,39 @@
+//! Which keys a query sees (spec §4): the one place this is decided.
+
+use crate::config::AttnKind;
+
+/// Effective window of a sliding-window layer for one forward call.
+///
+/// The model was trained with `W` (a query sees itself and the `W` tokens before it). NVIDIA's
+/// official decode path trims its cache so a token decoded after the prompt sees one fewer
+/// (`W − 1`); [`DecodeWindow::Official`] reproduces that for tokens fed one at a time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeWindow {
+    /// The trained window everywhere: decoding equals prefill done one token at a time.
+    #[default]
+    Trained,
+    /// NVIDIA's `generate`: single-token steps see `W − 1` past tokens.
+    Official,
+}
+
+/// True when a query at absolute position `t` may attend to a key at `s`, in a layer of kind
+/// `attn` with window `window`, `meta` being the number of meta tokens (always visible).
+#[inline]
+pub fn sees(attn: AttnKind, window: usize, meta: usize, t: usize, s: usize) -> bool {
+    s <= t && (attn == AttnKind::Global || t - s <= window || s < meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_layer_sees_meta_plus_w_plus_one_recent() {
+        let (w, m) = (4, 3);
+        let t = 20;
+        let seen: Vec<usize> = (0..=25).filter(|&s| sees(AttnKind::Window, w, m, t, s)).collect();
+        assert_eq!(seen, vec![0, 1, 2, 16, 17, 18, 19, 20]);
+        let all: Vec<usize> = (0..=25).filter(|&s| sees(AttnKind::Global, w, m, t, s)).collect();
+        assert_eq!(all, (0..=20).collect::<Vec<_>>());
+    }
+}

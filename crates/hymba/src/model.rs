@@ -1,0 +1,359 @@
+//! The Hymba forward pass (spec §3), in f32 arithmetic over weights in their stored precision.
+//!
+//! `Model::forward` runs new tokens of one sequence against its [`Cache`]: a prompt (prefill,
+//! possibly in chunks) or one token at a time (decode); both go through the same code, so
+//! decoding is a prefill of one row. `Model::forward_uncached` is the official no-cache forward
+//! (meta tokens prepended, blank state) and serves as the reference in tests.
+
+use crate::cache::{Cache, KvRows, KvStore, LayerState, MetaPrefix};
+use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
+use crate::error::{Error, Result};
+use crate::mask::{sees, DecodeWindow};
+use crate::tensor::TensorStore;
+use crate::weights::{LayerWeights, Weights};
+use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock};
+use hymba_kernels::{act, conv::causal_conv, matmul, norm, rope, scan};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Which rows of a forward call get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last row (generation).
+    Last,
+    /// Every row (scoring, `hymba logits`).
+    All,
+}
+
+pub struct Model {
+    pub config: Config,
+    pub plan: Vec<LayerPlan>,
+    pub groups: Vec<KvGroup>,
+    pub weights: Weights,
+    /// RoPE inverse frequencies [dqk / 2]
+    inv_freq: Vec<f32>,
+    meta: Arc<MetaPrefix>,
+}
+
+/// Columns `a..a + w` of every row of a `[t, width]` matrix.
+fn columns(m: &[f32], width: usize, a: usize, w: usize) -> Vec<f32> {
+    m.chunks_exact(width).flat_map(|r| r[a..a + w].iter().copied()).collect()
+}
+
+impl Model {
+    /// Loads `dir/config.json` and the weights beside it, then computes the meta-token prefix.
+    pub fn load(dir: &Path) -> Result<Model> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let store = TensorStore::open(dir)?;
+        Model::from_store(config, store)
+    }
+
+    pub fn from_store(config: Config, store: TensorStore) -> Result<Model> {
+        let (plan, groups) = config.plan();
+        let weights = Weights::load(&config, &plan, store)?;
+        let inv_freq = rope::inv_freq(config.rope_base(), config.qk_head_dim);
+        let mut model = Model { config, plan, groups, weights, inv_freq, meta: Arc::new(MetaPrefix { len: 0, kv: Vec::new(), states: Vec::new() }) };
+        model.meta = Arc::new(model.compute_meta_prefix());
+        Ok(model)
+    }
+
+    /// The meta tokens' K/V and recurrent state: the same for every sequence (spec §5).
+    fn compute_meta_prefix(&self) -> MetaPrefix {
+        let m = self.config.num_memory_tokens;
+        let mut states = self.blank_states();
+        let mut h = self.weights.memory_tokens.clone();
+        let past = vec![Vec::new(); self.groups.len()];
+        let kv = self.layers(&mut h, 0, &past, &mut states, self.window(DecodeWindow::Trained, false), None);
+        MetaPrefix { len: m, kv, states }
+    }
+
+    fn blank_states(&self) -> Vec<LayerState> {
+        let c = &self.config;
+        (0..c.num_hidden_layers).map(|_| LayerState::zeros(c.ssm_width, c.mamba_d_state, c.mamba_d_conv)).collect()
+    }
+
+    /// A new sequence: starts from the meta prefix, positions continue at M.
+    pub fn new_cache(&self) -> Cache {
+        let w = self.config.sliding_window.unwrap_or(0);
+        let kv = self
+            .groups
+            .iter()
+            .map(|g| match g.attn {
+                AttnKind::Global => KvStore::Global { rows: KvRows::default(), start: self.meta.len },
+                AttnKind::Window => KvStore::Window { rows: KvRows::default(), pos: Vec::new(), cap: w + 1 },
+            })
+            .collect();
+        Cache { meta: self.meta.clone(), pos: self.meta.len, kv, states: self.meta.states.clone() }
+    }
+
+    /// The bytes of the meta prefix every sequence shares.
+    pub fn meta_prefix(&self) -> &MetaPrefix {
+        &self.meta
+    }
+
+    fn window(&self, mode: DecodeWindow, single_token_step: bool) -> usize {
+        let w = self.config.sliding_window.unwrap_or(usize::MAX);
+        match mode {
+            DecodeWindow::Official if single_token_step => w.saturating_sub(1),
+            _ => w,
+        }
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::Input("no input tokens".into()));
+        }
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.config.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {id} at index {i} is out of range: the vocabulary has {} tokens",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn embed(&self, ids: &[u32], h: &mut Vec<f32>) {
+        let d = self.config.hidden_size;
+        let start = h.len();
+        h.resize(start + ids.len() * d, 0.0);
+        let data = self.weights.embed.data();
+        for (row, &id) in h[start..].chunks_exact_mut(d).zip(ids) {
+            data.to_f32(id as usize * d, row);
+        }
+    }
+
+    /// Runs `ids` of one sequence after what `cache` holds and returns logits `[rows, V]`.
+    /// `window` matters only for a single-token step: see [`DecodeWindow`]. On error the cache
+    /// is unchanged.
+    pub fn forward(&self, cache: &mut Cache, ids: &[u32], logits: Logits, window: DecodeWindow) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        let mut h = Vec::new();
+        self.embed(ids, &mut h);
+        let pos0 = cache.pos;
+        let past: Vec<Vec<KvBlock>> = (0..self.groups.len())
+            .map(|g| {
+                let mut b = Vec::with_capacity(2);
+                if cache.meta.len > 0 {
+                    let m = &cache.meta.kv[g];
+                    b.push(KvBlock { k: &m.k, v: &m.v, pos: KeyPos::Contiguous(0) });
+                }
+                b.push(cache.kv[g].block());
+                b
+            })
+            .collect();
+        let single = ids.len() == 1 && !cache.is_empty();
+        let win = self.window(window, single);
+        let mut states = std::mem::take(&mut cache.states);
+        let new_kv = self.layers(&mut h, pos0, &past, &mut states, win, None);
+        drop(past);
+        cache.states = states;
+        let (kw, vw) = (self.config.k_width(), self.config.v_width());
+        for (store, rows) in cache.kv.iter_mut().zip(&new_kv) {
+            store.append(rows, pos0, kw, vw);
+        }
+        cache.pos += ids.len();
+        Ok(self.logits(&h, logits))
+    }
+
+    /// The official no-cache forward: meta tokens prepended, blank state; logits for every real
+    /// position. The reference the cached path is tested against.
+    pub fn forward_uncached(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.logits(&self.hidden_uncached(ids, None)?, Logits::All))
+    }
+
+    /// Per-layer inputs over meta + real rows (`[L + 1][M + n, d]`, the last entry after the
+    /// final norm), as the official `output_hidden_states` gives them. For debugging.
+    pub fn hidden_states_uncached(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut hs = Vec::new();
+        self.hidden_uncached(ids, Some(&mut hs))?;
+        let last = hs.last_mut().expect("the trace ends with the final hidden state");
+        norm::rmsnorm_inplace(last, &self.weights.final_norm, self.config.rms_norm_eps);
+        Ok(hs)
+    }
+
+    /// Hidden rows of the real tokens before the final norm, from a blank state.
+    fn hidden_uncached(&self, ids: &[u32], trace: Option<&mut Vec<Vec<f32>>>) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        let d = self.config.hidden_size;
+        let m = self.config.num_memory_tokens;
+        let mut h = self.weights.memory_tokens.clone();
+        self.embed(ids, &mut h);
+        let mut states = self.blank_states();
+        let past = vec![Vec::new(); self.groups.len()];
+        self.layers(&mut h, 0, &past, &mut states, self.window(DecodeWindow::Trained, false), trace);
+        Ok(h.split_off(m * d))
+    }
+
+    /// Final norm and output projection of the chosen rows of `h` (`[t, d]`, before the norm).
+    fn logits(&self, h: &[f32], which: Logits) -> Vec<f32> {
+        let d = self.config.hidden_size;
+        let rows = match which {
+            Logits::All => h,
+            Logits::Last => &h[h.len() - d..],
+        };
+        let mut x = vec![0.0; rows.len()];
+        norm::rmsnorm(rows, &self.weights.final_norm, self.config.rms_norm_eps, &mut x);
+        let mut out = vec![0.0; rows.len() / d * self.config.vocab_size];
+        matmul(&x, self.weights.output().mat(), &mut out);
+        out
+    }
+
+    /// Spec §3 step 3 for every layer, over rows `h` at positions `pos0..`. `past[g]` holds the
+    /// earlier K/V of group `g`. Returns the new rows' K/V per group (to be stored by the
+    /// caller). When `trace` is given, it receives every layer's input and the final output.
+    fn layers(
+        &self,
+        h: &mut [f32],
+        pos0: usize,
+        past: &[Vec<KvBlock>],
+        states: &mut [LayerState],
+        window: usize,
+        mut trace: Option<&mut Vec<Vec<f32>>>,
+    ) -> Vec<KvRows> {
+        let c = &self.config;
+        let d = c.hidden_size;
+        let t = h.len() / d;
+        let pos: Vec<usize> = (pos0..pos0 + t).collect();
+        let mut new_kv = vec![KvRows::default(); self.groups.len()];
+        let mut u = vec![0.0; h.len()];
+        for (i, lw) in self.weights.layers.iter().enumerate() {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push(h.to_vec());
+            }
+            norm::rmsnorm(h, &lw.input_norm, c.rms_norm_eps, &mut u);
+            let mixed = self.mixer(i, lw, &u, &pos, &past[self.plan[i].kv_group], &mut new_kv, &mut states[i], window);
+            for (a, b) in h.iter_mut().zip(&mixed) {
+                *a += b;
+            }
+            norm::rmsnorm(h, &lw.mlp_norm, c.rms_norm_eps, &mut u);
+            let mlp = self.mlp(lw, &u);
+            for (a, b) in h.iter_mut().zip(&mlp) {
+                *a += b;
+            }
+        }
+        if let Some(tr) = trace {
+            tr.push(h.to_vec());
+        }
+        new_kv
+    }
+
+    /// The hybrid mixer of layer `i` (spec §3, "Mixer"): in_proj, attention and SSM branches in
+    /// parallel, fused by per-channel norms and averaged, then out_proj.
+    #[allow(clippy::too_many_arguments)]
+    fn mixer(
+        &self,
+        i: usize,
+        lw: &LayerWeights,
+        u: &[f32],
+        pos: &[usize],
+        past: &[KvBlock],
+        new_kv: &mut [KvRows],
+        state: &mut LayerState,
+        window: usize,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let lp = &self.plan[i];
+        let (t, e) = (pos.len(), c.ssm_width);
+        // 1. in_proj, split q [, k, v], x, z.
+        let width = c.in_proj_rows(lp.computes_kv);
+        let mut p = vec![0.0; t * width];
+        matmul(u, lw.in_proj.mat(), &mut p);
+        let mut q = columns(&p, width, 0, c.q_width());
+        let mut off = c.q_width();
+        if lp.computes_kv {
+            let mut k = columns(&p, width, off, c.k_width());
+            let v = columns(&p, width, off + c.k_width(), c.v_width());
+            for (row, &ps) in k.chunks_exact_mut(c.k_width()).zip(pos) {
+                rope::apply(row, ps, &self.inv_freq);
+            }
+            new_kv[lp.kv_group] = KvRows { k, v };
+            off += c.k_width() + c.v_width();
+        }
+        for (row, &ps) in q.chunks_exact_mut(c.q_width()).zip(pos) {
+            rope::apply(row, ps, &self.inv_freq);
+        }
+        let x = columns(&p, width, off, e);
+        let z = columns(&p, width, off + e, e);
+        drop(p);
+
+        // 2. Attention branch over the group's past K/V and this call's rows.
+        let mut attn_out = vec![0.0; t * e];
+        let cur = &new_kv[lp.kv_group];
+        let mut blocks = past.to_vec();
+        blocks.push(KvBlock { k: &cur.k, v: &cur.v, pos: KeyPos::Contiguous(pos[0]) });
+        let shape = AttnShape {
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            dk: c.qk_head_dim,
+            dv: c.v_head_dim,
+        };
+        let (kind, m) = (lp.attn, c.num_memory_tokens);
+        let visible = move |tq: usize, s: usize| sees(kind, window, m, tq, s);
+        attention(&q, pos, &blocks, shape, 1.0 / (c.qk_head_dim as f32).sqrt(), &visible, &mut attn_out);
+
+        // 3. SSM branch.
+        let y = self.ssm(lw, &x, &z, state);
+
+        // 4. Fuse: out_proj((norm1(attn) + norm2(y)) / 2).
+        let mut a = vec![0.0; t * e];
+        norm::rmsnorm(&attn_out, &lw.attn_norm, c.rms_norm_eps, &mut a);
+        let mut b = vec![0.0; t * e];
+        norm::rmsnorm(&y, &lw.ssm_norm, c.rms_norm_eps, &mut b);
+        for (x, y) in a.iter_mut().zip(&b) {
+            *x = (*x + y) * 0.5;
+        }
+        let mut out = vec![0.0; t * c.hidden_size];
+        matmul(&a, lw.out_proj.mat(), &mut out);
+        out
+    }
+
+    /// Mamba-1 branch (spec §3.3): causal conv + SiLU, x_proj into normed (δr, B, C), Δ, the
+    /// selective scan, then the SiLU(z) gate. Updates the layer's conv and SSM state.
+    fn ssm(&self, lw: &LayerWeights, x: &[f32], z: &[f32], state: &mut LayerState) -> Vec<f32> {
+        let c = &self.config;
+        let (e, n, r) = (c.ssm_width, c.mamba_d_state, c.mamba_dt_rank);
+        let t = x.len() / e;
+        let mut xc = vec![0.0; t * e];
+        causal_conv(x, &mut state.conv, &lw.conv_w, &lw.conv_b, &mut xc);
+        act::silu_inplace(&mut xc);
+        let pw = r + 2 * n;
+        let mut proj = vec![0.0; t * pw];
+        matmul(&xc, lw.x_proj.mat(), &mut proj);
+        let mut dr = columns(&proj, pw, 0, r);
+        let mut bm = columns(&proj, pw, r, n);
+        let mut cm = columns(&proj, pw, r + n, n);
+        if let Some([wd, wb, wc]) = &lw.inner_norms {
+            norm::rmsnorm_inplace(&mut dr, wd, c.rms_norm_eps);
+            norm::rmsnorm_inplace(&mut bm, wb, c.rms_norm_eps);
+            norm::rmsnorm_inplace(&mut cm, wc, c.rms_norm_eps);
+        }
+        let mut delta = vec![0.0; t * e];
+        matmul(&dr, lw.dt_proj.mat(), &mut delta);
+        for row in delta.chunks_exact_mut(e) {
+            for (v, b) in row.iter_mut().zip(&lw.dt_bias) {
+                *v = act::softplus(*v + b);
+            }
+        }
+        let mut y = vec![0.0; t * e];
+        let inp = scan::ScanInput { x: &xc, delta: &delta, a: &lw.a, b: &bm, c: &cm, d: &lw.d };
+        scan::selective_scan(&inp, &mut state.ssm, &mut y);
+        for (v, g) in y.iter_mut().zip(z) {
+            *v *= act::silu(*g);
+        }
+        y
+    }
+
+    /// Gated MLP: down(silu(gate(x)) ⊙ up(x)).
+    fn mlp(&self, lw: &LayerWeights, x: &[f32]) -> Vec<f32> {
+        let t = x.len() / self.config.hidden_size;
+        let f = self.config.intermediate_size;
+        let mut g = vec![0.0; t * f];
+        let mut u = vec![0.0; t * f];
+        matmul(x, lw.gate.mat(), &mut g);
+        matmul(x, lw.up.mat(), &mut u);
+        act::silu_mul(&mut g, &u);
+        let mut out = vec![0.0; x.len()];
+        matmul(&g, lw.down.mat(), &mut out);
+        out
+    }
+}

@@ -15,11 +15,16 @@
 //! ```
 
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod mask;
 pub mod model;
+pub mod sample;
+pub mod synthetic;
 pub mod tensor;
+pub mod tokenizer;
 pub mod weights;
 
 pub use cache::{Cache, CacheBytes};
@@ -27,3 +32,7 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use mask::DecodeWindow;
 pub use model::{Logits, Model};
+pub use chat::{ChatTemplate, Message};
+pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use sample::{Sampler, SamplingParams};
+pub use tokenizer::{Detokenizer, Tokenizer};

@@ -62,8 +62,12 @@ impl Model {
         let m = self.config.num_memory_tokens;
         let mut states = self.blank_states();
         let mut h = self.weights.memory_tokens.clone();
-        let past = vec![Vec::new(); self.groups.len()];
-        let kv = self.layers(&mut h, 0, &past, &mut states, self.window(DecodeWindow::Trained, false), None);
+        let kv = if m == 0 {
+            vec![KvRows::default(); self.groups.len()]
+        } else {
+            let past = vec![Vec::new(); self.groups.len()];
+            self.layers(&mut h, 0, &past, &mut states, self.window(DecodeWindow::Trained, false), None)
+        };
         MetaPrefix { len: m, kv, states }
     }
 
@@ -80,7 +84,9 @@ impl Model {
             .iter()
             .map(|g| match g.attn {
                 AttnKind::Global => KvStore::Global { rows: KvRows::default(), start: self.meta.len },
-                AttnKind::Window => KvStore::Window { rows: KvRows::default(), pos: Vec::new(), cap: w + 1 },
+                // A query sees itself and the W tokens before it; its own row comes from the
+                // call's new rows, so the ring keeps only the W past tokens.
+                AttnKind::Window => KvStore::Window { rows: KvRows::default(), pos: Vec::new(), cap: w },
             })
             .collect();
         Cache { meta: self.meta.clone(), pos: self.meta.len, kv, states: self.meta.states.clone() }

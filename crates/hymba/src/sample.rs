@@ -1,0 +1,174 @@
+//! Choosing the next token from logits: a repetition penalty, then temperature, top-k, top-p
+//! and min-p filters, then a draw from a seeded RNG (or the argmax when temperature is 0).
+//! The model never sees any of this.
+
+use crate::error::{Error, Result};
+use hymba_kernels::testing::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Sampling options, named as in OpenAI's API where it has them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 1 means off.
+    pub top_p: f32,
+    /// 0 means off: drop tokens whose probability is below `min_p` × the top probability.
+    pub min_p: f32,
+    /// 1 means off; >1 discourages tokens already in the sequence (CTRL-style, as HF does).
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Refuses values that have no meaning, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name: &str, v: f32, want: &str| Err(Error::Input(format!("{name} = {v}: expected {want}")));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", self.temperature, "a number ≥ 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "a number in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "a number in [0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty", self.repetition_penalty, "a number > 0");
+        }
+        Ok(())
+    }
+}
+
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+    /// (token, probability) scratch
+    cand: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Sampler> {
+        params.validate()?;
+        let rng = Rng::new(params.seed);
+        Ok(Sampler { params, rng, cand: Vec::new() })
+    }
+
+    /// Picks the next token; `history` is every token of the sequence so far (for the penalty).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        let mut logits = std::borrow::Cow::Borrowed(logits);
+        if p.repetition_penalty != 1.0 {
+            let l = logits.to_mut();
+            let mut seen = std::collections::HashSet::new();
+            for &t in history {
+                if (t as usize) < l.len() && seen.insert(t) {
+                    let v = &mut l[t as usize];
+                    *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return argmax(&logits);
+        }
+        // Softmax at temperature, candidates sorted by probability.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        self.cand.clear();
+        self.cand.extend(logits.iter().enumerate().map(|(i, &v)| (i as u32, ((v - max) / p.temperature).exp())));
+        let k = if p.top_k > 0 { p.top_k.min(self.cand.len()) } else { self.cand.len() };
+        if k < self.cand.len() {
+            self.cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            self.cand.truncate(k);
+        }
+        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f32 = self.cand.iter().map(|c| c.1).sum();
+        let mut keep = self.cand.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, c) in self.cand.iter().enumerate() {
+                acc += c.1 / total;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = self.cand[0].1 * p.min_p;
+            keep = keep.min(self.cand.iter().take_while(|c| c.1 >= floor).count().max(1));
+        }
+        self.cand.truncate(keep);
+        let total: f32 = self.cand.iter().map(|c| c.1).sum();
+        let mut r = self.rng.uniform() as f32 * total;
+        for c in &self.cand {
+            r -= c.1;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        self.cand.last().expect("at least one candidate").0
+    }
+}
+
+/// Index of the largest logit (the first on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(f: impl FnOnce(&mut SamplingParams)) -> Sampler {
+        let mut p = SamplingParams { temperature: 1.0, seed: 3, ..Default::default() };
+        f(&mut p);
+        Sampler::new(p).unwrap()
+    }
+
+    #[test]
+    fn greedy_is_argmax_and_penalty_can_change_it() {
+        let logits = [1.0, 3.0, 2.9, -1.0];
+        let mut s = sampler(|p| p.temperature = 0.0);
+        assert_eq!(s.sample(&logits, &[]), 1);
+        let mut s = sampler(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 1.5
+        });
+        assert_eq!(s.sample(&logits, &[1]), 2);
+    }
+
+    #[test]
+    fn filters_bound_the_support() {
+        let logits = [0.0, 5.0, 4.0, 3.0, -2.0];
+        let draws = |s: &mut Sampler| (0..400).map(|_| s.sample(&logits, &[])).collect::<std::collections::HashSet<_>>();
+        assert_eq!(draws(&mut sampler(|p| p.top_k = 2)), [1, 2].into());
+        // p(1) ≈ 0.66, p(2) ≈ 0.24: top_p 0.8 keeps both, nothing else.
+        assert_eq!(draws(&mut sampler(|p| p.top_p = 0.8)), [1, 2].into());
+        // min_p 0.3: keeps tokens with p ≥ 0.3 · p(1): 1 and 2 (0.37 of top), not 3 (0.135).
+        assert_eq!(draws(&mut sampler(|p| p.min_p = 0.3)), [1, 2].into());
+        assert!(draws(&mut sampler(|_| {})).contains(&3));
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a: Vec<u32> = { let mut s = sampler(|_| {}); (0..20).map(|_| s.sample(&logits, &[])).collect() };
+        let b: Vec<u32> = { let mut s = sampler(|_| {}); (0..20).map(|_| s.sample(&logits, &[])).collect() };
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,114 @@
+//! Text to token ids and back, with the `tokenizers` crate reading the checkpoint's
+//! `tokenizer.json`; BOS handling and the chat template come from `tokenizer_config.json`
+//! beside it (spec §6).
+
+use crate::chat::ChatTemplate;
+use crate::error::{parse_json, read_to_string, Error, Result};
+use std::path::Path;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// `add_bos_token` of tokenizer_config.json (true when the file is absent, as for Llama).
+    pub add_bos: bool,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    /// The checkpoint's chat template, when tokenizer_config.json has one.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl Tokenizer {
+    /// Loads `path` (a tokenizer.json) and, when present, `tokenizer_config.json` beside it.
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        if !path.is_file() {
+            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found")));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let cfg_path = path.with_file_name("tokenizer_config.json");
+        let cfg = if cfg_path.is_file() { Some(parse_json(&cfg_path, &read_to_string(&cfg_path)?)?) } else { None };
+        let token_of = |key: &str| -> Option<String> {
+            let v = cfg.as_ref()?.get(key)?;
+            // Either a plain string or an AddedToken object with `content`.
+            v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())).map(str::to_string)
+        };
+        let bos_token = token_of("bos_token").unwrap_or_else(|| "<s>".into());
+        let eos_token = token_of("eos_token").unwrap_or_else(|| "</s>".into());
+        let add_bos = cfg.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()).unwrap_or(true);
+        let chat_template = match cfg.as_ref().and_then(|c| c.get("chat_template")) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(t) => Some(ChatTemplate::from_json(t, &bos_token, &eos_token).map_err(|e| match e {
+                Error::Template(m) => Error::Template(format!("{}: {m}", cfg_path.display())),
+                other => other,
+            })?),
+        };
+        Ok(Tokenizer {
+            bos_id: inner.token_to_id(&bos_token),
+            eos_id: inner.token_to_id(&eos_token),
+            inner,
+            add_bos,
+            chat_template,
+        })
+    }
+
+    /// Encodes `text`; BOS first when `add_bos` and the vocabulary has one.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// A plain prompt as the checkpoint expects it (BOS per `add_bos_token`).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text, self.add_bos)
+    }
+
+    /// Decodes ids to text, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Turns a stream of token ids into text pieces that never split a UTF-8 character: each new
+/// piece is the difference between decoding a short window of recent ids with and without the
+/// newest ones, emitted only once it no longer ends in an incomplete character.
+pub struct Detokenizer<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+/// Prompt ids kept as left context, so the first generated piece gets its leading space right.
+const CONTEXT_IDS: usize = 5;
+
+impl<'a> Detokenizer<'a> {
+    /// `context`: the ids before the first one pushed (the prompt); only its tail is used.
+    pub fn new(tok: &'a Tokenizer, context: &[u32]) -> Self {
+        let ids = context[context.len().saturating_sub(CONTEXT_IDS)..].to_vec();
+        let n = ids.len();
+        Detokenizer { tok, ids, prefix: 0, read: n }
+    }
+
+    /// Adds one id; returns the text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            if let Some(piece) = now.get(before.len()..).filter(|_| now.starts_with(&before)) {
+                let piece = piece.to_string();
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                return Ok(piece);
+            }
+        }
+        Ok(String::new())
+    }
+}

@@ -1,0 +1,155 @@
+//! Properties that must hold on any valid configuration, checked on random tiny ones written as
+//! synthetic checkpoints: decoding token by token equals prefill, chunked prefill equals
+//! one-shot prefill, and the precomputed meta-token state equals running the meta tokens with
+//! the prompt (the official no-cache forward).
+
+mod common;
+use hymba::synthetic::write_checkpoint;
+use hymba::tensor::Dtype;
+use hymba::{Config, DecodeWindow, Logits, Model};
+use hymba_kernels::testing::{assert_close, Rng};
+use serde_json::json;
+
+/// f32 engine against itself along different paths: only summation order differs.
+const TOL: f32 = 1e-4;
+
+struct Case {
+    name: &'static str,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    hidden: usize,
+    meta: usize,
+    window: usize,
+    global: Vec<usize>,
+    groups: Vec<Vec<usize>>,
+    rope: &'static str,
+    dtype: Dtype,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        // A three-layer reuse group, GQA ratio 2, ntk RoPE.
+        Case { name: "group3-gqa2-ntk", layers: 5, heads: 4, kv_heads: 2, hidden: 32, meta: 4, window: 5, global: vec![0], groups: vec![vec![1, 2, 3]], rope: "ntk", dtype: Dtype::F32 },
+        // No meta tokens, GQA ratio 1, default RoPE, two groups.
+        Case { name: "nometa-mha-default", layers: 4, heads: 2, kv_heads: 2, hidden: 24, meta: 0, window: 3, global: vec![3], groups: vec![vec![0, 1], vec![2]], rope: "default", dtype: Dtype::F32 },
+        // One meta token; a group whose consumer is a global layer (stored in full).
+        Case { name: "meta1-mixed-group", layers: 3, heads: 4, kv_heads: 4, hidden: 32, meta: 1, window: 4, global: vec![1], groups: vec![vec![0, 1]], rope: "ntk", dtype: Dtype::F32 },
+        // Many meta tokens (more than the window), bf16 weights.
+        Case { name: "meta9-bf16", layers: 4, heads: 2, kv_heads: 1, hidden: 16, meta: 9, window: 2, global: vec![0, 3], groups: vec![vec![1, 2]], rope: "ntk", dtype: Dtype::BF16 },
+    ]
+}
+
+fn build(c: &Case, seed: u64) -> Model {
+    let cfg = json!({
+        "model_type": "hymba",
+        "vocab_size": 97,
+        "hidden_size": c.hidden,
+        "num_hidden_layers": c.layers,
+        "num_attention_heads": c.heads,
+        "num_key_value_heads": c.kv_heads,
+        "attn_hidden_size": -1,
+        "kq_head_dim": -1,
+        "v_head_dim": 2 * c.hidden / c.heads,
+        "mamba_expand": 2,
+        "mamba_d_state": 4,
+        "mamba_d_conv": 4,
+        "mamba_dt_rank": 5,
+        "intermediate_size": 40,
+        "num_memory_tokens": c.meta,
+        "sliding_window": c.window,
+        "global_attn_idx": c.global,
+        "kv_reuse_group": c.groups,
+        "rope": true,
+        "rope_theta": 10000.0,
+        "rope_type": c.rope,
+        "max_position_embeddings": 128,
+        "orig_max_position_embeddings": 32,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": true,
+    });
+    let cfg = Config::from_value(cfg).unwrap();
+    let dir = common::temp_dir(c.name);
+    write_checkpoint(&cfg, &dir, c.dtype, seed, 1.5).unwrap();
+    let m = Model::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    m
+}
+
+fn prompt(rng: &mut Rng, n: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.below(97) as u32).collect()
+}
+
+#[test]
+fn token_by_token_decode_equals_prefill() {
+    for (ci, c) in cases().iter().enumerate() {
+        let model = build(c, 100 + ci as u64);
+        let mut rng = Rng::new(ci as u64);
+        // Longer than meta + window, so rings wrap.
+        let ids = prompt(&mut rng, c.meta + 3 * c.window + 5);
+        let mut cache = model.new_cache();
+        let whole = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        let mut cache = model.new_cache();
+        let mut steps = Vec::new();
+        for &id in &ids {
+            steps.extend(model.forward(&mut cache, &[id], Logits::Last, DecodeWindow::Trained).unwrap());
+        }
+        assert_close(&steps, &whole, TOL, &format!("{}: decode vs prefill", c.name));
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot() {
+    for (ci, c) in cases().iter().enumerate() {
+        let model = build(c, 200 + ci as u64);
+        let mut rng = Rng::new(50 + ci as u64);
+        let ids = prompt(&mut rng, 2 * c.window + 11);
+        let mut cache = model.new_cache();
+        let whole = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        for cuts in [vec![1, 4, 9], vec![c.window + 1, c.window + 2], vec![ids.len() - 1]] {
+            let mut cache = model.new_cache();
+            let mut got = Vec::new();
+            let mut start = 0;
+            for end in cuts.iter().copied().chain([ids.len()]) {
+                got.extend(model.forward(&mut cache, &ids[start..end], Logits::All, DecodeWindow::Trained).unwrap());
+                start = end;
+            }
+            assert_close(&got, &whole, TOL, &format!("{}: chunks {cuts:?}", c.name));
+            assert_eq!(cache.len(), ids.len());
+        }
+    }
+}
+
+#[test]
+fn meta_prefix_equals_meta_tokens_run_with_the_prompt() {
+    for (ci, c) in cases().iter().enumerate() {
+        let model = build(c, 300 + ci as u64);
+        let mut rng = Rng::new(70 + ci as u64);
+        let ids = prompt(&mut rng, c.window + 7);
+        let reference = model.forward_uncached(&ids).unwrap();
+        let mut cache = model.new_cache();
+        let got = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        assert_close(&got, &reference, TOL, &format!("{}: prefix vs uncached", c.name));
+        // The prefix really matters: without meta tokens the logits would differ.
+        if c.meta > 0 {
+            assert!(hymba_kernels::testing::max_abs_diff(&got[..97], &reference[97..194]) > 1e-2);
+        }
+    }
+}
+
+/// Official-decode mode only changes single-token steps past the window, and then by a visible
+/// amount; prompts themselves are unaffected.
+#[test]
+fn official_decode_mode_shrinks_the_window_of_decode_steps_only() {
+    let c = &cases()[0];
+    let model = build(c, 400);
+    let mut rng = Rng::new(9);
+    let ids = prompt(&mut rng, c.meta + 2 * c.window);
+    let (mut a, mut b) = (model.new_cache(), model.new_cache());
+    let la = model.forward(&mut a, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+    let lb = model.forward(&mut b, &ids, Logits::All, DecodeWindow::Official).unwrap();
+    assert_eq!(la, lb);
+    let da = model.forward(&mut a, &[3], Logits::Last, DecodeWindow::Trained).unwrap();
+    let db = model.forward(&mut b, &[3], Logits::Last, DecodeWindow::Official).unwrap();
+    assert!(hymba_kernels::testing::max_abs_diff(&da, &db) > 1e-3);
+}

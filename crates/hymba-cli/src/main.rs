@@ -1,1 +1,314 @@
-fn main(){}
+//! `hymba`: the command-line front-end. It parses arguments and moves bytes; the engine is the
+//! `hymba` library.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use hymba::tensor::Dtype;
+use hymba::{DecodeWindow, GenerateOptions, Logits, Message, Model, SamplingParams, Tokenizer};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+mod inspect;
+
+#[derive(Parser)]
+#[command(name = "hymba", version, about = "Run NVIDIA Hymba hybrid-head language models on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text (or token ids) after a prompt, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Write the logits of every input position to a safetensors file.
+    Logits(LogitsArgs),
+    /// Parameter counts, layer plan and cache size of a model.
+    Inspect(inspect::InspectArgs),
+    /// Write a checkpoint with random weights for a config (for tests and benchmarks).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct PromptArgs {
+    /// Prompt text (tokenized with the model's tokenizer).
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, used as given.
+    #[arg(long)]
+    ids: Option<String>,
+    /// tokenizer.json to use [default: MODEL/tokenizer.json].
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Render the prompt as a user message with the checkpoint's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Decode steps see W−1 past tokens in window layers, like NVIDIA's `generate`.
+    #[arg(long)]
+    official_decode_window: bool,
+    /// Write input_ids, generated_ids and generate_logits to this safetensors file.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// How many ids go through one prefill; the rest are fed one at a time [default: all].
+    #[arg(long)]
+    prefill: Option<usize>,
+    #[arg(long)]
+    official_decode_window: bool,
+    /// Output safetensors file (input_ids, logits).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// A Hymba config.json giving the shapes.
+    #[arg(long)]
+    config: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Copy this tokenizer.json (and the tokenizer_config.json beside it) into the checkpoint.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Logits(a) => logits(a),
+        Cmd::Inspect(a) => inspect::run(a),
+        Cmd::Synth(a) => synth(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().map_err(|_| anyhow!("--ids: `{t}` is not a token id")))
+        .collect::<Result<Vec<_>>>()
+        .and_then(|v| if v.is_empty() { bail!("--ids: no token ids given") } else { Ok(v) })
+}
+
+/// The tokenizer: required with --prompt, optional with --ids (then output is ids).
+fn load_tokenizer(model: &Path, p: &PromptArgs, required: bool) -> Result<Option<Tokenizer>> {
+    let path = p.tokenizer.clone().unwrap_or_else(|| model.join("tokenizer.json"));
+    if p.tokenizer.is_none() && !path.exists() && !required {
+        return Ok(None);
+    }
+    Ok(Some(Tokenizer::from_file(&path)?))
+}
+
+fn load_model(dir: &Path) -> Result<Model> {
+    Model::load(dir).with_context(|| format!("loading model from {}", dir.display()))
+}
+
+fn window(official: bool) -> DecodeWindow {
+    if official {
+        DecodeWindow::Official
+    } else {
+        DecodeWindow::Trained
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let tok = load_tokenizer(&a.model, &a.prompt, a.prompt.prompt.is_some() || a.chat || !a.stop.is_empty())?;
+    let model = load_model(&a.model)?;
+    let prompt = match (&a.prompt.ids, &a.prompt.prompt) {
+        (Some(ids), _) => parse_ids(ids)?,
+        (None, Some(text)) => {
+            let tok = tok.as_ref().expect("required with --prompt");
+            if a.chat {
+                let tmpl = tok.chat_template.as_ref().ok_or_else(|| anyhow!("--chat: tokenizer_config.json beside the tokenizer has no chat_template"))?;
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(Message::new("system", s));
+                }
+                msgs.push(Message::new("user", text));
+                // HF's apply_chat_template: the rendered text, tokenized without an added BOS.
+                tok.encode(&tmpl.render(&msgs, None, true)?, false)?
+            } else {
+                tok.encode_prompt(text)?
+            }
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repeat_penalty,
+            seed: a.seed,
+        },
+        stop: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        eos_id: tok.as_ref().and_then(|t| t.eos_id).or(model.config.eos_token_id),
+        window: window(a.official_decode_window),
+        keep_logits: a.dump.is_some(),
+    };
+    let mut out = std::io::stdout().lock();
+    let gen = hymba::generate(&model, tok.as_ref(), &prompt, &opts, &mut |piece| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    if tok.is_none() {
+        let ids: Vec<String> = gen.ids.iter().map(u32::to_string).collect();
+        write!(out, "{}", ids.join(","))?;
+    }
+    writeln!(out)?;
+    let n = gen.ids.len();
+    eprintln!(
+        "[prompt {} tokens: {:.1} tok/s; generated {} tokens: {:.1} tok/s; {:?}]",
+        prompt.len(),
+        prompt.len() as f64 / gen.prefill_secs.max(1e-9),
+        n,
+        n.saturating_sub(1) as f64 / gen.decode_secs.max(1e-9),
+        gen.finish
+    );
+    if let Some(path) = &a.dump {
+        let v = model.config.vocab_size;
+        write_safetensors(
+            path,
+            &[
+                ("input_ids", I64(&prompt), vec![prompt.len()]),
+                ("generated_ids", I64(&gen.ids), vec![n]),
+                ("generate_logits", F32(&gen.logits), vec![n, v]),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let tok = load_tokenizer(&a.model, &a.prompt, a.prompt.prompt.is_some())?;
+    let model = load_model(&a.model)?;
+    let ids = match (&a.prompt.ids, &a.prompt.prompt) {
+        (Some(ids), _) => parse_ids(ids)?,
+        (None, Some(text)) => tok.as_ref().expect("required with --prompt").encode_prompt(text)?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let n = a.prefill.unwrap_or(ids.len());
+    if n > ids.len() {
+        bail!("--prefill {n}: only {} input ids", ids.len());
+    }
+    let win = window(a.official_decode_window);
+    let mut cache = model.new_cache();
+    let mut out = Vec::with_capacity(ids.len() * model.config.vocab_size);
+    if n > 0 {
+        out.extend(model.forward(&mut cache, &ids[..n], Logits::All, win)?);
+    }
+    for &id in &ids[n..] {
+        out.extend(model.forward(&mut cache, &[id], Logits::Last, win)?);
+    }
+    write_safetensors(
+        &a.out,
+        &[("input_ids", I64(&ids), vec![ids.len()]), ("logits", F32(&out), vec![ids.len(), model.config.vocab_size])],
+    )
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" => Dtype::F32,
+        "bf16" => Dtype::BF16,
+        "f16" => Dtype::F16,
+        other => bail!("--dtype: `{other}` is not one of f32, bf16, f16"),
+    };
+    let cfg = hymba::Config::from_file(&a.config)?;
+    let t = std::time::Instant::now();
+    hymba::synthetic::write_checkpoint(&cfg, &a.out, dtype, a.seed, 1.0)?;
+    if let Some(tok) = &a.tokenizer {
+        for (src, name) in [(tok.clone(), "tokenizer.json"), (tok.with_file_name("tokenizer_config.json"), "tokenizer_config.json")] {
+            if src.exists() {
+                std::fs::copy(&src, a.out.join(name)).with_context(|| format!("copying {}", src.display()))?;
+            }
+        }
+    }
+    eprintln!("wrote {} in {:.1} s", a.out.display(), t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+enum Data<'a> {
+    I64(&'a [u32]),
+    F32(&'a [f32]),
+}
+use Data::{F32, I64};
+
+/// Writes tensors to a safetensors file atomically.
+fn write_safetensors(path: &Path, tensors: &[(&str, Data, Vec<usize>)]) -> Result<()> {
+    let bytes: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, data, shape)| {
+            let (dt, b) = match data {
+                I64(v) => (safetensors::Dtype::I64, v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()),
+                F32(v) => (safetensors::Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            };
+            (name.to_string(), dt, shape.clone(), b)
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, dt, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let out = safetensors::serialize(views, None)?;
+    hymba::error::write_atomic(path, &out)?;
+    Ok(())
+}

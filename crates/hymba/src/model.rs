@@ -43,6 +43,9 @@ fn columns(m: &[f32], width: usize, a: usize, w: usize) -> Vec<f32> {
 impl Model {
     /// Loads `dir/config.json` and the weights beside it, then computes the meta-token prefix.
     pub fn load(dir: &Path) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
+        }
         let config = Config::from_file(&dir.join("config.json"))?;
         let store = TensorStore::open(dir)?;
         Model::from_store(config, store)
@@ -90,6 +93,27 @@ impl Model {
             })
             .collect();
         Cache { meta: self.meta.clone(), pos: self.meta.len, kv, states: self.meta.states.clone() }
+    }
+
+    /// A cache holding `n` tokens of zero K/V, its buffers sized exactly as `n` real tokens
+    /// would size them, without running the model: for memory accounting (`hymba inspect`).
+    pub fn cache_with_placeholder_tokens(&self, n: usize) -> Cache {
+        let mut cache = self.new_cache();
+        let (kw, vw) = (self.config.k_width(), self.config.v_width());
+        // In bounded steps so a long context never needs one huge temporary.
+        let step = 256;
+        let zeros = KvRows { k: vec![0.0; step * kw], v: vec![0.0; step * vw] };
+        let mut done = 0;
+        while done < n {
+            let k = step.min(n - done);
+            let rows = KvRows { k: zeros.k[..k * kw].to_vec(), v: zeros.v[..k * vw].to_vec() };
+            for store in cache.kv.iter_mut() {
+                store.append(&rows, cache.pos, kw, vw);
+            }
+            cache.pos += k;
+            done += k;
+        }
+        cache
     }
 
     /// The bytes of the meta prefix every sequence shares.
@@ -361,5 +385,57 @@ impl Model {
         let mut out = vec![0.0; x.len()];
         matmul(&g, lw.down.mat(), &mut out);
         out
+    }
+}
+
+/// Parameter counts by the part of the model they belong to.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ParamCounts {
+    pub embedding: usize,
+    pub meta_tokens: usize,
+    /// q, k, v rows of in_proj
+    pub attention: usize,
+    /// x, z rows of in_proj, conv, x_proj, dt_proj, A, D, inner norms
+    pub ssm: usize,
+    /// pre-average norms and out_proj
+    pub fusion: usize,
+    pub mlp: usize,
+    /// input, pre-MLP and final norms
+    pub norms: usize,
+    /// 0 when tied to the embedding
+    pub lm_head: usize,
+    pub total: usize,
+}
+
+impl Model {
+    pub fn parameter_counts(&self) -> ParamCounts {
+        let c = &self.config;
+        let w = &self.weights;
+        let d = c.hidden_size;
+        let mut p = ParamCounts {
+            embedding: w.embed.numel(),
+            meta_tokens: w.memory_tokens.len(),
+            norms: w.final_norm.len(),
+            lm_head: w.lm_head.as_ref().map_or(0, |t| t.numel()),
+            ..Default::default()
+        };
+        for (lw, lp) in w.layers.iter().zip(&self.plan) {
+            let qkv = c.q_width() + if lp.computes_kv { c.k_width() + c.v_width() } else { 0 };
+            p.attention += qkv * d;
+            p.ssm += 2 * c.ssm_width * d
+                + lw.conv_w.len()
+                + if c.mamba_conv_bias { lw.conv_b.len() } else { 0 }
+                + lw.x_proj.numel()
+                + lw.dt_proj.numel()
+                + lw.dt_bias.len()
+                + lw.a.len()
+                + lw.d.len()
+                + lw.inner_norms.as_ref().map_or(0, |n| n.iter().map(Vec::len).sum());
+            p.fusion += lw.attn_norm.len() + lw.ssm_norm.len() + lw.out_proj.numel();
+            p.mlp += lw.gate.numel() + lw.up.numel() + lw.down.numel();
+            p.norms += lw.input_norm.len() + lw.mlp_norm.len();
+        }
+        p.total = p.embedding + p.meta_tokens + p.attention + p.ssm + p.fusion + p.mlp + p.norms + p.lm_head;
+        p
     }
 }

@@ -1,0 +1,252 @@
+//! The `hymba` command as users and other tools call it: the output contract of `generate`,
+//! `logits` and `inspect`, and clear errors (never a panic) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn shared() -> PathBuf {
+    std::env::var_os("HYMBA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+}
+
+fn fixture() -> PathBuf {
+    shared().join("fixtures/tiny-a")
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!("hymba-cli-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs `hymba`; returns (exit code, stdout, stderr).
+fn hymba(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hymba")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A failing run: exit code 1, `needles` in the message, no panic.
+fn assert_fails(args: &[&str], needles: &[&str]) {
+    let (code, _, err) = hymba(args);
+    assert_eq!(code, 1, "{args:?} should fail with exit code 1; stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr should name {n:?}: {err}");
+    }
+}
+
+fn read_st(path: &Path) -> std::collections::HashMap<String, (Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec()))).collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+fn i64s(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn expected() -> std::collections::HashMap<String, (Vec<usize>, Vec<u8>)> {
+    read_st(&fixture().join("expected.safetensors"))
+}
+
+fn ids_arg(ids: &[i64]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn generate_dump_reproduces_official_generate() {
+    let exp = expected();
+    let ids = i64s(&exp["input_ids"].1);
+    let want_ids = i64s(&exp["generated_ids"].1);
+    let dir = temp_dir("gen");
+    let dump = dir.join("dump.safetensors");
+    let (code, out, err) = hymba(&[
+        "generate", "--model", fixture().to_str().unwrap(), "--ids", &ids_arg(&ids), "--max-new-tokens", "24",
+        "--ignore-eos", "--temperature", "0", "--official-decode-window", "--dump", dump.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let d = read_st(&dump);
+    assert_eq!(i64s(&d["input_ids"].1), ids);
+    assert_eq!(i64s(&d["generated_ids"].1), want_ids);
+    assert_eq!(d["generate_logits"].0, vec![24, 32001]);
+    assert!(max_diff(&f32s(&d["generate_logits"].1), &f32s(&exp["generate_logits"].1)) < 1e-3);
+    // Without a tokenizer the ids themselves are printed.
+    assert_eq!(out.trim(), ids_arg(&want_ids));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn logits_with_partial_prefill_match_official_prefill() {
+    let exp = expected();
+    let ids = i64s(&exp["input_ids"].1);
+    let dir = temp_dir("logits");
+    let out = dir.join("l.safetensors");
+    let (code, _, err) = hymba(&[
+        "logits", "--model", fixture().to_str().unwrap(), "--ids", &ids_arg(&ids), "--prefill", "20", "--out", out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let l = read_st(&out);
+    assert_eq!(l["logits"].0, vec![ids.len(), 32001]);
+    assert_eq!(i64s(&l["input_ids"].1), ids);
+    assert!(max_diff(&f32s(&l["logits"].1), &f32s(&exp["prefill_logits"].1)) < 1e-3);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn generate_with_prompt_text_and_chat_template() {
+    let tok = shared().join("hymba-1.5b/tokenizer.json");
+    let (code, out, err) = hymba(&[
+        "generate", "--model", fixture().to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--prompt", "Hello",
+        "--chat", "--system", "Be brief.", "--max-new-tokens", "6", "--temperature", "0.8", "--top-k", "40",
+        "--top-p", "0.95", "--min-p", "0.05", "--repeat-penalty", "1.1", "--seed", "7",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // Same seed, same text.
+    let (_, again, _) = hymba(&[
+        "generate", "--model", fixture().to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--prompt", "Hello",
+        "--chat", "--system", "Be brief.", "--max-new-tokens", "6", "--temperature", "0.8", "--top-k", "40",
+        "--top-p", "0.95", "--min-p", "0.05", "--repeat-penalty", "1.1", "--seed", "7",
+    ]);
+    assert_eq!(out, again);
+    assert!(!out.trim().is_empty());
+}
+
+#[test]
+fn inspect_reports_a_bounded_cache() {
+    let m = fixture();
+    let json = |ctx: &str| -> serde_json::Value {
+        let (code, out, err) = hymba(&["inspect", "--model", m.to_str().unwrap(), "--context", ctx, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let (a, b) = (json("100"), json("1000"));
+    let (ca, cb) = (&a["cache"]["bytes"], &b["cache"]["bytes"]);
+    // Window rings stop growing at W; global K/V grows with the context; states are constant.
+    assert_eq!(ca["window_kv"], cb["window_kv"]);
+    assert_eq!(ca["ssm_state"], cb["ssm_state"]);
+    let (ga, gb) = (ca["global_kv"].as_u64().unwrap(), cb["global_kv"].as_u64().unwrap());
+    assert_eq!(gb, ga * 10);
+    assert_eq!(a["parameters"]["total"].as_u64().unwrap(), 2_492_784);
+    assert_eq!(a["layers"][2]["kv"], "reuses layer 1");
+}
+
+/// A copy of the fixture with `edit` applied to its config.
+fn with_config(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = temp_dir(tag);
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    std::fs::copy(fixture().join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+fn gen_args(dir: &Path) -> Vec<String> {
+    ["generate", "--model", dir.to_str().unwrap(), "--ids", "1,2,3", "--max-new-tokens", "2"].map(String::from).to_vec()
+}
+
+fn fails_on(dir: &Path, needles: &[&str]) {
+    let args = gen_args(dir);
+    assert_fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), needles);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_directory_and_files() {
+    assert_fails(&["generate", "--model", "/no/such/model", "--ids", "1"], &["/no/such/model", "not found"]);
+    let dir = temp_dir("nocfg");
+    std::fs::copy(fixture().join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    fails_on(&dir, &["config.json"]);
+    let dir = with_config("noweights", |_| {});
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    fails_on(&dir, &["model.safetensors"]);
+    let dir = with_config("notok", |_| {});
+    assert_fails(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"], &["tokenizer.json"]);
+}
+
+#[test]
+fn invalid_json() {
+    let dir = with_config("badjson", |_| {});
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64,").unwrap();
+    fails_on(&dir, &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn unsupported_config_values_name_the_key() {
+    use serde_json::json;
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("rope_type", json!("yarn"), "rope_type"),
+        ("num_experts", json!(2), "num_experts"),
+        ("kq_norm", json!("rms"), "kq_norm"),
+        ("memory_tokens_interspersed_every", json!(4), "memory_tokens_interspersed_every"),
+        ("layer_type", json!(["h", "h", "m", "h", "h", "h"]), "layer_type"),
+        ("mlp_hidden_act", json!("gelu"), "mlp_hidden_act"),
+        ("num_attention_heads", json!(3), "num_attention_heads"),
+        ("num_key_value_heads", json!(3), "num_key_value_heads"),
+        ("kv_reuse_group", json!([[1, 2], [2, 4]]), "kv_reuse_group"),
+        ("kv_reuse_group", json!([[1, 9]]), "kv_reuse_group"),
+        ("global_attn_idx", json!([0, 6]), "global_attn_idx"),
+        ("hidden_size", json!("64"), "hidden_size"),
+    ];
+    for (key, value, needle) in cases {
+        let v = value.clone();
+        let dir = with_config(key, move |c| c[key] = v);
+        fails_on(&dir, &[needle]);
+    }
+}
+
+#[test]
+fn broken_weights_name_the_file_or_tensor() {
+    // Truncated file.
+    let dir = with_config("trunc", |_| {});
+    let w = dir.join("model.safetensors");
+    let len = std::fs::metadata(&w).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&w).unwrap().set_len(len / 2).unwrap();
+    fails_on(&dir, &["model.safetensors"]);
+
+    // Missing tensor and wrong shape: rewrite the file without / with a bad tensor.
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rewrite = |tag: &str, edit: &dyn Fn(&str, Vec<usize>) -> Option<Vec<usize>>| {
+        let dir = with_config(tag, |_| {});
+        let mut keep = Vec::new();
+        for (name, v) in st.tensors() {
+            if let Some(shape) = edit(&name, v.shape().to_vec()) {
+                let n: usize = shape.iter().product();
+                keep.push((name, v.dtype(), shape, v.data()[..n * 4].to_vec()));
+            }
+        }
+        let views: Vec<_> = keep
+            .iter()
+            .map(|(n, dt, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b).unwrap()))
+            .collect();
+        std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+        dir
+    };
+    let missing = "model.layers.3.mamba.x_proj.0.weight";
+    let dir = rewrite("missing", &|n, s| (n != missing).then_some(s));
+    fails_on(&dir, &[missing, "missing"]);
+    let bad = "model.layers.2.mamba.out_proj.weight";
+    let dir = rewrite("shape", &|n, s| Some(if n == bad { vec![s[0], s[1] - 1] } else { s }));
+    fails_on(&dir, &[bad, "expected shape [64, 128]", "[64, 127]"]);
+}
+
+#[test]
+fn bad_token_ids_and_arguments() {
+    let m = fixture();
+    assert_fails(&["generate", "--model", m.to_str().unwrap(), "--ids", "1,32001"], &["32001", "out of range"]);
+    assert_fails(&["generate", "--model", m.to_str().unwrap(), "--ids", "1,x"], &["--ids", "`x`"]);
+    assert_fails(&["generate", "--model", m.to_str().unwrap(), "--ids", "1", "--top-p", "0"], &["top_p"]);
+    assert_fails(&["logits", "--model", m.to_str().unwrap(), "--ids", "1,2", "--prefill", "3", "--out", "/tmp/x"], &["--prefill"]);
+}

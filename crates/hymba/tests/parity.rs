@@ -84,3 +84,32 @@ fn official_decode_mode_reproduces_official_generate() {
     assert_eq!(got_ids, want_ids);
     assert_close(&got, &want, TOL, "official-mode generate logits");
 }
+
+/// The fixture split into two shards with an index loads to the same model.
+#[test]
+fn sharded_checkpoint_gives_the_same_logits() {
+    let src = fixture("tiny-a");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dir = common::temp_dir("sharded");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<_> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        std::fs::write(dir.join(&file), safetensors::serialize(views, None).unwrap()).unwrap();
+        for n in part {
+            map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let exp = Expected::load("tiny-a");
+    let ids = exp.ids("input_ids");
+    let (_, want) = exp.f32("prefill_logits");
+    assert_close(&model.forward_uncached(&ids).unwrap(), &want, TOL, "sharded prefill logits");
+    std::fs::remove_dir_all(dir).unwrap();
+}

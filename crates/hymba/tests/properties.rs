@@ -37,6 +37,8 @@ fn cases() -> Vec<Case> {
         Case { name: "meta1-mixed-group", layers: 3, heads: 4, kv_heads: 4, hidden: 32, meta: 1, window: 4, global: vec![1], groups: vec![vec![0, 1]], rope: "ntk", dtype: Dtype::F32 },
         // Many meta tokens (more than the window), bf16 weights.
         Case { name: "meta9-bf16", layers: 4, heads: 2, kv_heads: 1, hidden: 16, meta: 9, window: 2, global: vec![0, 3], groups: vec![vec![1, 2]], rope: "ntk", dtype: Dtype::BF16 },
+        // f16 weights, default RoPE, GQA ratio 2 with a three-layer group and no global layer.
+        Case { name: "f16-allwindow", layers: 3, heads: 4, kv_heads: 2, hidden: 16, meta: 3, window: 4, global: vec![], groups: vec![vec![0, 1, 2]], rope: "default", dtype: Dtype::F16 },
     ]
 }
 
@@ -72,6 +74,9 @@ fn build(c: &Case, seed: u64) -> Model {
     let dir = common::temp_dir(c.name);
     write_checkpoint(&cfg, &dir, c.dtype, seed, 1.5).unwrap();
     let m = Model::load(&dir).unwrap();
+    // Weights stay in their stored precision.
+    assert_eq!(m.weights.embed.dtype, c.dtype);
+    assert!(m.weights.layers.iter().all(|l| l.in_proj.dtype == c.dtype && l.down.dtype == c.dtype));
     std::fs::remove_dir_all(&dir).unwrap();
     m
 }

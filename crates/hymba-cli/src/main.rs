@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod bench;
 mod inspect;
 
 #[derive(Parser)]
@@ -26,6 +27,8 @@ enum Cmd {
     Logits(LogitsArgs),
     /// Parameter counts, layer plan and cache size of a model.
     Inspect(inspect::InspectArgs),
+    /// Prefill and decode speed beside the memory bandwidth measured in the same run.
+    Bench(bench::BenchArgs),
     /// Write a checkpoint with random weights for a config (for tests and benchmarks).
     Synth(SynthArgs),
 }
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
         Cmd::Logits(a) => logits(a),
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Synth(a) => synth(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod conv;
 pub mod matmul;
 pub mod norm;
+pub mod probe;
 pub mod rope;
 pub mod scan;
 pub mod testing;

@@ -27,6 +27,7 @@ pub mod tensor;
 pub mod tokenizer;
 pub mod weights;
 
+pub use hymba_kernels as kernels;
 pub use cache::{Cache, CacheBytes};
 pub use config::Config;
 pub use error::{Error, Result};

@@ -439,3 +439,20 @@ impl Model {
         p
     }
 }
+
+impl Model {
+    /// Bytes of weights one decoded token reads: every matrix once, the small vectors, and one
+    /// embedding row.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        let w = &self.weights;
+        let mut b = w.output().nbytes() + c.hidden_size * w.embed.dtype.size() + w.final_norm.len() * 4;
+        for l in &w.layers {
+            b += [&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate, &l.up, &l.down].iter().map(|t| t.nbytes()).sum::<usize>();
+            b += 4 * (l.input_norm.len() + l.conv_w.len() + l.conv_b.len() + l.dt_bias.len() + l.a.len() + l.d.len()
+                + l.attn_norm.len() + l.ssm_norm.len() + l.mlp_norm.len()
+                + l.inner_norms.as_ref().map_or(0, |n| n.iter().map(Vec::len).sum()));
+        }
+        b
+    }
+}

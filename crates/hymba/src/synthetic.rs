@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::tensor::Dtype;
+use crate::tensor::{Dtype, Tensor, TensorStore};
 use hymba_kernels::testing::Rng;
 use std::io::Write;
 use std::path::Path;
@@ -156,4 +156,18 @@ pub fn write_checkpoint(cfg: &Config, dir: &Path, dtype: Dtype, seed: u64, gain:
     std::fs::rename(&tmp, &path).map_err(io)?;
     let cfg_text = serde_json::to_string_pretty(&cfg.raw).expect("json");
     crate::error::write_atomic(&dir.join("config.json"), cfg_text.as_bytes())
+}
+
+/// The same random checkpoint as [`write_checkpoint`], built in memory (no file): for
+/// benchmarks at real shapes in seconds.
+pub fn in_memory(cfg: &Config, dtype: Dtype, seed: u64, gain: f32) -> TensorStore {
+    let mut rng = Rng::new(seed);
+    let (mut vals, mut bytes) = (Vec::new(), Vec::new());
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, shape, init) in tensor_specs(cfg, gain) {
+        fill(init, &shape, &mut rng, &mut vals);
+        encode(&vals, dtype, &mut bytes);
+        tensors.insert(name, Tensor::from_bytes(dtype, shape, &bytes));
+    }
+    TensorStore::from_tensors("(synthetic)", tensors)
 }

@@ -1,0 +1,130 @@
+//! `hymba bench`: prefill and decode speed at several contexts, reported beside the memory read
+//! bandwidth measured in the same run (decode reads every weight once per token, so bandwidth is
+//! its ceiling).
+
+use anyhow::{bail, Result};
+use clap::Args;
+use hymba::tensor::Dtype;
+use hymba::{Config, DecodeWindow, Logits, Model};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Checkpoint directory.
+    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    model: Option<PathBuf>,
+    /// Random weights with the shapes of a known model: `hymba-1.5b`.
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Weight format: bf16 (as stored).
+    #[arg(long, default_value = "bf16")]
+    quant: String,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// Tokens decoded at each context.
+    #[arg(long, default_value_t = 8)]
+    decode: usize,
+    /// Contexts (tokens already in the cache) to decode at.
+    #[arg(long, default_value = "128,1024,4096,8192", value_delimiter = ',')]
+    contexts: Vec<usize>,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The real Hymba-1.5B config, compiled in so `--synthetic` needs no files.
+const HYMBA_1_5B: &str = include_str!("../../../assets/hymba-1.5b-config.json");
+
+fn peak_rss_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+    }
+    if a.quant != "bf16" {
+        bail!("--quant {}: only bf16 is implemented so far", a.quant);
+    }
+    if a.prompt == 0 || a.decode == 0 {
+        bail!("--prompt and --decode must be at least 1");
+    }
+    let t = Instant::now();
+    let model = match (&a.model, &a.synthetic) {
+        (Some(dir), _) => Model::load(dir)?,
+        (None, Some(name)) if name == "hymba-1.5b" => {
+            let cfg = Config::from_value(serde_json::from_str(HYMBA_1_5B)?)?;
+            let store = hymba::synthetic::in_memory(&cfg, Dtype::BF16, 1, 1.0);
+            Model::from_store(cfg, store)?
+        }
+        (None, Some(other)) => bail!("--synthetic {other}: known shapes are: hymba-1.5b"),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let load_s = t.elapsed().as_secs_f64();
+    let threads = rayon::current_num_threads();
+    let bw = hymba::kernels::probe::read_bandwidth(1 << 30, 5);
+    let v = model.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..a.prompt as u32).map(|i| (i * 7919 + 13) % v).collect();
+
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    model.forward(&mut cache, &ids, Logits::Last, DecodeWindow::Trained)?;
+    let prefill_tok_s = a.prompt as f64 / t.elapsed().as_secs_f64();
+
+    let wbytes = model.weight_bytes_per_token();
+    let mut decode = Vec::new();
+    for &ctx in &a.contexts {
+        let mut cache = model.cache_with_placeholder_tokens(ctx);
+        // One untimed step warms caches and the thread pool.
+        model.forward(&mut cache, &[5], Logits::Last, DecodeWindow::Trained)?;
+        let t = Instant::now();
+        for i in 0..a.decode {
+            model.forward(&mut cache, &[(i as u32 * 31 + 7) % v], Logits::Last, DecodeWindow::Trained)?;
+        }
+        let tok_s = a.decode as f64 / t.elapsed().as_secs_f64();
+        decode.push(serde_json::json!({
+            "context": ctx,
+            "tok_s": tok_s,
+            "bandwidth_fraction": tok_s * wbytes as f64 / bw,
+        }));
+    }
+    let params = model.parameter_counts().total;
+    let out = serde_json::json!({
+        "model": a.model.as_ref().map(|p| p.display().to_string()).or(a.synthetic.clone()),
+        "quant": a.quant,
+        "threads": threads,
+        "load_s": load_s,
+        "parameters": params,
+        "read_bandwidth_gbs": bw / 1e9,
+        "weight_bytes_per_token": wbytes,
+        "prompt_tokens": a.prompt,
+        "prefill_tok_s": prefill_tok_s,
+        "prefill_gflop_s": prefill_tok_s * 2.0 * params as f64 / 1e9,
+        "decode": decode,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("model {} ({} params, {} threads, loaded in {load_s:.1} s)", out["model"].as_str().unwrap_or(""), params, threads);
+    println!("read bandwidth      {:>8.1} GB/s (measured now)", bw / 1e9);
+    println!("weights per token   {:>8.1} MB", wbytes as f64 / 1e6);
+    println!("prefill {:>5} tok   {:>8.1} tok/s ({:.0} GFLOP/s at 2·params a token)", a.prompt, prefill_tok_s, out["prefill_gflop_s"].as_f64().unwrap_or(0.0));
+    for d in &decode {
+        println!(
+            "decode @ {:>6}     {:>8.2} tok/s ({:.0}% of read bandwidth)",
+            d["context"], d["tok_s"].as_f64().unwrap_or(0.0), 100.0 * d["bandwidth_fraction"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("peak RSS            {:>8.1} MB", peak_rss_bytes() as f64 / 1e6);
+    Ok(())
+}

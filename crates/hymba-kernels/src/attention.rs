@@ -5,6 +5,8 @@
 //!
 //! Query head `h` reads key/value head `h / (heads / kv_heads)` (grouped-query attention).
 
+use crate::isa::isa;
+use crate::matmul::dot_with;
 use rayon::prelude::*;
 
 /// Absolute positions of a block's rows.
@@ -42,7 +44,8 @@ pub struct AttnShape {
 }
 
 /// `q`: `[T, heads·dk]` at positions `q_pos`; `out`: `[T, heads·dv]`. A query that sees no key
-/// gets zeros.
+/// gets zeros. Work is split over (query row, K/V head): each task reads a key or value row once
+/// for all the query heads that share it.
 pub fn attention(
     q: &[f32],
     q_pos: &[usize],
@@ -57,11 +60,12 @@ pub fn attention(
     assert_eq!(out.len(), q_pos.len() * ow);
     let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
     let group = sh.heads / sh.kv_heads;
-    out.par_chunks_mut(ow).enumerate().for_each_init(
+    let isa = isa();
+    out.par_chunks_mut(group * sh.dv).enumerate().for_each_init(
         || (Vec::new(), Vec::new()),
-        |(keys, scores): &mut (Vec<(usize, usize)>, Vec<f32>), (t, orow)| {
+        |(keys, scores): &mut (Vec<(usize, usize)>, Vec<f32>), (task, o)| {
+            let (t, kh) = (task / sh.kv_heads, task % sh.kv_heads);
             let tp = q_pos[t];
-            // The keys this query sees, as (block, row).
             keys.clear();
             for (bi, b) in blocks.iter().enumerate() {
                 for i in 0..b.k.len() / kw {
@@ -71,32 +75,40 @@ pub fn attention(
                     }
                 }
             }
-            orow.fill(0.0);
+            o.fill(0.0);
             if keys.is_empty() {
                 return;
             }
-            for h in 0..sh.heads {
-                let kh = h / group;
-                let qh = &q[t * qw + h * sh.dk..t * qw + (h + 1) * sh.dk];
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for &(bi, i) in keys.iter() {
-                    let k = &blocks[bi].k[i * kw + kh * sh.dk..i * kw + (kh + 1) * sh.dk];
-                    let s = crate::matmul::dot(qh, k) * scale;
-                    max = max.max(s);
-                    scores.push(s);
+            let nk = keys.len();
+            // scores[g * nk + j]: query head kh·group + g against key j.
+            scores.clear();
+            scores.resize(group * nk, 0.0);
+            for (j, &(bi, i)) in keys.iter().enumerate() {
+                let k = &blocks[bi].k[i * kw + kh * sh.dk..i * kw + (kh + 1) * sh.dk];
+                for g in 0..group {
+                    let h = kh * group + g;
+                    let qh = &q[t * qw + h * sh.dk..t * qw + (h + 1) * sh.dk];
+                    scores[g * nk + j] = dot_with(isa, qh, k) * scale;
                 }
+            }
+            for g in 0..group {
+                let s = &mut scores[g * nk..(g + 1) * nk];
+                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
+                for v in s.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
                 }
-                let o = &mut orow[h * sh.dv..(h + 1) * sh.dv];
-                for (&(bi, i), &p) in keys.iter().zip(scores.iter()) {
-                    let v = &blocks[bi].v[i * vw + kh * sh.dv..i * vw + (kh + 1) * sh.dv];
-                    let w = p / sum;
-                    for (a, b) in o.iter_mut().zip(v) {
-                        *a += w * b;
+                for v in s.iter_mut() {
+                    *v /= sum;
+                }
+            }
+            for (j, &(bi, i)) in keys.iter().enumerate() {
+                let v = &blocks[bi].v[i * vw + kh * sh.dv..i * vw + (kh + 1) * sh.dv];
+                for g in 0..group {
+                    let p = scores[g * nk + j];
+                    for (a, b) in o[g * sh.dv..(g + 1) * sh.dv].iter_mut().zip(v) {
+                        *a += p * b;
                     }
                 }
             }

@@ -10,11 +10,14 @@
 pub mod act;
 pub mod attention;
 pub mod conv;
+pub mod isa;
 pub mod matmul;
 pub mod norm;
 pub mod probe;
 pub mod rope;
 pub mod scan;
 pub mod testing;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use matmul::{matmul, matmul_ref, Mat, WeightData};

@@ -5,6 +5,9 @@
 //! every input row, so the weights are streamed from memory once per call.
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
+use crate::isa::{isa, Isa};
+#[cfg(target_arch = "x86_64")]
+use crate::x86;
 use rayon::prelude::*;
 
 /// The elements of a weight matrix, in the precision they were stored in.
@@ -97,6 +100,56 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Σ a[i]·b[i] on the chosen instruction set.
+#[inline]
+pub fn dot_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
+        Isa::Avx2 => unsafe { x86::dot_f32(a, b) },
+        _ => dot(a, b),
+    }
+}
+
+/// Σ w[start + i]·x[i] with the weights widened on the fly from their stored precision.
+#[inline]
+pub fn dot_weights(isa: Isa, w: WeightData, start: usize, x: &[f32]) -> f32 {
+    let end = start + x.len();
+    match (isa, w) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (all three): `Isa::Avx2` is only ever chosen after run-time detection.
+        (Isa::Avx2, WeightData::F32(d)) => unsafe { x86::dot_f32(&d[start..end], x) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, WeightData::BF16(d)) => unsafe { x86::dot_bf16(&d[start..end], x) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, WeightData::F16(d)) => unsafe { x86::dot_f16(&d[start..end], x) },
+        (_, WeightData::F32(d)) => dot(&d[start..end], x),
+        _ => {
+            // Widen a stack-sized chunk at a time.
+            let mut buf = [0f32; 64];
+            let mut s = 0.0;
+            for (ci, xc) in x.chunks(64).enumerate() {
+                let b = &mut buf[..xc.len()];
+                w.to_f32(start + ci * 64, b);
+                s += dot(b, xc);
+            }
+            s
+        }
+    }
+}
+
+/// One f32 weight row against four input rows.
+#[inline]
+fn dot_x4(isa: Isa, w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
+        Isa::Avx2 => unsafe { x86::dot_f32_x4(w, x) },
+        _ => x.map(|r| dot(w, r)),
+    }
+}
+
 /// Output rows handled by one task: small enough to balance two to many cores, large enough
 /// that scheduling costs nothing next to the arithmetic.
 const ROWS_PER_TASK: usize = 32;
@@ -108,22 +161,44 @@ unsafe impl Send for OutPtr {}
 
 /// `y[t, n] = Σ_k x[t, k] · w[n, k]` for `t` input rows; `y` is `[t, w.rows]`.
 pub fn matmul(x: &[f32], w: Mat, y: &mut [f32]) {
+    matmul_with(isa(), x, w, y)
+}
+
+/// [`matmul`] on a given instruction set (one of [`crate::isa::available`]).
+pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len() % k.max(1), 0, "matmul: input width does not match weight columns");
     let t = if k == 0 { 0 } else { x.len() / k };
     assert_eq!(y.len(), t * n, "matmul: output is not [{t}, {n}]");
     let out = OutPtr(y.as_mut_ptr());
     let tasks = n.div_ceil(ROWS_PER_TASK);
+    let xr = |ti: usize| &x[ti * k..(ti + 1) * k];
     (0..tasks).into_par_iter().for_each_init(
         || vec![0f32; k],
         |wrow, task| {
             let out = &out;
+            // SAFETY: element (ti, r) is written by exactly one task: r belongs to this task.
+            let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
             for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n) {
+                if t < 4 {
+                    // Decode: widen as we go, each weight read once.
+                    for ti in 0..t {
+                        put(ti, r, dot_weights(isa, w.data, r * k, xr(ti)));
+                    }
+                    continue;
+                }
+                // Several rows: widen the weight row once, use it for four input rows at a time.
                 w.row_f32(r, wrow);
-                for ti in 0..t {
-                    let v = dot(&x[ti * k..(ti + 1) * k], wrow);
-                    // SAFETY: (ti, r) is written by exactly one task: r belongs to this task.
-                    unsafe { *out.0.add(ti * n + r) = v };
+                let mut ti = 0;
+                while ti + 4 <= t {
+                    let v = dot_x4(isa, wrow, [xr(ti), xr(ti + 1), xr(ti + 2), xr(ti + 3)]);
+                    for (j, vj) in v.into_iter().enumerate() {
+                        put(ti + j, r, vj);
+                    }
+                    ti += 4;
+                }
+                for ti in ti..t {
+                    put(ti, r, dot_with(isa, wrow, xr(ti)));
                 }
             }
         },
@@ -155,7 +230,7 @@ mod tests {
     #[test]
     fn matmul_matches_reference_all_dtypes_odd_sizes() {
         let mut rng = Rng::new(7);
-        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161)] {
+        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40)] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -163,9 +238,11 @@ mod tests {
             for data in [WeightData::F32(&wf), WeightData::BF16(&wb), WeightData::F16(&wh)] {
                 let w = Mat::new(data, n, k);
                 let (mut y, mut yr) = (vec![0.0; t * n], vec![0.0; t * n]);
-                matmul(&x, w, &mut y);
                 matmul_ref(&x, w, &mut yr);
-                assert_close(&y, &yr, 1e-4 * (k as f32).sqrt(), "matmul");
+                for isa in crate::isa::available() {
+                    matmul_with(isa, &x, w, &mut y);
+                    assert_close(&y, &yr, 1e-4 * (k as f32).sqrt(), &format!("matmul {isa:?} t={t} n={n} k={k}"));
+                }
             }
         }
     }

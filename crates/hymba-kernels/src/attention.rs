@@ -6,7 +6,7 @@
 //! Query head `h` reads key/value head `h / (heads / kv_heads)` (grouped-query attention).
 
 use crate::isa::isa;
-use crate::matmul::dot_with;
+use crate::matmul::{axpy_with, dot_with};
 use rayon::prelude::*;
 
 /// Absolute positions of a block's rows.
@@ -106,10 +106,7 @@ pub fn attention(
             for (j, &(bi, i)) in keys.iter().enumerate() {
                 let v = &blocks[bi].v[i * vw + kh * sh.dv..i * vw + (kh + 1) * sh.dv];
                 for g in 0..group {
-                    let p = scores[g * nk + j];
-                    for (a, b) in o[g * sh.dv..(g + 1) * sh.dv].iter_mut().zip(v) {
-                        *a += p * b;
-                    }
+                    axpy_with(isa, scores[g * nk + j], v, &mut o[g * sh.dv..(g + 1) * sh.dv]);
                 }
             }
         },

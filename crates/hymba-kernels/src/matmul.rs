@@ -170,6 +170,11 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     assert_eq!(x.len() % k.max(1), 0, "matmul: input width does not match weight columns");
     let t = if k == 0 { 0 } else { x.len() / k };
     assert_eq!(y.len(), t * n, "matmul: output is not [{t}, {n}]");
+    #[cfg(target_arch = "x86_64")]
+    if t >= 4 && isa == Isa::Avx2 {
+        gemm_avx2(x, t, w, y);
+        return;
+    }
     let out = OutPtr(y.as_mut_ptr());
     let tasks = n.div_ceil(ROWS_PER_TASK);
     let xr = |ti: usize| &x[ti * k..(ti + 1) * k];
@@ -199,6 +204,43 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
                 }
                 for ti in ti..t {
                     put(ti, r, dot_with(isa, wrow, xr(ti)));
+                }
+            }
+        },
+    );
+}
+
+/// Several input rows on AVX2: panels of 16 weight rows are widened and packed k-major once,
+/// then a 6×16 register-blocked kernel runs over every group of 6 input rows.
+#[cfg(target_arch = "x86_64")]
+fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
+    use x86::{MR, NR};
+    let (n, k) = (w.rows, w.cols);
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(NR)).into_par_iter().for_each_init(
+        || (vec![0f32; k * NR], vec![0f32; k * NR]),
+        |(panel, rows), pi| {
+            let out = &out;
+            let r0 = pi * NR;
+            let nr = NR.min(n - r0);
+            // Widen the panel's rows, then pack them k-major: panel[kk][j] = w[r0 + j][kk].
+            for j in 0..nr {
+                w.row_f32(r0 + j, &mut rows[j * k..(j + 1) * k]);
+            }
+            // SAFETY: Avx2 was detected; `rows` holds nr·k floats and `panel` k·NR.
+            unsafe { x86::pack_panel(rows, k, nr, panel) };
+            let mut c = [[0f32; NR]; MR];
+            for t0 in (0..t).step_by(MR) {
+                let mr = MR.min(t - t0);
+                // Rows past the end repeat the last one; their results are dropped.
+                let xs: [*const f32; MR] = std::array::from_fn(|i| x[(t0 + i.min(mr - 1)) * k..].as_ptr());
+                // SAFETY: Avx2 was detected; each pointer has k readable floats; the panel has k·NR.
+                unsafe { x86::kernel_6x16(k, xs, panel.as_ptr(), &mut c) };
+                for (i, ci) in c.iter().enumerate().take(mr) {
+                    for (j, v) in ci.iter().enumerate().take(nr) {
+                        // SAFETY: output column r0 + j belongs to this panel's task only.
+                        unsafe { *out.0.add((t0 + i) * n + r0 + j) = *v };
+                    }
                 }
             }
         },
@@ -254,5 +296,21 @@ mod tests {
         let mut r = vec![0.0; 3];
         m.row_f32(1, &mut r);
         assert_eq!(r, vec![6.0, 7.0, 8.0]);
+    }
+}
+
+/// `y += a · x` on the chosen instruction set.
+#[inline]
+pub fn axpy_with(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
+        Isa::Avx2 => unsafe { x86::axpy(a, x, y) },
+        _ => {
+            for (b, v) in y.iter_mut().zip(x) {
+                *b += a * v;
+            }
+        }
     }
 }

@@ -89,3 +89,106 @@ pub unsafe fn dot_f32_x4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     }
     out
 }
+
+/// Rows of the input handled by one call of the register-blocked kernel.
+pub const MR: usize = 6;
+/// Weight rows (outputs) in one packed panel: two 8-wide vectors.
+pub const NR: usize = 16;
+
+/// `c[i][j] = Σ_k x[i][k] · panel[k][j]` for i < MR, j < NR, the panel packed k-major
+/// (`[kc][NR]`). Twelve accumulators stay in registers; each k costs two panel loads and six
+/// broadcasts for twelve FMAs.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: &mut [[f32; NR]; MR]) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    for k in 0..kc {
+        let p0 = _mm256_loadu_ps(panel.add(k * NR));
+        let p1 = _mm256_loadu_ps(panel.add(k * NR + 8));
+        for i in 0..MR {
+            let xv = _mm256_broadcast_ss(&*x[i].add(k));
+            acc[i][0] = _mm256_fmadd_ps(xv, p0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(xv, p1, acc[i][1]);
+        }
+    }
+    for i in 0..MR {
+        _mm256_storeu_ps(c[i].as_mut_ptr(), acc[i][0]);
+        _mm256_storeu_ps(c[i].as_mut_ptr().add(8), acc[i][1]);
+    }
+}
+
+/// `y += a · x`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let r = _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)));
+        _mm256_storeu_ps(y.as_mut_ptr().add(i), r);
+        i += 8;
+    }
+    while i < n {
+        y[i] += a * x[i];
+        i += 1;
+    }
+}
+
+/// Packs `rows` (each `k` long, at most NR of them) k-major into `panel` (`[k][NR]`), zero
+/// padding missing rows, with 8×8 register transposes.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn pack_panel(rows: &[f32], k: usize, nrows: usize, panel: &mut [f32]) {
+    debug_assert!(panel.len() >= k * NR && rows.len() >= nrows * k);
+    let zero = [0f32; 8];
+    for half in 0..2 {
+        let row_ptr = |j: usize, kk: usize| -> *const f32 {
+            let r = half * 8 + j;
+            if r < nrows { rows.as_ptr().add(r * k + kk) } else { zero.as_ptr() }
+        };
+        let mut kk = 0;
+        while kk + 8 <= k {
+            let v: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(row_ptr(j, kk)));
+            let t = transpose8(v);
+            for (i, ti) in t.iter().enumerate() {
+                _mm256_storeu_ps(panel.as_mut_ptr().add((kk + i) * NR + half * 8), *ti);
+            }
+            kk += 8;
+        }
+        for kk in kk..k {
+            for j in 0..8 {
+                let r = half * 8 + j;
+                panel[kk * NR + r] = if r < nrows { rows[r * k + kk] } else { 0.0 };
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ]
+}

@@ -5,8 +5,10 @@
 //!
 //! Query head `h` reads key/value head `h / (heads / kv_heads)` (grouped-query attention).
 
-use crate::isa::isa;
-use crate::matmul::{axpy_with, dot_with};
+use crate::isa::{isa, Isa};
+use crate::matmul::dot;
+#[cfg(target_arch = "x86_64")]
+use crate::x86;
 use rayon::prelude::*;
 
 /// Absolute positions of a block's rows.
@@ -55,44 +57,55 @@ pub fn attention(
     sees: &(dyn Fn(usize, usize) -> bool + Sync),
     out: &mut [f32],
 ) {
+    attention_with(isa(), q, q_pos, blocks, sh, scale, sees, out)
+}
+
+/// [`attention`] on a given instruction set.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    isa: Isa,
+    q: &[f32],
+    q_pos: &[usize],
+    blocks: &[KvBlock],
+    sh: AttnShape,
+    scale: f32,
+    sees: &(dyn Fn(usize, usize) -> bool + Sync),
+    out: &mut [f32],
+) {
     let (qw, ow) = (sh.heads * sh.dk, sh.heads * sh.dv);
     assert_eq!(q.len(), q_pos.len() * qw);
     assert_eq!(out.len(), q_pos.len() * ow);
     let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
     let group = sh.heads / sh.kv_heads;
-    let isa = isa();
     out.par_chunks_mut(group * sh.dv).enumerate().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(keys, scores): &mut (Vec<(usize, usize)>, Vec<f32>), (task, o)| {
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(keys, vals, scores): &mut (Vec<*const f32>, Vec<*const f32>, Vec<f32>), (task, o)| {
             let (t, kh) = (task / sh.kv_heads, task % sh.kv_heads);
             let tp = q_pos[t];
+            // This head's key and value rows that the query sees.
             keys.clear();
-            for (bi, b) in blocks.iter().enumerate() {
+            vals.clear();
+            for b in blocks {
                 for i in 0..b.k.len() / kw {
                     let p = b.position(i);
                     if p != usize::MAX && sees(tp, p) {
-                        keys.push((bi, i));
+                        keys.push(b.k[i * kw + kh * sh.dk..].as_ptr());
+                        vals.push(b.v[i * vw + kh * sh.dv..].as_ptr());
                     }
                 }
             }
             o.fill(0.0);
-            if keys.is_empty() {
+            let nk = keys.len();
+            if nk == 0 {
                 return;
             }
-            let nk = keys.len();
-            // scores[g * nk + j]: query head kh·group + g against key j.
+            let qg = &q[t * qw + kh * group * sh.dk..t * qw + (kh + 1) * group * sh.dk];
             scores.clear();
             scores.resize(group * nk, 0.0);
-            for (j, &(bi, i)) in keys.iter().enumerate() {
-                let k = &blocks[bi].k[i * kw + kh * sh.dk..i * kw + (kh + 1) * sh.dk];
-                for g in 0..group {
-                    let h = kh * group + g;
-                    let qh = &q[t * qw + h * sh.dk..t * qw + (h + 1) * sh.dk];
-                    scores[g * nk + j] = dot_with(isa, qh, k) * scale;
-                }
-            }
-            for g in 0..group {
-                let s = &mut scores[g * nk..(g + 1) * nk];
+            // SAFETY: every pointer starts a row slice with at least dk (keys) or dv (values)
+            // elements, taken from the blocks above.
+            unsafe { head_scores(isa, qg, group, sh.dk, keys, scale, scores) };
+            for s in scores.chunks_exact_mut(nk) {
                 let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for v in s.iter_mut() {
@@ -103,14 +116,48 @@ pub fn attention(
                     *v /= sum;
                 }
             }
-            for (j, &(bi, i)) in keys.iter().enumerate() {
-                let v = &blocks[bi].v[i * vw + kh * sh.dv..i * vw + (kh + 1) * sh.dv];
-                for g in 0..group {
-                    axpy_with(isa, scores[g * nk + j], v, &mut o[g * sh.dv..(g + 1) * sh.dv]);
-                }
-            }
+            unsafe { head_values(isa, scores, group, sh.dv, vals, o) };
         },
     );
+}
+
+/// # Safety
+/// Each `keys[j]` must point to `dk` readable floats.
+unsafe fn head_scores(isa: Isa, q: &[f32], group: usize, dk: usize, keys: &[*const f32], scale: f32, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::attn_scores(q, group, dk, keys, scale, out),
+        _ => {
+            let nk = keys.len();
+            for (j, &kp) in keys.iter().enumerate() {
+                let k = std::slice::from_raw_parts(kp, dk);
+                for g in 0..group {
+                    out[g * nk + j] = dot(&q[g * dk..(g + 1) * dk], k) * scale;
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// Each `vals[j]` must point to `dv` readable floats.
+unsafe fn head_values(isa: Isa, p: &[f32], group: usize, dv: usize, vals: &[*const f32], out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::attn_values(p, group, dv, vals, out),
+        _ => {
+            let nk = vals.len();
+            for (j, &vp) in vals.iter().enumerate() {
+                let v = std::slice::from_raw_parts(vp, dv);
+                for g in 0..group {
+                    let w = p[g * nk + j];
+                    for (a, b) in out[g * dv..(g + 1) * dv].iter_mut().zip(v) {
+                        *a += w * b;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Reference: gathers every visible key of every block into one list per query and head, then
@@ -160,7 +207,7 @@ mod tests {
     #[test]
     fn matches_reference_with_slots_windows_and_gqa() {
         let mut rng = Rng::new(5);
-        for &(heads, kv_heads, dk, dv) in &[(4, 2, 8, 16), (3, 3, 5, 7), (6, 1, 4, 4)] {
+        for &(heads, kv_heads, dk, dv) in &[(4, 2, 8, 16), (3, 3, 5, 7), (6, 1, 4, 4), (14, 2, 24, 40), (10, 5, 64, 128)] {
             let sh = AttnShape { heads, kv_heads, dk, dv };
             let (kw, vw) = (kv_heads * dk, kv_heads * dv);
             // A prefix at 0..3, a ring of 5 slots with one empty, new rows at 20..23.
@@ -180,9 +227,11 @@ mod tests {
             let q = rng.normal_vec(3 * heads * dk, 1.0);
             let sees = |t: usize, s: usize| s <= t && (t - s <= 4 || s < 3);
             let (mut o1, mut o2) = (vec![0.0; 3 * heads * dv], vec![0.0; 3 * heads * dv]);
-            attention(&q, &qp, &blocks, sh, 0.3, &sees, &mut o1);
             attention_ref(&q, &qp, &blocks, sh, 0.3, &sees, &mut o2);
-            assert_close(&o1, &o2, 1e-5, "attention");
+            for isa in crate::isa::available() {
+                attention_with(isa, &q, &qp, &blocks, sh, 0.3, &sees, &mut o1);
+                assert_close(&o1, &o2, 1e-5, &format!("attention {isa:?} {heads}/{kv_heads} dk={dk} dv={dv}"));
+            }
         }
     }
 }

@@ -298,19 +298,3 @@ mod tests {
         assert_eq!(r, vec![6.0, 7.0, 8.0]);
     }
 }
-
-/// `y += a · x` on the chosen instruction set.
-#[inline]
-pub fn axpy_with(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), y.len());
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 => unsafe { x86::axpy(a, x, y) },
-        _ => {
-            for (b, v) in y.iter_mut().zip(x) {
-                *b += a * v;
-            }
-        }
-    }
-}

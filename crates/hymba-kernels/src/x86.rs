@@ -116,23 +116,6 @@ pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: 
     }
 }
 
-/// `y += a · x`.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let av = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i + 8 <= n {
-        let r = _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)));
-        _mm256_storeu_ps(y.as_mut_ptr().add(i), r);
-        i += 8;
-    }
-    while i < n {
-        y[i] += a * x[i];
-        i += 1;
-    }
-}
-
 /// Packs `rows` (each `k` long, at most NR of them) k-major into `panel` (`[k][NR]`), zero
 /// padding missing rows, with 8×8 register transposes.
 #[target_feature(enable = "avx2,fma")]
@@ -191,4 +174,75 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         _mm256_permute2f128_ps::<0x31>(s2, s6),
         _mm256_permute2f128_ps::<0x31>(s3, s7),
     ]
+}
+
+/// Attention scores of `group` query heads (rows of `q`, each `dk` long) against keys at
+/// `keys[j]` (each `dk` long): `out[g·nk + j] = scale · q_g · k_j`. Each key row is loaded once
+/// for all the heads that share it.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn attn_scores(q: &[f32], group: usize, dk: usize, keys: &[*const f32], scale: f32, out: &mut [f32]) {
+    let nk = keys.len();
+    let full = dk / 8 * 8;
+    for (j, &kp) in keys.iter().enumerate() {
+        for g in 0..group {
+            let qp = q.as_ptr().add(g * dk);
+            let mut a0 = _mm256_setzero_ps();
+            let mut a1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 16 <= full {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kp.add(i)), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i + 8)), _mm256_loadu_ps(kp.add(i + 8)), a1);
+                i += 16;
+            }
+            if i < full {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kp.add(i)), a0);
+            }
+            let mut s = hsum(_mm256_add_ps(a0, a1));
+            for i in full..dk {
+                s += *qp.add(i) * *kp.add(i);
+            }
+            out[g * nk + j] = s * scale;
+        }
+    }
+}
+
+/// Weighted sum of value rows for `group` heads: `out[g·dv..][d] = Σ_j p[g·nk + j] · v_j[d]`.
+/// Walks the values 16 columns at a time with every head's accumulators in registers, so each
+/// value cache line is read once.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn attn_values(p: &[f32], group: usize, dv: usize, vals: &[*const f32], out: &mut [f32]) {
+    const G: usize = 6;
+    let nk = vals.len();
+    let full = dv / 16 * 16;
+    for g0 in (0..group).step_by(G) {
+        let gn = G.min(group - g0);
+        let mut c = 0;
+        while c < full {
+            let mut acc = [[_mm256_setzero_ps(); 2]; G];
+            for (j, &vp) in vals.iter().enumerate() {
+                let v0 = _mm256_loadu_ps(vp.add(c));
+                let v1 = _mm256_loadu_ps(vp.add(c + 8));
+                for g in 0..gn {
+                    let w = _mm256_set1_ps(*p.get_unchecked((g0 + g) * nk + j));
+                    acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
+                    acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
+                }
+            }
+            for g in 0..gn {
+                let o = out.as_mut_ptr().add((g0 + g) * dv + c);
+                _mm256_storeu_ps(o, acc[g][0]);
+                _mm256_storeu_ps(o.add(8), acc[g][1]);
+            }
+            c += 16;
+        }
+        for g in g0..g0 + gn {
+            for d in full..dv {
+                let mut s = 0f32;
+                for (j, &vp) in vals.iter().enumerate() {
+                    s += p[g * nk + j] * *vp.add(d);
+                }
+                out[g * dv + d] = s;
+            }
+        }
+    }
 }

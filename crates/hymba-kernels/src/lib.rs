@@ -14,6 +14,7 @@ pub mod isa;
 pub mod matmul;
 pub mod norm;
 pub mod probe;
+pub mod quant;
 pub mod rope;
 pub mod scan;
 pub mod testing;

@@ -4,6 +4,7 @@
 //! (rows of `W`) on rayon's persistent pool; each weight row is widened to f32 once and used for
 //! every input row, so the weights are streamed from memory once per call.
 
+use crate::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use crate::isa::{isa, Isa};
 #[cfg(target_arch = "x86_64")]
@@ -16,6 +17,10 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     BF16(&'a [bf16]),
     F16(&'a [f16]),
+    /// GGML Q8_0 blocks of 32 along each row.
+    Q8_0(&'a [BlockQ8_0]),
+    /// GGML Q4_0 blocks of 32 along each row.
+    Q4_0(&'a [BlockQ4_0]),
 }
 
 impl WeightData<'_> {
@@ -24,6 +29,8 @@ impl WeightData<'_> {
             WeightData::F32(d) => d.len(),
             WeightData::BF16(d) => d.len(),
             WeightData::F16(d) => d.len(),
+            WeightData::Q8_0(b) => b.len() * QK,
+            WeightData::Q4_0(b) => b.len() * QK,
         }
     }
 
@@ -43,6 +50,14 @@ impl WeightData<'_> {
                 }
             }
             WeightData::F16(d) => d[start..end].convert_to_f32_slice(out),
+            WeightData::Q8_0(b) => {
+                assert!(start % QK == 0 && out.len() % QK == 0, "quantized rows are read whole blocks at a time");
+                quant::dequantize_q8_0(&b[start / QK..end / QK], out)
+            }
+            WeightData::Q4_0(b) => {
+                assert!(start % QK == 0 && out.len() % QK == 0, "quantized rows are read whole blocks at a time");
+                quant::dequantize_q4_0(&b[start / QK..end / QK], out)
+            }
         }
     }
 }
@@ -69,6 +84,8 @@ impl<'a> Mat<'a> {
             WeightData::F32(d) => WeightData::F32(&d[a..b]),
             WeightData::BF16(d) => WeightData::BF16(&d[a..b]),
             WeightData::F16(d) => WeightData::F16(&d[a..b]),
+            WeightData::Q8_0(d) => WeightData::Q8_0(&d[a / QK..b / QK]),
+            WeightData::Q4_0(d) => WeightData::Q4_0(&d[a / QK..b / QK]),
         };
         Mat { data, rows: n, cols: self.cols }
     }
@@ -170,6 +187,10 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     assert_eq!(x.len() % k.max(1), 0, "matmul: input width does not match weight columns");
     let t = if k == 0 { 0 } else { x.len() / k };
     assert_eq!(y.len(), t * n, "matmul: output is not [{t}, {n}]");
+    if t < 4 && matches!(w.data, WeightData::Q8_0(_) | WeightData::Q4_0(_)) {
+        matvec_quant(isa, x, t, w, y);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if t >= 4 && isa == Isa::Avx2 {
         gemm_avx2(x, t, w, y);
@@ -210,6 +231,37 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     );
 }
 
+/// Few rows against quantized weights: the input rows are quantized to Q8_0 once, then every
+/// weight row is an integer dot product per block.
+fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(k % QK, 0, "quantized matrices have rows of whole blocks");
+    let nb = k / QK;
+    let mut xq = vec![BlockQ8_0::default(); t * nb];
+    quant::quantize_q8_0(x, &mut xq);
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+        let out = &out;
+        for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n) {
+            for ti in 0..t {
+                let xb = &xq[ti * nb..(ti + 1) * nb];
+                let v = match (isa, w.data) {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
+                    (Isa::Avx2, WeightData::Q8_0(b)) => unsafe { x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb) },
+                    #[cfg(target_arch = "x86_64")]
+                    (Isa::Avx2, WeightData::Q4_0(b)) => unsafe { x86::dot_q4_0(&b[r * nb..(r + 1) * nb], xb) },
+                    (_, WeightData::Q8_0(b)) => quant::dot_q8_0(&b[r * nb..(r + 1) * nb], xb),
+                    (_, WeightData::Q4_0(b)) => quant::dot_q4_0(&b[r * nb..(r + 1) * nb], xb),
+                    _ => unreachable!("only called for quantized weights"),
+                };
+                // SAFETY: row r belongs to this task only.
+                unsafe { *out.0.add(ti * n + r) = v };
+            }
+        }
+    });
+}
+
 /// Several input rows on AVX2: panels of 16 weight rows are widened and packed k-major once,
 /// then a 6×16 register-blocked kernel runs over every group of 6 input rows.
 #[cfg(target_arch = "x86_64")]
@@ -247,17 +299,18 @@ fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     );
 }
 
-/// Scalar reference for [`matmul`]: a plain triple loop, one element widened at a time.
+/// Scalar reference for [`matmul`]: each weight row widened (or dequantized) on its own, then a
+/// plain loop.
 pub fn matmul_ref(x: &[f32], w: Mat, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     let t = x.len() / k;
-    let mut e = [0f32; 1];
-    for ti in 0..t {
-        for r in 0..n {
+    let mut row = vec![0f32; k];
+    for r in 0..n {
+        w.row_f32(r, &mut row);
+        for ti in 0..t {
             let mut s = 0f32;
             for j in 0..k {
-                w.data.to_f32(r * k + j, &mut e);
-                s += x[ti * k + j] * e[0];
+                s += x[ti * k + j] * row[j];
             }
             y[ti * n + r] = s;
         }
@@ -284,6 +337,32 @@ mod tests {
                 for isa in crate::isa::available() {
                     matmul_with(isa, &x, w, &mut y);
                     assert_close(&y, &yr, 1e-4 * (k as f32).sqrt(), &format!("matmul {isa:?} t={t} n={n} k={k}"));
+                }
+            }
+        }
+    }
+
+    /// Quantized weights: few rows use integer dots on Q8_0 activations, many rows the f32 path
+    /// on dequantized weights; both against the reference over the dequantized matrix.
+    #[test]
+    fn quantized_matmul_matches_reference() {
+        let mut rng = Rng::new(8);
+        for &(t, n, k) in &[(1, 37, 64), (2, 70, 160), (3, 5, 32), (5, 33, 96), (9, 17, 1600)] {
+            let x = rng.normal_vec(t * k, 1.0);
+            let wf = rng.normal_vec(n * k, 1.0);
+            let mut q8 = vec![BlockQ8_0::default(); n * k / QK];
+            let mut q4 = vec![BlockQ4_0::default(); n * k / QK];
+            quant::quantize_q8_0(&wf, &mut q8);
+            quant::quantize_q4_0(&wf, &mut q4);
+            for data in [WeightData::Q8_0(&q8), WeightData::Q4_0(&q4)] {
+                let w = Mat::new(data, n, k);
+                let (mut y, mut yr) = (vec![0.0; t * n], vec![0.0; t * n]);
+                matmul_ref(&x, w, &mut yr);
+                for isa in crate::isa::available() {
+                    matmul_with(isa, &x, w, &mut y);
+                    // Rows quantized to int8 add up to half a step (|x|max/254) per element.
+                    let tol = if t < 4 { 0.02 * (k as f32).sqrt() } else { 1e-4 * (k as f32).sqrt() };
+                    assert_close(&y, &yr, tol, &format!("{data:?} {isa:?} t={t} n={n} k={k}").chars().take(60).collect::<String>());
                 }
             }
         }

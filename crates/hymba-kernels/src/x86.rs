@@ -246,3 +246,45 @@ pub unsafe fn attn_values(p: &[f32], group: usize, dv: usize, vals: &[*const f32
         }
     }
 }
+
+/// Σ of products of 32 signed bytes, as 8 f32 partial sums (GGML's `mul_sum_i8_pairs_float`):
+/// maddubs needs an unsigned operand, so the sign of `x` moves onto `y`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256 {
+    let ax = _mm256_sign_epi8(x, x);
+    let sy = _mm256_sign_epi8(y, x);
+    let dot = _mm256_maddubs_epi16(ax, sy);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
+}
+
+/// Q8_0 weights · Q8_0 activations.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q8_0(w: &[crate::quant::BlockQ8_0], x: &[crate::quant::BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (a, b) in w.iter().zip(x) {
+        let d = _mm256_set1_ps(a.scale() * b.scale());
+        let qa = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+        let qb = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+        acc = _mm256_fmadd_ps(d, mul_sum_i8(qa, qb), acc);
+    }
+    hsum(acc)
+}
+
+/// Q4_0 weights · Q8_0 activations.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let low = _mm256_set1_epi8(0x0F);
+    let eight = _mm256_set1_epi8(8);
+    for (a, b) in w.iter().zip(x) {
+        let d = _mm256_set1_ps(a.scale() * b.scale());
+        let t = _mm_loadu_si128(a.qs.as_ptr() as *const __m128i);
+        // Low nibbles are values 0..16, high nibbles 16..32.
+        let qa = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+        let qa = _mm256_sub_epi8(qa, eight);
+        let qb = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+        acc = _mm256_fmadd_ps(d, mul_sum_i8(qa, qb), acc);
+    }
+    hsum(acc)
+}

@@ -17,7 +17,7 @@ pub struct BenchArgs {
     /// Random weights with the shapes of a known model: `hymba-1.5b`.
     #[arg(long)]
     synthetic: Option<String>,
-    /// Weight format: bf16 (as stored).
+    /// Weight format: bf16 (as stored), q8_0 or q4_0 (quantized at load).
     #[arg(long, default_value = "bf16")]
     quant: String,
     /// Prompt tokens for the prefill measurement.
@@ -40,6 +40,73 @@ pub struct BenchArgs {
 /// The real Hymba-1.5B config, compiled in so `--synthetic` needs no files.
 const HYMBA_1_5B: &str = include_str!("../../../assets/hymba-1.5b-config.json");
 
+/// The model of `--model` or `--synthetic`, quantized when asked.
+fn load(model: Option<&std::path::Path>, synthetic: Option<&str>, quant: Option<Dtype>) -> Result<Model> {
+    Ok(match (model, synthetic) {
+        (Some(dir), _) => Model::load_quantized(dir, quant)?,
+        (None, Some("hymba-1.5b")) => {
+            let cfg = Config::from_value(serde_json::from_str(HYMBA_1_5B)?)?;
+            let mut store = hymba::synthetic::in_memory(&cfg, Dtype::BF16, 1, 1.0);
+            if let Some(q) = quant {
+                store.quantize(q);
+            }
+            Model::from_store(cfg, store)?
+        }
+        (None, Some(other)) => bail!("--synthetic {other}: known shapes are: hymba-1.5b"),
+        (None, None) => bail!("give --model DIR or --synthetic hymba-1.5b"),
+    })
+}
+
+#[derive(Args)]
+pub struct QuantEvalArgs {
+    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// q8_0 or q4_0.
+    #[arg(long)]
+    quant: String,
+    /// Token ids to score (all positions); default: 64 pseudo-random ids.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Mean KL(original ‖ quantized) of the next-token distributions and the fraction of positions
+/// whose top-1 token agrees, over every position of the input.
+pub fn quant_eval(a: QuantEvalArgs) -> Result<()> {
+    let q = crate::parse_quant(Some(&a.quant))?.ok_or_else(|| anyhow::anyhow!("--quant: expected q8_0 or q4_0"))?;
+    let base = load(a.model.as_deref(), a.synthetic.as_deref(), None)?;
+    let quant = load(a.model.as_deref(), a.synthetic.as_deref(), Some(q))?;
+    let v = base.config.vocab_size;
+    let ids = a.ids.clone().unwrap_or_else(|| (0..64u32).map(|i| (i * 7919 + 13) % v as u32).collect());
+    let lp = |m: &Model| -> Result<Vec<f32>> {
+        let mut c = m.new_cache();
+        Ok(m.forward(&mut c, &ids, Logits::All, DecodeWindow::Trained)?)
+    };
+    let (p, r) = (lp(&base)?, lp(&quant)?);
+    let (mut kl, mut agree) = (0f64, 0usize);
+    for (pr, qr) in p.chunks_exact(v).zip(r.chunks_exact(v)) {
+        let ls = |x: &[f32]| -> Vec<f64> {
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z = x.iter().map(|&y| (y as f64 - m).exp()).sum::<f64>().ln() + m;
+            x.iter().map(|&y| y as f64 - z).collect()
+        };
+        let (lpr, lqr) = (ls(pr), ls(qr));
+        kl += lpr.iter().zip(&lqr).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+        agree += (hymba::sample::argmax(pr) == hymba::sample::argmax(qr)) as usize;
+    }
+    let n = ids.len();
+    let out = serde_json::json!({"quant": a.quant, "positions": n, "mean_kl": kl / n as f64, "top1_agreement": agree as f64 / n as f64});
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("{}: mean KL {:.5} nats, top-1 agreement {:.1}% over {n} positions", a.quant, kl / n as f64, 100.0 * agree as f64 / n as f64);
+    }
+    Ok(())
+}
+
 fn peak_rss_bytes() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -51,23 +118,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
-    if a.quant != "bf16" {
-        bail!("--quant {}: only bf16 is implemented so far", a.quant);
-    }
+    let quant = crate::parse_quant(Some(&a.quant))?;
     if a.prompt == 0 || a.decode == 0 {
         bail!("--prompt and --decode must be at least 1");
     }
     let t = Instant::now();
-    let model = match (&a.model, &a.synthetic) {
-        (Some(dir), _) => Model::load(dir)?,
-        (None, Some(name)) if name == "hymba-1.5b" => {
-            let cfg = Config::from_value(serde_json::from_str(HYMBA_1_5B)?)?;
-            let store = hymba::synthetic::in_memory(&cfg, Dtype::BF16, 1, 1.0);
-            Model::from_store(cfg, store)?
-        }
-        (None, Some(other)) => bail!("--synthetic {other}: known shapes are: hymba-1.5b"),
-        (None, None) => unreachable!("clap requires one"),
-    };
+    let model = load(a.model.as_deref(), a.synthetic.as_deref(), quant)?;
     let load_s = t.elapsed().as_secs_f64();
     let threads = rayon::current_num_threads();
     let bw = hymba::kernels::probe::read_bandwidth(1 << 30, 5);

@@ -29,6 +29,10 @@ enum Cmd {
     Inspect(inspect::InspectArgs),
     /// Prefill and decode speed beside the memory bandwidth measured in the same run.
     Bench(bench::BenchArgs),
+    /// Write a pre-quantized copy of a checkpoint, which then loads without converting.
+    Quantize(QuantizeArgs),
+    /// Quality of a quantization: KL divergence and top-1 agreement against the original.
+    QuantEval(bench::QuantEvalArgs),
     /// Write a checkpoint with random weights for a config (for tests and benchmarks).
     Synth(SynthArgs),
 }
@@ -87,6 +91,9 @@ struct GenerateArgs {
     /// Write input_ids, generated_ids and generate_logits to this safetensors file.
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Quantize the large matrices at load: q8_0 or q4_0.
+    #[arg(long)]
+    quant: Option<String>,
 }
 
 #[derive(Args)]
@@ -101,6 +108,21 @@ struct LogitsArgs {
     #[arg(long)]
     official_decode_window: bool,
     /// Output safetensors file (input_ids, logits).
+    #[arg(long)]
+    out: PathBuf,
+    /// Quantize the large matrices at load: q8_0 or q4_0.
+    #[arg(long)]
+    quant: Option<String>,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// q8_0 or q4_0.
+    #[arg(long)]
+    quant: String,
+    /// Output directory (config, weights and tokenizer files).
     #[arg(long)]
     out: PathBuf,
 }
@@ -131,6 +153,8 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Quantize(a) => quantize(a),
+        Cmd::QuantEval(a) => bench::quant_eval(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -159,8 +183,36 @@ fn load_tokenizer(model: &Path, p: &PromptArgs, required: bool) -> Result<Option
     Ok(Some(Tokenizer::from_file(&path)?))
 }
 
-fn load_model(dir: &Path) -> Result<Model> {
-    Model::load(dir).with_context(|| format!("loading model from {}", dir.display()))
+/// `--quant` value: None keeps the stored precision.
+pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
+    match q {
+        None | Some("none") | Some("bf16") => Ok(None),
+        Some(s) => Dtype::parse_quant(s).map(Some).ok_or_else(|| anyhow!("--quant: `{s}` is not one of q8_0, q4_0")),
+    }
+}
+
+fn load_model(dir: &Path, quant: Option<&str>) -> Result<Model> {
+    let q = parse_quant(quant)?;
+    Model::load_quantized(dir, q).with_context(|| format!("loading model from {}", dir.display()))
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let q = parse_quant(Some(&a.quant))?.ok_or_else(|| anyhow!("--quant: expected q8_0 or q4_0"))?;
+    // Validate the whole checkpoint first: a broken input never produces an output.
+    Model::load(&a.model).with_context(|| format!("loading model from {}", a.model.display()))?;
+    let mut store = hymba::tensor::TensorStore::open(&a.model)?;
+    store.quantize(q);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    store.save(&a.out.join("model.safetensors"))?;
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        let src = a.model.join(name);
+        if src.exists() {
+            let bytes = std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            hymba::error::write_atomic(&a.out.join(name), &bytes)?;
+        }
+    }
+    eprintln!("wrote {} ({})", a.out.display(), a.quant);
+    Ok(())
 }
 
 fn window(official: bool) -> DecodeWindow {
@@ -173,7 +225,7 @@ fn window(official: bool) -> DecodeWindow {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let tok = load_tokenizer(&a.model, &a.prompt, a.prompt.prompt.is_some() || a.chat || !a.stop.is_empty())?;
-    let model = load_model(&a.model)?;
+    let model = load_model(&a.model, a.quant.as_deref())?;
     let prompt = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => {
@@ -244,7 +296,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     let tok = load_tokenizer(&a.model, &a.prompt, a.prompt.prompt.is_some())?;
-    let model = load_model(&a.model)?;
+    let model = load_model(&a.model, a.quant.as_deref())?;
     let ids = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => tok.as_ref().expect("required with --prompt").encode_prompt(text)?,

@@ -9,7 +9,7 @@ use crate::cache::{Cache, KvRows, KvStore, LayerState, MetaPrefix};
 use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
 use crate::error::{Error, Result};
 use crate::mask::{sees, DecodeWindow};
-use crate::tensor::TensorStore;
+use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock};
 use hymba_kernels::{act, conv::causal_conv, matmul, norm, rope, scan};
@@ -43,11 +43,20 @@ fn columns(m: &[f32], width: usize, a: usize, w: usize) -> Vec<f32> {
 impl Model {
     /// Loads `dir/config.json` and the weights beside it, then computes the meta-token prefix.
     pub fn load(dir: &Path) -> Result<Model> {
+        Model::load_quantized(dir, None)
+    }
+
+    /// Loads and, when `quant` is Q8_0 or Q4_0, quantizes the large matrices (see
+    /// [`crate::tensor::is_quantizable`]); a pre-quantized checkpoint loads as it is.
+    pub fn load_quantized(dir: &Path, quant: Option<Dtype>) -> Result<Model> {
         if !dir.is_dir() {
             return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
         }
         let config = Config::from_file(&dir.join("config.json"))?;
-        let store = TensorStore::open(dir)?;
+        let mut store = TensorStore::open(dir)?;
+        if let Some(q) = quant {
+            store.quantize(q);
+        }
         Model::from_store(config, store)
     }
 
@@ -446,7 +455,7 @@ impl Model {
     pub fn weight_bytes_per_token(&self) -> usize {
         let c = &self.config;
         let w = &self.weights;
-        let mut b = w.output().nbytes() + c.hidden_size * w.embed.dtype.size() + w.final_norm.len() * 4;
+        let mut b = w.output().nbytes() + w.embed.dtype.nbytes(c.hidden_size) + w.final_norm.len() * 4;
         for l in &w.layers {
             b += [&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate, &l.up, &l.down].iter().map(|t| t.nbytes()).sum::<usize>();
             b += 4 * (l.input_norm.len() + l.conv_w.len() + l.conv_b.len() + l.dt_bias.len() + l.a.len() + l.d.len()

@@ -4,9 +4,8 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::tensor::{Dtype, Tensor, TensorStore};
+use crate::tensor::{write_safetensors, Dtype, Tensor, TensorStore};
 use hymba_kernels::testing::Rng;
-use std::io::Write;
 use std::path::Path;
 
 /// How a tensor is filled.
@@ -110,6 +109,7 @@ fn fill(init: Init, shape: &[usize], rng: &mut Rng, out: &mut Vec<f32>) {
 fn encode(v: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     out.clear();
     match dtype {
+        Dtype::Q8_0 | Dtype::Q4_0 => unreachable!("refused by the callers"),
         Dtype::F32 => out.extend(v.iter().flat_map(|x| x.to_le_bytes())),
         Dtype::BF16 => out.extend(v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())),
         Dtype::F16 => out.extend(v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes())),
@@ -119,41 +119,21 @@ fn encode(v: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
 /// Writes `dir/config.json` (the config's own JSON) and `dir/model.safetensors` with random
 /// weights in `dtype`, one tensor at a time so memory stays small. Files appear atomically.
 pub fn write_checkpoint(cfg: &Config, dir: &Path, dtype: Dtype, seed: u64, gain: f32) -> Result<()> {
+    if dtype.quant_name().is_some() {
+        return Err(Error::Input("synthetic checkpoints are written in f32, bf16 or f16; quantize them afterwards".into()));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let specs = tensor_specs(cfg, gain);
-    let path = dir.join("model.safetensors");
-    let tmp = dir.join(".model.safetensors.tmp");
-    let io = |e: std::io::Error| Error::io(&path, e);
-    // Header: names in order, offsets back to back; padded to 8 bytes as safetensors does.
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut off = 0usize;
-    for (name, shape, _) in &specs {
-        let nbytes = shape.iter().product::<usize>() * dtype.size();
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, off + nbytes]}),
-        );
-        off += nbytes;
-    }
-    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-    while hbytes.len() % 8 != 0 {
-        hbytes.push(b' ');
-    }
-    let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
-    w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&hbytes).map_err(io)?;
+    let headers: Vec<_> = specs
+        .iter()
+        .map(|(n, s, _)| (n.clone(), dtype.safetensors_name(), s.clone(), dtype.nbytes(s.iter().product())))
+        .collect();
     let mut rng = Rng::new(seed);
-    let (mut vals, mut bytes) = (Vec::new(), Vec::new());
-    for (_, shape, init) in &specs {
-        fill(*init, shape, &mut rng, &mut vals);
-        encode(&vals, dtype, &mut bytes);
-        w.write_all(&bytes).map_err(io)?;
-    }
-    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    let mut vals = Vec::new();
+    write_safetensors(&dir.join("model.safetensors"), &headers, None, |i, out| {
+        fill(specs[i].2, &specs[i].1, &mut rng, &mut vals);
+        encode(&vals, dtype, out);
+    })?;
     let cfg_text = serde_json::to_string_pretty(&cfg.raw).expect("json");
     crate::error::write_atomic(&dir.join("config.json"), cfg_text.as_bytes())
 }
@@ -161,6 +141,7 @@ pub fn write_checkpoint(cfg: &Config, dir: &Path, dtype: Dtype, seed: u64, gain:
 /// The same random checkpoint as [`write_checkpoint`], built in memory (no file): for
 /// benchmarks at real shapes in seconds.
 pub fn in_memory(cfg: &Config, dtype: Dtype, seed: u64, gain: f32) -> TensorStore {
+    assert!(dtype.quant_name().is_none(), "quantize the store afterwards");
     let mut rng = Rng::new(seed);
     let (mut vals, mut bytes) = (Vec::new(), Vec::new());
     let mut tensors = std::collections::BTreeMap::new();

@@ -3,6 +3,7 @@
 
 use crate::error::{parse_json, read_to_string, Error, Result};
 use half::{bf16, f16};
+use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use hymba_kernels::{Mat, WeightData};
 use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
@@ -14,22 +15,75 @@ pub enum Dtype {
     F32,
     BF16,
     F16,
+    /// GGML Q8_0: blocks of 32 values along a row, 34 bytes each.
+    Q8_0,
+    /// GGML Q4_0: blocks of 32 values along a row, 18 bytes each.
+    Q4_0,
 }
 
 impl Dtype {
-    pub fn size(self) -> usize {
+    /// Bytes that `numel` elements take (a whole number of blocks for the quantized formats).
+    pub fn nbytes(self, numel: usize) -> usize {
+        match self {
+            Dtype::F32 => 4 * numel,
+            Dtype::BF16 | Dtype::F16 => 2 * numel,
+            Dtype::Q8_0 => numel / QK * 34,
+            Dtype::Q4_0 => numel / QK * 18,
+        }
+    }
+    /// Alignment the elements need to be viewed in place.
+    fn align(self) -> usize {
         match self {
             Dtype::F32 => 4,
             Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::Q8_0 | Dtype::Q4_0 => 1,
         }
     }
+    /// The safetensors dtype the bytes are stored as (quantized blocks are raw bytes).
     pub fn safetensors_name(self) -> &'static str {
         match self {
             Dtype::F32 => "F32",
             Dtype::BF16 => "BF16",
             Dtype::F16 => "F16",
+            Dtype::Q8_0 | Dtype::Q4_0 => "U8",
         }
     }
+    pub fn quant_name(self) -> Option<&'static str> {
+        match self {
+            Dtype::Q8_0 => Some("q8_0"),
+            Dtype::Q4_0 => Some("q4_0"),
+            _ => None,
+        }
+    }
+    /// `q8_0` or `q4_0`.
+    pub fn parse_quant(s: &str) -> Option<Dtype> {
+        match s {
+            "q8_0" => Some(Dtype::Q8_0),
+            "q4_0" => Some(Dtype::Q4_0),
+            _ => None,
+        }
+    }
+}
+
+/// Metadata key of a safetensors file that maps each quantized tensor to its format and its
+/// logical shape: `{"name": {"format": "q8_0", "shape": [rows, cols]}}`.
+pub const QUANT_METADATA_KEY: &str = "hymba_quant";
+
+/// Matrices worth quantizing: the large ones a token reads, when their rows are whole blocks.
+/// Norms, A, D, conv and dt_proj keep their precision.
+pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
+    const LAYER_MATRICES: [&str; 6] = [
+        ".mamba.in_proj.weight",
+        ".mamba.x_proj.0.weight",
+        ".mamba.out_proj.weight",
+        ".moe.experts.0.gate_proj.weight",
+        ".moe.experts.0.up_proj.weight",
+        ".moe.experts.0.down_proj.weight",
+    ];
+    let matrix = name == "model.embed_tokens.weight"
+        || name == "lm_head.weight"
+        || LAYER_MATRICES.iter().any(|s| name.ends_with(s));
+    matrix && shape.len() == 2 && shape[1] % QK == 0
 }
 
 #[derive(Clone, Debug)]
@@ -52,7 +106,7 @@ pub struct Tensor {
 impl Tensor {
     /// A heap tensor from raw little-endian bytes.
     pub fn from_bytes(dtype: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Tensor {
-        assert_eq!(bytes.len(), shape.iter().product::<usize>() * dtype.size());
+        assert_eq!(bytes.len(), dtype.nbytes(shape.iter().product::<usize>()));
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         // SAFETY: u64 storage viewed as bytes, within its length.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr() as *mut u8, bytes.len()) };
@@ -91,6 +145,8 @@ impl Tensor {
                 Dtype::F32 => WeightData::F32(std::slice::from_raw_parts(b.as_ptr() as *const f32, n)),
                 Dtype::BF16 => WeightData::BF16(std::slice::from_raw_parts(b.as_ptr() as *const bf16, n)),
                 Dtype::F16 => WeightData::F16(std::slice::from_raw_parts(b.as_ptr() as *const f16, n)),
+                Dtype::Q8_0 => WeightData::Q8_0(quant::q8_0_blocks(b)),
+                Dtype::Q4_0 => WeightData::Q4_0(quant::q4_0_blocks(b)),
             }
         }
     }
@@ -99,6 +155,31 @@ impl Tensor {
     pub fn mat(&self) -> Mat<'_> {
         assert_eq!(self.shape.len(), 2);
         Mat::new(self.data(), self.shape[0], self.shape[1])
+    }
+
+    /// This matrix quantized to `to` (Q8_0 or Q4_0), row by row from its widened values.
+    pub fn quantize(&self, to: Dtype) -> Tensor {
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let nb = cols / QK;
+        let mut row = vec![0f32; cols];
+        let mut bytes = Vec::with_capacity(to.nbytes(rows * cols));
+        let (mut b8, mut b4) = (vec![BlockQ8_0::default(); nb], vec![BlockQ4_0::default(); nb]);
+        let m = self.mat();
+        for r in 0..rows {
+            m.row_f32(r, &mut row);
+            match to {
+                Dtype::Q8_0 => {
+                    quant::quantize_q8_0(&row, &mut b8);
+                    bytes.extend_from_slice(quant::block_bytes(&b8));
+                }
+                Dtype::Q4_0 => {
+                    quant::quantize_q4_0(&row, &mut b4);
+                    bytes.extend_from_slice(quant::block_bytes(&b4));
+                }
+                other => panic!("{other:?} is not a quantized format"),
+            }
+        }
+        Tensor::from_bytes(to, self.shape.clone(), &bytes)
     }
 
     /// All elements widened to f32 (for the small vectors: norms, biases, A, D, conv).
@@ -167,19 +248,37 @@ impl TensorStore {
             msg: format!("not a valid safetensors file: {e}"),
         })?;
         let base = mmap.as_ptr() as usize;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| Error::Checkpoint {
+            file: fname.clone(),
+            msg: format!("not a valid safetensors file: {e}"),
+        })?;
+        let quant: serde_json::Map<String, serde_json::Value> = match meta.metadata().as_ref().and_then(|m| m.get(QUANT_METADATA_KEY)) {
+            None => Default::default(),
+            Some(s) => serde_json::from_str(s).map_err(|e| Error::Checkpoint {
+                file: fname.clone(),
+                msg: format!("metadata `{QUANT_METADATA_KEY}` is not a JSON object: {e}"),
+            })?,
+        };
         for (name, view) in st.tensors() {
             let err = |msg: String| Error::Tensor { file: fname.clone(), tensor: name.clone(), msg };
-            let dtype = match view.dtype() {
-                safetensors::Dtype::F32 => Dtype::F32,
-                safetensors::Dtype::BF16 => Dtype::BF16,
-                safetensors::Dtype::F16 => Dtype::F16,
-                other => return Err(err(format!("dtype {other:?} is not supported (F32, BF16, F16)"))),
+            let (dtype, shape) = match (view.dtype(), quant.get(&name)) {
+                (safetensors::Dtype::U8, Some(q)) => {
+                    let dtype = q.get("format").and_then(|f| f.as_str()).and_then(Dtype::parse_quant);
+                    let shape: Option<Vec<usize>> = q.get("shape").and_then(|s| serde_json::from_value(s.clone()).ok());
+                    match (dtype, shape) {
+                        (Some(d), Some(s)) if s.len() == 2 && s[1] % QK == 0 && d.nbytes(s[0] * s[1]) == view.data().len() => (d, s),
+                        _ => return Err(err(format!("bad quantization metadata {q} for {} bytes", view.data().len()))),
+                    }
+                }
+                (safetensors::Dtype::F32, None) => (Dtype::F32, view.shape().to_vec()),
+                (safetensors::Dtype::BF16, None) => (Dtype::BF16, view.shape().to_vec()),
+                (safetensors::Dtype::F16, None) => (Dtype::F16, view.shape().to_vec()),
+                (other, _) => return Err(err(format!("dtype {other:?} is not supported (F32, BF16, F16, or q8_0/q4_0 blocks)"))),
             };
             let data = view.data();
             let offset = data.as_ptr() as usize - base;
-            let shape = view.shape().to_vec();
             let mut t = Tensor { dtype, shape, owner: Owner::Mmap(mmap.clone()), offset, len: data.len() };
-            if offset % dtype.size() != 0 {
+            if offset % dtype.align() != 0 {
                 // A misaligned tensor cannot be viewed in place: copy it, same precision.
                 t = Tensor::from_bytes(dtype, t.shape.clone(), data);
             }
@@ -196,6 +295,52 @@ impl TensorStore {
             tensors: tensors.into_iter().map(|(k, v)| (k, (v, source.to_string()))).collect(),
             source: source.to_string(),
         }
+    }
+
+    /// Replaces every quantizable matrix (see [`is_quantizable`]) by its `to` quantization.
+    pub fn quantize(&mut self, to: Dtype) {
+        for (name, (t, _)) in self.tensors.iter_mut() {
+            if is_quantizable(name, &t.shape) && t.dtype.quant_name().is_none() {
+                *t = t.quantize(to);
+            }
+        }
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.tensors.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name).map(|(t, _)| t)
+    }
+
+    /// Writes every tensor to one safetensors file (atomically), quantized ones as raw block
+    /// bytes described in the `hymba_quant` metadata.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let names = self.names();
+        let entries: Vec<(String, &Tensor)> = names.into_iter().map(|n| {
+            let t = self.get(&n).expect("listed");
+            (n, t)
+        }).collect();
+        let mut quant = serde_json::Map::new();
+        let headers: Vec<(String, &'static str, Vec<usize>, usize)> = entries
+            .iter()
+            .map(|(n, t)| {
+                let stored = match t.dtype.quant_name() {
+                    Some(f) => {
+                        quant.insert(n.clone(), serde_json::json!({"format": f, "shape": t.shape}));
+                        vec![t.nbytes()]
+                    }
+                    None => t.shape.clone(),
+                };
+                (n.clone(), t.dtype.safetensors_name(), stored, t.nbytes())
+            })
+            .collect();
+        let meta = if quant.is_empty() { None } else { Some((QUANT_METADATA_KEY, serde_json::Value::Object(quant).to_string())) };
+        write_safetensors(path, &headers, meta, |i, out| out.extend_from_slice(entries[i].1.bytes()))
     }
 
     /// Removes and returns tensor `name`, checking its shape.
@@ -234,4 +379,56 @@ impl TensorStore {
         }
         Ok(())
     }
+}
+
+/// Streams a safetensors file to `path` atomically: `headers` gives (name, dtype, stored shape,
+/// bytes) in order, `fill(i, buf)` appends tensor i's bytes. Only one tensor is in memory at a
+/// time.
+pub fn write_safetensors(
+    path: &Path,
+    headers: &[(String, &str, Vec<usize>, usize)],
+    metadata: Option<(&str, String)>,
+    mut fill: impl FnMut(usize, &mut Vec<u8>),
+) -> Result<()> {
+    use std::io::Write;
+    let io = |e: std::io::Error| Error::io(path, e);
+    let mut header = serde_json::Map::new();
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), "pt".into());
+    if let Some((k, v)) = metadata {
+        meta.insert(k.into(), v.into());
+    }
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut off = 0usize;
+    for (name, dtype, shape, nbytes) in headers {
+        header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + nbytes]}));
+        off += nbytes;
+    }
+    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+    // Pad so the data starts 8-byte aligned, as the reference writer does.
+    while hbytes.len() % 8 != 0 {
+        hbytes.push(b' ');
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    let result = (|| -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+        w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&hbytes).map_err(io)?;
+        let mut buf = Vec::new();
+        for (i, h) in headers.iter().enumerate() {
+            buf.clear();
+            fill(i, &mut buf);
+            assert_eq!(buf.len(), h.3, "tensor {} produced the wrong number of bytes", h.0);
+            w.write_all(&buf).map_err(io)?;
+        }
+        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }

@@ -250,3 +250,32 @@ fn bad_token_ids_and_arguments() {
     assert_fails(&["generate", "--model", m.to_str().unwrap(), "--ids", "1", "--top-p", "0"], &["top_p"]);
     assert_fails(&["logits", "--model", m.to_str().unwrap(), "--ids", "1,2", "--prefill", "3", "--out", "/tmp/x"], &["--prefill"]);
 }
+
+/// A pre-quantized checkpoint loads to exactly the model that quantizing at load gives, and
+/// Q8_0 stays close to the original.
+#[test]
+fn quantized_checkpoints_round_trip_and_keep_quality() {
+    let exp = expected();
+    let ids = ids_arg(&i64s(&exp["input_ids"].1));
+    let m = fixture();
+    let dir = temp_dir("quant");
+    for q in ["q8_0", "q4_0"] {
+        let qdir = dir.join(q);
+        let (code, _, err) = hymba(&["quantize", "--model", m.to_str().unwrap(), "--quant", q, "--out", qdir.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let (a, b) = (dir.join(format!("{q}-a.st")), dir.join(format!("{q}-b.st")));
+        let (c1, _, e1) = hymba(&["logits", "--model", qdir.to_str().unwrap(), "--ids", &ids, "--out", a.to_str().unwrap()]);
+        let (c2, _, e2) = hymba(&["logits", "--model", m.to_str().unwrap(), "--quant", q, "--ids", &ids, "--out", b.to_str().unwrap()]);
+        assert_eq!((c1, c2), (0, 0), "{e1} {e2}");
+        assert_eq!(read_st(&a)["logits"].1, read_st(&b)["logits"].1, "{q}: saved vs at-load");
+        let size = std::fs::metadata(qdir.join("model.safetensors")).unwrap().len();
+        let orig = std::fs::metadata(m.join("model.safetensors")).unwrap().len();
+        assert!(size < orig / 3, "{q}: {size} bytes vs {orig} in f32");
+    }
+    let (code, out, err) = hymba(&["quant-eval", "--model", m.to_str().unwrap(), "--quant", "q8_0", "--ids", &ids, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["mean_kl"].as_f64().unwrap() < 0.05, "{v}");
+    assert!(v["top1_agreement"].as_f64().unwrap() >= 0.8, "{v}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

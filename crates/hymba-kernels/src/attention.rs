@@ -77,48 +77,103 @@ pub fn attention_with(
     assert_eq!(out.len(), q_pos.len() * ow);
     let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
     let group = sh.heads / sh.kv_heads;
-    out.par_chunks_mut(group * sh.dv).enumerate().for_each_init(
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(keys, vals, scores): &mut (Vec<*const f32>, Vec<*const f32>, Vec<f32>), (task, o)| {
-            let (t, kh) = (task / sh.kv_heads, task % sh.kv_heads);
-            let tp = q_pos[t];
-            // This head's key and value rows that the query sees.
-            keys.clear();
-            vals.clear();
-            for b in blocks {
+    let rows = q_pos.len() * sh.kv_heads;
+    // Few (query, K/V head) pairs, as in decode: split each one's keys so every core has work.
+    let target = 4 * rayon::current_num_threads();
+    let splits = if rows >= target { 1 } else { target.div_ceil(rows) };
+    // Phase 1: the keys each (query row, K/V head) sees, as (block, row).
+    let lists: Vec<Vec<(u32, u32)>> = (0..rows)
+        .into_par_iter()
+        .map(|task| {
+            let tp = q_pos[task / sh.kv_heads];
+            let mut l = Vec::new();
+            for (bi, b) in blocks.iter().enumerate() {
                 for i in 0..b.k.len() / kw {
                     let p = b.position(i);
                     if p != usize::MAX && sees(tp, p) {
-                        keys.push(b.k[i * kw + kh * sh.dk..].as_ptr());
-                        vals.push(b.v[i * vw + kh * sh.dv..].as_ptr());
+                        l.push((bi as u32, i as u32));
                     }
                 }
             }
-            o.fill(0.0);
-            let nk = keys.len();
-            if nk == 0 {
-                return;
-            }
-            let qg = &q[t * qw + kh * group * sh.dk..t * qw + (kh + 1) * group * sh.dk];
-            scores.clear();
-            scores.resize(group * nk, 0.0);
-            // SAFETY: every pointer starts a row slice with at least dk (keys) or dv (values)
-            // elements, taken from the blocks above.
-            unsafe { head_scores(isa, qg, group, sh.dk, keys, scale, scores) };
-            for s in scores.chunks_exact_mut(nk) {
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for v in s.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
+            l
+        })
+        .collect();
+    // Phase 2: softmax-weighted sums over each slice of keys, unnormalised, with the slice's max
+    // and sum so slices combine exactly (the flash-decoding split).
+    let parts: Vec<Partial> = (0..rows * splits)
+        .into_par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(keys, vals, scores): &mut (Vec<*const f32>, Vec<*const f32>, Vec<f32>), w| {
+                let (task, c) = (w / splits, w % splits);
+                let (t, kh) = (task / sh.kv_heads, task % sh.kv_heads);
+                let list = &lists[task];
+                let chunk = list.len().div_ceil(splits);
+                let range = (c * chunk).min(list.len())..((c + 1) * chunk).min(list.len());
+                keys.clear();
+                vals.clear();
+                for &(bi, i) in &list[range] {
+                    let (b, i) = (&blocks[bi as usize], i as usize);
+                    keys.push(b.k[i * kw + kh * sh.dk..].as_ptr());
+                    vals.push(b.v[i * vw + kh * sh.dv..].as_ptr());
                 }
-                for v in s.iter_mut() {
-                    *v /= sum;
+                let nk = keys.len();
+                let mut part = Partial { max: vec![f32::NEG_INFINITY; group], sum: vec![0.0; group], acc: vec![0.0; group * sh.dv] };
+                if nk == 0 {
+                    return part;
+                }
+                let qg = &q[t * qw + kh * group * sh.dk..t * qw + (kh + 1) * group * sh.dk];
+                scores.clear();
+                scores.resize(group * nk, 0.0);
+                // SAFETY: every pointer starts a row slice with at least dk (keys) or dv
+                // (values) elements, taken from the blocks above.
+                unsafe { head_scores(isa, qg, group, sh.dk, keys, scale, scores) };
+                for (g, s) in scores.chunks_exact_mut(nk).enumerate() {
+                    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for v in s.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    part.max[g] = max;
+                    part.sum[g] = sum;
+                }
+                unsafe { head_values(isa, scores, group, sh.dv, vals, &mut part.acc) };
+                part
+            },
+        )
+        .collect();
+    // Phase 3: combine the slices of every (row, head).
+    out.par_chunks_mut(group * sh.dv).enumerate().for_each(|(task, o)| {
+        let ps = &parts[task * splits..(task + 1) * splits];
+        for g in 0..group {
+            let m = ps.iter().map(|p| p.max[g]).fold(f32::NEG_INFINITY, f32::max);
+            let og = &mut o[g * sh.dv..(g + 1) * sh.dv];
+            og.fill(0.0);
+            if m == f32::NEG_INFINITY {
+                continue; // sees no key
+            }
+            let mut total = 0f32;
+            for p in ps.iter().filter(|p| p.max[g] > f32::NEG_INFINITY) {
+                let f = (p.max[g] - m).exp();
+                total += f * p.sum[g];
+                for (a, b) in og.iter_mut().zip(&p.acc[g * sh.dv..(g + 1) * sh.dv]) {
+                    *a += f * b;
                 }
             }
-            unsafe { head_values(isa, scores, group, sh.dv, vals, o) };
-        },
-    );
+            for a in og.iter_mut() {
+                *a /= total;
+            }
+        }
+    });
+}
+
+/// One slice's unnormalised attention for the heads of a group: per head the max score, the
+/// sum of exp(score − max), and Σ exp(score − max)·v.
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
 }
 
 /// # Safety
@@ -203,6 +258,24 @@ pub fn attention_ref(
 mod tests {
     use super::*;
     use crate::testing::{assert_close, Rng};
+
+    /// One query with two visible keys: most key slices are empty when decode splits keys.
+    #[test]
+    fn single_query_with_few_keys() {
+        let mut rng = Rng::new(6);
+        let sh = AttnShape { heads: 2, kv_heads: 1, dk: 8, dv: 24 };
+        let k = rng.normal_vec(5 * 8, 1.0);
+        let v = rng.normal_vec(5 * 24, 1.0);
+        let blocks = [KvBlock { k: &k, v: &v, pos: KeyPos::Contiguous(0) }];
+        let q = rng.normal_vec(16, 1.0);
+        let sees = |t: usize, s: usize| s <= t && t - s <= 1;
+        let (mut o1, mut o2) = (vec![0.0; 48], vec![0.0; 48]);
+        attention_ref(&q, &[4], &blocks, sh, 0.5, &sees, &mut o2);
+        for isa in crate::isa::available() {
+            attention_with(isa, &q, &[4], &blocks, sh, 0.5, &sees, &mut o1);
+            assert_close(&o1, &o2, 1e-5, &format!("attention {isa:?}"));
+        }
+    }
 
     #[test]
     fn matches_reference_with_slots_windows_and_gqa() {

@@ -32,7 +32,7 @@ pub use cache::{Cache, CacheBytes};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use mask::DecodeWindow;
-pub use model::{Logits, Model, ParamCounts};
+pub use model::{Logits, Model, ParamCounts, Step};
 pub use chat::{ChatTemplate, Message};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use sample::{Sampler, SamplingParams};

@@ -25,6 +25,32 @@ pub enum Logits {
     All,
 }
 
+/// One sequence's part of a batched forward call.
+pub struct Step<'a> {
+    pub cache: &'a mut Cache,
+    /// New tokens: a prompt (or a chunk of one) or a single decoded token.
+    pub ids: &'a [u32],
+    pub logits: Logits,
+    pub window: DecodeWindow,
+}
+
+/// A sequence's rows inside the layers.
+struct Segment<'a> {
+    /// Its rows of the batch: `start..start + len`.
+    start: usize,
+    len: usize,
+    /// Absolute position of its first row.
+    pos0: usize,
+    /// Earlier K/V per group (meta prefix, cache store).
+    past: Vec<Vec<KvBlock<'a>>>,
+    /// SSM and conv state per layer, updated in place.
+    states: &'a mut [LayerState],
+    /// Effective sliding window for this call.
+    window: usize,
+    /// New rows' K/V per group, from the group's producer layer.
+    new_kv: Vec<KvRows>,
+}
+
 pub struct Model {
     pub config: Config,
     pub plan: Vec<LayerPlan>,
@@ -77,10 +103,19 @@ impl Model {
         let kv = if m == 0 {
             vec![KvRows::default(); self.groups.len()]
         } else {
-            let past = vec![Vec::new(); self.groups.len()];
-            self.layers(&mut h, 0, &past, &mut states, self.window(DecodeWindow::Trained, false), None)
+            let mut seg = [self.blank_segment(m, &mut states)];
+            self.layers(&mut h, &mut seg, None);
+            let [seg] = seg;
+            seg.new_kv
         };
         MetaPrefix { len: m, kv, states }
+    }
+
+    /// A sequence that starts from nothing (not even the meta prefix): `len` rows from
+    /// position 0.
+    fn blank_segment<'a>(&self, len: usize, states: &'a mut [LayerState]) -> Segment<'a> {
+        let past = vec![Vec::new(); self.groups.len()];
+        Segment { start: 0, len, pos0: 0, past, states, window: self.window(DecodeWindow::Trained, false), new_kv: Vec::new() }
     }
 
     fn blank_states(&self) -> Vec<LayerState> {
@@ -165,39 +200,78 @@ impl Model {
     /// `window` matters only for a single-token step: see [`DecodeWindow`]. On error the cache
     /// is unchanged.
     pub fn forward(&self, cache: &mut Cache, ids: &[u32], logits: Logits, window: DecodeWindow) -> Result<Vec<f32>> {
-        self.check_ids(ids)?;
+        let mut out = self.forward_batch(&mut [Step { cache, ids, logits, window }])?;
+        Ok(out.pop().expect("one step, one result"))
+    }
+
+    /// Runs one step of several sequences together: their rows share every matrix product (one
+    /// pass over the weights for the whole batch) while attention and the SSM run per sequence
+    /// on its own cache. Returns each step's logits. On error no cache is changed.
+    pub fn forward_batch(&self, steps: &mut [Step]) -> Result<Vec<Vec<f32>>> {
+        for s in steps.iter() {
+            self.check_ids(s.ids)?;
+        }
         let mut h = Vec::new();
-        self.embed(ids, &mut h);
-        let pos0 = cache.pos;
-        let past: Vec<Vec<KvBlock>> = (0..self.groups.len())
-            .map(|g| {
-                let mut b = Vec::with_capacity(2);
-                if cache.meta.len > 0 {
-                    let m = &cache.meta.kv[g];
-                    b.push(KvBlock { k: &m.k, v: &m.v, pos: KeyPos::Contiguous(0) });
-                }
-                b.push(cache.kv[g].block());
-                b
+        for s in steps.iter() {
+            self.embed(s.ids, &mut h);
+        }
+        let mut start = 0;
+        let mut segs: Vec<Segment> = steps
+            .iter_mut()
+            .map(|s| {
+                let single = s.ids.len() == 1 && !s.cache.is_empty();
+                let window = self.window(s.window, single);
+                let Cache { meta, pos, kv, states } = &mut *s.cache;
+                let past = (0..self.groups.len())
+                    .map(|g| {
+                        let mut b = Vec::with_capacity(2);
+                        if meta.len > 0 {
+                            b.push(KvBlock { k: &meta.kv[g].k, v: &meta.kv[g].v, pos: KeyPos::Contiguous(0) });
+                        }
+                        b.push(kv[g].block());
+                        b
+                    })
+                    .collect();
+                let seg = Segment { start, len: s.ids.len(), pos0: *pos, past, states, window, new_kv: Vec::new() };
+                start += s.ids.len();
+                seg
             })
             .collect();
-        let single = ids.len() == 1 && !cache.is_empty();
-        let win = self.window(window, single);
-        let mut states = std::mem::take(&mut cache.states);
-        let new_kv = self.layers(&mut h, pos0, &past, &mut states, win, None);
-        drop(past);
-        cache.states = states;
+        self.layers(&mut h, &mut segs, None);
+        let new_kv: Vec<Vec<KvRows>> = segs.into_iter().map(|s| s.new_kv).collect();
         let (kw, vw) = (self.config.k_width(), self.config.v_width());
-        for (store, rows) in cache.kv.iter_mut().zip(&new_kv) {
-            store.append(rows, pos0, kw, vw);
+        for (s, rows) in steps.iter_mut().zip(&new_kv) {
+            for (store, r) in s.cache.kv.iter_mut().zip(rows) {
+                store.append(r, s.cache.pos, kw, vw);
+            }
+            s.cache.pos += s.ids.len();
         }
-        cache.pos += ids.len();
-        Ok(self.logits(&h, logits))
+        // One output projection for every requested row of the batch.
+        let d = self.config.hidden_size;
+        let (mut rows, mut counts) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        for s in steps.iter() {
+            let end = start + s.ids.len();
+            let first = if s.logits == Logits::All { start } else { end - 1 };
+            rows.extend_from_slice(&h[first * d..end * d]);
+            counts.push(end - first);
+            start = end;
+        }
+        let all = self.logits(&rows);
+        let v = self.config.vocab_size;
+        let mut out = Vec::with_capacity(steps.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(all[at * v..(at + n) * v].to_vec());
+            at += n;
+        }
+        Ok(out)
     }
 
     /// The official no-cache forward: meta tokens prepended, blank state; logits for every real
     /// position. The reference the cached path is tested against.
     pub fn forward_uncached(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        Ok(self.logits(&self.hidden_uncached(ids, None)?, Logits::All))
+        Ok(self.logits(&self.hidden_uncached(ids, None)?))
     }
 
     /// Per-layer inputs over meta + real rows (`[L + 1][M + n, d]`, the last entry after the
@@ -218,18 +292,14 @@ impl Model {
         let mut h = self.weights.memory_tokens.clone();
         self.embed(ids, &mut h);
         let mut states = self.blank_states();
-        let past = vec![Vec::new(); self.groups.len()];
-        self.layers(&mut h, 0, &past, &mut states, self.window(DecodeWindow::Trained, false), trace);
+        let mut seg = [self.blank_segment(m + ids.len(), &mut states)];
+        self.layers(&mut h, &mut seg, trace);
         Ok(h.split_off(m * d))
     }
 
-    /// Final norm and output projection of the chosen rows of `h` (`[t, d]`, before the norm).
-    fn logits(&self, h: &[f32], which: Logits) -> Vec<f32> {
+    /// Final norm and output projection of hidden rows (`[t, d]`, before the norm).
+    fn logits(&self, rows: &[f32]) -> Vec<f32> {
         let d = self.config.hidden_size;
-        let rows = match which {
-            Logits::All => h,
-            Logits::Last => &h[h.len() - d..],
-        };
         let mut x = vec![0.0; rows.len()];
         norm::rmsnorm(rows, &self.weights.final_norm, self.config.rms_norm_eps, &mut x);
         let mut out = vec![0.0; rows.len() / d * self.config.vocab_size];
@@ -237,30 +307,21 @@ impl Model {
         out
     }
 
-    /// Spec §3 step 3 for every layer, over rows `h` at positions `pos0..`. `past[g]` holds the
-    /// earlier K/V of group `g`. Returns the new rows' K/V per group (to be stored by the
-    /// caller). When `trace` is given, it receives every layer's input and the final output.
-    fn layers(
-        &self,
-        h: &mut [f32],
-        pos0: usize,
-        past: &[Vec<KvBlock>],
-        states: &mut [LayerState],
-        window: usize,
-        mut trace: Option<&mut Vec<Vec<f32>>>,
-    ) -> Vec<KvRows> {
+    /// Spec §3 step 3 for every layer, over the rows `h` of every segment. Each segment's new
+    /// K/V rows are left in its `new_kv` for the caller to store. When `trace` is given, it
+    /// receives every layer's input and the final output.
+    fn layers(&self, h: &mut [f32], segs: &mut [Segment], mut trace: Option<&mut Vec<Vec<f32>>>) {
         let c = &self.config;
-        let d = c.hidden_size;
-        let t = h.len() / d;
-        let pos: Vec<usize> = (pos0..pos0 + t).collect();
-        let mut new_kv = vec![KvRows::default(); self.groups.len()];
+        for s in segs.iter_mut() {
+            s.new_kv = vec![KvRows::default(); self.groups.len()];
+        }
         let mut u = vec![0.0; h.len()];
         for (i, lw) in self.weights.layers.iter().enumerate() {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.push(h.to_vec());
             }
             norm::rmsnorm(h, &lw.input_norm, c.rms_norm_eps, &mut u);
-            let mixed = self.mixer(i, lw, &u, &pos, &past[self.plan[i].kv_group], &mut new_kv, &mut states[i], window);
+            let mixed = self.mixer(i, lw, &u, segs);
             for (a, b) in h.iter_mut().zip(&mixed) {
                 *a += b;
             }
@@ -273,65 +334,61 @@ impl Model {
         if let Some(tr) = trace {
             tr.push(h.to_vec());
         }
-        new_kv
     }
 
     /// The hybrid mixer of layer `i` (spec §3, "Mixer"): in_proj, attention and SSM branches in
-    /// parallel, fused by per-channel norms and averaged, then out_proj.
-    #[allow(clippy::too_many_arguments)]
-    fn mixer(
-        &self,
-        i: usize,
-        lw: &LayerWeights,
-        u: &[f32],
-        pos: &[usize],
-        past: &[KvBlock],
-        new_kv: &mut [KvRows],
-        state: &mut LayerState,
-        window: usize,
-    ) -> Vec<f32> {
+    /// parallel, fused by per-channel norms and averaged, then out_proj. Projections run over
+    /// all rows at once; attention and the SSM per sequence.
+    fn mixer(&self, i: usize, lw: &LayerWeights, u: &[f32], segs: &mut [Segment]) -> Vec<f32> {
         let c = &self.config;
         let lp = &self.plan[i];
-        let (t, e) = (pos.len(), c.ssm_width);
+        let (t, e) = (u.len() / c.hidden_size, c.ssm_width);
+        let (qw, kw, vw) = (c.q_width(), c.k_width(), c.v_width());
         // 1. in_proj, split q [, k, v], x, z.
         let width = c.in_proj_rows(lp.computes_kv);
         let mut p = vec![0.0; t * width];
         matmul(u, lw.in_proj.mat(), &mut p);
-        let mut q = columns(&p, width, 0, c.q_width());
-        let mut off = c.q_width();
-        if lp.computes_kv {
-            let mut k = columns(&p, width, off, c.k_width());
-            let v = columns(&p, width, off + c.k_width(), c.v_width());
-            for (row, &ps) in k.chunks_exact_mut(c.k_width()).zip(pos) {
-                rope::apply(row, ps, &self.inv_freq);
-            }
-            new_kv[lp.kv_group] = KvRows { k, v };
-            off += c.k_width() + c.v_width();
-        }
-        for (row, &ps) in q.chunks_exact_mut(c.q_width()).zip(pos) {
-            rope::apply(row, ps, &self.inv_freq);
-        }
-        let x = columns(&p, width, off, e);
-        let z = columns(&p, width, off + e, e);
-        drop(p);
-
-        // 2. Attention branch over the group's past K/V and this call's rows.
-        let mut attn_out = vec![0.0; t * e];
-        let cur = &new_kv[lp.kv_group];
-        let mut blocks = past.to_vec();
-        blocks.push(KvBlock { k: &cur.k, v: &cur.v, pos: KeyPos::Contiguous(pos[0]) });
+        let mut q = columns(&p, width, 0, qw);
+        let xz = if lp.computes_kv { qw + kw + vw } else { qw };
+        let x = columns(&p, width, xz, e);
+        let z = columns(&p, width, xz + e, e);
         let shape = AttnShape {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             dk: c.qk_head_dim,
             dv: c.v_head_dim,
         };
-        let (kind, m) = (lp.attn, c.num_memory_tokens);
-        let visible = move |tq: usize, s: usize| sees(kind, window, m, tq, s);
-        attention(&q, pos, &blocks, shape, 1.0 / (c.qk_head_dim as f32).sqrt(), &visible, &mut attn_out);
-
-        // 3. SSM branch.
-        let y = self.ssm(lw, &x, &z, state);
+        let scale = 1.0 / (c.qk_head_dim as f32).sqrt();
+        let mut attn_out = vec![0.0; t * e];
+        let mut y = vec![0.0; t * e];
+        for s in segs.iter_mut() {
+            let rows = s.start..s.start + s.len;
+            let pos: Vec<usize> = (s.pos0..s.pos0 + s.len).collect();
+            let qs = &mut q[rows.start * qw..rows.end * qw];
+            for (row, &ps) in qs.chunks_exact_mut(qw).zip(&pos) {
+                rope::apply(row, ps, &self.inv_freq);
+            }
+            if lp.computes_kv {
+                let ps = &p[rows.start * width..rows.end * width];
+                let mut k = columns(ps, width, qw, kw);
+                let v = columns(ps, width, qw + kw, vw);
+                for (row, &pp) in k.chunks_exact_mut(kw).zip(&pos) {
+                    rope::apply(row, pp, &self.inv_freq);
+                }
+                s.new_kv[lp.kv_group] = KvRows { k, v };
+            }
+            // 2. Attention branch over the group's past K/V and this call's rows.
+            let cur = &s.new_kv[lp.kv_group];
+            let mut blocks = s.past[lp.kv_group].clone();
+            blocks.push(KvBlock { k: &cur.k, v: &cur.v, pos: KeyPos::Contiguous(s.pos0) });
+            let (kind, m, window) = (lp.attn, c.num_memory_tokens, s.window);
+            let visible = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
+            attention(qs, &pos, &blocks, shape, scale, &visible, &mut attn_out[rows.start * e..rows.end * e]);
+            // 3. SSM branch.
+            let ys = self.ssm(lw, &x[rows.start * e..rows.end * e], &z[rows.start * e..rows.end * e], &mut s.states[i]);
+            y[rows.start * e..rows.end * e].copy_from_slice(&ys);
+        }
+        drop(p);
 
         // 4. Fuse: out_proj((norm1(attn) + norm2(y)) / 2).
         let mut a = vec![0.0; t * e];

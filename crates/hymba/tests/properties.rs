@@ -158,3 +158,46 @@ fn official_decode_mode_shrinks_the_window_of_decode_steps_only() {
     let db = model.forward(&mut b, &[3], Logits::Last, DecodeWindow::Official).unwrap();
     assert!(hymba_kernels::testing::max_abs_diff(&da, &db) > 1e-3);
 }
+
+/// Sequences stepped together in one batch get exactly the logits they get alone: a prompt,
+/// a chunk of a prompt and single-token decodes side by side.
+#[test]
+fn batched_steps_equal_sequences_alone() {
+    use hymba::Step;
+    for (ci, c) in cases().iter().enumerate() {
+        let model = build(c, 500 + ci as u64);
+        let mut rng = Rng::new(90 + ci as u64);
+        let prompts: Vec<Vec<u32>> = [c.window + 4, 3, 1, 2 * c.window + 1].iter().map(|&n| prompt(&mut rng, n)).collect();
+        // Alone: prompt, then two decode steps.
+        let mut alone = Vec::new();
+        for p in &prompts {
+            let mut cache = model.new_cache();
+            let mut l = model.forward(&mut cache, p, Logits::All, DecodeWindow::Trained).unwrap();
+            l.extend(model.forward(&mut cache, &[5], Logits::Last, DecodeWindow::Trained).unwrap());
+            l.extend(model.forward(&mut cache, &[7], Logits::Last, DecodeWindow::Trained).unwrap());
+            alone.push(l);
+        }
+        // Together.
+        let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+        let mut got: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+        let mut steps: Vec<Step> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(cache, p)| Step { cache, ids: p, logits: Logits::All, window: DecodeWindow::Trained })
+            .collect();
+        for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
+            g.extend(l);
+        }
+        for id in [5u32, 7] {
+            let ids = [id];
+            let mut steps: Vec<Step> =
+                caches.iter_mut().map(|cache| Step { cache, ids: &ids, logits: Logits::Last, window: DecodeWindow::Trained }).collect();
+            for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
+                g.extend(l);
+            }
+        }
+        for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
+            assert_close(g, a, TOL, &format!("{}: sequence {i} batched vs alone", c.name));
+        }
+    }
+}

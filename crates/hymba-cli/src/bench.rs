@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use hymba::tensor::Dtype;
-use hymba::{Config, DecodeWindow, Logits, Model};
+use hymba::{Config, DecodeWindow, Logits, Model, Step};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Contexts (tokens already in the cache) to decode at.
     #[arg(long, default_value = "128,1024,4096,8192", value_delimiter = ',')]
     contexts: Vec<usize>,
+    /// Batch sizes for batched decode (sequences stepped together, each at context 128).
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -152,6 +155,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "bandwidth_fraction": tok_s * wbytes as f64 / bw,
         }));
     }
+    let mut batched = Vec::new();
+    for &b in &a.batch {
+        if b == 0 {
+            bail!("--batch: sizes must be at least 1");
+        }
+        let mut caches: Vec<_> = (0..b).map(|_| model.cache_with_placeholder_tokens(128)).collect();
+        let ids: Vec<[u32; 1]> = (0..b as u32).map(|i| [(i * 31 + 7) % v]).collect();
+        let step = |caches: &mut Vec<hymba::Cache>| -> Result<()> {
+            let mut steps: Vec<Step> = caches
+                .iter_mut()
+                .zip(&ids)
+                .map(|(cache, id)| Step { cache, ids: id, logits: Logits::Last, window: DecodeWindow::Trained })
+                .collect();
+            model.forward_batch(&mut steps)?;
+            Ok(())
+        };
+        step(&mut caches)?;
+        let t = Instant::now();
+        for _ in 0..a.decode {
+            step(&mut caches)?;
+        }
+        let tok_s = (a.decode * b) as f64 / t.elapsed().as_secs_f64();
+        batched.push(serde_json::json!({"batch": b, "tok_s": tok_s}));
+    }
     let params = model.parameter_counts().total;
     let out = serde_json::json!({
         "model": a.model.as_ref().map(|p| p.display().to_string()).or(a.synthetic.clone()),
@@ -165,6 +192,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "prefill_tok_s": prefill_tok_s,
         "prefill_gflop_s": prefill_tok_s * 2.0 * params as f64 / 1e9,
         "decode": decode,
+        "batched_decode": batched,
         "peak_rss_bytes": peak_rss_bytes(),
     });
     if a.json {
@@ -180,6 +208,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "decode @ {:>6}     {:>8.2} tok/s ({:.0}% of read bandwidth)",
             d["context"], d["tok_s"].as_f64().unwrap_or(0.0), 100.0 * d["bandwidth_fraction"].as_f64().unwrap_or(0.0)
         );
+    }
+    for d in &batched {
+        println!("batch {:>3} decode    {:>8.2} tok/s in all", d["batch"], d["tok_s"].as_f64().unwrap_or(0.0));
     }
     println!("peak RSS            {:>8.1} MB", peak_rss_bytes() as f64 / 1e6);
     Ok(())

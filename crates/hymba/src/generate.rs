@@ -44,6 +44,73 @@ pub struct Generation {
     pub decode_secs: f64,
 }
 
+/// What happened when a sequence took one token.
+#[derive(Debug)]
+pub struct Accepted {
+    pub id: u32,
+    /// Text now final (may be empty while a character or a possible stop string is pending).
+    pub text: String,
+    /// Set when the sequence is finished.
+    pub finish: Option<FinishReason>,
+}
+
+/// The per-sequence side of generation, shared by [`generate`] and the batching engine:
+/// sampling, end-of-sequence, streaming detokenization and stop strings.
+pub struct Decoder {
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    history: Vec<u32>,
+    /// Generated ids so far.
+    pub generated: Vec<u32>,
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    eos_id: Option<u32>,
+}
+
+impl Decoder {
+    pub fn new(prompt: &[u32], opts: &GenerateOptions) -> Result<Decoder> {
+        if opts.stop.iter().any(|s| s.is_empty()) {
+            return Err(Error::Input("a stop string is empty".into()));
+        }
+        Ok(Decoder {
+            sampler: Sampler::new(opts.sampling.clone())?,
+            detok: Detokenizer::new(prompt),
+            stops: StopMatcher::new(opts.stop.clone()),
+            history: prompt.to_vec(),
+            generated: Vec::new(),
+            max_new_tokens: opts.max_new_tokens,
+            ignore_eos: opts.ignore_eos,
+            eos_id: opts.eos_id,
+        })
+    }
+
+    /// Samples the next token from `logits` and applies every stopping rule. Text needs a
+    /// tokenizer; without one only ids come out.
+    pub fn accept(&mut self, logits: &[f32], tok: Option<&Tokenizer>) -> Result<Accepted> {
+        let id = self.sampler.sample(logits, &self.history);
+        self.history.push(id);
+        self.generated.push(id);
+        if !self.ignore_eos && Some(id) == self.eos_id {
+            return Ok(Accepted { id, text: String::new(), finish: Some(FinishReason::Stop) });
+        }
+        let mut text = String::new();
+        if let Some(t) = tok {
+            let piece = self.detok.push(t, id)?;
+            let (ready, stopped) = self.stops.push(&piece);
+            text = ready;
+            if stopped {
+                return Ok(Accepted { id, text, finish: Some(FinishReason::Stop) });
+            }
+        }
+        if self.generated.len() >= self.max_new_tokens {
+            text.push_str(&self.stops.flush());
+            return Ok(Accepted { id, text, finish: Some(FinishReason::Length) });
+        }
+        Ok(Accepted { id, text, finish: None })
+    }
+}
+
 /// Generates after `prompt`. `on_text` receives text pieces as they become final; without a
 /// tokenizer there is no text and stop strings are refused.
 pub fn generate(
@@ -56,63 +123,40 @@ pub fn generate(
     if !opts.stop.is_empty() && tokenizer.is_none() {
         return Err(Error::Input("stop strings need a tokenizer".into()));
     }
-    if opts.stop.iter().any(|s| s.is_empty()) {
-        return Err(Error::Input("a stop string is empty".into()));
-    }
-    let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let mut detok = tokenizer.map(|t| Detokenizer::new(t, prompt));
-    let mut stops = StopMatcher::new(&opts.stop);
+    let mut dec = Decoder::new(prompt, opts)?;
     let mut cache = model.new_cache();
     let t0 = std::time::Instant::now();
     let mut logits = model.forward(&mut cache, prompt, Logits::Last, opts.window)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
-    let mut history = prompt.to_vec();
     let mut gen = Generation { ids: Vec::new(), logits: Vec::new(), text: String::new(), finish: FinishReason::Length, prefill_secs, decode_secs: 0.0 };
-    while gen.ids.len() < opts.max_new_tokens {
-        let next = sampler.sample(&logits, &history);
-        gen.ids.push(next);
-        history.push(next);
+    while opts.max_new_tokens > 0 {
         if opts.keep_logits {
             gen.logits.extend_from_slice(&logits);
         }
-        if !opts.ignore_eos && Some(next) == opts.eos_id {
-            gen.finish = FinishReason::Stop;
+        let acc = dec.accept(&logits, tokenizer)?;
+        gen.text.push_str(&acc.text);
+        on_text(&acc.text);
+        if let Some(f) = acc.finish {
+            gen.finish = f;
             break;
         }
-        if let Some(d) = detok.as_mut() {
-            let piece = d.push(next)?;
-            let (ready, stopped) = stops.push(&piece);
-            gen.text.push_str(&ready);
-            on_text(&ready);
-            if stopped {
-                gen.finish = FinishReason::Stop;
-                break;
-            }
-        }
-        if gen.ids.len() == opts.max_new_tokens {
-            break;
-        }
-        logits = model.forward(&mut cache, &[next], Logits::Last, opts.window)?;
+        logits = model.forward(&mut cache, &[acc.id], Logits::Last, opts.window)?;
     }
-    if gen.finish == FinishReason::Length {
-        let rest = stops.flush();
-        gen.text.push_str(&rest);
-        on_text(&rest);
-    }
+    gen.ids = dec.generated;
     gen.decode_secs = t1.elapsed().as_secs_f64();
     Ok(gen)
 }
 
 /// Finds stop strings across piece boundaries, holding back only text that could still begin
 /// one.
-struct StopMatcher<'a> {
-    stops: &'a [String],
+struct StopMatcher {
+    stops: Vec<String>,
     held: String,
 }
 
-impl<'a> StopMatcher<'a> {
-    fn new(stops: &'a [String]) -> Self {
+impl StopMatcher {
+    fn new(stops: Vec<String>) -> Self {
         StopMatcher { stops, held: String::new() }
     }
 
@@ -127,7 +171,7 @@ impl<'a> StopMatcher<'a> {
         }
         // Hold back the longest tail that is a prefix of some stop string.
         let mut keep = 0;
-        for s in self.stops {
+        for s in &self.stops {
             for (i, _) in self.held.char_indices() {
                 let tail = &self.held[i..];
                 if s.starts_with(tail) {
@@ -154,7 +198,7 @@ mod tests {
     #[test]
     fn stop_strings_are_found_across_pieces_and_cut() {
         let stops = vec!["\nUser".to_string(), "END".to_string()];
-        let mut m = StopMatcher::new(&stops);
+        let mut m = StopMatcher::new(stops.clone());
         let mut out = String::new();
         let mut stopped = false;
         for p in ["Hello", " wor", "ld\n", "Us", "er: more"] {
@@ -167,7 +211,7 @@ mod tests {
         }
         assert!(stopped);
         assert_eq!(out, "Hello world");
-        let mut m = StopMatcher::new(&stops);
+        let mut m = StopMatcher::new(stops.clone());
         assert_eq!(m.push("EN"), (String::new(), false));
         assert_eq!(m.push("x"), ("ENx".to_string(), false));
     }

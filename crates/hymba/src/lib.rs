@@ -34,6 +34,6 @@ pub use error::{Error, Result};
 pub use mask::DecodeWindow;
 pub use model::{Logits, Model, ParamCounts, Step};
 pub use chat::{ChatTemplate, Message};
-pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use generate::{generate, Accepted, Decoder, FinishReason, GenerateOptions, Generation};
 pub use sample::{Sampler, SamplingParams};
 pub use tokenizer::{Detokenizer, Tokenizer};

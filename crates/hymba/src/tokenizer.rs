@@ -78,8 +78,8 @@ impl Tokenizer {
 /// Turns a stream of token ids into text pieces that never split a UTF-8 character: each new
 /// piece is the difference between decoding a short window of recent ids with and without the
 /// newest ones, emitted only once it no longer ends in an incomplete character.
-pub struct Detokenizer<'a> {
-    tok: &'a Tokenizer,
+#[derive(Clone, Debug)]
+pub struct Detokenizer {
     ids: Vec<u32>,
     prefix: usize,
     read: usize,
@@ -88,23 +88,25 @@ pub struct Detokenizer<'a> {
 /// Prompt ids kept as left context, so the first generated piece gets its leading space right.
 const CONTEXT_IDS: usize = 5;
 
-impl<'a> Detokenizer<'a> {
+impl Detokenizer {
     /// `context`: the ids before the first one pushed (the prompt); only its tail is used.
-    pub fn new(tok: &'a Tokenizer, context: &[u32]) -> Self {
+    pub fn new(context: &[u32]) -> Self {
         let ids = context[context.len().saturating_sub(CONTEXT_IDS)..].to_vec();
         let n = ids.len();
-        Detokenizer { tok, ids, prefix: 0, read: n }
+        Detokenizer { ids, prefix: 0, read: n }
     }
 
     /// Adds one id; returns the text it completes, if any.
-    pub fn push(&mut self, id: u32) -> Result<String> {
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
         if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
             if let Some(piece) = now.get(before.len()..).filter(|_| now.starts_with(&before)) {
                 let piece = piece.to_string();
-                self.prefix = self.read;
+                // Keep only the window the next decode needs.
+                self.ids.drain(..self.read);
+                self.prefix = 0;
                 self.read = self.ids.len();
                 return Ok(piece);
             }

@@ -41,10 +41,10 @@ fn streaming_detokenization_never_splits_characters() {
     let text = "Grüße, 世界! 🦀 Hymba mixes attention 🧠 and SSM heads.\nNew line — done.";
     let ids = tok.encode(text, false).unwrap();
     let prompt = tok.encode_prompt("Say:").unwrap();
-    let mut d = Detokenizer::new(&tok, &prompt);
+    let mut d = Detokenizer::new(&prompt);
     let mut pieces = Vec::new();
     for &id in &ids {
-        let p = d.push(id).unwrap();
+        let p = d.push(&tok, id).unwrap();
         assert!(!p.contains('\u{FFFD}'), "piece {p:?} holds a broken character");
         pieces.push(p);
     }

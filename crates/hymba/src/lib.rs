@@ -17,6 +17,7 @@
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod mask;
@@ -37,3 +38,4 @@ pub use chat::{ChatTemplate, Message};
 pub use generate::{generate, Accepted, Decoder, FinishReason, GenerateOptions, Generation};
 pub use sample::{Sampler, SamplingParams};
 pub use tokenizer::{Detokenizer, Tokenizer};
+pub use engine::{Engine, Event, Request, SubmitError};

@@ -172,3 +172,28 @@ mod tests {
         assert_eq!(a, b);
     }
 }
+
+/// Log-probability of a token under the model's distribution (raw logits, before any sampling
+/// filter), with the `top` most likely tokens.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// (token, logprob), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = top.min(idx.len());
+    if k > 0 {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        idx.truncate(k);
+        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    } else {
+        idx.clear();
+    }
+    TokenLogprob { id, logprob: logits[id as usize] - lse, top: idx.into_iter().map(|t| (t, logits[t as usize] - lse)).collect() }
+}

@@ -1,0 +1,252 @@
+//! The batching engine: one loop, on its own thread, steps every active sequence together (one
+//! pass over the weights per step for the whole batch), each with its own cache. New requests
+//! join at the next step; a prompt is prefilled in chunks beside the others' decode steps; a
+//! request whose receiver is gone is dropped and its cache freed.
+//!
+//! Front-ends hold an [`Engine`] (cheap to clone) and get [`Event`]s through a callback, so
+//! the library needs no async runtime.
+
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::generate::{Decoder, FinishReason, GenerateOptions};
+use crate::model::{Logits, Model, Step};
+use crate::sample::{token_logprob, TokenLogprob};
+use crate::tokenizer::Tokenizer;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+
+/// Prompt tokens one sequence feeds per step, so long prompts do not stall the others.
+const PREFILL_CHUNK: usize = 256;
+
+#[derive(Debug)]
+pub enum Event {
+    /// Log-probabilities of the prompt tokens (the first has none), when `echo` was asked.
+    Prompt(Vec<Option<TokenLogprob>>),
+    /// One generated token and the text it completed.
+    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Error(String),
+}
+
+/// Receives a request's events; returns false when nobody listens any more (the request is
+/// then cancelled).
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub options: GenerateOptions,
+    /// Top log-probabilities to report per token (None: no log-probabilities).
+    pub logprobs: Option<usize>,
+    /// Report the prompt tokens' log-probabilities.
+    pub echo: bool,
+    pub sink: Sink,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Every batch slot and queue place is taken.
+    Busy,
+    /// The engine thread has stopped.
+    Stopped,
+}
+
+/// Handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Request>,
+    in_flight: Arc<AtomicUsize>,
+    capacity: usize,
+    pub max_batch: usize,
+}
+
+impl Engine {
+    /// Starts the engine thread: up to `max_batch` sequences step together and as many more
+    /// wait in the queue.
+    pub fn start(model: Arc<Model>, tokenizer: Option<Arc<Tokenizer>>, max_batch: usize) -> Engine {
+        let max_batch = max_batch.max(1);
+        let (tx, rx) = mpsc::channel();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let count = in_flight.clone();
+        std::thread::Builder::new()
+            .name("hymba-engine".into())
+            .spawn(move || run(&model, tokenizer.as_deref(), rx, &count, max_batch))
+            .expect("spawning the engine thread");
+        Engine { tx, in_flight, capacity: 2 * max_batch, max_batch }
+    }
+
+    /// Queues a request, or refuses it when the engine is full.
+    pub fn submit(&self, req: Request) -> std::result::Result<(), SubmitError> {
+        let n = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if n >= self.capacity {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Busy);
+        }
+        self.tx.send(req).map_err(|_| {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Stopped
+        })
+    }
+
+    /// Requests running or queued.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// One request being served.
+struct Seq {
+    req: Request,
+    cache: Cache,
+    /// Prompt tokens already fed.
+    fed: usize,
+    decoder: Decoder,
+    /// The token to feed next, once the prompt is in.
+    next: Option<u32>,
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+    done: bool,
+}
+
+impl Seq {
+    /// Checks the request; a refused one comes back with the reason.
+    fn new(model: &Model, req: Request) -> std::result::Result<Seq, (Request, Error)> {
+        let problem = if req.prompt.is_empty() {
+            Some(Error::Input("the prompt is empty".into()))
+        } else {
+            req.prompt.iter().find(|&&id| id as usize >= model.config.vocab_size).map(|id| {
+                Error::Input(format!("token id {id} is out of range (vocabulary of {})", model.config.vocab_size))
+            })
+        };
+        if let Some(e) = problem {
+            return Err((req, e));
+        }
+        match Decoder::new(&req.prompt, &req.options) {
+            Ok(decoder) => {
+                Ok(Seq { cache: model.new_cache(), fed: 0, decoder, next: None, prompt_logprobs: vec![None], done: false, req })
+            }
+            Err(e) => Err((req, e)),
+        }
+    }
+
+    fn prefilling(&self) -> bool {
+        self.fed < self.req.prompt.len()
+    }
+
+    fn step_ids(&self) -> Vec<u32> {
+        if self.prefilling() {
+            let end = (self.fed + PREFILL_CHUNK).min(self.req.prompt.len());
+            self.req.prompt[self.fed..end].to_vec()
+        } else {
+            vec![self.next.expect("a decoding sequence has a next token")]
+        }
+    }
+
+    fn send(&mut self, ev: Event) {
+        if !(self.req.sink)(ev) {
+            self.done = true;
+        }
+    }
+
+    /// Takes this sequence's logits from a step that fed it `fed` tokens: one row, or a row per
+    /// token when echoing the prompt.
+    fn advance(&mut self, logits: &[f32], fed: usize, v: usize, tok: Option<&Tokenizer>) -> Result<()> {
+        let last = &logits[logits.len() - v..];
+        if self.prefilling() {
+            if self.req.echo {
+                for r in 0..logits.len() / v {
+                    if let Some(&next) = self.req.prompt.get(self.fed + r + 1) {
+                        let top = self.req.logprobs.unwrap_or(0);
+                        self.prompt_logprobs.push(Some(token_logprob(&logits[r * v..(r + 1) * v], next, top)));
+                    }
+                }
+            }
+            self.fed += fed;
+            if self.prefilling() {
+                return Ok(());
+            }
+            if self.req.echo {
+                let lp = std::mem::take(&mut self.prompt_logprobs);
+                self.send(Event::Prompt(lp));
+            }
+            if self.req.options.max_new_tokens == 0 {
+                self.finish(FinishReason::Length);
+                return Ok(());
+            }
+        }
+        let acc = self.decoder.accept(last, tok)?;
+        let logprob = self.req.logprobs.map(|n| token_logprob(last, acc.id, n));
+        self.send(Event::Token { id: acc.id, text: acc.text, logprob });
+        match acc.finish {
+            Some(f) => self.finish(f),
+            None => self.next = Some(acc.id),
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, finish: FinishReason) {
+        let (p, c) = (self.req.prompt.len(), self.decoder.generated.len());
+        self.send(Event::Done { finish, prompt_tokens: p, completion_tokens: c });
+        self.done = true;
+    }
+}
+
+fn run(model: &Model, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_flight: &AtomicUsize, max_batch: usize) {
+    let mut active: Vec<Seq> = Vec::new();
+    let mut waiting: VecDeque<Request> = VecDeque::new();
+    let v = model.config.vocab_size;
+    loop {
+        if active.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(r) => waiting.push_back(r),
+                Err(_) => return,
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            waiting.push_back(r);
+        }
+        while active.len() < max_batch {
+            let Some(r) = waiting.pop_front() else { break };
+            match Seq::new(model, r) {
+                Ok(s) => active.push(s),
+                Err((mut r, e)) => {
+                    (r.sink)(Event::Error(e.to_string()));
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+        if active.is_empty() {
+            continue;
+        }
+        let ids: Vec<Vec<u32>> = active.iter().map(Seq::step_ids).collect();
+        let result = {
+            let mut steps: Vec<Step> = active
+                .iter_mut()
+                .zip(&ids)
+                .map(|(s, ids)| {
+                    let logits = if s.prefilling() && s.req.echo { Logits::All } else { Logits::Last };
+                    Step { cache: &mut s.cache, ids, logits, window: s.req.options.window }
+                })
+                .collect();
+            model.forward_batch(&mut steps)
+        };
+        match result {
+            Ok(all) => {
+                for ((s, l), ids) in active.iter_mut().zip(all).zip(&ids) {
+                    if let Err(e) = s.advance(&l, ids.len(), v, tok) {
+                        s.send(Event::Error(e.to_string()));
+                        s.done = true;
+                    }
+                }
+            }
+            Err(e) => {
+                for s in active.iter_mut() {
+                    s.send(Event::Error(e.to_string()));
+                    s.done = true;
+                }
+            }
+        }
+        let before = active.len();
+        active.retain(|s| !s.done);
+        in_flight.fetch_sub(before - active.len(), Ordering::SeqCst);
+    }
+}

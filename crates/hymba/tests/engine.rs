@@ -1,0 +1,98 @@
+//! The batching engine: concurrent greedy requests give the tokens they give alone; a full
+//! engine refuses; a request whose listener is gone is cancelled and frees its slot.
+
+mod common;
+use common::{fixture, Expected};
+use hymba::engine::{Event, Request, SubmitError};
+use hymba::{generate, Engine, FinishReason, GenerateOptions, Model, SamplingParams};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+fn options(max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens,
+        sampling: SamplingParams::default(),
+        stop: Vec::new(),
+        ignore_eos: true,
+        eos_id: Some(2),
+        window: Default::default(),
+        keep_logits: false,
+    }
+}
+
+fn request(prompt: Vec<u32>, max_new_tokens: usize) -> (Request, mpsc::Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let req = Request {
+        prompt,
+        options: options(max_new_tokens),
+        logprobs: None,
+        echo: false,
+        sink: Box::new(move |ev| tx.send(ev).is_ok()),
+    };
+    (req, rx)
+}
+
+fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason) {
+    let mut ids = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)).expect("engine answers") {
+            Event::Token { id, .. } => ids.push(id),
+            Event::Done { finish, completion_tokens, .. } => {
+                assert_eq!(completion_tokens, ids.len());
+                return (ids, finish);
+            }
+            Event::Error(e) => panic!("engine error: {e}"),
+            Event::Prompt(_) => panic!("no echo asked"),
+        }
+    }
+}
+
+#[test]
+fn concurrent_greedy_requests_match_sequential_runs() {
+    let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
+    let ids = Expected::load("tiny-a").ids("input_ids");
+    let cases: Vec<(Vec<u32>, usize)> = (0..16).map(|i| (ids[..3 + 2 * i].to_vec(), 3 + (i * 5) % 11)).collect();
+    let alone: Vec<Vec<u32>> =
+        cases.iter().map(|(p, n)| generate(&model, None, p, &options(*n), &mut |_| {}).unwrap().ids).collect();
+    let engine = Engine::start(model.clone(), None, 8);
+    let rxs: Vec<_> = cases
+        .iter()
+        .map(|(p, n)| {
+            let (req, rx) = request(p.clone(), *n);
+            engine.submit(req).unwrap();
+            rx
+        })
+        .collect();
+    for (i, rx) in rxs.iter().enumerate() {
+        let (got, finish) = collect(rx);
+        assert_eq!(got, alone[i], "request {i}");
+        assert_eq!(finish, FinishReason::Length);
+    }
+}
+
+#[test]
+fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
+    let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
+    let engine = Engine::start(model, None, 1);
+    // A listener that hangs up after the first token.
+    let (tx, rx) = mpsc::channel();
+    let cancel = Request {
+        prompt: vec![1, 450],
+        options: options(100_000),
+        logprobs: None,
+        echo: false,
+        sink: Box::new(move |ev| tx.send(ev).is_ok() && false),
+    };
+    let (queued, _rx2) = request(vec![1, 4996], 100_000);
+    engine.submit(cancel).unwrap();
+    engine.submit(queued).unwrap();
+    let (third, _rx3) = request(vec![1], 1);
+    assert_eq!(engine.submit(third).unwrap_err(), SubmitError::Busy);
+    assert!(matches!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), Event::Token { .. }));
+    drop(_rx2); // the queued one's listener goes too
+    let t = Instant::now();
+    while engine.in_flight() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "cancelled requests were not freed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

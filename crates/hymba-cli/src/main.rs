@@ -25,6 +25,8 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Write the logits of every input position to a safetensors file.
     Logits(LogitsArgs),
+    /// OpenAI-compatible HTTP server with continuous batching.
+    Serve(ServeArgs),
     /// Parameter counts, layer plan and cache size of a model.
     Inspect(inspect::InspectArgs),
     /// Prefill and decode speed beside the memory bandwidth measured in the same run.
@@ -116,6 +118,35 @@ struct LogitsArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// tokenizer.json [default: MODEL/tokenizer.json].
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (printed on start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY`.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Sequences stepped together; as many more may wait.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Prompt plus completion tokens per request [default: max_position_embeddings].
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Name clients give as `model` [default: the directory name].
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Quantize the large matrices at load: q8_0 or q4_0.
+    #[arg(long)]
+    quant: Option<String>,
+}
+
+#[derive(Args)]
 struct QuantizeArgs {
     #[arg(long)]
     model: PathBuf,
@@ -152,6 +183,7 @@ fn main() -> ExitCode {
         Cmd::Logits(a) => logits(a),
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Synth(a) => synth(a),
+        Cmd::Serve(a) => serve(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Quantize(a) => quantize(a),
         Cmd::QuantEval(a) => bench::quant_eval(a),
@@ -194,6 +226,36 @@ pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
 fn load_model(dir: &Path, quant: Option<&str>) -> Result<Model> {
     let q = parse_quant(quant)?;
     Model::load_quantized(dir, q).with_context(|| format!("loading model from {}", dir.display()))
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
+    let tokenizer = std::sync::Arc::new(Tokenizer::from_file(&tok_path)?);
+    let model = std::sync::Arc::new(load_model(&a.model, a.quant.as_deref())?);
+    let max_context = a.max_context.unwrap_or(model.config.max_position_embeddings);
+    let eos_id = tokenizer.eos_id.or(model.config.eos_token_id);
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        let canon = a.model.canonicalize().unwrap_or_else(|_| a.model.clone());
+        canon.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "hymba".into())
+    });
+    let engine = hymba::Engine::start(model, Some(tokenizer.clone()), a.max_batch);
+    let state = std::sync::Arc::new(hymba_server::AppState {
+        engine,
+        tokenizer,
+        model_name: name.clone(),
+        max_context,
+        api_key: a.api_key.clone(),
+        eos_id,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+        eprintln!("serving `{name}` on http://{}", listener.local_addr()?);
+        hymba_server::serve(listener, state).await?;
+        Ok(())
+    })
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {

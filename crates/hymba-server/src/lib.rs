@@ -1,0 +1,548 @@
+//! An OpenAI-compatible HTTP API over the hymba batching engine (axum + tokio; the engine runs
+//! on its own thread and is reached through [`hymba::Engine`]).
+//!
+//! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions` (both with SSE streaming), and vLLM's `POST /tokenize` and
+//! `POST /detokenize`. Errors use OpenAI's JSON shape.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hymba::engine::{Event, Request, SubmitError};
+use hymba::sample::TokenLogprob;
+use hymba::{DecodeWindow, Engine, FinishReason, GenerateOptions, Message, SamplingParams, Tokenizer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+
+/// What the handlers share.
+pub struct AppState {
+    pub engine: Engine,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The name clients use in `model`.
+    pub model_name: String,
+    /// Prompt plus completion tokens allowed for one request.
+    pub max_context: usize,
+    pub api_key: Option<String>,
+    pub eos_id: Option<u32>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .with_state(state)
+}
+
+/// Serves until the process is stopped.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+/// An error in OpenAI's shape.
+fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>) -> Response {
+    let kind = match status {
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
+    };
+    let body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": status.as_u16()}});
+    (status, Json(body)).into_response()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}-{:x}{:04x}", now(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(key) = &st.api_key else { return Ok(()) };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(error(StatusCode::UNAUTHORIZED, "Incorrect or missing API key.", None))
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("Invalid request body: {e}"), None))
+}
+
+fn check_model(st: &AppState, model: &Option<String>) -> Result<(), Response> {
+    match model {
+        Some(m) if m != &st.model_name => {
+            Err(error(StatusCode::NOT_FOUND, format!("The model `{m}` does not exist. This server serves `{}`.", st.model_name), Some("model")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Liveness, and how many requests are running or queued.
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    Json(json!({"status": "ok", "requests_in_flight": st.engine.in_flight()})).into_response()
+}
+
+async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_key(&st, &headers) {
+        return r;
+    }
+    Json(json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "hymba", "max_model_len": st.max_context}]}))
+        .into_response()
+}
+
+/// `stop`: a string or a list of strings.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Stop {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn list(&self) -> Vec<String> {
+        match self {
+            Stop::None => Vec::new(),
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Sampling fields both endpoints accept (OpenAI's, plus vLLM's top_k, min_p,
+/// repetition_penalty and ignore_eos).
+#[derive(Deserialize)]
+struct Sampling {
+    model: Option<String>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Stop,
+    #[serde(default)]
+    stream: bool,
+    n: Option<usize>,
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+impl Sampling {
+    /// Generation options for a prompt of `prompt_len` tokens, or the 400 that explains why not.
+    fn options(&self, st: &AppState, prompt_len: usize, default_max: usize) -> Result<GenerateOptions, Response> {
+        if self.n.unwrap_or(1) != 1 {
+            return Err(error(StatusCode::BAD_REQUEST, "Only n = 1 is supported.", Some("n")));
+        }
+        let room = st.max_context.saturating_sub(prompt_len);
+        let max = self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max.min(room));
+        if prompt_len + max > st.max_context {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the prompt, {} in the completion).",
+                    st.max_context,
+                    prompt_len + max,
+                    prompt_len,
+                    max
+                ),
+                Some("max_tokens"),
+            ));
+        }
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k: self.top_k.filter(|&k| k > 0).unwrap_or(0) as usize,
+            top_p: self.top_p.unwrap_or(1.0),
+            min_p: self.min_p.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            seed: self.seed.unwrap_or_else(now),
+        };
+        sampling.validate().map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), None))?;
+        let stop = self.stop.list();
+        if stop.iter().any(String::is_empty) {
+            return Err(error(StatusCode::BAD_REQUEST, "A stop string is empty.", Some("stop")));
+        }
+        Ok(GenerateOptions {
+            max_new_tokens: max,
+            sampling,
+            stop,
+            ignore_eos: self.ignore_eos,
+            eos_id: st.eos_id,
+            window: DecodeWindow::Trained,
+            keep_logits: false,
+        })
+    }
+}
+
+/// Submits one request; its events arrive on the returned receiver. Dropping the receiver
+/// cancels the request.
+fn submit(
+    st: &AppState,
+    prompt: Vec<u32>,
+    options: GenerateOptions,
+    logprobs: Option<usize>,
+    echo: bool,
+) -> Result<mpsc::UnboundedReceiver<Event>, Response> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let req = Request { prompt, options, logprobs, echo, sink: Box::new(move |ev| tx.send(ev).is_ok()) };
+    match st.engine.submit(req) {
+        Ok(()) => Ok(rx),
+        Err(SubmitError::Busy) => Err(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("The server is busy ({} requests running and queued); retry later.", st.engine.max_batch * 2),
+            None,
+        )),
+        Err(SubmitError::Stopped) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "The engine has stopped.", None)),
+    }
+}
+
+/// Everything one request produced, for a non-streaming answer.
+#[derive(Default)]
+struct Outcome {
+    text: String,
+    tokens: Vec<(u32, Option<TokenLogprob>)>,
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+    finish: Option<FinishReason>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, Response> {
+    let mut o = Outcome::default();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Prompt(lp) => o.prompt_logprobs = lp,
+            Event::Token { id, text, logprob } => {
+                o.text.push_str(&text);
+                o.tokens.push((id, logprob));
+            }
+            Event::Done { finish, prompt_tokens, completion_tokens } => {
+                o.finish = Some(finish);
+                o.prompt_tokens = prompt_tokens;
+                o.completion_tokens = completion_tokens;
+                return Ok(o);
+            }
+            Event::Error(e) => return Err(error(StatusCode::BAD_REQUEST, e, None)),
+        }
+    }
+    Err(error(StatusCode::INTERNAL_SERVER_ERROR, "The engine dropped the request.", None))
+}
+
+fn finish_name(f: Option<FinishReason>) -> Value {
+    match f {
+        Some(FinishReason::Stop) => json!("stop"),
+        Some(FinishReason::Length) => json!("length"),
+        None => Value::Null,
+    }
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    #[serde(flatten)]
+    sampling: Sampling,
+    prompt: Value,
+    logprobs: Option<usize>,
+    #[serde(default)]
+    echo: bool,
+}
+
+/// The prompts of a completion request as token ids: a string, a list of strings, a list of
+/// ids or a list of lists of ids.
+fn prompts(st: &AppState, v: &Value) -> Result<Vec<Vec<u32>>, Response> {
+    let bad = || error(StatusCode::BAD_REQUEST, "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids.", Some("prompt"));
+    let ids = |v: &Value| -> Option<Vec<u32>> { v.as_array()?.iter().map(|x| x.as_u64().filter(|&i| i <= u32::MAX as u64).map(|i| i as u32)).collect() };
+    let text = |s: &str| st.tokenizer.encode_prompt(s).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("prompt")));
+    let out = match v {
+        Value::String(s) => vec![text(s)?],
+        Value::Array(items) if items.is_empty() => return Err(bad()),
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            items.iter().map(|s| text(s.as_str().expect("checked"))).collect::<Result<_, _>>()?
+        }
+        Value::Array(items) if items.iter().all(Value::is_number) => vec![ids(v).ok_or_else(bad)?],
+        Value::Array(items) => items.iter().map(|p| ids(p).ok_or_else(bad)).collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    let vocab = st.tokenizer.vocab_size();
+    for p in &out {
+        if p.is_empty() {
+            return Err(error(StatusCode::BAD_REQUEST, "A prompt is empty.", Some("prompt")));
+        }
+        if let Some(id) = p.iter().find(|&&id| id as usize >= vocab) {
+            return Err(error(StatusCode::BAD_REQUEST, format!("Token id {id} is out of range (vocabulary of {vocab})."), Some("prompt")));
+        }
+    }
+    Ok(out)
+}
+
+/// OpenAI's legacy completion logprobs: tokens, their logprobs, the top alternatives and the
+/// text offsets.
+fn logprobs_json(tok: &Tokenizer, entries: &[(u32, Option<TokenLogprob>)], start_offset: usize) -> Value {
+    let (mut tokens, mut lps, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut offset = start_offset;
+    for (id, lp) in entries {
+        let s = tok.id_to_token(*id);
+        offsets.push(offset);
+        offset += tok.decode(&[*id]).map(|t| t.len()).unwrap_or(0);
+        tokens.push(json!(s));
+        match lp {
+            Some(lp) => {
+                lps.push(json!(lp.logprob));
+                let top: serde_json::Map<String, Value> = lp.top.iter().map(|(t, l)| (tok.id_to_token(*t), json!(l))).collect();
+                tops.push(Value::Object(top));
+            }
+            None => {
+                lps.push(Value::Null);
+                tops.push(Value::Null);
+            }
+        }
+    }
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    match completions_inner(st, headers, body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, Response> {
+    check_key(&st, &headers)?;
+    let req: CompletionRequest = parse(&body)?;
+    check_model(&st, &req.sampling.model)?;
+    let prompts = prompts(&st, &req.prompt)?;
+    let id = request_id("cmpl");
+    let created = now();
+    if req.sampling.stream {
+        if prompts.len() != 1 {
+            return Err(error(StatusCode::BAD_REQUEST, "Streaming takes a single prompt.", Some("prompt")));
+        }
+        let options = req.sampling.options(&st, prompts[0].len(), 16)?;
+        let rx = submit(&st, prompts[0].clone(), options, req.logprobs, false)?;
+        let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
+        let stream = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+            let chunk = |text: &str, lp: Value, finish: Value| {
+                json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                       "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
+            };
+            let v = match ev {
+                Event::Token { id: tid, text, logprob } => {
+                    let lp = if logprob.is_some() { logprobs_json(&tok, &[(tid, logprob)], 0) } else { Value::Null };
+                    chunk(&text, lp, Value::Null)
+                }
+                Event::Done { finish, .. } => chunk("", Value::Null, finish_name(Some(finish))),
+                Event::Error(e) => json!({"error": {"message": e, "type": "invalid_request_error"}}),
+                Event::Prompt(_) => return None,
+            };
+            Some(Ok::<_, Infallible>(SseEvent::default().data(v.to_string())))
+        });
+        let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
+        return Ok(Sse::new(stream.chain(done)).keep_alive(KeepAlive::default()).into_response());
+    }
+    // Every prompt runs at once in the engine; answers are gathered in order.
+    let mut rxs = Vec::new();
+    for p in &prompts {
+        let options = req.sampling.options(&st, p.len(), 16)?;
+        rxs.push((p.clone(), submit(&st, p.clone(), options, req.logprobs, req.echo)?));
+    }
+    let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
+    for (i, (prompt, rx)) in rxs.into_iter().enumerate() {
+        let o = collect(rx).await?;
+        prompt_tokens += o.prompt_tokens;
+        completion_tokens += o.completion_tokens;
+        let prompt_text = if req.echo { st.tokenizer.decode(&prompt).unwrap_or_default() } else { String::new() };
+        let logprobs = match req.logprobs {
+            None => Value::Null,
+            Some(_) => {
+                let mut entries: Vec<(u32, Option<TokenLogprob>)> = Vec::new();
+                if req.echo {
+                    entries.extend(prompt.iter().copied().zip(o.prompt_logprobs.iter().cloned()));
+                }
+                entries.extend(o.tokens.iter().cloned());
+                logprobs_json(&st.tokenizer, &entries, 0)
+            }
+        };
+        choices.push(json!({"index": i, "text": format!("{prompt_text}{}", o.text), "logprobs": logprobs, "finish_reason": finish_name(o.finish)}));
+    }
+    Ok(Json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": st.model_name, "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+    }))
+    .into_response())
+}
+
+/// A chat message; `content` may be a string or a list of text parts.
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Value,
+}
+
+fn messages(v: &[ChatMessage]) -> Result<Vec<Message>, Response> {
+    v.iter()
+        .map(|m| {
+            let content = match &m.content {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                Value::Array(parts) => parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join(""),
+                _ => return Err(error(StatusCode::BAD_REQUEST, "A message's `content` must be a string or a list of text parts.", Some("messages"))),
+            };
+            match m.role.as_str() {
+                "system" | "user" | "assistant" | "tool" | "developer" => Ok(Message::new(if m.role == "developer" { "system" } else { &m.role }, &content)),
+                other => Err(error(StatusCode::BAD_REQUEST, format!("Unknown role `{other}`."), Some("messages"))),
+            }
+        })
+        .collect()
+}
+
+/// The chat prompt as the checkpoint's template renders it, tokenized without an added BOS
+/// (what `apply_chat_template` gives).
+fn chat_prompt(st: &AppState, msgs: &[Message], tools: Option<&[Value]>, add_generation_prompt: bool) -> Result<Vec<u32>, Response> {
+    let tmpl = st
+        .tokenizer
+        .chat_template
+        .as_ref()
+        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "This model has no chat template.", Some("messages")))?;
+    let text = tmpl.render(msgs, tools, add_generation_prompt).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("messages")))?;
+    st.tokenizer.encode(&text, false).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("messages")))
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(flatten)]
+    sampling: Sampling,
+    messages: Vec<ChatMessage>,
+    tools: Option<Vec<Value>>,
+}
+
+async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    match chat_inner(st, headers, body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, Response> {
+    check_key(&st, &headers)?;
+    let req: ChatRequest = parse(&body)?;
+    check_model(&st, &req.sampling.model)?;
+    let msgs = messages(&req.messages)?;
+    let prompt = chat_prompt(&st, &msgs, req.tools.as_deref(), true)?;
+    let options = req.sampling.options(&st, prompt.len(), st.max_context)?;
+    let n_prompt = prompt.len();
+    let rx = submit(&st, prompt, options, None, false)?;
+    let (id, created) = (request_id("chatcmpl"), now());
+    if req.sampling.stream {
+        let model = st.model_name.clone();
+        let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
+        let head = tokio_stream::once(Ok::<_, Infallible>(SseEvent::default().data(first.to_string())));
+        let stream = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+            let chunk = |delta: Value, finish: Value, usage: Value| {
+                let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                if !usage.is_null() {
+                    c["usage"] = usage;
+                }
+                c
+            };
+            let v = match ev {
+                Event::Token { text, .. } if text.is_empty() => return None,
+                Event::Token { text, .. } => chunk(json!({"content": text}), Value::Null, Value::Null),
+                Event::Done { finish, prompt_tokens, completion_tokens } => chunk(
+                    json!({}),
+                    finish_name(Some(finish)),
+                    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}),
+                ),
+                Event::Error(e) => json!({"error": {"message": e, "type": "invalid_request_error"}}),
+                Event::Prompt(_) => return None,
+            };
+            Some(Ok(SseEvent::default().data(v.to_string())))
+        });
+        let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
+        return Ok(Sse::new(head.chain(stream).chain(done)).keep_alive(KeepAlive::default()).into_response());
+    }
+    let o = collect(rx).await?;
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": st.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": null, "finish_reason": finish_name(o.finish)}],
+        "usage": {"prompt_tokens": n_prompt, "completion_tokens": o.completion_tokens, "total_tokens": n_prompt + o.completion_tokens},
+    }))
+    .into_response())
+}
+
+/// vLLM's `/tokenize`: a prompt, or messages rendered with the chat template.
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    add_special_tokens: Option<bool>,
+    add_generation_prompt: Option<bool>,
+}
+
+async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = || -> Result<Response, Response> {
+        check_key(&st, &headers)?;
+        let req: TokenizeRequest = parse(&body)?;
+        check_model(&st, &req.model)?;
+        let tokens = match (&req.prompt, &req.messages) {
+            (Some(p), None) => {
+                let add = req.add_special_tokens.unwrap_or(true) && st.tokenizer.add_bos;
+                st.tokenizer.encode(p, add).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("prompt")))?
+            }
+            (None, Some(m)) => chat_prompt(&st, &messages(m)?, None, req.add_generation_prompt.unwrap_or(true))?,
+            _ => return Err(error(StatusCode::BAD_REQUEST, "Give exactly one of `prompt` and `messages`.", None)),
+        };
+        Ok(Json(json!({"count": tokens.len(), "max_model_len": st.max_context, "tokens": tokens})).into_response())
+    };
+    match run() {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = || -> Result<Response, Response> {
+        check_key(&st, &headers)?;
+        let req: DetokenizeRequest = parse(&body)?;
+        check_model(&st, &req.model)?;
+        let vocab = st.tokenizer.vocab_size();
+        if let Some(id) = req.tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(error(StatusCode::BAD_REQUEST, format!("Token id {id} is out of range (vocabulary of {vocab})."), Some("tokens")));
+        }
+        let text = st.tokenizer.decode(&req.tokens).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("tokens")))?;
+        Ok(Json(json!({"prompt": text})).into_response())
+    };
+    match run() {
+        Ok(r) | Err(r) => r,
+    }
+}

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod bench;
+mod chat;
 mod inspect;
 
 #[derive(Parser)]
@@ -25,6 +26,8 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Write the logits of every input position to a safetensors file.
     Logits(LogitsArgs),
+    /// Multi-turn chat in the terminal with the checkpoint's chat template.
+    Chat(chat::ChatArgs),
     /// OpenAI-compatible HTTP server with continuous batching.
     Serve(ServeArgs),
     /// Parameter counts, layer plan and cache size of a model.
@@ -184,6 +187,7 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Serve(a) => serve(a),
+        Cmd::Chat(a) => chat::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Quantize(a) => quantize(a),
         Cmd::QuantEval(a) => bench::quant_eval(a),

@@ -279,3 +279,43 @@ fn quantized_checkpoints_round_trip_and_keep_quality() {
     assert!(v["top1_agreement"].as_f64().unwrap() >= 0.8, "{v}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `hymba chat` with piped input: a conversation saved after one turn and loaded in a new
+/// process continues exactly as the uninterrupted one.
+#[test]
+fn chat_session_save_and_load_resume_the_conversation() {
+    use std::io::Write as _;
+    let dir = temp_dir("chat");
+    for (src, name) in [
+        (fixture().join("config.json"), "config.json"),
+        (fixture().join("model.safetensors"), "model.safetensors"),
+        (shared().join("hymba-1.5b/tokenizer.json"), "tokenizer.json"),
+        (shared().join("hymba-1.5b/tokenizer_config.json"), "tokenizer_config.json"),
+    ] {
+        std::fs::copy(src, dir.join(name)).unwrap();
+    }
+    let chat = |input: &str| -> String {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hymba"))
+            .args(["chat", "--model", dir.to_str().unwrap(), "--temperature", "0", "--max-new-tokens", "8", "--system", "Be brief."])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let session = dir.join("s.session");
+    let whole = chat("Hello there\nHow are you\n");
+    let first = chat(&format!("Hello there\n/save {}\n", session.display()));
+    let rest = chat(&format!("/load {}\nHow are you\n", session.display()));
+    assert_eq!(whole.lines().count(), 2, "{whole:?}");
+    assert_eq!(format!("{first}{rest}"), whole);
+    // A reset forgets the conversation: the second answer changes back to a first answer.
+    let reset = chat("Hello there\n/reset\nHello there\n");
+    let lines: Vec<&str> = reset.lines().collect();
+    assert_eq!(lines[0], lines[1]);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,120 @@
+//! Saving and restoring one sequence's state: its K/V stores, SSM and conv states and position
+//! (the shared meta prefix is not saved; it is recomputed with the model). Hymba's state is
+//! small, so a long conversation resumes without recomputing it. The file is safetensors with
+//! a fingerprint of the model, so a state is never restored into a different model.
+
+use crate::cache::{Cache, KvRows, KvStore, LayerState};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype as StDtype;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// FNV-1a over the config and the meta prefix: changes with the architecture and the weights.
+pub fn fingerprint(model: &Model) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    eat(model.config.raw.to_string().as_bytes());
+    for kv in &model.meta_prefix().kv {
+        for v in kv.k.iter().chain(&kv.v) {
+            eat(&v.to_le_bytes());
+        }
+    }
+    format!("{h:016x}")
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes `cache` and the caller's `extra` text (e.g. a conversation as JSON) to `path`,
+/// atomically.
+pub fn save(model: &Model, cache: &Cache, extra: &str, path: &Path) -> Result<()> {
+    let mut named: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (g, store) in cache.kv.iter().enumerate() {
+        let (rows, pos) = match store {
+            KvStore::Global { rows, .. } => (rows, None),
+            KvStore::Window { rows, pos, .. } => (rows, Some(pos)),
+        };
+        named.push((format!("kv.{g}.k"), StDtype::F32, vec![rows.k.len()], f32_bytes(&rows.k)));
+        named.push((format!("kv.{g}.v"), StDtype::F32, vec![rows.v.len()], f32_bytes(&rows.v)));
+        if let Some(p) = pos {
+            named.push((format!("kv.{g}.pos"), StDtype::I64, vec![p.len()], p.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()));
+        }
+    }
+    for (l, s) in cache.states.iter().enumerate() {
+        named.push((format!("state.{l}.ssm"), StDtype::F32, vec![s.ssm.len()], f32_bytes(&s.ssm)));
+        named.push((format!("state.{l}.conv"), StDtype::F32, vec![s.conv.len()], f32_bytes(&s.conv)));
+    }
+    let views = named
+        .iter()
+        .map(|(n, dt, s, b)| TensorView::new(*dt, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    let meta: HashMap<String, String> = [
+        ("hymba_session".to_string(), "1".to_string()),
+        ("fingerprint".to_string(), fingerprint(model)),
+        ("pos".to_string(), cache.pos.to_string()),
+        ("extra".to_string(), extra.to_string()),
+    ]
+    .into();
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    crate::error::write_atomic(path, &bytes)
+}
+
+/// Reads a state written by [`save`] for this model; returns it and the `extra` text.
+pub fn load(model: &Model, path: &Path) -> Result<(Cache, String)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |msg: String| Error::Checkpoint { file: path.display().to_string(), msg };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a session file: {e}")))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if meta.get("hymba_session").map(String::as_str) != Some("1") {
+        return Err(bad("not a hymba session file".into()));
+    }
+    if meta.get("fingerprint") != Some(&fingerprint(model)) {
+        return Err(bad("was saved with a different model".into()));
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let f32s = |name: &str, want: Option<usize>| -> Result<Vec<f32>> {
+        let t = st.tensor(name).map_err(|_| bad(format!("missing `{name}`")))?;
+        let v: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        match want {
+            Some(n) if n != v.len() => Err(bad(format!("`{name}` has {} values, expected {n}", v.len()))),
+            _ => Ok(v),
+        }
+    };
+    let mut cache = model.new_cache();
+    cache.pos = meta.get("pos").and_then(|p| p.parse().ok()).ok_or_else(|| bad("no position".into()))?;
+    let (kw, vw) = (model.config.k_width(), model.config.v_width());
+    for (g, store) in cache.kv.iter_mut().enumerate() {
+        let rows = KvRows { k: f32s(&format!("kv.{g}.k"), None)?, v: f32s(&format!("kv.{g}.v"), None)? };
+        if rows.k.len() % kw != 0 || rows.v.len() / vw != rows.k.len() / kw {
+            return Err(bad(format!("K/V of group {g} have inconsistent sizes")));
+        }
+        match store {
+            KvStore::Global { rows: r, start } => {
+                if cache.pos < *start || rows.k.len() / kw != cache.pos - *start {
+                    return Err(bad(format!("global K/V of group {g} does not match the position")));
+                }
+                *r = rows
+            }
+            KvStore::Window { rows: r, pos, cap } => {
+                let t = st.tensor(&format!("kv.{g}.pos")).map_err(|_| bad(format!("missing `kv.{g}.pos`")))?;
+                *pos = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
+                if pos.len() != rows.k.len() / kw || pos.len() > *cap {
+                    return Err(bad(format!("window of group {g} does not fit its ring")));
+                }
+                *r = rows;
+            }
+        }
+    }
+    for (l, s) in cache.states.iter_mut().enumerate() {
+        *s = LayerState { ssm: f32s(&format!("state.{l}.ssm"), Some(s.ssm.len()))?, conv: f32s(&format!("state.{l}.conv"), Some(s.conv.len()))? };
+    }
+    Ok((cache, meta.get("extra").cloned().unwrap_or_default()))
+}

@@ -267,28 +267,46 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     use x86::{MR, NR};
+    /// Depth of one K slice: 16 KiB of panel.
+    const KC: usize = 256;
     let (n, k) = (w.rows, w.cols);
     let out = OutPtr(y.as_mut_ptr());
     (0..n.div_ceil(NR)).into_par_iter().for_each_init(
-        || (vec![0f32; k * NR], vec![0f32; k * NR]),
-        |(panel, rows), pi| {
+        || (vec![0f32; k * NR], vec![0f32; k * NR], Vec::new()),
+        |(panel, rows, tiles), pi| {
             let out = &out;
             let r0 = pi * NR;
             let nr = NR.min(n - r0);
-            // Widen the panel's rows, then pack them k-major: panel[kk][j] = w[r0 + j][kk].
-            for j in 0..nr {
-                w.row_f32(r0 + j, &mut rows[j * k..(j + 1) * k]);
+            // Pack the panel's rows k-major, widened: panel[kk][j] = w[r0 + j][kk].
+            // SAFETY: Avx2 was detected; the row slices hold nr·k values and `panel` k·NR.
+            match w.data {
+                WeightData::BF16(d) => unsafe { x86::pack_panel_bf16(&d[r0 * k..(r0 + nr) * k], k, nr, panel) },
+                _ => {
+                    for j in 0..nr {
+                        w.row_f32(r0 + j, &mut rows[j * k..(j + 1) * k]);
+                    }
+                    unsafe { x86::pack_panel(rows, k, nr, panel) }
+                }
             }
-            // SAFETY: Avx2 was detected; `rows` holds nr·k floats and `panel` k·NR.
-            unsafe { x86::pack_panel(rows, k, nr, panel) };
-            let mut c = [[0f32; NR]; MR];
-            for t0 in (0..t).step_by(MR) {
-                let mr = MR.min(t - t0);
-                // Rows past the end repeat the last one; their results are dropped.
-                let xs: [*const f32; MR] = std::array::from_fn(|i| x[(t0 + i.min(mr - 1)) * k..].as_ptr());
-                // SAFETY: Avx2 was detected; each pointer has k readable floats; the panel has k·NR.
-                unsafe { x86::kernel_6x16(k, xs, panel.as_ptr(), &mut c) };
-                for (i, ci) in c.iter().enumerate().take(mr) {
+            // K in slices that keep the panel slice and the input rows' slices in L1 while
+            // every group of input rows passes over them; partial sums wait in `tiles`.
+            tiles.clear();
+            tiles.resize(t.div_ceil(MR), [[0f32; NR]; MR]);
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                for (tb, c) in tiles.iter_mut().enumerate() {
+                    let t0 = tb * MR;
+                    let mr = MR.min(t - t0);
+                    // Rows past the end repeat the last one; their results are dropped.
+                    let xs: [*const f32; MR] = std::array::from_fn(|i| x[(t0 + i.min(mr - 1)) * k + k0..].as_ptr());
+                    // SAFETY: Avx2 was detected; each pointer has kc readable floats; the panel
+                    // has k·NR.
+                    unsafe { x86::kernel_6x16(kc, xs, panel[k0 * NR..].as_ptr(), c) };
+                }
+            }
+            for (tb, c) in tiles.iter().enumerate() {
+                let t0 = tb * MR;
+                for (i, ci) in c.iter().enumerate().take(MR.min(t - t0)) {
                     for (j, v) in ci.iter().enumerate().take(nr) {
                         // SAFETY: output column r0 + j belongs to this panel's task only.
                         unsafe { *out.0.add((t0 + i) * n + r0 + j) = *v };

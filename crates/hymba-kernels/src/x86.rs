@@ -95,12 +95,16 @@ pub const MR: usize = 6;
 /// Weight rows (outputs) in one packed panel: two 8-wide vectors.
 pub const NR: usize = 16;
 
-/// `c[i][j] = Σ_k x[i][k] · panel[k][j]` for i < MR, j < NR, the panel packed k-major
+/// `c[i][j] += Σ_k x[i][k] · panel[k][j]` for i < MR, j < NR, the panel packed k-major
 /// (`[kc][NR]`). Twelve accumulators stay in registers; each k costs two panel loads and six
 /// broadcasts for twelve FMAs.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: &mut [[f32; NR]; MR]) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    for i in 0..MR {
+        acc[i][0] = _mm256_loadu_ps(c[i].as_ptr());
+        acc[i][1] = _mm256_loadu_ps(c[i].as_ptr().add(8));
+    }
     for k in 0..kc {
         let p0 = _mm256_loadu_ps(panel.add(k * NR));
         let p1 = _mm256_loadu_ps(panel.add(k * NR + 8));
@@ -116,34 +120,38 @@ pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: 
     }
 }
 
-/// Packs `rows` (each `k` long, at most NR of them) k-major into `panel` (`[k][NR]`), zero
-/// padding missing rows, with 8×8 register transposes.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn pack_panel(rows: &[f32], k: usize, nrows: usize, panel: &mut [f32]) {
-    debug_assert!(panel.len() >= k * NR && rows.len() >= nrows * k);
-    let zero = [0f32; 8];
-    for half in 0..2 {
-        let row_ptr = |j: usize, kk: usize| -> *const f32 {
-            let r = half * 8 + j;
-            if r < nrows { rows.as_ptr().add(r * k + kk) } else { zero.as_ptr() }
-        };
-        let mut kk = 0;
-        while kk + 8 <= k {
-            let v: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(row_ptr(j, kk)));
-            let t = transpose8(v);
-            for (i, ti) in t.iter().enumerate() {
-                _mm256_storeu_ps(panel.as_mut_ptr().add((kk + i) * NR + half * 8), *ti);
+macro_rules! pack_impl {
+    ($name:ident, $t:ty, $load:expr, $scalar:expr) => {
+        /// Packs `rows` (each `k` long, at most NR of them) k-major into `panel` (`[k][NR]`),
+        /// widening to f32 and zero padding missing rows, with 8×8 register transposes.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn $name(rows: &[$t], k: usize, nrows: usize, panel: &mut [f32]) {
+            debug_assert!(panel.len() >= k * NR && rows.len() >= nrows * k);
+            for half in 0..2 {
+                let mut kk = 0;
+                while kk + 8 <= k {
+                    let v: [__m256; 8] = std::array::from_fn(|j| {
+                        let r = half * 8 + j;
+                        if r < nrows { $load(rows.as_ptr().add(r * k + kk)) } else { _mm256_setzero_ps() }
+                    });
+                    for (i, ti) in transpose8(v).iter().enumerate() {
+                        _mm256_storeu_ps(panel.as_mut_ptr().add((kk + i) * NR + half * 8), *ti);
+                    }
+                    kk += 8;
+                }
+                for kk in kk..k {
+                    for j in 0..8 {
+                        let r = half * 8 + j;
+                        panel[kk * NR + r] = if r < nrows { $scalar(rows[r * k + kk]) } else { 0.0 };
+                    }
+                }
             }
-            kk += 8;
         }
-        for kk in kk..k {
-            for j in 0..8 {
-                let r = half * 8 + j;
-                panel[kk * NR + r] = if r < nrows { rows[r * k + kk] } else { 0.0 };
-            }
-        }
-    }
+    };
 }
+
+pack_impl!(pack_panel, f32, |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
+pack_impl!(pack_panel_bf16, bf16, |p| load_bf16(p), |v: bf16| v.to_f32());
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]

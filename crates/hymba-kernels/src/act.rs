@@ -1,5 +1,7 @@
 //! Element-wise activations, as PyTorch computes them.
 
+use crate::isa::{isa, Isa};
+
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
@@ -16,15 +18,60 @@ pub fn softplus(x: f32) -> f32 {
 }
 
 pub fn silu_inplace(x: &mut [f32]) {
-    for v in x {
-        *v = silu(*v);
+    silu_mul_with(isa(), x, None)
+}
+
+/// `a[i] = silu(a[i]) * b[i]`: the gated MLP.
+pub fn silu_mul(a: &mut [f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    silu_mul_with(isa(), a, Some(b))
+}
+
+/// `a[i] = silu(a[i]) · b[i]` (or silu alone) on a given instruction set.
+pub fn silu_mul_with(isa: Isa, a: &mut [f32], b: Option<&[f32]>) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
+        Isa::Avx2 => unsafe { crate::x86::silu_mul(a, b) },
+        _ => {
+            for (i, x) in a.iter_mut().enumerate() {
+                *x = silu(*x) * b.map_or(1.0, |b| b[i]);
+            }
+        }
     }
 }
 
-/// `a[i] = silu(a[i]) * b[i]`: the gated MLP and the SSM output gate.
-pub fn silu_mul(a: &mut [f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len());
-    for (x, g) in a.iter_mut().zip(b) {
-        *x = silu(*x) * g;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Rng;
+
+    #[test]
+    fn vector_silu_and_exp_match_scalar() {
+        let mut rng = Rng::new(2);
+        let mut x = rng.normal_vec(203, 6.0);
+        x.extend([-100.0, -88.0, -30.0, 0.0, 30.0, 80.0]);
+        let b = rng.normal_vec(x.len(), 1.0);
+        let want: Vec<f32> = x.iter().zip(&b).map(|(v, g)| silu(*v) * g).collect();
+        for isa in crate::isa::available() {
+            let mut got = x.clone();
+            silu_mul_with(isa, &mut got, Some(&b));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 2e-6 * w.abs().max(1.0), "{isa:?} silu at {}: {g} vs {w}", x[i]);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::available().contains(&Isa::Avx2) {
+            for &v in &[-100.0f32, -87.0, -20.5, -1.0, -1e-3, 0.0, 0.37, 1.0, 10.0, 50.0, 88.0] {
+                let mut out = [0f32; 8];
+                // SAFETY: Avx2 was detected just above.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm256_storeu_ps(out.as_mut_ptr(), crate::x86::exp256(_mm256_set1_ps(v)));
+                }
+                let want = (v as f64).exp();
+                assert!(((out[0] as f64) - want).abs() <= 3e-7 * want + 1e-38, "exp({v}) = {} vs {want}", out[0]);
+            }
+        }
     }
 }

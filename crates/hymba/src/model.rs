@@ -433,8 +433,10 @@ impl Model {
         let mut y = vec![0.0; t * e];
         let inp = scan::ScanInput { x: &xc, delta: &delta, a: &lw.a, b: &bm, c: &cm, d: &lw.d };
         scan::selective_scan(&inp, &mut state.ssm, &mut y);
-        for (v, g) in y.iter_mut().zip(z) {
-            *v *= act::silu(*g);
+        let mut gate = z.to_vec();
+        act::silu_inplace(&mut gate);
+        for (v, g) in y.iter_mut().zip(&gate) {
+            *v *= g;
         }
         y
     }

@@ -193,7 +193,11 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if t >= 4 && isa == Isa::Avx2 {
-        gemm_avx2(x, t, w, y);
+        if t <= SMALL_BATCH_ROWS {
+            rows_avx2(x, t, w, y);
+        } else {
+            gemm_avx2(x, t, w, y);
+        }
         return;
     }
     let out = OutPtr(y.as_mut_ptr());
@@ -261,6 +265,55 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                 };
                 // SAFETY: row r belongs to this task only.
                 unsafe { *out.0.add(ti * n + r) = v };
+            }
+        }
+    });
+}
+
+/// Up to this many input rows (batched decode) go through [`rows_avx2`]: packing panels for the
+/// GEMM would cost more than it saves.
+const SMALL_BATCH_ROWS: usize = 8;
+
+/// A few input rows on AVX2: each weight row, widened in registers, meets up to 8 input rows at
+/// a time; the weights are streamed once.
+#[cfg(target_arch = "x86_64")]
+fn rows_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+        let out = &out;
+        let mut res = [0f32; 8];
+        for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n) {
+            for t0 in (0..t).step_by(8) {
+                let m = 8.min(t - t0);
+                let xp = |i: usize| x[(t0 + i) * k..].as_ptr();
+                // SAFETY: Avx2 was detected; each pointer has k readable floats, like the row.
+                unsafe {
+                    macro_rules! call {
+                        ($f:ident, $row:expr) => {
+                            match m {
+                                1 => x86::$f::<1>($row, &[xp(0)], &mut res),
+                                2 => x86::$f::<2>($row, &std::array::from_fn(xp), &mut res),
+                                3 => x86::$f::<3>($row, &std::array::from_fn(xp), &mut res),
+                                4 => x86::$f::<4>($row, &std::array::from_fn(xp), &mut res),
+                                5 => x86::$f::<5>($row, &std::array::from_fn(xp), &mut res),
+                                6 => x86::$f::<6>($row, &std::array::from_fn(xp), &mut res),
+                                7 => x86::$f::<7>($row, &std::array::from_fn(xp), &mut res),
+                                _ => x86::$f::<8>($row, &std::array::from_fn(xp), &mut res),
+                            }
+                        };
+                    }
+                    match w.data {
+                        WeightData::F32(d) => call!(dot_rows_f32, &d[r * k..(r + 1) * k]),
+                        WeightData::BF16(d) => call!(dot_rows_bf16, &d[r * k..(r + 1) * k]),
+                        WeightData::F16(d) => call!(dot_rows_f16, &d[r * k..(r + 1) * k]),
+                        WeightData::Q8_0(_) | WeightData::Q4_0(_) => unreachable!("quantized rows take matvec_quant"),
+                    }
+                }
+                for (i, v) in res.iter().enumerate().take(m) {
+                    // SAFETY: row r belongs to this task only.
+                    unsafe { *out.0.add((t0 + i) * n + r) = *v };
+                }
             }
         }
     });
@@ -347,7 +400,7 @@ mod tests {
     #[test]
     fn matmul_matches_reference_all_dtypes_odd_sizes() {
         let mut rng = Rng::new(7);
-        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40)] {
+        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40), (16, 20, 40), (17, 21, 50), (30, 35, 7)] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();

@@ -392,3 +392,34 @@ pub unsafe fn scan_channel(
         _mm256_storeu_ps(s.as_mut_ptr().add(8 * v), st[v]);
     }
 }
+
+macro_rules! dot_rows_impl {
+    ($name:ident, $t:ty, $feat:literal, $load:expr, $scalar:expr) => {
+        /// One weight row against `M` input rows (each as long as the weight row): the row is
+        /// widened once per 8 values and feeds `M` FMAs, with `M` accumulators in registers.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name<const M: usize>(w: &[$t], xs: &[*const f32; M], out: &mut [f32]) {
+            let k = w.len();
+            let mut acc = [_mm256_setzero_ps(); M];
+            let mut i = 0;
+            while i + 8 <= k {
+                let wv = $load(w.as_ptr().add(i));
+                for r in 0..M {
+                    acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[r].add(i)), acc[r]);
+                }
+                i += 8;
+            }
+            for r in 0..M {
+                let mut s = hsum(acc[r]);
+                for j in i..k {
+                    s += $scalar(w[j]) * *xs[r].add(j);
+                }
+                out[r] = s;
+            }
+        }
+    };
+}
+
+dot_rows_impl!(dot_rows_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
+dot_rows_impl!(dot_rows_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v.to_f32());
+dot_rows_impl!(dot_rows_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v.to_f32());

@@ -22,6 +22,12 @@ chat = client.chat.completions.create(
 )
 assert chat.choices[0].message.role == "assistant", chat
 
+lp = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+)
+assert len(lp.choices[0].logprobs.content) == 3, lp
+assert all(len(c.top_logprobs) == 2 for c in lp.choices[0].logprobs.content), lp
+
 streamed = ""
 for chunk in client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0, stream=True

@@ -127,6 +127,15 @@ fn endpoints_and_errors() {
     let (st, r) = post(p, "/v1/chat/completions", serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}));
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    let (st, lp) = post(p, "/v1/chat/completions", serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0, "logprobs": true, "top_logprobs": 2}));
+    assert_eq!(st, 200, "{lp}");
+    let content = lp["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 3);
+    for c in content {
+        // Greedy: the chosen token is the first of the top alternatives.
+        assert_eq!(c["logprob"], c["top_logprobs"][0]["logprob"], "{c}");
+        assert_eq!(c["top_logprobs"].as_array().unwrap().len(), 2);
+    }
     let (_, t) = post(p, "/tokenize", serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "add_generation_prompt": true}));
     assert_eq!(r["usage"]["prompt_tokens"], t["count"]);
     let (_, t) = post(p, "/tokenize", serde_json::json!({"prompt": "Hello world"}));

@@ -437,6 +437,28 @@ struct ChatRequest {
     sampling: Sampling,
     messages: Vec<ChatMessage>,
     tools: Option<Vec<Value>>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<usize>,
+}
+
+/// Chat log-probabilities in OpenAI's shape: `{"content": [{token, logprob, bytes,
+/// top_logprobs: [...]}]}`.
+fn chat_logprobs(tok: &Tokenizer, entries: &[(u32, Option<TokenLogprob>)]) -> Value {
+    let item = |id: u32, lp: f32| {
+        let text = tok.decode(&[id]).unwrap_or_default();
+        json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
+    };
+    let content: Vec<Value> = entries
+        .iter()
+        .filter_map(|(id, lp)| {
+            let lp = lp.as_ref()?;
+            let mut v = item(*id, lp.logprob);
+            v["top_logprobs"] = Value::Array(lp.top.iter().map(|(t, l)| item(*t, *l)).collect());
+            Some(v)
+        })
+        .collect();
+    json!({"content": content})
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -453,10 +475,11 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
     let prompt = chat_prompt(&st, &msgs, req.tools.as_deref(), true)?;
     let options = req.sampling.options(&st, prompt.len(), st.max_context)?;
     let n_prompt = prompt.len();
-    let rx = submit(&st, prompt, options, None, false)?;
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let rx = submit(&st, prompt, options, logprobs, false)?;
     let (id, created) = (request_id("chatcmpl"), now());
     if req.sampling.stream {
-        let model = st.model_name.clone();
+        let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
         let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
         let head = tokio_stream::once(Ok::<_, Infallible>(SseEvent::default().data(first.to_string())));
@@ -470,8 +493,14 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
                 c
             };
             let v = match ev {
-                Event::Token { text, .. } if text.is_empty() => return None,
-                Event::Token { text, .. } => chunk(json!({"content": text}), Value::Null, Value::Null),
+                Event::Token { text, logprob: None, .. } if text.is_empty() => return None,
+                Event::Token { id: tid, text, logprob } => {
+                    let mut c = chunk(json!({"content": text}), Value::Null, Value::Null);
+                    if logprob.is_some() {
+                        c["choices"][0]["logprobs"] = chat_logprobs(&tok, &[(tid, logprob)]);
+                    }
+                    c
+                }
                 Event::Done { finish, prompt_tokens, completion_tokens } => chunk(
                     json!({}),
                     finish_name(Some(finish)),
@@ -488,7 +517,9 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
     let o = collect(rx).await?;
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": st.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": null, "finish_reason": finish_name(o.finish)}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text},
+                     "logprobs": if logprobs.is_some() { chat_logprobs(&st.tokenizer, &o.tokens) } else { Value::Null },
+                     "finish_reason": finish_name(o.finish)}],
         "usage": {"prompt_tokens": n_prompt, "completion_tokens": o.completion_tokens, "total_tokens": n_prompt + o.completion_tokens},
     }))
     .into_response())

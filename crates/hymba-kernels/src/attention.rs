@@ -102,9 +102,8 @@ pub fn attention_with(
     // and sum so slices combine exactly (the flash-decoding split).
     let parts: Vec<Partial> = (0..rows * splits)
         .into_par_iter()
-        .map_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |(keys, vals, scores): &mut (Vec<*const f32>, Vec<*const f32>, Vec<f32>), w| {
+        .map(|w| {
+            SCRATCH.with_borrow_mut(|(keys, vals, scores)| {
                 let (task, c) = (w / splits, w % splits);
                 let (t, kh) = (task / sh.kv_heads, task % sh.kv_heads);
                 let list = &lists[task];
@@ -140,8 +139,8 @@ pub fn attention_with(
                 }
                 unsafe { head_values(isa, scores, group, sh.dv, vals, &mut part.acc) };
                 part
-            },
-        )
+            })
+        })
         .collect();
     // Phase 3: combine the slices of every (row, head).
     out.par_chunks_mut(group * sh.dv).enumerate().for_each(|(task, o)| {
@@ -166,6 +165,13 @@ pub fn attention_with(
             }
         }
     });
+}
+
+thread_local! {
+    /// Per-thread key and value row pointers and scores, reused across calls: allocating them
+    /// afresh made long-context decode spend its time zeroing new pages.
+    static SCRATCH: std::cell::RefCell<(Vec<*const f32>, Vec<*const f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// One slice's unnormalised attention for the heads of a group: per head the max score, the

@@ -63,6 +63,20 @@ pub struct Config {
     pub raw: Value,
 }
 
+/// Sizes named as in spec §1: vocabulary V, hidden d, SSM width E, state N, conv K, dt rank R,
+/// MLP F, meta tokens M.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub v: usize,
+    pub d: usize,
+    pub e: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+    pub f: usize,
+    pub m: usize,
+}
+
 /// Attention span of a layer (spec §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKind {
@@ -291,6 +305,20 @@ impl Config {
             return Err(Error::config("rope_theta", "expected a positive number"));
         }
         Ok(cfg)
+    }
+
+    /// The spec's symbols (§1) together, for code that builds or checks tensor shapes.
+    pub fn dims(&self) -> Dims {
+        Dims {
+            v: self.vocab_size,
+            d: self.hidden_size,
+            e: self.ssm_width,
+            n: self.mamba_d_state,
+            k: self.mamba_d_conv,
+            r: self.mamba_dt_rank,
+            f: self.intermediate_size,
+            m: self.num_memory_tokens,
+        }
     }
 
     /// Rows of `in_proj` for q, k, v (k and v only in a K/V-computing layer).

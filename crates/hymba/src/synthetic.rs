@@ -2,7 +2,7 @@
 //! weights, written as safetensors. Used by tests (tiny random configurations) and to measure
 //! load and speed at the real Hymba-1.5B shapes without downloading anything.
 
-use crate::config::Config;
+use crate::config::{Config, Dims};
 use crate::error::{Error, Result};
 use crate::tensor::{write_safetensors, Dtype, Tensor, TensorStore};
 use hymba_kernels::testing::Rng;
@@ -23,16 +23,7 @@ pub enum Init {
 /// Name, shape and fill of every tensor a checkpoint for `cfg` holds, in the official names.
 /// `gain` scales the random matrices (std = gain / sqrt(fan_in)).
 pub fn tensor_specs(cfg: &Config, gain: f32) -> Vec<(String, Vec<usize>, Init)> {
-    let (v, d, e, n, k, r, f, m) = (
-        cfg.vocab_size,
-        cfg.hidden_size,
-        cfg.ssm_width,
-        cfg.mamba_d_state,
-        cfg.mamba_d_conv,
-        cfg.mamba_dt_rank,
-        cfg.intermediate_size,
-        cfg.num_memory_tokens,
-    );
+    let Dims { v, d, e, n, k, r, f, m } = cfg.dims();
     let lin = |fan_in: usize| Init::Random(gain / (fan_in as f32).sqrt());
     let mut t: Vec<(String, Vec<usize>, Init)> = vec![
         ("model.embed_tokens.weight".into(), vec![v, d], Init::Random(1.0)),

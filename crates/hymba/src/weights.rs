@@ -2,7 +2,7 @@
 //! their stored precision; the small vectors (norms, biases, A, D, conv taps) are widened to f32
 //! once at load.
 
-use crate::config::{Config, LayerPlan};
+use crate::config::{Config, Dims, LayerPlan};
 use crate::error::Result;
 use crate::tensor::{Tensor, TensorStore};
 
@@ -59,16 +59,7 @@ impl Weights {
     /// Takes every tensor the config predicts from `store`, checking shapes; leftovers are an
     /// error.
     pub fn load(cfg: &Config, plan: &[LayerPlan], mut store: TensorStore) -> Result<Weights> {
-        let (v, d, e, n, k, r, f, m) = (
-            cfg.vocab_size,
-            cfg.hidden_size,
-            cfg.ssm_width,
-            cfg.mamba_d_state,
-            cfg.mamba_d_conv,
-            cfg.mamba_dt_rank,
-            cfg.intermediate_size,
-            cfg.num_memory_tokens,
-        );
+        let Dims { v, d, e, n, k, r, f, m } = cfg.dims();
         let embed = store.take("model.embed_tokens.weight", &[v, d])?;
         let memory_tokens = if m > 0 { store.take("model.memory_tokens", &[m, d])?.to_f32() } else { Vec::new() };
         let final_norm = store.take("model.final_layernorm.weight", &[d])?.to_f32();

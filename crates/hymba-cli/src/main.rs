@@ -12,6 +12,7 @@ use std::process::ExitCode;
 mod bench;
 mod chat;
 mod inspect;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "hymba", version, about = "Run NVIDIA Hymba hybrid-head language models on the CPU")]
@@ -40,6 +41,8 @@ enum Cmd {
     QuantEval(bench::QuantEvalArgs),
     /// Write a checkpoint with random weights for a config (for tests and benchmarks).
     Synth(SynthArgs),
+    /// Train a Hymba model from scratch on plain text (tokenizer included).
+    Train(train::TrainArgs),
 }
 
 #[derive(Args)]
@@ -186,6 +189,7 @@ fn main() -> ExitCode {
         Cmd::Logits(a) => logits(a),
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Synth(a) => synth(a),
+        Cmd::Train(a) => train::run(a),
         Cmd::Serve(a) => serve(a),
         Cmd::Chat(a) => chat::run(a),
         Cmd::Bench(a) => bench::run(a),

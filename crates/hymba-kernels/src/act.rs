@@ -27,6 +27,20 @@ pub fn silu_mul(a: &mut [f32], b: &[f32]) {
     silu_mul_with(isa(), a, Some(b))
 }
 
+/// `a[i] = e^a[i]`.
+pub fn exp_inplace(a: &mut [f32]) {
+    exp_inplace_with(isa(), a)
+}
+
+pub fn exp_inplace_with(isa: Isa, a: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
+        Isa::Avx2 => unsafe { crate::x86::exp_inplace(a) },
+        _ => a.iter_mut().for_each(|v| *v = v.exp()),
+    }
+}
+
 /// `a[i] = silu(a[i]) · b[i]` (or silu alone) on a given instruction set.
 pub fn silu_mul_with(isa: Isa, a: &mut [f32], b: Option<&[f32]>) {
     match isa {
@@ -58,6 +72,14 @@ mod tests {
             silu_mul_with(isa, &mut got, Some(&b));
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() <= 2e-6 * w.abs().max(1.0), "{isa:?} silu at {}: {g} vs {w}", x[i]);
+            }
+        }
+        for isa in crate::isa::available() {
+            let mut got = x.clone();
+            exp_inplace_with(isa, &mut got);
+            for (g, v) in got.iter().zip(&x) {
+                let want = (*v as f64).exp();
+                assert!(((*g as f64) - want).abs() <= 3e-7 * want + 1e-38, "{isa:?} exp({v}) = {g} vs {want}");
             }
         }
         #[cfg(target_arch = "x86_64")]

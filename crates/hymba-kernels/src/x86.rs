@@ -326,6 +326,21 @@ pub unsafe fn exp256(x: __m256) -> __m256 {
     _mm256_mul_ps(y, pow2n)
 }
 
+/// `a[i] = e^a[i]`, 8 lanes at a time.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp_inplace(a: &mut [f32]) {
+    let n = a.len();
+    let mut i = 0;
+    while i + 8 <= n {
+        let p = a.as_mut_ptr().add(i);
+        _mm256_storeu_ps(p, exp256(_mm256_loadu_ps(p)));
+        i += 8;
+    }
+    for v in &mut a[i..] {
+        *v = v.exp();
+    }
+}
+
 /// `a[i] = silu(a[i]) · b[i]` (or just silu when `b` is None), 8 lanes at a time.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn silu_mul(a: &mut [f32], b: Option<&[f32]>) {

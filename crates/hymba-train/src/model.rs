@@ -100,18 +100,6 @@ pub struct Tape {
     pub logits: Vec<f32>,
 }
 
-/// Columns `a..a + w` of every row of a `[rows, width]` matrix.
-fn columns(m: &[f32], width: usize, a: usize, w: usize) -> Vec<f32> {
-    m.chunks_exact(width).flat_map(|r| r[a..a + w].iter().copied()).collect()
-}
-
-/// Writes `src [rows, w]` into columns `a..a + w` of `dst [rows, width]`.
-fn put_columns(dst: &mut [f32], width: usize, a: usize, src: &[f32], w: usize) {
-    for (d, s) in dst.chunks_exact_mut(width).zip(src.chunks_exact(w)) {
-        d[a..a + w].copy_from_slice(s);
-    }
-}
-
 /// Runs `f` for each sequence in parallel, collecting results in order.
 fn per_seq<T: Send>(b: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     (0..b).into_par_iter().map(f).collect()
@@ -213,26 +201,26 @@ impl TrainModel {
         // 1. in_proj, split q [, k, v], x, z; RoPE on q and k.
         let width = c.in_proj_rows(lp.computes_kv);
         let p = linear(&u, w(li.in_proj), width);
-        let mut q = columns(&p, width, 0, qw);
+        let mut q = ops::cols(&p, width, 0, qw);
         for sq in q.chunks_exact_mut(s * qw) {
             ops::rope_rows(sq, qw, &self.inv_freq, false);
         }
         if lp.computes_kv {
-            let mut k = columns(&p, width, qw, kw);
+            let mut k = ops::cols(&p, width, qw, kw);
             for sk in k.chunks_exact_mut(s * kw) {
                 ops::rope_rows(sk, kw, &self.inv_freq, false);
             }
-            kv[lp.kv_group] = (k, columns(&p, width, qw + kw, vw));
+            kv[lp.kv_group] = (k, ops::cols(&p, width, qw + kw, vw));
         }
         let xz = if lp.computes_kv { qw + kw + vw } else { qw };
-        let x = columns(&p, width, xz, e);
-        let z = columns(&p, width, xz + e, e);
+        let x = ops::cols(&p, width, xz, e);
+        let z = ops::cols(&p, width, xz + e, e);
         drop(p);
         // 2. Attention branch, per sequence.
         let (k, v) = &kv[lp.kv_group];
         let window = c.sliding_window.unwrap_or(usize::MAX);
         let (kind, m) = (lp.attn, c.num_memory_tokens);
-        let vis = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
+        let mask = ops::mask(s, |tq, sk| sees(kind, window, m, tq, sk));
         let att = per_seq(b, |sq| {
             ops::attention(&Attn {
                 q: &q[sq * s * qw..(sq + 1) * s * qw],
@@ -242,7 +230,7 @@ impl TrainModel {
                 kv_heads: c.num_key_value_heads,
                 dk: c.qk_head_dim,
                 dv: c.v_head_dim,
-                visible: &vis,
+                mask: &mask,
             })
         });
         let (attn_parts, probs): (Vec<_>, Vec<_>) = att.into_iter().unzip();
@@ -253,7 +241,7 @@ impl TrainModel {
         let xc: Vec<f32> = xc_pre.iter().map(|&v| act::silu(v)).collect();
         let pw = r + 2 * n;
         let proj = linear(&xc, w(li.x_proj), pw);
-        let raw = [columns(&proj, pw, 0, r), columns(&proj, pw, r, n), columns(&proj, pw, r + n, n)];
+        let raw = [ops::cols(&proj, pw, 0, r), ops::cols(&proj, pw, r, n), ops::cols(&proj, pw, r + n, n)];
         let (dbc, inner_r) = match li.inner {
             Some(ws) => {
                 let out: Vec<(Vec<f32>, Vec<f32>)> = (0..3).map(|j| rmsnorm(&raw[j], w(ws[j]), eps)).collect();
@@ -408,9 +396,9 @@ impl TrainModel {
         }
         let pw = r + 2 * n;
         let mut dproj = vec![0.0; tp.xc.len() / e * pw];
-        put_columns(&mut dproj, pw, 0, &dparts[0], r);
-        put_columns(&mut dproj, pw, r, &dparts[1], n);
-        put_columns(&mut dproj, pw, r + n, &dparts[2], n);
+        ops::put_cols(&mut dproj, pw, 0, &dparts[0], r);
+        ops::put_cols(&mut dproj, pw, r, &dparts[1], n);
+        ops::put_cols(&mut dproj, pw, r + n, &dparts[2], n);
         add(&mut dxc, &linear_backward(&tp.xc, w(li.x_proj), &dproj, pw, &mut grad[rg(li.x_proj)]));
         let dxc_pre: Vec<f32> = dxc.iter().zip(&tp.xc_pre).map(|(g, x)| g * ops::silu_grad(*x)).collect();
         let conv_b = li.conv_b.map(|i| w(i).to_vec()).unwrap_or_else(|| vec![0.0; e]);
@@ -432,7 +420,7 @@ impl TrainModel {
         let (k, v) = &kv[lp.kv_group];
         let window = c.sliding_window.unwrap_or(usize::MAX);
         let (kind, m) = (lp.attn, c.num_memory_tokens);
-        let vis = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
+        let mask = ops::mask(s, |tq, sk| sees(kind, window, m, tq, sk));
         let ag = per_seq(b, |sq| {
             let at = Attn {
                 q: &tp.q[sq * s * qw..(sq + 1) * s * qw],
@@ -442,7 +430,7 @@ impl TrainModel {
                 kv_heads: c.num_key_value_heads,
                 dk: c.qk_head_dim,
                 dv: c.v_head_dim,
-                visible: &vis,
+                mask: &mask,
             };
             let (mut gq, gk, gv) = ops::attention_backward(&at, &tp.probs[sq], &dattn[sq * s * e..(sq + 1) * s * e]);
             ops::rope_rows(&mut gq, qw, &self.inv_freq, true);
@@ -461,7 +449,7 @@ impl TrainModel {
         let width = c.in_proj_rows(lp.computes_kv);
         let rows = tp.u.len() / d;
         let mut dp = vec![0.0; rows * width];
-        put_columns(&mut dp, width, 0, &dq, qw);
+        ops::put_cols(&mut dp, width, 0, &dq, qw);
         let xz = if lp.computes_kv { qw + kw + vw } else { qw };
         if lp.computes_kv {
             // Every consumer of the group has added its part by now (later layers ran first).
@@ -469,11 +457,11 @@ impl TrainModel {
             for sk in dk.chunks_exact_mut(s * kw) {
                 ops::rope_rows(sk, kw, &self.inv_freq, true);
             }
-            put_columns(&mut dp, width, qw, dk, kw);
-            put_columns(&mut dp, width, qw + kw, dv, vw);
+            ops::put_cols(&mut dp, width, qw, dk, kw);
+            ops::put_cols(&mut dp, width, qw + kw, dv, vw);
         }
-        put_columns(&mut dp, width, xz, &dx, e);
-        put_columns(&mut dp, width, xz + e, &dz, e);
+        ops::put_cols(&mut dp, width, xz, &dx, e);
+        ops::put_cols(&mut dp, width, xz + e, &dz, e);
         let du = linear_backward(&tp.u, w(li.in_proj), &dp, width, &mut grad[rg(li.in_proj)]);
         add(dh, &rmsnorm_backward(&tp.h_in, w(li.input_norm), &tp.r_in, &du, &mut grad[rg(li.input_norm)]));
     }

@@ -4,7 +4,7 @@
 //! finite differences.
 
 use hymba::kernels::act;
-use hymba::kernels::matmul::{dot, matmul, Mat, WeightData};
+use hymba::kernels::matmul::{matmul, Mat, WeightData};
 use hymba::kernels::rope;
 
 /// `[rows, cols]` → `[cols, rows]`.
@@ -267,45 +267,50 @@ pub struct Attn<'a> {
     pub kv_heads: usize,
     pub dk: usize,
     pub dv: usize,
-    pub visible: &'a dyn Fn(usize, usize) -> bool,
+    /// `[t, t]`: whether query row i sees key row j.
+    pub mask: &'a [bool],
+}
+
+/// The `[t, t]` visibility matrix of a rule.
+pub fn mask(t: usize, visible: impl Fn(usize, usize) -> bool) -> Vec<bool> {
+    (0..t * t).map(|ij| visible(ij / t, ij % t)).collect()
 }
 
 /// Returns the output `[t, heads · dv]` and the attention probabilities `[heads, t, t]`.
+/// Scores and outputs are matrix products per head (the GEMM kernel), then masked softmax.
 pub fn attention(a: &Attn) -> (Vec<f32>, Vec<f32>) {
     let (h, dk, dv) = (a.heads, a.dk, a.dv);
     let t = a.q.len() / (h * dk);
-    let (kw, vw) = (a.kv_heads * dk, a.kv_heads * dv);
     let group = h / a.kv_heads;
     let scale = 1.0 / (dk as f32).sqrt();
     let mut out = vec![0.0; t * h * dv];
     let mut probs = vec![0.0; h * t * t];
-    for hh in 0..h {
-        let kh = hh / group;
-        for i in 0..t {
-            let q = &a.q[i * h * dk + hh * dk..][..dk];
-            let p = &mut probs[(hh * t + i) * t..][..t];
-            let mut mx = f32::NEG_INFINITY;
-            for j in 0..=i {
-                if (a.visible)(i, j) {
-                    p[j] = dot(q, &a.k[j * kw + kh * dk..][..dk]) * scale;
-                    mx = mx.max(p[j]);
-                }
-            }
-            let mut sum = 0.0;
-            for j in 0..=i {
-                p[j] = if (a.visible)(i, j) { (p[j] - mx).exp() } else { 0.0 };
-                sum += p[j];
-            }
-            let o = &mut out[i * h * dv + hh * dv..][..dv];
-            for j in 0..=i {
-                p[j] /= sum;
-                if p[j] != 0.0 {
-                    let v = &a.v[j * vw + kh * dv..][..dv];
-                    for (oo, vv) in o.iter_mut().zip(v) {
-                        *oo += p[j] * vv;
+    for kh in 0..a.kv_heads {
+        let k = cols(a.k, a.kv_heads * dk, kh * dk, dk);
+        let vt = transpose(&cols(a.v, a.kv_heads * dv, kh * dv, dv), t, dv);
+        for hh in kh * group..(kh + 1) * group {
+            let p = &mut probs[hh * t * t..(hh + 1) * t * t];
+            matmul(&cols(a.q, h * dk, hh * dk, dk), mat(&k, t), p);
+            for (row, vis) in p.chunks_exact_mut(t).zip(a.mask.chunks_exact(t)) {
+                let mut mx = f32::NEG_INFINITY;
+                for (v, &seen) in row.iter_mut().zip(vis) {
+                    if seen {
+                        *v *= scale;
+                        mx = mx.max(*v);
+                    } else {
+                        *v = f32::NEG_INFINITY;
                     }
                 }
+                for v in row.iter_mut() {
+                    *v -= mx;
+                }
+                act::exp_inplace(row);
+                let sum: f32 = row.iter().sum();
+                row.iter_mut().for_each(|v| *v /= sum);
             }
+            let mut o = vec![0.0; t * dv];
+            matmul(p, mat(&vt, dv), &mut o);
+            put_cols(&mut out, h * dv, hh * dv, &o, dv);
         }
     }
     (out, probs)
@@ -315,46 +320,54 @@ pub fn attention(a: &Attn) -> (Vec<f32>, Vec<f32>) {
 pub fn attention_backward(a: &Attn, probs: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (h, dk, dv) = (a.heads, a.dk, a.dv);
     let t = a.q.len() / (h * dk);
-    let (kw, vw) = (a.kv_heads * dk, a.kv_heads * dv);
     let group = h / a.kv_heads;
     let scale = 1.0 / (dk as f32).sqrt();
     let (mut gq, mut gk, mut gv) = (vec![0.0; a.q.len()], vec![0.0; a.k.len()], vec![0.0; a.v.len()]);
-    let mut dp = vec![0.0; t];
-    for hh in 0..h {
-        let kh = hh / group;
-        for i in 0..t {
-            let p = &probs[(hh * t + i) * t..][..t];
-            let go = &dout[i * h * dv + hh * dv..][..dv];
-            // dP = dO · vᵀ; dS = P ⊙ (dP − Σ P dP)
-            let mut pdp = 0.0;
-            for j in 0..=i {
-                if p[j] != 0.0 {
-                    dp[j] = dot(go, &a.v[j * vw + kh * dv..][..dv]);
-                    pdp += p[j] * dp[j];
-                    let gvj = &mut gv[j * vw + kh * dv..][..dv];
-                    for (g, o) in gvj.iter_mut().zip(go) {
-                        *g += p[j] * o;
-                    }
+    for kh in 0..a.kv_heads {
+        let k = cols(a.k, a.kv_heads * dk, kh * dk, dk);
+        let kt = transpose(&k, t, dk);
+        let v = cols(a.v, a.kv_heads * dv, kh * dv, dv);
+        let (mut gkh, mut gvh) = (vec![0.0; t * dk], vec![0.0; t * dv]);
+        let mut tmp_k = vec![0.0; t * dk];
+        let mut tmp_v = vec![0.0; t * dv];
+        for hh in kh * group..(kh + 1) * group {
+            let p = &probs[hh * t * t..(hh + 1) * t * t];
+            let go = cols(dout, h * dv, hh * dv, dv);
+            // dP = dO · Vᵀ; dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
+            let mut ds = vec![0.0; t * t];
+            matmul(&go, mat(&v, t), &mut ds);
+            for (prow, drow) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
+                let pdp: f32 = prow.iter().zip(drow.iter()).map(|(p, d)| p * d).sum();
+                for (d, p) in drow.iter_mut().zip(prow) {
+                    *d = p * (*d - pdp) * scale;
                 }
             }
-            let q = &a.q[i * h * dk + hh * dk..][..dk];
-            let gqi = &mut gq[i * h * dk + hh * dk..][..dk];
-            for j in 0..=i {
-                if p[j] != 0.0 {
-                    let ds = p[j] * (dp[j] - pdp) * scale;
-                    let k = &a.k[j * kw + kh * dk..][..dk];
-                    for (g, kk) in gqi.iter_mut().zip(k) {
-                        *g += ds * kk;
-                    }
-                    let gkj = &mut gk[j * kw + kh * dk..][..dk];
-                    for (g, qq) in gkj.iter_mut().zip(q) {
-                        *g += ds * qq;
-                    }
-                }
-            }
+            // dQ = dS · K; dK += dSᵀ · Q; dV += Pᵀ · dO
+            let mut gqh = vec![0.0; t * dk];
+            matmul(&ds, mat(&kt, dk), &mut gqh);
+            put_cols(&mut gq, h * dk, hh * dk, &gqh, dk);
+            let qt = transpose(&cols(a.q, h * dk, hh * dk, dk), t, dk);
+            matmul(&transpose(&ds, t, t), mat(&qt, dk), &mut tmp_k);
+            add(&mut gkh, &tmp_k);
+            matmul(&transpose(p, t, t), mat(&transpose(&go, t, dv), dv), &mut tmp_v);
+            add(&mut gvh, &tmp_v);
         }
+        put_cols(&mut gk, a.kv_heads * dk, kh * dk, &gkh, dk);
+        put_cols(&mut gv, a.kv_heads * dv, kh * dv, &gvh, dv);
     }
     (gq, gk, gv)
+}
+
+/// Columns `a..a + w` of every row of a `[rows, width]` matrix.
+pub fn cols(m: &[f32], width: usize, a: usize, w: usize) -> Vec<f32> {
+    m.chunks_exact(width).flat_map(|r| r[a..a + w].iter().copied()).collect()
+}
+
+/// Writes `src [rows, w]` into columns `a..a + w` of `dst [rows, width]`.
+pub fn put_cols(dst: &mut [f32], width: usize, a: usize, src: &[f32], w: usize) {
+    for (d, s) in dst.chunks_exact_mut(width).zip(src.chunks_exact(w)) {
+        d[a..a + w].copy_from_slice(s);
+    }
 }
 
 /// Mean cross-entropy of `logits [t, v]` against `targets`; returns the loss and, when asked,
@@ -390,6 +403,7 @@ mod tests {
     //! Finite-difference checks: each backward against the change of a random scalar
     //! projection of the forward's output, `L = Σ r ⊙ f(inputs)`, for a few input elements.
     use super::*;
+    use hymba::kernels::matmul::dot;
     use hymba::kernels::testing::Rng;
 
     /// Checks `grad` (∂L/∂p) at a few indices of `p` against central differences of `loss`.
@@ -510,6 +524,116 @@ mod tests {
         }
     }
 
+    // The straightforward loops the matrix-product versions are checked against.
+    /// Returns the output `[t, heads · dv]` and the attention probabilities `[heads, t, t]`.
+    fn attention_ref(a: &Attn) -> (Vec<f32>, Vec<f32>) {
+        let (h, dk, dv) = (a.heads, a.dk, a.dv);
+        let t = a.q.len() / (h * dk);
+        let (kw, vw) = (a.kv_heads * dk, a.kv_heads * dv);
+        let group = h / a.kv_heads;
+        let scale = 1.0 / (dk as f32).sqrt();
+        let mut out = vec![0.0; t * h * dv];
+        let mut probs = vec![0.0; h * t * t];
+        for hh in 0..h {
+            let kh = hh / group;
+            for i in 0..t {
+                let q = &a.q[i * h * dk + hh * dk..][..dk];
+                let p = &mut probs[(hh * t + i) * t..][..t];
+                let mut mx = f32::NEG_INFINITY;
+                for j in 0..=i {
+                    if a.mask[i * t + j] {
+                        p[j] = dot(q, &a.k[j * kw + kh * dk..][..dk]) * scale;
+                        mx = mx.max(p[j]);
+                    }
+                }
+                let mut sum = 0.0;
+                for j in 0..=i {
+                    p[j] = if a.mask[i * t + j] { (p[j] - mx).exp() } else { 0.0 };
+                    sum += p[j];
+                }
+                let o = &mut out[i * h * dv + hh * dv..][..dv];
+                for j in 0..=i {
+                    p[j] /= sum;
+                    if p[j] != 0.0 {
+                        let v = &a.v[j * vw + kh * dv..][..dv];
+                        for (oo, vv) in o.iter_mut().zip(v) {
+                            *oo += p[j] * vv;
+                        }
+                    }
+                }
+            }
+        }
+        (out, probs)
+    }
+
+    /// Backward of the reference: returns `(dq, dk, dv)`.
+    fn attention_backward_ref(a: &Attn, probs: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (h, dk, dv) = (a.heads, a.dk, a.dv);
+        let t = a.q.len() / (h * dk);
+        let (kw, vw) = (a.kv_heads * dk, a.kv_heads * dv);
+        let group = h / a.kv_heads;
+        let scale = 1.0 / (dk as f32).sqrt();
+        let (mut gq, mut gk, mut gv) = (vec![0.0; a.q.len()], vec![0.0; a.k.len()], vec![0.0; a.v.len()]);
+        let mut dp = vec![0.0; t];
+        for hh in 0..h {
+            let kh = hh / group;
+            for i in 0..t {
+                let p = &probs[(hh * t + i) * t..][..t];
+                let go = &dout[i * h * dv + hh * dv..][..dv];
+                // dP = dO · vᵀ; dS = P ⊙ (dP − Σ P dP)
+                let mut pdp = 0.0;
+                for j in 0..=i {
+                    if p[j] != 0.0 {
+                        dp[j] = dot(go, &a.v[j * vw + kh * dv..][..dv]);
+                        pdp += p[j] * dp[j];
+                        let gvj = &mut gv[j * vw + kh * dv..][..dv];
+                        for (g, o) in gvj.iter_mut().zip(go) {
+                            *g += p[j] * o;
+                        }
+                    }
+                }
+                let q = &a.q[i * h * dk + hh * dk..][..dk];
+                let gqi = &mut gq[i * h * dk + hh * dk..][..dk];
+                for j in 0..=i {
+                    if p[j] != 0.0 {
+                        let ds = p[j] * (dp[j] - pdp) * scale;
+                        let k = &a.k[j * kw + kh * dk..][..dk];
+                        for (g, kk) in gqi.iter_mut().zip(k) {
+                            *g += ds * kk;
+                        }
+                        let gkj = &mut gk[j * kw + kh * dk..][..dk];
+                        for (g, qq) in gkj.iter_mut().zip(q) {
+                            *g += ds * qq;
+                        }
+                    }
+                }
+            }
+        }
+        (gq, gk, gv)
+    }
+
+    #[test]
+    fn attention_matches_reference_loops() {
+        let mut rng = Rng::new(8);
+        let (t, h, hk, dk, dv) = (13, 6, 2, 5, 7);
+        let q = rng.normal_vec(t * h * dk, 1.0);
+        let k = rng.normal_vec(t * hk * dk, 1.0);
+        let v = rng.normal_vec(t * hk * dv, 1.0);
+        let g = rng.normal_vec(t * h * dv, 1.0);
+        let vis = |i: usize, j: usize| j <= i && (i - j <= 4 || j < 3);
+        let m = mask(t, vis);
+        let a = Attn { q: &q, k: &k, v: &v, heads: h, kv_heads: hk, dk, dv, mask: &m };
+        let (o, p) = attention(&a);
+        let (o2, p2) = attention_ref(&a);
+        hymba::kernels::testing::assert_close(&o, &o2, 1e-5, "attention out");
+        hymba::kernels::testing::assert_close(&p, &p2, 1e-5, "attention probs");
+        let (gq, gk, gv) = attention_backward(&a, &p, &g);
+        let (gq2, gk2, gv2) = attention_backward_ref(&a, &p2, &g);
+        hymba::kernels::testing::assert_close(&gq, &gq2, 1e-4, "dq");
+        hymba::kernels::testing::assert_close(&gk, &gk2, 1e-4, "dk");
+        hymba::kernels::testing::assert_close(&gv, &gv2, 1e-4, "dv");
+    }
+
     #[test]
     fn attention_grads() {
         let mut rng = Rng::new(6);
@@ -520,12 +644,13 @@ mod tests {
         let r = rng.normal_vec(t * h * dv, 1.0);
         // A window of 3 with 2 always-visible leading rows, like a sliding-window layer.
         let vis = |i: usize, j: usize| j <= i && (i - j <= 3 || j < 2);
+        let m = mask(t, vis);
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
-            let a = Attn { q, k, v, heads: h, kv_heads: hk, dk, dv, visible: &vis };
+            let a = Attn { q, k, v, heads: h, kv_heads: hk, dk, dv, mask: &m };
             attention(&a)
         };
         let (_, probs) = run(&q, &k, &v);
-        let a = Attn { q: &q, k: &k, v: &v, heads: h, kv_heads: hk, dk, dv, visible: &vis };
+        let a = Attn { q: &q, k: &k, v: &v, heads: h, kv_heads: hk, dk, dv, mask: &m };
         let (gq, gk, gv) = attention_backward(&a, &probs, &r);
         let (q0, k0, v0) = (q.clone(), k.clone(), v.clone());
         check("attn q", &mut q, &gq, &|p| proj(&run(p, &k0, &v0).0, &r));

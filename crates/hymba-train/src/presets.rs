@@ -11,8 +11,8 @@ pub const NAMES: [&str; 2] = ["tiny", "micro"];
 pub fn preset(name: &str, vocab_size: usize) -> Option<Value> {
     // (hidden, layers, heads, kv heads, ffn, meta tokens, window, global layers, reuse groups)
     let (d, l, h, hkv, f, m, w, global, groups): (usize, usize, usize, usize, usize, usize, usize, Vec<usize>, Vec<Vec<usize>>) = match name {
-        // The shipped default model: ~7.7M parameters at a 4096-token vocabulary.
-        "tiny" => (256, 6, 4, 2, 704, 16, 128, vec![0, 5], vec![vec![1, 2], vec![3, 4]]),
+        // The shipped default model: 4.4M parameters at a 4096-token vocabulary.
+        "tiny" => (192, 6, 3, 1, 512, 16, 128, vec![0, 5], vec![vec![1, 2], vec![3, 4]]),
         // For tests and smoke runs: trains in seconds.
         "micro" => (64, 3, 2, 1, 128, 4, 16, vec![0], vec![vec![1, 2]]),
         _ => return None,

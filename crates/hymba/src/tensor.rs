@@ -89,6 +89,8 @@ pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
 #[derive(Clone, Debug)]
 enum Owner {
     Mmap(Arc<Mmap>),
+    /// Bytes built into the program (an embedded model).
+    Static(&'static [u8]),
     /// u64 words so the bytes are aligned for any element type.
     Heap(Arc<Vec<u64>>),
 }
@@ -129,6 +131,7 @@ impl Tensor {
     pub fn bytes(&self) -> &[u8] {
         match &self.owner {
             Owner::Mmap(m) => &m[self.offset..self.offset + self.len],
+            Owner::Static(b) => &b[self.offset..self.offset + self.len],
             // SAFETY: the Vec<u64> holds at least offset + len bytes.
             Owner::Heap(w) => unsafe { std::slice::from_raw_parts((w.as_ptr() as *const u8).add(self.offset), self.len) },
         }
@@ -237,18 +240,31 @@ impl TensorStore {
         Ok(store)
     }
 
+    /// A store over a safetensors file built into the program (`include_bytes!`), read in
+    /// place; `source` names it in messages.
+    pub fn from_static(source: &str, bytes: &'static [u8]) -> Result<TensorStore> {
+        let mut store = TensorStore { tensors: HashMap::new(), source: source.to_string() };
+        store.add_bytes(source, bytes, &|| Owner::Static(bytes))?;
+        Ok(store)
+    }
+
     fn add_file(&mut self, path: &Path) -> Result<()> {
-        let fname = path.display().to_string();
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the file is mapped read-only; like every mmap-based loader we assume nobody
         // truncates a checkpoint while it is being served.
         let mmap = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
-        let st = safetensors::SafeTensors::deserialize(&mmap[..]).map_err(|e| Error::Checkpoint {
+        self.add_bytes(&path.display().to_string(), &mmap[..], &|| Owner::Mmap(mmap.clone()))
+    }
+
+    /// Adds the tensors of safetensors `bytes`, each viewing them through `owner()`.
+    fn add_bytes(&mut self, fname: &str, bytes: &[u8], owner: &dyn Fn() -> Owner) -> Result<()> {
+        let fname = fname.to_string();
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
             file: fname.clone(),
             msg: format!("not a valid safetensors file: {e}"),
         })?;
-        let base = mmap.as_ptr() as usize;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| Error::Checkpoint {
+        let base = bytes.as_ptr() as usize;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Checkpoint {
             file: fname.clone(),
             msg: format!("not a valid safetensors file: {e}"),
         })?;
@@ -277,7 +293,7 @@ impl TensorStore {
             };
             let data = view.data();
             let offset = data.as_ptr() as usize - base;
-            let mut t = Tensor { dtype, shape, owner: Owner::Mmap(mmap.clone()), offset, len: data.len() };
+            let mut t = Tensor { dtype, shape, owner: owner(), offset, len: data.len() };
             if offset % dtype.align() != 0 {
                 // A misaligned tensor cannot be viewed in place: copy it, same precision.
                 t = Tensor::from_bytes(dtype, t.shape.clone(), data);

@@ -22,9 +22,22 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found")));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let cfg_path = path.with_file_name("tokenizer_config.json");
-        let cfg = if cfg_path.is_file() { Some(parse_json(&cfg_path, &read_to_string(&cfg_path)?)?) } else { None };
+        let cfg = if cfg_path.is_file() { Some(read_to_string(&cfg_path)?) } else { None };
+        let cfg_name = cfg_path.display().to_string();
+        Tokenizer::from_bytes(&bytes, &path.display().to_string(), cfg.as_deref().map(|c| (c, cfg_name.as_str())))
+    }
+
+    /// A tokenizer from the contents of a tokenizer.json (named `source` in errors) and,
+    /// optionally, of its tokenizer_config.json (text, name).
+    pub fn from_bytes(tokenizer_json: &[u8], source: &str, config: Option<(&str, &str)>) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer(format!("{source}: {e}")))?;
+        let cfg_name = std::path::PathBuf::from(config.map_or("", |c| c.1));
+        let cfg = match config {
+            Some((text, _)) => Some(parse_json(&cfg_name, text)?),
+            None => None,
+        };
         let token_of = |key: &str| -> Option<String> {
             let v = cfg.as_ref()?.get(key)?;
             // Either a plain string or an AddedToken object with `content`.
@@ -36,7 +49,7 @@ impl Tokenizer {
         let chat_template = match cfg.as_ref().and_then(|c| c.get("chat_template")) {
             None | Some(serde_json::Value::Null) => None,
             Some(t) => Some(ChatTemplate::from_json(t, &bos_token, &eos_token).map_err(|e| match e {
-                Error::Template(m) => Error::Template(format!("{}: {m}", cfg_path.display())),
+                Error::Template(m) => Error::Template(format!("{}: {m}", cfg_name.display())),
                 other => other,
             })?),
         };

@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use hymba::{Cache, Decoder, DecodeWindow, GenerateOptions, Logits, Message, Model, SamplingParams, Tokenizer};
+use hymba::{Cache, Decoder, DecodeWindow, GenerateOptions, Logits, Message, Model, SamplingParams};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 #[derive(Args)]
 pub struct ChatArgs {
+    /// Checkpoint directory [default: the built-in tiny model].
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// tokenizer.json [default: MODEL/tokenizer.json].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -69,11 +70,12 @@ fn interrupt_flag() -> Arc<AtomicBool> {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
-    let tok = Tokenizer::from_file(&tok_path)?;
-    let tmpl = tok.chat_template.as_ref().ok_or_else(|| anyhow!("{}: tokenizer_config.json beside it has no chat_template", tok_path.display()))?;
-    let model = Model::load_quantized(&a.model, crate::parse_quant(a.quant.as_deref())?)
-        .with_context(|| format!("loading model from {}", a.model.display()))?;
+    let tok = crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    let tmpl = tok.chat_template.as_ref().ok_or_else(|| {
+        let path = a.tokenizer.clone().or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json"))).unwrap_or_default();
+        anyhow!("{}: tokenizer_config.json beside it has no chat_template", path.display())
+    })?;
+    let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, min_p: a.min_p, repetition_penalty: a.repeat_penalty, seed: a.seed },

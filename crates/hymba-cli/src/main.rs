@@ -4,13 +4,14 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hymba::tensor::Dtype;
-use hymba::{DecodeWindow, GenerateOptions, Logits, Message, Model, SamplingParams, Tokenizer};
+use hymba::{DecodeWindow, GenerateOptions, Logits, Message, Model, SamplingParams};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod bench;
 mod chat;
+mod default_model;
 mod inspect;
 mod train;
 
@@ -60,9 +61,9 @@ struct PromptArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Checkpoint directory (config.json + safetensors).
+    /// Checkpoint directory (config.json + safetensors) [default: the built-in tiny model].
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[command(flatten)]
     prompt: PromptArgs,
     /// Render the prompt as a user message with the checkpoint's chat template.
@@ -125,8 +126,9 @@ struct LogitsArgs {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// Checkpoint directory [default: the built-in tiny model].
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// tokenizer.json [default: MODEL/tokenizer.json].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -214,15 +216,6 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .and_then(|v| if v.is_empty() { bail!("--ids: no token ids given") } else { Ok(v) })
 }
 
-/// The tokenizer: required with --prompt, optional with --ids (then output is ids).
-fn load_tokenizer(model: &Path, p: &PromptArgs, required: bool) -> Result<Option<Tokenizer>> {
-    let path = p.tokenizer.clone().unwrap_or_else(|| model.join("tokenizer.json"));
-    if p.tokenizer.is_none() && !path.exists() && !required {
-        return Ok(None);
-    }
-    Ok(Some(Tokenizer::from_file(&path)?))
-}
-
 /// `--quant` value: None keeps the stored precision.
 pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
     match q {
@@ -231,20 +224,18 @@ pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
     }
 }
 
-fn load_model(dir: &Path, quant: Option<&str>) -> Result<Model> {
-    let q = parse_quant(quant)?;
-    Model::load_quantized(dir, q).with_context(|| format!("loading model from {}", dir.display()))
-}
-
 fn serve(a: ServeArgs) -> Result<()> {
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
-    let tokenizer = std::sync::Arc::new(Tokenizer::from_file(&tok_path)?);
-    let model = std::sync::Arc::new(load_model(&a.model, a.quant.as_deref())?);
+    let tokenizer = default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    let tokenizer = std::sync::Arc::new(tokenizer);
+    let model = std::sync::Arc::new(default_model::load_model(a.model.as_deref(), a.quant.as_deref())?);
     let max_context = a.max_context.unwrap_or(model.config.max_position_embeddings);
     let eos_id = tokenizer.eos_id.or(model.config.eos_token_id);
-    let name = a.served_model_name.clone().unwrap_or_else(|| {
-        let canon = a.model.canonicalize().unwrap_or_else(|_| a.model.clone());
-        canon.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "hymba".into())
+    let name = a.served_model_name.clone().unwrap_or_else(|| match &a.model {
+        None => default_model::NAME.into(),
+        Some(m) => {
+            let canon = m.canonicalize().unwrap_or_else(|_| m.clone());
+            canon.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "hymba".into())
+        }
     });
     let engine = hymba::Engine::start(model, Some(tokenizer.clone()), a.max_batch);
     let state = std::sync::Arc::new(hymba_server::AppState {
@@ -294,8 +285,9 @@ fn window(official: bool) -> DecodeWindow {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let tok = load_tokenizer(&a.model, &a.prompt, a.prompt.prompt.is_some() || a.chat || !a.stop.is_empty())?;
-    let model = load_model(&a.model, a.quant.as_deref())?;
+    let required = a.prompt.prompt.is_some() || a.chat || !a.stop.is_empty();
+    let tok = default_model::load_tokenizer(a.model.as_deref(), a.prompt.tokenizer.as_deref(), required)?;
+    let model = default_model::load_model(a.model.as_deref(), a.quant.as_deref())?;
     let prompt = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => {
@@ -365,8 +357,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
-    let tok = load_tokenizer(&a.model, &a.prompt, a.prompt.prompt.is_some())?;
-    let model = load_model(&a.model, a.quant.as_deref())?;
+    let tok = default_model::load_tokenizer(Some(&a.model), a.prompt.tokenizer.as_deref(), a.prompt.prompt.is_some())?;
+    let model = default_model::load_model(Some(&a.model), a.quant.as_deref())?;
     let ids = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => tok.as_ref().expect("required with --prompt").encode_prompt(text)?,

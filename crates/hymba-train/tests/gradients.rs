@@ -139,3 +139,25 @@ fn gradients_match_finite_differences() {
         }
     }
 }
+
+/// On the official fixture, the training forward gives NVIDIA's prefill logits.
+#[test]
+fn training_forward_matches_official_prefill_on_the_fixture() {
+    let dir = std::env::var_os("HYMBA_SHARED")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+        .join("fixtures/tiny-a");
+    let cfg = Config::from_file(&dir.join("config.json")).unwrap();
+    let mut params = Params::init(&cfg, 0);
+    params.load_from(&hymba::tensor::TensorStore::open(&dir).unwrap(), "tiny-a").unwrap();
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = st.tensor("input_ids").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+    let want: Vec<f32> = st.tensor("prefill_logits").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let tm = TrainModel::new(cfg, &params);
+    // The batch format wants one more id as the last target; it does not affect the logits.
+    let mut window = ids.clone();
+    window.push(0);
+    let (_, tape) = tm.forward(&params, &Batch { ids: window, b: 1, t: ids.len() });
+    assert_close(&tape.logits, &want, 1e-3, "training forward vs official prefill");
+}

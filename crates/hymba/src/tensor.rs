@@ -294,7 +294,7 @@ impl TensorStore {
             let data = view.data();
             let offset = data.as_ptr() as usize - base;
             let mut t = Tensor { dtype, shape, owner: owner(), offset, len: data.len() };
-            if offset % dtype.align() != 0 {
+            if (data.as_ptr() as usize) % dtype.align() != 0 {
                 // A misaligned tensor cannot be viewed in place: copy it, same precision.
                 t = Tensor::from_bytes(dtype, t.shape.clone(), data);
             }

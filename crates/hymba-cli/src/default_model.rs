@@ -1,0 +1,100 @@
+//! The model built into the binary: a tiny Hymba trained by `hymba train` on the King James
+//! Bible (`scripts/train-default-model.sh`; source and license in
+//! `assets/default-model/CORPUS.md`). `generate`, `chat` and `serve` use it when `--model` is
+//! not given, so the tool works offline out of the box.
+
+use anyhow::{Context, Result};
+use hymba::tensor::{Dtype, TensorStore};
+use hymba::{Config, Model, Tokenizer};
+use std::path::Path;
+
+/// What messages and `/v1/models` call it.
+pub const NAME: &str = "hymba-tiny-kjv";
+
+const CONFIG: &str = include_str!("../../../assets/default-model/config.json");
+/// Aligned so the tensors are read in place (safetensors keeps data offsets 8-byte aligned).
+#[repr(C, align(64))]
+struct Aligned<B: ?Sized>(B);
+static WEIGHTS: &Aligned<[u8]> = &Aligned(*include_bytes!("../../../assets/default-model/model.safetensors"));
+const TOKENIZER: &[u8] = include_bytes!("../../../assets/default-model/tokenizer.json");
+const TOKENIZER_CONFIG: &str = include_str!("../../../assets/default-model/tokenizer_config.json");
+
+pub fn model(quant: Option<Dtype>) -> Result<Model> {
+    let what = format!("the built-in model {NAME}");
+    let config = Config::from_value(serde_json::from_str(CONFIG).context("config.json")?).with_context(|| what.clone())?;
+    let mut store = TensorStore::from_static(NAME, &WEIGHTS.0).with_context(|| what.clone())?;
+    if let Some(q) = quant {
+        store.quantize(q);
+    }
+    Model::from_store(config, store).with_context(|| what)
+}
+
+pub fn tokenizer() -> Result<Tokenizer> {
+    Ok(Tokenizer::from_bytes(TOKENIZER, NAME, Some((TOKENIZER_CONFIG, NAME)))?)
+}
+
+/// The model of a command: the checkpoint directory when given, else the built-in one.
+pub fn load_model(dir: Option<&Path>, quant: Option<&str>) -> Result<Model> {
+    let q = crate::parse_quant(quant)?;
+    match dir {
+        Some(d) => Model::load_quantized(d, q).with_context(|| format!("loading model from {}", d.display())),
+        None => model(q),
+    }
+}
+
+/// The tokenizer of a command: `explicit` when given, else the checkpoint's
+/// `tokenizer.json` (None when it has none and `required` is false), else the built-in one.
+pub fn load_tokenizer(dir: Option<&Path>, explicit: Option<&Path>, required: bool) -> Result<Option<Tokenizer>> {
+    match (explicit, dir) {
+        (Some(p), _) => Ok(Some(Tokenizer::from_file(p)?)),
+        (None, Some(d)) => {
+            let p = d.join("tokenizer.json");
+            if !p.exists() && !required {
+                return Ok(None);
+            }
+            Ok(Some(Tokenizer::from_file(&p)?))
+        }
+        (None, None) => Ok(Some(tokenizer()?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mean negative log-likelihood per predicted token of `text` under the built-in model.
+    fn nll(model: &Model, tok: &Tokenizer, text: &str) -> f64 {
+        let ids = tok.encode(text, true).unwrap();
+        let logits = model.forward_uncached(&ids).unwrap();
+        let v = model.config.vocab_size;
+        let mut sum = 0.0;
+        for (i, &next) in ids[1..].iter().enumerate() {
+            let row = &logits[i * v..(i + 1) * v];
+            let mx = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+            let lse = mx as f64 + row.iter().map(|&x| ((x - mx) as f64).exp()).sum::<f64>().ln();
+            sum += lse - row[next as usize] as f64;
+        }
+        sum / (ids.len() - 1) as f64
+    }
+
+    /// The shipped model has learned English word order: famous verses (which it may have
+    /// seen) and a new sentence in the same style are far more likely than the same words
+    /// in reverse order.
+    #[test]
+    fn built_in_model_prefers_real_sentences_to_shuffled_words() {
+        let model = model(None).unwrap();
+        let tok = tokenizer().unwrap();
+        assert_eq!(tok.bos_id, Some(1));
+        assert_eq!(tok.eos_id, Some(2));
+        for text in [
+            "In the beginning God created the heaven and the earth.",
+            "And God said, Let there be light: and there was light.",
+            "And the king sent his servants unto the city, and they spake unto the people.",
+        ] {
+            let words: Vec<&str> = text.split(' ').collect();
+            let shuffled: Vec<&str> = words.iter().rev().copied().collect();
+            let (real, mixed) = (nll(&model, &tok, text), nll(&model, &tok, &shuffled.join(" ")));
+            assert!(real + 1.0 < mixed, "{text:?}: {real:.3} nats/token, shuffled {mixed:.3}");
+        }
+    }
+}

@@ -272,49 +272,73 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
 
 /// Up to this many input rows (batched decode) go through [`rows_avx2`]: packing panels for the
 /// GEMM would cost more than it saves.
-const SMALL_BATCH_ROWS: usize = 8;
+const SMALL_BATCH_ROWS: usize = 16;
 
-/// A few input rows on AVX2: each weight row, widened in registers, meets up to 8 input rows at
-/// a time; the weights are streamed once.
+/// A few input rows on AVX2, without packing: weight rows are taken two at a time, widened in
+/// registers, against up to 6 input rows at a time (a 2×6 tile of accumulators), so every input
+/// load feeds two FMAs; the weights are streamed from memory once.
 #[cfg(target_arch = "x86_64")]
 fn rows_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     let out = OutPtr(y.as_mut_ptr());
     (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
         let out = &out;
-        let mut res = [0f32; 8];
-        for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n) {
-            for t0 in (0..t).step_by(8) {
-                let m = 8.min(t - t0);
+        let end = ((task + 1) * ROWS_PER_TASK).min(n);
+        let mut r = task * ROWS_PER_TASK;
+        while r < end {
+            // Two weight rows while there are two, else one (with up to 8 input rows).
+            let pair = r + 1 < end;
+            let group = if pair { 6 } else { 8 };
+            for t0 in (0..t).step_by(group) {
+                let m = group.min(t - t0);
                 let xp = |i: usize| x[(t0 + i) * k..].as_ptr();
-                // SAFETY: Avx2 was detected; each pointer has k readable floats, like the row.
+                let mut res = [[0f32; 8]; 2];
+                // SAFETY: Avx2 was detected; each pointer has k readable floats, like the rows.
                 unsafe {
+                    macro_rules! tile {
+                        ($f:ident, $d:expr, $r:literal, $m:literal) => {{
+                            let mut o = [[0f32; $m]; $r];
+                            x86::$f::<$r, $m>(std::array::from_fn(|j| &$d[(r + j) * k..(r + j + 1) * k]), &std::array::from_fn(xp), &mut o, t0 == 0);
+                            for j in 0..$r {
+                                res[j][..$m].copy_from_slice(&o[j]);
+                            }
+                        }};
+                    }
                     macro_rules! call {
-                        ($f:ident, $row:expr) => {
-                            match m {
-                                1 => x86::$f::<1>($row, &[xp(0)], &mut res),
-                                2 => x86::$f::<2>($row, &std::array::from_fn(xp), &mut res),
-                                3 => x86::$f::<3>($row, &std::array::from_fn(xp), &mut res),
-                                4 => x86::$f::<4>($row, &std::array::from_fn(xp), &mut res),
-                                5 => x86::$f::<5>($row, &std::array::from_fn(xp), &mut res),
-                                6 => x86::$f::<6>($row, &std::array::from_fn(xp), &mut res),
-                                7 => x86::$f::<7>($row, &std::array::from_fn(xp), &mut res),
-                                _ => x86::$f::<8>($row, &std::array::from_fn(xp), &mut res),
+                        ($f:ident, $d:expr) => {
+                            match (pair, m) {
+                                (true, 1) => tile!($f, $d, 2, 1),
+                                (true, 2) => tile!($f, $d, 2, 2),
+                                (true, 3) => tile!($f, $d, 2, 3),
+                                (true, 4) => tile!($f, $d, 2, 4),
+                                (true, 5) => tile!($f, $d, 2, 5),
+                                (true, _) => tile!($f, $d, 2, 6),
+                                (false, 1) => tile!($f, $d, 1, 1),
+                                (false, 2) => tile!($f, $d, 1, 2),
+                                (false, 3) => tile!($f, $d, 1, 3),
+                                (false, 4) => tile!($f, $d, 1, 4),
+                                (false, 5) => tile!($f, $d, 1, 5),
+                                (false, 6) => tile!($f, $d, 1, 6),
+                                (false, 7) => tile!($f, $d, 1, 7),
+                                (false, _) => tile!($f, $d, 1, 8),
                             }
                         };
                     }
                     match w.data {
-                        WeightData::F32(d) => call!(dot_rows_f32, &d[r * k..(r + 1) * k]),
-                        WeightData::BF16(d) => call!(dot_rows_bf16, &d[r * k..(r + 1) * k]),
-                        WeightData::F16(d) => call!(dot_rows_f16, &d[r * k..(r + 1) * k]),
+                        WeightData::F32(d) => call!(dot_tile_f32, d),
+                        WeightData::BF16(d) => call!(dot_tile_bf16, d),
+                        WeightData::F16(d) => call!(dot_tile_f16, d),
                         WeightData::Q8_0(_) | WeightData::Q4_0(_) => unreachable!("quantized rows take matvec_quant"),
                     }
                 }
-                for (i, v) in res.iter().enumerate().take(m) {
-                    // SAFETY: row r belongs to this task only.
-                    unsafe { *out.0.add((t0 + i) * n + r) = *v };
+                for j in 0..1 + pair as usize {
+                    for (i, v) in res[j].iter().enumerate().take(m) {
+                        // SAFETY: rows r, r + 1 belong to this task only.
+                        unsafe { *out.0.add((t0 + i) * n + r + j) = *v };
+                    }
                 }
             }
+            r += 1 + pair as usize;
         }
     });
 }
@@ -400,7 +424,7 @@ mod tests {
     #[test]
     fn matmul_matches_reference_all_dtypes_odd_sizes() {
         let mut rng = Rng::new(7);
-        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40), (16, 20, 40), (17, 21, 50), (30, 35, 7)] {
+        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40), (16, 20, 40), (17, 21, 50), (30, 35, 7), (13, 33, 9), (11, 3, 24), (4, 1, 8), (15, 67, 250)] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();

@@ -408,33 +408,49 @@ pub unsafe fn scan_channel(
     }
 }
 
-macro_rules! dot_rows_impl {
+macro_rules! dot_tile_impl {
     ($name:ident, $t:ty, $feat:literal, $load:expr, $scalar:expr) => {
-        /// One weight row against `M` input rows (each as long as the weight row): the row is
-        /// widened once per 8 values and feeds `M` FMAs, with `M` accumulators in registers.
+        /// `R` weight rows against `M` input rows (each as long as the weight rows): an R×M
+        /// tile of dot products in registers. Each weight vector, widened once, feeds `M` FMAs
+        /// and each input vector `R`, so with R = 2 an input load (from L2 when the rows are
+        /// long) serves two FMAs. R·M ≤ 12 keeps the tile in the 16 ymm registers.
+        /// With `prefetch`, the R rows that follow in memory are requested while these are
+        /// used: short rows in a row-by-row walk are too brief for the hardware prefetcher, and
+        /// the loop otherwise waits on memory.
         #[target_feature(enable = $feat)]
-        pub unsafe fn $name<const M: usize>(w: &[$t], xs: &[*const f32; M], out: &mut [f32]) {
-            let k = w.len();
-            let mut acc = [_mm256_setzero_ps(); M];
+        pub unsafe fn $name<const R: usize, const M: usize>(w: [&[$t]; R], xs: &[*const f32; M], out: &mut [[f32; M]; R], prefetch: bool) {
+            let k = w[0].len();
+            let mut acc = [[_mm256_setzero_ps(); M]; R];
             let mut i = 0;
             while i + 8 <= k {
-                let wv = $load(w.as_ptr().add(i));
+                if prefetch {
+                    for j in 0..R {
+                        // Only a hint: an address past the matrix does not fault.
+                        _mm_prefetch::<_MM_HINT_T0>(w[j].as_ptr().wrapping_add(i + R * k) as *const i8);
+                    }
+                }
+                let wv: [__m256; R] = std::array::from_fn(|j| $load(w[j].as_ptr().add(i)));
                 for r in 0..M {
-                    acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[r].add(i)), acc[r]);
+                    let xv = _mm256_loadu_ps(xs[r].add(i));
+                    for j in 0..R {
+                        acc[j][r] = _mm256_fmadd_ps(wv[j], xv, acc[j][r]);
+                    }
                 }
                 i += 8;
             }
-            for r in 0..M {
-                let mut s = hsum(acc[r]);
-                for j in i..k {
-                    s += $scalar(w[j]) * *xs[r].add(j);
+            for j in 0..R {
+                for r in 0..M {
+                    let mut s = hsum(acc[j][r]);
+                    for l in i..k {
+                        s += $scalar(w[j][l]) * *xs[r].add(l);
+                    }
+                    out[j][r] = s;
                 }
-                out[r] = s;
             }
         }
     };
 }
 
-dot_rows_impl!(dot_rows_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
-dot_rows_impl!(dot_rows_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v.to_f32());
-dot_rows_impl!(dot_rows_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v.to_f32());
+dot_tile_impl!(dot_tile_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
+dot_tile_impl!(dot_tile_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v.to_f32());
+dot_tile_impl!(dot_tile_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v.to_f32());

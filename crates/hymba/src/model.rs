@@ -13,6 +13,7 @@ use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock};
 use hymba_kernels::{act, conv::causal_conv, matmul, norm, rope, scan};
+use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -361,10 +362,20 @@ impl Model {
         let scale = 1.0 / (c.qk_head_dim as f32).sqrt();
         let mut attn_out = vec![0.0; t * e];
         let mut y = vec![0.0; t * e];
+        // Each sequence's rows of q, attention output and SSM output, split off in order so
+        // the sequences can run in parallel (a batched decode step has many small ones).
+        let mut parts = Vec::with_capacity(segs.len());
+        let (mut q_rest, mut a_rest, mut y_rest) = (&mut q[..], &mut attn_out[..], &mut y[..]);
         for s in segs.iter_mut() {
+            let (qs, qr) = std::mem::take(&mut q_rest).split_at_mut(s.len * qw);
+            let (os, or) = std::mem::take(&mut a_rest).split_at_mut(s.len * e);
+            let (ys, yr) = std::mem::take(&mut y_rest).split_at_mut(s.len * e);
+            (q_rest, a_rest, y_rest) = (qr, or, yr);
+            parts.push((s, qs, os, ys));
+        }
+        parts.into_par_iter().for_each(|(s, qs, out, ys)| {
             let rows = s.start..s.start + s.len;
             let pos: Vec<usize> = (s.pos0..s.pos0 + s.len).collect();
-            let qs = &mut q[rows.start * qw..rows.end * qw];
             for (row, &ps) in qs.chunks_exact_mut(qw).zip(&pos) {
                 rope::apply(row, ps, &self.inv_freq);
             }
@@ -383,11 +394,10 @@ impl Model {
             blocks.push(KvBlock { k: &cur.k, v: &cur.v, pos: KeyPos::Contiguous(s.pos0) });
             let (kind, m, window) = (lp.attn, c.num_memory_tokens, s.window);
             let visible = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
-            attention(qs, &pos, &blocks, shape, scale, &visible, &mut attn_out[rows.start * e..rows.end * e]);
+            attention(qs, &pos, &blocks, shape, scale, &visible, out);
             // 3. SSM branch.
-            let ys = self.ssm(lw, &x[rows.start * e..rows.end * e], &z[rows.start * e..rows.end * e], &mut s.states[i]);
-            y[rows.start * e..rows.end * e].copy_from_slice(&ys);
-        }
+            ys.copy_from_slice(&self.ssm(lw, &x[rows.start * e..rows.end * e], &z[rows.start * e..rows.end * e], &mut s.states[i]));
+        });
         drop(p);
 
         // 4. Fuse: out_proj((norm1(attn) + norm2(y)) / 2).

@@ -106,6 +106,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         }
     } else {
+        let ckpt = a.out.join(CHECKPOINT);
+        if ckpt.exists() {
+            bail!("{} already exists: pass --resume to continue that training, or choose another --out", ckpt.display());
+        }
         match &a.tokenizer {
             Some(t) => {
                 std::fs::copy(t, &tok_path).with_context(|| format!("copying {} to {}", t.display(), tok_path.display()))?;

@@ -64,6 +64,8 @@ fn train_writes_a_checkpoint_the_engine_loads() {
     let (code, _, err) = hymba(&resume);
     assert_eq!(code, 0, "{err}");
     assert_eq!(before, std::fs::read(out.join("model.safetensors")).unwrap());
+    // Starting afresh over an existing training is refused: it would discard it.
+    assert_fails(&args, &["checkpoint.safetensors", "--resume"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -6,21 +6,27 @@
 use hymba::kernels::act;
 use hymba::kernels::matmul::{matmul, Mat, WeightData};
 use hymba::kernels::rope;
+use rayon::prelude::*;
 
 /// `[rows, cols]` → `[cols, rows]`.
 pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0.0; a.len()];
-    // Blocked so both sides stay in cache.
+    // Blocks of 32 output rows per task, read in 32-wide tiles so both sides stay in cache.
     const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
+    if rows == 0 || cols == 0 {
+        return t;
+    }
+    t.par_chunks_mut(B * rows).enumerate().for_each(|(blk, out)| {
+        let c0 = blk * B;
+        let nc = out.len() / rows;
+        for r0 in (0..rows).step_by(B) {
             for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    t[c * rows + r] = a[r * cols + c];
+                for c in 0..nc {
+                    out[c * rows + r] = a[r * cols + c0 + c];
                 }
             }
         }
-    }
+    });
     t
 }
 
@@ -66,15 +72,15 @@ pub fn add(a: &mut [f32], b: &[f32]) {
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
     let mut y = vec![0.0; x.len()];
-    let mut rstd = Vec::with_capacity(x.len() / d);
-    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+    let mut rstd = vec![0.0; x.len() / d];
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(rstd.par_iter_mut()).for_each(|((yr, xr), rs)| {
         let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let r = 1.0 / (ms + eps).sqrt();
         for ((o, v), g) in yr.iter_mut().zip(xr).zip(w) {
             *o = g * (v * r);
         }
-        rstd.push(r);
-    }
+        *rs = r;
+    });
     (y, rstd)
 }
 
@@ -375,22 +381,27 @@ pub fn put_cols(dst: &mut [f32], width: usize, a: usize, src: &[f32], w: usize) 
 pub fn cross_entropy(logits: &[f32], targets: &[u32], grad: bool) -> (f32, Option<Vec<f32>>) {
     let v = logits.len() / targets.len();
     let n = targets.len() as f32;
-    let mut loss = 0.0f64;
     let mut g = if grad { vec![0.0; logits.len()] } else { Vec::new() };
-    for (i, (row, &tg)) in logits.chunks_exact(v).zip(targets).enumerate() {
+    let row_loss = |row: &[f32], tg: u32, gr: Option<&mut [f32]>| -> f64 {
         let mx = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let sum: f32 = row.iter().map(|x| (x - mx).exp()).sum();
         let lse = mx + sum.ln();
-        loss += (lse - row[tg as usize]) as f64;
-        if grad {
-            let gr = &mut g[i * v..(i + 1) * v];
+        if let Some(gr) = gr {
             for (o, x) in gr.iter_mut().zip(row) {
                 *o = (x - lse).exp() / n;
             }
             gr[tg as usize] -= 1.0 / n;
         }
-    }
-    ((loss / n as f64) as f32, grad.then_some(g))
+        (lse - row[tg as usize]) as f64
+    };
+    // Per-row losses in order, then summed in order: the same total whatever the threads.
+    let losses: Vec<f64> = if grad {
+        g.par_chunks_mut(v).zip(logits.par_chunks(v)).zip(targets.par_iter()).map(|((gr, row), &tg)| row_loss(row, tg, Some(gr))).collect()
+    } else {
+        logits.par_chunks(v).zip(targets.par_iter()).map(|(row, &tg)| row_loss(row, tg, None)).collect()
+    };
+    let loss = losses.iter().sum::<f64>() / n as f64;
+    (loss as f32, grad.then_some(g))
 }
 
 /// Softplus and its derivative, as the engine computes it.
@@ -429,6 +440,19 @@ mod tests {
 
     fn proj(out: &[f32], r: &[f32]) -> f64 {
         out.iter().zip(r).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+    }
+
+    #[test]
+    fn transpose_moves_every_element() {
+        for (r, c) in [(1, 1), (37, 70), (64, 33), (5, 100)] {
+            let a: Vec<f32> = (0..r * c).map(|i| i as f32).collect();
+            let t = transpose(&a, r, c);
+            for i in 0..r {
+                for j in 0..c {
+                    assert_eq!(t[j * r + i], a[i * c + j], "[{r}x{c}] ({i},{j})");
+                }
+            }
+        }
     }
 
     #[test]

@@ -105,10 +105,6 @@ fn per_seq<T: Send>(b: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     (0..b).into_par_iter().map(f).collect()
 }
 
-fn concat(parts: Vec<Vec<f32>>) -> Vec<f32> {
-    parts.concat()
-}
-
 impl TrainModel {
     pub fn new(config: Config, params: &Params) -> TrainModel {
         let (plan, groups) = config.plan();
@@ -155,6 +151,31 @@ impl TrainModel {
 
     fn rows_per_seq(&self, t: usize) -> usize {
         self.config.num_memory_tokens + t
+    }
+
+    /// Which rows see which in a layer of plan `lp`, for sequences of `s` rows (spec §4).
+    fn mask(&self, lp: &LayerPlan, s: usize) -> Vec<bool> {
+        let c = &self.config;
+        let window = c.sliding_window.unwrap_or(usize::MAX);
+        let (kind, m) = (lp.attn, c.num_memory_tokens);
+        ops::mask(s, |tq, sk| sees(kind, window, m, tq, sk))
+    }
+
+    /// Sequence `sq`'s attention inputs: its rows of q (all rows `[b·s, q_width]`) and of the
+    /// group's K/V.
+    fn seq_attn<'a>(&self, q: &'a [f32], kv: &'a (Vec<f32>, Vec<f32>), mask: &'a [bool], sq: usize, s: usize) -> Attn<'a> {
+        let c = &self.config;
+        let (qw, kw, vw) = (c.q_width(), c.k_width(), c.v_width());
+        Attn {
+            q: &q[sq * s * qw..(sq + 1) * s * qw],
+            k: &kv.0[sq * s * kw..(sq + 1) * s * kw],
+            v: &kv.1[sq * s * vw..(sq + 1) * s * vw],
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            dk: c.qk_head_dim,
+            dv: c.v_head_dim,
+            mask,
+        }
     }
 
     /// Forward over a batch: the mean next-token loss and the tape for [`Self::backward`].
@@ -217,27 +238,13 @@ impl TrainModel {
         let z = ops::cols(&p, width, xz + e, e);
         drop(p);
         // 2. Attention branch, per sequence.
-        let (k, v) = &kv[lp.kv_group];
-        let window = c.sliding_window.unwrap_or(usize::MAX);
-        let (kind, m) = (lp.attn, c.num_memory_tokens);
-        let mask = ops::mask(s, |tq, sk| sees(kind, window, m, tq, sk));
-        let att = per_seq(b, |sq| {
-            ops::attention(&Attn {
-                q: &q[sq * s * qw..(sq + 1) * s * qw],
-                k: &k[sq * s * kw..(sq + 1) * s * kw],
-                v: &v[sq * s * vw..(sq + 1) * s * vw],
-                heads: c.num_attention_heads,
-                kv_heads: c.num_key_value_heads,
-                dk: c.qk_head_dim,
-                dv: c.v_head_dim,
-                mask: &mask,
-            })
-        });
+        let mask = self.mask(lp, s);
+        let att = per_seq(b, |sq| ops::attention(&self.seq_attn(&q, &kv[lp.kv_group], &mask, sq, s)));
         let (attn_parts, probs): (Vec<_>, Vec<_>) = att.into_iter().unzip();
-        let attn = concat(attn_parts);
+        let attn = attn_parts.concat();
         // 3. SSM branch: conv + SiLU, x_proj into (δr, B, C), inner norms, Δ, scan, gate.
         let conv_b = li.conv_b.map(|i| w(i).to_vec()).unwrap_or_else(|| vec![0.0; e]);
-        let xc_pre = concat(per_seq(b, |sq| ops::conv(&x[sq * s * e..(sq + 1) * s * e], w(li.conv_w), &conv_b)));
+        let xc_pre = per_seq(b, |sq| ops::conv(&x[sq * s * e..(sq + 1) * s * e], w(li.conv_w), &conv_b)).concat();
         let xc: Vec<f32> = xc_pre.iter().map(|&v| act::silu(v)).collect();
         let pw = r + 2 * n;
         let proj = linear(&xc, w(li.x_proj), pw);
@@ -257,10 +264,11 @@ impl TrainModel {
         }
         let delta: Vec<f32> = dt_pre.iter().map(|&v| act::softplus(v)).collect();
         let a: Vec<f32> = w(li.a_log).iter().map(|v| -v.exp()).collect();
-        let ys = concat(per_seq(b, |sq| {
+        let ys = per_seq(b, |sq| {
             let (re, rn) = (sq * s * e..(sq + 1) * s * e, sq * s * n..(sq + 1) * s * n);
             ops::scan(&Scan { x: &xc[re.clone()], delta: &delta[re], a: &a, b: &dbc[1][rn.clone()], c: &dbc[2][rn], d: w(li.d) })
-        }));
+        })
+        .concat();
         let y: Vec<f32> = ys.iter().zip(&z).map(|(v, zz)| v * act::silu(*zz)).collect();
         // 4. Fuse and project back.
         let (an, r1) = rmsnorm(&attn, w(li.norm1), eps);
@@ -417,21 +425,9 @@ impl TrainModel {
             }
         }
         // Attention branch, into q and the group's K/V.
-        let (k, v) = &kv[lp.kv_group];
-        let window = c.sliding_window.unwrap_or(usize::MAX);
-        let (kind, m) = (lp.attn, c.num_memory_tokens);
-        let mask = ops::mask(s, |tq, sk| sees(kind, window, m, tq, sk));
+        let mask = self.mask(lp, s);
         let ag = per_seq(b, |sq| {
-            let at = Attn {
-                q: &tp.q[sq * s * qw..(sq + 1) * s * qw],
-                k: &k[sq * s * kw..(sq + 1) * s * kw],
-                v: &v[sq * s * vw..(sq + 1) * s * vw],
-                heads: c.num_attention_heads,
-                kv_heads: c.num_key_value_heads,
-                dk: c.qk_head_dim,
-                dv: c.v_head_dim,
-                mask: &mask,
-            };
+            let at = self.seq_attn(&tp.q, &kv[lp.kv_group], &mask, sq, s);
             let (mut gq, gk, gv) = ops::attention_backward(&at, &tp.probs[sq], &dattn[sq * s * e..(sq + 1) * s * e]);
             ops::rope_rows(&mut gq, qw, &self.inv_freq, true);
             (gq, gk, gv)

@@ -164,21 +164,8 @@ pub fn conv_backward(x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], db: &mut 
     dx
 }
 
-/// Inputs of the selective scan of one sequence (spec §3.3), `t` rows.
-pub struct Scan<'a> {
-    /// `[t, e]` conv output after SiLU
-    pub x: &'a [f32],
-    /// `[t, e]` Δ after softplus
-    pub delta: &'a [f32],
-    /// `[e, n]`, negative
-    pub a: &'a [f32],
-    /// `[t, n]`
-    pub b: &'a [f32],
-    /// `[t, n]`
-    pub c: &'a [f32],
-    /// `[e]`
-    pub d: &'a [f32],
-}
+/// Inputs of the selective scan of one sequence (spec §3.3): the engine's own type.
+pub use hymba::kernels::scan::ScanInput as Scan;
 
 /// Gradients of [`Scan`]'s inputs.
 pub struct ScanGrads {
@@ -194,8 +181,7 @@ pub struct ScanGrads {
 pub fn scan(s: &Scan) -> Vec<f32> {
     let mut state = vec![0.0; s.a.len()];
     let mut y = vec![0.0; s.x.len()];
-    let inp = hymba::kernels::scan::ScanInput { x: s.x, delta: s.delta, a: s.a, b: s.b, c: s.c, d: s.d };
-    hymba::kernels::scan::selective_scan(&inp, &mut state, &mut y);
+    hymba::kernels::scan::selective_scan(s, &mut state, &mut y);
     y
 }
 

@@ -5,6 +5,7 @@
 //!
 //! Query head `h` reads key/value head `h / (heads / kv_heads)` (grouped-query attention).
 
+use crate::act;
 use crate::isa::{isa, Isa};
 use crate::matmul::dot;
 #[cfg(target_arch = "x86_64")]
@@ -20,19 +21,62 @@ pub enum KeyPos<'a> {
     Slots(&'a [usize]),
 }
 
-/// Keys `[rows, kv_heads·dk]` and values `[rows, kv_heads·dv]` of one block.
+/// How a block's rows are laid out in its `k` and `v` slices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `[rows, kv_heads·d]`: a row holds every head, as a projection produces them.
+    RowMajor,
+    /// `[kv_heads, cap, d]`: each head's rows are contiguous, so attention for one head streams
+    /// through memory (the hardware prefetcher follows it; strided rows defeat it).
+    HeadMajor { cap: usize },
+}
+
+/// Keys and values of one block of rows, each row tagged with its position.
 #[derive(Clone, Copy, Debug)]
 pub struct KvBlock<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
+    pub rows: usize,
+    pub layout: Layout,
     pub pos: KeyPos<'a>,
 }
 
-impl KvBlock<'_> {
+impl<'a> KvBlock<'a> {
+    /// Rows `[n, kv_heads·dk]` of keys and `[n, kv_heads·dv]` of values.
+    pub fn row_major(k: &'a [f32], v: &'a [f32], kw: usize, pos: KeyPos<'a>) -> Self {
+        KvBlock { k, v, rows: k.len().checked_div(kw).unwrap_or(0), layout: Layout::RowMajor, pos }
+    }
+
     fn position(&self, i: usize) -> usize {
         match self.pos {
             KeyPos::Contiguous(s) => s + i,
             KeyPos::Slots(p) => p[i],
+        }
+    }
+
+    /// Offset of row `i` of head `h` in a slice whose rows are `d` long per head.
+    #[inline]
+    fn offset(&self, i: usize, h: usize, heads: usize, d: usize) -> usize {
+        match self.layout {
+            Layout::RowMajor => (i * heads + h) * d,
+            Layout::HeadMajor { cap } => (h * cap + i) * d,
+        }
+    }
+
+    /// Panics unless every row of every head lies inside the slices (the kernels read through
+    /// raw pointers).
+    fn check(&self, sh: AttnShape) {
+        if self.rows == 0 {
+            return;
+        }
+        if let Layout::HeadMajor { cap } = self.layout {
+            assert!(self.rows <= cap, "K/V block: {} rows in a capacity of {cap}", self.rows);
+        }
+        let last = |heads, d| self.offset(self.rows - 1, heads - 1, heads, d) + d;
+        assert!(last(sh.kv_heads, sh.dk) <= self.k.len(), "K/V block: {} keys are too short for {} rows", self.k.len(), self.rows);
+        assert!(last(sh.kv_heads, sh.dv) <= self.v.len(), "K/V block: {} values are too short for {} rows", self.v.len(), self.rows);
+        if let KeyPos::Slots(p) = self.pos {
+            assert!(p.len() >= self.rows, "K/V block: {} positions for {} rows", p.len(), self.rows);
         }
     }
 }
@@ -75,29 +119,17 @@ pub fn attention_with(
     let (qw, ow) = (sh.heads * sh.dk, sh.heads * sh.dv);
     assert_eq!(q.len(), q_pos.len() * qw);
     assert_eq!(out.len(), q_pos.len() * ow);
-    let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
     let group = sh.heads / sh.kv_heads;
     let rows = q_pos.len() * sh.kv_heads;
+    for b in blocks {
+        b.check(sh);
+    }
     // Few (query, K/V head) pairs, as in decode: split each one's keys so every core has work.
     let target = 4 * rayon::current_num_threads();
     let splits = if rows >= target { 1 } else { target.div_ceil(rows) };
-    // Phase 1: the keys each (query row, K/V head) sees, as (block, row).
-    let lists: Vec<Vec<(u32, u32)>> = (0..rows)
-        .into_par_iter()
-        .map(|task| {
-            let tp = q_pos[task / sh.kv_heads];
-            let mut l = Vec::new();
-            for (bi, b) in blocks.iter().enumerate() {
-                for i in 0..b.k.len() / kw {
-                    let p = b.position(i);
-                    if p != usize::MAX && sees(tp, p) {
-                        l.push((bi as u32, i as u32));
-                    }
-                }
-            }
-            l
-        })
-        .collect();
+    // Phase 1: the keys each query row sees, as runs of consecutive rows of a block (a ring's
+    // slots are in position order but for one wrap, so runs are long). Shared by its K/V heads.
+    let lists: Vec<Vec<Run>> = q_pos.par_iter().with_min_len(8).map(|&tp| visible_runs(blocks, tp, sees)).collect();
     // Phase 2: softmax-weighted sums over each slice of keys, unnormalised, with the slice's max
     // and sum so slices combine exactly (the flash-decoding split).
     let parts: Vec<Partial> = (0..rows * splits)
@@ -106,15 +138,22 @@ pub fn attention_with(
             SCRATCH.with_borrow_mut(|(keys, vals, scores)| {
                 let (task, c) = (w / splits, w % splits);
                 let (t, kh) = (task / sh.kv_heads, task % sh.kv_heads);
-                let list = &lists[task];
-                let chunk = list.len().div_ceil(splits);
-                let range = (c * chunk).min(list.len())..((c + 1) * chunk).min(list.len());
+                let runs = &lists[t];
+                let total: usize = runs.iter().map(|r| r.len as usize).sum();
+                let chunk = total.div_ceil(splits);
+                let (lo, hi) = ((c * chunk).min(total), ((c + 1) * chunk).min(total));
                 keys.clear();
                 vals.clear();
-                for &(bi, i) in &list[range] {
-                    let (b, i) = (&blocks[bi as usize], i as usize);
-                    keys.push(b.k[i * kw + kh * sh.dk..].as_ptr());
-                    vals.push(b.v[i * vw + kh * sh.dv..].as_ptr());
+                let mut at = 0;
+                for r in runs {
+                    let (s, e) = (lo.max(at), hi.min(at + r.len as usize));
+                    let b = &blocks[r.block as usize];
+                    for i in s..e {
+                        let i = r.start as usize + i - at;
+                        keys.push(b.k[b.offset(i, kh, sh.kv_heads, sh.dk)..].as_ptr());
+                        vals.push(b.v[b.offset(i, kh, sh.kv_heads, sh.dv)..].as_ptr());
+                    }
+                    at += r.len as usize;
                 }
                 let nk = keys.len();
                 let mut part = Partial { max: vec![f32::NEG_INFINITY; group], sum: vec![0.0; group], acc: vec![0.0; group * sh.dv] };
@@ -126,16 +165,13 @@ pub fn attention_with(
                 scores.resize(group * nk, 0.0);
                 // SAFETY: every pointer starts a row slice with at least dk (keys) or dv
                 // (values) elements, taken from the blocks above.
-                unsafe { head_scores(isa, qg, group, sh.dk, keys, scale, scores) };
+                unsafe { head_scores(isa, qg, group, sh.dk, keys, vals, sh.dv, scale, scores) };
                 for (g, s) in scores.chunks_exact_mut(nk).enumerate() {
                     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for v in s.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
+                    s.iter_mut().for_each(|v| *v -= max);
+                    act::exp_inplace_with(isa, s);
                     part.max[g] = max;
-                    part.sum[g] = sum;
+                    part.sum[g] = s.iter().sum();
                 }
                 unsafe { head_values(isa, scores, group, sh.dv, vals, &mut part.acc) };
                 part
@@ -143,7 +179,7 @@ pub fn attention_with(
         })
         .collect();
     // Phase 3: combine the slices of every (row, head).
-    out.par_chunks_mut(group * sh.dv).enumerate().for_each(|(task, o)| {
+    out.par_chunks_mut(group * sh.dv).with_min_len(8).enumerate().for_each(|(task, o)| {
         let ps = &parts[task * splits..(task + 1) * splits];
         for g in 0..group {
             let m = ps.iter().map(|p| p.max[g]).fold(f32::NEG_INFINITY, f32::max);
@@ -167,6 +203,31 @@ pub fn attention_with(
     });
 }
 
+/// Rows `start..start + len` of block `block`.
+struct Run {
+    block: u32,
+    start: u32,
+    len: u32,
+}
+
+/// The rows of `blocks` a query at `tp` sees, in block order, merged into runs.
+fn visible_runs(blocks: &[KvBlock], tp: usize, sees: &(dyn Fn(usize, usize) -> bool + Sync)) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (bi, b) in blocks.iter().enumerate() {
+        for i in 0..b.rows {
+            let p = b.position(i);
+            if p == usize::MAX || !sees(tp, p) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.block == bi as u32 && (r.start + r.len) as usize == i => r.len += 1,
+                _ => runs.push(Run { block: bi as u32, start: i as u32, len: 1 }),
+            }
+        }
+    }
+    runs
+}
+
 thread_local! {
     /// Per-thread key and value row pointers and scores, reused across calls: allocating them
     /// afresh made long-context decode spend its time zeroing new pages.
@@ -184,10 +245,12 @@ struct Partial {
 
 /// # Safety
 /// Each `keys[j]` must point to `dk` readable floats.
-unsafe fn head_scores(isa: Isa, q: &[f32], group: usize, dk: usize, keys: &[*const f32], scale: f32, out: &mut [f32]) {
+/// Each `vals[j]` to `dv` (only prefetched here).
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_scores(isa: Isa, q: &[f32], group: usize, dk: usize, keys: &[*const f32], vals: &[*const f32], dv: usize, scale: f32, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::attn_scores(q, group, dk, keys, scale, out),
+        Isa::Avx2 => x86::attn_scores(q, group, dk, keys, vals, dv, scale, out),
         _ => {
             let nk = keys.len();
             for (j, &kp) in keys.iter().enumerate() {
@@ -232,22 +295,22 @@ pub fn attention_ref(
     sees: &dyn Fn(usize, usize) -> bool,
     out: &mut [f32],
 ) {
-    let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
     for (t, &tp) in q_pos.iter().enumerate() {
         for h in 0..sh.heads {
             let kh = h * sh.kv_heads / sh.heads;
             let mut sv: Vec<(f64, Vec<f32>)> = Vec::new();
             for b in blocks {
-                for i in 0..b.k.len() / kw {
+                for i in 0..b.rows {
                     let p = b.position(i);
                     if p == usize::MAX || !sees(tp, p) {
                         continue;
                     }
+                    let (ko, vo) = (b.offset(i, kh, sh.kv_heads, sh.dk), b.offset(i, kh, sh.kv_heads, sh.dv));
                     let mut s = 0f64;
                     for j in 0..sh.dk {
-                        s += (q[t * sh.heads * sh.dk + h * sh.dk + j] * b.k[i * kw + kh * sh.dk + j]) as f64;
+                        s += (q[t * sh.heads * sh.dk + h * sh.dk + j] * b.k[ko + j]) as f64;
                     }
-                    sv.push((s * scale as f64, b.v[i * vw + kh * sh.dv..i * vw + (kh + 1) * sh.dv].to_vec()));
+                    sv.push((s * scale as f64, b.v[vo..vo + sh.dv].to_vec()));
                 }
             }
             let max = sv.iter().map(|x| x.0).fold(f64::NEG_INFINITY, f64::max);
@@ -272,7 +335,7 @@ mod tests {
         let sh = AttnShape { heads: 2, kv_heads: 1, dk: 8, dv: 24 };
         let k = rng.normal_vec(5 * 8, 1.0);
         let v = rng.normal_vec(5 * 24, 1.0);
-        let blocks = [KvBlock { k: &k, v: &v, pos: KeyPos::Contiguous(0) }];
+        let blocks = [KvBlock::row_major(&k, &v, 8, KeyPos::Contiguous(0))];
         let q = rng.normal_vec(16, 1.0);
         let sees = |t: usize, s: usize| s <= t && t - s <= 1;
         let (mut o1, mut o2) = (vec![0.0; 48], vec![0.0; 48]);
@@ -289,18 +352,19 @@ mod tests {
         for &(heads, kv_heads, dk, dv) in &[(4, 2, 8, 16), (3, 3, 5, 7), (6, 1, 4, 4), (14, 2, 24, 40), (10, 5, 64, 128)] {
             let sh = AttnShape { heads, kv_heads, dk, dv };
             let (kw, vw) = (kv_heads * dk, kv_heads * dv);
-            // A prefix at 0..3, a ring of 5 slots with one empty, new rows at 20..23.
+            // A prefix at 0..3, a head-major ring of 5 slots (capacity 6) with one empty, new
+            // rows at 20..23.
             let pk = rng.normal_vec(3 * kw, 1.0);
             let pv = rng.normal_vec(3 * vw, 1.0);
-            let rk = rng.normal_vec(5 * kw, 1.0);
-            let rv = rng.normal_vec(5 * vw, 1.0);
+            let rk = rng.normal_vec(6 * kw, 1.0);
+            let rv = rng.normal_vec(6 * vw, 1.0);
             let slots = [17, 18, usize::MAX, 15, 16];
             let nk = rng.normal_vec(3 * kw, 1.0);
             let nv = rng.normal_vec(3 * vw, 1.0);
             let blocks = [
-                KvBlock { k: &pk, v: &pv, pos: KeyPos::Contiguous(0) },
-                KvBlock { k: &rk, v: &rv, pos: KeyPos::Slots(&slots) },
-                KvBlock { k: &nk, v: &nv, pos: KeyPos::Contiguous(20) },
+                KvBlock::row_major(&pk, &pv, kw, KeyPos::Contiguous(0)),
+                KvBlock { k: &rk, v: &rv, rows: 5, layout: Layout::HeadMajor { cap: 6 }, pos: KeyPos::Slots(&slots) },
+                KvBlock::row_major(&nk, &nv, kw, KeyPos::Contiguous(20)),
             ];
             let qp = [20, 21, 22];
             let q = rng.normal_vec(3 * heads * dk, 1.0);

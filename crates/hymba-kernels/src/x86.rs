@@ -184,72 +184,130 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
-/// Attention scores of `group` query heads (rows of `q`, each `dk` long) against keys at
-/// `keys[j]` (each `dk` long): `out[g·nk + j] = scale · q_g · k_j`. Each key row is loaded once
-/// for all the heads that share it.
+/// Lane `i` of the result is the sum of the lanes of `a[i]`.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn attn_scores(q: &[f32], group: usize, dk: usize, keys: &[*const f32], scale: f32, out: &mut [f32]) {
+unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
+    let t0 = _mm256_hadd_ps(a[0], a[1]);
+    let t1 = _mm256_hadd_ps(a[2], a[3]);
+    let t2 = _mm256_hadd_ps(a[4], a[5]);
+    let t3 = _mm256_hadd_ps(a[6], a[7]);
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
+}
+
+/// Attention scores of `group` query heads (rows of `q`, each `dk` long) against keys at
+/// `keys[j]` (each `dk` long): `out[g·nk + j] = scale · q_g · k_j`. Keys go eight at a time:
+/// eight dot products share each query load and are reduced together, and the block of keys
+/// stays in L1 while every head of the group reads it.
+///
+/// Rows of a cache are strided (one position holds every head), too sparse a pattern for the
+/// hardware prefetcher to run ahead: the next block's keys are requested while this one is
+/// used, and the value rows `vals[j]` (`dv` long, read by [`attn_values`] next) into L2.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attn_scores(q: &[f32], group: usize, dk: usize, keys: &[*const f32], vals: &[*const f32], dv: usize, scale: f32, out: &mut [f32]) {
     let nk = keys.len();
     let full = dk / 8 * 8;
-    for (j, &kp) in keys.iter().enumerate() {
+    for j0 in (0..nk).step_by(8) {
+        let kb = 8.min(nk - j0);
+        for &p in &keys[(j0 + 8).min(nk)..(j0 + 16).min(nk)] {
+            for off in (0..dk).step_by(16) {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(off) as *const i8);
+            }
+        }
+        for &p in &vals[j0..j0 + kb] {
+            for off in (0..dv).step_by(16) {
+                _mm_prefetch::<_MM_HINT_T1>(p.add(off) as *const i8);
+            }
+        }
+        // A short last block repeats its last key; those results are dropped.
+        let kp: [*const f32; 8] = std::array::from_fn(|i| keys[j0 + i.min(kb - 1)]);
         for g in 0..group {
             let qp = q.as_ptr().add(g * dk);
-            let mut a0 = _mm256_setzero_ps();
-            let mut a1 = _mm256_setzero_ps();
-            let mut i = 0;
-            while i + 16 <= full {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kp.add(i)), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i + 8)), _mm256_loadu_ps(kp.add(i + 8)), a1);
-                i += 16;
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut d = 0;
+            while d < full {
+                let qv = _mm256_loadu_ps(qp.add(d));
+                for i in 0..8 {
+                    acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[i].add(d)), acc[i]);
+                }
+                d += 8;
             }
-            if i < full {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kp.add(i)), a0);
+            let mut s = [0f32; 8];
+            _mm256_storeu_ps(s.as_mut_ptr(), _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+            for (i, si) in s.iter().enumerate().take(kb) {
+                let mut v = *si;
+                for d in full..dk {
+                    v += *qp.add(d) * *kp[i].add(d) * scale;
+                }
+                out[g * nk + j0 + i] = v;
             }
-            let mut s = hsum(_mm256_add_ps(a0, a1));
-            for i in full..dk {
-                s += *qp.add(i) * *kp.add(i);
-            }
-            out[g * nk + j] = s * scale;
         }
     }
 }
 
 /// Weighted sum of value rows for `group` heads: `out[g·dv..][d] = Σ_j p[g·nk + j] · v_j[d]`.
-/// Walks the values 16 columns at a time with every head's accumulators in registers, so each
-/// value cache line is read once.
+/// Walks the values 16 columns at a time with up to five heads' accumulators in registers,
+/// over blocks of keys small enough that a block's rows stay in L1 across the column passes:
+/// each value row is read from memory once.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn attn_values(p: &[f32], group: usize, dv: usize, vals: &[*const f32], out: &mut [f32]) {
-    const G: usize = 6;
+    out[..group * dv].fill(0.0);
+    let mut g0 = 0;
+    while g0 < group {
+        let gn = 5.min(group - g0);
+        match gn {
+            1 => values_heads::<1>(p, g0, dv, vals, out),
+            2 => values_heads::<2>(p, g0, dv, vals, out),
+            3 => values_heads::<3>(p, g0, dv, vals, out),
+            4 => values_heads::<4>(p, g0, dv, vals, out),
+            _ => values_heads::<5>(p, g0, dv, vals, out),
+        }
+        g0 += gn;
+    }
+}
+
+/// [`attn_values`] for heads `g0..g0 + G`, adding into `out`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn values_heads<const G: usize>(p: &[f32], g0: usize, dv: usize, vals: &[*const f32], out: &mut [f32]) {
+    const KEYS: usize = 64;
     let nk = vals.len();
     let full = dv / 16 * 16;
-    for g0 in (0..group).step_by(G) {
-        let gn = G.min(group - g0);
+    for j0 in (0..nk).step_by(KEYS) {
+        let block = &vals[j0..(j0 + KEYS).min(nk)];
+        let pr: [*const f32; G] = std::array::from_fn(|g| p.as_ptr().add((g0 + g) * nk + j0));
         let mut c = 0;
         while c < full {
-            let mut acc = [[_mm256_setzero_ps(); 2]; G];
-            for (j, &vp) in vals.iter().enumerate() {
+            let mut acc: [[__m256; 2]; G] = std::array::from_fn(|g| {
+                let o = out.as_ptr().add((g0 + g) * dv + c);
+                [_mm256_loadu_ps(o), _mm256_loadu_ps(o.add(8))]
+            });
+            for (j, &vp) in block.iter().enumerate() {
                 let v0 = _mm256_loadu_ps(vp.add(c));
                 let v1 = _mm256_loadu_ps(vp.add(c + 8));
-                for g in 0..gn {
-                    let w = _mm256_set1_ps(*p.get_unchecked((g0 + g) * nk + j));
+                for g in 0..G {
+                    let w = _mm256_broadcast_ss(&*pr[g].add(j));
                     acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
                     acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
                 }
             }
-            for g in 0..gn {
+            for (g, a) in acc.iter().enumerate() {
                 let o = out.as_mut_ptr().add((g0 + g) * dv + c);
-                _mm256_storeu_ps(o, acc[g][0]);
-                _mm256_storeu_ps(o.add(8), acc[g][1]);
+                _mm256_storeu_ps(o, a[0]);
+                _mm256_storeu_ps(o.add(8), a[1]);
             }
             c += 16;
         }
-        for g in g0..g0 + gn {
+        for g in 0..G {
             for d in full..dv {
-                let mut s = 0f32;
-                for (j, &vp) in vals.iter().enumerate() {
-                    s += p[g * nk + j] * *vp.add(d);
+                let mut s = out[(g0 + g) * dv + d];
+                for (j, &vp) in block.iter().enumerate() {
+                    s += *pr[g].add(j) * *vp.add(d);
                 }
-                out[g * dv + d] = s;
+                out[(g0 + g) * dv + d] = s;
             }
         }
     }

@@ -10,19 +10,132 @@
 //! Stores know the absolute position of every row; masks are built from positions, never
 //! from slot indices.
 
-use hymba_kernels::attention::{KeyPos, KvBlock};
+use hymba_kernels::attention::{KeyPos, KvBlock, Layout};
 use std::sync::Arc;
 
-/// Keys `[n, Hkv·dqk]` and values `[n, Hkv·dv]` in row order.
+/// Keys `[n, Hkv·dqk]` and values `[n, Hkv·dv]` in row order, as the projections produce
+/// them for the rows of one forward call.
 #[derive(Clone, Debug, Default)]
 pub struct KvRows {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
 }
 
-impl KvRows {
+/// Rows of `heads` vectors of `d` values, stored head-major (`[heads, cap, d]`): attention
+/// for one head then reads contiguous memory. Grows by doubling, up to `max` rows.
+#[derive(Clone, Debug)]
+pub struct HeadRows {
+    data: Vec<f32>,
+    heads: usize,
+    d: usize,
+    rows: usize,
+    cap: usize,
+    max: usize,
+}
+
+impl HeadRows {
+    pub fn new(heads: usize, d: usize, max: usize) -> Self {
+        HeadRows { data: Vec::new(), heads, d, rows: 0, cap: 0, max }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// The storage, `[heads, capacity, d]`.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Bytes of the rows held.
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * 4
+        self.rows * self.heads * self.d * 4
+    }
+
+    fn reserve(&mut self, rows: usize) {
+        assert!(rows <= self.max, "K/V rows: {rows} exceed the maximum of {}", self.max);
+        if rows <= self.cap {
+            return;
+        }
+        let cap = rows.max(2 * self.cap).max(16).min(self.max);
+        let mut data = vec![0.0; self.heads * cap * self.d];
+        let n = self.rows * self.d;
+        for h in 0..self.heads {
+            data[h * cap * self.d..][..n].copy_from_slice(&self.data[h * self.cap * self.d..][..n]);
+        }
+        (self.data, self.cap) = (data, cap);
+    }
+
+    /// Writes row-major `row` (`heads·d`) into slot `slot` (at most one past the last row).
+    pub fn set(&mut self, slot: usize, row: &[f32]) {
+        debug_assert_eq!(row.len(), self.heads * self.d);
+        assert!(slot <= self.rows, "K/V rows: slot {slot} past the end ({})", self.rows);
+        if slot == self.rows {
+            self.reserve(slot + 1);
+            self.rows += 1;
+        }
+        for (h, v) in row.chunks_exact(self.d).enumerate() {
+            self.data[(h * self.cap + slot) * self.d..][..self.d].copy_from_slice(v);
+        }
+    }
+
+    /// Appends row-major rows (`[n, heads·d]`).
+    pub fn extend(&mut self, rows: &[f32]) {
+        let w = self.heads * self.d;
+        self.reserve(self.rows + rows.len() / w.max(1));
+        for r in rows.chunks_exact(w) {
+            self.set(self.rows, r);
+        }
+    }
+
+    /// The rows in row-major order (`[len, heads·d]`), as saved to disk.
+    pub fn to_row_major(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.heads * self.d);
+        for i in 0..self.rows {
+            for h in 0..self.heads {
+                out.extend_from_slice(&self.data[(h * self.cap + i) * self.d..][..self.d]);
+            }
+        }
+        out
+    }
+}
+
+/// The keys and values of one group's rows.
+#[derive(Clone, Debug)]
+pub struct Kv {
+    pub k: HeadRows,
+    pub v: HeadRows,
+}
+
+impl Kv {
+    pub fn new(heads: usize, dk: usize, dv: usize, max: usize) -> Self {
+        Kv { k: HeadRows::new(heads, dk, max), v: HeadRows::new(heads, dv, max) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.k.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.k.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.k.bytes() + self.v.bytes()
+    }
+
+    /// The rows as an attention block.
+    pub fn block<'a>(&'a self, pos: KeyPos<'a>) -> KvBlock<'a> {
+        debug_assert_eq!(self.k.cap, self.v.cap);
+        KvBlock { k: &self.k.data, v: &self.v.data, rows: self.len(), layout: Layout::HeadMajor { cap: self.k.cap }, pos }
     }
 }
 
@@ -47,14 +160,14 @@ pub struct MetaPrefix {
     /// M
     pub len: usize,
     /// Meta-token K/V per K/V group, positions 0..M.
-    pub kv: Vec<KvRows>,
+    pub kv: Vec<Kv>,
     /// SSM and conv state per layer after the meta tokens.
     pub states: Vec<LayerState>,
 }
 
 impl MetaPrefix {
     pub fn bytes(&self) -> usize {
-        self.kv.iter().map(KvRows::bytes).sum::<usize>()
+        self.kv.iter().map(Kv::bytes).sum::<usize>()
             + self.states.iter().map(|s| (s.ssm.len() + s.conv.len()) * 4).sum::<usize>()
     }
 }
@@ -63,42 +176,39 @@ impl MetaPrefix {
 #[derive(Clone, Debug)]
 pub enum KvStore {
     /// Every token from position `start` on.
-    Global { rows: KvRows, start: usize },
+    Global { kv: Kv, start: usize },
     /// The last `cap` tokens; `pos[i]` is the position held in slot `i`.
-    Window { rows: KvRows, pos: Vec<usize>, cap: usize },
+    Window { kv: Kv, pos: Vec<usize>, cap: usize },
 }
 
 impl KvStore {
     /// The stored rows as an attention block.
     pub fn block(&self) -> KvBlock<'_> {
         match self {
-            KvStore::Global { rows, start } => KvBlock { k: &rows.k, v: &rows.v, pos: KeyPos::Contiguous(*start) },
-            KvStore::Window { rows, pos, .. } => KvBlock { k: &rows.k, v: &rows.v, pos: KeyPos::Slots(pos) },
+            KvStore::Global { kv, start } => kv.block(KeyPos::Contiguous(*start)),
+            KvStore::Window { kv, pos, .. } => kv.block(KeyPos::Slots(pos)),
         }
     }
 
     /// Appends rows for positions `pos0..`, given with widths `kw` and `vw`.
     pub fn append(&mut self, new: &KvRows, pos0: usize, kw: usize, vw: usize) {
         match self {
-            KvStore::Global { rows, .. } => {
-                rows.k.extend_from_slice(&new.k);
-                rows.v.extend_from_slice(&new.v);
+            KvStore::Global { kv, .. } => {
+                kv.k.extend(&new.k);
+                kv.v.extend(&new.v);
             }
-            KvStore::Window { rows, pos, cap } => {
+            KvStore::Window { kv, pos, cap } => {
                 let n = new.k.len() / kw;
                 // Only the last `cap` rows can survive.
                 for i in n.saturating_sub(*cap)..n {
                     let p = pos0 + i;
-                    let (nk, nv) = (&new.k[i * kw..(i + 1) * kw], &new.v[i * vw..(i + 1) * vw]);
-                    if pos.len() < *cap {
-                        rows.k.extend_from_slice(nk);
-                        rows.v.extend_from_slice(nv);
+                    // A free slot while the ring fills, then the oldest one.
+                    let slot = if pos.len() < *cap { pos.len() } else { (0..*cap).min_by_key(|&s| pos[s]).expect("cap > 0") };
+                    kv.k.set(slot, &new.k[i * kw..(i + 1) * kw]);
+                    kv.v.set(slot, &new.v[i * vw..(i + 1) * vw]);
+                    if slot == pos.len() {
                         pos.push(p);
                     } else {
-                        // Overwrite the oldest slot.
-                        let slot = (0..*cap).min_by_key(|&s| pos[s]).expect("cap > 0");
-                        rows.k[slot * kw..(slot + 1) * kw].copy_from_slice(nk);
-                        rows.v[slot * vw..(slot + 1) * vw].copy_from_slice(nv);
                         pos[slot] = p;
                     }
                 }
@@ -109,8 +219,8 @@ impl KvStore {
     /// Bytes of K/V held (positions bookkeeping included).
     pub fn bytes(&self) -> usize {
         match self {
-            KvStore::Global { rows, .. } => rows.bytes(),
-            KvStore::Window { rows, pos, .. } => rows.bytes() + pos.len() * std::mem::size_of::<usize>(),
+            KvStore::Global { kv, .. } => kv.bytes(),
+            KvStore::Window { kv, pos, .. } => kv.bytes() + pos.len() * std::mem::size_of::<usize>(),
         }
     }
 }
@@ -172,7 +282,7 @@ mod tests {
 
     #[test]
     fn ring_keeps_the_last_cap_positions() {
-        let mut s = KvStore::Window { rows: KvRows::default(), pos: Vec::new(), cap: 3 };
+        let mut s = KvStore::Window { kv: Kv::new(1, 1, 1, 3), pos: Vec::new(), cap: 3 };
         let rows = |ps: std::ops::Range<usize>| KvRows {
             k: ps.clone().map(|p| p as f32).collect(),
             v: ps.map(|p| -(p as f32)).collect(),
@@ -180,9 +290,29 @@ mod tests {
         s.append(&rows(10..12), 10, 1, 1);
         s.append(&rows(12..13), 12, 1, 1);
         s.append(&rows(13..18), 13, 1, 1);
-        let KvStore::Window { rows, pos, .. } = &s else { unreachable!() };
-        let mut got: Vec<(usize, f32, f32)> = (0..3).map(|i| (pos[i], rows.k[i], rows.v[i])).collect();
+        let KvStore::Window { kv, pos, .. } = &s else { unreachable!() };
+        let mut got: Vec<(usize, f32, f32)> = (0..3).map(|i| (pos[i], kv.k.data()[i], kv.v.data()[i])).collect();
         got.sort_by_key(|x| x.0);
         assert_eq!(got, vec![(15, 15.0, -15.0), (16, 16.0, -16.0), (17, 17.0, -17.0)]);
+    }
+
+    /// Rows keep their values across growth, in a head-major layout, and read back in order.
+    #[test]
+    fn head_rows_grow_and_read_back() {
+        let (heads, d) = (3, 2);
+        let rows: Vec<f32> = (0..40 * heads * d).map(|v| v as f32).collect();
+        let mut r = HeadRows::new(heads, d, 100);
+        r.extend(&rows[..heads * d]);
+        r.extend(&rows[heads * d..37 * heads * d]);
+        for i in 37..40 {
+            r.set(i, &rows[i * heads * d..(i + 1) * heads * d]);
+        }
+        assert_eq!(r.len(), 40);
+        assert_eq!(r.to_row_major(), rows);
+        let cap = r.capacity();
+        // Head 1 of row 5 sits in head 1's contiguous run.
+        assert_eq!(&r.data()[(cap + 5) * d..(cap + 5) * d + d], &rows[(5 * heads + 1) * d..(5 * heads + 2) * d]);
+        r.set(3, &[9.0; 6]);
+        assert_eq!(&r.to_row_major()[3 * heads * d..4 * heads * d], &[9.0; 6]);
     }
 }

@@ -5,7 +5,7 @@
 //! decoding is a prefill of one row. `Model::forward_uncached` is the official no-cache forward
 //! (meta tokens prepended, blank state) and serves as the reference in tests.
 
-use crate::cache::{Cache, KvRows, KvStore, LayerState, MetaPrefix};
+use crate::cache::{Cache, Kv, KvRows, KvStore, LayerState, MetaPrefix};
 use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
 use crate::error::{Error, Result};
 use crate::mask::{sees, DecodeWindow};
@@ -101,7 +101,7 @@ impl Model {
         let m = self.config.num_memory_tokens;
         let mut states = self.blank_states();
         let mut h = self.weights.memory_tokens.clone();
-        let kv = if m == 0 {
+        let rows = if m == 0 {
             vec![KvRows::default(); self.groups.len()]
         } else {
             let mut seg = [self.blank_segment(m, &mut states)];
@@ -109,7 +109,22 @@ impl Model {
             let [seg] = seg;
             seg.new_kv
         };
+        let kv = rows
+            .iter()
+            .map(|r| {
+                let mut kv = self.new_kv(m);
+                kv.k.extend(&r.k);
+                kv.v.extend(&r.v);
+                kv
+            })
+            .collect();
         MetaPrefix { len: m, kv, states }
+    }
+
+    /// Empty K/V rows of one group, up to `max` of them.
+    fn new_kv(&self, max: usize) -> Kv {
+        let c = &self.config;
+        Kv::new(c.num_key_value_heads, c.qk_head_dim, c.v_head_dim, max)
     }
 
     /// A sequence that starts from nothing (not even the meta prefix): `len` rows from
@@ -131,10 +146,10 @@ impl Model {
             .groups
             .iter()
             .map(|g| match g.attn {
-                AttnKind::Global => KvStore::Global { rows: KvRows::default(), start: self.meta.len },
+                AttnKind::Global => KvStore::Global { kv: self.new_kv(usize::MAX), start: self.meta.len },
                 // A query sees itself and the W tokens before it; its own row comes from the
                 // call's new rows, so the ring keeps only the W past tokens.
-                AttnKind::Window => KvStore::Window { rows: KvRows::default(), pos: Vec::new(), cap: w },
+                AttnKind::Window => KvStore::Window { kv: self.new_kv(w), pos: Vec::new(), cap: w },
             })
             .collect();
         Cache { meta: self.meta.clone(), pos: self.meta.len, kv, states: self.meta.states.clone() }
@@ -227,7 +242,7 @@ impl Model {
                     .map(|g| {
                         let mut b = Vec::with_capacity(2);
                         if meta.len > 0 {
-                            b.push(KvBlock { k: &meta.kv[g].k, v: &meta.kv[g].v, pos: KeyPos::Contiguous(0) });
+                            b.push(meta.kv[g].block(KeyPos::Contiguous(0)));
                         }
                         b.push(kv[g].block());
                         b
@@ -391,7 +406,7 @@ impl Model {
             // 2. Attention branch over the group's past K/V and this call's rows.
             let cur = &s.new_kv[lp.kv_group];
             let mut blocks = s.past[lp.kv_group].clone();
-            blocks.push(KvBlock { k: &cur.k, v: &cur.v, pos: KeyPos::Contiguous(s.pos0) });
+            blocks.push(KvBlock::row_major(&cur.k, &cur.v, kw, KeyPos::Contiguous(s.pos0)));
             let (kind, m, window) = (lp.attn, c.num_memory_tokens, s.window);
             let visible = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
             attention(qs, &pos, &blocks, shape, scale, &visible, out);

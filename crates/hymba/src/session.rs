@@ -3,7 +3,7 @@
 //! small, so a long conversation resumes without recomputing it. The file is safetensors with
 //! a fingerprint of the model, so a state is never restored into a different model.
 
-use crate::cache::{Cache, KvRows, KvStore, LayerState};
+use crate::cache::{Cache, KvStore, LayerState};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use safetensors::tensor::TensorView;
@@ -21,7 +21,7 @@ pub fn fingerprint(model: &Model) -> String {
     };
     eat(model.config.raw.to_string().as_bytes());
     for kv in &model.meta_prefix().kv {
-        for v in kv.k.iter().chain(&kv.v) {
+        for v in kv.k.to_row_major().iter().chain(&kv.v.to_row_major()) {
             eat(&v.to_le_bytes());
         }
     }
@@ -37,12 +37,14 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 pub fn save(model: &Model, cache: &Cache, extra: &str, path: &Path) -> Result<()> {
     let mut named: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (g, store) in cache.kv.iter().enumerate() {
-        let (rows, pos) = match store {
-            KvStore::Global { rows, .. } => (rows, None),
-            KvStore::Window { rows, pos, .. } => (rows, Some(pos)),
+        // Saved row-major, as the rows were computed: the file does not depend on the layout.
+        let (kv, pos) = match store {
+            KvStore::Global { kv, .. } => (kv, None),
+            KvStore::Window { kv, pos, .. } => (kv, Some(pos)),
         };
-        named.push((format!("kv.{g}.k"), StDtype::F32, vec![rows.k.len()], f32_bytes(&rows.k)));
-        named.push((format!("kv.{g}.v"), StDtype::F32, vec![rows.v.len()], f32_bytes(&rows.v)));
+        let (k, v) = (kv.k.to_row_major(), kv.v.to_row_major());
+        named.push((format!("kv.{g}.k"), StDtype::F32, vec![k.len()], f32_bytes(&k)));
+        named.push((format!("kv.{g}.v"), StDtype::F32, vec![v.len()], f32_bytes(&v)));
         if let Some(p) = pos {
             named.push((format!("kv.{g}.pos"), StDtype::I64, vec![p.len()], p.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()));
         }
@@ -92,26 +94,29 @@ pub fn load(model: &Model, path: &Path) -> Result<(Cache, String)> {
     cache.pos = meta.get("pos").and_then(|p| p.parse().ok()).ok_or_else(|| bad("no position".into()))?;
     let (kw, vw) = (model.config.k_width(), model.config.v_width());
     for (g, store) in cache.kv.iter_mut().enumerate() {
-        let rows = KvRows { k: f32s(&format!("kv.{g}.k"), None)?, v: f32s(&format!("kv.{g}.v"), None)? };
-        if rows.k.len() % kw != 0 || rows.v.len() / vw != rows.k.len() / kw {
+        let (k, v) = (f32s(&format!("kv.{g}.k"), None)?, f32s(&format!("kv.{g}.v"), None)?);
+        if k.len() % kw != 0 || v.len() % vw != 0 || v.len() / vw != k.len() / kw {
             return Err(bad(format!("K/V of group {g} have inconsistent sizes")));
         }
-        match store {
-            KvStore::Global { rows: r, start } => {
-                if cache.pos < *start || rows.k.len() / kw != cache.pos - *start {
+        let n = k.len() / kw;
+        let kv = match store {
+            KvStore::Global { kv, start } => {
+                if cache.pos < *start || n != cache.pos - *start {
                     return Err(bad(format!("global K/V of group {g} does not match the position")));
                 }
-                *r = rows
+                kv
             }
-            KvStore::Window { rows: r, pos, cap } => {
+            KvStore::Window { kv, pos, cap } => {
                 let t = st.tensor(&format!("kv.{g}.pos")).map_err(|_| bad(format!("missing `kv.{g}.pos`")))?;
                 *pos = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
-                if pos.len() != rows.k.len() / kw || pos.len() > *cap {
+                if pos.len() != n || pos.len() > *cap {
                     return Err(bad(format!("window of group {g} does not fit its ring")));
                 }
-                *r = rows;
+                kv
             }
-        }
+        };
+        kv.k.extend(&k);
+        kv.v.extend(&v);
     }
     for (l, s) in cache.states.iter_mut().enumerate() {
         *s = LayerState { ssm: f32s(&format!("state.{l}.ssm"), Some(s.ssm.len()))?, conv: f32s(&format!("state.{l}.conv"), Some(s.conv.len()))? };

@@ -1,0 +1,99 @@
+//! `cargo bench -p hymba-kernels`: the hot kernels at Hymba-1.5B's shapes, each reported as a
+//! fraction of a ceiling measured in the same run (read bandwidth, or the f32 FMA peak).
+//!
+//! Set `HYMBA_ISA=portable` to measure the portable path.
+
+use half::bf16;
+use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, Layout};
+use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
+use hymba_kernels::testing::Rng;
+use hymba_kernels::{matmul, probe, Mat, WeightData};
+use std::time::Instant;
+
+/// Best seconds of `reps` runs of `f`.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let on = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    let bw = probe::read_bandwidth(1 << 30, 5);
+    println!("read bandwidth {:.1} GB/s, {} threads", bw / 1e9, rayon::current_num_threads());
+    let mut rng = Rng::new(1);
+    // Four [5504, 1600] matrices (the MLP's shape): 70 MB of bf16, twice the last-level cache,
+    // so every pass streams from memory as decode does.
+    let (n, k) = (5504, 1600);
+    let nmats = if on("matmul") { 4 } else { 0 };
+    let wf: Vec<Vec<f32>> = (0..nmats).map(|_| rng.normal_vec(n * k, 0.02)).collect();
+    let wb: Vec<Vec<bf16>> = wf.iter().map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect()).collect();
+    let wq8: Vec<Vec<BlockQ8_0>> = wf.iter().map(|w| { let mut q = vec![BlockQ8_0::default(); n * k / QK]; quant::quantize_q8_0(w, &mut q); q }).collect();
+    let wq4: Vec<Vec<BlockQ4_0>> = wf.iter().map(|w| { let mut q = vec![BlockQ4_0::default(); n * k / QK]; quant::quantize_q4_0(w, &mut q); q }).collect();
+    drop(wf);
+    for (name, mats) in [
+        ("bf16", wb.iter().map(|w| WeightData::BF16(w)).collect::<Vec<_>>()),
+        ("q8_0", wq8.iter().map(|w| WeightData::Q8_0(w)).collect()),
+        ("q4_0", wq4.iter().map(|w| WeightData::Q4_0(w)).collect()),
+    ] {
+        let bytes: usize = match mats.first().copied().unwrap_or(WeightData::F32(&[])) {
+            WeightData::BF16(_) => n * k * 2,
+            WeightData::Q8_0(_) => n * k / QK * std::mem::size_of::<BlockQ8_0>(),
+            _ => n * k / QK * std::mem::size_of::<BlockQ4_0>(),
+        };
+        for t in [1, 4, 16] {
+            let label = format!("matmul {name} t={t}");
+            if !on(&label) || mats.is_empty() {
+                continue;
+            }
+            let x = rng.normal_vec(t * k, 1.0);
+            let mut y = vec![0f32; t * n];
+            let s = best(5, || {
+                for w in &mats {
+                    matmul(&x, Mat::new(*w, n, k), &mut y);
+                }
+            }) / mats.len() as f64;
+            let gbs = bytes as f64 / s / 1e9;
+            println!(
+                "{label:<22} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)  {:>6.1} GFLOP/s",
+                s * 1e6,
+                100.0 * gbs * 1e9 / bw,
+                2.0 * (t * n * k) as f64 / s / 1e9
+            );
+        }
+    }
+    // Decode attention: one query of 25 heads over 5 K/V heads of 64, against the meta prefix
+    // (128 rows) and a sliding-window ring (1024) or a global context (8192).
+    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let kvh: usize = std::env::var("KVH").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let sh = AttnShape { heads: 5 * kvh, kv_heads: kvh, dk: 64, dv: 64 };
+    let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
+    for (ctx, layout) in [1024usize, 8192].into_iter().flat_map(|c| [(c, Layout::RowMajor), (c, Layout::HeadMajor { cap: 128 + c })]) {
+        let label = format!("attention decode @{ctx} {}", if layout == Layout::RowMajor { "rows" } else { "heads" });
+        if !on(&label) {
+            continue;
+        }
+        // Eight layers' worth of K/V so the caches come from memory, as in a real step.
+        let nl: usize = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+        let layers: Vec<(Vec<f32>, Vec<f32>)> = (0..nl).map(|_| (rng.normal_vec((128 + ctx) * kw, 1.0), rng.normal_vec((128 + ctx) * vw, 1.0))).collect();
+        let q = rng.normal_vec(sh.heads * sh.dk, 1.0);
+        let mut out = vec![0f32; sh.heads * sh.dv];
+        let pos = 128 + ctx;
+        let sees = |t: usize, s: usize| s <= t;
+        let s = best(reps, || {
+            for (k, v) in &layers {
+                let blocks = [KvBlock { k, v, rows: 128 + ctx, layout, pos: KeyPos::Contiguous(0) }];
+                attention(&q, &[pos], &blocks, sh, 0.125, &sees, &mut out);
+            }
+        }) / layers.len() as f64;
+        let bytes = (128 + ctx) * (kw + vw) * 4;
+        let gbs = bytes as f64 / s / 1e9;
+        println!("{label:<28} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)", s * 1e6, 100.0 * gbs * 1e9 / bw);
+    }
+}

@@ -409,9 +409,13 @@ impl Model {
             blocks.push(KvBlock::row_major(&cur.k, &cur.v, kw, KeyPos::Contiguous(s.pos0)));
             let (kind, m, window) = (lp.attn, c.num_memory_tokens, s.window);
             let visible = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
-            attention(qs, &pos, &blocks, shape, scale, &visible, out);
-            // 3. SSM branch.
-            ys.copy_from_slice(&self.ssm(lw, &x[rows.start * e..rows.end * e], &z[rows.start * e..rows.end * e], &mut s.states[i]));
+            // 3. SSM branch, beside attention: a core that finishes its share of one takes
+            // work from the other.
+            let state = &mut s.states[i];
+            rayon::join(
+                || attention(qs, &pos, &blocks, shape, scale, &visible, out),
+                || ys.copy_from_slice(&self.ssm(lw, &x[rows.start * e..rows.end * e], &z[rows.start * e..rows.end * e], state)),
+            );
         });
         drop(p);
 

@@ -68,28 +68,7 @@ pub struct TrainArgs {
     dtype: String,
 }
 
-/// Training frees and reallocates the same large activation buffers every step; glibc returns
-/// each to the kernel and faults fresh zeroed pages back in (13% of a step, measured with perf).
-/// Keeping freed memory in the heap avoids that.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    extern "C" {
-        fn mallopt(param: i32, value: i32) -> i32;
-    }
-    const M_TRIM_THRESHOLD: i32 = -1;
-    const M_MMAP_THRESHOLD: i32 = -3;
-    // SAFETY: mallopt only changes allocator tuning; 32 MiB is glibc's largest mmap threshold.
-    unsafe {
-        mallopt(M_MMAP_THRESHOLD, 32 << 20);
-        mallopt(M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
-
 pub fn run(a: TrainArgs) -> Result<()> {
-    keep_freed_memory();
     let dtype = match a.dtype.as_str() {
         "bf16" => Dtype::BF16,
         "f32" => Dtype::F32,

@@ -30,8 +30,10 @@ fn main() {
     let mut rng = Rng::new(1);
     // Four [5504, 1600] matrices (the MLP's shape): 70 MB of bf16, twice the last-level cache,
     // so every pass streams from memory as decode does.
-    let (n, k) = (5504, 1600);
-    let nmats = if on("matmul") { 4 } else { 0 };
+    let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(1600);
+    let n = 5504 * 1600 / k;
+    let any = ["bf16", "q8_0", "q4_0"].iter().any(|q| [1, 4, 16].iter().any(|t| on(&format!("matmul {q} t={t}"))));
+    let nmats = if any { 4 } else { 0 };
     let wf: Vec<Vec<f32>> = (0..nmats).map(|_| rng.normal_vec(n * k, 0.02)).collect();
     let wb: Vec<Vec<bf16>> = wf.iter().map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect()).collect();
     let wq8: Vec<Vec<BlockQ8_0>> = wf.iter().map(|w| { let mut q = vec![BlockQ8_0::default(); n * k / QK]; quant::quantize_q8_0(w, &mut q); q }).collect();

@@ -26,7 +26,8 @@ fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let on = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let bw = probe::read_bandwidth(1 << 30, 5);
-    println!("read bandwidth {:.1} GB/s, {} threads", bw / 1e9, rayon::current_num_threads());
+    let peak = probe::fma_peak().unwrap_or(f64::NAN);
+    println!("read bandwidth {:.1} GB/s, f32 FMA peak {:.0} GFLOP/s, {} threads", bw / 1e9, peak / 1e9, rayon::current_num_threads());
     let mut rng = Rng::new(1);
     // Four [5504, 1600] matrices (the MLP's shape): 70 MB of bf16, twice the last-level cache,
     // so every pass streams from memory as decode does.
@@ -63,10 +64,11 @@ fn main() {
             }) / mats.len() as f64;
             let gbs = bytes as f64 / s / 1e9;
             println!(
-                "{label:<22} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)  {:>6.1} GFLOP/s",
+                "{label:<22} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)  {:>6.1} GFLOP/s ({:>3.0}% of peak)",
                 s * 1e6,
                 100.0 * gbs * 1e9 / bw,
-                2.0 * (t * n * k) as f64 / s / 1e9
+                2.0 * (t * n * k) as f64 / s / 1e9,
+                100.0 * 2.0 * (t * n * k) as f64 / s / peak
             );
         }
     }

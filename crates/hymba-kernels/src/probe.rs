@@ -27,3 +27,27 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     std::hint::black_box(sink);
     (n * 4) as f64 / best
 }
+
+/// Peak f32 multiply-add rate in FLOP/s on all threads (2 FLOP per lane of a fused
+/// multiply-add, registers only): the ceiling for matrix products. None without AVX2/FMA.
+pub fn fma_peak() -> Option<f64> {
+    if crate::isa::isa() != crate::isa::Isa::Avx2 {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let threads = rayon::current_num_threads();
+        let iters = 2_000_000;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            // SAFETY: Avx2 (with FMA) was detected.
+            let s: f32 = (0..threads).into_par_iter().map(|_| unsafe { crate::x86::fma_loop(iters) }).sum();
+            std::hint::black_box(s);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Some((threads * iters * 12 * 8 * 2) as f64 / best)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}

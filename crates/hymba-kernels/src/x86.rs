@@ -512,3 +512,20 @@ macro_rules! dot_tile_impl {
 dot_tile_impl!(dot_tile_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
 dot_tile_impl!(dot_tile_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v.to_f32());
 dot_tile_impl!(dot_tile_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v.to_f32());
+
+/// `iters` rounds of 12 independent 8-wide FMAs on registers: the FMA units' peak, no memory.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn fma_loop(iters: usize) -> f32 {
+    let mut acc = [_mm256_set1_ps(0.0); 12];
+    let (a, b) = (_mm256_set1_ps(0.999_9), _mm256_set1_ps(1e-4));
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut s = _mm256_setzero_ps();
+    for v in acc {
+        s = _mm256_add_ps(s, v);
+    }
+    hsum(s)
+}

@@ -377,32 +377,52 @@ impl Model {
         let scale = 1.0 / (c.qk_head_dim as f32).sqrt();
         let mut attn_out = vec![0.0; t * e];
         let mut y = vec![0.0; t * e];
-        // Each sequence's rows of q, attention output and SSM output, split off in order so
-        // the sequences can run in parallel (a batched decode step has many small ones).
+        let mut xc = vec![0.0; t * e];
+        // Each sequence's rows, split off in order so the sequences can run in parallel (a
+        // batched decode step has many small ones). First per sequence: RoPE, the new rows'
+        // K/V, and the SSM's causal conv + SiLU (the conv reads the sequence's state).
         let mut parts = Vec::with_capacity(segs.len());
-        let (mut q_rest, mut a_rest, mut y_rest) = (&mut q[..], &mut attn_out[..], &mut y[..]);
+        let (mut q_rest, mut c_rest) = (&mut q[..], &mut xc[..]);
         for s in segs.iter_mut() {
             let (qs, qr) = std::mem::take(&mut q_rest).split_at_mut(s.len * qw);
-            let (os, or) = std::mem::take(&mut a_rest).split_at_mut(s.len * e);
-            let (ys, yr) = std::mem::take(&mut y_rest).split_at_mut(s.len * e);
-            (q_rest, a_rest, y_rest) = (qr, or, yr);
-            parts.push((s, qs, os, ys));
+            let (cs, cr) = std::mem::take(&mut c_rest).split_at_mut(s.len * e);
+            (q_rest, c_rest) = (qr, cr);
+            parts.push((s, qs, cs));
         }
-        parts.into_par_iter().for_each(|(s, qs, out, ys)| {
+        parts.into_par_iter().for_each(|(s, qs, cs)| {
             let rows = s.start..s.start + s.len;
-            let pos: Vec<usize> = (s.pos0..s.pos0 + s.len).collect();
-            for (row, &ps) in qs.chunks_exact_mut(qw).zip(&pos) {
+            for (row, ps) in qs.chunks_exact_mut(qw).zip(s.pos0..) {
                 rope::apply(row, ps, &self.inv_freq);
             }
             if lp.computes_kv {
                 let ps = &p[rows.start * width..rows.end * width];
                 let mut k = columns(ps, width, qw, kw);
                 let v = columns(ps, width, qw + kw, vw);
-                for (row, &pp) in k.chunks_exact_mut(kw).zip(&pos) {
+                for (row, pp) in k.chunks_exact_mut(kw).zip(s.pos0..) {
                     rope::apply(row, pp, &self.inv_freq);
                 }
                 s.new_kv[lp.kv_group] = KvRows { k, v };
             }
+            causal_conv(&x[rows.start * e..rows.end * e], &mut s.states[i].conv, &lw.conv_w, &lw.conv_b, cs);
+            act::silu_inplace(cs);
+        });
+        // The SSM's input-dependent parameters, all rows at once (one pass over x_proj and
+        // dt_proj for the whole batch).
+        let (delta, bm, cm) = self.ssm_params(lw, &xc);
+        // Then per sequence: attention and the selective scan.
+        let mut parts = Vec::with_capacity(segs.len());
+        let (mut a_rest, mut y_rest) = (&mut attn_out[..], &mut y[..]);
+        for s in segs.iter_mut() {
+            let (os, or) = std::mem::take(&mut a_rest).split_at_mut(s.len * e);
+            let (ys, yr) = std::mem::take(&mut y_rest).split_at_mut(s.len * e);
+            (a_rest, y_rest) = (or, yr);
+            parts.push((s, os, ys));
+        }
+        let n = c.mamba_d_state;
+        parts.into_par_iter().for_each(|(s, out, ys)| {
+            let rows = s.start..s.start + s.len;
+            let qs = &q[rows.start * qw..rows.end * qw];
+            let pos: Vec<usize> = (s.pos0..s.pos0 + s.len).collect();
             // 2. Attention branch over the group's past K/V and this call's rows.
             let cur = &s.new_kv[lp.kv_group];
             let mut blocks = s.past[lp.kv_group].clone();
@@ -411,10 +431,25 @@ impl Model {
             let visible = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
             // 3. SSM branch, beside attention: a core that finishes its share of one takes
             // work from the other.
-            let state = &mut s.states[i];
+            let state = &mut s.states[i].ssm;
+            let inp = scan::ScanInput {
+                x: &xc[rows.start * e..rows.end * e],
+                delta: &delta[rows.start * e..rows.end * e],
+                a: &lw.a,
+                b: &bm[rows.start * n..rows.end * n],
+                c: &cm[rows.start * n..rows.end * n],
+                d: &lw.d,
+            };
             rayon::join(
                 || attention(qs, &pos, &blocks, shape, scale, &visible, out),
-                || ys.copy_from_slice(&self.ssm(lw, &x[rows.start * e..rows.end * e], &z[rows.start * e..rows.end * e], state)),
+                || {
+                    scan::selective_scan(&inp, state, ys);
+                    let mut gate = z[rows.start * e..rows.end * e].to_vec();
+                    act::silu_inplace(&mut gate);
+                    for (v, g) in ys.iter_mut().zip(&gate) {
+                        *v *= g;
+                    }
+                },
             );
         });
         drop(p);
@@ -432,18 +467,16 @@ impl Model {
         out
     }
 
-    /// Mamba-1 branch (spec §3.3): causal conv + SiLU, x_proj into normed (δr, B, C), Δ, the
-    /// selective scan, then the SiLU(z) gate. Updates the layer's conv and SSM state.
-    fn ssm(&self, lw: &LayerWeights, x: &[f32], z: &[f32], state: &mut LayerState) -> Vec<f32> {
+    /// The Mamba-1 branch's input-dependent parameters (spec §3.3), for rows of conv output
+    /// `xc`: x_proj into normed (δr, B, C), then Δ = softplus(dt_proj(δr) + bias). Returns
+    /// (Δ, B, C). The conv before and the selective scan after run per sequence in [`Self::mixer`].
+    fn ssm_params(&self, lw: &LayerWeights, xc: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let c = &self.config;
         let (e, n, r) = (c.ssm_width, c.mamba_d_state, c.mamba_dt_rank);
-        let t = x.len() / e;
-        let mut xc = vec![0.0; t * e];
-        causal_conv(x, &mut state.conv, &lw.conv_w, &lw.conv_b, &mut xc);
-        act::silu_inplace(&mut xc);
+        let t = xc.len() / e;
         let pw = r + 2 * n;
         let mut proj = vec![0.0; t * pw];
-        matmul(&xc, lw.x_proj.mat(), &mut proj);
+        matmul(xc, lw.x_proj.mat(), &mut proj);
         let mut dr = columns(&proj, pw, 0, r);
         let mut bm = columns(&proj, pw, r, n);
         let mut cm = columns(&proj, pw, r + n, n);
@@ -459,15 +492,7 @@ impl Model {
                 *v = act::softplus(*v + b);
             }
         }
-        let mut y = vec![0.0; t * e];
-        let inp = scan::ScanInput { x: &xc, delta: &delta, a: &lw.a, b: &bm, c: &cm, d: &lw.d };
-        scan::selective_scan(&inp, &mut state.ssm, &mut y);
-        let mut gate = z.to_vec();
-        act::silu_inplace(&mut gate);
-        for (v, g) in y.iter_mut().zip(&gate) {
-            *v *= g;
-        }
-        y
+        (delta, bm, cm)
     }
 
     /// Gated MLP: down(silu(gate(x)) ⊙ up(x)).

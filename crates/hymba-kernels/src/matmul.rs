@@ -240,17 +240,76 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
 const QUANT_DOT_MAX_ROWS: usize = 16;
 
 /// Few rows against quantized weights: the input rows are quantized to Q8_0 once, then every
-/// weight row is an integer dot product per block.
+/// weight row is an integer dot product per block. Several input rows go in register tiles of
+/// two weight rows by up to four inputs, so each weight block is unpacked once per tile.
 fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(k % QK, 0, "quantized matrices have rows of whole blocks");
     let nb = k / QK;
     let mut xq = vec![BlockQ8_0::default(); t * nb];
     quant::quantize_q8_0(x, &mut xq);
+    let xd: Vec<f32> = xq.iter().map(BlockQ8_0::scale).collect();
     let out = OutPtr(y.as_mut_ptr());
     (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
         let out = &out;
-        for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n) {
+        // SAFETY (both writers): rows of this task belong to it only.
+        let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
+        let end = ((task + 1) * ROWS_PER_TASK).min(n);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 && t > 1 {
+            let mut r = task * ROWS_PER_TASK;
+            while r < end {
+                let pair = r + 1 < end;
+                for t0 in (0..t).step_by(4) {
+                    let m = 4.min(t - t0);
+                    let mut res = [[0f32; 4]; 2];
+                    macro_rules! tile {
+                        ($f:ident, $b:expr, $r:literal, $m:literal) => {{
+                            let mut o = [[0f32; $m]; $r];
+                            // SAFETY: Avx2 (with FMA and F16C) was detected; every row has nb blocks.
+                            unsafe {
+                                x86::$f::<$r, $m>(
+                                    std::array::from_fn(|j| &$b[(r + j) * nb..(r + j + 1) * nb]),
+                                    std::array::from_fn(|i| &xq[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                                    std::array::from_fn(|i| &xd[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                                    &mut o,
+                                )
+                            };
+                            for j in 0..$r {
+                                res[j][..$m].copy_from_slice(&o[j]);
+                            }
+                        }};
+                    }
+                    macro_rules! call {
+                        ($f:ident, $b:expr) => {
+                            match (pair, m) {
+                                (true, 1) => tile!($f, $b, 2, 1),
+                                (true, 2) => tile!($f, $b, 2, 2),
+                                (true, 3) => tile!($f, $b, 2, 3),
+                                (true, _) => tile!($f, $b, 2, 4),
+                                (false, 1) => tile!($f, $b, 1, 1),
+                                (false, 2) => tile!($f, $b, 1, 2),
+                                (false, 3) => tile!($f, $b, 1, 3),
+                                (false, _) => tile!($f, $b, 1, 4),
+                            }
+                        };
+                    }
+                    match w.data {
+                        WeightData::Q8_0(b) => call!(dot_tile_q8_0, b),
+                        WeightData::Q4_0(b) => call!(dot_tile_q4_0, b),
+                        _ => unreachable!("only called for quantized weights"),
+                    }
+                    for (j, rj) in res.iter().enumerate().take(1 + pair as usize) {
+                        for (i, v) in rj.iter().enumerate().take(m) {
+                            put(t0 + i, r + j, *v);
+                        }
+                    }
+                }
+                r += 1 + pair as usize;
+            }
+            return;
+        }
+        for r in task * ROWS_PER_TASK..end {
             for ti in 0..t {
                 let xb = &xq[ti * nb..(ti + 1) * nb];
                 let v = match (isa, w.data) {
@@ -263,8 +322,7 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                     (_, WeightData::Q4_0(b)) => quant::dot_q4_0(&b[r * nb..(r + 1) * nb], xb),
                     _ => unreachable!("only called for quantized weights"),
                 };
-                // SAFETY: row r belongs to this task only.
-                unsafe { *out.0.add(ti * n + r) = v };
+                put(ti, r, v);
             }
         }
     });
@@ -467,6 +525,42 @@ mod tests {
         }
     }
 
+    /// Every quantized path (one row, register tiles of several) against the portable integer
+    /// dot of the same Q8_0-quantized inputs: they differ only in the order of float sums.
+    #[test]
+    fn quantized_tiles_equal_integer_dots() {
+        let mut rng = Rng::new(9);
+        for &(t, n, k) in &[(1, 5, 64), (2, 7, 96), (4, 9, 160), (5, 3, 32), (7, 11, 1600), (16, 13, 256)] {
+            let x = rng.normal_vec(t * k, 1.0);
+            let wf = rng.normal_vec(n * k, 1.0);
+            let mut q8 = vec![BlockQ8_0::default(); n * k / QK];
+            let mut q4 = vec![BlockQ4_0::default(); n * k / QK];
+            quant::quantize_q8_0(&wf, &mut q8);
+            quant::quantize_q4_0(&wf, &mut q4);
+            let mut xq = vec![BlockQ8_0::default(); t * k / QK];
+            quant::quantize_q8_0(&x, &mut xq);
+            let nb = k / QK;
+            for data in [WeightData::Q8_0(&q8), WeightData::Q4_0(&q4)] {
+                let mut want = vec![0.0; t * n];
+                for ti in 0..t {
+                    let xb = &xq[ti * nb..(ti + 1) * nb];
+                    for r in 0..n {
+                        want[ti * n + r] = match data {
+                            WeightData::Q8_0(b) => quant::dot_q8_0(&b[r * nb..(r + 1) * nb], xb),
+                            WeightData::Q4_0(b) => quant::dot_q4_0(&b[r * nb..(r + 1) * nb], xb),
+                            _ => unreachable!(),
+                        };
+                    }
+                }
+                for isa in crate::isa::available() {
+                    let mut y = vec![0.0; t * n];
+                    matmul_with(isa, &x, Mat::new(data, n, k), &mut y);
+                    assert_close(&y, &want, 1e-6 * k as f32, &format!("{isa:?} t={t} n={n} k={k}"));
+                }
+            }
+        }
+    }
+
     #[test]
     fn row_views_select_the_right_rows() {
         let w: Vec<f32> = (0..12).map(|v| v as f32).collect();
@@ -476,3 +570,4 @@ mod tests {
         assert_eq!(r, vec![6.0, 7.0, 8.0]);
     }
 }
+

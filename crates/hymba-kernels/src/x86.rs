@@ -338,9 +338,7 @@ pub unsafe fn dot_q8_0(w: &[crate::quant::BlockQ8_0], x: &[crate::quant::BlockQ8
     let mut acc = [_mm256_setzero_ps(); 4];
     for (i, (a, b)) in w.iter().zip(x).enumerate() {
         let d = _mm256_set1_ps(scale(a.d) * scale(b.d));
-        let qa = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        let qb = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        acc[i % 4] = _mm256_fmadd_ps(d, mul_sum_i8(qa, qb), acc[i % 4]);
+        acc[i % 4] = _mm256_fmadd_ps(d, mul_sum_i8(unpack_q8_0(a), unpack_q8_0(b)), acc[i % 4]);
     }
     hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
 }
@@ -349,19 +347,65 @@ pub unsafe fn dot_q8_0(w: &[crate::quant::BlockQ8_0], x: &[crate::quant::BlockQ8
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8_0]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
-    let low = _mm256_set1_epi8(0x0F);
-    let eight = _mm256_set1_epi8(8);
     for (i, (a, b)) in w.iter().zip(x).enumerate() {
         let d = _mm256_set1_ps(scale(a.d) * scale(b.d));
-        let t = _mm_loadu_si128(a.qs.as_ptr() as *const __m128i);
-        // Low nibbles are values 0..16, high nibbles 16..32.
-        let qa = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-        let qa = _mm256_sub_epi8(qa, eight);
-        let qb = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        acc[i % 4] = _mm256_fmadd_ps(d, mul_sum_i8(qa, qb), acc[i % 4]);
+        acc[i % 4] = _mm256_fmadd_ps(d, mul_sum_i8(unpack_q4_0(a), unpack_q8_0(b)), acc[i % 4]);
     }
     hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
 }
+
+/// A Q8_0 block's 32 values as signed bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unpack_q8_0(b: &crate::quant::BlockQ8_0) -> __m256i {
+    _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i)
+}
+
+/// A Q4_0 block's 32 values as signed bytes (−8..7), in order: low nibbles are values 0..16,
+/// high nibbles 16..32.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unpack_q4_0(b: &crate::quant::BlockQ4_0) -> __m256i {
+    let t = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+    let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+    _mm256_sub_epi8(q, _mm256_set1_epi8(8))
+}
+
+macro_rules! quant_tile_impl {
+    ($name:ident, $blk:ty, $unpack:ident) => {
+        /// `R` quantized weight rows against `M` Q8_0 input rows, whose block scales are given
+        /// widened in `xd`: an R×M tile of dot products in registers. Each weight block is
+        /// unpacked and its scale widened once for the M inputs, each input block loaded once
+        /// for the R rows.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $name<const R: usize, const M: usize>(w: [&[$blk]; R], x: [&[crate::quant::BlockQ8_0]; M], xd: [&[f32]; M], out: &mut [[f32; M]; R]) {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); M]; R];
+            for b in 0..w[0].len() {
+                let wq: [__m256i; R] = std::array::from_fn(|j| $unpack(w[j].get_unchecked(b)));
+                // maddubs needs an unsigned operand: |w|, with w's signs moved onto x.
+                let wa: [__m256i; R] = std::array::from_fn(|j| _mm256_sign_epi8(wq[j], wq[j]));
+                let wd: [f32; R] = std::array::from_fn(|j| scale(w[j].get_unchecked(b).d));
+                for m in 0..M {
+                    let y = _mm256_loadu_si256(x[m].get_unchecked(b).qs.as_ptr() as *const __m256i);
+                    let dx = *xd[m].get_unchecked(b);
+                    for j in 0..R {
+                        let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(y, wq[j])), ones);
+                        acc[j][m] = _mm256_fmadd_ps(_mm256_set1_ps(wd[j] * dx), _mm256_cvtepi32_ps(dot), acc[j][m]);
+                    }
+                }
+            }
+            for j in 0..R {
+                for m in 0..M {
+                    out[j][m] = hsum(acc[j][m]);
+                }
+            }
+        }
+    };
+}
+
+quant_tile_impl!(dot_tile_q8_0, crate::quant::BlockQ8_0, unpack_q8_0);
+quant_tile_impl!(dot_tile_q4_0, crate::quant::BlockQ4_0, unpack_q4_0);
 
 /// e^x for 8 lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial, 2^n from the
 /// exponent bits); relative error about 1e-7. Inputs below −88.4 give 0, above 88.4 are clamped.
@@ -529,3 +573,4 @@ pub unsafe fn fma_loop(iters: usize) -> f32 {
     }
     hsum(s)
 }
+

@@ -331,28 +331,36 @@ unsafe fn scale(d: [u8; 2]) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes(d) as i32)))
 }
 
-/// Q8_0 weights · Q8_0 activations; four accumulators so consecutive blocks do not wait on each
-/// other's FMA.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0(w: &[crate::quant::BlockQ8_0], x: &[crate::quant::BlockQ8_0]) -> f32 {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for (i, (a, b)) in w.iter().zip(x).enumerate() {
-        let d = _mm256_set1_ps(scale(a.d) * scale(b.d));
-        acc[i % 4] = _mm256_fmadd_ps(d, mul_sum_i8(unpack_q8_0(a), unpack_q8_0(b)), acc[i % 4]);
-    }
-    hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+macro_rules! quant_dot_impl {
+    ($name:ident, $blk:ty, $unpack:ident) => {
+        /// Quantized weights · Q8_0 activations, four blocks a step into four accumulators, so
+        /// consecutive blocks do not wait on each other's FMA. (The accumulators are indexed by
+        /// constants: indexing them by the block number put them on the stack, and the loop
+        /// waited on store-to-load forwarding.)
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $name(w: &[$blk], x: &[crate::quant::BlockQ8_0]) -> f32 {
+            let block = |a: &$blk, b: &crate::quant::BlockQ8_0, acc: __m256| {
+                let d = _mm256_set1_ps(scale(a.d) * scale(b.d));
+                _mm256_fmadd_ps(d, mul_sum_i8($unpack(a), unpack_q8_0(b)), acc)
+            };
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let (wc, xc) = (w.chunks_exact(4), x.chunks_exact(4));
+            let (wr, xr) = (wc.remainder(), xc.remainder());
+            for (a, b) in wc.zip(xc) {
+                for j in 0..4 {
+                    acc[j] = block(&a[j], &b[j], acc[j]);
+                }
+            }
+            for (a, b) in wr.iter().zip(xr) {
+                acc[0] = block(a, b, acc[0]);
+            }
+            hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+        }
+    };
 }
 
-/// Q4_0 weights · Q8_0 activations.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8_0]) -> f32 {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for (i, (a, b)) in w.iter().zip(x).enumerate() {
-        let d = _mm256_set1_ps(scale(a.d) * scale(b.d));
-        acc[i % 4] = _mm256_fmadd_ps(d, mul_sum_i8(unpack_q4_0(a), unpack_q8_0(b)), acc[i % 4]);
-    }
-    hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
-}
+quant_dot_impl!(dot_q8_0, crate::quant::BlockQ8_0, unpack_q8_0);
+quant_dot_impl!(dot_q4_0, crate::quant::BlockQ4_0, unpack_q4_0);
 
 /// A Q8_0 block's 32 values as signed bytes.
 #[inline]

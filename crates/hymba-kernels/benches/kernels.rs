@@ -33,7 +33,7 @@ fn main() {
     // so every pass streams from memory as decode does.
     let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(1600);
     let n = 5504 * 1600 / k;
-    let any = ["bf16", "q8_0", "q4_0"].iter().any(|q| [1, 4, 16].iter().any(|t| on(&format!("matmul {q} t={t}"))));
+    let any = ["bf16", "q8_0", "q4_0"].iter().any(|q| [1, 4, 16, 128].iter().any(|t| on(&format!("matmul {q} t={t}"))));
     let nmats = if any { 4 } else { 0 };
     let wf: Vec<Vec<f32>> = (0..nmats).map(|_| rng.normal_vec(n * k, 0.02)).collect();
     let wb: Vec<Vec<bf16>> = wf.iter().map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect()).collect();
@@ -50,7 +50,7 @@ fn main() {
             WeightData::Q8_0(_) => n * k / QK * std::mem::size_of::<BlockQ8_0>(),
             _ => n * k / QK * std::mem::size_of::<BlockQ4_0>(),
         };
-        for t in [1, 4, 16] {
+        for t in [1, 4, 16, 128] {
             let label = format!("matmul {name} t={t}");
             if !on(&label) || mats.is_empty() {
                 continue;

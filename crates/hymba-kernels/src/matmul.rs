@@ -401,54 +401,66 @@ fn rows_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     });
 }
 
-/// Several input rows on AVX2: panels of 16 weight rows are widened and packed k-major once,
-/// then a 6×16 register-blocked kernel runs over every group of 6 input rows.
+/// Several input rows on AVX2, blocked as in BLIS: a task owns `PANELS` panels of 16 weight
+/// rows; for each slice of `KC` columns it widens and packs them k-major (`[KC][16]` each, in
+/// L2 together), then every group of 6 input rows (its slice in L1) runs the 6×16
+/// register-blocked kernel against each panel in turn, adding into the output. The inputs are
+/// read from outer caches once per slice and task rather than once per panel.
 #[cfg(target_arch = "x86_64")]
 fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     use x86::{MR, NR};
-    /// Depth of one K slice: 16 KiB of panel.
+    /// Depth of one slice: 16 KiB of each panel.
     const KC: usize = 256;
+    /// Panels per task: 64 KiB packed, and enough tasks to balance two cores on narrow outputs.
+    const PANELS: usize = 4;
     let (n, k) = (w.rows, w.cols);
     let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(NR)).into_par_iter().for_each_init(
-        || (vec![0f32; k * NR], vec![0f32; k * NR], Vec::new()),
-        |(panel, rows, tiles), pi| {
+    (0..n.div_ceil(NR * PANELS)).into_par_iter().for_each_init(
+        || (vec![0f32; PANELS * KC * NR], vec![0f32; NR * KC]),
+        |(packed, rows), task| {
             let out = &out;
-            let r0 = pi * NR;
-            let nr = NR.min(n - r0);
-            // Pack the panel's rows k-major, widened: panel[kk][j] = w[r0 + j][kk].
-            // SAFETY: Avx2 was detected; the row slices hold nr·k values and `panel` k·NR.
-            match w.data {
-                WeightData::BF16(d) => unsafe { x86::pack_panel_bf16(&d[r0 * k..(r0 + nr) * k], k, nr, panel) },
-                _ => {
-                    for j in 0..nr {
-                        w.row_f32(r0 + j, &mut rows[j * k..(j + 1) * k]);
-                    }
-                    unsafe { x86::pack_panel(rows, k, nr, panel) }
-                }
-            }
-            // K in slices that keep the panel slice and the input rows' slices in L1 while
-            // every group of input rows passes over them; partial sums wait in `tiles`.
-            tiles.clear();
-            tiles.resize(t.div_ceil(MR), [[0f32; NR]; MR]);
+            let r_first = task * NR * PANELS;
+            let np = PANELS.min((n - r_first).div_ceil(NR));
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
-                for (tb, c) in tiles.iter_mut().enumerate() {
-                    let t0 = tb * MR;
+                for p in 0..np {
+                    let r0 = r_first + p * NR;
+                    let nr = NR.min(n - r0);
+                    let panel = &mut packed[p * KC * NR..];
+                    // panel[kk][j] = w[r0 + j][k0 + kk], widened.
+                    // SAFETY: Avx2 was detected; the pack functions check their bounds.
+                    match w.data {
+                        WeightData::BF16(d) => unsafe { x86::pack_panel_bf16(&d[r0 * k + k0..], k, kc, nr, panel) },
+                        WeightData::F32(d) => unsafe { x86::pack_panel(&d[r0 * k + k0..], k, kc, nr, panel) },
+                        _ => {
+                            for j in 0..nr {
+                                w.data.to_f32((r0 + j) * k + k0, &mut rows[j * kc..(j + 1) * kc]);
+                            }
+                            unsafe { x86::pack_panel(rows, kc, kc, nr, panel) }
+                        }
+                    }
+                }
+                for t0 in (0..t).step_by(MR) {
                     let mr = MR.min(t - t0);
                     // Rows past the end repeat the last one; their results are dropped.
                     let xs: [*const f32; MR] = std::array::from_fn(|i| x[(t0 + i.min(mr - 1)) * k + k0..].as_ptr());
-                    // SAFETY: Avx2 was detected; each pointer has kc readable floats; the panel
-                    // has k·NR.
-                    unsafe { x86::kernel_6x16(kc, xs, panel[k0 * NR..].as_ptr(), c) };
-                }
-            }
-            for (tb, c) in tiles.iter().enumerate() {
-                let t0 = tb * MR;
-                for (i, ci) in c.iter().enumerate().take(MR.min(t - t0)) {
-                    for (j, v) in ci.iter().enumerate().take(nr) {
-                        // SAFETY: output column r0 + j belongs to this panel's task only.
-                        unsafe { *out.0.add((t0 + i) * n + r0 + j) = *v };
+                    for p in 0..np {
+                        let r0 = r_first + p * NR;
+                        let nr = NR.min(n - r0);
+                        let mut c = [[0f32; NR]; MR];
+                        if k0 > 0 {
+                            for (i, ci) in c.iter_mut().enumerate().take(mr) {
+                                // SAFETY: output columns r0..r0 + nr belong to this task only.
+                                unsafe { std::ptr::copy_nonoverlapping(out.0.add((t0 + i) * n + r0), ci.as_mut_ptr(), nr) };
+                            }
+                        }
+                        // SAFETY: Avx2 was detected; each pointer has kc readable floats; the
+                        // panel has kc·NR.
+                        unsafe { x86::kernel_6x16(kc, xs, packed[p * KC * NR..].as_ptr(), &mut c) };
+                        for (i, ci) in c.iter().enumerate().take(mr) {
+                            // SAFETY: as above.
+                            unsafe { std::ptr::copy_nonoverlapping(ci.as_ptr(), out.0.add((t0 + i) * n + r0), nr) };
+                        }
                     }
                 }
             }
@@ -482,7 +494,7 @@ mod tests {
     #[test]
     fn matmul_matches_reference_all_dtypes_odd_sizes() {
         let mut rng = Rng::new(7);
-        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40), (16, 20, 40), (17, 21, 50), (30, 35, 7), (13, 33, 9), (11, 3, 24), (4, 1, 8), (15, 67, 250)] {
+        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40), (16, 20, 40), (17, 21, 50), (30, 35, 7), (13, 33, 9), (11, 3, 24), (4, 1, 8), (15, 67, 250), (40, 150, 600)] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -504,7 +516,7 @@ mod tests {
     #[test]
     fn quantized_matmul_matches_reference() {
         let mut rng = Rng::new(8);
-        for &(t, n, k) in &[(1, 37, 64), (2, 70, 160), (3, 5, 32), (5, 33, 96), (9, 17, 1600), (21, 19, 64)] {
+        for &(t, n, k) in &[(1, 37, 64), (2, 70, 160), (3, 5, 32), (5, 33, 96), (9, 17, 1600), (21, 19, 64), (20, 70, 320)] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let mut q8 = vec![BlockQ8_0::default(); n * k / QK];

@@ -122,27 +122,28 @@ pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: 
 
 macro_rules! pack_impl {
     ($name:ident, $t:ty, $load:expr, $scalar:expr) => {
-        /// Packs `rows` (each `k` long, at most NR of them) k-major into `panel` (`[k][NR]`),
-        /// widening to f32 and zero padding missing rows, with 8×8 register transposes.
+        /// Packs `kc` columns of `nrows` rows (at most NR; row `r` starts at `rows[r·stride]`)
+        /// k-major into `panel` (`[kc][NR]`), widening to f32 and zero padding missing rows,
+        /// with 8×8 register transposes.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn $name(rows: &[$t], k: usize, nrows: usize, panel: &mut [f32]) {
-            debug_assert!(panel.len() >= k * NR && rows.len() >= nrows * k);
+        pub unsafe fn $name(rows: &[$t], stride: usize, kc: usize, nrows: usize, panel: &mut [f32]) {
+            assert!(panel.len() >= kc * NR && nrows <= NR && (nrows == 0 || rows.len() >= (nrows - 1) * stride + kc));
             for half in 0..2 {
                 let mut kk = 0;
-                while kk + 8 <= k {
+                while kk + 8 <= kc {
                     let v: [__m256; 8] = std::array::from_fn(|j| {
                         let r = half * 8 + j;
-                        if r < nrows { $load(rows.as_ptr().add(r * k + kk)) } else { _mm256_setzero_ps() }
+                        if r < nrows { $load(rows.as_ptr().add(r * stride + kk)) } else { _mm256_setzero_ps() }
                     });
                     for (i, ti) in transpose8(v).iter().enumerate() {
                         _mm256_storeu_ps(panel.as_mut_ptr().add((kk + i) * NR + half * 8), *ti);
                     }
                     kk += 8;
                 }
-                for kk in kk..k {
+                for kk in kk..kc {
                     for j in 0..8 {
                         let r = half * 8 + j;
-                        panel[kk * NR + r] = if r < nrows { $scalar(rows[r * k + kk]) } else { 0.0 };
+                        panel[kk * NR + r] = if r < nrows { $scalar(rows[r * stride + kk]) } else { 0.0 };
                     }
                 }
             }

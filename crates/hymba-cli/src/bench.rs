@@ -23,7 +23,8 @@ pub struct BenchArgs {
     /// Prompt tokens for the prefill measurement.
     #[arg(long, default_value_t = 128)]
     prompt: usize,
-    /// Tokens decoded at each context.
+    /// Tokens decoded at each context (and steps of each batch size); speeds are from the median
+    /// step time.
     #[arg(long, default_value_t = 8)]
     decode: usize,
     /// Contexts (tokens already in the cache) to decode at.
@@ -117,6 +118,18 @@ fn peak_rss_bytes() -> usize {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The median of step times: the machines this runs on are shared, and a neighbour's burst
+/// slows a few steps, which the median ignores and a mean does not.
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    let n = times.len();
+    if n % 2 == 1 {
+        times[n / 2]
+    } else {
+        (times[n / 2 - 1] + times[n / 2]) / 2.0
+    }
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
@@ -144,11 +157,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut cache = model.cache_with_placeholder_tokens(ctx);
         // One untimed step warms caches and the thread pool.
         model.forward(&mut cache, &[5], Logits::Last, DecodeWindow::Trained)?;
-        let t = Instant::now();
+        let mut times = Vec::with_capacity(a.decode);
         for i in 0..a.decode {
+            let t = Instant::now();
             model.forward(&mut cache, &[(i as u32 * 31 + 7) % v], Logits::Last, DecodeWindow::Trained)?;
+            times.push(t.elapsed().as_secs_f64());
         }
-        let tok_s = a.decode as f64 / t.elapsed().as_secs_f64();
+        let tok_s = 1.0 / median(&mut times);
         decode.push(serde_json::json!({
             "context": ctx,
             "tok_s": tok_s,
@@ -172,11 +187,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         };
         step(&mut caches)?;
-        let t = Instant::now();
+        let mut times = Vec::with_capacity(a.decode);
         for _ in 0..a.decode {
+            let t = Instant::now();
             step(&mut caches)?;
+            times.push(t.elapsed().as_secs_f64());
         }
-        let tok_s = (a.decode * b) as f64 / t.elapsed().as_secs_f64();
+        let tok_s = b as f64 / median(&mut times);
         batched.push(serde_json::json!({"batch": b, "tok_s": tok_s}));
     }
     let params = model.parameter_counts().total;

@@ -41,6 +41,21 @@ pub fn exp_inplace_with(isa: Isa, a: &mut [f32]) {
     }
 }
 
+/// `a[i] = softplus(a[i] + b[i])`: Δ from dt_proj and its bias.
+pub fn softplus_bias(a: &mut [f32], b: &[f32]) {
+    softplus_bias_with(isa(), a, b)
+}
+
+pub fn softplus_bias_with(isa: Isa, a: &mut [f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
+        Isa::Avx2 => unsafe { crate::x86::softplus_bias(a, b) },
+        _ => a.iter_mut().zip(b).for_each(|(v, b)| *v = softplus(*v + b)),
+    }
+}
+
 /// `a[i] = silu(a[i]) · b[i]` (or silu alone) on a given instruction set.
 pub fn silu_mul_with(isa: Isa, a: &mut [f32], b: Option<&[f32]>) {
     match isa {
@@ -59,6 +74,23 @@ pub fn silu_mul_with(isa: Isa, a: &mut [f32], b: Option<&[f32]>) {
 mod tests {
     use super::*;
     use crate::testing::Rng;
+
+    #[test]
+    fn vector_softplus_matches_scalar() {
+        let mut rng = Rng::new(3);
+        let mut x = rng.normal_vec(301, 8.0);
+        x.extend([-100.0, -87.0, -30.0, -19.9, -1e-4, 0.0, 1e-4, 19.99, 20.0, 20.01, 35.0, 1e6]);
+        let b = rng.normal_vec(x.len(), 0.5);
+        for isa in crate::isa::available() {
+            let mut got = x.clone();
+            softplus_bias_with(isa, &mut got, &b);
+            for (i, g) in got.iter().enumerate() {
+                let v = (x[i] + b[i]) as f64;
+                let want = if v > 20.0 { v } else { v.exp().ln_1p() };
+                assert!(((*g as f64) - want).abs() <= 1e-6 * want.abs() + 1e-38, "{isa:?} softplus({v}) = {g} vs {want}");
+            }
+        }
+    }
 
     #[test]
     fn vector_silu_and_exp_match_scalar() {

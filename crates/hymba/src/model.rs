@@ -488,9 +488,7 @@ impl Model {
         let mut delta = vec![0.0; t * e];
         matmul(&dr, lw.dt_proj.mat(), &mut delta);
         for row in delta.chunks_exact_mut(e) {
-            for (v, b) in row.iter_mut().zip(&lw.dt_bias) {
-                *v = act::softplus(*v + b);
-            }
+            act::softplus_bias(row, &lw.dt_bias);
         }
         (delta, bm, cm)
     }

@@ -3,8 +3,10 @@
 //! - the meta-token prefix ([`MetaPrefix`]): K/V of the meta tokens in every K/V group and the
 //!   SSM/conv state after them, computed once per model and shared by every sequence;
 //! - one K/V store per reuse group ([`KvStore`]): a growing buffer for a group with a global
-//!   layer, a ring of `W + 1` rows otherwise; consumers of a group read the producer's store,
-//!   so shared K/V is stored once;
+//!   layer, a ring of the last `W` rows otherwise (a query's own row comes from the call's new
+//!   rows); consumers of a group read the producer's store, so shared K/V is stored once. Rows
+//!   are kept head-major ([`HeadRows`]), so attention streams each head's rows from memory;
+//!   session files keep them row-major;
 //! - an SSM state (E×N) and a conv state ((K−1)×E) per layer ([`LayerState`]).
 //!
 //! Stores know the absolute position of every row; masks are built from positions, never

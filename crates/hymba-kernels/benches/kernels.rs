@@ -32,7 +32,7 @@ fn main() {
     // Four [5504, 1600] matrices (the MLP's shape): 70 MB of bf16, twice the last-level cache,
     // so every pass streams from memory as decode does.
     let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(1600);
-    let n = 5504 * 1600 / k;
+    let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(5504 * 1600 / k);
     let any = ["bf16", "q8_0", "q4_0"].iter().any(|q| [1, 4, 16, 128].iter().any(|t| on(&format!("matmul {q} t={t}"))));
     let nmats = if any { 4 } else { 0 };
     let wf: Vec<Vec<f32>> = (0..nmats).map(|_| rng.normal_vec(n * k, 0.02)).collect();

@@ -185,7 +185,7 @@ pub fn matmul(x: &[f32], w: Mat, y: &mut [f32]) {
 pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len() % k.max(1), 0, "matmul: input width does not match weight columns");
-    let t = if k == 0 { 0 } else { x.len() / k };
+    let t = x.len().checked_div(k).unwrap_or(0);
     assert_eq!(y.len(), t * n, "matmul: output is not [{t}, {n}]");
     if t <= QUANT_DOT_MAX_ROWS && matches!(w.data, WeightData::Q8_0(_) | WeightData::Q4_0(_)) {
         matvec_quant(isa, x, t, w, y);

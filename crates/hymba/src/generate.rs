@@ -130,18 +130,21 @@ pub fn generate(
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut gen = Generation { ids: Vec::new(), logits: Vec::new(), text: String::new(), finish: FinishReason::Length, prefill_secs, decode_secs: 0.0 };
-    while opts.max_new_tokens > 0 {
-        if opts.keep_logits {
-            gen.logits.extend_from_slice(&logits);
+    // The decoder ends the loop: at a stop, or after max_new_tokens (none when it is 0).
+    if opts.max_new_tokens > 0 {
+        loop {
+            if opts.keep_logits {
+                gen.logits.extend_from_slice(&logits);
+            }
+            let acc = dec.accept(&logits, tokenizer)?;
+            gen.text.push_str(&acc.text);
+            on_text(&acc.text);
+            if let Some(f) = acc.finish {
+                gen.finish = f;
+                break;
+            }
+            logits = model.forward(&mut cache, &[acc.id], Logits::Last, opts.window)?;
         }
-        let acc = dec.accept(&logits, tokenizer)?;
-        gen.text.push_str(&acc.text);
-        on_text(&acc.text);
-        if let Some(f) = acc.finish {
-            gen.finish = f;
-            break;
-        }
-        logits = model.forward(&mut cache, &[acc.id], Logits::Last, opts.window)?;
     }
     gen.ids = dec.generated;
     gen.decode_secs = t1.elapsed().as_secs_f64();

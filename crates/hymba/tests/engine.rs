@@ -81,7 +81,11 @@ fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
         options: options(100_000),
         logprobs: None,
         echo: false,
-        sink: Box::new(move |ev| tx.send(ev).is_ok() && false),
+        // Forwards the first event, then reports nobody listens: the engine cancels it.
+        sink: Box::new(move |ev| {
+            let _ = tx.send(ev);
+            false
+        }),
     };
     let (queued, _rx2) = request(vec![1, 4996], 100_000);
     engine.submit(cancel).unwrap();

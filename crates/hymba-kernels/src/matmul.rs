@@ -249,6 +249,11 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     let mut xq = vec![BlockQ8_0::default(); t * nb];
     quant::quantize_q8_0(x, &mut xq);
     let xd: Vec<f32> = xq.iter().map(BlockQ8_0::scale).collect();
+    // Block sums of the inputs, for the Q4_0 kernel.
+    let xs: Vec<i32> = match w.data {
+        WeightData::Q4_0(_) => xq.iter().map(|b| b.qs.iter().map(|&v| v as i32).sum()).collect(),
+        _ => Vec::new(),
+    };
     let out = OutPtr(y.as_mut_ptr());
     (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
         let out = &out;
@@ -317,7 +322,10 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                     // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
                     (Isa::Avx2, WeightData::Q8_0(b)) => unsafe { x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb) },
                     #[cfg(target_arch = "x86_64")]
-                    (Isa::Avx2, WeightData::Q4_0(b)) => unsafe { x86::dot_q4_0(&b[r * nb..(r + 1) * nb], xb) },
+                    (Isa::Avx2, WeightData::Q4_0(b)) => unsafe {
+                        let xr = ti * nb..(ti + 1) * nb;
+                        x86::dot_q4_0(&b[r * nb..(r + 1) * nb], xb, &xd[xr.clone()], &xs[xr])
+                    },
                     (_, WeightData::Q8_0(b)) => quant::dot_q8_0(&b[r * nb..(r + 1) * nb], xb),
                     (_, WeightData::Q4_0(b)) => quant::dot_q4_0(&b[r * nb..(r + 1) * nb], xb),
                     _ => unreachable!("only called for quantized weights"),

@@ -1,7 +1,11 @@
 //! `cargo bench -p hymba-kernels`: the hot kernels at Hymba-1.5B's shapes, each reported as a
 //! fraction of a ceiling measured in the same run (read bandwidth, or the f32 FMA peak).
 //!
-//! Set `HYMBA_ISA=portable` to measure the portable path.
+//! Set `HYMBA_ISA=portable` to measure the portable path. An argument keeps only the lines whose
+//! label contains it (`cargo bench -p hymba-kernels -- "bf16 t=16"`). For experiments, the
+//! environment changes the shapes: `K` and `N` (matrix columns and rows), `KVH` (K/V heads, five
+//! query heads each), `LAYERS` (caches rotated through, so they come from memory), `REPS`
+//! (attention repetitions, best taken).
 
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, Layout};

@@ -110,6 +110,30 @@ fn inspect_reports_a_bounded_cache() {
     assert_eq!(a["layers"][2]["kv"], "reuses layer 1");
 }
 
+/// `bench --json` reports the fields the performance issue asks for, with sane values: speeds
+/// positive, one decode entry per context, the fixture's weight bytes.
+#[test]
+fn bench_json_has_the_documented_fields() {
+    let m = fixture();
+    let (code, out, err) = hymba(&["bench", "--model", m.to_str().unwrap(), "--json", "--prompt", "4", "--decode", "3", "--contexts", "8,20", "--batch", "1,3"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["read_bandwidth_gbs"].as_f64().unwrap() > 0.0);
+    assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    // The fixture is f32, lm_head tied: every matrix once plus the embedding row.
+    let wb = v["weight_bytes_per_token"].as_u64().unwrap();
+    assert!(wb > 4 * 2_000_000 && wb < 4 * 2_492_784, "{wb}");
+    let ctx: Vec<u64> = v["decode"].as_array().unwrap().iter().map(|d| d["context"].as_u64().unwrap()).collect();
+    assert_eq!(ctx, vec![8, 20]);
+    for d in v["decode"].as_array().unwrap().iter().chain(v["batched_decode"].as_array().unwrap()) {
+        assert!(d["tok_s"].as_f64().unwrap() > 0.0, "{d}");
+    }
+    let (code, _, err) = hymba(&["bench", "--model", m.to_str().unwrap(), "--decode", "0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--decode"), "{err}");
+}
+
 /// A copy of the fixture with `edit` applied to its config.
 fn with_config(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
     let dir = temp_dir(tag);

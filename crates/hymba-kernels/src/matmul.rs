@@ -262,56 +262,44 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
         let end = ((task + 1) * ROWS_PER_TASK).min(n);
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx2 && t > 1 {
-            let mut r = task * ROWS_PER_TASK;
-            while r < end {
-                let pair = r + 1 < end;
-                for t0 in (0..t).step_by(4) {
-                    let m = 4.min(t - t0);
-                    let mut res = [[0f32; 4]; 2];
-                    macro_rules! tile {
-                        ($f:ident, $b:expr, $r:literal, $m:literal) => {{
-                            let mut o = [[0f32; $m]; $r];
-                            // SAFETY: Avx2 (with FMA and F16C) was detected; every row has nb blocks.
-                            unsafe {
-                                x86::$f::<$r, $m>(
-                                    std::array::from_fn(|j| &$b[(r + j) * nb..(r + j + 1) * nb]),
-                                    std::array::from_fn(|i| &xq[(t0 + i) * nb..(t0 + i + 1) * nb]),
-                                    std::array::from_fn(|i| &xd[(t0 + i) * nb..(t0 + i + 1) * nb]),
-                                    &mut o,
-                                )
-                            };
-                            for j in 0..$r {
-                                res[j][..$m].copy_from_slice(&o[j]);
-                            }
-                        }};
-                    }
-                    macro_rules! call {
-                        ($f:ident, $b:expr) => {
-                            match (pair, m) {
-                                (true, 1) => tile!($f, $b, 2, 1),
-                                (true, 2) => tile!($f, $b, 2, 2),
-                                (true, 3) => tile!($f, $b, 2, 3),
-                                (true, _) => tile!($f, $b, 2, 4),
-                                (false, 1) => tile!($f, $b, 1, 1),
-                                (false, 2) => tile!($f, $b, 1, 2),
-                                (false, 3) => tile!($f, $b, 1, 3),
-                                (false, _) => tile!($f, $b, 1, 4),
-                            }
+            walk_tiles(task * ROWS_PER_TASK..end, t, (4, 4), &put, |r, pair, t0, m, res| {
+                macro_rules! tile {
+                    ($f:ident, $b:expr, $r:literal, $m:literal) => {{
+                        let mut o = [[0f32; $m]; $r];
+                        // SAFETY: Avx2 (with FMA and F16C) was detected; every row has nb blocks.
+                        unsafe {
+                            x86::$f::<$r, $m>(
+                                std::array::from_fn(|j| &$b[(r + j) * nb..(r + j + 1) * nb]),
+                                std::array::from_fn(|i| &xq[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                                std::array::from_fn(|i| &xd[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                                &mut o,
+                            )
                         };
-                    }
-                    match w.data {
-                        WeightData::Q8_0(b) => call!(dot_tile_q8_0, b),
-                        WeightData::Q4_0(b) => call!(dot_tile_q4_0, b),
-                        _ => unreachable!("only called for quantized weights"),
-                    }
-                    for (j, rj) in res.iter().enumerate().take(1 + pair as usize) {
-                        for (i, v) in rj.iter().enumerate().take(m) {
-                            put(t0 + i, r + j, *v);
+                        for j in 0..$r {
+                            res[j][..$m].copy_from_slice(&o[j]);
                         }
-                    }
+                    }};
                 }
-                r += 1 + pair as usize;
-            }
+                macro_rules! call {
+                    ($f:ident, $b:expr) => {
+                        match (pair, m) {
+                            (true, 1) => tile!($f, $b, 2, 1),
+                            (true, 2) => tile!($f, $b, 2, 2),
+                            (true, 3) => tile!($f, $b, 2, 3),
+                            (true, _) => tile!($f, $b, 2, 4),
+                            (false, 1) => tile!($f, $b, 1, 1),
+                            (false, 2) => tile!($f, $b, 1, 2),
+                            (false, 3) => tile!($f, $b, 1, 3),
+                            (false, _) => tile!($f, $b, 1, 4),
+                        }
+                    };
+                }
+                match w.data {
+                    WeightData::Q8_0(b) => call!(dot_tile_q8_0, b),
+                    WeightData::Q4_0(b) => call!(dot_tile_q4_0, b),
+                    _ => unreachable!("only called for quantized weights"),
+                }
+            });
             return;
         }
         for r in task * ROWS_PER_TASK..end {
@@ -350,63 +338,80 @@ fn rows_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
         let out = &out;
         let end = ((task + 1) * ROWS_PER_TASK).min(n);
-        let mut r = task * ROWS_PER_TASK;
-        while r < end {
-            // Two weight rows while there are two, else one (with up to 8 input rows).
-            let pair = r + 1 < end;
-            let group = if pair { 6 } else { 8 };
-            for t0 in (0..t).step_by(group) {
-                let m = group.min(t - t0);
-                let xp = |i: usize| x[(t0 + i) * k..].as_ptr();
-                let mut res = [[0f32; 8]; 2];
-                // SAFETY: Avx2 was detected; each pointer has k readable floats, like the rows.
-                unsafe {
-                    macro_rules! tile {
-                        ($f:ident, $d:expr, $r:literal, $m:literal) => {{
-                            let mut o = [[0f32; $m]; $r];
-                            x86::$f::<$r, $m>(std::array::from_fn(|j| &$d[(r + j) * k..(r + j + 1) * k]), &std::array::from_fn(xp), &mut o, t0 == 0);
-                            for j in 0..$r {
-                                res[j][..$m].copy_from_slice(&o[j]);
-                            }
-                        }};
-                    }
-                    macro_rules! call {
-                        ($f:ident, $d:expr) => {
-                            match (pair, m) {
-                                (true, 1) => tile!($f, $d, 2, 1),
-                                (true, 2) => tile!($f, $d, 2, 2),
-                                (true, 3) => tile!($f, $d, 2, 3),
-                                (true, 4) => tile!($f, $d, 2, 4),
-                                (true, 5) => tile!($f, $d, 2, 5),
-                                (true, _) => tile!($f, $d, 2, 6),
-                                (false, 1) => tile!($f, $d, 1, 1),
-                                (false, 2) => tile!($f, $d, 1, 2),
-                                (false, 3) => tile!($f, $d, 1, 3),
-                                (false, 4) => tile!($f, $d, 1, 4),
-                                (false, 5) => tile!($f, $d, 1, 5),
-                                (false, 6) => tile!($f, $d, 1, 6),
-                                (false, 7) => tile!($f, $d, 1, 7),
-                                (false, _) => tile!($f, $d, 1, 8),
-                            }
-                        };
-                    }
-                    match w.data {
-                        WeightData::F32(d) => call!(dot_tile_f32, d),
-                        WeightData::BF16(d) => call!(dot_tile_bf16, d),
-                        WeightData::F16(d) => call!(dot_tile_f16, d),
-                        WeightData::Q8_0(_) | WeightData::Q4_0(_) => unreachable!("quantized rows take matvec_quant"),
-                    }
+        // SAFETY: rows of this task belong to it only.
+        let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
+        walk_tiles(task * ROWS_PER_TASK..end, t, (6, 8), &put, |r, pair, t0, m, res| {
+            let xp = |i: usize| x[(t0 + i) * k..].as_ptr();
+            // SAFETY: Avx2 was detected; each pointer has k readable floats, like the rows.
+            unsafe {
+                macro_rules! tile {
+                    ($f:ident, $d:expr, $r:literal, $m:literal) => {{
+                        let mut o = [[0f32; $m]; $r];
+                        x86::$f::<$r, $m>(std::array::from_fn(|j| &$d[(r + j) * k..(r + j + 1) * k]), &std::array::from_fn(xp), &mut o, t0 == 0);
+                        for j in 0..$r {
+                            res[j][..$m].copy_from_slice(&o[j]);
+                        }
+                    }};
                 }
-                for j in 0..1 + pair as usize {
-                    for (i, v) in res[j].iter().enumerate().take(m) {
-                        // SAFETY: rows r, r + 1 belong to this task only.
-                        unsafe { *out.0.add((t0 + i) * n + r + j) = *v };
-                    }
+                macro_rules! call {
+                    ($f:ident, $d:expr) => {
+                        match (pair, m) {
+                            (true, 1) => tile!($f, $d, 2, 1),
+                            (true, 2) => tile!($f, $d, 2, 2),
+                            (true, 3) => tile!($f, $d, 2, 3),
+                            (true, 4) => tile!($f, $d, 2, 4),
+                            (true, 5) => tile!($f, $d, 2, 5),
+                            (true, _) => tile!($f, $d, 2, 6),
+                            (false, 1) => tile!($f, $d, 1, 1),
+                            (false, 2) => tile!($f, $d, 1, 2),
+                            (false, 3) => tile!($f, $d, 1, 3),
+                            (false, 4) => tile!($f, $d, 1, 4),
+                            (false, 5) => tile!($f, $d, 1, 5),
+                            (false, 6) => tile!($f, $d, 1, 6),
+                            (false, 7) => tile!($f, $d, 1, 7),
+                            (false, _) => tile!($f, $d, 1, 8),
+                        }
+                    };
+                }
+                match w.data {
+                    WeightData::F32(d) => call!(dot_tile_f32, d),
+                    WeightData::BF16(d) => call!(dot_tile_bf16, d),
+                    WeightData::F16(d) => call!(dot_tile_f16, d),
+                    WeightData::Q8_0(_) | WeightData::Q4_0(_) => unreachable!("quantized rows take matvec_quant"),
                 }
             }
-            r += 1 + pair as usize;
-        }
+        });
     });
+}
+
+/// Walks weight rows `rows` two at a time (the last one alone when odd) against groups of input
+/// rows (`groups`: the group size for a pair, for a lone row). `tile(r, pair, t0, m, res)` fills
+/// `res[j][i]`, the dot product of weight row r + j with input row t0 + i; `put(ti, r, v)` stores
+/// each result.
+#[cfg(target_arch = "x86_64")]
+fn walk_tiles(
+    rows: std::ops::Range<usize>,
+    t: usize,
+    groups: (usize, usize),
+    put: &impl Fn(usize, usize, f32),
+    mut tile: impl FnMut(usize, bool, usize, usize, &mut [[f32; 8]; 2]),
+) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let pair = r + 1 < rows.end;
+        let group = if pair { groups.0 } else { groups.1 };
+        for t0 in (0..t).step_by(group) {
+            let m = group.min(t - t0);
+            let mut res = [[0f32; 8]; 2];
+            tile(r, pair, t0, m, &mut res);
+            for (j, rj) in res.iter().enumerate().take(1 + pair as usize) {
+                for (i, v) in rj.iter().enumerate().take(m) {
+                    put(t0 + i, r + j, *v);
+                }
+            }
+        }
+        r += 1 + pair as usize;
+    }
 }
 
 /// Several input rows on AVX2, blocked as in BLIS: a task owns `PANELS` panels of 16 weight

@@ -33,17 +33,22 @@ fn main() {
     let peak = probe::fma_peak().unwrap_or(f64::NAN);
     println!("read bandwidth {:.1} GB/s, f32 FMA peak {:.0} GFLOP/s, {} threads", bw / 1e9, peak / 1e9, rayon::current_num_threads());
     let mut rng = Rng::new(1);
-    // Four [5504, 1600] matrices (the MLP's shape): 70 MB of bf16, twice the last-level cache,
-    // so every pass streams from memory as decode does.
+    // [5504, 1600] matrices (the MLP's shape), as many copies of each format as make 256 MB, eight
+    // times the last-level cache, so every pass streams from memory as decode does.
     let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(1600);
     let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(5504 * 1600 / k);
     let any = ["bf16", "q8_0", "q4_0"].iter().any(|q| [1, 4, 16, 128].iter().any(|t| on(&format!("matmul {q} t={t}"))));
-    let nmats = if any { 4 } else { 0 };
-    let wf: Vec<Vec<f32>> = (0..nmats).map(|_| rng.normal_vec(n * k, 0.02)).collect();
-    let wb: Vec<Vec<bf16>> = wf.iter().map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect()).collect();
-    let wq8: Vec<Vec<BlockQ8_0>> = wf.iter().map(|w| { let mut q = vec![BlockQ8_0::default(); n * k / QK]; quant::quantize_q8_0(w, &mut q); q }).collect();
-    let wq4: Vec<Vec<BlockQ4_0>> = wf.iter().map(|w| { let mut q = vec![BlockQ4_0::default(); n * k / QK]; quant::quantize_q4_0(w, &mut q); q }).collect();
+    let wf: Vec<f32> = if any { rng.normal_vec(n * k, 0.02) } else { Vec::new() };
+    let copies = |bytes: usize| if any { (256usize << 20).div_ceil(bytes) } else { 0 };
+    let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+    let mut wq8 = vec![BlockQ8_0::default(); wf.len() / QK];
+    quant::quantize_q8_0(&wf, &mut wq8);
+    let mut wq4 = vec![BlockQ4_0::default(); wf.len() / QK];
+    quant::quantize_q4_0(&wf, &mut wq4);
     drop(wf);
+    let wb = vec![wb; copies(n * k * 2)];
+    let wq8 = vec![wq8; copies(n * k / QK * std::mem::size_of::<BlockQ8_0>())];
+    let wq4 = vec![wq4; copies(n * k / QK * std::mem::size_of::<BlockQ4_0>())];
     for (name, mats) in [
         ("bf16", wb.iter().map(|w| WeightData::BF16(w)).collect::<Vec<_>>()),
         ("q8_0", wq8.iter().map(|w| WeightData::Q8_0(w)).collect()),

@@ -22,3 +22,11 @@ pub mod testing;
 mod x86;
 
 pub use matmul::{matmul, matmul_ref, Mat, WeightData};
+
+/// Runs `f` on a thread of rayon's pool, so the serial work between the kernels' parallel loops
+/// runs there too. Called from outside the pool, every parallel loop would otherwise be a hand-off
+/// to the pool and back (two wake-ups), and the calling thread would be a third thread on the
+/// pool's cores; a whole forward pass pays that once instead.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}

@@ -12,7 +12,7 @@ use crate::mask::{sees, DecodeWindow};
 use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock};
-use hymba_kernels::{act, conv::causal_conv, matmul, norm, rope, scan};
+use hymba_kernels::{act, conv::causal_conv, matmul, norm, on_pool, rope, scan};
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
@@ -224,6 +224,10 @@ impl Model {
     /// pass over the weights for the whole batch) while attention and the SSM run per sequence
     /// on its own cache. Returns each step's logits. On error no cache is changed.
     pub fn forward_batch(&self, steps: &mut [Step]) -> Result<Vec<Vec<f32>>> {
+        on_pool(|| self.forward_batch_here(steps))
+    }
+
+    fn forward_batch_here(&self, steps: &mut [Step]) -> Result<Vec<Vec<f32>>> {
         for s in steps.iter() {
             self.check_ids(s.ids)?;
         }
@@ -287,14 +291,14 @@ impl Model {
     /// The official no-cache forward: meta tokens prepended, blank state; logits for every real
     /// position. The reference the cached path is tested against.
     pub fn forward_uncached(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        Ok(self.logits(&self.hidden_uncached(ids, None)?))
+        on_pool(|| Ok(self.logits(&self.hidden_uncached(ids, None)?)))
     }
 
     /// Per-layer inputs over meta + real rows (`[L + 1][M + n, d]`, the last entry after the
     /// final norm), as the official `output_hidden_states` gives them. For debugging.
     pub fn hidden_states_uncached(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut hs = Vec::new();
-        self.hidden_uncached(ids, Some(&mut hs))?;
+        on_pool(|| self.hidden_uncached(ids, Some(&mut hs)))?;
         let last = hs.last_mut().expect("the trace ends with the final hidden state");
         norm::rmsnorm_inplace(last, &self.weights.final_norm, self.config.rms_norm_eps);
         Ok(hs)

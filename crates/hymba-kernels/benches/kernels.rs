@@ -11,7 +11,7 @@ use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, Layout};
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use hymba_kernels::testing::Rng;
-use hymba_kernels::{matmul, probe, Mat, WeightData};
+use hymba_kernels::{matmul, probe, scan, Mat, WeightData};
 use std::time::Instant;
 
 /// Best seconds of `reps` runs of `f`.
@@ -108,5 +108,18 @@ fn main() {
         let bytes = (128 + ctx) * (kw + vw) * 4;
         let gbs = bytes as f64 / s / 1e9;
         println!("{label:<28} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)", s * 1e6, 100.0 * gbs * 1e9 / bw);
+    }
+    // One decode step of the selective scan: 3200 channels of 16 states (Hymba-1.5B), t = 1.
+    if on("scan decode") {
+        let (e, n) = (3200, 16);
+        let x = rng.normal_vec(e, 1.0);
+        let delta: Vec<f32> = rng.normal_vec(e, 0.5).iter().map(|v| v.abs()).collect();
+        let a: Vec<f32> = rng.normal_vec(e * n, 1.0).iter().map(|v| -v.exp()).collect();
+        let (b, c, d) = (rng.normal_vec(n, 1.0), rng.normal_vec(n, 1.0), rng.normal_vec(e, 1.0));
+        let mut state = vec![0f32; e * n];
+        let mut y = vec![0f32; e];
+        let inp = scan::ScanInput { x: &x, delta: &delta, a: &a, b: &b, c: &c, d: &d };
+        let s = best(50, || scan::selective_scan(&inp, &mut state, &mut y));
+        println!("scan decode {e}x{n}          {:>7.1} µs  {:>5.1} ns a channel", s * 1e6, s * 1e9 / e as f64);
     }
 }

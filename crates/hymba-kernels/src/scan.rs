@@ -38,16 +38,38 @@ pub fn selective_scan_with(isa: Isa, inp: &ScanInput, state: &mut [f32], y: &mut
     state.par_chunks_mut(CHANNELS_PER_TASK * n).enumerate().for_each(|(task, st)| {
         let yp = &yp;
         let c0 = task * CHANNELS_PER_TASK;
-        for (ci, s) in st.chunks_exact_mut(n).enumerate() {
+        let mut ci = 0;
+        let channels = st.len() / n;
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 && n % 8 == 0 && n <= 32 {
+            // Four channels at a time, then one at a time.
+            while ci < channels {
+                let c = if ci + 4 <= channels { 4 } else { 1 };
+                let ch = c0 + ci;
+                let (a, d, s) = (&inp.a[ch * n..], &inp.d[ch..], &mut st[ci * n..]);
+                macro_rules! run {
+                    ($c:literal, $nv:literal) => {
+                        // SAFETY: Avx2 was detected; shapes were checked above; `a`, `d`, `s`
+                        // hold these channels; their `y` columns belong to this task only.
+                        unsafe { x86::scan_channels::<$c, $nv>(t, e, ch, inp.x, inp.delta, a, inp.b, inp.c, d, s, yp.0) }
+                    };
+                }
+                match (c, n / 8) {
+                    (4, 1) => run!(4, 1),
+                    (4, 2) => run!(4, 2),
+                    (4, 3) => run!(4, 3),
+                    (4, _) => run!(4, 4),
+                    (_, 1) => run!(1, 1),
+                    (_, 2) => run!(1, 2),
+                    (_, 3) => run!(1, 3),
+                    (_, _) => run!(1, 4),
+                }
+                ci += c;
+            }
+        }
+        for (ci, s) in st.chunks_exact_mut(n).enumerate().skip(ci) {
             let ch = c0 + ci;
             let a = &inp.a[ch * n..(ch + 1) * n];
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2 && n % 8 == 0 && n <= 32 {
-                // SAFETY: Avx2 was detected; shapes were checked above; channel `ch` of `y`
-                // belongs to this task only.
-                unsafe { x86::scan_channel(t, e, ch, inp.x, inp.delta, a, inp.b, inp.c, inp.d[ch], s, yp.0) };
-                continue;
-            }
             for ti in 0..t {
                 let dt = inp.delta[ti * e + ch];
                 let xv = inp.x[ti * e + ch];
@@ -102,7 +124,7 @@ mod tests {
     #[test]
     fn fast_scan_matches_reference_and_chunks() {
         let mut rng = Rng::new(11);
-        for (t, e, n) in [(9, 131, 5), (7, 70, 16), (3, 9, 32)] {
+        for (t, e, n) in [(9, 131, 5), (7, 70, 16), (3, 9, 32), (5, 37, 24), (2, 13, 8), (1, 3200, 16)] {
         let x = rng.normal_vec(t * e, 1.0);
         let delta: Vec<f32> = rng.normal_vec(t * e, 1.0).iter().map(|v| v.abs()).collect();
         let a: Vec<f32> = rng.normal_vec(e * n, 1.0).iter().map(|v| -v.exp()).collect();

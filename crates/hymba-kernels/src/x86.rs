@@ -556,11 +556,14 @@ pub unsafe fn silu_mul(a: &mut [f32], b: Option<&[f32]>) {
     }
 }
 
-/// One channel of the selective scan over `t` steps, its state row (`n` a multiple of 8, at
-/// most 32) in registers: `s ← exp(Δ·a) ⊙ s + Δ·x·b`, `y = s·c + d·x`.
+/// `C` consecutive channels (from `ch`) of the selective scan over `t` steps, each state row
+/// (`NV` vectors of 8) in registers: `s ← exp(Δ·a) ⊙ s + Δ·x·b`, `y = s·c + d·x`. The channels'
+/// exponentials are independent, so several of them keep the FMA units busy where one
+/// channel's chain of polynomial steps would leave them waiting (a decode step has t = 1).
+/// `a`, `d` and `s` start at channel `ch`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn scan_channel(
+pub unsafe fn scan_channels<const C: usize, const NV: usize>(
     t: usize,
     e: usize,
     ch: usize,
@@ -569,36 +572,39 @@ pub unsafe fn scan_channel(
     a: &[f32],
     b: &[f32],
     c: &[f32],
-    d: f32,
+    d: &[f32],
     s: &mut [f32],
     y: *mut f32,
 ) {
-    let n = s.len();
-    debug_assert!(n % 8 == 0 && n <= 32);
-    let nv = n / 8;
-    let mut st = [_mm256_setzero_ps(); 4];
-    let mut av = [_mm256_setzero_ps(); 4];
-    for v in 0..nv {
-        st[v] = _mm256_loadu_ps(s.as_ptr().add(8 * v));
-        av[v] = _mm256_loadu_ps(a.as_ptr().add(8 * v));
+    let n = 8 * NV;
+    debug_assert!(s.len() >= C * n && a.len() >= C * n && d.len() >= C);
+    let mut st = [[_mm256_setzero_ps(); NV]; C];
+    for (j, sj) in st.iter_mut().enumerate() {
+        for (v, sv) in sj.iter_mut().enumerate() {
+            *sv = _mm256_loadu_ps(s.as_ptr().add(j * n + 8 * v));
+        }
     }
     for ti in 0..t {
-        let dt = *delta.get_unchecked(ti * e + ch);
-        let xv = *x.get_unchecked(ti * e + ch);
-        let dtv = _mm256_set1_ps(dt);
-        let dx = _mm256_set1_ps(dt * xv);
-        let mut acc = _mm256_setzero_ps();
-        for v in 0..nv {
-            let bv = _mm256_loadu_ps(b.as_ptr().add(ti * n + 8 * v));
-            let cv = _mm256_loadu_ps(c.as_ptr().add(ti * n + 8 * v));
-            let decay = exp256(_mm256_mul_ps(dtv, av[v]));
-            st[v] = _mm256_fmadd_ps(decay, st[v], _mm256_mul_ps(dx, bv));
-            acc = _mm256_fmadd_ps(st[v], cv, acc);
+        let bv: [__m256; NV] = std::array::from_fn(|v| _mm256_loadu_ps(b.as_ptr().add(ti * n + 8 * v)));
+        let cv: [__m256; NV] = std::array::from_fn(|v| _mm256_loadu_ps(c.as_ptr().add(ti * n + 8 * v)));
+        for j in 0..C {
+            let dt = *delta.get_unchecked(ti * e + ch + j);
+            let xv = *x.get_unchecked(ti * e + ch + j);
+            let dtv = _mm256_set1_ps(dt);
+            let dx = _mm256_set1_ps(dt * xv);
+            let mut acc = _mm256_setzero_ps();
+            for v in 0..NV {
+                let decay = exp256(_mm256_mul_ps(dtv, _mm256_loadu_ps(a.as_ptr().add(j * n + 8 * v))));
+                st[j][v] = _mm256_fmadd_ps(decay, st[j][v], _mm256_mul_ps(dx, bv[v]));
+                acc = _mm256_fmadd_ps(st[j][v], cv[v], acc);
+            }
+            *y.add(ti * e + ch + j) = hsum(acc) + d[j] * xv;
         }
-        *y.add(ti * e + ch) = hsum(acc) + d * xv;
     }
-    for v in 0..nv {
-        _mm256_storeu_ps(s.as_mut_ptr().add(8 * v), st[v]);
+    for (j, sj) in st.iter().enumerate() {
+        for (v, sv) in sj.iter().enumerate() {
+            _mm256_storeu_ps(s.as_mut_ptr().add(j * n + 8 * v), *sv);
+        }
     }
 }
 

@@ -20,7 +20,9 @@ pub struct ScanInput<'a> {
     pub d: &'a [f32],
 }
 
-const CHANNELS_PER_TASK: usize = 64;
+/// Channel-steps (channels × time steps) in one parallel task, so a task outweighs its
+/// scheduling cost: a decode step (t = 1) is one or a few tasks, not fifty 2 µs ones.
+const WORK_PER_TASK: usize = 1 << 12;
 
 pub fn selective_scan(inp: &ScanInput, state: &mut [f32], y: &mut [f32]) {
     selective_scan_with(isa(), inp, state, y)
@@ -35,9 +37,10 @@ pub fn selective_scan_with(isa: Isa, inp: &ScanInput, state: &mut [f32], y: &mut
     struct P(*mut f32);
     unsafe impl Sync for P {}
     let yp = P(y.as_mut_ptr());
-    state.par_chunks_mut(CHANNELS_PER_TASK * n).enumerate().for_each(|(task, st)| {
+    let per_task = (WORK_PER_TASK / t.max(1)).clamp(64, e.max(64));
+    state.par_chunks_mut(per_task * n).enumerate().for_each(|(task, st)| {
         let yp = &yp;
-        let c0 = task * CHANNELS_PER_TASK;
+        let c0 = task * per_task;
         let mut ci = 0;
         let channels = st.len() / n;
         #[cfg(target_arch = "x86_64")]

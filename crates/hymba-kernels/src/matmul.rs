@@ -168,8 +168,11 @@ fn dot_x4(isa: Isa, w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
 }
 
 /// Output rows handled by one task: small enough to balance two to many cores, large enough
-/// that scheduling costs nothing next to the arithmetic.
-const ROWS_PER_TASK: usize = 32;
+/// that scheduling costs nothing next to the arithmetic: at least 32 rows and 64 Ki weights, so
+/// a narrow matrix (dt_proj's rows are 100 long) is a few tasks, not a hundred tiny ones.
+fn rows_per_task(k: usize) -> usize {
+    (65536 / k.max(1)).max(32).next_multiple_of(2)
+}
 
 /// Pointer to the output that tasks write disjoint elements of.
 struct OutPtr(*mut f32);
@@ -220,7 +223,8 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
         return;
     }
     let out = OutPtr(y.as_mut_ptr());
-    let tasks = n.div_ceil(ROWS_PER_TASK);
+    let per_task = rows_per_task(k);
+    let tasks = n.div_ceil(per_task);
     let xr = |ti: usize| &x[ti * k..(ti + 1) * k];
     (0..tasks).into_par_iter().for_each_init(
         || vec![0f32; k],
@@ -228,7 +232,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
             let out = &out;
             // SAFETY: element (ti, r) is written by exactly one task: r belongs to this task.
             let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
-            for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n) {
+            for r in task * per_task..((task + 1) * per_task).min(n) {
                 if t < 4 {
                     // Decode: widen as we go, each weight read once.
                     for ti in 0..t {
@@ -274,14 +278,15 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
         _ => Vec::new(),
     };
     let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+    let per_task = rows_per_task(k);
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let out = &out;
         // SAFETY (both writers): rows of this task belong to it only.
         let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
-        let end = ((task + 1) * ROWS_PER_TASK).min(n);
+        let end = ((task + 1) * per_task).min(n);
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx2 && t > 1 {
-            walk_tiles(task * ROWS_PER_TASK..end, t, (4, 4), &put, |r, pair, t0, m, res| {
+            walk_tiles(task * per_task..end, t, (4, 4), &put, |r, pair, t0, m, res| {
                 macro_rules! tile {
                     ($f:ident, $b:expr, $r:literal, $m:literal) => {{
                         let mut o = [[0f32; $m]; $r];
@@ -321,7 +326,7 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
             });
             return;
         }
-        for r in task * ROWS_PER_TASK..end {
+        for r in task * per_task..end {
             for ti in 0..t {
                 let xb = &xq[ti * nb..(ti + 1) * nb];
                 let v = match (isa, w.data) {
@@ -357,12 +362,13 @@ fn rows_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     // SAFETY: as in `aligned_rows`.
     let x = unsafe { std::slice::from_raw_parts(xa.as_ptr() as *const f32, t * stride) };
     let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+    let per_task = rows_per_task(k);
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let out = &out;
-        let end = ((task + 1) * ROWS_PER_TASK).min(n);
+        let end = ((task + 1) * per_task).min(n);
         // SAFETY: rows of this task belong to it only.
         let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
-        walk_tiles(task * ROWS_PER_TASK..end, t, (6, 8), &put, |r, pair, t0, m, res| {
+        walk_tiles(task * per_task..end, t, (6, 8), &put, |r, pair, t0, m, res| {
             let xp = |i: usize| x[(t0 + i) * stride..].as_ptr();
             // SAFETY: Avx2 was detected; each pointer has k readable floats, like the rows.
             unsafe {

@@ -557,7 +557,7 @@ mod tests {
     #[test]
     fn quantized_matmul_matches_reference() {
         let mut rng = Rng::new(8);
-        for &(t, n, k) in &[(1, 37, 64), (2, 70, 160), (3, 5, 32), (5, 33, 96), (9, 17, 1600), (21, 19, 64), (20, 70, 320)] {
+        for &(t, n, k) in &[(1, 37, 64), (1, 9, 1600), (1, 7, 384), (1, 5, 160), (2, 70, 160), (3, 5, 32), (5, 33, 96), (9, 17, 1600), (21, 19, 64), (20, 70, 320)] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let mut q8 = vec![BlockQ8_0::default(); n * k / QK];

@@ -365,35 +365,51 @@ quant_dot_impl!(dot_q8_0, crate::quant::BlockQ8_0, unpack_q8_0);
 /// Q4_0 weights · Q8_0 activations whose block scales come widened (`xd`) and whose block sums
 /// come precomputed (`xs`). The nibbles (0..15) multiply the activations directly, unsigned by
 /// signed as maddubs wants, and 8·Σx per block is taken off after: Σ(q − 8)·x = Σq·x − 8·Σx,
-/// exactly, in integers. That saves the sign juggling and a scale conversion per block, and
-/// this kernel is compute-bound (four blocks a step, constant-indexed accumulators).
+/// exactly, in integers. The kernel is compute-bound, so four blocks go together: their eight
+/// lane sums are folded by horizontal adds into one vector (block j's halves in lanes j and
+/// j + 4), which takes the Σx correction, the conversion to float and the four blocks' scales
+/// (widened together) in one instruction each, where a block at a time paid for each.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8_0], xd: &[f32], xs: &[i32]) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(0x0F);
-    let block = |i: usize, acc: __m256| {
-        let a = w.get_unchecked(i);
-        let t = _mm_loadu_si128(a.qs.as_ptr() as *const __m128i);
+    // The integer dot product of block i with its input block: eight lanes of partial sums.
+    let block = |i: usize| {
+        let t = _mm_loadu_si128(w.get_unchecked(i).qs.as_ptr() as *const __m128i);
         let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-        let y = _mm256_loadu_si256(x.get_unchecked(i).qs.as_ptr() as *const __m256i);
-        // Eight lanes, each less Σx: 8·Σx in all.
-        let dot = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones), _mm256_set1_epi32(*xs.get_unchecked(i)));
-        _mm256_fmadd_ps(_mm256_set1_ps(scale(a.d) * *xd.get_unchecked(i)), _mm256_cvtepi32_ps(dot), acc)
+        let y = _mm256_loadu_si256(x.get_unchecked(i).qs.as_ptr() as *const __m128i as *const __m256i);
+        _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones)
     };
     let n = w.len().min(x.len()).min(xd.len()).min(xs.len());
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let four = |i: usize, acc: __m256| {
+        let d = [block(i), block(i + 1), block(i + 2), block(i + 3)];
+        // Lanes 0..4: the low-half sums of blocks 0..3; lanes 4..8: the high-half sums.
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+        let corr = _mm256_zextsi128_si256(_mm_slli_epi32(_mm_loadu_si128(xs.as_ptr().add(i) as *const __m128i), 3));
+        let dots = _mm256_cvtepi32_ps(_mm256_sub_epi32(h, corr));
+        let wd = w.get_unchecked(i..i + 4);
+        let bits = |j: usize| u16::from_le_bytes(wd[j].d) as i16;
+        let sc = _mm_mul_ps(_mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, bits(3), bits(2), bits(1), bits(0))), _mm_loadu_ps(xd.as_ptr().add(i)));
+        _mm256_fmadd_ps(_mm256_set_m128(sc, sc), dots, acc)
+    };
+    // Two accumulators, so consecutive groups do not wait on each other's FMA.
+    let mut acc = [_mm256_setzero_ps(); 2];
     let mut i = 0;
-    while i + 4 <= n {
-        for j in 0..4 {
-            acc[j] = block(i + j, acc[j]);
-        }
+    while i + 8 <= n {
+        acc[0] = four(i, acc[0]);
+        acc[1] = four(i + 4, acc[1]);
+        i += 8;
+    }
+    if i + 4 <= n {
+        acc[0] = four(i, acc[0]);
         i += 4;
     }
-    while i < n {
-        acc[0] = block(i, acc[0]);
-        i += 1;
+    let mut s = hsum(_mm256_add_ps(acc[0], acc[1]));
+    for i in i..n {
+        let dot = hsum(_mm256_cvtepi32_ps(block(i))) - 8.0 * *xs.get_unchecked(i) as f32;
+        s += scale(w.get_unchecked(i).d) * *xd.get_unchecked(i) * dot;
     }
-    hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    s
 }
 
 /// A Q8_0 block's 32 values as signed bytes.

@@ -8,7 +8,7 @@
 //! (attention repetitions, best taken).
 
 use half::bf16;
-use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, Layout};
+use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem, Layout};
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use hymba_kernels::testing::Rng;
 use hymba_kernels::{matmul, probe, scan, Mat, WeightData};
@@ -82,32 +82,23 @@ fn main() {
         }
     }
     // Decode attention: one query of 25 heads over 5 K/V heads of 64, against the meta prefix
-    // (128 rows) and a sliding-window ring (1024) or a global context (8192).
+    // (128 rows) and a sliding-window ring (1024) or a global context (8192), K/V in f32 rows,
+    // f32 heads or bf16 heads.
     let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let kvh: usize = std::env::var("KVH").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let sh = AttnShape { heads: 5 * kvh, kv_heads: kvh, dk: 64, dv: 64 };
-    let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
-    for (ctx, layout) in [1024usize, 8192].into_iter().flat_map(|c| [(c, Layout::RowMajor), (c, Layout::HeadMajor { cap: 128 + c })]) {
-        let label = format!("attention decode @{ctx} {}", if layout == Layout::RowMajor { "rows" } else { "heads" });
-        if !on(&label) {
-            continue;
-        }
-        // Eight layers' worth of K/V so the caches come from memory, as in a real step.
-        let nl: usize = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-        let layers: Vec<(Vec<f32>, Vec<f32>)> = (0..nl).map(|_| (rng.normal_vec((128 + ctx) * kw, 1.0), rng.normal_vec((128 + ctx) * vw, 1.0))).collect();
-        let q = rng.normal_vec(sh.heads * sh.dk, 1.0);
-        let mut out = vec![0f32; sh.heads * sh.dv];
-        let pos = 128 + ctx;
-        let sees = |t: usize, s: usize| s <= t;
-        let s = best(reps, || {
-            for (k, v) in &layers {
-                let blocks = [KvBlock { k, v, rows: 128 + ctx, layout, pos: KeyPos::Contiguous(0) }];
-                attention(&q, &[pos], &blocks, sh, 0.125, &sees, &mut out);
+    // Eight layers' worth of K/V so the caches come from memory, as in a real step.
+    let nl: usize = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    for ctx in [1024usize, 8192] {
+        for (layout, name) in [(Layout::RowMajor, "rows"), (Layout::HeadMajor { cap: 128 + ctx }, "heads")] {
+            let label = format!("attention decode @{ctx} {name}");
+            if on(&label) {
+                bench_attention::<f32>(&label, &mut rng, ctx, layout, kvh, nl, reps, bw, |v| v);
             }
-        }) / layers.len() as f64;
-        let bytes = (128 + ctx) * (kw + vw) * 4;
-        let gbs = bytes as f64 / s / 1e9;
-        println!("{label:<28} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)", s * 1e6, 100.0 * gbs * 1e9 / bw);
+        }
+        let label = format!("attention decode @{ctx} heads bf16");
+        if on(&label) {
+            bench_attention::<bf16>(&label, &mut rng, ctx, Layout::HeadMajor { cap: 128 + ctx }, kvh, nl, reps, bw, bf16::from_f32);
+        }
     }
     // One decode step of the selective scan: 3200 channels of 16 states (Hymba-1.5B), t = 1.
     if on("scan decode") {
@@ -122,4 +113,26 @@ fn main() {
         let s = best(50, || scan::selective_scan(&inp, &mut state, &mut y));
         println!("scan decode {e}x{n}          {:>7.1} µs  {:>5.1} ns a channel", s * 1e6, s * 1e9 / e as f64);
     }
+}
+
+/// One decode query against `ctx` + 128 keys held as `T`, over `nl` layers' caches in turn.
+#[allow(clippy::too_many_arguments)]
+fn bench_attention<T: KvElem>(label: &str, rng: &mut Rng, ctx: usize, layout: Layout, kvh: usize, nl: usize, reps: usize, bw: f64, to: fn(f32) -> T) {
+    let sh = AttnShape { heads: 5 * kvh, kv_heads: kvh, dk: 64, dv: 64 };
+    let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
+    let mut vec = |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
+    let layers: Vec<(Vec<T>, Vec<T>)> = (0..nl).map(|_| (vec((128 + ctx) * kw), vec((128 + ctx) * vw))).collect();
+    let q = rng.normal_vec(sh.heads * sh.dk, 1.0);
+    let mut out = vec![0f32; sh.heads * sh.dv];
+    let pos = 128 + ctx;
+    let sees = |t: usize, s: usize| s <= t;
+    let s = best(reps, || {
+        for (k, v) in &layers {
+            let blocks = [KvBlock { k, v, rows: 128 + ctx, layout, pos: KeyPos::Contiguous(0) }];
+            attention(&q, &[pos], &blocks, sh, 0.125, &sees, &mut out);
+        }
+    }) / layers.len() as f64;
+    let bytes = (128 + ctx) * (kw + vw) * std::mem::size_of::<T>();
+    let gbs = bytes as f64 / s / 1e9;
+    println!("{label:<33} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)", s * 1e6, 100.0 * gbs * 1e9 / bw);
 }

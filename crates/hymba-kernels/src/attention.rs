@@ -10,7 +10,33 @@ use crate::isa::{isa, Isa};
 use crate::matmul::dot;
 #[cfg(target_arch = "x86_64")]
 use crate::x86;
+use half::bf16;
 use rayon::prelude::*;
+
+/// The element types keys and values may be held in: f32, or bf16 (half the bytes to stream
+/// per key, and the precision the official bf16 model computes K/V in).
+pub trait KvElem: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
+    /// bf16 rather than f32: the kernels branch on this constant, so each type compiles to its
+    /// own loop.
+    const BF16: bool;
+    fn widen(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const BF16: bool = false;
+    #[inline]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for bf16 {
+    const BF16: bool = true;
+    #[inline]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
 
 /// Absolute positions of a block's rows.
 #[derive(Clone, Copy, Debug)]
@@ -33,17 +59,17 @@ pub enum Layout {
 
 /// Keys and values of one block of rows, each row tagged with its position.
 #[derive(Clone, Copy, Debug)]
-pub struct KvBlock<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub struct KvBlock<'a, T: KvElem = f32> {
+    pub k: &'a [T],
+    pub v: &'a [T],
     pub rows: usize,
     pub layout: Layout,
     pub pos: KeyPos<'a>,
 }
 
-impl<'a> KvBlock<'a> {
+impl<'a, T: KvElem> KvBlock<'a, T> {
     /// Rows `[n, kv_heads·dk]` of keys and `[n, kv_heads·dv]` of values.
-    pub fn row_major(k: &'a [f32], v: &'a [f32], kw: usize, pos: KeyPos<'a>) -> Self {
+    pub fn row_major(k: &'a [T], v: &'a [T], kw: usize, pos: KeyPos<'a>) -> Self {
         KvBlock { k, v, rows: k.len().checked_div(kw).unwrap_or(0), layout: Layout::RowMajor, pos }
     }
 
@@ -92,10 +118,10 @@ pub struct AttnShape {
 /// `q`: `[T, heads·dk]` at positions `q_pos`; `out`: `[T, heads·dv]`. A query that sees no key
 /// gets zeros. Work is split over (query row, K/V head): each task reads a key or value row once
 /// for all the query heads that share it.
-pub fn attention(
+pub fn attention<T: KvElem>(
     q: &[f32],
     q_pos: &[usize],
-    blocks: &[KvBlock],
+    blocks: &[KvBlock<T>],
     sh: AttnShape,
     scale: f32,
     sees: &(dyn Fn(usize, usize) -> bool + Sync),
@@ -106,11 +132,11 @@ pub fn attention(
 
 /// [`attention`] on a given instruction set.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_with(
+pub fn attention_with<T: KvElem>(
     isa: Isa,
     q: &[f32],
     q_pos: &[usize],
-    blocks: &[KvBlock],
+    blocks: &[KvBlock<T>],
     sh: AttnShape,
     scale: f32,
     sees: &(dyn Fn(usize, usize) -> bool + Sync),
@@ -150,12 +176,14 @@ pub fn attention_with(
                     let b = &blocks[r.block as usize];
                     for i in s..e {
                         let i = r.start as usize + i - at;
-                        keys.push(b.k[b.offset(i, kh, sh.kv_heads, sh.dk)..].as_ptr());
-                        vals.push(b.v[b.offset(i, kh, sh.kv_heads, sh.dv)..].as_ptr());
+                        keys.push(b.k[b.offset(i, kh, sh.kv_heads, sh.dk)..].as_ptr() as *const u8);
+                        vals.push(b.v[b.offset(i, kh, sh.kv_heads, sh.dv)..].as_ptr() as *const u8);
                     }
                     at += r.len as usize;
                 }
                 let nk = keys.len();
+                // SAFETY: the pointers were made from `*const T` just above.
+                let (keys, vals) = unsafe { (as_typed::<T>(keys), as_typed::<T>(vals)) };
                 let mut part = Partial { max: vec![f32::NEG_INFINITY; group], sum: vec![0.0; group], acc: vec![0.0; group * sh.dv] };
                 if nk == 0 {
                     return part;
@@ -211,7 +239,7 @@ struct Run {
 }
 
 /// The rows of `blocks` a query at `tp` sees, in block order, merged into runs.
-fn visible_runs(blocks: &[KvBlock], tp: usize, sees: &(dyn Fn(usize, usize) -> bool + Sync)) -> Vec<Run> {
+fn visible_runs<T: KvElem>(blocks: &[KvBlock<T>], tp: usize, sees: &(dyn Fn(usize, usize) -> bool + Sync)) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
     for (bi, b) in blocks.iter().enumerate() {
         for i in 0..b.rows {
@@ -229,10 +257,17 @@ fn visible_runs(blocks: &[KvBlock], tp: usize, sees: &(dyn Fn(usize, usize) -> b
 }
 
 thread_local! {
-    /// Per-thread key and value row pointers and scores, reused across calls: allocating them
-    /// afresh made long-context decode spend its time zeroing new pages.
-    static SCRATCH: std::cell::RefCell<(Vec<*const f32>, Vec<*const f32>, Vec<f32>)> =
+    /// Per-thread key and value row pointers (of whichever element type) and scores, reused
+    /// across calls: allocating them afresh made long-context decode spend its time zeroing new
+    /// pages.
+    static SCRATCH: std::cell::RefCell<(Vec<*const u8>, Vec<*const u8>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// # Safety
+/// Every pointer must have been made from a `*const T`.
+unsafe fn as_typed<T>(p: &[*const u8]) -> &[*const T] {
+    std::slice::from_raw_parts(p.as_ptr() as *const *const T, p.len())
 }
 
 /// One slice's unnormalised attention for the heads of a group: per head the max score, the
@@ -247,7 +282,7 @@ struct Partial {
 /// Each `keys[j]` must point to `dk` readable floats.
 /// Each `vals[j]` to `dv` (only prefetched here).
 #[allow(clippy::too_many_arguments)]
-unsafe fn head_scores(isa: Isa, q: &[f32], group: usize, dk: usize, keys: &[*const f32], vals: &[*const f32], dv: usize, scale: f32, out: &mut [f32]) {
+unsafe fn head_scores<T: KvElem>(isa: Isa, q: &[f32], group: usize, dk: usize, keys: &[*const T], vals: &[*const T], dv: usize, scale: f32, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::attn_scores(q, group, dk, keys, vals, dv, scale, out),
@@ -256,7 +291,13 @@ unsafe fn head_scores(isa: Isa, q: &[f32], group: usize, dk: usize, keys: &[*con
             for (j, &kp) in keys.iter().enumerate() {
                 let k = std::slice::from_raw_parts(kp, dk);
                 for g in 0..group {
-                    out[g * nk + j] = dot(&q[g * dk..(g + 1) * dk], k) * scale;
+                    let qg = &q[g * dk..(g + 1) * dk];
+                    let s = if T::BF16 {
+                        qg.iter().zip(k).map(|(a, b)| a * b.widen()).sum()
+                    } else {
+                        dot(qg, std::slice::from_raw_parts(kp as *const f32, dk))
+                    };
+                    out[g * nk + j] = s * scale;
                 }
             }
         }
@@ -265,7 +306,7 @@ unsafe fn head_scores(isa: Isa, q: &[f32], group: usize, dk: usize, keys: &[*con
 
 /// # Safety
 /// Each `vals[j]` must point to `dv` readable floats.
-unsafe fn head_values(isa: Isa, p: &[f32], group: usize, dv: usize, vals: &[*const f32], out: &mut [f32]) {
+unsafe fn head_values<T: KvElem>(isa: Isa, p: &[f32], group: usize, dv: usize, vals: &[*const T], out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::attn_values(p, group, dv, vals, out),
@@ -276,7 +317,7 @@ unsafe fn head_values(isa: Isa, p: &[f32], group: usize, dv: usize, vals: &[*con
                 for g in 0..group {
                     let w = p[g * nk + j];
                     for (a, b) in out[g * dv..(g + 1) * dv].iter_mut().zip(v) {
-                        *a += w * b;
+                        *a += w * b.widen();
                     }
                 }
             }
@@ -286,10 +327,10 @@ unsafe fn head_values(isa: Isa, p: &[f32], group: usize, dv: usize, vals: &[*con
 
 /// Reference: gathers every visible key of every block into one list per query and head, then
 /// a textbook softmax in f64.
-pub fn attention_ref(
+pub fn attention_ref<T: KvElem>(
     q: &[f32],
     q_pos: &[usize],
-    blocks: &[KvBlock],
+    blocks: &[KvBlock<T>],
     sh: AttnShape,
     scale: f32,
     sees: &dyn Fn(usize, usize) -> bool,
@@ -308,9 +349,9 @@ pub fn attention_ref(
                     let (ko, vo) = (b.offset(i, kh, sh.kv_heads, sh.dk), b.offset(i, kh, sh.kv_heads, sh.dv));
                     let mut s = 0f64;
                     for j in 0..sh.dk {
-                        s += (q[t * sh.heads * sh.dk + h * sh.dk + j] * b.k[ko + j]) as f64;
+                        s += (q[t * sh.heads * sh.dk + h * sh.dk + j] * b.k[ko + j].widen()) as f64;
                     }
-                    sv.push((s * scale as f64, b.v[vo..vo + sh.dv].to_vec()));
+                    sv.push((s * scale as f64, b.v[vo..vo + sh.dv].iter().map(|v| v.widen()).collect()));
                 }
             }
             let max = sv.iter().map(|x| x.0).fold(f64::NEG_INFINITY, f64::max);
@@ -346,21 +387,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn matches_reference_with_slots_windows_and_gqa() {
+    /// Prefix, head-major ring with an empty slot, new rows; GQA shapes with odd widths; K/V
+    /// held as `T` (converted from the same random f32s).
+    fn matches_reference_in<T: KvElem>(to: fn(f32) -> T) {
         let mut rng = Rng::new(5);
         for &(heads, kv_heads, dk, dv) in &[(4, 2, 8, 16), (3, 3, 5, 7), (6, 1, 4, 4), (14, 2, 24, 40), (10, 5, 64, 128)] {
             let sh = AttnShape { heads, kv_heads, dk, dv };
             let (kw, vw) = (kv_heads * dk, kv_heads * dv);
+            let mut vec = |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
             // A prefix at 0..3, a head-major ring of 5 slots (capacity 6) with one empty, new
             // rows at 20..23.
-            let pk = rng.normal_vec(3 * kw, 1.0);
-            let pv = rng.normal_vec(3 * vw, 1.0);
-            let rk = rng.normal_vec(6 * kw, 1.0);
-            let rv = rng.normal_vec(6 * vw, 1.0);
+            let (pk, pv) = (vec(3 * kw), vec(3 * vw));
+            let (rk, rv) = (vec(6 * kw), vec(6 * vw));
             let slots = [17, 18, usize::MAX, 15, 16];
-            let nk = rng.normal_vec(3 * kw, 1.0);
-            let nv = rng.normal_vec(3 * vw, 1.0);
+            let (nk, nv) = (vec(3 * kw), vec(3 * vw));
             let blocks = [
                 KvBlock::row_major(&pk, &pv, kw, KeyPos::Contiguous(0)),
                 KvBlock { k: &rk, v: &rv, rows: 5, layout: Layout::HeadMajor { cap: 6 }, pos: KeyPos::Slots(&slots) },
@@ -373,8 +413,18 @@ mod tests {
             attention_ref(&q, &qp, &blocks, sh, 0.3, &sees, &mut o2);
             for isa in crate::isa::available() {
                 attention_with(isa, &q, &qp, &blocks, sh, 0.3, &sees, &mut o1);
-                assert_close(&o1, &o2, 1e-5, &format!("attention {isa:?} {heads}/{kv_heads} dk={dk} dv={dv}"));
+                assert_close(&o1, &o2, 1e-5, &format!("attention {isa:?} {heads}/{kv_heads} dk={dk} dv={dv} bf16={}", T::BF16));
             }
         }
+    }
+
+    #[test]
+    fn matches_reference_with_slots_windows_and_gqa() {
+        matches_reference_in::<f32>(|v| v);
+    }
+
+    #[test]
+    fn matches_reference_with_bf16_keys_and_values() {
+        matches_reference_in::<bf16>(bf16::from_f32);
     }
 }

@@ -1,6 +1,7 @@
 //! AVX2 + FMA (+ F16C) dot products. Only called after run-time detection (see `isa`).
 #![cfg(target_arch = "x86_64")]
 
+use crate::attention::KvElem;
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 
@@ -21,6 +22,17 @@ unsafe fn hsum(v: __m256) -> f32 {
 unsafe fn load_bf16(p: *const bf16) -> __m256 {
     let h = _mm_loadu_si128(p as *const __m128i);
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+}
+
+/// 8 K/V elements at `p` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load8<T: KvElem>(p: *const T) -> __m256 {
+    if T::BF16 {
+        load_bf16(p as *const bf16)
+    } else {
+        _mm256_loadu_ps(p as *const f32)
+    }
 }
 
 #[inline]
@@ -208,23 +220,24 @@ unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
 /// used, and the value rows `vals[j]` (`dv` long, read by [`attn_values`] next) into L2.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn attn_scores(q: &[f32], group: usize, dk: usize, keys: &[*const f32], vals: &[*const f32], dv: usize, scale: f32, out: &mut [f32]) {
+pub unsafe fn attn_scores<T: KvElem>(q: &[f32], group: usize, dk: usize, keys: &[*const T], vals: &[*const T], dv: usize, scale: f32, out: &mut [f32]) {
     let nk = keys.len();
     let full = dk / 8 * 8;
+    let size = std::mem::size_of::<T>();
     for j0 in (0..nk).step_by(8) {
         let kb = 8.min(nk - j0);
         for &p in &keys[(j0 + 8).min(nk)..(j0 + 16).min(nk)] {
-            for off in (0..dk).step_by(16) {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(off) as *const i8);
+            for off in (0..dk * size).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(off));
             }
         }
         for &p in &vals[j0..j0 + kb] {
-            for off in (0..dv).step_by(16) {
-                _mm_prefetch::<_MM_HINT_T1>(p.add(off) as *const i8);
+            for off in (0..dv * size).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T1>((p as *const i8).add(off));
             }
         }
         // A short last block repeats its last key; those results are dropped.
-        let kp: [*const f32; 8] = std::array::from_fn(|i| keys[j0 + i.min(kb - 1)]);
+        let kp: [*const T; 8] = std::array::from_fn(|i| keys[j0 + i.min(kb - 1)]);
         for g in 0..group {
             let qp = q.as_ptr().add(g * dk);
             let mut acc = [_mm256_setzero_ps(); 8];
@@ -232,7 +245,7 @@ pub unsafe fn attn_scores(q: &[f32], group: usize, dk: usize, keys: &[*const f32
             while d < full {
                 let qv = _mm256_loadu_ps(qp.add(d));
                 for i in 0..8 {
-                    acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[i].add(d)), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(qv, load8(kp[i].add(d)), acc[i]);
                 }
                 d += 8;
             }
@@ -241,7 +254,7 @@ pub unsafe fn attn_scores(q: &[f32], group: usize, dk: usize, keys: &[*const f32
             for (i, si) in s.iter().enumerate().take(kb) {
                 let mut v = *si;
                 for d in full..dk {
-                    v += *qp.add(d) * *kp[i].add(d) * scale;
+                    v += *qp.add(d) * (*kp[i].add(d)).widen() * scale;
                 }
                 out[g * nk + j0 + i] = v;
             }
@@ -254,17 +267,17 @@ pub unsafe fn attn_scores(q: &[f32], group: usize, dk: usize, keys: &[*const f32
 /// over blocks of keys small enough that a block's rows stay in L1 across the column passes:
 /// each value row is read from memory once.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn attn_values(p: &[f32], group: usize, dv: usize, vals: &[*const f32], out: &mut [f32]) {
+pub unsafe fn attn_values<T: KvElem>(p: &[f32], group: usize, dv: usize, vals: &[*const T], out: &mut [f32]) {
     out[..group * dv].fill(0.0);
     let mut g0 = 0;
     while g0 < group {
         let gn = 5.min(group - g0);
         match gn {
-            1 => values_heads::<1>(p, g0, dv, vals, out),
-            2 => values_heads::<2>(p, g0, dv, vals, out),
-            3 => values_heads::<3>(p, g0, dv, vals, out),
-            4 => values_heads::<4>(p, g0, dv, vals, out),
-            _ => values_heads::<5>(p, g0, dv, vals, out),
+            1 => values_heads::<T, 1>(p, g0, dv, vals, out),
+            2 => values_heads::<T, 2>(p, g0, dv, vals, out),
+            3 => values_heads::<T, 3>(p, g0, dv, vals, out),
+            4 => values_heads::<T, 4>(p, g0, dv, vals, out),
+            _ => values_heads::<T, 5>(p, g0, dv, vals, out),
         }
         g0 += gn;
     }
@@ -273,7 +286,7 @@ pub unsafe fn attn_values(p: &[f32], group: usize, dv: usize, vals: &[*const f32
 /// [`attn_values`] for heads `g0..g0 + G`, adding into `out`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn values_heads<const G: usize>(p: &[f32], g0: usize, dv: usize, vals: &[*const f32], out: &mut [f32]) {
+unsafe fn values_heads<T: KvElem, const G: usize>(p: &[f32], g0: usize, dv: usize, vals: &[*const T], out: &mut [f32]) {
     const KEYS: usize = 64;
     let nk = vals.len();
     let full = dv / 16 * 16;
@@ -287,8 +300,8 @@ unsafe fn values_heads<const G: usize>(p: &[f32], g0: usize, dv: usize, vals: &[
                 [_mm256_loadu_ps(o), _mm256_loadu_ps(o.add(8))]
             });
             for (j, &vp) in block.iter().enumerate() {
-                let v0 = _mm256_loadu_ps(vp.add(c));
-                let v1 = _mm256_loadu_ps(vp.add(c + 8));
+                let v0 = load8(vp.add(c));
+                let v1 = load8(vp.add(c + 8));
                 for g in 0..G {
                     let w = _mm256_broadcast_ss(&*pr[g].add(j));
                     acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
@@ -306,7 +319,7 @@ unsafe fn values_heads<const G: usize>(p: &[f32], g0: usize, dv: usize, vals: &[
             for d in full..dv {
                 let mut s = out[(g0 + g) * dv + d];
                 for (j, &vp) in block.iter().enumerate() {
-                    s += *pr[g].add(j) * *vp.add(d);
+                    s += *pr[g].add(j) * (*vp.add(d)).widen();
                 }
                 out[(g0 + g) * dv + d] = s;
             }

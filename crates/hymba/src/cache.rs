@@ -12,8 +12,60 @@
 //! Stores know the absolute position of every row; masks are built from positions, never
 //! from slot indices.
 
+use half::bf16;
 use hymba_kernels::attention::{KeyPos, KvBlock, Layout};
 use std::sync::Arc;
+
+/// The element type the K/V caches hold. f32 keeps every bit the projections produce; bf16
+/// halves the bytes attention streams per key (and the cache's size), and is the precision the
+/// official code keeps K/V in for a bf16 checkpoint. With bf16, new K/V rows are rounded to bf16
+/// before any attention reads them, so every path (prefill at once, in chunks, token by token,
+/// batched) sees the same kind of values and agrees to bf16's precision: an element two paths
+/// compute a few f32 ulps apart may still round to neighbouring bf16 values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    BF16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::BF16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvDtype::F32),
+            "bf16" => Ok(KvDtype::BF16),
+            _ => Err(format!("unknown K/V cache type {s:?}: expected f32 or bf16")),
+        }
+    }
+}
+
+/// Storage of one [`HeadRows`], in its element type.
+#[derive(Clone, Debug)]
+enum Buf {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+}
+
+/// `old` (`[heads, old_cap, d]`, `rows` used) copied into a new `[heads, cap, d]`.
+fn regrow<T: Copy + Default>(old: &[T], heads: usize, d: usize, rows: usize, old_cap: usize, cap: usize) -> Vec<T> {
+    let mut data = vec![T::default(); heads * cap * d];
+    let n = rows * d;
+    for h in 0..heads {
+        data[h * cap * d..][..n].copy_from_slice(&old[h * old_cap * d..][..n]);
+    }
+    data
+}
 
 /// Keys `[n, Hkv·dqk]` and values `[n, Hkv·dv]` in row order, as the projections produce
 /// them for the rows of one forward call.
@@ -27,7 +79,7 @@ pub struct KvRows {
 /// for one head then reads contiguous memory. Grows by doubling, up to `max` rows.
 #[derive(Clone, Debug)]
 pub struct HeadRows {
-    data: Vec<f32>,
+    data: Buf,
     heads: usize,
     d: usize,
     rows: usize,
@@ -36,8 +88,19 @@ pub struct HeadRows {
 }
 
 impl HeadRows {
-    pub fn new(heads: usize, d: usize, max: usize) -> Self {
-        HeadRows { data: Vec::new(), heads, d, rows: 0, cap: 0, max }
+    pub fn new(heads: usize, d: usize, max: usize, dtype: KvDtype) -> Self {
+        let data = match dtype {
+            KvDtype::F32 => Buf::F32(Vec::new()),
+            KvDtype::BF16 => Buf::BF16(Vec::new()),
+        };
+        HeadRows { data, heads, d, rows: 0, cap: 0, max }
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        match self.data {
+            Buf::F32(_) => KvDtype::F32,
+            Buf::BF16(_) => KvDtype::BF16,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -52,14 +115,18 @@ impl HeadRows {
         self.cap
     }
 
-    /// The storage, `[heads, capacity, d]`.
-    pub fn data(&self) -> &[f32] {
-        &self.data
+    /// Element `j` of head `h` in slot `slot`, widened.
+    pub fn get(&self, slot: usize, h: usize, j: usize) -> f32 {
+        let i = (h * self.cap + slot) * self.d + j;
+        match &self.data {
+            Buf::F32(v) => v[i],
+            Buf::BF16(v) => v[i].to_f32(),
+        }
     }
 
     /// Bytes of the rows held.
     pub fn bytes(&self) -> usize {
-        self.rows * self.heads * self.d * 4
+        self.rows * self.heads * self.d * self.dtype().size()
     }
 
     fn reserve(&mut self, rows: usize) {
@@ -68,12 +135,12 @@ impl HeadRows {
             return;
         }
         let cap = rows.max(2 * self.cap).max(16).min(self.max);
-        let mut data = vec![0.0; self.heads * cap * self.d];
-        let n = self.rows * self.d;
-        for h in 0..self.heads {
-            data[h * cap * self.d..][..n].copy_from_slice(&self.data[h * self.cap * self.d..][..n]);
-        }
-        (self.data, self.cap) = (data, cap);
+        let (heads, d, used, old) = (self.heads, self.d, self.rows, self.cap);
+        self.data = match &self.data {
+            Buf::F32(v) => Buf::F32(regrow(v, heads, d, used, old, cap)),
+            Buf::BF16(v) => Buf::BF16(regrow(v, heads, d, used, old, cap)),
+        };
+        self.cap = cap;
     }
 
     /// Writes row-major `row` (`heads·d`) into slot `slot` (at most one past the last row).
@@ -85,7 +152,15 @@ impl HeadRows {
             self.rows += 1;
         }
         for (h, v) in row.chunks_exact(self.d).enumerate() {
-            self.data[(h * self.cap + slot) * self.d..][..self.d].copy_from_slice(v);
+            let at = (h * self.cap + slot) * self.d;
+            match &mut self.data {
+                Buf::F32(data) => data[at..][..self.d].copy_from_slice(v),
+                Buf::BF16(data) => {
+                    for (o, &x) in data[at..][..self.d].iter_mut().zip(v) {
+                        *o = bf16::from_f32(x);
+                    }
+                }
+            }
         }
     }
 
@@ -98,12 +173,16 @@ impl HeadRows {
         }
     }
 
-    /// The rows in row-major order (`[len, heads·d]`), as saved to disk.
+    /// The rows in row-major order (`[len, heads·d]`), widened to f32, as saved to disk.
     pub fn to_row_major(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.heads * self.d);
         for i in 0..self.rows {
             for h in 0..self.heads {
-                out.extend_from_slice(&self.data[(h * self.cap + i) * self.d..][..self.d]);
+                let at = (h * self.cap + i) * self.d;
+                match &self.data {
+                    Buf::F32(v) => out.extend_from_slice(&v[at..][..self.d]),
+                    Buf::BF16(v) => out.extend(v[at..][..self.d].iter().map(|x| x.to_f32())),
+                }
             }
         }
         out
@@ -118,8 +197,8 @@ pub struct Kv {
 }
 
 impl Kv {
-    pub fn new(heads: usize, dk: usize, dv: usize, max: usize) -> Self {
-        Kv { k: HeadRows::new(heads, dk, max), v: HeadRows::new(heads, dv, max) }
+    pub fn new(heads: usize, dk: usize, dv: usize, max: usize, dtype: KvDtype) -> Self {
+        Kv { k: HeadRows::new(heads, dk, max, dtype), v: HeadRows::new(heads, dv, max, dtype) }
     }
 
     pub fn len(&self) -> usize {
@@ -135,10 +214,22 @@ impl Kv {
     }
 
     /// The rows as an attention block.
-    pub fn block<'a>(&'a self, pos: KeyPos<'a>) -> KvBlock<'a> {
+    pub fn block<'a>(&'a self, pos: KeyPos<'a>) -> KvView<'a> {
         debug_assert_eq!(self.k.cap, self.v.cap);
-        KvBlock { k: &self.k.data, v: &self.v.data, rows: self.len(), layout: Layout::HeadMajor { cap: self.k.cap }, pos }
+        let (rows, layout) = (self.len(), Layout::HeadMajor { cap: self.k.cap });
+        match (&self.k.data, &self.v.data) {
+            (Buf::F32(k), Buf::F32(v)) => KvView::F32(KvBlock { k, v, rows, layout, pos }),
+            (Buf::BF16(k), Buf::BF16(v)) => KvView::BF16(KvBlock { k, v, rows, layout, pos }),
+            _ => unreachable!("a group's keys and values are made with one element type"),
+        }
     }
+}
+
+/// A block of cached K/V in the element type it is held in.
+#[derive(Clone, Copy, Debug)]
+pub enum KvView<'a> {
+    F32(KvBlock<'a, f32>),
+    BF16(KvBlock<'a, bf16>),
 }
 
 /// Recurrent state of one layer's SSM branch.
@@ -185,7 +276,7 @@ pub enum KvStore {
 
 impl KvStore {
     /// The stored rows as an attention block.
-    pub fn block(&self) -> KvBlock<'_> {
+    pub fn block(&self) -> KvView<'_> {
         match self {
             KvStore::Global { kv, start } => kv.block(KeyPos::Contiguous(*start)),
             KvStore::Window { kv, pos, .. } => kv.block(KeyPos::Slots(pos)),
@@ -252,6 +343,13 @@ pub struct CacheBytes {
 }
 
 impl Cache {
+    /// The element type of its K/V (that of the model that made it).
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.meta.kv.first().or_else(|| self.kv.first().map(|s| match s {
+            KvStore::Global { kv, .. } | KvStore::Window { kv, .. } => kv,
+        })).map_or(KvDtype::F32, |kv| kv.k.dtype())
+    }
+
     /// Real tokens processed so far (meta tokens excluded).
     pub fn len(&self) -> usize {
         self.pos - self.meta.len
@@ -284,7 +382,7 @@ mod tests {
 
     #[test]
     fn ring_keeps_the_last_cap_positions() {
-        let mut s = KvStore::Window { kv: Kv::new(1, 1, 1, 3), pos: Vec::new(), cap: 3 };
+        let mut s = KvStore::Window { kv: Kv::new(1, 1, 1, 3, KvDtype::F32), pos: Vec::new(), cap: 3 };
         let rows = |ps: std::ops::Range<usize>| KvRows {
             k: ps.clone().map(|p| p as f32).collect(),
             v: ps.map(|p| -(p as f32)).collect(),
@@ -293,28 +391,31 @@ mod tests {
         s.append(&rows(12..13), 12, 1, 1);
         s.append(&rows(13..18), 13, 1, 1);
         let KvStore::Window { kv, pos, .. } = &s else { unreachable!() };
-        let mut got: Vec<(usize, f32, f32)> = (0..3).map(|i| (pos[i], kv.k.data()[i], kv.v.data()[i])).collect();
+        let mut got: Vec<(usize, f32, f32)> = (0..3).map(|i| (pos[i], kv.k.get(i, 0, 0), kv.v.get(i, 0, 0))).collect();
         got.sort_by_key(|x| x.0);
         assert_eq!(got, vec![(15, 15.0, -15.0), (16, 16.0, -16.0), (17, 17.0, -17.0)]);
     }
 
-    /// Rows keep their values across growth, in a head-major layout, and read back in order.
+    /// Rows keep their values across growth, in a head-major layout, and read back in order, in
+    /// f32 and in bf16 (values chosen to be exact in bf16).
     #[test]
     fn head_rows_grow_and_read_back() {
-        let (heads, d) = (3, 2);
-        let rows: Vec<f32> = (0..40 * heads * d).map(|v| v as f32).collect();
-        let mut r = HeadRows::new(heads, d, 100);
-        r.extend(&rows[..heads * d]);
-        r.extend(&rows[heads * d..37 * heads * d]);
-        for i in 37..40 {
-            r.set(i, &rows[i * heads * d..(i + 1) * heads * d]);
+        for dtype in [KvDtype::F32, KvDtype::BF16] {
+            let (heads, d) = (3, 2);
+            let rows: Vec<f32> = (0..40 * heads * d).map(|v| v as f32 / 4.0).collect();
+            let mut r = HeadRows::new(heads, d, 100, dtype);
+            r.extend(&rows[..heads * d]);
+            r.extend(&rows[heads * d..37 * heads * d]);
+            for i in 37..40 {
+                r.set(i, &rows[i * heads * d..(i + 1) * heads * d]);
+            }
+            assert_eq!(r.len(), 40);
+            assert_eq!(r.to_row_major(), rows);
+            assert_eq!(r.bytes(), 40 * heads * d * dtype.size());
+            // Head 1 of row 5 sits in head 1's contiguous run.
+            assert_eq!([r.get(5, 1, 0), r.get(5, 1, 1)], [rows[(5 * heads + 1) * d], rows[(5 * heads + 1) * d + 1]]);
+            r.set(3, &[9.0; 6]);
+            assert_eq!(&r.to_row_major()[3 * heads * d..4 * heads * d], &[9.0; 6]);
         }
-        assert_eq!(r.len(), 40);
-        assert_eq!(r.to_row_major(), rows);
-        let cap = r.capacity();
-        // Head 1 of row 5 sits in head 1's contiguous run.
-        assert_eq!(&r.data()[(cap + 5) * d..(cap + 5) * d + d], &rows[(5 * heads + 1) * d..(5 * heads + 2) * d]);
-        r.set(3, &[9.0; 6]);
-        assert_eq!(&r.to_row_major()[3 * heads * d..4 * heads * d], &[9.0; 6]);
     }
 }

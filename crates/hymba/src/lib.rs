@@ -30,7 +30,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use hymba_kernels as kernels;
-pub use cache::{Cache, CacheBytes};
+pub use cache::{Cache, CacheBytes, KvDtype};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use mask::DecodeWindow;

@@ -5,12 +5,13 @@
 //! decoding is a prefill of one row. `Model::forward_uncached` is the official no-cache forward
 //! (meta tokens prepended, blank state) and serves as the reference in tests.
 
-use crate::cache::{Cache, Kv, KvRows, KvStore, LayerState, MetaPrefix};
+use crate::cache::{Cache, Kv, KvDtype, KvRows, KvStore, KvView, LayerState, MetaPrefix};
 use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
 use crate::error::{Error, Result};
 use crate::mask::{sees, DecodeWindow};
 use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
+use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock};
 use hymba_kernels::{act, conv::causal_conv, matmul, norm, on_pool, rope, scan};
 use rayon::prelude::*;
@@ -43,7 +44,7 @@ struct Segment<'a> {
     /// Absolute position of its first row.
     pos0: usize,
     /// Earlier K/V per group (meta prefix, cache store).
-    past: Vec<Vec<KvBlock<'a>>>,
+    past: Vec<Vec<KvView<'a>>>,
     /// SSM and conv state per layer, updated in place.
     states: &'a mut [LayerState],
     /// Effective sliding window for this call.
@@ -59,6 +60,8 @@ pub struct Model {
     pub weights: Weights,
     /// RoPE inverse frequencies [dqk / 2]
     inv_freq: Vec<f32>,
+    /// The element type of every K/V cache this model makes.
+    kv_dtype: KvDtype,
     meta: Arc<MetaPrefix>,
 }
 
@@ -91,9 +94,24 @@ impl Model {
         let (plan, groups) = config.plan();
         let weights = Weights::load(&config, &plan, store)?;
         let inv_freq = rope::inv_freq(config.rope_base(), config.qk_head_dim);
-        let mut model = Model { config, plan, groups, weights, inv_freq, meta: Arc::new(MetaPrefix { len: 0, kv: Vec::new(), states: Vec::new() }) };
+        let meta = Arc::new(MetaPrefix { len: 0, kv: Vec::new(), states: Vec::new() });
+        let mut model = Model { config, plan, groups, weights, inv_freq, kv_dtype: KvDtype::F32, meta };
         model.meta = Arc::new(model.compute_meta_prefix());
         Ok(model)
+    }
+
+    /// The model with K/V caches held in `dtype` (see [`KvDtype`]); the meta prefix is
+    /// recomputed in it. Caches made before do not fit the returned model.
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Model {
+        if dtype != self.kv_dtype {
+            self.kv_dtype = dtype;
+            self.meta = Arc::new(self.compute_meta_prefix());
+        }
+        self
+    }
+
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// The meta tokens' K/V and recurrent state: the same for every sequence (spec §5).
@@ -124,7 +142,7 @@ impl Model {
     /// Empty K/V rows of one group, up to `max` of them.
     fn new_kv(&self, max: usize) -> Kv {
         let c = &self.config;
-        Kv::new(c.num_key_value_heads, c.qk_head_dim, c.v_head_dim, max)
+        Kv::new(c.num_key_value_heads, c.qk_head_dim, c.v_head_dim, max, self.kv_dtype)
     }
 
     /// A sequence that starts from nothing (not even the meta prefix): `len` rows from
@@ -230,6 +248,13 @@ impl Model {
     fn forward_batch_here(&self, steps: &mut [Step]) -> Result<Vec<Vec<f32>>> {
         for s in steps.iter() {
             self.check_ids(s.ids)?;
+            if s.cache.kv_dtype() != self.kv_dtype {
+                return Err(Error::Input(format!(
+                    "the cache holds {:?} K/V but the model runs with {:?}: make caches with this model",
+                    s.cache.kv_dtype(),
+                    self.kv_dtype
+                )));
+            }
         }
         let mut h = Vec::new();
         for s in steps.iter() {
@@ -401,9 +426,15 @@ impl Model {
             if lp.computes_kv {
                 let ps = &p[rows.start * width..rows.end * width];
                 let mut k = columns(ps, width, qw, kw);
-                let v = columns(ps, width, qw + kw, vw);
+                let mut v = columns(ps, width, qw + kw, vw);
                 for (row, pp) in k.chunks_exact_mut(kw).zip(s.pos0..) {
                     rope::apply(row, pp, &self.inv_freq);
+                }
+                if self.kv_dtype == KvDtype::BF16 {
+                    // What the cache will hold, so this call's queries see it too.
+                    for x in k.iter_mut().chain(v.iter_mut()) {
+                        *x = bf16::from_f32(*x).to_f32();
+                    }
                 }
                 s.new_kv[lp.kv_group] = KvRows { k, v };
             }
@@ -428,9 +459,7 @@ impl Model {
             let qs = &q[rows.start * qw..rows.end * qw];
             let pos: Vec<usize> = (s.pos0..s.pos0 + s.len).collect();
             // 2. Attention branch over the group's past K/V and this call's rows.
-            let cur = &s.new_kv[lp.kv_group];
-            let mut blocks = s.past[lp.kv_group].clone();
-            blocks.push(KvBlock::row_major(&cur.k, &cur.v, kw, KeyPos::Contiguous(s.pos0)));
+            let (past, cur) = (&s.past[lp.kv_group], &s.new_kv[lp.kv_group]);
             let (kind, m, window) = (lp.attn, c.num_memory_tokens, s.window);
             let visible = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
             // 3. SSM branch, beside attention: a core that finishes its share of one takes
@@ -445,7 +474,29 @@ impl Model {
                 d: &lw.d,
             };
             rayon::join(
-                || attention(qs, &pos, &blocks, shape, scale, &visible, out),
+                || {
+                    // The cached blocks and this call's rows, in the cache's element type.
+                    let new = KeyPos::Contiguous(s.pos0);
+                    match self.kv_dtype {
+                        KvDtype::F32 => {
+                            let mut blocks: Vec<KvBlock<f32>> = past.iter().map(|b| match b {
+                                KvView::F32(b) => *b,
+                                KvView::BF16(_) => unreachable!("caches were checked to hold the model's K/V type"),
+                            }).collect();
+                            blocks.push(KvBlock::row_major(&cur.k, &cur.v, kw, new));
+                            attention(qs, &pos, &blocks, shape, scale, &visible, out)
+                        }
+                        KvDtype::BF16 => {
+                            let mut blocks: Vec<KvBlock<bf16>> = past.iter().map(|b| match b {
+                                KvView::BF16(b) => *b,
+                                KvView::F32(_) => unreachable!("caches were checked to hold the model's K/V type"),
+                            }).collect();
+                            let (k, v): (Vec<bf16>, Vec<bf16>) = (cur.k.iter().map(|&x| bf16::from_f32(x)).collect(), cur.v.iter().map(|&x| bf16::from_f32(x)).collect());
+                            blocks.push(KvBlock::row_major(&k, &v, kw, new));
+                            attention(qs, &pos, &blocks, shape, scale, &visible, out)
+                        }
+                    }
+                },
                 || {
                     scan::selective_scan(&inp, state, ys);
                     let mut gate = z[rows.start * e..rows.end * e].to_vec();

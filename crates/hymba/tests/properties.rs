@@ -1,17 +1,29 @@
 //! Properties that must hold on any valid configuration, checked on random tiny ones written as
 //! synthetic checkpoints: decoding token by token equals prefill, chunked prefill equals
 //! one-shot prefill, and the precomputed meta-token state equals running the meta tokens with
-//! the prompt (the official no-cache forward).
+//! the prompt (the official no-cache forward). Each holds with K/V cached in f32 and in bf16.
 
 mod common;
 use hymba::synthetic::write_checkpoint;
 use hymba::tensor::Dtype;
-use hymba::{Config, DecodeWindow, Logits, Model};
+use hymba::{Config, DecodeWindow, KvDtype, Logits, Model};
 use hymba_kernels::testing::{assert_close, Rng};
 use serde_json::json;
 
 /// f32 engine against itself along different paths: only summation order differs.
 const TOL: f32 = 1e-4;
+
+/// The tolerance between two paths with K/V cached as `kv`, for logits `want`. With bf16, a K/V
+/// element that two paths compute a few f32 ulps apart (summation order) can round to
+/// neighbouring bf16 values, 2^-8 apart relatively; the logits then move by about that much of
+/// their size, amplified a little by the softmax. So paths agree to a small multiple of
+/// bf16's precision, relative to the logits' size, rather than to f32's.
+fn tol(kv: KvDtype, want: &[f32]) -> f32 {
+    match kv {
+        KvDtype::F32 => TOL,
+        KvDtype::BF16 => want.iter().fold(0f32, |m, v| m.max(v.abs())) / 64.0,
+    }
+}
 
 struct Case {
     name: &'static str,
@@ -42,7 +54,10 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn build(c: &Case, seed: u64) -> Model {
+/// Both K/V element types, for every property.
+const KV: [KvDtype; 2] = [KvDtype::F32, KvDtype::BF16];
+
+fn build(c: &Case, seed: u64, kv: KvDtype) -> Model {
     let cfg = json!({
         "model_type": "hymba",
         "vocab_size": 97,
@@ -78,7 +93,7 @@ fn build(c: &Case, seed: u64) -> Model {
     assert_eq!(m.weights.embed.dtype, c.dtype);
     assert!(m.weights.layers.iter().all(|l| l.in_proj.dtype == c.dtype && l.down.dtype == c.dtype));
     std::fs::remove_dir_all(&dir).unwrap();
-    m
+    m.with_kv_dtype(kv)
 }
 
 fn prompt(rng: &mut Rng, n: usize) -> Vec<u32> {
@@ -87,8 +102,8 @@ fn prompt(rng: &mut Rng, n: usize) -> Vec<u32> {
 
 #[test]
 fn token_by_token_decode_equals_prefill() {
-    for (ci, c) in cases().iter().enumerate() {
-        let model = build(c, 100 + ci as u64);
+    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+        let model = build(c, 100 + ci as u64, kv);
         let mut rng = Rng::new(ci as u64);
         // Longer than meta + window, so rings wrap.
         let ids = prompt(&mut rng, c.meta + 3 * c.window + 5);
@@ -99,14 +114,14 @@ fn token_by_token_decode_equals_prefill() {
         for &id in &ids {
             steps.extend(model.forward(&mut cache, &[id], Logits::Last, DecodeWindow::Trained).unwrap());
         }
-        assert_close(&steps, &whole, TOL, &format!("{}: decode vs prefill", c.name));
+        assert_close(&steps, &whole, tol(kv, &whole), &format!("{} {kv:?}: decode vs prefill", c.name));
     }
 }
 
 #[test]
 fn chunked_prefill_equals_one_shot() {
-    for (ci, c) in cases().iter().enumerate() {
-        let model = build(c, 200 + ci as u64);
+    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+        let model = build(c, 200 + ci as u64, kv);
         let mut rng = Rng::new(50 + ci as u64);
         let ids = prompt(&mut rng, 2 * c.window + 11);
         let mut cache = model.new_cache();
@@ -119,7 +134,7 @@ fn chunked_prefill_equals_one_shot() {
                 got.extend(model.forward(&mut cache, &ids[start..end], Logits::All, DecodeWindow::Trained).unwrap());
                 start = end;
             }
-            assert_close(&got, &whole, TOL, &format!("{}: chunks {cuts:?}", c.name));
+            assert_close(&got, &whole, tol(kv, &whole), &format!("{} {kv:?}: chunks {cuts:?}", c.name));
             assert_eq!(cache.len(), ids.len());
         }
     }
@@ -127,14 +142,14 @@ fn chunked_prefill_equals_one_shot() {
 
 #[test]
 fn meta_prefix_equals_meta_tokens_run_with_the_prompt() {
-    for (ci, c) in cases().iter().enumerate() {
-        let model = build(c, 300 + ci as u64);
+    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+        let model = build(c, 300 + ci as u64, kv);
         let mut rng = Rng::new(70 + ci as u64);
         let ids = prompt(&mut rng, c.window + 7);
         let reference = model.forward_uncached(&ids).unwrap();
         let mut cache = model.new_cache();
         let got = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
-        assert_close(&got, &reference, TOL, &format!("{}: prefix vs uncached", c.name));
+        assert_close(&got, &reference, tol(kv, &reference), &format!("{} {kv:?}: prefix vs uncached", c.name));
         // The prefix really matters: without meta tokens the logits would differ.
         if c.meta > 0 {
             assert!(hymba_kernels::testing::max_abs_diff(&got[..97], &reference[97..194]) > 1e-2);
@@ -147,7 +162,7 @@ fn meta_prefix_equals_meta_tokens_run_with_the_prompt() {
 #[test]
 fn official_decode_mode_shrinks_the_window_of_decode_steps_only() {
     let c = &cases()[0];
-    let model = build(c, 400);
+    let model = build(c, 400, KvDtype::F32);
     let mut rng = Rng::new(9);
     let ids = prompt(&mut rng, c.meta + 2 * c.window);
     let (mut a, mut b) = (model.new_cache(), model.new_cache());
@@ -164,8 +179,8 @@ fn official_decode_mode_shrinks_the_window_of_decode_steps_only() {
 #[test]
 fn batched_steps_equal_sequences_alone() {
     use hymba::Step;
-    for (ci, c) in cases().iter().enumerate() {
-        let model = build(c, 500 + ci as u64);
+    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+        let model = build(c, 500 + ci as u64, kv);
         let mut rng = Rng::new(90 + ci as u64);
         let prompts: Vec<Vec<u32>> = [c.window + 4, 3, 1, 2 * c.window + 1].iter().map(|&n| prompt(&mut rng, n)).collect();
         // Alone: prompt, then two decode steps.
@@ -197,7 +212,32 @@ fn batched_steps_equal_sequences_alone() {
             }
         }
         for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
-            assert_close(g, a, TOL, &format!("{}: sequence {i} batched vs alone", c.name));
+            assert_close(g, a, tol(kv, a), &format!("{} {kv:?}: sequence {i} batched vs alone", c.name));
         }
+    }
+}
+
+/// bf16 K/V: half the cache bytes, logits near the f32 cache's (bf16 keeps 8 bits of
+/// mantissa), and not equal to them (the rounding really happens).
+#[test]
+fn bf16_kv_halves_the_cache_and_stays_close() {
+    for (ci, c) in cases().iter().enumerate() {
+        let (a, b) = (build(c, 600 + ci as u64, KvDtype::F32), build(c, 600 + ci as u64, KvDtype::BF16));
+        let mut rng = Rng::new(110 + ci as u64);
+        let ids = prompt(&mut rng, 2 * c.window + 3);
+        let (mut ca, mut cb) = (a.new_cache(), b.new_cache());
+        let la = a.forward(&mut ca, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        let lb = b.forward(&mut cb, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        let scale = la.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = hymba_kernels::testing::max_abs_diff(&la, &lb);
+        assert!(diff > 0.0 && diff < 0.02 * scale, "{}: bf16 K/V moved logits by {diff} (largest {scale})", c.name);
+        // Window stores also count their ring's positions, the same for both.
+        let rings = a.groups.iter().filter(|g| g.attn == hymba::config::AttnKind::Window).count();
+        let pos = rings * ids.len().min(c.window) * std::mem::size_of::<usize>();
+        let (ba, bb) = (ca.bytes(), cb.bytes());
+        assert_eq!((ba.global_kv, ba.window_kv - pos), (2 * bb.global_kv, 2 * (bb.window_kv - pos)), "{}", c.name);
+        // A cache of one type is refused by a model of the other, with a clear error.
+        let err = a.forward(&mut cb, &[1], Logits::Last, DecodeWindow::Trained).unwrap_err().to_string();
+        assert!(err.contains("K/V"), "{err}");
     }
 }

@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use hymba::tensor::Dtype;
-use hymba::{Config, DecodeWindow, Logits, Model, Step};
+use hymba::{Config, DecodeWindow, KvDtype, Logits, Model, Step};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Batch sizes for batched decode (sequences stepped together, each at context 128).
     #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
+    /// Element type of the K/V cache: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -139,7 +142,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--prompt and --decode must be at least 1");
     }
     let t = Instant::now();
-    let model = load(a.model.as_deref(), a.synthetic.as_deref(), quant)?;
+    let model = load(a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
     let load_s = t.elapsed().as_secs_f64();
     let threads = rayon::current_num_threads();
     let bw = hymba::kernels::probe::read_bandwidth(1 << 30, 5);
@@ -200,6 +203,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let out = serde_json::json!({
         "model": a.model.as_ref().map(|p| p.display().to_string()).or(a.synthetic.clone()),
         "quant": a.quant,
+        "kv_cache": a.kv_cache,
         "threads": threads,
         "load_s": load_s,
         "parameters": params,
@@ -216,7 +220,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("model {} ({} params, {} threads, loaded in {load_s:.1} s)", out["model"].as_str().unwrap_or(""), params, threads);
+    println!(
+        "model {} ({} params, {} weights, {:?} K/V cache, {} threads, loaded in {load_s:.1} s)",
+        out["model"].as_str().unwrap_or(""),
+        params,
+        a.quant,
+        a.kv_cache,
+        threads
+    );
     println!("read bandwidth      {:>8.1} GB/s (measured now)", bw / 1e9);
     println!("weights per token   {:>8.1} MB", wbytes as f64 / 1e6);
     println!("prefill {:>5} tok   {:>8.1} tok/s ({:.0} GFLOP/s at 2·params a token)", a.prompt, prefill_tok_s, out["prefill_gflop_s"].as_f64().unwrap_or(0.0));

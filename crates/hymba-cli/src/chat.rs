@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use hymba::{Cache, Decoder, DecodeWindow, GenerateOptions, Logits, Message, Model, SamplingParams};
+use hymba::{Cache, Decoder, DecodeWindow, GenerateOptions, KvDtype, Logits, Message, Model, SamplingParams};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +37,10 @@ pub struct ChatArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
+    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
+    /// reads; logits within bf16 precision).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
 }
 
 /// The conversation and the engine state after its last prompt.
@@ -75,7 +79,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         let path = a.tokenizer.clone().or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json"))).unwrap_or_default();
         anyhow!("{}: tokenizer_config.json beside it has no chat_template", path.display())
     })?;
-    let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?;
+    let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, min_p: a.min_p, repetition_penalty: a.repeat_penalty, seed: a.seed },

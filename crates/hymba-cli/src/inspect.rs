@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use hymba::config::AttnKind;
-use hymba::Model;
+use hymba::{KvDtype, Model};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -16,10 +16,14 @@ pub struct InspectArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
+    /// reads; logits within bf16 precision).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
-    let model = Model::load(&a.model)?;
+    let model = Model::load(&a.model)?.with_kv_dtype(a.kv_cache);
     let c = &model.config;
     let params = model.parameter_counts();
     let plan: Vec<serde_json::Value> = model
@@ -40,13 +44,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let cache = model.cache_with_placeholder_tokens(a.context);
     let bytes = cache.bytes();
     // Llama-style: every layer keeps K and V of every token, same widths and element size.
-    let llama = c.num_hidden_layers * a.context * (c.k_width() + c.v_width()) * 4;
+    let elem = a.kv_cache.size();
+    let llama = c.num_hidden_layers * a.context * (c.k_width() + c.v_width()) * elem;
     let ratio = llama as f64 / bytes.per_sequence.max(1) as f64;
     if a.json {
         let v = serde_json::json!({
             "parameters": params,
             "layers": plan,
-            "cache": {"context": a.context, "bytes": bytes, "llama_style_bytes": llama, "ratio": ratio, "element_bytes": 4},
+            "cache": {"context": a.context, "bytes": bytes, "llama_style_bytes": llama, "ratio": ratio, "element_bytes": elem},
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -60,7 +65,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
         println!("  {:>3}  {:<6}  {}", p["layer"], p["attention"].as_str().unwrap_or(""), p["kv"].as_str().unwrap_or(""));
     }
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
-    println!("\ncache of one sequence at {} tokens (f32, from live buffers)", a.context);
+    println!("\ncache of one sequence at {} tokens ({:?} K/V, from live buffers)", a.context, a.kv_cache);
     println!("  global K/V       {:>10.2} MiB", mib(bytes.global_kv));
     println!("  window K/V rings {:>10.2} MiB", mib(bytes.window_kv));
     println!("  SSM state        {:>10.2} MiB", mib(bytes.ssm_state));

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hymba::tensor::Dtype;
-use hymba::{DecodeWindow, GenerateOptions, Logits, Message, Model, SamplingParams};
+use hymba::{DecodeWindow, GenerateOptions, KvDtype, Logits, Message, Model, SamplingParams};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -103,6 +103,10 @@ struct GenerateArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
+    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
+    /// reads; logits within bf16 precision).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
 }
 
 #[derive(Args)]
@@ -122,6 +126,10 @@ struct LogitsArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
+    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
+    /// reads; logits within bf16 precision).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
 }
 
 #[derive(Args)]
@@ -152,6 +160,10 @@ struct ServeArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
+    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
+    /// reads; logits within bf16 precision).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
 }
 
 #[derive(Args)]
@@ -248,7 +260,7 @@ pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
 fn serve(a: ServeArgs) -> Result<()> {
     let tokenizer = default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
     let tokenizer = std::sync::Arc::new(tokenizer);
-    let model = std::sync::Arc::new(default_model::load_model(a.model.as_deref(), a.quant.as_deref())?);
+    let model = std::sync::Arc::new(default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache));
     let max_context = a.max_context.unwrap_or(model.config.max_position_embeddings);
     let eos_id = tokenizer.eos_id.or(model.config.eos_token_id);
     let name = a.served_model_name.clone().unwrap_or_else(|| match &a.model {
@@ -308,7 +320,7 @@ fn window(official: bool) -> DecodeWindow {
 fn generate(a: GenerateArgs) -> Result<()> {
     let required = a.prompt.prompt.is_some() || a.chat || !a.stop.is_empty();
     let tok = default_model::load_tokenizer(a.model.as_deref(), a.prompt.tokenizer.as_deref(), required)?;
-    let model = default_model::load_model(a.model.as_deref(), a.quant.as_deref())?;
+    let model = default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
     let prompt = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => {
@@ -379,7 +391,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     let tok = default_model::load_tokenizer(Some(&a.model), a.prompt.tokenizer.as_deref(), a.prompt.prompt.is_some())?;
-    let model = default_model::load_model(Some(&a.model), a.quant.as_deref())?;
+    let model = default_model::load_model(Some(&a.model), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
     let ids = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => tok.as_ref().expect("required with --prompt").encode_prompt(text)?,

@@ -108,6 +108,31 @@ fn inspect_reports_a_bounded_cache() {
     assert_eq!(gb, ga * 10);
     assert_eq!(a["parameters"]["total"].as_u64().unwrap(), 2_492_784);
     assert_eq!(a["layers"][2]["kv"], "reuses layer 1");
+    // A bf16 K/V cache holds half the bytes.
+    let (code, out, err) = hymba(&["inspect", "--model", m.to_str().unwrap(), "--context", "1000", "--json", "--kv-cache", "bf16"]);
+    assert_eq!(code, 0, "{err}");
+    let h: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(h["cache"]["element_bytes"], 2);
+    assert_eq!(2 * h["cache"]["bytes"]["global_kv"].as_u64().unwrap(), gb);
+}
+
+/// With a bf16 K/V cache the fixture's prefill logits stay within bf16 precision of the
+/// official ones (1/64 of their size), through a prefill and token-by-token steps.
+#[test]
+fn logits_with_a_bf16_kv_cache_stay_close() {
+    let exp = expected();
+    let ids = i64s(&exp["input_ids"].1);
+    let dir = temp_dir("logits-bf16");
+    let out = dir.join("l.safetensors");
+    let (code, _, err) = hymba(&[
+        "logits", "--model", fixture().to_str().unwrap(), "--ids", &ids_arg(&ids), "--prefill", "20", "--kv-cache", "bf16", "--out", out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let want = f32s(&exp["prefill_logits"].1);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = max_diff(&f32s(&read_st(&out)["logits"].1), &want);
+    assert!(diff < scale / 64.0, "{diff} vs largest logit {scale}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// `bench --json` reports the fields the performance issue asks for, with sane values: speeds
@@ -241,6 +266,10 @@ fn bad_token_ids_and_arguments() {
     assert_fails(&["generate", "--model", m.to_str().unwrap(), "--ids", "1,x"], &["--ids", "`x`"]);
     assert_fails(&["generate", "--model", m.to_str().unwrap(), "--ids", "1", "--top-p", "0"], &["top_p"]);
     assert_fails(&["logits", "--model", m.to_str().unwrap(), "--ids", "1,2", "--prefill", "3", "--out", "/tmp/x"], &["--prefill"]);
+    // A bad flag value is a usage error (clap's exit code 2), naming the flag and the choices.
+    let (code, _, err) = hymba(&["generate", "--model", m.to_str().unwrap(), "--ids", "1", "--kv-cache", "f8"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--kv-cache") && err.contains("bf16"), "{err}");
 }
 
 /// A pre-quantized checkpoint loads to exactly the model that quantizing at load gives, and

@@ -224,9 +224,11 @@ pub unsafe fn attn_scores<T: KvElem>(q: &[f32], group: usize, dk: usize, keys: &
     let nk = keys.len();
     let full = dk / 8 * 8;
     let size = std::mem::size_of::<T>();
+    // Prefetch about 2 KiB of keys ahead: the next block of f32 keys, the one after for bf16.
+    let ahead = if T::BF16 { 16 } else { 8 };
     for j0 in (0..nk).step_by(8) {
         let kb = 8.min(nk - j0);
-        for &p in &keys[(j0 + 8).min(nk)..(j0 + 16).min(nk)] {
+        for &p in &keys[(j0 + ahead).min(nk)..(j0 + ahead + 8).min(nk)] {
             for off in (0..dk * size).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(off));
             }

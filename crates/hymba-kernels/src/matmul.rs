@@ -332,7 +332,7 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                 let v = match (isa, w.data) {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-                    (Isa::Avx2, WeightData::Q8_0(b)) => unsafe { x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb) },
+                    (Isa::Avx2, WeightData::Q8_0(b)) => unsafe { x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb, &xd[ti * nb..(ti + 1) * nb]) },
                     #[cfg(target_arch = "x86_64")]
                     (Isa::Avx2, WeightData::Q4_0(b)) => unsafe {
                         let xr = ti * nb..(ti + 1) * nb;

@@ -329,17 +329,6 @@ unsafe fn values_heads<T: KvElem, const G: usize>(p: &[f32], g0: usize, dv: usiz
     }
 }
 
-/// Σ of products of 32 signed bytes, as 8 f32 partial sums (GGML's `mul_sum_i8_pairs_float`):
-/// maddubs needs an unsigned operand, so the sign of `x` moves onto `y`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256 {
-    let ax = _mm256_sign_epi8(x, x);
-    let sy = _mm256_sign_epi8(y, x);
-    let dot = _mm256_maddubs_epi16(ax, sy);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
-}
-
 /// The f16 scale of a block, by the F16C instruction.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -347,67 +336,33 @@ unsafe fn scale(d: [u8; 2]) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes(d) as i32)))
 }
 
-macro_rules! quant_dot_impl {
-    ($name:ident, $blk:ty, $unpack:ident) => {
-        /// Quantized weights · Q8_0 activations, four blocks a step into four accumulators, so
-        /// consecutive blocks do not wait on each other's FMA. (The accumulators are indexed by
-        /// constants: indexing them by the block number put them on the stack, and the loop
-        /// waited on store-to-load forwarding.)
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn $name(w: &[$blk], x: &[crate::quant::BlockQ8_0]) -> f32 {
-            let block = |a: &$blk, b: &crate::quant::BlockQ8_0, acc: __m256| {
-                let d = _mm256_set1_ps(scale(a.d) * scale(b.d));
-                _mm256_fmadd_ps(d, mul_sum_i8($unpack(a), unpack_q8_0(b)), acc)
-            };
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let (wc, xc) = (w.chunks_exact(4), x.chunks_exact(4));
-            let (wr, xr) = (wc.remainder(), xc.remainder());
-            for (a, b) in wc.zip(xc) {
-                for j in 0..4 {
-                    acc[j] = block(&a[j], &b[j], acc[j]);
-                }
-            }
-            for (a, b) in wr.iter().zip(xr) {
-                acc[0] = block(a, b, acc[0]);
-            }
-            hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
-        }
-    };
-}
-
-quant_dot_impl!(dot_q8_0, crate::quant::BlockQ8_0, unpack_q8_0);
-
-/// Q4_0 weights · Q8_0 activations whose block scales come widened (`xd`) and whose block sums
-/// come precomputed (`xs`). The nibbles (0..15) multiply the activations directly, unsigned by
-/// signed as maddubs wants, and 8·Σx per block is taken off after: Σ(q − 8)·x = Σq·x − 8·Σx,
-/// exactly, in integers. The kernel is compute-bound, so four blocks go together: their eight
-/// lane sums are folded by horizontal adds into one vector (block j's halves in lanes j and
-/// j + 4), which takes the Σx correction, the conversion to float and the four blocks' scales
-/// (widened together) in one instruction each, where a block at a time paid for each.
+/// `Σ_i dw_i · xd_i · (Σ lanes of dot(i) − corr_i)` over `n` block pairs, where `dot(i)` is
+/// the integer product of weight block i with input block i in eight lanes, `dw(i)` the f16
+/// bits of the weight block's scale and `xd` the input blocks' scales, widened. Four blocks go
+/// together: their lane sums are folded by horizontal adds into one vector (block j's halves
+/// in lanes j and j + 4), which takes the corrections (`corr4(i)`: those of blocks i..i + 4,
+/// `corr1(i)`: one block's), the conversion to float and the four scales (widened together) in
+/// one instruction each, where a block at a time paid for each. Two accumulators, so
+/// consecutive groups do not wait on each other's FMA.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8_0], xd: &[f32], xs: &[i32]) -> f32 {
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0F);
-    // The integer dot product of block i with its input block: eight lanes of partial sums.
-    let block = |i: usize| {
-        let t = _mm_loadu_si128(w.get_unchecked(i).qs.as_ptr() as *const __m128i);
-        let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-        let y = _mm256_loadu_si256(x.get_unchecked(i).qs.as_ptr() as *const __m128i as *const __m256i);
-        _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones)
-    };
-    let n = w.len().min(x.len()).min(xd.len()).min(xs.len());
+unsafe fn fold_blocks(
+    n: usize,
+    dot: impl Fn(usize) -> __m256i,
+    dw: impl Fn(usize) -> u16,
+    xd: &[f32],
+    corr4: impl Fn(usize) -> __m128i,
+    corr1: impl Fn(usize) -> i32,
+) -> f32 {
+    let n = n.min(xd.len());
     let four = |i: usize, acc: __m256| {
-        let d = [block(i), block(i + 1), block(i + 2), block(i + 3)];
-        // Lanes 0..4: the low-half sums of blocks 0..3; lanes 4..8: the high-half sums.
+        let d = [dot(i), dot(i + 1), dot(i + 2), dot(i + 3)];
         let h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-        let corr = _mm256_zextsi128_si256(_mm_slli_epi32(_mm_loadu_si128(xs.as_ptr().add(i) as *const __m128i), 3));
-        let dots = _mm256_cvtepi32_ps(_mm256_sub_epi32(h, corr));
-        let wd = w.get_unchecked(i..i + 4);
-        let bits = |j: usize| u16::from_le_bytes(wd[j].d) as i16;
+        let dots = _mm256_cvtepi32_ps(_mm256_sub_epi32(h, _mm256_zextsi128_si256(corr4(i))));
+        let bits = |j: usize| dw(i + j) as i16;
         let sc = _mm_mul_ps(_mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, bits(3), bits(2), bits(1), bits(0))), _mm_loadu_ps(xd.as_ptr().add(i)));
         _mm256_fmadd_ps(_mm256_set_m128(sc, sc), dots, acc)
     };
-    // Two accumulators, so consecutive groups do not wait on each other's FMA.
     let mut acc = [_mm256_setzero_ps(); 2];
     let mut i = 0;
     while i + 8 <= n {
@@ -421,10 +376,45 @@ pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8
     }
     let mut s = hsum(_mm256_add_ps(acc[0], acc[1]));
     for i in i..n {
-        let dot = hsum(_mm256_cvtepi32_ps(block(i))) - 8.0 * *xs.get_unchecked(i) as f32;
-        s += scale(w.get_unchecked(i).d) * *xd.get_unchecked(i) * dot;
+        let dot = hsum(_mm256_cvtepi32_ps(dot(i))) - corr1(i) as f32;
+        s += scale(dw(i).to_le_bytes()) * *xd.get_unchecked(i) * dot;
     }
     s
+}
+
+/// Q8_0 weights · Q8_0 activations whose block scales come widened (`xd`). maddubs needs an
+/// unsigned operand, so the sign of the weights moves onto the activations (GGML's
+/// `mul_sum_i8_pairs`); see [`fold_blocks`] for the rest.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0(w: &[crate::quant::BlockQ8_0], x: &[crate::quant::BlockQ8_0], xd: &[f32]) -> f32 {
+    let ones = _mm256_set1_epi16(1);
+    let dot = |i: usize| {
+        let a = unpack_q8_0(w.get_unchecked(i));
+        let b = unpack_q8_0(x.get_unchecked(i));
+        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)), ones)
+    };
+    let n = w.len().min(x.len());
+    fold_blocks(n, dot, |i| u16::from_le_bytes(w.get_unchecked(i).d), xd, |_| _mm_setzero_si128(), |_| 0)
+}
+
+/// Q4_0 weights · Q8_0 activations whose block scales come widened (`xd`) and whose block sums
+/// come precomputed (`xs`). The nibbles (0..15) multiply the activations directly, unsigned by
+/// signed as maddubs wants, and 8·Σx per block is taken off after: Σ(q − 8)·x = Σq·x − 8·Σx,
+/// exactly, in integers; see [`fold_blocks`] for the rest.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8_0], xd: &[f32], xs: &[i32]) -> f32 {
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0F);
+    let dot = |i: usize| {
+        let t = _mm_loadu_si128(w.get_unchecked(i).qs.as_ptr() as *const __m128i);
+        let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+        let y = _mm256_loadu_si256(x.get_unchecked(i).qs.as_ptr() as *const __m256i);
+        _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones)
+    };
+    let n = w.len().min(x.len()).min(xs.len());
+    // 8·Σx per block, in the lanes of the folded sums.
+    let corr4 = |i: usize| _mm_slli_epi32(_mm_loadu_si128(xs.as_ptr().add(i) as *const __m128i), 3);
+    fold_blocks(n, dot, |i| u16::from_le_bytes(w.get_unchecked(i).d), xd, corr4, |i| 8 * *xs.get_unchecked(i))
 }
 
 /// A Q8_0 block's 32 values as signed bytes.

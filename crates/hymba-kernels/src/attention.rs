@@ -89,6 +89,15 @@ impl<'a, T: KvElem> KvBlock<'a, T> {
         }
     }
 
+    /// Elements from one row of a head to the next, in a slice whose rows are `d` long per head.
+    #[inline]
+    fn row_stride(&self, heads: usize, d: usize) -> usize {
+        match self.layout {
+            Layout::RowMajor => heads * d,
+            Layout::HeadMajor { .. } => d,
+        }
+    }
+
     /// Panics unless every row of every head lies inside the slices (the kernels read through
     /// raw pointers).
     fn check(&self, sh: AttnShape) {
@@ -173,11 +182,18 @@ pub fn attention_with<T: KvElem>(
                 let mut at = 0;
                 for r in runs {
                     let (s, e) = (lo.max(at), hi.min(at + r.len as usize));
-                    let b = &blocks[r.block as usize];
-                    for i in s..e {
-                        let i = r.start as usize + i - at;
-                        keys.push(b.k[b.offset(i, kh, sh.kv_heads, sh.dk)..].as_ptr() as *const u8);
-                        vals.push(b.v[b.offset(i, kh, sh.kv_heads, sh.dv)..].as_ptr() as *const u8);
+                    if s < e {
+                        // A run's rows are evenly spaced: one offset and a stride, not one
+                        // lookup per key.
+                        let b = &blocks[r.block as usize];
+                        let first = r.start as usize + s - at;
+                        let (ks, vs) = (b.row_stride(sh.kv_heads, sh.dk), b.row_stride(sh.kv_heads, sh.dv));
+                        // SAFETY: `check` showed every row of every head lies inside the slices.
+                        let (k0, v0) = unsafe {
+                            (b.k.as_ptr().add(b.offset(first, kh, sh.kv_heads, sh.dk)), b.v.as_ptr().add(b.offset(first, kh, sh.kv_heads, sh.dv)))
+                        };
+                        keys.extend((0..e - s).map(|j| k0.wrapping_add(j * ks) as *const u8));
+                        vals.extend((0..e - s).map(|j| v0.wrapping_add(j * vs) as *const u8));
                     }
                     at += r.len as usize;
                 }

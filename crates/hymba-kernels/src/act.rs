@@ -41,6 +41,21 @@ pub fn exp_inplace_with(isa: Isa, a: &mut [f32]) {
     }
 }
 
+/// `a[i] = exp(a[i] − max a)`; returns (max a, Σ of the new a): a softmax's numerators, with
+/// the shift and the sum that let slices of one softmax be combined.
+pub fn exp_shifted_with(isa: Isa, a: &mut [f32]) -> (f32, f32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
+        Isa::Avx2 => unsafe { crate::x86::exp_shifted(a) },
+        _ => {
+            let max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            a.iter_mut().for_each(|v| *v = (*v - max).exp());
+            (max, a.iter().sum())
+        }
+    }
+}
+
 /// `a[i] = softplus(a[i] + b[i])`: Δ from dt_proj and its bias.
 pub fn softplus_bias(a: &mut [f32], b: &[f32]) {
     softplus_bias_with(isa(), a, b)
@@ -113,6 +128,19 @@ mod tests {
                 let want = (*v as f64).exp();
                 assert!(((*g as f64) - want).abs() <= 3e-7 * want + 1e-38, "{isa:?} exp({v}) = {g} vs {want}");
             }
+        }
+        // Softmax numerators: every lane and the tail, the max and the sum.
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for isa in crate::isa::available() {
+            let mut got = x.clone();
+            let (m, sum) = exp_shifted_with(isa, &mut got);
+            assert_eq!(m, max, "{isa:?}");
+            for (g, v) in got.iter().zip(&x) {
+                let want = ((*v - max) as f64).exp();
+                assert!(((*g as f64) - want).abs() <= 3e-7 * want + 1e-38, "{isa:?} exp({v} - {max}) = {g} vs {want}");
+            }
+            let total: f64 = got.iter().map(|&v| v as f64).sum();
+            assert!((sum as f64 - total).abs() <= 1e-6 * total, "{isa:?} sum {sum} vs {total}");
         }
         #[cfg(target_arch = "x86_64")]
         if crate::isa::available().contains(&Isa::Avx2) {

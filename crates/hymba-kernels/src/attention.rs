@@ -211,11 +211,7 @@ pub fn attention_with<T: KvElem>(
                 // (values) elements, taken from the blocks above.
                 unsafe { head_scores(isa, qg, group, sh.dk, keys, vals, sh.dv, scale, scores) };
                 for (g, s) in scores.chunks_exact_mut(nk).enumerate() {
-                    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    s.iter_mut().for_each(|v| *v -= max);
-                    act::exp_inplace_with(isa, s);
-                    part.max[g] = max;
-                    part.sum[g] = s.iter().sum();
+                    (part.max[g], part.sum[g]) = act::exp_shifted_with(isa, s);
                 }
                 unsafe { head_values(isa, scores, group, sh.dv, vals, &mut part.acc) };
                 part

@@ -556,6 +556,34 @@ pub unsafe fn exp_inplace(a: &mut [f32]) {
     }
 }
 
+/// [`crate::act::exp_shifted_with`]: the max and the sum in eight lanes, reduced at the end.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp_shifted(a: &mut [f32]) -> (f32, f32) {
+    let n = a.len();
+    let full = n / 8 * 8;
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(8) {
+        m = _mm256_max_ps(m, _mm256_loadu_ps(a.as_ptr().add(i)));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let max = lanes.iter().chain(&a[full..]).copied().fold(f32::NEG_INFINITY, f32::max);
+    let mv = _mm256_set1_ps(max);
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..full).step_by(8) {
+        let p = a.as_mut_ptr().add(i);
+        let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+        _mm256_storeu_ps(p, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    let mut sum = hsum(acc);
+    for v in &mut a[full..] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    (max, sum)
+}
+
 /// `a[i] = silu(a[i]) · b[i]` (or just silu when `b` is None), 8 lanes at a time.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn silu_mul(a: &mut [f32], b: Option<&[f32]>) {

@@ -2,6 +2,7 @@
 //! dimension, each with an f16 scale. Activations are quantized to Q8_0 on the fly for integer
 //! dot products, as GGML does.
 
+use crate::isa::{isa, Isa};
 use half::f16;
 
 /// Values per block.
@@ -39,8 +40,24 @@ impl BlockQ4_0 {
     }
 }
 
-/// Quantizes `x` (a multiple of 32 long) to Q8_0, like GGML's `quantize_row_q8_0_ref`.
+/// Quantizes `x` (a multiple of 32 long) to Q8_0: exactly [`quantize_q8_0_ref`], vectorised
+/// where the CPU allows (every quantized matrix product quantizes its input rows with it).
 pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    quantize_q8_0_with(isa(), x, out)
+}
+
+pub fn quantize_q8_0_with(isa: Isa, x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * QK);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection; lengths checked.
+        Isa::Avx2 => unsafe { crate::x86::quantize_q8_0(x, out) },
+        _ => quantize_q8_0_ref(x, out),
+    }
+}
+
+/// Reference: GGML's `quantize_row_q8_0_ref` (scale amax/127, round half away from zero).
+pub fn quantize_q8_0_ref(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * QK);
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -150,6 +167,31 @@ mod tests {
         assert_eq!(std::mem::size_of::<BlockQ8_0>(), 34);
         assert_eq!(std::mem::size_of::<BlockQ4_0>(), 18);
         assert_eq!(std::mem::align_of::<BlockQ8_0>(), 1);
+    }
+
+    /// The vector quantizer gives the reference's bytes, ties (x.5, which round away from zero)
+    /// and values just below them included.
+    #[test]
+    fn fast_q8_0_quantization_equals_the_reference() {
+        let mut rng = Rng::new(4);
+        let mut x = rng.normal_vec(QK * 37, 3.0);
+        // A block whose scale is exactly 1: its values are the rounding inputs themselves.
+        let mut ties: Vec<f32> = (0..QK).map(|i| (i as f32 - 16.0) + 0.5).collect();
+        ties[0] = 127.0;
+        ties[1] = 1.499_999_9;
+        ties[2] = -1.499_999_9;
+        ties[3] = -0.0;
+        x.extend(ties);
+        x.extend([0.0; QK]);
+        let n = x.len() / QK;
+        let mut want = vec![BlockQ8_0::default(); n];
+        quantize_q8_0_ref(&x, &mut want);
+        assert_eq!(want[37].qs[16], 1, "0.5 rounds away from zero");
+        for isa in crate::isa::available() {
+            let mut got = vec![BlockQ8_0::default(); n];
+            quantize_q8_0_with(isa, &x, &mut got);
+            assert_eq!(got, want, "{isa:?}");
+        }
     }
 
     #[test]

@@ -541,6 +541,36 @@ pub unsafe fn softplus_bias(a: &mut [f32], b: &[f32]) {
     }
 }
 
+/// [`crate::quant::quantize_q8_0_ref`] eight lanes at a time: the same scale, and round half
+/// away from zero done exactly (truncate, then step away from zero when the dropped fraction,
+/// exact in f32, is at least one half).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [crate::quant::BlockQ8_0]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
+        let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xs.as_ptr().add(8 * j)));
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(m, _mm256_andnot_ps(sign, v)));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        b.d = f16::from_f32(d).to_le_bytes();
+        let q: [__m256i; 4] = std::array::from_fn(|j| {
+            let y = _mm256_mul_ps(v[j], id);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_andnot_ps(sign, _mm256_sub_ps(y, t)), half);
+            let step = _mm256_and_ps(up, _mm256_or_ps(_mm256_and_ps(y, sign), one));
+            _mm256_cvtps_epi32(_mm256_add_ps(t, step))
+        });
+        // Saturating packs interleave 128-bit lanes; the permutation restores the order.
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, p);
+    }
+}
+
 /// `a[i] = e^a[i]`, 8 lanes at a time.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn exp_inplace(a: &mut [f32]) {

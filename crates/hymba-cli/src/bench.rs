@@ -143,6 +143,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let t = Instant::now();
     let model = load(a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
+    // The meta prefix is part of loading (computed on first use otherwise).
+    model.meta_prefix();
     let load_s = t.elapsed().as_secs_f64();
     let threads = rayon::current_num_threads();
     let bw = hymba::kernels::probe::read_bandwidth(1 << 30, 5);

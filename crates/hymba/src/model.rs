@@ -16,7 +16,7 @@ use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock};
 use hymba_kernels::{act, conv::causal_conv, matmul, norm, on_pool, rope, scan};
 use rayon::prelude::*;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Which rows of a forward call get logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +62,8 @@ pub struct Model {
     inv_freq: Vec<f32>,
     /// The element type of every K/V cache this model makes.
     kv_dtype: KvDtype,
-    meta: Arc<MetaPrefix>,
+    /// Computed on first use, so choosing the K/V type after loading costs nothing.
+    meta: OnceLock<Arc<MetaPrefix>>,
 }
 
 /// Columns `a..a + w` of every row of a `[t, width]` matrix.
@@ -94,20 +95,22 @@ impl Model {
         let (plan, groups) = config.plan();
         let weights = Weights::load(&config, &plan, store)?;
         let inv_freq = rope::inv_freq(config.rope_base(), config.qk_head_dim);
-        let meta = Arc::new(MetaPrefix { len: 0, kv: Vec::new(), states: Vec::new() });
-        let mut model = Model { config, plan, groups, weights, inv_freq, kv_dtype: KvDtype::F32, meta };
-        model.meta = Arc::new(model.compute_meta_prefix());
-        Ok(model)
+        Ok(Model { config, plan, groups, weights, inv_freq, kv_dtype: KvDtype::F32, meta: OnceLock::new() })
     }
 
-    /// The model with K/V caches held in `dtype` (see [`KvDtype`]); the meta prefix is
-    /// recomputed in it. Caches made before do not fit the returned model.
+    /// The model with K/V caches held in `dtype` (see [`KvDtype`]); the meta prefix is computed
+    /// in it. Caches made before do not fit the returned model.
     pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Model {
         if dtype != self.kv_dtype {
             self.kv_dtype = dtype;
-            self.meta = Arc::new(self.compute_meta_prefix());
+            self.meta = OnceLock::new();
         }
         self
+    }
+
+    /// The shared meta prefix, computed the first time it is asked for.
+    fn meta(&self) -> &Arc<MetaPrefix> {
+        self.meta.get_or_init(|| Arc::new(on_pool(|| self.compute_meta_prefix())))
     }
 
     pub fn kv_dtype(&self) -> KvDtype {
@@ -164,13 +167,14 @@ impl Model {
             .groups
             .iter()
             .map(|g| match g.attn {
-                AttnKind::Global => KvStore::Global { kv: self.new_kv(usize::MAX), start: self.meta.len },
+                AttnKind::Global => KvStore::Global { kv: self.new_kv(usize::MAX), start: self.meta().len },
                 // A query sees itself and the W tokens before it; its own row comes from the
                 // call's new rows, so the ring keeps only the W past tokens.
                 AttnKind::Window => KvStore::Window { kv: self.new_kv(w), pos: Vec::new(), cap: w },
             })
             .collect();
-        Cache { meta: self.meta.clone(), pos: self.meta.len, kv, states: self.meta.states.clone() }
+        let meta = self.meta().clone();
+        Cache { pos: meta.len, states: meta.states.clone(), meta, kv }
     }
 
     /// A cache holding `n` tokens of zero K/V, its buffers sized exactly as `n` real tokens
@@ -194,9 +198,9 @@ impl Model {
         cache
     }
 
-    /// The bytes of the meta prefix every sequence shares.
+    /// The meta prefix every sequence shares (computed now if it was not yet).
     pub fn meta_prefix(&self) -> &MetaPrefix {
-        &self.meta
+        self.meta()
     }
 
     fn window(&self, mode: DecodeWindow, single_token_step: bool) -> usize {

@@ -64,6 +64,8 @@ impl Engine {
     /// Starts the engine thread: up to `max_batch` sequences step together and as many more
     /// wait in the queue.
     pub fn start(model: Arc<Model>, tokenizer: Option<Arc<Tokenizer>>, max_batch: usize) -> Engine {
+        // The shared meta prefix now, not on the first request.
+        model.meta_prefix();
         let max_batch = max_batch.max(1);
         let (tx, rx) = mpsc::channel();
         let in_flight = Arc::new(AtomicUsize::new(0));

@@ -108,7 +108,9 @@ impl Model {
         self
     }
 
-    /// The shared meta prefix, computed the first time it is asked for.
+    /// The shared meta prefix, computed the first time it is asked for (the first
+    /// [`Model::new_cache`] or [`Model::meta_prefix`]; not from inside a rayon task, which could
+    /// re-enter the computation on the same thread).
     fn meta(&self) -> &Arc<MetaPrefix> {
         self.meta.get_or_init(|| Arc::new(on_pool(|| self.compute_meta_prefix())))
     }

@@ -59,17 +59,25 @@ fn generate_dump_reproduces_official_generate() {
 fn logits_with_partial_prefill_match_official_prefill() {
     let exp = expected();
     let ids = i64s(&exp["input_ids"].1);
-    let dir = temp_dir("logits");
-    let out = dir.join("l.safetensors");
-    let (code, _, err) = hymba(&[
-        "logits", "--model", fixture().to_str().unwrap(), "--ids", &ids_arg(&ids), "--prefill", "20", "--out", out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let l = read_st(&out);
+    let l = fixture_logits("logits", &ids, &[]);
     assert_eq!(l["logits"].0, vec![ids.len(), 32001]);
     assert_eq!(i64s(&l["input_ids"].1), ids);
     assert!(max_diff(&f32s(&l["logits"].1), &f32s(&exp["prefill_logits"].1)) < 1e-3);
+}
+
+/// `hymba logits` on the fixture for `ids` (the first 20 in one prefill, then one at a time),
+/// with `extra` arguments: the written tensors.
+fn fixture_logits(tag: &str, ids: &[i64], extra: &[&str]) -> std::collections::HashMap<String, (Vec<usize>, Vec<u8>)> {
+    let dir = temp_dir(tag);
+    let out = dir.join("l.safetensors");
+    let (ids, model) = (ids_arg(ids), fixture());
+    let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", &ids, "--prefill", "20", "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, _, err) = hymba(&args);
+    assert_eq!(code, 0, "{err}");
+    let l = read_st(&out);
     std::fs::remove_dir_all(dir).unwrap();
+    l
 }
 
 #[test]
@@ -121,18 +129,11 @@ fn inspect_reports_a_bounded_cache() {
 #[test]
 fn logits_with_a_bf16_kv_cache_stay_close() {
     let exp = expected();
-    let ids = i64s(&exp["input_ids"].1);
-    let dir = temp_dir("logits-bf16");
-    let out = dir.join("l.safetensors");
-    let (code, _, err) = hymba(&[
-        "logits", "--model", fixture().to_str().unwrap(), "--ids", &ids_arg(&ids), "--prefill", "20", "--kv-cache", "bf16", "--out", out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let l = fixture_logits("logits-bf16", &i64s(&exp["input_ids"].1), &["--kv-cache", "bf16"]);
     let want = f32s(&exp["prefill_logits"].1);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = max_diff(&f32s(&read_st(&out)["logits"].1), &want);
+    let diff = max_diff(&f32s(&l["logits"].1), &want);
     assert!(diff < scale / 64.0, "{diff} vs largest logit {scale}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// `bench --json` reports the fields the performance issue asks for, with sane values: speeds

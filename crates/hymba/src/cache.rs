@@ -232,6 +232,22 @@ pub enum KvView<'a> {
     BF16(KvBlock<'a, bf16>),
 }
 
+impl<'a> KvView<'a> {
+    pub fn f32(&self) -> Option<KvBlock<'a, f32>> {
+        match self {
+            KvView::F32(b) => Some(*b),
+            KvView::BF16(_) => None,
+        }
+    }
+
+    pub fn bf16(&self) -> Option<KvBlock<'a, bf16>> {
+        match self {
+            KvView::BF16(b) => Some(*b),
+            KvView::F32(_) => None,
+        }
+    }
+}
+
 /// Recurrent state of one layer's SSM branch.
 #[derive(Clone, Debug)]
 pub struct LayerState {

@@ -12,7 +12,7 @@ use crate::mask::{sees, DecodeWindow};
 use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
 use half::bf16;
-use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock};
+use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
 use hymba_kernels::{act, conv::causal_conv, matmul, norm, on_pool, rope, scan};
 use rayon::prelude::*;
 use std::path::Path;
@@ -64,6 +64,21 @@ pub struct Model {
     kv_dtype: KvDtype,
     /// Computed on first use, so choosing the K/V type after loading costs nothing.
     meta: OnceLock<Arc<MetaPrefix>>,
+}
+
+/// A sequence's cached K/V blocks (`past`, each taken as `T` by `as_t`) followed by this call's
+/// new rows (`k`, `v`, from position `pos0`).
+fn with_new_rows<'a, T: KvElem>(
+    past: &[KvView<'a>],
+    as_t: fn(&KvView<'a>) -> Option<KvBlock<'a, T>>,
+    k: &'a [T],
+    v: &'a [T],
+    kw: usize,
+    pos0: usize,
+) -> Vec<KvBlock<'a, T>> {
+    let mut blocks: Vec<KvBlock<T>> = past.iter().map(|b| as_t(b).expect("caches were checked to hold the model's K/V type")).collect();
+    blocks.push(KvBlock::row_major(k, v, kw, KeyPos::Contiguous(pos0)));
+    blocks
 }
 
 /// Columns `a..a + w` of every row of a `[t, width]` matrix.
@@ -482,23 +497,15 @@ impl Model {
             rayon::join(
                 || {
                     // The cached blocks and this call's rows, in the cache's element type.
-                    let new = KeyPos::Contiguous(s.pos0);
                     match self.kv_dtype {
                         KvDtype::F32 => {
-                            let mut blocks: Vec<KvBlock<f32>> = past.iter().map(|b| match b {
-                                KvView::F32(b) => *b,
-                                KvView::BF16(_) => unreachable!("caches were checked to hold the model's K/V type"),
-                            }).collect();
-                            blocks.push(KvBlock::row_major(&cur.k, &cur.v, kw, new));
+                            let blocks = with_new_rows(past, KvView::f32, &cur.k, &cur.v, kw, s.pos0);
                             attention(qs, &pos, &blocks, shape, scale, &visible, out)
                         }
                         KvDtype::BF16 => {
-                            let mut blocks: Vec<KvBlock<bf16>> = past.iter().map(|b| match b {
-                                KvView::BF16(b) => *b,
-                                KvView::F32(_) => unreachable!("caches were checked to hold the model's K/V type"),
-                            }).collect();
-                            let (k, v): (Vec<bf16>, Vec<bf16>) = (cur.k.iter().map(|&x| bf16::from_f32(x)).collect(), cur.v.iter().map(|&x| bf16::from_f32(x)).collect());
-                            blocks.push(KvBlock::row_major(&k, &v, kw, new));
+                            let narrow = |r: &[f32]| -> Vec<bf16> { r.iter().map(|&x| bf16::from_f32(x)).collect() };
+                            let (k, v) = (narrow(&cur.k), narrow(&cur.v));
+                            let blocks = with_new_rows(past, KvView::bf16, &k, &v, kw, s.pos0);
                             attention(qs, &pos, &blocks, shape, scale, &visible, out)
                         }
                     }

@@ -236,7 +236,9 @@ fn broken_weights_name_the_file_or_tensor() {
     // Missing tensor and wrong shape: rewrite the file without / with a bad tensor.
     let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let rewrite = |tag: &str, edit: &dyn Fn(&str, Vec<usize>) -> Option<Vec<usize>>| {
+    // `edit` maps a tensor's name and shape to its new shape, or None to drop it.
+    type Edit<'a> = &'a dyn Fn(&str, Vec<usize>) -> Option<Vec<usize>>;
+    let rewrite = |tag: &str, edit: Edit| {
         let dir = with_config(tag, |_| {});
         let mut keep = Vec::new();
         for (name, v) in st.tensors() {

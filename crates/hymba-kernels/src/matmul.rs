@@ -51,11 +51,11 @@ impl WeightData<'_> {
             }
             WeightData::F16(d) => d[start..end].convert_to_f32_slice(out),
             WeightData::Q8_0(b) => {
-                assert!(start % QK == 0 && out.len() % QK == 0, "quantized rows are read whole blocks at a time");
+                assert!(start.is_multiple_of(QK) && out.len().is_multiple_of(QK), "quantized rows are read whole blocks at a time");
                 quant::dequantize_q8_0(&b[start / QK..end / QK], out)
             }
             WeightData::Q4_0(b) => {
-                assert!(start % QK == 0 && out.len() % QK == 0, "quantized rows are read whole blocks at a time");
+                assert!(start.is_multiple_of(QK) && out.len().is_multiple_of(QK), "quantized rows are read whole blocks at a time");
                 quant::dequantize_q4_0(&b[start / QK..end / QK], out)
             }
         }

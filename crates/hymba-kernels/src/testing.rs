@@ -43,7 +43,8 @@ impl Rng {
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    // Not `f32::max`, which drops NaN: a NaN difference is the worst.
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m })
 }
 
 /// Panics with the worst index when `a` and `b` differ by more than `tol` anywhere.
@@ -52,7 +53,8 @@ pub fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     let (mut worst, mut at) = (0f32, 0);
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         let d = (x - y).abs();
-        if !(d <= worst) {
+        // NaN counts as the worst difference.
+        if d.is_nan() || d > worst {
             worst = d;
             at = i;
         }

@@ -51,17 +51,29 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> s
     axum::serve(listener, router(state)).await
 }
 
-/// An error in OpenAI's shape.
-fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>) -> Response {
-    let kind = match status {
-        StatusCode::UNAUTHORIZED => "authentication_error",
-        StatusCode::NOT_FOUND => "not_found_error",
-        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-        s if s.is_server_error() => "server_error",
-        _ => "invalid_request_error",
-    };
-    let body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": status.as_u16()}});
-    (status, Json(body)).into_response()
+/// A request's failure: answered as an error in OpenAI's shape.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status.as_u16()}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>, param: Option<&'static str>) -> ApiError {
+    ApiError { status, message: message.into(), param }
 }
 
 fn now() -> u64 {
@@ -74,7 +86,7 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:x}{:04x}", now(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &st.api_key else { return Ok(()) };
     let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if given == Some(key.as_str()) {
@@ -84,11 +96,11 @@ fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("Invalid request body: {e}"), None))
 }
 
-fn check_model(st: &AppState, model: &Option<String>) -> Result<(), Response> {
+fn check_model(st: &AppState, model: &Option<String>) -> Result<(), ApiError> {
     match model {
         Some(m) if m != &st.model_name => {
             Err(error(StatusCode::NOT_FOUND, format!("The model `{m}` does not exist. This server serves `{}`.", st.model_name), Some("model")))
@@ -103,8 +115,8 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = check_key(&st, &headers) {
-        return r;
+    if let Err(e) = check_key(&st, &headers) {
+        return e.into_response();
     }
     Json(json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "hymba", "max_model_len": st.max_context}]}))
         .into_response()
@@ -154,7 +166,7 @@ struct Sampling {
 
 impl Sampling {
     /// Generation options for a prompt of `prompt_len` tokens, or the 400 that explains why not.
-    fn options(&self, st: &AppState, prompt_len: usize, default_max: usize) -> Result<GenerateOptions, Response> {
+    fn options(&self, st: &AppState, prompt_len: usize, default_max: usize) -> Result<GenerateOptions, ApiError> {
         if self.n.unwrap_or(1) != 1 {
             return Err(error(StatusCode::BAD_REQUEST, "Only n = 1 is supported.", Some("n")));
         }
@@ -206,7 +218,7 @@ fn submit(
     options: GenerateOptions,
     logprobs: Option<usize>,
     echo: bool,
-) -> Result<mpsc::UnboundedReceiver<Event>, Response> {
+) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let req = Request { prompt, options, logprobs, echo, sink: Box::new(move |ev| tx.send(ev).is_ok()) };
     match st.engine.submit(req) {
@@ -231,7 +243,7 @@ struct Outcome {
     completion_tokens: usize,
 }
 
-async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, Response> {
+async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, ApiError> {
     let mut o = Outcome::default();
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -272,7 +284,7 @@ struct CompletionRequest {
 
 /// The prompts of a completion request as token ids: a string, a list of strings, a list of
 /// ids or a list of lists of ids.
-fn prompts(st: &AppState, v: &Value) -> Result<Vec<Vec<u32>>, Response> {
+fn prompts(st: &AppState, v: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
     let bad = || error(StatusCode::BAD_REQUEST, "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids.", Some("prompt"));
     let ids = |v: &Value| -> Option<Vec<u32>> { v.as_array()?.iter().map(|x| x.as_u64().filter(|&i| i <= u32::MAX as u64).map(|i| i as u32)).collect() };
     let text = |s: &str| st.tokenizer.encode_prompt(s).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("prompt")));
@@ -325,11 +337,12 @@ fn logprobs_json(tok: &Tokenizer, entries: &[(u32, Option<TokenLogprob>)], start
 
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     match completions_inner(st, headers, body).await {
-        Ok(r) | Err(r) => r,
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
-async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, Response> {
+async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
     let req: CompletionRequest = parse(&body)?;
     check_model(&st, &req.sampling.model)?;
@@ -402,7 +415,7 @@ struct ChatMessage {
     content: Value,
 }
 
-fn messages(v: &[ChatMessage]) -> Result<Vec<Message>, Response> {
+fn messages(v: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
     v.iter()
         .map(|m| {
             let content = match &m.content {
@@ -421,7 +434,7 @@ fn messages(v: &[ChatMessage]) -> Result<Vec<Message>, Response> {
 
 /// The chat prompt as the checkpoint's template renders it, tokenized without an added BOS
 /// (what `apply_chat_template` gives).
-fn chat_prompt(st: &AppState, msgs: &[Message], tools: Option<&[Value]>, add_generation_prompt: bool) -> Result<Vec<u32>, Response> {
+fn chat_prompt(st: &AppState, msgs: &[Message], tools: Option<&[Value]>, add_generation_prompt: bool) -> Result<Vec<u32>, ApiError> {
     let tmpl = st
         .tokenizer
         .chat_template
@@ -463,11 +476,12 @@ fn chat_logprobs(tok: &Tokenizer, entries: &[(u32, Option<TokenLogprob>)]) -> Va
 
 async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     match chat_inner(st, headers, body).await {
-        Ok(r) | Err(r) => r,
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, Response> {
+async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
     let req: ChatRequest = parse(&body)?;
     check_model(&st, &req.sampling.model)?;
@@ -536,7 +550,7 @@ struct TokenizeRequest {
 }
 
 async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let run = || -> Result<Response, Response> {
+    let run = || -> Result<Response, ApiError> {
         check_key(&st, &headers)?;
         let req: TokenizeRequest = parse(&body)?;
         check_model(&st, &req.model)?;
@@ -551,7 +565,8 @@ async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Byt
         Ok(Json(json!({"count": tokens.len(), "max_model_len": st.max_context, "tokens": tokens})).into_response())
     };
     match run() {
-        Ok(r) | Err(r) => r,
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -562,7 +577,7 @@ struct DetokenizeRequest {
 }
 
 async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let run = || -> Result<Response, Response> {
+    let run = || -> Result<Response, ApiError> {
         check_key(&st, &headers)?;
         let req: DetokenizeRequest = parse(&body)?;
         check_model(&st, &req.model)?;
@@ -574,6 +589,7 @@ async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
         Ok(Json(json!({"prompt": text})).into_response())
     };
     match run() {
-        Ok(r) | Err(r) => r,
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
 }

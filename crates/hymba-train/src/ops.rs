@@ -406,7 +406,7 @@ mod tests {
     /// Checks `grad` (∂L/∂p) at a few indices of `p` against central differences of `loss`.
     /// f64 accumulation is not available through f32 kernels, so steps are moderate and the
     /// tolerance relative.
-    fn check(name: &str, p: &mut Vec<f32>, grad: &[f32], loss: &dyn Fn(&[f32]) -> f64) {
+    fn check(name: &str, p: &mut [f32], grad: &[f32], loss: &dyn Fn(&[f32]) -> f64) {
         let mut rng = Rng::new(99);
         let h = 1e-2f32;
         for _ in 0..12.min(p.len()) {
@@ -548,26 +548,28 @@ mod tests {
             let kh = hh / group;
             for i in 0..t {
                 let q = &a.q[i * h * dk + hh * dk..][..dk];
-                let p = &mut probs[(hh * t + i) * t..][..t];
+                // Causal: row i sees keys 0..=i, those of them the mask allows.
+                let p = &mut probs[(hh * t + i) * t..][..=i];
+                let seen = &a.mask[i * t..][..=i];
                 let mut mx = f32::NEG_INFINITY;
-                for j in 0..=i {
-                    if a.mask[i * t + j] {
-                        p[j] = dot(q, &a.k[j * kw + kh * dk..][..dk]) * scale;
-                        mx = mx.max(p[j]);
+                for (j, (pj, &s)) in p.iter_mut().zip(seen).enumerate() {
+                    if s {
+                        *pj = dot(q, &a.k[j * kw + kh * dk..][..dk]) * scale;
+                        mx = mx.max(*pj);
                     }
                 }
                 let mut sum = 0.0;
-                for j in 0..=i {
-                    p[j] = if a.mask[i * t + j] { (p[j] - mx).exp() } else { 0.0 };
-                    sum += p[j];
+                for (pj, &s) in p.iter_mut().zip(seen) {
+                    *pj = if s { (*pj - mx).exp() } else { 0.0 };
+                    sum += *pj;
                 }
                 let o = &mut out[i * h * dv + hh * dv..][..dv];
-                for j in 0..=i {
-                    p[j] /= sum;
-                    if p[j] != 0.0 {
+                for (j, pj) in p.iter_mut().enumerate() {
+                    *pj /= sum;
+                    if *pj != 0.0 {
                         let v = &a.v[j * vw + kh * dv..][..dv];
                         for (oo, vv) in o.iter_mut().zip(v) {
-                            *oo += p[j] * vv;
+                            *oo += *pj * vv;
                         }
                     }
                 }

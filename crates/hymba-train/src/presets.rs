@@ -10,7 +10,8 @@ pub const NAMES: [&str; 2] = ["tiny", "micro"];
 /// The config.json of preset `name` for a vocabulary of `vocab_size` tokens.
 pub fn preset(name: &str, vocab_size: usize) -> Option<Value> {
     // (hidden, layers, heads, kv heads, ffn, meta tokens, window, global layers, reuse groups)
-    let (d, l, h, hkv, f, m, w, global, groups): (usize, usize, usize, usize, usize, usize, usize, Vec<usize>, Vec<Vec<usize>>) = match name {
+    type Shape = (usize, usize, usize, usize, usize, usize, usize, Vec<usize>, Vec<Vec<usize>>);
+    let (d, l, h, hkv, f, m, w, global, groups): Shape = match name {
         // The shipped default model: 4.4M parameters at a 4096-token vocabulary.
         "tiny" => (192, 6, 3, 1, 512, 16, 128, vec![0, 5], vec![vec![1, 2], vec![3, 4]]),
         // For tests and smoke runs: trains in seconds.

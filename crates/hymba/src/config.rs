@@ -268,7 +268,7 @@ impl Config {
             return Err(Error::config("orig_max_position_embeddings", "ntk RoPE needs a positive value and a head size above 2"));
         }
         let eps = r.f64_or("rms_norm_eps", 1e-6)?;
-        if !(eps > 0.0) {
+        if eps.is_nan() || eps <= 0.0 {
             return Err(Error::config("rms_norm_eps", format!("expected a positive number, found {eps}")));
         }
         let cfg = Config {
@@ -301,7 +301,7 @@ impl Config {
             pad_token_id: r.opt_token("pad_token_id")?,
             raw: raw.clone(),
         };
-        if !(cfg.rope_theta > 0.0) {
+        if cfg.rope_theta.is_nan() || cfg.rope_theta <= 0.0 {
             return Err(Error::config("rope_theta", "expected a positive number"));
         }
         Ok(cfg)

@@ -111,7 +111,7 @@ struct Seq {
 
 impl Seq {
     /// Checks the request; a refused one comes back with the reason.
-    fn new(model: &Model, req: Request) -> std::result::Result<Seq, (Request, Error)> {
+    fn new(model: &Model, req: Request) -> std::result::Result<Seq, Box<(Request, Error)>> {
         let problem = if req.prompt.is_empty() {
             Some(Error::Input("the prompt is empty".into()))
         } else {
@@ -120,13 +120,13 @@ impl Seq {
             })
         };
         if let Some(e) = problem {
-            return Err((req, e));
+            return Err(Box::new((req, e)));
         }
         match Decoder::new(&req.prompt, &req.options) {
             Ok(decoder) => {
                 Ok(Seq { cache: model.new_cache(), fed: 0, decoder, next: None, prompt_logprobs: vec![None], done: false, req })
             }
-            Err(e) => Err((req, e)),
+            Err(e) => Err(Box::new((req, e))),
         }
     }
 
@@ -210,7 +210,8 @@ fn run(model: &Model, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_f
             let Some(r) = waiting.pop_front() else { break };
             match Seq::new(model, r) {
                 Ok(s) => active.push(s),
-                Err((mut r, e)) => {
+                Err(refused) => {
+                    let (mut r, e) = *refused;
                     (r.sink)(Event::Error(e.to_string()));
                     in_flight.fetch_sub(1, Ordering::SeqCst);
                 }

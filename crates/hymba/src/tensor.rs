@@ -83,7 +83,7 @@ pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
     let matrix = name == "model.embed_tokens.weight"
         || name == "lm_head.weight"
         || LAYER_MATRICES.iter().any(|s| name.ends_with(s));
-    matrix && shape.len() == 2 && shape[1] % QK == 0
+    matrix && shape.len() == 2 && shape[1].is_multiple_of(QK)
 }
 
 #[derive(Clone, Debug)]
@@ -294,7 +294,7 @@ impl TensorStore {
             let data = view.data();
             let offset = data.as_ptr() as usize - base;
             let mut t = Tensor { dtype, shape, owner: owner(), offset, len: data.len() };
-            if (data.as_ptr() as usize) % dtype.align() != 0 {
+            if !(data.as_ptr() as usize).is_multiple_of(dtype.align()) {
                 // A misaligned tensor cannot be viewed in place: copy it, same precision.
                 t = Tensor::from_bytes(dtype, t.shape.clone(), data);
             }
@@ -422,7 +422,7 @@ pub fn write_safetensors(
     }
     let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
     // Pad so the data starts 8-byte aligned, as the reference writer does.
-    while hbytes.len() % 8 != 0 {
+    while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -39,6 +39,16 @@ impl KvDtype {
     }
 }
 
+/// As `--kv-cache` takes it.
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::BF16 => "bf16",
+        })
+    }
+}
+
 impl std::str::FromStr for KvDtype {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

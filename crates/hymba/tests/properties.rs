@@ -241,3 +241,42 @@ fn bf16_kv_halves_the_cache_and_stays_close() {
         assert!(err.contains("K/V"), "{err}");
     }
 }
+
+/// A sequence saved to a session file and restored continues exactly as if never saved: every
+/// part of its state (K/V stores, rings, SSM and conv states, position) round-trips bit for bit,
+/// bf16 K/V stored as bf16. A state is refused by a model caching K/V in the other type.
+#[test]
+fn saved_sessions_resume_exactly() {
+    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+        let model = build(c, 300 + ci as u64, kv);
+        let mut rng = Rng::new(ci as u64 + 7);
+        // Long enough that windows wrap before the save.
+        let ids = prompt(&mut rng, c.meta + 2 * c.window + 3);
+        let more = prompt(&mut rng, 6);
+        let mut cache = model.new_cache();
+        model.forward(&mut cache, &ids, Logits::Last, DecodeWindow::Trained).unwrap();
+        let dir = common::temp_dir(&format!("session-{}", c.name));
+        let path = dir.join("s.safetensors");
+        hymba::session::save(&model, &cache, "{\"turns\":1}", &path).unwrap();
+        let (mut restored, extra) = hymba::session::load(&model, &path).unwrap();
+        assert_eq!(extra, "{\"turns\":1}");
+        assert_eq!(restored.len(), cache.len(), "{} {kv:?}", c.name);
+        let go = |cache: &mut hymba::Cache| -> Vec<f32> {
+            more.iter().flat_map(|&id| model.forward(cache, &[id], Logits::Last, DecodeWindow::Trained).unwrap()).collect()
+        };
+        assert_eq!(go(&mut restored), go(&mut cache), "{} {kv:?}: resumed vs never saved", c.name);
+
+        // K/V are stored in the cache's own type.
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let want = match kv {
+            KvDtype::F32 => safetensors::Dtype::F32,
+            KvDtype::BF16 => safetensors::Dtype::BF16,
+        };
+        assert_eq!(st.tensor("kv.0.k").unwrap().dtype(), want, "{}", c.name);
+        let other = if kv == KvDtype::F32 { KvDtype::BF16 } else { KvDtype::F32 };
+        let err = hymba::session::load(&build(c, 300 + ci as u64, other), &path).unwrap_err().to_string();
+        assert!(err.contains(&format!("--kv-cache {kv}")), "{}: {err}", c.name);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -11,22 +11,27 @@ use std::path::Path;
 /// What messages and `/v1/models` call it.
 pub const NAME: &str = "hymba-tiny-kjv";
 
-const CONFIG: &str = include_str!("../../../assets/default-model/config.json");
+pub const CONFIG: &str = include_str!("../../../assets/default-model/config.json");
 /// Aligned so the tensors are read in place (safetensors keeps data offsets 8-byte aligned).
 #[repr(C, align(64))]
 struct Aligned<B: ?Sized>(B);
 static WEIGHTS: &Aligned<[u8]> = &Aligned(*include_bytes!("../../../assets/default-model/model.safetensors"));
-const TOKENIZER: &[u8] = include_bytes!("../../../assets/default-model/tokenizer.json");
-const TOKENIZER_CONFIG: &str = include_str!("../../../assets/default-model/tokenizer_config.json");
+pub const TOKENIZER: &[u8] = include_bytes!("../../../assets/default-model/tokenizer.json");
+pub const TOKENIZER_CONFIG: &str = include_str!("../../../assets/default-model/tokenizer_config.json");
 
 pub fn model(quant: Option<Dtype>) -> Result<Model> {
     let what = format!("the built-in model {NAME}");
     let config = Config::from_value(serde_json::from_str(CONFIG).context("config.json")?).with_context(|| what.clone())?;
-    let mut store = TensorStore::from_static(NAME, &WEIGHTS.0).with_context(|| what.clone())?;
+    let mut store = store()?;
     if let Some(q) = quant {
         store.quantize(q);
     }
     Model::from_store(config, store).with_context(|| what)
+}
+
+/// The built-in model's tensors, read in place.
+pub fn store() -> Result<TensorStore> {
+    TensorStore::from_static(NAME, &WEIGHTS.0).with_context(|| format!("the built-in model {NAME}"))
 }
 
 pub fn tokenizer() -> Result<Tokenizer> {

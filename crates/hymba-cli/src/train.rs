@@ -6,7 +6,8 @@ use clap::Args;
 use hymba::tensor::Dtype;
 use hymba::{Config, Tokenizer};
 use hymba_train::data::{self, Corpus};
-use hymba_train::train::{export, History, TrainOptions, CHECKPOINT};
+use hymba::tensor::TensorStore;
+use hymba_train::train::{export, History, Start, TrainOptions, CHECKPOINT};
 use hymba_train::{plot, presets, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -14,8 +15,12 @@ use std::path::{Path, PathBuf};
 #[derive(Args)]
 pub struct TrainArgs {
     /// A preset (tiny, micro) or a config.json file.
-    #[arg(long)]
-    config: String,
+    #[arg(long, required_unless_present = "init", conflicts_with = "init")]
+    config: Option<String>,
+    /// Fine-tune: start from this checkpoint directory's weights, with its config.json and
+    /// tokenizer (`builtin`: the model built into the binary).
+    #[arg(long, conflicts_with = "vocab_size")]
+    init: Option<String>,
     /// Plain-text files; paragraphs (blank-line separated) are documents.
     #[arg(long, num_args = 1.., required = true)]
     data: Vec<PathBuf>,
@@ -38,7 +43,7 @@ pub struct TrainArgs {
     /// Continue from OUT/checkpoint.safetensors with the same options.
     #[arg(long)]
     resume: bool,
-    /// Use this tokenizer.json instead of training a byte-level BPE.
+    /// Use this tokenizer.json instead of training a byte-level BPE (or instead of --init's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Size of the trained BPE vocabulary (special tokens included).
@@ -75,6 +80,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         other => bail!("--dtype {other}: expected bf16 or f32"),
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    // Resuming takes the weights from the run's own checkpoint.
+    let init = if a.resume { None } else { a.init.as_deref().map(Init::open).transpose()? };
     let docs = data::read_documents(&a.data)?;
     let tok_path = a.out.join("tokenizer.json");
     let cfg_path = a.out.join("config.json");
@@ -89,8 +96,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         if ckpt.exists() {
             bail!("{} already exists: pass --resume to continue that training, or choose another --out", ckpt.display());
         }
-        match &a.tokenizer {
-            Some(t) => {
+        match (&a.tokenizer, &init) {
+            (Some(t), _) => {
                 std::fs::copy(t, &tok_path).with_context(|| format!("copying {} to {}", t.display(), tok_path.display()))?;
                 let cfg = t.with_file_name("tokenizer_config.json");
                 if cfg.is_file() {
@@ -99,7 +106,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     write_json(&a.out.join("tokenizer_config.json"), &data::tokenizer_config())?;
                 }
             }
-            None => {
+            (None, Some(init)) => {
+                let Some(tok) = &init.tokenizer else {
+                    bail!("--init {}: no tokenizer.json there; give one with --tokenizer", init.source);
+                };
+                hymba::error::write_atomic(&tok_path, tok)?;
+                let cfg = init.tokenizer_config.clone().unwrap_or_else(|| serde_json::to_string_pretty(&data::tokenizer_config()).expect("json"));
+                hymba::error::write_atomic(&a.out.join("tokenizer_config.json"), cfg.as_bytes())?;
+            }
+            (None, None) => {
                 eprintln!("training a byte-level BPE of {} tokens on {} documents", a.vocab_size, docs.len());
                 data::train_tokenizer(&docs, a.vocab_size, &tok_path)?;
                 write_json(&a.out.join("tokenizer_config.json"), &data::tokenizer_config())?;
@@ -111,17 +126,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Config::from_file(&cfg_path)?
     } else {
         let vocab = tok.vocab_size();
-        let raw = match presets::preset(&a.config, vocab) {
-            Some(v) => v,
-            None if Path::new(&a.config).is_file() => {
-                let p = Path::new(&a.config);
-                serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("{}: not valid JSON", p.display()))?
+        let (raw, what) = match (&init, a.config.as_deref()) {
+            (Some(init), _) => (init.config.clone(), format!("--init {}", init.source)),
+            (None, Some(name)) => {
+                let raw = match presets::preset(name, vocab) {
+                    Some(v) => v,
+                    None if Path::new(name).is_file() => {
+                        let p = Path::new(name);
+                        serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("{}: not valid JSON", p.display()))?
+                    }
+                    None => bail!("--config {name}: neither a preset ({}) nor a file", presets::NAMES.join(", ")),
+                };
+                (raw, format!("--config {name}"))
             }
-            None => bail!("--config {}: neither a preset ({}) nor a file", a.config, presets::NAMES.join(", ")),
+            (None, None) => unreachable!("clap requires --config or --init"),
         };
-        let config = Config::from_value(raw).with_context(|| format!("--config {}", a.config))?;
+        let config = Config::from_value(raw).with_context(|| what.clone())?;
         if config.vocab_size < vocab {
-            bail!("--config {}: vocab_size {} is smaller than the tokenizer's {vocab} tokens", a.config, config.vocab_size);
+            bail!("{what}: vocab_size {} is smaller than the tokenizer's {vocab} tokens", config.vocab_size);
         }
         write_json(&cfg_path, &config.raw)?;
         config
@@ -141,6 +163,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eval_every: a.eval_every,
         eval_batches: a.eval_batches,
         save_every: a.save_every,
+        init: a.init.clone(),
     };
     let n_params = hymba_train::Params::init(&config, 0).len();
     eprintln!(
@@ -173,7 +196,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
             say(&bar, format!("resumed at step {step}"));
         }
     };
-    let outcome = hymba_train::train(&a.out, &config, &corpus, &opts, a.resume, a.stop_after, &mut on)?;
+    let start = match &init {
+        _ if a.resume => Start::Resume,
+        Some(init) => {
+            say(&bar, format!("starting from the weights of {}", init.source));
+            Start::From(&init.store)
+        }
+        None => Start::Scratch,
+    };
+    let outcome = hymba_train::train(&a.out, &config, &corpus, &opts, start, a.stop_after, &mut on)?;
     bar.finish();
     export(&a.out, &config, &outcome.params, dtype)?;
     let h: &History = &outcome.history;
@@ -207,4 +238,43 @@ pub fn run(a: TrainArgs) -> Result<()> {
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     hymba::error::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())?;
     Ok(())
+}
+
+/// The checkpoint a fine-tuning run starts from: its tensors, config.json and tokenizer files.
+struct Init {
+    /// As given to --init, for messages and the recorded options.
+    source: String,
+    store: TensorStore,
+    config: serde_json::Value,
+    /// None when the directory has no tokenizer.json (then --tokenizer must give one).
+    tokenizer: Option<Vec<u8>>,
+    tokenizer_config: Option<String>,
+}
+
+impl Init {
+    fn open(source: &str) -> Result<Init> {
+        use crate::default_model as builtin;
+        if source == "builtin" {
+            return Ok(Init {
+                source: source.into(),
+                store: builtin::store()?,
+                config: serde_json::from_str(builtin::CONFIG)?,
+                tokenizer: Some(builtin::TOKENIZER.to_vec()),
+                tokenizer_config: Some(builtin::TOKENIZER_CONFIG.into()),
+            });
+        }
+        let dir = Path::new(source);
+        let store = TensorStore::open(dir).with_context(|| format!("--init {source}"))?;
+        let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("--init {source}: reading {name}"));
+        let config = serde_json::from_slice(&read("config.json")?).with_context(|| format!("--init {source}: config.json is not valid JSON"))?;
+        let optional = |name: &str| dir.join(name).is_file().then(|| read(name)).transpose();
+        let tokenizer_config = optional("tokenizer_config.json")?;
+        Ok(Init {
+            source: source.into(),
+            store,
+            config,
+            tokenizer: optional("tokenizer.json")?,
+            tokenizer_config: tokenizer_config.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        })
+    }
 }

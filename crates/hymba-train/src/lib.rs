@@ -1,6 +1,7 @@
 //! # hymba-train
 //!
-//! Trains Hymba models from scratch on CPU, with every architecture feature: hybrid attention +
+//! Trains Hymba models on CPU, from scratch or from a checkpoint's weights (fine-tuning), with
+//! every architecture feature: hybrid attention +
 //! SSM heads, meta tokens, sliding-window and global layers, K/V reuse groups. Gradients are
 //! hand-written backward passes of the spec's forward ([`ops`] for the pieces, [`model`] for
 //! their composition), checked against finite differences; [`train::export`] writes the
@@ -17,4 +18,4 @@ pub mod train;
 
 pub use model::{Batch, TrainModel};
 pub use params::Params;
-pub use train::{train, Progress, TrainOptions};
+pub use train::{train, Progress, Start, TrainOptions};

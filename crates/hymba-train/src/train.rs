@@ -6,7 +6,7 @@ use crate::model::{Batch, TrainModel};
 use crate::optim::{clip_grad_norm, AdamW, Schedule};
 use crate::params::Params;
 use hymba::config::Config;
-use hymba::tensor::{write_safetensors, Dtype};
+use hymba::tensor::{write_safetensors, Dtype, TensorStore};
 use hymba::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -31,6 +31,10 @@ pub struct TrainOptions {
     /// Validation windows: at most this many batches of `batch` windows.
     pub eval_batches: usize,
     pub save_every: usize,
+    /// Where the starting weights came from when fine-tuning (recorded so a resumed run is the
+    /// same training); None from scratch.
+    #[serde(default)]
+    pub init: Option<String>,
 }
 
 impl Default for TrainOptions {
@@ -48,6 +52,7 @@ impl Default for TrainOptions {
             eval_every: 100,
             eval_batches: 8,
             save_every: 100,
+            init: None,
         }
     }
 }
@@ -84,6 +89,19 @@ pub enum Progress<'a> {
     Resumed { step: usize, history: &'a History },
 }
 
+/// Where a run's weights start.
+#[derive(Clone, Copy)]
+pub enum Start<'a> {
+    /// Freshly initialised from the seed.
+    Scratch,
+    /// A trained checkpoint's weights (fine-tuning): every tensor of the config's layout, in
+    /// any stored precision, widened to f32.
+    From(&'a TensorStore),
+    /// The run's own `checkpoint.safetensors` in the output directory, made with the same
+    /// options: weights, both Adam moments, step and history.
+    Resume,
+}
+
 pub struct Outcome {
     pub params: Params,
     pub history: History,
@@ -91,15 +109,15 @@ pub struct Outcome {
     pub step: usize,
 }
 
-/// Trains from scratch, or from `dir/checkpoint.safetensors` when `resume`, up to
-/// `options.steps`, saving every `save_every` steps; `stop_after` ends the loop early after
-/// that step (as a kill would, but cleanly), for tests and time-boxed runs.
+/// Trains from `start` up to `options.steps`, saving every `save_every` steps to
+/// `dir/checkpoint.safetensors`; `stop_after` ends the loop early after that step (as a kill
+/// would, but cleanly), for tests and time-boxed runs.
 pub fn train(
     dir: &Path,
     config: &Config,
     corpus: &Corpus,
     options: &TrainOptions,
-    resume: bool,
+    start: Start,
     stop_after: Option<usize>,
     on: &mut dyn FnMut(Progress),
 ) -> Result<Outcome> {
@@ -118,8 +136,11 @@ pub fn train(
     let mut params = Params::init(config, options.seed);
     let mut opt = AdamW::new(params.len(), options.weight_decay);
     let mut history = History::default();
-    let mut start = 0;
-    if resume {
+    let mut first = 0;
+    if let Start::From(store) = start {
+        params.load_from(store, &store.source)?;
+    }
+    if let Start::Resume = start {
         let st = load_checkpoint(&dir.join(CHECKPOINT), &mut params, &mut opt)?;
         if st.options != *options {
             return Err(Error::Input(format!(
@@ -128,9 +149,9 @@ pub fn train(
                 serde_json::to_string(&st.options).unwrap_or_default()
             )));
         }
-        start = st.step;
+        first = st.step;
         history = st.history;
-        on(Progress::Resumed { step: start, history: &history });
+        on(Progress::Resumed { step: first, history: &history });
     }
     let model = TrainModel::new(config.clone(), &params);
     let schedule = options.schedule();
@@ -139,7 +160,7 @@ pub fn train(
     if valid.is_empty() {
         valid = windows(&corpus.train[corpus.train.len() - (t + 1)..], t, 1);
     }
-    let mut step = start;
+    let mut step = first;
     while step < options.steps {
         let began = Instant::now();
         let batch = Batch { ids: sample_batch(&corpus.train, b, t, options.seed, step as u64), b, t };

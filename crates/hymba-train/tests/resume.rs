@@ -6,7 +6,7 @@ use hymba::kernels::testing::Rng;
 use hymba::Config;
 use hymba_train::data::Corpus;
 use hymba_train::presets::preset;
-use hymba_train::{train, Progress, TrainOptions};
+use hymba_train::{train, Progress, Start, TrainOptions};
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("hymba-train-{name}-{}", std::process::id()));
@@ -26,18 +26,18 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
     let quiet = &mut |_: Progress| {};
 
     let whole_dir = temp_dir("whole");
-    let whole = train(&whole_dir, &config, &corpus, &options, false, None, quiet).unwrap();
+    let whole = train(&whole_dir, &config, &corpus, &options, Start::Scratch, None, quiet).unwrap();
     assert_eq!(whole.step, 6);
     let first = whole.history.train[0].1;
     let last = whole.history.train[5].1;
     assert!(last < first, "the loss should fall over six steps: {first} -> {last}");
 
     let split_dir = temp_dir("split");
-    let part = train(&split_dir, &config, &corpus, &options, false, Some(4), quiet).unwrap();
+    let part = train(&split_dir, &config, &corpus, &options, Start::Scratch, Some(4), quiet).unwrap();
     assert_eq!(part.step, 4);
     // Resuming starts from the step-3 checkpoint, as after a kill during step 4.
     let mut resumed_at = None;
-    let rest = train(&split_dir, &config, &corpus, &options, true, None, &mut |p| {
+    let rest = train(&split_dir, &config, &corpus, &options, Start::Resume, None, &mut |p| {
         if let Progress::Resumed { step, .. } = p {
             resumed_at = Some(step);
         }
@@ -51,7 +51,7 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
 
     // Other options are refused on resume, naming the checkpoint.
     let other = TrainOptions { lr: 1e-2, ..options.clone() };
-    let err = train(&split_dir, &config, &corpus, &other, true, None, quiet).err().expect("refused").to_string();
+    let err = train(&split_dir, &config, &corpus, &other, Start::Resume, None, quiet).err().expect("refused").to_string();
     assert!(err.contains("checkpoint.safetensors"), "{err}");
     for d in [whole_dir, split_dir] {
         std::fs::remove_dir_all(d).unwrap();

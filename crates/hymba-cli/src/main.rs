@@ -86,6 +86,15 @@ struct GenerateArgs {
     min_p: f32,
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
+    /// OpenAI's: taken once off the logit of every token already generated (−2..2).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// OpenAI's: taken off a token's logit once per time it was generated (−2..2).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    /// ID=BIAS added to that token's logit (−100..100; repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    logit_bias: Vec<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop when the output contains this text (repeatable).
@@ -250,6 +259,21 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 }
 
 /// `--quant` value: None keeps the stored precision.
+/// `--logit-bias ID=BIAS` values, each id inside the vocabulary.
+pub fn parse_logit_bias(items: &[String], vocab: usize) -> Result<Vec<(u32, f32)>> {
+    items
+        .iter()
+        .map(|s| {
+            let parsed = s.split_once('=').and_then(|(id, b)| Some((id.trim().parse::<u32>().ok()?, b.trim().parse::<f32>().ok()?)));
+            match parsed {
+                Some((id, b)) if (id as usize) < vocab => Ok((id, b)),
+                Some((id, _)) => bail!("--logit-bias {s}: token {id} is outside the vocabulary of {vocab}"),
+                None => bail!("--logit-bias {s}: expected TOKEN_ID=BIAS, e.g. 13=-5"),
+            }
+        })
+        .collect()
+}
+
 pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
     match q {
         None | Some("none") | Some("bf16") => Ok(None),
@@ -348,6 +372,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
             top_p: a.top_p,
             min_p: a.min_p,
             repetition_penalty: a.repeat_penalty,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            logit_bias: parse_logit_bias(&a.logit_bias, model.config.vocab_size)?,
             seed: a.seed,
         },
         stop: a.stop.clone(),

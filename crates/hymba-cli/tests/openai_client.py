@@ -1,5 +1,7 @@
 """The official `openai` client against `hymba serve` (run by tests/server.rs)."""
+import json
 import sys
+import urllib.request
 
 import openai
 
@@ -35,6 +37,22 @@ for chunk in client.chat.completions.create(
     if chunk.choices and chunk.choices[0].delta.content:
         streamed += chunk.choices[0].delta.content
 assert streamed == chat.choices[0].message.content, (streamed, chat.choices[0].message.content)
+
+# OpenAI's penalties and biases pass through the client; the usage chunk ends a stream.
+p = client.completions.create(
+    model=model, prompt="The quick brown fox", max_tokens=5, temperature=0, frequency_penalty=1.0, presence_penalty=0.5
+)
+assert p.usage.completion_tokens == 5 or p.choices[0].finish_reason == "stop", p
+root = sys.argv[1].rsplit("/v1", 1)[0]
+req = urllib.request.Request(root + "/tokenize", data=json.dumps({"prompt": "Hello world"}).encode(), headers={"Content-Type": "application/json", "Authorization": "Bearer k"})
+world = json.load(urllib.request.urlopen(req))["tokens"][-1]
+b = client.completions.create(model=model, prompt="The", max_tokens=2, temperature=0, logit_bias={str(world): 100})
+assert b.choices[0].text == " world world", b
+chunks = list(client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=3, temperature=0, stream=True,
+    stream_options={"include_usage": True},
+))
+assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1, chunks[-1]
 
 try:
     client.completions.create(model="no-such-model", prompt="x", max_tokens=1)

@@ -158,6 +158,88 @@ fn endpoints_and_errors() {
     assert_eq!(st, 400);
 }
 
+/// OpenAI's sampling fields beyond the basics, checked against the raw log-probabilities the
+/// server reports beside them: each greedy choice under a frequency or presence penalty is the
+/// argmax of the reported top logprobs minus the penalty for the tokens generated before it.
+/// Also logit_bias, stream_options.include_usage, response_format, tool_choice, and unknown
+/// arguments refused by name.
+#[test]
+fn openai_sampling_fields_and_unknown_arguments() {
+    use serde_json::json;
+    let srv = start("fields", &[]);
+    let p = srv.port;
+    // A prompt on which the fixture's greedy answer repeats a token, so the penalties matter.
+    let base = json!({"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0, "ignore_eos": true, "logprobs": 5});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        post(p, "/v1/completions", b)
+    };
+    let (_, plain) = with("seed", json!(1));
+    let plain_tokens = plain["choices"][0]["logprobs"]["tokens"].clone();
+    let repeats = |t: &serde_json::Value| {
+        let t = t.as_array().unwrap();
+        t.iter().enumerate().any(|(i, x)| t[..i].contains(x))
+    };
+    assert!(repeats(&plain_tokens), "the unpenalised answer should repeat a token: {plain_tokens}");
+    for (field, per_count, once) in [("frequency_penalty", 2.0, 0.0), ("presence_penalty", 0.0, 1.5)] {
+        let (st, r) = with(field, json!(per_count + once));
+        assert_eq!(st, 200, "{r}");
+        let lp = &r["choices"][0]["logprobs"];
+        let tokens: Vec<&str> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        for (i, chosen) in tokens.iter().enumerate() {
+            let penalised = |tok: &str, raw: f64| {
+                let n = tokens[..i].iter().filter(|t| **t == tok).count() as f64;
+                raw - per_count * n - if n > 0.0 { once } else { 0.0 }
+            };
+            let top = lp["top_logprobs"][i].as_object().unwrap();
+            let best = top.iter().map(|(t, v)| (t.as_str(), penalised(t, v.as_f64().unwrap()))).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+            assert_eq!(best.0, *chosen, "{field}, step {i}: {r}");
+        }
+        assert_ne!(lp["tokens"], plain_tokens, "{field} changed nothing");
+    }
+
+    // logit_bias +100 on one token: greedy takes it every time.
+    let (_, t) = post(p, "/tokenize", json!({"prompt": "Hello world"}));
+    let world = t["tokens"].as_array().unwrap().last().unwrap().as_u64().unwrap();
+    let (st, r) = post(p, "/v1/completions", json!({"prompt": "The", "max_tokens": 3, "temperature": 0, "ignore_eos": true, "logit_bias": {world.to_string(): 100}}));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], " world world world");
+
+    // stream_options.include_usage: a last chunk with no choices and the counts.
+    let body = json!({"prompt": "The", "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true}}).to_string();
+    let (st, sse) = http(p, "POST", "/v1/completions", &body, &[]);
+    assert_eq!(st, 200, "{sse}");
+    let chunks: Vec<serde_json::Value> =
+        sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{sse}");
+    assert_eq!(last["usage"]["completion_tokens"], 2, "{sse}");
+
+    // What the server cannot honour is refused, never dropped.
+    let msgs = json!([{"role": "user", "content": "Hi"}]);
+    let cases = [
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 1, "best_of": 3, "echo2": 1}), "best_of, echo2"),
+        ("/v1/completions", json!({"prompt": "x", "logit_bias": {"abc": 1}}), "logit_bias"),
+        ("/v1/completions", json!({"prompt": "x", "presence_penalty": 3}), "presence_penalty"),
+        ("/v1/completions", json!({"prompt": "x", "stream_options": {"include_usage": true}}), "stream"),
+        ("/v1/chat/completions", json!({"messages": msgs, "response_format": {"type": "json_object"}}), "response_format"),
+        ("/v1/chat/completions", json!({"messages": msgs, "tool_choice": "required"}), "tool_choice"),
+    ];
+    for (path, body, needle) in cases {
+        let (st, r) = post(p, path, body.clone());
+        assert_eq!(st, 400, "{body}: {r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains(needle), "{body}: {r}");
+    }
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 1, "user": "someone", "response_format": {"type": "text"}})),
+        ("/v1/chat/completions", json!({"messages": msgs, "max_tokens": 1, "tool_choice": "none"})),
+    ] {
+        let (st, r) = post(p, path, body.clone());
+        assert_eq!(st, 200, "{body}: {r}");
+    }
+}
+
 #[test]
 fn api_key_is_required_when_set() {
     let srv = start("key", &["--api-key", "sekret"]);

@@ -17,11 +17,17 @@ use hymba::sample::TokenLogprob;
 use hymba::{DecodeWindow, Engine, FinishReason, GenerateOptions, Message, SamplingParams, Tokenizer};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+
+/// Server-sent events from `Value`s, several per engine event where the protocol needs it.
+fn sse_events(values: Vec<Value>) -> impl tokio_stream::Stream<Item = Result<SseEvent, Infallible>> {
+    tokio_stream::iter(values.into_iter().map(|v| Ok(SseEvent::default().data(v.to_string()))))
+}
 
 /// What the handlers share.
 pub struct AppState {
@@ -142,6 +148,17 @@ impl Stop {
     }
 }
 
+/// `stream_options`.
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Request fields that only describe the caller (OpenAI's metadata), accepted and ignored;
+/// any other field this server does not know is refused, never silently dropped.
+const IGNORED_FIELDS: [&str; 4] = ["user", "metadata", "store", "service_tier"];
+
 /// Sampling fields both endpoints accept (OpenAI's, plus vLLM's top_k, min_p,
 /// repetition_penalty and ignore_eos).
 #[derive(Deserialize)]
@@ -154,19 +171,40 @@ struct Sampling {
     top_k: Option<i64>,
     min_p: Option<f32>,
     repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    /// Token id (as a string, as OpenAI's JSON has it) → bias.
+    logit_bias: Option<HashMap<String, f32>>,
     seed: Option<u64>,
     #[serde(default)]
     stop: Stop,
     #[serde(default)]
     stream: bool,
+    stream_options: Option<StreamOptions>,
+    /// Only plain text: `{"type": "text"}`.
+    response_format: Option<Value>,
     n: Option<usize>,
     #[serde(default)]
     ignore_eos: bool,
+    /// Every field neither this nor the endpoint's request names.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 impl Sampling {
     /// Generation options for a prompt of `prompt_len` tokens, or the 400 that explains why not.
     fn options(&self, st: &AppState, prompt_len: usize, default_max: usize) -> Result<GenerateOptions, ApiError> {
+        let unknown: Vec<&str> = self.rest.keys().map(String::as_str).filter(|k| !IGNORED_FIELDS.contains(k)).collect();
+        if !unknown.is_empty() {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("Unrecognized request argument(s) supplied: {}.", unknown.join(", ")),
+                None,
+            ));
+        }
+        if let Some(f) = self.response_format.as_ref().filter(|f| !f.is_null() && f["type"] != "text") {
+            return Err(error(StatusCode::BAD_REQUEST, format!("`response_format` {f} is not supported: only {{\"type\": \"text\"}}."), Some("response_format")));
+        }
         if self.n.unwrap_or(1) != 1 {
             return Err(error(StatusCode::BAD_REQUEST, "Only n = 1 is supported.", Some("n")));
         }
@@ -191,12 +229,18 @@ impl Sampling {
             top_p: self.top_p.unwrap_or(1.0),
             min_p: self.min_p.unwrap_or(0.0),
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            logit_bias: self.logit_bias(st)?,
             seed: self.seed.unwrap_or_else(now),
         };
         sampling.validate().map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), None))?;
         let stop = self.stop.list();
         if stop.iter().any(String::is_empty) {
             return Err(error(StatusCode::BAD_REQUEST, "A stop string is empty.", Some("stop")));
+        }
+        if self.stream_options.is_some() && !self.stream {
+            return Err(error(StatusCode::BAD_REQUEST, "`stream_options` is only allowed when `stream` is true.", Some("stream_options")));
         }
         Ok(GenerateOptions {
             max_new_tokens: max,
@@ -208,6 +252,31 @@ impl Sampling {
             keep_logits: false,
         })
     }
+}
+
+impl Sampling {
+    /// `logit_bias` as (token, bias), each key a token id of the vocabulary.
+    fn logit_bias(&self, st: &AppState) -> Result<Vec<(u32, f32)>, ApiError> {
+        let vocab = st.tokenizer.vocab_size();
+        let Some(map) = &self.logit_bias else { return Ok(Vec::new()) };
+        map.iter()
+            .map(|(k, &b)| match k.parse::<u32>() {
+                Ok(id) if (id as usize) < vocab => Ok((id, b)),
+                _ => Err(error(StatusCode::BAD_REQUEST, format!("`logit_bias` key {k:?} is not a token id (vocabulary of {vocab})."), Some("logit_bias"))),
+            })
+            .collect()
+    }
+
+    /// Whether a stream ends with a chunk of the token counts (`stream_options.include_usage`).
+    fn stream_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+}
+
+/// The chunk OpenAI ends a stream with when asked for usage: no choices, the counts.
+fn usage_chunk(id: &str, object: &str, created: u64, model: &str, prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"id": id, "object": object, "created": created, "model": model, "choices": [],
+           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}})
 }
 
 /// Submits one request; its events arrive on the returned receiver. Dropping the receiver
@@ -356,22 +425,29 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
         let options = req.sampling.options(&st, prompts[0].len(), 16)?;
         let rx = submit(&st, prompts[0].clone(), options, req.logprobs, false)?;
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
-        let stream = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+        let usage = req.sampling.stream_usage();
+        let values = UnboundedReceiverStream::new(rx).map(move |ev| {
             let chunk = |text: &str, lp: Value, finish: Value| {
                 json!({"id": id, "object": "text_completion", "created": created, "model": model,
                        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
             };
-            let v = match ev {
+            match ev {
                 Event::Token { id: tid, text, logprob } => {
                     let lp = if logprob.is_some() { logprobs_json(&tok, &[(tid, logprob)], 0) } else { Value::Null };
-                    chunk(&text, lp, Value::Null)
+                    vec![chunk(&text, lp, Value::Null)]
                 }
-                Event::Done { finish, .. } => chunk("", Value::Null, finish_name(Some(finish))),
-                Event::Error(e) => json!({"error": {"message": e, "type": "invalid_request_error"}}),
-                Event::Prompt(_) => return None,
-            };
-            Some(Ok::<_, Infallible>(SseEvent::default().data(v.to_string())))
+                Event::Done { finish, prompt_tokens, completion_tokens } => {
+                    let mut v = vec![chunk("", Value::Null, finish_name(Some(finish)))];
+                    if usage {
+                        v.push(usage_chunk(&id, "text_completion", created, &model, prompt_tokens, completion_tokens));
+                    }
+                    v
+                }
+                Event::Error(e) => vec![json!({"error": {"message": e, "type": "invalid_request_error"}})],
+                Event::Prompt(_) => Vec::new(),
+            }
         });
+        let stream = futures_util::StreamExt::flat_map(values, sse_events);
         let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
         return Ok(Sse::new(stream.chain(done)).keep_alive(KeepAlive::default()).into_response());
     }
@@ -450,6 +526,8 @@ struct ChatRequest {
     sampling: Sampling,
     messages: Vec<ChatMessage>,
     tools: Option<Vec<Value>>,
+    /// "auto" (the default: the template shows the tools) or "none" (it does not).
+    tool_choice: Option<Value>,
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<usize>,
@@ -486,7 +564,16 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
     let req: ChatRequest = parse(&body)?;
     check_model(&st, &req.sampling.model)?;
     let msgs = messages(&req.messages)?;
-    let prompt = chat_prompt(&st, &msgs, req.tools.as_deref(), true)?;
+    let tools = match req.tool_choice.as_ref().and_then(Value::as_str) {
+        _ if req.tool_choice.as_ref().is_none_or(Value::is_null) => req.tools.as_deref(),
+        Some("auto") => req.tools.as_deref(),
+        Some("none") => None,
+        _ => {
+            let msg = "Only `tool_choice` \"auto\" and \"none\" are supported: tool calls are not parsed out of the answer.";
+            return Err(error(StatusCode::BAD_REQUEST, msg, Some("tool_choice")));
+        }
+    };
+    let prompt = chat_prompt(&st, &msgs, tools, true)?;
     let options = req.sampling.options(&st, prompt.len(), st.max_context)?;
     let n_prompt = prompt.len();
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
@@ -497,7 +584,8 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
         let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
         let head = tokio_stream::once(Ok::<_, Infallible>(SseEvent::default().data(first.to_string())));
-        let stream = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+        let usage = req.sampling.stream_usage();
+        let values = UnboundedReceiverStream::new(rx).map(move |ev| {
             let chunk = |delta: Value, finish: Value, usage: Value| {
                 let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
@@ -506,25 +594,31 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
                 }
                 c
             };
-            let v = match ev {
-                Event::Token { text, logprob: None, .. } if text.is_empty() => return None,
+            match ev {
+                Event::Token { text, logprob: None, .. } if text.is_empty() => Vec::new(),
                 Event::Token { id: tid, text, logprob } => {
                     let mut c = chunk(json!({"content": text}), Value::Null, Value::Null);
                     if logprob.is_some() {
                         c["choices"][0]["logprobs"] = chat_logprobs(&tok, &[(tid, logprob)]);
                     }
-                    c
+                    vec![c]
                 }
-                Event::Done { finish, prompt_tokens, completion_tokens } => chunk(
-                    json!({}),
-                    finish_name(Some(finish)),
-                    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}),
-                ),
-                Event::Error(e) => json!({"error": {"message": e, "type": "invalid_request_error"}}),
-                Event::Prompt(_) => return None,
-            };
-            Some(Ok(SseEvent::default().data(v.to_string())))
+                Event::Done { finish, prompt_tokens, completion_tokens } => {
+                    let mut v = vec![chunk(
+                        json!({}),
+                        finish_name(Some(finish)),
+                        json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}),
+                    )];
+                    if usage {
+                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, prompt_tokens, completion_tokens));
+                    }
+                    v
+                }
+                Event::Error(e) => vec![json!({"error": {"message": e, "type": "invalid_request_error"}})],
+                Event::Prompt(_) => Vec::new(),
+            }
         });
+        let stream = futures_util::StreamExt::flat_map(values, sse_events);
         let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
         return Ok(Sse::new(head.chain(stream).chain(done)).keep_alive(KeepAlive::default()).into_response());
     }

@@ -88,7 +88,7 @@ impl Decoder {
     /// Samples the next token from `logits` and applies every stopping rule. Text needs a
     /// tokenizer; without one only ids come out.
     pub fn accept(&mut self, logits: &[f32], tok: Option<&Tokenizer>) -> Result<Accepted> {
-        let id = self.sampler.sample(logits, &self.history);
+        let id = self.sampler.sample(logits, &self.history, &self.generated);
         self.history.push(id);
         self.generated.push(id);
         if !self.ignore_eos && Some(id) == self.eos_id {

@@ -1,6 +1,6 @@
-//! Choosing the next token from logits: a repetition penalty, then temperature, top-k, top-p
-//! and min-p filters, then a draw from a seeded RNG (or the argmax when temperature is 0).
-//! The model never sees any of this.
+//! Choosing the next token from logits: logit biases, then repetition, frequency and presence
+//! penalties, then temperature, top-k, top-p and min-p filters, then a draw from a seeded RNG
+//! (or the argmax when temperature is 0). The model never sees any of this.
 
 use crate::error::{Error, Result};
 use hymba_kernels::testing::Rng;
@@ -20,12 +20,29 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1 means off; >1 discourages tokens already in the sequence (CTRL-style, as HF does).
     pub repetition_penalty: f32,
+    /// OpenAI's: subtracted once from the logit of every token already generated (the prompt
+    /// does not count); in [−2, 2], 0 off.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated; in [−2, 2].
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens (OpenAI's `logit_bias`, each in [−100, 100]).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: 0,
+        }
     }
 }
 
@@ -45,6 +62,14 @@ impl SamplingParams {
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad("repetition_penalty", self.repetition_penalty, "a number > 0");
         }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(name, v, "a number in [-2, 2]");
+            }
+        }
+        if let Some(&(id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return bad(&format!("logit_bias of token {id}"), b, "a number in [-100, 100]");
+        }
         Ok(())
     }
 }
@@ -63,10 +88,17 @@ impl Sampler {
         Ok(Sampler { params, rng, cand: Vec::new() })
     }
 
-    /// Picks the next token; `history` is every token of the sequence so far (for the penalty).
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Picks the next token; `history` is every token of the sequence so far (for the
+    /// repetition penalty), `generated` the tokens generated so far (for the frequency and
+    /// presence penalties).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32], generated: &[u32]) -> u32 {
         let p = &self.params;
         let mut logits = std::borrow::Cow::Borrowed(logits);
+        for &(t, b) in &p.logit_bias {
+            if let Some(v) = logits.to_mut().get_mut(t as usize) {
+                *v += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let l = logits.to_mut();
             let mut seen = std::collections::HashSet::new();
@@ -74,6 +106,18 @@ impl Sampler {
                 if (t as usize) < l.len() && seen.insert(t) {
                     let v = &mut l[t as usize];
                     *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let l = logits.to_mut();
+            let mut counts = std::collections::HashMap::new();
+            for &t in generated {
+                *counts.entry(t).or_insert(0u32) += 1;
+            }
+            for (t, n) in counts {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
             }
         }
@@ -144,18 +188,50 @@ mod tests {
     fn greedy_is_argmax_and_penalty_can_change_it() {
         let logits = [1.0, 3.0, 2.9, -1.0];
         let mut s = sampler(|p| p.temperature = 0.0);
-        assert_eq!(s.sample(&logits, &[]), 1);
+        assert_eq!(s.sample(&logits, &[], &[]), 1);
         let mut s = sampler(|p| {
             p.temperature = 0.0;
             p.repetition_penalty = 1.5
         });
-        assert_eq!(s.sample(&logits, &[1]), 2);
+        assert_eq!(s.sample(&logits, &[1], &[]), 2);
+    }
+
+    /// OpenAI's penalties count generated tokens only, presence once and frequency per
+    /// occurrence; biases add to the logits. Each checked through the greedy choice it flips.
+    #[test]
+    fn penalties_and_biases_shift_the_logits_as_openai_defines() {
+        let logits = [1.0, 3.0, 2.5, -1.0];
+        let greedy = |f: &dyn Fn(&mut SamplingParams)| {
+            sampler(|p| {
+                p.temperature = 0.0;
+                f(p)
+            })
+        };
+        // Token 1 generated twice: frequency 0.3 takes 0.6 off (3.0 -> 2.4 < 2.5).
+        assert_eq!(greedy(&|p| p.frequency_penalty = 0.3).sample(&logits, &[1, 1], &[1, 1]), 2);
+        assert_eq!(greedy(&|p| p.frequency_penalty = 0.2).sample(&logits, &[1, 1], &[1, 1]), 1);
+        // Presence counts once however often: 0.6 flips it, 0.4 does not.
+        assert_eq!(greedy(&|p| p.presence_penalty = 0.6).sample(&logits, &[1, 1], &[1, 1]), 2);
+        assert_eq!(greedy(&|p| p.presence_penalty = 0.4).sample(&logits, &[1, 1], &[1, 1]), 1);
+        // The prompt does not count.
+        assert_eq!(greedy(&|p| p.presence_penalty = 2.0).sample(&logits, &[1, 1], &[]), 1);
+        // Negative penalties encourage repeats.
+        assert_eq!(greedy(&|p| p.frequency_penalty = -1.0).sample(&logits, &[2], &[2]), 2);
+        assert_eq!(greedy(&|p| p.logit_bias = vec![(3, 4.5)]).sample(&logits, &[], &[]), 3);
+        assert_eq!(greedy(&|p| p.logit_bias = vec![(1, -100.0)]).sample(&logits, &[], &[]), 2);
+        for bad in [
+            SamplingParams { presence_penalty: 2.5, ..Default::default() },
+            SamplingParams { frequency_penalty: -3.0, ..Default::default() },
+            SamplingParams { logit_bias: vec![(0, 101.0)], ..Default::default() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]
     fn filters_bound_the_support() {
         let logits = [0.0, 5.0, 4.0, 3.0, -2.0];
-        let draws = |s: &mut Sampler| (0..400).map(|_| s.sample(&logits, &[])).collect::<std::collections::HashSet<_>>();
+        let draws = |s: &mut Sampler| (0..400).map(|_| s.sample(&logits, &[], &[])).collect::<std::collections::HashSet<_>>();
         assert_eq!(draws(&mut sampler(|p| p.top_k = 2)), [1, 2].into());
         // p(1) ≈ 0.66, p(2) ≈ 0.24: top_p 0.8 keeps both, nothing else.
         assert_eq!(draws(&mut sampler(|p| p.top_p = 0.8)), [1, 2].into());
@@ -167,8 +243,8 @@ mod tests {
     #[test]
     fn same_seed_same_draws() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let a: Vec<u32> = { let mut s = sampler(|_| {}); (0..20).map(|_| s.sample(&logits, &[])).collect() };
-        let b: Vec<u32> = { let mut s = sampler(|_| {}); (0..20).map(|_| s.sample(&logits, &[])).collect() };
+        let a: Vec<u32> = { let mut s = sampler(|_| {}); (0..20).map(|_| s.sample(&logits, &[], &[])).collect() };
+        let b: Vec<u32> = { let mut s = sampler(|_| {}); (0..20).map(|_| s.sample(&logits, &[], &[])).collect() };
         assert_eq!(a, b);
     }
 }

@@ -13,6 +13,7 @@ mod bench;
 mod chat;
 mod default_model;
 mod inspect;
+mod perplexity;
 mod train;
 
 #[derive(Parser)]
@@ -28,6 +29,8 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Write the logits of every input position to a safetensors file.
     Logits(LogitsArgs),
+    /// Perplexity of a text: the model's mean negative log-likelihood per token, over windows.
+    Perplexity(perplexity::PerplexityArgs),
     /// Multi-turn chat in the terminal with the checkpoint's chat template.
     Chat(chat::ChatArgs),
     /// OpenAI-compatible HTTP server with continuous batching.
@@ -234,6 +237,7 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Train(a) => train::run(a),
+        Cmd::Perplexity(a) => perplexity::run(a),
         Cmd::Serve(a) => serve(a),
         Cmd::Chat(a) => chat::run(a),
         Cmd::Bench(a) => bench::run(a),

@@ -343,3 +343,26 @@ fn chat_session_save_and_load_resume_the_conversation() {
     assert_eq!(lines[0], lines[1]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `hymba perplexity` on the built-in model: overlapping windows score every token but the
+/// first, a real verse is likelier than its words reversed, and bad windows are refused. (That
+/// the scores equal the training loss is tested in hymba-train's gradients tests.)
+#[test]
+fn perplexity_scores_text_with_the_built_in_model() {
+    let verse = "And God said, Let there be light: and there was light. And God saw the light, that it was good.";
+    let reversed: String = verse.split(' ').rev().collect::<Vec<_>>().join(" ");
+    let score = |text: &str| -> serde_json::Value {
+        let (code, out, err) = hymba(&["perplexity", "--text", text, "--ctx", "16", "--stride", "8", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let (real, back) = (score(verse), score(&reversed));
+    assert_eq!(real["tokens_scored"].as_u64().unwrap() + 1, real["text_tokens"].as_u64().unwrap(), "{real}");
+    assert!(real["windows"].as_u64().unwrap() > 1, "{real}");
+    let nll = |v: &serde_json::Value| v["mean_nll"].as_f64().unwrap();
+    assert!((real["perplexity"].as_f64().unwrap().ln() - nll(&real)).abs() < 1e-9);
+    assert!(nll(&real) + 1.0 < nll(&back), "real {real} vs reversed {back}");
+    assert_fails(&["perplexity", "--text", verse, "--stride", "0"], &["stride"]);
+    assert_fails(&["perplexity", "--text", verse, "--ctx", "1"], &["ctx"]);
+    assert_fails(&["perplexity", "--file", "/nonexistent/text.txt"], &["/nonexistent/text.txt"]);
+}

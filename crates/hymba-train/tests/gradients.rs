@@ -102,6 +102,27 @@ fn training_forward_equals_engine_forward() {
     }
 }
 
+/// `hymba::score` (the engine's perplexity) over non-overlapping windows equals the training
+/// loss over the same windows, computed by the independent training forward; overlapping
+/// windows score every token but the first exactly once.
+#[test]
+fn scoring_equals_the_training_loss() {
+    for (ci, c) in cases().iter().enumerate() {
+        let cfg = config(c);
+        let params = random_params(&cfg, 30 + ci as u64);
+        let tm = TrainModel::new(cfg.clone(), &params);
+        let (k, t) = (3, 9);
+        let bt = batch(&cfg, k, t, 5);
+        let (loss, _) = tm.forward(&params, &bt);
+        let engine = Model::from_store(cfg.clone(), params.to_store(Dtype::F32)).unwrap();
+        let s = hymba::score::score(&engine, &bt.ids, t + 1, t + 1, &mut |_, _| {}).unwrap();
+        assert_eq!((s.windows, s.tokens), (k, k * t), "case {ci}");
+        assert!((s.mean_nll() - loss as f64).abs() < 1e-4 * (loss as f64).max(1.0), "case {ci}: scored {} vs training loss {loss}", s.mean_nll());
+        let overlapping = hymba::score::score(&engine, &bt.ids, 7, 3, &mut |_, _| {}).unwrap();
+        assert_eq!(overlapping.tokens, bt.ids.len() - 1, "case {ci}");
+    }
+}
+
 #[test]
 fn gradients_match_finite_differences() {
     for (ci, c) in cases().iter().enumerate() {

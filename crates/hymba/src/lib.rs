@@ -23,6 +23,7 @@ pub mod generate;
 pub mod mask;
 pub mod model;
 pub mod sample;
+pub mod score;
 pub mod session;
 pub mod synthetic;
 pub mod tensor;

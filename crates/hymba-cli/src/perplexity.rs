@@ -1,0 +1,89 @@
+//! `hymba perplexity`: how well a model predicts a text, as llama.cpp's `llama-perplexity` and
+//! lm-eval's word-perplexity tasks measure it; the windows are [`hymba::score`]'s.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hymba::KvDtype;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// Checkpoint directory [default: the built-in tiny model].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// tokenizer.json [default: MODEL/tokenizer.json].
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Text file to score.
+    #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+    file: Option<PathBuf>,
+    /// Text to score.
+    #[arg(long)]
+    text: Option<String>,
+    /// Tokens per window; each window is a fresh sequence (meta tokens first).
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Tokens between window starts: windows overlap by ctx − stride tokens of context, and
+    /// each scores only its last `stride` tokens [default: ctx / 2].
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Quantize the large matrices at load: q8_0 or q4_0.
+    #[arg(long)]
+    quant: Option<String>,
+    /// Element type of the K/V cache: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: PerplexityArgs) -> Result<()> {
+    let text = match (&a.file, &a.text) {
+        (Some(f), _) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let tok = crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
+    let ids = tok.encode_prompt(&text)?;
+    if ids.len() < 2 {
+        bail!("the text is {} token(s) long: perplexity needs at least 2", ids.len());
+    }
+    let stride = a.stride.unwrap_or((a.ctx / 2).max(1));
+    let t = Instant::now();
+    let s = hymba::score::score(&model, &ids, a.ctx, stride, &mut |done, total| {
+        if !a.json {
+            eprint!("\rwindow {done}/{total}");
+        }
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    if a.json {
+        let out = serde_json::json!({
+            "perplexity": s.perplexity(),
+            "mean_nll": s.mean_nll(),
+            "nll_stderr": s.nll_stderr,
+            "tokens_scored": s.tokens,
+            "text_tokens": ids.len(),
+            "windows": s.windows,
+            "ctx": a.ctx,
+            "stride": stride,
+            "seconds": secs,
+        });
+        println!("{out}");
+    } else {
+        eprintln!();
+        println!(
+            "perplexity {:.4} (mean NLL {:.4} ± {:.4} nats/token) over {} tokens in {} windows of {} (stride {stride}); {:.1} s",
+            s.perplexity(),
+            s.mean_nll(),
+            s.nll_stderr,
+            s.tokens,
+            s.windows,
+            a.ctx,
+            secs
+        );
+    }
+    Ok(())
+}

@@ -240,6 +240,50 @@ fn openai_sampling_fields_and_unknown_arguments() {
     }
 }
 
+/// `n` answers per prompt: the j-th is the answer a request with seed + j gets alone, streamed
+/// or not; the prompt counts once in the usage.
+#[test]
+fn n_answers_are_the_seeded_single_answers() {
+    use serde_json::json;
+    let srv = start("n", &["--max-batch", "4"]);
+    let p = srv.port;
+    let req = |n: usize, seed: u64| json!({"prompt": "The quick brown fox", "max_tokens": 6, "temperature": 1.0, "seed": seed, "n": n, "ignore_eos": true});
+    let (st, r) = post(p, "/v1/completions", req(3, 5));
+    assert_eq!(st, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (j, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], j);
+        let (_, alone) = post(p, "/v1/completions", req(1, 5 + j as u64));
+        assert_eq!(c["text"], alone["choices"][0]["text"], "answer {j}");
+    }
+    assert_ne!(choices[0]["text"], choices[1]["text"], "different seeds should sample differently: {r}");
+    let (_, one) = post(p, "/v1/completions", req(1, 5));
+    assert_eq!(r["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    assert_eq!(r["usage"]["completion_tokens"], 18);
+
+    // Chat, streamed: the deltas of each index add up to that answer unstreamed.
+    let chat = |stream: bool| json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 1.0, "seed": 9, "n": 2, "stream": stream});
+    let (st, whole) = post(p, "/v1/chat/completions", chat(false));
+    assert_eq!(st, 200, "{whole}");
+    let (st, sse) = http(p, "POST", "/v1/chat/completions", &chat(true).to_string(), &[]);
+    assert_eq!(st, 200, "{sse}");
+    let mut texts = [String::new(), String::new()];
+    for d in sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let c: serde_json::Value = serde_json::from_str(d).unwrap();
+        let i = c["choices"][0]["index"].as_u64().unwrap() as usize;
+        texts[i] += c["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+    }
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(whole["choices"][i]["message"]["content"], *t, "answer {i}");
+    }
+    for n in [0, 5] {
+        let (st, r) = post(p, "/v1/completions", req(n, 1));
+        assert_eq!(st, 400, "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains("`n`"), "{r}");
+    }
+}
+
 #[test]
 fn api_key_is_required_when_set() {
     let srv = start("key", &["--api-key", "sekret"]);

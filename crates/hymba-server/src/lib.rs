@@ -205,8 +205,9 @@ impl Sampling {
         if let Some(f) = self.response_format.as_ref().filter(|f| !f.is_null() && f["type"] != "text") {
             return Err(error(StatusCode::BAD_REQUEST, format!("`response_format` {f} is not supported: only {{\"type\": \"text\"}}."), Some("response_format")));
         }
-        if self.n.unwrap_or(1) != 1 {
-            return Err(error(StatusCode::BAD_REQUEST, "Only n = 1 is supported.", Some("n")));
+        let n = self.choices();
+        if n == 0 || n > st.engine.max_batch {
+            return Err(error(StatusCode::BAD_REQUEST, format!("`n` must be in 1..={} (--max-batch), found {n}.", st.engine.max_batch), Some("n")));
         }
         let room = st.max_context.saturating_sub(prompt_len);
         let max = self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max.min(room));
@@ -267,6 +268,11 @@ impl Sampling {
             .collect()
     }
 
+    /// Answers per prompt (`n`).
+    fn choices(&self) -> usize {
+        self.n.unwrap_or(1)
+    }
+
     /// Whether a stream ends with a chunk of the token counts (`stream_options.include_usage`).
     fn stream_usage(&self) -> bool {
         self.stream_options.as_ref().is_some_and(|o| o.include_usage)
@@ -299,6 +305,30 @@ fn submit(
         )),
         Err(SubmitError::Stopped) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "The engine has stopped.", None)),
     }
+}
+
+/// Submits `n` answers to one prompt, the j-th sampled with seed `seed + j`; their receivers in
+/// order. If one is refused, those already submitted are cancelled as their receivers drop.
+fn submit_n(
+    st: &AppState,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    n: usize,
+    logprobs: Option<usize>,
+    echo: bool,
+) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
+    (0..n)
+        .map(|j| {
+            let mut o = options.clone();
+            o.sampling.seed = o.sampling.seed.wrapping_add(j as u64);
+            submit(st, prompt.to_vec(), o, logprobs, echo)
+        })
+        .collect()
+}
+
+/// The events of several answers as one stream, each tagged with its choice index.
+fn merged(rxs: Vec<mpsc::UnboundedReceiver<Event>>) -> impl tokio_stream::Stream<Item = (usize, Event)> {
+    futures_util::stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))))
 }
 
 /// Everything one request produced, for a non-streaming answer.
@@ -418,18 +448,21 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
     let prompts = prompts(&st, &req.prompt)?;
     let id = request_id("cmpl");
     let created = now();
+    let n = req.sampling.choices();
     if req.sampling.stream {
         if prompts.len() != 1 {
             return Err(error(StatusCode::BAD_REQUEST, "Streaming takes a single prompt.", Some("prompt")));
         }
         let options = req.sampling.options(&st, prompts[0].len(), 16)?;
-        let rx = submit(&st, prompts[0].clone(), options, req.logprobs, false)?;
+        let rxs = submit_n(&st, &prompts[0], &options, n, req.logprobs, false)?;
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
         let usage = req.sampling.stream_usage();
-        let values = UnboundedReceiverStream::new(rx).map(move |ev| {
+        // Answers finished, and the completion tokens of all of them, for the usage chunk.
+        let (mut done, mut completion_sum) = (0, 0);
+        let values = merged(rxs).map(move |(index, ev)| {
             let chunk = |text: &str, lp: Value, finish: Value| {
                 json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
+                       "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
             };
             match ev {
                 Event::Token { id: tid, text, logprob } => {
@@ -438,8 +471,9 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
                 }
                 Event::Done { finish, prompt_tokens, completion_tokens } => {
                     let mut v = vec![chunk("", Value::Null, finish_name(Some(finish)))];
-                    if usage {
-                        v.push(usage_chunk(&id, "text_completion", created, &model, prompt_tokens, completion_tokens));
+                    (done, completion_sum) = (done + 1, completion_sum + completion_tokens);
+                    if usage && done == n {
+                        v.push(usage_chunk(&id, "text_completion", created, &model, prompt_tokens, completion_sum));
                     }
                     v
                 }
@@ -455,12 +489,15 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
     let mut rxs = Vec::new();
     for p in &prompts {
         let options = req.sampling.options(&st, p.len(), 16)?;
-        rxs.push((p.clone(), submit(&st, p.clone(), options, req.logprobs, req.echo)?));
+        rxs.extend(submit_n(&st, p, &options, n, req.logprobs, req.echo)?.into_iter().map(|rx| (p.clone(), rx)));
     }
     let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
     for (i, (prompt, rx)) in rxs.into_iter().enumerate() {
         let o = collect(rx).await?;
-        prompt_tokens += o.prompt_tokens;
+        // A prompt counts once however many answers it has (as OpenAI counts).
+        if i % n == 0 {
+            prompt_tokens += o.prompt_tokens;
+        }
         completion_tokens += o.completion_tokens;
         let prompt_text = if req.echo { st.tokenizer.decode(&prompt).unwrap_or_default() } else { String::new() };
         let logprobs = match req.logprobs {
@@ -577,18 +614,25 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
     let options = req.sampling.options(&st, prompt.len(), st.max_context)?;
     let n_prompt = prompt.len();
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
-    let rx = submit(&st, prompt, options, logprobs, false)?;
+    let n = req.sampling.choices();
+    let rxs = submit_n(&st, &prompt, &options, n, logprobs, false)?;
     let (id, created) = (request_id("chatcmpl"), now());
     if req.sampling.stream {
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
-        let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
-        let head = tokio_stream::once(Ok::<_, Infallible>(SseEvent::default().data(first.to_string())));
+        let firsts: Vec<Value> = (0..n)
+            .map(|index| {
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]})
+            })
+            .collect();
+        let head = sse_events(firsts);
         let usage = req.sampling.stream_usage();
-        let values = UnboundedReceiverStream::new(rx).map(move |ev| {
+        // Answers finished, and the completion tokens of all of them, for the usage chunk.
+        let (mut done, mut completion_sum) = (0, 0);
+        let values = merged(rxs).map(move |(index, ev)| {
             let chunk = |delta: Value, finish: Value, usage: Value| {
                 let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                                   "choices": [{"index": index, "delta": delta, "finish_reason": finish}]});
                 if !usage.is_null() {
                     c["usage"] = usage;
                 }
@@ -609,8 +653,9 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
                         finish_name(Some(finish)),
                         json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}),
                     )];
-                    if usage {
-                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, prompt_tokens, completion_tokens));
+                    (done, completion_sum) = (done + 1, completion_sum + completion_tokens);
+                    if usage && done == n {
+                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, prompt_tokens, completion_sum));
                     }
                     v
                 }
@@ -622,13 +667,17 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
         let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
         return Ok(Sse::new(head.chain(stream).chain(done)).keep_alive(KeepAlive::default()).into_response());
     }
-    let o = collect(rx).await?;
+    let (mut choices, mut completion_tokens) = (Vec::new(), 0);
+    for (index, rx) in rxs.into_iter().enumerate() {
+        let o = collect(rx).await?;
+        completion_tokens += o.completion_tokens;
+        choices.push(json!({"index": index, "message": {"role": "assistant", "content": o.text},
+                            "logprobs": if logprobs.is_some() { chat_logprobs(&st.tokenizer, &o.tokens) } else { Value::Null },
+                            "finish_reason": finish_name(o.finish)}));
+    }
     Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": created, "model": st.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text},
-                     "logprobs": if logprobs.is_some() { chat_logprobs(&st.tokenizer, &o.tokens) } else { Value::Null },
-                     "finish_reason": finish_name(o.finish)}],
-        "usage": {"prompt_tokens": n_prompt, "completion_tokens": o.completion_tokens, "total_tokens": n_prompt + o.completion_tokens},
+        "id": id, "object": "chat.completion", "created": created, "model": st.model_name, "choices": choices,
+        "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens, "total_tokens": n_prompt + completion_tokens},
     }))
     .into_response())
 }

@@ -284,6 +284,49 @@ fn n_answers_are_the_seeded_single_answers() {
     }
 }
 
+/// A sample of `/metrics` (Prometheus text), by name and labels.
+fn metric(port: u16, name: &str) -> f64 {
+    let (st, body) = http(port, "GET", "/metrics", "", &[]);
+    assert_eq!(st, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+        .parse()
+        .unwrap()
+}
+
+/// `/metrics` counts what was served: tokens in and out as the responses' usage reports them,
+/// requests by how they ended, the batch now.
+#[test]
+fn metrics_count_what_was_served() {
+    use serde_json::json;
+    let srv = start("metrics", &["--api-key", "k"]);
+    let p = srv.port;
+    let auth = [("Authorization", "Bearer k")];
+    let (mut prompt, mut generated) = (0.0, 0.0);
+    for (text, max) in [("The quick brown fox", 3), ("Hello", 4)] {
+        let body = json!({"prompt": text, "max_tokens": max, "temperature": 0, "ignore_eos": true}).to_string();
+        let (st, r) = http(p, "POST", "/v1/completions", &body, &auth);
+        assert_eq!(st, 200, "{r}");
+        let r: serde_json::Value = serde_json::from_str(&r).unwrap();
+        prompt += r["usage"]["prompt_tokens"].as_f64().unwrap();
+        generated += r["usage"]["completion_tokens"].as_f64().unwrap();
+    }
+    // Open without the key, like /health.
+    assert_eq!(metric(p, "hymba_prompt_tokens_total"), prompt);
+    assert_eq!(metric(p, "hymba_generation_tokens_total"), generated);
+    assert_eq!(metric(p, "hymba_requests_finished_total{reason=\"length\"}"), 2.0);
+    assert_eq!(metric(p, "hymba_requests_finished_total{reason=\"cancelled\"}"), 0.0);
+    // A gauge: the batch empties just after the last answer went out.
+    let t = Instant::now();
+    while metric(p, "hymba_requests_running") != 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the batch did not empty");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(metric(p, "hymba_engine_steps_total") >= generated);
+    assert!(metric(p, "hymba_engine_step_seconds_total") > 0.0);
+}
+
 #[test]
 fn api_key_is_required_when_set() {
     let srv = start("key", &["--api-key", "sekret"]);
@@ -334,6 +377,7 @@ fn disconnect_mid_stream_frees_the_sequence() {
         assert!(t.elapsed() < Duration::from_secs(60), "the sequence was not freed: {h}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(metric(srv.port, "hymba_requests_finished_total{reason=\"cancelled\"}"), 1.0);
 }
 
 /// The real `openai` Python client against the server (streaming and not, chat and

@@ -44,6 +44,7 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -118,6 +119,40 @@ fn check_model(st: &AppState, model: &Option<String>) -> Result<(), ApiError> {
 /// Liveness, and how many requests are running or queued.
 async fn health(State(st): State<Arc<AppState>>) -> Response {
     Json(json!({"status": "ok", "requests_in_flight": st.engine.in_flight()})).into_response()
+}
+
+/// The engine's counters in Prometheus' text format (as vLLM's `/metrics`, under `hymba_`).
+/// Like `/health`, open without the API key: it holds counts, no request content.
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    use hymba::engine::Stats;
+    let s = st.engine.stats();
+    let running = s.running.load(std::sync::atomic::Ordering::Relaxed);
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        out += &format!("# HELP hymba_{name} {help}\n# TYPE hymba_{name} {kind}\n");
+        for (labels, v) in samples {
+            out += &format!("hymba_{name}{labels} {v}\n");
+        }
+    };
+    put("requests_running", "gauge", "Sequences in the running batch.", &[("", running as f64)]);
+    put("requests_waiting", "gauge", "Requests queued for a batch slot.", &[("", st.engine.in_flight().saturating_sub(running) as f64)]);
+    put("prompt_tokens_total", "counter", "Prompt tokens admitted.", &[("", Stats::get(&s.prompt_tokens) as f64)]);
+    put("generation_tokens_total", "counter", "Tokens generated.", &[("", Stats::get(&s.generated_tokens) as f64)]);
+    put(
+        "requests_finished_total",
+        "counter",
+        "Requests ended, by how: a stop (end of sequence or stop string), the token limit, an error, or the client leaving.",
+        &[
+            ("{reason=\"stop\"}", Stats::get(&s.finished_stop) as f64),
+            ("{reason=\"length\"}", Stats::get(&s.finished_length) as f64),
+            ("{reason=\"error\"}", Stats::get(&s.errors) as f64),
+            ("{reason=\"cancelled\"}", Stats::get(&s.cancelled) as f64),
+        ],
+    );
+    put("engine_steps_total", "counter", "Batched forward passes.", &[("", Stats::get(&s.steps) as f64)]);
+    put("engine_step_seconds_total", "counter", "Time spent in batched forward passes.", &[("", Stats::get(&s.step_nanos) as f64 / 1e9)]);
+    put("engine_step_sequences_total", "counter", "Sequences over all passes (the mean batch is this over the steps).", &[("", Stats::get(&s.step_sequences) as f64)]);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {

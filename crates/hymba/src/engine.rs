@@ -13,7 +13,7 @@ use crate::model::{Logits, Model, Step};
 use crate::sample::{token_logprob, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 /// Prompt tokens one sequence feeds per step, so long prompts do not stall the others.
@@ -51,11 +51,42 @@ pub enum SubmitError {
     Stopped,
 }
 
+/// What the engine has done since it started, for monitoring; counters only grow.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sequences in the batch now.
+    pub running: AtomicUsize,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    /// Requests ended by a stop (end-of-sequence or stop string), by the token limit, by an
+    /// error, and by their client leaving.
+    pub finished_stop: AtomicU64,
+    pub finished_length: AtomicU64,
+    pub errors: AtomicU64,
+    pub cancelled: AtomicU64,
+    /// Batched forward passes, the time spent in them, and their sequences summed (the mean
+    /// batch is `step_sequences / steps`).
+    pub steps: AtomicU64,
+    pub step_nanos: AtomicU64,
+    pub step_sequences: AtomicU64,
+}
+
+impl Stats {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
 /// Handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Request>,
     in_flight: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
     capacity: usize,
     pub max_batch: usize,
 }
@@ -69,12 +100,13 @@ impl Engine {
         let max_batch = max_batch.max(1);
         let (tx, rx) = mpsc::channel();
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let count = in_flight.clone();
+        let stats = Arc::new(Stats::default());
+        let (count, st) = (in_flight.clone(), stats.clone());
         std::thread::Builder::new()
             .name("hymba-engine".into())
-            .spawn(move || run(&model, tokenizer.as_deref(), rx, &count, max_batch))
+            .spawn(move || run(&model, tokenizer.as_deref(), rx, &count, &st, max_batch))
             .expect("spawning the engine thread");
-        Engine { tx, in_flight, capacity: 2 * max_batch, max_batch }
+        Engine { tx, in_flight, stats, capacity: 2 * max_batch, max_batch }
     }
 
     /// Queues a request, or refuses it when the engine is full.
@@ -94,6 +126,10 @@ impl Engine {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
 }
 
 /// One request being served.
@@ -107,11 +143,14 @@ struct Seq {
     next: Option<u32>,
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     done: bool,
+    /// Counted here before the events that report them go out, so a client that reads the
+    /// counters after its answer sees its own request in them.
+    stats: Arc<Stats>,
 }
 
 impl Seq {
     /// Checks the request; a refused one comes back with the reason.
-    fn new(model: &Model, req: Request) -> std::result::Result<Seq, Box<(Request, Error)>> {
+    fn new(model: &Model, req: Request, stats: &Arc<Stats>) -> std::result::Result<Seq, Box<(Request, Error)>> {
         let problem = if req.prompt.is_empty() {
             Some(Error::Input("the prompt is empty".into()))
         } else {
@@ -124,7 +163,8 @@ impl Seq {
         }
         match Decoder::new(&req.prompt, &req.options) {
             Ok(decoder) => {
-                Ok(Seq { cache: model.new_cache(), fed: 0, decoder, next: None, prompt_logprobs: vec![None], done: false, req })
+                Stats::add(&stats.prompt_tokens, req.prompt.len() as u64);
+                Ok(Seq { cache: model.new_cache(), fed: 0, decoder, next: None, prompt_logprobs: vec![None], done: false, stats: stats.clone(), req })
             }
             Err(e) => Err(Box::new((req, e))),
         }
@@ -144,7 +184,9 @@ impl Seq {
     }
 
     fn send(&mut self, ev: Event) {
-        if !(self.req.sink)(ev) {
+        if !(self.req.sink)(ev) && !self.done {
+            // Nobody listens: the client left.
+            Stats::add(&self.stats.cancelled, 1);
             self.done = true;
         }
     }
@@ -169,6 +211,9 @@ impl Seq {
             if self.req.echo {
                 let lp = std::mem::take(&mut self.prompt_logprobs);
                 self.send(Event::Prompt(lp));
+                if self.done {
+                    return Ok(());
+                }
             }
             if self.req.options.max_new_tokens == 0 {
                 self.finish(FinishReason::Length);
@@ -176,6 +221,7 @@ impl Seq {
             }
         }
         let acc = self.decoder.accept(last, tok)?;
+        Stats::add(&self.stats.generated_tokens, 1);
         let logprob = self.req.logprobs.map(|n| token_logprob(last, acc.id, n));
         self.send(Event::Token { id: acc.id, text: acc.text, logprob });
         match acc.finish {
@@ -186,13 +232,26 @@ impl Seq {
     }
 
     fn finish(&mut self, finish: FinishReason) {
+        if self.done {
+            return;
+        }
         let (p, c) = (self.req.prompt.len(), self.decoder.generated.len());
-        self.send(Event::Done { finish, prompt_tokens: p, completion_tokens: c });
+        Stats::add(if finish == FinishReason::Stop { &self.stats.finished_stop } else { &self.stats.finished_length }, 1);
         self.done = true;
+        self.send(Event::Done { finish, prompt_tokens: p, completion_tokens: c });
+    }
+
+    fn fail(&mut self, e: &Error) {
+        if self.done {
+            return;
+        }
+        Stats::add(&self.stats.errors, 1);
+        self.done = true;
+        self.send(Event::Error(e.to_string()));
     }
 }
 
-fn run(model: &Model, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_flight: &AtomicUsize, max_batch: usize) {
+fn run(model: &Model, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_flight: &AtomicUsize, stats: &Arc<Stats>, max_batch: usize) {
     let mut active: Vec<Seq> = Vec::new();
     let mut waiting: VecDeque<Request> = VecDeque::new();
     let v = model.config.vocab_size;
@@ -208,18 +267,21 @@ fn run(model: &Model, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_f
         }
         while active.len() < max_batch {
             let Some(r) = waiting.pop_front() else { break };
-            match Seq::new(model, r) {
+            match Seq::new(model, r, stats) {
                 Ok(s) => active.push(s),
                 Err(refused) => {
                     let (mut r, e) = *refused;
                     (r.sink)(Event::Error(e.to_string()));
                     in_flight.fetch_sub(1, Ordering::SeqCst);
+                    Stats::add(&stats.errors, 1);
                 }
             }
         }
+        stats.running.store(active.len(), Ordering::Relaxed);
         if active.is_empty() {
             continue;
         }
+        let began = std::time::Instant::now();
         let ids: Vec<Vec<u32>> = active.iter().map(Seq::step_ids).collect();
         let result = {
             let mut steps: Vec<Step> = active
@@ -232,24 +294,26 @@ fn run(model: &Model, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_f
                 .collect();
             model.forward_batch(&mut steps)
         };
+        Stats::add(&stats.steps, 1);
+        Stats::add(&stats.step_nanos, began.elapsed().as_nanos() as u64);
+        Stats::add(&stats.step_sequences, active.len() as u64);
         match result {
             Ok(all) => {
                 for ((s, l), ids) in active.iter_mut().zip(all).zip(&ids) {
                     if let Err(e) = s.advance(&l, ids.len(), v, tok) {
-                        s.send(Event::Error(e.to_string()));
-                        s.done = true;
+                        s.fail(&e);
                     }
                 }
             }
             Err(e) => {
                 for s in active.iter_mut() {
-                    s.send(Event::Error(e.to_string()));
-                    s.done = true;
+                    s.fail(&e);
                 }
             }
         }
         let before = active.len();
         active.retain(|s| !s.done);
         in_flight.fetch_sub(before - active.len(), Ordering::SeqCst);
+        stats.running.store(active.len(), Ordering::Relaxed);
     }
 }

@@ -239,8 +239,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             d["context"], d["tok_s"].as_f64().unwrap_or(0.0), 100.0 * d["bandwidth_fraction"].as_f64().unwrap_or(0.0)
         );
     }
+    // Throughput relative to one sequence, when it was measured in this run.
+    let single = batched.iter().find(|d| d["batch"] == 1).and_then(|d| d["tok_s"].as_f64());
     for d in &batched {
-        println!("batch {:>3} decode    {:>8.2} tok/s in all", d["batch"], d["tok_s"].as_f64().unwrap_or(0.0));
+        let tok_s = d["tok_s"].as_f64().unwrap_or(0.0);
+        let ratio = match single {
+            Some(s) if d["batch"] != 1 => format!(" ({:.2}x batch 1)", tok_s / s),
+            _ => String::new(),
+        };
+        println!("batch {:>3} decode    {tok_s:>8.2} tok/s in all{ratio}", d["batch"]);
     }
     println!("peak RSS            {:>8.1} MB", peak_rss_bytes() as f64 / 1e6);
     Ok(())

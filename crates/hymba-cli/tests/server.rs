@@ -327,6 +327,28 @@ fn metrics_count_what_was_served() {
     assert!(metric(p, "hymba_engine_step_seconds_total") > 0.0);
 }
 
+/// `chat_template_kwargs` reach the template: Hymba's Instruct template shows `contexts`
+/// (retrieved passages) in the system turn.
+#[test]
+fn chat_template_kwargs_reach_the_template() {
+    use serde_json::json;
+    let srv = start("kwargs", &[]);
+    let p = srv.port;
+    let msgs = json!([{"role": "system", "content": "Answer from the context."}, {"role": "user", "content": "What colour is the sky?"}]);
+    let kwargs = json!({"contexts": ["The sky is green."]});
+    let (st, t) = post(p, "/tokenize", json!({"messages": msgs, "chat_template_kwargs": kwargs}));
+    assert_eq!(st, 200, "{t}");
+    let (_, text) = post(p, "/detokenize", json!({"tokens": t["tokens"]}));
+    let text = text["prompt"].as_str().unwrap();
+    assert!(text.contains("Answer from the context.\n\n<context> The sky is green. </context>\n\n<extra_id_1>User"), "{text}");
+    let (st, r) = post(p, "/v1/chat/completions", json!({"messages": msgs, "chat_template_kwargs": kwargs, "max_tokens": 2}));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["usage"]["prompt_tokens"], t["count"]);
+    let (st, r) = post(p, "/v1/chat/completions", json!({"messages": msgs, "chat_template_kwargs": {"messages": []}}));
+    assert_eq!(st, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("`messages`"), "{r}");
+}
+
 #[test]
 fn api_key_is_required_when_set() {
     let srv = start("key", &["--api-key", "sekret"]);

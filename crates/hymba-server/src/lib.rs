@@ -582,13 +582,22 @@ fn messages(v: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
 
 /// The chat prompt as the checkpoint's template renders it, tokenized without an added BOS
 /// (what `apply_chat_template` gives).
-fn chat_prompt(st: &AppState, msgs: &[Message], tools: Option<&[Value]>, add_generation_prompt: bool) -> Result<Vec<u32>, ApiError> {
+/// The chat template's rendering of `msgs`, tokenized; `extra` holds more template variables.
+fn chat_prompt(
+    st: &AppState,
+    msgs: &[Message],
+    tools: Option<&[Value]>,
+    add_generation_prompt: bool,
+    extra: Option<&serde_json::Map<String, Value>>,
+) -> Result<Vec<u32>, ApiError> {
     let tmpl = st
         .tokenizer
         .chat_template
         .as_ref()
         .ok_or_else(|| error(StatusCode::BAD_REQUEST, "This model has no chat template.", Some("messages")))?;
-    let text = tmpl.render(msgs, tools, add_generation_prompt).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("messages")))?;
+    let text = tmpl
+        .render_with(msgs, tools, add_generation_prompt, extra.unwrap_or(&serde_json::Map::new()))
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("messages")))?;
     st.tokenizer.encode(&text, false).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("messages")))
 }
 
@@ -600,6 +609,8 @@ struct ChatRequest {
     tools: Option<Vec<Value>>,
     /// "auto" (the default: the template shows the tools) or "none" (it does not).
     tool_choice: Option<Value>,
+    /// More variables for the chat template (vLLM's field), e.g. Hymba's `contexts`.
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<usize>,
@@ -645,7 +656,7 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
             return Err(error(StatusCode::BAD_REQUEST, msg, Some("tool_choice")));
         }
     };
-    let prompt = chat_prompt(&st, &msgs, tools, true)?;
+    let prompt = chat_prompt(&st, &msgs, tools, true, req.chat_template_kwargs.as_ref())?;
     let options = req.sampling.options(&st, prompt.len(), st.max_context)?;
     let n_prompt = prompt.len();
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
@@ -725,6 +736,7 @@ struct TokenizeRequest {
     messages: Option<Vec<ChatMessage>>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -737,7 +749,7 @@ async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Byt
                 let add = req.add_special_tokens.unwrap_or(true) && st.tokenizer.add_bos;
                 st.tokenizer.encode(p, add).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("prompt")))?
             }
-            (None, Some(m)) => chat_prompt(&st, &messages(m)?, None, req.add_generation_prompt.unwrap_or(true))?,
+            (None, Some(m)) => chat_prompt(&st, &messages(m)?, None, req.add_generation_prompt.unwrap_or(true), req.chat_template_kwargs.as_ref())?,
             _ => return Err(error(StatusCode::BAD_REQUEST, "Give exactly one of `prompt` and `messages`.", None)),
         };
         Ok(Json(json!({"count": tokens.len(), "max_model_len": st.max_context, "tokens": tokens})).into_response())

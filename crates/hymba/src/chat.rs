@@ -57,6 +57,22 @@ impl ChatTemplate {
 
     /// Renders `messages` (and `tools`, JSON objects, when given).
     pub fn render(&self, messages: &[Message], tools: Option<&[serde_json::Value]>, add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, tools, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`Self::render`] with more variables for the template (vLLM's `chat_template_kwargs`),
+    /// e.g. Hymba's `contexts`: a list of passages the Instruct template shows the model.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
+        const OWN: [&str; 5] = ["messages", "tools", "add_generation_prompt", "bos_token", "eos_token"];
+        if let Some(k) = extra.keys().find(|k| OWN.contains(&k.as_str())) {
+            return Err(Error::Template(format!("`{k}` is set by the request itself, not as an extra template variable")));
+        }
         let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
@@ -64,6 +80,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+            ..Value::from_serialize(extra)
         })
         .map_err(|e| Error::Template(format!("{e:#}")))
     }

@@ -489,18 +489,35 @@ fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                         let r0 = r_first + p * NR;
                         let nr = NR.min(n - r0);
                         let mut c = [[0f32; NR]; MR];
+                        // SAFETY (both copies): output columns r0..r0 + nr of these rows belong to
+                        // this task only. A whole panel's row (all but a matrix's last panel)
+                        // moves as one fixed-size array, two vector moves, where a copy of a
+                        // run-time length calls memmove, a call per 64 bytes.
+                        let at = |i: usize| unsafe { out.0.add((t0 + i) * n + r0) };
                         if k0 > 0 {
                             for (i, ci) in c.iter_mut().enumerate().take(mr) {
-                                // SAFETY: output columns r0..r0 + nr belong to this task only.
-                                unsafe { std::ptr::copy_nonoverlapping(out.0.add((t0 + i) * n + r0), ci.as_mut_ptr(), nr) };
+                                match nr {
+                                    NR => *ci = unsafe { std::ptr::read_unaligned(at(i) as *const [f32; NR]) },
+                                    _ => unsafe { std::ptr::copy_nonoverlapping(at(i), ci.as_mut_ptr(), nr) },
+                                }
+                            }
+                        }
+                        // The next tile's rows of the output, read after this kernel: from L2 or
+                        // further, they would stall it.
+                        if k0 > 0 {
+                            let (t1, r1) = if p + 1 < np { (t0, r0 + NR) } else { (t0 + MR, r_first) };
+                            for i in 0..MR.min(t.saturating_sub(t1)) {
+                                x86::prefetch(out.0.wrapping_add((t1 + i) * n + r1));
                             }
                         }
                         // SAFETY: Avx2 was detected; each pointer has kc readable floats; the
                         // panel has kc·NR.
                         unsafe { x86::kernel_6x16(kc, xs, packed[p * KC * NR..].as_ptr(), &mut c) };
                         for (i, ci) in c.iter().enumerate().take(mr) {
-                            // SAFETY: as above.
-                            unsafe { std::ptr::copy_nonoverlapping(ci.as_ptr(), out.0.add((t0 + i) * n + r0), nr) };
+                            match nr {
+                                NR => unsafe { std::ptr::write_unaligned(at(i) as *mut [f32; NR], *ci) },
+                                _ => unsafe { std::ptr::copy_nonoverlapping(ci.as_ptr(), at(i), nr) },
+                            }
                         }
                     }
                 }

@@ -107,6 +107,13 @@ pub const MR: usize = 6;
 /// Weight rows (outputs) in one packed panel: two 8-wide vectors.
 pub const NR: usize = 16;
 
+/// Requests the cache line at `p`. Only a hint: any address is fine.
+#[inline]
+pub fn prefetch(p: *const f32) {
+    // SAFETY: SSE is part of x86-64; a prefetch never faults.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+}
+
 /// `c[i][j] += Σ_k x[i][k] · panel[k][j]` for i < MR, j < NR, the panel packed k-major
 /// (`[kc][NR]`). Twelve accumulators stay in registers; each k costs two panel loads and six
 /// broadcasts for twelve FMAs.

@@ -232,7 +232,7 @@ fn openai_sampling_fields_and_unknown_arguments() {
         assert!(r["error"]["message"].as_str().unwrap().contains(needle), "{body}: {r}");
     }
     for (path, body) in [
-        ("/v1/completions", json!({"prompt": "x", "max_tokens": 1, "user": "someone", "response_format": {"type": "text"}})),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 1, "user": "someone", "response_format": {"type": "text"}, "suffix": null})),
         ("/v1/chat/completions", json!({"messages": msgs, "max_tokens": 1, "tool_choice": "none"})),
     ] {
         let (st, r) = post(p, path, body.clone());

@@ -191,7 +191,7 @@ struct StreamOptions {
 }
 
 /// Request fields that only describe the caller (OpenAI's metadata), accepted and ignored;
-/// any other field this server does not know is refused, never silently dropped.
+/// any other field this server does not know is refused unless null, never silently dropped.
 const IGNORED_FIELDS: [&str; 4] = ["user", "metadata", "store", "service_tier"];
 
 /// Sampling fields both endpoints accept (OpenAI's, plus vLLM's top_k, min_p,
@@ -229,7 +229,9 @@ struct Sampling {
 impl Sampling {
     /// Generation options for a prompt of `prompt_len` tokens, or the 400 that explains why not.
     fn options(&self, st: &AppState, prompt_len: usize, default_max: usize) -> Result<GenerateOptions, ApiError> {
-        let unknown: Vec<&str> = self.rest.keys().map(String::as_str).filter(|k| !IGNORED_FIELDS.contains(k)).collect();
+        // A null asks for nothing (clients write unset fields so), so only set ones are refused.
+        let unknown: Vec<&str> =
+            self.rest.iter().filter(|(k, v)| !v.is_null() && !IGNORED_FIELDS.contains(&k.as_str())).map(|(k, _)| k.as_str()).collect();
         if !unknown.is_empty() {
             return Err(error(
                 StatusCode::BAD_REQUEST,

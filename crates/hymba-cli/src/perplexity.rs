@@ -47,6 +47,10 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     };
     let tok = crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
     let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
+    let max = model.config.max_position_embeddings;
+    if a.ctx > max {
+        bail!("--ctx {}: longer than the model's max_position_embeddings ({max}), the positions it was made for", a.ctx);
+    }
     let ids = tok.encode_prompt(&text)?;
     if ids.len() < 2 {
         bail!("the text is {} token(s) long: perplexity needs at least 2", ids.len());

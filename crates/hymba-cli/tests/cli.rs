@@ -364,5 +364,6 @@ fn perplexity_scores_text_with_the_built_in_model() {
     assert!(nll(&real) + 1.0 < nll(&back), "real {real} vs reversed {back}");
     assert_fails(&["perplexity", "--text", verse, "--stride", "0"], &["stride"]);
     assert_fails(&["perplexity", "--text", verse, "--ctx", "1"], &["ctx"]);
+    assert_fails(&["perplexity", "--text", verse, "--ctx", "100000"], &["--ctx", "max_position_embeddings"]);
     assert_fails(&["perplexity", "--file", "/nonexistent/text.txt"], &["/nonexistent/text.txt"]);
 }

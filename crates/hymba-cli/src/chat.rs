@@ -18,6 +18,9 @@ pub struct ChatArgs {
     /// tokenizer.json [default: MODEL/tokenizer.json].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// A Jinja chat template file instead of the checkpoint's (e.g. for a base model).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     #[arg(long)]
     system: Option<String>,
     #[arg(long, default_value_t = 512)]
@@ -83,10 +86,11 @@ fn interrupt_flag() -> Arc<AtomicBool> {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let tok = crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    let mut tok = crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    crate::default_model::override_chat_template(&mut tok, a.chat_template.as_deref())?;
     let tmpl = tok.chat_template.as_ref().ok_or_else(|| {
         let path = a.tokenizer.clone().or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json"))).unwrap_or_default();
-        anyhow!("{}: tokenizer_config.json beside it has no chat_template", path.display())
+        anyhow!("{}: tokenizer_config.json beside it has no chat_template (give one with --chat-template)", path.display())
     })?;
     let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
     let opts = GenerateOptions {

@@ -47,6 +47,15 @@ pub fn load_model(dir: Option<&Path>, quant: Option<&str>) -> Result<Model> {
     }
 }
 
+/// Replaces `tok`'s chat template with the Jinja file `path` when given (`--chat-template`).
+pub fn override_chat_template(tok: &mut Tokenizer, path: Option<&Path>) -> Result<()> {
+    if let Some(p) = path {
+        let src = std::fs::read_to_string(p).with_context(|| format!("--chat-template: reading {}", p.display()))?;
+        tok.set_chat_template(&src, &p.display().to_string())?;
+    }
+    Ok(())
+}
+
 /// The tokenizer of a command: `explicit` when given, else the checkpoint's
 /// `tokenizer.json` (None when it has none and `required` is false), else the built-in one.
 pub fn load_tokenizer(dir: Option<&Path>, explicit: Option<&Path>, required: bool) -> Result<Option<Tokenizer>> {

@@ -72,6 +72,9 @@ struct GenerateArgs {
     /// Render the prompt as a user message with the checkpoint's chat template.
     #[arg(long)]
     chat: bool,
+    /// A Jinja chat template file for --chat instead of the checkpoint's.
+    #[arg(long, requires = "chat")]
+    chat_template: Option<PathBuf>,
     /// System message for --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
@@ -152,6 +155,9 @@ struct ServeArgs {
     /// tokenizer.json [default: MODEL/tokenizer.json].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// A Jinja chat template file instead of the checkpoint's (e.g. for a base model).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// 0 picks a free port (printed on start).
@@ -286,7 +292,8 @@ pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
-    let tokenizer = default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    let mut tokenizer = default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    default_model::override_chat_template(&mut tokenizer, a.chat_template.as_deref())?;
     let tokenizer = std::sync::Arc::new(tokenizer);
     let model = std::sync::Arc::new(default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache));
     let max_context = a.max_context.unwrap_or(model.config.max_position_embeddings);
@@ -347,14 +354,19 @@ fn window(official: bool) -> DecodeWindow {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let required = a.prompt.prompt.is_some() || a.chat || !a.stop.is_empty();
-    let tok = default_model::load_tokenizer(a.model.as_deref(), a.prompt.tokenizer.as_deref(), required)?;
+    let mut tok = default_model::load_tokenizer(a.model.as_deref(), a.prompt.tokenizer.as_deref(), required)?;
+    if let Some(t) = tok.as_mut() {
+        default_model::override_chat_template(t, a.chat_template.as_deref())?;
+    }
     let model = default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
     let prompt = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => {
             let tok = tok.as_ref().expect("required with --prompt");
             if a.chat {
-                let tmpl = tok.chat_template.as_ref().ok_or_else(|| anyhow!("--chat: tokenizer_config.json beside the tokenizer has no chat_template"))?;
+                let tmpl = tok.chat_template.as_ref().ok_or_else(|| {
+                    anyhow!("--chat: tokenizer_config.json beside the tokenizer has no chat_template (give one with --chat-template)")
+                })?;
                 let mut msgs = Vec::new();
                 if let Some(s) = &a.system {
                     msgs.push(Message::new("system", s));

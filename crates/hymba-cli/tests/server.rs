@@ -349,6 +349,29 @@ fn chat_template_kwargs_reach_the_template() {
     assert!(r["error"]["message"].as_str().unwrap().contains("`messages`"), "{r}");
 }
 
+/// `--chat-template FILE` replaces the checkpoint's template (for base models that ship none);
+/// a broken one stops the server at start, naming the file.
+#[test]
+fn chat_template_file_replaces_the_checkpoints() {
+    use serde_json::json;
+    let dir = std::env::temp_dir().join(format!("hymba-serve-{}-templates", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (good, bad) = (dir.join("good.jinja"), dir.join("bad.jinja"));
+    std::fs::write(&good, "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}").unwrap();
+    std::fs::write(&bad, "{% for m in messages %").unwrap();
+    let srv = start("tmpl", &["--chat-template", good.to_str().unwrap()]);
+    let (_, t) = post(srv.port, "/tokenize", json!({"messages": [{"role": "user", "content": "Hi there"}]}));
+    let (_, d) = post(srv.port, "/detokenize", json!({"tokens": t["tokens"]}));
+    assert_eq!(d["prompt"], "[user] Hi there\n[assistant]");
+    let out = Command::new(env!("CARGO_BIN_EXE_hymba"))
+        .args(["serve", "--model", srv.dir.to_str().unwrap(), "--port", "0", "--chat-template", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.jinja"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn api_key_is_required_when_set() {
     let srv = start("key", &["--api-key", "sekret"]);

@@ -62,6 +62,19 @@ impl Tokenizer {
         })
     }
 
+    /// Replaces the checkpoint's chat template with the Jinja text `src` (from the file `name`,
+    /// named in errors), e.g. for a base model that ships none.
+    pub fn set_chat_template(&mut self, src: &str, name: &str) -> Result<()> {
+        let token = |id: Option<u32>, default: &str| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_else(|| default.into());
+        let (bos, eos) = (token(self.bos_id, "<s>"), token(self.eos_id, "</s>"));
+        let tmpl = ChatTemplate::new(src, &bos, &eos).map_err(|e| match e {
+            Error::Template(m) => Error::Template(format!("{name}: {m}")),
+            other => other,
+        })?;
+        self.chat_template = Some(tmpl);
+        Ok(())
+    }
+
     /// Encodes `text`; BOS first when `add_bos` and the vocabulary has one.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;

@@ -73,6 +73,22 @@ pub fn quantize_q8_0_ref(x: &[f32], out: &mut [BlockQ8_0]) {
 /// Quantizes `x` to Q4_0, like GGML's `quantize_row_q4_0_ref`: the value of largest magnitude
 /// maps to −8.
 pub fn quantize_q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
+    quantize_q4_0_with(isa(), x, out)
+}
+
+pub fn quantize_q4_0_with(isa: Isa, x: &[f32], out: &mut [BlockQ4_0]) {
+    assert_eq!(x.len(), out.len() * QK);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection; lengths checked.
+        Isa::Avx2 => unsafe { crate::x86::quantize_q4_0(x, out) },
+        _ => quantize_q4_0_ref(x, out),
+    }
+}
+
+/// Reference: GGML's `quantize_row_q4_0_ref` (the first value of largest magnitude sets the
+/// scale, max / −8; q = min(15, trunc(x / d + 8.5)), two per byte).
+pub fn quantize_q4_0_ref(x: &[f32], out: &mut [BlockQ4_0]) {
     assert_eq!(x.len(), out.len() * QK);
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
         let (mut amax, mut max) = (0f32, 0f32);
@@ -191,6 +207,45 @@ mod tests {
             let mut got = vec![BlockQ8_0::default(); n];
             quantize_q8_0_with(isa, &x, &mut got);
             assert_eq!(got, want, "{isa:?}");
+        }
+    }
+
+    /// The vector Q4_0 quantizer gives the reference's bytes: ties of magnitude (the first one
+    /// sets the sign of the scale), values that land on the clamp, zero, subnormal and huge
+    /// blocks, and blocks the vector path hands back to the reference (NaN, infinities).
+    #[test]
+    fn fast_q4_0_quantization_equals_the_reference() {
+        let mut rng = Rng::new(5);
+        let mut x = rng.normal_vec(QK * 41, 2.0);
+        let block = |f: &dyn Fn(usize) -> f32| (0..QK).map(f).collect::<Vec<f32>>();
+        // Magnitude ties, the negative first and the positive first.
+        x.extend(block(&|i| match i {
+            0 => -3.0,
+            9 => 3.0,
+            _ => 0.1 * i as f32 / QK as f32,
+        }));
+        x.extend(block(&|i| match i {
+            2 => 3.0,
+            20 => -3.0,
+            _ => 0.0,
+        }));
+        // Every value of one magnitude: q is 0 or 16 → 15.
+        x.extend(block(&|i| if i % 3 == 0 { 1.25 } else { -1.25 }));
+        x.extend(block(&|_| 0.0));
+        x.extend(block(&|i| 1e-41 * i as f32));
+        x.extend(block(&|i| 3e38 * ((i as f32) / QK as f32 - 0.5)));
+        x.extend(block(&|i| if i == 7 { f32::NAN } else { i as f32 }));
+        x.extend(block(&|i| if i == 3 { f32::INFINITY } else { i as f32 }));
+        x.extend(block(&|i| if i == 30 { f32::NEG_INFINITY } else { -(i as f32) }));
+        let n = x.len() / QK;
+        let mut want = vec![BlockQ4_0::default(); n];
+        quantize_q4_0_ref(&x, &mut want);
+        for isa in crate::isa::available() {
+            let mut got = vec![BlockQ4_0::default(); n];
+            quantize_q4_0_with(isa, &x, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!((g.d, g.qs), (w.d, w.qs), "{isa:?} block {i}");
+            }
         }
     }
 

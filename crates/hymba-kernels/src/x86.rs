@@ -578,6 +578,53 @@ pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [crate::quant::BlockQ8_0]) {
     }
 }
 
+/// [`crate::quant::quantize_q4_0_ref`] eight lanes at a time, byte for byte: the same scale (from
+/// the first value of the largest magnitude), `x · id` then `+ 8.5` rounded separately as the
+/// reference does (no FMA), truncated and clamped. A block holding a NaN, or whose scale's
+/// inverse overflows, takes the reference.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q4_0(x: &[f32], out: &mut [crate::quant::BlockQ4_0]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let (off, zero, fifteen) = (_mm256_set1_ps(8.5), _mm256_setzero_si256(), _mm256_set1_epi32(15));
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
+        let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xs.as_ptr().add(8 * j)));
+        let nan = v.iter().fold(0, |m, &v| m | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v)));
+        if nan != 0 {
+            crate::quant::quantize_q4_0_ref(xs, std::slice::from_mut(b));
+            continue;
+        }
+        let abs: [__m256; 4] = v.map(|v| _mm256_andnot_ps(sign, v));
+        let m = abs.iter().fold(_mm256_setzero_ps(), |m, &a| _mm256_max_ps(m, a));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+        // The reference keeps the first value of that magnitude (a strict `<`).
+        let at = (0..4)
+            .find_map(|j| {
+                let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(abs[j], _mm256_set1_ps(amax)));
+                (hit != 0).then(|| 8 * j + hit.trailing_zeros() as usize)
+            })
+            .unwrap_or(0);
+        let d = xs[at] / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        if !id.is_finite() {
+            crate::quant::quantize_q4_0_ref(xs, std::slice::from_mut(b));
+            continue;
+        }
+        b.d = f16::from_f32(d).to_le_bytes();
+        let idv = _mm256_set1_ps(id);
+        let q: [__m256i; 4] = v.map(|v| {
+            let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, idv), off));
+            // An infinite value times a zero scale is NaN, which the reference casts to 0.
+            _mm256_min_epi32(_mm256_max_epi32(t, zero), fifteen)
+        });
+        // Byte j holds values j (low nibble) and j + 16 (high).
+        let t = [_mm256_or_si256(q[0], _mm256_slli_epi32(q[2], 4)), _mm256_or_si256(q[1], _mm256_slli_epi32(q[3], 4))];
+        let half = |t: __m256i| _mm_packs_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+        _mm_storeu_si128(b.qs.as_mut_ptr() as *mut __m128i, _mm_packus_epi16(half(t[0]), half(t[1])));
+    }
+}
+
 /// `a[i] = e^a[i]`, 8 lanes at a time.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn exp_inplace(a: &mut [f32]) {

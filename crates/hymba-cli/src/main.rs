@@ -169,7 +169,8 @@ struct ServeArgs {
     /// Sequences stepped together; as many more may wait.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
-    /// Prompt plus completion tokens per request [default: max_position_embeddings].
+    /// Prompt plus completion tokens per request, at most the model's max_position_embeddings
+    /// [default: max_position_embeddings].
     #[arg(long)]
     max_context: Option<usize>,
     /// Name clients give as `model` [default: the directory name].
@@ -296,7 +297,14 @@ fn serve(a: ServeArgs) -> Result<()> {
     default_model::override_chat_template(&mut tokenizer, a.chat_template.as_deref())?;
     let tokenizer = std::sync::Arc::new(tokenizer);
     let model = std::sync::Arc::new(default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache));
-    let max_context = a.max_context.unwrap_or(model.config.max_position_embeddings);
+    let max_pos = model.config.max_position_embeddings;
+    let max_context = a.max_context.unwrap_or(max_pos);
+    if max_context == 0 || max_context > max_pos {
+        bail!("--max-context {max_context}: expected 1..={max_pos} (the model's max_position_embeddings, the positions it was made for)");
+    }
+    if a.max_batch == 0 {
+        bail!("--max-batch 0: at least one sequence must run");
+    }
     let eos_id = tokenizer.eos_id.or(model.config.eos_token_id);
     let name = a.served_model_name.clone().unwrap_or_else(|| match &a.model {
         None => default_model::NAME.into(),

@@ -363,12 +363,18 @@ fn chat_template_file_replaces_the_checkpoints() {
     let (_, t) = post(srv.port, "/tokenize", json!({"messages": [{"role": "user", "content": "Hi there"}]}));
     let (_, d) = post(srv.port, "/detokenize", json!({"tokens": t["tokens"]}));
     assert_eq!(d["prompt"], "[user] Hi there\n[assistant]");
-    let out = Command::new(env!("CARGO_BIN_EXE_hymba"))
-        .args(["serve", "--model", srv.dir.to_str().unwrap(), "--port", "0", "--chat-template", bad.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.jinja"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Settings that cannot serve stop the server at start, naming the option.
+    for (args, needle) in [
+        (["--chat-template", bad.to_str().unwrap()], "bad.jinja"),
+        (["--max-context", "0"], "--max-context"),
+        (["--max-context", "100000000"], "max_position_embeddings"),
+        (["--max-batch", "0"], "--max-batch"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hymba")).args(["serve", "--model", srv.dir.to_str().unwrap(), "--port", "0"]).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -35,15 +35,8 @@ pub struct ChatArgs {
     min_p: f32,
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
-    /// OpenAI's: taken once off the logit of every token already generated in the answer (−2..2).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    presence_penalty: f32,
-    /// OpenAI's: taken off a token's logit once per time it was generated in the answer (−2..2).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    frequency_penalty: f32,
-    /// ID=BIAS added to that token's logit (−100..100; repeatable).
-    #[arg(long, allow_hyphen_values = true)]
-    logit_bias: Vec<String>,
+    #[command(flatten)]
+    penalties: crate::PenaltyArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Quantize the large matrices at load: q8_0 or q4_0.
@@ -101,10 +94,8 @@ pub fn run(a: ChatArgs) -> Result<()> {
             top_p: a.top_p,
             min_p: a.min_p,
             repetition_penalty: a.repeat_penalty,
-            presence_penalty: a.presence_penalty,
-            frequency_penalty: a.frequency_penalty,
-            logit_bias: crate::parse_logit_bias(&a.logit_bias, model.config.vocab_size)?,
             seed: a.seed,
+            ..a.penalties.sampling(model.config.vocab_size)?
         },
         // The template's turn marker, in case the model runs past its end-of-sequence token.
         stop: vec!["<extra_id_1>".into()],

@@ -92,15 +92,8 @@ struct GenerateArgs {
     min_p: f32,
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
-    /// OpenAI's: taken once off the logit of every token already generated (−2..2).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    presence_penalty: f32,
-    /// OpenAI's: taken off a token's logit once per time it was generated (−2..2).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    frequency_penalty: f32,
-    /// ID=BIAS added to that token's logit (−100..100; repeatable).
-    #[arg(long, allow_hyphen_values = true)]
-    logit_bias: Vec<String>,
+    #[command(flatten)]
+    penalties: PenaltyArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop when the output contains this text (repeatable).
@@ -270,8 +263,34 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 }
 
 /// `--quant` value: None keeps the stored precision.
+/// OpenAI's penalties and logit biases, for generate and chat.
+#[derive(Args)]
+pub struct PenaltyArgs {
+    /// OpenAI's: taken once off the logit of every token already generated (−2..2).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// OpenAI's: taken off a token's logit once per time it was generated (−2..2).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    /// ID=BIAS added to that token's logit (−100..100; repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    logit_bias: Vec<String>,
+}
+
+impl PenaltyArgs {
+    /// Default sampling with these penalties and biases, each bias's id inside the vocabulary.
+    pub fn sampling(&self, vocab: usize) -> Result<SamplingParams> {
+        Ok(SamplingParams {
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: parse_logit_bias(&self.logit_bias, vocab)?,
+            ..Default::default()
+        })
+    }
+}
+
 /// `--logit-bias ID=BIAS` values, each id inside the vocabulary.
-pub fn parse_logit_bias(items: &[String], vocab: usize) -> Result<Vec<(u32, f32)>> {
+fn parse_logit_bias(items: &[String], vocab: usize) -> Result<Vec<(u32, f32)>> {
     items
         .iter()
         .map(|s| {
@@ -396,10 +415,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
             top_p: a.top_p,
             min_p: a.min_p,
             repetition_penalty: a.repeat_penalty,
-            presence_penalty: a.presence_penalty,
-            frequency_penalty: a.frequency_penalty,
-            logit_bias: parse_logit_bias(&a.logit_bias, model.config.vocab_size)?,
             seed: a.seed,
+            ..a.penalties.sampling(model.config.vocab_size)?
         },
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,

@@ -316,6 +316,25 @@ impl Sampling {
     }
 }
 
+/// Counts a stream's finished answers, to end it with the usage chunk when asked.
+struct UsageTally {
+    /// Answers in the stream.
+    n: usize,
+    wanted: bool,
+    done: usize,
+    completion_tokens: usize,
+}
+
+impl UsageTally {
+    /// Records an answer's end; the total completion tokens when it was the last one and usage
+    /// was asked for.
+    fn finished(&mut self, completion_tokens: usize) -> Option<usize> {
+        self.done += 1;
+        self.completion_tokens += completion_tokens;
+        (self.wanted && self.done == self.n).then_some(self.completion_tokens)
+    }
+}
+
 /// The chunk OpenAI ends a stream with when asked for usage: no choices, the counts.
 fn usage_chunk(id: &str, object: &str, created: u64, model: &str, prompt_tokens: usize, completion_tokens: usize) -> Value {
     json!({"id": id, "object": object, "created": created, "model": model, "choices": [],
@@ -493,9 +512,7 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
         let options = req.sampling.options(&st, prompts[0].len(), 16)?;
         let rxs = submit_n(&st, &prompts[0], &options, n, req.logprobs, false)?;
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
-        let usage = req.sampling.stream_usage();
-        // Answers finished, and the completion tokens of all of them, for the usage chunk.
-        let (mut done, mut completion_sum) = (0, 0);
+        let mut tally = UsageTally { n, wanted: req.sampling.stream_usage(), done: 0, completion_tokens: 0 };
         let values = merged(rxs).map(move |(index, ev)| {
             let chunk = |text: &str, lp: Value, finish: Value| {
                 json!({"id": id, "object": "text_completion", "created": created, "model": model,
@@ -508,9 +525,8 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
                 }
                 Event::Done { finish, prompt_tokens, completion_tokens } => {
                     let mut v = vec![chunk("", Value::Null, finish_name(Some(finish)))];
-                    (done, completion_sum) = (done + 1, completion_sum + completion_tokens);
-                    if usage && done == n {
-                        v.push(usage_chunk(&id, "text_completion", created, &model, prompt_tokens, completion_sum));
+                    if let Some(total) = tally.finished(completion_tokens) {
+                        v.push(usage_chunk(&id, "text_completion", created, &model, prompt_tokens, total));
                     }
                     v
                 }
@@ -674,9 +690,7 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
             })
             .collect();
         let head = sse_events(firsts);
-        let usage = req.sampling.stream_usage();
-        // Answers finished, and the completion tokens of all of them, for the usage chunk.
-        let (mut done, mut completion_sum) = (0, 0);
+        let mut tally = UsageTally { n, wanted: req.sampling.stream_usage(), done: 0, completion_tokens: 0 };
         let values = merged(rxs).map(move |(index, ev)| {
             let chunk = |delta: Value, finish: Value, usage: Value| {
                 let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -701,9 +715,8 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
                         finish_name(Some(finish)),
                         json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}),
                     )];
-                    (done, completion_sum) = (done + 1, completion_sum + completion_tokens);
-                    if usage && done == n {
-                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, prompt_tokens, completion_sum));
+                    if let Some(total) = tally.finished(completion_tokens) {
+                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, prompt_tokens, total));
                     }
                     v
                 }

@@ -37,7 +37,7 @@ fn main() {
     // times the last-level cache, so every pass streams from memory as decode does.
     let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(1600);
     let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(5504 * 1600 / k);
-    let any = ["bf16", "q8_0", "q4_0"].iter().any(|q| [1, 4, 16, 128].iter().any(|t| on(&format!("matmul {q} t={t}"))));
+    let any = ["bf16", "bf16 panels", "q8_0", "q4_0"].iter().any(|q| [1, 4, 16, 128].iter().any(|t| on(&format!("matmul {q} t={t}"))));
     let wf: Vec<f32> = if any { rng.normal_vec(n * k, 0.02) } else { Vec::new() };
     let copies = |bytes: usize| if any { (256usize << 20).div_ceil(bytes) } else { 0 };
     let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -46,16 +46,20 @@ fn main() {
     let mut wq4 = vec![BlockQ4_0::default(); wf.len() / QK];
     quant::quantize_q4_0(&wf, &mut wq4);
     drop(wf);
+    let mut wp = vec![bf16::ZERO; matmul::panels_len(n, k)];
+    matmul::pack_bf16_panels(&wb, n, k, &mut wp);
     let wb = vec![wb; copies(n * k * 2)];
+    let wp = vec![wp; copies(n * k * 2)];
     let wq8 = vec![wq8; copies(n * k / QK * std::mem::size_of::<BlockQ8_0>())];
     let wq4 = vec![wq4; copies(n * k / QK * std::mem::size_of::<BlockQ4_0>())];
     for (name, mats) in [
         ("bf16", wb.iter().map(|w| WeightData::BF16(w)).collect::<Vec<_>>()),
+        ("bf16 panels", wp.iter().map(|w| WeightData::BF16Panels(w)).collect()),
         ("q8_0", wq8.iter().map(|w| WeightData::Q8_0(w)).collect()),
         ("q4_0", wq4.iter().map(|w| WeightData::Q4_0(w)).collect()),
     ] {
         let bytes: usize = match mats.first().copied().unwrap_or(WeightData::F32(&[])) {
-            WeightData::BF16(_) => n * k * 2,
+            WeightData::BF16(_) | WeightData::BF16Panels(_) => n * k * 2,
             WeightData::Q8_0(_) => n * k / QK * std::mem::size_of::<BlockQ8_0>(),
             _ => n * k / QK * std::mem::size_of::<BlockQ4_0>(),
         };

@@ -139,6 +139,55 @@ pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: 
     }
 }
 
+/// How far ahead [`kernel_panel_bf16`] prefetches its panel, in columns of 32 bytes.
+const PF_COLUMNS: usize = 64;
+
+/// `M` input rows against one panel of 16 bf16 weight rows (see
+/// [`crate::matmul::WeightData::BF16Panels`]): `c[i][j] (+)= Σ_k x[i][k]·w[j][k]` over `k`
+/// columns, an M×16 tile of accumulators in registers. Each column's 16 weights are one 32-byte
+/// load, widened by a shift (rows 0..8, stored in the low halves) and a mask (rows 8..16, the
+/// high halves); each input element is broadcast once and feeds both. With `add` the tile adds
+/// to `c`, else overwrites it. M ≤ 6 keeps the 2·M accumulators, the two weight vectors and the
+/// broadcast in the 16 ymm registers.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn kernel_panel_bf16<const M: usize, const PF: bool>(k: usize, x: &[*const f32; M], panel: *const bf16, c: &mut [[f32; NR]; M], add: bool) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
+    if add {
+        for i in 0..M {
+            acc[i][0] = _mm256_loadu_ps(c[i].as_ptr());
+            acc[i][1] = _mm256_loadu_ps(c[i].as_ptr().add(8));
+        }
+    }
+    let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+    let mut column = |kk: usize| {
+        let v = _mm256_loadu_si256(panel.add(kk * NR) as *const __m256i);
+        let w1 = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        let w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        for i in 0..M {
+            let xv = _mm256_broadcast_ss(&*x[i].add(kk));
+            acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
+        }
+    };
+    let mut kk = 0;
+    while kk + 2 <= k {
+        if PF {
+            // Only a hint: an address past the matrix does not fault.
+            _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((kk + PF_COLUMNS) * NR) as *const i8);
+        }
+        column(kk);
+        column(kk + 1);
+        kk += 2;
+    }
+    if kk < k {
+        column(kk);
+    }
+    for i in 0..M {
+        _mm256_storeu_ps(c[i].as_mut_ptr(), acc[i][0]);
+        _mm256_storeu_ps(c[i].as_mut_ptr().add(8), acc[i][1]);
+    }
+}
+
 macro_rules! pack_impl {
     ($name:ident, $t:ty, $load:expr, $scalar:expr) => {
         /// Packs `kc` columns of `nrows` rows (at most NR; row `r` starts at `rows[r·stride]`)
@@ -202,6 +251,27 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         _mm256_permute2f128_ps::<0x31>(s2, s6),
         _mm256_permute2f128_ps::<0x31>(s3, s7),
     ]
+}
+
+/// The first `cols / 8 · 8` columns of 16 bf16 rows (row `j` at `w[j·cols..]`) written in panel
+/// order (see [`crate::matmul::WeightData::BF16Panels`]) to `out`; returns the columns done.
+/// Eight columns at a time: rows `j` and `8 + j` interleaved into 32-bit pairs, then an 8×8
+/// transpose of the pairs gives each column's 16 values in their slots.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn pack_panel_pairs(w: &[bf16], cols: usize, out: &mut [bf16]) -> usize {
+    assert!(w.len() >= 16 * cols && out.len() >= 16 * cols);
+    let done = cols / 8 * 8;
+    for c in (0..done).step_by(8) {
+        let pairs: [__m256; 8] = std::array::from_fn(|j| {
+            let a = _mm_loadu_si128(w.as_ptr().add(j * cols + c) as *const __m128i);
+            let b = _mm_loadu_si128(w.as_ptr().add((8 + j) * cols + c) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b)))
+        });
+        for (i, col) in transpose8(pairs).iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add((c + i) * NR) as *mut f32, *col);
+        }
+    }
+    done
 }
 
 /// Lane `i` of the result is the sum of the lanes of `a[i]`.

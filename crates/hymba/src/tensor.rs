@@ -4,7 +4,7 @@
 use crate::error::{parse_json, read_to_string, Error, Result};
 use half::{bf16, f16};
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
-use hymba_kernels::{Mat, WeightData};
+use hymba_kernels::{matmul, Mat, WeightData};
 use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,7 +22,8 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    /// Bytes that `numel` elements take (a whole number of blocks for the quantized formats).
+    /// Bytes that `numel` elements take in a file (a whole number of blocks for the quantized
+    /// formats).
     pub fn nbytes(self, numel: usize) -> usize {
         match self {
             Dtype::F32 => 4 * numel,
@@ -69,9 +70,9 @@ impl Dtype {
 /// logical shape: `{"name": {"format": "q8_0", "shape": [rows, cols]}}`.
 pub const QUANT_METADATA_KEY: &str = "hymba_quant";
 
-/// Matrices worth quantizing: the large ones a token reads, when their rows are whole blocks.
-/// Norms, A, D, conv and dt_proj keep their precision.
-pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
+/// The large matrices a token reads: the weights of the matrix products, and the embedding
+/// (also the output matrix when tied).
+fn is_large_matrix(name: &str) -> bool {
     const LAYER_MATRICES: [&str; 6] = [
         ".mamba.in_proj.weight",
         ".mamba.x_proj.0.weight",
@@ -80,10 +81,18 @@ pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
         ".moe.experts.0.up_proj.weight",
         ".moe.experts.0.down_proj.weight",
     ];
-    let matrix = name == "model.embed_tokens.weight"
-        || name == "lm_head.weight"
-        || LAYER_MATRICES.iter().any(|s| name.ends_with(s));
-    matrix && shape.len() == 2 && shape[1].is_multiple_of(QK)
+    name == "model.embed_tokens.weight" || name == "lm_head.weight" || LAYER_MATRICES.iter().any(|s| name.ends_with(s))
+}
+
+/// Matrices worth quantizing: the large ones a token reads, when their rows are whole blocks.
+/// Norms, A, D, conv and dt_proj keep their precision.
+pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
+    is_large_matrix(name) && shape.len() == 2 && shape[1].is_multiple_of(QK)
+}
+
+/// Matrices that matrix products read, dt_proj included: those worth packing into panels.
+fn is_product_matrix(name: &str, shape: &[usize]) -> bool {
+    (is_large_matrix(name) || name.ends_with(".mamba.dt_proj.0.weight")) && shape.len() == 2
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +102,9 @@ enum Owner {
     Static(&'static [u8]),
     /// u64 words so the bytes are aligned for any element type.
     Heap(Arc<Vec<u64>>),
+    /// Anonymous memory in huge pages where the OS has them (packed matrices): a few thousand
+    /// page faults to fill gigabytes rather than a million, and fewer TLB misses when streamed.
+    Anon(Arc<Mmap>),
 }
 
 /// One tensor: dtype, shape and bytes that live in a mapped file or on the heap.
@@ -103,6 +115,9 @@ pub struct Tensor {
     owner: Owner,
     offset: usize,
     len: usize,
+    /// A bf16 matrix rearranged into panels ([`WeightData::BF16Panels`]) rather than row-major
+    /// as in the file: same values, the order the AVX2 matrix products read.
+    panels: bool,
 }
 
 impl Tensor {
@@ -112,7 +127,7 @@ impl Tensor {
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         // SAFETY: u64 storage viewed as bytes, within its length.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr() as *mut u8, bytes.len()) };
-        Tensor { dtype, shape, owner: Owner::Heap(Arc::new(words)), offset: 0, len: bytes.len() }
+        Tensor { dtype, shape, owner: Owner::Heap(Arc::new(words)), offset: 0, len: bytes.len(), panels: false }
     }
 
     pub fn from_f32(shape: Vec<usize>, v: &[f32]) -> Tensor {
@@ -134,6 +149,7 @@ impl Tensor {
             Owner::Static(b) => &b[self.offset..self.offset + self.len],
             // SAFETY: the Vec<u64> holds at least offset + len bytes.
             Owner::Heap(w) => unsafe { std::slice::from_raw_parts((w.as_ptr() as *const u8).add(self.offset), self.len) },
+            Owner::Anon(m) => &m[self.offset..self.offset + self.len],
         }
     }
 
@@ -141,6 +157,10 @@ impl Tensor {
     pub fn data(&self) -> WeightData<'_> {
         let b = self.bytes();
         let n = self.numel();
+        if self.panels {
+            // SAFETY: as below; the length is the padded panels' (see `to_panels`).
+            return WeightData::BF16Panels(unsafe { std::slice::from_raw_parts(b.as_ptr() as *const bf16, b.len() / 2) });
+        }
         // SAFETY: length and alignment were checked at construction; bf16/f16 are u16 wrappers
         // and every bit pattern is a valid value.
         unsafe {
@@ -188,8 +208,48 @@ impl Tensor {
     /// All elements widened to f32 (for the small vectors: norms, biases, A, D, conv).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut v = vec![0.0; self.numel()];
-        self.data().to_f32(0, &mut v);
+        if self.panels {
+            let m = self.mat();
+            for (r, row) in v.chunks_exact_mut(m.cols.max(1)).enumerate() {
+                m.row_f32(r, row);
+            }
+        } else {
+            self.data().to_f32(0, &mut v);
+        }
         v
+    }
+
+    /// Gives the pages of a memory-mapped tensor back to the OS once a converted copy replaces
+    /// it, so a load holds one copy of the weights at a time rather than both.
+    fn release_pages(&self) {
+        if let Owner::Mmap(m) = &self.owner {
+            // SAFETY: a shared read-only file mapping: dropped pages read the same bytes back from
+            // the file if touched again, so no view of them changes. Only a hint: errors ignored.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.len) };
+        }
+    }
+
+    /// Whether the matrix is held in panels (see [`Tensor::to_panels`]).
+    pub fn is_panels(&self) -> bool {
+        self.panels
+    }
+
+    /// This bf16 matrix rearranged into panels of 16 rows for the AVX2 matrix products; the
+    /// values and their precision are unchanged. Fails only when the memory cannot be had.
+    pub fn to_panels(&self) -> std::io::Result<Tensor> {
+        assert!(self.dtype == Dtype::BF16 && self.shape.len() == 2 && !self.panels, "only row-major bf16 matrices are packed");
+        let WeightData::BF16(d) = self.data() else { unreachable!("checked bf16") };
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let n = matmul::panels_len(rows, cols);
+        // Fresh zeroed pages (page-aligned, so bf16-aligned), packed in place.
+        let mut m = memmap2::MmapMut::map_anon(2 * n)?;
+        #[cfg(target_os = "linux")]
+        let _ = m.advise(memmap2::Advice::HugePage);
+        // SAFETY: the mapping is 2·n bytes, viewed as bf16 (a u16 wrapper).
+        let out = unsafe { std::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut bf16, n) };
+        matmul::pack_bf16_panels(d, rows, cols, out);
+        let m = m.make_read_only()?;
+        Ok(Tensor { dtype: Dtype::BF16, shape: self.shape.clone(), owner: Owner::Anon(Arc::new(m)), offset: 0, len: 2 * n, panels: true })
     }
 }
 
@@ -293,7 +353,7 @@ impl TensorStore {
             };
             let data = view.data();
             let offset = data.as_ptr() as usize - base;
-            let mut t = Tensor { dtype, shape, owner: owner(), offset, len: data.len() };
+            let mut t = Tensor { dtype, shape, owner: owner(), offset, len: data.len(), panels: false };
             if !(data.as_ptr() as usize).is_multiple_of(dtype.align()) {
                 // A misaligned tensor cannot be viewed in place: copy it, same precision.
                 t = Tensor::from_bytes(dtype, t.shape.clone(), data);
@@ -313,11 +373,27 @@ impl TensorStore {
         }
     }
 
+    /// Rearranges every bf16 matrix that matrix products read into panels (see
+    /// [`Tensor::to_panels`]), one at a time.
+    pub fn pack_panels(&mut self) -> Result<()> {
+        for (name, (t, file)) in self.tensors.iter_mut() {
+            if is_product_matrix(name, &t.shape) && t.dtype == Dtype::BF16 && !t.panels {
+                let packed = t.to_panels().map_err(|e| Error::Tensor {
+                    file: file.clone(),
+                    tensor: name.clone(),
+                    msg: format!("no memory for its {} bytes in panels: {e}", t.nbytes()),
+                })?;
+                std::mem::replace(t, packed).release_pages();
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces every quantizable matrix (see [`is_quantizable`]) by its `to` quantization.
     pub fn quantize(&mut self, to: Dtype) {
         for (name, (t, _)) in self.tensors.iter_mut() {
             if is_quantizable(name, &t.shape) && t.dtype.quant_name().is_none() {
-                *t = t.quantize(to);
+                std::mem::replace(t, t.quantize(to)).release_pages();
             }
         }
     }
@@ -337,6 +413,7 @@ impl TensorStore {
     /// bytes described in the `hymba_quant` metadata.
     pub fn save(&self, path: &Path) -> Result<()> {
         let names = self.names();
+        assert!(self.tensors.values().all(|(t, _)| !t.panels), "a store is saved before its matrices are packed");
         let entries: Vec<(String, &Tensor)> = names.into_iter().map(|n| {
             let t = self.get(&n).expect("listed");
             (n, t)

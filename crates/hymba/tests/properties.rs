@@ -5,7 +5,7 @@
 
 mod common;
 use hymba::synthetic::write_checkpoint;
-use hymba::tensor::Dtype;
+use hymba::tensor::{Dtype, Tensor, TensorStore};
 use hymba::{Config, DecodeWindow, KvDtype, Logits, Model};
 use hymba_kernels::testing::{assert_close, Rng};
 use serde_json::json;
@@ -57,7 +57,7 @@ fn cases() -> Vec<Case> {
 /// Both K/V element types, for every property.
 const KV: [KvDtype; 2] = [KvDtype::F32, KvDtype::BF16];
 
-fn build(c: &Case, seed: u64, kv: KvDtype) -> Model {
+fn config(c: &Case) -> Config {
     let cfg = json!({
         "model_type": "hymba",
         "vocab_size": 97,
@@ -85,7 +85,11 @@ fn build(c: &Case, seed: u64, kv: KvDtype) -> Model {
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": true,
     });
-    let cfg = Config::from_value(cfg).unwrap();
+    Config::from_value(cfg).unwrap()
+}
+
+fn build(c: &Case, seed: u64, kv: KvDtype) -> Model {
+    let cfg = config(c);
     let dir = common::temp_dir(c.name);
     write_checkpoint(&cfg, &dir, c.dtype, seed, 1.5).unwrap();
     let m = Model::load(&dir).unwrap();
@@ -278,5 +282,30 @@ fn saved_sessions_resume_exactly() {
         let err = hymba::session::load(&build(c, 300 + ci as u64, other), &path).unwrap_err().to_string();
         assert!(err.contains(&format!("--kv-cache {kv}")), "{}: {err}", c.name);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// bf16 matrices packed into panels (on AVX2) give the logits of the same values held as f32 in
+/// rows: the panels change only the order of the sums. Every matrix is packed where panels pay.
+#[test]
+fn panel_packed_bf16_weights_equal_their_f32_values() {
+    for (ci, c) in cases().iter().enumerate() {
+        let cfg = config(c);
+        let store = hymba::synthetic::in_memory(&cfg, Dtype::BF16, 700 + ci as u64, 1.5);
+        let widened = store.names().into_iter().map(|n| {
+            let t = store.get(&n).unwrap();
+            (n, Tensor::from_f32(t.shape.clone(), &t.to_f32()))
+        });
+        let widened = TensorStore::from_tensors("widened", widened.collect());
+        let packed = Model::from_store(cfg.clone(), store).unwrap();
+        let rows = Model::from_store(cfg, widened).unwrap();
+        let pays = hymba_kernels::matmul::panels_pay();
+        let w = &packed.weights;
+        assert!(w.embed.is_panels() == pays && w.layers.iter().all(|l| [&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate, &l.up, &l.down].iter().all(|t| t.is_panels() == pays)));
+        let mut rng = Rng::new(120 + ci as u64);
+        let ids = prompt(&mut rng, 2 * c.window + 3);
+        let a = packed.forward(&mut packed.new_cache(), &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        let b = rows.forward(&mut rows.new_cache(), &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        assert_close(&a, &b, TOL, &format!("{}: panels vs f32 rows", c.name));
     }
 }

@@ -5,7 +5,7 @@ use crate::error::{parse_json, read_to_string, Error, Result};
 use half::{bf16, f16};
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use hymba_kernels::{matmul, Mat, WeightData};
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,9 +102,27 @@ enum Owner {
     Static(&'static [u8]),
     /// u64 words so the bytes are aligned for any element type.
     Heap(Arc<Vec<u64>>),
-    /// Anonymous memory in huge pages where the OS has them (packed matrices): a few thousand
-    /// page faults to fill gigabytes rather than a million, and fewer TLB misses when streamed.
-    Anon(Arc<Mmap>),
+    /// A large tensor made in memory: a mapping of its own, so its pages go back to the OS when
+    /// it is dropped (a converted copy replacing it), in huge pages where the OS has them (a few
+    /// thousand page faults to fill gigabytes rather than a million, fewer TLB misses).
+    Anon(Arc<MmapMut>),
+}
+
+impl Owner {
+    /// `len` fresh zeroed bytes, 8-aligned, written by `fill`.
+    fn filled(len: usize, fill: impl FnOnce(&mut [u8])) -> Owner {
+        const LARGE: usize = 1 << 20;
+        if let Some(mut m) = (len >= LARGE).then(|| MmapMut::map_anon(len).ok()).flatten() {
+            #[cfg(target_os = "linux")]
+            let _ = m.advise(memmap2::Advice::HugePage);
+            fill(&mut m);
+            return Owner::Anon(Arc::new(m));
+        }
+        let mut words = vec![0u64; len.div_ceil(8)];
+        // SAFETY: u64 storage viewed as bytes, within its length.
+        fill(unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, len) });
+        Owner::Heap(Arc::new(words))
+    }
 }
 
 /// One tensor: dtype, shape and bytes that live in a mapped file or on the heap.
@@ -124,10 +142,8 @@ impl Tensor {
     /// A heap tensor from raw little-endian bytes.
     pub fn from_bytes(dtype: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Tensor {
         assert_eq!(bytes.len(), dtype.nbytes(shape.iter().product::<usize>()));
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
-        // SAFETY: u64 storage viewed as bytes, within its length.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr() as *mut u8, bytes.len()) };
-        Tensor { dtype, shape, owner: Owner::Heap(Arc::new(words)), offset: 0, len: bytes.len(), panels: false }
+        let owner = Owner::filled(bytes.len(), |b| b.copy_from_slice(bytes));
+        Tensor { dtype, shape, owner, offset: 0, len: bytes.len(), panels: false }
     }
 
     pub fn from_f32(shape: Vec<usize>, v: &[f32]) -> Tensor {
@@ -235,21 +251,19 @@ impl Tensor {
     }
 
     /// This bf16 matrix rearranged into panels of 16 rows for the AVX2 matrix products; the
-    /// values and their precision are unchanged. Fails only when the memory cannot be had.
-    pub fn to_panels(&self) -> std::io::Result<Tensor> {
+    /// values and their precision are unchanged.
+    pub fn to_panels(&self) -> Tensor {
         assert!(self.dtype == Dtype::BF16 && self.shape.len() == 2 && !self.panels, "only row-major bf16 matrices are packed");
         let WeightData::BF16(d) = self.data() else { unreachable!("checked bf16") };
         let (rows, cols) = (self.shape[0], self.shape[1]);
         let n = matmul::panels_len(rows, cols);
-        // Fresh zeroed pages (page-aligned, so bf16-aligned), packed in place.
-        let mut m = memmap2::MmapMut::map_anon(2 * n)?;
-        #[cfg(target_os = "linux")]
-        let _ = m.advise(memmap2::Advice::HugePage);
-        // SAFETY: the mapping is 2·n bytes, viewed as bf16 (a u16 wrapper).
-        let out = unsafe { std::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut bf16, n) };
-        matmul::pack_bf16_panels(d, rows, cols, out);
-        let m = m.make_read_only()?;
-        Ok(Tensor { dtype: Dtype::BF16, shape: self.shape.clone(), owner: Owner::Anon(Arc::new(m)), offset: 0, len: 2 * n, panels: true })
+        // Packed straight into fresh zeroed memory: no copy.
+        let owner = Owner::filled(2 * n, |b| {
+            // SAFETY: 2·n bytes, 8-aligned, viewed as bf16 (a u16 wrapper).
+            let out = unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut bf16, n) };
+            matmul::pack_bf16_panels(d, rows, cols, out);
+        });
+        Tensor { dtype: Dtype::BF16, shape: self.shape.clone(), owner, offset: 0, len: 2 * n, panels: true }
     }
 }
 
@@ -375,18 +389,12 @@ impl TensorStore {
 
     /// Rearranges every bf16 matrix that matrix products read into panels (see
     /// [`Tensor::to_panels`]), one at a time.
-    pub fn pack_panels(&mut self) -> Result<()> {
-        for (name, (t, file)) in self.tensors.iter_mut() {
+    pub fn pack_panels(&mut self) {
+        for (name, (t, _)) in self.tensors.iter_mut() {
             if is_product_matrix(name, &t.shape) && t.dtype == Dtype::BF16 && !t.panels {
-                let packed = t.to_panels().map_err(|e| Error::Tensor {
-                    file: file.clone(),
-                    tensor: name.clone(),
-                    msg: format!("no memory for its {} bytes in panels: {e}", t.nbytes()),
-                })?;
-                std::mem::replace(t, packed).release_pages();
+                std::mem::replace(t, t.to_panels()).release_pages();
             }
         }
-        Ok(())
     }
 
     /// Replaces every quantizable matrix (see [`is_quantizable`]) by its `to` quantization.

@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// Contexts (tokens already in the cache) to decode at.
     #[arg(long, default_value = "128,1024,4096,8192", value_delimiter = ',')]
     contexts: Vec<usize>,
-    /// Batch sizes for batched decode (sequences stepped together, each at context 128).
+    /// Batch sizes for batched decode (sequences stepped together, each at context 128; the sizes
+    /// take turns, a step each, `--decode` rounds).
     #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
     /// Element type of the K/V cache: f32 or bf16.
@@ -175,32 +176,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "bandwidth_fraction": tok_s * wbytes as f64 / bw,
         }));
     }
-    let mut batched = Vec::new();
-    for &b in &a.batch {
-        if b == 0 {
-            bail!("--batch: sizes must be at least 1");
-        }
-        let mut caches: Vec<_> = (0..b).map(|_| model.cache_with_placeholder_tokens(128)).collect();
-        let ids: Vec<[u32; 1]> = (0..b as u32).map(|i| [(i * 31 + 7) % v]).collect();
-        let step = |caches: &mut Vec<hymba::Cache>| -> Result<()> {
-            let mut steps: Vec<Step> = caches
-                .iter_mut()
-                .zip(&ids)
-                .map(|(cache, id)| Step { cache, ids: id, logits: Logits::Last, window: DecodeWindow::Trained })
-                .collect();
-            model.forward_batch(&mut steps)?;
-            Ok(())
-        };
-        step(&mut caches)?;
-        let mut times = Vec::with_capacity(a.decode);
-        for _ in 0..a.decode {
-            let t = Instant::now();
-            step(&mut caches)?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        let tok_s = b as f64 / median(&mut times);
-        batched.push(serde_json::json!({"batch": b, "tok_s": tok_s}));
+    // Batch sizes are stepped in turn, round after round, so each sees the same conditions: on a
+    // shared machine a neighbour's load drifts over seconds, and sizes measured one after the
+    // other would compare different machines.
+    if a.batch.contains(&0) {
+        bail!("--batch: sizes must be at least 1");
     }
+    let mut sets: Vec<(Vec<hymba::Cache>, Vec<[u32; 1]>)> = a
+        .batch
+        .iter()
+        .map(|&b| ((0..b).map(|_| model.cache_with_placeholder_tokens(128)).collect(), (0..b as u32).map(|i| [(i * 31 + 7) % v]).collect()))
+        .collect();
+    let step = |(caches, ids): &mut (Vec<hymba::Cache>, Vec<[u32; 1]>)| -> Result<f64> {
+        let mut steps: Vec<Step> = caches
+            .iter_mut()
+            .zip(ids.iter())
+            .map(|(cache, id)| Step { cache, ids: id, logits: Logits::Last, window: DecodeWindow::Trained })
+            .collect();
+        let t = Instant::now();
+        model.forward_batch(&mut steps)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for set in sets.iter_mut() {
+        step(set)?;
+    }
+    let mut times = vec![Vec::with_capacity(a.decode); sets.len()];
+    for _ in 0..a.decode {
+        for (set, ts) in sets.iter_mut().zip(times.iter_mut()) {
+            ts.push(step(set)?);
+        }
+    }
+    let batched: Vec<_> = a.batch.iter().zip(times.iter_mut()).map(|(&b, ts)| serde_json::json!({"batch": b, "tok_s": b as f64 / median(ts)})).collect();
     let params = model.parameter_counts().total;
     let out = serde_json::json!({
         "model": a.model.as_ref().map(|p| p.display().to_string()).or(a.synthetic.clone()),

@@ -527,63 +527,64 @@ fn walk_tiles(
 }
 
 /// Any number of input rows against bf16 panels on AVX2, a panel (16 output columns) at a
-/// time. For each slice of `KC` of its columns, groups of up to 6 input rows run the M×16
-/// kernel in turn, adding into the output: the first group streams the slice from memory
-/// (prefetching ahead: slices, and panels, follow each other in memory, so a task's weights are
-/// one linear stream), the others find it in L1. Nothing is packed at run time, and each
-/// broadcast input feeds 16 weight rows, so the inputs cost little even from L2.
+/// time: groups of up to 6 input rows run the M×16 kernel over the whole panel in turn. The
+/// first group streams the panel from memory, prefetching ahead (panels follow each other in
+/// memory, so a thread's weights are one linear stream); the others find it in L2. Nothing is
+/// packed at run time, and each broadcast input feeds 16 weight rows, so the inputs cost little
+/// from L2. Slicing the columns to keep a slice in L1 across the groups measured slower at
+/// every batch size (by a third at one row): the output round trips and broken streams cost
+/// more than L2 reads.
 #[cfg(target_arch = "x86_64")]
 fn panels_avx2(x: &[f32], t: usize, w: Mat, d: &[bf16], y: &mut [f32]) {
-    use x86::MR;
-    /// Depth of one slice: 16 KiB of the panel, 12 KiB of a group's inputs.
-    const KC: usize = 512;
+    /// Input rows per pass over the weights: every panel reads all of a pass's inputs, so a long
+    /// prompt goes in blocks whose inputs stay in the last-level cache.
+    const TB: usize = 512;
     let (n, k) = (w.rows, w.cols);
+    for tb in (0..t).step_by(TB) {
+        panels_pass(&x[tb * k..], TB.min(t - tb), k, d, n, &mut y[tb * n..]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn panels_pass(x: &[f32], t: usize, k: usize, d: &[bf16], n: usize, y: &mut [f32]) {
+    use x86::MR;
     let out = OutPtr(y.as_mut_ptr());
     (0..n.div_ceil(PANEL)).into_par_iter().for_each(|p| {
         let out = &out;
         let (r0, nr) = (p * PANEL, PANEL.min(n - p * PANEL));
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            let panel = d[(p * k + k0) * PANEL..].as_ptr();
-            let mut t0 = 0;
-            while t0 < t {
-                // Groups as even as they come: 8 rows go as 4 + 4, not 6 + 2.
-                let m = (t - t0).div_ceil((t - t0).div_ceil(MR));
-                let mut c = [[0f32; PANEL]; MR];
-                // SAFETY (both copies): output columns r0..r0 + nr belong to this panel only.
-                let at = |i: usize| unsafe { out.0.add((t0 + i) * n + r0) };
-                if k0 > 0 {
-                    for (i, ci) in c.iter_mut().enumerate().take(m) {
-                        unsafe { std::ptr::copy_nonoverlapping(at(i), ci.as_mut_ptr(), nr) };
-                    }
-                }
-                macro_rules! kernel {
-                    ($m:literal) => {{
-                        let xs: [*const f32; $m] = std::array::from_fn(|i| x[(t0 + i) * k + k0..].as_ptr());
-                        let c: &mut [[f32; PANEL]; $m] = (&mut c[..$m]).try_into().expect("m rows");
-                        // SAFETY: Avx2 was detected; each input pointer has kc readable floats
-                        // and the panel kc columns of 16.
-                        unsafe {
-                            match t0 {
-                                0 => x86::kernel_panel_bf16::<$m, true>(kc, &xs, panel, c, k0 > 0),
-                                _ => x86::kernel_panel_bf16::<$m, false>(kc, &xs, panel, c, k0 > 0),
-                            }
+        let panel = d[p * k * PANEL..].as_ptr();
+        let mut t0 = 0;
+        while t0 < t {
+            // Groups as even as they come: 8 rows go as 4 + 4, not 6 + 2.
+            let m = (t - t0).div_ceil((t - t0).div_ceil(MR));
+            let mut c = [[0f32; PANEL]; MR];
+            macro_rules! kernel {
+                ($m:literal) => {{
+                    let xs: [*const f32; $m] = std::array::from_fn(|i| x[(t0 + i) * k..].as_ptr());
+                    let c: &mut [[f32; PANEL]; $m] = (&mut c[..$m]).try_into().expect("m rows");
+                    // SAFETY: Avx2 was detected; each input pointer has k readable floats and
+                    // the panel k columns of 16.
+                    unsafe {
+                        match t0 {
+                            0 => x86::kernel_panel_bf16::<$m, true>(k, &xs, panel, c),
+                            _ => x86::kernel_panel_bf16::<$m, false>(k, &xs, panel, c),
                         }
-                    }};
-                }
-                match m {
-                    1 => kernel!(1),
-                    2 => kernel!(2),
-                    3 => kernel!(3),
-                    4 => kernel!(4),
-                    5 => kernel!(5),
-                    _ => kernel!(6),
-                }
-                for (i, ci) in c.iter().enumerate().take(m) {
-                    unsafe { std::ptr::copy_nonoverlapping(ci.as_ptr(), at(i), nr) };
-                }
-                t0 += m;
+                    }
+                }};
             }
+            match m {
+                1 => kernel!(1),
+                2 => kernel!(2),
+                3 => kernel!(3),
+                4 => kernel!(4),
+                5 => kernel!(5),
+                _ => kernel!(6),
+            }
+            for (i, ci) in c.iter().enumerate().take(m) {
+                // SAFETY: output columns r0..r0 + nr belong to this panel only.
+                unsafe { std::ptr::copy_nonoverlapping(ci.as_ptr(), out.0.add((t0 + i) * n + r0), nr) };
+            }
+            t0 += m;
         }
     });
 }
@@ -698,7 +699,7 @@ mod tests {
     #[test]
     fn matmul_matches_reference_all_dtypes_odd_sizes() {
         let mut rng = Rng::new(7);
-        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40), (16, 20, 40), (17, 21, 50), (30, 35, 7), (13, 33, 9), (11, 3, 24), (4, 1, 8), (15, 67, 250), (40, 150, 600)] {
+        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40), (16, 20, 40), (17, 21, 50), (30, 35, 7), (13, 33, 9), (11, 3, 24), (4, 1, 8), (15, 67, 250), (40, 150, 600), (1030, 19, 9)] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();

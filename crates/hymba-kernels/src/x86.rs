@@ -143,21 +143,15 @@ pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: 
 const PF_COLUMNS: usize = 64;
 
 /// `M` input rows against one panel of 16 bf16 weight rows (see
-/// [`crate::matmul::WeightData::BF16Panels`]): `c[i][j] (+)= Σ_k x[i][k]·w[j][k]` over `k`
+/// [`crate::matmul::WeightData::BF16Panels`]): `c[i][j] = Σ_k x[i][k]·w[j][k]` over `k`
 /// columns, an M×16 tile of accumulators in registers. Each column's 16 weights are one 32-byte
 /// load, widened by a shift (rows 0..8, stored in the low halves) and a mask (rows 8..16, the
-/// high halves); each input element is broadcast once and feeds both. With `add` the tile adds
-/// to `c`, else overwrites it. M ≤ 6 keeps the 2·M accumulators, the two weight vectors and the
-/// broadcast in the 16 ymm registers.
+/// high halves); each input element is broadcast once and feeds both. M ≤ 6 keeps the 2·M
+/// accumulators, the two weight vectors and the broadcast in the 16 ymm registers. With `PF` the
+/// panel is prefetched ahead (the pass that brings it from memory).
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn kernel_panel_bf16<const M: usize, const PF: bool>(k: usize, x: &[*const f32; M], panel: *const bf16, c: &mut [[f32; NR]; M], add: bool) {
+pub unsafe fn kernel_panel_bf16<const M: usize, const PF: bool>(k: usize, x: &[*const f32; M], panel: *const bf16, c: &mut [[f32; NR]; M]) {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
-    if add {
-        for i in 0..M {
-            acc[i][0] = _mm256_loadu_ps(c[i].as_ptr());
-            acc[i][1] = _mm256_loadu_ps(c[i].as_ptr().add(8));
-        }
-    }
     let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     let mut column = |kk: usize| {
         let v = _mm256_loadu_si256(panel.add(kk * NR) as *const __m256i);

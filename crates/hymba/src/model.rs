@@ -470,17 +470,19 @@ impl Model {
         // The SSM's input-dependent parameters, all rows at once (one pass over x_proj and
         // dt_proj for the whole batch).
         let (delta, bm, cm) = self.ssm_params(lw, &xc);
-        // Then per sequence: attention and the selective scan.
+        // Then per sequence: attention and the selective scan, and their fusion.
+        let mut fused = vec![0.0; t * e];
         let mut parts = Vec::with_capacity(segs.len());
-        let (mut a_rest, mut y_rest) = (&mut attn_out[..], &mut y[..]);
+        let (mut a_rest, mut y_rest, mut f_rest) = (&mut attn_out[..], &mut y[..], &mut fused[..]);
         for s in segs.iter_mut() {
             let (os, or) = std::mem::take(&mut a_rest).split_at_mut(s.len * e);
             let (ys, yr) = std::mem::take(&mut y_rest).split_at_mut(s.len * e);
-            (a_rest, y_rest) = (or, yr);
-            parts.push((s, os, ys));
+            let (fs, fr) = std::mem::take(&mut f_rest).split_at_mut(s.len * e);
+            (a_rest, y_rest, f_rest) = (or, yr, fr);
+            parts.push((s, os, ys, fs));
         }
         let n = c.mamba_d_state;
-        parts.into_par_iter().for_each(|(s, out, ys)| {
+        parts.into_par_iter().for_each(|(s, out, ys, fs)| {
             let rows = s.start..s.start + s.len;
             let qs = &q[rows.start * qw..rows.end * qw];
             let pos: Vec<usize> = (s.pos0..s.pos0 + s.len).collect();
@@ -524,19 +526,17 @@ impl Model {
                     }
                 },
             );
+            // 4. Fuse, these rows: (norm1(attn) + norm2(y)) / 2.
+            norm::rmsnorm(out, &lw.attn_norm, c.rms_norm_eps, fs);
+            norm::rmsnorm_inplace(ys, &lw.ssm_norm, c.rms_norm_eps);
+            for (f, y) in fs.iter_mut().zip(ys.iter()) {
+                *f = (*f + y) * 0.5;
+            }
         });
         drop(p);
-
-        // 4. Fuse: out_proj((norm1(attn) + norm2(y)) / 2).
-        let mut a = vec![0.0; t * e];
-        norm::rmsnorm(&attn_out, &lw.attn_norm, c.rms_norm_eps, &mut a);
-        let mut b = vec![0.0; t * e];
-        norm::rmsnorm(&y, &lw.ssm_norm, c.rms_norm_eps, &mut b);
-        for (x, y) in a.iter_mut().zip(&b) {
-            *x = (*x + y) * 0.5;
-        }
+        // ... then out_proj over all rows.
         let mut out = vec![0.0; t * c.hidden_size];
-        matmul(&a, lw.out_proj.mat(), &mut out);
+        matmul(&fused, lw.out_proj.mat(), &mut out);
         out
     }
 
@@ -560,9 +560,7 @@ impl Model {
         }
         let mut delta = vec![0.0; t * e];
         matmul(&dr, lw.dt_proj.mat(), &mut delta);
-        for row in delta.chunks_exact_mut(e) {
-            act::softplus_bias(row, &lw.dt_bias);
-        }
+        delta.par_chunks_mut(e).for_each(|row| act::softplus_bias(row, &lw.dt_bias));
         (delta, bm, cm)
     }
 
@@ -574,7 +572,7 @@ impl Model {
         let mut u = vec![0.0; t * f];
         matmul(x, lw.gate.mat(), &mut g);
         matmul(x, lw.up.mat(), &mut u);
-        act::silu_mul(&mut g, &u);
+        g.par_chunks_mut(f).zip(u.par_chunks(f)).for_each(|(g, u)| act::silu_mul(g, u));
         let mut out = vec![0.0; x.len()];
         matmul(&g, lw.down.mat(), &mut out);
         out

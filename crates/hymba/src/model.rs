@@ -83,7 +83,11 @@ fn with_new_rows<'a, T: KvElem>(
 
 /// Columns `a..a + w` of every row of a `[t, width]` matrix.
 fn columns(m: &[f32], width: usize, a: usize, w: usize) -> Vec<f32> {
-    m.chunks_exact(width).flat_map(|r| r[a..a + w].iter().copied()).collect()
+    let mut out = Vec::with_capacity(m.len() / width.max(1) * w);
+    for r in m.chunks_exact(width) {
+        out.extend_from_slice(&r[a..a + w]);
+    }
+    out
 }
 
 impl Model {

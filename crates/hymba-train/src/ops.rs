@@ -505,7 +505,7 @@ mod tests {
         // The blank-state conv is the engine's kernel from a zero state.
         let mut state = vec![0.0; (k - 1) * c];
         let mut y = vec![0.0; t * c];
-        hymba::kernels::conv::causal_conv(&x0, &mut state, &w0, &b0, &mut y);
+        hymba::kernels::conv::causal_conv(&x0, &mut state, &hymba::kernels::conv::taps(&w0, c), &b0, &mut y);
         hymba::kernels::testing::assert_close(&y, &conv(&x0, &w0, &b0), 1e-5, "conv vs engine");
     }
 

@@ -12,7 +12,7 @@ pub struct LayerWeights {
     pub input_norm: Vec<f32>,
     /// mamba.in_proj.weight [q (+ k + v) + x + z, d]
     pub in_proj: Tensor,
-    /// mamba.conv1d.weight [E, 1, K], as [E, K]
+    /// mamba.conv1d.weight [E, 1, K], held tap-major as [K, E] (see `conv::taps`)
     pub conv_w: Vec<f32>,
     /// mamba.conv1d.bias [E] (zeros when mamba_conv_bias is false)
     pub conv_b: Vec<f32>,
@@ -75,7 +75,7 @@ impl Weights {
             let p = |s: &str| format!("model.layers.{i}.{s}");
             let mut vec = |s: &str, shape: &[usize]| store.take(&p(s), shape).map(|t| t.to_f32());
             let input_norm = vec("input_layernorm.weight", &[d])?;
-            let conv_w = vec("mamba.conv1d.weight", &[e, 1, k])?;
+            let conv_w = hymba_kernels::conv::taps(&vec("mamba.conv1d.weight", &[e, 1, k])?, e);
             let conv_b = if cfg.mamba_conv_bias { vec("mamba.conv1d.bias", &[e])? } else { vec![0.0; e] };
             let dt_bias = vec("mamba.dt_proj.0.bias", &[e])?;
             let a = vec("mamba.A_log.0", &[e, n])?.iter().map(|x| -x.exp()).collect();

@@ -549,7 +549,8 @@ fn panels_avx2(x: &[f32], t: usize, w: Mat, d: &[bf16], y: &mut [f32]) {
 fn panels_pass(x: &[f32], t: usize, k: usize, d: &[bf16], n: usize, y: &mut [f32]) {
     use x86::MR;
     let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(PANEL)).into_par_iter().for_each(|p| {
+    // The tile's results, made once per rayon job (zeroing it per group was a memset call).
+    (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(|| [[0f32; PANEL]; MR], |c, p| {
         let out = &out;
         let (r0, nr) = (p * PANEL, PANEL.min(n - p * PANEL));
         let panel = d[p * k * PANEL..].as_ptr();
@@ -557,7 +558,6 @@ fn panels_pass(x: &[f32], t: usize, k: usize, d: &[bf16], n: usize, y: &mut [f32
         while t0 < t {
             // Groups as even as they come: 8 rows go as 4 + 4, not 6 + 2.
             let m = (t - t0).div_ceil((t - t0).div_ceil(MR));
-            let mut c = [[0f32; PANEL]; MR];
             macro_rules! kernel {
                 ($m:literal) => {{
                     let xs: [*const f32; $m] = std::array::from_fn(|i| x[(t0 + i) * k..].as_ptr());

@@ -139,18 +139,18 @@ pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: 
     }
 }
 
-/// How far ahead [`kernel_panel_bf16`] prefetches its panel, in columns of 32 bytes.
-const PF_COLUMNS: usize = 64;
+/// How far ahead of itself the first pass over a panel prefetches it, in columns of 32 bytes.
+pub const PF_COLUMNS: usize = 64;
 
 /// `M` input rows against one panel of 16 bf16 weight rows (see
 /// [`crate::matmul::WeightData::BF16Panels`]): `c[i][j] = Σ_k x[i][k]·w[j][k]` over `k`
 /// columns, an M×16 tile of accumulators in registers. Each column's 16 weights are one 32-byte
 /// load, widened by a shift (rows 0..8, stored in the low halves) and a mask (rows 8..16, the
 /// high halves); each input element is broadcast once and feeds both. M ≤ 6 keeps the 2·M
-/// accumulators, the two weight vectors and the broadcast in the 16 ymm registers. With `PF` the
-/// panel is prefetched ahead (the pass that brings it from memory).
+/// accumulators, the two weight vectors and the broadcast in the 16 ymm registers. Every two
+/// columns it prefetches the line at `pf + kk·pf_step` (its own panel ahead, or the next one).
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn kernel_panel_bf16<const M: usize, const PF: bool>(k: usize, x: &[*const f32; M], panel: *const bf16, c: &mut [[f32; NR]; M]) {
+pub unsafe fn kernel_panel_bf16<const M: usize>(k: usize, x: &[*const f32; M], panel: *const bf16, c: &mut [[f32; NR]; M], pf: *const bf16, pf_step: usize) {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
     let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     let mut column = |kk: usize| {
@@ -165,10 +165,8 @@ pub unsafe fn kernel_panel_bf16<const M: usize, const PF: bool>(k: usize, x: &[*
     };
     let mut kk = 0;
     while kk + 2 <= k {
-        if PF {
-            // Only a hint: an address past the matrix does not fault.
-            _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((kk + PF_COLUMNS) * NR) as *const i8);
-        }
+        // Only a hint: an address past the matrix does not fault.
+        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * pf_step) as *const i8);
         column(kk);
         column(kk + 1);
         kk += 2;

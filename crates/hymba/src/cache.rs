@@ -77,14 +77,6 @@ fn regrow<T: Copy + Default>(old: &[T], heads: usize, d: usize, rows: usize, old
     data
 }
 
-/// Keys `[n, Hkv·dqk]` and values `[n, Hkv·dv]` in row order, as the projections produce
-/// them for the rows of one forward call.
-#[derive(Clone, Debug, Default)]
-pub struct KvRows {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-}
-
 /// Rows of `heads` vectors of `d` values, stored head-major (`[heads, cap, d]`): attention
 /// for one head then reads contiguous memory. Grows by doubling, up to `max` rows.
 #[derive(Clone, Debug)]
@@ -309,22 +301,23 @@ impl KvStore {
         }
     }
 
-    /// Appends rows for positions `pos0..`, given with widths `kw` and `vw`.
-    pub fn append(&mut self, new: &KvRows, pos0: usize, kw: usize, vw: usize) {
+    /// Appends keys `[n, kw]` and values `[n, vw]` (row order, as the projections produce them)
+    /// for positions `pos0..`.
+    pub fn append(&mut self, k: &[f32], v: &[f32], pos0: usize, kw: usize, vw: usize) {
         match self {
             KvStore::Global { kv, .. } => {
-                kv.k.extend(&new.k);
-                kv.v.extend(&new.v);
+                kv.k.extend(k);
+                kv.v.extend(v);
             }
             KvStore::Window { kv, pos, cap } => {
-                let n = new.k.len() / kw;
+                let n = k.len() / kw;
                 // Only the last `cap` rows can survive.
                 for i in n.saturating_sub(*cap)..n {
                     let p = pos0 + i;
                     // A free slot while the ring fills, then the oldest one.
                     let slot = if pos.len() < *cap { pos.len() } else { (0..*cap).min_by_key(|&s| pos[s]).expect("cap > 0") };
-                    kv.k.set(slot, &new.k[i * kw..(i + 1) * kw]);
-                    kv.v.set(slot, &new.v[i * vw..(i + 1) * vw]);
+                    kv.k.set(slot, &k[i * kw..(i + 1) * kw]);
+                    kv.v.set(slot, &v[i * vw..(i + 1) * vw]);
                     if slot == pos.len() {
                         pos.push(p);
                     } else {
@@ -409,13 +402,14 @@ mod tests {
     #[test]
     fn ring_keeps_the_last_cap_positions() {
         let mut s = KvStore::Window { kv: Kv::new(1, 1, 1, 3, KvDtype::F32), pos: Vec::new(), cap: 3 };
-        let rows = |ps: std::ops::Range<usize>| KvRows {
-            k: ps.clone().map(|p| p as f32).collect(),
-            v: ps.map(|p| -(p as f32)).collect(),
+        let mut append = |ps: std::ops::Range<usize>| {
+            let k: Vec<f32> = ps.clone().map(|p| p as f32).collect();
+            let v: Vec<f32> = ps.clone().map(|p| -(p as f32)).collect();
+            s.append(&k, &v, ps.start, 1, 1);
         };
-        s.append(&rows(10..12), 10, 1, 1);
-        s.append(&rows(12..13), 12, 1, 1);
-        s.append(&rows(13..18), 13, 1, 1);
+        append(10..12);
+        append(12..13);
+        append(13..18);
         let KvStore::Window { kv, pos, .. } = &s else { unreachable!() };
         let mut got: Vec<(usize, f32, f32)> = (0..3).map(|i| (pos[i], kv.k.get(i, 0, 0), kv.v.get(i, 0, 0))).collect();
         got.sort_by_key(|x| x.0);

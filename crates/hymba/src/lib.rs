@@ -14,6 +14,7 @@
 //! # Ok::<(), hymba::Error>(())
 //! ```
 
+pub mod backend;
 pub mod cache;
 pub mod chat;
 pub mod config;

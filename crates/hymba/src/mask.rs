@@ -16,6 +16,23 @@ pub enum DecodeWindow {
     Official,
 }
 
+/// Which keys a query sees in one layer for one call, as data: the layer's kind, its effective
+/// window, and the number of meta tokens (always visible). What a backend's attention takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mask {
+    pub kind: AttnKind,
+    pub window: usize,
+    pub meta: usize,
+}
+
+impl Mask {
+    /// Whether a query at position `t` sees the key at `s` (see [`sees`]).
+    #[inline]
+    pub fn sees(&self, t: usize, s: usize) -> bool {
+        sees(self.kind, self.window, self.meta, t, s)
+    }
+}
+
 /// True when a query at absolute position `t` may attend to a key at `s`, in a layer of kind
 /// `attn` with window `window`, `meta` being the number of meta tokens (always visible).
 #[inline]

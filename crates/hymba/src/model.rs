@@ -4,17 +4,19 @@
 //! possibly in chunks) or one token at a time (decode); both go through the same code, so
 //! decoding is a prefill of one row. `Model::forward_uncached` is the official no-cache forward
 //! (meta tokens prepended, blank state) and serves as the reference in tests.
+//!
+//! The math is written once, in [`Net`], as operations of a [`Backend`]; [`Model`] owns the
+//! weights prepared for the CPU backend and the caches, and feeds the network each call's rows.
 
-use crate::cache::{Cache, Kv, KvDtype, KvRows, KvStore, KvView, LayerState, MetaPrefix};
+use crate::backend::{AttnInput, Backend, Cpu, Fuse, Heads, KvSplit, ScanInput, Seq};
+use crate::cache::{Cache, Kv, KvDtype, KvStore, LayerState, MetaPrefix};
 use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
 use crate::error::{Error, Result};
-use crate::mask::{sees, DecodeWindow};
+use crate::mask::DecodeWindow;
 use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
-use half::bf16;
-use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
-use hymba_kernels::{act, conv::causal_conv, matmul, norm, on_pool, rope, scan};
-use rayon::prelude::*;
+use hymba_kernels::attention::KeyPos;
+use hymba_kernels::{on_pool, rope};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -36,28 +38,12 @@ pub struct Step<'a> {
     pub window: DecodeWindow,
 }
 
-/// A sequence's rows inside the layers.
-struct Segment<'a> {
-    /// Its rows of the batch: `start..start + len`.
-    start: usize,
-    len: usize,
-    /// Absolute position of its first row.
-    pos0: usize,
-    /// Earlier K/V per group (meta prefix, cache store).
-    past: Vec<Vec<KvView<'a>>>,
-    /// SSM and conv state per layer, updated in place.
-    states: &'a mut [LayerState],
-    /// Effective sliding window for this call.
-    window: usize,
-    /// New rows' K/V per group, from the group's producer layer.
-    new_kv: Vec<KvRows>,
-}
-
 pub struct Model {
     pub config: Config,
     pub plan: Vec<LayerPlan>,
     pub groups: Vec<KvGroup>,
-    pub weights: Weights,
+    pub weights: Weights<Cpu>,
+    backend: Cpu,
     /// RoPE inverse frequencies [dqk / 2]
     inv_freq: Vec<f32>,
     /// The element type of every K/V cache this model makes.
@@ -66,28 +52,174 @@ pub struct Model {
     meta: OnceLock<Arc<MetaPrefix>>,
 }
 
-/// A sequence's cached K/V blocks (`past`, each taken as `T` by `as_t`) followed by this call's
-/// new rows (`k`, `v`, from position `pos0`).
-fn with_new_rows<'a, T: KvElem>(
-    past: &[KvView<'a>],
-    as_t: fn(&KvView<'a>) -> Option<KvBlock<'a, T>>,
-    k: &'a [T],
-    v: &'a [T],
-    kw: usize,
-    pos0: usize,
-) -> Vec<KvBlock<'a, T>> {
-    let mut blocks: Vec<KvBlock<T>> = past.iter().map(|b| as_t(b).expect("caches were checked to hold the model's K/V type")).collect();
-    blocks.push(KvBlock::row_major(k, v, kw, KeyPos::Contiguous(pos0)));
-    blocks
+/// Every activation of one forward call, `t` rows (llama2.c's RunState): each buffer is made
+/// once and reused by every layer.
+struct Run<B: Backend> {
+    /// The residual stream [t, d]
+    h: B::Rows,
+    /// Its normed copy, the input of the mixer and of the MLP [t, d]
+    u: B::Rows,
+    /// in_proj output [t, q (+ k + v) + x + z]
+    p: B::Rows,
+    /// Queries [t, H·dqk], the gate z [t, E], conv output after SiLU [t, E]
+    q: B::Rows,
+    z: B::Rows,
+    xc: B::Rows,
+    /// x_proj output [t, R + 2N], and its parts δr [t, R], B [t, N], C [t, N]; Δ [t, E]
+    proj: B::Rows,
+    dr: B::Rows,
+    bm: B::Rows,
+    cm: B::Rows,
+    delta: B::Rows,
+    /// The fused branches [t, E]
+    fused: B::Rows,
+    /// MLP gate and up [t, F]
+    gate: B::Rows,
+    up: B::Rows,
+    /// A mixer's or the MLP's output [t, d]
+    out: B::Rows,
+    /// This call's K/V rows per group [t, Hkv·dqk], [t, Hkv·dv], from the group's first layer
+    k: Vec<B::Rows>,
+    v: Vec<B::Rows>,
 }
 
-/// Columns `a..a + w` of every row of a `[t, width]` matrix.
-fn columns(m: &[f32], width: usize, a: usize, w: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(m.len() / width.max(1) * w);
-    for r in m.chunks_exact(width) {
-        out.extend_from_slice(&r[a..a + w]);
+impl<B: Backend> Run<B> {
+    fn new(b: &B, groups: usize) -> Self {
+        Run {
+            h: b.rows(),
+            u: b.rows(),
+            p: b.rows(),
+            q: b.rows(),
+            z: b.rows(),
+            xc: b.rows(),
+            proj: b.rows(),
+            dr: b.rows(),
+            bm: b.rows(),
+            cm: b.rows(),
+            delta: b.rows(),
+            fused: b.rows(),
+            gate: b.rows(),
+            up: b.rows(),
+            out: b.rows(),
+            k: (0..groups).map(|_| b.rows()).collect(),
+            v: (0..groups).map(|_| b.rows()).collect(),
+        }
     }
-    out
+}
+
+/// The network of spec §3 over one backend's weights.
+struct Net<'m, B: Backend> {
+    b: &'m B,
+    c: &'m Config,
+    plan: &'m [LayerPlan],
+    w: &'m Weights<B>,
+    inv_freq: &'m B::Vector,
+    kv_dtype: KvDtype,
+}
+
+impl<B: Backend> Net<'_, B> {
+    /// Spec §3 step 3 for every layer, over the rows `run.h` of every sequence. Each group's new
+    /// K/V rows are left in `run.k`/`run.v` for the caller to store. When `trace` is given, it
+    /// receives every layer's input and the final output.
+    fn layers(&self, run: &mut Run<B>, seqs: &mut [Seq<B>], mut trace: Option<&mut Vec<Vec<f32>>>) {
+        let (b, eps) = (self.b, self.c.rms_norm_eps);
+        for (i, lw) in self.w.layers.iter().enumerate() {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push(b.download(&run.h));
+            }
+            b.rmsnorm(&run.h, &lw.input_norm, eps, &mut run.u);
+            self.mixer(i, lw, run, seqs);
+            b.add(&mut run.h, &run.out);
+            b.rmsnorm(&run.h, &lw.mlp_norm, eps, &mut run.u);
+            self.mlp(lw, run);
+            b.add(&mut run.h, &run.out);
+        }
+        if let Some(tr) = trace {
+            tr.push(b.download(&run.h));
+        }
+    }
+
+    /// The hybrid mixer of layer `i` (spec §3, "Mixer") on `run.u`, into `run.out`: in_proj,
+    /// the attention and SSM heads side by side, fused by per-channel norms and averaged, then
+    /// out_proj. Projections run over all rows at once; attention and the SSM per sequence.
+    fn mixer(&self, i: usize, lw: &LayerWeights<B>, run: &mut Run<B>, seqs: &mut [Seq<B>]) {
+        let (b, c, lp) = (self.b, self.c, &self.plan[i]);
+        let e = c.ssm_width;
+        let (qw, kw, vw) = (c.q_width(), c.k_width(), c.v_width());
+        // 1. in_proj, split q [, k, v], x, z.
+        let width = c.in_proj_rows(lp.computes_kv);
+        let xz = if lp.computes_kv { qw + kw + vw } else { qw };
+        b.matmul(&run.u, &lw.in_proj, &mut run.p);
+        b.columns(&run.p, width, 0, qw, &mut run.q);
+        b.columns(&run.p, width, xz + e, e, &mut run.z);
+        // 2. Attention's inputs: RoPE on q, and on k of a layer that computes the group's K/V.
+        b.rope(&mut run.q, self.inv_freq, seqs);
+        let g = lp.kv_group;
+        if lp.computes_kv {
+            let split = KvSplit { width, k_at: qw, kw, vw, dtype: self.kv_dtype };
+            b.new_kv(&run.p, split, self.inv_freq, seqs, &mut run.k[g], &mut run.v[g]);
+        }
+        // 3. The SSM's input: the causal conv of x from each sequence's state, SiLU; then its
+        // input-dependent parameters.
+        b.conv_silu(&run.p, width, xz, i, &lw.conv_w, &lw.conv_b, seqs, &mut run.xc);
+        self.ssm_params(lw, run);
+        // 2 ∥ 3, then 4: the two heads side by side, fused.
+        let heads = Heads { q: c.num_attention_heads, kv: c.num_key_value_heads, dk: c.qk_head_dim, dv: c.v_head_dim };
+        let attn = AttnInput {
+            q: &run.q,
+            k: &run.k[g],
+            v: &run.v[g],
+            group: g,
+            heads,
+            kind: lp.attn,
+            meta: c.num_memory_tokens,
+            kv_dtype: self.kv_dtype,
+        };
+        let ssm = ScanInput { layer: i, x: &run.xc, delta: &run.delta, b: &run.bm, c: &run.cm, z: &run.z, a: &lw.a, d: &lw.d };
+        let fuse = Fuse { attn_norm: &lw.attn_norm, ssm_norm: &lw.ssm_norm, eps: c.rms_norm_eps };
+        b.hybrid_heads(&attn, &ssm, &fuse, seqs, &mut run.fused);
+        b.matmul(&run.fused, &lw.out_proj, &mut run.out);
+    }
+
+    /// The Mamba-1 branch's input-dependent parameters (spec §3.3), from the conv output
+    /// `run.xc`: x_proj into normed (δr, B, C), then Δ = softplus(dt_proj(δr) + bias).
+    fn ssm_params(&self, lw: &LayerWeights<B>, run: &mut Run<B>) {
+        let (b, c) = (self.b, self.c);
+        let (n, r) = (c.mamba_d_state, c.mamba_dt_rank);
+        let pw = r + 2 * n;
+        b.matmul(&run.xc, &lw.x_proj, &mut run.proj);
+        match &lw.inner_norms {
+            Some([wd, wb, wc]) => {
+                b.rmsnorm_columns(&run.proj, pw, 0, wd, c.rms_norm_eps, &mut run.dr);
+                b.rmsnorm_columns(&run.proj, pw, r, wb, c.rms_norm_eps, &mut run.bm);
+                b.rmsnorm_columns(&run.proj, pw, r + n, wc, c.rms_norm_eps, &mut run.cm);
+            }
+            None => {
+                b.columns(&run.proj, pw, 0, r, &mut run.dr);
+                b.columns(&run.proj, pw, r, n, &mut run.bm);
+                b.columns(&run.proj, pw, r + n, n, &mut run.cm);
+            }
+        }
+        b.matmul(&run.dr, &lw.dt_proj, &mut run.delta);
+        b.softplus_bias(&mut run.delta, &lw.dt_bias);
+    }
+
+    /// Gated MLP on `run.u`, into `run.out`: down(silu(gate(x)) ⊙ up(x)).
+    fn mlp(&self, lw: &LayerWeights<B>, run: &mut Run<B>) {
+        let b = self.b;
+        b.matmul(&run.u, &lw.gate, &mut run.gate);
+        b.matmul(&run.u, &lw.up, &mut run.up);
+        b.silu_mul(&mut run.gate, &run.up, self.c.intermediate_size);
+        b.matmul(&run.gate, &lw.down, &mut run.out);
+    }
+
+    /// Final norm and output projection of rows `rows` of the residual stream, into `run.out`.
+    fn logits(&self, run: &mut Run<B>, rows: &[std::ops::Range<usize>]) {
+        let b = self.b;
+        b.gather(&run.h, self.c.hidden_size, rows, &mut run.u);
+        b.rmsnorm(&run.u, &self.w.final_norm, self.c.rms_norm_eps, &mut run.fused);
+        b.matmul(&run.fused, self.w.output(), &mut run.out);
+    }
 }
 
 impl Model {
@@ -110,16 +242,19 @@ impl Model {
         Model::from_store(config, store)
     }
 
-    /// The model over `store`'s tensors. Where the matrix products run faster on panels (AVX2),
-    /// the bf16 matrices are rearranged into them here, keeping their precision.
-    pub fn from_store(config: Config, mut store: TensorStore) -> Result<Model> {
-        if hymba_kernels::matmul::panels_pay() {
-            store.pack_panels();
-        }
+    /// The model over `store`'s tensors, prepared for the CPU backend (where the matrix products
+    /// run faster on panels, the bf16 matrices are rearranged into them, keeping their precision).
+    pub fn from_store(config: Config, store: TensorStore) -> Result<Model> {
+        let backend = Cpu;
         let (plan, groups) = config.plan();
-        let weights = Weights::load(&config, &plan, store)?;
-        let inv_freq = rope::inv_freq(config.rope_base(), config.qk_head_dim);
-        Ok(Model { config, plan, groups, weights, inv_freq, kv_dtype: KvDtype::F32, meta: OnceLock::new() })
+        let weights = Weights::load(&backend, &config, &plan, store)?;
+        let inv_freq = backend.vector(rope::inv_freq(config.rope_base(), config.qk_head_dim));
+        Ok(Model { config, plan, groups, weights, backend, inv_freq, kv_dtype: KvDtype::F32, meta: OnceLock::new() })
+    }
+
+    /// The network over the backend's weights.
+    fn net(&self) -> Net<'_, Cpu> {
+        Net { b: &self.backend, c: &self.config, plan: &self.plan, w: &self.weights, inv_freq: &self.inv_freq, kv_dtype: self.kv_dtype }
     }
 
     /// The model with K/V caches held in `dtype` (see [`KvDtype`]); the meta prefix is computed
@@ -147,21 +282,20 @@ impl Model {
     fn compute_meta_prefix(&self) -> MetaPrefix {
         let m = self.config.num_memory_tokens;
         let mut states = self.blank_states();
-        let mut h = self.weights.memory_tokens.clone();
-        let rows = if m == 0 {
-            vec![KvRows::default(); self.groups.len()]
-        } else {
-            let mut seg = [self.blank_segment(m, &mut states)];
-            self.layers(&mut h, &mut seg, None);
-            let [seg] = seg;
-            seg.new_kv
-        };
-        let kv = rows
+        let mut run = Run::new(&self.backend, self.groups.len());
+        if m > 0 {
+            self.backend.upload(&self.weights.memory_tokens, &mut run.h);
+            let mut seq = [self.blank_seq(m, &mut states)];
+            self.net().layers(&mut run, &mut seq, None);
+        }
+        let kv = run
+            .k
             .iter()
-            .map(|r| {
+            .zip(&run.v)
+            .map(|(k, v)| {
                 let mut kv = self.new_kv(m);
-                kv.k.extend(&r.k);
-                kv.v.extend(&r.v);
+                kv.k.extend(k);
+                kv.v.extend(v);
                 kv
             })
             .collect();
@@ -176,9 +310,9 @@ impl Model {
 
     /// A sequence that starts from nothing (not even the meta prefix): `len` rows from
     /// position 0.
-    fn blank_segment<'a>(&self, len: usize, states: &'a mut [LayerState]) -> Segment<'a> {
+    fn blank_seq<'a>(&self, len: usize, states: &'a mut [LayerState]) -> Seq<'a, Cpu> {
         let past = vec![Vec::new(); self.groups.len()];
-        Segment { start: 0, len, pos0: 0, past, states, window: self.window(DecodeWindow::Trained, false), new_kv: Vec::new() }
+        Seq { rows: 0..len, pos0: 0, past, states, window: self.window(DecodeWindow::Trained, false) }
     }
 
     fn blank_states(&self) -> Vec<LayerState> {
@@ -210,13 +344,12 @@ impl Model {
         let (kw, vw) = (self.config.k_width(), self.config.v_width());
         // In bounded steps so a long context never needs one huge temporary.
         let step = 256;
-        let zeros = KvRows { k: vec![0.0; step * kw], v: vec![0.0; step * vw] };
+        let (zk, zv) = (vec![0.0; step * kw], vec![0.0; step * vw]);
         let mut done = 0;
         while done < n {
             let k = step.min(n - done);
-            let rows = KvRows { k: zeros.k[..k * kw].to_vec(), v: zeros.v[..k * vw].to_vec() };
             for store in cache.kv.iter_mut() {
-                store.append(&rows, cache.pos, kw, vw);
+                store.append(&zk[..k * kw], &zv[..k * vw], cache.pos, kw, vw);
             }
             cache.pos += k;
             done += k;
@@ -250,16 +383,6 @@ impl Model {
         Ok(())
     }
 
-    fn embed(&self, ids: &[u32], h: &mut Vec<f32>) {
-        let d = self.config.hidden_size;
-        let start = h.len();
-        h.resize(start + ids.len() * d, 0.0);
-        let embed = self.weights.embed.mat();
-        for (row, &id) in h[start..].chunks_exact_mut(d).zip(ids) {
-            embed.row_f32(id as usize, row);
-        }
-    }
-
     /// Runs `ids` of one sequence after what `cache` holds and returns logits `[rows, V]`.
     /// `window` matters only for a single-token step: see [`DecodeWindow`]. On error the cache
     /// is unchanged.
@@ -286,12 +409,13 @@ impl Model {
                 )));
             }
         }
-        let mut h = Vec::new();
+        let (b, d) = (&self.backend, self.config.hidden_size);
+        let mut run = Run::new(b, self.groups.len());
         for s in steps.iter() {
-            self.embed(s.ids, &mut h);
+            b.embed(&self.weights.embed, s.ids, d, &mut run.h);
         }
         let mut start = 0;
-        let mut segs: Vec<Segment> = steps
+        let mut seqs: Vec<Seq<Cpu>> = steps
             .iter_mut()
             .map(|s| {
                 let single = s.ids.len() == 1 && !s.cache.is_empty();
@@ -307,38 +431,31 @@ impl Model {
                         b
                     })
                     .collect();
-                let seg = Segment { start, len: s.ids.len(), pos0: *pos, past, states, window, new_kv: Vec::new() };
+                let seq = Seq { rows: start..start + s.ids.len(), pos0: *pos, past, states, window };
                 start += s.ids.len();
-                seg
+                seq
             })
             .collect();
-        self.layers(&mut h, &mut segs, None);
-        let new_kv: Vec<Vec<KvRows>> = segs.into_iter().map(|s| s.new_kv).collect();
+        self.net().layers(&mut run, &mut seqs, None);
+        let rows: Vec<_> = seqs.iter().map(|s| s.rows.clone()).collect();
+        drop(seqs);
+        // Each sequence's new K/V rows into its stores.
         let (kw, vw) = (self.config.k_width(), self.config.v_width());
-        for (s, rows) in steps.iter_mut().zip(&new_kv) {
-            for (store, r) in s.cache.kv.iter_mut().zip(rows) {
-                store.append(r, s.cache.pos, kw, vw);
+        for (s, r) in steps.iter_mut().zip(&rows) {
+            for (g, store) in s.cache.kv.iter_mut().enumerate() {
+                store.append(&run.k[g][r.start * kw..r.end * kw], &run.v[g][r.start * vw..r.end * vw], s.cache.pos, kw, vw);
             }
             s.cache.pos += s.ids.len();
         }
         // One output projection for every requested row of the batch.
-        let d = self.config.hidden_size;
-        let (mut rows, mut counts) = (Vec::new(), Vec::new());
-        let mut start = 0;
-        for s in steps.iter() {
-            let end = start + s.ids.len();
-            let first = if s.logits == Logits::All { start } else { end - 1 };
-            rows.extend_from_slice(&h[first * d..end * d]);
-            counts.push(end - first);
-            start = end;
-        }
-        let all = self.logits(&rows);
+        let wanted: Vec<_> = steps.iter().zip(&rows).map(|(s, r)| if s.logits == Logits::All { r.clone() } else { r.end - 1..r.end }).collect();
+        self.net().logits(&mut run, &wanted);
         let v = self.config.vocab_size;
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
-        for n in counts {
-            out.push(all[at * v..(at + n) * v].to_vec());
-            at += n;
+        for r in &wanted {
+            out.push(run.out[at * v..(at + r.len()) * v].to_vec());
+            at += r.len();
         }
         Ok(out)
     }
@@ -346,240 +463,37 @@ impl Model {
     /// The official no-cache forward: meta tokens prepended, blank state; logits for every real
     /// position. The reference the cached path is tested against.
     pub fn forward_uncached(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        on_pool(|| Ok(self.logits(&self.hidden_uncached(ids, None)?)))
+        on_pool(|| {
+            let n = ids.len();
+            let mut run = self.run_uncached(ids, None)?;
+            let m = self.config.num_memory_tokens;
+            self.net().logits(&mut run, &[m..m + n]);
+            Ok(run.out)
+        })
     }
 
     /// Per-layer inputs over meta + real rows (`[L + 1][M + n, d]`, the last entry after the
     /// final norm), as the official `output_hidden_states` gives them. For debugging.
     pub fn hidden_states_uncached(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut hs = Vec::new();
-        on_pool(|| self.hidden_uncached(ids, Some(&mut hs)))?;
+        on_pool(|| self.run_uncached(ids, Some(&mut hs)))?;
         let last = hs.last_mut().expect("the trace ends with the final hidden state");
-        norm::rmsnorm_inplace(last, &self.weights.final_norm, self.config.rms_norm_eps);
+        hymba_kernels::norm::rmsnorm_inplace(last, &self.weights.final_norm, self.config.rms_norm_eps);
         Ok(hs)
     }
 
-    /// Hidden rows of the real tokens before the final norm, from a blank state.
-    fn hidden_uncached(&self, ids: &[u32], trace: Option<&mut Vec<Vec<f32>>>) -> Result<Vec<f32>> {
+    /// The layers over meta + real rows from a blank state; the residual stream is left in
+    /// `run.h`.
+    fn run_uncached(&self, ids: &[u32], trace: Option<&mut Vec<Vec<f32>>>) -> Result<Run<Cpu>> {
         self.check_ids(ids)?;
-        let d = self.config.hidden_size;
-        let m = self.config.num_memory_tokens;
-        let mut h = self.weights.memory_tokens.clone();
-        self.embed(ids, &mut h);
+        let (b, d, m) = (&self.backend, self.config.hidden_size, self.config.num_memory_tokens);
+        let mut run = Run::new(b, self.groups.len());
+        b.upload(&self.weights.memory_tokens, &mut run.h);
+        b.embed(&self.weights.embed, ids, d, &mut run.h);
         let mut states = self.blank_states();
-        let mut seg = [self.blank_segment(m + ids.len(), &mut states)];
-        self.layers(&mut h, &mut seg, trace);
-        Ok(h.split_off(m * d))
-    }
-
-    /// Final norm and output projection of hidden rows (`[t, d]`, before the norm).
-    fn logits(&self, rows: &[f32]) -> Vec<f32> {
-        let d = self.config.hidden_size;
-        let mut x = vec![0.0; rows.len()];
-        norm::rmsnorm(rows, &self.weights.final_norm, self.config.rms_norm_eps, &mut x);
-        let mut out = vec![0.0; rows.len() / d * self.config.vocab_size];
-        matmul(&x, self.weights.output().mat(), &mut out);
-        out
-    }
-
-    /// Spec §3 step 3 for every layer, over the rows `h` of every segment. Each segment's new
-    /// K/V rows are left in its `new_kv` for the caller to store. When `trace` is given, it
-    /// receives every layer's input and the final output.
-    fn layers(&self, h: &mut [f32], segs: &mut [Segment], mut trace: Option<&mut Vec<Vec<f32>>>) {
-        let c = &self.config;
-        for s in segs.iter_mut() {
-            s.new_kv = vec![KvRows::default(); self.groups.len()];
-        }
-        let mut u = vec![0.0; h.len()];
-        for (i, lw) in self.weights.layers.iter().enumerate() {
-            if let Some(tr) = trace.as_deref_mut() {
-                tr.push(h.to_vec());
-            }
-            norm::rmsnorm(h, &lw.input_norm, c.rms_norm_eps, &mut u);
-            let mixed = self.mixer(i, lw, &u, segs);
-            for (a, b) in h.iter_mut().zip(&mixed) {
-                *a += b;
-            }
-            norm::rmsnorm(h, &lw.mlp_norm, c.rms_norm_eps, &mut u);
-            let mlp = self.mlp(lw, &u);
-            for (a, b) in h.iter_mut().zip(&mlp) {
-                *a += b;
-            }
-        }
-        if let Some(tr) = trace {
-            tr.push(h.to_vec());
-        }
-    }
-
-    /// The hybrid mixer of layer `i` (spec §3, "Mixer"): in_proj, attention and SSM branches in
-    /// parallel, fused by per-channel norms and averaged, then out_proj. Projections run over
-    /// all rows at once; attention and the SSM per sequence.
-    fn mixer(&self, i: usize, lw: &LayerWeights, u: &[f32], segs: &mut [Segment]) -> Vec<f32> {
-        let c = &self.config;
-        let lp = &self.plan[i];
-        let (t, e) = (u.len() / c.hidden_size, c.ssm_width);
-        let (qw, kw, vw) = (c.q_width(), c.k_width(), c.v_width());
-        // 1. in_proj, split q [, k, v], x, z.
-        let width = c.in_proj_rows(lp.computes_kv);
-        let mut p = vec![0.0; t * width];
-        matmul(u, lw.in_proj.mat(), &mut p);
-        let mut q = columns(&p, width, 0, qw);
-        let xz = if lp.computes_kv { qw + kw + vw } else { qw };
-        let x = columns(&p, width, xz, e);
-        let z = columns(&p, width, xz + e, e);
-        let shape = AttnShape {
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            dk: c.qk_head_dim,
-            dv: c.v_head_dim,
-        };
-        let scale = 1.0 / (c.qk_head_dim as f32).sqrt();
-        let mut attn_out = vec![0.0; t * e];
-        let mut y = vec![0.0; t * e];
-        let mut xc = vec![0.0; t * e];
-        // Each sequence's rows, split off in order so the sequences can run in parallel (a
-        // batched decode step has many small ones). First per sequence: RoPE, the new rows'
-        // K/V, and the SSM's causal conv + SiLU (the conv reads the sequence's state).
-        let mut parts = Vec::with_capacity(segs.len());
-        let (mut q_rest, mut c_rest) = (&mut q[..], &mut xc[..]);
-        for s in segs.iter_mut() {
-            let (qs, qr) = std::mem::take(&mut q_rest).split_at_mut(s.len * qw);
-            let (cs, cr) = std::mem::take(&mut c_rest).split_at_mut(s.len * e);
-            (q_rest, c_rest) = (qr, cr);
-            parts.push((s, qs, cs));
-        }
-        parts.into_par_iter().for_each(|(s, qs, cs)| {
-            let rows = s.start..s.start + s.len;
-            for (row, ps) in qs.chunks_exact_mut(qw).zip(s.pos0..) {
-                rope::apply(row, ps, &self.inv_freq);
-            }
-            if lp.computes_kv {
-                let ps = &p[rows.start * width..rows.end * width];
-                let mut k = columns(ps, width, qw, kw);
-                let mut v = columns(ps, width, qw + kw, vw);
-                for (row, pp) in k.chunks_exact_mut(kw).zip(s.pos0..) {
-                    rope::apply(row, pp, &self.inv_freq);
-                }
-                if self.kv_dtype == KvDtype::BF16 {
-                    // What the cache will hold, so this call's queries see it too.
-                    for x in k.iter_mut().chain(v.iter_mut()) {
-                        *x = bf16::from_f32(*x).to_f32();
-                    }
-                }
-                s.new_kv[lp.kv_group] = KvRows { k, v };
-            }
-            causal_conv(&x[rows.start * e..rows.end * e], &mut s.states[i].conv, &lw.conv_w, &lw.conv_b, cs);
-            act::silu_inplace(cs);
-        });
-        // The SSM's input-dependent parameters, all rows at once (one pass over x_proj and
-        // dt_proj for the whole batch).
-        let (delta, bm, cm) = self.ssm_params(lw, &xc);
-        // Then per sequence: attention and the selective scan, and their fusion.
-        let mut fused = vec![0.0; t * e];
-        let mut parts = Vec::with_capacity(segs.len());
-        let (mut a_rest, mut y_rest, mut f_rest) = (&mut attn_out[..], &mut y[..], &mut fused[..]);
-        for s in segs.iter_mut() {
-            let (os, or) = std::mem::take(&mut a_rest).split_at_mut(s.len * e);
-            let (ys, yr) = std::mem::take(&mut y_rest).split_at_mut(s.len * e);
-            let (fs, fr) = std::mem::take(&mut f_rest).split_at_mut(s.len * e);
-            (a_rest, y_rest, f_rest) = (or, yr, fr);
-            parts.push((s, os, ys, fs));
-        }
-        let n = c.mamba_d_state;
-        parts.into_par_iter().for_each(|(s, out, ys, fs)| {
-            let rows = s.start..s.start + s.len;
-            let qs = &q[rows.start * qw..rows.end * qw];
-            let pos: Vec<usize> = (s.pos0..s.pos0 + s.len).collect();
-            // 2. Attention branch over the group's past K/V and this call's rows.
-            let (past, cur) = (&s.past[lp.kv_group], &s.new_kv[lp.kv_group]);
-            let (kind, m, window) = (lp.attn, c.num_memory_tokens, s.window);
-            let visible = move |tq: usize, sk: usize| sees(kind, window, m, tq, sk);
-            // 3. SSM branch, beside attention: a core that finishes its share of one takes
-            // work from the other.
-            let state = &mut s.states[i].ssm;
-            let inp = scan::ScanInput {
-                x: &xc[rows.start * e..rows.end * e],
-                delta: &delta[rows.start * e..rows.end * e],
-                a: &lw.a,
-                b: &bm[rows.start * n..rows.end * n],
-                c: &cm[rows.start * n..rows.end * n],
-                d: &lw.d,
-            };
-            rayon::join(
-                || {
-                    // The cached blocks and this call's rows, in the cache's element type.
-                    match self.kv_dtype {
-                        KvDtype::F32 => {
-                            let blocks = with_new_rows(past, KvView::f32, &cur.k, &cur.v, kw, s.pos0);
-                            attention(qs, &pos, &blocks, shape, scale, &visible, out)
-                        }
-                        KvDtype::BF16 => {
-                            let narrow = |r: &[f32]| -> Vec<bf16> { r.iter().map(|&x| bf16::from_f32(x)).collect() };
-                            let (k, v) = (narrow(&cur.k), narrow(&cur.v));
-                            let blocks = with_new_rows(past, KvView::bf16, &k, &v, kw, s.pos0);
-                            attention(qs, &pos, &blocks, shape, scale, &visible, out)
-                        }
-                    }
-                },
-                || {
-                    scan::selective_scan(&inp, state, ys);
-                    let mut gate = z[rows.start * e..rows.end * e].to_vec();
-                    act::silu_inplace(&mut gate);
-                    for (v, g) in ys.iter_mut().zip(&gate) {
-                        *v *= g;
-                    }
-                },
-            );
-            // 4. Fuse, these rows: (norm1(attn) + norm2(y)) / 2.
-            norm::rmsnorm(out, &lw.attn_norm, c.rms_norm_eps, fs);
-            norm::rmsnorm_inplace(ys, &lw.ssm_norm, c.rms_norm_eps);
-            for (f, y) in fs.iter_mut().zip(ys.iter()) {
-                *f = (*f + y) * 0.5;
-            }
-        });
-        drop(p);
-        // ... then out_proj over all rows.
-        let mut out = vec![0.0; t * c.hidden_size];
-        matmul(&fused, lw.out_proj.mat(), &mut out);
-        out
-    }
-
-    /// The Mamba-1 branch's input-dependent parameters (spec §3.3), for rows of conv output
-    /// `xc`: x_proj into normed (δr, B, C), then Δ = softplus(dt_proj(δr) + bias). Returns
-    /// (Δ, B, C). The conv before and the selective scan after run per sequence in [`Self::mixer`].
-    fn ssm_params(&self, lw: &LayerWeights, xc: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let c = &self.config;
-        let (e, n, r) = (c.ssm_width, c.mamba_d_state, c.mamba_dt_rank);
-        let t = xc.len() / e;
-        let pw = r + 2 * n;
-        let mut proj = vec![0.0; t * pw];
-        matmul(xc, lw.x_proj.mat(), &mut proj);
-        let mut dr = columns(&proj, pw, 0, r);
-        let mut bm = columns(&proj, pw, r, n);
-        let mut cm = columns(&proj, pw, r + n, n);
-        if let Some([wd, wb, wc]) = &lw.inner_norms {
-            norm::rmsnorm_inplace(&mut dr, wd, c.rms_norm_eps);
-            norm::rmsnorm_inplace(&mut bm, wb, c.rms_norm_eps);
-            norm::rmsnorm_inplace(&mut cm, wc, c.rms_norm_eps);
-        }
-        let mut delta = vec![0.0; t * e];
-        matmul(&dr, lw.dt_proj.mat(), &mut delta);
-        delta.par_chunks_mut(e).for_each(|row| act::softplus_bias(row, &lw.dt_bias));
-        (delta, bm, cm)
-    }
-
-    /// Gated MLP: down(silu(gate(x)) ⊙ up(x)).
-    fn mlp(&self, lw: &LayerWeights, x: &[f32]) -> Vec<f32> {
-        let t = x.len() / self.config.hidden_size;
-        let f = self.config.intermediate_size;
-        let mut g = vec![0.0; t * f];
-        let mut u = vec![0.0; t * f];
-        matmul(x, lw.gate.mat(), &mut g);
-        matmul(x, lw.up.mat(), &mut u);
-        g.par_chunks_mut(f).zip(u.par_chunks(f)).for_each(|(g, u)| act::silu_mul(g, u));
-        let mut out = vec![0.0; x.len()];
-        matmul(&g, lw.down.mat(), &mut out);
-        out
+        let mut seq = [self.blank_seq(m + ids.len(), &mut states)];
+        self.net().layers(&mut run, &mut seq, trace);
+        Ok(run)
     }
 }
 

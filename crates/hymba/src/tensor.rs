@@ -90,11 +90,6 @@ pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
     is_large_matrix(name) && shape.len() == 2 && shape[1].is_multiple_of(QK)
 }
 
-/// Matrices that matrix products read, dt_proj included: those worth packing into panels.
-fn is_product_matrix(name: &str, shape: &[usize]) -> bool {
-    (is_large_matrix(name) || name.ends_with(".mamba.dt_proj.0.weight")) && shape.len() == 2
-}
-
 #[derive(Clone, Debug)]
 enum Owner {
     Mmap(Arc<Mmap>),
@@ -245,6 +240,14 @@ impl Tensor {
         }
     }
 
+    /// This bf16 matrix in panels (see [`Tensor::to_panels`]), the mapped pages it was read from
+    /// given back, so a load holds one copy.
+    pub fn into_panels(self) -> Tensor {
+        let packed = self.to_panels();
+        self.release_pages();
+        packed
+    }
+
     /// Whether the matrix is held in panels (see [`Tensor::to_panels`]).
     pub fn is_panels(&self) -> bool {
         self.panels
@@ -384,16 +387,6 @@ impl TensorStore {
         TensorStore {
             tensors: tensors.into_iter().map(|(k, v)| (k, (v, source.to_string()))).collect(),
             source: source.to_string(),
-        }
-    }
-
-    /// Rearranges every bf16 matrix that matrix products read into panels (see
-    /// [`Tensor::to_panels`]), one at a time.
-    pub fn pack_panels(&mut self) {
-        for (name, (t, _)) in self.tensors.iter_mut() {
-            if is_product_matrix(name, &t.shape) && t.dtype == Dtype::BF16 && !t.panels {
-                std::mem::replace(t, t.to_panels()).release_pages();
-            }
         }
     }
 

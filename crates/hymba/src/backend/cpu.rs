@@ -1,0 +1,269 @@
+//! The CPU backend: `hymba-kernels` on rayon's pool. Matrices keep their stored precision (bf16
+//! rearranged into panels where the matrix kernels read those faster); activations are `Vec<f32>`.
+//! Work that is per sequence (RoPE at its positions, the conv and the scan from its state,
+//! attention over its cache) runs one sequence per task, so a batched decode step of many short
+//! sequences fills the cores; within a sequence the kernels split their own work.
+
+use super::{AttnInput, Backend, Fuse, KvSplit, ScanInput, Seq};
+use crate::cache::{KvDtype, KvView, LayerState};
+use crate::tensor::Tensor;
+use half::bf16;
+use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
+use hymba_kernels::{act, conv::causal_conv, matmul, norm, rope, scan};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// The CPU backend. Holds nothing: the thread pool is rayon's global one.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// Columns `from..from + n` of every row of a `[t, width]` matrix, into `out`.
+fn columns_into(m: &[f32], width: usize, from: usize, n: usize, out: &mut Vec<f32>) {
+    out.clear();
+    for r in m.chunks_exact(width) {
+        out.extend_from_slice(&r[from..from + n]);
+    }
+}
+
+fn columns(m: &[f32], width: usize, from: usize, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m.len() / width.max(1) * n);
+    columns_into(m, width, from, n, &mut out);
+    out
+}
+
+/// `out` resized to `n` elements; what it held is overwritten by the caller.
+fn shape(out: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    out.resize(n, 0.0);
+    &mut out[..]
+}
+
+/// Splits `buf` into consecutive pieces of `len(seq) · width` elements, one per sequence.
+fn per_seq<'b, 's, 'a>(buf: &'b mut [f32], width: usize, seqs: &'s mut [Seq<'a, Cpu>]) -> Vec<(&'s mut Seq<'a, Cpu>, &'b mut [f32])> {
+    let mut rest = buf;
+    seqs.iter_mut()
+        .map(|s| {
+            let (mine, r) = std::mem::take(&mut rest).split_at_mut(s.rows.len() * width);
+            rest = r;
+            (s, mine)
+        })
+        .collect()
+}
+
+/// A sequence's cached K/V blocks (each taken as `T` by `as_t`) followed by this call's rows
+/// (`k`, `v`, from position `pos0`).
+fn with_new_rows<'a, T: KvElem>(
+    past: &[KvView<'a>],
+    as_t: fn(&KvView<'a>) -> Option<KvBlock<'a, T>>,
+    k: &'a [T],
+    v: &'a [T],
+    kw: usize,
+    pos0: usize,
+) -> Vec<KvBlock<'a, T>> {
+    let mut blocks: Vec<KvBlock<T>> = past.iter().map(|b| as_t(b).expect("caches were checked to hold the model's K/V type")).collect();
+    blocks.push(KvBlock::row_major(k, v, kw, KeyPos::Contiguous(pos0)));
+    blocks
+}
+
+impl Backend for Cpu {
+    type Matrix = Tensor;
+    type Vector = Vec<f32>;
+    type Rows = Vec<f32>;
+    type State = LayerState;
+    type KvView<'a> = KvView<'a>;
+
+    fn matrix(&self, t: Tensor) -> Tensor {
+        if hymba_kernels::matmul::panels_pay() && t.dtype == crate::tensor::Dtype::BF16 && !t.is_panels() {
+            t.into_panels()
+        } else {
+            t
+        }
+    }
+
+    fn vector(&self, v: Vec<f32>) -> Vec<f32> {
+        v
+    }
+
+    fn rows(&self) -> Vec<f32> {
+        Vec::new()
+    }
+
+    fn upload(&self, host: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(host);
+    }
+
+    fn download(&self, rows: &Vec<f32>) -> Vec<f32> {
+        rows.clone()
+    }
+
+    fn embed(&self, table: &Tensor, ids: &[u32], d: usize, out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(start + ids.len() * d, 0.0);
+        let m = table.mat();
+        for (row, &id) in out[start..].chunks_exact_mut(d).zip(ids) {
+            m.row_f32(id as usize, row);
+        }
+    }
+
+    fn matmul(&self, x: &Vec<f32>, w: &Tensor, y: &mut Vec<f32>) {
+        let m = w.mat();
+        let t = x.len() / m.cols.max(1);
+        matmul(x, m, shape(y, t * m.rows));
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) {
+        norm::rmsnorm(x, w, eps, shape(out, x.len()));
+    }
+
+    fn rmsnorm_columns(&self, x: &Vec<f32>, width: usize, from: usize, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) {
+        columns_into(x, width, from, w.len(), out);
+        norm::rmsnorm_inplace(out, w, eps);
+    }
+
+    fn columns(&self, x: &Vec<f32>, width: usize, from: usize, n: usize, out: &mut Vec<f32>) {
+        columns_into(x, width, from, n, out);
+    }
+
+    fn gather(&self, x: &Vec<f32>, width: usize, rows: &[Range<usize>], out: &mut Vec<f32>) {
+        out.clear();
+        for r in rows {
+            out.extend_from_slice(&x[r.start * width..r.end * width]);
+        }
+    }
+
+    fn add(&self, h: &mut Vec<f32>, x: &Vec<f32>) {
+        assert_eq!(h.len(), x.len());
+        for (a, b) in h.iter_mut().zip(x) {
+            *a += b;
+        }
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, inv_freq: &Vec<f32>, seqs: &[Seq<Cpu>]) {
+        let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        let width = x.len() / t.max(1);
+        let mut rest = &mut x[..];
+        let mut parts = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let (mine, r) = std::mem::take(&mut rest).split_at_mut(s.rows.len() * width);
+            rest = r;
+            parts.push((s.pos0, mine));
+        }
+        parts.into_par_iter().for_each(|(pos0, rows)| {
+            for (row, p) in rows.chunks_exact_mut(width).zip(pos0..) {
+                rope::apply(row, p, inv_freq);
+            }
+        });
+    }
+
+    fn new_kv(&self, p: &Vec<f32>, split: KvSplit, inv_freq: &Vec<f32>, seqs: &[Seq<Cpu>], k: &mut Vec<f32>, v: &mut Vec<f32>) {
+        columns_into(p, split.width, split.k_at, split.kw, k);
+        columns_into(p, split.width, split.k_at + split.kw, split.vw, v);
+        self.rope(k, inv_freq, seqs);
+        if split.dtype == KvDtype::BF16 {
+            // What the cache will hold, so this call's queries see it too.
+            for x in k.iter_mut().chain(v.iter_mut()) {
+                *x = bf16::from_f32(*x).to_f32();
+            }
+        }
+    }
+
+    fn conv_silu(
+        &self,
+        p: &Vec<f32>,
+        width: usize,
+        from: usize,
+        layer: usize,
+        taps: &Vec<f32>,
+        bias: &Vec<f32>,
+        seqs: &mut [Seq<Cpu>],
+        out: &mut Vec<f32>,
+    ) {
+        let e = bias.len();
+        let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        let out = shape(out, t * e);
+        per_seq(out, e, seqs).into_par_iter().for_each(|(s, o)| {
+            let x = columns(&p[s.rows.start * width..s.rows.end * width], width, from, e);
+            causal_conv(&x, &mut s.states[layer].conv, taps, bias, o);
+            act::silu_inplace(o);
+        });
+    }
+
+    fn softplus_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) {
+        x.par_chunks_mut(bias.len()).for_each(|row| act::softplus_bias(row, bias));
+    }
+
+    fn silu_mul(&self, g: &mut Vec<f32>, u: &Vec<f32>, width: usize) {
+        assert_eq!(g.len(), u.len());
+        g.par_chunks_mut(width).zip(u.par_chunks(width)).for_each(|(g, u)| act::silu_mul(g, u));
+    }
+
+    fn hybrid_heads(&self, at: &AttnInput<Cpu>, ssm: &ScanInput<Cpu>, fuse: &Fuse<Cpu>, seqs: &mut [Seq<Cpu>], out: &mut Vec<f32>) {
+        let e = fuse.attn_norm.len();
+        let n = ssm.a.len() / e;
+        let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        let (qw, kw) = (at.heads.q * at.heads.dk, at.heads.kv * at.heads.dk);
+        let vw = at.heads.kv * at.heads.dv;
+        let shape_ = AttnShape { heads: at.heads.q, kv_heads: at.heads.kv, dk: at.heads.dk, dv: at.heads.dv };
+        let scale = 1.0 / (at.heads.dk as f32).sqrt();
+        let mut y = vec![0.0; t * e];
+        let mut attn = vec![0.0; t * e];
+        let out = shape(out, t * e);
+        let mut parts = Vec::with_capacity(seqs.len());
+        let (mut a_rest, mut y_rest, mut f_rest) = (&mut attn[..], &mut y[..], &mut out[..]);
+        for s in seqs.iter_mut() {
+            let len = s.rows.len() * e;
+            let (a, ar) = std::mem::take(&mut a_rest).split_at_mut(len);
+            let (ys, yr) = std::mem::take(&mut y_rest).split_at_mut(len);
+            let (f, fr) = std::mem::take(&mut f_rest).split_at_mut(len);
+            (a_rest, y_rest, f_rest) = (ar, yr, fr);
+            parts.push((s, a, ys, f));
+        }
+        parts.into_par_iter().for_each(|(s, a, ys, fs)| {
+            let rows = s.rows.clone();
+            let qs = &at.q[rows.start * qw..rows.end * qw];
+            let (k, v) = (&at.k[rows.start * kw..rows.end * kw], &at.v[rows.start * vw..rows.end * vw]);
+            let pos: Vec<usize> = (s.pos0..s.pos0 + rows.len()).collect();
+            let mask = at.mask(s);
+            let visible = move |tq: usize, sk: usize| mask.sees(tq, sk);
+            let past = &s.past[at.group];
+            let state = &mut s.states[ssm.layer].ssm;
+            let inp = scan::ScanInput {
+                x: &ssm.x[rows.start * e..rows.end * e],
+                delta: &ssm.delta[rows.start * e..rows.end * e],
+                a: ssm.a,
+                b: &ssm.b[rows.start * n..rows.end * n],
+                c: &ssm.c[rows.start * n..rows.end * n],
+                d: ssm.d,
+            };
+            // The two heads side by side: a core that finishes its share of one takes work from
+            // the other.
+            rayon::join(
+                || match at.kv_dtype {
+                    KvDtype::F32 => {
+                        let blocks = with_new_rows(past, KvView::f32, k, v, kw, s.pos0);
+                        attention(qs, &pos, &blocks, shape_, scale, &visible, a)
+                    }
+                    KvDtype::BF16 => {
+                        let narrow = |r: &[f32]| -> Vec<bf16> { r.iter().map(|&x| bf16::from_f32(x)).collect() };
+                        let (k, v) = (narrow(k), narrow(v));
+                        let blocks = with_new_rows(past, KvView::bf16, &k, &v, kw, s.pos0);
+                        attention(qs, &pos, &blocks, shape_, scale, &visible, a)
+                    }
+                },
+                || {
+                    scan::selective_scan(&inp, state, ys);
+                    let mut gate = ssm.z[rows.start * e..rows.end * e].to_vec();
+                    act::silu_inplace(&mut gate);
+                    for (v, g) in ys.iter_mut().zip(&gate) {
+                        *v *= g;
+                    }
+                },
+            );
+            norm::rmsnorm(a, fuse.attn_norm, fuse.eps, fs);
+            norm::rmsnorm_inplace(ys, fuse.ssm_norm, fuse.eps);
+            for (f, y) in fs.iter_mut().zip(ys.iter()) {
+                *f = (*f + y) * 0.5;
+            }
+        });
+    }
+}

@@ -1,0 +1,176 @@
+//! The seam between the model's math and the machine it runs on.
+//!
+//! `model.rs` describes Hymba once, as a sequence of operations at its own granularity (matrix
+//! product, RMSNorm, RoPE, the causal conv, the selective scan, attention with its mask as data,
+//! the fusion of the two branches, the MLP's activation); a [`Backend`] carries them out. The
+//! backend owns the weights' layout (the CPU's bf16 panels; device memory on a GPU), the
+//! activation buffers, and how work is spread over threads or streams. The model never sees a
+//! thread, a pointer or a device.
+//!
+//! [`Cpu`] is the first backend: the kernels of `hymba-kernels` on rayon's pool.
+
+pub mod cpu;
+
+pub use cpu::Cpu;
+
+use crate::cache::KvDtype;
+use crate::config::AttnKind;
+use crate::mask::Mask;
+use crate::tensor::Tensor;
+use std::ops::Range;
+
+/// Head counts and widths of the attention branch.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    /// H query heads of `dk`.
+    pub q: usize,
+    /// Hkv K/V heads: keys of `dk`, values of `dv`.
+    pub kv: usize,
+    pub dk: usize,
+    pub dv: usize,
+}
+
+/// One sequence's part of a forward call, as the operations see it.
+pub struct Seq<'a, B: Backend + 'a> {
+    /// Its rows of the call's activations.
+    pub rows: Range<usize>,
+    /// Absolute position of its first row (meta tokens count).
+    pub pos0: usize,
+    /// Effective sliding window for this call (see [`crate::mask::DecodeWindow`]).
+    pub window: usize,
+    /// K/V cached before this call, per K/V group: the meta prefix, then the sequence's store.
+    pub past: Vec<Vec<B::KvView<'a>>>,
+    /// SSM and conv state per layer, updated in place.
+    pub states: &'a mut [B::State],
+}
+
+/// Where a layer's new K/V rows go: their columns in the in_proj output, and the element type
+/// the cache keeps them in (new rows are rounded to it before any query reads them).
+#[derive(Clone, Copy, Debug)]
+pub struct KvSplit {
+    /// Width of the in_proj output row.
+    pub width: usize,
+    /// First column of k; v follows it.
+    pub k_at: usize,
+    pub kw: usize,
+    pub vw: usize,
+    pub dtype: KvDtype,
+}
+
+/// The attention branch's inputs for one layer, every sequence's rows together.
+pub struct AttnInput<'r, B: Backend> {
+    /// `[t, H·dk]`, RoPE applied.
+    pub q: &'r B::Rows,
+    /// This call's K/V rows of the layer's group: `[t, Hkv·dk]`, `[t, Hkv·dv]`, RoPE applied.
+    pub k: &'r B::Rows,
+    pub v: &'r B::Rows,
+    /// The layer's K/V group: the index into [`Seq::past`].
+    pub group: usize,
+    pub heads: Heads,
+    /// The layer's kind of attention (global or sliding window).
+    pub kind: AttnKind,
+    /// Meta tokens (always visible).
+    pub meta: usize,
+    /// The element type the cache holds K/V in (the new rows were rounded to it).
+    pub kv_dtype: KvDtype,
+}
+
+impl<B: Backend> AttnInput<'_, B> {
+    /// The mask of a sequence's queries in this layer.
+    pub fn mask(&self, seq: &Seq<B>) -> Mask {
+        Mask { kind: self.kind, window: seq.window, meta: self.meta }
+    }
+}
+
+/// The SSM branch's inputs for one layer (spec §3.3), every sequence's rows together.
+pub struct ScanInput<'r, B: Backend> {
+    /// Index of the layer, into [`Seq::states`].
+    pub layer: usize,
+    /// Conv output after SiLU `[t, E]`, Δ `[t, E]`, B and C `[t, N]`, the gate z `[t, E]`.
+    pub x: &'r B::Rows,
+    pub delta: &'r B::Rows,
+    pub b: &'r B::Rows,
+    pub c: &'r B::Rows,
+    pub z: &'r B::Rows,
+    /// A = −exp(A_log) `[E, N]`, D `[E]`.
+    pub a: &'r B::Vector,
+    pub d: &'r B::Vector,
+}
+
+/// The fusion's parameters (spec §3.4): the per-channel norm scales of the two branches.
+pub struct Fuse<'r, B: Backend> {
+    pub attn_norm: &'r B::Vector,
+    pub ssm_norm: &'r B::Vector,
+    pub eps: f32,
+}
+
+/// The operations the model is written in. Shapes are rows × width, row-major, f32; an output
+/// buffer is resized by the operation to the shape it produces (its storage is kept between
+/// calls, so a forward allocates once per step shape).
+pub trait Backend: Sync + Sized {
+    /// A weight matrix `[rows, cols]` in this backend's layout and the tensor's precision.
+    type Matrix: Send + Sync;
+    /// A small parameter vector, in f32.
+    type Vector: Send + Sync;
+    /// Activation rows, in f32.
+    type Rows: Send + Sync;
+    /// One layer's recurrent state (SSM and conv) of one sequence.
+    type State: Send;
+    /// K/V rows cached earlier (the meta prefix, a sequence's store), with their positions.
+    type KvView<'a>: Copy + Send + Sync
+    where
+        Self: 'a;
+
+    /// Prepares a weight matrix read by matrix products (e.g. rearranged into panels).
+    fn matrix(&self, t: Tensor) -> Self::Matrix;
+    fn vector(&self, v: Vec<f32>) -> Self::Vector;
+    /// An empty activation buffer.
+    fn rows(&self) -> Self::Rows;
+    /// Rows from host memory.
+    fn upload(&self, host: &[f32], out: &mut Self::Rows);
+    /// The rows, to host memory.
+    fn download(&self, rows: &Self::Rows) -> Vec<f32>;
+
+    /// Appends the embedding rows of `ids` (`table`: `[V, d]`) after the rows `out` holds.
+    fn embed(&self, table: &Self::Matrix, ids: &[u32], d: usize, out: &mut Self::Rows);
+    /// `y = x · wᵀ`: `x` `[t, cols]`, `y` `[t, rows]`.
+    fn matmul(&self, x: &Self::Rows, w: &Self::Matrix, y: &mut Self::Rows);
+    /// RMSNorm of each `w.len()`-wide row, in f32.
+    fn rmsnorm(&self, x: &Self::Rows, w: &Self::Vector, eps: f32, out: &mut Self::Rows);
+    /// RMSNorm of each row of columns `from..from + w.len()` of `x` (rows `width` wide).
+    fn rmsnorm_columns(&self, x: &Self::Rows, width: usize, from: usize, w: &Self::Vector, eps: f32, out: &mut Self::Rows);
+    /// Columns `from..from + n` of every row of `x` (rows `width` wide).
+    fn columns(&self, x: &Self::Rows, width: usize, from: usize, n: usize, out: &mut Self::Rows);
+    /// The rows in `rows` (ranges of row indices, in order) of `x`, `width` wide.
+    fn gather(&self, x: &Self::Rows, width: usize, rows: &[Range<usize>], out: &mut Self::Rows);
+    /// `h += x`.
+    fn add(&self, h: &mut Self::Rows, x: &Self::Rows);
+    /// RoPE (rotate-half) on every head of every row, at each sequence's positions.
+    fn rope(&self, x: &mut Self::Rows, inv_freq: &Self::Vector, seqs: &[Seq<Self>]);
+    /// A K/V-computing layer's new rows: k and v cut from the in_proj output `p`, RoPE on k,
+    /// rounded to the cache's element type.
+    fn new_kv(&self, p: &Self::Rows, split: KvSplit, inv_freq: &Self::Vector, seqs: &[Seq<Self>], k: &mut Self::Rows, v: &mut Self::Rows);
+    /// The depthwise causal conv of columns `from..from + E` of `p` (rows `width` wide), each
+    /// sequence from its conv state (updated), then SiLU. `taps` `[K, E]`, `bias` `[E]`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_silu(
+        &self,
+        p: &Self::Rows,
+        width: usize,
+        from: usize,
+        layer: usize,
+        taps: &Self::Vector,
+        bias: &Self::Vector,
+        seqs: &mut [Seq<Self>],
+        out: &mut Self::Rows,
+    );
+    /// `x = softplus(x + bias)`, row by row.
+    fn softplus_bias(&self, x: &mut Self::Rows, bias: &Self::Vector);
+    /// `g = silu(g) ⊙ u`, over rows `width` wide.
+    fn silu_mul(&self, g: &mut Self::Rows, u: &Self::Rows, width: usize);
+    /// The two heads of the hybrid mixer side by side, then their fusion (spec §3.2–3.4): per
+    /// sequence, attention over its past K/V and this call's rows under the layer's mask, and
+    /// the selective scan from its SSM state (updated), gated by silu(z); then
+    /// `(norm(attn; attn_norm) + norm(y; ssm_norm)) / 2` into `out` `[t, E]`.
+    fn hybrid_heads(&self, attn: &AttnInput<Self>, ssm: &ScanInput<Self>, fuse: &Fuse<Self>, seqs: &mut [Seq<Self>], out: &mut Self::Rows);
+}

@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use hymba::tensor::Dtype;
+use hymba::backend::{Backend, Cpu, Cuda};
 use hymba::{Config, DecodeWindow, KvDtype, Logits, Model, Step};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -43,6 +44,10 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Where to run: cpu, or cuda[:N] (a GPU; then the ceilings are the card's measured copy
+    /// bandwidth and bf16 matrix rate).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// The real Hymba-1.5B config, compiled in so `--synthetic` needs no files.
@@ -50,15 +55,19 @@ const HYMBA_1_5B: &str = include_str!("../../../assets/hymba-1.5b-config.json");
 
 /// The model of `--model` or `--synthetic`, quantized when asked.
 fn load(model: Option<&std::path::Path>, synthetic: Option<&str>, quant: Option<Dtype>) -> Result<Model> {
+    load_on(Cpu, model, synthetic, quant)
+}
+
+fn load_on<B: Backend>(b: B, model: Option<&std::path::Path>, synthetic: Option<&str>, quant: Option<Dtype>) -> Result<Model<B>> {
     Ok(match (model, synthetic) {
-        (Some(dir), _) => Model::load_quantized(dir, quant)?,
+        (Some(dir), _) => Model::load_on(b, dir, quant)?,
         (None, Some("hymba-1.5b")) => {
             let cfg = Config::from_value(serde_json::from_str(HYMBA_1_5B)?)?;
             let mut store = hymba::synthetic::in_memory(&cfg, Dtype::BF16, 1, 1.0);
             if let Some(q) = quant {
                 store.quantize(q);
             }
-            Model::from_store(cfg, store)?
+            Model::on(b, cfg, store)?
         }
         (None, Some(other)) => bail!("--synthetic {other}: known shapes are: hymba-1.5b"),
         (None, None) => bail!("give --model DIR or --synthetic hymba-1.5b"),
@@ -134,6 +143,19 @@ fn median(times: &mut [f64]) -> f64 {
     }
 }
 
+/// The ceilings a run is measured against, measured in the same run.
+struct Ceilings {
+    /// Bytes a second the weights can stream at: the CPU's read bandwidth, or a GPU's
+    /// device-to-device copy (bytes read + written).
+    bandwidth: f64,
+    /// A GPU's bf16 matrix rate, FLOP/s.
+    gemm: Option<f64>,
+    /// What the device is, for the report.
+    device: String,
+    /// The card's memory in use now, for the peak.
+    gpu_used: Option<Box<dyn Fn() -> usize>>,
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
@@ -142,13 +164,41 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.prompt == 0 || a.decode == 0 {
         bail!("--prompt and --decode must be at least 1");
     }
-    let t = Instant::now();
-    let model = load(a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
-    // The meta prefix is part of loading (computed on first use otherwise).
-    model.meta_prefix();
-    let load_s = t.elapsed().as_secs_f64();
-    let threads = rayon::current_num_threads();
-    let bw = hymba::kernels::probe::read_bandwidth(1 << 30, 5);
+    match crate::parse_device(&a.device)? {
+        None => {
+            let t = Instant::now();
+            let model = load(a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
+            // The meta prefix is part of loading (computed on first use otherwise).
+            model.ready()?;
+            let load_s = t.elapsed().as_secs_f64();
+            let bw = hymba::kernels::probe::read_bandwidth(1 << 30, 5);
+            let device = format!("cpu, {} threads", rayon::current_num_threads());
+            bench(&model, &a, load_s, Ceilings { bandwidth: bw, gemm: None, device, gpu_used: None })
+        }
+        Some(ordinal) => {
+            let t = Instant::now();
+            let cuda = Cuda::new(ordinal)?;
+            let (bandwidth, gemm) = (cuda.copy_bandwidth()?, cuda.bf16_gemm_rate()?);
+            let device = cuda.name.clone();
+            let ctx = cuda.context();
+            let gpu_used = Box::new(move || ctx.mem_get_info().map_or(0, |(free, total)| total - free));
+            let model = load_on(cuda, a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
+            model.ready()?;
+            let load_s = t.elapsed().as_secs_f64();
+            bench(&model, &a, load_s, Ceilings { bandwidth, gemm: Some(gemm), device, gpu_used: Some(gpu_used) })
+        }
+    }
+}
+
+fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceilings) -> Result<()> {
+    let bw = ceil.bandwidth;
+    let mut gpu_peak = 0usize;
+    let mut gpu_mark = || {
+        if let Some(f) = &ceil.gpu_used {
+            gpu_peak = gpu_peak.max(f());
+        }
+    };
+    gpu_mark();
     let v = model.config.vocab_size as u32;
     let ids: Vec<u32> = (0..a.prompt as u32).map(|i| (i * 7919 + 13) % v).collect();
 
@@ -156,6 +206,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let t = Instant::now();
     model.forward(&mut cache, &ids, Logits::Last, DecodeWindow::Trained)?;
     let prefill_tok_s = a.prompt as f64 / t.elapsed().as_secs_f64();
+    gpu_mark();
+    drop(cache);
 
     let wbytes = model.weight_bytes_per_token();
     let mut decode = Vec::new();
@@ -169,6 +221,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             model.forward(&mut cache, &[(i as u32 * 31 + 7) % v], Logits::Last, DecodeWindow::Trained)?;
             times.push(t.elapsed().as_secs_f64());
         }
+        gpu_mark();
         let tok_s = 1.0 / median(&mut times);
         decode.push(serde_json::json!({
             "context": ctx,
@@ -182,13 +235,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.batch.contains(&0) {
         bail!("--batch: sizes must be at least 1");
     }
-    let mut sets: Vec<(Vec<hymba::Cache>, Vec<[u32; 1]>)> = a
+    type Set<B> = (Vec<hymba::Cache<B>>, Vec<[u32; 1]>);
+    let mut sets: Vec<Set<B>> = a
         .batch
         .iter()
         .map(|&b| ((0..b).map(|_| model.cache_with_placeholder_tokens(128)).collect(), (0..b as u32).map(|i| [(i * 31 + 7) % v]).collect()))
         .collect();
-    let step = |(caches, ids): &mut (Vec<hymba::Cache>, Vec<[u32; 1]>)| -> Result<f64> {
-        let mut steps: Vec<Step> = caches
+    let step = |(caches, ids): &mut Set<B>| -> Result<f64> {
+        let mut steps: Vec<Step<B>> = caches
             .iter_mut()
             .zip(ids.iter())
             .map(|(cache, id)| Step { cache, ids: id, logits: Logits::Last, window: DecodeWindow::Trained })
@@ -206,42 +260,60 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ts.push(step(set)?);
         }
     }
+    gpu_mark();
     let batched: Vec<_> = a.batch.iter().zip(times.iter_mut()).map(|(&b, ts)| serde_json::json!({"batch": b, "tok_s": b as f64 / median(ts)})).collect();
     let params = model.parameter_counts().total;
-    let out = serde_json::json!({
+    let prefill_flop_s = prefill_tok_s * 2.0 * params as f64;
+    let mut out = serde_json::json!({
         "model": a.model.as_ref().map(|p| p.display().to_string()).or(a.synthetic.clone()),
+        "device": ceil.device,
         "quant": a.quant,
         "kv_cache": a.kv_cache,
-        "threads": threads,
+        "threads": rayon::current_num_threads(),
         "load_s": load_s,
         "parameters": params,
         "read_bandwidth_gbs": bw / 1e9,
         "weight_bytes_per_token": wbytes,
         "prompt_tokens": a.prompt,
         "prefill_tok_s": prefill_tok_s,
-        "prefill_gflop_s": prefill_tok_s * 2.0 * params as f64 / 1e9,
+        "prefill_gflop_s": prefill_flop_s / 1e9,
         "decode": decode,
         "batched_decode": batched,
         "peak_rss_bytes": peak_rss_bytes(),
     });
+    if let Some(g) = ceil.gemm {
+        // On a GPU the weights stream at the card's copy bandwidth (bytes read + written) and
+        // prefill is bounded by its bf16 matrix rate.
+        out["copy_bandwidth_gbs"] = (bw / 1e9).into();
+        out["bf16_gemm_tflops"] = (g / 1e12).into();
+        out["prefill_gemm_fraction"] = (prefill_flop_s / g).into();
+        out["gpu_peak_memory_bytes"] = gpu_peak.into();
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!(
-        "model {} ({} params, {} weights, {:?} K/V cache, {} threads, loaded in {load_s:.1} s)",
+        "model {} ({} params, {} weights, {:?} K/V cache, {}, loaded in {load_s:.1} s)",
         out["model"].as_str().unwrap_or(""),
         params,
         a.quant,
         a.kv_cache,
-        threads
+        ceil.device
     );
-    println!("read bandwidth      {:>8.1} GB/s (measured now)", bw / 1e9);
+    match ceil.gemm {
+        None => println!("read bandwidth      {:>8.1} GB/s (measured now)", bw / 1e9),
+        Some(g) => {
+            println!("copy bandwidth      {:>8.1} GB/s (device to device, read + write, measured now)", bw / 1e9);
+            println!("bf16 matrix rate    {:>8.1} TFLOP/s (cuBLAS, 8192³, measured now)", g / 1e12);
+        }
+    }
     println!("weights per token   {:>8.1} MB", wbytes as f64 / 1e6);
-    println!("prefill {:>5} tok   {:>8.1} tok/s ({:.0} GFLOP/s at 2·params a token)", a.prompt, prefill_tok_s, out["prefill_gflop_s"].as_f64().unwrap_or(0.0));
+    let of_gemm = ceil.gemm.map_or(String::new(), |g| format!(", {:.1}% of the matrix rate", 100.0 * prefill_flop_s / g));
+    println!("prefill {:>5} tok   {:>8.1} tok/s ({:.0} GFLOP/s at 2·params a token{of_gemm})", a.prompt, prefill_tok_s, prefill_flop_s / 1e9);
     for d in &decode {
         println!(
-            "decode @ {:>6}     {:>8.2} tok/s ({:.0}% of read bandwidth)",
+            "decode @ {:>6}     {:>8.2} tok/s ({:.0}% of the bandwidth)",
             d["context"], d["tok_s"].as_f64().unwrap_or(0.0), 100.0 * d["bandwidth_fraction"].as_f64().unwrap_or(0.0)
         );
     }
@@ -256,5 +328,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("batch {:>3} decode    {tok_s:>8.2} tok/s in all{ratio}", d["batch"]);
     }
     println!("peak RSS            {:>8.1} MB", peak_rss_bytes() as f64 / 1e6);
+    if ceil.gemm.is_some() {
+        println!("peak GPU memory     {:>8.1} MB (in use on the card, sampled after each phase)", gpu_peak as f64 / 1e6);
+    }
     Ok(())
 }

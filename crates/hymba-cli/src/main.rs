@@ -138,6 +138,9 @@ struct LogitsArgs {
     /// reads; logits within bf16 precision).
     #[arg(long, default_value = "f32")]
     kv_cache: KvDtype,
+    /// Where to run: cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -304,6 +307,14 @@ fn parse_logit_bias(items: &[String], vocab: usize) -> Result<Vec<(u32, f32)>> {
         .collect()
 }
 
+/// `--device`: None for the CPU, Some(ordinal) for a CUDA device.
+pub fn parse_device(s: &str) -> Result<Option<usize>> {
+    match s {
+        "cpu" => Ok(None),
+        _ => hymba::backend::cuda::parse_device(s).map(Some).ok_or_else(|| anyhow!("--device: `{s}` is not one of cpu, cuda, cuda:N")),
+    }
+}
+
 pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
     match q {
         None | Some("none") | Some("bf16") => Ok(None),
@@ -458,8 +469,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
+    let quant = parse_quant(a.quant.as_deref())?;
+    let load = |what: &str| format!("loading model from {} onto {what}", a.model.display());
+    match parse_device(&a.device)? {
+        None => logits_on(&a, Model::load_on(hymba::backend::Cpu, &a.model, quant).with_context(|| load("the CPU"))?),
+        Some(n) => logits_on(&a, Model::load_on(hymba::backend::Cuda::new(n)?, &a.model, quant).with_context(|| load(&a.device))?),
+    }
+}
+
+fn logits_on<B: hymba::backend::Backend>(a: &LogitsArgs, model: Model<B>) -> Result<()> {
     let tok = default_model::load_tokenizer(Some(&a.model), a.prompt.tokenizer.as_deref(), a.prompt.prompt.is_some())?;
-    let model = default_model::load_model(Some(&a.model), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
+    let model = model.with_kv_dtype(a.kv_cache);
     let ids = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => tok.as_ref().expect("required with --prompt").encode_prompt(text)?,

@@ -1,4 +1,5 @@
-//! Hymba's per-sequence cache (spec §5), built from three kinds of storage:
+//! Hymba's per-sequence cache (spec §5), built from three kinds of storage (each held by a
+//! [`Backend`]; [`Kv`] and [`LayerState`] are the CPU's):
 //!
 //! - the meta-token prefix ([`MetaPrefix`]): K/V of the meta tokens in every K/V group and the
 //!   SSM/conv state after them, computed once per model and shared by every sequence;
@@ -12,8 +13,10 @@
 //! Stores know the absolute position of every row; masks are built from positions, never
 //! from slot indices.
 
+use crate::backend::{Backend, Cpu, KeyPositions, KvStorage, RecurrentState};
 use half::bf16;
 use hymba_kernels::attention::{KeyPos, KvBlock, Layout};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// The element type the K/V caches hold. f32 keeps every bit the projections produce; bf16
@@ -109,6 +112,11 @@ impl HeadRows {
         self.rows
     }
 
+    /// Values per row (all heads).
+    pub fn width(&self) -> usize {
+        self.heads * self.d
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rows == 0
     }
@@ -198,21 +206,23 @@ pub struct Kv {
     pub v: HeadRows,
 }
 
-impl Kv {
-    pub fn new(heads: usize, dk: usize, dv: usize, max: usize, dtype: KvDtype) -> Self {
-        Kv { k: HeadRows::new(heads, dk, max, dtype), v: HeadRows::new(heads, dv, max, dtype) }
-    }
-
-    pub fn len(&self) -> usize {
+impl KvStorage for Kv {
+    fn len(&self) -> usize {
         self.k.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.k.is_empty()
+    fn bytes(&self) -> usize {
+        self.k.bytes() + self.v.bytes()
     }
 
-    pub fn bytes(&self) -> usize {
-        self.k.bytes() + self.v.bytes()
+    fn dtype(&self) -> KvDtype {
+        self.k.dtype()
+    }
+}
+
+impl Kv {
+    pub fn new(heads: usize, dk: usize, dv: usize, max: usize, dtype: KvDtype) -> Self {
+        Kv { k: HeadRows::new(heads, dk, max, dtype), v: HeadRows::new(heads, dv, max, dtype) }
     }
 
     /// The rows as an attention block.
@@ -265,64 +275,93 @@ impl LayerState {
     }
 }
 
-/// The state after the meta tokens: computed once when the model loads.
-#[derive(Debug)]
-pub struct MetaPrefix {
+impl RecurrentState for LayerState {
+    fn ssm_bytes(&self) -> usize {
+        self.ssm.len() * 4
+    }
+
+    fn conv_bytes(&self) -> usize {
+        self.conv.len() * 4
+    }
+}
+
+/// The state after the meta tokens: computed once per model.
+pub struct MetaPrefix<B: Backend = Cpu> {
     /// M
     pub len: usize,
     /// Meta-token K/V per K/V group, positions 0..M.
-    pub kv: Vec<Kv>,
+    pub kv: Vec<B::Kv>,
     /// SSM and conv state per layer after the meta tokens.
-    pub states: Vec<LayerState>,
+    pub states: Vec<B::State>,
 }
 
-impl MetaPrefix {
+impl<B: Backend> MetaPrefix<B> {
     pub fn bytes(&self) -> usize {
-        self.kv.iter().map(Kv::bytes).sum::<usize>()
-            + self.states.iter().map(|s| (s.ssm.len() + s.conv.len()) * 4).sum::<usize>()
+        self.kv.iter().map(KvStorage::bytes).sum::<usize>() + self.states.iter().map(|s| s.ssm_bytes() + s.conv_bytes()).sum::<usize>()
     }
 }
 
 /// The K/V one group keeps for the real tokens of a sequence.
-#[derive(Clone, Debug)]
-pub enum KvStore {
+pub enum KvStore<B: Backend = Cpu> {
     /// Every token from position `start` on.
-    Global { kv: Kv, start: usize },
-    /// The last `cap` tokens; `pos[i]` is the position held in slot `i`.
-    Window { kv: Kv, pos: Vec<usize>, cap: usize },
+    Global { kv: B::Kv, start: usize },
+    /// The last `cap` tokens; `pos[i]` is the position held in slot `i`. Slots fill in order,
+    /// then the oldest is replaced: the token at `p` sits in slot `(p − start) mod cap`, where
+    /// `start` is the first position the ring was given.
+    Window { kv: B::Kv, pos: Vec<usize>, cap: usize },
 }
 
-impl KvStore {
-    /// The stored rows as an attention block.
-    pub fn block(&self) -> KvView<'_> {
+impl<B: Backend> Clone for KvStore<B> {
+    fn clone(&self) -> Self {
         match self {
-            KvStore::Global { kv, start } => kv.block(KeyPos::Contiguous(*start)),
-            KvStore::Window { kv, pos, .. } => kv.block(KeyPos::Slots(pos)),
+            KvStore::Global { kv, start } => KvStore::Global { kv: kv.clone(), start: *start },
+            KvStore::Window { kv, pos, cap } => KvStore::Window { kv: kv.clone(), pos: pos.clone(), cap: *cap },
+        }
+    }
+}
+
+impl<B: Backend> KvStore<B> {
+    /// The stored rows, for attention.
+    pub fn view<'a>(&'a self, b: &B) -> B::KvView<'a> {
+        match self {
+            KvStore::Global { kv, start } => b.kv_view(kv, KeyPositions::Contiguous(*start)),
+            KvStore::Window { kv, pos, cap } => b.kv_view(kv, KeyPositions::Ring { slots: pos, cap: *cap }),
         }
     }
 
-    /// Appends keys `[n, kw]` and values `[n, vw]` (row order, as the projections produce them)
-    /// for positions `pos0..`.
-    pub fn append(&mut self, k: &[f32], v: &[f32], pos0: usize, kw: usize, vw: usize) {
+    /// Stores rows `rows` of this call's keys and values (row order, as the projections produce
+    /// them), the first at position `pos0`.
+    pub fn append(&mut self, b: &B, k: &B::Rows, v: &B::Rows, rows: Range<usize>, pos0: usize) {
         match self {
             KvStore::Global { kv, .. } => {
-                kv.k.extend(k);
-                kv.v.extend(v);
+                let at = kv.len();
+                b.kv_write(kv, at, pos0, k, v, rows);
             }
             KvStore::Window { kv, pos, cap } => {
-                let n = k.len() / kw;
-                // Only the last `cap` rows can survive.
+                let n = rows.len();
+                // Only the last `cap` rows can survive; runs of consecutive slots are written
+                // together.
+                let mut run: Option<(usize, usize)> = None; // (first row, first slot)
                 for i in n.saturating_sub(*cap)..n {
                     let p = pos0 + i;
                     // A free slot while the ring fills, then the oldest one.
                     let slot = if pos.len() < *cap { pos.len() } else { (0..*cap).min_by_key(|&s| pos[s]).expect("cap > 0") };
-                    kv.k.set(slot, &k[i * kw..(i + 1) * kw]);
-                    kv.v.set(slot, &v[i * vw..(i + 1) * vw]);
+                    if let Some((r0, s0)) = run {
+                        if slot != s0 + (i - r0) {
+                            b.kv_write(kv, s0, pos0 + r0, k, v, rows.start + r0..rows.start + i);
+                            run = Some((i, slot));
+                        }
+                    } else {
+                        run = Some((i, slot));
+                    }
                     if slot == pos.len() {
                         pos.push(p);
                     } else {
                         pos[slot] = p;
                     }
+                }
+                if let Some((r0, s0)) = run {
+                    b.kv_write(kv, s0, pos0 + r0, k, v, rows.start + r0..rows.end);
                 }
             }
         }
@@ -338,15 +377,14 @@ impl KvStore {
 }
 
 /// Everything one sequence holds between forward calls.
-#[derive(Clone, Debug)]
-pub struct Cache {
-    pub(crate) meta: Arc<MetaPrefix>,
+pub struct Cache<B: Backend = Cpu> {
+    pub(crate) meta: Arc<MetaPrefix<B>>,
     /// Next absolute position (M for a sequence with no tokens yet).
     pub(crate) pos: usize,
     /// One store per K/V group.
-    pub(crate) kv: Vec<KvStore>,
+    pub(crate) kv: Vec<KvStore<B>>,
     /// One per layer.
-    pub(crate) states: Vec<LayerState>,
+    pub(crate) states: Vec<B::State>,
 }
 
 /// Bytes a cache holds, by kind, read from its live buffers.
@@ -361,12 +399,18 @@ pub struct CacheBytes {
     pub per_sequence: usize,
 }
 
-impl Cache {
+impl<B: Backend> Clone for Cache<B> {
+    fn clone(&self) -> Self {
+        Cache { meta: self.meta.clone(), pos: self.pos, kv: self.kv.clone(), states: self.states.clone() }
+    }
+}
+
+impl<B: Backend> Cache<B> {
     /// The element type of its K/V (that of the model that made it).
     pub fn kv_dtype(&self) -> KvDtype {
         self.meta.kv.first().or_else(|| self.kv.first().map(|s| match s {
             KvStore::Global { kv, .. } | KvStore::Window { kv, .. } => kv,
-        })).map_or(KvDtype::F32, |kv| kv.k.dtype())
+        })).map_or(KvDtype::F32, KvStorage::dtype)
     }
 
     /// Real tokens processed so far (meta tokens excluded).
@@ -387,8 +431,8 @@ impl Cache {
             }
         }
         for s in &self.states {
-            b.ssm_state += s.ssm.len() * 4;
-            b.conv_state += s.conv.len() * 4;
+            b.ssm_state += s.ssm_bytes();
+            b.conv_state += s.conv_bytes();
         }
         b.per_sequence = b.global_kv + b.window_kv + b.ssm_state + b.conv_state;
         b
@@ -401,11 +445,11 @@ mod tests {
 
     #[test]
     fn ring_keeps_the_last_cap_positions() {
-        let mut s = KvStore::Window { kv: Kv::new(1, 1, 1, 3, KvDtype::F32), pos: Vec::new(), cap: 3 };
+        let mut s: KvStore = KvStore::Window { kv: Kv::new(1, 1, 1, 3, KvDtype::F32), pos: Vec::new(), cap: 3 };
         let mut append = |ps: std::ops::Range<usize>| {
             let k: Vec<f32> = ps.clone().map(|p| p as f32).collect();
             let v: Vec<f32> = ps.clone().map(|p| -(p as f32)).collect();
-            s.append(&k, &v, ps.start, 1, 1);
+            s.append(&Cpu, &k, &v, 0..ps.len(), ps.start);
         };
         append(10..12);
         append(12..13);

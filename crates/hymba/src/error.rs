@@ -24,6 +24,9 @@ pub enum Error {
     /// Bad input to the engine: token ids, lengths, sampling options.
     #[error("{0}")]
     Input(String),
+    /// A GPU that cannot be used, or failed: no driver, no device, too old, out of memory.
+    #[error("GPU: {0}")]
+    Device(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,14 +8,13 @@
 //! The math is written once, in [`Net`], as operations of a [`Backend`]; [`Model`] owns the
 //! weights prepared for the CPU backend and the caches, and feeds the network each call's rows.
 
-use crate::backend::{AttnInput, Backend, Cpu, Fuse, Heads, KvSplit, ScanInput, Seq};
-use crate::cache::{Cache, Kv, KvDtype, KvStore, LayerState, MetaPrefix};
+use crate::backend::{AttnInput, Backend, Cpu, Fuse, Heads, KeyPositions, KvSplit, MatrixInfo, ScanInput, Seq, VectorInfo};
+use crate::cache::{Cache, KvDtype, KvStore, MetaPrefix};
 use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
 use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
 use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
-use hymba_kernels::attention::KeyPos;
 use hymba_kernels::{on_pool, rope};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -30,26 +29,28 @@ pub enum Logits {
 }
 
 /// One sequence's part of a batched forward call.
-pub struct Step<'a> {
-    pub cache: &'a mut Cache,
+pub struct Step<'a, B: Backend = Cpu> {
+    pub cache: &'a mut Cache<B>,
     /// New tokens: a prompt (or a chunk of one) or a single decoded token.
     pub ids: &'a [u32],
     pub logits: Logits,
     pub window: DecodeWindow,
 }
 
-pub struct Model {
+/// A Hymba model on a backend (the CPU unless said otherwise): its weights, prepared for the
+/// backend, and the meta prefix every sequence starts from.
+pub struct Model<B: Backend = Cpu> {
     pub config: Config,
     pub plan: Vec<LayerPlan>,
     pub groups: Vec<KvGroup>,
-    pub weights: Weights<Cpu>,
-    backend: Cpu,
+    pub weights: Weights<B>,
+    backend: B,
     /// RoPE inverse frequencies [dqk / 2]
-    inv_freq: Vec<f32>,
+    inv_freq: B::Vector,
     /// The element type of every K/V cache this model makes.
     kv_dtype: KvDtype,
     /// Computed on first use, so choosing the K/V type after loading costs nothing.
-    meta: OnceLock<Arc<MetaPrefix>>,
+    meta: OnceLock<Arc<MetaPrefix<B>>>,
 }
 
 /// Every activation of one forward call, `t` rows (llama2.c's RunState): each buffer is made
@@ -222,7 +223,7 @@ impl<B: Backend> Net<'_, B> {
     }
 }
 
-impl Model {
+impl Model<Cpu> {
     /// Loads `dir/config.json` and the weights beside it, then computes the meta-token prefix.
     pub fn load(dir: &Path) -> Result<Model> {
         Model::load_quantized(dir, None)
@@ -231,6 +232,29 @@ impl Model {
     /// Loads and, when `quant` is Q8_0 or Q4_0, quantizes the large matrices (see
     /// [`crate::tensor::is_quantizable`]); a pre-quantized checkpoint loads as it is.
     pub fn load_quantized(dir: &Path, quant: Option<Dtype>) -> Result<Model> {
+        Model::load_on(Cpu, dir, quant)
+    }
+
+    /// The model over `store`'s tensors, prepared for the CPU backend (where the matrix products
+    /// run faster on panels, the bf16 matrices are rearranged into them, keeping their precision).
+    pub fn from_store(config: Config, store: TensorStore) -> Result<Model> {
+        Model::on(Cpu, config, store)
+    }
+
+    /// Per-layer inputs over meta + real rows (`[L + 1][M + n, d]`, the last entry after the
+    /// final norm), as the official `output_hidden_states` gives them. For debugging.
+    pub fn hidden_states_uncached(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut hs = Vec::new();
+        on_pool(|| self.run_uncached(ids, Some(&mut hs)))?;
+        let last = hs.last_mut().expect("the trace ends with the final hidden state");
+        hymba_kernels::norm::rmsnorm_inplace(last, &self.weights.final_norm, self.config.rms_norm_eps);
+        Ok(hs)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads `dir` (see [`Model::load_quantized`]) onto `backend`.
+    pub fn load_on(backend: B, dir: &Path, quant: Option<Dtype>) -> Result<Model<B>> {
         if !dir.is_dir() {
             return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
         }
@@ -239,27 +263,37 @@ impl Model {
         if let Some(q) = quant {
             store.quantize(q);
         }
-        Model::from_store(config, store)
+        Model::on(backend, config, store)
     }
 
-    /// The model over `store`'s tensors, prepared for the CPU backend (where the matrix products
-    /// run faster on panels, the bf16 matrices are rearranged into them, keeping their precision).
-    pub fn from_store(config: Config, store: TensorStore) -> Result<Model> {
-        let backend = Cpu;
+    /// The model over `store`'s tensors, prepared for backend `b`.
+    pub fn on(backend: B, config: Config, store: TensorStore) -> Result<Model<B>> {
         let (plan, groups) = config.plan();
         let weights = Weights::load(&backend, &config, &plan, store)?;
-        let inv_freq = backend.vector(rope::inv_freq(config.rope_base(), config.qk_head_dim));
+        let inv_freq = backend.vector(rope::inv_freq(config.rope_base(), config.qk_head_dim))?;
         Ok(Model { config, plan, groups, weights, backend, inv_freq, kv_dtype: KvDtype::F32, meta: OnceLock::new() })
     }
 
+    /// Computes the meta prefix now, and reports the first error of the backend (a GPU's):
+    /// call before serving.
+    pub fn ready(&self) -> Result<()> {
+        on_pool(|| self.meta());
+        self.backend.finish()
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// The network over the backend's weights.
-    fn net(&self) -> Net<'_, Cpu> {
+    fn net(&self) -> Net<'_, B> {
         Net { b: &self.backend, c: &self.config, plan: &self.plan, w: &self.weights, inv_freq: &self.inv_freq, kv_dtype: self.kv_dtype }
     }
 
     /// The model with K/V caches held in `dtype` (see [`KvDtype`]); the meta prefix is computed
     /// in it. Caches made before do not fit the returned model.
-    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Model {
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Model<B> {
         if dtype != self.kv_dtype {
             self.kv_dtype = dtype;
             self.meta = OnceLock::new();
@@ -270,7 +304,7 @@ impl Model {
     /// The shared meta prefix, computed the first time it is asked for (the first
     /// [`Model::new_cache`] or [`Model::meta_prefix`]; not from inside a rayon task, which could
     /// re-enter the computation on the same thread).
-    fn meta(&self) -> &Arc<MetaPrefix> {
+    fn meta(&self) -> &Arc<MetaPrefix<B>> {
         self.meta.get_or_init(|| Arc::new(on_pool(|| self.compute_meta_prefix())))
     }
 
@@ -279,7 +313,7 @@ impl Model {
     }
 
     /// The meta tokens' K/V and recurrent state: the same for every sequence (spec §5).
-    fn compute_meta_prefix(&self) -> MetaPrefix {
+    fn compute_meta_prefix(&self) -> MetaPrefix<B> {
         let m = self.config.num_memory_tokens;
         let mut states = self.blank_states();
         let mut run = Run::new(&self.backend, self.groups.len());
@@ -294,8 +328,7 @@ impl Model {
             .zip(&run.v)
             .map(|(k, v)| {
                 let mut kv = self.new_kv(m);
-                kv.k.extend(k);
-                kv.v.extend(v);
+                self.backend.kv_write(&mut kv, 0, 0, k, v, 0..m);
                 kv
             })
             .collect();
@@ -303,25 +336,29 @@ impl Model {
     }
 
     /// Empty K/V rows of one group, up to `max` of them.
-    fn new_kv(&self, max: usize) -> Kv {
+    fn new_kv(&self, max: usize) -> B::Kv {
+        self.backend.kv(self.heads(), max, self.kv_dtype)
+    }
+
+    fn heads(&self) -> Heads {
         let c = &self.config;
-        Kv::new(c.num_key_value_heads, c.qk_head_dim, c.v_head_dim, max, self.kv_dtype)
+        Heads { q: c.num_attention_heads, kv: c.num_key_value_heads, dk: c.qk_head_dim, dv: c.v_head_dim }
     }
 
     /// A sequence that starts from nothing (not even the meta prefix): `len` rows from
     /// position 0.
-    fn blank_seq<'a>(&self, len: usize, states: &'a mut [LayerState]) -> Seq<'a, Cpu> {
+    fn blank_seq<'a>(&self, len: usize, states: &'a mut [B::State]) -> Seq<'a, B> {
         let past = vec![Vec::new(); self.groups.len()];
         Seq { rows: 0..len, pos0: 0, past, states, window: self.window(DecodeWindow::Trained, false) }
     }
 
-    fn blank_states(&self) -> Vec<LayerState> {
+    fn blank_states(&self) -> Vec<B::State> {
         let c = &self.config;
-        (0..c.num_hidden_layers).map(|_| LayerState::zeros(c.ssm_width, c.mamba_d_state, c.mamba_d_conv)).collect()
+        (0..c.num_hidden_layers).map(|_| self.backend.state(c.ssm_width, c.mamba_d_state, c.mamba_d_conv)).collect()
     }
 
     /// A new sequence: starts from the meta prefix, positions continue at M.
-    pub fn new_cache(&self) -> Cache {
+    pub fn new_cache(&self) -> Cache<B> {
         let w = self.config.sliding_window.unwrap_or(0);
         let kv = self
             .groups
@@ -339,17 +376,19 @@ impl Model {
 
     /// A cache holding `n` tokens of zero K/V, its buffers sized exactly as `n` real tokens
     /// would size them, without running the model: for memory accounting (`hymba inspect`).
-    pub fn cache_with_placeholder_tokens(&self, n: usize) -> Cache {
+    pub fn cache_with_placeholder_tokens(&self, n: usize) -> Cache<B> {
         let mut cache = self.new_cache();
         let (kw, vw) = (self.config.k_width(), self.config.v_width());
         // In bounded steps so a long context never needs one huge temporary.
         let step = 256;
-        let (zk, zv) = (vec![0.0; step * kw], vec![0.0; step * vw]);
+        let (mut zk, mut zv) = (self.backend.rows(), self.backend.rows());
+        self.backend.upload(&vec![0.0; step * kw], &mut zk);
+        self.backend.upload(&vec![0.0; step * vw], &mut zv);
         let mut done = 0;
         while done < n {
             let k = step.min(n - done);
             for store in cache.kv.iter_mut() {
-                store.append(&zk[..k * kw], &zv[..k * vw], cache.pos, kw, vw);
+                store.append(&self.backend, &zk, &zv, 0..k, cache.pos);
             }
             cache.pos += k;
             done += k;
@@ -358,7 +397,7 @@ impl Model {
     }
 
     /// The meta prefix every sequence shares (computed now if it was not yet).
-    pub fn meta_prefix(&self) -> &MetaPrefix {
+    pub fn meta_prefix(&self) -> &MetaPrefix<B> {
         self.meta()
     }
 
@@ -386,7 +425,7 @@ impl Model {
     /// Runs `ids` of one sequence after what `cache` holds and returns logits `[rows, V]`.
     /// `window` matters only for a single-token step: see [`DecodeWindow`]. On error the cache
     /// is unchanged.
-    pub fn forward(&self, cache: &mut Cache, ids: &[u32], logits: Logits, window: DecodeWindow) -> Result<Vec<f32>> {
+    pub fn forward(&self, cache: &mut Cache<B>, ids: &[u32], logits: Logits, window: DecodeWindow) -> Result<Vec<f32>> {
         let mut out = self.forward_batch(&mut [Step { cache, ids, logits, window }])?;
         Ok(out.pop().expect("one step, one result"))
     }
@@ -394,11 +433,11 @@ impl Model {
     /// Runs one step of several sequences together: their rows share every matrix product (one
     /// pass over the weights for the whole batch) while attention and the SSM run per sequence
     /// on its own cache. Returns each step's logits. On error no cache is changed.
-    pub fn forward_batch(&self, steps: &mut [Step]) -> Result<Vec<Vec<f32>>> {
+    pub fn forward_batch(&self, steps: &mut [Step<B>]) -> Result<Vec<Vec<f32>>> {
         on_pool(|| self.forward_batch_here(steps))
     }
 
-    fn forward_batch_here(&self, steps: &mut [Step]) -> Result<Vec<Vec<f32>>> {
+    fn forward_batch_here(&self, steps: &mut [Step<B>]) -> Result<Vec<Vec<f32>>> {
         for s in steps.iter() {
             self.check_ids(s.ids)?;
             if s.cache.kv_dtype() != self.kv_dtype {
@@ -415,7 +454,7 @@ impl Model {
             b.embed(&self.weights.embed, s.ids, d, &mut run.h);
         }
         let mut start = 0;
-        let mut seqs: Vec<Seq<Cpu>> = steps
+        let mut seqs: Vec<Seq<B>> = steps
             .iter_mut()
             .map(|s| {
                 let single = s.ids.len() == 1 && !s.cache.is_empty();
@@ -423,12 +462,12 @@ impl Model {
                 let Cache { meta, pos, kv, states } = &mut *s.cache;
                 let past = (0..self.groups.len())
                     .map(|g| {
-                        let mut b = Vec::with_capacity(2);
+                        let mut views = Vec::with_capacity(2);
                         if meta.len > 0 {
-                            b.push(meta.kv[g].block(KeyPos::Contiguous(0)));
+                            views.push(b.kv_view(&meta.kv[g], KeyPositions::Contiguous(0)));
                         }
-                        b.push(kv[g].block());
-                        b
+                        views.push(kv[g].view(b));
+                        views
                     })
                     .collect();
                 let seq = Seq { rows: start..start + s.ids.len(), pos0: *pos, past, states, window };
@@ -440,21 +479,22 @@ impl Model {
         let rows: Vec<_> = seqs.iter().map(|s| s.rows.clone()).collect();
         drop(seqs);
         // Each sequence's new K/V rows into its stores.
-        let (kw, vw) = (self.config.k_width(), self.config.v_width());
         for (s, r) in steps.iter_mut().zip(&rows) {
             for (g, store) in s.cache.kv.iter_mut().enumerate() {
-                store.append(&run.k[g][r.start * kw..r.end * kw], &run.v[g][r.start * vw..r.end * vw], s.cache.pos, kw, vw);
+                store.append(b, &run.k[g], &run.v[g], r.clone(), s.cache.pos);
             }
             s.cache.pos += s.ids.len();
         }
         // One output projection for every requested row of the batch.
         let wanted: Vec<_> = steps.iter().zip(&rows).map(|(s, r)| if s.logits == Logits::All { r.clone() } else { r.end - 1..r.end }).collect();
         self.net().logits(&mut run, &wanted);
+        b.finish()?;
+        let all = b.take_host(run.out);
         let v = self.config.vocab_size;
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
         for r in &wanted {
-            out.push(run.out[at * v..(at + r.len()) * v].to_vec());
+            out.push(all[at * v..(at + r.len()) * v].to_vec());
             at += r.len();
         }
         Ok(out)
@@ -467,24 +507,16 @@ impl Model {
             let n = ids.len();
             let mut run = self.run_uncached(ids, None)?;
             let m = self.config.num_memory_tokens;
-            self.net().logits(&mut run, &[m..m + n]);
-            Ok(run.out)
+            let real = m..m + n;
+            self.net().logits(&mut run, std::slice::from_ref(&real));
+            self.backend.finish()?;
+            Ok(self.backend.take_host(run.out))
         })
-    }
-
-    /// Per-layer inputs over meta + real rows (`[L + 1][M + n, d]`, the last entry after the
-    /// final norm), as the official `output_hidden_states` gives them. For debugging.
-    pub fn hidden_states_uncached(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let mut hs = Vec::new();
-        on_pool(|| self.run_uncached(ids, Some(&mut hs)))?;
-        let last = hs.last_mut().expect("the trace ends with the final hidden state");
-        hymba_kernels::norm::rmsnorm_inplace(last, &self.weights.final_norm, self.config.rms_norm_eps);
-        Ok(hs)
     }
 
     /// The layers over meta + real rows from a blank state; the residual stream is left in
     /// `run.h`.
-    fn run_uncached(&self, ids: &[u32], trace: Option<&mut Vec<Vec<f32>>>) -> Result<Run<Cpu>> {
+    fn run_uncached(&self, ids: &[u32], trace: Option<&mut Vec<Vec<f32>>>) -> Result<Run<B>> {
         self.check_ids(ids)?;
         let (b, d, m) = (&self.backend, self.config.hidden_size, self.config.num_memory_tokens);
         let mut run = Run::new(b, self.groups.len());
@@ -516,7 +548,7 @@ pub struct ParamCounts {
     pub total: usize,
 }
 
-impl Model {
+impl<B: Backend> Model<B> {
     pub fn parameter_counts(&self) -> ParamCounts {
         let c = &self.config;
         let w = &self.weights;
@@ -539,7 +571,7 @@ impl Model {
                 + lw.dt_bias.len()
                 + lw.a.len()
                 + lw.d.len()
-                + lw.inner_norms.as_ref().map_or(0, |n| n.iter().map(Vec::len).sum());
+                + lw.inner_norms.as_ref().map_or(0, |n| n.iter().map(|v| v.len()).sum());
             p.fusion += lw.attn_norm.len() + lw.ssm_norm.len() + lw.out_proj.numel();
             p.mlp += lw.gate.numel() + lw.up.numel() + lw.down.numel();
             p.norms += lw.input_norm.len() + lw.mlp_norm.len();
@@ -549,18 +581,17 @@ impl Model {
     }
 }
 
-impl Model {
+impl<B: Backend> Model<B> {
     /// Bytes of weights one decoded token reads: every matrix once, the small vectors, and one
     /// embedding row.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let c = &self.config;
         let w = &self.weights;
-        let mut b = w.output().nbytes() + w.embed.dtype.nbytes(c.hidden_size) + w.final_norm.len() * 4;
+        let mut b = w.output().nbytes() + w.embed.row_bytes() + w.final_norm.len() * 4;
         for l in &w.layers {
             b += [&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate, &l.up, &l.down].iter().map(|t| t.nbytes()).sum::<usize>();
             b += 4 * (l.input_norm.len() + l.conv_w.len() + l.conv_b.len() + l.dt_bias.len() + l.a.len() + l.d.len()
                 + l.attn_norm.len() + l.ssm_norm.len() + l.mlp_norm.len()
-                + l.inner_norms.as_ref().map_or(0, |n| n.iter().map(Vec::len).sum()));
+                + l.inner_norms.as_ref().map_or(0, |n| n.iter().map(|v| v.len()).sum()));
         }
         b
     }

@@ -61,15 +61,15 @@ impl<B: Backend> Weights<B> {
     /// `b`; leftovers are an error.
     pub fn load(b: &B, cfg: &Config, plan: &[LayerPlan], mut store: TensorStore) -> Result<Weights<B>> {
         let Dims { v, d, e, n, k, r, f, m } = cfg.dims();
-        let embed = b.matrix(store.take("model.embed_tokens.weight", &[v, d])?);
+        let embed = b.matrix(store.take("model.embed_tokens.weight", &[v, d])?)?;
         let memory_tokens = if m > 0 { store.take("model.memory_tokens", &[m, d])?.to_f32() } else { Vec::new() };
-        let final_norm = b.vector(store.take("model.final_layernorm.weight", &[d])?.to_f32());
+        let final_norm = b.vector(store.take("model.final_layernorm.weight", &[d])?.to_f32())?;
         let lm_head = if cfg.tie_word_embeddings {
             // Tied: a stored copy, if any, equals the embedding and is not needed.
             store.take_opt("lm_head.weight", &[v, d])?;
             None
         } else {
-            Some(b.matrix(store.take("lm_head.weight", &[v, d])?))
+            Some(b.matrix(store.take("lm_head.weight", &[v, d])?)?)
         };
         let mut layers = Vec::with_capacity(plan.len());
         for (i, lp) in plan.iter().enumerate() {
@@ -93,22 +93,25 @@ impl<B: Backend> Weights<B> {
             let attn_norm = vec("mamba.pre_avg_layernorm1.weight", &[e])?;
             let ssm_norm = vec("mamba.pre_avg_layernorm2.weight", &[e])?;
             let mlp_norm = vec("pre_moe_layernorm.weight", &[d])?;
-            let mut mat = |s: &str, shape: &[usize]| store.take(&p(s), shape).map(|t| b.matrix(t));
+            let mut mat = |s: &str, shape: &[usize]| store.take(&p(s), shape).and_then(|t| b.matrix(t));
             layers.push(LayerWeights {
-                input_norm: b.vector(input_norm),
+                input_norm: b.vector(input_norm)?,
                 in_proj: mat("mamba.in_proj.weight", &[cfg.in_proj_rows(lp.computes_kv), d])?,
-                conv_w: b.vector(conv_w),
-                conv_b: b.vector(conv_b),
+                conv_w: b.vector(conv_w)?,
+                conv_b: b.vector(conv_b)?,
                 x_proj: mat("mamba.x_proj.0.weight", &[r + 2 * n, e])?,
                 dt_proj: mat("mamba.dt_proj.0.weight", &[e, r])?,
-                dt_bias: b.vector(dt_bias),
-                a: b.vector(a),
-                d: b.vector(dd),
-                inner_norms: inner_norms.map(|ns| ns.map(|v| b.vector(v))),
-                attn_norm: b.vector(attn_norm),
-                ssm_norm: b.vector(ssm_norm),
+                dt_bias: b.vector(dt_bias)?,
+                a: b.vector(a)?,
+                d: b.vector(dd)?,
+                inner_norms: match inner_norms {
+                    Some([x, y, z]) => Some([b.vector(x)?, b.vector(y)?, b.vector(z)?]),
+                    None => None,
+                },
+                attn_norm: b.vector(attn_norm)?,
+                ssm_norm: b.vector(ssm_norm)?,
                 out_proj: mat("mamba.out_proj.weight", &[d, e])?,
-                mlp_norm: b.vector(mlp_norm),
+                mlp_norm: b.vector(mlp_norm)?,
                 gate: mat("moe.experts.0.gate_proj.weight", &[f, d])?,
                 up: mat("moe.experts.0.up_proj.weight", &[f, d])?,
                 down: mat("moe.experts.0.down_proj.weight", &[d, f])?,

@@ -4,8 +4,9 @@
 //! attention over its cache) runs one sequence per task, so a batched decode step of many short
 //! sequences fills the cores; within a sequence the kernels split their own work.
 
-use super::{AttnInput, Backend, Fuse, KvSplit, ScanInput, Seq};
-use crate::cache::{KvDtype, KvView, LayerState};
+use super::{AttnInput, Backend, Fuse, Heads, KeyPositions, KvSplit, MatrixInfo, ScanInput, Seq, VectorInfo};
+use crate::cache::{Kv, KvDtype, KvView, LayerState};
+use crate::error::Result;
 use crate::tensor::Tensor;
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
@@ -64,23 +65,61 @@ fn with_new_rows<'a, T: KvElem>(
     blocks
 }
 
+impl MatrixInfo for Tensor {
+    fn numel(&self) -> usize {
+        Tensor::numel(self)
+    }
+    fn nbytes(&self) -> usize {
+        Tensor::nbytes(self)
+    }
+    fn row_bytes(&self) -> usize {
+        self.dtype.nbytes(self.shape.last().copied().unwrap_or(0))
+    }
+}
+
+impl VectorInfo for Vec<f32> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
 impl Backend for Cpu {
     type Matrix = Tensor;
     type Vector = Vec<f32>;
     type Rows = Vec<f32>;
     type State = LayerState;
+    type Kv = Kv;
     type KvView<'a> = KvView<'a>;
 
-    fn matrix(&self, t: Tensor) -> Tensor {
-        if hymba_kernels::matmul::panels_pay() && t.dtype == crate::tensor::Dtype::BF16 && !t.is_panels() {
-            t.into_panels()
-        } else {
-            t
+    fn kv(&self, heads: Heads, max: usize, dtype: KvDtype) -> Kv {
+        Kv::new(heads.kv, heads.dk, heads.dv, max, dtype)
+    }
+
+    fn kv_write(&self, kv: &mut Kv, slot: usize, _first_pos: usize, k: &Vec<f32>, v: &Vec<f32>, rows: Range<usize>) {
+        let (kw, vw) = (kv.k.width(), kv.v.width());
+        for (i, r) in rows.enumerate() {
+            kv.k.set(slot + i, &k[r * kw..(r + 1) * kw]);
+            kv.v.set(slot + i, &v[r * vw..(r + 1) * vw]);
         }
     }
 
-    fn vector(&self, v: Vec<f32>) -> Vec<f32> {
-        v
+    fn kv_view<'a>(&self, kv: &'a Kv, pos: KeyPositions<'a>) -> KvView<'a> {
+        kv.block(match pos {
+            KeyPositions::Contiguous(start) => KeyPos::Contiguous(start),
+            KeyPositions::Ring { slots, .. } => KeyPos::Slots(slots),
+        })
+    }
+
+    fn state(&self, e: usize, n: usize, k: usize) -> LayerState {
+        LayerState::zeros(e, n, k)
+    }
+
+    fn matrix(&self, t: Tensor) -> Result<Tensor> {
+        Ok(if hymba_kernels::matmul::panels_pay() && t.dtype == crate::tensor::Dtype::BF16 && !t.is_panels() { t.into_panels() } else { t })
+    }
+
+    fn vector(&self, v: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(v)
     }
 
     fn rows(&self) -> Vec<f32> {
@@ -94,6 +133,10 @@ impl Backend for Cpu {
 
     fn download(&self, rows: &Vec<f32>) -> Vec<f32> {
         rows.clone()
+    }
+
+    fn take_host(&self, rows: Vec<f32>) -> Vec<f32> {
+        rows
     }
 
     fn embed(&self, table: &Tensor, ids: &[u32], d: usize, out: &mut Vec<f32>) {

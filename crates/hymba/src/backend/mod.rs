@@ -10,12 +10,15 @@
 //! [`Cpu`] is the first backend: the kernels of `hymba-kernels` on rayon's pool.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::Cpu;
+pub use cuda::Cuda;
 
 use crate::cache::KvDtype;
 use crate::config::AttnKind;
 use crate::mask::Mask;
+use crate::error::Result;
 use crate::tensor::Tensor;
 use std::ops::Range;
 
@@ -28,6 +31,50 @@ pub struct Heads {
     pub kv: usize,
     pub dk: usize,
     pub dv: usize,
+}
+
+/// Absolute positions of a K/V store's rows.
+#[derive(Clone, Copy, Debug)]
+pub enum KeyPositions<'a> {
+    /// Row `i` is at position `start + i`.
+    Contiguous(usize),
+    /// A ring of `cap` slots; slot `i` holds position `slots[i]` (see [`crate::cache::KvStore`]).
+    Ring { slots: &'a [usize], cap: usize },
+}
+
+/// Sizes of a backend's weight matrix, for accounting.
+pub trait MatrixInfo {
+    fn numel(&self) -> usize;
+    /// Bytes held, in the stored precision.
+    fn nbytes(&self) -> usize;
+    /// Bytes of one row.
+    fn row_bytes(&self) -> usize;
+}
+
+/// Length of a backend's parameter vector.
+pub trait VectorInfo {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the cache needs to know of a backend's K/V rows.
+pub trait KvStorage: Clone + Send + Sync {
+    /// Rows held.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes of the rows held.
+    fn bytes(&self) -> usize;
+    fn dtype(&self) -> KvDtype;
+}
+
+/// What the cache needs to know of a backend's recurrent state of one layer.
+pub trait RecurrentState: Clone + Send + Sync {
+    fn ssm_bytes(&self) -> usize;
+    fn conv_bytes(&self) -> usize;
 }
 
 /// One sequence's part of a forward call, as the operations see it.
@@ -109,27 +156,50 @@ pub struct Fuse<'r, B: Backend> {
 /// calls, so a forward allocates once per step shape).
 pub trait Backend: Sync + Sized {
     /// A weight matrix `[rows, cols]` in this backend's layout and the tensor's precision.
-    type Matrix: Send + Sync;
+    type Matrix: MatrixInfo + Send + Sync;
     /// A small parameter vector, in f32.
-    type Vector: Send + Sync;
+    type Vector: VectorInfo + Send + Sync;
     /// Activation rows, in f32.
     type Rows: Send + Sync;
-    /// One layer's recurrent state (SSM and conv) of one sequence.
-    type State: Send;
+    /// One layer's recurrent state (SSM `[E, N]` and conv `[K−1, E]`) of one sequence.
+    type State: RecurrentState;
+    /// One K/V group's rows: keys of Hkv heads of `dk`, values of Hkv heads of `dv`, written
+    /// into numbered slots.
+    type Kv: KvStorage;
     /// K/V rows cached earlier (the meta prefix, a sequence's store), with their positions.
     type KvView<'a>: Copy + Send + Sync
     where
         Self: 'a;
 
-    /// Prepares a weight matrix read by matrix products (e.g. rearranged into panels).
-    fn matrix(&self, t: Tensor) -> Self::Matrix;
-    fn vector(&self, v: Vec<f32>) -> Self::Vector;
+    /// Prepares a weight matrix read by matrix products (e.g. rearranged into panels, or copied
+    /// to the device).
+    fn matrix(&self, t: Tensor) -> Result<Self::Matrix>;
+    fn vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
+    /// Empty K/V rows of one group, room for up to `max` rows.
+    fn kv(&self, heads: Heads, max: usize, dtype: KvDtype) -> Self::Kv;
+    /// Rows `rows` of this call's keys `k` `[t, Hkv·dk]` and values `v` `[t, Hkv·dv]` into slots
+    /// `slot..` (at most one past the last row held: the store grows by appending); their
+    /// positions are `first_pos..`.
+    fn kv_write(&self, kv: &mut Self::Kv, slot: usize, first_pos: usize, k: &Self::Rows, v: &Self::Rows, rows: Range<usize>);
+    /// The rows, for attention.
+    fn kv_view<'a>(&self, kv: &'a Self::Kv, pos: KeyPositions<'a>) -> Self::KvView<'a>;
+    /// A zero recurrent state (a sequence's start).
+    fn state(&self, e: usize, n: usize, k: usize) -> Self::State;
     /// An empty activation buffer.
     fn rows(&self) -> Self::Rows;
     /// Rows from host memory.
     fn upload(&self, host: &[f32], out: &mut Self::Rows);
     /// The rows, to host memory.
     fn download(&self, rows: &Self::Rows) -> Vec<f32>;
+    /// Ends a forward: the first error of its operations, if any (a device's launch or memory
+    /// error); the operations themselves do not fail.
+    fn finish(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The rows, to host memory, the buffer given up.
+    fn take_host(&self, rows: Self::Rows) -> Vec<f32> {
+        self.download(&rows)
+    }
 
     /// Appends the embedding rows of `ids` (`table`: `[V, d]`) after the rows `out` holds.
     fn embed(&self, table: &Self::Matrix, ids: &[u32], d: usize, out: &mut Self::Rows);

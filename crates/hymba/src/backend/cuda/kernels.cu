@@ -1,0 +1,289 @@
+// Kernels of the CUDA backend, compiled at run time by NVRTC (no headers: NVRTC has none of the
+// toolkit's, so the bf16 conversions are written out). Activations are f32, row-major; weights
+// and K/V are f32 or bf16 (raw 16-bit patterns). Every kernel knows nothing of Hymba: the
+// backend passes shapes, offsets and positions.
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
+
+// Round to nearest even, NaN kept quiet: what `half::bf16::from_f32` does.
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((x >> 16) | 0x40);
+    u32 round = 0x7fffu + ((x >> 16) & 1u);
+    return (bf16_t)((x + round) >> 16);
+}
+
+template <typename T> __device__ __forceinline__ float load(const T* p, long i);
+template <> __device__ __forceinline__ float load<float>(const float* p, long i) { return p[i]; }
+template <> __device__ __forceinline__ float load<bf16_t>(const bf16_t* p, long i) { return bf16_to_f32(p[i]); }
+
+template <typename T> __device__ __forceinline__ void store(T* p, long i, float v);
+template <> __device__ __forceinline__ void store<float>(float* p, long i, float v) { p[i] = v; }
+template <> __device__ __forceinline__ void store<bf16_t>(bf16_t* p, long i, float v) { p[i] = f32_to_bf16(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a block of up to 1024 threads; every thread gets the total.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < (int)((blockDim.x + 31) >> 5) ? part[lane] : 0.0f;
+        s = warp_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// out[i, :] = table[ids[i], :]
+template <typename T>
+__device__ void embed(float* out, const T* table, const u32* ids, int d) {
+    long row = blockIdx.x;
+    const T* src = table + (long)ids[row] * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = load(src, j);
+}
+extern "C" __global__ void embed_f32(float* out, const float* table, const u32* ids, int d) { embed(out, table, ids, d); }
+extern "C" __global__ void embed_bf16(float* out, const bf16_t* table, const u32* ids, int d) { embed(out, table, ids, d); }
+
+// One block per row: out[r, :d] = w ⊙ x[r, from:from+d] / rms, x rows `width` wide.
+extern "C" __global__ void rmsnorm(const float* x, int width, int from, const float* w, int d, float eps, float* out) {
+    long r = blockIdx.x;
+    const float* xr = x + r * width + from;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) ss += xr[j] * xr[j];
+    ss = block_sum(ss);
+    float inv = 1.0f / sqrtf(ss / d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[r * d + j] = w[j] * (xr[j] * inv);
+}
+
+// out[r, :n] = x[r, from:from+n], for `rows` rows of `width`.
+extern "C" __global__ void columns(const float* x, int width, int from, int n, long total, float* out) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        long r = i / n, j = i % n;
+        out[i] = x[r * width + from + j];
+    }
+}
+
+// out = x[rows given by `rows` (start, len pairs), width]
+extern "C" __global__ void add(float* h, const float* x, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) h[i] += x[i];
+}
+
+// RoPE (rotate-half) on every head of `dk` of each row, at position pos[row]; one thread per pair.
+extern "C" __global__ void rope(float* x, int width, int dk, const int* pos, const float* inv_freq, long rows) {
+    int half = dk / 2, pairs = width / 2;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < rows * pairs; i += (long)gridDim.x * blockDim.x) {
+        long r = i / pairs;
+        int p = (int)(i % pairs), h = p / half, j = p % half;
+        float* a = x + r * width + h * dk;
+        float s, c;
+        sincosf((float)pos[r] * inv_freq[j], &s, &c);
+        float a1 = a[j], a2 = a[j + half];
+        a[j] = a1 * c - a2 * s;
+        a[j + half] = a2 * c + a1 * s;
+    }
+}
+
+// x = bf16(x), kept in f32: what a bf16 cache will hold.
+extern "C" __global__ void round_bf16(float* x, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+
+extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = f32_to_bf16(x[i]);
+}
+
+// Depthwise causal conv + SiLU of one sequence's `len` rows: channel c of x is column from + c
+// of p (rows `width` wide, starting at row `row0`); `state` [K-1, E] holds the inputs before,
+// oldest first, and is left holding the last K-1. taps [K, E], bias [E]; out rows E wide.
+#define MAX_K 8
+extern "C" __global__ void conv_silu(const float* p, int width, int from, long row0, int len, float* state,
+                                     const float* taps, const float* bias, int e, int k, float* out) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= e) return;
+    float hist[MAX_K];
+    for (int j = 0; j < k - 1; j++) hist[j] = state[(long)j * e + c];
+    float w[MAX_K];
+    for (int j = 0; j < k; j++) w[j] = taps[(long)j * e + c];
+    for (int t = 0; t < len; t++) {
+        float xt = p[(row0 + t) * width + from + c];
+        float acc = bias[c];
+        for (int j = 0; j < k - 1; j++) acc += w[j] * hist[j];
+        acc += w[k - 1] * xt;
+        for (int j = 0; j + 1 < k - 1; j++) hist[j] = hist[j + 1];
+        if (k > 1) hist[k - 2] = xt;
+        out[(row0 + t) * (long)e + c] = silu(acc);
+    }
+    for (int j = 0; j < k - 1; j++) state[(long)j * e + c] = hist[j];
+}
+
+// x = softplus(x + bias) (linear above 20, as PyTorch), rows of e.
+extern "C" __global__ void softplus_bias(float* x, const float* bias, int e, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = x[i] + bias[i % e];
+        x[i] = v > 20.0f ? v : log1pf(expf(v));
+    }
+}
+
+extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) g[i] = silu(g[i]) * u[i];
+}
+
+// Selective scan of one sequence's rows row0..row0+len, one thread per channel carrying its
+// N states; y = (S·C + D·x) ⊙ silu(z). x, delta, z, y: [t, E]; b, c: [t, N]; a [E, N].
+#define MAX_N 64
+extern "C" __global__ void scan(const float* x, const float* delta, const float* bm, const float* cm, const float* z,
+                                const float* a, const float* d, float* state, long row0, int len, int e, int n, float* y) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= e) return;
+    float s[MAX_N], av[MAX_N];
+    for (int j = 0; j < n; j++) {
+        s[j] = state[(long)ch * n + j];
+        av[j] = a[(long)ch * n + j];
+    }
+    float dc = d[ch];
+    for (int t = 0; t < len; t++) {
+        long r = row0 + t;
+        float dt = delta[r * e + ch], xv = x[r * e + ch];
+        float acc = 0.0f;
+        for (int j = 0; j < n; j++) {
+            s[j] = expf(dt * av[j]) * s[j] + dt * bm[r * n + j] * xv;
+            acc += s[j] * cm[r * n + j];
+        }
+        y[r * e + ch] = (acc + dc * xv) * silu(z[r * e + ch]);
+    }
+    for (int j = 0; j < n; j++) state[(long)ch * n + j] = s[j];
+}
+
+// Keys and values of one source of rows (the meta prefix, a cache store, this call's rows): row
+// i of K/V head h at k[i * k_stride + h * dk], in f32 or bf16, at absolute position pos[i] (or
+// pos0 + i when pos is null).
+struct KvSrc {
+    const void* k;
+    const void* v;
+    const int* pos;
+    int rows;
+    int pos0;
+    int k_stride;
+    int v_stride;
+    int bf16;
+    int pad;
+};
+
+__device__ __forceinline__ float kv_at(const void* p, int bf16, long i) {
+    return bf16 ? bf16_to_f32(((const bf16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+#define NEG_INF __int_as_float(0xff800000)
+#define MAX_DV_LANE 8
+// Attention of one sequence's query rows: block (row, head), 4 warps splitting the keys, an
+// online softmax per warp, merged at the end. A query at t sees key s when s <= t and, in a
+// window layer, t - s <= window or s < meta. Sources: up to 3 (meta prefix, store, new rows).
+extern "C" __global__ void attention(const float* q, long row0, int heads, int kv_heads, int dk, int dv, int q_pos0,
+                                     KvSrc s0, KvSrc s1, KvSrc s2, int n_src, int global_, int window, int meta, float scale,
+                                     float* out) {
+    __shared__ float qs[256];
+    __shared__ float wm[4], wl[4];
+    __shared__ float wacc[4][256];
+    int t = blockIdx.x, h = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    long qrow = row0 + t;
+    int tq = q_pos0 + t;
+    int kh = h / (heads / kv_heads);
+    for (int j = threadIdx.x; j < dk; j += blockDim.x) qs[j] = q[qrow * heads * dk + h * dk + j] * scale;
+    __syncthreads();
+    float m = NEG_INF, l = 0.0f, acc[MAX_DV_LANE];
+    for (int j = 0; j < MAX_DV_LANE; j++) acc[j] = 0.0f;
+    for (int si = 0; si < n_src; si++) {
+        KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
+        for (int i = warp; i < s.rows; i += 4) {
+            int sp = s.pos ? s.pos[i] : s.pos0 + i;
+            if (sp < 0 || sp > tq) continue;
+            if (!global_ && tq - sp > window && sp >= meta) continue;
+            long ko = (long)i * s.k_stride + (long)kh * dk;
+            float part = 0.0f;
+            for (int j = lane; j < dk; j += 32) part += qs[j] * kv_at(s.k, s.bf16, ko + j);
+            float sc = warp_sum(part);
+            float mn = fmaxf(m, sc);
+            float corr = expf(m - mn), pw = expf(sc - mn);
+            l = l * corr + pw;
+            long vo = (long)i * s.v_stride + (long)kh * dv;
+            for (int j = 0; j < MAX_DV_LANE; j++) {
+                int col = lane + 32 * j;
+                if (col < dv) acc[j] = acc[j] * corr + pw * kv_at(s.v, s.bf16, vo + col);
+            }
+            m = mn;
+        }
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+    for (int j = 0; j < MAX_DV_LANE; j++) {
+        int col = lane + 32 * j;
+        if (col < dv) wacc[warp][col] = acc[j];
+    }
+    __syncthreads();
+    float mm = fmaxf(fmaxf(wm[0], wm[1]), fmaxf(wm[2], wm[3]));
+    for (int col = threadIdx.x; col < dv; col += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        if (mm != NEG_INF) {
+            for (int w = 0; w < 4; w++) {
+                if (wm[w] == NEG_INF) continue;
+                float f = expf(wm[w] - mm);
+                num += f * wacc[w][col];
+                den += f * wl[w];
+            }
+        }
+        out[qrow * heads * dv + h * dv + col] = den > 0.0f ? num / den : 0.0f;
+    }
+}
+
+// Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2.
+extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out) {
+    long r = blockIdx.x;
+    const float* ar = a + r * e;
+    const float* yr = y + r * e;
+    float sa = 0.0f, sy = 0.0f;
+    for (int j = threadIdx.x; j < e; j += blockDim.x) {
+        sa += ar[j] * ar[j];
+        sy += yr[j] * yr[j];
+    }
+    sa = block_sum(sa);
+    sy = block_sum(sy);
+    float ia = 1.0f / sqrtf(sa / e + eps), iy = 1.0f / sqrtf(sy / e + eps);
+    for (int j = threadIdx.x; j < e; j += blockDim.x) out[r * e + j] = (w1[j] * (ar[j] * ia) + w2[j] * (yr[j] * iy)) * 0.5f;
+}
+
+// K/V rows into a store: rows `rows` of k [t, kw] (from row r0) into slots slot.. of a
+// row-major store of element T, positions pos0.. recorded beside them.
+template <typename T>
+__device__ void kv_put(const float* src, int w, long r0, T* dst, long slot, int rows) {
+    long n = (long)rows * w;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        store(dst, slot * w + i, src[r0 * w + i]);
+}
+extern "C" __global__ void kv_put_f32(const float* src, int w, long r0, float* dst, long slot, int rows) { kv_put(src, w, r0, dst, slot, rows); }
+extern "C" __global__ void kv_put_bf16(const float* src, int w, long r0, bf16_t* dst, long slot, int rows) { kv_put(src, w, r0, dst, slot, rows); }
+extern "C" __global__ void put_positions(int* pos, long slot, int pos0, int rows) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < rows) pos[slot + i] = pos0 + i;
+}

@@ -1,0 +1,889 @@
+//! The CUDA backend: weights in their stored precision on the card (f32 or bf16), activations in
+//! f32, the K/V stores, SSM and conv states in device memory. Matrix products go through cuBLAS
+//! (f32 × f32, or bf16 × bf16 with f32 accumulation: activations are rounded to bf16 for a bf16
+//! matrix, as the official code computes); everything else runs in the kernels of
+//! `kernels.cu`, compiled by NVRTC when the backend starts.
+//!
+//! Nothing is linked at build time: the driver, NVRTC and cuBLAS are loaded when a `Cuda` is
+//! made, so the same binary runs on machines with and without a GPU. An error of a CUDA call
+//! inside a forward is kept (the rest of the step is skipped) and returned by
+//! [`Backend::finish`].
+
+use super::{AttnInput, Backend, Fuse, Heads, KeyPositions, KvSplit, KvStorage, MatrixInfo, RecurrentState, ScanInput, Seq, VectorInfo};
+use crate::cache::KvDtype;
+use crate::error::{Error, Result};
+use crate::tensor::{Dtype, Tensor};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+/// The kernels' source, compiled at run time.
+pub const KERNELS: &str = include_str!("kernels.cu");
+
+/// Largest sizes the kernels hold in registers or shared memory.
+const MAX_HEAD_DIM: usize = 256;
+const MAX_STATE: usize = 64;
+const MAX_CONV: usize = 8;
+
+/// The oldest driver API the backend is written against (CUDA 12.0).
+const MIN_DRIVER: i32 = 12000;
+
+fn device_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Device(format!("{what}: {e:?}"))
+}
+
+/// Compiles the kernels to PTX with NVRTC (no GPU needed: what CI checks).
+pub fn compile_kernels(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx> {
+    // SAFETY: only probes whether the shared library loads.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::Device(
+            "NVRTC (libnvrtc.so) not found: install the CUDA toolkit or the `nvidia-cuda-nvrtc` wheel and put its lib folder on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    let opts = cudarc::nvrtc::CompileOptions { arch, name: Some("hymba_kernels.cu".into()), ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts).map_err(|e| Error::Device(format!("kernels.cu does not compile: {e}")))
+}
+
+/// Which CUDA device: `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Option<usize> {
+    match s {
+        "cuda" => Some(0),
+        _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
+    }
+}
+
+/// Keys and values of one source of rows, as the attention kernel takes them (`KvSrc` there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct KvSrc {
+    k: u64,
+    v: u64,
+    pos: u64,
+    rows: i32,
+    pos0: i32,
+    k_stride: i32,
+    v_stride: i32,
+    bf16: i32,
+    pad: i32,
+}
+
+// SAFETY: plain data with the layout of the kernel's struct.
+unsafe impl DeviceRepr for KvSrc {}
+
+/// Device memory of one element type.
+#[derive(Clone)]
+pub enum DevData {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<u16>),
+}
+
+impl DevData {
+    fn ptr(&self, s: &CudaStream) -> u64 {
+        match self {
+            DevData::F32(d) => d.device_ptr(s).0,
+            DevData::BF16(d) => d.device_ptr(s).0,
+        }
+    }
+}
+
+/// A weight matrix `[rows, cols]` on the card.
+pub struct DevMatrix {
+    data: DevData,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl MatrixInfo for DevMatrix {
+    fn numel(&self) -> usize {
+        self.rows * self.cols
+    }
+    fn nbytes(&self) -> usize {
+        self.numel() * self.elem()
+    }
+    fn row_bytes(&self) -> usize {
+        self.cols * self.elem()
+    }
+}
+
+impl DevMatrix {
+    fn elem(&self) -> usize {
+        match self.data {
+            DevData::F32(_) => 4,
+            DevData::BF16(_) => 2,
+        }
+    }
+}
+
+impl VectorInfo for CudaSlice<f32> {
+    fn len(&self) -> usize {
+        CudaSlice::len(self)
+    }
+}
+
+/// Activation rows on the card: `len` f32 values in a buffer that only grows.
+pub struct DevRows {
+    buf: Option<CudaSlice<f32>>,
+    len: usize,
+}
+
+/// One layer's SSM state `[E, N]` and conv state `[K−1, E]` of one sequence.
+#[derive(Clone)]
+pub struct DevState {
+    ssm: CudaSlice<f32>,
+    conv: CudaSlice<f32>,
+}
+
+impl RecurrentState for DevState {
+    fn ssm_bytes(&self) -> usize {
+        self.ssm.len() * 4
+    }
+    fn conv_bytes(&self) -> usize {
+        self.conv.len() * 4
+    }
+}
+
+/// One K/V group's rows on the card, row-major (`[cap, Hkv·dk]`, `[cap, Hkv·dv]`), with the
+/// absolute position of each slot. Grows by doubling up to `max` rows.
+#[derive(Clone)]
+pub struct DevKv {
+    k: Option<DevData>,
+    v: Option<DevData>,
+    pos: Option<CudaSlice<i32>>,
+    rows: usize,
+    cap: usize,
+    max: usize,
+    kw: usize,
+    vw: usize,
+    dtype: KvDtype,
+}
+
+impl KvStorage for DevKv {
+    fn len(&self) -> usize {
+        self.rows
+    }
+    fn bytes(&self) -> usize {
+        self.rows * (self.kw + self.vw) * self.dtype.size()
+    }
+    fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+}
+
+/// A store's rows for one attention call.
+#[derive(Clone, Copy)]
+pub struct DevKvView<'a> {
+    src: KvSrc,
+    _kv: PhantomData<&'a DevKv>,
+}
+
+struct Kernels {
+    embed_f32: CudaFunction,
+    embed_bf16: CudaFunction,
+    rmsnorm: CudaFunction,
+    columns: CudaFunction,
+    add: CudaFunction,
+    rope: CudaFunction,
+    round_bf16: CudaFunction,
+    to_bf16: CudaFunction,
+    conv_silu: CudaFunction,
+    softplus_bias: CudaFunction,
+    silu_mul: CudaFunction,
+    scan: CudaFunction,
+    attention: CudaFunction,
+    fuse: CudaFunction,
+    kv_put_f32: CudaFunction,
+    kv_put_bf16: CudaFunction,
+    put_positions: CudaFunction,
+}
+
+/// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the
+/// attention and SSM outputs of the hybrid heads.
+struct Scratch {
+    x16: Option<CudaSlice<u16>>,
+    attn: DevRows,
+    y: DevRows,
+}
+
+/// The CUDA backend on one device.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    scratch: Mutex<Scratch>,
+    /// The first error of a forward, returned by `finish`.
+    err: Mutex<Option<String>>,
+    /// The device's name and compute capability, for reports.
+    pub name: String,
+}
+
+/// A grid of `n` threads in blocks of 256, capped (the kernels loop over the rest).
+fn flat(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65535 * 4);
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn rows_of(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Cuda {
+    /// Opens device `ordinal`: loads the driver, checks its version, compiles the kernels.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        // SAFETY: only probe whether the shared libraries load.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Device("no NVIDIA driver found (libcuda.so): this machine cannot run --device cuda".into()));
+        }
+        cudarc::driver::result::init().map_err(|e| device_err("initialising the CUDA driver", e))?;
+        let mut version = 0;
+        // SAFETY: writes one int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+        if version < MIN_DRIVER {
+            return Err(Error::Device(format!(
+                "the NVIDIA driver supports CUDA {}.{}; this engine needs {}.{} or newer",
+                version / 1000,
+                version % 1000 / 10,
+                MIN_DRIVER / 1000,
+                MIN_DRIVER % 1000 / 10
+            )));
+        }
+        let count = CudaContext::device_count().map_err(|e| device_err("counting CUDA devices", e))?;
+        if count <= 0 {
+            return Err(Error::Device("no CUDA device found".into()));
+        }
+        if ordinal >= count as usize {
+            return Err(Error::Device(format!("--device cuda:{ordinal}: this machine has {count} CUDA device(s), cuda:0..cuda:{}", count - 1)));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Device("cuBLAS (libcublas.so) not found: install the CUDA toolkit or the `nvidia-cublas` wheel and put its lib folder on LD_LIBRARY_PATH".into()));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| device_err("opening the CUDA device", e))?;
+        // One stream: the order of launches is the order of the model's operations.
+        // SAFETY: nothing here uses more than one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability().map_err(|e| device_err("reading the compute capability", e))?;
+        let name = format!("{} (sm_{major}{minor})", ctx.name().unwrap_or_default());
+        let ptx = compile_kernels(None)?;
+        let module = ctx.load_module(ptx).map_err(|e| device_err("loading the kernels", e))?;
+        let f = |n: &str| module.load_function(n).map_err(|e| device_err(&format!("kernel {n}"), e));
+        let k = Kernels {
+            embed_f32: f("embed_f32")?,
+            embed_bf16: f("embed_bf16")?,
+            rmsnorm: f("rmsnorm")?,
+            columns: f("columns")?,
+            add: f("add")?,
+            rope: f("rope")?,
+            round_bf16: f("round_bf16")?,
+            to_bf16: f("to_bf16")?,
+            conv_silu: f("conv_silu")?,
+            softplus_bias: f("softplus_bias")?,
+            silu_mul: f("silu_mul")?,
+            scan: f("scan")?,
+            attention: f("attention")?,
+            fuse: f("fuse")?,
+            kv_put_f32: f("kv_put_f32")?,
+            kv_put_bf16: f("kv_put_bf16")?,
+            put_positions: f("put_positions")?,
+        };
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("starting cuBLAS", e))?;
+        let scratch = Scratch { x16: None, attn: DevRows { buf: None, len: 0 }, y: DevRows { buf: None, len: 0 } };
+        Ok(Cuda { ctx, stream, blas, k, scratch: Mutex::new(scratch), err: Mutex::new(None), name })
+    }
+
+    /// Checks that a model's shapes fit the kernels.
+    pub fn check_config(&self, c: &crate::config::Config) -> Result<()> {
+        let too = |key: &str, v: usize, max: usize| -> Result<()> {
+            if v > max {
+                return Err(Error::config(key, format!("{v} is more than the CUDA backend's kernels hold ({max})")));
+            }
+            Ok(())
+        };
+        too("kq_head_dim", c.qk_head_dim, MAX_HEAD_DIM)?;
+        too("v_head_dim", c.v_head_dim, MAX_HEAD_DIM)?;
+        too("mamba_d_state", c.mamba_d_state, MAX_STATE)?;
+        too("mamba_d_conv", c.mamba_d_conv, MAX_CONV)
+    }
+
+    /// The device's context (e.g. to read its memory while a model runs).
+    pub fn context(&self) -> Arc<CudaContext> {
+        self.ctx.clone()
+    }
+
+    /// Device-to-device copy bandwidth, bytes read + written a second: the ceiling of a
+    /// memory-bound step. Median of 10 copies of 1 GiB.
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        let n = 1usize << 28;
+        let src = self.alloc::<f32>(n, "the bandwidth probe")?;
+        let mut dst = self.alloc::<f32>(n, "the bandwidth probe")?;
+        let mut times = Vec::new();
+        for i in 0..13 {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(|e| device_err("copy", e))?;
+            self.synchronize()?;
+            if i >= 3 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(2.0 * (n * 4) as f64 / times[times.len() / 2])
+    }
+
+    /// cuBLAS bf16 matrix rate (f32 accumulation) on 8192³ products of random data, FLOP/s:
+    /// the ceiling of prefill. Median of 10 after 3 warm-ups.
+    pub fn bf16_gemm_rate(&self) -> Result<f64> {
+        let n = 8192usize;
+        let mut rng = hymba_kernels::testing::Rng::new(7);
+        let host: Vec<u16> = (0..n * n).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
+        let a = self.stream.clone_htod(&host).map_err(|e| device_err("upload", e))?;
+        let b = self.stream.clone_htod(&host).map_err(|e| device_err("upload", e))?;
+        let mut c = self.alloc::<f32>(n * n, "the matrix-rate probe")?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let mut times = Vec::new();
+        for i in 0..13 {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            let cp = c.device_ptr_mut(&self.stream).0;
+            // SAFETY: three live n×n buffers.
+            unsafe {
+                blas::gemm_ex(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    n as i32,
+                    n as i32,
+                    &alpha as *const f32 as *const _,
+                    a.device_ptr(&self.stream).0 as *const _,
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                    n as i32,
+                    b.device_ptr(&self.stream).0 as *const _,
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                    n as i32,
+                    &beta as *const f32 as *const _,
+                    cp as *mut _,
+                    blas_sys::cudaDataType::CUDA_R_32F,
+                    n as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| device_err("cuBLAS GEMM", e))?;
+            self.synchronize()?;
+            if i >= 3 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2])
+    }
+
+    /// Free and total device memory, bytes.
+    pub fn memory(&self) -> (usize, usize) {
+        self.ctx.mem_get_info().unwrap_or((0, 0))
+    }
+
+    /// Waits for the work queued so far.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| device_err("synchronizing", e))
+    }
+
+    /// Keeps the first error of a step.
+    fn fail(&self, what: &str, e: impl std::fmt::Debug) {
+        let mut err = self.err.lock().expect("error slot");
+        if err.is_none() {
+            *err = Some(format!("{what}: {e:?}"));
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.err.lock().expect("error slot").is_some()
+    }
+
+    fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
+            let (free, total) = self.memory();
+            Error::Device(format!(
+                "out of GPU memory for {what}: {} MB needed, {} MB free of {} MB ({e:?})",
+                (n * std::mem::size_of::<T>()).div_ceil(1 << 20),
+                free >> 20,
+                total >> 20
+            ))
+        })
+    }
+
+    /// `rows` resized to `n` values (contents kept up to the old length when it grows).
+    fn shape(&self, rows: &mut DevRows, n: usize) {
+        let cap = rows.buf.as_ref().map_or(0, |b| b.len());
+        if n > cap {
+            let want = n.max(cap * 3 / 2);
+            match self.alloc::<f32>(want, "activations") {
+                Ok(mut b) => {
+                    if let Some(old) = &rows.buf {
+                        if rows.len > 0 {
+                            if let Err(e) = self.stream.memcpy_dtod(&old.slice(0..rows.len), &mut b.slice_mut(0..rows.len)) {
+                                self.fail("copying activations", e);
+                            }
+                        }
+                    }
+                    rows.buf = Some(b);
+                }
+                Err(e) => self.fail("allocating", e),
+            }
+        }
+        rows.len = n;
+    }
+
+    fn p(&self, rows: &DevRows) -> u64 {
+        rows.buf.as_ref().map_or(0, |b| b.device_ptr(&self.stream).0)
+    }
+
+    fn pv(&self, v: &CudaSlice<f32>) -> u64 {
+        v.device_ptr(&self.stream).0
+    }
+
+    /// Launches `f` with `args` (each a `&` to a plain value); errors are kept.
+    fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &[&dyn Arg]) {
+        if self.failed() {
+            return;
+        }
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: every kernel's arguments are given in its order and types by the callers
+        // below, pointers from live allocations of the sizes the shapes say.
+        if let Err(e) = unsafe { b.launch(cfg) } {
+            self.fail("launching a kernel", e);
+        }
+    }
+
+    fn upload_i32(&self, v: &[i32]) -> Option<CudaSlice<i32>> {
+        match self.stream.clone_htod(v) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.fail("uploading positions", e);
+                None
+            }
+        }
+    }
+
+    /// Positions of every row of a call, in row order.
+    fn positions(&self, seqs: &[Seq<Cuda>]) -> Option<CudaSlice<i32>> {
+        let pos: Vec<i32> = seqs.iter().flat_map(|s| (s.pos0..s.pos0 + s.rows.len()).map(|p| p as i32)).collect();
+        self.upload_i32(&pos)
+    }
+
+    fn rope_rows(&self, x: &DevRows, width: usize, dk: usize, pos: &CudaSlice<i32>, inv_freq: &CudaSlice<f32>) {
+        let rows = x.len / width.max(1);
+        let (xp, pp, fp) = (self.p(x), self.pv_i(pos), self.pv(inv_freq));
+        let (w, d, r) = (width as i32, dk as i32, rows as i64);
+        self.launch(&self.k.rope, flat(rows * width / 2), &[&xp, &w, &d, &pp, &fp, &r]);
+    }
+
+    fn pv_i(&self, v: &CudaSlice<i32>) -> u64 {
+        v.device_ptr(&self.stream).0
+    }
+}
+
+/// A kernel argument: a plain value pushed by reference.
+trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+impl<T: DeviceRepr> Arg for T {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+
+impl Backend for Cuda {
+    type Matrix = DevMatrix;
+    type Vector = CudaSlice<f32>;
+    type Rows = DevRows;
+    type State = DevState;
+    type Kv = DevKv;
+    type KvView<'a> = DevKvView<'a>;
+
+    fn matrix(&self, t: Tensor) -> Result<DevMatrix> {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let data = match t.dtype {
+            Dtype::F32 => {
+                let v = t.to_f32();
+                let mut d = self.alloc::<f32>(v.len(), "weights")?;
+                self.stream.memcpy_htod(&v, &mut d).map_err(|e| device_err("uploading weights", e))?;
+                DevData::F32(d)
+            }
+            Dtype::BF16 => {
+                // Stored bytes as they are: bf16 stays bf16 on the card.
+                let b = t.bytes();
+                let v: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                let mut d = self.alloc::<u16>(v.len(), "weights")?;
+                self.stream.memcpy_htod(&v, &mut d).map_err(|e| device_err("uploading weights", e))?;
+                DevData::BF16(d)
+            }
+            other => {
+                return Err(Error::Device(format!(
+                    "the CUDA backend runs f32 and bf16 weights; {other:?} matrices are not supported on it yet (leave out --quant, or run on the CPU)"
+                )))
+            }
+        };
+        Ok(DevMatrix { data, rows, cols })
+    }
+
+    fn vector(&self, v: Vec<f32>) -> Result<CudaSlice<f32>> {
+        let mut d = self.alloc::<f32>(v.len(), "parameters")?;
+        if !v.is_empty() {
+            self.stream.memcpy_htod(&v, &mut d).map_err(|e| device_err("uploading parameters", e))?;
+        }
+        Ok(d)
+    }
+
+    fn kv(&self, heads: Heads, max: usize, dtype: KvDtype) -> DevKv {
+        DevKv { k: None, v: None, pos: None, rows: 0, cap: 0, max, kw: heads.kv * heads.dk, vw: heads.kv * heads.dv, dtype }
+    }
+
+    fn kv_write(&self, kv: &mut DevKv, slot: usize, first_pos: usize, k: &DevRows, v: &DevRows, rows: Range<usize>) {
+        let n = rows.len();
+        if n == 0 || self.failed() {
+            return;
+        }
+        let need = (slot + n).max(kv.rows);
+        assert!(need <= kv.max, "K/V rows: {need} exceed the maximum of {}", kv.max);
+        if need > kv.cap {
+            let cap = need.max(2 * kv.cap).max(16).min(kv.max);
+            let grow = |old: &Option<DevData>, w: usize| -> Result<DevData> {
+                let mut new = match kv.dtype {
+                    KvDtype::F32 => DevData::F32(self.alloc::<f32>(cap * w, "the K/V cache")?),
+                    KvDtype::BF16 => DevData::BF16(self.alloc::<u16>(cap * w, "the K/V cache")?),
+                };
+                let used = kv.rows * w;
+                match (old, &mut new) {
+                    (Some(DevData::F32(o)), DevData::F32(n)) if used > 0 => self.stream.memcpy_dtod(&o.slice(0..used), &mut n.slice_mut(0..used)),
+                    (Some(DevData::BF16(o)), DevData::BF16(n)) if used > 0 => self.stream.memcpy_dtod(&o.slice(0..used), &mut n.slice_mut(0..used)),
+                    _ => Ok(()),
+                }
+                .map_err(|e| device_err("growing the K/V cache", e))?;
+                Ok(new)
+            };
+            let grown = (|| -> Result<_> {
+                let (nk, nv) = (grow(&kv.k, kv.kw)?, grow(&kv.v, kv.vw)?);
+                let mut np = self.alloc::<i32>(cap, "the K/V cache")?;
+                if let (Some(o), true) = (&kv.pos, kv.rows > 0) {
+                    self.stream.memcpy_dtod(&o.slice(0..kv.rows), &mut np.slice_mut(0..kv.rows)).map_err(|e| device_err("growing the K/V cache", e))?;
+                }
+                Ok((nk, nv, np))
+            })();
+            match grown {
+                Ok((nk, nv, np)) => {
+                    kv.k = Some(nk);
+                    kv.v = Some(nv);
+                    kv.pos = Some(np);
+                    kv.cap = cap;
+                }
+                Err(e) => return self.fail("K/V cache", e),
+            }
+        }
+        let (kd, vd) = (kv.k.as_ref().expect("allocated"), kv.v.as_ref().expect("allocated"));
+        let f = match kv.dtype {
+            KvDtype::F32 => &self.k.kv_put_f32,
+            KvDtype::BF16 => &self.k.kv_put_bf16,
+        };
+        let (r0, s, nn) = (rows.start as i64, slot as i64, n as i32);
+        let (kw, vw) = (kv.kw as i32, kv.vw as i32);
+        let (ksrc, kdst, vsrc, vdst) = (self.p(k), kd.ptr(&self.stream), self.p(v), vd.ptr(&self.stream));
+        self.launch(f, flat(n * kv.kw), &[&ksrc, &kw, &r0, &kdst, &s, &nn]);
+        self.launch(f, flat(n * kv.vw), &[&vsrc, &vw, &r0, &vdst, &s, &nn]);
+        let pp = self.pv_i(kv.pos.as_ref().expect("allocated"));
+        let p0 = first_pos as i32;
+        self.launch(&self.k.put_positions, flat(n), &[&pp, &s, &p0, &nn]);
+        kv.rows = need;
+    }
+
+    fn kv_view<'a>(&self, kv: &'a DevKv, _pos: KeyPositions<'a>) -> DevKvView<'a> {
+        // Positions are kept on the card beside the rows.
+        let ptr = |d: &Option<DevData>| d.as_ref().map_or(0, |d| d.ptr(&self.stream));
+        let src = KvSrc {
+            k: ptr(&kv.k),
+            v: ptr(&kv.v),
+            pos: kv.pos.as_ref().map_or(0, |p| self.pv_i(p)),
+            rows: kv.rows as i32,
+            pos0: 0,
+            k_stride: kv.kw as i32,
+            v_stride: kv.vw as i32,
+            bf16: (kv.dtype == KvDtype::BF16) as i32,
+            pad: 0,
+        };
+        DevKvView { src, _kv: PhantomData }
+    }
+
+    fn state(&self, e: usize, n: usize, k: usize) -> DevState {
+        let z = |len: usize| self.alloc::<f32>(len, "the SSM state").unwrap_or_else(|e| panic!("{e}"));
+        DevState { ssm: z(e * n), conv: z((k - 1) * e) }
+    }
+
+    fn rows(&self) -> DevRows {
+        DevRows { buf: None, len: 0 }
+    }
+
+    fn upload(&self, host: &[f32], out: &mut DevRows) {
+        self.shape(out, host.len());
+        if let (Some(b), false) = (out.buf.as_mut(), host.is_empty()) {
+            if let Err(e) = self.stream.memcpy_htod(host, &mut b.slice_mut(0..host.len())) {
+                self.fail("uploading activations", e);
+            }
+        }
+    }
+
+    fn download(&self, rows: &DevRows) -> Vec<f32> {
+        match &rows.buf {
+            Some(b) if rows.len > 0 && !self.failed() => self.stream.clone_dtoh(&b.slice(0..rows.len)).unwrap_or_else(|e| {
+                self.fail("downloading", e);
+                vec![0.0; rows.len]
+            }),
+            _ => vec![0.0; rows.len],
+        }
+    }
+
+    fn finish(&self) -> Result<()> {
+        if let Err(e) = self.stream.synchronize() {
+            self.fail("running the step", e);
+        }
+        match self.err.lock().expect("error slot").take() {
+            Some(e) => Err(Error::Device(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn embed(&self, table: &DevMatrix, ids: &[u32], d: usize, out: &mut DevRows) {
+        let start = out.len;
+        self.shape(out, start + ids.len() * d);
+        let Ok(dev_ids) = self.stream.clone_htod(ids) else {
+            return self.fail("uploading token ids", "copy failed");
+        };
+        let (op, tp, ip, dd) = (self.p(out) + (start * 4) as u64, table.data.ptr(&self.stream), dev_ids.device_ptr(&self.stream).0, d as i32);
+        let f = match table.data {
+            DevData::F32(_) => &self.k.embed_f32,
+            DevData::BF16(_) => &self.k.embed_bf16,
+        };
+        self.launch(f, rows_of(ids.len(), 128), &[&op, &tp, &ip, &dd]);
+    }
+
+    fn matmul(&self, x: &DevRows, w: &DevMatrix, y: &mut DevRows) {
+        let t = x.len / w.cols.max(1);
+        self.shape(y, t * w.rows);
+        if t == 0 || self.failed() {
+            return;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (m, n, k) = (w.rows as i32, t as i32, w.cols as i32);
+        let yp = self.p(y) as *mut std::ffi::c_void;
+        let mut scratch = self.scratch.lock().expect("scratch");
+        let (xp, dtype) = match &w.data {
+            DevData::F32(_) => (self.p(x), blas_sys::cudaDataType::CUDA_R_32F),
+            DevData::BF16(_) => {
+                // The input rounded to bf16, as the official bf16 model computes.
+                let len = x.len;
+                if scratch.x16.as_ref().is_none_or(|b| b.len() < len) {
+                    match self.alloc::<u16>(len, "activations") {
+                        Ok(b) => scratch.x16 = Some(b),
+                        Err(e) => return self.fail("allocating", e),
+                    }
+                }
+                let xs = scratch.x16.as_ref().expect("allocated").device_ptr(&self.stream).0;
+                let (src, nn) = (self.p(x), len as i64);
+                self.launch(&self.k.to_bf16, flat(len), &[&src, &xs, &nn]);
+                (xs, blas_sys::cudaDataType::CUDA_R_16BF)
+            }
+        };
+        // Row-major y[t, n] = x[t, k] · w[n, k]ᵀ is column-major yᵀ = wᵀᵀ… : C(m×n) = Aᵀ(m×k) B(k×n)
+        // with A = w as column-major [k, m], B = x as column-major [k, t].
+        // SAFETY: pointers of live device buffers holding these shapes.
+        let r = unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                &alpha as *const f32 as *const _,
+                w.data.ptr(&self.stream) as *const _,
+                dtype,
+                k,
+                xp as *const _,
+                dtype,
+                k,
+                &beta as *const f32 as *const _,
+                yp,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                m,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            self.fail("cuBLAS GEMM", e);
+        }
+    }
+
+    fn rmsnorm(&self, x: &DevRows, w: &CudaSlice<f32>, eps: f32, out: &mut DevRows) {
+        let d = w.len();
+        self.rmsnorm_columns(x, d, 0, w, eps, out);
+    }
+
+    fn rmsnorm_columns(&self, x: &DevRows, width: usize, from: usize, w: &CudaSlice<f32>, eps: f32, out: &mut DevRows) {
+        let d = w.len();
+        let rows = x.len / width.max(1);
+        self.shape(out, rows * d);
+        let (xp, wp, op) = (self.p(x), self.pv(w), self.p(out));
+        let (wi, fi, di) = (width as i32, from as i32, d as i32);
+        self.launch(&self.k.rmsnorm, rows_of(rows, 256), &[&xp, &wi, &fi, &wp, &di, &eps, &op]);
+    }
+
+    fn columns(&self, x: &DevRows, width: usize, from: usize, n: usize, out: &mut DevRows) {
+        let rows = x.len / width.max(1);
+        self.shape(out, rows * n);
+        let (xp, op) = (self.p(x), self.p(out));
+        let (wi, fi, ni, total) = (width as i32, from as i32, n as i32, (rows * n) as i64);
+        self.launch(&self.k.columns, flat(rows * n), &[&xp, &wi, &fi, &ni, &total, &op]);
+    }
+
+    fn gather(&self, x: &DevRows, width: usize, rows: &[Range<usize>], out: &mut DevRows) {
+        let n: usize = rows.iter().map(|r| r.len()).sum();
+        self.shape(out, n * width);
+        let (Some(src), Some(dst)) = (x.buf.as_ref(), out.buf.as_mut()) else { return };
+        let mut at = 0;
+        for r in rows {
+            let len = r.len() * width;
+            if let Err(e) = self.stream.memcpy_dtod(&src.slice(r.start * width..r.end * width), &mut dst.slice_mut(at..at + len)) {
+                return self.fail("gathering rows", e);
+            }
+            at += len;
+        }
+    }
+
+    fn add(&self, h: &mut DevRows, x: &DevRows) {
+        assert_eq!(h.len, x.len);
+        let (hp, xp, n) = (self.p(h), self.p(x), h.len as i64);
+        self.launch(&self.k.add, flat(h.len), &[&hp, &xp, &n]);
+    }
+
+    fn rope(&self, x: &mut DevRows, inv_freq: &CudaSlice<f32>, seqs: &[Seq<Cuda>]) {
+        let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        let Some(pos) = self.positions(seqs) else { return };
+        self.rope_rows(x, x.len / t.max(1), 2 * inv_freq.len(), &pos, inv_freq);
+    }
+
+    fn new_kv(&self, p: &DevRows, split: KvSplit, inv_freq: &CudaSlice<f32>, seqs: &[Seq<Cuda>], k: &mut DevRows, v: &mut DevRows) {
+        self.columns(p, split.width, split.k_at, split.kw, k);
+        self.columns(p, split.width, split.k_at + split.kw, split.vw, v);
+        let Some(pos) = self.positions(seqs) else { return };
+        self.rope_rows(k, split.kw, 2 * inv_freq.len(), &pos, inv_freq);
+        if split.dtype == KvDtype::BF16 {
+            for r in [&*k, &*v] {
+                let (rp, n) = (self.p(r), r.len as i64);
+                self.launch(&self.k.round_bf16, flat(r.len), &[&rp, &n]);
+            }
+        }
+    }
+
+    fn conv_silu(
+        &self,
+        p: &DevRows,
+        width: usize,
+        from: usize,
+        layer: usize,
+        taps: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        seqs: &mut [Seq<Cuda>],
+        out: &mut DevRows,
+    ) {
+        let e = bias.len();
+        let kk = taps.len() / e.max(1);
+        let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        self.shape(out, t * e);
+        let (pp, tp, bp, op) = (self.p(p), self.pv(taps), self.pv(bias), self.p(out));
+        let (wi, fi, ei, ki) = (width as i32, from as i32, e as i32, kk as i32);
+        for s in seqs.iter_mut() {
+            let sp = self.pv(&s.states[layer].conv);
+            let (r0, len) = (s.rows.start as i64, s.rows.len() as i32);
+            self.launch(&self.k.conv_silu, flat(e), &[&pp, &wi, &fi, &r0, &len, &sp, &tp, &bp, &ei, &ki, &op]);
+        }
+    }
+
+    fn softplus_bias(&self, x: &mut DevRows, bias: &CudaSlice<f32>) {
+        let (xp, bp, e, n) = (self.p(x), self.pv(bias), bias.len() as i32, x.len as i64);
+        self.launch(&self.k.softplus_bias, flat(x.len), &[&xp, &bp, &e, &n]);
+    }
+
+    fn silu_mul(&self, g: &mut DevRows, u: &DevRows, _width: usize) {
+        assert_eq!(g.len, u.len);
+        let (gp, up, n) = (self.p(g), self.p(u), g.len as i64);
+        self.launch(&self.k.silu_mul, flat(g.len), &[&gp, &up, &n]);
+    }
+
+    fn hybrid_heads(&self, at: &AttnInput<Cuda>, ssm: &ScanInput<Cuda>, fuse: &Fuse<Cuda>, seqs: &mut [Seq<Cuda>], out: &mut DevRows) {
+        let e = fuse.attn_norm.len();
+        let n = ssm.a.len() / e.max(1);
+        let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        let mut scratch = self.scratch.lock().expect("scratch");
+        let Scratch { attn, y, .. } = &mut *scratch;
+        self.shape(attn, t * e);
+        self.shape(y, t * e);
+        self.shape(out, t * e);
+        let hd = at.heads;
+        let (qp, ap, yp) = (self.p(at.q), self.p(attn), self.p(y));
+        let (kw, vw) = (hd.kv * hd.dk, hd.kv * hd.dv);
+        let scale = 1.0 / (hd.dk as f32).sqrt();
+        let (heads, kv_heads, dk, dv) = (hd.q as i32, hd.kv as i32, hd.dk as i32, hd.dv as i32);
+        let (xp, dp, bp, cp, zp, a_p, dd) = (self.p(ssm.x), self.p(ssm.delta), self.p(ssm.b), self.p(ssm.c), self.p(ssm.z), self.pv(ssm.a), self.pv(ssm.d));
+        let (ei, ni) = (e as i32, n as i32);
+        // This call's rows: row-major f32 (already rounded to the cache's type).
+        let (nk, nv) = (self.p(at.k), self.p(at.v));
+        for s in seqs.iter_mut() {
+            let len = s.rows.len();
+            let r0 = s.rows.start as i64;
+            let mask = at.mask(s);
+            // 2. Attention over the meta prefix, the store, and this call's rows.
+            let mut src = [KvSrc::default(); 3];
+            let mut count = 0;
+            for view in s.past[at.group].iter().filter(|v| v.src.rows > 0) {
+                src[count] = view.src;
+                count += 1;
+            }
+            src[count] = KvSrc {
+                k: nk + (s.rows.start * kw * 4) as u64,
+                v: nv + (s.rows.start * vw * 4) as u64,
+                pos: 0,
+                rows: len as i32,
+                pos0: s.pos0 as i32,
+                k_stride: kw as i32,
+                v_stride: vw as i32,
+                bf16: 0,
+                pad: 0,
+            };
+            count += 1;
+            let global = (mask.kind == crate::config::AttnKind::Global) as i32;
+            let (window, meta, q0, ns) = (mask.window.min(i32::MAX as usize) as i32, mask.meta as i32, s.pos0 as i32, count as i32);
+            let cfg = LaunchConfig { grid_dim: (len as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let [s0, s1, s2] = src;
+            self.launch(
+                &self.k.attention,
+                cfg,
+                &[&qp, &r0, &heads, &kv_heads, &dk, &dv, &q0, &s0, &s1, &s2, &ns, &global, &window, &meta, &scale, &ap],
+            );
+            // 3. The selective scan from the sequence's state, gated by silu(z).
+            let sp = self.pv(&s.states[ssm.layer].ssm);
+            let li = len as i32;
+            self.launch(&self.k.scan, flat(e), &[&xp, &dp, &bp, &cp, &zp, &a_p, &dd, &sp, &r0, &li, &ei, &ni, &yp]);
+        }
+        // 4. Fusion of every row.
+        let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
+        self.launch(&self.k.fuse, rows_of(t, 256), &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op]);
+    }
+}

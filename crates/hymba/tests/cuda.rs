@@ -1,0 +1,167 @@
+//! The CUDA backend against the official outputs and against the CPU backend. The kernels
+//! compile with NVRTC on any machine that has the library (CI installs it: no GPU needed); the
+//! rest runs where a GPU is, and says why it is skipped elsewhere.
+
+mod common;
+use common::{fixture, Expected};
+use hymba::backend::cuda::{compile_kernels, Cuda};
+use hymba::tensor::Dtype;
+use hymba::{Config, DecodeWindow, KvDtype, Logits, Model, Step};
+use hymba_kernels::testing::assert_close;
+
+/// The official outputs were computed in f32: an f32 engine lands within this (fixtures README).
+const TOL: f32 = 1e-3;
+
+/// Every kernel compiles, for the default target and for Hopper. In CI (CI=true) a missing
+/// NVRTC is a failure; elsewhere the test says it could not run.
+#[test]
+fn kernels_compile_with_nvrtc() {
+    for arch in [None, Some("compute_90")] {
+        match compile_kernels(arch) {
+            Ok(ptx) => assert!(ptx.to_src().contains(".entry attention"), "the PTX has no attention kernel"),
+            Err(e) if std::env::var_os("CI").is_none() && e.to_string().contains("not found") => {
+                eprintln!("SKIPPED kernels_compile_with_nvrtc: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// The GPU, or None with the reason printed.
+fn gpu(test: &str) -> Option<Cuda> {
+    match Cuda::new(0) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no usable GPU ({e})");
+            None
+        }
+    }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    hymba::sample::argmax(row)
+}
+
+/// f32 weights and activations on the GPU against NVIDIA's official f32 outputs: prefill (cached
+/// and no-cache paths), decode with the trained window, and the official decode path.
+#[test]
+fn cuda_matches_official_outputs() {
+    let Some(gpu) = gpu("cuda_matches_official_outputs") else { return };
+    let model = Model::load_on(gpu, &fixture("tiny-a"), None).unwrap();
+    model.ready().unwrap();
+    let exp = Expected::load("tiny-a");
+    let ids = exp.ids("input_ids");
+    let gen = exp.ids("generated_ids");
+    let v = model.config.vocab_size;
+    let (_, want) = exp.f32("prefill_logits");
+    let mut cache = model.new_cache();
+    let got = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+    assert_close(&got, &want, TOL, "cuda prefill logits (cached path)");
+    assert_close(&model.forward_uncached(&ids).unwrap(), &want, TOL, "cuda prefill logits (no-cache path)");
+    for (window, key) in [(DecodeWindow::Trained, "nocache_generate_logits"), (DecodeWindow::Official, "generate_logits")] {
+        let (_, want) = exp.f32(key);
+        let mut cache = model.new_cache();
+        let mut got = model.forward(&mut cache, &ids, Logits::Last, window).unwrap();
+        for &g in &gen[..gen.len() - 1] {
+            got.extend(model.forward(&mut cache, &[g], Logits::Last, window).unwrap());
+        }
+        assert_close(&got, &want, TOL, &format!("cuda decode, {window:?} window"));
+        if window == DecodeWindow::Official {
+            let greedy: Vec<u32> = got.chunks_exact(v).map(argmax).collect();
+            assert_eq!(greedy, gen, "cuda greedy ids vs the official generate");
+        }
+    }
+}
+
+/// The CPU's logits for the same model and ids, K/V cached as `kv`.
+fn cpu_logits(dir: &std::path::Path, ids: &[u32], kv: KvDtype, prefill: usize) -> Vec<f32> {
+    let m = Model::load(dir).unwrap().with_kv_dtype(kv);
+    let mut c = m.new_cache();
+    let mut out = m.forward(&mut c, &ids[..prefill], Logits::All, DecodeWindow::Trained).unwrap();
+    for &id in &ids[prefill..] {
+        out.extend(m.forward(&mut c, &[id], Logits::Last, DecodeWindow::Trained).unwrap());
+    }
+    out
+}
+
+/// bf16 K/V on the GPU equals the CPU engine's bf16 K/V to bf16's precision (both round the same
+/// f32 values; a value two paths compute a few f32 ulps apart can round to neighbouring bf16
+/// values, 2^-8 apart relatively, which moves the logits by about that much of their size).
+#[test]
+fn cuda_bf16_kv_matches_cpu() {
+    let Some(gpu) = gpu("cuda_bf16_kv_matches_cpu") else { return };
+    let dir = fixture("tiny-a");
+    let ids = Expected::load("tiny-a").ids("input_ids");
+    let model = Model::load_on(gpu, &dir, None).unwrap().with_kv_dtype(KvDtype::BF16);
+    let prefill = 20;
+    let mut c = model.new_cache();
+    let mut got = model.forward(&mut c, &ids[..prefill], Logits::All, DecodeWindow::Trained).unwrap();
+    for &id in &ids[prefill..] {
+        got.extend(model.forward(&mut c, &[id], Logits::Last, DecodeWindow::Trained).unwrap());
+    }
+    let want = cpu_logits(&dir, &ids, KvDtype::BF16, prefill);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert_close(&got, &want, scale / 256.0, "cuda vs cpu, bf16 K/V");
+}
+
+/// Sequences stepped together give what each gives alone (greedy ids identical, logits within
+/// f32 rounding: cuBLAS may pick another algorithm for another batch size).
+#[test]
+fn cuda_batched_equals_alone() {
+    let Some(gpu) = gpu("cuda_batched_equals_alone") else { return };
+    let model = Model::load_on(gpu, &fixture("tiny-a"), None).unwrap();
+    let v = model.config.vocab_size;
+    let prompts: Vec<Vec<u32>> = vec![(1..30).collect(), (100..104).collect(), (7..60).map(|x| x * 3).collect()];
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = model.new_cache();
+            let mut out = model.forward(&mut c, p, Logits::Last, DecodeWindow::Trained).unwrap();
+            for t in 0..5 {
+                out.extend(model.forward(&mut c, &[(t * 11 + 5) as u32], Logits::Last, DecodeWindow::Trained).unwrap());
+            }
+            out
+        })
+        .collect();
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut batched = vec![Vec::new(); prompts.len()];
+    for round in 0..6u32 {
+        let tok = [round.saturating_sub(1) * 11 + 5];
+        let mut steps: Vec<Step<_>> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(cache, p)| Step { cache, ids: if round == 0 { &p[..] } else { &tok[..] }, logits: Logits::Last, window: DecodeWindow::Trained })
+            .collect();
+        for (b, out) in batched.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
+            b.extend(out);
+        }
+    }
+    for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
+        assert_close(b, a, 1e-4, &format!("sequence {i}: batched vs alone"));
+        let (ga, gb): (Vec<u32>, Vec<u32>) = (a.chunks_exact(v).map(argmax).collect(), b.chunks_exact(v).map(argmax).collect());
+        assert_eq!(ga, gb, "sequence {i}: greedy ids");
+    }
+}
+
+/// bf16 weights: the GPU rounds each matrix product's input to bf16 (as the official bf16 model
+/// does), the CPU keeps it in f32. Each rounding errs by at most 2^-9 relatively; over the ~7
+/// products of each of L layers the errors add up like a random walk, so the logits agree to
+/// about 2^-9·sqrt(7L) of their norm; the bound allows twice that.
+#[test]
+fn cuda_bf16_weights_match_cpu_to_bf16_precision() {
+    let Some(gpu) = gpu("cuda_bf16_weights_match_cpu_to_bf16_precision") else { return };
+    let cfg = Config::from_file(&fixture("tiny-a").join("config.json")).unwrap();
+    let store = || hymba::synthetic::in_memory(&cfg, Dtype::BF16, 11, 1.0);
+    let cpu = Model::from_store(cfg.clone(), store()).unwrap();
+    let dev = Model::on(gpu, cfg.clone(), store()).unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
+    let want = cpu.forward(&mut cpu.new_cache(), &ids, Logits::All, DecodeWindow::Trained).unwrap();
+    let got = dev.forward(&mut dev.new_cache(), &ids, Logits::All, DecodeWindow::Trained).unwrap();
+    let norm = |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let diff: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+    let rel = norm(&diff) / norm(&want);
+    let bound = 2.0 * 2f64.powi(-9) * (7.0 * cfg.num_hidden_layers as f64).sqrt();
+    eprintln!("bf16 weights: relative difference {rel:.2e} (bound {bound:.2e})");
+    assert!(rel.is_finite() && rel < bound, "bf16 weights on the GPU vs the CPU: relative difference {rel:.3e} over {bound:.3e}");
+}

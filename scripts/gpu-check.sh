@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole GPU check, one call of the device machine: the CUDA tests (parity with the official
+# outputs and with the CPU engine), then `hymba bench --device cuda`, then a summary.
+#
+# Built on a machine with Rust, then carried with the working tree:
+#   cargo build --release -p hymba-cli && cargo test --release -p hymba --test cuda --no-run
+#   mkdir -p .gpu/shared/fixtures && cp -r ../shared/fixtures/* .gpu/shared/fixtures/
+#   cp target/release/hymba .gpu/ && cp target/release/deps/cuda-<hash> .gpu/cuda-tests && strip .gpu/*
+# Usage: bash scripts/gpu-check.sh [bench arguments...]
+set -uo pipefail
+DIR=${GPU_DIR:-.gpu}
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export HYMBA_SHARED="$DIR/shared"
+# NVRTC and cuBLAS: the toolkit's, else the pip wheels' (nvidia-cuda-nvrtc, nvidia-cublas).
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null); do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader
+echo "== tests"
+"$DIR/cuda-tests" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" | grep -E "^test |SKIPPED|panicked|relative|assert|result:"
+tests=${PIPESTATUS[0]}
+echo "== bench"
+"$DIR/hymba" bench --device cuda --synthetic hymba-1.5b --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.err"
+bench=$?
+tail -5 "$OUT/bench.err"
+python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+try:
+    b = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("bench: no result (%s)" % e); sys.exit()
+print("device            ", b["device"])
+print("copy bandwidth     %.0f GB/s, bf16 GEMM %.0f TFLOP/s" % (b["copy_bandwidth_gbs"], b["bf16_gemm_tflops"]))
+print("prefill %5d tok   %.0f tok/s (%.1f%% of the GEMM rate)" % (b["prompt_tokens"], b["prefill_tok_s"], 100 * b["prefill_gemm_fraction"]))
+for d in b["decode"]:
+    print("decode @ %5d     %.1f tok/s (%.1f%% of the copy bandwidth)" % (d["context"], d["tok_s"], 100 * d["bandwidth_fraction"]))
+one = next((d["tok_s"] for d in b["batched_decode"] if d["batch"] == 1), None)
+for d in b["batched_decode"]:
+    r = " (%.1fx batch 1)" % (d["tok_s"] / one) if one and d["batch"] != 1 else ""
+    print("batch %4d        %.1f tok/s in all%s" % (d["batch"], d["tok_s"], r))
+print("peak GPU memory    %.0f MB" % (b["gpu_peak_memory_bytes"] / 1e6))
+PY
+echo "== summary: tests exit $tests, bench exit $bench"
+[ "$tests" = 0 ] && [ "$bench" = 0 ]

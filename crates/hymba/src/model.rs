@@ -124,6 +124,7 @@ impl<B: Backend> Net<'_, B> {
     /// receives every layer's input and the final output.
     fn layers(&self, run: &mut Run<B>, seqs: &mut [Seq<B>], mut trace: Option<&mut Vec<Vec<f32>>>) {
         let (b, eps) = (self.b, self.c.rms_norm_eps);
+        b.begin(seqs);
         for (i, lw) in self.w.layers.iter().enumerate() {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.push(b.download(&run.h));

@@ -171,6 +171,9 @@ pub trait Backend: Sync + Sized {
     where
         Self: 'a;
 
+    /// Starts a forward over `seqs` (called once, before the layers), e.g. to copy the rows'
+    /// positions to a device once rather than per operation.
+    fn begin(&self, _seqs: &[Seq<Self>]) {}
     /// Prepares a weight matrix read by matrix products (e.g. rearranged into panels, or copied
     /// to the device).
     fn matrix(&self, t: Tensor) -> Result<Self::Matrix>;

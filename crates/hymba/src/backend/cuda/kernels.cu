@@ -114,26 +114,38 @@ extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
         out[i] = f32_to_bf16(x[i]);
 }
 
-// Depthwise causal conv + SiLU of one sequence's `len` rows: channel c of x is column from + c
-// of p (rows `width` wide, starting at row `row0`); `state` [K-1, E] holds the inputs before,
-// oldest first, and is left holding the last K-1. taps [K, E], bias [E]; out rows E wide.
+// One sequence of a step: its rows row0..row0+len of the step's activations, the position of
+// its first row, its effective sliding window.
+struct SeqInfo {
+    long row0;
+    int len;
+    int pos0;
+    int window;
+    int pad;
+};
+
+// Depthwise causal conv + SiLU, block (channels, sequence): channel c of x is column from + c of
+// p (rows `width` wide); the sequence's conv state [K-1, E] (conv[seq]) holds the inputs
+// before, oldest first, and is left holding the last K-1. taps [K, E], bias [E]; out rows E wide.
 #define MAX_K 8
-extern "C" __global__ void conv_silu(const float* p, int width, int from, long row0, int len, float* state,
+extern "C" __global__ void conv_silu(const float* p, int width, int from, const SeqInfo* seqs, float* const* conv,
                                      const float* taps, const float* bias, int e, int k, float* out) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= e) return;
-    float hist[MAX_K];
+    SeqInfo si = seqs[blockIdx.y];
+    float* state = conv[blockIdx.y];
+    float hist[MAX_K], w[MAX_K];
     for (int j = 0; j < k - 1; j++) hist[j] = state[(long)j * e + c];
-    float w[MAX_K];
     for (int j = 0; j < k; j++) w[j] = taps[(long)j * e + c];
-    for (int t = 0; t < len; t++) {
-        float xt = p[(row0 + t) * width + from + c];
+    for (int t = 0; t < si.len; t++) {
+        long r = si.row0 + t;
+        float xt = p[r * width + from + c];
         float acc = bias[c];
         for (int j = 0; j < k - 1; j++) acc += w[j] * hist[j];
         acc += w[k - 1] * xt;
         for (int j = 0; j + 1 < k - 1; j++) hist[j] = hist[j + 1];
         if (k > 1) hist[k - 2] = xt;
-        out[(row0 + t) * (long)e + c] = silu(acc);
+        out[r * e + c] = silu(acc);
     }
     for (int j = 0; j < k - 1; j++) state[(long)j * e + c] = hist[j];
 }
@@ -150,21 +162,24 @@ extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) g[i] = silu(g[i]) * u[i];
 }
 
-// Selective scan of one sequence's rows row0..row0+len, one thread per channel carrying its
-// N states; y = (S·C + D·x) ⊙ silu(z). x, delta, z, y: [t, E]; b, c: [t, N]; a [E, N].
+// Selective scan, block (channels, sequence), one thread per channel carrying its N states
+// (ssm[seq], [E, N]) through the sequence's rows; y = (S·C + D·x) ⊙ silu(z). x, delta, z, y:
+// [t, E]; b, c: [t, N]; a [E, N].
 #define MAX_N 64
 extern "C" __global__ void scan(const float* x, const float* delta, const float* bm, const float* cm, const float* z,
-                                const float* a, const float* d, float* state, long row0, int len, int e, int n, float* y) {
+                                const float* a, const float* d, const SeqInfo* seqs, float* const* ssm, int e, int n, float* y) {
     int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= e) return;
+    SeqInfo si = seqs[blockIdx.y];
+    float* state = ssm[blockIdx.y];
     float s[MAX_N], av[MAX_N];
     for (int j = 0; j < n; j++) {
         s[j] = state[(long)ch * n + j];
         av[j] = a[(long)ch * n + j];
     }
     float dc = d[ch];
-    for (int t = 0; t < len; t++) {
-        long r = row0 + t;
+    for (int t = 0; t < si.len; t++) {
+        long r = si.row0 + t;
         float dt = delta[r * e + ch], xv = x[r * e + ch];
         float acc = 0.0f;
         for (int j = 0; j < n; j++) {
@@ -197,34 +212,57 @@ __device__ __forceinline__ float kv_at(const void* p, int bf16, long i) {
 
 #define NEG_INF __int_as_float(0xff800000)
 #define MAX_DV_LANE 8
-// Attention of one sequence's query rows: block (row, head), 4 warps splitting the keys, an
-// online softmax per warp, merged at the end. A query at t sees key s when s <= t and, in a
-// window layer, t - s <= window or s < meta. Sources: up to 3 (meta prefix, store, new rows).
-extern "C" __global__ void attention(const float* q, long row0, int heads, int kv_heads, int dk, int dv, int q_pos0,
-                                     KvSrc s0, KvSrc s1, KvSrc s2, int n_src, int global_, int window, int meta, float scale,
-                                     float* out) {
+// Attention of one sequence's query rows: block (row, head, split), 4 warps splitting the split's
+// keys, an online softmax per warp, merged at the end. The keys of all sources, in order, are
+// cut into `splits` ranges (split-K, for decode, where rows × heads alone would leave most of
+// the GPU idle); with one split the block writes the output, otherwise its partial maximum, sum
+// and weighted values for `attention_combine`. A query at t sees key s when s <= t and, in a
+// window layer, t - s <= window or s < meta. Block x is a row of the step: its sequence gives
+// the positions and the sources (meta prefix, store: `past[2 seq..]`; this call's rows).
+extern "C" __global__ void attention(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
+                                     const int* row_seq, const KvSrc* past, const float* new_k, const float* new_v, int global_,
+                                     int meta, float scale, int splits, float* out, float* part) {
     __shared__ float qs[256];
     __shared__ float wm[4], wl[4];
     __shared__ float wacc[4][256];
-    int t = blockIdx.x, h = blockIdx.y;
+    int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    long qrow = row0 + t;
-    int tq = q_pos0 + t;
+    int seq = row_seq[t];
+    SeqInfo sq = seqs[seq];
+    long qrow = t;
+    int tq = sq.pos0 + (int)(t - sq.row0);
+    int window = sq.window;
     int kh = h / (heads / kv_heads);
+    int kw = kv_heads * dk, vw = kv_heads * dv;
+    // The sequence's sources: the meta prefix, its store, this call's rows.
+    KvSrc s0 = past[2 * seq], s1 = past[2 * seq + 1], s2;
+    s2.k = new_k + sq.row0 * kw;
+    s2.v = new_v + sq.row0 * vw;
+    s2.pos = 0;
+    s2.rows = sq.len;
+    s2.pos0 = sq.pos0;
+    s2.k_stride = kw;
+    s2.v_stride = vw;
+    s2.bf16 = 0;
+    int keys = s0.rows + s1.rows + s2.rows;
+    int per_split = (keys + splits - 1) / splits;
     for (int j = threadIdx.x; j < dk; j += blockDim.x) qs[j] = q[qrow * heads * dk + h * dk + j] * scale;
     __syncthreads();
     float m = NEG_INF, l = 0.0f, acc[MAX_DV_LANE];
     for (int j = 0; j < MAX_DV_LANE; j++) acc[j] = 0.0f;
-    for (int si = 0; si < n_src; si++) {
+    int lo = z * per_split, hi = lo + per_split, base = 0;
+    for (int si = 0; si < 3; si++) {
         KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
-        for (int i = warp; i < s.rows; i += 4) {
+        int a = max(lo - base, 0), b = min(hi - base, s.rows);
+        base += s.rows;
+        for (int i = a + warp; i < b; i += 4) {
             int sp = s.pos ? s.pos[i] : s.pos0 + i;
             if (sp < 0 || sp > tq) continue;
             if (!global_ && tq - sp > window && sp >= meta) continue;
             long ko = (long)i * s.k_stride + (long)kh * dk;
-            float part = 0.0f;
-            for (int j = lane; j < dk; j += 32) part += qs[j] * kv_at(s.k, s.bf16, ko + j);
-            float sc = warp_sum(part);
+            float part_ = 0.0f;
+            for (int j = lane; j < dk; j += 32) part_ += qs[j] * kv_at(s.k, s.bf16, ko + j);
+            float sc = warp_sum(part_);
             float mn = fmaxf(m, sc);
             float corr = expf(m - mn), pw = expf(sc - mn);
             l = l * corr + pw;
@@ -243,19 +281,97 @@ extern "C" __global__ void attention(const float* q, long row0, int heads, int k
     }
     __syncthreads();
     float mm = fmaxf(fmaxf(wm[0], wm[1]), fmaxf(wm[2], wm[3]));
+    // Partial of (row, head, split): [max, sum, values...], dv + 2 floats.
+    float* pp = part + (((long)t * heads + h) * splits + z) * (dv + 2);
+    float den = 0.0f;
+    if (mm != NEG_INF)
+        for (int w = 0; w < 4; w++)
+            if (wm[w] != NEG_INF) den += expf(wm[w] - mm) * wl[w];
     for (int col = threadIdx.x; col < dv; col += blockDim.x) {
-        float num = 0.0f, den = 0.0f;
-        if (mm != NEG_INF) {
-            for (int w = 0; w < 4; w++) {
-                if (wm[w] == NEG_INF) continue;
-                float f = expf(wm[w] - mm);
-                num += f * wacc[w][col];
-                den += f * wl[w];
-            }
+        float num = 0.0f;
+        if (mm != NEG_INF)
+            for (int w = 0; w < 4; w++)
+                if (wm[w] != NEG_INF) num += expf(wm[w] - mm) * wacc[w][col];
+        if (splits == 1) out[qrow * heads * dv + h * dv + col] = den > 0.0f ? num / den : 0.0f;
+        else pp[2 + col] = num;
+    }
+    if (splits > 1 && threadIdx.x == 0) { pp[0] = mm; pp[1] = den; }
+}
+
+// Merges the splits of `attention`: block (row, head).
+extern "C" __global__ void attention_combine(const float* part, int heads, int dv, int splits, float* out) {
+    int t = blockIdx.x, h = blockIdx.y;
+    const float* pp = part + ((long)t * heads + h) * splits * (dv + 2);
+    float mm = NEG_INF;
+    for (int z = 0; z < splits; z++) mm = fmaxf(mm, pp[z * (dv + 2)]);
+    float den = 0.0f;
+    if (mm != NEG_INF)
+        for (int z = 0; z < splits; z++) {
+            float mz = pp[z * (dv + 2)];
+            if (mz != NEG_INF) den += expf(mz - mm) * pp[z * (dv + 2) + 1];
         }
-        out[qrow * heads * dv + h * dv + col] = den > 0.0f ? num / den : 0.0f;
+    for (int col = threadIdx.x; col < dv; col += blockDim.x) {
+        float num = 0.0f;
+        if (mm != NEG_INF)
+            for (int z = 0; z < splits; z++) {
+                float mz = pp[z * (dv + 2)];
+                if (mz != NEG_INF) num += expf(mz - mm) * pp[z * (dv + 2) + 2 + col];
+            }
+        out[(long)t * heads * dv + h * dv + col] = den > 0.0f ? num / den : 0.0f;
     }
 }
+
+// y[r, j] = x[r, :] · w[j, :] for r < t (t <= GEMV_ROWS): the matrix product of decode and small
+// batches, one warp per weight row, so the weights stream once at the memory's pace and no
+// input is rounded (bf16 weights widened to f32). Rows of 8 elements at a time (16 or 32
+// bytes a lane) when k allows, else one at a time.
+#define GEMV_ROWS 8
+template <typename W>
+__device__ void gemv(const float* x, const W* w, float* y, int t, int n, int k) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;
+    const W* wr = w + (long)row * k;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
+    int vec_end = (k % 8 == 0) ? k : 0;
+    for (int j = lane * 8; j < vec_end; j += 256) {
+        float wv[8];
+        if (sizeof(W) == 2) {
+            uint4 raw = *(const uint4*)(wr + j);
+            const bf16_t* hb = (const bf16_t*)&raw;
+#pragma unroll
+            for (int e = 0; e < 8; e++) wv[e] = bf16_to_f32(hb[e]);
+        } else {
+            float4 a = *(const float4*)((const float*)wr + j), b = *(const float4*)((const float*)wr + j + 4);
+            wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w; wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r < t) {
+                const float4* xr = (const float4*)(x + (long)r * k + j);
+                float4 a = xr[0], b = xr[1];
+                acc[r] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+            }
+        }
+    }
+    for (int j = vec_end + lane; j < k; j += 32) {
+        float wv = load(wr, j);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+            if (r < t) acc[r] += wv * x[(long)r * k + j];
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r < t) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0) y[(long)r * n + row] = v;
+        }
+    }
+}
+extern "C" __global__ void gemv_f32(const float* x, const float* w, float* y, int t, int n, int k) { gemv(x, w, y, t, n, k); }
+extern "C" __global__ void gemv_bf16(const float* x, const bf16_t* w, float* y, int t, int n, int k) { gemv(x, w, y, t, n, k); }
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2.
 extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out) {

@@ -69,8 +69,24 @@ struct KvSrc {
     pad: i32,
 }
 
-// SAFETY: plain data with the layout of the kernel's struct.
+// SAFETY: plain data with the layout of the kernel's struct; all zeros is a valid value.
 unsafe impl DeviceRepr for KvSrc {}
+unsafe impl cudarc::driver::ValidAsZeroBits for KvSrc {}
+
+/// One sequence of a step, as the kernels take it (`SeqInfo` there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SeqInfo {
+    row0: i64,
+    len: i32,
+    pos0: i32,
+    window: i32,
+    pad: i32,
+}
+
+// SAFETY: plain data with the layout of the kernel's struct; all zeros is a valid value.
+unsafe impl DeviceRepr for SeqInfo {}
+unsafe impl cudarc::driver::ValidAsZeroBits for SeqInfo {}
 
 /// Device memory of one element type.
 #[derive(Clone)]
@@ -192,6 +208,9 @@ struct Kernels {
     silu_mul: CudaFunction,
     scan: CudaFunction,
     attention: CudaFunction,
+    attention_combine: CudaFunction,
+    gemv_f32: CudaFunction,
+    gemv_bf16: CudaFunction,
     fuse: CudaFunction,
     kv_put_f32: CudaFunction,
     kv_put_bf16: CudaFunction,
@@ -199,12 +218,30 @@ struct Kernels {
 }
 
 /// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the
-/// attention and SSM outputs of the hybrid heads.
+/// attention and SSM outputs of the hybrid heads, attention's split partials, and the positions
+/// of the step's rows.
 struct Scratch {
     x16: Option<CudaSlice<u16>>,
     attn: DevRows,
     y: DevRows,
+    part: DevRows,
+    /// The step, copied to the card once by `begin`: each row's position and sequence, each
+    /// sequence's rows and window, its cached K/V per group (`[group][seq][meta, store]`) and
+    /// its states per layer (`[layer][seq]`).
+    pos: Option<CudaSlice<i32>>,
+    row_seq: Option<CudaSlice<i32>>,
+    seqs: Option<CudaSlice<SeqInfo>>,
+    past: Option<CudaSlice<KvSrc>>,
+    ssm: Option<CudaSlice<u64>>,
+    conv: Option<CudaSlice<u64>>,
+    n_seqs: usize,
+    /// The most keys any sequence's query sees in a layer (bounds attention's splits).
+    max_keys: Vec<usize>,
 }
+
+/// Rows up to which a matrix product runs as one pass of warps over the weights (the kernel's
+/// GEMV_ROWS) rather than through cuBLAS.
+const GEMV_ROWS: usize = 8;
 
 /// The CUDA backend on one device.
 pub struct Cuda {
@@ -217,6 +254,8 @@ pub struct Cuda {
     err: Mutex<Option<String>>,
     /// The device's name and compute capability, for reports.
     pub name: String,
+    /// Multiprocessors: how many blocks keep the GPU busy.
+    sms: usize,
 }
 
 /// A grid of `n` threads in blocks of 256, capped (the kernels loop over the rest).
@@ -283,6 +322,9 @@ impl Cuda {
             silu_mul: f("silu_mul")?,
             scan: f("scan")?,
             attention: f("attention")?,
+            attention_combine: f("attention_combine")?,
+            gemv_f32: f("gemv_f32")?,
+            gemv_bf16: f("gemv_bf16")?,
             fuse: f("fuse")?,
             kv_put_f32: f("kv_put_f32")?,
             kv_put_bf16: f("kv_put_bf16")?,
@@ -290,8 +332,25 @@ impl Cuda {
         };
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("starting cuBLAS", e))?;
-        let scratch = Scratch { x16: None, attn: DevRows { buf: None, len: 0 }, y: DevRows { buf: None, len: 0 } };
-        Ok(Cuda { ctx, stream, blas, k, scratch: Mutex::new(scratch), err: Mutex::new(None), name })
+        let empty = || DevRows { buf: None, len: 0 };
+        let scratch = Scratch {
+            x16: None,
+            attn: empty(),
+            y: empty(),
+            part: empty(),
+            pos: None,
+            row_seq: None,
+            seqs: None,
+            past: None,
+            ssm: None,
+            conv: None,
+            n_seqs: 0,
+            max_keys: Vec::new(),
+        };
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| device_err("reading the multiprocessor count", e))? as usize;
+        Ok(Cuda { ctx, stream, blas, k, scratch: Mutex::new(scratch), err: Mutex::new(None), name, sms })
     }
 
     /// Checks that a model's shapes fit the kernels.
@@ -462,25 +521,36 @@ impl Cuda {
         }
     }
 
-    fn upload_i32(&self, v: &[i32]) -> Option<CudaSlice<i32>> {
-        match self.stream.clone_htod(v) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                self.fail("uploading positions", e);
-                None
+    /// `host` copied into `dst`, which grows to fit.
+    fn put<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, dst: &mut Option<CudaSlice<T>>, host: &[T]) {
+        if host.is_empty() {
+            return;
+        }
+        if dst.as_ref().is_none_or(|d| d.len() < host.len()) {
+            match self.alloc::<T>(host.len().next_power_of_two(), "the step's tables") {
+                Ok(d) => *dst = Some(d),
+                Err(e) => return self.fail("allocating", e),
             }
+        }
+        let d = dst.as_mut().expect("allocated");
+        if let Err(e) = self.stream.memcpy_htod(host, &mut d.slice_mut(0..host.len())) {
+            self.fail("uploading the step's tables", e);
         }
     }
 
-    /// Positions of every row of a call, in row order.
-    fn positions(&self, seqs: &[Seq<Cuda>]) -> Option<CudaSlice<i32>> {
-        let pos: Vec<i32> = seqs.iter().flat_map(|s| (s.pos0..s.pos0 + s.rows.len()).map(|p| p as i32)).collect();
-        self.upload_i32(&pos)
+    /// Device address of element `at` of a table made by `begin`.
+    fn table<T: DeviceRepr>(&self, t: &Option<CudaSlice<T>>, at: usize) -> u64 {
+        t.as_ref().map_or(0, |t| t.device_ptr(&self.stream).0 + (at * std::mem::size_of::<T>()) as u64)
     }
 
-    fn rope_rows(&self, x: &DevRows, width: usize, dk: usize, pos: &CudaSlice<i32>, inv_freq: &CudaSlice<f32>) {
+    /// RoPE on rows `width` wide at the step's positions (see `begin`).
+    fn rope_rows(&self, x: &DevRows, width: usize, dk: usize, inv_freq: &CudaSlice<f32>) {
         let rows = x.len / width.max(1);
-        let (xp, pp, fp) = (self.p(x), self.pv_i(pos), self.pv(inv_freq));
+        let pp = match &self.scratch.lock().expect("scratch").pos {
+            Some(p) => self.pv_i(p),
+            None => return self.fail("rope", "no positions: begin was not called"),
+        };
+        let (xp, fp) = (self.p(x), self.pv(inv_freq));
         let (w, d, r) = (width as i32, dk as i32, rows as i64);
         self.launch(&self.k.rope, flat(rows * width / 2), &[&xp, &w, &d, &pp, &fp, &r]);
     }
@@ -541,6 +611,41 @@ impl Backend for Cuda {
             self.stream.memcpy_htod(&v, &mut d).map_err(|e| device_err("uploading parameters", e))?;
         }
         Ok(d)
+    }
+
+    fn begin(&self, seqs: &[Seq<Cuda>]) {
+        let pos: Vec<i32> = seqs.iter().flat_map(|s| (s.pos0..s.pos0 + s.rows.len()).map(|p| p as i32)).collect();
+        let row_seq: Vec<i32> = seqs.iter().enumerate().flat_map(|(i, s)| s.rows.clone().map(move |_| i as i32)).collect();
+        let infos: Vec<SeqInfo> = seqs
+            .iter()
+            .map(|s| SeqInfo { row0: s.rows.start as i64, len: s.rows.len() as i32, pos0: s.pos0 as i32, window: s.window.min(i32::MAX as usize) as i32, pad: 0 })
+            .collect();
+        let groups = seqs.first().map_or(0, |s| s.past.len());
+        let mut past = vec![KvSrc::default(); groups * seqs.len() * 2];
+        let mut max_keys = vec![0; groups];
+        for g in 0..groups {
+            for (i, s) in seqs.iter().enumerate() {
+                let views: Vec<&DevKvView> = s.past[g].iter().filter(|v| v.src.rows > 0).collect();
+                assert!(views.len() <= 2, "at most a meta prefix and a store per group");
+                for (j, v) in views.iter().enumerate() {
+                    past[(g * seqs.len() + i) * 2 + j] = v.src;
+                }
+                max_keys[g] = max_keys[g].max(views.iter().map(|v| v.src.rows as usize).sum::<usize>() + s.rows.len());
+            }
+        }
+        let layers = seqs.first().map_or(0, |s| s.states.len());
+        let table = |f: &dyn Fn(&DevState) -> u64| -> Vec<u64> { (0..layers).flat_map(|l| seqs.iter().map(move |s| f(&s.states[l]))).collect() };
+        let ssm = table(&|st| self.pv(&st.ssm));
+        let conv = table(&|st| self.pv(&st.conv));
+        let mut scratch = self.scratch.lock().expect("scratch");
+        self.put(&mut scratch.pos, &pos);
+        self.put(&mut scratch.row_seq, &row_seq);
+        self.put(&mut scratch.seqs, &infos);
+        self.put(&mut scratch.past, &past);
+        self.put(&mut scratch.ssm, &ssm);
+        self.put(&mut scratch.conv, &conv);
+        scratch.n_seqs = seqs.len();
+        scratch.max_keys = max_keys;
     }
 
     fn kv(&self, heads: Heads, max: usize, dtype: KvDtype) -> DevKv {
@@ -679,6 +784,17 @@ impl Backend for Cuda {
         if t == 0 || self.failed() {
             return;
         }
+        if t <= GEMV_ROWS {
+            let (f, wp) = match &w.data {
+                DevData::F32(d) => (&self.k.gemv_f32, d.device_ptr(&self.stream).0),
+                DevData::BF16(d) => (&self.k.gemv_bf16, d.device_ptr(&self.stream).0),
+            };
+            let (xp, yp) = (self.p(x), self.p(y));
+            let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
+            // One warp a weight row, 8 warps a block.
+            let cfg = LaunchConfig { grid_dim: (w.rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            return self.launch(f, cfg, &[&xp, &wp, &yp, &ti, &ni, &ki]);
+        }
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (m, n, k) = (w.rows as i32, t as i32, w.cols as i32);
         let yp = self.p(y) as *mut std::ffi::c_void;
@@ -775,15 +891,13 @@ impl Backend for Cuda {
 
     fn rope(&self, x: &mut DevRows, inv_freq: &CudaSlice<f32>, seqs: &[Seq<Cuda>]) {
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
-        let Some(pos) = self.positions(seqs) else { return };
-        self.rope_rows(x, x.len / t.max(1), 2 * inv_freq.len(), &pos, inv_freq);
+        self.rope_rows(x, x.len / t.max(1), 2 * inv_freq.len(), inv_freq);
     }
 
-    fn new_kv(&self, p: &DevRows, split: KvSplit, inv_freq: &CudaSlice<f32>, seqs: &[Seq<Cuda>], k: &mut DevRows, v: &mut DevRows) {
+    fn new_kv(&self, p: &DevRows, split: KvSplit, inv_freq: &CudaSlice<f32>, _seqs: &[Seq<Cuda>], k: &mut DevRows, v: &mut DevRows) {
         self.columns(p, split.width, split.k_at, split.kw, k);
         self.columns(p, split.width, split.k_at + split.kw, split.vw, v);
-        let Some(pos) = self.positions(seqs) else { return };
-        self.rope_rows(k, split.kw, 2 * inv_freq.len(), &pos, inv_freq);
+        self.rope_rows(k, split.kw, 2 * inv_freq.len(), inv_freq);
         if split.dtype == KvDtype::BF16 {
             for r in [&*k, &*v] {
                 let (rp, n) = (self.p(r), r.len as i64);
@@ -807,13 +921,13 @@ impl Backend for Cuda {
         let kk = taps.len() / e.max(1);
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
         self.shape(out, t * e);
+        let scratch = self.scratch.lock().expect("scratch");
+        let n = scratch.n_seqs;
+        let (sp, cp) = (self.table(&scratch.seqs, 0), self.table(&scratch.conv, layer * n));
         let (pp, tp, bp, op) = (self.p(p), self.pv(taps), self.pv(bias), self.p(out));
         let (wi, fi, ei, ki) = (width as i32, from as i32, e as i32, kk as i32);
-        for s in seqs.iter_mut() {
-            let sp = self.pv(&s.states[layer].conv);
-            let (r0, len) = (s.rows.start as i64, s.rows.len() as i32);
-            self.launch(&self.k.conv_silu, flat(e), &[&pp, &wi, &fi, &r0, &len, &sp, &tp, &bp, &ei, &ki, &op]);
-        }
+        let cfg = LaunchConfig { grid_dim: (e.div_ceil(128) as u32, n as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&self.k.conv_silu, cfg, &[&pp, &wi, &fi, &sp, &cp, &tp, &bp, &ei, &ki, &op]);
     }
 
     fn softplus_bias(&self, x: &mut DevRows, bias: &CudaSlice<f32>) {
@@ -832,56 +946,41 @@ impl Backend for Cuda {
         let n = ssm.a.len() / e.max(1);
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
         let mut scratch = self.scratch.lock().expect("scratch");
-        let Scratch { attn, y, .. } = &mut *scratch;
+        let ns = scratch.n_seqs;
+        let (seqs_p, rows_p) = (self.table(&scratch.seqs, 0), self.table(&scratch.row_seq, 0));
+        let past_p = self.table(&scratch.past, at.group * ns * 2);
+        let ssm_p = self.table(&scratch.ssm, ssm.layer * ns);
+        let keys = scratch.max_keys.get(at.group).copied().unwrap_or(t);
+        let Scratch { attn, y, part, .. } = &mut *scratch;
         self.shape(attn, t * e);
         self.shape(y, t * e);
         self.shape(out, t * e);
         let hd = at.heads;
         let (qp, ap, yp) = (self.p(at.q), self.p(attn), self.p(y));
-        let (kw, vw) = (hd.kv * hd.dk, hd.kv * hd.dv);
         let scale = 1.0 / (hd.dk as f32).sqrt();
         let (heads, kv_heads, dk, dv) = (hd.q as i32, hd.kv as i32, hd.dk as i32, hd.dv as i32);
+        // 2. Attention of every row over its sequence's meta prefix, store and this call's rows.
+        // Keys are split when rows × heads alone would leave the multiprocessors idle (decode),
+        // each split at least 64 keys.
+        let splits = (2 * self.sms).div_ceil(t * hd.q).min(keys.div_ceil(64)).max(1);
+        if splits > 1 {
+            self.shape(part, t * hd.q * splits * (hd.dv + 2));
+        }
+        let pp = if splits > 1 { self.p(part) } else { 0 };
+        let (nk, nv) = (self.p(at.k), self.p(at.v));
+        let global = (at.kind == crate::config::AttnKind::Global) as i32;
+        let (meta, zs) = (at.meta as i32, splits as i32);
+        let cfg = LaunchConfig { grid_dim: (t as u32, hd.q as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&self.k.attention, cfg, &[&qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global, &meta, &scale, &zs, &ap, &pp]);
+        if splits > 1 {
+            let cfg = LaunchConfig { grid_dim: (t as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            self.launch(&self.k.attention_combine, cfg, &[&pp, &heads, &dv, &zs, &ap]);
+        }
+        // 3. The selective scan of every sequence from its state, gated by silu(z).
         let (xp, dp, bp, cp, zp, a_p, dd) = (self.p(ssm.x), self.p(ssm.delta), self.p(ssm.b), self.p(ssm.c), self.p(ssm.z), self.pv(ssm.a), self.pv(ssm.d));
         let (ei, ni) = (e as i32, n as i32);
-        // This call's rows: row-major f32 (already rounded to the cache's type).
-        let (nk, nv) = (self.p(at.k), self.p(at.v));
-        for s in seqs.iter_mut() {
-            let len = s.rows.len();
-            let r0 = s.rows.start as i64;
-            let mask = at.mask(s);
-            // 2. Attention over the meta prefix, the store, and this call's rows.
-            let mut src = [KvSrc::default(); 3];
-            let mut count = 0;
-            for view in s.past[at.group].iter().filter(|v| v.src.rows > 0) {
-                src[count] = view.src;
-                count += 1;
-            }
-            src[count] = KvSrc {
-                k: nk + (s.rows.start * kw * 4) as u64,
-                v: nv + (s.rows.start * vw * 4) as u64,
-                pos: 0,
-                rows: len as i32,
-                pos0: s.pos0 as i32,
-                k_stride: kw as i32,
-                v_stride: vw as i32,
-                bf16: 0,
-                pad: 0,
-            };
-            count += 1;
-            let global = (mask.kind == crate::config::AttnKind::Global) as i32;
-            let (window, meta, q0, ns) = (mask.window.min(i32::MAX as usize) as i32, mask.meta as i32, s.pos0 as i32, count as i32);
-            let cfg = LaunchConfig { grid_dim: (len as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            let [s0, s1, s2] = src;
-            self.launch(
-                &self.k.attention,
-                cfg,
-                &[&qp, &r0, &heads, &kv_heads, &dk, &dv, &q0, &s0, &s1, &s2, &ns, &global, &window, &meta, &scale, &ap],
-            );
-            // 3. The selective scan from the sequence's state, gated by silu(z).
-            let sp = self.pv(&s.states[ssm.layer].ssm);
-            let li = len as i32;
-            self.launch(&self.k.scan, flat(e), &[&xp, &dp, &bp, &cp, &zp, &a_p, &dd, &sp, &r0, &li, &ei, &ni, &yp]);
-        }
+        let cfg = LaunchConfig { grid_dim: (e.div_ceil(128) as u32, ns as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&self.k.scan, cfg, &[&xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &ssm_p, &ei, &ni, &yp]);
         // 4. Fusion of every row.
         let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
         self.launch(&self.k.fuse, rows_of(t, 256), &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op]);

@@ -405,6 +405,12 @@ impl<B: Backend> Clone for Cache<B> {
     }
 }
 
+impl<B: Backend> std::fmt::Debug for Cache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("pos", &self.pos).field("kv_dtype", &self.kv_dtype()).field("bytes", &self.bytes()).finish()
+    }
+}
+
 impl<B: Backend> Cache<B> {
     /// The element type of its K/V (that of the model that made it).
     pub fn kv_dtype(&self) -> KvDtype {

@@ -20,9 +20,6 @@ template <typename T> __device__ __forceinline__ float load(const T* p, long i);
 template <> __device__ __forceinline__ float load<float>(const float* p, long i) { return p[i]; }
 template <> __device__ __forceinline__ float load<bf16_t>(const bf16_t* p, long i) { return bf16_to_f32(p[i]); }
 
-template <typename T> __device__ __forceinline__ void store(T* p, long i, float v);
-template <> __device__ __forceinline__ void store<float>(float* p, long i, float v) { p[i] = v; }
-template <> __device__ __forceinline__ void store<bf16_t>(bf16_t* p, long i, float v) { p[i] = f32_to_bf16(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -389,17 +386,33 @@ extern "C" __global__ void fuse(const float* a, const float* y, const float* w1,
     for (int j = threadIdx.x; j < e; j += blockDim.x) out[r * e + j] = (w1[j] * (ar[j] * ia) + w2[j] * (yr[j] * iy)) * 0.5f;
 }
 
-// K/V rows into a store: rows `rows` of k [t, kw] (from row r0) into slots slot.. of a
-// row-major store of element T, positions pos0.. recorded beside them.
-template <typename T>
-__device__ void kv_put(const float* src, int w, long r0, T* dst, long slot, int rows) {
-    long n = (long)rows * w;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        store(dst, slot * w + i, src[r0 * w + i]);
+// New K/V rows into the stores, block row (op): rows of keys `k` [rows, kw] and values `v`
+// [rows, vw] (f32) into slots slot.. of a row-major store of f32 or bf16, their positions
+// first_pos.. beside them. All of a step's writes in one launch.
+struct PutOp {
+    const float* k;
+    const float* v;
+    void* dk;
+    void* dv;
+    int* dpos;
+    long slot;
+    int rows;
+    int first_pos;
+    int kw;
+    int vw;
+    int bf16;
+    int pad;
+};
+
+__device__ __forceinline__ void put_elem(void* dst, int bf16, long i, float x) {
+    if (bf16) ((bf16_t*)dst)[i] = f32_to_bf16(x);
+    else ((float*)dst)[i] = x;
 }
-extern "C" __global__ void kv_put_f32(const float* src, int w, long r0, float* dst, long slot, int rows) { kv_put(src, w, r0, dst, slot, rows); }
-extern "C" __global__ void kv_put_bf16(const float* src, int w, long r0, bf16_t* dst, long slot, int rows) { kv_put(src, w, r0, dst, slot, rows); }
-extern "C" __global__ void put_positions(int* pos, long slot, int pos0, int rows) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < rows) pos[slot + i] = pos0 + i;
+
+extern "C" __global__ void kv_put(const PutOp* ops) {
+    PutOp op = ops[blockIdx.y];
+    long stride = (long)gridDim.x * blockDim.x, first = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    for (long i = first; i < (long)op.rows * op.kw; i += stride) put_elem(op.dk, op.bf16, op.slot * op.kw + i, op.k[i]);
+    for (long i = first; i < (long)op.rows * op.vw; i += stride) put_elem(op.dv, op.bf16, op.slot * op.vw + i, op.v[i]);
+    for (long i = first; i < op.rows; i += stride) op.dpos[op.slot + i] = op.first_pos + (int)i;
 }

@@ -73,6 +73,28 @@ struct KvSrc {
 unsafe impl DeviceRepr for KvSrc {}
 unsafe impl cudarc::driver::ValidAsZeroBits for KvSrc {}
 
+/// A write of new K/V rows into a store, as `kv_put` takes it (`PutOp` there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct PutOp {
+    k: u64,
+    v: u64,
+    dk: u64,
+    dv: u64,
+    dpos: u64,
+    slot: i64,
+    rows: i32,
+    first_pos: i32,
+    kw: i32,
+    vw: i32,
+    bf16: i32,
+    pad: i32,
+}
+
+// SAFETY: plain data with the layout of the kernel's struct; all zeros is a valid value.
+unsafe impl DeviceRepr for PutOp {}
+unsafe impl cudarc::driver::ValidAsZeroBits for PutOp {}
+
 /// One sequence of a step, as the kernels take it (`SeqInfo` there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -212,9 +234,7 @@ struct Kernels {
     gemv_f32: CudaFunction,
     gemv_bf16: CudaFunction,
     fuse: CudaFunction,
-    kv_put_f32: CudaFunction,
-    kv_put_bf16: CudaFunction,
-    put_positions: CudaFunction,
+    kv_put: CudaFunction,
 }
 
 /// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the
@@ -237,6 +257,9 @@ struct Scratch {
     n_seqs: usize,
     /// The most keys any sequence's query sees in a layer (bounds attention's splits).
     max_keys: Vec<usize>,
+    /// K/V writes of the step, made together (`flush`), and their table on the card.
+    puts: Vec<PutOp>,
+    put_table: Option<CudaSlice<PutOp>>,
 }
 
 /// Rows up to which a matrix product runs as one pass of warps over the weights (the kernel's
@@ -326,9 +349,7 @@ impl Cuda {
             gemv_f32: f("gemv_f32")?,
             gemv_bf16: f("gemv_bf16")?,
             fuse: f("fuse")?,
-            kv_put_f32: f("kv_put_f32")?,
-            kv_put_bf16: f("kv_put_bf16")?,
-            put_positions: f("put_positions")?,
+            kv_put: f("kv_put")?,
         };
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("starting cuBLAS", e))?;
@@ -346,6 +367,8 @@ impl Cuda {
             conv: None,
             n_seqs: 0,
             max_keys: Vec::new(),
+            puts: Vec::new(),
+            put_table: None,
         };
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -521,6 +544,20 @@ impl Cuda {
         }
     }
 
+    /// Makes the K/V writes recorded since the last flush, in one launch. Called before
+    /// anything reads a store (`begin`) and at the end of a step (`finish`).
+    fn flush(&self, scratch: &mut Scratch) {
+        if scratch.puts.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut scratch.puts);
+        self.put(&mut scratch.put_table, &ops);
+        let most = ops.iter().map(|o| o.rows as usize * o.kw.max(o.vw) as usize).max().unwrap_or(1);
+        let cfg = LaunchConfig { grid_dim: (most.div_ceil(256).min(1024) as u32, ops.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let tp = self.table(&scratch.put_table, 0);
+        self.launch(&self.k.kv_put, cfg, &[&tp]);
+    }
+
     /// `host` copied into `dst`, which grows to fit.
     fn put<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, dst: &mut Option<CudaSlice<T>>, host: &[T]) {
         if host.is_empty() {
@@ -638,6 +675,7 @@ impl Backend for Cuda {
         let ssm = table(&|st| self.pv(&st.ssm));
         let conv = table(&|st| self.pv(&st.conv));
         let mut scratch = self.scratch.lock().expect("scratch");
+        self.flush(&mut scratch);
         self.put(&mut scratch.pos, &pos);
         self.put(&mut scratch.row_seq, &row_seq);
         self.put(&mut scratch.seqs, &infos);
@@ -660,6 +698,8 @@ impl Backend for Cuda {
         let need = (slot + n).max(kv.rows);
         assert!(need <= kv.max, "K/V rows: {need} exceed the maximum of {}", kv.max);
         if need > kv.cap {
+            // Writes still pending may target the old buffer: make them before copying it.
+            self.flush(&mut self.scratch.lock().expect("scratch"));
             let cap = need.max(2 * kv.cap).max(16).min(kv.max);
             let grow = |old: &Option<DevData>, w: usize| -> Result<DevData> {
                 let mut new = match kv.dtype {
@@ -694,18 +734,21 @@ impl Backend for Cuda {
             }
         }
         let (kd, vd) = (kv.k.as_ref().expect("allocated"), kv.v.as_ref().expect("allocated"));
-        let f = match kv.dtype {
-            KvDtype::F32 => &self.k.kv_put_f32,
-            KvDtype::BF16 => &self.k.kv_put_bf16,
+        let op = PutOp {
+            k: self.p(k) + (rows.start * kv.kw * 4) as u64,
+            v: self.p(v) + (rows.start * kv.vw * 4) as u64,
+            dk: kd.ptr(&self.stream),
+            dv: vd.ptr(&self.stream),
+            dpos: self.pv_i(kv.pos.as_ref().expect("allocated")),
+            slot: slot as i64,
+            rows: n as i32,
+            first_pos: first_pos as i32,
+            kw: kv.kw as i32,
+            vw: kv.vw as i32,
+            bf16: (kv.dtype == KvDtype::BF16) as i32,
+            pad: 0,
         };
-        let (r0, s, nn) = (rows.start as i64, slot as i64, n as i32);
-        let (kw, vw) = (kv.kw as i32, kv.vw as i32);
-        let (ksrc, kdst, vsrc, vdst) = (self.p(k), kd.ptr(&self.stream), self.p(v), vd.ptr(&self.stream));
-        self.launch(f, flat(n * kv.kw), &[&ksrc, &kw, &r0, &kdst, &s, &nn]);
-        self.launch(f, flat(n * kv.vw), &[&vsrc, &vw, &r0, &vdst, &s, &nn]);
-        let pp = self.pv_i(kv.pos.as_ref().expect("allocated"));
-        let p0 = first_pos as i32;
-        self.launch(&self.k.put_positions, flat(n), &[&pp, &s, &p0, &nn]);
+        self.scratch.lock().expect("scratch").puts.push(op);
         kv.rows = need;
     }
 
@@ -755,6 +798,7 @@ impl Backend for Cuda {
     }
 
     fn finish(&self) -> Result<()> {
+        self.flush(&mut self.scratch.lock().expect("scratch"));
         if let Err(e) = self.stream.synchronize() {
             self.fail("running the step", e);
         }

@@ -333,6 +333,7 @@ impl<B: Backend> Model<B> {
                 kv
             })
             .collect();
+        self.backend.kv_flush();
         MetaPrefix { len: m, kv, states }
     }
 
@@ -394,6 +395,7 @@ impl<B: Backend> Model<B> {
             cache.pos += k;
             done += k;
         }
+        self.backend.kv_flush();
         cache
     }
 
@@ -486,6 +488,7 @@ impl<B: Backend> Model<B> {
             }
             s.cache.pos += s.ids.len();
         }
+        b.kv_flush();
         // One output projection for every requested row of the batch.
         let wanted: Vec<_> = steps.iter().zip(&rows).map(|(s, r)| if s.logits == Logits::All { r.clone() } else { r.end - 1..r.end }).collect();
         self.net().logits(&mut run, &wanted);

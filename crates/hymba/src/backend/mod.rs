@@ -184,6 +184,9 @@ pub trait Backend: Sync + Sized {
     /// `slot..` (at most one past the last row held: the store grows by appending); their
     /// positions are `first_pos..`.
     fn kv_write(&self, kv: &mut Self::Kv, slot: usize, first_pos: usize, k: &Self::Rows, v: &Self::Rows, rows: Range<usize>);
+    /// Makes K/V writes a backend deferred (to make a step's writes together): the rows they
+    /// read from are about to be reused or dropped.
+    fn kv_flush(&self) {}
     /// The rows, for attention.
     fn kv_view<'a>(&self, kv: &'a Self::Kv, pos: KeyPositions<'a>) -> Self::KvView<'a>;
     /// A zero recurrent state (a sequence's start).

@@ -752,6 +752,10 @@ impl Backend for Cuda {
         kv.rows = need;
     }
 
+    fn kv_flush(&self) {
+        self.flush(&mut self.scratch.lock().expect("scratch"));
+    }
+
     fn kv_view<'a>(&self, kv: &'a DevKv, _pos: KeyPositions<'a>) -> DevKvView<'a> {
         // Positions are kept on the card beside the rows.
         let ptr = |d: &Option<DevData>| d.as_ref().map_or(0, |d| d.ptr(&self.stream));

@@ -20,7 +20,7 @@ fn kernels_compile_with_nvrtc() {
         match compile_kernels(arch) {
             Ok(ptx) => assert!(ptx.to_src().contains(".entry attention"), "the PTX has no attention kernel"),
             Err(e) if std::env::var_os("CI").is_none() && e.to_string().contains("not found") => {
-                eprintln!("SKIPPED kernels_compile_with_nvrtc: {e}");
+                skipped("kernels_compile_with_nvrtc", &e.to_string());
                 return;
             }
             Err(e) => panic!("{e}"),
@@ -28,12 +28,18 @@ fn kernels_compile_with_nvrtc() {
     }
 }
 
+/// Says why a test did not run, on the real stderr (the harness captures `eprintln!`).
+fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
 /// The GPU, or None with the reason printed.
 fn gpu(test: &str) -> Option<Cuda> {
     match Cuda::new(0) {
         Ok(c) => Some(c),
         Err(e) => {
-            eprintln!("SKIPPED {test}: no usable GPU ({e})");
+            skipped(test, &format!("no usable GPU ({e})"));
             None
         }
     }
@@ -59,6 +65,12 @@ fn cuda_matches_official_outputs() {
     let got = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
     assert_close(&got, &want, TOL, "cuda prefill logits (cached path)");
     assert_close(&model.forward_uncached(&ids).unwrap(), &want, TOL, "cuda prefill logits (no-cache path)");
+    // In two chunks: the second's queries read the first's rows from the stores (a window ring
+    // among them: the fixture's window is 16).
+    let mut cache = model.new_cache();
+    let mut got = model.forward(&mut cache, &ids[..17], Logits::All, DecodeWindow::Trained).unwrap();
+    got.extend(model.forward(&mut cache, &ids[17..], Logits::All, DecodeWindow::Trained).unwrap());
+    assert_close(&got, &want, TOL, "cuda prefill logits in two chunks");
     for (window, key) in [(DecodeWindow::Trained, "nocache_generate_logits"), (DecodeWindow::Official, "generate_logits")] {
         let (_, want) = exp.f32(key);
         let mut cache = model.new_cache();

@@ -318,6 +318,122 @@ extern "C" __global__ void attention_combine(const float* part, int heads, int d
     }
 }
 
+// Attention of a tile of up to BQ consecutive query rows of one sequence (prefill), block
+// (tile, head): keys come BK at a time through shared memory, each tile's scores and weighted
+// values computed there, with one online softmax per row (flash attention). 128 threads: 4 per
+// query row, splitting a chunk's keys for the scores and the value columns for the sums.
+// Chunks no row of the tile can see (past the last query, or outside every row's window and
+// not meta tokens) are skipped. `tiles[i]` = (sequence, first row of the tile in it).
+#define BQ 32
+#define BK 32
+#define MAX_ACC 64
+extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
+                                           const int2* tiles, const KvSrc* past, const float* new_k, const float* new_v,
+                                           int global_, int meta, float scale, float* out) {
+    extern __shared__ float sm[];
+    int qst = dk + 1, pst = BK + 1;
+    float* qs = sm;               // BQ × (dk + 1)
+    float* ks = qs + BQ * qst;    // BK × (dk + 1)
+    float* vs = ks + BK * qst;    // BK × dv
+    float* ps = vs + BK * dv;     // BQ × (BK + 1)
+    __shared__ int kpos[BK];
+    int2 tile = tiles[blockIdx.x];
+    int h = blockIdx.y;
+    SeqInfo sq = seqs[tile.x];
+    int kh = h / (heads / kv_heads);
+    int kw = kv_heads * dk, vw = kv_heads * dv;
+    int nrows = min(BQ, sq.len - tile.y);
+    int tid = threadIdx.x, row = tid >> 2, part = tid & 3;
+    long row0 = sq.row0 + tile.y;
+    for (int i = tid; i < BQ * dk; i += blockDim.x) {
+        int r = i / dk, j = i % dk;
+        qs[r * qst + j] = r < nrows ? q[(row0 + r) * heads * dk + h * dk + j] * scale : 0.0f;
+    }
+    bool active = row < nrows;
+    int tq = sq.pos0 + tile.y + row;
+    int tq_lo = sq.pos0 + tile.y, tq_hi = tq_lo + nrows - 1;
+    int window = sq.window;
+    float m = NEG_INF, l = 0.0f, acc[MAX_ACC];
+#pragma unroll
+    for (int i = 0; i < MAX_ACC; i++) acc[i] = 0.0f;
+    KvSrc s0 = past[2 * tile.x], s1 = past[2 * tile.x + 1], s2;
+    s2.k = new_k + sq.row0 * kw;
+    s2.v = new_v + sq.row0 * vw;
+    s2.pos = 0;
+    s2.rows = sq.len;
+    s2.pos0 = sq.pos0;
+    s2.k_stride = kw;
+    s2.v_stride = vw;
+    s2.bf16 = 0;
+    for (int si = 0; si < 3; si++) {
+        KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
+        for (int k0 = 0; k0 < s.rows; k0 += BK) {
+            int nk = min(BK, s.rows - k0);
+            if (!s.pos) {
+                int plo = s.pos0 + k0, phi = plo + nk - 1;
+                if (plo > tq_hi) break;
+                if (!global_ && plo >= meta && tq_lo - phi > window) continue;
+            }
+            __syncthreads();
+            for (int i = tid; i < BK * dk; i += blockDim.x) {
+                int r = i / dk, j = i % dk;
+                ks[r * qst + j] = r < nk ? kv_at(s.k, s.bf16, (long)(k0 + r) * s.k_stride + (long)kh * dk + j) : 0.0f;
+            }
+            for (int i = tid; i < BK * dv; i += blockDim.x) {
+                int r = i / dv, j = i % dv;
+                vs[r * dv + j] = r < nk ? kv_at(s.v, s.bf16, (long)(k0 + r) * s.v_stride + (long)kh * dv + j) : 0.0f;
+            }
+            if (tid < BK) kpos[tid] = tid < nk ? (s.pos ? s.pos[k0 + tid] : s.pos0 + k0 + tid) : -1;
+            __syncthreads();
+            float sc[BK / 4], cmax = NEG_INF;
+#pragma unroll
+            for (int c = 0; c < BK / 4; c++) {
+                int kk = part + 4 * c, sp = kpos[kk];
+                bool vis = active && sp >= 0 && sp <= tq && (global_ || tq - sp <= window || sp < meta);
+                float d = NEG_INF;
+                if (vis) {
+                    d = 0.0f;
+                    for (int j = 0; j < dk; j++) d += qs[row * qst + j] * ks[kk * qst + j];
+                }
+                sc[c] = d;
+                cmax = fmaxf(cmax, d);
+            }
+            cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 1));
+            cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 2));
+            float mn = fmaxf(m, cmax);
+            float corr = m == NEG_INF ? 0.0f : expf(m - mn);
+            float rs = 0.0f;
+#pragma unroll
+            for (int c = 0; c < BK / 4; c++) {
+                float p = sc[c] == NEG_INF ? 0.0f : expf(sc[c] - mn);
+                ps[row * pst + part + 4 * c] = p;
+                rs += p;
+            }
+            rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+            rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+            l = l * corr + rs;
+            m = mn;
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < MAX_ACC; i++) {
+                int col = part + 4 * i;
+                if (col < dv) {
+                    float a = acc[i] * corr;
+                    for (int kk = 0; kk < nk; kk++) a += ps[row * pst + kk] * vs[kk * dv + col];
+                    acc[i] = a;
+                }
+            }
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int i = 0; i < MAX_ACC; i++) {
+            int col = part + 4 * i;
+            if (col < dv) out[(row0 + row) * heads * dv + h * dv + col] = l > 0.0f ? acc[i] / l : 0.0f;
+        }
+    }
+}
+
 // y[r, j] = x[r, :] · w[j, :] for r < t (t <= GEMV_ROWS): the matrix product of decode and small
 // batches, one warp per weight row, so the weights stream once at the memory's pace and no
 // input is rounded (bf16 weights widened to f32). Rows of 8 elements at a time (16 or 32

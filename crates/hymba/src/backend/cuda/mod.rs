@@ -231,6 +231,7 @@ struct Kernels {
     scan: CudaFunction,
     attention: CudaFunction,
     attention_combine: CudaFunction,
+    attention_tiles: CudaFunction,
     gemv_f32: CudaFunction,
     gemv_bf16: CudaFunction,
     fuse: CudaFunction,
@@ -255,12 +256,26 @@ struct Scratch {
     ssm: Option<CudaSlice<u64>>,
     conv: Option<CudaSlice<u64>>,
     n_seqs: usize,
+    /// Tiles of up to TILE_ROWS query rows, (sequence, first row), for prefill attention; the
+    /// longest sequence of the step.
+    tiles: Option<CudaSlice<i32>>,
+    n_tiles: usize,
+    max_len: usize,
     /// The most keys any sequence's query sees in a layer (bounds attention's splits).
     max_keys: Vec<usize>,
     /// K/V writes of the step, made together (`flush`), and their table on the card.
     puts: Vec<PutOp>,
     put_table: Option<CudaSlice<PutOp>>,
 }
+
+/// Query rows of one block of prefill attention, and keys it takes at a time (the kernel's BQ
+/// and BK).
+const TILE_ROWS: usize = 32;
+const TILE_KEYS: usize = 32;
+
+/// Sequences longer than this take the tiled (flash) attention; shorter ones (decode) the
+/// split-K kernel.
+const TILED_FROM: usize = 8;
 
 /// Rows up to which a matrix product runs as one pass of warps over the weights (the kernel's
 /// GEMV_ROWS) rather than through cuBLAS.
@@ -346,6 +361,7 @@ impl Cuda {
             scan: f("scan")?,
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
+            attention_tiles: f("attention_tiles")?,
             gemv_f32: f("gemv_f32")?,
             gemv_bf16: f("gemv_bf16")?,
             fuse: f("fuse")?,
@@ -366,6 +382,9 @@ impl Cuda {
             ssm: None,
             conv: None,
             n_seqs: 0,
+            tiles: None,
+            n_tiles: 0,
+            max_len: 0,
             max_keys: Vec::new(),
             puts: Vec::new(),
             put_table: None,
@@ -682,6 +701,10 @@ impl Backend for Cuda {
         self.put(&mut scratch.past, &past);
         self.put(&mut scratch.ssm, &ssm);
         self.put(&mut scratch.conv, &conv);
+        let tiles: Vec<i32> = seqs.iter().enumerate().flat_map(|(i, s)| (0..s.rows.len()).step_by(TILE_ROWS).flat_map(move |r| [i as i32, r as i32])).collect();
+        self.put(&mut scratch.tiles, &tiles);
+        scratch.n_tiles = tiles.len() / 2;
+        scratch.max_len = seqs.iter().map(|s| s.rows.len()).max().unwrap_or(0);
         scratch.n_seqs = seqs.len();
         scratch.max_keys = max_keys;
     }
@@ -999,6 +1022,7 @@ impl Backend for Cuda {
         let past_p = self.table(&scratch.past, at.group * ns * 2);
         let ssm_p = self.table(&scratch.ssm, ssm.layer * ns);
         let keys = scratch.max_keys.get(at.group).copied().unwrap_or(t);
+        let (tiles_p, n_tiles, max_len) = (self.table(&scratch.tiles, 0), scratch.n_tiles, scratch.max_len);
         let Scratch { attn, y, part, .. } = &mut *scratch;
         self.shape(attn, t * e);
         self.shape(y, t * e);
@@ -1010,19 +1034,26 @@ impl Backend for Cuda {
         // 2. Attention of every row over its sequence's meta prefix, store and this call's rows.
         // Keys are split when rows × heads alone would leave the multiprocessors idle (decode),
         // each split at least 64 keys.
-        let splits = (2 * self.sms).div_ceil(t * hd.q).min(keys.div_ceil(64)).max(1);
-        if splits > 1 {
-            self.shape(part, t * hd.q * splits * (hd.dv + 2));
-        }
-        let pp = if splits > 1 { self.p(part) } else { 0 };
         let (nk, nv) = (self.p(at.k), self.p(at.v));
         let global = (at.kind == crate::config::AttnKind::Global) as i32;
-        let (meta, zs) = (at.meta as i32, splits as i32);
-        let cfg = LaunchConfig { grid_dim: (t as u32, hd.q as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&self.k.attention, cfg, &[&qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global, &meta, &scale, &zs, &ap, &pp]);
-        if splits > 1 {
-            let cfg = LaunchConfig { grid_dim: (t as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            self.launch(&self.k.attention_combine, cfg, &[&pp, &heads, &dv, &zs, &ap]);
+        let meta = at.meta as i32;
+        let smem = 4 * (TILE_ROWS * (hd.dk + 1) + TILE_KEYS * (hd.dk + 1) + TILE_KEYS * hd.dv + TILE_ROWS * (TILE_KEYS + 1));
+        if max_len > TILED_FROM && smem <= 48 << 10 {
+            let cfg = LaunchConfig { grid_dim: (n_tiles as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+            self.launch(&self.k.attention_tiles, cfg, &[&qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &tiles_p, &past_p, &nk, &nv, &global, &meta, &scale, &ap]);
+        } else {
+            let splits = (2 * self.sms).div_ceil(t * hd.q).min(keys.div_ceil(64)).max(1);
+            if splits > 1 {
+                self.shape(part, t * hd.q * splits * (hd.dv + 2));
+            }
+            let pp = if splits > 1 { self.p(part) } else { 0 };
+            let zs = splits as i32;
+            let cfg = LaunchConfig { grid_dim: (t as u32, hd.q as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            self.launch(&self.k.attention, cfg, &[&qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global, &meta, &scale, &zs, &ap, &pp]);
+            if splits > 1 {
+                let cfg = LaunchConfig { grid_dim: (t as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                self.launch(&self.k.attention_combine, cfg, &[&pp, &heads, &dv, &zs, &ap]);
+            }
         }
         // 3. The selective scan of every sequence from its state, gated by silu(z).
         let (xp, dp, bp, cp, zp, a_p, dd) = (self.p(ssm.x), self.p(ssm.delta), self.p(ssm.b), self.p(ssm.c), self.p(ssm.z), self.pv(ssm.a), self.pv(ssm.d));

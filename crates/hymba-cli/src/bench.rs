@@ -185,7 +185,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let model = load_on(cuda, a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
             model.ready()?;
             let load_s = t.elapsed().as_secs_f64();
-            bench(&model, &a, load_s, Ceilings { bandwidth, gemm: Some(gemm), device, gpu_used: Some(gpu_used) })
+            bench(&model, &a, load_s, Ceilings { bandwidth, gemm: Some(gemm), device, gpu_used: Some(gpu_used) })?;
+            if let Some(p) = model.backend().take_profile() {
+                eprintln!("kernel time (HYMBA_CUDA_PROFILE: each launch waited for):\n{p}");
+            }
+            Ok(())
         }
     }
 }

@@ -216,26 +216,32 @@ pub struct DevKvView<'a> {
     _kv: PhantomData<&'a DevKv>,
 }
 
+/// A compiled kernel and its name (for the profile).
+struct Kernel {
+    f: CudaFunction,
+    name: &'static str,
+}
+
 struct Kernels {
-    embed_f32: CudaFunction,
-    embed_bf16: CudaFunction,
-    rmsnorm: CudaFunction,
-    columns: CudaFunction,
-    add: CudaFunction,
-    rope: CudaFunction,
-    round_bf16: CudaFunction,
-    to_bf16: CudaFunction,
-    conv_silu: CudaFunction,
-    softplus_bias: CudaFunction,
-    silu_mul: CudaFunction,
-    scan: CudaFunction,
-    attention: CudaFunction,
-    attention_combine: CudaFunction,
-    attention_tiles: CudaFunction,
-    gemv_f32: CudaFunction,
-    gemv_bf16: CudaFunction,
-    fuse: CudaFunction,
-    kv_put: CudaFunction,
+    embed_f32: Kernel,
+    embed_bf16: Kernel,
+    rmsnorm: Kernel,
+    columns: Kernel,
+    add: Kernel,
+    rope: Kernel,
+    round_bf16: Kernel,
+    to_bf16: Kernel,
+    conv_silu: Kernel,
+    softplus_bias: Kernel,
+    silu_mul: Kernel,
+    scan: Kernel,
+    attention: Kernel,
+    attention_combine: Kernel,
+    attention_tiles: Kernel,
+    gemv_f32: Kernel,
+    gemv_bf16: Kernel,
+    fuse: Kernel,
+    kv_put: Kernel,
 }
 
 /// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the
@@ -294,6 +300,9 @@ pub struct Cuda {
     pub name: String,
     /// Multiprocessors: how many blocks keep the GPU busy.
     sms: usize,
+    /// Seconds and calls per kernel, when HYMBA_CUDA_PROFILE is set (each launch then waits for
+    /// its kernel: a coarse profile, for finding where a step's time goes).
+    profile: Option<Mutex<std::collections::BTreeMap<&'static str, (f64, u64)>>>,
 }
 
 /// A grid of `n` threads in blocks of 256, capped (the kernels loop over the rest).
@@ -345,7 +354,10 @@ impl Cuda {
         let name = format!("{} (sm_{major}{minor})", ctx.name().unwrap_or_default());
         let ptx = compile_kernels(None)?;
         let module = ctx.load_module(ptx).map_err(|e| device_err("loading the kernels", e))?;
-        let f = |n: &str| module.load_function(n).map_err(|e| device_err(&format!("kernel {n}"), e));
+        let f = |name: &'static str| {
+            let f = module.load_function(name).map_err(|e| device_err(&format!("kernel {name}"), e))?;
+            Ok::<_, Error>(Kernel { f, name })
+        };
         let k = Kernels {
             embed_f32: f("embed_f32")?,
             embed_bf16: f("embed_bf16")?,
@@ -392,7 +404,8 @@ impl Cuda {
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| device_err("reading the multiprocessor count", e))? as usize;
-        Ok(Cuda { ctx, stream, blas, k, scratch: Mutex::new(scratch), err: Mutex::new(None), name, sms })
+        let profile = std::env::var_os("HYMBA_CUDA_PROFILE").map(|_| Mutex::new(Default::default()));
+        Ok(Cuda { ctx, stream, blas, k, scratch: Mutex::new(scratch), err: Mutex::new(None), name, sms, profile })
     }
 
     /// Checks that a model's shapes fit the kernels.
@@ -483,6 +496,29 @@ impl Cuda {
         Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2])
     }
 
+    fn time_start(&self) -> std::time::Instant {
+        let _ = self.stream.synchronize();
+        std::time::Instant::now()
+    }
+
+    fn time_end(&self, name: &'static str, t: std::time::Instant) {
+        let _ = self.stream.synchronize();
+        if let Some(p) = &self.profile {
+            let mut p = p.lock().expect("profile");
+            let e = p.entry(name).or_default();
+            e.0 += t.elapsed().as_secs_f64();
+            e.1 += 1;
+        }
+    }
+
+    /// The profile so far (HYMBA_CUDA_PROFILE), largest first, and clears it.
+    pub fn take_profile(&self) -> Option<String> {
+        let mut p = self.profile.as_ref()?.lock().expect("profile");
+        let mut rows: Vec<_> = std::mem::take(&mut *p).into_iter().collect();
+        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        Some(rows.iter().map(|(n, (s, c))| format!("{n:>20} {:>9.2} ms {c:>7} calls\n", s * 1e3)).collect())
+    }
+
     /// Free and total device memory, bytes.
     pub fn memory(&self) -> (usize, usize) {
         self.ctx.mem_get_info().unwrap_or((0, 0))
@@ -548,11 +584,12 @@ impl Cuda {
     }
 
     /// Launches `f` with `args` (each a `&` to a plain value); errors are kept.
-    fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &[&dyn Arg]) {
+    fn launch(&self, k: &Kernel, cfg: LaunchConfig, args: &[&dyn Arg]) {
         if self.failed() {
             return;
         }
-        let mut b = self.stream.launch_builder(f);
+        let t = self.profile.as_ref().map(|_| self.time_start());
+        let mut b = self.stream.launch_builder(&k.f);
         for a in args {
             a.push(&mut b);
         }
@@ -560,6 +597,9 @@ impl Cuda {
         // below, pointers from live allocations of the sizes the shapes say.
         if let Err(e) = unsafe { b.launch(cfg) } {
             self.fail("launching a kernel", e);
+        }
+        if let Some(t) = t {
+            self.time_end(k.name, t);
         }
     }
 
@@ -887,6 +927,7 @@ impl Backend for Cuda {
                 (xs, blas_sys::cudaDataType::CUDA_R_16BF)
             }
         };
+        let timer = self.profile.as_ref().map(|_| self.time_start());
         // Row-major y[t, n] = x[t, k] · w[n, k]ᵀ is column-major yᵀ = wᵀᵀ… : C(m×n) = Aᵀ(m×k) B(k×n)
         // with A = w as column-major [k, m], B = x as column-major [k, t].
         // SAFETY: pointers of live device buffers holding these shapes.
@@ -915,6 +956,9 @@ impl Backend for Cuda {
         };
         if let Err(e) = r {
             self.fail("cuBLAS GEMM", e);
+        }
+        if let Some(t) = timer {
+            self.time_end("cublas_gemm", t);
         }
     }
 

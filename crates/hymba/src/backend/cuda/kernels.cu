@@ -121,30 +121,49 @@ struct SeqInfo {
     int pad;
 };
 
-// Depthwise causal conv + SiLU, block (channels, sequence): channel c of x is column from + c of
-// p (rows `width` wide); the sequence's conv state [K-1, E] (conv[seq]) holds the inputs
-// before, oldest first, and is left holding the last K-1. taps [K, E], bias [E]; out rows E wide.
+// Depthwise causal conv + SiLU, every (row, channel) at once (an output depends on inputs only):
+// channel c of x is column from + c of p (rows `width` wide); inputs before a sequence's first
+// row come from its conv state [K-1, E] (conv[seq]), oldest first. taps [K, E], bias [E]; out
+// rows E wide. `conv_state` then moves the last K-1 inputs into the states.
+extern "C" __global__ void conv_silu(const float* p, int width, int from, const SeqInfo* seqs, const int* row_seq,
+                                     float* const* conv, const float* taps, const float* bias, int e, int k, long total,
+                                     float* out) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        long r = i / e;
+        int c = (int)(i % e);
+        int seq = row_seq[r];
+        SeqInfo si = seqs[seq];
+        const float* state = conv[seq];
+        int t = (int)(r - si.row0);
+        float acc = bias[c];
+        for (int j = 0; j < k; j++) {
+            int src = t - (k - 1) + j;  // row of the sequence; negative: from the state
+            float xv = src >= 0 ? p[(si.row0 + src) * width + from + c] : state[(long)(k - 1 + src) * e + c];
+            acc += taps[(long)j * e + c] * xv;
+        }
+        out[r * e + c] = silu(acc);
+    }
+}
+
+// The conv states after a step, block (channels, sequence): the last K-1 inputs of (state ++
+// the sequence's rows).
 #define MAX_K 8
-extern "C" __global__ void conv_silu(const float* p, int width, int from, const SeqInfo* seqs, float* const* conv,
-                                     const float* taps, const float* bias, int e, int k, float* out) {
+extern "C" __global__ void conv_state(const float* p, int width, int from, const SeqInfo* seqs, float* const* conv, int e, int k) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= e) return;
     SeqInfo si = seqs[blockIdx.y];
     float* state = conv[blockIdx.y];
-    float hist[MAX_K], w[MAX_K];
-    for (int j = 0; j < k - 1; j++) hist[j] = state[(long)j * e + c];
-    for (int j = 0; j < k; j++) w[j] = taps[(long)j * e + c];
-    for (int t = 0; t < si.len; t++) {
-        long r = si.row0 + t;
-        float xt = p[r * width + from + c];
-        float acc = bias[c];
-        for (int j = 0; j < k - 1; j++) acc += w[j] * hist[j];
-        acc += w[k - 1] * xt;
-        for (int j = 0; j + 1 < k - 1; j++) hist[j] = hist[j + 1];
-        if (k > 1) hist[k - 2] = xt;
-        out[r * e + c] = silu(acc);
+    float hist[MAX_K];
+#pragma unroll
+    for (int j = 0; j < MAX_K - 1; j++) {
+        if (j < k - 1) {
+            int src = si.len - (k - 1) + j;
+            hist[j] = src >= 0 ? p[(si.row0 + src) * width + from + c] : state[(long)(si.len + j) * e + c];
+        }
     }
-    for (int j = 0; j < k - 1; j++) state[(long)j * e + c] = hist[j];
+#pragma unroll
+    for (int j = 0; j < MAX_K - 1; j++)
+        if (j < k - 1) state[(long)j * e + c] = hist[j];
 }
 
 // x = softplus(x + bias) (linear above 20, as PyTorch), rows of e.
@@ -159,33 +178,34 @@ extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) g[i] = silu(g[i]) * u[i];
 }
 
-// Selective scan, block (channels, sequence), one thread per channel carrying its N states
-// (ssm[seq], [E, N]) through the sequence's rows; y = (S·C + D·x) ⊙ silu(z). x, delta, z, y:
-// [t, E]; b, c: [t, N]; a [E, N].
-#define MAX_N 64
+// Selective scan, block (channels, sequence): a group of G lanes (G = N rounded up to a power
+// of two, at most 32) per channel, one state each, so the N recurrences of a channel run side by
+// side; y = (Σ_n S·C + D·x) ⊙ silu(z), summed across the group. ssm[seq] is [E, N]; x, delta,
+// z, y: [t, E]; b, c: [t, N]; a [E, N].
 extern "C" __global__ void scan(const float* x, const float* delta, const float* bm, const float* cm, const float* z,
-                                const float* a, const float* d, const SeqInfo* seqs, float* const* ssm, int e, int n, float* y) {
-    int ch = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= e) return;
+                                const float* a, const float* d, const SeqInfo* seqs, float* const* ssm, int e, int n, int g,
+                                float* y) {
+    int tid = blockIdx.x * blockDim.x + threadIdx.x;
+    int ch = tid / g, j = tid % g;
+    bool live = ch < e && j < n;
     SeqInfo si = seqs[blockIdx.y];
     float* state = ssm[blockIdx.y];
-    float s[MAX_N], av[MAX_N];
-    for (int j = 0; j < n; j++) {
-        s[j] = state[(long)ch * n + j];
-        av[j] = a[(long)ch * n + j];
-    }
-    float dc = d[ch];
+    int chc = ch < e ? ch : e - 1;
+    float s = live ? state[(long)ch * n + j] : 0.0f;
+    float av = live ? a[(long)ch * n + j] : 0.0f;
+    float dc = d[chc];
     for (int t = 0; t < si.len; t++) {
         long r = si.row0 + t;
-        float dt = delta[r * e + ch], xv = x[r * e + ch];
-        float acc = 0.0f;
-        for (int j = 0; j < n; j++) {
-            s[j] = expf(dt * av[j]) * s[j] + dt * bm[r * n + j] * xv;
-            acc += s[j] * cm[r * n + j];
+        float dt = delta[r * e + chc], xv = x[r * e + chc];
+        float contrib = 0.0f;
+        if (live) {
+            s = expf(dt * av) * s + dt * bm[r * n + j] * xv;
+            contrib = s * cm[r * n + j];
         }
-        y[r * e + ch] = (acc + dc * xv) * silu(z[r * e + ch]);
+        for (int o = g >> 1; o > 0; o >>= 1) contrib += __shfl_xor_sync(0xffffffffu, contrib, o);
+        if (live && j == 0) y[r * e + ch] = (contrib + dc * xv) * silu(z[r * e + ch]);
     }
-    for (int j = 0; j < n; j++) state[(long)ch * n + j] = s[j];
+    if (live) state[(long)ch * n + j] = s;
 }
 
 // Keys and values of one source of rows (the meta prefix, a cache store, this call's rows): row
@@ -319,14 +339,16 @@ extern "C" __global__ void attention_combine(const float* part, int heads, int d
 }
 
 // Attention of a tile of up to BQ consecutive query rows of one sequence (prefill), block
-// (tile, head): keys come BK at a time through shared memory, each tile's scores and weighted
-// values computed there, with one online softmax per row (flash attention). 128 threads: 4 per
-// query row, splitting a chunk's keys for the scores and the value columns for the sums.
-// Chunks no row of the tile can see (past the last query, or outside every row's window and
-// not meta tokens) are skipped. `tiles[i]` = (sequence, first row of the tile in it).
+// (tile, head): keys come BK at a time through shared memory, with one online softmax per row
+// (flash attention). 128 threads as 8 groups of 4 rows × 16 lanes: a lane scores its rows
+// against 2 keys of the chunk, then sums values into its rows' columns lane, lane + 16, … (each
+// loaded value used for 4 rows, each weight for its columns). Chunks no row of the tile can see
+// (past the last query, or outside every row's window and not meta tokens) are skipped.
+// `tiles[i]` = (sequence, first row of the tile in it).
 #define BQ 32
 #define BK 32
-#define MAX_ACC 64
+#define TR 4
+#define MAX_COLS 16
 extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
                                            const int2* tiles, const KvSrc* past, const float* new_k, const float* new_v,
                                            int global_, int meta, float scale, float* out) {
@@ -343,19 +365,22 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
     int kh = h / (heads / kv_heads);
     int kw = kv_heads * dk, vw = kv_heads * dv;
     int nrows = min(BQ, sq.len - tile.y);
-    int tid = threadIdx.x, row = tid >> 2, part = tid & 3;
+    int tid = threadIdx.x, rg = tid >> 4, lane = tid & 15;
     long row0 = sq.row0 + tile.y;
     for (int i = tid; i < BQ * dk; i += blockDim.x) {
         int r = i / dk, j = i % dk;
         qs[r * qst + j] = r < nrows ? q[(row0 + r) * heads * dk + h * dk + j] * scale : 0.0f;
     }
-    bool active = row < nrows;
-    int tq = sq.pos0 + tile.y + row;
     int tq_lo = sq.pos0 + tile.y, tq_hi = tq_lo + nrows - 1;
     int window = sq.window;
-    float m = NEG_INF, l = 0.0f, acc[MAX_ACC];
+    float m[TR], l[TR], acc[TR][MAX_COLS];
 #pragma unroll
-    for (int i = 0; i < MAX_ACC; i++) acc[i] = 0.0f;
+    for (int r = 0; r < TR; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < MAX_COLS; i++) acc[r][i] = 0.0f;
+    }
     KvSrc s0 = past[2 * tile.x], s1 = past[2 * tile.x + 1], s2;
     s2.k = new_k + sq.row0 * kw;
     s2.v = new_v + sq.row0 * vw;
@@ -385,51 +410,78 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
             }
             if (tid < BK) kpos[tid] = tid < nk ? (s.pos ? s.pos[k0 + tid] : s.pos0 + k0 + tid) : -1;
             __syncthreads();
-            float sc[BK / 4], cmax = NEG_INF;
+            // Scores of rows rg*TR.. against keys 2*lane, 2*lane + 1.
+            float sc[TR][2];
 #pragma unroll
-            for (int c = 0; c < BK / 4; c++) {
-                int kk = part + 4 * c, sp = kpos[kk];
-                bool vis = active && sp >= 0 && sp <= tq && (global_ || tq - sp <= window || sp < meta);
-                float d = NEG_INF;
-                if (vis) {
-                    d = 0.0f;
-                    for (int j = 0; j < dk; j++) d += qs[row * qst + j] * ks[kk * qst + j];
+            for (int r = 0; r < TR; r++) sc[r][0] = sc[r][1] = 0.0f;
+            const float* q0 = qs + rg * TR * qst;
+            const float* k0p = ks + 2 * lane * qst;
+            for (int j = 0; j < dk; j++) {
+                float ka = k0p[j], kb = k0p[qst + j];
+#pragma unroll
+                for (int r = 0; r < TR; r++) {
+                    float qv = q0[r * qst + j];
+                    sc[r][0] += qv * ka;
+                    sc[r][1] += qv * kb;
                 }
-                sc[c] = d;
-                cmax = fmaxf(cmax, d);
             }
-            cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 1));
-            cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 2));
-            float mn = fmaxf(m, cmax);
-            float corr = m == NEG_INF ? 0.0f : expf(m - mn);
-            float rs = 0.0f;
+            float corr[TR];
 #pragma unroll
-            for (int c = 0; c < BK / 4; c++) {
-                float p = sc[c] == NEG_INF ? 0.0f : expf(sc[c] - mn);
-                ps[row * pst + part + 4 * c] = p;
-                rs += p;
+            for (int r = 0; r < TR; r++) {
+                int row = rg * TR + r, tq = tq_lo + row;
+                float cmax = NEG_INF;
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    int sp = kpos[2 * lane + c];
+                    bool vis = row < nrows && sp >= 0 && sp <= tq && (global_ || tq - sp <= window || sp < meta);
+                    if (!vis) sc[r][c] = NEG_INF;
+                    cmax = fmaxf(cmax, sc[r][c]);
+                }
+                for (int o = 8; o > 0; o >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, o));
+                float mn = fmaxf(m[r], cmax);
+                corr[r] = m[r] == NEG_INF ? 0.0f : expf(m[r] - mn);
+                float rs = 0.0f;
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    float p = sc[r][c] == NEG_INF ? 0.0f : expf(sc[r][c] - mn);
+                    ps[row * pst + 2 * lane + c] = p;
+                    rs += p;
+                }
+                for (int o = 8; o > 0; o >>= 1) rs += __shfl_xor_sync(0xffffffffu, rs, o);
+                l[r] = l[r] * corr[r] + rs;
+                m[r] = mn;
             }
-            rs += __shfl_xor_sync(0xffffffffu, rs, 1);
-            rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-            l = l * corr + rs;
-            m = mn;
             __syncthreads();
 #pragma unroll
-            for (int i = 0; i < MAX_ACC; i++) {
-                int col = part + 4 * i;
-                if (col < dv) {
-                    float a = acc[i] * corr;
-                    for (int kk = 0; kk < nk; kk++) a += ps[row * pst + kk] * vs[kk * dv + col];
-                    acc[i] = a;
+            for (int r = 0; r < TR; r++)
+#pragma unroll
+                for (int i = 0; i < MAX_COLS; i++) acc[r][i] *= corr[r];
+            const float* p0 = ps + rg * TR * pst;
+            for (int kk = 0; kk < nk; kk++) {
+                float p[TR];
+#pragma unroll
+                for (int r = 0; r < TR; r++) p[r] = p0[r * pst + kk];
+#pragma unroll
+                for (int i = 0; i < MAX_COLS; i++) {
+                    int col = lane + 16 * i;
+                    if (col < dv) {
+                        float v = vs[kk * dv + col];
+#pragma unroll
+                        for (int r = 0; r < TR; r++) acc[r][i] += p[r] * v;
+                    }
                 }
             }
         }
     }
-    if (active) {
 #pragma unroll
-        for (int i = 0; i < MAX_ACC; i++) {
-            int col = part + 4 * i;
-            if (col < dv) out[(row0 + row) * heads * dv + h * dv + col] = l > 0.0f ? acc[i] / l : 0.0f;
+    for (int r = 0; r < TR; r++) {
+        int row = rg * TR + r;
+        if (row < nrows) {
+#pragma unroll
+            for (int i = 0; i < MAX_COLS; i++) {
+                int col = lane + 16 * i;
+                if (col < dv) out[(row0 + row) * heads * dv + h * dv + col] = l[r] > 0.0f ? acc[r][i] / l[r] : 0.0f;
+            }
         }
     }
 }

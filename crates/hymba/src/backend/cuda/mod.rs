@@ -24,7 +24,7 @@ pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Largest sizes the kernels hold in registers or shared memory.
 const MAX_HEAD_DIM: usize = 256;
-const MAX_STATE: usize = 64;
+const MAX_STATE: usize = 32;
 const MAX_CONV: usize = 8;
 
 /// The oldest driver API the backend is written against (CUDA 12.0).
@@ -232,6 +232,7 @@ struct Kernels {
     round_bf16: Kernel,
     to_bf16: Kernel,
     conv_silu: Kernel,
+    conv_state: Kernel,
     softplus_bias: Kernel,
     silu_mul: Kernel,
     scan: Kernel,
@@ -368,6 +369,7 @@ impl Cuda {
             round_bf16: f("round_bf16")?,
             to_bf16: f("to_bf16")?,
             conv_silu: f("conv_silu")?,
+            conv_state: f("conv_state")?,
             softplus_bias: f("softplus_bias")?,
             silu_mul: f("silu_mul")?,
             scan: f("scan")?,
@@ -1038,11 +1040,12 @@ impl Backend for Cuda {
         self.shape(out, t * e);
         let scratch = self.scratch.lock().expect("scratch");
         let n = scratch.n_seqs;
-        let (sp, cp) = (self.table(&scratch.seqs, 0), self.table(&scratch.conv, layer * n));
+        let (sp, rp, cp) = (self.table(&scratch.seqs, 0), self.table(&scratch.row_seq, 0), self.table(&scratch.conv, layer * n));
         let (pp, tp, bp, op) = (self.p(p), self.pv(taps), self.pv(bias), self.p(out));
-        let (wi, fi, ei, ki) = (width as i32, from as i32, e as i32, kk as i32);
+        let (wi, fi, ei, ki, total) = (width as i32, from as i32, e as i32, kk as i32, (t * e) as i64);
+        self.launch(&self.k.conv_silu, flat(t * e), &[&pp, &wi, &fi, &sp, &rp, &cp, &tp, &bp, &ei, &ki, &total, &op]);
         let cfg = LaunchConfig { grid_dim: (e.div_ceil(128) as u32, n as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&self.k.conv_silu, cfg, &[&pp, &wi, &fi, &sp, &cp, &tp, &bp, &ei, &ki, &op]);
+        self.launch(&self.k.conv_state, cfg, &[&pp, &wi, &fi, &sp, &cp, &ei, &ki]);
     }
 
     fn softplus_bias(&self, x: &mut DevRows, bias: &CudaSlice<f32>) {
@@ -1101,9 +1104,11 @@ impl Backend for Cuda {
         }
         // 3. The selective scan of every sequence from its state, gated by silu(z).
         let (xp, dp, bp, cp, zp, a_p, dd) = (self.p(ssm.x), self.p(ssm.delta), self.p(ssm.b), self.p(ssm.c), self.p(ssm.z), self.pv(ssm.a), self.pv(ssm.d));
-        let (ei, ni) = (e as i32, n as i32);
-        let cfg = LaunchConfig { grid_dim: (e.div_ceil(128) as u32, ns as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&self.k.scan, cfg, &[&xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &ssm_p, &ei, &ni, &yp]);
+        // A group of g lanes per channel, one state each.
+        let g = n.next_power_of_two();
+        let (ei, ni, gi) = (e as i32, n as i32, g as i32);
+        let cfg = LaunchConfig { grid_dim: ((e * g).div_ceil(128) as u32, ns as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&self.k.scan, cfg, &[&xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &ssm_p, &ei, &ni, &gi, &yp]);
         // 4. Fusion of every row.
         let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
         self.launch(&self.k.fuse, rows_of(t, 256), &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op]);

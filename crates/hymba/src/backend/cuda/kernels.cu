@@ -180,30 +180,55 @@ extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
 
 // Selective scan, block (channels, sequence): a group of G lanes (G = N rounded up to a power
 // of two, at most 32) per channel, one state each, so the N recurrences of a channel run side by
-// side; y = (Σ_n S·C + D·x) ⊙ silu(z), summed across the group. ssm[seq] is [E, N]; x, delta,
-// z, y: [t, E]; b, c: [t, N]; a [E, N].
+// side; y = (Σ_n S·C + D·x) ⊙ silu(z), summed across the group. The block's inputs come through
+// shared memory SCAN_T steps at a time, loaded together, so the recurrence does not wait on
+// global memory every step. ssm[seq] is [E, N]; x, delta, z, y: [t, E]; b, c: [t, N]; a [E, N].
+#define SCAN_T 32
+#define SCAN_MAX_CH 128
 extern "C" __global__ void scan(const float* x, const float* delta, const float* bm, const float* cm, const float* z,
                                 const float* a, const float* d, const SeqInfo* seqs, float* const* ssm, int e, int n, int g,
                                 float* y) {
-    int tid = blockIdx.x * blockDim.x + threadIdx.x;
-    int ch = tid / g, j = tid % g;
+    __shared__ float sx[SCAN_T][SCAN_MAX_CH], sd[SCAN_T][SCAN_MAX_CH], sb[SCAN_T][32], sc[SCAN_T][32];
+    int per_block = blockDim.x / g;  // channels of this block
+    int ch0 = blockIdx.x * per_block;
+    int tid = threadIdx.x;
+    int lc = tid / g, j = tid % g;
+    int ch = ch0 + lc;
     bool live = ch < e && j < n;
     SeqInfo si = seqs[blockIdx.y];
     float* state = ssm[blockIdx.y];
-    int chc = ch < e ? ch : e - 1;
     float s = live ? state[(long)ch * n + j] : 0.0f;
     float av = live ? a[(long)ch * n + j] : 0.0f;
-    float dc = d[chc];
-    for (int t = 0; t < si.len; t++) {
-        long r = si.row0 + t;
-        float dt = delta[r * e + chc], xv = x[r * e + chc];
-        float contrib = 0.0f;
-        if (live) {
-            s = expf(dt * av) * s + dt * bm[r * n + j] * xv;
-            contrib = s * cm[r * n + j];
+    for (int t0 = 0; t0 < si.len; t0 += SCAN_T) {
+        int nt = min(SCAN_T, si.len - t0);
+        __syncthreads();
+        for (int i = tid; i < nt * per_block; i += blockDim.x) {
+            int tt = i / per_block, c = i % per_block;
+            long r = si.row0 + t0 + tt;
+            bool ok = ch0 + c < e;
+            sx[tt][c] = ok ? x[r * e + ch0 + c] : 0.0f;
+            sd[tt][c] = ok ? delta[r * e + ch0 + c] : 0.0f;
         }
-        for (int o = g >> 1; o > 0; o >>= 1) contrib += __shfl_xor_sync(0xffffffffu, contrib, o);
-        if (live && j == 0) y[r * e + ch] = (contrib + dc * xv) * silu(z[r * e + ch]);
+        for (int i = tid; i < nt * n; i += blockDim.x) {
+            int tt = i / n, k = i % n;
+            long r = si.row0 + t0 + tt;
+            sb[tt][k] = bm[r * n + k];
+            sc[tt][k] = cm[r * n + k];
+        }
+        __syncthreads();
+        for (int tt = 0; tt < nt; tt++) {
+            float dt = sd[tt][lc], xv = sx[tt][lc];
+            float contrib = 0.0f;
+            if (live) {
+                s = expf(dt * av) * s + dt * sb[tt][j] * xv;
+                contrib = s * sc[tt][j];
+            }
+            for (int o = g >> 1; o > 0; o >>= 1) contrib += __shfl_xor_sync(0xffffffffu, contrib, o);
+            if (live && j == 0) {
+                long r = si.row0 + t0 + tt;
+                y[r * e + ch] = (contrib + d[ch] * xv) * silu(z[r * e + ch]);
+            }
+        }
     }
     if (live) state[(long)ch * n + j] = s;
 }

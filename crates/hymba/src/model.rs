@@ -51,6 +51,9 @@ pub struct Model<B: Backend = Cpu> {
     kv_dtype: KvDtype,
     /// Computed on first use, so choosing the K/V type after loading costs nothing.
     meta: OnceLock<Arc<MetaPrefix<B>>>,
+    /// The activations of the last forward, kept for the next: their buffers are made once per
+    /// step shape (a GPU backend replays a step whose buffers have not moved).
+    run: std::sync::Mutex<Option<Run<B>>>,
 }
 
 /// Every activation of one forward call, `t` rows (llama2.c's RunState): each buffer is made
@@ -272,7 +275,7 @@ impl<B: Backend> Model<B> {
         let (plan, groups) = config.plan();
         let weights = Weights::load(&backend, &config, &plan, store)?;
         let inv_freq = backend.vector(rope::inv_freq(config.rope_base(), config.qk_head_dim))?;
-        Ok(Model { config, plan, groups, weights, backend, inv_freq, kv_dtype: KvDtype::F32, meta: OnceLock::new() })
+        Ok(Model { config, plan, groups, weights, backend, inv_freq, kv_dtype: KvDtype::F32, meta: OnceLock::new(), run: Default::default() })
     }
 
     /// Computes the meta prefix now, and reports the first error of the backend (a GPU's):
@@ -452,7 +455,9 @@ impl<B: Backend> Model<B> {
             }
         }
         let (b, d) = (&self.backend, self.config.hidden_size);
-        let mut run = Run::new(b, self.groups.len());
+        // The last forward's buffers when no other call holds them.
+        let mut run = self.run.try_lock().ok().and_then(|mut r| r.take()).unwrap_or_else(|| Run::new(b, self.groups.len()));
+        b.upload(&[], &mut run.h);
         for s in steps.iter() {
             b.embed(&self.weights.embed, s.ids, d, &mut run.h);
         }
@@ -481,6 +486,9 @@ impl<B: Backend> Model<B> {
         self.net().layers(&mut run, &mut seqs, None);
         let rows: Vec<_> = seqs.iter().map(|s| s.rows.clone()).collect();
         drop(seqs);
+        // One output projection for every requested row of the batch.
+        let wanted: Vec<_> = steps.iter().zip(&rows).map(|(s, r)| if s.logits == Logits::All { r.clone() } else { r.end - 1..r.end }).collect();
+        self.net().logits(&mut run, &wanted);
         // Each sequence's new K/V rows into its stores.
         for (s, r) in steps.iter_mut().zip(&rows) {
             for (g, store) in s.cache.kv.iter_mut().enumerate() {
@@ -489,11 +497,11 @@ impl<B: Backend> Model<B> {
             s.cache.pos += s.ids.len();
         }
         b.kv_flush();
-        // One output projection for every requested row of the batch.
-        let wanted: Vec<_> = steps.iter().zip(&rows).map(|(s, r)| if s.logits == Logits::All { r.clone() } else { r.end - 1..r.end }).collect();
-        self.net().logits(&mut run, &wanted);
         b.finish()?;
-        let all = b.take_host(run.out);
+        let all = b.download(&run.out);
+        if let Ok(mut slot) = self.run.try_lock() {
+            *slot = Some(run);
+        }
         let v = self.config.vocab_size;
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
@@ -514,7 +522,7 @@ impl<B: Backend> Model<B> {
             let real = m..m + n;
             self.net().logits(&mut run, std::slice::from_ref(&real));
             self.backend.finish()?;
-            Ok(self.backend.take_host(run.out))
+            Ok(self.backend.download(&run.out))
         })
     }
 

@@ -135,10 +135,6 @@ impl Backend for Cpu {
         rows.clone()
     }
 
-    fn take_host(&self, rows: Vec<f32>) -> Vec<f32> {
-        rows
-    }
-
     fn embed(&self, table: &Tensor, ids: &[u32], d: usize, out: &mut Vec<f32>) {
         let start = out.len();
         out.resize(start + ids.len() * d, 0.0);

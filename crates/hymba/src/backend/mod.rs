@@ -202,10 +202,6 @@ pub trait Backend: Sync + Sized {
     fn finish(&self) -> Result<()> {
         Ok(())
     }
-    /// The rows, to host memory, the buffer given up.
-    fn take_host(&self, rows: Self::Rows) -> Vec<f32> {
-        self.download(&rows)
-    }
 
     /// Appends the embedding rows of `ids` (`table`: `[V, d]`) after the rows `out` holds.
     fn embed(&self, table: &Self::Matrix, ids: &[u32], d: usize, out: &mut Self::Rows);

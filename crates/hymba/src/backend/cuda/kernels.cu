@@ -516,8 +516,21 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
 // input is rounded (bf16 weights widened to f32). Rows of 8 elements at a time (16 or 32
 // bytes a lane) when k allows, else one at a time.
 #define GEMV_ROWS 8
+#define GEMV_UNROLL 4
+// Eight weights from element j of a row, widened.
+__device__ __forceinline__ void load8(const bf16_t* __restrict__ w, int j, float* wv) {
+    uint4 raw = __ldg((const uint4*)(w + j));
+    const bf16_t* hb = (const bf16_t*)&raw;
+#pragma unroll
+    for (int e = 0; e < 8; e++) wv[e] = bf16_to_f32(hb[e]);
+}
+__device__ __forceinline__ void load8(const float* __restrict__ w, int j, float* wv) {
+    float4 a = __ldg((const float4*)(w + j)), b = __ldg((const float4*)(w + j + 4));
+    wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w; wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
+}
+
 template <typename W>
-__device__ void gemv(const float* x, const W* w, float* y, int t, int n, int k) {
+__device__ void gemv(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ y, int t, int n, int k) {
     int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= n) return;
@@ -526,23 +539,27 @@ __device__ void gemv(const float* x, const W* w, float* y, int t, int n, int k) 
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
     int vec_end = (k % 8 == 0) ? k : 0;
-    for (int j = lane * 8; j < vec_end; j += 256) {
-        float wv[8];
-        if (sizeof(W) == 2) {
-            uint4 raw = *(const uint4*)(wr + j);
-            const bf16_t* hb = (const bf16_t*)&raw;
+    // GEMV_UNROLL loads of 8 weights a lane issued before any is used: enough bytes in flight
+    // to stream the weights at the memory's pace.
+    for (int j0 = lane * 8; j0 < vec_end; j0 += 256 * GEMV_UNROLL) {
+        float wv[GEMV_UNROLL][8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) wv[e] = bf16_to_f32(hb[e]);
-        } else {
-            float4 a = *(const float4*)((const float*)wr + j), b = *(const float4*)((const float*)wr + j + 4);
-            wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w; wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int j = j0 + 256 * u;
+            if (j < vec_end) load8(wr, j, wv[u]);
         }
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (r < t) {
-                const float4* xr = (const float4*)(x + (long)r * k + j);
-                float4 a = xr[0], b = xr[1];
-                acc[r] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int j = j0 + 256 * u;
+            if (j >= vec_end) break;
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                if (r < t) {
+                    const float4* xr = (const float4*)(x + (long)r * k + j);
+                    float4 a = xr[0], b = xr[1];
+                    acc[r] += wv[u][0] * a.x + wv[u][1] * a.y + wv[u][2] * a.z + wv[u][3] * a.w + wv[u][4] * b.x + wv[u][5] * b.y +
+                              wv[u][6] * b.z + wv[u][7] * b.w;
+                }
             }
         }
     }

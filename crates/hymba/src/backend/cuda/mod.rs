@@ -268,8 +268,6 @@ struct Scratch {
     tiles: Option<CudaSlice<i32>>,
     n_tiles: usize,
     max_len: usize,
-    /// The most keys any sequence's query sees in a layer (bounds attention's splits).
-    max_keys: Vec<usize>,
     /// K/V writes of the step, made together (`flush`), and their table on the card.
     puts: Vec<PutOp>,
     put_table: Option<CudaSlice<PutOp>>,
@@ -288,6 +286,35 @@ const TILED_FROM: usize = 8;
 /// GEMV_ROWS) rather than through cuBLAS.
 const GEMV_ROWS: usize = 8;
 
+/// How a step's kernels reach the GPU. A decode step (one row a sequence, few sequences) is
+/// captured into a CUDA graph the second time its shape is seen with the same buffers, and
+/// replayed after that: one launch for the whole step instead of hundreds. What changes from
+/// step to step (positions, cached K/V, states) is in tables the kernels read, copied before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Eager,
+    Capturing(GraphKey),
+    Replaying(GraphKey),
+}
+
+/// A decode step's rows and the generation of the buffers its kernels were given.
+type GraphKey = (usize, u64);
+
+/// A captured step. CUDA graph handles may be used from any thread; every use here is under
+/// the `graphs` lock.
+struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: see above; the driver's graph objects are not tied to the thread that made them.
+unsafe impl Send for Graph {}
+
+struct Graphs {
+    mode: Mode,
+    graphs: std::collections::HashMap<GraphKey, Graph>,
+    seen: std::collections::HashSet<GraphKey>,
+    /// An eager decode step of this many rows: its key is noted when it ends.
+    note: Option<usize>,
+}
+
 /// The CUDA backend on one device.
 pub struct Cuda {
     ctx: Arc<CudaContext>,
@@ -304,6 +331,10 @@ pub struct Cuda {
     /// Seconds and calls per kernel, when HYMBA_CUDA_PROFILE is set (each launch then waits for
     /// its kernel: a coarse profile, for finding where a step's time goes).
     profile: Option<Mutex<std::collections::BTreeMap<&'static str, (f64, u64)>>>,
+    /// Bumped whenever a buffer a kernel is given moves (grows): graphs of older generations
+    /// are stale.
+    generation: std::sync::atomic::AtomicU64,
+    graphs: Mutex<Graphs>,
 }
 
 /// A grid of `n` threads in blocks of 256, capped (the kernels loop over the rest).
@@ -381,7 +412,8 @@ impl Cuda {
             fuse: f("fuse")?,
             kv_put: f("kv_put")?,
         };
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(|e| device_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("starting cuBLAS", e))?;
         let empty = || DevRows { buf: None, len: 0 };
         let scratch = Scratch {
@@ -399,7 +431,6 @@ impl Cuda {
             tiles: None,
             n_tiles: 0,
             max_len: 0,
-            max_keys: Vec::new(),
             puts: Vec::new(),
             put_table: None,
         };
@@ -407,7 +438,20 @@ impl Cuda {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| device_err("reading the multiprocessor count", e))? as usize;
         let profile = std::env::var_os("HYMBA_CUDA_PROFILE").map(|_| Mutex::new(Default::default()));
-        Ok(Cuda { ctx, stream, blas, k, scratch: Mutex::new(scratch), err: Mutex::new(None), name, sms, profile })
+        let graphs = Mutex::new(Graphs { mode: Mode::Eager, graphs: Default::default(), seen: Default::default(), note: None });
+        Ok(Cuda {
+            ctx,
+            stream,
+            blas,
+            k,
+            scratch: Mutex::new(scratch),
+            err: Mutex::new(None),
+            name,
+            sms,
+            profile,
+            generation: Default::default(),
+            graphs,
+        })
     }
 
     /// Checks that a model's shapes fit the kernels.
@@ -555,10 +599,80 @@ impl Cuda {
         })
     }
 
+    fn mode(&self) -> Mode {
+        self.graphs.lock().expect("graphs").mode
+    }
+
+    /// A buffer moved: graphs made before are stale. Moving one while a graph is captured or
+    /// replayed would be a bug of the shape logic.
+    fn moved(&self) {
+        if self.mode() != Mode::Eager {
+            self.fail("CUDA graph", "a buffer grew inside a captured step");
+        }
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Decides how a step's kernels go (see [`Mode`]), once its tables are on the card.
+    fn start_step(&self, seqs: &[Seq<Cuda>]) {
+        let mut g = self.graphs.lock().expect("graphs");
+        g.mode = Mode::Eager;
+        g.note = None;
+        let decode = seqs.iter().all(|s| s.rows.len() == 1) && seqs.len() <= GEMV_ROWS && self.profile.is_none();
+        if !decode || self.failed() {
+            return;
+        }
+        let key = (seqs.len(), self.generation.load(std::sync::atomic::Ordering::Relaxed));
+        if g.graphs.contains_key(&key) {
+            g.mode = Mode::Replaying(key);
+        } else if g.seen.contains(&key) {
+            match self.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) {
+                Ok(()) => g.mode = Mode::Capturing(key),
+                Err(e) => self.fail("starting a CUDA graph capture", e),
+            }
+        } else {
+            g.note = Some(seqs.len());
+        }
+    }
+
+    /// Ends a step's graph part: the captured graph is made and run, or the stored one run.
+    /// Called before anything that is not part of the layers (K/V writes, reads, the end).
+    fn end_step(&self) {
+        let mut g = self.graphs.lock().expect("graphs");
+        let gen = self.generation.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = g.note.take() {
+            g.seen.insert((t, gen));
+        }
+        match std::mem::replace(&mut g.mode, Mode::Eager) {
+            Mode::Eager => {}
+            Mode::Capturing(key) => {
+                let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+                match self.stream.end_capture(flags) {
+                    Ok(Some(graph)) => {
+                        if let Err(e) = graph.launch() {
+                            self.fail("running a CUDA graph", e);
+                        }
+                        g.graphs.retain(|k, _| k.1 == gen);
+                        if key.1 == gen {
+                            g.graphs.insert(key, Graph(graph));
+                        }
+                    }
+                    Ok(None) => self.fail("CUDA graph capture", "empty graph"),
+                    Err(e) => self.fail("ending a CUDA graph capture", e),
+                }
+            }
+            Mode::Replaying(key) => {
+                if let Err(e) = g.graphs[&key].0.launch() {
+                    self.fail("running a CUDA graph", e);
+                }
+            }
+        }
+    }
+
     /// `rows` resized to `n` values (contents kept up to the old length when it grows).
     fn shape(&self, rows: &mut DevRows, n: usize) {
         let cap = rows.buf.as_ref().map_or(0, |b| b.len());
         if n > cap {
+            self.moved();
             let want = n.max(cap * 3 / 2);
             match self.alloc::<f32>(want, "activations") {
                 Ok(mut b) => {
@@ -587,7 +701,7 @@ impl Cuda {
 
     /// Launches `f` with `args` (each a `&` to a plain value); errors are kept.
     fn launch(&self, k: &Kernel, cfg: LaunchConfig, args: &[&dyn Arg]) {
-        if self.failed() {
+        if self.failed() || matches!(self.mode(), Mode::Replaying(_)) {
             return;
         }
         let t = self.profile.as_ref().map(|_| self.time_start());
@@ -625,6 +739,7 @@ impl Cuda {
             return;
         }
         if dst.as_ref().is_none_or(|d| d.len() < host.len()) {
+            self.moved();
             match self.alloc::<T>(host.len().next_power_of_two(), "the step's tables") {
                 Ok(d) => *dst = Some(d),
                 Err(e) => return self.fail("allocating", e),
@@ -720,7 +835,6 @@ impl Backend for Cuda {
             .collect();
         let groups = seqs.first().map_or(0, |s| s.past.len());
         let mut past = vec![KvSrc::default(); groups * seqs.len() * 2];
-        let mut max_keys = vec![0; groups];
         for g in 0..groups {
             for (i, s) in seqs.iter().enumerate() {
                 let views: Vec<&DevKvView> = s.past[g].iter().filter(|v| v.src.rows > 0).collect();
@@ -728,7 +842,6 @@ impl Backend for Cuda {
                 for (j, v) in views.iter().enumerate() {
                     past[(g * seqs.len() + i) * 2 + j] = v.src;
                 }
-                max_keys[g] = max_keys[g].max(views.iter().map(|v| v.src.rows as usize).sum::<usize>() + s.rows.len());
             }
         }
         let layers = seqs.first().map_or(0, |s| s.states.len());
@@ -748,7 +861,8 @@ impl Backend for Cuda {
         scratch.n_tiles = tiles.len() / 2;
         scratch.max_len = seqs.iter().map(|s| s.rows.len()).max().unwrap_or(0);
         scratch.n_seqs = seqs.len();
-        scratch.max_keys = max_keys;
+        drop(scratch);
+        self.start_step(seqs);
     }
 
     fn kv(&self, heads: Heads, max: usize, dtype: KvDtype) -> DevKv {
@@ -756,6 +870,7 @@ impl Backend for Cuda {
     }
 
     fn kv_write(&self, kv: &mut DevKv, slot: usize, first_pos: usize, k: &DevRows, v: &DevRows, rows: Range<usize>) {
+        self.end_step();
         let n = rows.len();
         if n == 0 || self.failed() {
             return;
@@ -818,6 +933,7 @@ impl Backend for Cuda {
     }
 
     fn kv_flush(&self) {
+        self.end_step();
         self.flush(&mut self.scratch.lock().expect("scratch"));
     }
 
@@ -857,6 +973,7 @@ impl Backend for Cuda {
     }
 
     fn download(&self, rows: &DevRows) -> Vec<f32> {
+        self.end_step();
         match &rows.buf {
             Some(b) if rows.len > 0 && !self.failed() => self.stream.clone_dtoh(&b.slice(0..rows.len)).unwrap_or_else(|e| {
                 self.fail("downloading", e);
@@ -867,6 +984,7 @@ impl Backend for Cuda {
     }
 
     fn finish(&self) -> Result<()> {
+        self.end_step();
         self.flush(&mut self.scratch.lock().expect("scratch"));
         if let Err(e) = self.stream.synchronize() {
             self.fail("running the step", e);
@@ -918,6 +1036,7 @@ impl Backend for Cuda {
                 // The input rounded to bf16, as the official bf16 model computes.
                 let len = x.len;
                 if scratch.x16.as_ref().is_none_or(|b| b.len() < len) {
+                    self.moved();
                     match self.alloc::<u16>(len, "activations") {
                         Ok(b) => scratch.x16 = Some(b),
                         Err(e) => return self.fail("allocating", e),
@@ -929,6 +1048,9 @@ impl Backend for Cuda {
                 (xs, blas_sys::cudaDataType::CUDA_R_16BF)
             }
         };
+        if matches!(self.mode(), Mode::Replaying(_)) {
+            return;
+        }
         let timer = self.profile.as_ref().map(|_| self.time_start());
         // Row-major y[t, n] = x[t, k] · w[n, k]ᵀ is column-major yᵀ = wᵀᵀ… : C(m×n) = Aᵀ(m×k) B(k×n)
         // with A = w as column-major [k, m], B = x as column-major [k, t].
@@ -990,6 +1112,9 @@ impl Backend for Cuda {
         let n: usize = rows.iter().map(|r| r.len()).sum();
         self.shape(out, n * width);
         let (Some(src), Some(dst)) = (x.buf.as_ref(), out.buf.as_mut()) else { return };
+        if matches!(self.mode(), Mode::Replaying(_)) {
+            return;
+        }
         let mut at = 0;
         for r in rows {
             let len = r.len() * width;
@@ -1068,7 +1193,6 @@ impl Backend for Cuda {
         let (seqs_p, rows_p) = (self.table(&scratch.seqs, 0), self.table(&scratch.row_seq, 0));
         let past_p = self.table(&scratch.past, at.group * ns * 2);
         let ssm_p = self.table(&scratch.ssm, ssm.layer * ns);
-        let keys = scratch.max_keys.get(at.group).copied().unwrap_or(t);
         let (tiles_p, n_tiles, max_len) = (self.table(&scratch.tiles, 0), scratch.n_tiles, scratch.max_len);
         let Scratch { attn, y, part, .. } = &mut *scratch;
         self.shape(attn, t * e);
@@ -1089,7 +1213,8 @@ impl Backend for Cuda {
             let cfg = LaunchConfig { grid_dim: (n_tiles as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
             self.launch(&self.k.attention_tiles, cfg, &[&qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &tiles_p, &past_p, &nk, &nv, &global, &meta, &scale, &ap]);
         } else {
-            let splits = (2 * self.sms).div_ceil(t * hd.q).min(keys.div_ceil(64)).max(1);
+            // From the rows alone (not the keys, which grow), so a captured step stays right.
+            let splits = (2 * self.sms).div_ceil(t * hd.q).clamp(1, 32);
             if splits > 1 {
                 self.shape(part, t * hd.q * splits * (hd.dv + 2));
             }

@@ -5,6 +5,7 @@
 
 use anyhow::{Context, Result};
 use hymba::tensor::{Dtype, TensorStore};
+use hymba::backend::{Backend, Cpu, Cuda};
 use hymba::{Config, Model, Tokenizer};
 use std::path::Path;
 
@@ -19,14 +20,14 @@ static WEIGHTS: &Aligned<[u8]> = &Aligned(*include_bytes!("../../../assets/defau
 pub const TOKENIZER: &[u8] = include_bytes!("../../../assets/default-model/tokenizer.json");
 pub const TOKENIZER_CONFIG: &str = include_str!("../../../assets/default-model/tokenizer_config.json");
 
-pub fn model(quant: Option<Dtype>) -> Result<Model> {
+fn model_on<B: Backend>(b: B, quant: Option<Dtype>) -> Result<Model<B>> {
     let what = format!("the built-in model {NAME}");
     let config = Config::from_value(serde_json::from_str(CONFIG).context("config.json")?).with_context(|| what.clone())?;
     let mut store = store()?;
     if let Some(q) = quant {
         store.quantize(q);
     }
-    Model::from_store(config, store).with_context(|| what)
+    Model::on(b, config, store).with_context(|| what)
 }
 
 /// The built-in model's tensors, read in place.
@@ -40,11 +41,33 @@ pub fn tokenizer() -> Result<Tokenizer> {
 
 /// The model of a command: the checkpoint directory when given, else the built-in one.
 pub fn load_model(dir: Option<&Path>, quant: Option<&str>) -> Result<Model> {
+    load_model_on(Cpu, dir, quant)
+}
+
+/// [`load_model`] onto backend `b`.
+pub fn load_model_on<B: Backend>(b: B, dir: Option<&Path>, quant: Option<&str>) -> Result<Model<B>> {
     let q = crate::parse_quant(quant)?;
     match dir {
-        Some(d) => Model::load_quantized(d, q).with_context(|| format!("loading model from {}", d.display())),
-        None => model(q),
+        Some(d) => Model::load_on(b, d, q).with_context(|| format!("loading model from {}", d.display())),
+        None => model_on(b, q),
     }
+}
+
+/// Runs `f` with the model of a command on the device `--device` names (cpu, cuda, cuda:N).
+pub fn with_model<R>(device: &str, dir: Option<&Path>, quant: Option<&str>, f: impl ModelFn<R>) -> Result<R> {
+    match crate::parse_device(device)? {
+        None => f.call(load_model_on(Cpu, dir, quant)?),
+        Some(n) => {
+            let model = load_model_on(Cuda::new(n)?, dir, quant)?;
+            model.ready()?;
+            f.call(model)
+        }
+    }
+}
+
+/// What runs on a model of any backend (a closure cannot be generic over it).
+pub trait ModelFn<R> {
+    fn call<B: Backend>(self, model: Model<B>) -> Result<R>;
 }
 
 /// Replaces `tok`'s chat template with the Jinja file `path` when given (`--chat-template`).

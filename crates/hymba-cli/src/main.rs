@@ -67,6 +67,9 @@ struct GenerateArgs {
     /// Checkpoint directory (config.json + safetensors) [default: the built-in tiny model].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Where to run: cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[command(flatten)]
     prompt: PromptArgs,
     /// Render the prompt as a user message with the checkpoint's chat template.
@@ -391,12 +394,23 @@ fn window(official: bool) -> DecodeWindow {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
+    struct Run(GenerateArgs);
+    impl default_model::ModelFn<()> for Run {
+        fn call<B: hymba::backend::Backend>(self, model: Model<B>) -> Result<()> {
+            generate_on(self.0, model)
+        }
+    }
+    let (device, dir, quant) = (a.device.clone(), a.model.clone(), a.quant.clone());
+    default_model::with_model(&device, dir.as_deref(), quant.as_deref(), Run(a))
+}
+
+fn generate_on<B: hymba::backend::Backend>(a: GenerateArgs, model: Model<B>) -> Result<()> {
     let required = a.prompt.prompt.is_some() || a.chat || !a.stop.is_empty();
     let mut tok = default_model::load_tokenizer(a.model.as_deref(), a.prompt.tokenizer.as_deref(), required)?;
     if let Some(t) = tok.as_mut() {
         default_model::override_chat_template(t, a.chat_template.as_deref())?;
     }
-    let model = default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
+    let model = model.with_kv_dtype(a.kv_cache);
     let prompt = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => {

@@ -12,6 +12,9 @@ pub struct PerplexityArgs {
     /// Checkpoint directory [default: the built-in tiny model].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Where to run: cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// tokenizer.json [default: MODEL/tokenizer.json].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -40,13 +43,24 @@ pub struct PerplexityArgs {
 }
 
 pub fn run(a: PerplexityArgs) -> Result<()> {
+    struct Run(PerplexityArgs);
+    impl crate::default_model::ModelFn<()> for Run {
+        fn call<B: hymba::backend::Backend>(self, model: hymba::Model<B>) -> Result<()> {
+            run_on(self.0, model)
+        }
+    }
+    let (device, dir, quant) = (a.device.clone(), a.model.clone(), a.quant.clone());
+    crate::default_model::with_model(&device, dir.as_deref(), quant.as_deref(), Run(a))
+}
+
+fn run_on<B: hymba::backend::Backend>(a: PerplexityArgs, model: hymba::Model<B>) -> Result<()> {
     let text = match (&a.file, &a.text) {
         (Some(f), _) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
         (None, Some(t)) => t.clone(),
         (None, None) => unreachable!("clap requires one"),
     };
     let tok = crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
-    let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
+    let model = model.with_kv_dtype(a.kv_cache);
     let max = model.config.max_position_embeddings;
     if a.ctx > max {
         bail!("--ctx {}: longer than the model's max_position_embeddings ({max}), the positions it was made for", a.ctx);

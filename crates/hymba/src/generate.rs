@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
+use crate::backend::Backend;
 use crate::model::{Logits, Model};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{Detokenizer, Tokenizer};
@@ -113,8 +114,8 @@ impl Decoder {
 
 /// Generates after `prompt`. `on_text` receives text pieces as they become final; without a
 /// tokenizer there is no text and stop strings are refused.
-pub fn generate(
-    model: &Model,
+pub fn generate<B: Backend>(
+    model: &Model<B>,
     tokenizer: Option<&Tokenizer>,
     prompt: &[u32],
     opts: &GenerateOptions,

@@ -8,6 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
+use crate::backend::Backend;
 use crate::model::{Logits, Model};
 
 /// The result of [`score`].
@@ -35,7 +36,7 @@ impl Score {
 
 /// Scores `ids` (at least two tokens, the first not scored) through windows of `ctx` tokens
 /// stepping by `stride` (1 ≤ stride ≤ ctx). `on_window(done, total)` reports progress.
-pub fn score(model: &Model, ids: &[u32], ctx: usize, stride: usize, on_window: &mut dyn FnMut(usize, usize)) -> Result<Score> {
+pub fn score<B: Backend>(model: &Model<B>, ids: &[u32], ctx: usize, stride: usize, on_window: &mut dyn FnMut(usize, usize)) -> Result<Score> {
     if ctx < 2 {
         return Err(Error::Input(format!("the window (ctx) must hold at least 2 tokens, found {ctx}")));
     }

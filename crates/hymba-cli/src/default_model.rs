@@ -119,7 +119,7 @@ mod tests {
     /// in reverse order.
     #[test]
     fn built_in_model_prefers_real_sentences_to_shuffled_words() {
-        let model = model(None).unwrap();
+        let model = load_model(None, None).unwrap();
         let tok = tokenizer().unwrap();
         assert_eq!(tok.bos_id, Some(1));
         assert_eq!(tok.eos_id, Some(2));

@@ -151,6 +151,9 @@ struct ServeArgs {
     /// Checkpoint directory [default: the built-in tiny model].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Where to run: cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// tokenizer.json [default: MODEL/tokenizer.json].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -326,10 +329,21 @@ pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    struct Run(ServeArgs);
+    impl default_model::ModelFn<()> for Run {
+        fn call<B: hymba::backend::Backend>(self, model: Model<B>) -> Result<()> {
+            serve_on(self.0, model)
+        }
+    }
+    let (device, dir, quant) = (a.device.clone(), a.model.clone(), a.quant.clone());
+    default_model::with_model(&device, dir.as_deref(), quant.as_deref(), Run(a))
+}
+
+fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result<()> {
     let mut tokenizer = default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
     default_model::override_chat_template(&mut tokenizer, a.chat_template.as_deref())?;
     let tokenizer = std::sync::Arc::new(tokenizer);
-    let model = std::sync::Arc::new(default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache));
+    let model = std::sync::Arc::new(model.with_kv_dtype(a.kv_cache));
     let max_pos = model.config.max_position_embeddings;
     let max_context = a.max_context.unwrap_or(max_pos);
     if max_context == 0 || max_context > max_pos {

@@ -6,6 +6,7 @@
 //! Front-ends hold an [`Engine`] (cheap to clone) and get [`Event`]s through a callback, so
 //! the library needs no async runtime.
 
+use crate::backend::Backend;
 use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::generate::{Decoder, FinishReason, GenerateOptions};
@@ -94,7 +95,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread: up to `max_batch` sequences step together and as many more
     /// wait in the queue.
-    pub fn start(model: Arc<Model>, tokenizer: Option<Arc<Tokenizer>>, max_batch: usize) -> Engine {
+    pub fn start<B: Backend>(model: Arc<Model<B>>, tokenizer: Option<Arc<Tokenizer>>, max_batch: usize) -> Engine {
         // The shared meta prefix now, not on the first request.
         model.meta_prefix();
         let max_batch = max_batch.max(1);
@@ -133,9 +134,9 @@ impl Engine {
 }
 
 /// One request being served.
-struct Seq {
+struct Seq<B: Backend> {
     req: Request,
-    cache: Cache,
+    cache: Cache<B>,
     /// Prompt tokens already fed.
     fed: usize,
     decoder: Decoder,
@@ -148,9 +149,9 @@ struct Seq {
     stats: Arc<Stats>,
 }
 
-impl Seq {
+impl<B: Backend> Seq<B> {
     /// Checks the request; a refused one comes back with the reason.
-    fn new(model: &Model, req: Request, stats: &Arc<Stats>) -> std::result::Result<Seq, Box<(Request, Error)>> {
+    fn new(model: &Model<B>, req: Request, stats: &Arc<Stats>) -> std::result::Result<Seq<B>, Box<(Request, Error)>> {
         let problem = if req.prompt.is_empty() {
             Some(Error::Input("the prompt is empty".into()))
         } else {
@@ -251,8 +252,8 @@ impl Seq {
     }
 }
 
-fn run(model: &Model, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_flight: &AtomicUsize, stats: &Arc<Stats>, max_batch: usize) {
-    let mut active: Vec<Seq> = Vec::new();
+fn run<B: Backend>(model: &Model<B>, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_flight: &AtomicUsize, stats: &Arc<Stats>, max_batch: usize) {
+    let mut active: Vec<Seq<B>> = Vec::new();
     let mut waiting: VecDeque<Request> = VecDeque::new();
     let v = model.config.vocab_size;
     loop {
@@ -284,7 +285,7 @@ fn run(model: &Model, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_f
         let began = std::time::Instant::now();
         let ids: Vec<Vec<u32>> = active.iter().map(Seq::step_ids).collect();
         let result = {
-            let mut steps: Vec<Step> = active
+            let mut steps: Vec<Step<B>> = active
                 .iter_mut()
                 .zip(&ids)
                 .map(|(s, ids)| {

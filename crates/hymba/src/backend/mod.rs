@@ -154,7 +154,7 @@ pub struct Fuse<'r, B: Backend> {
 /// The operations the model is written in. Shapes are rows × width, row-major, f32; an output
 /// buffer is resized by the operation to the shape it produces (its storage is kept between
 /// calls, so a forward allocates once per step shape).
-pub trait Backend: Sync + Sized {
+pub trait Backend: Send + Sync + Sized + 'static {
     /// A weight matrix `[rows, cols]` in this backend's layout and the tensor's precision.
     type Matrix: MatrixInfo + Send + Sync;
     /// A small parameter vector, in f32.

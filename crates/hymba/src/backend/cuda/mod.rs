@@ -343,6 +343,16 @@ fn flat(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Threads of a block that reduces one row: few rows (decode) get whole-GPU-wide latency from a
+/// single block, so they get the largest blocks; many rows (prefill) fill the GPU with blocks.
+fn row_threads(rows: usize) -> u32 {
+    if rows < 64 {
+        1024
+    } else {
+        256
+    }
+}
+
 fn rows_of(n: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
@@ -1097,7 +1107,7 @@ impl Backend for Cuda {
         self.shape(out, rows * d);
         let (xp, wp, op) = (self.p(x), self.pv(w), self.p(out));
         let (wi, fi, di) = (width as i32, from as i32, d as i32);
-        self.launch(&self.k.rmsnorm, rows_of(rows, 256), &[&xp, &wi, &fi, &wp, &di, &eps, &op]);
+        self.launch(&self.k.rmsnorm, rows_of(rows, row_threads(rows)), &[&xp, &wi, &fi, &wp, &di, &eps, &op]);
     }
 
     fn columns(&self, x: &DevRows, width: usize, from: usize, n: usize, out: &mut DevRows) {
@@ -1203,8 +1213,7 @@ impl Backend for Cuda {
         let scale = 1.0 / (hd.dk as f32).sqrt();
         let (heads, kv_heads, dk, dv) = (hd.q as i32, hd.kv as i32, hd.dk as i32, hd.dv as i32);
         // 2. Attention of every row over its sequence's meta prefix, store and this call's rows.
-        // Keys are split when rows × heads alone would leave the multiprocessors idle (decode),
-        // each split at least 64 keys.
+        // Keys are split when rows × heads alone would leave the multiprocessors idle (decode).
         let (nk, nv) = (self.p(at.k), self.p(at.v));
         let global = (at.kind == crate::config::AttnKind::Global) as i32;
         let meta = at.meta as i32;
@@ -1214,7 +1223,7 @@ impl Backend for Cuda {
             self.launch(&self.k.attention_tiles, cfg, &[&qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &tiles_p, &past_p, &nk, &nv, &global, &meta, &scale, &ap]);
         } else {
             // From the rows alone (not the keys, which grow), so a captured step stays right.
-            let splits = (2 * self.sms).div_ceil(t * hd.q).clamp(1, 32);
+            let splits = (4 * self.sms).div_ceil(t * hd.q).clamp(1, 32);
             if splits > 1 {
                 self.shape(part, t * hd.q * splits * (hd.dv + 2));
             }
@@ -1236,6 +1245,6 @@ impl Backend for Cuda {
         self.launch(&self.k.scan, cfg, &[&xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &ssm_p, &ei, &ni, &gi, &yp]);
         // 4. Fusion of every row.
         let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
-        self.launch(&self.k.fuse, rows_of(t, 256), &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op]);
+        self.launch(&self.k.fuse, rows_of(t, row_threads(t)), &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op]);
     }
 }

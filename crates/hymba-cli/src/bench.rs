@@ -31,10 +31,13 @@ pub struct BenchArgs {
     /// Contexts (tokens already in the cache) to decode at.
     #[arg(long, default_value = "128,1024,4096,8192", value_delimiter = ',')]
     contexts: Vec<usize>,
-    /// Batch sizes for batched decode (sequences stepped together, each at context 128; the sizes
+    /// Batch sizes for batched decode (sequences stepped together, each at --batch-context; the sizes
     /// take turns, a step each, `--decode` rounds).
     #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
+    /// Tokens already in each batched sequence's cache (the capacity a batch needs).
+    #[arg(long, default_value_t = 128)]
+    batch_context: usize,
     /// Element type of the K/V cache: f32 or bf16.
     #[arg(long, default_value = "f32")]
     kv_cache: KvDtype,
@@ -243,7 +246,7 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
     let mut sets: Vec<Set<B>> = a
         .batch
         .iter()
-        .map(|&b| ((0..b).map(|_| model.cache_with_placeholder_tokens(128)).collect(), (0..b as u32).map(|i| [(i * 31 + 7) % v]).collect()))
+        .map(|&b| ((0..b).map(|_| model.cache_with_placeholder_tokens(a.batch_context)).collect(), (0..b as u32).map(|i| [(i * 31 + 7) % v]).collect()))
         .collect();
     let step = |(caches, ids): &mut Set<B>| -> Result<f64> {
         let mut steps: Vec<Step<B>> = caches
@@ -265,7 +268,8 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
         }
     }
     gpu_mark();
-    let batched: Vec<_> = a.batch.iter().zip(times.iter_mut()).map(|(&b, ts)| serde_json::json!({"batch": b, "tok_s": b as f64 / median(ts)})).collect();
+    let batched: Vec<_> =
+        a.batch.iter().zip(times.iter_mut()).map(|(&b, ts)| serde_json::json!({"batch": b, "context": a.batch_context, "tok_s": b as f64 / median(ts)})).collect();
     let params = model.parameter_counts().total;
     let prefill_flop_s = prefill_tok_s * 2.0 * params as f64;
     let mut out = serde_json::json!({
@@ -329,7 +333,7 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
             Some(s) if d["batch"] != 1 => format!(" ({:.2}x batch 1)", tok_s / s),
             _ => String::new(),
         };
-        println!("batch {:>3} decode    {tok_s:>8.2} tok/s in all{ratio}", d["batch"]);
+        println!("batch {:>3} decode    {tok_s:>8.2} tok/s in all{ratio} @ {}", d["batch"], a.batch_context);
     }
     println!("peak RSS            {:>8.1} MB", peak_rss_bytes() as f64 / 1e6);
     if ceil.gemm.is_some() {

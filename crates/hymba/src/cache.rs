@@ -325,7 +325,7 @@ impl<B: Backend> KvStore<B> {
     pub fn view<'a>(&'a self, b: &B) -> B::KvView<'a> {
         match self {
             KvStore::Global { kv, start } => b.kv_view(kv, KeyPositions::Contiguous(*start)),
-            KvStore::Window { kv, pos, cap } => b.kv_view(kv, KeyPositions::Ring { slots: pos, cap: *cap }),
+            KvStore::Window { kv, pos, .. } => b.kv_view(kv, KeyPositions::Ring { slots: pos }),
         }
     }
 

@@ -106,7 +106,7 @@ impl Backend for Cpu {
     fn kv_view<'a>(&self, kv: &'a Kv, pos: KeyPositions<'a>) -> KvView<'a> {
         kv.block(match pos {
             KeyPositions::Contiguous(start) => KeyPos::Contiguous(start),
-            KeyPositions::Ring { slots, .. } => KeyPos::Slots(slots),
+            KeyPositions::Ring { slots } => KeyPos::Slots(slots),
         })
     }
 

@@ -38,8 +38,8 @@ pub struct Heads {
 pub enum KeyPositions<'a> {
     /// Row `i` is at position `start + i`.
     Contiguous(usize),
-    /// A ring of `cap` slots; slot `i` holds position `slots[i]` (see [`crate::cache::KvStore`]).
-    Ring { slots: &'a [usize], cap: usize },
+    /// A ring: slot `i` holds position `slots[i]` (see [`crate::cache::KvStore`]).
+    Ring { slots: &'a [usize] },
 }
 
 /// Sizes of a backend's weight matrix, for accounting.

@@ -4,8 +4,8 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use hymba::tensor::Dtype;
 use hymba::backend::{Backend, Cpu, Cuda};
+use hymba::tensor::Dtype;
 use hymba::{Config, DecodeWindow, KvDtype, Logits, Model, Step};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,7 +13,11 @@ use std::time::Instant;
 #[derive(Args)]
 pub struct BenchArgs {
     /// Checkpoint directory.
-    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
     model: Option<PathBuf>,
     /// Random weights with the shapes of a known model: `hymba-1.5b`.
     #[arg(long)]
@@ -57,11 +61,20 @@ pub struct BenchArgs {
 const HYMBA_1_5B: &str = include_str!("../../../assets/hymba-1.5b-config.json");
 
 /// The model of `--model` or `--synthetic`, quantized when asked.
-fn load(model: Option<&std::path::Path>, synthetic: Option<&str>, quant: Option<Dtype>) -> Result<Model> {
+fn load(
+    model: Option<&std::path::Path>,
+    synthetic: Option<&str>,
+    quant: Option<Dtype>,
+) -> Result<Model> {
     load_on(Cpu, model, synthetic, quant)
 }
 
-fn load_on<B: Backend>(b: B, model: Option<&std::path::Path>, synthetic: Option<&str>, quant: Option<Dtype>) -> Result<Model<B>> {
+fn load_on<B: Backend>(
+    b: B,
+    model: Option<&std::path::Path>,
+    synthetic: Option<&str>,
+    quant: Option<Dtype>,
+) -> Result<Model<B>> {
     Ok(match (model, synthetic) {
         (Some(dir), _) => Model::load_on(b, dir, quant)?,
         (None, Some("hymba-1.5b")) => {
@@ -79,7 +92,11 @@ fn load_on<B: Backend>(b: B, model: Option<&std::path::Path>, synthetic: Option<
 
 #[derive(Args)]
 pub struct QuantEvalArgs {
-    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
     model: Option<PathBuf>,
     #[arg(long)]
     synthetic: Option<String>,
@@ -96,11 +113,15 @@ pub struct QuantEvalArgs {
 /// Mean KL(original ‖ quantized) of the next-token distributions and the fraction of positions
 /// whose top-1 token agrees, over every position of the input.
 pub fn quant_eval(a: QuantEvalArgs) -> Result<()> {
-    let q = crate::parse_quant(Some(&a.quant))?.ok_or_else(|| anyhow::anyhow!("--quant: expected q8_0 or q4_0"))?;
+    let q = crate::parse_quant(Some(&a.quant))?
+        .ok_or_else(|| anyhow::anyhow!("--quant: expected q8_0 or q4_0"))?;
     let base = load(a.model.as_deref(), a.synthetic.as_deref(), None)?;
     let quant = load(a.model.as_deref(), a.synthetic.as_deref(), Some(q))?;
     let v = base.config.vocab_size;
-    let ids = a.ids.clone().unwrap_or_else(|| (0..64u32).map(|i| (i * 7919 + 13) % v as u32).collect());
+    let ids = a
+        .ids
+        .clone()
+        .unwrap_or_else(|| (0..64u32).map(|i| (i * 7919 + 13) % v as u32).collect());
     let lp = |m: &Model| -> Result<Vec<f32>> {
         let mut c = m.new_cache();
         Ok(m.forward(&mut c, &ids, Logits::All, DecodeWindow::Trained)?)
@@ -114,7 +135,11 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<()> {
             x.iter().map(|&y| y as f64 - z).collect()
         };
         let (lpr, lqr) = (ls(pr), ls(qr));
-        kl += lpr.iter().zip(&lqr).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+        kl += lpr
+            .iter()
+            .zip(&lqr)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
         agree += (hymba::sample::argmax(pr) == hymba::sample::argmax(qr)) as usize;
     }
     let n = ids.len();
@@ -122,7 +147,12 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<()> {
     if a.json {
         println!("{out}");
     } else {
-        println!("{}: mean KL {:.5} nats, top-1 agreement {:.1}% over {n} positions", a.quant, kl / n as f64, 100.0 * agree as f64 / n as f64);
+        println!(
+            "{}: mean KL {:.5} nats, top-1 agreement {:.1}% over {n} positions",
+            a.quant,
+            kl / n as f64,
+            100.0 * agree as f64 / n as f64
+        );
     }
     Ok(())
 }
@@ -130,7 +160,11 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<()> {
 fn peak_rss_bytes() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -161,7 +195,9 @@ struct Ceilings {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
     }
     let quant = crate::parse_quant(Some(&a.quant))?;
     if a.prompt == 0 || a.decode == 0 {
@@ -170,13 +206,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match crate::parse_device(&a.device)? {
         None => {
             let t = Instant::now();
-            let model = load(a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
+            let model =
+                load(a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
             // The meta prefix is part of loading (computed on first use otherwise).
             model.ready()?;
             let load_s = t.elapsed().as_secs_f64();
             let bw = hymba::kernels::probe::read_bandwidth(1 << 30, 5);
             let device = format!("cpu, {} threads", rayon::current_num_threads());
-            bench(&model, &a, load_s, Ceilings { bandwidth: bw, gemm: None, device, gpu_used: None })
+            bench(
+                &model,
+                &a,
+                load_s,
+                Ceilings {
+                    bandwidth: bw,
+                    gemm: None,
+                    device,
+                    gpu_used: None,
+                },
+            )
         }
         Some(ordinal) => {
             let t = Instant::now();
@@ -184,11 +231,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let (bandwidth, gemm) = (cuda.copy_bandwidth()?, cuda.bf16_gemm_rate()?);
             let device = cuda.name.clone();
             let ctx = cuda.context();
-            let gpu_used = Box::new(move || ctx.mem_get_info().map_or(0, |(free, total)| total - free));
-            let model = load_on(cuda, a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
+            let gpu_used =
+                Box::new(move || ctx.mem_get_info().map_or(0, |(free, total)| total - free));
+            let model = load_on(cuda, a.model.as_deref(), a.synthetic.as_deref(), quant)?
+                .with_kv_dtype(a.kv_cache);
             model.ready()?;
             let load_s = t.elapsed().as_secs_f64();
-            bench(&model, &a, load_s, Ceilings { bandwidth, gemm: Some(gemm), device, gpu_used: Some(gpu_used) })?;
+            bench(
+                &model,
+                &a,
+                load_s,
+                Ceilings {
+                    bandwidth,
+                    gemm: Some(gemm),
+                    device,
+                    gpu_used: Some(gpu_used),
+                },
+            )?;
             if let Some(p) = model.backend().take_profile() {
                 eprintln!("kernel time (HYMBA_CUDA_PROFILE: each launch waited for):\n{p}");
             }
@@ -225,7 +284,12 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
         let mut times = Vec::with_capacity(a.decode);
         for i in 0..a.decode {
             let t = Instant::now();
-            model.forward(&mut cache, &[(i as u32 * 31 + 7) % v], Logits::Last, DecodeWindow::Trained)?;
+            model.forward(
+                &mut cache,
+                &[(i as u32 * 31 + 7) % v],
+                Logits::Last,
+                DecodeWindow::Trained,
+            )?;
             times.push(t.elapsed().as_secs_f64());
         }
         gpu_mark();
@@ -246,13 +310,25 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
     let mut sets: Vec<Set<B>> = a
         .batch
         .iter()
-        .map(|&b| ((0..b).map(|_| model.cache_with_placeholder_tokens(a.batch_context)).collect(), (0..b as u32).map(|i| [(i * 31 + 7) % v]).collect()))
+        .map(|&b| {
+            (
+                (0..b)
+                    .map(|_| model.cache_with_placeholder_tokens(a.batch_context))
+                    .collect(),
+                (0..b as u32).map(|i| [(i * 31 + 7) % v]).collect(),
+            )
+        })
         .collect();
     let step = |(caches, ids): &mut Set<B>| -> Result<f64> {
         let mut steps: Vec<Step<B>> = caches
             .iter_mut()
             .zip(ids.iter())
-            .map(|(cache, id)| Step { cache, ids: id, logits: Logits::Last, window: DecodeWindow::Trained })
+            .map(|(cache, id)| Step {
+                cache,
+                ids: id,
+                logits: Logits::Last,
+                window: DecodeWindow::Trained,
+            })
             .collect();
         let t = Instant::now();
         model.forward_batch(&mut steps)?;
@@ -312,32 +388,59 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
     match ceil.gemm {
         None => println!("read bandwidth      {:>8.1} GB/s (measured now)", bw / 1e9),
         Some(g) => {
-            println!("copy bandwidth      {:>8.1} GB/s (device to device, read + write, measured now)", bw / 1e9);
-            println!("bf16 matrix rate    {:>8.1} TFLOP/s (cuBLAS, 8192³, measured now)", g / 1e12);
+            println!(
+                "copy bandwidth      {:>8.1} GB/s (device to device, read + write, measured now)",
+                bw / 1e9
+            );
+            println!(
+                "bf16 matrix rate    {:>8.1} TFLOP/s (cuBLAS, 8192³, measured now)",
+                g / 1e12
+            );
         }
     }
     println!("weights per token   {:>8.1} MB", wbytes as f64 / 1e6);
-    let of_gemm = ceil.gemm.map_or(String::new(), |g| format!(", {:.1}% of the matrix rate", 100.0 * prefill_flop_s / g));
-    println!("prefill {:>5} tok   {:>8.1} tok/s ({:.0} GFLOP/s at 2·params a token{of_gemm})", a.prompt, prefill_tok_s, prefill_flop_s / 1e9);
+    let of_gemm = ceil.gemm.map_or(String::new(), |g| {
+        format!(", {:.1}% of the matrix rate", 100.0 * prefill_flop_s / g)
+    });
+    println!(
+        "prefill {:>5} tok   {:>8.1} tok/s ({:.0} GFLOP/s at 2·params a token{of_gemm})",
+        a.prompt,
+        prefill_tok_s,
+        prefill_flop_s / 1e9
+    );
     for d in &decode {
         println!(
             "decode @ {:>6}     {:>8.2} tok/s ({:.0}% of the bandwidth)",
-            d["context"], d["tok_s"].as_f64().unwrap_or(0.0), 100.0 * d["bandwidth_fraction"].as_f64().unwrap_or(0.0)
+            d["context"],
+            d["tok_s"].as_f64().unwrap_or(0.0),
+            100.0 * d["bandwidth_fraction"].as_f64().unwrap_or(0.0)
         );
     }
     // Throughput relative to one sequence, when it was measured in this run.
-    let single = batched.iter().find(|d| d["batch"] == 1).and_then(|d| d["tok_s"].as_f64());
+    let single = batched
+        .iter()
+        .find(|d| d["batch"] == 1)
+        .and_then(|d| d["tok_s"].as_f64());
     for d in &batched {
         let tok_s = d["tok_s"].as_f64().unwrap_or(0.0);
         let ratio = match single {
             Some(s) if d["batch"] != 1 => format!(" ({:.2}x batch 1)", tok_s / s),
             _ => String::new(),
         };
-        println!("batch {:>3} decode    {tok_s:>8.2} tok/s in all{ratio} @ {}", d["batch"], a.batch_context);
+        println!(
+            "batch {:>3} decode    {tok_s:>8.2} tok/s in all{ratio} @ {}",
+            d["batch"], a.batch_context
+        );
     }
-    println!("peak RSS            {:>8.1} MB", peak_rss_bytes() as f64 / 1e6);
+    println!(
+        "peak RSS            {:>8.1} MB",
+        peak_rss_bytes() as f64 / 1e6
+    );
     if ceil.gemm.is_some() {
-        println!("peak GPU memory     {:>8.1} MB (in use on the card, sampled after each phase)", gpu_peak as f64 / 1e6);
+        println!(
+            "peak GPU memory     {:>8.1} MB (in use on the card, sampled after each phase)",
+            gpu_peak as f64 / 1e6
+        );
     }
     Ok(())
 }

@@ -4,7 +4,9 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use hymba::{Cache, Decoder, DecodeWindow, GenerateOptions, KvDtype, Logits, Message, Model, SamplingParams};
+use hymba::{
+    Cache, DecodeWindow, Decoder, GenerateOptions, KvDtype, Logits, Message, Model, SamplingParams,
+};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,7 +61,11 @@ struct Conversation {
 
 impl Conversation {
     fn all_messages(&self) -> Vec<Message> {
-        self.system.iter().map(|s| Message::new("system", s)).chain(self.messages.iter().cloned()).collect()
+        self.system
+            .iter()
+            .map(|s| Message::new("system", s))
+            .chain(self.messages.iter().cloned())
+            .collect()
     }
 }
 
@@ -68,7 +74,12 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
         rt.block_on(async move {
             while tokio::signal::ctrl_c().await.is_ok() {
                 f.store(true, Ordering::SeqCst);
@@ -79,13 +90,16 @@ fn interrupt_flag() -> Arc<AtomicBool> {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let mut tok = crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    let mut tok =
+        crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?
+            .expect("required");
     crate::default_model::override_chat_template(&mut tok, a.chat_template.as_deref())?;
     let tmpl = tok.chat_template.as_ref().ok_or_else(|| {
         let path = a.tokenizer.clone().or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json"))).unwrap_or_default();
         anyhow!("{}: tokenizer_config.json beside it has no chat_template (give one with --chat-template)", path.display())
     })?;
-    let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?.with_kv_dtype(a.kv_cache);
+    let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?
+        .with_kv_dtype(a.kv_cache);
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {
@@ -107,7 +121,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
     opts.sampling.validate()?;
     let interactive = std::io::stdin().is_terminal();
     let stop = interrupt_flag();
-    let mut conv = Conversation { system: a.system.clone(), messages: Vec::new(), ids: Vec::new(), cache: model.new_cache() };
+    let mut conv = Conversation {
+        system: a.system.clone(),
+        messages: Vec::new(),
+        ids: Vec::new(),
+        cache: model.new_cache(),
+    };
     if interactive {
         eprintln!("hymba chat: /reset, /system TEXT, /save FILE, /load FILE, /quit. Ctrl-C stops an answer; Ctrl-D quits.");
     }
@@ -126,7 +145,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
             continue;
         }
         if let Some(cmd) = text.strip_prefix('/') {
-            let (name, arg) = cmd.split_once(' ').map(|(n, r)| (n, r.trim())).unwrap_or((cmd, ""));
+            let (name, arg) = cmd
+                .split_once(' ')
+                .map(|(n, r)| (n, r.trim()))
+                .unwrap_or((cmd, ""));
             match name {
                 "quit" | "exit" => break,
                 "reset" => {
@@ -162,7 +184,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
             conv.cache = model.new_cache();
             conv.ids.clear();
         }
-        let mut logits = model.forward(&mut conv.cache, &ids[conv.ids.len()..], Logits::Last, DecodeWindow::Trained)?;
+        let mut logits = model.forward(
+            &mut conv.cache,
+            &ids[conv.ids.len()..],
+            Logits::Last,
+            DecodeWindow::Trained,
+        )?;
         conv.ids = ids;
         let mut live = conv.cache.clone();
         let mut dec = Decoder::new(&conv.ids, &opts)?;
@@ -191,10 +218,16 @@ pub fn run(a: ChatArgs) -> Result<()> {
 fn load(model: &Model, path: &str) -> Result<Conversation> {
     let (cache, extra) = hymba::session::load(model, std::path::Path::new(path))?;
     let v: serde_json::Value = serde_json::from_str(&extra).context("session metadata")?;
-    let messages: Vec<Message> = serde_json::from_value(v["messages"].clone()).context("session messages")?;
+    let messages: Vec<Message> =
+        serde_json::from_value(v["messages"].clone()).context("session messages")?;
     let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).context("session ids")?;
     if cache.len() != ids.len() {
         bail!("{path}: the saved state does not match its conversation");
     }
-    Ok(Conversation { system: v["system"].as_str().map(str::to_string), messages, ids, cache })
+    Ok(Conversation {
+        system: v["system"].as_str().map(str::to_string),
+        messages,
+        ids,
+        cache,
+    })
 }

@@ -4,8 +4,8 @@
 //! not given, so the tool works offline out of the box.
 
 use anyhow::{Context, Result};
-use hymba::tensor::{Dtype, TensorStore};
 use hymba::backend::{Backend, Cpu, Cuda};
+use hymba::tensor::{Dtype, TensorStore};
 use hymba::{Config, Model, Tokenizer};
 use std::path::Path;
 
@@ -16,13 +16,17 @@ pub const CONFIG: &str = include_str!("../../../assets/default-model/config.json
 /// Aligned so the tensors are read in place (safetensors keeps data offsets 8-byte aligned).
 #[repr(C, align(64))]
 struct Aligned<B: ?Sized>(B);
-static WEIGHTS: &Aligned<[u8]> = &Aligned(*include_bytes!("../../../assets/default-model/model.safetensors"));
+static WEIGHTS: &Aligned<[u8]> = &Aligned(*include_bytes!(
+    "../../../assets/default-model/model.safetensors"
+));
 pub const TOKENIZER: &[u8] = include_bytes!("../../../assets/default-model/tokenizer.json");
-pub const TOKENIZER_CONFIG: &str = include_str!("../../../assets/default-model/tokenizer_config.json");
+pub const TOKENIZER_CONFIG: &str =
+    include_str!("../../../assets/default-model/tokenizer_config.json");
 
 fn model_on<B: Backend>(b: B, quant: Option<Dtype>) -> Result<Model<B>> {
     let what = format!("the built-in model {NAME}");
-    let config = Config::from_value(serde_json::from_str(CONFIG).context("config.json")?).with_context(|| what.clone())?;
+    let config = Config::from_value(serde_json::from_str(CONFIG).context("config.json")?)
+        .with_context(|| what.clone())?;
     let mut store = store()?;
     if let Some(q) = quant {
         store.quantize(q);
@@ -36,7 +40,11 @@ pub fn store() -> Result<TensorStore> {
 }
 
 pub fn tokenizer() -> Result<Tokenizer> {
-    Ok(Tokenizer::from_bytes(TOKENIZER, NAME, Some((TOKENIZER_CONFIG, NAME)))?)
+    Ok(Tokenizer::from_bytes(
+        TOKENIZER,
+        NAME,
+        Some((TOKENIZER_CONFIG, NAME)),
+    )?)
 }
 
 /// The model of a command: the checkpoint directory when given, else the built-in one.
@@ -45,16 +53,27 @@ pub fn load_model(dir: Option<&Path>, quant: Option<&str>) -> Result<Model> {
 }
 
 /// [`load_model`] onto backend `b`.
-pub fn load_model_on<B: Backend>(b: B, dir: Option<&Path>, quant: Option<&str>) -> Result<Model<B>> {
+pub fn load_model_on<B: Backend>(
+    b: B,
+    dir: Option<&Path>,
+    quant: Option<&str>,
+) -> Result<Model<B>> {
     let q = crate::parse_quant(quant)?;
     match dir {
-        Some(d) => Model::load_on(b, d, q).with_context(|| format!("loading model from {}", d.display())),
+        Some(d) => {
+            Model::load_on(b, d, q).with_context(|| format!("loading model from {}", d.display()))
+        }
         None => model_on(b, q),
     }
 }
 
 /// Runs `f` with the model of a command on the device `--device` names (cpu, cuda, cuda:N).
-pub fn with_model<R>(device: &str, dir: Option<&Path>, quant: Option<&str>, f: impl ModelFn<R>) -> Result<R> {
+pub fn with_model<R>(
+    device: &str,
+    dir: Option<&Path>,
+    quant: Option<&str>,
+    f: impl ModelFn<R>,
+) -> Result<R> {
     match crate::parse_device(device)? {
         None => f.call(load_model_on(Cpu, dir, quant)?),
         Some(n) => {
@@ -73,7 +92,8 @@ pub trait ModelFn<R> {
 /// Replaces `tok`'s chat template with the Jinja file `path` when given (`--chat-template`).
 pub fn override_chat_template(tok: &mut Tokenizer, path: Option<&Path>) -> Result<()> {
     if let Some(p) = path {
-        let src = std::fs::read_to_string(p).with_context(|| format!("--chat-template: reading {}", p.display()))?;
+        let src = std::fs::read_to_string(p)
+            .with_context(|| format!("--chat-template: reading {}", p.display()))?;
         tok.set_chat_template(&src, &p.display().to_string())?;
     }
     Ok(())
@@ -81,7 +101,11 @@ pub fn override_chat_template(tok: &mut Tokenizer, path: Option<&Path>) -> Resul
 
 /// The tokenizer of a command: `explicit` when given, else the checkpoint's
 /// `tokenizer.json` (None when it has none and `required` is false), else the built-in one.
-pub fn load_tokenizer(dir: Option<&Path>, explicit: Option<&Path>, required: bool) -> Result<Option<Tokenizer>> {
+pub fn load_tokenizer(
+    dir: Option<&Path>,
+    explicit: Option<&Path>,
+    required: bool,
+) -> Result<Option<Tokenizer>> {
     match (explicit, dir) {
         (Some(p), _) => Ok(Some(Tokenizer::from_file(p)?)),
         (None, Some(d)) => {
@@ -108,7 +132,12 @@ mod tests {
         for (i, &next) in ids[1..].iter().enumerate() {
             let row = &logits[i * v..(i + 1) * v];
             let mx = row.iter().fold(f32::MIN, |a, &b| a.max(b));
-            let lse = mx as f64 + row.iter().map(|&x| ((x - mx) as f64).exp()).sum::<f64>().ln();
+            let lse = mx as f64
+                + row
+                    .iter()
+                    .map(|&x| ((x - mx) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
             sum += lse - row[next as usize] as f64;
         }
         sum / (ids.len() - 1) as f64
@@ -130,8 +159,14 @@ mod tests {
         ] {
             let words: Vec<&str> = text.split(' ').collect();
             let shuffled: Vec<&str> = words.iter().rev().copied().collect();
-            let (real, mixed) = (nll(&model, &tok, text), nll(&model, &tok, &shuffled.join(" ")));
-            assert!(real + 1.0 < mixed, "{text:?}: {real:.3} nats/token, shuffled {mixed:.3}");
+            let (real, mixed) = (
+                nll(&model, &tok, text),
+                nll(&model, &tok, &shuffled.join(" ")),
+            );
+            assert!(
+                real + 1.0 < mixed,
+                "{text:?}: {real:.3} nats/token, shuffled {mixed:.3}"
+            );
         }
     }
 }

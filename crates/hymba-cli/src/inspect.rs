@@ -60,18 +60,36 @@ pub fn run(a: InspectArgs) -> Result<()> {
     for (k, v) in serde_json::to_value(&params)?.as_object().expect("struct") {
         println!("  {k:<12} {:>14}", v.as_u64().unwrap_or(0));
     }
-    println!("\nlayers (W = {:?}, {} meta tokens)", c.sliding_window, c.num_memory_tokens);
+    println!(
+        "\nlayers (W = {:?}, {} meta tokens)",
+        c.sliding_window, c.num_memory_tokens
+    );
     for p in &plan {
-        println!("  {:>3}  {:<6}  {}", p["layer"], p["attention"].as_str().unwrap_or(""), p["kv"].as_str().unwrap_or(""));
+        println!(
+            "  {:>3}  {:<6}  {}",
+            p["layer"],
+            p["attention"].as_str().unwrap_or(""),
+            p["kv"].as_str().unwrap_or("")
+        );
     }
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
-    println!("\ncache of one sequence at {} tokens ({:?} K/V, from live buffers)", a.context, a.kv_cache);
+    println!(
+        "\ncache of one sequence at {} tokens ({:?} K/V, from live buffers)",
+        a.context, a.kv_cache
+    );
     println!("  global K/V       {:>10.2} MiB", mib(bytes.global_kv));
     println!("  window K/V rings {:>10.2} MiB", mib(bytes.window_kv));
     println!("  SSM state        {:>10.2} MiB", mib(bytes.ssm_state));
     println!("  conv state       {:>10.2} MiB", mib(bytes.conv_state));
     println!("  per sequence     {:>10.2} MiB", mib(bytes.per_sequence));
-    println!("  meta prefix      {:>10.2} MiB (once per model, shared)", mib(bytes.meta_prefix_shared));
-    println!("  Llama-style      {:>10.2} MiB ({} layers × K/V of every token): {ratio:.2}x larger", mib(llama), c.num_hidden_layers);
+    println!(
+        "  meta prefix      {:>10.2} MiB (once per model, shared)",
+        mib(bytes.meta_prefix_shared)
+    );
+    println!(
+        "  Llama-style      {:>10.2} MiB ({} layers × K/V of every token): {ratio:.2}x larger",
+        mib(llama),
+        c.num_hidden_layers
+    );
     Ok(())
 }

@@ -17,7 +17,11 @@ mod perplexity;
 mod train;
 
 #[derive(Parser)]
-#[command(name = "hymba", version, about = "Run NVIDIA Hymba hybrid-head language models on the CPU")]
+#[command(
+    name = "hymba",
+    version,
+    about = "Run NVIDIA Hymba hybrid-head language models on the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -266,9 +270,18 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().map_err(|_| anyhow!("--ids: `{t}` is not a token id")))
+        .map(|t| {
+            t.parse::<u32>()
+                .map_err(|_| anyhow!("--ids: `{t}` is not a token id"))
+        })
         .collect::<Result<Vec<_>>>()
-        .and_then(|v| if v.is_empty() { bail!("--ids: no token ids given") } else { Ok(v) })
+        .and_then(|v| {
+            if v.is_empty() {
+                bail!("--ids: no token ids given")
+            } else {
+                Ok(v)
+            }
+        })
 }
 
 /// `--quant` value: None keeps the stored precision.
@@ -303,10 +316,17 @@ fn parse_logit_bias(items: &[String], vocab: usize) -> Result<Vec<(u32, f32)>> {
     items
         .iter()
         .map(|s| {
-            let parsed = s.split_once('=').and_then(|(id, b)| Some((id.trim().parse::<u32>().ok()?, b.trim().parse::<f32>().ok()?)));
+            let parsed = s.split_once('=').and_then(|(id, b)| {
+                Some((
+                    id.trim().parse::<u32>().ok()?,
+                    b.trim().parse::<f32>().ok()?,
+                ))
+            });
             match parsed {
                 Some((id, b)) if (id as usize) < vocab => Ok((id, b)),
-                Some((id, _)) => bail!("--logit-bias {s}: token {id} is outside the vocabulary of {vocab}"),
+                Some((id, _)) => {
+                    bail!("--logit-bias {s}: token {id} is outside the vocabulary of {vocab}")
+                }
                 None => bail!("--logit-bias {s}: expected TOKEN_ID=BIAS, e.g. 13=-5"),
             }
         })
@@ -317,14 +337,18 @@ fn parse_logit_bias(items: &[String], vocab: usize) -> Result<Vec<(u32, f32)>> {
 pub fn parse_device(s: &str) -> Result<Option<usize>> {
     match s {
         "cpu" => Ok(None),
-        _ => hymba::backend::cuda::parse_device(s).map(Some).ok_or_else(|| anyhow!("--device: `{s}` is not one of cpu, cuda, cuda:N")),
+        _ => hymba::backend::cuda::parse_device(s)
+            .map(Some)
+            .ok_or_else(|| anyhow!("--device: `{s}` is not one of cpu, cuda, cuda:N")),
     }
 }
 
 pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
     match q {
         None | Some("none") | Some("bf16") => Ok(None),
-        Some(s) => Dtype::parse_quant(s).map(Some).ok_or_else(|| anyhow!("--quant: `{s}` is not one of q8_0, q4_0")),
+        Some(s) => Dtype::parse_quant(s)
+            .map(Some)
+            .ok_or_else(|| anyhow!("--quant: `{s}` is not one of q8_0, q4_0")),
     }
 }
 
@@ -340,7 +364,9 @@ fn serve(a: ServeArgs) -> Result<()> {
 }
 
 fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result<()> {
-    let mut tokenizer = default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    let mut tokenizer =
+        default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?
+            .expect("required");
     default_model::override_chat_template(&mut tokenizer, a.chat_template.as_deref())?;
     let tokenizer = std::sync::Arc::new(tokenizer);
     let model = std::sync::Arc::new(model.with_kv_dtype(a.kv_cache));
@@ -353,13 +379,19 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
         bail!("--max-batch 0: at least one sequence must run");
     }
     let eos_id = tokenizer.eos_id.or(model.config.eos_token_id);
-    let name = a.served_model_name.clone().unwrap_or_else(|| match &a.model {
-        None => default_model::NAME.into(),
-        Some(m) => {
-            let canon = m.canonicalize().unwrap_or_else(|_| m.clone());
-            canon.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "hymba".into())
-        }
-    });
+    let name = a
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| match &a.model {
+            None => default_model::NAME.into(),
+            Some(m) => {
+                let canon = m.canonicalize().unwrap_or_else(|_| m.clone());
+                canon
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "hymba".into())
+            }
+        });
     let engine = hymba::Engine::start(model, Some(tokenizer.clone()), a.max_batch);
     let state = std::sync::Arc::new(hymba_server::AppState {
         engine,
@@ -369,7 +401,10 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
         api_key: a.api_key.clone(),
         eos_id,
     });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
             .await
@@ -381,7 +416,8 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
-    let q = parse_quant(Some(&a.quant))?.ok_or_else(|| anyhow!("--quant: expected q8_0 or q4_0"))?;
+    let q =
+        parse_quant(Some(&a.quant))?.ok_or_else(|| anyhow!("--quant: expected q8_0 or q4_0"))?;
     // Validate the whole checkpoint first: a broken input never produces an output.
     Model::load(&a.model).with_context(|| format!("loading model from {}", a.model.display()))?;
     let mut store = hymba::tensor::TensorStore::open(&a.model)?;
@@ -391,7 +427,8 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         let src = a.model.join(name);
         if src.exists() {
-            let bytes = std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
             hymba::error::write_atomic(&a.out.join(name), &bytes)?;
         }
     }
@@ -420,7 +457,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn generate_on<B: hymba::backend::Backend>(a: GenerateArgs, model: Model<B>) -> Result<()> {
     let required = a.prompt.prompt.is_some() || a.chat || !a.stop.is_empty();
-    let mut tok = default_model::load_tokenizer(a.model.as_deref(), a.prompt.tokenizer.as_deref(), required)?;
+    let mut tok =
+        default_model::load_tokenizer(a.model.as_deref(), a.prompt.tokenizer.as_deref(), required)?;
     if let Some(t) = tok.as_mut() {
         default_model::override_chat_template(t, a.chat_template.as_deref())?;
     }
@@ -459,7 +497,10 @@ fn generate_on<B: hymba::backend::Backend>(a: GenerateArgs, model: Model<B>) -> 
         },
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
-        eos_id: tok.as_ref().and_then(|t| t.eos_id).or(model.config.eos_token_id),
+        eos_id: tok
+            .as_ref()
+            .and_then(|t| t.eos_id)
+            .or(model.config.eos_token_id),
         window: window(a.official_decode_window),
         keep_logits: a.dump.is_some(),
     };
@@ -500,17 +541,32 @@ fn logits(a: LogitsArgs) -> Result<()> {
     let quant = parse_quant(a.quant.as_deref())?;
     let load = |what: &str| format!("loading model from {} onto {what}", a.model.display());
     match parse_device(&a.device)? {
-        None => logits_on(&a, Model::load_on(hymba::backend::Cpu, &a.model, quant).with_context(|| load("the CPU"))?),
-        Some(n) => logits_on(&a, Model::load_on(hymba::backend::Cuda::new(n)?, &a.model, quant).with_context(|| load(&a.device))?),
+        None => logits_on(
+            &a,
+            Model::load_on(hymba::backend::Cpu, &a.model, quant)
+                .with_context(|| load("the CPU"))?,
+        ),
+        Some(n) => logits_on(
+            &a,
+            Model::load_on(hymba::backend::Cuda::new(n)?, &a.model, quant)
+                .with_context(|| load(&a.device))?,
+        ),
     }
 }
 
 fn logits_on<B: hymba::backend::Backend>(a: &LogitsArgs, model: Model<B>) -> Result<()> {
-    let tok = default_model::load_tokenizer(Some(&a.model), a.prompt.tokenizer.as_deref(), a.prompt.prompt.is_some())?;
+    let tok = default_model::load_tokenizer(
+        Some(&a.model),
+        a.prompt.tokenizer.as_deref(),
+        a.prompt.prompt.is_some(),
+    )?;
     let model = model.with_kv_dtype(a.kv_cache);
     let ids = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
-        (None, Some(text)) => tok.as_ref().expect("required with --prompt").encode_prompt(text)?,
+        (None, Some(text)) => tok
+            .as_ref()
+            .expect("required with --prompt")
+            .encode_prompt(text)?,
         (None, None) => unreachable!("clap requires one"),
     };
     let n = a.prefill.unwrap_or(ids.len());
@@ -528,7 +584,14 @@ fn logits_on<B: hymba::backend::Backend>(a: &LogitsArgs, model: Model<B>) -> Res
     }
     write_safetensors(
         &a.out,
-        &[("input_ids", I64(&ids), vec![ids.len()]), ("logits", F32(&out), vec![ids.len(), model.config.vocab_size])],
+        &[
+            ("input_ids", I64(&ids), vec![ids.len()]),
+            (
+                "logits",
+                F32(&out),
+                vec![ids.len(), model.config.vocab_size],
+            ),
+        ],
     )
 }
 
@@ -543,13 +606,24 @@ fn synth(a: SynthArgs) -> Result<()> {
     let t = std::time::Instant::now();
     hymba::synthetic::write_checkpoint(&cfg, &a.out, dtype, a.seed, 1.0)?;
     if let Some(tok) = &a.tokenizer {
-        for (src, name) in [(tok.clone(), "tokenizer.json"), (tok.with_file_name("tokenizer_config.json"), "tokenizer_config.json")] {
+        for (src, name) in [
+            (tok.clone(), "tokenizer.json"),
+            (
+                tok.with_file_name("tokenizer_config.json"),
+                "tokenizer_config.json",
+            ),
+        ] {
             if src.exists() {
-                std::fs::copy(&src, a.out.join(name)).with_context(|| format!("copying {}", src.display()))?;
+                std::fs::copy(&src, a.out.join(name))
+                    .with_context(|| format!("copying {}", src.display()))?;
             }
         }
     }
-    eprintln!("wrote {} in {:.1} s", a.out.display(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} in {:.1} s",
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -565,15 +639,26 @@ fn write_safetensors(path: &Path, tensors: &[(&str, Data, Vec<usize>)]) -> Resul
         .iter()
         .map(|(name, data, shape)| {
             let (dt, b) = match data {
-                I64(v) => (safetensors::Dtype::I64, v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()),
-                F32(v) => (safetensors::Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                I64(v) => (
+                    safetensors::Dtype::I64,
+                    v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect(),
+                ),
+                F32(v) => (
+                    safetensors::Dtype::F32,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
             };
             (name.to_string(), dt, shape.clone(), b)
         })
         .collect();
     let views = bytes
         .iter()
-        .map(|(n, dt, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b)?)))
+        .map(|(n, dt, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let out = safetensors::serialize(views, None)?;
     hymba::error::write_atomic(path, &out)?;

@@ -55,11 +55,15 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
 
 fn run_on<B: hymba::backend::Backend>(a: PerplexityArgs, model: hymba::Model<B>) -> Result<()> {
     let text = match (&a.file, &a.text) {
-        (Some(f), _) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (Some(f), _) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         (None, Some(t)) => t.clone(),
         (None, None) => unreachable!("clap requires one"),
     };
-    let tok = crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?.expect("required");
+    let tok =
+        crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?
+            .expect("required");
     let model = model.with_kv_dtype(a.kv_cache);
     let max = model.config.max_position_embeddings;
     if a.ctx > max {
@@ -67,7 +71,10 @@ fn run_on<B: hymba::backend::Backend>(a: PerplexityArgs, model: hymba::Model<B>)
     }
     let ids = tok.encode_prompt(&text)?;
     if ids.len() < 2 {
-        bail!("the text is {} token(s) long: perplexity needs at least 2", ids.len());
+        bail!(
+            "the text is {} token(s) long: perplexity needs at least 2",
+            ids.len()
+        );
     }
     let stride = a.stride.unwrap_or((a.ctx / 2).max(1));
     let t = Instant::now();

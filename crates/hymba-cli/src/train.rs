@@ -4,9 +4,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hymba::tensor::Dtype;
+use hymba::tensor::TensorStore;
 use hymba::{Config, Tokenizer};
 use hymba_train::data::{self, Corpus};
-use hymba::tensor::TensorStore;
 use hymba_train::train::{export, History, Start, TrainOptions, CHECKPOINT};
 use hymba_train::{plot, presets, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -81,14 +81,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     // Resuming takes the weights from the run's own checkpoint.
-    let init = if a.resume { None } else { a.init.as_deref().map(Init::open).transpose()? };
+    let init = if a.resume {
+        None
+    } else {
+        a.init.as_deref().map(Init::open).transpose()?
+    };
     let docs = data::read_documents(&a.data)?;
     let tok_path = a.out.join("tokenizer.json");
     let cfg_path = a.out.join("config.json");
     if a.resume {
         for p in [&tok_path, &cfg_path, &a.out.join(CHECKPOINT)] {
             if !p.is_file() {
-                bail!("--resume: {} not found (was training started in this directory?)", p.display());
+                bail!(
+                    "--resume: {} not found (was training started in this directory?)",
+                    p.display()
+                );
             }
         }
     } else {
@@ -98,26 +105,43 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         match (&a.tokenizer, &init) {
             (Some(t), _) => {
-                std::fs::copy(t, &tok_path).with_context(|| format!("copying {} to {}", t.display(), tok_path.display()))?;
+                std::fs::copy(t, &tok_path).with_context(|| {
+                    format!("copying {} to {}", t.display(), tok_path.display())
+                })?;
                 let cfg = t.with_file_name("tokenizer_config.json");
                 if cfg.is_file() {
                     std::fs::copy(&cfg, a.out.join("tokenizer_config.json"))?;
                 } else {
-                    write_json(&a.out.join("tokenizer_config.json"), &data::tokenizer_config())?;
+                    write_json(
+                        &a.out.join("tokenizer_config.json"),
+                        &data::tokenizer_config(),
+                    )?;
                 }
             }
             (None, Some(init)) => {
                 let Some(tok) = &init.tokenizer else {
-                    bail!("--init {}: no tokenizer.json there; give one with --tokenizer", init.source);
+                    bail!(
+                        "--init {}: no tokenizer.json there; give one with --tokenizer",
+                        init.source
+                    );
                 };
                 hymba::error::write_atomic(&tok_path, tok)?;
-                let cfg = init.tokenizer_config.clone().unwrap_or_else(|| serde_json::to_string_pretty(&data::tokenizer_config()).expect("json"));
+                let cfg = init.tokenizer_config.clone().unwrap_or_else(|| {
+                    serde_json::to_string_pretty(&data::tokenizer_config()).expect("json")
+                });
                 hymba::error::write_atomic(&a.out.join("tokenizer_config.json"), cfg.as_bytes())?;
             }
             (None, None) => {
-                eprintln!("training a byte-level BPE of {} tokens on {} documents", a.vocab_size, docs.len());
+                eprintln!(
+                    "training a byte-level BPE of {} tokens on {} documents",
+                    a.vocab_size,
+                    docs.len()
+                );
                 data::train_tokenizer(&docs, a.vocab_size, &tok_path)?;
-                write_json(&a.out.join("tokenizer_config.json"), &data::tokenizer_config())?;
+                write_json(
+                    &a.out.join("tokenizer_config.json"),
+                    &data::tokenizer_config(),
+                )?;
             }
         }
     }
@@ -133,9 +157,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     Some(v) => v,
                     None if Path::new(name).is_file() => {
                         let p = Path::new(name);
-                        serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("{}: not valid JSON", p.display()))?
+                        serde_json::from_str(&std::fs::read_to_string(p)?)
+                            .with_context(|| format!("{}: not valid JSON", p.display()))?
                     }
-                    None => bail!("--config {name}: neither a preset ({}) nor a file", presets::NAMES.join(", ")),
+                    None => bail!(
+                        "--config {name}: neither a preset ({}) nor a file",
+                        presets::NAMES.join(", ")
+                    ),
                 };
                 (raw, format!("--config {name}"))
             }
@@ -143,7 +171,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         };
         let config = Config::from_value(raw).with_context(|| what.clone())?;
         if config.vocab_size < vocab {
-            bail!("{what}: vocab_size {} is smaller than the tokenizer's {vocab} tokens", config.vocab_size);
+            bail!(
+                "{what}: vocab_size {} is smaller than the tokenizer's {vocab} tokens",
+                config.vocab_size
+            );
         }
         write_json(&cfg_path, &config.raw)?;
         config
@@ -173,18 +204,40 @@ pub fn run(a: TrainArgs) -> Result<()> {
         corpus.valid.len()
     );
     let bar = ProgressBar::new(a.steps as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("template"),
+    );
     // Without a terminal the bar is hidden: log the milestones as plain lines instead.
-    let say = |bar: &ProgressBar, line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
+    let say = |bar: &ProgressBar, line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
     let mut last_val = None;
     let mut on = |p: Progress| match p {
-        Progress::Step { step, steps, loss, lr, grad_norm, tokens_per_s } => {
+        Progress::Step {
+            step,
+            steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s,
+        } => {
             bar.set_position(step as u64);
             if bar.is_hidden() && (step % 10 == 0 || step == steps) {
                 eprintln!("step {step}/{steps}: loss {loss:.4} lr {lr:.2e} |g| {grad_norm:.2} {tokens_per_s:.0} tok/s");
             }
-            let val = last_val.map(|v: f32| format!(" val {v:.3}")).unwrap_or_default();
-            bar.set_message(format!("loss {loss:.3}{val} lr {lr:.2e} |g| {grad_norm:.2} {tokens_per_s:.0} tok/s"));
+            let val = last_val
+                .map(|v: f32| format!(" val {v:.3}"))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "loss {loss:.3}{val} lr {lr:.2e} |g| {grad_norm:.2} {tokens_per_s:.0} tok/s"
+            ));
         }
         Progress::Eval { step, loss } => {
             last_val = Some(loss);
@@ -199,12 +252,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let start = match &init {
         _ if a.resume => Start::Resume,
         Some(init) => {
-            say(&bar, format!("starting from the weights of {}", init.source));
+            say(
+                &bar,
+                format!("starting from the weights of {}", init.source),
+            );
             Start::From(&init.store)
         }
         None => Start::Scratch,
     };
-    let outcome = hymba_train::train(&a.out, &config, &corpus, &opts, start, a.stop_after, &mut on)?;
+    let outcome = hymba_train::train(
+        &a.out,
+        &config,
+        &corpus,
+        &opts,
+        start,
+        a.stop_after,
+        &mut on,
+    )?;
     bar.finish();
     export(&a.out, &config, &outcome.params, dtype)?;
     let h: &History = &outcome.history;
@@ -265,8 +329,12 @@ impl Init {
         }
         let dir = Path::new(source);
         let store = TensorStore::open(dir).with_context(|| format!("--init {source}"))?;
-        let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("--init {source}: reading {name}"));
-        let config = serde_json::from_slice(&read("config.json")?).with_context(|| format!("--init {source}: config.json is not valid JSON"))?;
+        let read = |name: &str| {
+            std::fs::read(dir.join(name))
+                .with_context(|| format!("--init {source}: reading {name}"))
+        };
+        let config = serde_json::from_slice(&read("config.json")?)
+            .with_context(|| format!("--init {source}: config.json is not valid JSON"))?;
         let optional = |name: &str| dir.join(name).is_file().then(|| read(name)).transpose();
         let tokenizer_config = optional("tokenizer_config.json")?;
         Ok(Init {

@@ -20,9 +20,15 @@ fn model_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     for (src, name) in [
         (shared().join("fixtures/tiny-a/config.json"), "config.json"),
-        (shared().join("fixtures/tiny-a/model.safetensors"), "model.safetensors"),
+        (
+            shared().join("fixtures/tiny-a/model.safetensors"),
+            "model.safetensors",
+        ),
         (shared().join("hymba-1.5b/tokenizer.json"), "tokenizer.json"),
-        (shared().join("hymba-1.5b/tokenizer_config.json"), "tokenizer_config.json"),
+        (
+            shared().join("hymba-1.5b/tokenizer_config.json"),
+            "tokenizer_config.json",
+        ),
     ] {
         std::fs::copy(src, d.join(name)).unwrap();
     }
@@ -46,19 +52,40 @@ impl Drop for Server {
 fn start(tag: &str, extra: &[&str]) -> Server {
     let dir = model_dir(tag);
     let mut child = Command::new(env!("CARGO_BIN_EXE_hymba"))
-        .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0", "--served-model-name", "tiny"])
+        .args([
+            "serve",
+            "--model",
+            dir.to_str().unwrap(),
+            "--port",
+            "0",
+            "--served-model-name",
+            "tiny",
+        ])
         .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
-    let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {line:?}"));
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
     Server { child, port, dir }
 }
 
 /// Minimal HTTP/1.1 client: returns (status, body), de-chunking when needed.
-fn http(port: u16, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
@@ -73,7 +100,14 @@ fn http(port: u16, method: &str, path: &str, body: &str, headers: &[(&str, &str)
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     (status, body)
 }
 
@@ -92,7 +126,10 @@ fn dechunk(mut s: &str) -> String {
 
 fn post(port: u16, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
     let (st, b) = http(port, "POST", path, &body.to_string(), &[]);
-    (st, serde_json::from_str(&b).unwrap_or_else(|_| panic!("not JSON: {b}")))
+    (
+        st,
+        serde_json::from_str(&b).unwrap_or_else(|_| panic!("not JSON: {b}")),
+    )
 }
 
 #[test]
@@ -103,31 +140,57 @@ fn endpoints_and_errors() {
     assert_eq!(st, 200, "{b}");
     let (st, b) = http(p, "GET", "/v1/models", "", &[]);
     assert_eq!(st, 200);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&b).unwrap()["data"][0]["id"], "tiny");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&b).unwrap()["data"][0]["id"],
+        "tiny"
+    );
 
     // Completions: greedy text, usage, logprobs that are real log-probabilities.
-    let (st, r) = post(p, "/v1/completions", serde_json::json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0, "logprobs": 3}));
+    let (st, r) = post(
+        p,
+        "/v1/completions",
+        serde_json::json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0, "logprobs": 3}),
+    );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["usage"]["completion_tokens"], 4);
     let lp = &r["choices"][0]["logprobs"];
     for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
-        let best = top.as_object().unwrap().values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        let best = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
         // Greedy: the chosen token is the most likely one.
         assert!((best - lp["token_logprobs"][i].as_f64().unwrap()).abs() < 1e-6);
         assert!(best <= 0.0);
     }
     // Echo with max_tokens 0: the prompt's log-probabilities (lm-eval loglikelihood).
-    let (st, r) = post(p, "/v1/completions", serde_json::json!({"prompt": [1, 450, 4996, 17354], "max_tokens": 0, "echo": true, "logprobs": 1}));
+    let (st, r) = post(
+        p,
+        "/v1/completions",
+        serde_json::json!({"prompt": [1, 450, 4996, 17354], "max_tokens": 0, "echo": true, "logprobs": 1}),
+    );
     assert_eq!(st, 200, "{r}");
-    let tl = r["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+    let tl = r["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap();
     assert_eq!(tl.len(), 4);
     assert!(tl[0].is_null() && tl[1..].iter().all(|v| v.as_f64().unwrap() < 0.0));
 
     // Chat, tokenize, detokenize.
-    let (st, r) = post(p, "/v1/chat/completions", serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}));
+    let (st, r) = post(
+        p,
+        "/v1/chat/completions",
+        serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}),
+    );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["choices"][0]["message"]["role"], "assistant");
-    let (st, lp) = post(p, "/v1/chat/completions", serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0, "logprobs": true, "top_logprobs": 2}));
+    let (st, lp) = post(
+        p,
+        "/v1/chat/completions",
+        serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+    );
     assert_eq!(st, 200, "{lp}");
     let content = lp["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content.len(), 3);
@@ -136,7 +199,11 @@ fn endpoints_and_errors() {
         assert_eq!(c["logprob"], c["top_logprobs"][0]["logprob"], "{c}");
         assert_eq!(c["top_logprobs"].as_array().unwrap().len(), 2);
     }
-    let (_, t) = post(p, "/tokenize", serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "add_generation_prompt": true}));
+    let (_, t) = post(
+        p,
+        "/tokenize",
+        serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "add_generation_prompt": true}),
+    );
     assert_eq!(r["usage"]["prompt_tokens"], t["count"]);
     let (_, t) = post(p, "/tokenize", serde_json::json!({"prompt": "Hello world"}));
     assert_eq!(t["tokens"][0], 1);
@@ -147,14 +214,33 @@ fn endpoints_and_errors() {
     let (st, r) = http(p, "POST", "/v1/completions", "{not json", &[]);
     assert_eq!(st, 400, "{r}");
     assert!(r.contains("\"error\""));
-    let (st, r) = post(p, "/v1/completions", serde_json::json!({"prompt": "x", "temperature": -1}));
+    let (st, r) = post(
+        p,
+        "/v1/completions",
+        serde_json::json!({"prompt": "x", "temperature": -1}),
+    );
     assert_eq!(st, 400, "{r}");
-    let (st, r) = post(p, "/v1/completions", serde_json::json!({"prompt": "x", "max_tokens": 100}));
+    let (st, r) = post(
+        p,
+        "/v1/completions",
+        serde_json::json!({"prompt": "x", "max_tokens": 100}),
+    );
     assert_eq!(st, 400);
-    assert!(r["error"]["message"].as_str().unwrap().contains("64"), "{r}");
-    let (st, _) = post(p, "/v1/completions", serde_json::json!({"model": "other", "prompt": "x"}));
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("64"),
+        "{r}"
+    );
+    let (st, _) = post(
+        p,
+        "/v1/completions",
+        serde_json::json!({"model": "other", "prompt": "x"}),
+    );
     assert_eq!(st, 404);
-    let (st, _) = post(p, "/v1/completions", serde_json::json!({"prompt": [1, 99999]}));
+    let (st, _) = post(
+        p,
+        "/v1/completions",
+        serde_json::json!({"prompt": [1, 99999]}),
+    );
     assert_eq!(st, 400);
 }
 
@@ -181,19 +267,34 @@ fn openai_sampling_fields_and_unknown_arguments() {
         let t = t.as_array().unwrap();
         t.iter().enumerate().any(|(i, x)| t[..i].contains(x))
     };
-    assert!(repeats(&plain_tokens), "the unpenalised answer should repeat a token: {plain_tokens}");
-    for (field, per_count, once) in [("frequency_penalty", 2.0, 0.0), ("presence_penalty", 0.0, 1.5)] {
+    assert!(
+        repeats(&plain_tokens),
+        "the unpenalised answer should repeat a token: {plain_tokens}"
+    );
+    for (field, per_count, once) in [
+        ("frequency_penalty", 2.0, 0.0),
+        ("presence_penalty", 0.0, 1.5),
+    ] {
         let (st, r) = with(field, json!(per_count + once));
         assert_eq!(st, 200, "{r}");
         let lp = &r["choices"][0]["logprobs"];
-        let tokens: Vec<&str> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let tokens: Vec<&str> = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
         for (i, chosen) in tokens.iter().enumerate() {
             let penalised = |tok: &str, raw: f64| {
                 let n = tokens[..i].iter().filter(|t| **t == tok).count() as f64;
                 raw - per_count * n - if n > 0.0 { once } else { 0.0 }
             };
             let top = lp["top_logprobs"][i].as_object().unwrap();
-            let best = top.iter().map(|(t, v)| (t.as_str(), penalised(t, v.as_f64().unwrap()))).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+            let best = top
+                .iter()
+                .map(|(t, v)| (t.as_str(), penalised(t, v.as_f64().unwrap())))
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap();
             assert_eq!(best.0, *chosen, "{field}, step {i}: {r}");
         }
         assert_ne!(lp["tokens"], plain_tokens, "{field} changed nothing");
@@ -201,8 +302,18 @@ fn openai_sampling_fields_and_unknown_arguments() {
 
     // logit_bias +100 on one token: greedy takes it every time.
     let (_, t) = post(p, "/tokenize", json!({"prompt": "Hello world"}));
-    let world = t["tokens"].as_array().unwrap().last().unwrap().as_u64().unwrap();
-    let (st, r) = post(p, "/v1/completions", json!({"prompt": "The", "max_tokens": 3, "temperature": 0, "ignore_eos": true, "logit_bias": {world.to_string(): 100}}));
+    let world = t["tokens"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_u64()
+        .unwrap();
+    let (st, r) = post(
+        p,
+        "/v1/completions",
+        json!({"prompt": "The", "max_tokens": 3, "temperature": 0, "ignore_eos": true, "logit_bias": {world.to_string(): 100}}),
+    );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["choices"][0]["text"], " world world world");
 
@@ -210,8 +321,12 @@ fn openai_sampling_fields_and_unknown_arguments() {
     let body = json!({"prompt": "The", "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true}}).to_string();
     let (st, sse) = http(p, "POST", "/v1/completions", &body, &[]);
     assert_eq!(st, 200, "{sse}");
-    let chunks: Vec<serde_json::Value> =
-        sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<serde_json::Value> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]), "{sse}");
     assert_eq!(last["usage"]["completion_tokens"], 2, "{sse}");
@@ -219,21 +334,54 @@ fn openai_sampling_fields_and_unknown_arguments() {
     // What the server cannot honour is refused, never dropped.
     let msgs = json!([{"role": "user", "content": "Hi"}]);
     let cases = [
-        ("/v1/completions", json!({"prompt": "x", "max_tokens": 1, "best_of": 3, "echo2": 1}), "best_of, echo2"),
-        ("/v1/completions", json!({"prompt": "x", "logit_bias": {"abc": 1}}), "logit_bias"),
-        ("/v1/completions", json!({"prompt": "x", "presence_penalty": 3}), "presence_penalty"),
-        ("/v1/completions", json!({"prompt": "x", "stream_options": {"include_usage": true}}), "stream"),
-        ("/v1/chat/completions", json!({"messages": msgs, "response_format": {"type": "json_object"}}), "response_format"),
-        ("/v1/chat/completions", json!({"messages": msgs, "tool_choice": "required"}), "tool_choice"),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 1, "best_of": 3, "echo2": 1}),
+            "best_of, echo2",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logit_bias": {"abc": 1}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "presence_penalty": 3}),
+            "presence_penalty",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stream_options": {"include_usage": true}}),
+            "stream",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "tool_choice": "required"}),
+            "tool_choice",
+        ),
     ];
     for (path, body, needle) in cases {
         let (st, r) = post(p, path, body.clone());
         assert_eq!(st, 400, "{body}: {r}");
-        assert!(r["error"]["message"].as_str().unwrap().contains(needle), "{body}: {r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains(needle),
+            "{body}: {r}"
+        );
     }
     for (path, body) in [
-        ("/v1/completions", json!({"prompt": "x", "max_tokens": 1, "user": "someone", "response_format": {"type": "text"}, "suffix": null})),
-        ("/v1/chat/completions", json!({"messages": msgs, "max_tokens": 1, "tool_choice": "none"})),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 1, "user": "someone", "response_format": {"type": "text"}, "suffix": null}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_tokens": 1, "tool_choice": "none"}),
+        ),
     ] {
         let (st, r) = post(p, path, body.clone());
         assert_eq!(st, 200, "{body}: {r}");
@@ -257,7 +405,10 @@ fn n_answers_are_the_seeded_single_answers() {
         let (_, alone) = post(p, "/v1/completions", req(1, 5 + j as u64));
         assert_eq!(c["text"], alone["choices"][0]["text"], "answer {j}");
     }
-    assert_ne!(choices[0]["text"], choices[1]["text"], "different seeds should sample differently: {r}");
+    assert_ne!(
+        choices[0]["text"], choices[1]["text"],
+        "different seeds should sample differently: {r}"
+    );
     let (_, one) = post(p, "/v1/completions", req(1, 5));
     assert_eq!(r["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
     assert_eq!(r["usage"]["completion_tokens"], 18);
@@ -266,10 +417,20 @@ fn n_answers_are_the_seeded_single_answers() {
     let chat = |stream: bool| json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 1.0, "seed": 9, "n": 2, "stream": stream});
     let (st, whole) = post(p, "/v1/chat/completions", chat(false));
     assert_eq!(st, 200, "{whole}");
-    let (st, sse) = http(p, "POST", "/v1/chat/completions", &chat(true).to_string(), &[]);
+    let (st, sse) = http(
+        p,
+        "POST",
+        "/v1/chat/completions",
+        &chat(true).to_string(),
+        &[],
+    );
     assert_eq!(st, 200, "{sse}");
     let mut texts = [String::new(), String::new()];
-    for d in sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+    for d in sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+    {
         let c: serde_json::Value = serde_json::from_str(d).unwrap();
         let i = c["choices"][0]["index"].as_u64().unwrap() as usize;
         texts[i] += c["choices"][0]["delta"]["content"].as_str().unwrap_or("");
@@ -280,7 +441,10 @@ fn n_answers_are_the_seeded_single_answers() {
     for n in [0, 5] {
         let (st, r) = post(p, "/v1/completions", req(n, 1));
         assert_eq!(st, 400, "{r}");
-        assert!(r["error"]["message"].as_str().unwrap().contains("`n`"), "{r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains("`n`"),
+            "{r}"
+        );
     }
 }
 
@@ -305,7 +469,8 @@ fn metrics_count_what_was_served() {
     let auth = [("Authorization", "Bearer k")];
     let (mut prompt, mut generated) = (0.0, 0.0);
     for (text, max) in [("The quick brown fox", 3), ("Hello", 4)] {
-        let body = json!({"prompt": text, "max_tokens": max, "temperature": 0, "ignore_eos": true}).to_string();
+        let body = json!({"prompt": text, "max_tokens": max, "temperature": 0, "ignore_eos": true})
+            .to_string();
         let (st, r) = http(p, "POST", "/v1/completions", &body, &auth);
         assert_eq!(st, 200, "{r}");
         let r: serde_json::Value = serde_json::from_str(&r).unwrap();
@@ -315,12 +480,21 @@ fn metrics_count_what_was_served() {
     // Open without the key, like /health.
     assert_eq!(metric(p, "hymba_prompt_tokens_total"), prompt);
     assert_eq!(metric(p, "hymba_generation_tokens_total"), generated);
-    assert_eq!(metric(p, "hymba_requests_finished_total{reason=\"length\"}"), 2.0);
-    assert_eq!(metric(p, "hymba_requests_finished_total{reason=\"cancelled\"}"), 0.0);
+    assert_eq!(
+        metric(p, "hymba_requests_finished_total{reason=\"length\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(p, "hymba_requests_finished_total{reason=\"cancelled\"}"),
+        0.0
+    );
     // A gauge: the batch empties just after the last answer went out.
     let t = Instant::now();
     while metric(p, "hymba_requests_running") != 0.0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "the batch did not empty");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the batch did not empty"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(metric(p, "hymba_engine_steps_total") >= generated);
@@ -336,17 +510,35 @@ fn chat_template_kwargs_reach_the_template() {
     let p = srv.port;
     let msgs = json!([{"role": "system", "content": "Answer from the context."}, {"role": "user", "content": "What colour is the sky?"}]);
     let kwargs = json!({"contexts": ["The sky is green."]});
-    let (st, t) = post(p, "/tokenize", json!({"messages": msgs, "chat_template_kwargs": kwargs}));
+    let (st, t) = post(
+        p,
+        "/tokenize",
+        json!({"messages": msgs, "chat_template_kwargs": kwargs}),
+    );
     assert_eq!(st, 200, "{t}");
     let (_, text) = post(p, "/detokenize", json!({"tokens": t["tokens"]}));
     let text = text["prompt"].as_str().unwrap();
     assert!(text.contains("Answer from the context.\n\n<context> The sky is green. </context>\n\n<extra_id_1>User"), "{text}");
-    let (st, r) = post(p, "/v1/chat/completions", json!({"messages": msgs, "chat_template_kwargs": kwargs, "max_tokens": 2}));
+    let (st, r) = post(
+        p,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "chat_template_kwargs": kwargs, "max_tokens": 2}),
+    );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["usage"]["prompt_tokens"], t["count"]);
-    let (st, r) = post(p, "/v1/chat/completions", json!({"messages": msgs, "chat_template_kwargs": {"messages": []}}));
+    let (st, r) = post(
+        p,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "chat_template_kwargs": {"messages": []}}),
+    );
     assert_eq!(st, 400, "{r}");
-    assert!(r["error"]["message"].as_str().unwrap().contains("`messages`"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`messages`"),
+        "{r}"
+    );
 }
 
 /// `--chat-template FILE` replaces the checkpoint's template (for base models that ship none);
@@ -360,7 +552,11 @@ fn chat_template_file_replaces_the_checkpoints() {
     std::fs::write(&good, "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}").unwrap();
     std::fs::write(&bad, "{% for m in messages %").unwrap();
     let srv = start("tmpl", &["--chat-template", good.to_str().unwrap()]);
-    let (_, t) = post(srv.port, "/tokenize", json!({"messages": [{"role": "user", "content": "Hi there"}]}));
+    let (_, t) = post(
+        srv.port,
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "Hi there"}]}),
+    );
     let (_, d) = post(srv.port, "/detokenize", json!({"tokens": t["tokens"]}));
     assert_eq!(d["prompt"], "[user] Hi there\n[assistant]");
     // Settings that cannot serve stop the server at start, naming the option.
@@ -370,7 +566,11 @@ fn chat_template_file_replaces_the_checkpoints() {
         (["--max-context", "100000000"], "max_position_embeddings"),
         (["--max-batch", "0"], "--max-batch"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_hymba")).args(["serve", "--model", srv.dir.to_str().unwrap(), "--port", "0"]).args(args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_hymba"))
+            .args(["serve", "--model", srv.dir.to_str().unwrap(), "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -383,8 +583,28 @@ fn api_key_is_required_when_set() {
     let srv = start("key", &["--api-key", "sekret"]);
     let body = serde_json::json!({"prompt": "x", "max_tokens": 1}).to_string();
     assert_eq!(http(srv.port, "POST", "/v1/completions", &body, &[]).0, 401);
-    assert_eq!(http(srv.port, "POST", "/v1/completions", &body, &[("Authorization", "Bearer wrong")]).0, 401);
-    assert_eq!(http(srv.port, "POST", "/v1/completions", &body, &[("Authorization", "Bearer sekret")]).0, 200);
+    assert_eq!(
+        http(
+            srv.port,
+            "POST",
+            "/v1/completions",
+            &body,
+            &[("Authorization", "Bearer wrong")]
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        http(
+            srv.port,
+            "POST",
+            "/v1/completions",
+            &body,
+            &[("Authorization", "Bearer sekret")]
+        )
+        .0,
+        200
+    );
 }
 
 /// Sixteen concurrent greedy requests of different lengths give the tokens each gives alone.
@@ -392,13 +612,23 @@ fn api_key_is_required_when_set() {
 fn concurrent_greedy_requests_match_sequential() {
     let srv = start("batch", &["--max-batch", "16"]);
     let port = srv.port;
-    let prompts: Vec<serde_json::Value> = (0..16).map(|i| serde_json::json!((0..2 + i).map(|j| 1 + (j * 97 + i * 13) % 30000).collect::<Vec<_>>())).collect();
+    let prompts: Vec<serde_json::Value> = (0..16)
+        .map(|i| {
+            serde_json::json!((0..2 + i)
+                .map(|j| 1 + (j * 97 + i * 13) % 30000)
+                .collect::<Vec<_>>())
+        })
+        .collect();
     let req = |i: usize| serde_json::json!({"prompt": prompts[i], "max_tokens": 3 + i % 7, "temperature": 0, "ignore_eos": true});
-    let alone: Vec<serde_json::Value> = (0..16).map(|i| post(port, "/v1/completions", req(i)).1["choices"][0]["text"].clone()).collect();
-    let handles: Vec<_> = (0..16).map(|i| {
-        let body = req(i);
-        std::thread::spawn(move || post(port, "/v1/completions", body))
-    }).collect();
+    let alone: Vec<serde_json::Value> = (0..16)
+        .map(|i| post(port, "/v1/completions", req(i)).1["choices"][0]["text"].clone())
+        .collect();
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let body = req(i);
+            std::thread::spawn(move || post(port, "/v1/completions", body))
+        })
+        .collect();
     for (i, h) in handles.into_iter().enumerate() {
         let (st, r) = h.join().unwrap();
         assert_eq!(st, 200, "{r}");
@@ -425,10 +655,19 @@ fn disconnect_mid_stream_frees_the_sequence() {
         if h.contains("\"requests_in_flight\":0") {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "the sequence was not freed: {h}");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the sequence was not freed: {h}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(metric(srv.port, "hymba_requests_finished_total{reason=\"cancelled\"}"), 1.0);
+    assert_eq!(
+        metric(
+            srv.port,
+            "hymba_requests_finished_total{reason=\"cancelled\"}"
+        ),
+        1.0
+    );
 }
 
 /// The real `openai` Python client against the server (streaming and not, chat and
@@ -441,6 +680,15 @@ fn openai_python_client() {
     };
     let srv = start("openai", &["--api-key", "k"]);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
-    let out = Command::new(python).arg(script).arg(format!("http://127.0.0.1:{}/v1", srv.port)).output().unwrap();
-    assert!(out.status.success(), "openai client check failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python)
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{}/v1", srv.port))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

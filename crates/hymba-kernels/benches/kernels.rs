@@ -31,15 +31,40 @@ fn main() {
     let on = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let bw = probe::read_bandwidth(1 << 30, 5);
     let peak = probe::fma_peak().unwrap_or(f64::NAN);
-    println!("read bandwidth {:.1} GB/s, f32 FMA peak {:.0} GFLOP/s, {} threads", bw / 1e9, peak / 1e9, rayon::current_num_threads());
+    println!(
+        "read bandwidth {:.1} GB/s, f32 FMA peak {:.0} GFLOP/s, {} threads",
+        bw / 1e9,
+        peak / 1e9,
+        rayon::current_num_threads()
+    );
     let mut rng = Rng::new(1);
     // [5504, 1600] matrices (the MLP's shape), as many copies of each format as make 256 MB, eight
     // times the last-level cache, so every pass streams from memory as decode does.
-    let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(1600);
-    let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(5504 * 1600 / k);
-    let any = ["bf16", "bf16 panels", "q8_0", "q4_0"].iter().any(|q| [1, 4, 16, 128].iter().any(|t| on(&format!("matmul {q} t={t}"))));
-    let wf: Vec<f32> = if any { rng.normal_vec(n * k, 0.02) } else { Vec::new() };
-    let copies = |bytes: usize| if any { (256usize << 20).div_ceil(bytes) } else { 0 };
+    let k: usize = std::env::var("K")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1600);
+    let n: usize = std::env::var("N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5504 * 1600 / k);
+    let any = ["bf16", "bf16 panels", "q8_0", "q4_0"].iter().any(|q| {
+        [1, 4, 16, 128]
+            .iter()
+            .any(|t| on(&format!("matmul {q} t={t}")))
+    });
+    let wf: Vec<f32> = if any {
+        rng.normal_vec(n * k, 0.02)
+    } else {
+        Vec::new()
+    };
+    let copies = |bytes: usize| {
+        if any {
+            (256usize << 20).div_ceil(bytes)
+        } else {
+            0
+        }
+    };
     let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
     let mut wq8 = vec![BlockQ8_0::default(); wf.len() / QK];
     quant::quantize_q8_0(&wf, &mut wq8);
@@ -53,8 +78,14 @@ fn main() {
     let wq8 = vec![wq8; copies(n * k / QK * std::mem::size_of::<BlockQ8_0>())];
     let wq4 = vec![wq4; copies(n * k / QK * std::mem::size_of::<BlockQ4_0>())];
     for (name, mats) in [
-        ("bf16", wb.iter().map(|w| WeightData::BF16(w)).collect::<Vec<_>>()),
-        ("bf16 panels", wp.iter().map(|w| WeightData::BF16Panels(w)).collect()),
+        (
+            "bf16",
+            wb.iter().map(|w| WeightData::BF16(w)).collect::<Vec<_>>(),
+        ),
+        (
+            "bf16 panels",
+            wp.iter().map(|w| WeightData::BF16Panels(w)).collect(),
+        ),
         ("q8_0", wq8.iter().map(|w| WeightData::Q8_0(w)).collect()),
         ("q4_0", wq4.iter().map(|w| WeightData::Q4_0(w)).collect()),
     ] {
@@ -88,12 +119,24 @@ fn main() {
     // Decode attention: one query of 25 heads over 5 K/V heads of 64, against the meta prefix
     // (128 rows) and a sliding-window ring (1024) or a global context (8192), K/V in f32 rows,
     // f32 heads or bf16 heads.
-    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let kvh: usize = std::env::var("KVH").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let kvh: usize = std::env::var("KVH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     // Eight layers' worth of K/V so the caches come from memory, as in a real step.
-    let nl: usize = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let nl: usize = std::env::var("LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     for ctx in [1024usize, 8192] {
-        for (layout, name) in [(Layout::RowMajor, "rows"), (Layout::HeadMajor { cap: 128 + ctx }, "heads")] {
+        for (layout, name) in [
+            (Layout::RowMajor, "rows"),
+            (Layout::HeadMajor { cap: 128 + ctx }, "heads"),
+        ] {
             let label = format!("attention decode @{ctx} {name}");
             if on(&label) {
                 bench_attention::<f32>(&label, &mut rng, ctx, layout, kvh, nl, reps, bw, |v| v);
@@ -101,7 +144,17 @@ fn main() {
         }
         let label = format!("attention decode @{ctx} heads bf16");
         if on(&label) {
-            bench_attention::<bf16>(&label, &mut rng, ctx, Layout::HeadMajor { cap: 128 + ctx }, kvh, nl, reps, bw, bf16::from_f32);
+            bench_attention::<bf16>(
+                &label,
+                &mut rng,
+                ctx,
+                Layout::HeadMajor { cap: 128 + ctx },
+                kvh,
+                nl,
+                reps,
+                bw,
+                bf16::from_f32,
+            );
         }
     }
     // One decode step of the selective scan: 3200 channels of 16 states (Hymba-1.5B), t = 1.
@@ -109,34 +162,80 @@ fn main() {
         let (e, n) = (3200, 16);
         let x = rng.normal_vec(e, 1.0);
         let delta: Vec<f32> = rng.normal_vec(e, 0.5).iter().map(|v| v.abs()).collect();
-        let a: Vec<f32> = rng.normal_vec(e * n, 1.0).iter().map(|v| -v.exp()).collect();
-        let (b, c, d) = (rng.normal_vec(n, 1.0), rng.normal_vec(n, 1.0), rng.normal_vec(e, 1.0));
+        let a: Vec<f32> = rng
+            .normal_vec(e * n, 1.0)
+            .iter()
+            .map(|v| -v.exp())
+            .collect();
+        let (b, c, d) = (
+            rng.normal_vec(n, 1.0),
+            rng.normal_vec(n, 1.0),
+            rng.normal_vec(e, 1.0),
+        );
         let mut state = vec![0f32; e * n];
         let mut y = vec![0f32; e];
-        let inp = scan::ScanInput { x: &x, delta: &delta, a: &a, b: &b, c: &c, d: &d };
+        let inp = scan::ScanInput {
+            x: &x,
+            delta: &delta,
+            a: &a,
+            b: &b,
+            c: &c,
+            d: &d,
+        };
         let s = best(50, || scan::selective_scan(&inp, &mut state, &mut y));
-        println!("scan decode {e}x{n}          {:>7.1} µs  {:>5.1} ns a channel", s * 1e6, s * 1e9 / e as f64);
+        println!(
+            "scan decode {e}x{n}          {:>7.1} µs  {:>5.1} ns a channel",
+            s * 1e6,
+            s * 1e9 / e as f64
+        );
     }
 }
 
 /// One decode query against `ctx` + 128 keys held as `T`, over `nl` layers' caches in turn.
 #[allow(clippy::too_many_arguments)]
-fn bench_attention<T: KvElem>(label: &str, rng: &mut Rng, ctx: usize, layout: Layout, kvh: usize, nl: usize, reps: usize, bw: f64, to: fn(f32) -> T) {
-    let sh = AttnShape { heads: 5 * kvh, kv_heads: kvh, dk: 64, dv: 64 };
+fn bench_attention<T: KvElem>(
+    label: &str,
+    rng: &mut Rng,
+    ctx: usize,
+    layout: Layout,
+    kvh: usize,
+    nl: usize,
+    reps: usize,
+    bw: f64,
+    to: fn(f32) -> T,
+) {
+    let sh = AttnShape {
+        heads: 5 * kvh,
+        kv_heads: kvh,
+        dk: 64,
+        dv: 64,
+    };
     let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
     let mut vec = |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
-    let layers: Vec<(Vec<T>, Vec<T>)> = (0..nl).map(|_| (vec((128 + ctx) * kw), vec((128 + ctx) * vw))).collect();
+    let layers: Vec<(Vec<T>, Vec<T>)> = (0..nl)
+        .map(|_| (vec((128 + ctx) * kw), vec((128 + ctx) * vw)))
+        .collect();
     let q = rng.normal_vec(sh.heads * sh.dk, 1.0);
     let mut out = vec![0f32; sh.heads * sh.dv];
     let pos = 128 + ctx;
     let sees = |t: usize, s: usize| s <= t;
     let s = best(reps, || {
         for (k, v) in &layers {
-            let blocks = [KvBlock { k, v, rows: 128 + ctx, layout, pos: KeyPos::Contiguous(0) }];
+            let blocks = [KvBlock {
+                k,
+                v,
+                rows: 128 + ctx,
+                layout,
+                pos: KeyPos::Contiguous(0),
+            }];
             attention(&q, &[pos], &blocks, sh, 0.125, &sees, &mut out);
         }
     }) / layers.len() as f64;
     let bytes = (128 + ctx) * (kw + vw) * std::mem::size_of::<T>();
     let gbs = bytes as f64 / s / 1e9;
-    println!("{label:<33} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)", s * 1e6, 100.0 * gbs * 1e9 / bw);
+    println!(
+        "{label:<33} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)",
+        s * 1e6,
+        100.0 * gbs * 1e9 / bw
+    );
 }

@@ -94,7 +94,9 @@ mod tests {
     fn vector_softplus_matches_scalar() {
         let mut rng = Rng::new(3);
         let mut x = rng.normal_vec(301, 8.0);
-        x.extend([-100.0, -87.0, -30.0, -19.9, -1e-4, 0.0, 1e-4, 19.99, 20.0, 20.01, 35.0, 1e6]);
+        x.extend([
+            -100.0, -87.0, -30.0, -19.9, -1e-4, 0.0, 1e-4, 19.99, 20.0, 20.01, 35.0, 1e6,
+        ]);
         let b = rng.normal_vec(x.len(), 0.5);
         for isa in crate::isa::available() {
             let mut got = x.clone();
@@ -102,7 +104,10 @@ mod tests {
             for (i, g) in got.iter().enumerate() {
                 let v = (x[i] + b[i]) as f64;
                 let want = if v > 20.0 { v } else { v.exp().ln_1p() };
-                assert!(((*g as f64) - want).abs() <= 1e-6 * want.abs() + 1e-38, "{isa:?} softplus({v}) = {g} vs {want}");
+                assert!(
+                    ((*g as f64) - want).abs() <= 1e-6 * want.abs() + 1e-38,
+                    "{isa:?} softplus({v}) = {g} vs {want}"
+                );
             }
         }
     }
@@ -118,7 +123,11 @@ mod tests {
             let mut got = x.clone();
             silu_mul_with(isa, &mut got, Some(&b));
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= 2e-6 * w.abs().max(1.0), "{isa:?} silu at {}: {g} vs {w}", x[i]);
+                assert!(
+                    (g - w).abs() <= 2e-6 * w.abs().max(1.0),
+                    "{isa:?} silu at {}: {g} vs {w}",
+                    x[i]
+                );
             }
         }
         for isa in crate::isa::available() {
@@ -126,7 +135,10 @@ mod tests {
             exp_inplace_with(isa, &mut got);
             for (g, v) in got.iter().zip(&x) {
                 let want = (*v as f64).exp();
-                assert!(((*g as f64) - want).abs() <= 3e-7 * want + 1e-38, "{isa:?} exp({v}) = {g} vs {want}");
+                assert!(
+                    ((*g as f64) - want).abs() <= 3e-7 * want + 1e-38,
+                    "{isa:?} exp({v}) = {g} vs {want}"
+                );
             }
         }
         // Softmax numerators: every lane and the tail, the max and the sum.
@@ -137,14 +149,22 @@ mod tests {
             assert_eq!(m, max, "{isa:?}");
             for (g, v) in got.iter().zip(&x) {
                 let want = ((*v - max) as f64).exp();
-                assert!(((*g as f64) - want).abs() <= 3e-7 * want + 1e-38, "{isa:?} exp({v} - {max}) = {g} vs {want}");
+                assert!(
+                    ((*g as f64) - want).abs() <= 3e-7 * want + 1e-38,
+                    "{isa:?} exp({v} - {max}) = {g} vs {want}"
+                );
             }
             let total: f64 = got.iter().map(|&v| v as f64).sum();
-            assert!((sum as f64 - total).abs() <= 1e-6 * total, "{isa:?} sum {sum} vs {total}");
+            assert!(
+                (sum as f64 - total).abs() <= 1e-6 * total,
+                "{isa:?} sum {sum} vs {total}"
+            );
         }
         #[cfg(target_arch = "x86_64")]
         if crate::isa::available().contains(&Isa::Avx2) {
-            for &v in &[-100.0f32, -87.0, -20.5, -1.0, -1e-3, 0.0, 0.37, 1.0, 10.0, 50.0, 88.0] {
+            for &v in &[
+                -100.0f32, -87.0, -20.5, -1.0, -1e-3, 0.0, 0.37, 1.0, 10.0, 50.0, 88.0,
+            ] {
                 let mut out = [0f32; 8];
                 // SAFETY: Avx2 was detected just above.
                 unsafe {
@@ -152,7 +172,11 @@ mod tests {
                     _mm256_storeu_ps(out.as_mut_ptr(), crate::x86::exp256(_mm256_set1_ps(v)));
                 }
                 let want = (v as f64).exp();
-                assert!(((out[0] as f64) - want).abs() <= 3e-7 * want + 1e-38, "exp({v}) = {} vs {want}", out[0]);
+                assert!(
+                    ((out[0] as f64) - want).abs() <= 3e-7 * want + 1e-38,
+                    "exp({v}) = {} vs {want}",
+                    out[0]
+                );
             }
         }
     }

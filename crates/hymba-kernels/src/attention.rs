@@ -70,7 +70,13 @@ pub struct KvBlock<'a, T: KvElem = f32> {
 impl<'a, T: KvElem> KvBlock<'a, T> {
     /// Rows `[n, kv_heads·dk]` of keys and `[n, kv_heads·dv]` of values.
     pub fn row_major(k: &'a [T], v: &'a [T], kw: usize, pos: KeyPos<'a>) -> Self {
-        KvBlock { k, v, rows: k.len().checked_div(kw).unwrap_or(0), layout: Layout::RowMajor, pos }
+        KvBlock {
+            k,
+            v,
+            rows: k.len().checked_div(kw).unwrap_or(0),
+            layout: Layout::RowMajor,
+            pos,
+        }
     }
 
     fn position(&self, i: usize) -> usize {
@@ -105,13 +111,32 @@ impl<'a, T: KvElem> KvBlock<'a, T> {
             return;
         }
         if let Layout::HeadMajor { cap } = self.layout {
-            assert!(self.rows <= cap, "K/V block: {} rows in a capacity of {cap}", self.rows);
+            assert!(
+                self.rows <= cap,
+                "K/V block: {} rows in a capacity of {cap}",
+                self.rows
+            );
         }
         let last = |heads, d| self.offset(self.rows - 1, heads - 1, heads, d) + d;
-        assert!(last(sh.kv_heads, sh.dk) <= self.k.len(), "K/V block: {} keys are too short for {} rows", self.k.len(), self.rows);
-        assert!(last(sh.kv_heads, sh.dv) <= self.v.len(), "K/V block: {} values are too short for {} rows", self.v.len(), self.rows);
+        assert!(
+            last(sh.kv_heads, sh.dk) <= self.k.len(),
+            "K/V block: {} keys are too short for {} rows",
+            self.k.len(),
+            self.rows
+        );
+        assert!(
+            last(sh.kv_heads, sh.dv) <= self.v.len(),
+            "K/V block: {} values are too short for {} rows",
+            self.v.len(),
+            self.rows
+        );
         if let KeyPos::Slots(p) = self.pos {
-            assert!(p.len() >= self.rows, "K/V block: {} positions for {} rows", p.len(), self.rows);
+            assert!(
+                p.len() >= self.rows,
+                "K/V block: {} positions for {} rows",
+                p.len(),
+                self.rows
+            );
         }
     }
 }
@@ -161,10 +186,18 @@ pub fn attention_with<T: KvElem>(
     }
     // Few (query, K/V head) pairs, as in decode: split each one's keys so every core has work.
     let target = 4 * rayon::current_num_threads();
-    let splits = if rows >= target { 1 } else { target.div_ceil(rows) };
+    let splits = if rows >= target {
+        1
+    } else {
+        target.div_ceil(rows)
+    };
     // Phase 1: the keys each query row sees, as runs of consecutive rows of a block (a ring's
     // slots are in position order but for one wrap, so runs are long). Shared by its K/V heads.
-    let lists: Vec<Vec<Run>> = q_pos.par_iter().with_min_len(8).map(|&tp| visible_runs(blocks, tp, sees)).collect();
+    let lists: Vec<Vec<Run>> = q_pos
+        .par_iter()
+        .with_min_len(8)
+        .map(|&tp| visible_runs(blocks, tp, sees))
+        .collect();
     // Phase 2: softmax-weighted sums over each slice of keys, unnormalised, with the slice's max
     // and sum so slices combine exactly (the flash-decoding split).
     let parts: Vec<Partial> = (0..rows * splits)
@@ -187,10 +220,16 @@ pub fn attention_with<T: KvElem>(
                         // lookup per key.
                         let b = &blocks[r.block as usize];
                         let first = r.start as usize + s - at;
-                        let (ks, vs) = (b.row_stride(sh.kv_heads, sh.dk), b.row_stride(sh.kv_heads, sh.dv));
+                        let (ks, vs) = (
+                            b.row_stride(sh.kv_heads, sh.dk),
+                            b.row_stride(sh.kv_heads, sh.dv),
+                        );
                         // SAFETY: `check` showed every row of every head lies inside the slices.
                         let (k0, v0) = unsafe {
-                            (b.k.as_ptr().add(b.offset(first, kh, sh.kv_heads, sh.dk)), b.v.as_ptr().add(b.offset(first, kh, sh.kv_heads, sh.dv)))
+                            (
+                                b.k.as_ptr().add(b.offset(first, kh, sh.kv_heads, sh.dk)),
+                                b.v.as_ptr().add(b.offset(first, kh, sh.kv_heads, sh.dv)),
+                            )
                         };
                         keys.extend((0..e - s).map(|j| k0.wrapping_add(j * ks) as *const u8));
                         vals.extend((0..e - s).map(|j| v0.wrapping_add(j * vs) as *const u8));
@@ -200,7 +239,11 @@ pub fn attention_with<T: KvElem>(
                 let nk = keys.len();
                 // SAFETY: the pointers were made from `*const T` just above.
                 let (keys, vals) = unsafe { (as_typed::<T>(keys), as_typed::<T>(vals)) };
-                let mut part = Partial { max: vec![f32::NEG_INFINITY; group], sum: vec![0.0; group], acc: vec![0.0; group * sh.dv] };
+                let mut part = Partial {
+                    max: vec![f32::NEG_INFINITY; group],
+                    sum: vec![0.0; group],
+                    acc: vec![0.0; group * sh.dv],
+                };
                 if nk == 0 {
                     return part;
                 }
@@ -219,28 +262,34 @@ pub fn attention_with<T: KvElem>(
         })
         .collect();
     // Phase 3: combine the slices of every (row, head).
-    out.par_chunks_mut(group * sh.dv).with_min_len(8).enumerate().for_each(|(task, o)| {
-        let ps = &parts[task * splits..(task + 1) * splits];
-        for g in 0..group {
-            let m = ps.iter().map(|p| p.max[g]).fold(f32::NEG_INFINITY, f32::max);
-            let og = &mut o[g * sh.dv..(g + 1) * sh.dv];
-            og.fill(0.0);
-            if m == f32::NEG_INFINITY {
-                continue; // sees no key
-            }
-            let mut total = 0f32;
-            for p in ps.iter().filter(|p| p.max[g] > f32::NEG_INFINITY) {
-                let f = (p.max[g] - m).exp();
-                total += f * p.sum[g];
-                for (a, b) in og.iter_mut().zip(&p.acc[g * sh.dv..(g + 1) * sh.dv]) {
-                    *a += f * b;
+    out.par_chunks_mut(group * sh.dv)
+        .with_min_len(8)
+        .enumerate()
+        .for_each(|(task, o)| {
+            let ps = &parts[task * splits..(task + 1) * splits];
+            for g in 0..group {
+                let m = ps
+                    .iter()
+                    .map(|p| p.max[g])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let og = &mut o[g * sh.dv..(g + 1) * sh.dv];
+                og.fill(0.0);
+                if m == f32::NEG_INFINITY {
+                    continue; // sees no key
+                }
+                let mut total = 0f32;
+                for p in ps.iter().filter(|p| p.max[g] > f32::NEG_INFINITY) {
+                    let f = (p.max[g] - m).exp();
+                    total += f * p.sum[g];
+                    for (a, b) in og.iter_mut().zip(&p.acc[g * sh.dv..(g + 1) * sh.dv]) {
+                        *a += f * b;
+                    }
+                }
+                for a in og.iter_mut() {
+                    *a /= total;
                 }
             }
-            for a in og.iter_mut() {
-                *a /= total;
-            }
-        }
-    });
+        });
 }
 
 /// Rows `start..start + len` of block `block`.
@@ -251,7 +300,11 @@ struct Run {
 }
 
 /// The rows of `blocks` a query at `tp` sees, in block order, merged into runs.
-fn visible_runs<T: KvElem>(blocks: &[KvBlock<T>], tp: usize, sees: &(dyn Fn(usize, usize) -> bool + Sync)) -> Vec<Run> {
+fn visible_runs<T: KvElem>(
+    blocks: &[KvBlock<T>],
+    tp: usize,
+    sees: &(dyn Fn(usize, usize) -> bool + Sync),
+) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
     for (bi, b) in blocks.iter().enumerate() {
         for i in 0..b.rows {
@@ -261,7 +314,11 @@ fn visible_runs<T: KvElem>(blocks: &[KvBlock<T>], tp: usize, sees: &(dyn Fn(usiz
             }
             match runs.last_mut() {
                 Some(r) if r.block == bi as u32 && (r.start + r.len) as usize == i => r.len += 1,
-                _ => runs.push(Run { block: bi as u32, start: i as u32, len: 1 }),
+                _ => runs.push(Run {
+                    block: bi as u32,
+                    start: i as u32,
+                    len: 1,
+                }),
             }
         }
     }
@@ -294,7 +351,17 @@ struct Partial {
 /// Each `keys[j]` must point to `dk` readable floats.
 /// Each `vals[j]` to `dv` (only prefetched here).
 #[allow(clippy::too_many_arguments)]
-unsafe fn head_scores<T: KvElem>(isa: Isa, q: &[f32], group: usize, dk: usize, keys: &[*const T], vals: &[*const T], dv: usize, scale: f32, out: &mut [f32]) {
+unsafe fn head_scores<T: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    group: usize,
+    dk: usize,
+    keys: &[*const T],
+    vals: &[*const T],
+    dv: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::attn_scores(q, group, dk, keys, vals, dv, scale, out),
@@ -318,7 +385,14 @@ unsafe fn head_scores<T: KvElem>(isa: Isa, q: &[f32], group: usize, dk: usize, k
 
 /// # Safety
 /// Each `vals[j]` must point to `dv` readable floats.
-unsafe fn head_values<T: KvElem>(isa: Isa, p: &[f32], group: usize, dv: usize, vals: &[*const T], out: &mut [f32]) {
+unsafe fn head_values<T: KvElem>(
+    isa: Isa,
+    p: &[f32],
+    group: usize,
+    dv: usize,
+    vals: &[*const T],
+    out: &mut [f32],
+) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::attn_values(p, group, dv, vals, out),
@@ -358,18 +432,27 @@ pub fn attention_ref<T: KvElem>(
                     if p == usize::MAX || !sees(tp, p) {
                         continue;
                     }
-                    let (ko, vo) = (b.offset(i, kh, sh.kv_heads, sh.dk), b.offset(i, kh, sh.kv_heads, sh.dv));
+                    let (ko, vo) = (
+                        b.offset(i, kh, sh.kv_heads, sh.dk),
+                        b.offset(i, kh, sh.kv_heads, sh.dv),
+                    );
                     let mut s = 0f64;
                     for j in 0..sh.dk {
                         s += (q[t * sh.heads * sh.dk + h * sh.dk + j] * b.k[ko + j].widen()) as f64;
                     }
-                    sv.push((s * scale as f64, b.v[vo..vo + sh.dv].iter().map(|v| v.widen()).collect()));
+                    sv.push((
+                        s * scale as f64,
+                        b.v[vo..vo + sh.dv].iter().map(|v| v.widen()).collect(),
+                    ));
                 }
             }
             let max = sv.iter().map(|x| x.0).fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = sv.iter().map(|x| (x.0 - max).exp()).sum();
             for j in 0..sh.dv {
-                let o: f64 = sv.iter().map(|(s, v)| (s - max).exp() / sum * v[j] as f64).sum();
+                let o: f64 = sv
+                    .iter()
+                    .map(|(s, v)| (s - max).exp() / sum * v[j] as f64)
+                    .sum();
                 out[t * sh.heads * sh.dv + h * sh.dv + j] = o as f32;
             }
         }
@@ -385,7 +468,12 @@ mod tests {
     #[test]
     fn single_query_with_few_keys() {
         let mut rng = Rng::new(6);
-        let sh = AttnShape { heads: 2, kv_heads: 1, dk: 8, dv: 24 };
+        let sh = AttnShape {
+            heads: 2,
+            kv_heads: 1,
+            dk: 8,
+            dv: 24,
+        };
         let k = rng.normal_vec(5 * 8, 1.0);
         let v = rng.normal_vec(5 * 24, 1.0);
         let blocks = [KvBlock::row_major(&k, &v, 8, KeyPos::Contiguous(0))];
@@ -403,10 +491,22 @@ mod tests {
     /// held as `T` (converted from the same random f32s).
     fn matches_reference_in<T: KvElem>(to: fn(f32) -> T) {
         let mut rng = Rng::new(5);
-        for &(heads, kv_heads, dk, dv) in &[(4, 2, 8, 16), (3, 3, 5, 7), (6, 1, 4, 4), (14, 2, 24, 40), (10, 5, 64, 128)] {
-            let sh = AttnShape { heads, kv_heads, dk, dv };
+        for &(heads, kv_heads, dk, dv) in &[
+            (4, 2, 8, 16),
+            (3, 3, 5, 7),
+            (6, 1, 4, 4),
+            (14, 2, 24, 40),
+            (10, 5, 64, 128),
+        ] {
+            let sh = AttnShape {
+                heads,
+                kv_heads,
+                dk,
+                dv,
+            };
             let (kw, vw) = (kv_heads * dk, kv_heads * dv);
-            let mut vec = |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
+            let mut vec =
+                |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
             // A prefix at 0..3, a head-major ring of 5 slots (capacity 6) with one empty, new
             // rows at 20..23.
             let (pk, pv) = (vec(3 * kw), vec(3 * vw));
@@ -415,7 +515,13 @@ mod tests {
             let (nk, nv) = (vec(3 * kw), vec(3 * vw));
             let blocks = [
                 KvBlock::row_major(&pk, &pv, kw, KeyPos::Contiguous(0)),
-                KvBlock { k: &rk, v: &rv, rows: 5, layout: Layout::HeadMajor { cap: 6 }, pos: KeyPos::Slots(&slots) },
+                KvBlock {
+                    k: &rk,
+                    v: &rv,
+                    rows: 5,
+                    layout: Layout::HeadMajor { cap: 6 },
+                    pos: KeyPos::Slots(&slots),
+                },
                 KvBlock::row_major(&nk, &nv, kw, KeyPos::Contiguous(20)),
             ];
             let qp = [20, 21, 22];
@@ -425,7 +531,15 @@ mod tests {
             attention_ref(&q, &qp, &blocks, sh, 0.3, &sees, &mut o2);
             for isa in crate::isa::available() {
                 attention_with(isa, &q, &qp, &blocks, sh, 0.3, &sees, &mut o1);
-                assert_close(&o1, &o2, 1e-5, &format!("attention {isa:?} {heads}/{kv_heads} dk={dk} dv={dv} bf16={}", T::BF16));
+                assert_close(
+                    &o1,
+                    &o2,
+                    1e-5,
+                    &format!(
+                        "attention {isa:?} {heads}/{kv_heads} dk={dk} dv={dv} bf16={}",
+                        T::BF16
+                    ),
+                );
             }
         }
     }

@@ -39,7 +39,9 @@ pub fn causal_conv(x: &[f32], state: &mut [f32], taps: &[f32], bias: &[f32], out
 /// Conv weights `[C, K]` (the checkpoint's `[C, 1, K]`) rearranged tap-major, `[K, C]`.
 pub fn taps(w: &[f32], c: usize) -> Vec<f32> {
     let k = w.len() / c;
-    (0..k).flat_map(|kk| (0..c).map(move |ch| w[ch * k + kk])).collect()
+    (0..k)
+        .flat_map(|kk| (0..c).map(move |ch| w[ch * k + kk]))
+        .collect()
 }
 
 #[cfg(test)]

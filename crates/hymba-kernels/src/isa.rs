@@ -15,7 +15,10 @@ pub enum Isa {
 pub fn available() -> Vec<Isa> {
     let mut v = vec![Isa::Portable];
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
         v.push(Isa::Avx2);
     }
     v

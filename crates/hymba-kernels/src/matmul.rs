@@ -4,11 +4,11 @@
 //! (rows of `W`) on rayon's persistent pool; each weight row is widened to f32 once and used for
 //! every input row, so the weights are streamed from memory once per call.
 
-use crate::quant::{self, BlockQ4_0, BlockQ8_0, QK};
-use half::{bf16, f16, slice::HalfFloatSliceExt};
 use crate::isa::{isa, Isa};
+use crate::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 #[cfg(target_arch = "x86_64")]
 use crate::x86;
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 /// The elements of a weight matrix, in the precision they were stored in.
@@ -46,7 +46,11 @@ pub fn panels_pay() -> bool {
 #[inline]
 fn panel_index(r: usize, c: usize, cols: usize) -> usize {
     let j = r % PANEL;
-    let slot = if j < PANEL / 2 { 2 * j } else { 2 * (j - PANEL / 2) + 1 };
+    let slot = if j < PANEL / 2 {
+        2 * j
+    } else {
+        2 * (j - PANEL / 2) + 1
+    };
     ((r / PANEL) * cols + c) * PANEL + slot
 }
 
@@ -59,26 +63,36 @@ pub fn panels_len(rows: usize, cols: usize) -> usize {
 /// [`WeightData::BF16Panels`]) in `out` ([`panels_len`] long, zeroed: padding rows are not
 /// written): the same values, in the order the AVX2 matrix products read them.
 pub fn pack_bf16_panels(w: &[bf16], rows: usize, cols: usize, out: &mut [bf16]) {
-    assert_eq!(w.len(), rows * cols, "pack_bf16_panels: data does not match [{rows}, {cols}]");
-    assert_eq!(out.len(), panels_len(rows, cols), "pack_bf16_panels: output is not whole panels");
+    assert_eq!(
+        w.len(),
+        rows * cols,
+        "pack_bf16_panels: data does not match [{rows}, {cols}]"
+    );
+    assert_eq!(
+        out.len(),
+        panels_len(rows, cols),
+        "pack_bf16_panels: output is not whole panels"
+    );
     if cols == 0 {
         return;
     }
-    out.par_chunks_mut(PANEL * cols).enumerate().for_each(|(p, panel)| {
-        let src = &w[p * PANEL * cols..];
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if isa() == Isa::Avx2 && src.len() >= PANEL * cols {
-            // SAFETY: Avx2 was detected; a whole panel of rows is there.
-            done = unsafe { x86::pack_panel_pairs(src, cols, panel) };
-        }
-        for r in 0..PANEL.min(rows - p * PANEL) {
-            let at = panel_index(r, 0, cols);
-            for c in done..cols {
-                panel[at + c * PANEL] = src[r * cols + c];
+    out.par_chunks_mut(PANEL * cols)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let src = &w[p * PANEL * cols..];
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if isa() == Isa::Avx2 && src.len() >= PANEL * cols {
+                // SAFETY: Avx2 was detected; a whole panel of rows is there.
+                done = unsafe { x86::pack_panel_pairs(src, cols, panel) };
             }
-        }
-    });
+            for r in 0..PANEL.min(rows - p * PANEL) {
+                let at = panel_index(r, 0, cols);
+                for c in done..cols {
+                    panel[at + c * PANEL] = src[r * cols + c];
+                }
+            }
+        });
 }
 
 impl WeightData<'_> {
@@ -111,14 +125,22 @@ impl WeightData<'_> {
             }
             WeightData::F16(d) => d[start..end].convert_to_f32_slice(out),
             WeightData::Q8_0(b) => {
-                assert!(start.is_multiple_of(QK) && out.len().is_multiple_of(QK), "quantized rows are read whole blocks at a time");
+                assert!(
+                    start.is_multiple_of(QK) && out.len().is_multiple_of(QK),
+                    "quantized rows are read whole blocks at a time"
+                );
                 quant::dequantize_q8_0(&b[start / QK..end / QK], out)
             }
             WeightData::Q4_0(b) => {
-                assert!(start.is_multiple_of(QK) && out.len().is_multiple_of(QK), "quantized rows are read whole blocks at a time");
+                assert!(
+                    start.is_multiple_of(QK) && out.len().is_multiple_of(QK),
+                    "quantized rows are read whole blocks at a time"
+                );
                 quant::dequantize_q4_0(&b[start / QK..end / QK], out)
             }
-            WeightData::BF16Panels(_) => panic!("panel-packed weights are read by rows (Mat::row_f32)"),
+            WeightData::BF16Panels(_) => {
+                panic!("panel-packed weights are read by rows (Mat::row_f32)")
+            }
         }
     }
 }
@@ -137,7 +159,11 @@ impl<'a> Mat<'a> {
             WeightData::BF16Panels(_) => rows.next_multiple_of(PANEL),
             _ => rows,
         };
-        assert_eq!(data.len(), stored_rows * cols, "matrix data does not match [{rows}, {cols}]");
+        assert_eq!(
+            data.len(),
+            stored_rows * cols,
+            "matrix data does not match [{rows}, {cols}]"
+        );
         Mat { data, rows, cols }
     }
 
@@ -148,7 +174,10 @@ impl<'a> Mat<'a> {
         let (a, b) = (start * self.cols, (start + n) * self.cols);
         let data = match self.data {
             WeightData::BF16Panels(d) => {
-                assert!(start.is_multiple_of(PANEL), "a view of panel-packed rows starts on a panel");
+                assert!(
+                    start.is_multiple_of(PANEL),
+                    "a view of panel-packed rows starts on a panel"
+                );
                 WeightData::BF16Panels(&d[a..(start + n).next_multiple_of(PANEL) * self.cols])
             }
             WeightData::F32(d) => WeightData::F32(&d[a..b]),
@@ -157,7 +186,11 @@ impl<'a> Mat<'a> {
             WeightData::Q8_0(d) => WeightData::Q8_0(&d[a / QK..b / QK]),
             WeightData::Q4_0(d) => WeightData::Q4_0(&d[a / QK..b / QK]),
         };
-        Mat { data, rows: n, cols: self.cols }
+        Mat {
+            data,
+            rows: n,
+            cols: self.cols,
+        }
     }
 
     /// Row `r` widened to f32.
@@ -284,7 +317,11 @@ pub fn matmul(x: &[f32], w: Mat, y: &mut [f32]) {
 /// [`matmul`] on a given instruction set (one of [`crate::isa::available`]).
 pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len() % k.max(1), 0, "matmul: input width does not match weight columns");
+    assert_eq!(
+        x.len() % k.max(1),
+        0,
+        "matmul: input width does not match weight columns"
+    );
     let t = x.len().checked_div(k).unwrap_or(0);
     assert_eq!(y.len(), t * n, "matmul: output is not [{t}, {n}]");
     if t <= QUANT_DOT_MAX_ROWS && matches!(w.data, WeightData::Q8_0(_) | WeightData::Q4_0(_)) {
@@ -357,7 +394,10 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     let xd: Vec<f32> = xq.iter().map(BlockQ8_0::scale).collect();
     // Block sums of the inputs, for the Q4_0 kernel.
     let xs: Vec<i32> = match w.data {
-        WeightData::Q4_0(_) => xq.iter().map(|b| b.qs.iter().map(|&v| v as i32).sum()).collect(),
+        WeightData::Q4_0(_) => xq
+            .iter()
+            .map(|b| b.qs.iter().map(|&v| v as i32).sum())
+            .collect(),
         _ => Vec::new(),
     };
     let out = OutPtr(y.as_mut_ptr());
@@ -369,8 +409,13 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
         let end = ((task + 1) * per_task).min(n);
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx2 && t > 1 {
-            walk_tiles(task * per_task..end, t, (4, 4), &put, |r, pair, t0, m, res| {
-                macro_rules! tile {
+            walk_tiles(
+                task * per_task..end,
+                t,
+                (4, 4),
+                &put,
+                |r, pair, t0, m, res| {
+                    macro_rules! tile {
                     ($f:ident, $b:expr, $r:literal, $m:literal) => {{
                         let mut o = [[0f32; $m]; $r];
                         // SAFETY: Avx2 (with FMA and F16C) was detected; every row has nb blocks.
@@ -387,26 +432,27 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                         }
                     }};
                 }
-                macro_rules! call {
-                    ($f:ident, $b:expr) => {
-                        match (pair, m) {
-                            (true, 1) => tile!($f, $b, 2, 1),
-                            (true, 2) => tile!($f, $b, 2, 2),
-                            (true, 3) => tile!($f, $b, 2, 3),
-                            (true, _) => tile!($f, $b, 2, 4),
-                            (false, 1) => tile!($f, $b, 1, 1),
-                            (false, 2) => tile!($f, $b, 1, 2),
-                            (false, 3) => tile!($f, $b, 1, 3),
-                            (false, _) => tile!($f, $b, 1, 4),
-                        }
-                    };
-                }
-                match w.data {
-                    WeightData::Q8_0(b) => call!(dot_tile_q8_0, b),
-                    WeightData::Q4_0(b) => call!(dot_tile_q4_0, b),
-                    _ => unreachable!("only called for quantized weights"),
-                }
-            });
+                    macro_rules! call {
+                        ($f:ident, $b:expr) => {
+                            match (pair, m) {
+                                (true, 1) => tile!($f, $b, 2, 1),
+                                (true, 2) => tile!($f, $b, 2, 2),
+                                (true, 3) => tile!($f, $b, 2, 3),
+                                (true, _) => tile!($f, $b, 2, 4),
+                                (false, 1) => tile!($f, $b, 1, 1),
+                                (false, 2) => tile!($f, $b, 1, 2),
+                                (false, 3) => tile!($f, $b, 1, 3),
+                                (false, _) => tile!($f, $b, 1, 4),
+                            }
+                        };
+                    }
+                    match w.data {
+                        WeightData::Q8_0(b) => call!(dot_tile_q8_0, b),
+                        WeightData::Q4_0(b) => call!(dot_tile_q4_0, b),
+                        _ => unreachable!("only called for quantized weights"),
+                    }
+                },
+            );
             return;
         }
         for r in task * per_task..end {
@@ -415,7 +461,9 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                 let v = match (isa, w.data) {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-                    (Isa::Avx2, WeightData::Q8_0(b)) => unsafe { x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb, &xd[ti * nb..(ti + 1) * nb]) },
+                    (Isa::Avx2, WeightData::Q8_0(b)) => unsafe {
+                        x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb, &xd[ti * nb..(ti + 1) * nb])
+                    },
                     #[cfg(target_arch = "x86_64")]
                     (Isa::Avx2, WeightData::Q4_0(b)) => unsafe {
                         let xr = ti * nb..(ti + 1) * nb;
@@ -451,48 +499,61 @@ fn rows_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
         let end = ((task + 1) * per_task).min(n);
         // SAFETY: rows of this task belong to it only.
         let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
-        walk_tiles(task * per_task..end, t, (6, 8), &put, |r, pair, t0, m, res| {
-            let xp = |i: usize| x[(t0 + i) * stride..].as_ptr();
-            // SAFETY: Avx2 was detected; each pointer has k readable floats, like the rows.
-            unsafe {
-                macro_rules! tile {
-                    ($f:ident, $d:expr, $r:literal, $m:literal) => {{
-                        let mut o = [[0f32; $m]; $r];
-                        x86::$f::<$r, $m>(std::array::from_fn(|j| &$d[(r + j) * k..(r + j + 1) * k]), &std::array::from_fn(xp), &mut o, t0 == 0);
-                        for j in 0..$r {
-                            res[j][..$m].copy_from_slice(&o[j]);
+        walk_tiles(
+            task * per_task..end,
+            t,
+            (6, 8),
+            &put,
+            |r, pair, t0, m, res| {
+                let xp = |i: usize| x[(t0 + i) * stride..].as_ptr();
+                // SAFETY: Avx2 was detected; each pointer has k readable floats, like the rows.
+                unsafe {
+                    macro_rules! tile {
+                        ($f:ident, $d:expr, $r:literal, $m:literal) => {{
+                            let mut o = [[0f32; $m]; $r];
+                            x86::$f::<$r, $m>(
+                                std::array::from_fn(|j| &$d[(r + j) * k..(r + j + 1) * k]),
+                                &std::array::from_fn(xp),
+                                &mut o,
+                                t0 == 0,
+                            );
+                            for j in 0..$r {
+                                res[j][..$m].copy_from_slice(&o[j]);
+                            }
+                        }};
+                    }
+                    macro_rules! call {
+                        ($f:ident, $d:expr) => {
+                            match (pair, m) {
+                                (true, 1) => tile!($f, $d, 2, 1),
+                                (true, 2) => tile!($f, $d, 2, 2),
+                                (true, 3) => tile!($f, $d, 2, 3),
+                                (true, 4) => tile!($f, $d, 2, 4),
+                                (true, 5) => tile!($f, $d, 2, 5),
+                                (true, _) => tile!($f, $d, 2, 6),
+                                (false, 1) => tile!($f, $d, 1, 1),
+                                (false, 2) => tile!($f, $d, 1, 2),
+                                (false, 3) => tile!($f, $d, 1, 3),
+                                (false, 4) => tile!($f, $d, 1, 4),
+                                (false, 5) => tile!($f, $d, 1, 5),
+                                (false, 6) => tile!($f, $d, 1, 6),
+                                (false, 7) => tile!($f, $d, 1, 7),
+                                (false, _) => tile!($f, $d, 1, 8),
+                            }
+                        };
+                    }
+                    match w.data {
+                        WeightData::F32(d) => call!(dot_tile_f32, d),
+                        WeightData::BF16(d) => call!(dot_tile_bf16, d),
+                        WeightData::F16(d) => call!(dot_tile_f16, d),
+                        WeightData::Q8_0(_) | WeightData::Q4_0(_) => {
+                            unreachable!("quantized rows take matvec_quant")
                         }
-                    }};
+                        WeightData::BF16Panels(_) => unreachable!("panels take panels_avx2"),
+                    }
                 }
-                macro_rules! call {
-                    ($f:ident, $d:expr) => {
-                        match (pair, m) {
-                            (true, 1) => tile!($f, $d, 2, 1),
-                            (true, 2) => tile!($f, $d, 2, 2),
-                            (true, 3) => tile!($f, $d, 2, 3),
-                            (true, 4) => tile!($f, $d, 2, 4),
-                            (true, 5) => tile!($f, $d, 2, 5),
-                            (true, _) => tile!($f, $d, 2, 6),
-                            (false, 1) => tile!($f, $d, 1, 1),
-                            (false, 2) => tile!($f, $d, 1, 2),
-                            (false, 3) => tile!($f, $d, 1, 3),
-                            (false, 4) => tile!($f, $d, 1, 4),
-                            (false, 5) => tile!($f, $d, 1, 5),
-                            (false, 6) => tile!($f, $d, 1, 6),
-                            (false, 7) => tile!($f, $d, 1, 7),
-                            (false, _) => tile!($f, $d, 1, 8),
-                        }
-                    };
-                }
-                match w.data {
-                    WeightData::F32(d) => call!(dot_tile_f32, d),
-                    WeightData::BF16(d) => call!(dot_tile_bf16, d),
-                    WeightData::F16(d) => call!(dot_tile_f16, d),
-                    WeightData::Q8_0(_) | WeightData::Q4_0(_) => unreachable!("quantized rows take matvec_quant"),
-                    WeightData::BF16Panels(_) => unreachable!("panels take panels_avx2"),
-                }
-            }
-        });
+            },
+        );
     });
 }
 
@@ -550,52 +611,73 @@ fn panels_pass(x: &[f32], t: usize, k: usize, d: &[bf16], n: usize, y: &mut [f32
     use x86::MR;
     let out = OutPtr(y.as_mut_ptr());
     // The tile's results, made once per rayon job (zeroing it per group was a memset call).
-    (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(|| [[0f32; PANEL]; MR], |c, p| {
-        let out = &out;
-        let (r0, nr) = (p * PANEL, PANEL.min(n - p * PANEL));
-        let panel = d[p * k * PANEL..].as_ptr();
-        let groups = t.div_ceil(MR);
-        let mut group = 0;
-        let mut t0 = 0;
-        while t0 < t {
-            // Groups as even as they come: 8 rows go as 4 + 4, not 6 + 2.
-            let m = (t - t0).div_ceil((t - t0).div_ceil(MR));
-            macro_rules! kernel {
-                ($m:literal) => {{
-                    let xs: [*const f32; $m] = std::array::from_fn(|i| x[(t0 + i) * k..].as_ptr());
-                    let c: &mut [[f32; PANEL]; $m] = (&mut c[..$m]).try_into().expect("m rows");
-                    // SAFETY: Avx2 was detected; each input pointer has k readable floats and
-                    // the panel k columns of 16.
-                    unsafe {
-                        if group == 0 {
-                            // Ahead of itself: the first group reads the panel from memory.
-                            x86::kernel_panel_bf16::<$m>(k, &xs, panel, c, panel.wrapping_add(x86::PF_COLUMNS * PANEL), PANEL)
-                        } else {
-                            // The next panel, a share for each later group at the pace that
-                            // covers it, so it streams in while this one is computed.
-                            let later = groups - 1;
-                            let share = panel.wrapping_add(k * PANEL + (group - 1) * k * PANEL / later);
-                            x86::kernel_panel_bf16::<$m>(k, &xs, panel, c, share, PANEL.div_ceil(later))
+    (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(
+        || [[0f32; PANEL]; MR],
+        |c, p| {
+            let out = &out;
+            let (r0, nr) = (p * PANEL, PANEL.min(n - p * PANEL));
+            let panel = d[p * k * PANEL..].as_ptr();
+            let groups = t.div_ceil(MR);
+            let mut group = 0;
+            let mut t0 = 0;
+            while t0 < t {
+                // Groups as even as they come: 8 rows go as 4 + 4, not 6 + 2.
+                let m = (t - t0).div_ceil((t - t0).div_ceil(MR));
+                macro_rules! kernel {
+                    ($m:literal) => {{
+                        let xs: [*const f32; $m] =
+                            std::array::from_fn(|i| x[(t0 + i) * k..].as_ptr());
+                        let c: &mut [[f32; PANEL]; $m] = (&mut c[..$m]).try_into().expect("m rows");
+                        // SAFETY: Avx2 was detected; each input pointer has k readable floats and
+                        // the panel k columns of 16.
+                        unsafe {
+                            if group == 0 {
+                                // Ahead of itself: the first group reads the panel from memory.
+                                x86::kernel_panel_bf16::<$m>(
+                                    k,
+                                    &xs,
+                                    panel,
+                                    c,
+                                    panel.wrapping_add(x86::PF_COLUMNS * PANEL),
+                                    PANEL,
+                                )
+                            } else {
+                                // The next panel, a share for each later group at the pace that
+                                // covers it, so it streams in while this one is computed.
+                                let later = groups - 1;
+                                let share =
+                                    panel.wrapping_add(k * PANEL + (group - 1) * k * PANEL / later);
+                                x86::kernel_panel_bf16::<$m>(
+                                    k,
+                                    &xs,
+                                    panel,
+                                    c,
+                                    share,
+                                    PANEL.div_ceil(later),
+                                )
+                            }
                         }
-                    }
-                }};
+                    }};
+                }
+                match m {
+                    1 => kernel!(1),
+                    2 => kernel!(2),
+                    3 => kernel!(3),
+                    4 => kernel!(4),
+                    5 => kernel!(5),
+                    _ => kernel!(6),
+                }
+                for (i, ci) in c.iter().enumerate().take(m) {
+                    // SAFETY: output columns r0..r0 + nr belong to this panel only.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(ci.as_ptr(), out.0.add((t0 + i) * n + r0), nr)
+                    };
+                }
+                t0 += m;
+                group += 1;
             }
-            match m {
-                1 => kernel!(1),
-                2 => kernel!(2),
-                3 => kernel!(3),
-                4 => kernel!(4),
-                5 => kernel!(5),
-                _ => kernel!(6),
-            }
-            for (i, ci) in c.iter().enumerate().take(m) {
-                // SAFETY: output columns r0..r0 + nr belong to this panel only.
-                unsafe { std::ptr::copy_nonoverlapping(ci.as_ptr(), out.0.add((t0 + i) * n + r0), nr) };
-            }
-            t0 += m;
-            group += 1;
-        }
-    });
+        },
+    );
 }
 
 /// Several input rows on AVX2, blocked as in BLIS: a task owns `PANELS` panels of 16 weight
@@ -627,11 +709,16 @@ fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                     // panel[kk][j] = w[r0 + j][k0 + kk], widened.
                     // SAFETY: Avx2 was detected; the pack functions check their bounds.
                     match w.data {
-                        WeightData::BF16(d) => unsafe { x86::pack_panel_bf16(&d[r0 * k + k0..], k, kc, nr, panel) },
-                        WeightData::F32(d) => unsafe { x86::pack_panel(&d[r0 * k + k0..], k, kc, nr, panel) },
+                        WeightData::BF16(d) => unsafe {
+                            x86::pack_panel_bf16(&d[r0 * k + k0..], k, kc, nr, panel)
+                        },
+                        WeightData::F32(d) => unsafe {
+                            x86::pack_panel(&d[r0 * k + k0..], k, kc, nr, panel)
+                        },
                         _ => {
                             for j in 0..nr {
-                                w.data.to_f32((r0 + j) * k + k0, &mut rows[j * kc..(j + 1) * kc]);
+                                w.data
+                                    .to_f32((r0 + j) * k + k0, &mut rows[j * kc..(j + 1) * kc]);
                             }
                             unsafe { x86::pack_panel(rows, kc, kc, nr, panel) }
                         }
@@ -640,7 +727,8 @@ fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                 for t0 in (0..t).step_by(MR) {
                     let mr = MR.min(t - t0);
                     // Rows past the end repeat the last one; their results are dropped.
-                    let xs: [*const f32; MR] = std::array::from_fn(|i| x[(t0 + i.min(mr - 1)) * k + k0..].as_ptr());
+                    let xs: [*const f32; MR] =
+                        std::array::from_fn(|i| x[(t0 + i.min(mr - 1)) * k + k0..].as_ptr());
                     for p in 0..np {
                         let r0 = r_first + p * NR;
                         let nr = NR.min(n - r0);
@@ -653,15 +741,25 @@ fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                         if k0 > 0 {
                             for (i, ci) in c.iter_mut().enumerate().take(mr) {
                                 match nr {
-                                    NR => *ci = unsafe { std::ptr::read_unaligned(at(i) as *const [f32; NR]) },
-                                    _ => unsafe { std::ptr::copy_nonoverlapping(at(i), ci.as_mut_ptr(), nr) },
+                                    NR => {
+                                        *ci = unsafe {
+                                            std::ptr::read_unaligned(at(i) as *const [f32; NR])
+                                        }
+                                    }
+                                    _ => unsafe {
+                                        std::ptr::copy_nonoverlapping(at(i), ci.as_mut_ptr(), nr)
+                                    },
                                 }
                             }
                         }
                         // The next tile's rows of the output, read after this kernel: from L2 or
                         // further, they would stall it.
                         if k0 > 0 {
-                            let (t1, r1) = if p + 1 < np { (t0, r0 + NR) } else { (t0 + MR, r_first) };
+                            let (t1, r1) = if p + 1 < np {
+                                (t0, r0 + NR)
+                            } else {
+                                (t0 + MR, r_first)
+                            };
                             for i in 0..MR.min(t.saturating_sub(t1)) {
                                 x86::prefetch(out.0.wrapping_add((t1 + i) * n + r1));
                             }
@@ -671,8 +769,12 @@ fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                         unsafe { x86::kernel_6x16(kc, xs, packed[p * KC * NR..].as_ptr(), &mut c) };
                         for (i, ci) in c.iter().enumerate().take(mr) {
                             match nr {
-                                NR => unsafe { std::ptr::write_unaligned(at(i) as *mut [f32; NR], *ci) },
-                                _ => unsafe { std::ptr::copy_nonoverlapping(ci.as_ptr(), at(i), nr) },
+                                NR => unsafe {
+                                    std::ptr::write_unaligned(at(i) as *mut [f32; NR], *ci)
+                                },
+                                _ => unsafe {
+                                    std::ptr::copy_nonoverlapping(ci.as_ptr(), at(i), nr)
+                                },
                             }
                         }
                     }
@@ -708,20 +810,47 @@ mod tests {
     #[test]
     fn matmul_matches_reference_all_dtypes_odd_sizes() {
         let mut rng = Rng::new(7);
-        for &(t, n, k) in &[(1, 1, 1), (3, 37, 17), (5, 70, 33), (1, 129, 100), (7, 33, 161), (9, 65, 1003), (2, 3, 40), (16, 20, 40), (17, 21, 50), (30, 35, 7), (13, 33, 9), (11, 3, 24), (4, 1, 8), (15, 67, 250), (40, 150, 600), (1030, 19, 9)] {
+        for &(t, n, k) in &[
+            (1, 1, 1),
+            (3, 37, 17),
+            (5, 70, 33),
+            (1, 129, 100),
+            (7, 33, 161),
+            (9, 65, 1003),
+            (2, 3, 40),
+            (16, 20, 40),
+            (17, 21, 50),
+            (30, 35, 7),
+            (13, 33, 9),
+            (11, 3, 24),
+            (4, 1, 8),
+            (15, 67, 250),
+            (40, 150, 600),
+            (1030, 19, 9),
+        ] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
             let mut wp = vec![bf16::ZERO; panels_len(n, k)];
             pack_bf16_panels(&wb, n, k, &mut wp);
-            for data in [WeightData::F32(&wf), WeightData::BF16(&wb), WeightData::F16(&wh), WeightData::BF16Panels(&wp)] {
+            for data in [
+                WeightData::F32(&wf),
+                WeightData::BF16(&wb),
+                WeightData::F16(&wh),
+                WeightData::BF16Panels(&wp),
+            ] {
                 let w = Mat::new(data, n, k);
                 let (mut y, mut yr) = (vec![0.0; t * n], vec![0.0; t * n]);
                 matmul_ref(&x, w, &mut yr);
                 for isa in crate::isa::available() {
                     matmul_with(isa, &x, w, &mut y);
-                    assert_close(&y, &yr, 1e-4 * (k as f32).sqrt(), &format!("matmul {isa:?} t={t} n={n} k={k}"));
+                    assert_close(
+                        &y,
+                        &yr,
+                        1e-4 * (k as f32).sqrt(),
+                        &format!("matmul {isa:?} t={t} n={n} k={k}"),
+                    );
                 }
             }
         }
@@ -732,7 +861,18 @@ mod tests {
     #[test]
     fn quantized_matmul_matches_reference() {
         let mut rng = Rng::new(8);
-        for &(t, n, k) in &[(1, 37, 64), (1, 9, 1600), (1, 7, 384), (1, 5, 160), (2, 70, 160), (3, 5, 32), (5, 33, 96), (9, 17, 1600), (21, 19, 64), (20, 70, 320)] {
+        for &(t, n, k) in &[
+            (1, 37, 64),
+            (1, 9, 1600),
+            (1, 7, 384),
+            (1, 5, 160),
+            (2, 70, 160),
+            (3, 5, 32),
+            (5, 33, 96),
+            (9, 17, 1600),
+            (21, 19, 64),
+            (20, 70, 320),
+        ] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let mut q8 = vec![BlockQ8_0::default(); n * k / QK];
@@ -746,8 +886,20 @@ mod tests {
                 for isa in crate::isa::available() {
                     matmul_with(isa, &x, w, &mut y);
                     // Rows quantized to int8 add up to half a step (|x|max/254) per element.
-                    let tol = if t <= QUANT_DOT_MAX_ROWS { 0.02 * (k as f32).sqrt() } else { 1e-4 * (k as f32).sqrt() };
-                    assert_close(&y, &yr, tol, &format!("{data:?} {isa:?} t={t} n={n} k={k}").chars().take(60).collect::<String>());
+                    let tol = if t <= QUANT_DOT_MAX_ROWS {
+                        0.02 * (k as f32).sqrt()
+                    } else {
+                        1e-4 * (k as f32).sqrt()
+                    };
+                    assert_close(
+                        &y,
+                        &yr,
+                        tol,
+                        &format!("{data:?} {isa:?} t={t} n={n} k={k}")
+                            .chars()
+                            .take(60)
+                            .collect::<String>(),
+                    );
                 }
             }
         }
@@ -758,7 +910,14 @@ mod tests {
     #[test]
     fn quantized_tiles_equal_integer_dots() {
         let mut rng = Rng::new(9);
-        for &(t, n, k) in &[(1, 5, 64), (2, 7, 96), (4, 9, 160), (5, 3, 32), (7, 11, 1600), (16, 13, 256)] {
+        for &(t, n, k) in &[
+            (1, 5, 64),
+            (2, 7, 96),
+            (4, 9, 160),
+            (5, 3, 32),
+            (7, 11, 1600),
+            (16, 13, 256),
+        ] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
             let mut q8 = vec![BlockQ8_0::default(); n * k / QK];
@@ -783,7 +942,12 @@ mod tests {
                 for isa in crate::isa::available() {
                     let mut y = vec![0.0; t * n];
                     matmul_with(isa, &x, Mat::new(data, n, k), &mut y);
-                    assert_close(&y, &want, 1e-6 * k as f32, &format!("{isa:?} t={t} n={n} k={k}"));
+                    assert_close(
+                        &y,
+                        &want,
+                        1e-6 * k as f32,
+                        &format!("{isa:?} t={t} n={n} k={k}"),
+                    );
                 }
             }
         }
@@ -794,11 +958,26 @@ mod tests {
     #[test]
     fn panels_hold_the_rows() {
         let mut rng = Rng::new(10);
-        for &(n, k) in &[(1, 1), (16, 3), (17, 5), (40, 33), (3, 0), (32, 17), (48, 64)] {
-            let wb: Vec<bf16> = rng.normal_vec(n * k, 1.0).iter().map(|&v| bf16::from_f32(v)).collect();
+        for &(n, k) in &[
+            (1, 1),
+            (16, 3),
+            (17, 5),
+            (40, 33),
+            (3, 0),
+            (32, 17),
+            (48, 64),
+        ] {
+            let wb: Vec<bf16> = rng
+                .normal_vec(n * k, 1.0)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
             let mut wp = vec![bf16::ZERO; panels_len(n, k)];
             pack_bf16_panels(&wb, n, k, &mut wp);
-            let (rm, pm) = (Mat::new(WeightData::BF16(&wb), n, k), Mat::new(WeightData::BF16Panels(&wp), n, k));
+            let (rm, pm) = (
+                Mat::new(WeightData::BF16(&wb), n, k),
+                Mat::new(WeightData::BF16Panels(&wp), n, k),
+            );
             let (mut a, mut b) = (vec![0.0; k], vec![0.0; k]);
             for r in 0..n {
                 rm.row_f32(r, &mut a);
@@ -815,7 +994,11 @@ mod tests {
                 }
             }
             let padding = wp.len() - n * k;
-            assert_eq!(wp.iter().filter(|v| v.to_f32() == 0.0).count() - wb.iter().filter(|v| v.to_f32() == 0.0).count(), padding);
+            assert_eq!(
+                wp.iter().filter(|v| v.to_f32() == 0.0).count()
+                    - wb.iter().filter(|v| v.to_f32() == 0.0).count(),
+                padding
+            );
         }
     }
 
@@ -828,4 +1011,3 @@ mod tests {
         assert_eq!(r, vec![6.0, 7.0, 8.0]);
     }
 }
-

@@ -13,15 +13,18 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let mut sink = 0f32;
     for _ in 0..reps {
         let t = Instant::now();
-        sink += buf.par_chunks(1 << 16).map(|c| {
-            let mut acc = [0f32; 16];
-            for ch in c.chunks_exact(16) {
-                for i in 0..16 {
-                    acc[i] += ch[i];
+        sink += buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for ch in c.chunks_exact(16) {
+                    for i in 0..16 {
+                        acc[i] += ch[i];
+                    }
                 }
-            }
-            acc.iter().sum::<f32>()
-        }).sum::<f32>();
+                acc.iter().sum::<f32>()
+            })
+            .sum::<f32>();
         best = best.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(sink);
@@ -42,7 +45,10 @@ pub fn fma_peak() -> Option<f64> {
         for _ in 0..3 {
             let t = Instant::now();
             // SAFETY: Avx2 (with FMA) was detected.
-            let s: f32 = (0..threads).into_par_iter().map(|_| unsafe { crate::x86::fma_loop(iters) }).sum();
+            let s: f32 = (0..threads)
+                .into_par_iter()
+                .map(|_| unsafe { crate::x86::fma_loop(iters) })
+                .sum();
             std::hint::black_box(s);
             best = best.min(t.elapsed().as_secs_f64());
         }

@@ -133,7 +133,11 @@ pub fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     w.iter()
         .zip(x)
         .map(|(a, b)| {
-            let s: i32 = a.qs.iter().zip(&b.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+            let s: i32 =
+                a.qs.iter()
+                    .zip(&b.qs)
+                    .map(|(&p, &q)| p as i32 * q as i32)
+                    .sum();
             a.scale() * b.scale() * s as f32
         })
         .sum()
@@ -170,7 +174,9 @@ pub fn q4_0_blocks(bytes: &[u8]) -> &[BlockQ4_0] {
 /// The raw bytes of blocks, for saving.
 pub fn block_bytes<T: Copy>(blocks: &[T]) -> &[u8] {
     // SAFETY: plain-old-data blocks without padding (asserted by the layout tests).
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks)) }
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks))
+    }
 }
 
 #[cfg(test)]
@@ -236,7 +242,13 @@ mod tests {
         x.extend(block(&|i| 3e38 * ((i as f32) / QK as f32 - 0.5)));
         x.extend(block(&|i| if i == 7 { f32::NAN } else { i as f32 }));
         x.extend(block(&|i| if i == 3 { f32::INFINITY } else { i as f32 }));
-        x.extend(block(&|i| if i == 30 { f32::NEG_INFINITY } else { -(i as f32) }));
+        x.extend(block(&|i| {
+            if i == 30 {
+                f32::NEG_INFINITY
+            } else {
+                -(i as f32)
+            }
+        }));
         let n = x.len() / QK;
         let mut want = vec![BlockQ4_0::default(); n];
         quantize_q4_0_ref(&x, &mut want);
@@ -265,8 +277,16 @@ mod tests {
             for j in 0..QK {
                 let i = bi * QK + j;
                 // Half a step of rounding, plus the f16 rounding of the scale.
-                assert!((y8[i] - x[i]).abs() <= amax / 127.0 * 0.5 + amax * 1e-3, "q8 {i}");
-                assert!((y4[i] - x[i]).abs() <= amax / 8.0 * 0.5 + amax * 2e-3 + 1e-6, "q4 {i}: {} vs {}", y4[i], x[i]);
+                assert!(
+                    (y8[i] - x[i]).abs() <= amax / 127.0 * 0.5 + amax * 1e-3,
+                    "q8 {i}"
+                );
+                assert!(
+                    (y4[i] - x[i]).abs() <= amax / 8.0 * 0.5 + amax * 2e-3 + 1e-6,
+                    "q4 {i}: {} vs {}",
+                    y4[i],
+                    x[i]
+                );
             }
         }
         // Integer dots equal the float dot of the dequantized values.

@@ -5,7 +5,9 @@
 /// (`1 / base ** (arange(0, dim, 2).float() / dim)`).
 pub fn inv_freq(base: f64, dim: usize) -> Vec<f32> {
     let b = base as f32;
-    (0..dim / 2).map(|j| 1.0 / b.powf((2 * j) as f32 / dim as f32)).collect()
+    (0..dim / 2)
+        .map(|j| 1.0 / b.powf((2 * j) as f32 / dim as f32))
+        .collect()
 }
 
 /// Rotates every head (of width `2 * inv_freq.len()`) of one row in place, for position `pos`.

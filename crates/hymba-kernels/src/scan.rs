@@ -38,55 +38,62 @@ pub fn selective_scan_with(isa: Isa, inp: &ScanInput, state: &mut [f32], y: &mut
     unsafe impl Sync for P {}
     let yp = P(y.as_mut_ptr());
     let per_task = (WORK_PER_TASK / t.max(1)).clamp(64, e.max(64));
-    state.par_chunks_mut(per_task * n).enumerate().for_each(|(task, st)| {
-        let yp = &yp;
-        let c0 = task * per_task;
-        let mut ci = 0;
-        let channels = st.len() / n;
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 && n.is_multiple_of(8) && n <= 32 {
-            // Four channels at a time, then one at a time.
-            while ci < channels {
-                let c = if ci + 4 <= channels { 4 } else { 1 };
+    state
+        .par_chunks_mut(per_task * n)
+        .enumerate()
+        .for_each(|(task, st)| {
+            let yp = &yp;
+            let c0 = task * per_task;
+            let mut ci = 0;
+            let channels = st.len() / n;
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx2 && n.is_multiple_of(8) && n <= 32 {
+                // Four channels at a time, then one at a time.
+                while ci < channels {
+                    let c = if ci + 4 <= channels { 4 } else { 1 };
+                    let ch = c0 + ci;
+                    let (a, d, s) = (&inp.a[ch * n..], &inp.d[ch..], &mut st[ci * n..]);
+                    macro_rules! run {
+                        ($c:literal, $nv:literal) => {
+                            // SAFETY: Avx2 was detected; shapes were checked above; `a`, `d`, `s`
+                            // hold these channels; their `y` columns belong to this task only.
+                            unsafe {
+                                x86::scan_channels::<$c, $nv>(
+                                    t, e, ch, inp.x, inp.delta, a, inp.b, inp.c, d, s, yp.0,
+                                )
+                            }
+                        };
+                    }
+                    match (c, n / 8) {
+                        (4, 1) => run!(4, 1),
+                        (4, 2) => run!(4, 2),
+                        (4, 3) => run!(4, 3),
+                        (4, _) => run!(4, 4),
+                        (_, 1) => run!(1, 1),
+                        (_, 2) => run!(1, 2),
+                        (_, 3) => run!(1, 3),
+                        (_, _) => run!(1, 4),
+                    }
+                    ci += c;
+                }
+            }
+            for (ci, s) in st.chunks_exact_mut(n).enumerate().skip(ci) {
                 let ch = c0 + ci;
-                let (a, d, s) = (&inp.a[ch * n..], &inp.d[ch..], &mut st[ci * n..]);
-                macro_rules! run {
-                    ($c:literal, $nv:literal) => {
-                        // SAFETY: Avx2 was detected; shapes were checked above; `a`, `d`, `s`
-                        // hold these channels; their `y` columns belong to this task only.
-                        unsafe { x86::scan_channels::<$c, $nv>(t, e, ch, inp.x, inp.delta, a, inp.b, inp.c, d, s, yp.0) }
-                    };
+                let a = &inp.a[ch * n..(ch + 1) * n];
+                for ti in 0..t {
+                    let dt = inp.delta[ti * e + ch];
+                    let xv = inp.x[ti * e + ch];
+                    let (b, c) = (&inp.b[ti * n..(ti + 1) * n], &inp.c[ti * n..(ti + 1) * n]);
+                    let mut acc = 0f32;
+                    for j in 0..n {
+                        s[j] = (dt * a[j]).exp() * s[j] + dt * b[j] * xv;
+                        acc += s[j] * c[j];
+                    }
+                    // SAFETY: channel `ch` belongs to this task only.
+                    unsafe { *yp.0.add(ti * e + ch) = acc + inp.d[ch] * xv };
                 }
-                match (c, n / 8) {
-                    (4, 1) => run!(4, 1),
-                    (4, 2) => run!(4, 2),
-                    (4, 3) => run!(4, 3),
-                    (4, _) => run!(4, 4),
-                    (_, 1) => run!(1, 1),
-                    (_, 2) => run!(1, 2),
-                    (_, 3) => run!(1, 3),
-                    (_, _) => run!(1, 4),
-                }
-                ci += c;
             }
-        }
-        for (ci, s) in st.chunks_exact_mut(n).enumerate().skip(ci) {
-            let ch = c0 + ci;
-            let a = &inp.a[ch * n..(ch + 1) * n];
-            for ti in 0..t {
-                let dt = inp.delta[ti * e + ch];
-                let xv = inp.x[ti * e + ch];
-                let (b, c) = (&inp.b[ti * n..(ti + 1) * n], &inp.c[ti * n..(ti + 1) * n]);
-                let mut acc = 0f32;
-                for j in 0..n {
-                    s[j] = (dt * a[j]).exp() * s[j] + dt * b[j] * xv;
-                    acc += s[j] * c[j];
-                }
-                // SAFETY: channel `ch` belongs to this task only.
-                unsafe { *yp.0.add(ti * e + ch) = acc + inp.d[ch] * xv };
-            }
-        }
-    });
+        });
 }
 
 fn check(inp: &ScanInput, state: &[f32], y: &[f32], e: usize, n: usize, t: usize) {
@@ -127,40 +134,58 @@ mod tests {
     #[test]
     fn fast_scan_matches_reference_and_chunks() {
         let mut rng = Rng::new(11);
-        for (t, e, n) in [(9, 131, 5), (7, 70, 16), (3, 9, 32), (5, 37, 24), (2, 13, 8), (1, 3200, 16)] {
-        let x = rng.normal_vec(t * e, 1.0);
-        let delta: Vec<f32> = rng.normal_vec(t * e, 1.0).iter().map(|v| v.abs()).collect();
-        let a: Vec<f32> = rng.normal_vec(e * n, 1.0).iter().map(|v| -v.exp()).collect();
-        let b = rng.normal_vec(t * n, 1.0);
-        let c = rng.normal_vec(t * n, 1.0);
-        let d = rng.normal_vec(e, 1.0);
-        let inp = ScanInput { x: &x, delta: &delta, a: &a, b: &b, c: &c, d: &d };
-        let s_init = rng.normal_vec(e * n, 1.0);
-        let mut s2 = s_init.clone();
-        let mut y2 = vec![0.0; t * e];
-        selective_scan_ref(&inp, &mut s2, &mut y2);
-        let mut y1 = vec![0.0; t * e];
-        for isa in crate::isa::available() {
-            let mut s1 = s_init.clone();
-            selective_scan_with(isa, &inp, &mut s1, &mut y1);
-            assert_close(&y1, &y2, 1e-5, &format!("scan y {isa:?} n={n}"));
-            assert_close(&s1, &s2, 1e-5, &format!("scan state {isa:?} n={n}"));
-        }
-        // One step at a time from the same start gives the same.
-        let mut s3 = s_init;
-        let mut y3 = vec![0.0; t * e];
-        for ti in 0..t {
-            let step = ScanInput {
-                x: &x[ti * e..(ti + 1) * e],
-                delta: &delta[ti * e..(ti + 1) * e],
+        for (t, e, n) in [
+            (9, 131, 5),
+            (7, 70, 16),
+            (3, 9, 32),
+            (5, 37, 24),
+            (2, 13, 8),
+            (1, 3200, 16),
+        ] {
+            let x = rng.normal_vec(t * e, 1.0);
+            let delta: Vec<f32> = rng.normal_vec(t * e, 1.0).iter().map(|v| v.abs()).collect();
+            let a: Vec<f32> = rng
+                .normal_vec(e * n, 1.0)
+                .iter()
+                .map(|v| -v.exp())
+                .collect();
+            let b = rng.normal_vec(t * n, 1.0);
+            let c = rng.normal_vec(t * n, 1.0);
+            let d = rng.normal_vec(e, 1.0);
+            let inp = ScanInput {
+                x: &x,
+                delta: &delta,
                 a: &a,
-                b: &b[ti * n..(ti + 1) * n],
-                c: &c[ti * n..(ti + 1) * n],
+                b: &b,
+                c: &c,
                 d: &d,
             };
-            selective_scan(&step, &mut s3, &mut y3[ti * e..(ti + 1) * e]);
-        }
-        assert_close(&y1, &y3, 1e-5, "scan stepwise");
+            let s_init = rng.normal_vec(e * n, 1.0);
+            let mut s2 = s_init.clone();
+            let mut y2 = vec![0.0; t * e];
+            selective_scan_ref(&inp, &mut s2, &mut y2);
+            let mut y1 = vec![0.0; t * e];
+            for isa in crate::isa::available() {
+                let mut s1 = s_init.clone();
+                selective_scan_with(isa, &inp, &mut s1, &mut y1);
+                assert_close(&y1, &y2, 1e-5, &format!("scan y {isa:?} n={n}"));
+                assert_close(&s1, &s2, 1e-5, &format!("scan state {isa:?} n={n}"));
+            }
+            // One step at a time from the same start gives the same.
+            let mut s3 = s_init;
+            let mut y3 = vec![0.0; t * e];
+            for ti in 0..t {
+                let step = ScanInput {
+                    x: &x[ti * e..(ti + 1) * e],
+                    delta: &delta[ti * e..(ti + 1) * e],
+                    a: &a,
+                    b: &b[ti * n..(ti + 1) * n],
+                    c: &c[ti * n..(ti + 1) * n],
+                    d: &d,
+                };
+                selective_scan(&step, &mut s3, &mut y3[ti * e..(ti + 1) * e]);
+            }
+            assert_close(&y1, &y3, 1e-5, "scan stepwise");
         }
     }
 }

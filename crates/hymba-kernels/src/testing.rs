@@ -44,7 +44,10 @@ impl Rng {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     // Not `f32::max`, which drops NaN: a NaN difference is the worst.
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m })
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m })
 }
 
 /// Panics with the worst index when `a` and `b` differ by more than `tol` anywhere.
@@ -59,5 +62,10 @@ pub fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
             at = i;
         }
     }
-    assert!(worst <= tol, "{what}: max |diff| {worst} at {at} ({} vs {}) > {tol}", a[at], b[at]);
+    assert!(
+        worst <= tol,
+        "{what}: max |diff| {worst} at {at} ({} vs {}) > {tol}",
+        a[at],
+        b[at]
+    );
 }

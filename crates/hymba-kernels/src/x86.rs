@@ -53,7 +53,11 @@ macro_rules! dot_impl {
             let mut i = 0;
             while i + 32 <= n {
                 for j in 0..4 {
-                    acc[j] = _mm256_fmadd_ps($load(wp.add(i + 8 * j)), _mm256_loadu_ps(xp.add(i + 8 * j)), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(
+                        $load(wp.add(i + 8 * j)),
+                        _mm256_loadu_ps(xp.add(i + 8 * j)),
+                        acc[j],
+                    );
                 }
                 i += 32;
             }
@@ -61,7 +65,10 @@ macro_rules! dot_impl {
                 acc[0] = _mm256_fmadd_ps($load(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
                 i += 8;
             }
-            let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
             while i < n {
                 s += $scalar(w[i]) * x[i];
                 i += 1;
@@ -71,9 +78,17 @@ macro_rules! dot_impl {
     };
 }
 
-dot_impl!(dot_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
-dot_impl!(dot_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v.to_f32());
-dot_impl!(dot_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v.to_f32());
+dot_impl!(
+    dot_f32,
+    f32,
+    "avx2,fma",
+    |p: *const f32| _mm256_loadu_ps(p),
+    |v: f32| v
+);
+dot_impl!(dot_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v
+    .to_f32());
+dot_impl!(dot_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v
+    .to_f32());
 
 /// One f32 row `w` against four rows of `x` at once, so each weight load feeds four FMAs.
 #[target_feature(enable = "avx2,fma")]
@@ -118,7 +133,12 @@ pub fn prefetch(p: *const f32) {
 /// (`[kc][NR]`). Twelve accumulators stay in registers; each k costs two panel loads and six
 /// broadcasts for twelve FMAs.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn kernel_6x16(kc: usize, x: [*const f32; MR], panel: *const f32, c: &mut [[f32; NR]; MR]) {
+pub unsafe fn kernel_6x16(
+    kc: usize,
+    x: [*const f32; MR],
+    panel: *const f32,
+    c: &mut [[f32; NR]; MR],
+) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     for i in 0..MR {
         acc[i][0] = _mm256_loadu_ps(c[i].as_ptr());
@@ -150,7 +170,14 @@ pub const PF_COLUMNS: usize = 64;
 /// accumulators, the two weight vectors and the broadcast in the 16 ymm registers. Every two
 /// columns it prefetches the line at `pf + kk·pf_step` (its own panel ahead, or the next one).
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn kernel_panel_bf16<const M: usize>(k: usize, x: &[*const f32; M], panel: *const bf16, c: &mut [[f32; NR]; M], pf: *const bf16, pf_step: usize) {
+pub unsafe fn kernel_panel_bf16<const M: usize>(
+    k: usize,
+    x: &[*const f32; M],
+    panel: *const bf16,
+    c: &mut [[f32; NR]; M],
+    pf: *const bf16,
+    pf_step: usize,
+) {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
     let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     let mut column = |kk: usize| {
@@ -186,14 +213,28 @@ macro_rules! pack_impl {
         /// k-major into `panel` (`[kc][NR]`), widening to f32 and zero padding missing rows,
         /// with 8×8 register transposes.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn $name(rows: &[$t], stride: usize, kc: usize, nrows: usize, panel: &mut [f32]) {
-            assert!(panel.len() >= kc * NR && nrows <= NR && (nrows == 0 || rows.len() >= (nrows - 1) * stride + kc));
+        pub unsafe fn $name(
+            rows: &[$t],
+            stride: usize,
+            kc: usize,
+            nrows: usize,
+            panel: &mut [f32],
+        ) {
+            assert!(
+                panel.len() >= kc * NR
+                    && nrows <= NR
+                    && (nrows == 0 || rows.len() >= (nrows - 1) * stride + kc)
+            );
             for half in 0..2 {
                 let mut kk = 0;
                 while kk + 8 <= kc {
                     let v: [__m256; 8] = std::array::from_fn(|j| {
                         let r = half * 8 + j;
-                        if r < nrows { $load(rows.as_ptr().add(r * stride + kk)) } else { _mm256_setzero_ps() }
+                        if r < nrows {
+                            $load(rows.as_ptr().add(r * stride + kk))
+                        } else {
+                            _mm256_setzero_ps()
+                        }
                     });
                     for (i, ti) in transpose8(v).iter().enumerate() {
                         _mm256_storeu_ps(panel.as_mut_ptr().add((kk + i) * NR + half * 8), *ti);
@@ -203,7 +244,11 @@ macro_rules! pack_impl {
                 for kk in kk..kc {
                     for j in 0..8 {
                         let r = half * 8 + j;
-                        panel[kk * NR + r] = if r < nrows { $scalar(rows[r * stride + kk]) } else { 0.0 };
+                        panel[kk * NR + r] = if r < nrows {
+                            $scalar(rows[r * stride + kk])
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }
@@ -211,8 +256,14 @@ macro_rules! pack_impl {
     };
 }
 
-pack_impl!(pack_panel, f32, |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
-pack_impl!(pack_panel_bf16, bf16, |p| load_bf16(p), |v: bf16| v.to_f32());
+pack_impl!(
+    pack_panel,
+    f32,
+    |p: *const f32| _mm256_loadu_ps(p),
+    |v: f32| v
+);
+pack_impl!(pack_panel_bf16, bf16, |p| load_bf16(p), |v: bf16| v
+    .to_f32());
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -257,7 +308,10 @@ pub unsafe fn pack_panel_pairs(w: &[bf16], cols: usize, out: &mut [bf16]) -> usi
         let pairs: [__m256; 8] = std::array::from_fn(|j| {
             let a = _mm_loadu_si128(w.as_ptr().add(j * cols + c) as *const __m128i);
             let b = _mm_loadu_si128(w.as_ptr().add((8 + j) * cols + c) as *const __m128i);
-            _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b)))
+            _mm256_castsi256_ps(_mm256_set_m128i(
+                _mm_unpackhi_epi16(a, b),
+                _mm_unpacklo_epi16(a, b),
+            ))
         });
         for (i, col) in transpose8(pairs).iter().enumerate() {
             _mm256_storeu_ps(out.as_mut_ptr().add((c + i) * NR) as *mut f32, *col);
@@ -276,7 +330,10 @@ unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
     let t3 = _mm256_hadd_ps(a[6], a[7]);
     let u0 = _mm256_hadd_ps(t0, t1);
     let u1 = _mm256_hadd_ps(t2, t3);
-    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
+    _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(u0, u1),
+        _mm256_permute2f128_ps::<0x31>(u0, u1),
+    )
 }
 
 /// Attention scores of `group` query heads (rows of `q`, each `dk` long) against keys at
@@ -289,7 +346,16 @@ unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
 /// used, and the value rows `vals[j]` (`dv` long, read by [`attn_values`] next) into L2.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn attn_scores<T: KvElem>(q: &[f32], group: usize, dk: usize, keys: &[*const T], vals: &[*const T], dv: usize, scale: f32, out: &mut [f32]) {
+pub unsafe fn attn_scores<T: KvElem>(
+    q: &[f32],
+    group: usize,
+    dk: usize,
+    keys: &[*const T],
+    vals: &[*const T],
+    dv: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let nk = keys.len();
     let full = dk / 8 * 8;
     let size = std::mem::size_of::<T>();
@@ -321,7 +387,10 @@ pub unsafe fn attn_scores<T: KvElem>(q: &[f32], group: usize, dk: usize, keys: &
                 d += 8;
             }
             let mut s = [0f32; 8];
-            _mm256_storeu_ps(s.as_mut_ptr(), _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+            _mm256_storeu_ps(
+                s.as_mut_ptr(),
+                _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)),
+            );
             for (i, si) in s.iter().enumerate().take(kb) {
                 let mut v = *si;
                 for d in full..dk {
@@ -338,7 +407,13 @@ pub unsafe fn attn_scores<T: KvElem>(q: &[f32], group: usize, dk: usize, keys: &
 /// over blocks of keys small enough that a block's rows stay in L1 across the column passes:
 /// each value row is read from memory once.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn attn_values<T: KvElem>(p: &[f32], group: usize, dv: usize, vals: &[*const T], out: &mut [f32]) {
+pub unsafe fn attn_values<T: KvElem>(
+    p: &[f32],
+    group: usize,
+    dv: usize,
+    vals: &[*const T],
+    out: &mut [f32],
+) {
     out[..group * dv].fill(0.0);
     let mut g0 = 0;
     while g0 < group {
@@ -357,7 +432,13 @@ pub unsafe fn attn_values<T: KvElem>(p: &[f32], group: usize, dv: usize, vals: &
 /// [`attn_values`] for heads `g0..g0 + G`, adding into `out`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn values_heads<T: KvElem, const G: usize>(p: &[f32], g0: usize, dv: usize, vals: &[*const T], out: &mut [f32]) {
+unsafe fn values_heads<T: KvElem, const G: usize>(
+    p: &[f32],
+    g0: usize,
+    dv: usize,
+    vals: &[*const T],
+    out: &mut [f32],
+) {
     const KEYS: usize = 64;
     let nk = vals.len();
     let full = dv / 16 * 16;
@@ -402,7 +483,9 @@ unsafe fn values_heads<T: KvElem, const G: usize>(p: &[f32], g0: usize, dv: usiz
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scale(d: [u8; 2]) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes(d) as i32)))
+    _mm_cvtss_f32(_mm_cvtph_ps(
+        _mm_cvtsi32_si128(u16::from_le_bytes(d) as i32),
+    ))
 }
 
 /// `Σ_i dw_i · xd_i · (Σ lanes of dot(i) − corr_i)` over `n` block pairs, where `dot(i)` is
@@ -429,7 +512,19 @@ unsafe fn fold_blocks(
         let h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
         let dots = _mm256_cvtepi32_ps(_mm256_sub_epi32(h, _mm256_zextsi128_si256(corr4(i))));
         let bits = |j: usize| dw(i + j) as i16;
-        let sc = _mm_mul_ps(_mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, bits(3), bits(2), bits(1), bits(0))), _mm_loadu_ps(xd.as_ptr().add(i)));
+        let sc = _mm_mul_ps(
+            _mm_cvtph_ps(_mm_set_epi16(
+                0,
+                0,
+                0,
+                0,
+                bits(3),
+                bits(2),
+                bits(1),
+                bits(0),
+            )),
+            _mm_loadu_ps(xd.as_ptr().add(i)),
+        );
         _mm256_fmadd_ps(_mm256_set_m128(sc, sc), dots, acc)
     };
     let mut acc = [_mm256_setzero_ps(); 2];
@@ -455,15 +550,29 @@ unsafe fn fold_blocks(
 /// unsigned operand, so the sign of the weights moves onto the activations (GGML's
 /// `mul_sum_i8_pairs`); see [`fold_blocks`] for the rest.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0(w: &[crate::quant::BlockQ8_0], x: &[crate::quant::BlockQ8_0], xd: &[f32]) -> f32 {
+pub unsafe fn dot_q8_0(
+    w: &[crate::quant::BlockQ8_0],
+    x: &[crate::quant::BlockQ8_0],
+    xd: &[f32],
+) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let dot = |i: usize| {
         let a = unpack_q8_0(w.get_unchecked(i));
         let b = unpack_q8_0(x.get_unchecked(i));
-        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)), ones)
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)),
+            ones,
+        )
     };
     let n = w.len().min(x.len());
-    fold_blocks(n, dot, |i| u16::from_le_bytes(w.get_unchecked(i).d), xd, |_| _mm_setzero_si128(), |_| 0)
+    fold_blocks(
+        n,
+        dot,
+        |i| u16::from_le_bytes(w.get_unchecked(i).d),
+        xd,
+        |_| _mm_setzero_si128(),
+        |_| 0,
+    )
 }
 
 /// Q4_0 weights · Q8_0 activations whose block scales come widened (`xd`) and whose block sums
@@ -471,7 +580,12 @@ pub unsafe fn dot_q8_0(w: &[crate::quant::BlockQ8_0], x: &[crate::quant::BlockQ8
 /// signed as maddubs wants, and 8·Σx per block is taken off after: Σ(q − 8)·x = Σq·x − 8·Σx,
 /// exactly, in integers; see [`fold_blocks`] for the rest.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8_0], xd: &[f32], xs: &[i32]) -> f32 {
+pub unsafe fn dot_q4_0(
+    w: &[crate::quant::BlockQ4_0],
+    x: &[crate::quant::BlockQ8_0],
+    xd: &[f32],
+    xs: &[i32],
+) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(0x0F);
     let dot = |i: usize| {
@@ -483,7 +597,14 @@ pub unsafe fn dot_q4_0(w: &[crate::quant::BlockQ4_0], x: &[crate::quant::BlockQ8
     let n = w.len().min(x.len()).min(xs.len());
     // 8·Σx per block, in the lanes of the folded sums.
     let corr4 = |i: usize| _mm_slli_epi32(_mm_loadu_si128(xs.as_ptr().add(i) as *const __m128i), 3);
-    fold_blocks(n, dot, |i| u16::from_le_bytes(w.get_unchecked(i).d), xd, corr4, |i| 8 * *xs.get_unchecked(i))
+    fold_blocks(
+        n,
+        dot,
+        |i| u16::from_le_bytes(w.get_unchecked(i).d),
+        xd,
+        corr4,
+        |i| 8 * *xs.get_unchecked(i),
+    )
 }
 
 /// A Q8_0 block's 32 values as signed bytes.
@@ -499,7 +620,10 @@ unsafe fn unpack_q8_0(b: &crate::quant::BlockQ8_0) -> __m256i {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn unpack_q4_0(b: &crate::quant::BlockQ4_0) -> __m256i {
     let t = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
-    let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+    let q = _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
+        _mm256_set1_epi8(0x0F),
+    );
     _mm256_sub_epi8(q, _mm256_set1_epi8(8))
 }
 
@@ -510,7 +634,12 @@ macro_rules! quant_tile_impl {
         /// unpacked and its scale widened once for the M inputs, each input block loaded once
         /// for the R rows.
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn $name<const R: usize, const M: usize>(w: [&[$blk]; R], x: [&[crate::quant::BlockQ8_0]; M], xd: [&[f32]; M], out: &mut [[f32; M]; R]) {
+        pub unsafe fn $name<const R: usize, const M: usize>(
+            w: [&[$blk]; R],
+            x: [&[crate::quant::BlockQ8_0]; M],
+            xd: [&[f32]; M],
+            out: &mut [[f32; M]; R],
+        ) {
             let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_ps(); M]; R];
             for b in 0..w[0].len() {
@@ -522,8 +651,15 @@ macro_rules! quant_tile_impl {
                     let y = _mm256_loadu_si256(x[m].get_unchecked(b).qs.as_ptr() as *const __m256i);
                     let dx = *xd[m].get_unchecked(b);
                     for j in 0..R {
-                        let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(y, wq[j])), ones);
-                        acc[j][m] = _mm256_fmadd_ps(_mm256_set1_ps(wd[j] * dx), _mm256_cvtepi32_ps(dot), acc[j][m]);
+                        let dot = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(y, wq[j])),
+                            ones,
+                        );
+                        acc[j][m] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(wd[j] * dx),
+                            _mm256_cvtepi32_ps(dot),
+                            acc[j][m],
+                        );
                     }
                 }
             }
@@ -546,17 +682,33 @@ quant_tile_impl!(dot_tile_q4_0, crate::quant::BlockQ4_0, unpack_q4_0);
 pub unsafe fn exp256(x: __m256) -> __m256 {
     let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
     let x = _mm256_max_ps(x, _mm256_set1_ps(-88.376_26));
-    let fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
+    let fx = _mm256_floor_ps(_mm256_fmadd_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+        _mm256_set1_ps(0.5),
+    ));
     let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
     let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
     let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
         p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c));
     }
-    let y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, x), x, x), _mm256_set1_ps(1.0));
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(_mm256_mul_ps(p, x), x, x),
+        _mm256_set1_ps(1.0),
+    );
     let n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
     // n ≤ 0 underflows: the result is 0 there (x was clamped at −88.4).
-    let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_max_epi32(n, _mm256_setzero_si256()), 23));
+    let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_max_epi32(n, _mm256_setzero_si256()),
+        23,
+    ));
     _mm256_mul_ps(y, pow2n)
 }
 
@@ -568,15 +720,30 @@ pub unsafe fn log256(x: __m256) -> __m256 {
     let one = _mm256_set1_ps(1.0);
     let bits = _mm256_castps_si256(x);
     // Exponent and mantissa in [0.5, 1).
-    let mut e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
-    let mut m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007F_FFFF)), _mm256_set1_epi32(0x3F00_0000)));
+    let mut e = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+        _mm256_srli_epi32(bits, 23),
+        _mm256_set1_epi32(126),
+    ));
+    let mut m = _mm256_castsi256_ps(_mm256_or_si256(
+        _mm256_and_si256(bits, _mm256_set1_epi32(0x007F_FFFF)),
+        _mm256_set1_epi32(0x3F00_0000),
+    ));
     // Below √½ use 2m and one less exponent, so m − 1 is small either way.
     let small = _mm256_cmp_ps::<_CMP_LT_OQ>(m, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
     e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
     m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), one);
     let z = _mm256_mul_ps(m, m);
     let mut p = _mm256_set1_ps(7.037_683_6e-2);
-    for c in [-1.151_461e-1, 1.167_699_9e-1, -1.242_014_1e-1, 1.424_932_3e-1, -1.666_805_8e-1, 2.000_071_5e-1, -2.499_999_4e-1, 3.333_333e-1] {
+    for c in [
+        -1.151_461e-1,
+        1.167_699_9e-1,
+        -1.242_014_1e-1,
+        1.424_932_3e-1,
+        -1.666_805_8e-1,
+        2.000_071_5e-1,
+        -2.499_999_4e-1,
+        3.333_333e-1,
+    ] {
         p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(c));
     }
     let mut y = _mm256_mul_ps(_mm256_mul_ps(p, m), z);
@@ -593,13 +760,19 @@ pub unsafe fn softplus_bias(a: &mut [f32], b: &[f32]) {
     let one = _mm256_set1_ps(1.0);
     let mut i = 0;
     while i + 8 <= n {
-        let x = _mm256_add_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)));
+        let x = _mm256_add_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+        );
         let ex = exp256(_mm256_min_ps(x, _mm256_set1_ps(20.0)));
         let u = _mm256_add_ps(one, ex);
         let d = _mm256_sub_ps(u, one);
         // u = 1 exactly: log1p(eˣ) = eˣ to within rounding.
         let exact = _mm256_cmp_ps::<_CMP_EQ_OQ>(d, _mm256_setzero_ps());
-        let l = _mm256_div_ps(_mm256_mul_ps(log256(u), ex), _mm256_blendv_ps(d, one, exact));
+        let l = _mm256_div_ps(
+            _mm256_mul_ps(log256(u), ex),
+            _mm256_blendv_ps(d, one, exact),
+        );
         let l = _mm256_blendv_ps(l, ex, exact);
         let big = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(20.0));
         _mm256_storeu_ps(a.as_mut_ptr().add(i), _mm256_blendv_ps(l, x, big));
@@ -619,7 +792,9 @@ pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [crate::quant::BlockQ8_0]) {
     let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
         let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xs.as_ptr().add(8 * j)));
-        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(m, _mm256_andnot_ps(sign, v)));
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| {
+            _mm256_max_ps(m, _mm256_andnot_ps(sign, v))
+        });
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), m);
         let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
@@ -634,7 +809,10 @@ pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [crate::quant::BlockQ8_0]) {
             _mm256_cvtps_epi32(_mm256_add_ps(t, step))
         });
         // Saturating packs interleave 128-bit lanes; the permutation restores the order.
-        let p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let p = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
         let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, p);
     }
@@ -647,23 +825,32 @@ pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [crate::quant::BlockQ8_0]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_q4_0(x: &[f32], out: &mut [crate::quant::BlockQ4_0]) {
     let sign = _mm256_set1_ps(-0.0);
-    let (off, zero, fifteen) = (_mm256_set1_ps(8.5), _mm256_setzero_si256(), _mm256_set1_epi32(15));
+    let (off, zero, fifteen) = (
+        _mm256_set1_ps(8.5),
+        _mm256_setzero_si256(),
+        _mm256_set1_epi32(15),
+    );
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(32)) {
         let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xs.as_ptr().add(8 * j)));
-        let nan = v.iter().fold(0, |m, &v| m | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v)));
+        let nan = v.iter().fold(0, |m, &v| {
+            m | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v))
+        });
         if nan != 0 {
             crate::quant::quantize_q4_0_ref(xs, std::slice::from_mut(b));
             continue;
         }
         let abs: [__m256; 4] = v.map(|v| _mm256_andnot_ps(sign, v));
-        let m = abs.iter().fold(_mm256_setzero_ps(), |m, &a| _mm256_max_ps(m, a));
+        let m = abs
+            .iter()
+            .fold(_mm256_setzero_ps(), |m, &a| _mm256_max_ps(m, a));
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), m);
         let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
         // The reference keeps the first value of that magnitude (a strict `<`).
         let at = (0..4)
             .find_map(|j| {
-                let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(abs[j], _mm256_set1_ps(amax)));
+                let hit =
+                    _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(abs[j], _mm256_set1_ps(amax)));
                 (hit != 0).then(|| 8 * j + hit.trailing_zeros() as usize)
             })
             .unwrap_or(0);
@@ -681,9 +868,17 @@ pub unsafe fn quantize_q4_0(x: &[f32], out: &mut [crate::quant::BlockQ4_0]) {
             _mm256_min_epi32(_mm256_max_epi32(t, zero), fifteen)
         });
         // Byte j holds values j (low nibble) and j + 16 (high).
-        let t = [_mm256_or_si256(q[0], _mm256_slli_epi32(q[2], 4)), _mm256_or_si256(q[1], _mm256_slli_epi32(q[3], 4))];
-        let half = |t: __m256i| _mm_packs_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
-        _mm_storeu_si128(b.qs.as_mut_ptr() as *mut __m128i, _mm_packus_epi16(half(t[0]), half(t[1])));
+        let t = [
+            _mm256_or_si256(q[0], _mm256_slli_epi32(q[2], 4)),
+            _mm256_or_si256(q[1], _mm256_slli_epi32(q[3], 4)),
+        ];
+        let half = |t: __m256i| {
+            _mm_packs_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t))
+        };
+        _mm_storeu_si128(
+            b.qs.as_mut_ptr() as *mut __m128i,
+            _mm_packus_epi16(half(t[0]), half(t[1])),
+        );
     }
 }
 
@@ -713,7 +908,11 @@ pub unsafe fn exp_shifted(a: &mut [f32]) -> (f32, f32) {
     }
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-    let max = lanes.iter().chain(&a[full..]).copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = lanes
+        .iter()
+        .chain(&a[full..])
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     let mv = _mm256_set1_ps(max);
     let mut acc = _mm256_setzero_ps();
     for i in (0..full).step_by(8) {
@@ -780,8 +979,10 @@ pub unsafe fn scan_channels<const C: usize, const NV: usize>(
         }
     }
     for ti in 0..t {
-        let bv: [__m256; NV] = std::array::from_fn(|v| _mm256_loadu_ps(b.as_ptr().add(ti * n + 8 * v)));
-        let cv: [__m256; NV] = std::array::from_fn(|v| _mm256_loadu_ps(c.as_ptr().add(ti * n + 8 * v)));
+        let bv: [__m256; NV] =
+            std::array::from_fn(|v| _mm256_loadu_ps(b.as_ptr().add(ti * n + 8 * v)));
+        let cv: [__m256; NV] =
+            std::array::from_fn(|v| _mm256_loadu_ps(c.as_ptr().add(ti * n + 8 * v)));
         for j in 0..C {
             let dt = *delta.get_unchecked(ti * e + ch + j);
             let xv = *x.get_unchecked(ti * e + ch + j);
@@ -789,7 +990,10 @@ pub unsafe fn scan_channels<const C: usize, const NV: usize>(
             let dx = _mm256_set1_ps(dt * xv);
             let mut acc = _mm256_setzero_ps();
             for v in 0..NV {
-                let decay = exp256(_mm256_mul_ps(dtv, _mm256_loadu_ps(a.as_ptr().add(j * n + 8 * v))));
+                let decay = exp256(_mm256_mul_ps(
+                    dtv,
+                    _mm256_loadu_ps(a.as_ptr().add(j * n + 8 * v)),
+                ));
                 st[j][v] = _mm256_fmadd_ps(decay, st[j][v], _mm256_mul_ps(dx, bv[v]));
                 acc = _mm256_fmadd_ps(st[j][v], cv[v], acc);
             }
@@ -813,7 +1017,12 @@ macro_rules! dot_tile_impl {
         /// used: short rows in a row-by-row walk are too brief for the hardware prefetcher, and
         /// the loop otherwise waits on memory.
         #[target_feature(enable = $feat)]
-        pub unsafe fn $name<const R: usize, const M: usize>(w: [&[$t]; R], xs: &[*const f32; M], out: &mut [[f32; M]; R], prefetch: bool) {
+        pub unsafe fn $name<const R: usize, const M: usize>(
+            w: [&[$t]; R],
+            xs: &[*const f32; M],
+            out: &mut [[f32; M]; R],
+            prefetch: bool,
+        ) {
             let k = w[0].len();
             let mut acc = [[_mm256_setzero_ps(); M]; R];
             let mut i = 0;
@@ -821,7 +1030,9 @@ macro_rules! dot_tile_impl {
                 if prefetch {
                     for j in 0..R {
                         // Only a hint: an address past the matrix does not fault.
-                        _mm_prefetch::<_MM_HINT_T0>(w[j].as_ptr().wrapping_add(i + R * k) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            w[j].as_ptr().wrapping_add(i + R * k) as *const i8
+                        );
                     }
                 }
                 let wv: [__m256; R] = std::array::from_fn(|j| $load(w[j].as_ptr().add(i)));
@@ -846,9 +1057,27 @@ macro_rules! dot_tile_impl {
     };
 }
 
-dot_tile_impl!(dot_tile_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
-dot_tile_impl!(dot_tile_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v.to_f32());
-dot_tile_impl!(dot_tile_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v.to_f32());
+dot_tile_impl!(
+    dot_tile_f32,
+    f32,
+    "avx2,fma",
+    |p: *const f32| _mm256_loadu_ps(p),
+    |v: f32| v
+);
+dot_tile_impl!(
+    dot_tile_bf16,
+    bf16,
+    "avx2,fma",
+    |p| load_bf16(p),
+    |v: bf16| v.to_f32()
+);
+dot_tile_impl!(
+    dot_tile_f16,
+    f16,
+    "avx2,fma,f16c",
+    |p| load_f16(p),
+    |v: f16| v.to_f32()
+);
 
 /// `iters` rounds of 12 independent 8-wide FMAs on registers: the FMA units' peak, no memory.
 #[target_feature(enable = "avx2,fma")]
@@ -866,4 +1095,3 @@ pub unsafe fn fma_loop(iters: usize) -> f32 {
     }
     hsum(s)
 }
-

@@ -14,7 +14,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use hymba::engine::{Event, Request, SubmitError};
 use hymba::sample::TokenLogprob;
-use hymba::{DecodeWindow, Engine, FinishReason, GenerateOptions, Message, SamplingParams, Tokenizer};
+use hymba::{
+    DecodeWindow, Engine, FinishReason, GenerateOptions, Message, SamplingParams, Tokenizer,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -25,8 +27,14 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 /// Server-sent events from `Value`s, several per engine event where the protocol needs it.
-fn sse_events(values: Vec<Value>) -> impl tokio_stream::Stream<Item = Result<SseEvent, Infallible>> {
-    tokio_stream::iter(values.into_iter().map(|v| Ok(SseEvent::default().data(v.to_string()))))
+fn sse_events(
+    values: Vec<Value>,
+) -> impl tokio_stream::Stream<Item = Result<SseEvent, Infallible>> {
+    tokio_stream::iter(
+        values
+            .into_iter()
+            .map(|v| Ok(SseEvent::default().data(v.to_string()))),
+    )
 }
 
 /// What the handlers share.
@@ -80,38 +88,69 @@ impl IntoResponse for ApiError {
 }
 
 fn error(status: StatusCode, message: impl Into<String>, param: Option<&'static str>) -> ApiError {
-    ApiError { status, message: message.into(), param }
+    ApiError {
+        status,
+        message: message.into(),
+        param,
+    }
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn request_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}-{:x}{:04x}", now(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{:x}{:04x}",
+        now(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &st.api_key else { return Ok(()) };
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let Some(key) = &st.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     if given == Some(key.as_str()) {
         Ok(())
     } else {
-        Err(error(StatusCode::UNAUTHORIZED, "Incorrect or missing API key.", None))
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect or missing API key.",
+            None,
+        ))
     }
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("Invalid request body: {e}"), None))
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("Invalid request body: {e}"),
+            None,
+        )
+    })
 }
 
 fn check_model(st: &AppState, model: &Option<String>) -> Result<(), ApiError> {
     match model {
-        Some(m) if m != &st.model_name => {
-            Err(error(StatusCode::NOT_FOUND, format!("The model `{m}` does not exist. This server serves `{}`.", st.model_name), Some("model")))
-        }
+        Some(m) if m != &st.model_name => Err(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "The model `{m}` does not exist. This server serves `{}`.",
+                st.model_name
+            ),
+            Some("model"),
+        )),
         _ => Ok(()),
     }
 }
@@ -134,10 +173,30 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             out += &format!("hymba_{name}{labels} {v}\n");
         }
     };
-    put("requests_running", "gauge", "Sequences in the running batch.", &[("", running as f64)]);
-    put("requests_waiting", "gauge", "Requests queued for a batch slot.", &[("", st.engine.in_flight().saturating_sub(running) as f64)]);
-    put("prompt_tokens_total", "counter", "Prompt tokens admitted.", &[("", Stats::get(&s.prompt_tokens) as f64)]);
-    put("generation_tokens_total", "counter", "Tokens generated.", &[("", Stats::get(&s.generated_tokens) as f64)]);
+    put(
+        "requests_running",
+        "gauge",
+        "Sequences in the running batch.",
+        &[("", running as f64)],
+    );
+    put(
+        "requests_waiting",
+        "gauge",
+        "Requests queued for a batch slot.",
+        &[("", st.engine.in_flight().saturating_sub(running) as f64)],
+    );
+    put(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens admitted.",
+        &[("", Stats::get(&s.prompt_tokens) as f64)],
+    );
+    put(
+        "generation_tokens_total",
+        "counter",
+        "Tokens generated.",
+        &[("", Stats::get(&s.generated_tokens) as f64)],
+    );
     put(
         "requests_finished_total",
         "counter",
@@ -149,10 +208,32 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             ("{reason=\"cancelled\"}", Stats::get(&s.cancelled) as f64),
         ],
     );
-    put("engine_steps_total", "counter", "Batched forward passes.", &[("", Stats::get(&s.steps) as f64)]);
-    put("engine_step_seconds_total", "counter", "Time spent in batched forward passes.", &[("", Stats::get(&s.step_nanos) as f64 / 1e9)]);
-    put("engine_step_sequences_total", "counter", "Sequences over all passes (the mean batch is this over the steps).", &[("", Stats::get(&s.step_sequences) as f64)]);
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    put(
+        "engine_steps_total",
+        "counter",
+        "Batched forward passes.",
+        &[("", Stats::get(&s.steps) as f64)],
+    );
+    put(
+        "engine_step_seconds_total",
+        "counter",
+        "Time spent in batched forward passes.",
+        &[("", Stats::get(&s.step_nanos) as f64 / 1e9)],
+    );
+    put(
+        "engine_step_sequences_total",
+        "counter",
+        "Sequences over all passes (the mean batch is this over the steps).",
+        &[("", Stats::get(&s.step_sequences) as f64)],
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -228,26 +309,56 @@ struct Sampling {
 
 impl Sampling {
     /// Generation options for a prompt of `prompt_len` tokens, or the 400 that explains why not.
-    fn options(&self, st: &AppState, prompt_len: usize, default_max: usize) -> Result<GenerateOptions, ApiError> {
+    fn options(
+        &self,
+        st: &AppState,
+        prompt_len: usize,
+        default_max: usize,
+    ) -> Result<GenerateOptions, ApiError> {
         // A null asks for nothing (clients write unset fields so), so only set ones are refused.
-        let unknown: Vec<&str> =
-            self.rest.iter().filter(|(k, v)| !v.is_null() && !IGNORED_FIELDS.contains(&k.as_str())).map(|(k, _)| k.as_str()).collect();
+        let unknown: Vec<&str> = self
+            .rest
+            .iter()
+            .filter(|(k, v)| !v.is_null() && !IGNORED_FIELDS.contains(&k.as_str()))
+            .map(|(k, _)| k.as_str())
+            .collect();
         if !unknown.is_empty() {
             return Err(error(
                 StatusCode::BAD_REQUEST,
-                format!("Unrecognized request argument(s) supplied: {}.", unknown.join(", ")),
+                format!(
+                    "Unrecognized request argument(s) supplied: {}.",
+                    unknown.join(", ")
+                ),
                 None,
             ));
         }
-        if let Some(f) = self.response_format.as_ref().filter(|f| !f.is_null() && f["type"] != "text") {
-            return Err(error(StatusCode::BAD_REQUEST, format!("`response_format` {f} is not supported: only {{\"type\": \"text\"}}."), Some("response_format")));
+        if let Some(f) = self
+            .response_format
+            .as_ref()
+            .filter(|f| !f.is_null() && f["type"] != "text")
+        {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("`response_format` {f} is not supported: only {{\"type\": \"text\"}}."),
+                Some("response_format"),
+            ));
         }
         let n = self.choices();
         if n == 0 || n > st.engine.max_batch {
-            return Err(error(StatusCode::BAD_REQUEST, format!("`n` must be in 1..={} (--max-batch), found {n}.", st.engine.max_batch), Some("n")));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "`n` must be in 1..={} (--max-batch), found {n}.",
+                    st.engine.max_batch
+                ),
+                Some("n"),
+            ));
         }
         let room = st.max_context.saturating_sub(prompt_len);
-        let max = self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max.min(room));
+        let max = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(default_max.min(room));
         if prompt_len + max > st.max_context {
             return Err(error(
                 StatusCode::BAD_REQUEST,
@@ -272,13 +383,23 @@ impl Sampling {
             logit_bias: self.logit_bias(st)?,
             seed: self.seed.unwrap_or_else(now),
         };
-        sampling.validate().map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), None))?;
+        sampling
+            .validate()
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), None))?;
         let stop = self.stop.list();
         if stop.iter().any(String::is_empty) {
-            return Err(error(StatusCode::BAD_REQUEST, "A stop string is empty.", Some("stop")));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "A stop string is empty.",
+                Some("stop"),
+            ));
         }
         if self.stream_options.is_some() && !self.stream {
-            return Err(error(StatusCode::BAD_REQUEST, "`stream_options` is only allowed when `stream` is true.", Some("stream_options")));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "`stream_options` is only allowed when `stream` is true.",
+                Some("stream_options"),
+            ));
         }
         Ok(GenerateOptions {
             max_new_tokens: max,
@@ -296,11 +417,17 @@ impl Sampling {
     /// `logit_bias` as (token, bias), each key a token id of the vocabulary.
     fn logit_bias(&self, st: &AppState) -> Result<Vec<(u32, f32)>, ApiError> {
         let vocab = st.tokenizer.vocab_size();
-        let Some(map) = &self.logit_bias else { return Ok(Vec::new()) };
+        let Some(map) = &self.logit_bias else {
+            return Ok(Vec::new());
+        };
         map.iter()
             .map(|(k, &b)| match k.parse::<u32>() {
                 Ok(id) if (id as usize) < vocab => Ok((id, b)),
-                _ => Err(error(StatusCode::BAD_REQUEST, format!("`logit_bias` key {k:?} is not a token id (vocabulary of {vocab})."), Some("logit_bias"))),
+                _ => Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("`logit_bias` key {k:?} is not a token id (vocabulary of {vocab})."),
+                    Some("logit_bias"),
+                )),
             })
             .collect()
     }
@@ -312,7 +439,9 @@ impl Sampling {
 
     /// Whether a stream ends with a chunk of the token counts (`stream_options.include_usage`).
     fn stream_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -336,7 +465,14 @@ impl UsageTally {
 }
 
 /// The chunk OpenAI ends a stream with when asked for usage: no choices, the counts.
-fn usage_chunk(id: &str, object: &str, created: u64, model: &str, prompt_tokens: usize, completion_tokens: usize) -> Value {
+fn usage_chunk(
+    id: &str,
+    object: &str,
+    created: u64,
+    model: &str,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+) -> Value {
     json!({"id": id, "object": object, "created": created, "model": model, "choices": [],
            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}})
 }
@@ -351,15 +487,28 @@ fn submit(
     echo: bool,
 ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let req = Request { prompt, options, logprobs, echo, sink: Box::new(move |ev| tx.send(ev).is_ok()) };
+    let req = Request {
+        prompt,
+        options,
+        logprobs,
+        echo,
+        sink: Box::new(move |ev| tx.send(ev).is_ok()),
+    };
     match st.engine.submit(req) {
         Ok(()) => Ok(rx),
         Err(SubmitError::Busy) => Err(error(
             StatusCode::TOO_MANY_REQUESTS,
-            format!("The server is busy ({} requests running and queued); retry later.", st.engine.max_batch * 2),
+            format!(
+                "The server is busy ({} requests running and queued); retry later.",
+                st.engine.max_batch * 2
+            ),
             None,
         )),
-        Err(SubmitError::Stopped) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "The engine has stopped.", None)),
+        Err(SubmitError::Stopped) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The engine has stopped.",
+            None,
+        )),
     }
 }
 
@@ -383,8 +532,14 @@ fn submit_n(
 }
 
 /// The events of several answers as one stream, each tagged with its choice index.
-fn merged(rxs: Vec<mpsc::UnboundedReceiver<Event>>) -> impl tokio_stream::Stream<Item = (usize, Event)> {
-    futures_util::stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))))
+fn merged(
+    rxs: Vec<mpsc::UnboundedReceiver<Event>>,
+) -> impl tokio_stream::Stream<Item = (usize, Event)> {
+    futures_util::stream::select_all(
+        rxs.into_iter()
+            .enumerate()
+            .map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))),
+    )
 }
 
 /// Everything one request produced, for a non-streaming answer.
@@ -407,7 +562,11 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, ApiE
                 o.text.push_str(&text);
                 o.tokens.push((id, logprob));
             }
-            Event::Done { finish, prompt_tokens, completion_tokens } => {
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
                 o.finish = Some(finish);
                 o.prompt_tokens = prompt_tokens;
                 o.completion_tokens = completion_tokens;
@@ -416,7 +575,11 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, ApiE
             Event::Error(e) => return Err(error(StatusCode::BAD_REQUEST, e, None)),
         }
     }
-    Err(error(StatusCode::INTERNAL_SERVER_ERROR, "The engine dropped the request.", None))
+    Err(error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The engine dropped the request.",
+        None,
+    ))
 }
 
 fn finish_name(f: Option<FinishReason>) -> Value {
@@ -440,26 +603,53 @@ struct CompletionRequest {
 /// The prompts of a completion request as token ids: a string, a list of strings, a list of
 /// ids or a list of lists of ids.
 fn prompts(st: &AppState, v: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
-    let bad = || error(StatusCode::BAD_REQUEST, "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids.", Some("prompt"));
-    let ids = |v: &Value| -> Option<Vec<u32>> { v.as_array()?.iter().map(|x| x.as_u64().filter(|&i| i <= u32::MAX as u64).map(|i| i as u32)).collect() };
-    let text = |s: &str| st.tokenizer.encode_prompt(s).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("prompt")));
+    let bad = || {
+        error(StatusCode::BAD_REQUEST, "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids.", Some("prompt"))
+    };
+    let ids = |v: &Value| -> Option<Vec<u32>> {
+        v.as_array()?
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&i| i <= u32::MAX as u64)
+                    .map(|i| i as u32)
+            })
+            .collect()
+    };
+    let text = |s: &str| {
+        st.tokenizer
+            .encode_prompt(s)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("prompt")))
+    };
     let out = match v {
         Value::String(s) => vec![text(s)?],
         Value::Array(items) if items.is_empty() => return Err(bad()),
-        Value::Array(items) if items.iter().all(Value::is_string) => {
-            items.iter().map(|s| text(s.as_str().expect("checked"))).collect::<Result<_, _>>()?
-        }
+        Value::Array(items) if items.iter().all(Value::is_string) => items
+            .iter()
+            .map(|s| text(s.as_str().expect("checked")))
+            .collect::<Result<_, _>>()?,
         Value::Array(items) if items.iter().all(Value::is_number) => vec![ids(v).ok_or_else(bad)?],
-        Value::Array(items) => items.iter().map(|p| ids(p).ok_or_else(bad)).collect::<Result<_, _>>()?,
+        Value::Array(items) => items
+            .iter()
+            .map(|p| ids(p).ok_or_else(bad))
+            .collect::<Result<_, _>>()?,
         _ => return Err(bad()),
     };
     let vocab = st.tokenizer.vocab_size();
     for p in &out {
         if p.is_empty() {
-            return Err(error(StatusCode::BAD_REQUEST, "A prompt is empty.", Some("prompt")));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "A prompt is empty.",
+                Some("prompt"),
+            ));
         }
         if let Some(id) = p.iter().find(|&&id| id as usize >= vocab) {
-            return Err(error(StatusCode::BAD_REQUEST, format!("Token id {id} is out of range (vocabulary of {vocab})."), Some("prompt")));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("Token id {id} is out of range (vocabulary of {vocab})."),
+                Some("prompt"),
+            ));
         }
     }
     Ok(out)
@@ -467,8 +657,13 @@ fn prompts(st: &AppState, v: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
 
 /// OpenAI's legacy completion logprobs: tokens, their logprobs, the top alternatives and the
 /// text offsets.
-fn logprobs_json(tok: &Tokenizer, entries: &[(u32, Option<TokenLogprob>)], start_offset: usize) -> Value {
-    let (mut tokens, mut lps, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+fn logprobs_json(
+    tok: &Tokenizer,
+    entries: &[(u32, Option<TokenLogprob>)],
+    start_offset: usize,
+) -> Value {
+    let (mut tokens, mut lps, mut tops, mut offsets) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut offset = start_offset;
     for (id, lp) in entries {
         let s = tok.id_to_token(*id);
@@ -478,7 +673,11 @@ fn logprobs_json(tok: &Tokenizer, entries: &[(u32, Option<TokenLogprob>)], start
         match lp {
             Some(lp) => {
                 lps.push(json!(lp.logprob));
-                let top: serde_json::Map<String, Value> = lp.top.iter().map(|(t, l)| (tok.id_to_token(*t), json!(l))).collect();
+                let top: serde_json::Map<String, Value> = lp
+                    .top
+                    .iter()
+                    .map(|(t, l)| (tok.id_to_token(*t), json!(l)))
+                    .collect();
                 tops.push(Value::Object(top));
             }
             None => {
@@ -497,7 +696,11 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
     }
 }
 
-async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn completions_inner(
+    st: Arc<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
     let req: CompletionRequest = parse(&body)?;
     check_model(&st, &req.sampling.model)?;
@@ -507,12 +710,21 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
     let n = req.sampling.choices();
     if req.sampling.stream {
         if prompts.len() != 1 {
-            return Err(error(StatusCode::BAD_REQUEST, "Streaming takes a single prompt.", Some("prompt")));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "Streaming takes a single prompt.",
+                Some("prompt"),
+            ));
         }
         let options = req.sampling.options(&st, prompts[0].len(), 16)?;
         let rxs = submit_n(&st, &prompts[0], &options, n, req.logprobs, false)?;
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
-        let mut tally = UsageTally { n, wanted: req.sampling.stream_usage(), done: 0, completion_tokens: 0 };
+        let mut tally = UsageTally {
+            n,
+            wanted: req.sampling.stream_usage(),
+            done: 0,
+            completion_tokens: 0,
+        };
         let values = merged(rxs).map(move |(index, ev)| {
             let chunk = |text: &str, lp: Value, finish: Value| {
                 json!({"id": id, "object": "text_completion", "created": created, "model": model,
@@ -536,13 +748,19 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
         });
         let stream = futures_util::StreamExt::flat_map(values, sse_events);
         let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
-        return Ok(Sse::new(stream.chain(done)).keep_alive(KeepAlive::default()).into_response());
+        return Ok(Sse::new(stream.chain(done))
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
     // Every prompt runs at once in the engine; answers are gathered in order.
     let mut rxs = Vec::new();
     for p in &prompts {
         let options = req.sampling.options(&st, p.len(), 16)?;
-        rxs.extend(submit_n(&st, p, &options, n, req.logprobs, req.echo)?.into_iter().map(|rx| (p.clone(), rx)));
+        rxs.extend(
+            submit_n(&st, p, &options, n, req.logprobs, req.echo)?
+                .into_iter()
+                .map(|rx| (p.clone(), rx)),
+        );
     }
     let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
     for (i, (prompt, rx)) in rxs.into_iter().enumerate() {
@@ -552,13 +770,22 @@ async fn completions_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -
             prompt_tokens += o.prompt_tokens;
         }
         completion_tokens += o.completion_tokens;
-        let prompt_text = if req.echo { st.tokenizer.decode(&prompt).unwrap_or_default() } else { String::new() };
+        let prompt_text = if req.echo {
+            st.tokenizer.decode(&prompt).unwrap_or_default()
+        } else {
+            String::new()
+        };
         let logprobs = match req.logprobs {
             None => Value::Null,
             Some(_) => {
                 let mut entries: Vec<(u32, Option<TokenLogprob>)> = Vec::new();
                 if req.echo {
-                    entries.extend(prompt.iter().copied().zip(o.prompt_logprobs.iter().cloned()));
+                    entries.extend(
+                        prompt
+                            .iter()
+                            .copied()
+                            .zip(o.prompt_logprobs.iter().cloned()),
+                    );
                 }
                 entries.extend(o.tokens.iter().cloned());
                 logprobs_json(&st.tokenizer, &entries, 0)
@@ -587,12 +814,33 @@ fn messages(v: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
             let content = match &m.content {
                 Value::String(s) => s.clone(),
                 Value::Null => String::new(),
-                Value::Array(parts) => parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join(""),
-                _ => return Err(error(StatusCode::BAD_REQUEST, "A message's `content` must be a string or a list of text parts.", Some("messages"))),
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join(""),
+                _ => {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        "A message's `content` must be a string or a list of text parts.",
+                        Some("messages"),
+                    ))
+                }
             };
             match m.role.as_str() {
-                "system" | "user" | "assistant" | "tool" | "developer" => Ok(Message::new(if m.role == "developer" { "system" } else { &m.role }, &content)),
-                other => Err(error(StatusCode::BAD_REQUEST, format!("Unknown role `{other}`."), Some("messages"))),
+                "system" | "user" | "assistant" | "tool" | "developer" => Ok(Message::new(
+                    if m.role == "developer" {
+                        "system"
+                    } else {
+                        &m.role
+                    },
+                    &content,
+                )),
+                other => Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("Unknown role `{other}`."),
+                    Some("messages"),
+                )),
             }
         })
         .collect()
@@ -608,15 +856,24 @@ fn chat_prompt(
     add_generation_prompt: bool,
     extra: Option<&serde_json::Map<String, Value>>,
 ) -> Result<Vec<u32>, ApiError> {
-    let tmpl = st
-        .tokenizer
-        .chat_template
-        .as_ref()
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "This model has no chat template.", Some("messages")))?;
+    let tmpl = st.tokenizer.chat_template.as_ref().ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "This model has no chat template.",
+            Some("messages"),
+        )
+    })?;
     let text = tmpl
-        .render_with(msgs, tools, add_generation_prompt, extra.unwrap_or(&serde_json::Map::new()))
+        .render_with(
+            msgs,
+            tools,
+            add_generation_prompt,
+            extra.unwrap_or(&serde_json::Map::new()),
+        )
         .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("messages")))?;
-    st.tokenizer.encode(&text, false).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("messages")))
+    st.tokenizer
+        .encode(&text, false)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("messages")))
 }
 
 #[derive(Deserialize)]
@@ -653,14 +910,22 @@ fn chat_logprobs(tok: &Tokenizer, entries: &[(u32, Option<TokenLogprob>)]) -> Va
     json!({"content": content})
 }
 
-async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     match chat_inner(st, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_inner(
+    st: Arc<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
     let req: ChatRequest = parse(&body)?;
     check_model(&st, &req.sampling.model)?;
@@ -690,7 +955,12 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
             })
             .collect();
         let head = sse_events(firsts);
-        let mut tally = UsageTally { n, wanted: req.sampling.stream_usage(), done: 0, completion_tokens: 0 };
+        let mut tally = UsageTally {
+            n,
+            wanted: req.sampling.stream_usage(),
+            done: 0,
+            completion_tokens: 0,
+        };
         let values = merged(rxs).map(move |(index, ev)| {
             let chunk = |delta: Value, finish: Value, usage: Value| {
                 let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -726,7 +996,9 @@ async fn chat_inner(st: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Resul
         });
         let stream = futures_util::StreamExt::flat_map(values, sse_events);
         let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
-        return Ok(Sse::new(head.chain(stream).chain(done)).keep_alive(KeepAlive::default()).into_response());
+        return Ok(Sse::new(head.chain(stream).chain(done))
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
     let (mut choices, mut completion_tokens) = (Vec::new(), 0);
     for (index, rx) in rxs.into_iter().enumerate() {
@@ -762,12 +1034,29 @@ async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Byt
         let tokens = match (&req.prompt, &req.messages) {
             (Some(p), None) => {
                 let add = req.add_special_tokens.unwrap_or(true) && st.tokenizer.add_bos;
-                st.tokenizer.encode(p, add).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("prompt")))?
+                st.tokenizer
+                    .encode(p, add)
+                    .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("prompt")))?
             }
-            (None, Some(m)) => chat_prompt(&st, &messages(m)?, None, req.add_generation_prompt.unwrap_or(true), req.chat_template_kwargs.as_ref())?,
-            _ => return Err(error(StatusCode::BAD_REQUEST, "Give exactly one of `prompt` and `messages`.", None)),
+            (None, Some(m)) => chat_prompt(
+                &st,
+                &messages(m)?,
+                None,
+                req.add_generation_prompt.unwrap_or(true),
+                req.chat_template_kwargs.as_ref(),
+            )?,
+            _ => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "Give exactly one of `prompt` and `messages`.",
+                    None,
+                ))
+            }
         };
-        Ok(Json(json!({"count": tokens.len(), "max_model_len": st.max_context, "tokens": tokens})).into_response())
+        Ok(
+            Json(json!({"count": tokens.len(), "max_model_len": st.max_context, "tokens": tokens}))
+                .into_response(),
+        )
     };
     match run() {
         Ok(r) => r,
@@ -788,9 +1077,16 @@ async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
         check_model(&st, &req.model)?;
         let vocab = st.tokenizer.vocab_size();
         if let Some(id) = req.tokens.iter().find(|&&id| id as usize >= vocab) {
-            return Err(error(StatusCode::BAD_REQUEST, format!("Token id {id} is out of range (vocabulary of {vocab})."), Some("tokens")));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("Token id {id} is out of range (vocabulary of {vocab})."),
+                Some("tokens"),
+            ));
         }
-        let text = st.tokenizer.decode(&req.tokens).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("tokens")))?;
+        let text = st
+            .tokenizer
+            .decode(&req.tokens)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Some("tokens")))?;
         Ok(Json(json!({"prompt": text})).into_response())
     };
     match run() {

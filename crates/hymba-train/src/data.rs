@@ -7,7 +7,10 @@ use hymba::{Error, Result};
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    TokenizerBuilder,
+};
 
 /// Special tokens of a trained tokenizer, in id order: ids 0, 1, 2 are unk, BOS and EOS as in
 /// Hymba's (Llama's) vocabulary; the two markers are the ones Hymba's chat template uses.
@@ -36,7 +39,14 @@ pub fn read_documents(files: &[PathBuf]) -> Result<Vec<String>> {
         }
     }
     if docs.is_empty() {
-        return Err(Error::Input(format!("the data files ({}) hold no text", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))));
+        return Err(Error::Input(format!(
+            "the data files ({}) hold no text",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
     }
     Ok(docs)
 }
@@ -46,21 +56,37 @@ pub fn read_documents(files: &[PathBuf]) -> Result<Vec<String>> {
 pub fn train_tokenizer(docs: &[String], vocab_size: usize, path: &Path) -> Result<()> {
     let tk_err = |e: tokenizers::Error| Error::Tokenizer(format!("training the tokenizer: {e}"));
     if vocab_size < 256 + SPECIAL_TOKENS.len() {
-        return Err(Error::Input(format!("--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {}", 256 + SPECIAL_TOKENS.len())));
+        return Err(Error::Input(format!(
+            "--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {}",
+            256 + SPECIAL_TOKENS.len()
+        )));
     }
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(SPECIAL_TOKENS.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tk = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))))
-        .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
-        .build()
-        .map_err(tk_err)?;
+    let mut tk = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, true, true,
+    ))))
+    .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
+    .build()
+    .map_err(tk_err)?;
     tk.train(&mut trainer, docs.iter()).map_err(tk_err)?;
     let json = tk.to_string(true).map_err(tk_err)?;
     hymba::error::write_atomic(path, json.as_bytes())
@@ -90,13 +116,26 @@ pub struct Corpus {
 }
 
 impl Corpus {
-    pub fn build(docs: &[String], tok: &hymba::Tokenizer, seed: u64, holdout: usize) -> Result<Corpus> {
-        let bos = tok.bos_id.ok_or_else(|| Error::Input("the tokenizer has no <s> token".into()))?;
-        let eos = tok.eos_id.ok_or_else(|| Error::Input("the tokenizer has no </s> token".into()))?;
+    pub fn build(
+        docs: &[String],
+        tok: &hymba::Tokenizer,
+        seed: u64,
+        holdout: usize,
+    ) -> Result<Corpus> {
+        let bos = tok
+            .bos_id
+            .ok_or_else(|| Error::Input("the tokenizer has no <s> token".into()))?;
+        let eos = tok
+            .eos_id
+            .ok_or_else(|| Error::Input("the tokenizer has no </s> token".into()))?;
         let mut rng = Rng::new(seed ^ 0xD0C5);
         let (mut train, mut valid) = (Vec::new(), Vec::new());
         for d in docs {
-            let out = if rng.below(holdout.max(2)) == 0 { &mut valid } else { &mut train };
+            let out = if rng.below(holdout.max(2)) == 0 {
+                &mut valid
+            } else {
+                &mut train
+            };
             out.push(bos);
             out.extend(tok.encode(d, false)?);
             out.push(eos);
@@ -109,18 +148,27 @@ impl Corpus {
 /// `(seed, step)`: the batch of a step does not depend on what ran before it, which makes a
 /// resumed run see exactly the batches an uninterrupted one would.
 pub fn sample_batch(stream: &[u32], b: usize, t: usize, seed: u64, step: u64) -> Vec<u32> {
-    let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(step.wrapping_mul(0xA24B_AED4_963E_E407)));
+    let mut rng = Rng::new(
+        seed.wrapping_mul(0x9E37_79B9)
+            .wrapping_add(step.wrapping_mul(0xA24B_AED4_963E_E407)),
+    );
     let span = stream.len() - (t + 1);
-    (0..b).flat_map(|_| {
-        let at = rng.below(span + 1);
-        stream[at..at + t + 1].to_vec()
-    }).collect()
+    (0..b)
+        .flat_map(|_| {
+            let at = rng.below(span + 1);
+            stream[at..at + t + 1].to_vec()
+        })
+        .collect()
 }
 
 /// Consecutive windows of `t + 1` tokens covering `stream` (at most `max` of them): the fixed
 /// validation set.
 pub fn windows(stream: &[u32], t: usize, max: usize) -> Vec<Vec<u32>> {
-    stream.chunks_exact(t + 1).take(max).map(<[u32]>::to_vec).collect()
+    stream
+        .chunks_exact(t + 1)
+        .take(max)
+        .map(<[u32]>::to_vec)
+        .collect()
 }
 
 /// Cross-entropy (nats per token) on `valid` of a unigram model and of a bigram model
@@ -148,7 +196,11 @@ pub fn ngram_baselines(train: &[u32], valid: &[u32], vocab: usize) -> (f64, f64)
                 .windows(2)
                 .map(|w| {
                     let c = ctx[w[0] as usize];
-                    let pb = if c > 0.0 { bi.get(&(w[0], w[1])).copied().unwrap_or(0.0) / c } else { 0.0 };
+                    let pb = if c > 0.0 {
+                        bi.get(&(w[0], w[1])).copied().unwrap_or(0.0) / c
+                    } else {
+                        0.0
+                    };
                     (lam * pb + (1.0 - lam) * p_uni(w[1])).ln()
                 })
                 .sum::<f64>()

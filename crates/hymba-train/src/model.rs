@@ -108,7 +108,11 @@ fn per_seq<T: Send>(b: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
 impl TrainModel {
     pub fn new(config: Config, params: &Params) -> TrainModel {
         let (plan, groups) = config.plan();
-        let idx = |name: String| params.index(&name).unwrap_or_else(|| panic!("parameter {name} missing from the layout"));
+        let idx = |name: String| {
+            params
+                .index(&name)
+                .unwrap_or_else(|| panic!("parameter {name} missing from the layout"))
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = |s: &str| format!("model.layers.{i}.{s}");
@@ -123,7 +127,11 @@ impl TrainModel {
                     a_log: idx(p("mamba.A_log.0")),
                     d: idx(p("mamba.D.0")),
                     inner: config.mamba_inner_layernorms.then(|| {
-                        [idx(p("mamba.dt_layernorm.weight")), idx(p("mamba.B_layernorm.weight")), idx(p("mamba.C_layernorm.weight"))]
+                        [
+                            idx(p("mamba.dt_layernorm.weight")),
+                            idx(p("mamba.B_layernorm.weight")),
+                            idx(p("mamba.C_layernorm.weight")),
+                        ]
                     }),
                     norm1: idx(p("mamba.pre_avg_layernorm1.weight")),
                     norm2: idx(p("mamba.pre_avg_layernorm2.weight")),
@@ -138,7 +146,9 @@ impl TrainModel {
         let inv_freq = rope::inv_freq(config.rope_base(), config.qk_head_dim);
         TrainModel {
             embed: idx("model.embed_tokens.weight".into()),
-            head: params.index("lm_head.weight").unwrap_or_else(|| idx("model.embed_tokens.weight".into())),
+            head: params
+                .index("lm_head.weight")
+                .unwrap_or_else(|| idx("model.embed_tokens.weight".into())),
             memory: params.index("model.memory_tokens"),
             final_norm: idx("model.final_layernorm.weight".into()),
             plan,
@@ -163,7 +173,14 @@ impl TrainModel {
 
     /// Sequence `sq`'s attention inputs: its rows of q (all rows `[b·s, q_width]`) and of the
     /// group's K/V.
-    fn seq_attn<'a>(&self, q: &'a [f32], kv: &'a (Vec<f32>, Vec<f32>), mask: &'a [bool], sq: usize, s: usize) -> Attn<'a> {
+    fn seq_attn<'a>(
+        &self,
+        q: &'a [f32],
+        kv: &'a (Vec<f32>, Vec<f32>),
+        mask: &'a [bool],
+        sq: usize,
+        s: usize,
+    ) -> Attn<'a> {
         let c = &self.config;
         let (qw, kw, vw) = (c.q_width(), c.k_width(), c.v_width());
         Attn {
@@ -202,19 +219,45 @@ impl TrainModel {
             layers.push(tape);
         }
         // 4. Final norm on the real rows, tied output projection, loss.
-        let real: Vec<f32> = (0..b).flat_map(|seq| h[(seq * s + m) * d..(seq + 1) * s * d].to_vec()).collect();
+        let real: Vec<f32> = (0..b)
+            .flat_map(|seq| h[(seq * s + m) * d..(seq + 1) * s * d].to_vec())
+            .collect();
         let (hn, r_final) = rmsnorm(&real, w(self.final_norm), c.rms_norm_eps);
         let logits = linear(&hn, w(self.head), c.vocab_size);
         let targets = targets(batch);
         let (loss, _) = ops::cross_entropy(&logits, &targets, false);
-        (loss, Tape { layers, kv, h_final: real, r_final, hn, logits })
+        (
+            loss,
+            Tape {
+                layers,
+                kv,
+                h_final: real,
+                r_final,
+                hn,
+                logits,
+            },
+        )
     }
 
-    fn layer_forward(&self, i: usize, params: &Params, h: &mut [f32], kv: &mut [(Vec<f32>, Vec<f32>)], b: usize, s: usize) -> LayerTape {
+    fn layer_forward(
+        &self,
+        i: usize,
+        params: &Params,
+        h: &mut [f32],
+        kv: &mut [(Vec<f32>, Vec<f32>)],
+        b: usize,
+        s: usize,
+    ) -> LayerTape {
         let c = &self.config;
         let (lp, li) = (&self.plan[i], &self.layers[i]);
         let w = |i: usize| &params.data[params.info[i].range.clone()];
-        let (d, e, n, r, f) = (c.hidden_size, c.ssm_width, c.mamba_d_state, c.mamba_dt_rank, c.intermediate_size);
+        let (d, e, n, r, f) = (
+            c.hidden_size,
+            c.ssm_width,
+            c.mamba_d_state,
+            c.mamba_dt_rank,
+            c.intermediate_size,
+        );
         let (qw, kw, vw) = (c.q_width(), c.k_width(), c.v_width());
         let eps = c.rms_norm_eps;
         let h_in = h.to_vec();
@@ -239,19 +282,32 @@ impl TrainModel {
         drop(p);
         // 2. Attention branch, per sequence.
         let mask = self.mask(lp, s);
-        let att = per_seq(b, |sq| ops::attention(&self.seq_attn(&q, &kv[lp.kv_group], &mask, sq, s)));
+        let att = per_seq(b, |sq| {
+            ops::attention(&self.seq_attn(&q, &kv[lp.kv_group], &mask, sq, s))
+        });
         let (attn_parts, probs): (Vec<_>, Vec<_>) = att.into_iter().unzip();
         let attn = attn_parts.concat();
         // 3. SSM branch: conv + SiLU, x_proj into (δr, B, C), inner norms, Δ, scan, gate.
-        let conv_b = li.conv_b.map(|i| w(i).to_vec()).unwrap_or_else(|| vec![0.0; e]);
-        let xc_pre = per_seq(b, |sq| ops::conv(&x[sq * s * e..(sq + 1) * s * e], w(li.conv_w), &conv_b)).concat();
+        let conv_b = li
+            .conv_b
+            .map(|i| w(i).to_vec())
+            .unwrap_or_else(|| vec![0.0; e]);
+        let xc_pre = per_seq(b, |sq| {
+            ops::conv(&x[sq * s * e..(sq + 1) * s * e], w(li.conv_w), &conv_b)
+        })
+        .concat();
         let xc: Vec<f32> = xc_pre.iter().map(|&v| act::silu(v)).collect();
         let pw = r + 2 * n;
         let proj = linear(&xc, w(li.x_proj), pw);
-        let raw = [ops::cols(&proj, pw, 0, r), ops::cols(&proj, pw, r, n), ops::cols(&proj, pw, r + n, n)];
+        let raw = [
+            ops::cols(&proj, pw, 0, r),
+            ops::cols(&proj, pw, r, n),
+            ops::cols(&proj, pw, r + n, n),
+        ];
         let (dbc, inner_r) = match li.inner {
             Some(ws) => {
-                let out: Vec<(Vec<f32>, Vec<f32>)> = (0..3).map(|j| rmsnorm(&raw[j], w(ws[j]), eps)).collect();
+                let out: Vec<(Vec<f32>, Vec<f32>)> =
+                    (0..3).map(|j| rmsnorm(&raw[j], w(ws[j]), eps)).collect();
                 let mut it = out.into_iter();
                 let (a0, b0, c0) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
                 ([a0.0, b0.0, c0.0], [a0.1, b0.1, c0.1])
@@ -266,10 +322,21 @@ impl TrainModel {
         let a: Vec<f32> = w(li.a_log).iter().map(|v| -v.exp()).collect();
         let ys = per_seq(b, |sq| {
             let (re, rn) = (sq * s * e..(sq + 1) * s * e, sq * s * n..(sq + 1) * s * n);
-            ops::scan(&Scan { x: &xc[re.clone()], delta: &delta[re], a: &a, b: &dbc[1][rn.clone()], c: &dbc[2][rn], d: w(li.d) })
+            ops::scan(&Scan {
+                x: &xc[re.clone()],
+                delta: &delta[re],
+                a: &a,
+                b: &dbc[1][rn.clone()],
+                c: &dbc[2][rn],
+                d: w(li.d),
+            })
         })
         .concat();
-        let y: Vec<f32> = ys.iter().zip(&z).map(|(v, zz)| v * act::silu(*zz)).collect();
+        let y: Vec<f32> = ys
+            .iter()
+            .zip(&z)
+            .map(|(v, zz)| v * act::silu(*zz))
+            .collect();
         // 4. Fuse and project back.
         let (an, r1) = rmsnorm(&attn, w(li.norm1), eps);
         let (bn, r2) = rmsnorm(&y, w(li.norm2), eps);
@@ -285,8 +352,32 @@ impl TrainModel {
         let out = linear(&actv, w(li.down), d);
         add(h, &out);
         LayerTape {
-            h_in, r_in, u, q, x, z, attn, probs, xc_pre, xc, raw, inner_r, dbc, dt_pre, delta, ys, y, r1, r2,
-            f: fused, h_mid, r_mlp, u2, g, upv, act: actv,
+            h_in,
+            r_in,
+            u,
+            q,
+            x,
+            z,
+            attn,
+            probs,
+            xc_pre,
+            xc,
+            raw,
+            inner_r,
+            dbc,
+            dt_pre,
+            delta,
+            ys,
+            y,
+            r1,
+            r2,
+            f: fused,
+            h_mid,
+            r_mlp,
+            u2,
+            g,
+            upv,
+            act: actv,
         }
     }
 
@@ -299,17 +390,43 @@ impl TrainModel {
         let rg = |i: usize| params.info[i].range.clone();
         let (_, dlogits) = ops::cross_entropy(&tape.logits, &targets(batch), true);
         let dlogits = dlogits.expect("asked for the gradient");
-        let dhn = linear_backward(&tape.hn, w(self.head), &dlogits, c.vocab_size, &mut grad[rg(self.head)]);
+        let dhn = linear_backward(
+            &tape.hn,
+            w(self.head),
+            &dlogits,
+            c.vocab_size,
+            &mut grad[rg(self.head)],
+        );
         drop(dlogits);
-        let dreal = rmsnorm_backward(&tape.h_final, w(self.final_norm), &tape.r_final, &dhn, &mut grad[rg(self.final_norm)]);
+        let dreal = rmsnorm_backward(
+            &tape.h_final,
+            w(self.final_norm),
+            &tape.r_final,
+            &dhn,
+            &mut grad[rg(self.final_norm)],
+        );
         let mut dh = vec![0.0; b * s * d];
         for seq in 0..b {
-            dh[(seq * s + m) * d..(seq + 1) * s * d].copy_from_slice(&dreal[seq * t * d..(seq + 1) * t * d]);
+            dh[(seq * s + m) * d..(seq + 1) * s * d]
+                .copy_from_slice(&dreal[seq * t * d..(seq + 1) * t * d]);
         }
-        let mut dkv: Vec<(Vec<f32>, Vec<f32>)> =
-            tape.kv.iter().map(|(k, v)| (vec![0.0; k.len()], vec![0.0; v.len()])).collect();
+        let mut dkv: Vec<(Vec<f32>, Vec<f32>)> = tape
+            .kv
+            .iter()
+            .map(|(k, v)| (vec![0.0; k.len()], vec![0.0; v.len()]))
+            .collect();
         for i in (0..self.layers.len()).rev() {
-            self.layer_backward(i, params, &tape.layers[i], &tape.kv, &mut dkv, &mut dh, grad, b, s);
+            self.layer_backward(
+                i,
+                params,
+                &tape.layers[i],
+                &tape.kv,
+                &mut dkv,
+                &mut dh,
+                grad,
+                b,
+                s,
+            );
         }
         // 1. Embedding rows and meta tokens.
         for seq in 0..b {
@@ -317,9 +434,15 @@ impl TrainModel {
                 add(&mut grad[rg(mi)], &dh[seq * s * d..(seq * s + m) * d]);
             }
             let ge = &mut grad[rg(self.embed)];
-            for (j, &id) in batch.ids[seq * (t + 1)..seq * (t + 1) + t].iter().enumerate() {
+            for (j, &id) in batch.ids[seq * (t + 1)..seq * (t + 1) + t]
+                .iter()
+                .enumerate()
+            {
                 let row = seq * s + m + j;
-                add(&mut ge[id as usize * d..(id as usize + 1) * d], &dh[row * d..(row + 1) * d]);
+                add(
+                    &mut ge[id as usize * d..(id as usize + 1) * d],
+                    &dh[row * d..(row + 1) * d],
+                );
             }
         }
     }
@@ -341,7 +464,13 @@ impl TrainModel {
         let (lp, li) = (&self.plan[i], &self.layers[i]);
         let w = |i: usize| &params.data[params.info[i].range.clone()];
         let rg = |i: usize| -> Range<usize> { params.info[i].range.clone() };
-        let (d, e, n, r, f) = (c.hidden_size, c.ssm_width, c.mamba_d_state, c.mamba_dt_rank, c.intermediate_size);
+        let (d, e, n, r, f) = (
+            c.hidden_size,
+            c.ssm_width,
+            c.mamba_d_state,
+            c.mamba_dt_rank,
+            c.intermediate_size,
+        );
         let (qw, kw, vw) = (c.q_width(), c.k_width(), c.v_width());
         // MLP: h += down(silu(g) ⊙ up).
         let dact = linear_backward(&tp.act, w(li.down), dh, d, &mut grad[rg(li.down)]);
@@ -353,8 +482,20 @@ impl TrainModel {
         }
         drop(dact);
         let mut du2 = linear_backward(&tp.u2, w(li.gate), &dg, f, &mut grad[rg(li.gate)]);
-        add(&mut du2, &linear_backward(&tp.u2, w(li.up), &dup, f, &mut grad[rg(li.up)]));
-        add(dh, &rmsnorm_backward(&tp.h_mid, w(li.mlp_norm), &tp.r_mlp, &du2, &mut grad[rg(li.mlp_norm)]));
+        add(
+            &mut du2,
+            &linear_backward(&tp.u2, w(li.up), &dup, f, &mut grad[rg(li.up)]),
+        );
+        add(
+            dh,
+            &rmsnorm_backward(
+                &tp.h_mid,
+                w(li.mlp_norm),
+                &tp.r_mlp,
+                &du2,
+                &mut grad[rg(li.mlp_norm)],
+            ),
+        );
         // Fusion: h += out_proj((norm1(attn) + norm2(y)) / 2).
         let mut df = linear_backward(&tp.f, w(li.out_proj), dh, d, &mut grad[rg(li.out_proj)]);
         df.iter_mut().for_each(|v| *v *= 0.5);
@@ -371,10 +512,18 @@ impl TrainModel {
         let a: Vec<f32> = w(li.a_log).iter().map(|v| -v.exp()).collect();
         let sg = per_seq(b, |sq| {
             let (re, rn) = (sq * s * e..(sq + 1) * s * e, sq * s * n..(sq + 1) * s * n);
-            let sc = Scan { x: &tp.xc[re.clone()], delta: &tp.delta[re.clone()], a: &a, b: &tp.dbc[1][rn.clone()], c: &tp.dbc[2][rn], d: w(li.d) };
+            let sc = Scan {
+                x: &tp.xc[re.clone()],
+                delta: &tp.delta[re.clone()],
+                a: &a,
+                b: &tp.dbc[1][rn.clone()],
+                c: &tp.dbc[2][rn],
+                d: w(li.d),
+            };
             ops::scan_backward(&sc, &dys[re])
         });
-        let (mut dxc, mut ddelta, mut dbm, mut dcm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut dxc, mut ddelta, mut dbm, mut dcm) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for g in sg {
             dxc.extend_from_slice(&g.x);
             ddelta.extend_from_slice(&g.delta);
@@ -388,7 +537,11 @@ impl TrainModel {
             }
         }
         // Δ = softplus(dt_proj(δr) + bias).
-        let ddt: Vec<f32> = ddelta.iter().zip(&tp.dt_pre).map(|(g, x)| g * ops::sigmoid(*x)).collect();
+        let ddt: Vec<f32> = ddelta
+            .iter()
+            .zip(&tp.dt_pre)
+            .map(|(g, x)| g * ops::sigmoid(*x))
+            .collect();
         {
             let gb = &mut grad[rg(li.dt_b)];
             for row in ddt.chunks_exact(e) {
@@ -399,7 +552,13 @@ impl TrainModel {
         let mut dparts = [ddr, dbm, dcm];
         if let Some(ws) = li.inner {
             for j in 0..3 {
-                dparts[j] = rmsnorm_backward(&tp.raw[j], w(ws[j]), &tp.inner_r[j], &dparts[j], &mut grad[rg(ws[j])]);
+                dparts[j] = rmsnorm_backward(
+                    &tp.raw[j],
+                    w(ws[j]),
+                    &tp.inner_r[j],
+                    &dparts[j],
+                    &mut grad[rg(ws[j])],
+                );
             }
         }
         let pw = r + 2 * n;
@@ -407,13 +566,29 @@ impl TrainModel {
         ops::put_cols(&mut dproj, pw, 0, &dparts[0], r);
         ops::put_cols(&mut dproj, pw, r, &dparts[1], n);
         ops::put_cols(&mut dproj, pw, r + n, &dparts[2], n);
-        add(&mut dxc, &linear_backward(&tp.xc, w(li.x_proj), &dproj, pw, &mut grad[rg(li.x_proj)]));
-        let dxc_pre: Vec<f32> = dxc.iter().zip(&tp.xc_pre).map(|(g, x)| g * ops::silu_grad(*x)).collect();
-        let conv_b = li.conv_b.map(|i| w(i).to_vec()).unwrap_or_else(|| vec![0.0; e]);
+        add(
+            &mut dxc,
+            &linear_backward(&tp.xc, w(li.x_proj), &dproj, pw, &mut grad[rg(li.x_proj)]),
+        );
+        let dxc_pre: Vec<f32> = dxc
+            .iter()
+            .zip(&tp.xc_pre)
+            .map(|(g, x)| g * ops::silu_grad(*x))
+            .collect();
+        let conv_b = li
+            .conv_b
+            .map(|i| w(i).to_vec())
+            .unwrap_or_else(|| vec![0.0; e]);
         let cg = per_seq(b, |sq| {
             let re = sq * s * e..(sq + 1) * s * e;
             let (mut gw, mut gb) = (vec![0.0; e * c.mamba_d_conv], vec![0.0; conv_b.len()]);
-            let dx = ops::conv_backward(&tp.x[re.clone()], w(li.conv_w), &dxc_pre[re], &mut gw, &mut gb);
+            let dx = ops::conv_backward(
+                &tp.x[re.clone()],
+                w(li.conv_w),
+                &dxc_pre[re],
+                &mut gw,
+                &mut gb,
+            );
             (dx, gw, gb)
         });
         let mut dx = Vec::with_capacity(tp.x.len());
@@ -428,7 +603,8 @@ impl TrainModel {
         let mask = self.mask(lp, s);
         let ag = per_seq(b, |sq| {
             let at = self.seq_attn(&tp.q, &kv[lp.kv_group], &mask, sq, s);
-            let (mut gq, gk, gv) = ops::attention_backward(&at, &tp.probs[sq], &dattn[sq * s * e..(sq + 1) * s * e]);
+            let (mut gq, gk, gv) =
+                ops::attention_backward(&at, &tp.probs[sq], &dattn[sq * s * e..(sq + 1) * s * e]);
             ops::rope_rows(&mut gq, qw, &self.inv_freq, true);
             (gq, gk, gv)
         });
@@ -459,7 +635,16 @@ impl TrainModel {
         ops::put_cols(&mut dp, width, xz, &dx, e);
         ops::put_cols(&mut dp, width, xz + e, &dz, e);
         let du = linear_backward(&tp.u, w(li.in_proj), &dp, width, &mut grad[rg(li.in_proj)]);
-        add(dh, &rmsnorm_backward(&tp.h_in, w(li.input_norm), &tp.r_in, &du, &mut grad[rg(li.input_norm)]));
+        add(
+            dh,
+            &rmsnorm_backward(
+                &tp.h_in,
+                w(li.input_norm),
+                &tp.r_in,
+                &du,
+                &mut grad[rg(li.input_norm)],
+            ),
+        );
     }
 
     /// The mean loss and its gradient (a fresh buffer laid out as `params.data`).
@@ -472,5 +657,7 @@ impl TrainModel {
 }
 
 fn targets(batch: &Batch) -> Vec<u32> {
-    (0..batch.b).flat_map(|s| batch.ids[s * (batch.t + 1) + 1..(s + 1) * (batch.t + 1)].to_vec()).collect()
+    (0..batch.b)
+        .flat_map(|s| batch.ids[s * (batch.t + 1) + 1..(s + 1) * (batch.t + 1)].to_vec())
+        .collect()
 }

@@ -16,17 +16,19 @@ pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     if rows == 0 || cols == 0 {
         return t;
     }
-    t.par_chunks_mut(B * rows).enumerate().for_each(|(blk, out)| {
-        let c0 = blk * B;
-        let nc = out.len() / rows;
-        for r0 in (0..rows).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in 0..nc {
-                    out[c * rows + r] = a[r * cols + c0 + c];
+    t.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            let c0 = blk * B;
+            let nc = out.len() / rows;
+            for r0 in (0..rows).step_by(B) {
+                for r in r0..(r0 + B).min(rows) {
+                    for c in 0..nc {
+                        out[c * rows + r] = a[r * cols + c0 + c];
+                    }
                 }
             }
-        }
-    });
+        });
     t
 }
 
@@ -73,22 +75,35 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
     let mut y = vec![0.0; x.len()];
     let mut rstd = vec![0.0; x.len() / d];
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(rstd.par_iter_mut()).for_each(|((yr, xr), rs)| {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let r = 1.0 / (ms + eps).sqrt();
-        for ((o, v), g) in yr.iter_mut().zip(xr).zip(w) {
-            *o = g * (v * r);
-        }
-        *rs = r;
-    });
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(rstd.par_iter_mut())
+        .for_each(|((yr, xr), rs)| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((o, v), g) in yr.iter_mut().zip(xr).zip(w) {
+                *o = g * (v * r);
+            }
+            *rs = r;
+        });
     (y, rstd)
 }
 
 /// Backward of [`rmsnorm`]: adds to `dw`, returns `dx`.
-pub fn rmsnorm_backward(x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32], dw: &mut [f32]) -> Vec<f32> {
+pub fn rmsnorm_backward(
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) -> Vec<f32> {
     let d = w.len();
     let mut dx = vec![0.0; x.len()];
-    for ((xr, dyr), (dxr, &r)) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d).zip(rstd)) {
+    for ((xr, dyr), (dxr, &r)) in x
+        .chunks_exact(d)
+        .zip(dy.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d).zip(rstd))
+    {
         // y = w ⊙ x · r, r = (mean(x²) + eps)^(-1/2): dx = r·g − x · r³ · mean(g ⊙ x), g = w ⊙ dy.
         let mut gx = 0.0;
         for j in 0..d {
@@ -134,7 +149,9 @@ pub fn conv(x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
         o.copy_from_slice(bias);
         for kk in 0..k {
             // Input row ti − (k − 1) + kk; before the start it is zero.
-            let Some(src) = (ti + kk).checked_sub(k - 1) else { continue };
+            let Some(src) = (ti + kk).checked_sub(k - 1) else {
+                continue;
+            };
             let xr = &x[src * c..(src + 1) * c];
             for ch in 0..c {
                 o[ch] += w[ch * k + kk] * xr[ch];
@@ -154,7 +171,9 @@ pub fn conv_backward(x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], db: &mut 
         let g = &dy[ti * c..(ti + 1) * c];
         add(db, g);
         for kk in 0..k {
-            let Some(src) = (ti + kk).checked_sub(k - 1) else { continue };
+            let Some(src) = (ti + kk).checked_sub(k - 1) else {
+                continue;
+            };
             for ch in 0..c {
                 dw[ch * k + kk] += g[ch] * x[src * c + ch];
                 dx[src * c + ch] += g[ch] * w[ch * k + kk];
@@ -228,8 +247,14 @@ pub fn scan_backward(s: &Scan, dy: &[f32]) -> ScanGrads {
             let (dl, xv, gy) = (s.delta[i], s.x[i], dy[i]);
             let (b, c) = (&s.b[ti * n..(ti + 1) * n], &s.c[ti * n..(ti + 1) * n]);
             let da = &decay[ti * n..(ti + 1) * n];
-            let (prev, cur) = (&states[ti * n..(ti + 1) * n], &states[(ti + 1) * n..(ti + 2) * n]);
-            let (gb, gc) = (&mut g.b[ti * n..(ti + 1) * n], &mut g.c[ti * n..(ti + 1) * n]);
+            let (prev, cur) = (
+                &states[ti * n..(ti + 1) * n],
+                &states[(ti + 1) * n..(ti + 2) * n],
+            );
+            let (gb, gc) = (
+                &mut g.b[ti * n..(ti + 1) * n],
+                &mut g.c[ti * n..(ti + 1) * n],
+            );
             g.d[ch] += gy * xv;
             let mut gx = gy * s.d[ch];
             let mut gdl = 0.0;
@@ -314,7 +339,11 @@ pub fn attention_backward(a: &Attn, probs: &[f32], dout: &[f32]) -> (Vec<f32>, V
     let t = a.q.len() / (h * dk);
     let group = h / a.kv_heads;
     let scale = 1.0 / (dk as f32).sqrt();
-    let (mut gq, mut gk, mut gv) = (vec![0.0; a.q.len()], vec![0.0; a.k.len()], vec![0.0; a.v.len()]);
+    let (mut gq, mut gk, mut gv) = (
+        vec![0.0; a.q.len()],
+        vec![0.0; a.k.len()],
+        vec![0.0; a.v.len()],
+    );
     for kh in 0..a.kv_heads {
         let k = cols(a.k, a.kv_heads * dk, kh * dk, dk);
         let kt = transpose(&k, t, dk);
@@ -341,7 +370,11 @@ pub fn attention_backward(a: &Attn, probs: &[f32], dout: &[f32]) -> (Vec<f32>, V
             let qt = transpose(&cols(a.q, h * dk, hh * dk, dk), t, dk);
             matmul(&transpose(&ds, t, t), mat(&qt, dk), &mut tmp_k);
             add(&mut gkh, &tmp_k);
-            matmul(&transpose(p, t, t), mat(&transpose(&go, t, dv), dv), &mut tmp_v);
+            matmul(
+                &transpose(p, t, t),
+                mat(&transpose(&go, t, dv), dv),
+                &mut tmp_v,
+            );
             add(&mut gvh, &tmp_v);
         }
         put_cols(&mut gk, a.kv_heads * dk, kh * dk, &gkh, dk);
@@ -352,7 +385,9 @@ pub fn attention_backward(a: &Attn, probs: &[f32], dout: &[f32]) -> (Vec<f32>, V
 
 /// Columns `a..a + w` of every row of a `[rows, width]` matrix.
 pub fn cols(m: &[f32], width: usize, a: usize, w: usize) -> Vec<f32> {
-    m.chunks_exact(width).flat_map(|r| r[a..a + w].iter().copied()).collect()
+    m.chunks_exact(width)
+        .flat_map(|r| r[a..a + w].iter().copied())
+        .collect()
 }
 
 /// Writes `src [rows, w]` into columns `a..a + w` of `dst [rows, width]`.
@@ -367,7 +402,11 @@ pub fn put_cols(dst: &mut [f32], width: usize, a: usize, src: &[f32], w: usize) 
 pub fn cross_entropy(logits: &[f32], targets: &[u32], grad: bool) -> (f32, Option<Vec<f32>>) {
     let v = logits.len() / targets.len();
     let n = targets.len() as f32;
-    let mut g = if grad { vec![0.0; logits.len()] } else { Vec::new() };
+    let mut g = if grad {
+        vec![0.0; logits.len()]
+    } else {
+        Vec::new()
+    };
     let row_loss = |row: &[f32], tg: u32, gr: Option<&mut [f32]>| -> f64 {
         let mx = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let sum: f32 = row.iter().map(|x| (x - mx).exp()).sum();
@@ -382,9 +421,17 @@ pub fn cross_entropy(logits: &[f32], targets: &[u32], grad: bool) -> (f32, Optio
     };
     // Per-row losses in order, then summed in order: the same total whatever the threads.
     let losses: Vec<f64> = if grad {
-        g.par_chunks_mut(v).zip(logits.par_chunks(v)).zip(targets.par_iter()).map(|((gr, row), &tg)| row_loss(row, tg, Some(gr))).collect()
+        g.par_chunks_mut(v)
+            .zip(logits.par_chunks(v))
+            .zip(targets.par_iter())
+            .map(|((gr, row), &tg)| row_loss(row, tg, Some(gr)))
+            .collect()
     } else {
-        logits.par_chunks(v).zip(targets.par_iter()).map(|(row, &tg)| row_loss(row, tg, None)).collect()
+        logits
+            .par_chunks(v)
+            .zip(targets.par_iter())
+            .map(|(row, &tg)| row_loss(row, tg, None))
+            .collect()
     };
     let loss = losses.iter().sum::<f64>() / n as f64;
     (loss as f32, grad.then_some(g))
@@ -420,12 +467,18 @@ mod tests {
             let fd = (up - down) / (2.0 * h as f64);
             let an = grad[i] as f64;
             let tol = 2e-2 * fd.abs().max(an.abs()) + 2e-3;
-            assert!((fd - an).abs() <= tol, "{name}[{i}]: analytic {an}, finite difference {fd}");
+            assert!(
+                (fd - an).abs() <= tol,
+                "{name}[{i}]: analytic {an}, finite difference {fd}"
+            );
         }
     }
 
     fn proj(out: &[f32], r: &[f32]) -> f64 {
-        out.iter().zip(r).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+        out.iter()
+            .zip(r)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum()
     }
 
     #[test]
@@ -467,9 +520,13 @@ mod tests {
         let mut dw = vec![0.0; d];
         let dx = rmsnorm_backward(&x, &w, &rstd, &r, &mut dw);
         let w0 = w.clone();
-        check("rmsnorm x", &mut x, &dx, &|x| proj(&rmsnorm(x, &w0, 1e-6).0, &r));
+        check("rmsnorm x", &mut x, &dx, &|x| {
+            proj(&rmsnorm(x, &w0, 1e-6).0, &r)
+        });
         let x0 = x.clone();
-        check("rmsnorm w", &mut w, &dw, &|w| proj(&rmsnorm(&x0, w, 1e-6).0, &r));
+        check("rmsnorm w", &mut w, &dw, &|w| {
+            proj(&rmsnorm(&x0, w, 1e-6).0, &r)
+        });
     }
 
     #[test]
@@ -505,7 +562,13 @@ mod tests {
         // The blank-state conv is the engine's kernel from a zero state.
         let mut state = vec![0.0; (k - 1) * c];
         let mut y = vec![0.0; t * c];
-        hymba::kernels::conv::causal_conv(&x0, &mut state, &hymba::kernels::conv::taps(&w0, c), &b0, &mut y);
+        hymba::kernels::conv::causal_conv(
+            &x0,
+            &mut state,
+            &hymba::kernels::conv::taps(&w0, c),
+            &b0,
+            &mut y,
+        );
         hymba::kernels::testing::assert_close(&y, &conv(&x0, &w0, &b0), 1e-5, "conv vs engine");
     }
 
@@ -514,15 +577,38 @@ mod tests {
         let mut rng = Rng::new(5);
         let (t, e, n) = (7, 5, 3);
         let x = rng.normal_vec(t * e, 1.0);
-        let delta: Vec<f32> = (0..t * e).map(|_| 0.05 + rng.uniform() as f32 * 0.5).collect();
-        let a: Vec<f32> = (0..e * n).map(|_| -(0.2 + rng.uniform() as f32 * 2.0)).collect();
+        let delta: Vec<f32> = (0..t * e)
+            .map(|_| 0.05 + rng.uniform() as f32 * 0.5)
+            .collect();
+        let a: Vec<f32> = (0..e * n)
+            .map(|_| -(0.2 + rng.uniform() as f32 * 2.0))
+            .collect();
         let b = rng.normal_vec(t * n, 1.0);
         let c = rng.normal_vec(t * n, 1.0);
         let d = rng.normal_vec(e, 1.0);
         let r = rng.normal_vec(t * e, 1.0);
         let ins = [x, delta, a, b, c, d];
-        let run = |v: &[Vec<f32>; 6]| scan(&Scan { x: &v[0], delta: &v[1], a: &v[2], b: &v[3], c: &v[4], d: &v[5] });
-        let g = scan_backward(&Scan { x: &ins[0], delta: &ins[1], a: &ins[2], b: &ins[3], c: &ins[4], d: &ins[5] }, &r);
+        let run = |v: &[Vec<f32>; 6]| {
+            scan(&Scan {
+                x: &v[0],
+                delta: &v[1],
+                a: &v[2],
+                b: &v[3],
+                c: &v[4],
+                d: &v[5],
+            })
+        };
+        let g = scan_backward(
+            &Scan {
+                x: &ins[0],
+                delta: &ins[1],
+                a: &ins[2],
+                b: &ins[3],
+                c: &ins[4],
+                d: &ins[5],
+            },
+            &r,
+        );
         let grads = [g.x, g.delta, g.a, g.b, g.c, g.d];
         for (k, name) in ["x", "delta", "a", "b", "c", "d"].iter().enumerate() {
             let mut p = ins[k].clone();
@@ -579,13 +665,21 @@ mod tests {
     }
 
     /// Backward of the reference: returns `(dq, dk, dv)`.
-    fn attention_backward_ref(a: &Attn, probs: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn attention_backward_ref(
+        a: &Attn,
+        probs: &[f32],
+        dout: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (h, dk, dv) = (a.heads, a.dk, a.dv);
         let t = a.q.len() / (h * dk);
         let (kw, vw) = (a.kv_heads * dk, a.kv_heads * dv);
         let group = h / a.kv_heads;
         let scale = 1.0 / (dk as f32).sqrt();
-        let (mut gq, mut gk, mut gv) = (vec![0.0; a.q.len()], vec![0.0; a.k.len()], vec![0.0; a.v.len()]);
+        let (mut gq, mut gk, mut gv) = (
+            vec![0.0; a.q.len()],
+            vec![0.0; a.k.len()],
+            vec![0.0; a.v.len()],
+        );
         let mut dp = vec![0.0; t];
         for hh in 0..h {
             let kh = hh / group;
@@ -634,7 +728,16 @@ mod tests {
         let g = rng.normal_vec(t * h * dv, 1.0);
         let vis = |i: usize, j: usize| j <= i && (i - j <= 4 || j < 3);
         let m = mask(t, vis);
-        let a = Attn { q: &q, k: &k, v: &v, heads: h, kv_heads: hk, dk, dv, mask: &m };
+        let a = Attn {
+            q: &q,
+            k: &k,
+            v: &v,
+            heads: h,
+            kv_heads: hk,
+            dk,
+            dv,
+            mask: &m,
+        };
         let (o, p) = attention(&a);
         let (o2, p2) = attention_ref(&a);
         hymba::kernels::testing::assert_close(&o, &o2, 1e-5, "attention out");
@@ -658,11 +761,29 @@ mod tests {
         let vis = |i: usize, j: usize| j <= i && (i - j <= 3 || j < 2);
         let m = mask(t, vis);
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
-            let a = Attn { q, k, v, heads: h, kv_heads: hk, dk, dv, mask: &m };
+            let a = Attn {
+                q,
+                k,
+                v,
+                heads: h,
+                kv_heads: hk,
+                dk,
+                dv,
+                mask: &m,
+            };
             attention(&a)
         };
         let (_, probs) = run(&q, &k, &v);
-        let a = Attn { q: &q, k: &k, v: &v, heads: h, kv_heads: hk, dk, dv, mask: &m };
+        let a = Attn {
+            q: &q,
+            k: &k,
+            v: &v,
+            heads: h,
+            kv_heads: hk,
+            dk,
+            dv,
+            mask: &m,
+        };
         let (gq, gk, gv) = attention_backward(&a, &probs, &r);
         let (q0, k0, v0) = (q.clone(), k.clone(), v.clone());
         check("attn q", &mut q, &gq, &|p| proj(&run(p, &k0, &v0).0, &r));
@@ -677,7 +798,9 @@ mod tests {
         let mut l = rng.normal_vec(t * v, 2.0);
         let tg: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
         let (_, g) = cross_entropy(&l, &tg, true);
-        check("ce", &mut l, &g.unwrap(), &|l| cross_entropy(l, &tg, false).0 as f64);
+        check("ce", &mut l, &g.unwrap(), &|l| {
+            cross_entropy(l, &tg, false).0 as f64
+        });
     }
 
     #[test]

@@ -37,7 +37,14 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(n: usize, weight_decay: f32) -> AdamW {
-        AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay, m: vec![0.0; n], v: vec![0.0; n] }
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
     }
 
     /// One update with learning rate `lr` at (1-based) step `t`.
@@ -60,7 +67,11 @@ impl AdamW {
 
 /// Scales `grad` so its global L2 norm is at most `max`; returns the norm before clipping.
 pub fn clip_grad_norm(grad: &mut [f32], max: f32) -> f32 {
-    let norm = grad.iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>().sqrt() as f32;
+    let norm = grad
+        .iter()
+        .map(|g| (*g as f64) * (*g as f64))
+        .sum::<f64>()
+        .sqrt() as f32;
     if norm > max && norm.is_finite() {
         let s = max / norm;
         grad.iter_mut().for_each(|g| *g *= s);
@@ -74,7 +85,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_floor() {
-        let s = Schedule { lr: 1e-3, min_lr_frac: 0.1, warmup: 10, steps: 110 };
+        let s = Schedule {
+            lr: 1e-3,
+            min_lr_frac: 0.1,
+            warmup: 10,
+            steps: 110,
+        };
         assert!((s.at(0) - 1e-4).abs() < 1e-9);
         assert!((s.at(9) - 1e-3).abs() < 1e-9);
         assert!((s.at(10) - 1e-3).abs() < 1e-9);

@@ -49,7 +49,11 @@ impl Params {
             } else {
                 match init {
                     Init::Random(_) => {
-                        let std = if is("out_proj.weight") || is("down_proj.weight") { resid } else { 0.02 };
+                        let std = if is("out_proj.weight") || is("down_proj.weight") {
+                            resid
+                        } else {
+                            0.02
+                        };
                         data.extend((0..numel).map(|_| rng.normal() * std));
                     }
                     Init::Const(c) => data.resize(start + numel, c),
@@ -60,14 +64,20 @@ impl Params {
                     }
                     Init::DtBias => {
                         for _ in 0..numel {
-                            let dt = (1e-3f64.ln() + rng.uniform() * (1e-1f64.ln() - 1e-3f64.ln())).exp();
+                            let dt = (1e-3f64.ln() + rng.uniform() * (1e-1f64.ln() - 1e-3f64.ln()))
+                                .exp();
                             data.push((dt + (-(-dt).exp_m1()).ln()) as f32);
                         }
                     }
                 }
             }
             let decay = shape.len() == 2 && !name.contains("A_log");
-            info.push(ParamInfo { name, shape, range: start..data.len(), decay });
+            info.push(ParamInfo {
+                name,
+                shape,
+                range: start..data.len(),
+                decay,
+            });
         }
         Params { info, data }
     }
@@ -93,8 +103,20 @@ impl Params {
             let t = Tensor::from_f32(p.shape.clone(), v);
             let t = match dtype {
                 Dtype::F32 => t,
-                Dtype::BF16 => Tensor::from_bytes(Dtype::BF16, p.shape.clone(), &v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect::<Vec<_>>()),
-                Dtype::F16 => Tensor::from_bytes(Dtype::F16, p.shape.clone(), &v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect::<Vec<_>>()),
+                Dtype::BF16 => Tensor::from_bytes(
+                    Dtype::BF16,
+                    p.shape.clone(),
+                    &v.iter()
+                        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                        .collect::<Vec<_>>(),
+                ),
+                Dtype::F16 => Tensor::from_bytes(
+                    Dtype::F16,
+                    p.shape.clone(),
+                    &v.iter()
+                        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                        .collect::<Vec<_>>(),
+                ),
                 q => t.quantize(q),
             };
             tensors.insert(p.name.clone(), t);
@@ -106,9 +128,14 @@ impl Params {
     /// checking that each is present with the expected shape.
     pub fn load_from(&mut self, store: &TensorStore, what: &str) -> Result<()> {
         for p in &self.info {
-            let t = store.get(&p.name).ok_or_else(|| Error::Input(format!("{what}: tensor {} is missing", p.name)))?;
+            let t = store
+                .get(&p.name)
+                .ok_or_else(|| Error::Input(format!("{what}: tensor {} is missing", p.name)))?;
             if t.shape != p.shape {
-                return Err(Error::Input(format!("{what}: tensor {} has shape {:?}, the config needs {:?}", p.name, t.shape, p.shape)));
+                return Err(Error::Input(format!(
+                    "{what}: tensor {} has shape {:?}, the config needs {:?}",
+                    p.name, t.shape, p.shape
+                )));
             }
             self.data[p.range.clone()].copy_from_slice(&t.to_f32());
         }

@@ -48,7 +48,11 @@ impl Canvas {
         let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
         for i in 0..=n {
             let f = i as f64 / n as f64;
-            self.set((x0 + f * (x1 - x0)).round() as i64, (y0 + f * (y1 - y0)).round() as i64, rgb);
+            self.set(
+                (x0 + f * (x1 - x0)).round() as i64,
+                (y0 + f * (y1 - y0)).round() as i64,
+                rgb,
+            );
         }
     }
 
@@ -60,7 +64,11 @@ impl Canvas {
                     if bits >> (2 - col) & 1 == 1 {
                         for dy in 0..S {
                             for dx in 0..S {
-                                self.set(x + k as i64 * 4 * S + col * S + dx, y + row as i64 * S + dy, [0, 0, 0]);
+                                self.set(
+                                    x + k as i64 * 4 * S + col * S + dx,
+                                    y + row as i64 * S + dy,
+                                    [0, 0, 0],
+                                );
                             }
                         }
                     }
@@ -72,13 +80,27 @@ impl Canvas {
 
 /// Writes the curve of `history` with horizontal `levels` to `path` (atomically).
 pub fn loss_png(history: &History, levels: &[f32], path: &Path) -> Result<()> {
-    let mut c = Canvas { px: vec![255; W * H * 3] };
+    let mut c = Canvas {
+        px: vec![255; W * H * 3],
+    };
     let steps = history.train.last().map_or(1, |s| s.0).max(1) as f64;
-    let mut ys: Vec<f32> = history.train.iter().map(|s| s.1).chain(history.valid.iter().map(|v| v.1)).chain(levels.iter().copied()).collect();
+    let mut ys: Vec<f32> = history
+        .train
+        .iter()
+        .map(|s| s.1)
+        .chain(history.valid.iter().map(|v| v.1))
+        .chain(levels.iter().copied())
+        .collect();
     ys.retain(|v| v.is_finite());
     // Skip the first steps' very high losses when choosing the scale, so the tail is readable.
     let skip = history.train.len() / 50;
-    let top = history.train.iter().skip(skip).map(|s| s.1).chain(levels.iter().copied()).fold(f32::MIN, f32::max);
+    let top = history
+        .train
+        .iter()
+        .skip(skip)
+        .map(|s| s.1)
+        .chain(levels.iter().copied())
+        .fold(f32::MIN, f32::max);
     let lo = ys.iter().copied().fold(f32::MAX, f32::min).floor() as f64;
     let hi = (top.max(lo as f32 + 1.0)).ceil() as f64;
     let (pw, ph) = ((W - L - R) as f64, (H - T - B) as f64);
@@ -94,10 +116,18 @@ pub fn loss_png(history: &History, levels: &[f32], path: &Path) -> Result<()> {
         let s = steps * i as f64 / ticks as f64;
         let x = px(s);
         c.line((x, T as f64), (x, (H - B) as f64), [225, 225, 225]);
-        c.text(&format!("{}", s.round() as u64), x as i64 - 10, (H - B + 10) as i64);
+        c.text(
+            &format!("{}", s.round() as u64),
+            x as i64 - 10,
+            (H - B + 10) as i64,
+        );
     }
     c.line((L as f64, T as f64), (L as f64, (H - B) as f64), [0, 0, 0]);
-    c.line((L as f64, (H - B) as f64), ((W - R) as f64, (H - B) as f64), [0, 0, 0]);
+    c.line(
+        (L as f64, (H - B) as f64),
+        ((W - R) as f64, (H - B) as f64),
+        [0, 0, 0],
+    );
     for &lv in levels {
         let y = py(lv as f64);
         let mut x = L as f64;
@@ -107,7 +137,11 @@ pub fn loss_png(history: &History, levels: &[f32], path: &Path) -> Result<()> {
         }
     }
     for w in history.train.windows(2) {
-        c.line((px(w[0].0 as f64), py(w[0].1 as f64)), (px(w[1].0 as f64), py(w[1].1 as f64)), [40, 90, 220]);
+        c.line(
+            (px(w[0].0 as f64), py(w[0].1 as f64)),
+            (px(w[1].0 as f64), py(w[1].1 as f64)),
+            [40, 90, 220],
+        );
     }
     for &(s, v) in &history.valid {
         let (x, y) = (px(s as f64) as i64, py(v as f64) as i64);
@@ -124,8 +158,11 @@ pub fn loss_png(history: &History, levels: &[f32], path: &Path) -> Result<()> {
         let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header().map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-        wr.write_image_data(&c.px).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        let mut wr = enc
+            .write_header()
+            .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        wr.write_image_data(&c.px)
+            .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
     }
     hymba::error::write_atomic(path, &bytes)
 }

@@ -10,18 +10,40 @@ pub const NAMES: [&str; 2] = ["tiny", "micro"];
 /// The config.json of preset `name` for a vocabulary of `vocab_size` tokens.
 pub fn preset(name: &str, vocab_size: usize) -> Option<Value> {
     // (hidden, layers, heads, kv heads, ffn, meta tokens, window, global layers, reuse groups)
-    type Shape = (usize, usize, usize, usize, usize, usize, usize, Vec<usize>, Vec<Vec<usize>>);
+    type Shape = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Vec<usize>,
+        Vec<Vec<usize>>,
+    );
     let (d, l, h, hkv, f, m, w, global, groups): Shape = match name {
         // The shipped default model: 4.4M parameters at a 4096-token vocabulary.
-        "tiny" => (192, 6, 3, 1, 512, 16, 128, vec![0, 5], vec![vec![1, 2], vec![3, 4]]),
+        "tiny" => (
+            192,
+            6,
+            3,
+            1,
+            512,
+            16,
+            128,
+            vec![0, 5],
+            vec![vec![1, 2], vec![3, 4]],
+        ),
         // For tests and smoke runs: trains in seconds.
         "micro" => (64, 3, 2, 1, 128, 4, 16, vec![0], vec![vec![1, 2]]),
         _ => return None,
     };
     // Hymba-1.5B's own config.json with the shape keys replaced, so every other key NVIDIA's
     // code reads keeps its released value.
-    let mut cfg: Value = serde_json::from_str(BASE).expect("the embedded Hymba-1.5B config is JSON");
-    let conv_dim: serde_json::Map<String, Value> = (0..l).map(|i| (i.to_string(), json!(2 * d))).collect();
+    let mut cfg: Value =
+        serde_json::from_str(BASE).expect("the embedded Hymba-1.5B config is JSON");
+    let conv_dim: serde_json::Map<String, Value> =
+        (0..l).map(|i| (i.to_string(), json!(2 * d))).collect();
     let set = json!({
         "vocab_size": vocab_size,
         "hidden_size": d,

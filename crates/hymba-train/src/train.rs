@@ -59,7 +59,12 @@ impl Default for TrainOptions {
 
 impl TrainOptions {
     pub fn schedule(&self) -> Schedule {
-        Schedule { lr: self.lr, min_lr_frac: self.min_lr_frac, warmup: self.warmup.min(self.steps), steps: self.steps }
+        Schedule {
+            lr: self.lr,
+            min_lr_frac: self.min_lr_frac,
+            warmup: self.warmup.min(self.steps),
+            steps: self.steps,
+        }
     }
 }
 
@@ -83,10 +88,25 @@ struct State {
 
 /// What the loop reports as it goes.
 pub enum Progress<'a> {
-    Step { step: usize, steps: usize, loss: f32, lr: f32, grad_norm: f32, tokens_per_s: f64 },
-    Eval { step: usize, loss: f32 },
-    Saved { step: usize },
-    Resumed { step: usize, history: &'a History },
+    Step {
+        step: usize,
+        steps: usize,
+        loss: f32,
+        lr: f32,
+        grad_norm: f32,
+        tokens_per_s: f64,
+    },
+    Eval {
+        step: usize,
+        loss: f32,
+    },
+    Saved {
+        step: usize,
+    },
+    Resumed {
+        step: usize,
+        history: &'a History,
+    },
 }
 
 /// Where a run's weights start.
@@ -122,16 +142,33 @@ pub fn train(
     on: &mut dyn FnMut(Progress),
 ) -> Result<Outcome> {
     let (b, t) = (options.batch, options.seq_len);
-    for (name, v) in [("--steps", options.steps), ("--batch", b), ("--seq-len", t), ("eval_every", options.eval_every), ("save_every", options.save_every)] {
+    for (name, v) in [
+        ("--steps", options.steps),
+        ("--batch", b),
+        ("--seq-len", t),
+        ("eval_every", options.eval_every),
+        ("save_every", options.save_every),
+    ] {
         if v == 0 {
             return Err(Error::Input(format!("{name} must be at least 1")));
         }
     }
     if corpus.train.len() < t + 2 {
-        return Err(Error::Input(format!("the training text has {} tokens, fewer than --seq-len {t} + 2", corpus.train.len())));
+        return Err(Error::Input(format!(
+            "the training text has {} tokens, fewer than --seq-len {t} + 2",
+            corpus.train.len()
+        )));
     }
-    if let Some(bad) = corpus.train.iter().chain(&corpus.valid).find(|&&id| id as usize >= config.vocab_size) {
-        return Err(Error::Input(format!("token id {bad} is outside the config's vocab_size {}", config.vocab_size)));
+    if let Some(bad) = corpus
+        .train
+        .iter()
+        .chain(&corpus.valid)
+        .find(|&&id| id as usize >= config.vocab_size)
+    {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the config's vocab_size {}",
+            config.vocab_size
+        )));
     }
     let mut params = Params::init(config, options.seed);
     let mut opt = AdamW::new(params.len(), options.weight_decay);
@@ -151,7 +188,10 @@ pub fn train(
         }
         first = st.step;
         history = st.history;
-        on(Progress::Resumed { step: first, history: &history });
+        on(Progress::Resumed {
+            step: first,
+            history: &history,
+        });
     }
     let model = TrainModel::new(config.clone(), &params);
     let schedule = options.schedule();
@@ -163,10 +203,17 @@ pub fn train(
     let mut step = first;
     while step < options.steps {
         let began = Instant::now();
-        let batch = Batch { ids: sample_batch(&corpus.train, b, t, options.seed, step as u64), b, t };
+        let batch = Batch {
+            ids: sample_batch(&corpus.train, b, t, options.seed, step as u64),
+            b,
+            t,
+        };
         let (loss, mut grad) = model.loss_and_grad(&params, &batch);
         if !loss.is_finite() {
-            return Err(Error::Input(format!("the training loss became {loss} at step {}; try a lower --lr", step + 1)));
+            return Err(Error::Input(format!(
+                "the training loss became {loss} at step {}; try a lower --lr",
+                step + 1
+            )));
         }
         let grad_norm = clip_grad_norm(&mut grad, options.clip);
         let lr = schedule.at(step);
@@ -176,21 +223,41 @@ pub fn train(
         history.seconds += secs;
         history.tokens += (b * t) as u64;
         history.train.push((step, loss, lr));
-        on(Progress::Step { step, steps: options.steps, loss, lr, grad_norm, tokens_per_s: (b * t) as f64 / secs });
+        on(Progress::Step {
+            step,
+            steps: options.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: (b * t) as f64 / secs,
+        });
         if step % options.eval_every == 0 || step == options.steps {
             let vl = evaluate(&model, &params, &valid, b);
             history.valid.push((step, vl));
             on(Progress::Eval { step, loss: vl });
         }
         if step % options.save_every == 0 || step == options.steps {
-            save_checkpoint(&dir.join(CHECKPOINT), &params, &opt, &State { step, options: options.clone(), history: history.clone() })?;
+            save_checkpoint(
+                &dir.join(CHECKPOINT),
+                &params,
+                &opt,
+                &State {
+                    step,
+                    options: options.clone(),
+                    history: history.clone(),
+                },
+            )?;
             on(Progress::Saved { step });
         }
         if stop_after == Some(step) {
             break;
         }
     }
-    Ok(Outcome { params, history, step })
+    Ok(Outcome {
+        params,
+        history,
+        step,
+    })
 }
 
 /// Mean next-token loss over the windows, `b` at a time.
@@ -198,7 +265,11 @@ pub fn evaluate(model: &TrainModel, params: &Params, windows: &[Vec<u32>], b: us
     let t = windows[0].len() - 1;
     let (mut sum, mut n) = (0.0f64, 0usize);
     for chunk in windows.chunks(b) {
-        let batch = Batch { ids: chunk.concat(), b: chunk.len(), t };
+        let batch = Batch {
+            ids: chunk.concat(),
+            b: chunk.len(),
+            t,
+        };
         let (loss, _) = model.forward(params, &batch);
         sum += loss as f64 * chunk.len() as f64;
         n += chunk.len();
@@ -215,35 +286,71 @@ fn f32_bytes(v: &[f32], out: &mut Vec<u8>) {
 fn save_checkpoint(path: &Path, params: &Params, opt: &AdamW, state: &State) -> Result<()> {
     let mut headers = Vec::new();
     let mut slices: Vec<&[f32]> = Vec::new();
-    for (prefix, data) in [("", &params.data), ("optimizer.m.", &opt.m), ("optimizer.v.", &opt.v)] {
+    for (prefix, data) in [
+        ("", &params.data),
+        ("optimizer.m.", &opt.m),
+        ("optimizer.v.", &opt.v),
+    ] {
         for p in &params.info {
-            headers.push((format!("{prefix}{}", p.name), Dtype::F32.safetensors_name(), p.shape.clone(), p.range.len() * 4));
+            headers.push((
+                format!("{prefix}{}", p.name),
+                Dtype::F32.safetensors_name(),
+                p.shape.clone(),
+                p.range.len() * 4,
+            ));
             slices.push(&data[p.range.clone()]);
         }
     }
     let meta = serde_json::to_string(state).expect("json");
-    write_safetensors(path, &headers, Some((STATE_KEY, meta)), |i, out| f32_bytes(slices[i], out))
+    write_safetensors(path, &headers, Some((STATE_KEY, meta)), |i, out| {
+        f32_bytes(slices[i], out)
+    })
 }
 
 fn load_checkpoint(path: &Path, params: &mut Params, opt: &mut AdamW) -> Result<State> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad = |msg: String| Error::Checkpoint { file: path.display().to_string(), msg };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let bad = |msg: String| Error::Checkpoint {
+        file: path.display().to_string(),
+        msg,
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let state: State = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get(STATE_KEY))
-        .ok_or_else(|| bad(format!("no `{STATE_KEY}` metadata: not a training checkpoint")))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| bad(format!("metadata `{STATE_KEY}`: {e}"))))?;
-    for (prefix, data) in [("", &mut params.data), ("optimizer.m.", &mut opt.m), ("optimizer.v.", &mut opt.v)] {
+        .ok_or_else(|| {
+            bad(format!(
+                "no `{STATE_KEY}` metadata: not a training checkpoint"
+            ))
+        })
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| bad(format!("metadata `{STATE_KEY}`: {e}")))
+        })?;
+    for (prefix, data) in [
+        ("", &mut params.data),
+        ("optimizer.m.", &mut opt.m),
+        ("optimizer.v.", &mut opt.v),
+    ] {
         for p in &params.info {
             let name = format!("{prefix}{}", p.name);
-            let view = st.tensor(&name).map_err(|_| bad(format!("tensor {name} is missing")))?;
+            let view = st
+                .tensor(&name)
+                .map_err(|_| bad(format!("tensor {name} is missing")))?;
             if view.dtype() != safetensors::Dtype::F32 || view.shape() != p.shape.as_slice() {
-                return Err(bad(format!("tensor {name}: {:?} {:?}, expected F32 {:?}", view.dtype(), view.shape(), p.shape)));
+                return Err(bad(format!(
+                    "tensor {name}: {:?} {:?}, expected F32 {:?}",
+                    view.dtype(),
+                    view.shape(),
+                    p.shape
+                )));
             }
-            for (o, c) in data[p.range.clone()].iter_mut().zip(view.data().chunks_exact(4)) {
+            for (o, c) in data[p.range.clone()]
+                .iter_mut()
+                .zip(view.data().chunks_exact(4))
+            {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
@@ -253,7 +360,9 @@ fn load_checkpoint(path: &Path, params: &mut Params, opt: &mut AdamW) -> Result<
 
 /// Writes `dir/config.json` and `dir/model.safetensors` (official names, `dtype`) atomically.
 pub fn export(dir: &Path, config: &Config, params: &Params, dtype: Dtype) -> Result<()> {
-    params.to_store(dtype).save(&dir.join("model.safetensors"))?;
+    params
+        .to_store(dtype)
+        .save(&dir.join("model.safetensors"))?;
     let text = serde_json::to_string_pretty(&config.raw).expect("json");
     hymba::error::write_atomic(&dir.join("config.json"), text.as_bytes())
 }

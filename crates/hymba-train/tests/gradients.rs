@@ -23,9 +23,29 @@ struct Case {
 fn cases() -> Vec<Case> {
     vec![
         // A three-layer reuse group with GQA, meta tokens, windows shorter than the sequence.
-        Case { layers: 4, heads: 4, kv_heads: 2, meta: 3, window: 3, global: vec![0], groups: vec![vec![1, 2, 3]], inner_norms: true, tied: true },
+        Case {
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            meta: 3,
+            window: 3,
+            global: vec![0],
+            groups: vec![vec![1, 2, 3]],
+            inner_norms: true,
+            tied: true,
+        },
         // No meta tokens, no inner norms, untied head, two groups ending in a global layer.
-        Case { layers: 3, heads: 2, kv_heads: 2, meta: 0, window: 2, global: vec![2], groups: vec![vec![0, 1]], inner_norms: false, tied: false },
+        Case {
+            layers: 3,
+            heads: 2,
+            kv_heads: 2,
+            meta: 0,
+            window: 2,
+            global: vec![2],
+            groups: vec![vec![0, 1]],
+            inner_norms: false,
+            tied: false,
+        },
     ]
 }
 
@@ -70,7 +90,11 @@ fn random_params(cfg: &Config, seed: u64) -> Params {
         if t.name.contains("A_log") || t.name.contains("dt_proj.0.bias") {
             continue;
         }
-        let std = if t.shape.len() >= 2 { 0.3 / (*t.shape.last().unwrap() as f32).sqrt() } else { 0.2 };
+        let std = if t.shape.len() >= 2 {
+            0.3 / (*t.shape.last().unwrap() as f32).sqrt()
+        } else {
+            0.2
+        };
         for x in v.iter_mut() {
             *x += rng.normal() * std;
         }
@@ -80,7 +104,13 @@ fn random_params(cfg: &Config, seed: u64) -> Params {
 
 fn batch(cfg: &Config, b: usize, t: usize, seed: u64) -> Batch {
     let mut rng = Rng::new(seed);
-    Batch { ids: (0..b * (t + 1)).map(|_| rng.below(cfg.vocab_size) as u32).collect(), b, t }
+    Batch {
+        ids: (0..b * (t + 1))
+            .map(|_| rng.below(cfg.vocab_size) as u32)
+            .collect(),
+        b,
+        t,
+    }
 }
 
 #[test]
@@ -97,7 +127,12 @@ fn training_forward_equals_engine_forward() {
         for s in 0..b {
             let ids = &bt.ids[s * (t + 1)..s * (t + 1) + t];
             let want = engine.forward_uncached(ids).unwrap();
-            assert_close(&tape.logits[s * t * v..(s + 1) * t * v], &want, 1e-4, &format!("case {ci} sequence {s}"));
+            assert_close(
+                &tape.logits[s * t * v..(s + 1) * t * v],
+                &want,
+                1e-4,
+                &format!("case {ci} sequence {s}"),
+            );
         }
     }
 }
@@ -117,7 +152,11 @@ fn scoring_equals_the_training_loss() {
         let engine = Model::from_store(cfg.clone(), params.to_store(Dtype::F32)).unwrap();
         let s = hymba::score::score(&engine, &bt.ids, t + 1, t + 1, &mut |_, _| {}).unwrap();
         assert_eq!((s.windows, s.tokens), (k, k * t), "case {ci}");
-        assert!((s.mean_nll() - loss as f64).abs() < 1e-4 * (loss as f64).max(1.0), "case {ci}: scored {} vs training loss {loss}", s.mean_nll());
+        assert!(
+            (s.mean_nll() - loss as f64).abs() < 1e-4 * (loss as f64).max(1.0),
+            "case {ci}: scored {} vs training loss {loss}",
+            s.mean_nll()
+        );
         let overlapping = hymba::score::score(&engine, &bt.ids, 7, 3, &mut |_, _| {}).unwrap();
         assert_eq!(overlapping.tokens, bt.ids.len() - 1, "case {ci}");
     }
@@ -136,7 +175,11 @@ fn gradients_match_finite_differences() {
             // Directional derivative along a random direction over the whole tensor, by central
             // differences at h and h/2 combined to cancel the h² term (Richardson).
             let dir = rng.normal_vec(t.range.len(), 1.0);
-            let analytic: f64 = grad[t.range.clone()].iter().zip(&dir).map(|(g, r)| (*g as f64) * (*r as f64)).sum();
+            let analytic: f64 = grad[t.range.clone()]
+                .iter()
+                .zip(&dir)
+                .map(|(g, r)| (*g as f64) * (*r as f64))
+                .sum();
             let orig = params.data[t.range.clone()].to_vec();
             let mut loss_at = |step: f32| {
                 for ((p, o), r) in params.data[t.range.clone()].iter_mut().zip(&orig).zip(&dir) {
@@ -155,8 +198,16 @@ fn gradients_match_finite_differences() {
                 "case {ci}, {}: analytic {analytic:.6}, finite difference {fd:.6}",
                 t.name
             );
-            let norm = grad[t.range.clone()].iter().map(|g| g * g).sum::<f32>().sqrt();
-            assert!(norm > 1e-6, "case {ci}, {}: no gradient reaches it (norm {norm})", t.name);
+            let norm = grad[t.range.clone()]
+                .iter()
+                .map(|g| g * g)
+                .sum::<f32>()
+                .sqrt();
+            assert!(
+                norm > 1e-6,
+                "case {ci}, {}: no gradient reaches it (norm {norm})",
+                t.name
+            );
         }
     }
 }
@@ -166,19 +217,47 @@ fn gradients_match_finite_differences() {
 fn training_forward_matches_official_prefill_on_the_fixture() {
     let dir = std::env::var_os("HYMBA_SHARED")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+        })
         .join("fixtures/tiny-a");
     let cfg = Config::from_file(&dir.join("config.json")).unwrap();
     let mut params = Params::init(&cfg, 0);
-    params.load_from(&hymba::tensor::TensorStore::open(&dir).unwrap(), "tiny-a").unwrap();
+    params
+        .load_from(&hymba::tensor::TensorStore::open(&dir).unwrap(), "tiny-a")
+        .unwrap();
     let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = st.tensor("input_ids").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
-    let want: Vec<f32> = st.tensor("prefill_logits").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let ids: Vec<u32> = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let want: Vec<f32> = st
+        .tensor("prefill_logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     let tm = TrainModel::new(cfg, &params);
     // The batch format wants one more id as the last target; it does not affect the logits.
     let mut window = ids.clone();
     window.push(0);
-    let (_, tape) = tm.forward(&params, &Batch { ids: window, b: 1, t: ids.len() });
-    assert_close(&tape.logits, &want, 1e-3, "training forward vs official prefill");
+    let (_, tape) = tm.forward(
+        &params,
+        &Batch {
+            ids: window,
+            b: 1,
+            t: ids.len(),
+        },
+    );
+    assert_close(
+        &tape.logits,
+        &want,
+        1e-3,
+        "training forward vs official prefill",
+    );
 }

@@ -58,7 +58,9 @@ impl std::str::FromStr for KvDtype {
         match s {
             "f32" => Ok(KvDtype::F32),
             "bf16" => Ok(KvDtype::BF16),
-            _ => Err(format!("unknown K/V cache type {s:?}: expected f32 or bf16")),
+            _ => Err(format!(
+                "unknown K/V cache type {s:?}: expected f32 or bf16"
+            )),
         }
     }
 }
@@ -71,7 +73,14 @@ enum Buf {
 }
 
 /// `old` (`[heads, old_cap, d]`, `rows` used) copied into a new `[heads, cap, d]`.
-fn regrow<T: Copy + Default>(old: &[T], heads: usize, d: usize, rows: usize, old_cap: usize, cap: usize) -> Vec<T> {
+fn regrow<T: Copy + Default>(
+    old: &[T],
+    heads: usize,
+    d: usize,
+    rows: usize,
+    old_cap: usize,
+    cap: usize,
+) -> Vec<T> {
     let mut data = vec![T::default(); heads * cap * d];
     let n = rows * d;
     for h in 0..heads {
@@ -98,7 +107,14 @@ impl HeadRows {
             KvDtype::F32 => Buf::F32(Vec::new()),
             KvDtype::BF16 => Buf::BF16(Vec::new()),
         };
-        HeadRows { data, heads, d, rows: 0, cap: 0, max }
+        HeadRows {
+            data,
+            heads,
+            d,
+            rows: 0,
+            cap: 0,
+            max,
+        }
     }
 
     pub fn dtype(&self) -> KvDtype {
@@ -140,7 +156,11 @@ impl HeadRows {
     }
 
     fn reserve(&mut self, rows: usize) {
-        assert!(rows <= self.max, "K/V rows: {rows} exceed the maximum of {}", self.max);
+        assert!(
+            rows <= self.max,
+            "K/V rows: {rows} exceed the maximum of {}",
+            self.max
+        );
         if rows <= self.cap {
             return;
         }
@@ -156,7 +176,11 @@ impl HeadRows {
     /// Writes row-major `row` (`heads·d`) into slot `slot` (at most one past the last row).
     pub fn set(&mut self, slot: usize, row: &[f32]) {
         debug_assert_eq!(row.len(), self.heads * self.d);
-        assert!(slot <= self.rows, "K/V rows: slot {slot} past the end ({})", self.rows);
+        assert!(
+            slot <= self.rows,
+            "K/V rows: slot {slot} past the end ({})",
+            self.rows
+        );
         if slot == self.rows {
             self.reserve(slot + 1);
             self.rows += 1;
@@ -222,7 +246,10 @@ impl KvStorage for Kv {
 
 impl Kv {
     pub fn new(heads: usize, dk: usize, dv: usize, max: usize, dtype: KvDtype) -> Self {
-        Kv { k: HeadRows::new(heads, dk, max, dtype), v: HeadRows::new(heads, dv, max, dtype) }
+        Kv {
+            k: HeadRows::new(heads, dk, max, dtype),
+            v: HeadRows::new(heads, dv, max, dtype),
+        }
     }
 
     /// The rows as an attention block.
@@ -230,8 +257,20 @@ impl Kv {
         debug_assert_eq!(self.k.cap, self.v.cap);
         let (rows, layout) = (self.len(), Layout::HeadMajor { cap: self.k.cap });
         match (&self.k.data, &self.v.data) {
-            (Buf::F32(k), Buf::F32(v)) => KvView::F32(KvBlock { k, v, rows, layout, pos }),
-            (Buf::BF16(k), Buf::BF16(v)) => KvView::BF16(KvBlock { k, v, rows, layout, pos }),
+            (Buf::F32(k), Buf::F32(v)) => KvView::F32(KvBlock {
+                k,
+                v,
+                rows,
+                layout,
+                pos,
+            }),
+            (Buf::BF16(k), Buf::BF16(v)) => KvView::BF16(KvBlock {
+                k,
+                v,
+                rows,
+                layout,
+                pos,
+            }),
             _ => unreachable!("a group's keys and values are made with one element type"),
         }
     }
@@ -271,7 +310,10 @@ pub struct LayerState {
 
 impl LayerState {
     pub fn zeros(e: usize, n: usize, k: usize) -> Self {
-        LayerState { ssm: vec![0.0; e * n], conv: vec![0.0; (k - 1) * e] }
+        LayerState {
+            ssm: vec![0.0; e * n],
+            conv: vec![0.0; (k - 1) * e],
+        }
     }
 }
 
@@ -297,7 +339,12 @@ pub struct MetaPrefix<B: Backend = Cpu> {
 
 impl<B: Backend> MetaPrefix<B> {
     pub fn bytes(&self) -> usize {
-        self.kv.iter().map(KvStorage::bytes).sum::<usize>() + self.states.iter().map(|s| s.ssm_bytes() + s.conv_bytes()).sum::<usize>()
+        self.kv.iter().map(KvStorage::bytes).sum::<usize>()
+            + self
+                .states
+                .iter()
+                .map(|s| s.ssm_bytes() + s.conv_bytes())
+                .sum::<usize>()
     }
 }
 
@@ -308,14 +355,25 @@ pub enum KvStore<B: Backend = Cpu> {
     /// The last `cap` tokens; `pos[i]` is the position held in slot `i`. Slots fill in order,
     /// then the oldest is replaced: the token at `p` sits in slot `(p − start) mod cap`, where
     /// `start` is the first position the ring was given.
-    Window { kv: B::Kv, pos: Vec<usize>, cap: usize },
+    Window {
+        kv: B::Kv,
+        pos: Vec<usize>,
+        cap: usize,
+    },
 }
 
 impl<B: Backend> Clone for KvStore<B> {
     fn clone(&self) -> Self {
         match self {
-            KvStore::Global { kv, start } => KvStore::Global { kv: kv.clone(), start: *start },
-            KvStore::Window { kv, pos, cap } => KvStore::Window { kv: kv.clone(), pos: pos.clone(), cap: *cap },
+            KvStore::Global { kv, start } => KvStore::Global {
+                kv: kv.clone(),
+                start: *start,
+            },
+            KvStore::Window { kv, pos, cap } => KvStore::Window {
+                kv: kv.clone(),
+                pos: pos.clone(),
+                cap: *cap,
+            },
         }
     }
 }
@@ -345,7 +403,11 @@ impl<B: Backend> KvStore<B> {
                 for i in n.saturating_sub(*cap)..n {
                     let p = pos0 + i;
                     // A free slot while the ring fills, then the oldest one.
-                    let slot = if pos.len() < *cap { pos.len() } else { (0..*cap).min_by_key(|&s| pos[s]).expect("cap > 0") };
+                    let slot = if pos.len() < *cap {
+                        pos.len()
+                    } else {
+                        (0..*cap).min_by_key(|&s| pos[s]).expect("cap > 0")
+                    };
                     if let Some((r0, s0)) = run {
                         if slot != s0 + (i - r0) {
                             b.kv_write(kv, s0, pos0 + r0, k, v, rows.start + r0..rows.start + i);
@@ -371,7 +433,9 @@ impl<B: Backend> KvStore<B> {
     pub fn bytes(&self) -> usize {
         match self {
             KvStore::Global { kv, .. } => kv.bytes(),
-            KvStore::Window { kv, pos, .. } => kv.bytes() + pos.len() * std::mem::size_of::<usize>(),
+            KvStore::Window { kv, pos, .. } => {
+                kv.bytes() + pos.len() * std::mem::size_of::<usize>()
+            }
         }
     }
 }
@@ -401,22 +465,37 @@ pub struct CacheBytes {
 
 impl<B: Backend> Clone for Cache<B> {
     fn clone(&self) -> Self {
-        Cache { meta: self.meta.clone(), pos: self.pos, kv: self.kv.clone(), states: self.states.clone() }
+        Cache {
+            meta: self.meta.clone(),
+            pos: self.pos,
+            kv: self.kv.clone(),
+            states: self.states.clone(),
+        }
     }
 }
 
 impl<B: Backend> std::fmt::Debug for Cache<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache").field("pos", &self.pos).field("kv_dtype", &self.kv_dtype()).field("bytes", &self.bytes()).finish()
+        f.debug_struct("Cache")
+            .field("pos", &self.pos)
+            .field("kv_dtype", &self.kv_dtype())
+            .field("bytes", &self.bytes())
+            .finish()
     }
 }
 
 impl<B: Backend> Cache<B> {
     /// The element type of its K/V (that of the model that made it).
     pub fn kv_dtype(&self) -> KvDtype {
-        self.meta.kv.first().or_else(|| self.kv.first().map(|s| match s {
-            KvStore::Global { kv, .. } | KvStore::Window { kv, .. } => kv,
-        })).map_or(KvDtype::F32, KvStorage::dtype)
+        self.meta
+            .kv
+            .first()
+            .or_else(|| {
+                self.kv.first().map(|s| match s {
+                    KvStore::Global { kv, .. } | KvStore::Window { kv, .. } => kv,
+                })
+            })
+            .map_or(KvDtype::F32, KvStorage::dtype)
     }
 
     /// Real tokens processed so far (meta tokens excluded).
@@ -429,7 +508,10 @@ impl<B: Backend> Cache<B> {
     }
 
     pub fn bytes(&self) -> CacheBytes {
-        let mut b = CacheBytes { meta_prefix_shared: self.meta.bytes(), ..Default::default() };
+        let mut b = CacheBytes {
+            meta_prefix_shared: self.meta.bytes(),
+            ..Default::default()
+        };
         for s in &self.kv {
             match s {
                 KvStore::Global { .. } => b.global_kv += s.bytes(),
@@ -451,7 +533,11 @@ mod tests {
 
     #[test]
     fn ring_keeps_the_last_cap_positions() {
-        let mut s: KvStore = KvStore::Window { kv: Kv::new(1, 1, 1, 3, KvDtype::F32), pos: Vec::new(), cap: 3 };
+        let mut s: KvStore = KvStore::Window {
+            kv: Kv::new(1, 1, 1, 3, KvDtype::F32),
+            pos: Vec::new(),
+            cap: 3,
+        };
         let mut append = |ps: std::ops::Range<usize>| {
             let k: Vec<f32> = ps.clone().map(|p| p as f32).collect();
             let v: Vec<f32> = ps.clone().map(|p| -(p as f32)).collect();
@@ -460,10 +546,17 @@ mod tests {
         append(10..12);
         append(12..13);
         append(13..18);
-        let KvStore::Window { kv, pos, .. } = &s else { unreachable!() };
-        let mut got: Vec<(usize, f32, f32)> = (0..3).map(|i| (pos[i], kv.k.get(i, 0, 0), kv.v.get(i, 0, 0))).collect();
+        let KvStore::Window { kv, pos, .. } = &s else {
+            unreachable!()
+        };
+        let mut got: Vec<(usize, f32, f32)> = (0..3)
+            .map(|i| (pos[i], kv.k.get(i, 0, 0), kv.v.get(i, 0, 0)))
+            .collect();
         got.sort_by_key(|x| x.0);
-        assert_eq!(got, vec![(15, 15.0, -15.0), (16, 16.0, -16.0), (17, 17.0, -17.0)]);
+        assert_eq!(
+            got,
+            vec![(15, 15.0, -15.0), (16, 16.0, -16.0), (17, 17.0, -17.0)]
+        );
     }
 
     /// Rows keep their values across growth, in a head-major layout, and read back in order, in
@@ -483,7 +576,10 @@ mod tests {
             assert_eq!(r.to_row_major(), rows);
             assert_eq!(r.bytes(), 40 * heads * d * dtype.size());
             // Head 1 of row 5 sits in head 1's contiguous run.
-            assert_eq!([r.get(5, 1, 0), r.get(5, 1, 1)], [rows[(5 * heads + 1) * d], rows[(5 * heads + 1) * d + 1]]);
+            assert_eq!(
+                [r.get(5, 1, 0), r.get(5, 1, 1)],
+                [rows[(5 * heads + 1) * d], rows[(5 * heads + 1) * d + 1]]
+            );
             r.set(3, &[9.0; 6]);
             assert_eq!(&r.to_row_major()[3 * heads * d..4 * heads * d], &[9.0; 6]);
         }

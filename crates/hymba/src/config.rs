@@ -115,11 +115,16 @@ impl Config {
 
     /// Validates a parsed `config.json`.
     pub fn from_value(raw: Value) -> Result<Config> {
-        let obj = raw.as_object().ok_or_else(|| Error::config("(top level)", "expected a JSON object"))?;
+        let obj = raw
+            .as_object()
+            .ok_or_else(|| Error::config("(top level)", "expected a JSON object"))?;
         let r = Reader(obj);
         if let Some(mt) = r.opt_str("model_type")? {
             if mt != "hymba" {
-                return Err(Error::config("model_type", format!("expected \"hymba\", found {mt:?}")));
+                return Err(Error::config(
+                    "model_type",
+                    format!("expected \"hymba\", found {mt:?}"),
+                ));
             }
         }
         let d = r.pos_usize("hidden_size")?;
@@ -135,33 +140,61 @@ impl Config {
         let attn_hidden = match r.i64_or("attn_hidden_size", -1)? {
             -1 => d,
             v if v > 0 => v as usize,
-            v => return Err(Error::config("attn_hidden_size", format!("expected -1 or a positive size, found {v}"))),
+            v => {
+                return Err(Error::config(
+                    "attn_hidden_size",
+                    format!("expected -1 or a positive size, found {v}"),
+                ))
+            }
         };
         let dqk = match r.i64_or("kq_head_dim", -1)? {
             -1 => {
                 if attn_hidden % h != 0 {
-                    let key = if attn_hidden == d { "hidden_size" } else { "attn_hidden_size" };
-                    return Err(Error::config(key, format!("{attn_hidden} is not divisible by num_attention_heads ({h})")));
+                    let key = if attn_hidden == d {
+                        "hidden_size"
+                    } else {
+                        "attn_hidden_size"
+                    };
+                    return Err(Error::config(
+                        key,
+                        format!("{attn_hidden} is not divisible by num_attention_heads ({h})"),
+                    ));
                 }
                 attn_hidden / h
             }
             v if v > 0 => v as usize,
-            v => return Err(Error::config("kq_head_dim", format!("expected -1 or a positive size, found {v}"))),
+            v => {
+                return Err(Error::config(
+                    "kq_head_dim",
+                    format!("expected -1 or a positive size, found {v}"),
+                ))
+            }
         };
         if dqk % 2 != 0 {
-            return Err(Error::config("kq_head_dim", format!("the query/key head size {dqk} must be even for RoPE")));
+            return Err(Error::config(
+                "kq_head_dim",
+                format!("the query/key head size {dqk} must be even for RoPE"),
+            ));
         }
         let expand = r.pos_usize("mamba_expand")?;
         let e = expand * d;
         let dv = match r.opt_i64("v_head_dim")? {
             None => {
                 if e % h != 0 {
-                    return Err(Error::config("num_attention_heads", format!("{h} does not divide the SSM width {e}")));
+                    return Err(Error::config(
+                        "num_attention_heads",
+                        format!("{h} does not divide the SSM width {e}"),
+                    ));
                 }
                 e / h
             }
             Some(v) if v > 0 => v as usize,
-            Some(v) => return Err(Error::config("v_head_dim", format!("expected a positive size, found {v}"))),
+            Some(v) => {
+                return Err(Error::config(
+                    "v_head_dim",
+                    format!("expected a positive size, found {v}"),
+                ))
+            }
         };
         if dv * h != e {
             return Err(Error::config(
@@ -176,52 +209,90 @@ impl Config {
         let rope_type = match r.str_or("rope_type", "default")?.as_str() {
             "default" => RopeType::Default,
             "ntk" => RopeType::Ntk,
-            other => return Err(Error::config("rope_type", format!("{other:?} is not supported (expected \"default\" or \"ntk\")"))),
+            other => {
+                return Err(Error::config(
+                    "rope_type",
+                    format!("{other:?} is not supported (expected \"default\" or \"ntk\")"),
+                ))
+            }
         };
         let n_exp = r.usize_or("num_experts", 1)?;
         if n_exp != 1 {
-            return Err(Error::config("num_experts", format!("only 1 is supported, found {n_exp}")));
+            return Err(Error::config(
+                "num_experts",
+                format!("only 1 is supported, found {n_exp}"),
+            ));
         }
         let num_mamba = r.usize_or("num_mamba", 1)?;
         if num_mamba != 1 {
-            return Err(Error::config("num_mamba", format!("only 1 is supported, found {num_mamba}")));
+            return Err(Error::config(
+                "num_mamba",
+                format!("only 1 is supported, found {num_mamba}"),
+            ));
         }
         match obj.get("kq_norm") {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) if s == "none" => {}
-            Some(other) => return Err(Error::config("kq_norm", format!("only \"none\" is supported, found {other}"))),
+            Some(other) => {
+                return Err(Error::config(
+                    "kq_norm",
+                    format!("only \"none\" is supported, found {other}"),
+                ))
+            }
         }
         let inter = r.i64_or("memory_tokens_interspersed_every", 0)?;
         if inter != 0 {
-            return Err(Error::config("memory_tokens_interspersed_every", format!("only 0 is supported, found {inter}")));
+            return Err(Error::config(
+                "memory_tokens_interspersed_every",
+                format!("only 0 is supported, found {inter}"),
+            ));
         }
         let act = r.str_or("mlp_hidden_act", "silu")?;
         if act != "silu" {
-            return Err(Error::config("mlp_hidden_act", format!("only \"silu\" is supported, found {act:?}")));
+            return Err(Error::config(
+                "mlp_hidden_act",
+                format!("only \"silu\" is supported, found {act:?}"),
+            ));
         }
         if r.bool_or("mamba_proj_bias", false)? {
-            return Err(Error::config("mamba_proj_bias", "only false is supported (in_proj and out_proj without bias)"));
+            return Err(Error::config(
+                "mamba_proj_bias",
+                "only false is supported (in_proj and out_proj without bias)",
+            ));
         }
         if r.bool_or("kv_weight_reuse", false)? {
             return Err(Error::config("kv_weight_reuse", "only false is supported"));
         }
         let every = r.i64_or("kv_reuse_every_i_layer", -1)?;
         if every != -1 {
-            return Err(Error::config("kv_reuse_every_i_layer", format!("only -1 is supported (use kv_reuse_group), found {every}")));
+            return Err(Error::config(
+                "kv_reuse_every_i_layer",
+                format!("only -1 is supported (use kv_reuse_group), found {every}"),
+            ));
         }
         if let Some(lt) = obj.get("layer_type") {
-            let arr = lt.as_array().ok_or_else(|| Error::config("layer_type", "expected a list of strings"))?;
+            let arr = lt
+                .as_array()
+                .ok_or_else(|| Error::config("layer_type", "expected a list of strings"))?;
             if arr.len() != l {
-                return Err(Error::config("layer_type", format!("has {} entries, num_hidden_layers is {l}", arr.len())));
+                return Err(Error::config(
+                    "layer_type",
+                    format!("has {} entries, num_hidden_layers is {l}", arr.len()),
+                ));
             }
             for (i, t) in arr.iter().enumerate() {
                 if t.as_str() != Some("h") {
-                    return Err(Error::config("layer_type", format!("layer {i} is {t}; only \"h\" (hybrid) is supported")));
+                    return Err(Error::config(
+                        "layer_type",
+                        format!("layer {i} is {t}; only \"h\" (hybrid) is supported"),
+                    ));
                 }
             }
         }
         if let Some(cd) = obj.get("conv_dim") {
-            let m = cd.as_object().ok_or_else(|| Error::config("conv_dim", "expected an object of layer -> width"))?;
+            let m = cd
+                .as_object()
+                .ok_or_else(|| Error::config("conv_dim", "expected an object of layer -> width"))?;
             for (k, v) in m {
                 if v.as_u64() != Some(e as u64) {
                     return Err(Error::config("conv_dim", format!("layer {k} has width {v}; only mamba_expand × hidden_size = {e} is supported")));
@@ -231,23 +302,42 @@ impl Config {
         let global_attn_idx = r.index_list("global_attn_idx", l)?.unwrap_or_default();
         let mut kv_reuse_group = Vec::new();
         if let Some(v) = obj.get("kv_reuse_group").filter(|v| !v.is_null()) {
-            let groups = v.as_array().ok_or_else(|| Error::config("kv_reuse_group", "expected a list of lists of layer indices"))?;
+            let groups = v.as_array().ok_or_else(|| {
+                Error::config(
+                    "kv_reuse_group",
+                    "expected a list of lists of layer indices",
+                )
+            })?;
             let mut seen = vec![false; l];
             for g in groups {
-                let g = g.as_array().ok_or_else(|| Error::config("kv_reuse_group", format!("{g} is not a list of layer indices")))?;
+                let g = g.as_array().ok_or_else(|| {
+                    Error::config(
+                        "kv_reuse_group",
+                        format!("{g} is not a list of layer indices"),
+                    )
+                })?;
                 if g.is_empty() {
                     return Err(Error::config("kv_reuse_group", "a group is empty"));
                 }
                 let mut layers = Vec::new();
                 for x in g {
                     let i = x.as_u64().filter(|&i| (i as usize) < l).ok_or_else(|| {
-                        Error::config("kv_reuse_group", format!("{x} is not a layer index (num_hidden_layers is {l})"))
+                        Error::config(
+                            "kv_reuse_group",
+                            format!("{x} is not a layer index (num_hidden_layers is {l})"),
+                        )
                     })? as usize;
                     if seen[i] {
-                        return Err(Error::config("kv_reuse_group", format!("layer {i} is in two reuse groups")));
+                        return Err(Error::config(
+                            "kv_reuse_group",
+                            format!("layer {i} is in two reuse groups"),
+                        ));
                     }
                     if layers.last().is_some_and(|&p| p >= i) {
-                        return Err(Error::config("kv_reuse_group", format!("group {g:?} must list its layers in increasing order")));
+                        return Err(Error::config(
+                            "kv_reuse_group",
+                            format!("group {g:?} must list its layers in increasing order"),
+                        ));
                     }
                     seen[i] = true;
                     layers.push(i);
@@ -260,16 +350,25 @@ impl Config {
             Some(_) => Some(r.pos_usize("sliding_window")?),
         };
         if sliding_window.is_none() && (0..l).any(|i| !global_attn_idx.contains(&i)) {
-            return Err(Error::config("sliding_window", "missing, but some layers are not in global_attn_idx"));
+            return Err(Error::config(
+                "sliding_window",
+                "missing, but some layers are not in global_attn_idx",
+            ));
         }
         let max_pos = r.usize_or("max_position_embeddings", 8192)?;
         let orig_max_pos = r.usize_or("orig_max_position_embeddings", max_pos)?;
         if rope_type == RopeType::Ntk && (orig_max_pos == 0 || dqk <= 2) {
-            return Err(Error::config("orig_max_position_embeddings", "ntk RoPE needs a positive value and a head size above 2"));
+            return Err(Error::config(
+                "orig_max_position_embeddings",
+                "ntk RoPE needs a positive value and a head size above 2",
+            ));
         }
         let eps = r.f64_or("rms_norm_eps", 1e-6)?;
         if eps.is_nan() || eps <= 0.0 {
-            return Err(Error::config("rms_norm_eps", format!("expected a positive number, found {eps}")));
+            return Err(Error::config(
+                "rms_norm_eps",
+                format!("expected a positive number, found {eps}"),
+            ));
         }
         let cfg = Config {
             vocab_size: r.pos_usize("vocab_size")?,
@@ -333,7 +432,11 @@ impl Config {
     }
     /// Rows of `in_proj` for a layer: q [, k, v], x, z.
     pub fn in_proj_rows(&self, computes_kv: bool) -> usize {
-        let kv = if computes_kv { self.k_width() + self.v_width() } else { 0 };
+        let kv = if computes_kv {
+            self.k_width() + self.v_width()
+        } else {
+            0
+        };
         self.q_width() + kv + 2 * self.ssm_width
     }
 
@@ -343,7 +446,9 @@ impl Config {
             RopeType::Default => self.rope_theta,
             RopeType::Ntk => {
                 let dim = self.qk_head_dim as f64;
-                let ratio = 2.0 * self.max_position_embeddings as f64 / self.orig_max_position_embeddings as f64 - 1.0;
+                let ratio = 2.0 * self.max_position_embeddings as f64
+                    / self.orig_max_position_embeddings as f64
+                    - 1.0;
                 self.rope_theta * ratio.powf(dim / (dim - 2.0))
             }
         }
@@ -352,24 +457,46 @@ impl Config {
     /// The layer plan and the K/V groups, in layer order.
     pub fn plan(&self) -> (Vec<LayerPlan>, Vec<KvGroup>) {
         let l = self.num_hidden_layers;
-        let kind = |i: usize| if self.global_attn_idx.contains(&i) { AttnKind::Global } else { AttnKind::Window };
+        let kind = |i: usize| {
+            if self.global_attn_idx.contains(&i) {
+                AttnKind::Global
+            } else {
+                AttnKind::Window
+            }
+        };
         let mut group_of: Vec<Option<usize>> = vec![None; l];
         let mut groups: Vec<KvGroup> = Vec::new();
         for i in 0..l {
             if group_of[i].is_some() {
                 continue;
             }
-            let members = self.kv_reuse_group.iter().find(|g| g[0] == i).cloned().unwrap_or_else(|| vec![i]);
-            let attn = if members.iter().any(|&j| kind(j) == AttnKind::Global) { AttnKind::Global } else { AttnKind::Window };
+            let members = self
+                .kv_reuse_group
+                .iter()
+                .find(|g| g[0] == i)
+                .cloned()
+                .unwrap_or_else(|| vec![i]);
+            let attn = if members.iter().any(|&j| kind(j) == AttnKind::Global) {
+                AttnKind::Global
+            } else {
+                AttnKind::Window
+            };
             for &j in &members {
                 group_of[j] = Some(groups.len());
             }
-            groups.push(KvGroup { layers: members, attn });
+            groups.push(KvGroup {
+                layers: members,
+                attn,
+            });
         }
         let plans = (0..l)
             .map(|i| {
                 let g = group_of[i].expect("every layer is in a group");
-                LayerPlan { attn: kind(i), kv_group: g, computes_kv: groups[g].layers[0] == i }
+                LayerPlan {
+                    attn: kind(i),
+                    kv_group: g,
+                    computes_kv: groups[g].layers[0] == i,
+                }
             })
             .collect();
         (plans, groups)
@@ -388,20 +515,28 @@ impl Reader<'_> {
             None => Err(Error::config(key, "missing")),
             Some(v) => match v.as_u64() {
                 Some(n) if n > 0 => Ok(n as usize),
-                _ => Err(Error::config(key, format!("expected a positive integer, found {v}"))),
+                _ => Err(Error::config(
+                    key,
+                    format!("expected a positive integer, found {v}"),
+                )),
             },
         }
     }
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| Error::config(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                Error::config(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
     fn opt_i64(&self, key: &str) -> Result<Option<i64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| Error::config(key, format!("expected an integer, found {v}"))),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| Error::config(key, format!("expected an integer, found {v}"))),
         }
     }
     fn i64_or(&self, key: &str, default: i64) -> Result<i64> {
@@ -410,19 +545,26 @@ impl Reader<'_> {
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| Error::config(key, format!("expected a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::config(key, format!("expected a number, found {v}"))),
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| Error::config(key, format!("expected true or false, found {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| Error::config(key, format!("expected true or false, found {v}"))),
         }
     }
     fn opt_str(&self, key: &str) -> Result<Option<String>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| Error::config(key, format!("expected a string, found {v}"))),
+            Some(v) => v
+                .as_str()
+                .map(|s| Some(s.to_string()))
+                .ok_or_else(|| Error::config(key, format!("expected a string, found {v}"))),
         }
     }
     fn str_or(&self, key: &str, default: &str) -> Result<String> {
@@ -431,18 +573,32 @@ impl Reader<'_> {
     fn opt_token(&self, key: &str) -> Result<Option<u32>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| Some(n as u32)).ok_or_else(|| Error::config(key, format!("expected a token id, found {v}"))),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n <= u32::MAX as u64)
+                .map(|n| Some(n as u32))
+                .ok_or_else(|| Error::config(key, format!("expected a token id, found {v}"))),
         }
     }
     /// A list of layer indices, each checked against the layer count.
     fn index_list(&self, key: &str, l: usize) -> Result<Option<Vec<usize>>> {
-        let Some(v) = self.get(key) else { return Ok(None) };
-        let arr = v.as_array().ok_or_else(|| Error::config(key, format!("expected a list of layer indices, found {v}")))?;
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let arr = v.as_array().ok_or_else(|| {
+            Error::config(key, format!("expected a list of layer indices, found {v}"))
+        })?;
         arr.iter()
             .map(|x| {
-                x.as_u64().filter(|&i| (i as usize) < l).map(|i| i as usize).ok_or_else(|| {
-                    Error::config(key, format!("{x} is not a layer index (num_hidden_layers is {l})"))
-                })
+                x.as_u64()
+                    .filter(|&i| (i as usize) < l)
+                    .map(|i| i as usize)
+                    .ok_or_else(|| {
+                        Error::config(
+                            key,
+                            format!("{x} is not a layer index (num_hidden_layers is {l})"),
+                        )
+                    })
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)

@@ -25,8 +25,16 @@ pub enum Event {
     /// Log-probabilities of the prompt tokens (the first has none), when `echo` was asked.
     Prompt(Vec<Option<TokenLogprob>>),
     /// One generated token and the text it completed.
-    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
-    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     Error(String),
 }
 
@@ -95,7 +103,11 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread: up to `max_batch` sequences step together and as many more
     /// wait in the queue.
-    pub fn start<B: Backend>(model: Arc<Model<B>>, tokenizer: Option<Arc<Tokenizer>>, max_batch: usize) -> Engine {
+    pub fn start<B: Backend>(
+        model: Arc<Model<B>>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        max_batch: usize,
+    ) -> Engine {
         // The shared meta prefix now, not on the first request.
         model.meta_prefix();
         let max_batch = max_batch.max(1);
@@ -107,7 +119,13 @@ impl Engine {
             .name("hymba-engine".into())
             .spawn(move || run(&model, tokenizer.as_deref(), rx, &count, &st, max_batch))
             .expect("spawning the engine thread");
-        Engine { tx, in_flight, stats, capacity: 2 * max_batch, max_batch }
+        Engine {
+            tx,
+            in_flight,
+            stats,
+            capacity: 2 * max_batch,
+            max_batch,
+        }
     }
 
     /// Queues a request, or refuses it when the engine is full.
@@ -151,13 +169,23 @@ struct Seq<B: Backend> {
 
 impl<B: Backend> Seq<B> {
     /// Checks the request; a refused one comes back with the reason.
-    fn new(model: &Model<B>, req: Request, stats: &Arc<Stats>) -> std::result::Result<Seq<B>, Box<(Request, Error)>> {
+    fn new(
+        model: &Model<B>,
+        req: Request,
+        stats: &Arc<Stats>,
+    ) -> std::result::Result<Seq<B>, Box<(Request, Error)>> {
         let problem = if req.prompt.is_empty() {
             Some(Error::Input("the prompt is empty".into()))
         } else {
-            req.prompt.iter().find(|&&id| id as usize >= model.config.vocab_size).map(|id| {
-                Error::Input(format!("token id {id} is out of range (vocabulary of {})", model.config.vocab_size))
-            })
+            req.prompt
+                .iter()
+                .find(|&&id| id as usize >= model.config.vocab_size)
+                .map(|id| {
+                    Error::Input(format!(
+                        "token id {id} is out of range (vocabulary of {})",
+                        model.config.vocab_size
+                    ))
+                })
         };
         if let Some(e) = problem {
             return Err(Box::new((req, e)));
@@ -165,7 +193,16 @@ impl<B: Backend> Seq<B> {
         match Decoder::new(&req.prompt, &req.options) {
             Ok(decoder) => {
                 Stats::add(&stats.prompt_tokens, req.prompt.len() as u64);
-                Ok(Seq { cache: model.new_cache(), fed: 0, decoder, next: None, prompt_logprobs: vec![None], done: false, stats: stats.clone(), req })
+                Ok(Seq {
+                    cache: model.new_cache(),
+                    fed: 0,
+                    decoder,
+                    next: None,
+                    prompt_logprobs: vec![None],
+                    done: false,
+                    stats: stats.clone(),
+                    req,
+                })
             }
             Err(e) => Err(Box::new((req, e))),
         }
@@ -194,14 +231,24 @@ impl<B: Backend> Seq<B> {
 
     /// Takes this sequence's logits from a step that fed it `fed` tokens: one row, or a row per
     /// token when echoing the prompt.
-    fn advance(&mut self, logits: &[f32], fed: usize, v: usize, tok: Option<&Tokenizer>) -> Result<()> {
+    fn advance(
+        &mut self,
+        logits: &[f32],
+        fed: usize,
+        v: usize,
+        tok: Option<&Tokenizer>,
+    ) -> Result<()> {
         let last = &logits[logits.len() - v..];
         if self.prefilling() {
             if self.req.echo {
                 for r in 0..logits.len() / v {
                     if let Some(&next) = self.req.prompt.get(self.fed + r + 1) {
                         let top = self.req.logprobs.unwrap_or(0);
-                        self.prompt_logprobs.push(Some(token_logprob(&logits[r * v..(r + 1) * v], next, top)));
+                        self.prompt_logprobs.push(Some(token_logprob(
+                            &logits[r * v..(r + 1) * v],
+                            next,
+                            top,
+                        )));
                     }
                 }
             }
@@ -224,7 +271,11 @@ impl<B: Backend> Seq<B> {
         let acc = self.decoder.accept(last, tok)?;
         Stats::add(&self.stats.generated_tokens, 1);
         let logprob = self.req.logprobs.map(|n| token_logprob(last, acc.id, n));
-        self.send(Event::Token { id: acc.id, text: acc.text, logprob });
+        self.send(Event::Token {
+            id: acc.id,
+            text: acc.text,
+            logprob,
+        });
         match acc.finish {
             Some(f) => self.finish(f),
             None => self.next = Some(acc.id),
@@ -237,9 +288,20 @@ impl<B: Backend> Seq<B> {
             return;
         }
         let (p, c) = (self.req.prompt.len(), self.decoder.generated.len());
-        Stats::add(if finish == FinishReason::Stop { &self.stats.finished_stop } else { &self.stats.finished_length }, 1);
+        Stats::add(
+            if finish == FinishReason::Stop {
+                &self.stats.finished_stop
+            } else {
+                &self.stats.finished_length
+            },
+            1,
+        );
         self.done = true;
-        self.send(Event::Done { finish, prompt_tokens: p, completion_tokens: c });
+        self.send(Event::Done {
+            finish,
+            prompt_tokens: p,
+            completion_tokens: c,
+        });
     }
 
     fn fail(&mut self, e: &Error) {
@@ -252,7 +314,14 @@ impl<B: Backend> Seq<B> {
     }
 }
 
-fn run<B: Backend>(model: &Model<B>, tok: Option<&Tokenizer>, rx: mpsc::Receiver<Request>, in_flight: &AtomicUsize, stats: &Arc<Stats>, max_batch: usize) {
+fn run<B: Backend>(
+    model: &Model<B>,
+    tok: Option<&Tokenizer>,
+    rx: mpsc::Receiver<Request>,
+    in_flight: &AtomicUsize,
+    stats: &Arc<Stats>,
+    max_batch: usize,
+) {
     let mut active: Vec<Seq<B>> = Vec::new();
     let mut waiting: VecDeque<Request> = VecDeque::new();
     let v = model.config.vocab_size;
@@ -289,8 +358,17 @@ fn run<B: Backend>(model: &Model<B>, tok: Option<&Tokenizer>, rx: mpsc::Receiver
                 .iter_mut()
                 .zip(&ids)
                 .map(|(s, ids)| {
-                    let logits = if s.prefilling() && s.req.echo { Logits::All } else { Logits::Last };
-                    Step { cache: &mut s.cache, ids, logits, window: s.req.options.window }
+                    let logits = if s.prefilling() && s.req.echo {
+                        Logits::All
+                    } else {
+                        Logits::Last
+                    };
+                    Step {
+                        cache: &mut s.cache,
+                        ids,
+                        logits,
+                        window: s.req.options.window,
+                    }
                 })
                 .collect();
             model.forward_batch(&mut steps)

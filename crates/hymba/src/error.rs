@@ -13,7 +13,11 @@ pub enum Error {
     Config { key: String, msg: String },
     /// A problem with one tensor of a checkpoint.
     #[error("{file}: tensor `{tensor}`: {msg}")]
-    Tensor { file: String, tensor: String, msg: String },
+    Tensor {
+        file: String,
+        tensor: String,
+        msg: String,
+    },
     /// A checkpoint file that cannot be read as safetensors.
     #[error("{file}: {msg}")]
     Checkpoint { file: String, msg: String },
@@ -33,10 +37,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
-        Error::Io { path: path.into(), err }
+        Error::Io {
+            path: path.into(),
+            err,
+        }
     }
     pub(crate) fn config(key: &str, msg: impl Into<String>) -> Self {
-        Error::Config { key: key.to_string(), msg: msg.into() }
+        Error::Config {
+            key: key.to_string(),
+            msg: msg.into(),
+        }
     }
 }
 
@@ -47,15 +57,24 @@ pub(crate) fn read_to_string(path: &std::path::Path) -> Result<String> {
 
 /// Parses JSON text, naming the file in the error.
 pub(crate) fn parse_json(path: &std::path::Path, text: &str) -> Result<serde_json::Value> {
-    serde_json::from_str(text).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })
+    serde_json::from_str(text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename, so a crash
 /// never leaves a half-written file where the user expects a complete one.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let res = (|| {
         let mut f = std::fs::File::create(&tmp)?;

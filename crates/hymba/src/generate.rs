@@ -2,9 +2,9 @@
 //! string or the token budget. Text is streamed in pieces that never split a character, and
 //! text that might be the start of a stop string is held back until it is known not to be.
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
-use crate::backend::Backend;
 use crate::model::{Logits, Model};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{Detokenizer, Tokenizer};
@@ -93,7 +93,11 @@ impl Decoder {
         self.history.push(id);
         self.generated.push(id);
         if !self.ignore_eos && Some(id) == self.eos_id {
-            return Ok(Accepted { id, text: String::new(), finish: Some(FinishReason::Stop) });
+            return Ok(Accepted {
+                id,
+                text: String::new(),
+                finish: Some(FinishReason::Stop),
+            });
         }
         let mut text = String::new();
         if let Some(t) = tok {
@@ -101,14 +105,26 @@ impl Decoder {
             let (ready, stopped) = self.stops.push(&piece);
             text = ready;
             if stopped {
-                return Ok(Accepted { id, text, finish: Some(FinishReason::Stop) });
+                return Ok(Accepted {
+                    id,
+                    text,
+                    finish: Some(FinishReason::Stop),
+                });
             }
         }
         if self.generated.len() >= self.max_new_tokens {
             text.push_str(&self.stops.flush());
-            return Ok(Accepted { id, text, finish: Some(FinishReason::Length) });
+            return Ok(Accepted {
+                id,
+                text,
+                finish: Some(FinishReason::Length),
+            });
         }
-        Ok(Accepted { id, text, finish: None })
+        Ok(Accepted {
+            id,
+            text,
+            finish: None,
+        })
     }
 }
 
@@ -130,7 +146,14 @@ pub fn generate<B: Backend>(
     let mut logits = model.forward(&mut cache, prompt, Logits::Last, opts.window)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
-    let mut gen = Generation { ids: Vec::new(), logits: Vec::new(), text: String::new(), finish: FinishReason::Length, prefill_secs, decode_secs: 0.0 };
+    let mut gen = Generation {
+        ids: Vec::new(),
+        logits: Vec::new(),
+        text: String::new(),
+        finish: FinishReason::Length,
+        prefill_secs,
+        decode_secs: 0.0,
+    };
     // The decoder ends the loop: at a stop, or after max_new_tokens (none when it is 0).
     if opts.max_new_tokens > 0 {
         loop {
@@ -161,14 +184,22 @@ struct StopMatcher {
 
 impl StopMatcher {
     fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops, held: String::new() }
+        StopMatcher {
+            stops,
+            held: String::new(),
+        }
     }
 
     /// Adds a piece; returns the text now safe to emit and whether a stop string was found
     /// (the text is then cut before it).
     fn push(&mut self, piece: &str) -> (String, bool) {
         self.held.push_str(piece);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let out = self.held[..at].to_string();
             self.held.clear();
             return (out, true);

@@ -31,14 +31,14 @@ pub mod tensor;
 pub mod tokenizer;
 pub mod weights;
 
-pub use hymba_kernels as kernels;
 pub use cache::{Cache, CacheBytes, KvDtype};
+pub use chat::{ChatTemplate, Message};
 pub use config::Config;
+pub use engine::{Engine, Event, Request, SubmitError};
 pub use error::{Error, Result};
+pub use generate::{generate, Accepted, Decoder, FinishReason, GenerateOptions, Generation};
+pub use hymba_kernels as kernels;
 pub use mask::DecodeWindow;
 pub use model::{Logits, Model, ParamCounts, Step};
-pub use chat::{ChatTemplate, Message};
-pub use generate::{generate, Accepted, Decoder, FinishReason, GenerateOptions, Generation};
 pub use sample::{Sampler, SamplingParams};
 pub use tokenizer::{Detokenizer, Tokenizer};
-pub use engine::{Engine, Event, Request, SubmitError};

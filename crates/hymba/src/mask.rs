@@ -48,9 +48,13 @@ mod tests {
     fn window_layer_sees_meta_plus_w_plus_one_recent() {
         let (w, m) = (4, 3);
         let t = 20;
-        let seen: Vec<usize> = (0..=25).filter(|&s| sees(AttnKind::Window, w, m, t, s)).collect();
+        let seen: Vec<usize> = (0..=25)
+            .filter(|&s| sees(AttnKind::Window, w, m, t, s))
+            .collect();
         assert_eq!(seen, vec![0, 1, 2, 16, 17, 18, 19, 20]);
-        let all: Vec<usize> = (0..=25).filter(|&s| sees(AttnKind::Global, w, m, t, s)).collect();
+        let all: Vec<usize> = (0..=25)
+            .filter(|&s| sees(AttnKind::Global, w, m, t, s))
+            .collect();
         assert_eq!(all, (0..=20).collect::<Vec<_>>());
     }
 }

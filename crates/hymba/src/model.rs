@@ -8,7 +8,10 @@
 //! The math is written once, in [`Net`], as operations of a [`Backend`]; [`Model`] owns the
 //! weights prepared for the CPU backend and the caches, and feeds the network each call's rows.
 
-use crate::backend::{AttnInput, Backend, Cpu, Fuse, Heads, KeyPositions, KvSplit, MatrixInfo, ScanInput, Seq, VectorInfo};
+use crate::backend::{
+    AttnInput, Backend, Cpu, Fuse, Heads, KeyPositions, KvSplit, MatrixInfo, ScanInput, Seq,
+    VectorInfo,
+};
 use crate::cache::{Cache, KvDtype, KvStore, MetaPrefix};
 use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
 use crate::error::{Error, Result};
@@ -161,15 +164,42 @@ impl<B: Backend> Net<'_, B> {
         b.rope(&mut run.q, self.inv_freq, seqs);
         let g = lp.kv_group;
         if lp.computes_kv {
-            let split = KvSplit { width, k_at: qw, kw, vw, dtype: self.kv_dtype };
-            b.new_kv(&run.p, split, self.inv_freq, seqs, &mut run.k[g], &mut run.v[g]);
+            let split = KvSplit {
+                width,
+                k_at: qw,
+                kw,
+                vw,
+                dtype: self.kv_dtype,
+            };
+            b.new_kv(
+                &run.p,
+                split,
+                self.inv_freq,
+                seqs,
+                &mut run.k[g],
+                &mut run.v[g],
+            );
         }
         // 3. The SSM's input: the causal conv of x from each sequence's state, SiLU; then its
         // input-dependent parameters.
-        b.conv_silu(&run.p, width, xz, i, &lw.conv_w, &lw.conv_b, seqs, &mut run.xc);
+        b.conv_silu(
+            &run.p,
+            width,
+            xz,
+            i,
+            &lw.conv_w,
+            &lw.conv_b,
+            seqs,
+            &mut run.xc,
+        );
         self.ssm_params(lw, run);
         // 2 ∥ 3, then 4: the two heads side by side, fused.
-        let heads = Heads { q: c.num_attention_heads, kv: c.num_key_value_heads, dk: c.qk_head_dim, dv: c.v_head_dim };
+        let heads = Heads {
+            q: c.num_attention_heads,
+            kv: c.num_key_value_heads,
+            dk: c.qk_head_dim,
+            dv: c.v_head_dim,
+        };
         let attn = AttnInput {
             q: &run.q,
             k: &run.k[g],
@@ -180,8 +210,21 @@ impl<B: Backend> Net<'_, B> {
             meta: c.num_memory_tokens,
             kv_dtype: self.kv_dtype,
         };
-        let ssm = ScanInput { layer: i, x: &run.xc, delta: &run.delta, b: &run.bm, c: &run.cm, z: &run.z, a: &lw.a, d: &lw.d };
-        let fuse = Fuse { attn_norm: &lw.attn_norm, ssm_norm: &lw.ssm_norm, eps: c.rms_norm_eps };
+        let ssm = ScanInput {
+            layer: i,
+            x: &run.xc,
+            delta: &run.delta,
+            b: &run.bm,
+            c: &run.cm,
+            z: &run.z,
+            a: &lw.a,
+            d: &lw.d,
+        };
+        let fuse = Fuse {
+            attn_norm: &lw.attn_norm,
+            ssm_norm: &lw.ssm_norm,
+            eps: c.rms_norm_eps,
+        };
         b.hybrid_heads(&attn, &ssm, &fuse, seqs, &mut run.fused);
         b.matmul(&run.fused, &lw.out_proj, &mut run.out);
     }
@@ -222,7 +265,12 @@ impl<B: Backend> Net<'_, B> {
     fn logits(&self, run: &mut Run<B>, rows: &[std::ops::Range<usize>]) {
         let b = self.b;
         b.gather(&run.h, self.c.hidden_size, rows, &mut run.u);
-        b.rmsnorm(&run.u, &self.w.final_norm, self.c.rms_norm_eps, &mut run.fused);
+        b.rmsnorm(
+            &run.u,
+            &self.w.final_norm,
+            self.c.rms_norm_eps,
+            &mut run.fused,
+        );
         b.matmul(&run.fused, self.w.output(), &mut run.out);
     }
 }
@@ -250,8 +298,14 @@ impl Model<Cpu> {
     pub fn hidden_states_uncached(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut hs = Vec::new();
         on_pool(|| self.run_uncached(ids, Some(&mut hs)))?;
-        let last = hs.last_mut().expect("the trace ends with the final hidden state");
-        hymba_kernels::norm::rmsnorm_inplace(last, &self.weights.final_norm, self.config.rms_norm_eps);
+        let last = hs
+            .last_mut()
+            .expect("the trace ends with the final hidden state");
+        hymba_kernels::norm::rmsnorm_inplace(
+            last,
+            &self.weights.final_norm,
+            self.config.rms_norm_eps,
+        );
         Ok(hs)
     }
 }
@@ -260,7 +314,10 @@ impl<B: Backend> Model<B> {
     /// Loads `dir` (see [`Model::load_quantized`]) onto `backend`.
     pub fn load_on(backend: B, dir: &Path, quant: Option<Dtype>) -> Result<Model<B>> {
         if !dir.is_dir() {
-            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
         }
         let config = Config::from_file(&dir.join("config.json"))?;
         let mut store = TensorStore::open(dir)?;
@@ -275,7 +332,17 @@ impl<B: Backend> Model<B> {
         let (plan, groups) = config.plan();
         let weights = Weights::load(&backend, &config, &plan, store)?;
         let inv_freq = backend.vector(rope::inv_freq(config.rope_base(), config.qk_head_dim))?;
-        Ok(Model { config, plan, groups, weights, backend, inv_freq, kv_dtype: KvDtype::F32, meta: OnceLock::new(), run: Default::default() })
+        Ok(Model {
+            config,
+            plan,
+            groups,
+            weights,
+            backend,
+            inv_freq,
+            kv_dtype: KvDtype::F32,
+            meta: OnceLock::new(),
+            run: Default::default(),
+        })
     }
 
     /// Computes the meta prefix now, and reports the first error of the backend (a GPU's):
@@ -292,7 +359,14 @@ impl<B: Backend> Model<B> {
 
     /// The network over the backend's weights.
     fn net(&self) -> Net<'_, B> {
-        Net { b: &self.backend, c: &self.config, plan: &self.plan, w: &self.weights, inv_freq: &self.inv_freq, kv_dtype: self.kv_dtype }
+        Net {
+            b: &self.backend,
+            c: &self.config,
+            plan: &self.plan,
+            w: &self.weights,
+            inv_freq: &self.inv_freq,
+            kv_dtype: self.kv_dtype,
+        }
     }
 
     /// The model with K/V caches held in `dtype` (see [`KvDtype`]); the meta prefix is computed
@@ -309,7 +383,8 @@ impl<B: Backend> Model<B> {
     /// [`Model::new_cache`] or [`Model::meta_prefix`]; not from inside a rayon task, which could
     /// re-enter the computation on the same thread).
     fn meta(&self) -> &Arc<MetaPrefix<B>> {
-        self.meta.get_or_init(|| Arc::new(on_pool(|| self.compute_meta_prefix())))
+        self.meta
+            .get_or_init(|| Arc::new(on_pool(|| self.compute_meta_prefix())))
     }
 
     pub fn kv_dtype(&self) -> KvDtype {
@@ -347,19 +422,35 @@ impl<B: Backend> Model<B> {
 
     fn heads(&self) -> Heads {
         let c = &self.config;
-        Heads { q: c.num_attention_heads, kv: c.num_key_value_heads, dk: c.qk_head_dim, dv: c.v_head_dim }
+        Heads {
+            q: c.num_attention_heads,
+            kv: c.num_key_value_heads,
+            dk: c.qk_head_dim,
+            dv: c.v_head_dim,
+        }
     }
 
     /// A sequence that starts from nothing (not even the meta prefix): `len` rows from
     /// position 0.
     fn blank_seq<'a>(&self, len: usize, states: &'a mut [B::State]) -> Seq<'a, B> {
         let past = vec![Vec::new(); self.groups.len()];
-        Seq { rows: 0..len, pos0: 0, past, states, window: self.window(DecodeWindow::Trained, false) }
+        Seq {
+            rows: 0..len,
+            pos0: 0,
+            past,
+            states,
+            window: self.window(DecodeWindow::Trained, false),
+        }
     }
 
     fn blank_states(&self) -> Vec<B::State> {
         let c = &self.config;
-        (0..c.num_hidden_layers).map(|_| self.backend.state(c.ssm_width, c.mamba_d_state, c.mamba_d_conv)).collect()
+        (0..c.num_hidden_layers)
+            .map(|_| {
+                self.backend
+                    .state(c.ssm_width, c.mamba_d_state, c.mamba_d_conv)
+            })
+            .collect()
     }
 
     /// A new sequence: starts from the meta prefix, positions continue at M.
@@ -369,14 +460,26 @@ impl<B: Backend> Model<B> {
             .groups
             .iter()
             .map(|g| match g.attn {
-                AttnKind::Global => KvStore::Global { kv: self.new_kv(usize::MAX), start: self.meta().len },
+                AttnKind::Global => KvStore::Global {
+                    kv: self.new_kv(usize::MAX),
+                    start: self.meta().len,
+                },
                 // A query sees itself and the W tokens before it; its own row comes from the
                 // call's new rows, so the ring keeps only the W past tokens.
-                AttnKind::Window => KvStore::Window { kv: self.new_kv(w), pos: Vec::new(), cap: w },
+                AttnKind::Window => KvStore::Window {
+                    kv: self.new_kv(w),
+                    pos: Vec::new(),
+                    cap: w,
+                },
             })
             .collect();
         let meta = self.meta().clone();
-        Cache { pos: meta.len, states: meta.states.clone(), meta, kv }
+        Cache {
+            pos: meta.len,
+            states: meta.states.clone(),
+            meta,
+            kv,
+        }
     }
 
     /// A cache holding `n` tokens of zero K/V, its buffers sized exactly as `n` real tokens
@@ -419,7 +522,11 @@ impl<B: Backend> Model<B> {
         if ids.is_empty() {
             return Err(Error::Input("no input tokens".into()));
         }
-        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.config.vocab_size) {
+        if let Some((i, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.config.vocab_size)
+        {
             return Err(Error::Input(format!(
                 "token id {id} at index {i} is out of range: the vocabulary has {} tokens",
                 self.config.vocab_size
@@ -431,8 +538,19 @@ impl<B: Backend> Model<B> {
     /// Runs `ids` of one sequence after what `cache` holds and returns logits `[rows, V]`.
     /// `window` matters only for a single-token step: see [`DecodeWindow`]. On error the cache
     /// is unchanged.
-    pub fn forward(&self, cache: &mut Cache<B>, ids: &[u32], logits: Logits, window: DecodeWindow) -> Result<Vec<f32>> {
-        let mut out = self.forward_batch(&mut [Step { cache, ids, logits, window }])?;
+    pub fn forward(
+        &self,
+        cache: &mut Cache<B>,
+        ids: &[u32],
+        logits: Logits,
+        window: DecodeWindow,
+    ) -> Result<Vec<f32>> {
+        let mut out = self.forward_batch(&mut [Step {
+            cache,
+            ids,
+            logits,
+            window,
+        }])?;
         Ok(out.pop().expect("one step, one result"))
     }
 
@@ -456,7 +574,12 @@ impl<B: Backend> Model<B> {
         }
         let (b, d) = (&self.backend, self.config.hidden_size);
         // The last forward's buffers when no other call holds them.
-        let mut run = self.run.try_lock().ok().and_then(|mut r| r.take()).unwrap_or_else(|| Run::new(b, self.groups.len()));
+        let mut run = self
+            .run
+            .try_lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .unwrap_or_else(|| Run::new(b, self.groups.len()));
         b.upload(&[], &mut run.h);
         for s in steps.iter() {
             b.embed(&self.weights.embed, s.ids, d, &mut run.h);
@@ -467,7 +590,12 @@ impl<B: Backend> Model<B> {
             .map(|s| {
                 let single = s.ids.len() == 1 && !s.cache.is_empty();
                 let window = self.window(s.window, single);
-                let Cache { meta, pos, kv, states } = &mut *s.cache;
+                let Cache {
+                    meta,
+                    pos,
+                    kv,
+                    states,
+                } = &mut *s.cache;
                 let past = (0..self.groups.len())
                     .map(|g| {
                         let mut views = Vec::with_capacity(2);
@@ -478,7 +606,13 @@ impl<B: Backend> Model<B> {
                         views
                     })
                     .collect();
-                let seq = Seq { rows: start..start + s.ids.len(), pos0: *pos, past, states, window };
+                let seq = Seq {
+                    rows: start..start + s.ids.len(),
+                    pos0: *pos,
+                    past,
+                    states,
+                    window,
+                };
                 start += s.ids.len();
                 seq
             })
@@ -487,7 +621,17 @@ impl<B: Backend> Model<B> {
         let rows: Vec<_> = seqs.iter().map(|s| s.rows.clone()).collect();
         drop(seqs);
         // One output projection for every requested row of the batch.
-        let wanted: Vec<_> = steps.iter().zip(&rows).map(|(s, r)| if s.logits == Logits::All { r.clone() } else { r.end - 1..r.end }).collect();
+        let wanted: Vec<_> = steps
+            .iter()
+            .zip(&rows)
+            .map(|(s, r)| {
+                if s.logits == Logits::All {
+                    r.clone()
+                } else {
+                    r.end - 1..r.end
+                }
+            })
+            .collect();
         self.net().logits(&mut run, &wanted);
         // Each sequence's new K/V rows into its stores.
         for (s, r) in steps.iter_mut().zip(&rows) {
@@ -530,7 +674,11 @@ impl<B: Backend> Model<B> {
     /// `run.h`.
     fn run_uncached(&self, ids: &[u32], trace: Option<&mut Vec<Vec<f32>>>) -> Result<Run<B>> {
         self.check_ids(ids)?;
-        let (b, d, m) = (&self.backend, self.config.hidden_size, self.config.num_memory_tokens);
+        let (b, d, m) = (
+            &self.backend,
+            self.config.hidden_size,
+            self.config.num_memory_tokens,
+        );
         let mut run = Run::new(b, self.groups.len());
         b.upload(&self.weights.memory_tokens, &mut run.h);
         b.embed(&self.weights.embed, ids, d, &mut run.h);
@@ -573,22 +721,40 @@ impl<B: Backend> Model<B> {
             ..Default::default()
         };
         for (lw, lp) in w.layers.iter().zip(&self.plan) {
-            let qkv = c.q_width() + if lp.computes_kv { c.k_width() + c.v_width() } else { 0 };
+            let qkv = c.q_width()
+                + if lp.computes_kv {
+                    c.k_width() + c.v_width()
+                } else {
+                    0
+                };
             p.attention += qkv * d;
             p.ssm += 2 * c.ssm_width * d
                 + lw.conv_w.len()
-                + if c.mamba_conv_bias { lw.conv_b.len() } else { 0 }
+                + if c.mamba_conv_bias {
+                    lw.conv_b.len()
+                } else {
+                    0
+                }
                 + lw.x_proj.numel()
                 + lw.dt_proj.numel()
                 + lw.dt_bias.len()
                 + lw.a.len()
                 + lw.d.len()
-                + lw.inner_norms.as_ref().map_or(0, |n| n.iter().map(|v| v.len()).sum());
+                + lw.inner_norms
+                    .as_ref()
+                    .map_or(0, |n| n.iter().map(|v| v.len()).sum());
             p.fusion += lw.attn_norm.len() + lw.ssm_norm.len() + lw.out_proj.numel();
             p.mlp += lw.gate.numel() + lw.up.numel() + lw.down.numel();
             p.norms += lw.input_norm.len() + lw.mlp_norm.len();
         }
-        p.total = p.embedding + p.meta_tokens + p.attention + p.ssm + p.fusion + p.mlp + p.norms + p.lm_head;
+        p.total = p.embedding
+            + p.meta_tokens
+            + p.attention
+            + p.ssm
+            + p.fusion
+            + p.mlp
+            + p.norms
+            + p.lm_head;
         p
     }
 }
@@ -600,10 +766,31 @@ impl<B: Backend> Model<B> {
         let w = &self.weights;
         let mut b = w.output().nbytes() + w.embed.row_bytes() + w.final_norm.len() * 4;
         for l in &w.layers {
-            b += [&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate, &l.up, &l.down].iter().map(|t| t.nbytes()).sum::<usize>();
-            b += 4 * (l.input_norm.len() + l.conv_w.len() + l.conv_b.len() + l.dt_bias.len() + l.a.len() + l.d.len()
-                + l.attn_norm.len() + l.ssm_norm.len() + l.mlp_norm.len()
-                + l.inner_norms.as_ref().map_or(0, |n| n.iter().map(|v| v.len()).sum()));
+            b += [
+                &l.in_proj,
+                &l.x_proj,
+                &l.dt_proj,
+                &l.out_proj,
+                &l.gate,
+                &l.up,
+                &l.down,
+            ]
+            .iter()
+            .map(|t| t.nbytes())
+            .sum::<usize>();
+            b += 4
+                * (l.input_norm.len()
+                    + l.conv_w.len()
+                    + l.conv_b.len()
+                    + l.dt_bias.len()
+                    + l.a.len()
+                    + l.d.len()
+                    + l.attn_norm.len()
+                    + l.ssm_norm.len()
+                    + l.mlp_norm.len()
+                    + l.inner_norms
+                        .as_ref()
+                        .map_or(0, |n| n.iter().map(|v| v.len()).sum()));
         }
         b
     }

@@ -49,7 +49,9 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Refuses values that have no meaning, naming the option.
     pub fn validate(&self) -> Result<()> {
-        let bad = |name: &str, v: f32, want: &str| Err(Error::Input(format!("{name} = {v}: expected {want}")));
+        let bad = |name: &str, v: f32, want: &str| {
+            Err(Error::Input(format!("{name} = {v}: expected {want}")))
+        };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad("temperature", self.temperature, "a number ≥ 0");
         }
@@ -60,15 +62,30 @@ impl SamplingParams {
             return bad("min_p", self.min_p, "a number in [0, 1]");
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad("repetition_penalty", self.repetition_penalty, "a number > 0");
+            return bad(
+                "repetition_penalty",
+                self.repetition_penalty,
+                "a number > 0",
+            );
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(name, v, "a number in [-2, 2]");
             }
         }
-        if let Some(&(id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
-            return bad(&format!("logit_bias of token {id}"), b, "a number in [-100, 100]");
+        if let Some(&(id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(
+                &format!("logit_bias of token {id}"),
+                b,
+                "a number in [-100, 100]",
+            );
         }
         Ok(())
     }
@@ -85,7 +102,11 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
         let rng = Rng::new(params.seed);
-        Ok(Sampler { params, rng, cand: Vec::new() })
+        Ok(Sampler {
+            params,
+            rng,
+            cand: Vec::new(),
+        })
     }
 
     /// Picks the next token; `history` is every token of the sequence so far (for the
@@ -105,7 +126,11 @@ impl Sampler {
             for &t in history {
                 if (t as usize) < l.len() && seen.insert(t) {
                     let v = &mut l[t as usize];
-                    *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
+                    *v = if *v > 0.0 {
+                        *v / p.repetition_penalty
+                    } else {
+                        *v * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -127,10 +152,20 @@ impl Sampler {
         // Softmax at temperature, candidates sorted by probability.
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &v)| (i as u32, ((v - max) / p.temperature).exp())));
-        let k = if p.top_k > 0 { p.top_k.min(self.cand.len()) } else { self.cand.len() };
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (i as u32, ((v - max) / p.temperature).exp())),
+        );
+        let k = if p.top_k > 0 {
+            p.top_k.min(self.cand.len())
+        } else {
+            self.cand.len()
+        };
         if k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            self.cand
+                .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             self.cand.truncate(k);
         }
         self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
@@ -179,7 +214,11 @@ mod tests {
     use super::*;
 
     fn sampler(f: impl FnOnce(&mut SamplingParams)) -> Sampler {
-        let mut p = SamplingParams { temperature: 1.0, seed: 3, ..Default::default() };
+        let mut p = SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        };
         f(&mut p);
         Sampler::new(p).unwrap()
     }
@@ -208,21 +247,54 @@ mod tests {
             })
         };
         // Token 1 generated twice: frequency 0.3 takes 0.6 off (3.0 -> 2.4 < 2.5).
-        assert_eq!(greedy(&|p| p.frequency_penalty = 0.3).sample(&logits, &[1, 1], &[1, 1]), 2);
-        assert_eq!(greedy(&|p| p.frequency_penalty = 0.2).sample(&logits, &[1, 1], &[1, 1]), 1);
+        assert_eq!(
+            greedy(&|p| p.frequency_penalty = 0.3).sample(&logits, &[1, 1], &[1, 1]),
+            2
+        );
+        assert_eq!(
+            greedy(&|p| p.frequency_penalty = 0.2).sample(&logits, &[1, 1], &[1, 1]),
+            1
+        );
         // Presence counts once however often: 0.6 flips it, 0.4 does not.
-        assert_eq!(greedy(&|p| p.presence_penalty = 0.6).sample(&logits, &[1, 1], &[1, 1]), 2);
-        assert_eq!(greedy(&|p| p.presence_penalty = 0.4).sample(&logits, &[1, 1], &[1, 1]), 1);
+        assert_eq!(
+            greedy(&|p| p.presence_penalty = 0.6).sample(&logits, &[1, 1], &[1, 1]),
+            2
+        );
+        assert_eq!(
+            greedy(&|p| p.presence_penalty = 0.4).sample(&logits, &[1, 1], &[1, 1]),
+            1
+        );
         // The prompt does not count.
-        assert_eq!(greedy(&|p| p.presence_penalty = 2.0).sample(&logits, &[1, 1], &[]), 1);
+        assert_eq!(
+            greedy(&|p| p.presence_penalty = 2.0).sample(&logits, &[1, 1], &[]),
+            1
+        );
         // Negative penalties encourage repeats.
-        assert_eq!(greedy(&|p| p.frequency_penalty = -1.0).sample(&logits, &[2], &[2]), 2);
-        assert_eq!(greedy(&|p| p.logit_bias = vec![(3, 4.5)]).sample(&logits, &[], &[]), 3);
-        assert_eq!(greedy(&|p| p.logit_bias = vec![(1, -100.0)]).sample(&logits, &[], &[]), 2);
+        assert_eq!(
+            greedy(&|p| p.frequency_penalty = -1.0).sample(&logits, &[2], &[2]),
+            2
+        );
+        assert_eq!(
+            greedy(&|p| p.logit_bias = vec![(3, 4.5)]).sample(&logits, &[], &[]),
+            3
+        );
+        assert_eq!(
+            greedy(&|p| p.logit_bias = vec![(1, -100.0)]).sample(&logits, &[], &[]),
+            2
+        );
         for bad in [
-            SamplingParams { presence_penalty: 2.5, ..Default::default() },
-            SamplingParams { frequency_penalty: -3.0, ..Default::default() },
-            SamplingParams { logit_bias: vec![(0, 101.0)], ..Default::default() },
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: -3.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(0, 101.0)],
+                ..Default::default()
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
@@ -231,7 +303,11 @@ mod tests {
     #[test]
     fn filters_bound_the_support() {
         let logits = [0.0, 5.0, 4.0, 3.0, -2.0];
-        let draws = |s: &mut Sampler| (0..400).map(|_| s.sample(&logits, &[], &[])).collect::<std::collections::HashSet<_>>();
+        let draws = |s: &mut Sampler| {
+            (0..400)
+                .map(|_| s.sample(&logits, &[], &[]))
+                .collect::<std::collections::HashSet<_>>()
+        };
         assert_eq!(draws(&mut sampler(|p| p.top_k = 2)), [1, 2].into());
         // p(1) ≈ 0.66, p(2) ≈ 0.24: top_p 0.8 keeps both, nothing else.
         assert_eq!(draws(&mut sampler(|p| p.top_p = 0.8)), [1, 2].into());
@@ -243,8 +319,14 @@ mod tests {
     #[test]
     fn same_seed_same_draws() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let a: Vec<u32> = { let mut s = sampler(|_| {}); (0..20).map(|_| s.sample(&logits, &[], &[])).collect() };
-        let b: Vec<u32> = { let mut s = sampler(|_| {}); (0..20).map(|_| s.sample(&logits, &[], &[])).collect() };
+        let a: Vec<u32> = {
+            let mut s = sampler(|_| {});
+            (0..20).map(|_| s.sample(&logits, &[], &[])).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = sampler(|_| {});
+            (0..20).map(|_| s.sample(&logits, &[], &[])).collect()
+        };
         assert_eq!(a, b);
     }
 }
@@ -261,15 +343,29 @@ pub struct TokenLogprob {
 
 pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&v| ((v - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = top.min(idx.len());
     if k > 0 {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
         idx.truncate(k);
         idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     } else {
         idx.clear();
     }
-    TokenLogprob { id, logprob: logits[id as usize] - lse, top: idx.into_iter().map(|t| (t, logits[t as usize] - lse)).collect() }
+    TokenLogprob {
+        id,
+        logprob: logits[id as usize] - lse,
+        top: idx
+            .into_iter()
+            .map(|t| (t, logits[t as usize] - lse))
+            .collect(),
+    }
 }

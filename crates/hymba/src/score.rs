@@ -6,9 +6,9 @@
 //! `stride = ctx` the windows do not overlap and the first token of each has no context, so it
 //! is not scored (as when training on windows of `ctx` tokens).
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
-use crate::backend::Backend;
 use crate::model::{Logits, Model};
 
 /// The result of [`score`].
@@ -36,15 +36,28 @@ impl Score {
 
 /// Scores `ids` (at least two tokens, the first not scored) through windows of `ctx` tokens
 /// stepping by `stride` (1 ≤ stride ≤ ctx). `on_window(done, total)` reports progress.
-pub fn score<B: Backend>(model: &Model<B>, ids: &[u32], ctx: usize, stride: usize, on_window: &mut dyn FnMut(usize, usize)) -> Result<Score> {
+pub fn score<B: Backend>(
+    model: &Model<B>,
+    ids: &[u32],
+    ctx: usize,
+    stride: usize,
+    on_window: &mut dyn FnMut(usize, usize),
+) -> Result<Score> {
     if ctx < 2 {
-        return Err(Error::Input(format!("the window (ctx) must hold at least 2 tokens, found {ctx}")));
+        return Err(Error::Input(format!(
+            "the window (ctx) must hold at least 2 tokens, found {ctx}"
+        )));
     }
     if stride == 0 || stride > ctx {
-        return Err(Error::Input(format!("the stride must be in 1..={ctx} (the window), found {stride}")));
+        return Err(Error::Input(format!(
+            "the stride must be in 1..={ctx} (the window), found {stride}"
+        )));
     }
     if ids.len() < 2 {
-        return Err(Error::Input(format!("scoring needs at least 2 tokens, found {}", ids.len())));
+        return Err(Error::Input(format!(
+            "scoring needs at least 2 tokens, found {}",
+            ids.len()
+        )));
     }
     let v = model.config.vocab_size;
     // Window starts: every `stride` tokens, until a window reaches the end.
@@ -58,7 +71,12 @@ pub fn score<B: Backend>(model: &Model<B>, ids: &[u32], ctx: usize, stride: usiz
     for (w, &begin) in starts.iter().enumerate() {
         let end = (begin + ctx).min(ids.len());
         let mut cache = model.new_cache();
-        let logits = model.forward(&mut cache, &ids[begin..end], Logits::All, DecodeWindow::Trained)?;
+        let logits = model.forward(
+            &mut cache,
+            &ids[begin..end],
+            Logits::All,
+            DecodeWindow::Trained,
+        )?;
         // Row i predicts token begin + i + 1.
         for t in next.max(begin + 1)..end {
             let row = &logits[(t - begin - 1) * v..(t - begin) * v];
@@ -72,13 +90,23 @@ pub fn score<B: Backend>(model: &Model<B>, ids: &[u32], ctx: usize, stride: usiz
     }
     let mean = sum / n as f64;
     let var = (sum_sq / n as f64 - mean * mean).max(0.0);
-    Ok(Score { tokens: n, windows: starts.len(), nll: sum, nll_stderr: (var / n as f64).sqrt() })
+    Ok(Score {
+        tokens: n,
+        windows: starts.len(),
+        nll: sum,
+        nll_stderr: (var / n as f64).sqrt(),
+    })
 }
 
 /// `ln softmax(row)[i]`, in f64.
 fn log_softmax_at(row: &[f32], i: usize) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let lse = max
+        + row
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
     row[i] as f64 - lse
 }
 

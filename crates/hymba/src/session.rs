@@ -39,7 +39,12 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn kv_tensor(v: &[f32], dtype: KvDtype) -> (StDtype, Vec<u8>) {
     match dtype {
         KvDtype::F32 => (StDtype::F32, f32_bytes(v)),
-        KvDtype::BF16 => (StDtype::BF16, v.iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect()),
+        KvDtype::BF16 => (
+            StDtype::BF16,
+            v.iter()
+                .flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes())
+                .collect(),
+        ),
     }
 }
 
@@ -59,12 +64,27 @@ pub fn save(model: &Model, cache: &Cache, extra: &str, path: &Path) -> Result<()
             named.push((format!("kv.{g}.{name}"), dtype, vec![values.len()], bytes));
         }
         if let Some(p) = pos {
-            named.push((format!("kv.{g}.pos"), StDtype::I64, vec![p.len()], p.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()));
+            named.push((
+                format!("kv.{g}.pos"),
+                StDtype::I64,
+                vec![p.len()],
+                p.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect(),
+            ));
         }
     }
     for (l, s) in cache.states.iter().enumerate() {
-        named.push((format!("state.{l}.ssm"), StDtype::F32, vec![s.ssm.len()], f32_bytes(&s.ssm)));
-        named.push((format!("state.{l}.conv"), StDtype::F32, vec![s.conv.len()], f32_bytes(&s.conv)));
+        named.push((
+            format!("state.{l}.ssm"),
+            StDtype::F32,
+            vec![s.ssm.len()],
+            f32_bytes(&s.ssm),
+        ));
+        named.push((
+            format!("state.{l}.conv"),
+            StDtype::F32,
+            vec![s.conv.len()],
+            f32_bytes(&s.conv),
+        ));
     }
     let views = named
         .iter()
@@ -79,15 +99,20 @@ pub fn save(model: &Model, cache: &Cache, extra: &str, path: &Path) -> Result<()
         ("extra".to_string(), extra.to_string()),
     ]
     .into();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
     crate::error::write_atomic(path, &bytes)
 }
 
 /// Reads a state written by [`save`] for this model; returns it and the `extra` text.
 pub fn load(model: &Model, path: &Path) -> Result<(Cache, String)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad = |msg: String| Error::Checkpoint { file: path.display().to_string(), msg };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a session file: {e}")))?;
+    let bad = |msg: String| Error::Checkpoint {
+        file: path.display().to_string(),
+        msg,
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a session file: {e}")))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if meta.get("hymba_session").map(String::as_str) != Some("1") {
         return Err(bad("not a hymba session file".into()));
@@ -106,22 +131,46 @@ pub fn load(model: &Model, path: &Path) -> Result<(Cache, String)> {
     // Values of tensor `name`, widened: F32 everywhere, or BF16 for the K/V of a bf16 cache
     // (`bf16_ok`); `want` values when given.
     let values = |name: &str, want: Option<usize>, bf16_ok: bool| -> Result<Vec<f32>> {
-        let t = st.tensor(name).map_err(|_| bad(format!("missing `{name}`")))?;
+        let t = st
+            .tensor(name)
+            .map_err(|_| bad(format!("missing `{name}`")))?;
         let v: Vec<f32> = match t.dtype() {
-            StDtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect(),
-            StDtype::BF16 if bf16_ok => t.data().chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => return Err(bad(format!("`{name}` is {other:?}, expected F32{}", if bf16_ok { " or BF16" } else { "" }))),
+            StDtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+            StDtype::BF16 if bf16_ok => t
+                .data()
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(bad(format!(
+                    "`{name}` is {other:?}, expected F32{}",
+                    if bf16_ok { " or BF16" } else { "" }
+                )))
+            }
         };
         match want {
-            Some(n) if n != v.len() => Err(bad(format!("`{name}` has {} values, expected {n}", v.len()))),
+            Some(n) if n != v.len() => Err(bad(format!(
+                "`{name}` has {} values, expected {n}",
+                v.len()
+            ))),
             _ => Ok(v),
         }
     };
     let mut cache = model.new_cache();
-    cache.pos = meta.get("pos").and_then(|p| p.parse().ok()).ok_or_else(|| bad("no position".into()))?;
+    cache.pos = meta
+        .get("pos")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| bad("no position".into()))?;
     let (kw, vw) = (model.config.k_width(), model.config.v_width());
     for (g, store) in cache.kv.iter_mut().enumerate() {
-        let (k, v) = (values(&format!("kv.{g}.k"), None, true)?, values(&format!("kv.{g}.v"), None, true)?);
+        let (k, v) = (
+            values(&format!("kv.{g}.k"), None, true)?,
+            values(&format!("kv.{g}.v"), None, true)?,
+        );
         if k.len() % kw != 0 || v.len() % vw != 0 || v.len() / vw != k.len() / kw {
             return Err(bad(format!("K/V of group {g} have inconsistent sizes")));
         }
@@ -129,13 +178,21 @@ pub fn load(model: &Model, path: &Path) -> Result<(Cache, String)> {
         let kv = match store {
             KvStore::Global { kv, start } => {
                 if cache.pos < *start || n != cache.pos - *start {
-                    return Err(bad(format!("global K/V of group {g} does not match the position")));
+                    return Err(bad(format!(
+                        "global K/V of group {g} does not match the position"
+                    )));
                 }
                 kv
             }
             KvStore::Window { kv, pos, cap } => {
-                let t = st.tensor(&format!("kv.{g}.pos")).map_err(|_| bad(format!("missing `kv.{g}.pos`")))?;
-                *pos = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
+                let t = st
+                    .tensor(&format!("kv.{g}.pos"))
+                    .map_err(|_| bad(format!("missing `kv.{g}.pos`")))?;
+                *pos = t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
+                    .collect();
                 if pos.len() != n || pos.len() > *cap {
                     return Err(bad(format!("window of group {g} does not fit its ring")));
                 }

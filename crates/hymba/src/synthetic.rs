@@ -23,11 +23,28 @@ pub enum Init {
 /// Name, shape and fill of every tensor a checkpoint for `cfg` holds, in the official names.
 /// `gain` scales the random matrices (std = gain / sqrt(fan_in)).
 pub fn tensor_specs(cfg: &Config, gain: f32) -> Vec<(String, Vec<usize>, Init)> {
-    let Dims { v, d, e, n, k, r, f, m } = cfg.dims();
+    let Dims {
+        v,
+        d,
+        e,
+        n,
+        k,
+        r,
+        f,
+        m,
+    } = cfg.dims();
     let lin = |fan_in: usize| Init::Random(gain / (fan_in as f32).sqrt());
     let mut t: Vec<(String, Vec<usize>, Init)> = vec![
-        ("model.embed_tokens.weight".into(), vec![v, d], Init::Random(1.0)),
-        ("model.final_layernorm.weight".into(), vec![d], Init::Const(1.0)),
+        (
+            "model.embed_tokens.weight".into(),
+            vec![v, d],
+            Init::Random(1.0),
+        ),
+        (
+            "model.final_layernorm.weight".into(),
+            vec![d],
+            Init::Const(1.0),
+        ),
     ];
     if m > 0 {
         t.push(("model.memory_tokens".into(), vec![m, d], Init::Random(1.0)));
@@ -39,7 +56,11 @@ pub fn tensor_specs(cfg: &Config, gain: f32) -> Vec<(String, Vec<usize>, Init)> 
     for (i, lp) in plan.iter().enumerate() {
         let p = |s: &str| format!("model.layers.{i}.{s}");
         t.push((p("input_layernorm.weight"), vec![d], Init::Const(1.0)));
-        t.push((p("mamba.in_proj.weight"), vec![cfg.in_proj_rows(lp.computes_kv), d], lin(d)));
+        t.push((
+            p("mamba.in_proj.weight"),
+            vec![cfg.in_proj_rows(lp.computes_kv), d],
+            lin(d),
+        ));
         t.push((p("mamba.conv1d.weight"), vec![e, 1, k], lin(k)));
         if cfg.mamba_conv_bias {
             t.push((p("mamba.conv1d.bias"), vec![e], Init::Random(0.1)));
@@ -54,8 +75,16 @@ pub fn tensor_specs(cfg: &Config, gain: f32) -> Vec<(String, Vec<usize>, Init)> 
             t.push((p("mamba.B_layernorm.weight"), vec![n], Init::Const(1.0)));
             t.push((p("mamba.C_layernorm.weight"), vec![n], Init::Const(1.0)));
         }
-        t.push((p("mamba.pre_avg_layernorm1.weight"), vec![e], Init::Const(1.0)));
-        t.push((p("mamba.pre_avg_layernorm2.weight"), vec![e], Init::Const(1.0)));
+        t.push((
+            p("mamba.pre_avg_layernorm1.weight"),
+            vec![e],
+            Init::Const(1.0),
+        ));
+        t.push((
+            p("mamba.pre_avg_layernorm2.weight"),
+            vec![e],
+            Init::Const(1.0),
+        ));
         t.push((p("mamba.out_proj.weight"), vec![d, e], lin(e)));
         t.push((p("pre_moe_layernorm.weight"), vec![d], Init::Const(1.0)));
         t.push((p("moe.experts.0.gate_proj.weight"), vec![f, d], lin(d)));
@@ -102,22 +131,41 @@ fn encode(v: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     match dtype {
         Dtype::Q8_0 | Dtype::Q4_0 => unreachable!("refused by the callers"),
         Dtype::F32 => out.extend(v.iter().flat_map(|x| x.to_le_bytes())),
-        Dtype::BF16 => out.extend(v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())),
+        Dtype::BF16 => out.extend(
+            v.iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()),
+        ),
         Dtype::F16 => out.extend(v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes())),
     }
 }
 
 /// Writes `dir/config.json` (the config's own JSON) and `dir/model.safetensors` with random
 /// weights in `dtype`, one tensor at a time so memory stays small. Files appear atomically.
-pub fn write_checkpoint(cfg: &Config, dir: &Path, dtype: Dtype, seed: u64, gain: f32) -> Result<()> {
+pub fn write_checkpoint(
+    cfg: &Config,
+    dir: &Path,
+    dtype: Dtype,
+    seed: u64,
+    gain: f32,
+) -> Result<()> {
     if dtype.quant_name().is_some() {
-        return Err(Error::Input("synthetic checkpoints are written in f32, bf16 or f16; quantize them afterwards".into()));
+        return Err(Error::Input(
+            "synthetic checkpoints are written in f32, bf16 or f16; quantize them afterwards"
+                .into(),
+        ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let specs = tensor_specs(cfg, gain);
     let headers: Vec<_> = specs
         .iter()
-        .map(|(n, s, _)| (n.clone(), dtype.safetensors_name(), s.clone(), dtype.nbytes(s.iter().product())))
+        .map(|(n, s, _)| {
+            (
+                n.clone(),
+                dtype.safetensors_name(),
+                s.clone(),
+                dtype.nbytes(s.iter().product()),
+            )
+        })
         .collect();
     let mut rng = Rng::new(seed);
     let mut vals = Vec::new();
@@ -132,7 +180,10 @@ pub fn write_checkpoint(cfg: &Config, dir: &Path, dtype: Dtype, seed: u64, gain:
 /// The same random checkpoint as [`write_checkpoint`], built in memory (no file): for
 /// benchmarks at real shapes in seconds.
 pub fn in_memory(cfg: &Config, dtype: Dtype, seed: u64, gain: f32) -> TensorStore {
-    assert!(dtype.quant_name().is_none(), "quantize the store afterwards");
+    assert!(
+        dtype.quant_name().is_none(),
+        "quantize the store afterwards"
+    );
     let mut rng = Rng::new(seed);
     let (mut vals, mut bytes) = (Vec::new(), Vec::new());
     let mut tensors = std::collections::BTreeMap::new();

@@ -81,7 +81,9 @@ fn is_large_matrix(name: &str) -> bool {
         ".moe.experts.0.up_proj.weight",
         ".moe.experts.0.down_proj.weight",
     ];
-    name == "model.embed_tokens.weight" || name == "lm_head.weight" || LAYER_MATRICES.iter().any(|s| name.ends_with(s))
+    name == "model.embed_tokens.weight"
+        || name == "lm_head.weight"
+        || LAYER_MATRICES.iter().any(|s| name.ends_with(s))
 }
 
 /// Matrices worth quantizing: the large ones a token reads, when their rows are whole blocks.
@@ -107,7 +109,10 @@ impl Owner {
     /// `len` fresh zeroed bytes, 8-aligned, written by `fill`.
     fn filled(len: usize, fill: impl FnOnce(&mut [u8])) -> Owner {
         const LARGE: usize = 1 << 20;
-        if let Some(mut m) = (len >= LARGE).then(|| MmapMut::map_anon(len).ok()).flatten() {
+        if let Some(mut m) = (len >= LARGE)
+            .then(|| MmapMut::map_anon(len).ok())
+            .flatten()
+        {
             #[cfg(target_os = "linux")]
             let _ = m.advise(memmap2::Advice::HugePage);
             fill(&mut m);
@@ -138,11 +143,22 @@ impl Tensor {
     pub fn from_bytes(dtype: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Tensor {
         assert_eq!(bytes.len(), dtype.nbytes(shape.iter().product::<usize>()));
         let owner = Owner::filled(bytes.len(), |b| b.copy_from_slice(bytes));
-        Tensor { dtype, shape, owner, offset: 0, len: bytes.len(), panels: false }
+        Tensor {
+            dtype,
+            shape,
+            owner,
+            offset: 0,
+            len: bytes.len(),
+            panels: false,
+        }
     }
 
     pub fn from_f32(shape: Vec<usize>, v: &[f32]) -> Tensor {
-        Tensor::from_bytes(Dtype::F32, shape, &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())
+        Tensor::from_bytes(
+            Dtype::F32,
+            shape,
+            &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>(),
+        )
     }
 
     pub fn numel(&self) -> usize {
@@ -159,7 +175,9 @@ impl Tensor {
             Owner::Mmap(m) => &m[self.offset..self.offset + self.len],
             Owner::Static(b) => &b[self.offset..self.offset + self.len],
             // SAFETY: the Vec<u64> holds at least offset + len bytes.
-            Owner::Heap(w) => unsafe { std::slice::from_raw_parts((w.as_ptr() as *const u8).add(self.offset), self.len) },
+            Owner::Heap(w) => unsafe {
+                std::slice::from_raw_parts((w.as_ptr() as *const u8).add(self.offset), self.len)
+            },
             Owner::Anon(m) => &m[self.offset..self.offset + self.len],
         }
     }
@@ -170,15 +188,23 @@ impl Tensor {
         let n = self.numel();
         if self.panels {
             // SAFETY: as below; the length is the padded panels' (see `to_panels`).
-            return WeightData::BF16Panels(unsafe { std::slice::from_raw_parts(b.as_ptr() as *const bf16, b.len() / 2) });
+            return WeightData::BF16Panels(unsafe {
+                std::slice::from_raw_parts(b.as_ptr() as *const bf16, b.len() / 2)
+            });
         }
         // SAFETY: length and alignment were checked at construction; bf16/f16 are u16 wrappers
         // and every bit pattern is a valid value.
         unsafe {
             match self.dtype {
-                Dtype::F32 => WeightData::F32(std::slice::from_raw_parts(b.as_ptr() as *const f32, n)),
-                Dtype::BF16 => WeightData::BF16(std::slice::from_raw_parts(b.as_ptr() as *const bf16, n)),
-                Dtype::F16 => WeightData::F16(std::slice::from_raw_parts(b.as_ptr() as *const f16, n)),
+                Dtype::F32 => {
+                    WeightData::F32(std::slice::from_raw_parts(b.as_ptr() as *const f32, n))
+                }
+                Dtype::BF16 => {
+                    WeightData::BF16(std::slice::from_raw_parts(b.as_ptr() as *const bf16, n))
+                }
+                Dtype::F16 => {
+                    WeightData::F16(std::slice::from_raw_parts(b.as_ptr() as *const f16, n))
+                }
                 Dtype::Q8_0 => WeightData::Q8_0(quant::q8_0_blocks(b)),
                 Dtype::Q4_0 => WeightData::Q4_0(quant::q4_0_blocks(b)),
             }
@@ -197,7 +223,10 @@ impl Tensor {
         let nb = cols / QK;
         let mut row = vec![0f32; cols];
         let mut bytes = Vec::with_capacity(to.nbytes(rows * cols));
-        let (mut b8, mut b4) = (vec![BlockQ8_0::default(); nb], vec![BlockQ4_0::default(); nb]);
+        let (mut b8, mut b4) = (
+            vec![BlockQ8_0::default(); nb],
+            vec![BlockQ4_0::default(); nb],
+        );
         let m = self.mat();
         for r in 0..rows {
             m.row_f32(r, &mut row);
@@ -236,7 +265,9 @@ impl Tensor {
         if let Owner::Mmap(m) = &self.owner {
             // SAFETY: a shared read-only file mapping: dropped pages read the same bytes back from
             // the file if touched again, so no view of them changes. Only a hint: errors ignored.
-            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.len) };
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.len)
+            };
         }
     }
 
@@ -256,8 +287,13 @@ impl Tensor {
     /// This bf16 matrix rearranged into panels of 16 rows for the AVX2 matrix products; the
     /// values and their precision are unchanged.
     pub fn to_panels(&self) -> Tensor {
-        assert!(self.dtype == Dtype::BF16 && self.shape.len() == 2 && !self.panels, "only row-major bf16 matrices are packed");
-        let WeightData::BF16(d) = self.data() else { unreachable!("checked bf16") };
+        assert!(
+            self.dtype == Dtype::BF16 && self.shape.len() == 2 && !self.panels,
+            "only row-major bf16 matrices are packed"
+        );
+        let WeightData::BF16(d) = self.data() else {
+            unreachable!("checked bf16")
+        };
         let (rows, cols) = (self.shape[0], self.shape[1]);
         let n = matmul::panels_len(rows, cols);
         // Packed straight into fresh zeroed memory: no copy.
@@ -266,7 +302,14 @@ impl Tensor {
             let out = unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut bf16, n) };
             matmul::pack_bf16_panels(d, rows, cols, out);
         });
-        Tensor { dtype: Dtype::BF16, shape: self.shape.clone(), owner, offset: 0, len: 2 * n, panels: true }
+        Tensor {
+            dtype: Dtype::BF16,
+            shape: self.shape.clone(),
+            owner,
+            offset: 0,
+            len: 2 * n,
+            panels: true,
+        }
     }
 }
 
@@ -281,16 +324,22 @@ impl TensorStore {
     /// Opens `dir/model.safetensors`, or the shards listed in `dir/model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<TensorStore> {
         if !dir.is_dir() {
-            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
         }
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.exists() {
             let v = parse_json(&index, &read_to_string(&index)?)?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Checkpoint {
-                file: index.display().to_string(),
-                msg: "no `weight_map` object".into(),
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Checkpoint {
+                    file: index.display().to_string(),
+                    msg: "no `weight_map` object".into(),
+                })?;
             let mut names: Vec<String> = Vec::new();
             for (t, f) in map {
                 let f = f.as_str().ok_or_else(|| Error::Checkpoint {
@@ -307,10 +356,16 @@ impl TensorStore {
         } else {
             return Err(Error::io(
                 &single,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "not found (nor model.safetensors.index.json)"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not found (nor model.safetensors.index.json)",
+                ),
             ));
         };
-        let mut store = TensorStore { tensors: HashMap::new(), source: dir.display().to_string() };
+        let mut store = TensorStore {
+            tensors: HashMap::new(),
+            source: dir.display().to_string(),
+        };
         for f in files {
             store.add_file(&f)?;
         }
@@ -320,7 +375,10 @@ impl TensorStore {
     /// A store over a safetensors file built into the program (`include_bytes!`), read in
     /// place; `source` names it in messages.
     pub fn from_static(source: &str, bytes: &'static [u8]) -> Result<TensorStore> {
-        let mut store = TensorStore { tensors: HashMap::new(), source: source.to_string() };
+        let mut store = TensorStore {
+            tensors: HashMap::new(),
+            source: source.to_string(),
+        };
         store.add_bytes(source, bytes, &|| Owner::Static(bytes))?;
         Ok(store)
     }
@@ -330,7 +388,9 @@ impl TensorStore {
         // SAFETY: the file is mapped read-only; like every mmap-based loader we assume nobody
         // truncates a checkpoint while it is being served.
         let mmap = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
-        self.add_bytes(&path.display().to_string(), &mmap[..], &|| Owner::Mmap(mmap.clone()))
+        self.add_bytes(&path.display().to_string(), &mmap[..], &|| {
+            Owner::Mmap(mmap.clone())
+        })
     }
 
     /// Adds the tensors of safetensors `bytes`, each viewing them through `owner()`.
@@ -341,11 +401,16 @@ impl TensorStore {
             msg: format!("not a valid safetensors file: {e}"),
         })?;
         let base = bytes.as_ptr() as usize;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Checkpoint {
-            file: fname.clone(),
-            msg: format!("not a valid safetensors file: {e}"),
-        })?;
-        let quant: serde_json::Map<String, serde_json::Value> = match meta.metadata().as_ref().and_then(|m| m.get(QUANT_METADATA_KEY)) {
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Checkpoint {
+                file: fname.clone(),
+                msg: format!("not a valid safetensors file: {e}"),
+            })?;
+        let quant: serde_json::Map<String, serde_json::Value> = match meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(QUANT_METADATA_KEY))
+        {
             None => Default::default(),
             Some(s) => serde_json::from_str(s).map_err(|e| Error::Checkpoint {
                 file: fname.clone(),
@@ -353,29 +418,63 @@ impl TensorStore {
             })?,
         };
         for (name, view) in st.tensors() {
-            let err = |msg: String| Error::Tensor { file: fname.clone(), tensor: name.clone(), msg };
-            let (dtype, shape) = match (view.dtype(), quant.get(&name)) {
-                (safetensors::Dtype::U8, Some(q)) => {
-                    let dtype = q.get("format").and_then(|f| f.as_str()).and_then(Dtype::parse_quant);
-                    let shape: Option<Vec<usize>> = q.get("shape").and_then(|s| serde_json::from_value(s.clone()).ok());
-                    match (dtype, shape) {
-                        (Some(d), Some(s)) if s.len() == 2 && s[1] % QK == 0 && d.nbytes(s[0] * s[1]) == view.data().len() => (d, s),
-                        _ => return Err(err(format!("bad quantization metadata {q} for {} bytes", view.data().len()))),
-                    }
-                }
-                (safetensors::Dtype::F32, None) => (Dtype::F32, view.shape().to_vec()),
-                (safetensors::Dtype::BF16, None) => (Dtype::BF16, view.shape().to_vec()),
-                (safetensors::Dtype::F16, None) => (Dtype::F16, view.shape().to_vec()),
-                (other, _) => return Err(err(format!("dtype {other:?} is not supported (F32, BF16, F16, or q8_0/q4_0 blocks)"))),
+            let err = |msg: String| Error::Tensor {
+                file: fname.clone(),
+                tensor: name.clone(),
+                msg,
             };
+            let (dtype, shape) =
+                match (view.dtype(), quant.get(&name)) {
+                    (safetensors::Dtype::U8, Some(q)) => {
+                        let dtype = q
+                            .get("format")
+                            .and_then(|f| f.as_str())
+                            .and_then(Dtype::parse_quant);
+                        let shape: Option<Vec<usize>> = q
+                            .get("shape")
+                            .and_then(|s| serde_json::from_value(s.clone()).ok());
+                        match (dtype, shape) {
+                            (Some(d), Some(s))
+                                if s.len() == 2
+                                    && s[1] % QK == 0
+                                    && d.nbytes(s[0] * s[1]) == view.data().len() =>
+                            {
+                                (d, s)
+                            }
+                            _ => {
+                                return Err(err(format!(
+                                    "bad quantization metadata {q} for {} bytes",
+                                    view.data().len()
+                                )))
+                            }
+                        }
+                    }
+                    (safetensors::Dtype::F32, None) => (Dtype::F32, view.shape().to_vec()),
+                    (safetensors::Dtype::BF16, None) => (Dtype::BF16, view.shape().to_vec()),
+                    (safetensors::Dtype::F16, None) => (Dtype::F16, view.shape().to_vec()),
+                    (other, _) => return Err(err(format!(
+                        "dtype {other:?} is not supported (F32, BF16, F16, or q8_0/q4_0 blocks)"
+                    ))),
+                };
             let data = view.data();
             let offset = data.as_ptr() as usize - base;
-            let mut t = Tensor { dtype, shape, owner: owner(), offset, len: data.len(), panels: false };
+            let mut t = Tensor {
+                dtype,
+                shape,
+                owner: owner(),
+                offset,
+                len: data.len(),
+                panels: false,
+            };
             if !(data.as_ptr() as usize).is_multiple_of(dtype.align()) {
                 // A misaligned tensor cannot be viewed in place: copy it, same precision.
                 t = Tensor::from_bytes(dtype, t.shape.clone(), data);
             }
-            if self.tensors.insert(name.clone(), (t, fname.clone())).is_some() {
+            if self
+                .tensors
+                .insert(name.clone(), (t, fname.clone()))
+                .is_some()
+            {
                 return Err(err("appears in two files".into()));
             }
         }
@@ -385,7 +484,10 @@ impl TensorStore {
     /// A store over tensors made in memory.
     pub fn from_tensors(source: &str, tensors: BTreeMap<String, Tensor>) -> TensorStore {
         TensorStore {
-            tensors: tensors.into_iter().map(|(k, v)| (k, (v, source.to_string()))).collect(),
+            tensors: tensors
+                .into_iter()
+                .map(|(k, v)| (k, (v, source.to_string())))
+                .collect(),
             source: source.to_string(),
         }
     }
@@ -414,18 +516,27 @@ impl TensorStore {
     /// bytes described in the `hymba_quant` metadata.
     pub fn save(&self, path: &Path) -> Result<()> {
         let names = self.names();
-        assert!(self.tensors.values().all(|(t, _)| !t.panels), "a store is saved before its matrices are packed");
-        let entries: Vec<(String, &Tensor)> = names.into_iter().map(|n| {
-            let t = self.get(&n).expect("listed");
-            (n, t)
-        }).collect();
+        assert!(
+            self.tensors.values().all(|(t, _)| !t.panels),
+            "a store is saved before its matrices are packed"
+        );
+        let entries: Vec<(String, &Tensor)> = names
+            .into_iter()
+            .map(|n| {
+                let t = self.get(&n).expect("listed");
+                (n, t)
+            })
+            .collect();
         let mut quant = serde_json::Map::new();
         let headers: Vec<(String, &'static str, Vec<usize>, usize)> = entries
             .iter()
             .map(|(n, t)| {
                 let stored = match t.dtype.quant_name() {
                     Some(f) => {
-                        quant.insert(n.clone(), serde_json::json!({"format": f, "shape": t.shape}));
+                        quant.insert(
+                            n.clone(),
+                            serde_json::json!({"format": f, "shape": t.shape}),
+                        );
                         vec![t.nbytes()]
                     }
                     None => t.shape.clone(),
@@ -433,8 +544,17 @@ impl TensorStore {
                 (n.clone(), t.dtype.safetensors_name(), stored, t.nbytes())
             })
             .collect();
-        let meta = if quant.is_empty() { None } else { Some((QUANT_METADATA_KEY, serde_json::Value::Object(quant).to_string())) };
-        write_safetensors(path, &headers, meta, |i, out| out.extend_from_slice(entries[i].1.bytes()))
+        let meta = if quant.is_empty() {
+            None
+        } else {
+            Some((
+                QUANT_METADATA_KEY,
+                serde_json::Value::Object(quant).to_string(),
+            ))
+        };
+        write_safetensors(path, &headers, meta, |i, out| {
+            out.extend_from_slice(entries[i].1.bytes())
+        })
     }
 
     /// Removes and returns tensor `name`, checking its shape.
@@ -445,7 +565,11 @@ impl TensorStore {
             msg: "missing".into(),
         })?;
         if t.shape != shape {
-            return Err(Error::Tensor { file, tensor: name.into(), msg: format!("expected shape {shape:?}, found {:?}", t.shape) });
+            return Err(Error::Tensor {
+                file,
+                tensor: name.into(),
+                msg: format!("expected shape {shape:?}, found {:?}", t.shape),
+            });
         }
         Ok(t)
     }
@@ -468,7 +592,10 @@ impl TensorStore {
             return Err(Error::Tensor {
                 file: file.clone(),
                 tensor: name.clone(),
-                msg: format!("not part of the model described by config.json ({} unexpected tensors in all)", left.len()),
+                msg: format!(
+                    "not part of the model described by config.json ({} unexpected tensors in all)",
+                    left.len()
+                ),
             });
         }
         Ok(())
@@ -503,18 +630,33 @@ pub fn write_safetensors(
     while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
     let result = (|| -> Result<()> {
         let file = std::fs::File::create(&tmp).map_err(io)?;
         let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
-        w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(hbytes.len() as u64).to_le_bytes())
+            .map_err(io)?;
         w.write_all(&hbytes).map_err(io)?;
         let mut buf = Vec::new();
         for (i, h) in headers.iter().enumerate() {
             buf.clear();
             fill(i, &mut buf);
-            assert_eq!(buf.len(), h.3, "tensor {} produced the wrong number of bytes", h.0);
+            assert_eq!(
+                buf.len(),
+                h.3,
+                "tensor {} produced the wrong number of bytes",
+                h.0
+            );
             w.write_all(&buf).map_err(io)?;
         }
         let file = w.into_inner().map_err(|e| io(e.into_error()))?;

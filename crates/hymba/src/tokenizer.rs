@@ -20,19 +20,35 @@ impl Tokenizer {
     /// Loads `path` (a tokenizer.json) and, when present, `tokenizer_config.json` beside it.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         if !path.is_file() {
-            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found")));
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found"),
+            ));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let cfg_path = path.with_file_name("tokenizer_config.json");
-        let cfg = if cfg_path.is_file() { Some(read_to_string(&cfg_path)?) } else { None };
+        let cfg = if cfg_path.is_file() {
+            Some(read_to_string(&cfg_path)?)
+        } else {
+            None
+        };
         let cfg_name = cfg_path.display().to_string();
-        Tokenizer::from_bytes(&bytes, &path.display().to_string(), cfg.as_deref().map(|c| (c, cfg_name.as_str())))
+        Tokenizer::from_bytes(
+            &bytes,
+            &path.display().to_string(),
+            cfg.as_deref().map(|c| (c, cfg_name.as_str())),
+        )
     }
 
     /// A tokenizer from the contents of a tokenizer.json (named `source` in errors) and,
     /// optionally, of its tokenizer_config.json (text, name).
-    pub fn from_bytes(tokenizer_json: &[u8], source: &str, config: Option<(&str, &str)>) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer(format!("{source}: {e}")))?;
+    pub fn from_bytes(
+        tokenizer_json: &[u8],
+        source: &str,
+        config: Option<(&str, &str)>,
+    ) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| Error::Tokenizer(format!("{source}: {e}")))?;
         let cfg_name = std::path::PathBuf::from(config.map_or("", |c| c.1));
         let cfg = match config {
             Some((text, _)) => Some(parse_json(&cfg_name, text)?),
@@ -41,17 +57,25 @@ impl Tokenizer {
         let token_of = |key: &str| -> Option<String> {
             let v = cfg.as_ref()?.get(key)?;
             // Either a plain string or an AddedToken object with `content`.
-            v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())).map(str::to_string)
+            v.as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))
+                .map(str::to_string)
         };
         let bos_token = token_of("bos_token").unwrap_or_else(|| "<s>".into());
         let eos_token = token_of("eos_token").unwrap_or_else(|| "</s>".into());
-        let add_bos = cfg.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()).unwrap_or(true);
+        let add_bos = cfg
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
         let chat_template = match cfg.as_ref().and_then(|c| c.get("chat_template")) {
             None | Some(serde_json::Value::Null) => None,
-            Some(t) => Some(ChatTemplate::from_json(t, &bos_token, &eos_token).map_err(|e| match e {
-                Error::Template(m) => Error::Template(format!("{}: {m}", cfg_name.display())),
-                other => other,
-            })?),
+            Some(t) => Some(ChatTemplate::from_json(t, &bos_token, &eos_token).map_err(
+                |e| match e {
+                    Error::Template(m) => Error::Template(format!("{}: {m}", cfg_name.display())),
+                    other => other,
+                },
+            )?),
         };
         Ok(Tokenizer {
             bos_id: inner.token_to_id(&bos_token),
@@ -65,7 +89,10 @@ impl Tokenizer {
     /// Replaces the checkpoint's chat template with the Jinja text `src` (from the file `name`,
     /// named in errors), e.g. for a base model that ships none.
     pub fn set_chat_template(&mut self, src: &str, name: &str) -> Result<()> {
-        let token = |id: Option<u32>, default: &str| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_else(|| default.into());
+        let token = |id: Option<u32>, default: &str| {
+            id.and_then(|i| self.inner.id_to_token(i))
+                .unwrap_or_else(|| default.into())
+        };
         let (bos, eos) = (token(self.bos_id, "<s>"), token(self.eos_id, "</s>"));
         let tmpl = ChatTemplate::new(src, &bos, &eos).map_err(|e| match e {
             Error::Template(m) => Error::Template(format!("{name}: {m}")),
@@ -77,7 +104,10 @@ impl Tokenizer {
 
     /// Encodes `text`; BOS first when `add_bos` and the vocabulary has one.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos {
             ids.extend(self.bos_id);
@@ -93,7 +123,9 @@ impl Tokenizer {
 
     /// Decodes ids to text, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// The vocabulary entry of a token (e.g. "▁the"), distinct for every id.
@@ -124,7 +156,11 @@ impl Detokenizer {
     pub fn new(context: &[u32]) -> Self {
         let ids = context[context.len().saturating_sub(CONTEXT_IDS)..].to_vec();
         let n = ids.len();
-        Detokenizer { ids, prefix: 0, read: n }
+        Detokenizer {
+            ids,
+            prefix: 0,
+            read: n,
+        }
     }
 
     /// Adds one id; returns the text it completes, if any.

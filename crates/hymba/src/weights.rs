@@ -59,10 +59,28 @@ pub struct Weights<B: Backend = Cpu> {
 impl<B: Backend> Weights<B> {
     /// Takes every tensor the config predicts from `store`, checking shapes, and prepares it for
     /// `b`; leftovers are an error.
-    pub fn load(b: &B, cfg: &Config, plan: &[LayerPlan], mut store: TensorStore) -> Result<Weights<B>> {
-        let Dims { v, d, e, n, k, r, f, m } = cfg.dims();
+    pub fn load(
+        b: &B,
+        cfg: &Config,
+        plan: &[LayerPlan],
+        mut store: TensorStore,
+    ) -> Result<Weights<B>> {
+        let Dims {
+            v,
+            d,
+            e,
+            n,
+            k,
+            r,
+            f,
+            m,
+        } = cfg.dims();
         let embed = b.matrix(store.take("model.embed_tokens.weight", &[v, d])?)?;
-        let memory_tokens = if m > 0 { store.take("model.memory_tokens", &[m, d])?.to_f32() } else { Vec::new() };
+        let memory_tokens = if m > 0 {
+            store.take("model.memory_tokens", &[m, d])?.to_f32()
+        } else {
+            Vec::new()
+        };
         let final_norm = b.vector(store.take("model.final_layernorm.weight", &[d])?.to_f32())?;
         let lm_head = if cfg.tie_word_embeddings {
             // Tied: a stored copy, if any, equals the embedding and is not needed.
@@ -77,9 +95,16 @@ impl<B: Backend> Weights<B> {
             let mut vec = |s: &str, shape: &[usize]| store.take(&p(s), shape).map(|t| t.to_f32());
             let input_norm = vec("input_layernorm.weight", &[d])?;
             let conv_w = hymba_kernels::conv::taps(&vec("mamba.conv1d.weight", &[e, 1, k])?, e);
-            let conv_b = if cfg.mamba_conv_bias { vec("mamba.conv1d.bias", &[e])? } else { vec![0.0; e] };
+            let conv_b = if cfg.mamba_conv_bias {
+                vec("mamba.conv1d.bias", &[e])?
+            } else {
+                vec![0.0; e]
+            };
             let dt_bias = vec("mamba.dt_proj.0.bias", &[e])?;
-            let a = vec("mamba.A_log.0", &[e, n])?.iter().map(|x| -x.exp()).collect();
+            let a = vec("mamba.A_log.0", &[e, n])?
+                .iter()
+                .map(|x| -x.exp())
+                .collect();
             let dd = vec("mamba.D.0", &[e])?;
             let inner_norms = if cfg.mamba_inner_layernorms {
                 Some([
@@ -93,10 +118,14 @@ impl<B: Backend> Weights<B> {
             let attn_norm = vec("mamba.pre_avg_layernorm1.weight", &[e])?;
             let ssm_norm = vec("mamba.pre_avg_layernorm2.weight", &[e])?;
             let mlp_norm = vec("pre_moe_layernorm.weight", &[d])?;
-            let mut mat = |s: &str, shape: &[usize]| store.take(&p(s), shape).and_then(|t| b.matrix(t));
+            let mut mat =
+                |s: &str, shape: &[usize]| store.take(&p(s), shape).and_then(|t| b.matrix(t));
             layers.push(LayerWeights {
                 input_norm: b.vector(input_norm)?,
-                in_proj: mat("mamba.in_proj.weight", &[cfg.in_proj_rows(lp.computes_kv), d])?,
+                in_proj: mat(
+                    "mamba.in_proj.weight",
+                    &[cfg.in_proj_rows(lp.computes_kv), d],
+                )?,
                 conv_w: b.vector(conv_w)?,
                 conv_b: b.vector(conv_b)?,
                 x_proj: mat("mamba.x_proj.0.weight", &[r + 2 * n, e])?,
@@ -118,7 +147,13 @@ impl<B: Backend> Weights<B> {
             });
         }
         store.finish()?;
-        Ok(Weights { embed, memory_tokens, final_norm, lm_head, layers })
+        Ok(Weights {
+            embed,
+            memory_tokens,
+            final_norm,
+            lm_head,
+            layers,
+        })
     }
 
     /// The output projection: lm_head, or the embedding when tied.

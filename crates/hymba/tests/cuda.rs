@@ -18,7 +18,10 @@ const TOL: f32 = 1e-3;
 fn kernels_compile_with_nvrtc() {
     for arch in [None, Some("compute_90")] {
         match compile_kernels(arch) {
-            Ok(ptx) => assert!(ptx.to_src().contains(".entry attention"), "the PTX has no attention kernel"),
+            Ok(ptx) => assert!(
+                ptx.to_src().contains(".entry attention"),
+                "the PTX has no attention kernel"
+            ),
             Err(e) if std::env::var_os("CI").is_none() && e.to_string().contains("not found") => {
                 skipped("kernels_compile_with_nvrtc", &e.to_string());
                 return;
@@ -53,7 +56,9 @@ fn argmax(row: &[f32]) -> u32 {
 /// and no-cache paths), decode with the trained window, and the official decode path.
 #[test]
 fn cuda_matches_official_outputs() {
-    let Some(gpu) = gpu("cuda_matches_official_outputs") else { return };
+    let Some(gpu) = gpu("cuda_matches_official_outputs") else {
+        return;
+    };
     let model = Model::load_on(gpu, &fixture("tiny-a"), None).unwrap();
     model.ready().unwrap();
     let exp = Expected::load("tiny-a");
@@ -62,21 +67,43 @@ fn cuda_matches_official_outputs() {
     let v = model.config.vocab_size;
     let (_, want) = exp.f32("prefill_logits");
     let mut cache = model.new_cache();
-    let got = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+    let got = model
+        .forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained)
+        .unwrap();
     assert_close(&got, &want, TOL, "cuda prefill logits (cached path)");
-    assert_close(&model.forward_uncached(&ids).unwrap(), &want, TOL, "cuda prefill logits (no-cache path)");
+    assert_close(
+        &model.forward_uncached(&ids).unwrap(),
+        &want,
+        TOL,
+        "cuda prefill logits (no-cache path)",
+    );
     // In two chunks: the second's queries read the first's rows from the stores (a window ring
     // among them: the fixture's window is 16).
     let mut cache = model.new_cache();
-    let mut got = model.forward(&mut cache, &ids[..17], Logits::All, DecodeWindow::Trained).unwrap();
-    got.extend(model.forward(&mut cache, &ids[17..], Logits::All, DecodeWindow::Trained).unwrap());
+    let mut got = model
+        .forward(&mut cache, &ids[..17], Logits::All, DecodeWindow::Trained)
+        .unwrap();
+    got.extend(
+        model
+            .forward(&mut cache, &ids[17..], Logits::All, DecodeWindow::Trained)
+            .unwrap(),
+    );
     assert_close(&got, &want, TOL, "cuda prefill logits in two chunks");
-    for (window, key) in [(DecodeWindow::Trained, "nocache_generate_logits"), (DecodeWindow::Official, "generate_logits")] {
+    for (window, key) in [
+        (DecodeWindow::Trained, "nocache_generate_logits"),
+        (DecodeWindow::Official, "generate_logits"),
+    ] {
         let (_, want) = exp.f32(key);
         let mut cache = model.new_cache();
-        let mut got = model.forward(&mut cache, &ids, Logits::Last, window).unwrap();
+        let mut got = model
+            .forward(&mut cache, &ids, Logits::Last, window)
+            .unwrap();
         for &g in &gen[..gen.len() - 1] {
-            got.extend(model.forward(&mut cache, &[g], Logits::Last, window).unwrap());
+            got.extend(
+                model
+                    .forward(&mut cache, &[g], Logits::Last, window)
+                    .unwrap(),
+            );
         }
         assert_close(&got, &want, TOL, &format!("cuda decode, {window:?} window"));
         if window == DecodeWindow::Official {
@@ -90,9 +117,14 @@ fn cuda_matches_official_outputs() {
 fn cpu_logits(dir: &std::path::Path, ids: &[u32], kv: KvDtype, prefill: usize) -> Vec<f32> {
     let m = Model::load(dir).unwrap().with_kv_dtype(kv);
     let mut c = m.new_cache();
-    let mut out = m.forward(&mut c, &ids[..prefill], Logits::All, DecodeWindow::Trained).unwrap();
+    let mut out = m
+        .forward(&mut c, &ids[..prefill], Logits::All, DecodeWindow::Trained)
+        .unwrap();
     for &id in &ids[prefill..] {
-        out.extend(m.forward(&mut c, &[id], Logits::Last, DecodeWindow::Trained).unwrap());
+        out.extend(
+            m.forward(&mut c, &[id], Logits::Last, DecodeWindow::Trained)
+                .unwrap(),
+        );
     }
     out
 }
@@ -102,15 +134,25 @@ fn cpu_logits(dir: &std::path::Path, ids: &[u32], kv: KvDtype, prefill: usize) -
 /// values, 2^-8 apart relatively, which moves the logits by about that much of their size).
 #[test]
 fn cuda_bf16_kv_matches_cpu() {
-    let Some(gpu) = gpu("cuda_bf16_kv_matches_cpu") else { return };
+    let Some(gpu) = gpu("cuda_bf16_kv_matches_cpu") else {
+        return;
+    };
     let dir = fixture("tiny-a");
     let ids = Expected::load("tiny-a").ids("input_ids");
-    let model = Model::load_on(gpu, &dir, None).unwrap().with_kv_dtype(KvDtype::BF16);
+    let model = Model::load_on(gpu, &dir, None)
+        .unwrap()
+        .with_kv_dtype(KvDtype::BF16);
     let prefill = 20;
     let mut c = model.new_cache();
-    let mut got = model.forward(&mut c, &ids[..prefill], Logits::All, DecodeWindow::Trained).unwrap();
+    let mut got = model
+        .forward(&mut c, &ids[..prefill], Logits::All, DecodeWindow::Trained)
+        .unwrap();
     for &id in &ids[prefill..] {
-        got.extend(model.forward(&mut c, &[id], Logits::Last, DecodeWindow::Trained).unwrap());
+        got.extend(
+            model
+                .forward(&mut c, &[id], Logits::Last, DecodeWindow::Trained)
+                .unwrap(),
+        );
     }
     let want = cpu_logits(&dir, &ids, KvDtype::BF16, prefill);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -121,17 +163,34 @@ fn cuda_bf16_kv_matches_cpu() {
 /// f32 rounding: cuBLAS may pick another algorithm for another batch size).
 #[test]
 fn cuda_batched_equals_alone() {
-    let Some(gpu) = gpu("cuda_batched_equals_alone") else { return };
+    let Some(gpu) = gpu("cuda_batched_equals_alone") else {
+        return;
+    };
     let model = Model::load_on(gpu, &fixture("tiny-a"), None).unwrap();
     let v = model.config.vocab_size;
-    let prompts: Vec<Vec<u32>> = vec![(1..30).collect(), (100..104).collect(), (7..60).map(|x| x * 3).collect()];
+    let prompts: Vec<Vec<u32>> = vec![
+        (1..30).collect(),
+        (100..104).collect(),
+        (7..60).map(|x| x * 3).collect(),
+    ];
     let alone: Vec<Vec<f32>> = prompts
         .iter()
         .map(|p| {
             let mut c = model.new_cache();
-            let mut out = model.forward(&mut c, p, Logits::Last, DecodeWindow::Trained).unwrap();
+            let mut out = model
+                .forward(&mut c, p, Logits::Last, DecodeWindow::Trained)
+                .unwrap();
             for t in 0..5 {
-                out.extend(model.forward(&mut c, &[(t * 11 + 5) as u32], Logits::Last, DecodeWindow::Trained).unwrap());
+                out.extend(
+                    model
+                        .forward(
+                            &mut c,
+                            &[(t * 11 + 5) as u32],
+                            Logits::Last,
+                            DecodeWindow::Trained,
+                        )
+                        .unwrap(),
+                );
             }
             out
         })
@@ -143,15 +202,26 @@ fn cuda_batched_equals_alone() {
         let mut steps: Vec<Step<_>> = caches
             .iter_mut()
             .zip(&prompts)
-            .map(|(cache, p)| Step { cache, ids: if round == 0 { &p[..] } else { &tok[..] }, logits: Logits::Last, window: DecodeWindow::Trained })
+            .map(|(cache, p)| Step {
+                cache,
+                ids: if round == 0 { &p[..] } else { &tok[..] },
+                logits: Logits::Last,
+                window: DecodeWindow::Trained,
+            })
             .collect();
-        for (b, out) in batched.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
+        for (b, out) in batched
+            .iter_mut()
+            .zip(model.forward_batch(&mut steps).unwrap())
+        {
             b.extend(out);
         }
     }
     for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
         assert_close(b, a, 1e-4, &format!("sequence {i}: batched vs alone"));
-        let (ga, gb): (Vec<u32>, Vec<u32>) = (a.chunks_exact(v).map(argmax).collect(), b.chunks_exact(v).map(argmax).collect());
+        let (ga, gb): (Vec<u32>, Vec<u32>) = (
+            a.chunks_exact(v).map(argmax).collect(),
+            b.chunks_exact(v).map(argmax).collect(),
+        );
         assert_eq!(ga, gb, "sequence {i}: greedy ids");
     }
 }
@@ -162,18 +232,39 @@ fn cuda_batched_equals_alone() {
 /// about 2^-9·sqrt(7L) of their norm; the bound allows twice that.
 #[test]
 fn cuda_bf16_weights_match_cpu_to_bf16_precision() {
-    let Some(gpu) = gpu("cuda_bf16_weights_match_cpu_to_bf16_precision") else { return };
+    let Some(gpu) = gpu("cuda_bf16_weights_match_cpu_to_bf16_precision") else {
+        return;
+    };
     let cfg = Config::from_file(&fixture("tiny-a").join("config.json")).unwrap();
     let store = || hymba::synthetic::in_memory(&cfg, Dtype::BF16, 11, 1.0);
     let cpu = Model::from_store(cfg.clone(), store()).unwrap();
     let dev = Model::on(gpu, cfg.clone(), store()).unwrap();
-    let ids: Vec<u32> = (0..40).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
-    let want = cpu.forward(&mut cpu.new_cache(), &ids, Logits::All, DecodeWindow::Trained).unwrap();
-    let got = dev.forward(&mut dev.new_cache(), &ids, Logits::All, DecodeWindow::Trained).unwrap();
+    let ids: Vec<u32> = (0..40)
+        .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
+        .collect();
+    let want = cpu
+        .forward(
+            &mut cpu.new_cache(),
+            &ids,
+            Logits::All,
+            DecodeWindow::Trained,
+        )
+        .unwrap();
+    let got = dev
+        .forward(
+            &mut dev.new_cache(),
+            &ids,
+            Logits::All,
+            DecodeWindow::Trained,
+        )
+        .unwrap();
     let norm = |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
     let diff: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
     let rel = norm(&diff) / norm(&want);
     let bound = 2.0 * 2f64.powi(-9) * (7.0 * cfg.num_hidden_layers as f64).sqrt();
     eprintln!("bf16 weights: relative difference {rel:.2e} (bound {bound:.2e})");
-    assert!(rel.is_finite() && rel < bound, "bf16 weights on the GPU vs the CPU: relative difference {rel:.3e} over {bound:.3e}");
+    assert!(
+        rel.is_finite() && rel < bound,
+        "bf16 weights on the GPU vs the CPU: relative difference {rel:.3e} over {bound:.3e}"
+    );
 }

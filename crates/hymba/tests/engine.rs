@@ -35,9 +35,16 @@ fn request(prompt: Vec<u32>, max_new_tokens: usize) -> (Request, mpsc::Receiver<
 fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason) {
     let mut ids = Vec::new();
     loop {
-        match rx.recv_timeout(Duration::from_secs(60)).expect("engine answers") {
+        match rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("engine answers")
+        {
             Event::Token { id, .. } => ids.push(id),
-            Event::Done { finish, completion_tokens, .. } => {
+            Event::Done {
+                finish,
+                completion_tokens,
+                ..
+            } => {
                 assert_eq!(completion_tokens, ids.len());
                 return (ids, finish);
             }
@@ -51,9 +58,17 @@ fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason) {
 fn concurrent_greedy_requests_match_sequential_runs() {
     let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
     let ids = Expected::load("tiny-a").ids("input_ids");
-    let cases: Vec<(Vec<u32>, usize)> = (0..16).map(|i| (ids[..3 + 2 * i].to_vec(), 3 + (i * 5) % 11)).collect();
-    let alone: Vec<Vec<u32>> =
-        cases.iter().map(|(p, n)| generate(&model, None, p, &options(*n), &mut |_| {}).unwrap().ids).collect();
+    let cases: Vec<(Vec<u32>, usize)> = (0..16)
+        .map(|i| (ids[..3 + 2 * i].to_vec(), 3 + (i * 5) % 11))
+        .collect();
+    let alone: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|(p, n)| {
+            generate(&model, None, p, &options(*n), &mut |_| {})
+                .unwrap()
+                .ids
+        })
+        .collect();
     let engine = Engine::start(model.clone(), None, 8);
     let rxs: Vec<_> = cases
         .iter()
@@ -92,11 +107,17 @@ fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
     engine.submit(queued).unwrap();
     let (third, _rx3) = request(vec![1], 1);
     assert_eq!(engine.submit(third).unwrap_err(), SubmitError::Busy);
-    assert!(matches!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), Event::Token { .. }));
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        Event::Token { .. }
+    ));
     drop(_rx2); // the queued one's listener goes too
     let t = Instant::now();
     while engine.in_flight() > 0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "cancelled requests were not freed");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "cancelled requests were not freed"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

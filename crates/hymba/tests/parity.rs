@@ -28,7 +28,12 @@ fn hidden_states_match_official_layer_by_layer() {
     assert_eq!(got.len(), shape[0]);
     let per = shape[1] * shape[2];
     for (l, g) in got.iter().enumerate() {
-        assert_close(g, &want[l * per..(l + 1) * per], TOL, &format!("hidden state {l}"));
+        assert_close(
+            g,
+            &want[l * per..(l + 1) * per],
+            TOL,
+            &format!("hidden state {l}"),
+        );
     }
 }
 
@@ -39,7 +44,9 @@ fn prefill_logits_match_official() {
     let ids = exp.ids("input_ids");
     let (_, want) = exp.f32("prefill_logits");
     let mut cache = model.new_cache();
-    let got = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+    let got = model
+        .forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained)
+        .unwrap();
     assert_close(&got, &want, TOL, "prefill logits (cached path)");
     let got = model.forward_uncached(&ids).unwrap();
     assert_close(&got, &want, TOL, "prefill logits (no-cache path)");
@@ -56,9 +63,15 @@ fn decode_matches_nocache_forward() {
     let (_, want) = exp.f32("nocache_generate_logits");
     let v = model.config.vocab_size;
     let mut cache = model.new_cache();
-    let mut got = model.forward(&mut cache, &ids, Logits::Last, DecodeWindow::Trained).unwrap();
+    let mut got = model
+        .forward(&mut cache, &ids, Logits::Last, DecodeWindow::Trained)
+        .unwrap();
     for &g in &gen[..gen.len() - 1] {
-        got.extend(model.forward(&mut cache, &[g], Logits::Last, DecodeWindow::Trained).unwrap());
+        got.extend(
+            model
+                .forward(&mut cache, &[g], Logits::Last, DecodeWindow::Trained)
+                .unwrap(),
+        );
     }
     assert_eq!(got.len(), gen.len() * v);
     assert_close(&got, &want, TOL, "decode logits vs no-cache forward");
@@ -73,13 +86,17 @@ fn official_decode_mode_reproduces_official_generate() {
     let want_ids = exp.ids("generated_ids");
     let (_, want) = exp.f32("generate_logits");
     let mut cache = model.new_cache();
-    let mut logits = model.forward(&mut cache, &ids, Logits::Last, DecodeWindow::Official).unwrap();
+    let mut logits = model
+        .forward(&mut cache, &ids, Logits::Last, DecodeWindow::Official)
+        .unwrap();
     let (mut got_ids, mut got) = (Vec::new(), Vec::new());
     for _ in 0..want_ids.len() {
         let next = argmax(&logits);
         got_ids.push(next);
         got.extend_from_slice(&logits);
-        logits = model.forward(&mut cache, &[next], Logits::Last, DecodeWindow::Official).unwrap();
+        logits = model
+            .forward(&mut cache, &[next], Logits::Last, DecodeWindow::Official)
+            .unwrap();
     }
     assert_eq!(got_ids, want_ids);
     assert_close(&got, &want, TOL, "official-mode generate logits");
@@ -98,8 +115,15 @@ fn sharded_checkpoint_gives_the_same_logits() {
     let mut map = serde_json::Map::new();
     for (i, part) in names.chunks(names.len() / 2 + 1).enumerate() {
         let file = format!("model-{:05}-of-00002.safetensors", i + 1);
-        let views: Vec<_> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
-        std::fs::write(dir.join(&file), safetensors::serialize(views, None).unwrap()).unwrap();
+        let views: Vec<_> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        std::fs::write(
+            dir.join(&file),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
         for n in part {
             map.insert(n.clone(), serde_json::Value::String(file.clone()));
         }
@@ -110,6 +134,11 @@ fn sharded_checkpoint_gives_the_same_logits() {
     let exp = Expected::load("tiny-a");
     let ids = exp.ids("input_ids");
     let (_, want) = exp.f32("prefill_logits");
-    assert_close(&model.forward_uncached(&ids).unwrap(), &want, TOL, "sharded prefill logits");
+    assert_close(
+        &model.forward_uncached(&ids).unwrap(),
+        &want,
+        TOL,
+        "sharded prefill logits",
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -42,15 +42,75 @@ struct Case {
 fn cases() -> Vec<Case> {
     vec![
         // A three-layer reuse group, GQA ratio 2, ntk RoPE.
-        Case { name: "group3-gqa2-ntk", layers: 5, heads: 4, kv_heads: 2, hidden: 32, meta: 4, window: 5, global: vec![0], groups: vec![vec![1, 2, 3]], rope: "ntk", dtype: Dtype::F32 },
+        Case {
+            name: "group3-gqa2-ntk",
+            layers: 5,
+            heads: 4,
+            kv_heads: 2,
+            hidden: 32,
+            meta: 4,
+            window: 5,
+            global: vec![0],
+            groups: vec![vec![1, 2, 3]],
+            rope: "ntk",
+            dtype: Dtype::F32,
+        },
         // No meta tokens, GQA ratio 1, default RoPE, two groups.
-        Case { name: "nometa-mha-default", layers: 4, heads: 2, kv_heads: 2, hidden: 24, meta: 0, window: 3, global: vec![3], groups: vec![vec![0, 1], vec![2]], rope: "default", dtype: Dtype::F32 },
+        Case {
+            name: "nometa-mha-default",
+            layers: 4,
+            heads: 2,
+            kv_heads: 2,
+            hidden: 24,
+            meta: 0,
+            window: 3,
+            global: vec![3],
+            groups: vec![vec![0, 1], vec![2]],
+            rope: "default",
+            dtype: Dtype::F32,
+        },
         // One meta token; a group whose consumer is a global layer (stored in full).
-        Case { name: "meta1-mixed-group", layers: 3, heads: 4, kv_heads: 4, hidden: 32, meta: 1, window: 4, global: vec![1], groups: vec![vec![0, 1]], rope: "ntk", dtype: Dtype::F32 },
+        Case {
+            name: "meta1-mixed-group",
+            layers: 3,
+            heads: 4,
+            kv_heads: 4,
+            hidden: 32,
+            meta: 1,
+            window: 4,
+            global: vec![1],
+            groups: vec![vec![0, 1]],
+            rope: "ntk",
+            dtype: Dtype::F32,
+        },
         // Many meta tokens (more than the window), bf16 weights.
-        Case { name: "meta9-bf16", layers: 4, heads: 2, kv_heads: 1, hidden: 16, meta: 9, window: 2, global: vec![0, 3], groups: vec![vec![1, 2]], rope: "ntk", dtype: Dtype::BF16 },
+        Case {
+            name: "meta9-bf16",
+            layers: 4,
+            heads: 2,
+            kv_heads: 1,
+            hidden: 16,
+            meta: 9,
+            window: 2,
+            global: vec![0, 3],
+            groups: vec![vec![1, 2]],
+            rope: "ntk",
+            dtype: Dtype::BF16,
+        },
         // f16 weights, default RoPE, GQA ratio 2 with a three-layer group and no global layer.
-        Case { name: "f16-allwindow", layers: 3, heads: 4, kv_heads: 2, hidden: 16, meta: 3, window: 4, global: vec![], groups: vec![vec![0, 1, 2]], rope: "default", dtype: Dtype::F16 },
+        Case {
+            name: "f16-allwindow",
+            layers: 3,
+            heads: 4,
+            kv_heads: 2,
+            hidden: 16,
+            meta: 3,
+            window: 4,
+            global: vec![],
+            groups: vec![vec![0, 1, 2]],
+            rope: "default",
+            dtype: Dtype::F16,
+        },
     ]
 }
 
@@ -95,7 +155,11 @@ fn build(c: &Case, seed: u64, kv: KvDtype) -> Model {
     let m = Model::load(&dir).unwrap();
     // Weights stay in their stored precision.
     assert_eq!(m.weights.embed.dtype, c.dtype);
-    assert!(m.weights.layers.iter().all(|l| l.in_proj.dtype == c.dtype && l.down.dtype == c.dtype));
+    assert!(m
+        .weights
+        .layers
+        .iter()
+        .all(|l| l.in_proj.dtype == c.dtype && l.down.dtype == c.dtype));
     std::fs::remove_dir_all(&dir).unwrap();
     m.with_kv_dtype(kv)
 }
@@ -106,39 +170,78 @@ fn prompt(rng: &mut Rng, n: usize) -> Vec<u32> {
 
 #[test]
 fn token_by_token_decode_equals_prefill() {
-    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+    for (ci, c, kv) in cases()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
+    {
         let model = build(c, 100 + ci as u64, kv);
         let mut rng = Rng::new(ci as u64);
         // Longer than meta + window, so rings wrap.
         let ids = prompt(&mut rng, c.meta + 3 * c.window + 5);
         let mut cache = model.new_cache();
-        let whole = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        let whole = model
+            .forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained)
+            .unwrap();
         let mut cache = model.new_cache();
         let mut steps = Vec::new();
         for &id in &ids {
-            steps.extend(model.forward(&mut cache, &[id], Logits::Last, DecodeWindow::Trained).unwrap());
+            steps.extend(
+                model
+                    .forward(&mut cache, &[id], Logits::Last, DecodeWindow::Trained)
+                    .unwrap(),
+            );
         }
-        assert_close(&steps, &whole, tol(kv, &whole), &format!("{} {kv:?}: decode vs prefill", c.name));
+        assert_close(
+            &steps,
+            &whole,
+            tol(kv, &whole),
+            &format!("{} {kv:?}: decode vs prefill", c.name),
+        );
     }
 }
 
 #[test]
 fn chunked_prefill_equals_one_shot() {
-    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+    for (ci, c, kv) in cases()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
+    {
         let model = build(c, 200 + ci as u64, kv);
         let mut rng = Rng::new(50 + ci as u64);
         let ids = prompt(&mut rng, 2 * c.window + 11);
         let mut cache = model.new_cache();
-        let whole = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
-        for cuts in [vec![1, 4, 9], vec![c.window + 1, c.window + 2], vec![ids.len() - 1]] {
+        let whole = model
+            .forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained)
+            .unwrap();
+        for cuts in [
+            vec![1, 4, 9],
+            vec![c.window + 1, c.window + 2],
+            vec![ids.len() - 1],
+        ] {
             let mut cache = model.new_cache();
             let mut got = Vec::new();
             let mut start = 0;
             for end in cuts.iter().copied().chain([ids.len()]) {
-                got.extend(model.forward(&mut cache, &ids[start..end], Logits::All, DecodeWindow::Trained).unwrap());
+                got.extend(
+                    model
+                        .forward(
+                            &mut cache,
+                            &ids[start..end],
+                            Logits::All,
+                            DecodeWindow::Trained,
+                        )
+                        .unwrap(),
+                );
                 start = end;
             }
-            assert_close(&got, &whole, tol(kv, &whole), &format!("{} {kv:?}: chunks {cuts:?}", c.name));
+            assert_close(
+                &got,
+                &whole,
+                tol(kv, &whole),
+                &format!("{} {kv:?}: chunks {cuts:?}", c.name),
+            );
             assert_eq!(cache.len(), ids.len());
         }
     }
@@ -146,14 +249,25 @@ fn chunked_prefill_equals_one_shot() {
 
 #[test]
 fn meta_prefix_equals_meta_tokens_run_with_the_prompt() {
-    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+    for (ci, c, kv) in cases()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
+    {
         let model = build(c, 300 + ci as u64, kv);
         let mut rng = Rng::new(70 + ci as u64);
         let ids = prompt(&mut rng, c.window + 7);
         let reference = model.forward_uncached(&ids).unwrap();
         let mut cache = model.new_cache();
-        let got = model.forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained).unwrap();
-        assert_close(&got, &reference, tol(kv, &reference), &format!("{} {kv:?}: prefix vs uncached", c.name));
+        let got = model
+            .forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained)
+            .unwrap();
+        assert_close(
+            &got,
+            &reference,
+            tol(kv, &reference),
+            &format!("{} {kv:?}: prefix vs uncached", c.name),
+        );
         // The prefix really matters: without meta tokens the logits would differ.
         if c.meta > 0 {
             assert!(hymba_kernels::testing::max_abs_diff(&got[..97], &reference[97..194]) > 1e-2);
@@ -170,11 +284,19 @@ fn official_decode_mode_shrinks_the_window_of_decode_steps_only() {
     let mut rng = Rng::new(9);
     let ids = prompt(&mut rng, c.meta + 2 * c.window);
     let (mut a, mut b) = (model.new_cache(), model.new_cache());
-    let la = model.forward(&mut a, &ids, Logits::All, DecodeWindow::Trained).unwrap();
-    let lb = model.forward(&mut b, &ids, Logits::All, DecodeWindow::Official).unwrap();
+    let la = model
+        .forward(&mut a, &ids, Logits::All, DecodeWindow::Trained)
+        .unwrap();
+    let lb = model
+        .forward(&mut b, &ids, Logits::All, DecodeWindow::Official)
+        .unwrap();
     assert_eq!(la, lb);
-    let da = model.forward(&mut a, &[3], Logits::Last, DecodeWindow::Trained).unwrap();
-    let db = model.forward(&mut b, &[3], Logits::Last, DecodeWindow::Official).unwrap();
+    let da = model
+        .forward(&mut a, &[3], Logits::Last, DecodeWindow::Trained)
+        .unwrap();
+    let db = model
+        .forward(&mut b, &[3], Logits::Last, DecodeWindow::Official)
+        .unwrap();
     assert!(hymba_kernels::testing::max_abs_diff(&da, &db) > 1e-3);
 }
 
@@ -183,17 +305,34 @@ fn official_decode_mode_shrinks_the_window_of_decode_steps_only() {
 #[test]
 fn batched_steps_equal_sequences_alone() {
     use hymba::Step;
-    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+    for (ci, c, kv) in cases()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
+    {
         let model = build(c, 500 + ci as u64, kv);
         let mut rng = Rng::new(90 + ci as u64);
-        let prompts: Vec<Vec<u32>> = [c.window + 4, 3, 1, 2 * c.window + 1].iter().map(|&n| prompt(&mut rng, n)).collect();
+        let prompts: Vec<Vec<u32>> = [c.window + 4, 3, 1, 2 * c.window + 1]
+            .iter()
+            .map(|&n| prompt(&mut rng, n))
+            .collect();
         // Alone: prompt, then two decode steps.
         let mut alone = Vec::new();
         for p in &prompts {
             let mut cache = model.new_cache();
-            let mut l = model.forward(&mut cache, p, Logits::All, DecodeWindow::Trained).unwrap();
-            l.extend(model.forward(&mut cache, &[5], Logits::Last, DecodeWindow::Trained).unwrap());
-            l.extend(model.forward(&mut cache, &[7], Logits::Last, DecodeWindow::Trained).unwrap());
+            let mut l = model
+                .forward(&mut cache, p, Logits::All, DecodeWindow::Trained)
+                .unwrap();
+            l.extend(
+                model
+                    .forward(&mut cache, &[5], Logits::Last, DecodeWindow::Trained)
+                    .unwrap(),
+            );
+            l.extend(
+                model
+                    .forward(&mut cache, &[7], Logits::Last, DecodeWindow::Trained)
+                    .unwrap(),
+            );
             alone.push(l);
         }
         // Together.
@@ -202,21 +341,38 @@ fn batched_steps_equal_sequences_alone() {
         let mut steps: Vec<Step> = caches
             .iter_mut()
             .zip(&prompts)
-            .map(|(cache, p)| Step { cache, ids: p, logits: Logits::All, window: DecodeWindow::Trained })
+            .map(|(cache, p)| Step {
+                cache,
+                ids: p,
+                logits: Logits::All,
+                window: DecodeWindow::Trained,
+            })
             .collect();
         for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
             g.extend(l);
         }
         for id in [5u32, 7] {
             let ids = [id];
-            let mut steps: Vec<Step> =
-                caches.iter_mut().map(|cache| Step { cache, ids: &ids, logits: Logits::Last, window: DecodeWindow::Trained }).collect();
+            let mut steps: Vec<Step> = caches
+                .iter_mut()
+                .map(|cache| Step {
+                    cache,
+                    ids: &ids,
+                    logits: Logits::Last,
+                    window: DecodeWindow::Trained,
+                })
+                .collect();
             for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
                 g.extend(l);
             }
         }
         for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
-            assert_close(g, a, tol(kv, a), &format!("{} {kv:?}: sequence {i} batched vs alone", c.name));
+            assert_close(
+                g,
+                a,
+                tol(kv, a),
+                &format!("{} {kv:?}: sequence {i} batched vs alone", c.name),
+            );
         }
     }
 }
@@ -226,22 +382,45 @@ fn batched_steps_equal_sequences_alone() {
 #[test]
 fn bf16_kv_halves_the_cache_and_stays_close() {
     for (ci, c) in cases().iter().enumerate() {
-        let (a, b) = (build(c, 600 + ci as u64, KvDtype::F32), build(c, 600 + ci as u64, KvDtype::BF16));
+        let (a, b) = (
+            build(c, 600 + ci as u64, KvDtype::F32),
+            build(c, 600 + ci as u64, KvDtype::BF16),
+        );
         let mut rng = Rng::new(110 + ci as u64);
         let ids = prompt(&mut rng, 2 * c.window + 3);
         let (mut ca, mut cb) = (a.new_cache(), b.new_cache());
-        let la = a.forward(&mut ca, &ids, Logits::All, DecodeWindow::Trained).unwrap();
-        let lb = b.forward(&mut cb, &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        let la = a
+            .forward(&mut ca, &ids, Logits::All, DecodeWindow::Trained)
+            .unwrap();
+        let lb = b
+            .forward(&mut cb, &ids, Logits::All, DecodeWindow::Trained)
+            .unwrap();
         let scale = la.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = hymba_kernels::testing::max_abs_diff(&la, &lb);
-        assert!(diff > 0.0 && diff < 0.02 * scale, "{}: bf16 K/V moved logits by {diff} (largest {scale})", c.name);
+        assert!(
+            diff > 0.0 && diff < 0.02 * scale,
+            "{}: bf16 K/V moved logits by {diff} (largest {scale})",
+            c.name
+        );
         // Window stores also count their ring's positions, the same for both.
-        let rings = a.groups.iter().filter(|g| g.attn == hymba::config::AttnKind::Window).count();
+        let rings = a
+            .groups
+            .iter()
+            .filter(|g| g.attn == hymba::config::AttnKind::Window)
+            .count();
         let pos = rings * ids.len().min(c.window) * std::mem::size_of::<usize>();
         let (ba, bb) = (ca.bytes(), cb.bytes());
-        assert_eq!((ba.global_kv, ba.window_kv - pos), (2 * bb.global_kv, 2 * (bb.window_kv - pos)), "{}", c.name);
+        assert_eq!(
+            (ba.global_kv, ba.window_kv - pos),
+            (2 * bb.global_kv, 2 * (bb.window_kv - pos)),
+            "{}",
+            c.name
+        );
         // A cache of one type is refused by a model of the other, with a clear error.
-        let err = a.forward(&mut cb, &[1], Logits::Last, DecodeWindow::Trained).unwrap_err().to_string();
+        let err = a
+            .forward(&mut cb, &[1], Logits::Last, DecodeWindow::Trained)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("K/V"), "{err}");
     }
 }
@@ -251,14 +430,20 @@ fn bf16_kv_halves_the_cache_and_stays_close() {
 /// bf16 K/V stored as bf16. A state is refused by a model caching K/V in the other type.
 #[test]
 fn saved_sessions_resume_exactly() {
-    for (ci, c, kv) in cases().iter().enumerate().flat_map(|(i, c)| KV.map(|kv| (i, c, kv))) {
+    for (ci, c, kv) in cases()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
+    {
         let model = build(c, 300 + ci as u64, kv);
         let mut rng = Rng::new(ci as u64 + 7);
         // Long enough that windows wrap before the save.
         let ids = prompt(&mut rng, c.meta + 2 * c.window + 3);
         let more = prompt(&mut rng, 6);
         let mut cache = model.new_cache();
-        model.forward(&mut cache, &ids, Logits::Last, DecodeWindow::Trained).unwrap();
+        model
+            .forward(&mut cache, &ids, Logits::Last, DecodeWindow::Trained)
+            .unwrap();
         let dir = common::temp_dir(&format!("session-{}", c.name));
         let path = dir.join("s.safetensors");
         hymba::session::save(&model, &cache, "{\"turns\":1}", &path).unwrap();
@@ -266,9 +451,20 @@ fn saved_sessions_resume_exactly() {
         assert_eq!(extra, "{\"turns\":1}");
         assert_eq!(restored.len(), cache.len(), "{} {kv:?}", c.name);
         let go = |cache: &mut hymba::Cache| -> Vec<f32> {
-            more.iter().flat_map(|&id| model.forward(cache, &[id], Logits::Last, DecodeWindow::Trained).unwrap()).collect()
+            more.iter()
+                .flat_map(|&id| {
+                    model
+                        .forward(cache, &[id], Logits::Last, DecodeWindow::Trained)
+                        .unwrap()
+                })
+                .collect()
         };
-        assert_eq!(go(&mut restored), go(&mut cache), "{} {kv:?}: resumed vs never saved", c.name);
+        assert_eq!(
+            go(&mut restored),
+            go(&mut cache),
+            "{} {kv:?}: resumed vs never saved",
+            c.name
+        );
 
         // K/V are stored in the cache's own type.
         let bytes = std::fs::read(&path).unwrap();
@@ -278,9 +474,19 @@ fn saved_sessions_resume_exactly() {
             KvDtype::BF16 => safetensors::Dtype::BF16,
         };
         assert_eq!(st.tensor("kv.0.k").unwrap().dtype(), want, "{}", c.name);
-        let other = if kv == KvDtype::F32 { KvDtype::BF16 } else { KvDtype::F32 };
-        let err = hymba::session::load(&build(c, 300 + ci as u64, other), &path).unwrap_err().to_string();
-        assert!(err.contains(&format!("--kv-cache {kv}")), "{}: {err}", c.name);
+        let other = if kv == KvDtype::F32 {
+            KvDtype::BF16
+        } else {
+            KvDtype::F32
+        };
+        let err = hymba::session::load(&build(c, 300 + ci as u64, other), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("--kv-cache {kv}")),
+            "{}: {err}",
+            c.name
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
@@ -301,11 +507,38 @@ fn panel_packed_bf16_weights_equal_their_f32_values() {
         let rows = Model::from_store(cfg, widened).unwrap();
         let pays = hymba_kernels::matmul::panels_pay();
         let w = &packed.weights;
-        assert!(w.embed.is_panels() == pays && w.layers.iter().all(|l| [&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate, &l.up, &l.down].iter().all(|t| t.is_panels() == pays)));
+        assert!(
+            w.embed.is_panels() == pays
+                && w.layers.iter().all(|l| [
+                    &l.in_proj,
+                    &l.x_proj,
+                    &l.dt_proj,
+                    &l.out_proj,
+                    &l.gate,
+                    &l.up,
+                    &l.down
+                ]
+                .iter()
+                .all(|t| t.is_panels() == pays))
+        );
         let mut rng = Rng::new(120 + ci as u64);
         let ids = prompt(&mut rng, 2 * c.window + 3);
-        let a = packed.forward(&mut packed.new_cache(), &ids, Logits::All, DecodeWindow::Trained).unwrap();
-        let b = rows.forward(&mut rows.new_cache(), &ids, Logits::All, DecodeWindow::Trained).unwrap();
+        let a = packed
+            .forward(
+                &mut packed.new_cache(),
+                &ids,
+                Logits::All,
+                DecodeWindow::Trained,
+            )
+            .unwrap();
+        let b = rows
+            .forward(
+                &mut rows.new_cache(),
+                &ids,
+                Logits::All,
+                DecodeWindow::Trained,
+            )
+            .unwrap();
         assert_close(&a, &b, TOL, &format!("{}: panels vs f32 rows", c.name));
     }
 }

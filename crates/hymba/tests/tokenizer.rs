@@ -11,8 +11,10 @@ fn tokenizer() -> Tokenizer {
 #[test]
 fn prompt_ids_match_the_fixture() {
     let tok = tokenizer();
-    let exp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("tiny-a").join("expected.json")).unwrap()).unwrap();
+    let exp: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("tiny-a").join("expected.json")).unwrap(),
+    )
+    .unwrap();
     let text = exp["prompt_text"].as_str().unwrap();
     let ids = tok.encode_prompt(text).unwrap();
     assert_eq!(ids, Expected::load("tiny-a").ids("input_ids"));
@@ -23,12 +25,23 @@ fn prompt_ids_match_the_fixture() {
 #[test]
 fn chat_template_renders_the_instruct_format() {
     let tok = tokenizer();
-    let t = tok.chat_template.as_ref().expect("the Instruct tokenizer_config has a template");
-    let msgs = [Message::new("system", " Be brief. "), Message::new("user", "Hi there\n")];
+    let t = tok
+        .chat_template
+        .as_ref()
+        .expect("the Instruct tokenizer_config has a template");
+    let msgs = [
+        Message::new("system", " Be brief. "),
+        Message::new("user", "Hi there\n"),
+    ];
     let out = t.render(&msgs, None, true).unwrap();
-    assert_eq!(out, "<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\nHi there\n<extra_id_1>Assistant\n");
+    assert_eq!(
+        out,
+        "<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\nHi there\n<extra_id_1>Assistant\n"
+    );
     let tools = [serde_json::json!({"name": "get_time", "parameters": {"tz": "string"}})];
-    let out = t.render(&[Message::new("user", "time?")], Some(&tools), true).unwrap();
+    let out = t
+        .render(&[Message::new("user", "time?")], Some(&tools), true)
+        .unwrap();
     assert_eq!(
         out,
         "<extra_id_0>System\n<tool> {\"name\": \"get_time\", \"parameters\": {\"tz\": \"string\"}} </tool>\n\n<extra_id_1>User\ntime?\n<extra_id_1>Assistant\n"
@@ -45,10 +58,16 @@ fn streaming_detokenization_never_splits_characters() {
     let mut pieces = Vec::new();
     for &id in &ids {
         let p = d.push(&tok, id).unwrap();
-        assert!(!p.contains('\u{FFFD}'), "piece {p:?} holds a broken character");
+        assert!(
+            !p.contains('\u{FFFD}'),
+            "piece {p:?} holds a broken character"
+        );
         pieces.push(p);
     }
     // With the prompt as context, the stream carries the leading space the tokens encode.
     assert_eq!(pieces.concat(), format!(" {text}"));
-    assert!(pieces.iter().filter(|p| p.is_empty()).count() > 0, "multi-token characters were held back");
+    assert!(
+        pieces.iter().filter(|p| p.is_empty()).count() > 0,
+        "multi-token characters were held back"
+    );
 }

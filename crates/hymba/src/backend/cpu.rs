@@ -4,7 +4,9 @@
 //! attention over its cache) runs one sequence per task, so a batched decode step of many short
 //! sequences fills the cores; within a sequence the kernels split their own work.
 
-use super::{AttnInput, Backend, Fuse, Heads, KeyPositions, KvSplit, MatrixInfo, ScanInput, Seq, VectorInfo};
+use super::{
+    AttnInput, Backend, Fuse, Heads, KeyPositions, KvSplit, MatrixInfo, ScanInput, Seq, VectorInfo,
+};
 use crate::cache::{Kv, KvDtype, KvView, LayerState};
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -39,7 +41,11 @@ fn shape(out: &mut Vec<f32>, n: usize) -> &mut [f32] {
 }
 
 /// Splits `buf` into consecutive pieces of `len(seq) · width` elements, one per sequence.
-fn per_seq<'b, 's, 'a>(buf: &'b mut [f32], width: usize, seqs: &'s mut [Seq<'a, Cpu>]) -> Vec<(&'s mut Seq<'a, Cpu>, &'b mut [f32])> {
+fn per_seq<'b, 's, 'a>(
+    buf: &'b mut [f32],
+    width: usize,
+    seqs: &'s mut [Seq<'a, Cpu>],
+) -> Vec<(&'s mut Seq<'a, Cpu>, &'b mut [f32])> {
     let mut rest = buf;
     seqs.iter_mut()
         .map(|s| {
@@ -60,7 +66,10 @@ fn with_new_rows<'a, T: KvElem>(
     kw: usize,
     pos0: usize,
 ) -> Vec<KvBlock<'a, T>> {
-    let mut blocks: Vec<KvBlock<T>> = past.iter().map(|b| as_t(b).expect("caches were checked to hold the model's K/V type")).collect();
+    let mut blocks: Vec<KvBlock<T>> = past
+        .iter()
+        .map(|b| as_t(b).expect("caches were checked to hold the model's K/V type"))
+        .collect();
     blocks.push(KvBlock::row_major(k, v, kw, KeyPos::Contiguous(pos0)));
     blocks
 }
@@ -95,7 +104,15 @@ impl Backend for Cpu {
         Kv::new(heads.kv, heads.dk, heads.dv, max, dtype)
     }
 
-    fn kv_write(&self, kv: &mut Kv, slot: usize, _first_pos: usize, k: &Vec<f32>, v: &Vec<f32>, rows: Range<usize>) {
+    fn kv_write(
+        &self,
+        kv: &mut Kv,
+        slot: usize,
+        _first_pos: usize,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        rows: Range<usize>,
+    ) {
         let (kw, vw) = (kv.k.width(), kv.v.width());
         for (i, r) in rows.enumerate() {
             kv.k.set(slot + i, &k[r * kw..(r + 1) * kw]);
@@ -115,7 +132,16 @@ impl Backend for Cpu {
     }
 
     fn matrix(&self, t: Tensor) -> Result<Tensor> {
-        Ok(if hymba_kernels::matmul::panels_pay() && t.dtype == crate::tensor::Dtype::BF16 && !t.is_panels() { t.into_panels() } else { t })
+        Ok(
+            if hymba_kernels::matmul::panels_pay()
+                && t.dtype == crate::tensor::Dtype::BF16
+                && !t.is_panels()
+            {
+                t.into_panels()
+            } else {
+                t
+            },
+        )
     }
 
     fn vector(&self, v: Vec<f32>) -> Result<Vec<f32>> {
@@ -154,7 +180,15 @@ impl Backend for Cpu {
         norm::rmsnorm(x, w, eps, shape(out, x.len()));
     }
 
-    fn rmsnorm_columns(&self, x: &Vec<f32>, width: usize, from: usize, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) {
+    fn rmsnorm_columns(
+        &self,
+        x: &Vec<f32>,
+        width: usize,
+        from: usize,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) {
         columns_into(x, width, from, w.len(), out);
         norm::rmsnorm_inplace(out, w, eps);
     }
@@ -194,7 +228,15 @@ impl Backend for Cpu {
         });
     }
 
-    fn new_kv(&self, p: &Vec<f32>, split: KvSplit, inv_freq: &Vec<f32>, seqs: &[Seq<Cpu>], k: &mut Vec<f32>, v: &mut Vec<f32>) {
+    fn new_kv(
+        &self,
+        p: &Vec<f32>,
+        split: KvSplit,
+        inv_freq: &Vec<f32>,
+        seqs: &[Seq<Cpu>],
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) {
         columns_into(p, split.width, split.k_at, split.kw, k);
         columns_into(p, split.width, split.k_at + split.kw, split.vw, v);
         self.rope(k, inv_freq, seqs);
@@ -228,21 +270,36 @@ impl Backend for Cpu {
     }
 
     fn softplus_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) {
-        x.par_chunks_mut(bias.len()).for_each(|row| act::softplus_bias(row, bias));
+        x.par_chunks_mut(bias.len())
+            .for_each(|row| act::softplus_bias(row, bias));
     }
 
     fn silu_mul(&self, g: &mut Vec<f32>, u: &Vec<f32>, width: usize) {
         assert_eq!(g.len(), u.len());
-        g.par_chunks_mut(width).zip(u.par_chunks(width)).for_each(|(g, u)| act::silu_mul(g, u));
+        g.par_chunks_mut(width)
+            .zip(u.par_chunks(width))
+            .for_each(|(g, u)| act::silu_mul(g, u));
     }
 
-    fn hybrid_heads(&self, at: &AttnInput<Cpu>, ssm: &ScanInput<Cpu>, fuse: &Fuse<Cpu>, seqs: &mut [Seq<Cpu>], out: &mut Vec<f32>) {
+    fn hybrid_heads(
+        &self,
+        at: &AttnInput<Cpu>,
+        ssm: &ScanInput<Cpu>,
+        fuse: &Fuse<Cpu>,
+        seqs: &mut [Seq<Cpu>],
+        out: &mut Vec<f32>,
+    ) {
         let e = fuse.attn_norm.len();
         let n = ssm.a.len() / e;
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
         let (qw, kw) = (at.heads.q * at.heads.dk, at.heads.kv * at.heads.dk);
         let vw = at.heads.kv * at.heads.dv;
-        let shape_ = AttnShape { heads: at.heads.q, kv_heads: at.heads.kv, dk: at.heads.dk, dv: at.heads.dv };
+        let shape_ = AttnShape {
+            heads: at.heads.q,
+            kv_heads: at.heads.kv,
+            dk: at.heads.dk,
+            dv: at.heads.dv,
+        };
         let scale = 1.0 / (at.heads.dk as f32).sqrt();
         let mut y = vec![0.0; t * e];
         let mut attn = vec![0.0; t * e];
@@ -260,7 +317,10 @@ impl Backend for Cpu {
         parts.into_par_iter().for_each(|(s, a, ys, fs)| {
             let rows = s.rows.clone();
             let qs = &at.q[rows.start * qw..rows.end * qw];
-            let (k, v) = (&at.k[rows.start * kw..rows.end * kw], &at.v[rows.start * vw..rows.end * vw]);
+            let (k, v) = (
+                &at.k[rows.start * kw..rows.end * kw],
+                &at.v[rows.start * vw..rows.end * vw],
+            );
             let pos: Vec<usize> = (s.pos0..s.pos0 + rows.len()).collect();
             let mask = at.mask(s);
             let visible = move |tq: usize, sk: usize| mask.sees(tq, sk);
@@ -283,7 +343,9 @@ impl Backend for Cpu {
                         attention(qs, &pos, &blocks, shape_, scale, &visible, a)
                     }
                     KvDtype::BF16 => {
-                        let narrow = |r: &[f32]| -> Vec<bf16> { r.iter().map(|&x| bf16::from_f32(x)).collect() };
+                        let narrow = |r: &[f32]| -> Vec<bf16> {
+                            r.iter().map(|&x| bf16::from_f32(x)).collect()
+                        };
                         let (k, v) = (narrow(k), narrow(v));
                         let blocks = with_new_rows(past, KvView::bf16, &k, &v, kw, s.pos0);
                         attention(qs, &pos, &blocks, shape_, scale, &visible, a)

@@ -17,8 +17,8 @@ pub use cuda::Cuda;
 
 use crate::cache::KvDtype;
 use crate::config::AttnKind;
-use crate::mask::Mask;
 use crate::error::Result;
+use crate::mask::Mask;
 use crate::tensor::Tensor;
 use std::ops::Range;
 
@@ -125,7 +125,11 @@ pub struct AttnInput<'r, B: Backend> {
 impl<B: Backend> AttnInput<'_, B> {
     /// The mask of a sequence's queries in this layer.
     pub fn mask(&self, seq: &Seq<B>) -> Mask {
-        Mask { kind: self.kind, window: seq.window, meta: self.meta }
+        Mask {
+            kind: self.kind,
+            window: seq.window,
+            meta: self.meta,
+        }
     }
 }
 
@@ -183,7 +187,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Rows `rows` of this call's keys `k` `[t, Hkv·dk]` and values `v` `[t, Hkv·dv]` into slots
     /// `slot..` (at most one past the last row held: the store grows by appending); their
     /// positions are `first_pos..`.
-    fn kv_write(&self, kv: &mut Self::Kv, slot: usize, first_pos: usize, k: &Self::Rows, v: &Self::Rows, rows: Range<usize>);
+    fn kv_write(
+        &self,
+        kv: &mut Self::Kv,
+        slot: usize,
+        first_pos: usize,
+        k: &Self::Rows,
+        v: &Self::Rows,
+        rows: Range<usize>,
+    );
     /// Makes K/V writes a backend deferred (to make a step's writes together): the rows they
     /// read from are about to be reused or dropped.
     fn kv_flush(&self) {}
@@ -210,7 +222,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// RMSNorm of each `w.len()`-wide row, in f32.
     fn rmsnorm(&self, x: &Self::Rows, w: &Self::Vector, eps: f32, out: &mut Self::Rows);
     /// RMSNorm of each row of columns `from..from + w.len()` of `x` (rows `width` wide).
-    fn rmsnorm_columns(&self, x: &Self::Rows, width: usize, from: usize, w: &Self::Vector, eps: f32, out: &mut Self::Rows);
+    fn rmsnorm_columns(
+        &self,
+        x: &Self::Rows,
+        width: usize,
+        from: usize,
+        w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Rows,
+    );
     /// Columns `from..from + n` of every row of `x` (rows `width` wide).
     fn columns(&self, x: &Self::Rows, width: usize, from: usize, n: usize, out: &mut Self::Rows);
     /// The rows in `rows` (ranges of row indices, in order) of `x`, `width` wide.
@@ -221,7 +241,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rope(&self, x: &mut Self::Rows, inv_freq: &Self::Vector, seqs: &[Seq<Self>]);
     /// A K/V-computing layer's new rows: k and v cut from the in_proj output `p`, RoPE on k,
     /// rounded to the cache's element type.
-    fn new_kv(&self, p: &Self::Rows, split: KvSplit, inv_freq: &Self::Vector, seqs: &[Seq<Self>], k: &mut Self::Rows, v: &mut Self::Rows);
+    fn new_kv(
+        &self,
+        p: &Self::Rows,
+        split: KvSplit,
+        inv_freq: &Self::Vector,
+        seqs: &[Seq<Self>],
+        k: &mut Self::Rows,
+        v: &mut Self::Rows,
+    );
     /// The depthwise causal conv of columns `from..from + E` of `p` (rows `width` wide), each
     /// sequence from its conv state (updated), then SiLU. `taps` `[K, E]`, `bias` `[E]`.
     #[allow(clippy::too_many_arguments)]
@@ -244,5 +272,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// sequence, attention over its past K/V and this call's rows under the layer's mask, and
     /// the selective scan from its SSM state (updated), gated by silu(z); then
     /// `(norm(attn; attn_norm) + norm(y; ssm_norm)) / 2` into `out` `[t, E]`.
-    fn hybrid_heads(&self, attn: &AttnInput<Self>, ssm: &ScanInput<Self>, fuse: &Fuse<Self>, seqs: &mut [Seq<Self>], out: &mut Self::Rows);
+    fn hybrid_heads(
+        &self,
+        attn: &AttnInput<Self>,
+        ssm: &ScanInput<Self>,
+        fuse: &Fuse<Self>,
+        seqs: &mut [Seq<Self>],
+        out: &mut Self::Rows,
+    );
 }

@@ -9,12 +9,18 @@
 //! inside a forward is kept (the rest of the step is skipped) and returned by
 //! [`Backend::finish`].
 
-use super::{AttnInput, Backend, Fuse, Heads, KeyPositions, KvSplit, KvStorage, MatrixInfo, RecurrentState, ScanInput, Seq, VectorInfo};
+use super::{
+    AttnInput, Backend, Fuse, Heads, KeyPositions, KvSplit, KvStorage, MatrixInfo, RecurrentState,
+    ScanInput, Seq, VectorInfo,
+};
 use crate::cache::KvDtype;
 use crate::error::{Error, Result};
 use crate::tensor::{Dtype, Tensor};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -42,8 +48,13 @@ pub fn compile_kernels(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx>
             "NVRTC (libnvrtc.so) not found: install the CUDA toolkit or the `nvidia-cuda-nvrtc` wheel and put its lib folder on LD_LIBRARY_PATH".into(),
         ));
     }
-    let opts = cudarc::nvrtc::CompileOptions { arch, name: Some("hymba_kernels.cu".into()), ..Default::default() };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts).map_err(|e| Error::Device(format!("kernels.cu does not compile: {e}")))
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch,
+        name: Some("hymba_kernels.cu".into()),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        .map_err(|e| Error::Device(format!("kernels.cu does not compile: {e}")))
 }
 
 /// Which CUDA device: `cuda` or `cuda:N`.
@@ -340,7 +351,11 @@ pub struct Cuda {
 /// A grid of `n` threads in blocks of 256, capped (the kernels loop over the rest).
 fn flat(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65535 * 4);
-    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Threads of a block that reduces one row: few rows (decode) get whole-GPU-wide latency from a
@@ -354,7 +369,11 @@ fn row_threads(rows: usize) -> u32 {
 }
 
 fn rows_of(n: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (n.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 impl Cuda {
@@ -362,9 +381,12 @@ impl Cuda {
     pub fn new(ordinal: usize) -> Result<Cuda> {
         // SAFETY: only probe whether the shared libraries load.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Device("no NVIDIA driver found (libcuda.so): this machine cannot run --device cuda".into()));
+            return Err(Error::Device(
+                "no NVIDIA driver found (libcuda.so): this machine cannot run --device cuda".into(),
+            ));
         }
-        cudarc::driver::result::init().map_err(|e| device_err("initialising the CUDA driver", e))?;
+        cudarc::driver::result::init()
+            .map_err(|e| device_err("initialising the CUDA driver", e))?;
         let mut version = 0;
         // SAFETY: writes one int.
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
@@ -377,27 +399,38 @@ impl Cuda {
                 MIN_DRIVER % 1000 / 10
             )));
         }
-        let count = CudaContext::device_count().map_err(|e| device_err("counting CUDA devices", e))?;
+        let count =
+            CudaContext::device_count().map_err(|e| device_err("counting CUDA devices", e))?;
         if count <= 0 {
             return Err(Error::Device("no CUDA device found".into()));
         }
         if ordinal >= count as usize {
-            return Err(Error::Device(format!("--device cuda:{ordinal}: this machine has {count} CUDA device(s), cuda:0..cuda:{}", count - 1)));
+            return Err(Error::Device(format!(
+                "--device cuda:{ordinal}: this machine has {count} CUDA device(s), cuda:0..cuda:{}",
+                count - 1
+            )));
         }
         // SAFETY: as above.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(Error::Device("cuBLAS (libcublas.so) not found: install the CUDA toolkit or the `nvidia-cublas` wheel and put its lib folder on LD_LIBRARY_PATH".into()));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| device_err("opening the CUDA device", e))?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| device_err("opening the CUDA device", e))?;
         // One stream: the order of launches is the order of the model's operations.
         // SAFETY: nothing here uses more than one stream.
         unsafe { ctx.disable_event_tracking() };
-        let (major, minor) = ctx.compute_capability().map_err(|e| device_err("reading the compute capability", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| device_err("reading the compute capability", e))?;
         let name = format!("{} (sm_{major}{minor})", ctx.name().unwrap_or_default());
         let ptx = compile_kernels(None)?;
-        let module = ctx.load_module(ptx).map_err(|e| device_err("loading the kernels", e))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| device_err("loading the kernels", e))?;
         let f = |name: &'static str| {
-            let f = module.load_function(name).map_err(|e| device_err(&format!("kernel {name}"), e))?;
+            let f = module
+                .load_function(name)
+                .map_err(|e| device_err(&format!("kernel {name}"), e))?;
             Ok::<_, Error>(Kernel { f, name })
         };
         let k = Kernels {
@@ -423,7 +456,9 @@ impl Cuda {
             kv_put: f("kv_put")?,
         };
         // A stream of its own: the legacy default stream cannot be captured into a graph.
-        let stream = ctx.new_stream().map_err(|e| device_err("creating a stream", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| device_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("starting cuBLAS", e))?;
         let empty = || DevRows { buf: None, len: 0 };
         let scratch = Scratch {
@@ -444,11 +479,19 @@ impl Cuda {
             puts: Vec::new(),
             put_table: None,
         };
-        let sms = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        let sms =
+            ctx.attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
             .map_err(|e| device_err("reading the multiprocessor count", e))? as usize;
-        let profile = std::env::var_os("HYMBA_CUDA_PROFILE").map(|_| Mutex::new(Default::default()));
-        let graphs = Mutex::new(Graphs { mode: Mode::Eager, graphs: Default::default(), seen: Default::default(), note: None });
+        let profile =
+            std::env::var_os("HYMBA_CUDA_PROFILE").map(|_| Mutex::new(Default::default()));
+        let graphs = Mutex::new(Graphs {
+            mode: Mode::Eager,
+            graphs: Default::default(),
+            seen: Default::default(),
+            note: None,
+        });
         Ok(Cuda {
             ctx,
             stream,
@@ -468,7 +511,10 @@ impl Cuda {
     pub fn check_config(&self, c: &crate::config::Config) -> Result<()> {
         let too = |key: &str, v: usize, max: usize| -> Result<()> {
             if v > max {
-                return Err(Error::config(key, format!("{v} is more than the CUDA backend's kernels hold ({max})")));
+                return Err(Error::config(
+                    key,
+                    format!("{v} is more than the CUDA backend's kernels hold ({max})"),
+                ));
             }
             Ok(())
         };
@@ -493,7 +539,9 @@ impl Cuda {
         for i in 0..13 {
             self.synchronize()?;
             let t = std::time::Instant::now();
-            self.stream.memcpy_dtod(&src, &mut dst).map_err(|e| device_err("copy", e))?;
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(|e| device_err("copy", e))?;
             self.synchronize()?;
             if i >= 3 {
                 times.push(t.elapsed().as_secs_f64());
@@ -508,9 +556,17 @@ impl Cuda {
     pub fn bf16_gemm_rate(&self) -> Result<f64> {
         let n = 8192usize;
         let mut rng = hymba_kernels::testing::Rng::new(7);
-        let host: Vec<u16> = (0..n * n).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
-        let a = self.stream.clone_htod(&host).map_err(|e| device_err("upload", e))?;
-        let b = self.stream.clone_htod(&host).map_err(|e| device_err("upload", e))?;
+        let host: Vec<u16> = (0..n * n)
+            .map(|_| half::bf16::from_f32(rng.normal()).to_bits())
+            .collect();
+        let a = self
+            .stream
+            .clone_htod(&host)
+            .map_err(|e| device_err("upload", e))?;
+        let b = self
+            .stream
+            .clone_htod(&host)
+            .map_err(|e| device_err("upload", e))?;
         let mut c = self.alloc::<f32>(n * n, "the matrix-rate probe")?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let mut times = Vec::new();
@@ -572,7 +628,11 @@ impl Cuda {
         let mut p = self.profile.as_ref()?.lock().expect("profile");
         let mut rows: Vec<_> = std::mem::take(&mut *p).into_iter().collect();
         rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-        Some(rows.iter().map(|(n, (s, c))| format!("{n:>20} {:>9.2} ms {c:>7} calls\n", s * 1e3)).collect())
+        Some(
+            rows.iter()
+                .map(|(n, (s, c))| format!("{n:>20} {:>9.2} ms {c:>7} calls\n", s * 1e3))
+                .collect(),
+        )
     }
 
     /// Free and total device memory, bytes.
@@ -582,7 +642,9 @@ impl Cuda {
 
     /// Waits for the work queued so far.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| device_err("synchronizing", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| device_err("synchronizing", e))
     }
 
     /// Keeps the first error of a step.
@@ -597,7 +659,11 @@ impl Cuda {
         self.err.lock().expect("error slot").is_some()
     }
 
-    fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
+    fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
             let (free, total) = self.memory();
             Error::Device(format!(
@@ -619,7 +685,8 @@ impl Cuda {
         if self.mode() != Mode::Eager {
             self.fail("CUDA graph", "a buffer grew inside a captured step");
         }
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Decides how a step's kernels go (see [`Mode`]), once its tables are on the card.
@@ -627,15 +694,22 @@ impl Cuda {
         let mut g = self.graphs.lock().expect("graphs");
         g.mode = Mode::Eager;
         g.note = None;
-        let decode = seqs.iter().all(|s| s.rows.len() == 1) && seqs.len() <= GEMV_ROWS && self.profile.is_none();
+        let decode = seqs.iter().all(|s| s.rows.len() == 1)
+            && seqs.len() <= GEMV_ROWS
+            && self.profile.is_none();
         if !decode || self.failed() {
             return;
         }
-        let key = (seqs.len(), self.generation.load(std::sync::atomic::Ordering::Relaxed));
+        let key = (
+            seqs.len(),
+            self.generation.load(std::sync::atomic::Ordering::Relaxed),
+        );
         if g.graphs.contains_key(&key) {
             g.mode = Mode::Replaying(key);
         } else if g.seen.contains(&key) {
-            match self.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) {
+            match self.stream.begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            ) {
                 Ok(()) => g.mode = Mode::Capturing(key),
                 Err(e) => self.fail("starting a CUDA graph capture", e),
             }
@@ -688,7 +762,10 @@ impl Cuda {
                 Ok(mut b) => {
                     if let Some(old) = &rows.buf {
                         if rows.len > 0 {
-                            if let Err(e) = self.stream.memcpy_dtod(&old.slice(0..rows.len), &mut b.slice_mut(0..rows.len)) {
+                            if let Err(e) = self
+                                .stream
+                                .memcpy_dtod(&old.slice(0..rows.len), &mut b.slice_mut(0..rows.len))
+                            {
                                 self.fail("copying activations", e);
                             }
                         }
@@ -702,7 +779,9 @@ impl Cuda {
     }
 
     fn p(&self, rows: &DevRows) -> u64 {
-        rows.buf.as_ref().map_or(0, |b| b.device_ptr(&self.stream).0)
+        rows.buf
+            .as_ref()
+            .map_or(0, |b| b.device_ptr(&self.stream).0)
     }
 
     fn pv(&self, v: &CudaSlice<f32>) -> u64 {
@@ -737,14 +816,26 @@ impl Cuda {
         }
         let ops = std::mem::take(&mut scratch.puts);
         self.put(&mut scratch.put_table, &ops);
-        let most = ops.iter().map(|o| o.rows as usize * o.kw.max(o.vw) as usize).max().unwrap_or(1);
-        let cfg = LaunchConfig { grid_dim: (most.div_ceil(256).min(1024) as u32, ops.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let most = ops
+            .iter()
+            .map(|o| o.rows as usize * o.kw.max(o.vw) as usize)
+            .max()
+            .unwrap_or(1);
+        let cfg = LaunchConfig {
+            grid_dim: (most.div_ceil(256).min(1024) as u32, ops.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let tp = self.table(&scratch.put_table, 0);
         self.launch(&self.k.kv_put, cfg, &[&tp]);
     }
 
     /// `host` copied into `dst`, which grows to fit.
-    fn put<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, dst: &mut Option<CudaSlice<T>>, host: &[T]) {
+    fn put<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        dst: &mut Option<CudaSlice<T>>,
+        host: &[T],
+    ) {
         if host.is_empty() {
             return;
         }
@@ -756,14 +847,19 @@ impl Cuda {
             }
         }
         let d = dst.as_mut().expect("allocated");
-        if let Err(e) = self.stream.memcpy_htod(host, &mut d.slice_mut(0..host.len())) {
+        if let Err(e) = self
+            .stream
+            .memcpy_htod(host, &mut d.slice_mut(0..host.len()))
+        {
             self.fail("uploading the step's tables", e);
         }
     }
 
     /// Device address of element `at` of a table made by `begin`.
     fn table<T: DeviceRepr>(&self, t: &Option<CudaSlice<T>>, at: usize) -> u64 {
-        t.as_ref().map_or(0, |t| t.device_ptr(&self.stream).0 + (at * std::mem::size_of::<T>()) as u64)
+        t.as_ref().map_or(0, |t| {
+            t.device_ptr(&self.stream).0 + (at * std::mem::size_of::<T>()) as u64
+        })
     }
 
     /// RoPE on rows `width` wide at the step's positions (see `begin`).
@@ -775,7 +871,11 @@ impl Cuda {
         };
         let (xp, fp) = (self.p(x), self.pv(inv_freq));
         let (w, d, r) = (width as i32, dk as i32, rows as i64);
-        self.launch(&self.k.rope, flat(rows * width / 2), &[&xp, &w, &d, &pp, &fp, &r]);
+        self.launch(
+            &self.k.rope,
+            flat(rows * width / 2),
+            &[&xp, &w, &d, &pp, &fp, &r],
+        );
     }
 
     fn pv_i(&self, v: &CudaSlice<i32>) -> u64 {
@@ -831,31 +931,53 @@ impl Backend for Cuda {
     fn vector(&self, v: Vec<f32>) -> Result<CudaSlice<f32>> {
         let mut d = self.alloc::<f32>(v.len(), "parameters")?;
         if !v.is_empty() {
-            self.stream.memcpy_htod(&v, &mut d).map_err(|e| device_err("uploading parameters", e))?;
+            self.stream
+                .memcpy_htod(&v, &mut d)
+                .map_err(|e| device_err("uploading parameters", e))?;
         }
         Ok(d)
     }
 
     fn begin(&self, seqs: &[Seq<Cuda>]) {
-        let pos: Vec<i32> = seqs.iter().flat_map(|s| (s.pos0..s.pos0 + s.rows.len()).map(|p| p as i32)).collect();
-        let row_seq: Vec<i32> = seqs.iter().enumerate().flat_map(|(i, s)| s.rows.clone().map(move |_| i as i32)).collect();
+        let pos: Vec<i32> = seqs
+            .iter()
+            .flat_map(|s| (s.pos0..s.pos0 + s.rows.len()).map(|p| p as i32))
+            .collect();
+        let row_seq: Vec<i32> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.rows.clone().map(move |_| i as i32))
+            .collect();
         let infos: Vec<SeqInfo> = seqs
             .iter()
-            .map(|s| SeqInfo { row0: s.rows.start as i64, len: s.rows.len() as i32, pos0: s.pos0 as i32, window: s.window.min(i32::MAX as usize) as i32, pad: 0 })
+            .map(|s| SeqInfo {
+                row0: s.rows.start as i64,
+                len: s.rows.len() as i32,
+                pos0: s.pos0 as i32,
+                window: s.window.min(i32::MAX as usize) as i32,
+                pad: 0,
+            })
             .collect();
         let groups = seqs.first().map_or(0, |s| s.past.len());
         let mut past = vec![KvSrc::default(); groups * seqs.len() * 2];
         for g in 0..groups {
             for (i, s) in seqs.iter().enumerate() {
                 let views: Vec<&DevKvView> = s.past[g].iter().filter(|v| v.src.rows > 0).collect();
-                assert!(views.len() <= 2, "at most a meta prefix and a store per group");
+                assert!(
+                    views.len() <= 2,
+                    "at most a meta prefix and a store per group"
+                );
                 for (j, v) in views.iter().enumerate() {
                     past[(g * seqs.len() + i) * 2 + j] = v.src;
                 }
             }
         }
         let layers = seqs.first().map_or(0, |s| s.states.len());
-        let table = |f: &dyn Fn(&DevState) -> u64| -> Vec<u64> { (0..layers).flat_map(|l| seqs.iter().map(move |s| f(&s.states[l]))).collect() };
+        let table = |f: &dyn Fn(&DevState) -> u64| -> Vec<u64> {
+            (0..layers)
+                .flat_map(|l| seqs.iter().map(move |s| f(&s.states[l])))
+                .collect()
+        };
         let ssm = table(&|st| self.pv(&st.ssm));
         let conv = table(&|st| self.pv(&st.conv));
         let mut scratch = self.scratch.lock().expect("scratch");
@@ -866,7 +988,15 @@ impl Backend for Cuda {
         self.put(&mut scratch.past, &past);
         self.put(&mut scratch.ssm, &ssm);
         self.put(&mut scratch.conv, &conv);
-        let tiles: Vec<i32> = seqs.iter().enumerate().flat_map(|(i, s)| (0..s.rows.len()).step_by(TILE_ROWS).flat_map(move |r| [i as i32, r as i32])).collect();
+        let tiles: Vec<i32> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                (0..s.rows.len())
+                    .step_by(TILE_ROWS)
+                    .flat_map(move |r| [i as i32, r as i32])
+            })
+            .collect();
         self.put(&mut scratch.tiles, &tiles);
         scratch.n_tiles = tiles.len() / 2;
         scratch.max_len = seqs.iter().map(|s| s.rows.len()).max().unwrap_or(0);
@@ -876,17 +1006,39 @@ impl Backend for Cuda {
     }
 
     fn kv(&self, heads: Heads, max: usize, dtype: KvDtype) -> DevKv {
-        DevKv { k: None, v: None, pos: None, rows: 0, cap: 0, max, kw: heads.kv * heads.dk, vw: heads.kv * heads.dv, dtype }
+        DevKv {
+            k: None,
+            v: None,
+            pos: None,
+            rows: 0,
+            cap: 0,
+            max,
+            kw: heads.kv * heads.dk,
+            vw: heads.kv * heads.dv,
+            dtype,
+        }
     }
 
-    fn kv_write(&self, kv: &mut DevKv, slot: usize, first_pos: usize, k: &DevRows, v: &DevRows, rows: Range<usize>) {
+    fn kv_write(
+        &self,
+        kv: &mut DevKv,
+        slot: usize,
+        first_pos: usize,
+        k: &DevRows,
+        v: &DevRows,
+        rows: Range<usize>,
+    ) {
         self.end_step();
         let n = rows.len();
         if n == 0 || self.failed() {
             return;
         }
         let need = (slot + n).max(kv.rows);
-        assert!(need <= kv.max, "K/V rows: {need} exceed the maximum of {}", kv.max);
+        assert!(
+            need <= kv.max,
+            "K/V rows: {need} exceed the maximum of {}",
+            kv.max
+        );
         if need > kv.cap {
             // Writes still pending may target the old buffer: make them before copying it.
             self.flush(&mut self.scratch.lock().expect("scratch"));
@@ -898,8 +1050,12 @@ impl Backend for Cuda {
                 };
                 let used = kv.rows * w;
                 match (old, &mut new) {
-                    (Some(DevData::F32(o)), DevData::F32(n)) if used > 0 => self.stream.memcpy_dtod(&o.slice(0..used), &mut n.slice_mut(0..used)),
-                    (Some(DevData::BF16(o)), DevData::BF16(n)) if used > 0 => self.stream.memcpy_dtod(&o.slice(0..used), &mut n.slice_mut(0..used)),
+                    (Some(DevData::F32(o)), DevData::F32(n)) if used > 0 => self
+                        .stream
+                        .memcpy_dtod(&o.slice(0..used), &mut n.slice_mut(0..used)),
+                    (Some(DevData::BF16(o)), DevData::BF16(n)) if used > 0 => self
+                        .stream
+                        .memcpy_dtod(&o.slice(0..used), &mut n.slice_mut(0..used)),
                     _ => Ok(()),
                 }
                 .map_err(|e| device_err("growing the K/V cache", e))?;
@@ -909,7 +1065,9 @@ impl Backend for Cuda {
                 let (nk, nv) = (grow(&kv.k, kv.kw)?, grow(&kv.v, kv.vw)?);
                 let mut np = self.alloc::<i32>(cap, "the K/V cache")?;
                 if let (Some(o), true) = (&kv.pos, kv.rows > 0) {
-                    self.stream.memcpy_dtod(&o.slice(0..kv.rows), &mut np.slice_mut(0..kv.rows)).map_err(|e| device_err("growing the K/V cache", e))?;
+                    self.stream
+                        .memcpy_dtod(&o.slice(0..kv.rows), &mut np.slice_mut(0..kv.rows))
+                        .map_err(|e| device_err("growing the K/V cache", e))?;
                 }
                 Ok((nk, nv, np))
             })();
@@ -923,7 +1081,10 @@ impl Backend for Cuda {
                 Err(e) => return self.fail("K/V cache", e),
             }
         }
-        let (kd, vd) = (kv.k.as_ref().expect("allocated"), kv.v.as_ref().expect("allocated"));
+        let (kd, vd) = (
+            kv.k.as_ref().expect("allocated"),
+            kv.v.as_ref().expect("allocated"),
+        );
         let op = PutOp {
             k: self.p(k) + (rows.start * kv.kw * 4) as u64,
             v: self.p(v) + (rows.start * kv.vw * 4) as u64,
@@ -961,12 +1122,21 @@ impl Backend for Cuda {
             bf16: (kv.dtype == KvDtype::BF16) as i32,
             pad: 0,
         };
-        DevKvView { src, _kv: PhantomData }
+        DevKvView {
+            src,
+            _kv: PhantomData,
+        }
     }
 
     fn state(&self, e: usize, n: usize, k: usize) -> DevState {
-        let z = |len: usize| self.alloc::<f32>(len, "the SSM state").unwrap_or_else(|e| panic!("{e}"));
-        DevState { ssm: z(e * n), conv: z((k - 1) * e) }
+        let z = |len: usize| {
+            self.alloc::<f32>(len, "the SSM state")
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        DevState {
+            ssm: z(e * n),
+            conv: z((k - 1) * e),
+        }
     }
 
     fn rows(&self) -> DevRows {
@@ -976,7 +1146,10 @@ impl Backend for Cuda {
     fn upload(&self, host: &[f32], out: &mut DevRows) {
         self.shape(out, host.len());
         if let (Some(b), false) = (out.buf.as_mut(), host.is_empty()) {
-            if let Err(e) = self.stream.memcpy_htod(host, &mut b.slice_mut(0..host.len())) {
+            if let Err(e) = self
+                .stream
+                .memcpy_htod(host, &mut b.slice_mut(0..host.len()))
+            {
                 self.fail("uploading activations", e);
             }
         }
@@ -985,10 +1158,13 @@ impl Backend for Cuda {
     fn download(&self, rows: &DevRows) -> Vec<f32> {
         self.end_step();
         match &rows.buf {
-            Some(b) if rows.len > 0 && !self.failed() => self.stream.clone_dtoh(&b.slice(0..rows.len)).unwrap_or_else(|e| {
-                self.fail("downloading", e);
-                vec![0.0; rows.len]
-            }),
+            Some(b) if rows.len > 0 && !self.failed() => self
+                .stream
+                .clone_dtoh(&b.slice(0..rows.len))
+                .unwrap_or_else(|e| {
+                    self.fail("downloading", e);
+                    vec![0.0; rows.len]
+                }),
             _ => vec![0.0; rows.len],
         }
     }
@@ -1011,7 +1187,12 @@ impl Backend for Cuda {
         let Ok(dev_ids) = self.stream.clone_htod(ids) else {
             return self.fail("uploading token ids", "copy failed");
         };
-        let (op, tp, ip, dd) = (self.p(out) + (start * 4) as u64, table.data.ptr(&self.stream), dev_ids.device_ptr(&self.stream).0, d as i32);
+        let (op, tp, ip, dd) = (
+            self.p(out) + (start * 4) as u64,
+            table.data.ptr(&self.stream),
+            dev_ids.device_ptr(&self.stream).0,
+            d as i32,
+        );
         let f = match table.data {
             DevData::F32(_) => &self.k.embed_f32,
             DevData::BF16(_) => &self.k.embed_bf16,
@@ -1033,7 +1214,11 @@ impl Backend for Cuda {
             let (xp, yp) = (self.p(x), self.p(y));
             let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
             // One warp a weight row, 8 warps a block.
-            let cfg = LaunchConfig { grid_dim: (w.rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (w.rows.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
             return self.launch(f, cfg, &[&xp, &wp, &yp, &ti, &ni, &ki]);
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
@@ -1052,7 +1237,12 @@ impl Backend for Cuda {
                         Err(e) => return self.fail("allocating", e),
                     }
                 }
-                let xs = scratch.x16.as_ref().expect("allocated").device_ptr(&self.stream).0;
+                let xs = scratch
+                    .x16
+                    .as_ref()
+                    .expect("allocated")
+                    .device_ptr(&self.stream)
+                    .0;
                 let (src, nn) = (self.p(x), len as i64);
                 self.launch(&self.k.to_bf16, flat(len), &[&src, &xs, &nn]);
                 (xs, blas_sys::cudaDataType::CUDA_R_16BF)
@@ -1101,13 +1291,25 @@ impl Backend for Cuda {
         self.rmsnorm_columns(x, d, 0, w, eps, out);
     }
 
-    fn rmsnorm_columns(&self, x: &DevRows, width: usize, from: usize, w: &CudaSlice<f32>, eps: f32, out: &mut DevRows) {
+    fn rmsnorm_columns(
+        &self,
+        x: &DevRows,
+        width: usize,
+        from: usize,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        out: &mut DevRows,
+    ) {
         let d = w.len();
         let rows = x.len / width.max(1);
         self.shape(out, rows * d);
         let (xp, wp, op) = (self.p(x), self.pv(w), self.p(out));
         let (wi, fi, di) = (width as i32, from as i32, d as i32);
-        self.launch(&self.k.rmsnorm, rows_of(rows, row_threads(rows)), &[&xp, &wi, &fi, &wp, &di, &eps, &op]);
+        self.launch(
+            &self.k.rmsnorm,
+            rows_of(rows, row_threads(rows)),
+            &[&xp, &wi, &fi, &wp, &di, &eps, &op],
+        );
     }
 
     fn columns(&self, x: &DevRows, width: usize, from: usize, n: usize, out: &mut DevRows) {
@@ -1115,20 +1317,29 @@ impl Backend for Cuda {
         self.shape(out, rows * n);
         let (xp, op) = (self.p(x), self.p(out));
         let (wi, fi, ni, total) = (width as i32, from as i32, n as i32, (rows * n) as i64);
-        self.launch(&self.k.columns, flat(rows * n), &[&xp, &wi, &fi, &ni, &total, &op]);
+        self.launch(
+            &self.k.columns,
+            flat(rows * n),
+            &[&xp, &wi, &fi, &ni, &total, &op],
+        );
     }
 
     fn gather(&self, x: &DevRows, width: usize, rows: &[Range<usize>], out: &mut DevRows) {
         let n: usize = rows.iter().map(|r| r.len()).sum();
         self.shape(out, n * width);
-        let (Some(src), Some(dst)) = (x.buf.as_ref(), out.buf.as_mut()) else { return };
+        let (Some(src), Some(dst)) = (x.buf.as_ref(), out.buf.as_mut()) else {
+            return;
+        };
         if matches!(self.mode(), Mode::Replaying(_)) {
             return;
         }
         let mut at = 0;
         for r in rows {
             let len = r.len() * width;
-            if let Err(e) = self.stream.memcpy_dtod(&src.slice(r.start * width..r.end * width), &mut dst.slice_mut(at..at + len)) {
+            if let Err(e) = self.stream.memcpy_dtod(
+                &src.slice(r.start * width..r.end * width),
+                &mut dst.slice_mut(at..at + len),
+            ) {
                 return self.fail("gathering rows", e);
             }
             at += len;
@@ -1146,7 +1357,15 @@ impl Backend for Cuda {
         self.rope_rows(x, x.len / t.max(1), 2 * inv_freq.len(), inv_freq);
     }
 
-    fn new_kv(&self, p: &DevRows, split: KvSplit, inv_freq: &CudaSlice<f32>, _seqs: &[Seq<Cuda>], k: &mut DevRows, v: &mut DevRows) {
+    fn new_kv(
+        &self,
+        p: &DevRows,
+        split: KvSplit,
+        inv_freq: &CudaSlice<f32>,
+        _seqs: &[Seq<Cuda>],
+        k: &mut DevRows,
+        v: &mut DevRows,
+    ) {
         self.columns(p, split.width, split.k_at, split.kw, k);
         self.columns(p, split.width, split.k_at + split.kw, split.vw, v);
         self.rope_rows(k, split.kw, 2 * inv_freq.len(), inv_freq);
@@ -1175,12 +1394,36 @@ impl Backend for Cuda {
         self.shape(out, t * e);
         let scratch = self.scratch.lock().expect("scratch");
         let n = scratch.n_seqs;
-        let (sp, rp, cp) = (self.table(&scratch.seqs, 0), self.table(&scratch.row_seq, 0), self.table(&scratch.conv, layer * n));
+        let (sp, rp, cp) = (
+            self.table(&scratch.seqs, 0),
+            self.table(&scratch.row_seq, 0),
+            self.table(&scratch.conv, layer * n),
+        );
         let (pp, tp, bp, op) = (self.p(p), self.pv(taps), self.pv(bias), self.p(out));
-        let (wi, fi, ei, ki, total) = (width as i32, from as i32, e as i32, kk as i32, (t * e) as i64);
-        self.launch(&self.k.conv_silu, flat(t * e), &[&pp, &wi, &fi, &sp, &rp, &cp, &tp, &bp, &ei, &ki, &total, &op]);
-        let cfg = LaunchConfig { grid_dim: (e.div_ceil(128) as u32, n as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&self.k.conv_state, cfg, &[&pp, &wi, &fi, &sp, &cp, &ei, &ki]);
+        let (wi, fi, ei, ki, total) = (
+            width as i32,
+            from as i32,
+            e as i32,
+            kk as i32,
+            (t * e) as i64,
+        );
+        self.launch(
+            &self.k.conv_silu,
+            flat(t * e),
+            &[
+                &pp, &wi, &fi, &sp, &rp, &cp, &tp, &bp, &ei, &ki, &total, &op,
+            ],
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (e.div_ceil(128) as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.k.conv_state,
+            cfg,
+            &[&pp, &wi, &fi, &sp, &cp, &ei, &ki],
+        );
     }
 
     fn softplus_bias(&self, x: &mut DevRows, bias: &CudaSlice<f32>) {
@@ -1194,16 +1437,30 @@ impl Backend for Cuda {
         self.launch(&self.k.silu_mul, flat(g.len), &[&gp, &up, &n]);
     }
 
-    fn hybrid_heads(&self, at: &AttnInput<Cuda>, ssm: &ScanInput<Cuda>, fuse: &Fuse<Cuda>, seqs: &mut [Seq<Cuda>], out: &mut DevRows) {
+    fn hybrid_heads(
+        &self,
+        at: &AttnInput<Cuda>,
+        ssm: &ScanInput<Cuda>,
+        fuse: &Fuse<Cuda>,
+        seqs: &mut [Seq<Cuda>],
+        out: &mut DevRows,
+    ) {
         let e = fuse.attn_norm.len();
         let n = ssm.a.len() / e.max(1);
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
         let mut scratch = self.scratch.lock().expect("scratch");
         let ns = scratch.n_seqs;
-        let (seqs_p, rows_p) = (self.table(&scratch.seqs, 0), self.table(&scratch.row_seq, 0));
+        let (seqs_p, rows_p) = (
+            self.table(&scratch.seqs, 0),
+            self.table(&scratch.row_seq, 0),
+        );
         let past_p = self.table(&scratch.past, at.group * ns * 2);
         let ssm_p = self.table(&scratch.ssm, ssm.layer * ns);
-        let (tiles_p, n_tiles, max_len) = (self.table(&scratch.tiles, 0), scratch.n_tiles, scratch.max_len);
+        let (tiles_p, n_tiles, max_len) = (
+            self.table(&scratch.tiles, 0),
+            scratch.n_tiles,
+            scratch.max_len,
+        );
         let Scratch { attn, y, part, .. } = &mut *scratch;
         self.shape(attn, t * e);
         self.shape(y, t * e);
@@ -1217,10 +1474,25 @@ impl Backend for Cuda {
         let (nk, nv) = (self.p(at.k), self.p(at.v));
         let global = (at.kind == crate::config::AttnKind::Global) as i32;
         let meta = at.meta as i32;
-        let smem = 4 * (TILE_ROWS * (hd.dk + 1) + TILE_KEYS * (hd.dk + 1) + TILE_KEYS * hd.dv + TILE_ROWS * (TILE_KEYS + 1));
+        let smem = 4
+            * (TILE_ROWS * (hd.dk + 1)
+                + TILE_KEYS * (hd.dk + 1)
+                + TILE_KEYS * hd.dv
+                + TILE_ROWS * (TILE_KEYS + 1));
         if max_len > TILED_FROM && smem <= 48 << 10 {
-            let cfg = LaunchConfig { grid_dim: (n_tiles as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-            self.launch(&self.k.attention_tiles, cfg, &[&qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &tiles_p, &past_p, &nk, &nv, &global, &meta, &scale, &ap]);
+            let cfg = LaunchConfig {
+                grid_dim: (n_tiles as u32, hd.q as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            self.launch(
+                &self.k.attention_tiles,
+                cfg,
+                &[
+                    &qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &tiles_p, &past_p, &nk, &nv,
+                    &global, &meta, &scale, &ap,
+                ],
+            );
         } else {
             // From the rows alone (not the keys, which grow), so a captured step stays right.
             let splits = (4 * self.sms).div_ceil(t * hd.q).clamp(1, 32);
@@ -1229,22 +1501,63 @@ impl Backend for Cuda {
             }
             let pp = if splits > 1 { self.p(part) } else { 0 };
             let zs = splits as i32;
-            let cfg = LaunchConfig { grid_dim: (t as u32, hd.q as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            self.launch(&self.k.attention, cfg, &[&qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global, &meta, &scale, &zs, &ap, &pp]);
+            let cfg = LaunchConfig {
+                grid_dim: (t as u32, hd.q as u32, splits as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.k.attention,
+                cfg,
+                &[
+                    &qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global,
+                    &meta, &scale, &zs, &ap, &pp,
+                ],
+            );
             if splits > 1 {
-                let cfg = LaunchConfig { grid_dim: (t as u32, hd.q as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-                self.launch(&self.k.attention_combine, cfg, &[&pp, &heads, &dv, &zs, &ap]);
+                let cfg = LaunchConfig {
+                    grid_dim: (t as u32, hd.q as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                self.launch(
+                    &self.k.attention_combine,
+                    cfg,
+                    &[&pp, &heads, &dv, &zs, &ap],
+                );
             }
         }
         // 3. The selective scan of every sequence from its state, gated by silu(z).
-        let (xp, dp, bp, cp, zp, a_p, dd) = (self.p(ssm.x), self.p(ssm.delta), self.p(ssm.b), self.p(ssm.c), self.p(ssm.z), self.pv(ssm.a), self.pv(ssm.d));
+        let (xp, dp, bp, cp, zp, a_p, dd) = (
+            self.p(ssm.x),
+            self.p(ssm.delta),
+            self.p(ssm.b),
+            self.p(ssm.c),
+            self.p(ssm.z),
+            self.pv(ssm.a),
+            self.pv(ssm.d),
+        );
         // A group of g lanes per channel, one state each.
         let g = n.next_power_of_two();
         let (ei, ni, gi) = (e as i32, n as i32, g as i32);
-        let cfg = LaunchConfig { grid_dim: ((e * g).div_ceil(128) as u32, ns as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&self.k.scan, cfg, &[&xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &ssm_p, &ei, &ni, &gi, &yp]);
+        let cfg = LaunchConfig {
+            grid_dim: ((e * g).div_ceil(128) as u32, ns as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.k.scan,
+            cfg,
+            &[
+                &xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &ssm_p, &ei, &ni, &gi, &yp,
+            ],
+        );
         // 4. Fusion of every row.
         let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
-        self.launch(&self.k.fuse, rows_of(t, row_threads(t)), &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op]);
+        self.launch(
+            &self.k.fuse,
+            rows_of(t, row_threads(t)),
+            &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op],
+        );
     }
 }

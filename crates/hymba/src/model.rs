@@ -9,8 +9,8 @@
 //! weights prepared for the CPU backend and the caches, and feeds the network each call's rows.
 
 use crate::backend::{
-    AttnInput, Backend, Cpu, Fuse, Heads, KeyPositions, KvSplit, MatrixInfo, ScanInput, Seq,
-    VectorInfo,
+    AttnInput, Backend, Cpu, Fuse, Heads, InProjParts, KeyPositions, KvSplit, MatrixInfo,
+    ScanInput, Seq, VectorInfo,
 };
 use crate::cache::{Cache, KvDtype, KvStore, MetaPrefix};
 use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
@@ -80,10 +80,9 @@ struct Run<B: Backend> {
     delta: B::Rows,
     /// The fused branches [t, E]
     fused: B::Rows,
-    /// MLP gate and up [t, F]
+    /// The MLP's hidden rows silu(gate) ⊙ up [t, F]
     gate: B::Rows,
-    up: B::Rows,
-    /// A mixer's or the MLP's output [t, d]
+    /// Logits [rows asked for, V]
     out: B::Rows,
     /// This call's K/V rows per group [t, Hkv·dqk], [t, Hkv·dv], from the group's first layer
     k: Vec<B::Rows>,
@@ -106,7 +105,6 @@ impl<B: Backend> Run<B> {
             delta: b.rows(),
             fused: b.rows(),
             gate: b.rows(),
-            up: b.rows(),
             out: b.rows(),
             k: (0..groups).map(|_| b.rows()).collect(),
             v: (0..groups).map(|_| b.rows()).collect(),
@@ -137,19 +135,18 @@ impl<B: Backend> Net<'_, B> {
             }
             b.rmsnorm(&run.h, &lw.input_norm, eps, &mut run.u);
             self.mixer(i, lw, run, seqs);
-            b.add(&mut run.h, &run.out);
             b.rmsnorm(&run.h, &lw.mlp_norm, eps, &mut run.u);
             self.mlp(lw, run);
-            b.add(&mut run.h, &run.out);
         }
         if let Some(tr) = trace {
             tr.push(b.download(&run.h));
         }
     }
 
-    /// The hybrid mixer of layer `i` (spec §3, "Mixer") on `run.u`, into `run.out`: in_proj,
-    /// the attention and SSM heads side by side, fused by per-channel norms and averaged, then
-    /// out_proj. Projections run over all rows at once; attention and the SSM per sequence.
+    /// The hybrid mixer of layer `i` (spec §3, "Mixer") on `run.u`, added to the residual
+    /// stream `run.h`: in_proj, the attention and SSM heads side by side, fused by per-channel
+    /// norms and averaged, then out_proj. Projections run over all rows at once; attention and
+    /// the SSM per sequence.
     fn mixer(&self, i: usize, lw: &LayerWeights<B>, run: &mut Run<B>, seqs: &mut [Seq<B>]) {
         let (b, c, lp) = (self.b, self.c, &self.plan[i]);
         let e = c.ssm_width;
@@ -158,28 +155,32 @@ impl<B: Backend> Net<'_, B> {
         let width = c.in_proj_rows(lp.computes_kv);
         let xz = if lp.computes_kv { qw + kw + vw } else { qw };
         b.matmul(&run.u, &lw.in_proj, &mut run.p);
-        b.columns(&run.p, width, 0, qw, &mut run.q);
-        b.columns(&run.p, width, xz + e, e, &mut run.z);
         // 2. Attention's inputs: RoPE on q, and on k of a layer that computes the group's K/V.
-        b.rope(&mut run.q, self.inv_freq, seqs);
         let g = lp.kv_group;
-        if lp.computes_kv {
-            let split = KvSplit {
-                width,
-                k_at: qw,
-                kw,
-                vw,
-                dtype: self.kv_dtype,
-            };
-            b.new_kv(
-                &run.p,
-                split,
-                self.inv_freq,
-                seqs,
-                &mut run.k[g],
-                &mut run.v[g],
-            );
-        }
+        let kv = lp.computes_kv.then_some(KvSplit {
+            k_at: qw,
+            kw,
+            vw,
+            dtype: self.kv_dtype,
+        });
+        let parts = InProjParts {
+            width,
+            q: qw,
+            dk: c.qk_head_dim,
+            z_at: xz + e,
+            e,
+            kv,
+        };
+        let new_kv = lp.computes_kv.then_some((&mut run.k[g], &mut run.v[g]));
+        b.split_in_proj(
+            &run.p,
+            parts,
+            self.inv_freq,
+            seqs,
+            &mut run.q,
+            &mut run.z,
+            new_kv,
+        );
         // 3. The SSM's input: the causal conv of x from each sequence's state, SiLU; then its
         // input-dependent parameters.
         b.conv_silu(
@@ -226,7 +227,7 @@ impl<B: Backend> Net<'_, B> {
             eps: c.rms_norm_eps,
         };
         b.hybrid_heads(&attn, &ssm, &fuse, seqs, &mut run.fused);
-        b.matmul(&run.fused, &lw.out_proj, &mut run.out);
+        b.matmul_add(&run.fused, &lw.out_proj, &mut run.h);
     }
 
     /// The Mamba-1 branch's input-dependent parameters (spec §3.3), from the conv output
@@ -238,9 +239,12 @@ impl<B: Backend> Net<'_, B> {
         b.matmul(&run.xc, &lw.x_proj, &mut run.proj);
         match &lw.inner_norms {
             Some([wd, wb, wc]) => {
-                b.rmsnorm_columns(&run.proj, pw, 0, wd, c.rms_norm_eps, &mut run.dr);
-                b.rmsnorm_columns(&run.proj, pw, r, wb, c.rms_norm_eps, &mut run.bm);
-                b.rmsnorm_columns(&run.proj, pw, r + n, wc, c.rms_norm_eps, &mut run.cm);
+                let mut parts = [
+                    (0, wd, &mut run.dr),
+                    (r, wb, &mut run.bm),
+                    (r + n, wc, &mut run.cm),
+                ];
+                b.rmsnorm_parts(&run.proj, pw, c.rms_norm_eps, &mut parts);
             }
             None => {
                 b.columns(&run.proj, pw, 0, r, &mut run.dr);
@@ -248,17 +252,14 @@ impl<B: Backend> Net<'_, B> {
                 b.columns(&run.proj, pw, r + n, n, &mut run.cm);
             }
         }
-        b.matmul(&run.dr, &lw.dt_proj, &mut run.delta);
-        b.softplus_bias(&mut run.delta, &lw.dt_bias);
+        b.matmul_softplus(&run.dr, &lw.dt_proj, &lw.dt_bias, &mut run.delta);
     }
 
-    /// Gated MLP on `run.u`, into `run.out`: down(silu(gate(x)) ⊙ up(x)).
+    /// Gated MLP on `run.u`, added to the residual stream `run.h`: down(silu(gate(x)) ⊙ up(x)).
     fn mlp(&self, lw: &LayerWeights<B>, run: &mut Run<B>) {
         let b = self.b;
-        b.matmul(&run.u, &lw.gate, &mut run.gate);
-        b.matmul(&run.u, &lw.up, &mut run.up);
-        b.silu_mul(&mut run.gate, &run.up, self.c.intermediate_size);
-        b.matmul(&run.gate, &lw.down, &mut run.out);
+        b.glu(&run.u, &lw.gate, &lw.up, &mut run.gate);
+        b.matmul_add(&run.gate, &lw.down, &mut run.h);
     }
 
     /// Final norm and output projection of rows `rows` of the residual stream, into `run.out`.

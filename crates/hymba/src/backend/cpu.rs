@@ -5,7 +5,8 @@
 //! sequences fills the cores; within a sequence the kernels split their own work.
 
 use super::{
-    AttnInput, Backend, Fuse, Heads, KeyPositions, KvSplit, MatrixInfo, ScanInput, Seq, VectorInfo,
+    AttnInput, Backend, Fuse, Heads, InProjParts, KeyPositions, MatrixInfo, ScanInput, Seq,
+    VectorInfo,
 };
 use crate::cache::{Kv, KvDtype, KvView, LayerState};
 use crate::error::Result;
@@ -38,6 +39,35 @@ fn columns(m: &[f32], width: usize, from: usize, n: usize) -> Vec<f32> {
 fn shape(out: &mut Vec<f32>, n: usize) -> &mut [f32] {
     out.resize(n, 0.0);
     &mut out[..]
+}
+
+/// A buffer of the calling thread for an intermediate product (kept between calls, so a step
+/// allocates once per shape).
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    thread_local!(static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
+    // A task that rayon runs on this thread while it waits inside `f` gets a buffer of its own.
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// RoPE (rotate-half) on every head of every row, at each sequence's positions.
+fn rope_rows(x: &mut [f32], inv_freq: &[f32], seqs: &[Seq<Cpu>]) {
+    let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+    let width = x.len() / t.max(1);
+    let mut rest = x;
+    let mut parts = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        let (mine, r) = std::mem::take(&mut rest).split_at_mut(s.rows.len() * width);
+        rest = r;
+        parts.push((s.pos0, mine));
+    }
+    parts.into_par_iter().for_each(|(pos0, rows)| {
+        for (row, p) in rows.chunks_exact_mut(width).zip(pos0..) {
+            rope::apply(row, p, inv_freq);
+        }
+    });
 }
 
 /// Splits `buf` into consecutive pieces of `len(seq) · width` elements, one per sequence.
@@ -180,17 +210,17 @@ impl Backend for Cpu {
         norm::rmsnorm(x, w, eps, shape(out, x.len()));
     }
 
-    fn rmsnorm_columns(
+    fn rmsnorm_parts(
         &self,
         x: &Vec<f32>,
         width: usize,
-        from: usize,
-        w: &Vec<f32>,
         eps: f32,
-        out: &mut Vec<f32>,
+        parts: &mut [(usize, &Vec<f32>, &mut Vec<f32>)],
     ) {
-        columns_into(x, width, from, w.len(), out);
-        norm::rmsnorm_inplace(out, w, eps);
+        for (from, w, out) in parts.iter_mut() {
+            columns_into(x, width, *from, w.len(), out);
+            norm::rmsnorm_inplace(out, w, eps);
+        }
     }
 
     fn columns(&self, x: &Vec<f32>, width: usize, from: usize, n: usize, out: &mut Vec<f32>) {
@@ -204,46 +234,55 @@ impl Backend for Cpu {
         }
     }
 
-    fn add(&self, h: &mut Vec<f32>, x: &Vec<f32>) {
-        assert_eq!(h.len(), x.len());
-        for (a, b) in h.iter_mut().zip(x) {
-            *a += b;
-        }
-    }
-
-    fn rope(&self, x: &mut Vec<f32>, inv_freq: &Vec<f32>, seqs: &[Seq<Cpu>]) {
-        let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
-        let width = x.len() / t.max(1);
-        let mut rest = &mut x[..];
-        let mut parts = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            let (mine, r) = std::mem::take(&mut rest).split_at_mut(s.rows.len() * width);
-            rest = r;
-            parts.push((s.pos0, mine));
-        }
-        parts.into_par_iter().for_each(|(pos0, rows)| {
-            for (row, p) in rows.chunks_exact_mut(width).zip(pos0..) {
-                rope::apply(row, p, inv_freq);
+    fn matmul_add(&self, x: &Vec<f32>, w: &Tensor, h: &mut Vec<f32>) {
+        with_scratch(|y| {
+            self.matmul(x, w, y);
+            assert_eq!(h.len(), y.len());
+            for (a, b) in h.iter_mut().zip(y.iter()) {
+                *a += b;
             }
-        });
+        })
     }
 
-    fn new_kv(
+    fn matmul_softplus(&self, x: &Vec<f32>, w: &Tensor, bias: &Vec<f32>, y: &mut Vec<f32>) {
+        self.matmul(x, w, y);
+        y.par_chunks_mut(bias.len())
+            .for_each(|row| act::softplus_bias(row, bias));
+    }
+
+    fn glu(&self, x: &Vec<f32>, gate: &Tensor, up: &Tensor, out: &mut Vec<f32>) {
+        self.matmul(x, gate, out);
+        with_scratch(|u| {
+            self.matmul(x, up, u);
+            let width = gate.mat().rows;
+            out.par_chunks_mut(width)
+                .zip(u.par_chunks(width))
+                .for_each(|(g, u)| act::silu_mul(g, u));
+        })
+    }
+
+    fn split_in_proj(
         &self,
         p: &Vec<f32>,
-        split: KvSplit,
+        parts: InProjParts,
         inv_freq: &Vec<f32>,
         seqs: &[Seq<Cpu>],
-        k: &mut Vec<f32>,
-        v: &mut Vec<f32>,
+        q: &mut Vec<f32>,
+        z: &mut Vec<f32>,
+        kv: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
     ) {
-        columns_into(p, split.width, split.k_at, split.kw, k);
-        columns_into(p, split.width, split.k_at + split.kw, split.vw, v);
-        self.rope(k, inv_freq, seqs);
-        if split.dtype == KvDtype::BF16 {
-            // What the cache will hold, so this call's queries see it too.
-            for x in k.iter_mut().chain(v.iter_mut()) {
-                *x = bf16::from_f32(*x).to_f32();
+        columns_into(p, parts.width, 0, parts.q, q);
+        columns_into(p, parts.width, parts.z_at, parts.e, z);
+        rope_rows(q, inv_freq, seqs);
+        if let (Some(split), Some((k, v))) = (parts.kv, kv) {
+            columns_into(p, parts.width, split.k_at, split.kw, k);
+            columns_into(p, parts.width, split.k_at + split.kw, split.vw, v);
+            rope_rows(k, inv_freq, seqs);
+            if split.dtype == KvDtype::BF16 {
+                // What the cache will hold, so this call's queries see it too.
+                for x in k.iter_mut().chain(v.iter_mut()) {
+                    *x = bf16::from_f32(*x).to_f32();
+                }
             }
         }
     }
@@ -267,18 +306,6 @@ impl Backend for Cpu {
             causal_conv(&x, &mut s.states[layer].conv, taps, bias, o);
             act::silu_inplace(o);
         });
-    }
-
-    fn softplus_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) {
-        x.par_chunks_mut(bias.len())
-            .for_each(|row| act::softplus_bias(row, bias));
-    }
-
-    fn silu_mul(&self, g: &mut Vec<f32>, u: &Vec<f32>, width: usize) {
-        assert_eq!(g.len(), u.len());
-        g.par_chunks_mut(width)
-            .zip(u.par_chunks(width))
-            .for_each(|(g, u)| act::silu_mul(g, u));
     }
 
     fn hybrid_heads(

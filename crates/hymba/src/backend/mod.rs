@@ -91,12 +91,26 @@ pub struct Seq<'a, B: Backend + 'a> {
     pub states: &'a mut [B::State],
 }
 
-/// Where a layer's new K/V rows go: their columns in the in_proj output, and the element type
-/// the cache keeps them in (new rows are rounded to it before any query reads them).
+/// The parts of the in_proj output row (spec §3, "Mixer" step 1): q, in a layer that computes
+/// its group's K/V then k and v, then the SSM's x (read by the conv, not cut), then the gate z.
 #[derive(Clone, Copy, Debug)]
-pub struct KvSplit {
+pub struct InProjParts {
     /// Width of the in_proj output row.
     pub width: usize,
+    /// q is columns `0..q`, heads of `dk`.
+    pub q: usize,
+    pub dk: usize,
+    /// z is columns `z_at..z_at + e`.
+    pub z_at: usize,
+    pub e: usize,
+    /// Where a K/V-computing layer's k and v are.
+    pub kv: Option<KvSplit>,
+}
+
+/// Where a layer's new K/V rows are in the in_proj output, and the element type the cache keeps
+/// them in (new rows are rounded to it before any query reads them).
+#[derive(Clone, Copy, Debug)]
+pub struct KvSplit {
     /// First column of k; v follows it.
     pub k_at: usize,
     pub kw: usize,
@@ -221,34 +235,44 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn matmul(&self, x: &Self::Rows, w: &Self::Matrix, y: &mut Self::Rows);
     /// RMSNorm of each `w.len()`-wide row, in f32.
     fn rmsnorm(&self, x: &Self::Rows, w: &Self::Vector, eps: f32, out: &mut Self::Rows);
-    /// RMSNorm of each row of columns `from..from + w.len()` of `x` (rows `width` wide).
-    fn rmsnorm_columns(
+    /// RMSNorm of columns `from..from + w.len()` of each row of `x` (rows `width` wide), for
+    /// each part `(from, w, out)`.
+    fn rmsnorm_parts(
         &self,
         x: &Self::Rows,
         width: usize,
-        from: usize,
-        w: &Self::Vector,
         eps: f32,
-        out: &mut Self::Rows,
+        parts: &mut [(usize, &Self::Vector, &mut Self::Rows)],
     );
     /// Columns `from..from + n` of every row of `x` (rows `width` wide).
     fn columns(&self, x: &Self::Rows, width: usize, from: usize, n: usize, out: &mut Self::Rows);
     /// The rows in `rows` (ranges of row indices, in order) of `x`, `width` wide.
     fn gather(&self, x: &Self::Rows, width: usize, rows: &[Range<usize>], out: &mut Self::Rows);
-    /// `h += x`.
-    fn add(&self, h: &mut Self::Rows, x: &Self::Rows);
-    /// RoPE (rotate-half) on every head of every row, at each sequence's positions.
-    fn rope(&self, x: &mut Self::Rows, inv_freq: &Self::Vector, seqs: &[Seq<Self>]);
-    /// A K/V-computing layer's new rows: k and v cut from the in_proj output `p`, RoPE on k,
-    /// rounded to the cache's element type.
-    fn new_kv(
+    /// `h += x · wᵀ`: a residual connection through a projection.
+    fn matmul_add(&self, x: &Self::Rows, w: &Self::Matrix, h: &mut Self::Rows);
+    /// `y = softplus(x · wᵀ + bias)` (PyTorch's softplus: linear above 20).
+    fn matmul_softplus(
+        &self,
+        x: &Self::Rows,
+        w: &Self::Matrix,
+        bias: &Self::Vector,
+        y: &mut Self::Rows,
+    );
+    /// `out = silu(x · gateᵀ) ⊙ (x · upᵀ)`: the gated MLP's hidden rows.
+    fn glu(&self, x: &Self::Rows, gate: &Self::Matrix, up: &Self::Matrix, out: &mut Self::Rows);
+    /// The in_proj output `p` cut into the heads' inputs: `q` with RoPE at each sequence's
+    /// positions, the gate `z`, and in a layer that computes its group's K/V, this call's `k`
+    /// (RoPE) and `v`, rounded to the cache's element type.
+    #[allow(clippy::too_many_arguments)]
+    fn split_in_proj(
         &self,
         p: &Self::Rows,
-        split: KvSplit,
+        parts: InProjParts,
         inv_freq: &Self::Vector,
         seqs: &[Seq<Self>],
-        k: &mut Self::Rows,
-        v: &mut Self::Rows,
+        q: &mut Self::Rows,
+        z: &mut Self::Rows,
+        kv: Option<(&mut Self::Rows, &mut Self::Rows)>,
     );
     /// The depthwise causal conv of columns `from..from + E` of `p` (rows `width` wide), each
     /// sequence from its conv state (updated), then SiLU. `taps` `[K, E]`, `bias` `[E]`.
@@ -264,10 +288,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         seqs: &mut [Seq<Self>],
         out: &mut Self::Rows,
     );
-    /// `x = softplus(x + bias)`, row by row.
-    fn softplus_bias(&self, x: &mut Self::Rows, bias: &Self::Vector);
-    /// `g = silu(g) ⊙ u`, over rows `width` wide.
-    fn silu_mul(&self, g: &mut Self::Rows, u: &Self::Rows, width: usize);
     /// The two heads of the hybrid mixer side by side, then their fusion (spec §3.2–3.4): per
     /// sequence, attention over its past K/V and this call's rows under the layer's mask, and
     /// the selective scan from its SSM state (updated), gated by silu(z); then

@@ -61,15 +61,33 @@ __device__ void embed(float* out, const T* table, const u32* ids, int d) {
 extern "C" __global__ void embed_f32(float* out, const float* table, const u32* ids, int d) { embed(out, table, ids, d); }
 extern "C" __global__ void embed_bf16(float* out, const bf16_t* table, const u32* ids, int d) { embed(out, table, ids, d); }
 
-// One block per row: out[r, :d] = w ⊙ x[r, from:from+d] / rms, x rows `width` wide.
-extern "C" __global__ void rmsnorm(const float* x, int width, int from, const float* w, int d, float eps, float* out) {
-    long r = blockIdx.x;
-    const float* xr = x + r * width + from;
+// out[:d] = w ⊙ x[:d] / rms(x[:d]), by a whole block.
+__device__ void rmsnorm_row(const float* xr, const float* w, int d, float eps, float* out) {
     float ss = 0.0f;
     for (int j = threadIdx.x; j < d; j += blockDim.x) ss += xr[j] * xr[j];
     ss = block_sum(ss);
     float inv = 1.0f / sqrtf(ss / d + eps);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) out[r * d + j] = w[j] * (xr[j] * inv);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = w[j] * (xr[j] * inv);
+}
+
+// One block per row: out[r, :d] = w ⊙ x[r, from:from+d] / rms, x rows `width` wide.
+extern "C" __global__ void rmsnorm(const float* x, int width, int from, const float* w, int d, float eps, float* out) {
+    long r = blockIdx.x;
+    rmsnorm_row(x + r * width + from, w, d, eps, out + r * d);
+}
+
+// Up to three column ranges of every row normed at once (the SSM's inner norms), block (row,
+// part): out[i][r, :d[i]] = w[i] ⊙ x[r, from[i]:][:d[i]] / rms.
+struct NormParts {
+    const float* w[3];
+    float* out[3];
+    int from[3];
+    int d[3];
+};
+extern "C" __global__ void rmsnorm_parts(const float* x, int width, NormParts np, float eps) {
+    long r = blockIdx.x;
+    int i = blockIdx.y, d = np.d[i];
+    rmsnorm_row(x + r * width + np.from[i], np.w[i], d, eps, np.out[i] + r * d);
 }
 
 // out[r, :n] = x[r, from:from+n], for `rows` rows of `width`.
@@ -80,30 +98,64 @@ extern "C" __global__ void columns(const float* x, int width, int from, int n, l
     }
 }
 
-// out = x[rows given by `rows` (start, len pairs), width]
-extern "C" __global__ void add(float* h, const float* x, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) h[i] += x[i];
+// RoPE (rotate-half) of the pair (j, j + dk/2) of head h of a row at position `pos`.
+__device__ __forceinline__ void rope_pair(const float* src, float* dst, int dk, int pair, int pos, const float* inv_freq) {
+    int half = dk / 2, h = pair / half, j = pair % half;
+    float s, c;
+    sincosf((float)pos * inv_freq[j], &s, &c);
+    float a1 = src[h * dk + j], a2 = src[h * dk + j + half];
+    dst[h * dk + j] = a1 * c - a2 * s;
+    dst[h * dk + j + half] = a2 * c + a1 * s;
 }
 
-// RoPE (rotate-half) on every head of `dk` of each row, at position pos[row]; one thread per pair.
-extern "C" __global__ void rope(float* x, int width, int dk, const int* pos, const float* inv_freq, long rows) {
-    int half = dk / 2, pairs = width / 2;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < rows * pairs; i += (long)gridDim.x * blockDim.x) {
-        long r = i / pairs;
-        int p = (int)(i % pairs), h = p / half, j = p % half;
-        float* a = x + r * width + h * dk;
-        float s, c;
-        sincosf((float)pos[r] * inv_freq[j], &s, &c);
-        float a1 = a[j], a2 = a[j + half];
-        a[j] = a1 * c - a2 * s;
-        a[j + half] = a2 * c + a1 * s;
+__device__ __forceinline__ float round_to_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+// The in_proj output cut into the heads' inputs, every row at once: q with RoPE at the row's
+// position, the gate z, and in a layer that computes the group's K/V, k with RoPE and v, rounded
+// to bf16 when the cache holds bf16 (so this call's queries see what the cache will hold).
+struct InProjParts {
+    int width;
+    int qw;
+    int z_at;
+    int e;
+    int kv;
+    int k_at;
+    int kw;
+    int vw;
+    int dk;
+    int round;
+};
+extern "C" __global__ void split_in_proj(const float* p, InProjParts s, const int* pos, const float* inv_freq, long rows, float* q,
+                                         float* z, float* k, float* v) {
+    int per_row = s.qw / 2 + s.e + (s.kv ? s.kw / 2 + s.vw : 0);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < rows * per_row; i += (long)gridDim.x * blockDim.x) {
+        long r = i / per_row;
+        int j = (int)(i % per_row);
+        const float* pr = p + r * s.width;
+        if (j < s.qw / 2) {
+            rope_pair(pr, q + r * s.qw, s.dk, j, pos[r], inv_freq);
+            continue;
+        }
+        j -= s.qw / 2;
+        if (j < s.e) {
+            z[r * s.e + j] = pr[s.z_at + j];
+            continue;
+        }
+        j -= s.e;
+        if (j < s.kw / 2) {
+            float* kr = k + r * s.kw;
+            rope_pair(pr + s.k_at, kr, s.dk, j, pos[r], inv_freq);
+            if (s.round) {
+                int half = s.dk / 2, at = (j / half) * s.dk + j % half;
+                kr[at] = round_to_bf16(kr[at]);
+                kr[at + half] = round_to_bf16(kr[at + half]);
+            }
+            continue;
+        }
+        j -= s.kw / 2;
+        float x = pr[s.k_at + s.kw + j];
+        v[r * s.vw + j] = s.round ? round_to_bf16(x) : x;
     }
-}
-
-// x = bf16(x), kept in f32: what a bf16 cache will hold.
-extern "C" __global__ void round_bf16(float* x, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        x[i] = bf16_to_f32(f32_to_bf16(x[i]));
 }
 
 extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
@@ -511,74 +563,134 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
     }
 }
 
-// y[r, j] = x[r, :] · w[j, :] for r < t (t <= GEMV_ROWS): the matrix product of decode and small
-// batches, one warp per weight row, so the weights stream once at the memory's pace and no
-// input is rounded (bf16 weights widened to f32). Rows of 8 elements at a time (16 or 32
-// bytes a lane) when k allows, else one at a time.
+// Matrix products of decode and small batches (t <= GEMV_ROWS input rows): y[r, j] = x[r, :] · w[j, :],
+// the weights streamed once at the memory's pace, no input rounded (bf16 weights widened to f32).
+// Work comes in pairs of weight rows (rows 2p, 2p + 1 of w0; for the gated MLP row p of w0 and of
+// w1), GEMV_SPLIT warps splitting a pair's k, so that every warp has several 16-byte loads of
+// each row in flight before it uses any; the pair's sums meet in shared memory. The epilogue
+// writes y, adds to it (a residual), applies softplus(y + bias) (the SSM's Δ) or silu(gate) · up.
 #define GEMV_ROWS 8
-#define GEMV_UNROLL 4
+#define GEMV_SPLIT 4
+#define GEMV_UNROLL 2
+#define EPI_STORE 0
+#define EPI_ADD 1
+#define EPI_SOFTPLUS 2
+#define EPI_GLU 3
 // Eight weights from element j of a row, widened.
-__device__ __forceinline__ void load8(const bf16_t* __restrict__ w, int j, float* wv) {
+__device__ __forceinline__ void load8(const bf16_t* __restrict__ w, long j, float* wv) {
     uint4 raw = __ldg((const uint4*)(w + j));
     const bf16_t* hb = (const bf16_t*)&raw;
 #pragma unroll
     for (int e = 0; e < 8; e++) wv[e] = bf16_to_f32(hb[e]);
 }
-__device__ __forceinline__ void load8(const float* __restrict__ w, int j, float* wv) {
+__device__ __forceinline__ void load8(const float* __restrict__ w, long j, float* wv) {
     float4 a = __ldg((const float4*)(w + j)), b = __ldg((const float4*)(w + j + 4));
     wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w; wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
 }
+__device__ __forceinline__ float dot8(const float* w, float4 a, float4 b) {
+    return w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
+}
 
-template <typename W>
-__device__ void gemv(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ y, int t, int n, int k) {
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (row >= n) return;
-    const W* wr = w + (long)row * k;
-    float acc[GEMV_ROWS];
+template <typename W, int EPI>
+__device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const float* __restrict__ bias,
+                     float* __restrict__ y, int t, int n, int k) {
+    __shared__ float red[8][2][GEMV_ROWS];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int grp = warp / GEMV_SPLIT, part = warp % GEMV_SPLIT;
+    int pair = blockIdx.x * (8 / GEMV_SPLIT) + grp;
+    bool live = pair < (EPI == EPI_GLU ? n : (n + 1) / 2);
+    const W* ra = EPI == EPI_GLU ? w0 + (long)pair * k : w0 + (long)(2 * pair) * k;
+    const W* rb = EPI == EPI_GLU ? w1 + (long)pair * k : ra + k;
+    bool has_b = live && (EPI == EPI_GLU || 2 * pair + 1 < n);
+    float acc[2][GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
-    int vec_end = (k % 8 == 0) ? k : 0;
-    // GEMV_UNROLL loads of 8 weights a lane issued before any is used: enough bytes in flight
-    // to stream the weights at the memory's pace.
-    for (int j0 = lane * 8; j0 < vec_end; j0 += 256 * GEMV_UNROLL) {
-        float wv[GEMV_UNROLL][8];
+    for (int r = 0; r < GEMV_ROWS; r++) acc[0][r] = acc[1][r] = 0.0f;
+    if (live && k % 8 == 0) {
+        int chunks = k / 8, per = (chunks + GEMV_SPLIT - 1) / GEMV_SPLIT;
+        int lo = part * per, hi = min(chunks, lo + per);
+        for (int c0 = lo + lane; c0 < hi; c0 += 32 * GEMV_UNROLL) {
+            float wa[GEMV_UNROLL][8], wb[GEMV_UNROLL][8];
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
-            int j = j0 + 256 * u;
-            if (j < vec_end) load8(wr, j, wv[u]);
+            for (int u = 0; u < GEMV_UNROLL; u++) {
+                long c = c0 + 32 * u;
+                if (c < hi) load8(ra, 8 * c, wa[u]);
+                if (c < hi && has_b) load8(rb, 8 * c, wb[u]);
+                else
+#pragma unroll
+                    for (int e = 0; e < 8; e++) wb[u][e] = 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; u++) {
+                long c = c0 + 32 * u;
+                if (c >= hi) break;
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    if (r < t) {
+                        const float4* xr = (const float4*)(x + (long)r * k + 8 * c);
+                        float4 a = xr[0], b = xr[1];
+                        acc[0][r] += dot8(wa[u], a, b);
+                        acc[1][r] += dot8(wb[u], a, b);
+                    }
+                }
+            }
         }
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
-            int j = j0 + 256 * u;
-            if (j >= vec_end) break;
+    } else if (live) {
+        // Rows not 16-byte aligned: one element a lane at a time.
+        int per = (k + GEMV_SPLIT - 1) / GEMV_SPLIT, lo = part * per, hi = min(k, lo + per);
+        for (int j = lo + lane; j < hi; j += 32) {
+            float a = load(ra, j), b = has_b ? load(rb, j) : 0.0f;
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) {
                 if (r < t) {
-                    const float4* xr = (const float4*)(x + (long)r * k + j);
-                    float4 a = xr[0], b = xr[1];
-                    acc[r] += wv[u][0] * a.x + wv[u][1] * a.y + wv[u][2] * a.z + wv[u][3] * a.w + wv[u][4] * b.x + wv[u][5] * b.y +
-                              wv[u][6] * b.z + wv[u][7] * b.w;
+                    float xv = x[(long)r * k + j];
+                    acc[0][r] += a * xv;
+                    acc[1][r] += b * xv;
                 }
             }
         }
     }
-    for (int j = vec_end + lane; j < k; j += 32) {
-        float wv = load(wr, j);
+#pragma unroll
+    for (int i = 0; i < 2; i++)
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++)
-            if (r < t) acc[r] += wv * x[(long)r * k + j];
-    }
+            if (r < t) {
+                float v = warp_sum(acc[i][r]);
+                if (lane == 0) red[warp][i][r] = v;
+            }
+    __syncthreads();
+    if (!live || part != 0 || lane >= 2 * GEMV_ROWS) return;
+    int i = lane / GEMV_ROWS, r = lane % GEMV_ROWS;
+    float s = 0.0f;
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) {
-        if (r < t) {
-            float v = warp_sum(acc[r]);
-            if (lane == 0) y[(long)r * n + row] = v;
-        }
+    for (int q = 0; q < GEMV_SPLIT; q++) s += red[grp * GEMV_SPLIT + q][i][r];  // unset when r >= t: not used
+    if (EPI == EPI_GLU) {
+        float u = __shfl_down_sync(0x0000ffffu, s, GEMV_ROWS, 16);
+        if (i == 0 && r < t) y[(long)r * n + pair] = silu(s) * u;
+        return;
+    }
+    if (r >= t) return;
+    int col = 2 * pair + i;
+    if (col >= n) return;
+    float* out = y + (long)r * n + col;
+    if (EPI == EPI_STORE) *out = s;
+    if (EPI == EPI_ADD) *out += s;
+    if (EPI == EPI_SOFTPLUS) {
+        float v = s + bias[col];
+        *out = v > 20.0f ? v : log1pf(expf(v));
     }
 }
-extern "C" __global__ void gemv_f32(const float* x, const float* w, float* y, int t, int n, int k) { gemv(x, w, y, t, n, k); }
-extern "C" __global__ void gemv_bf16(const float* x, const bf16_t* w, float* y, int t, int n, int k) { gemv(x, w, y, t, n, k); }
+#define GEMV(name, W, EPI) \
+    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k) { \
+        gemv<W, EPI>(x, w0, w1, bias, y, t, n, k); \
+    }
+GEMV(gemv_f32, float, EPI_STORE)
+GEMV(gemv_add_f32, float, EPI_ADD)
+GEMV(gemv_softplus_f32, float, EPI_SOFTPLUS)
+GEMV(gemv_glu_f32, float, EPI_GLU)
+GEMV(gemv_bf16, bf16_t, EPI_STORE)
+GEMV(gemv_add_bf16, bf16_t, EPI_ADD)
+GEMV(gemv_softplus_bf16, bf16_t, EPI_SOFTPLUS)
+GEMV(gemv_glu_bf16, bf16_t, EPI_GLU)
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2.
 extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out) {

@@ -10,8 +10,8 @@
 //! [`Backend::finish`].
 
 use super::{
-    AttnInput, Backend, Fuse, Heads, KeyPositions, KvSplit, KvStorage, MatrixInfo, RecurrentState,
-    ScanInput, Seq, VectorInfo,
+    AttnInput, Backend, Fuse, Heads, InProjParts, KeyPositions, KvStorage, MatrixInfo,
+    RecurrentState, ScanInput, Seq, VectorInfo,
 };
 use crate::cache::KvDtype;
 use crate::error::{Error, Result};
@@ -105,6 +105,38 @@ struct PutOp {
 // SAFETY: plain data with the layout of the kernel's struct; all zeros is a valid value.
 unsafe impl DeviceRepr for PutOp {}
 unsafe impl cudarc::driver::ValidAsZeroBits for PutOp {}
+
+/// Up to three column ranges normed at once, as `rmsnorm_parts` takes them (`NormParts` there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct NormParts {
+    w: [u64; 3],
+    out: [u64; 3],
+    from: [i32; 3],
+    d: [i32; 3],
+}
+
+// SAFETY: plain data with the layout of the kernel's struct.
+unsafe impl DeviceRepr for NormParts {}
+
+/// Where the parts of an in_proj row are, as `split_in_proj` takes them (`InProjParts` there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct InProjLayout {
+    width: i32,
+    qw: i32,
+    z_at: i32,
+    e: i32,
+    kv: i32,
+    k_at: i32,
+    kw: i32,
+    vw: i32,
+    dk: i32,
+    round: i32,
+}
+
+// SAFETY: plain data with the layout of the kernel's struct.
+unsafe impl DeviceRepr for InProjLayout {}
 
 /// One sequence of a step, as the kernels take it (`SeqInfo` there).
 #[repr(C)]
@@ -237,10 +269,9 @@ struct Kernels {
     embed_f32: Kernel,
     embed_bf16: Kernel,
     rmsnorm: Kernel,
+    rmsnorm_parts: Kernel,
     columns: Kernel,
-    add: Kernel,
-    rope: Kernel,
-    round_bf16: Kernel,
+    split_in_proj: Kernel,
     to_bf16: Kernel,
     conv_silu: Kernel,
     conv_state: Kernel,
@@ -250,17 +281,18 @@ struct Kernels {
     attention: Kernel,
     attention_combine: Kernel,
     attention_tiles: Kernel,
-    gemv_f32: Kernel,
-    gemv_bf16: Kernel,
+    /// `[f32 weights, bf16 weights][Epilogue]`
+    gemv: [[Kernel; 4]; 2],
     fuse: Kernel,
     kv_put: Kernel,
 }
 
-/// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the
-/// attention and SSM outputs of the hybrid heads, attention's split partials, and the positions
-/// of the step's rows.
+/// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the MLP's up
+/// rows (when cuBLAS makes them), the attention and SSM outputs of the hybrid heads, attention's
+/// split partials, and the positions of the step's rows.
 struct Scratch {
     x16: Option<CudaSlice<u16>>,
+    up: DevRows,
     attn: DevRows,
     y: DevRows,
     part: DevRows,
@@ -296,6 +328,19 @@ const TILED_FROM: usize = 8;
 /// Rows up to which a matrix product runs as one pass of warps over the weights (the kernel's
 /// GEMV_ROWS) rather than through cuBLAS.
 const GEMV_ROWS: usize = 8;
+
+/// What a matrix product does with its result `s = x · wᵀ` (the `EPI_*` of the kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Epilogue {
+    /// `y = s`
+    Store = 0,
+    /// `y += s`
+    Add = 1,
+    /// `y = softplus(s + bias)`
+    Softplus = 2,
+    /// `y = silu(s) ⊙ (x · upᵀ)`
+    Glu = 3,
+}
 
 /// How a step's kernels reach the GPU. A decode step (one row a sequence, few sequences) is
 /// captured into a CUDA graph the second time its shape is seen with the same buffers, and
@@ -437,10 +482,9 @@ impl Cuda {
             embed_f32: f("embed_f32")?,
             embed_bf16: f("embed_bf16")?,
             rmsnorm: f("rmsnorm")?,
+            rmsnorm_parts: f("rmsnorm_parts")?,
             columns: f("columns")?,
-            add: f("add")?,
-            rope: f("rope")?,
-            round_bf16: f("round_bf16")?,
+            split_in_proj: f("split_in_proj")?,
             to_bf16: f("to_bf16")?,
             conv_silu: f("conv_silu")?,
             conv_state: f("conv_state")?,
@@ -450,8 +494,20 @@ impl Cuda {
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
             attention_tiles: f("attention_tiles")?,
-            gemv_f32: f("gemv_f32")?,
-            gemv_bf16: f("gemv_bf16")?,
+            gemv: [
+                [
+                    f("gemv_f32")?,
+                    f("gemv_add_f32")?,
+                    f("gemv_softplus_f32")?,
+                    f("gemv_glu_f32")?,
+                ],
+                [
+                    f("gemv_bf16")?,
+                    f("gemv_add_bf16")?,
+                    f("gemv_softplus_bf16")?,
+                    f("gemv_glu_bf16")?,
+                ],
+            ],
             fuse: f("fuse")?,
             kv_put: f("kv_put")?,
         };
@@ -463,6 +519,7 @@ impl Cuda {
         let empty = || DevRows { buf: None, len: 0 };
         let scratch = Scratch {
             x16: None,
+            up: empty(),
             attn: empty(),
             y: empty(),
             part: empty(),
@@ -862,24 +919,150 @@ impl Cuda {
         })
     }
 
-    /// RoPE on rows `width` wide at the step's positions (see `begin`).
-    fn rope_rows(&self, x: &DevRows, width: usize, dk: usize, inv_freq: &CudaSlice<f32>) {
-        let rows = x.len / width.max(1);
-        let pp = match &self.scratch.lock().expect("scratch").pos {
-            Some(p) => self.pv_i(p),
-            None => return self.fail("rope", "no positions: begin was not called"),
-        };
-        let (xp, fp) = (self.p(x), self.pv(inv_freq));
-        let (w, d, r) = (width as i32, dk as i32, rows as i64);
-        self.launch(
-            &self.k.rope,
-            flat(rows * width / 2),
-            &[&xp, &w, &d, &pp, &fp, &r],
-        );
-    }
-
     fn pv_i(&self, v: &CudaSlice<i32>) -> u64 {
         v.device_ptr(&self.stream).0
+    }
+
+    /// `y = x · wᵀ + β·y` through cuBLAS (for a bf16 matrix, the input rounded to bf16 first, as
+    /// the official bf16 model computes).
+    fn gemm(&self, x: &DevRows, w: &DevMatrix, beta: f32, y: &mut DevRows) {
+        let alpha = 1.0f32;
+        let t = x.len / w.cols.max(1);
+        let (m, n, k) = (w.rows as i32, t as i32, w.cols as i32);
+        let yp = self.p(y) as *mut std::ffi::c_void;
+        let mut scratch = self.scratch.lock().expect("scratch");
+        let (xp, dtype) = match &w.data {
+            DevData::F32(_) => (self.p(x), blas_sys::cudaDataType::CUDA_R_32F),
+            DevData::BF16(_) => {
+                // The input rounded to bf16, as the official bf16 model computes.
+                let len = x.len;
+                if scratch.x16.as_ref().is_none_or(|b| b.len() < len) {
+                    self.moved();
+                    match self.alloc::<u16>(len, "activations") {
+                        Ok(b) => scratch.x16 = Some(b),
+                        Err(e) => return self.fail("allocating", e),
+                    }
+                }
+                let xs = scratch
+                    .x16
+                    .as_ref()
+                    .expect("allocated")
+                    .device_ptr(&self.stream)
+                    .0;
+                let (src, nn) = (self.p(x), len as i64);
+                self.launch(&self.k.to_bf16, flat(len), &[&src, &xs, &nn]);
+                (xs, blas_sys::cudaDataType::CUDA_R_16BF)
+            }
+        };
+        if matches!(self.mode(), Mode::Replaying(_)) {
+            return;
+        }
+        let timer = self.profile.as_ref().map(|_| self.time_start());
+        // Row-major y[t, n] = x[t, k] · w[n, k]ᵀ is column-major yᵀ = wᵀᵀ… : C(m×n) = Aᵀ(m×k) B(k×n)
+        // with A = w as column-major [k, m], B = x as column-major [k, t].
+        // SAFETY: pointers of live device buffers holding these shapes.
+        let r = unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                &alpha as *const f32 as *const _,
+                w.data.ptr(&self.stream) as *const _,
+                dtype,
+                k,
+                xp as *const _,
+                dtype,
+                k,
+                &beta as *const f32 as *const _,
+                yp,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                m,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            self.fail("cuBLAS GEMM", e);
+        }
+        if let Some(t) = timer {
+            self.time_end("cublas_gemm", t);
+        }
+    }
+
+    /// `y ∘= x · wᵀ` by the epilogue `epi` (`up` for `Glu`, `bias` for `Softplus`): one pass of
+    /// the GEMV kernels over the weights for up to GEMV_ROWS rows, else cuBLAS, then the
+    /// epilogue (`Add` in the GEMM's β).
+    fn product(
+        &self,
+        x: &DevRows,
+        w: &DevMatrix,
+        epi: Epilogue,
+        up: Option<&DevMatrix>,
+        bias: Option<&CudaSlice<f32>>,
+        y: &mut DevRows,
+    ) {
+        let t = x.len / w.cols.max(1);
+        if epi == Epilogue::Add {
+            assert_eq!(y.len, t * w.rows, "the residual's shape");
+        } else {
+            self.shape(y, t * w.rows);
+        }
+        if t == 0 || self.failed() {
+            return;
+        }
+        if t <= GEMV_ROWS {
+            let wi = match (&w.data, up.map(|u| &u.data)) {
+                (DevData::F32(_), None | Some(DevData::F32(_))) => 0,
+                (DevData::BF16(_), None | Some(DevData::BF16(_))) => 1,
+                _ => return self.fail("the gated MLP", "gate and up matrices of different types"),
+            };
+            let (xp, w0, yp) = (self.p(x), w.data.ptr(&self.stream), self.p(y));
+            let w1 = up.map_or(0, |u| u.data.ptr(&self.stream));
+            let bp = bias.map_or(0, |b| self.pv(b));
+            let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
+            // Pairs of weight rows, two a block of 8 warps (4 warps a pair).
+            let pairs = if epi == Epilogue::Glu {
+                w.rows
+            } else {
+                w.rows.div_ceil(2)
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (pairs.div_ceil(2) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            return self.launch(
+                &self.k.gemv[wi][epi as usize],
+                cfg,
+                &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki],
+            );
+        }
+        match epi {
+            Epilogue::Store => self.gemm(x, w, 0.0, y),
+            Epilogue::Add => self.gemm(x, w, 1.0, y),
+            Epilogue::Softplus => {
+                self.gemm(x, w, 0.0, y);
+                let bias = bias.expect("softplus has a bias");
+                let (yp, bp, e, n) = (self.p(y), self.pv(bias), bias.len() as i32, y.len as i64);
+                self.launch(&self.k.softplus_bias, flat(y.len), &[&yp, &bp, &e, &n]);
+            }
+            Epilogue::Glu => {
+                self.gemm(x, w, 0.0, y);
+                let mut u = std::mem::replace(
+                    &mut self.scratch.lock().expect("scratch").up,
+                    DevRows { buf: None, len: 0 },
+                );
+                let up = up.expect("the gated MLP has an up matrix");
+                self.shape(&mut u, t * up.rows);
+                self.gemm(x, up, 0.0, &mut u);
+                let (gp, upp, n) = (self.p(y), self.p(&u), y.len as i64);
+                self.launch(&self.k.silu_mul, flat(y.len), &[&gp, &upp, &n]);
+                self.scratch.lock().expect("scratch").up = u;
+            }
+        }
     }
 }
 
@@ -1201,115 +1384,57 @@ impl Backend for Cuda {
     }
 
     fn matmul(&self, x: &DevRows, w: &DevMatrix, y: &mut DevRows) {
-        let t = x.len / w.cols.max(1);
-        self.shape(y, t * w.rows);
-        if t == 0 || self.failed() {
-            return;
-        }
-        if t <= GEMV_ROWS {
-            let (f, wp) = match &w.data {
-                DevData::F32(d) => (&self.k.gemv_f32, d.device_ptr(&self.stream).0),
-                DevData::BF16(d) => (&self.k.gemv_bf16, d.device_ptr(&self.stream).0),
-            };
-            let (xp, yp) = (self.p(x), self.p(y));
-            let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
-            // One warp a weight row, 8 warps a block.
-            let cfg = LaunchConfig {
-                grid_dim: (w.rows.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            return self.launch(f, cfg, &[&xp, &wp, &yp, &ti, &ni, &ki]);
-        }
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (m, n, k) = (w.rows as i32, t as i32, w.cols as i32);
-        let yp = self.p(y) as *mut std::ffi::c_void;
-        let mut scratch = self.scratch.lock().expect("scratch");
-        let (xp, dtype) = match &w.data {
-            DevData::F32(_) => (self.p(x), blas_sys::cudaDataType::CUDA_R_32F),
-            DevData::BF16(_) => {
-                // The input rounded to bf16, as the official bf16 model computes.
-                let len = x.len;
-                if scratch.x16.as_ref().is_none_or(|b| b.len() < len) {
-                    self.moved();
-                    match self.alloc::<u16>(len, "activations") {
-                        Ok(b) => scratch.x16 = Some(b),
-                        Err(e) => return self.fail("allocating", e),
-                    }
-                }
-                let xs = scratch
-                    .x16
-                    .as_ref()
-                    .expect("allocated")
-                    .device_ptr(&self.stream)
-                    .0;
-                let (src, nn) = (self.p(x), len as i64);
-                self.launch(&self.k.to_bf16, flat(len), &[&src, &xs, &nn]);
-                (xs, blas_sys::cudaDataType::CUDA_R_16BF)
-            }
-        };
-        if matches!(self.mode(), Mode::Replaying(_)) {
-            return;
-        }
-        let timer = self.profile.as_ref().map(|_| self.time_start());
-        // Row-major y[t, n] = x[t, k] · w[n, k]ᵀ is column-major yᵀ = wᵀᵀ… : C(m×n) = Aᵀ(m×k) B(k×n)
-        // with A = w as column-major [k, m], B = x as column-major [k, t].
-        // SAFETY: pointers of live device buffers holding these shapes.
-        let r = unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                m,
-                n,
-                k,
-                &alpha as *const f32 as *const _,
-                w.data.ptr(&self.stream) as *const _,
-                dtype,
-                k,
-                xp as *const _,
-                dtype,
-                k,
-                &beta as *const f32 as *const _,
-                yp,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                m,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        };
-        if let Err(e) = r {
-            self.fail("cuBLAS GEMM", e);
-        }
-        if let Some(t) = timer {
-            self.time_end("cublas_gemm", t);
-        }
+        self.product(x, w, Epilogue::Store, None, None, y);
+    }
+
+    fn matmul_add(&self, x: &DevRows, w: &DevMatrix, h: &mut DevRows) {
+        self.product(x, w, Epilogue::Add, None, None, h);
+    }
+
+    fn matmul_softplus(&self, x: &DevRows, w: &DevMatrix, bias: &CudaSlice<f32>, y: &mut DevRows) {
+        self.product(x, w, Epilogue::Softplus, None, Some(bias), y);
+    }
+
+    fn glu(&self, x: &DevRows, gate: &DevMatrix, up: &DevMatrix, out: &mut DevRows) {
+        self.product(x, gate, Epilogue::Glu, Some(up), None, out);
     }
 
     fn rmsnorm(&self, x: &DevRows, w: &CudaSlice<f32>, eps: f32, out: &mut DevRows) {
         let d = w.len();
-        self.rmsnorm_columns(x, d, 0, w, eps, out);
-    }
-
-    fn rmsnorm_columns(
-        &self,
-        x: &DevRows,
-        width: usize,
-        from: usize,
-        w: &CudaSlice<f32>,
-        eps: f32,
-        out: &mut DevRows,
-    ) {
-        let d = w.len();
-        let rows = x.len / width.max(1);
+        let rows = x.len / d.max(1);
         self.shape(out, rows * d);
         let (xp, wp, op) = (self.p(x), self.pv(w), self.p(out));
-        let (wi, fi, di) = (width as i32, from as i32, d as i32);
+        let (wi, fi, di) = (d as i32, 0i32, d as i32);
         self.launch(
             &self.k.rmsnorm,
             rows_of(rows, row_threads(rows)),
             &[&xp, &wi, &fi, &wp, &di, &eps, &op],
         );
+    }
+
+    fn rmsnorm_parts(
+        &self,
+        x: &DevRows,
+        width: usize,
+        eps: f32,
+        parts: &mut [(usize, &CudaSlice<f32>, &mut DevRows)],
+    ) {
+        let rows = x.len / width.max(1);
+        for chunk in parts.chunks_mut(3) {
+            let mut np = NormParts::default();
+            for (i, (from, w, out)) in chunk.iter_mut().enumerate() {
+                self.shape(out, rows * w.len());
+                (np.w[i], np.out[i], np.from[i], np.d[i]) =
+                    (self.pv(w), self.p(out), *from as i32, w.len() as i32);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (rows.max(1) as u32, chunk.len() as u32, 1),
+                block_dim: (row_threads(rows), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xp, wi) = (self.p(x), width as i32);
+            self.launch(&self.k.rmsnorm_parts, cfg, &[&xp, &wi, &np, &eps]);
+        }
     }
 
     fn columns(&self, x: &DevRows, width: usize, from: usize, n: usize, out: &mut DevRows) {
@@ -1346,35 +1471,63 @@ impl Backend for Cuda {
         }
     }
 
-    fn add(&self, h: &mut DevRows, x: &DevRows) {
-        assert_eq!(h.len, x.len);
-        let (hp, xp, n) = (self.p(h), self.p(x), h.len as i64);
-        self.launch(&self.k.add, flat(h.len), &[&hp, &xp, &n]);
-    }
-
-    fn rope(&self, x: &mut DevRows, inv_freq: &CudaSlice<f32>, seqs: &[Seq<Cuda>]) {
-        let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
-        self.rope_rows(x, x.len / t.max(1), 2 * inv_freq.len(), inv_freq);
-    }
-
-    fn new_kv(
+    fn split_in_proj(
         &self,
         p: &DevRows,
-        split: KvSplit,
+        parts: InProjParts,
         inv_freq: &CudaSlice<f32>,
         _seqs: &[Seq<Cuda>],
-        k: &mut DevRows,
-        v: &mut DevRows,
+        q: &mut DevRows,
+        z: &mut DevRows,
+        kv: Option<(&mut DevRows, &mut DevRows)>,
     ) {
-        self.columns(p, split.width, split.k_at, split.kw, k);
-        self.columns(p, split.width, split.k_at + split.kw, split.vw, v);
-        self.rope_rows(k, split.kw, 2 * inv_freq.len(), inv_freq);
-        if split.dtype == KvDtype::BF16 {
-            for r in [&*k, &*v] {
-                let (rp, n) = (self.p(r), r.len as i64);
-                self.launch(&self.k.round_bf16, flat(r.len), &[&rp, &n]);
-            }
+        let rows = p.len / parts.width.max(1);
+        self.shape(q, rows * parts.q);
+        self.shape(z, rows * parts.e);
+        let mut l = InProjLayout {
+            width: parts.width as i32,
+            qw: parts.q as i32,
+            z_at: parts.z_at as i32,
+            e: parts.e as i32,
+            dk: parts.dk as i32,
+            ..Default::default()
+        };
+        let (mut kp, mut vp) = (0u64, 0u64);
+        if let (Some(split), Some((k, v))) = (parts.kv, kv) {
+            self.shape(k, rows * split.kw);
+            self.shape(v, rows * split.vw);
+            (kp, vp) = (self.p(k), self.p(v));
+            (l.kv, l.k_at, l.kw, l.vw, l.round) = (
+                1,
+                split.k_at as i32,
+                split.kw as i32,
+                split.vw as i32,
+                (split.dtype == KvDtype::BF16) as i32,
+            );
         }
+        let pos = match &self.scratch.lock().expect("scratch").pos {
+            Some(pos) => self.pv_i(pos),
+            None => return self.fail("split_in_proj", "no positions: begin was not called"),
+        };
+        let per_row = parts.q / 2
+            + parts.e
+            + if l.kv == 1 {
+                (l.kw / 2 + l.vw) as usize
+            } else {
+                0
+            };
+        let (pp, fp, qp, zp, r) = (
+            self.p(p),
+            self.pv(inv_freq),
+            self.p(q),
+            self.p(z),
+            rows as i64,
+        );
+        self.launch(
+            &self.k.split_in_proj,
+            flat(rows * per_row),
+            &[&pp, &l, &pos, &fp, &r, &qp, &zp, &kp, &vp],
+        );
     }
 
     fn conv_silu(
@@ -1424,17 +1577,6 @@ impl Backend for Cuda {
             cfg,
             &[&pp, &wi, &fi, &sp, &cp, &ei, &ki],
         );
-    }
-
-    fn softplus_bias(&self, x: &mut DevRows, bias: &CudaSlice<f32>) {
-        let (xp, bp, e, n) = (self.p(x), self.pv(bias), bias.len() as i32, x.len as i64);
-        self.launch(&self.k.softplus_bias, flat(x.len), &[&xp, &bp, &e, &n]);
-    }
-
-    fn silu_mul(&self, g: &mut DevRows, u: &DevRows, _width: usize) {
-        assert_eq!(g.len, u.len);
-        let (gp, up, n) = (self.p(g), self.p(u), g.len as i64);
-        self.launch(&self.k.silu_mul, flat(g.len), &[&gp, &up, &n]);
     }
 
     fn hybrid_heads(

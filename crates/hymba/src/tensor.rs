@@ -423,39 +423,40 @@ impl TensorStore {
                 tensor: name.clone(),
                 msg,
             };
-            let (dtype, shape) =
-                match (view.dtype(), quant.get(&name)) {
-                    (safetensors::Dtype::U8, Some(q)) => {
-                        let dtype = q
-                            .get("format")
-                            .and_then(|f| f.as_str())
-                            .and_then(Dtype::parse_quant);
-                        let shape: Option<Vec<usize>> = q
-                            .get("shape")
-                            .and_then(|s| serde_json::from_value(s.clone()).ok());
-                        match (dtype, shape) {
-                            (Some(d), Some(s))
-                                if s.len() == 2
-                                    && s[1] % QK == 0
-                                    && d.nbytes(s[0] * s[1]) == view.data().len() =>
-                            {
-                                (d, s)
-                            }
-                            _ => {
-                                return Err(err(format!(
-                                    "bad quantization metadata {q} for {} bytes",
-                                    view.data().len()
-                                )))
-                            }
+            let (dtype, shape) = match (view.dtype(), quant.get(&name)) {
+                (safetensors::Dtype::U8, Some(q)) => {
+                    let dtype = q
+                        .get("format")
+                        .and_then(|f| f.as_str())
+                        .and_then(Dtype::parse_quant);
+                    let shape: Option<Vec<usize>> = q
+                        .get("shape")
+                        .and_then(|s| serde_json::from_value(s.clone()).ok());
+                    match (dtype, shape) {
+                        (Some(d), Some(s))
+                            if s.len() == 2
+                                && s[1] % QK == 0
+                                && d.nbytes(s[0] * s[1]) == view.data().len() =>
+                        {
+                            (d, s)
+                        }
+                        _ => {
+                            return Err(err(format!(
+                                "bad quantization metadata {q} for {} bytes",
+                                view.data().len()
+                            )))
                         }
                     }
-                    (safetensors::Dtype::F32, None) => (Dtype::F32, view.shape().to_vec()),
-                    (safetensors::Dtype::BF16, None) => (Dtype::BF16, view.shape().to_vec()),
-                    (safetensors::Dtype::F16, None) => (Dtype::F16, view.shape().to_vec()),
-                    (other, _) => return Err(err(format!(
+                }
+                (safetensors::Dtype::F32, None) => (Dtype::F32, view.shape().to_vec()),
+                (safetensors::Dtype::BF16, None) => (Dtype::BF16, view.shape().to_vec()),
+                (safetensors::Dtype::F16, None) => (Dtype::F16, view.shape().to_vec()),
+                (other, _) => {
+                    return Err(err(format!(
                         "dtype {other:?} is not supported (F32, BF16, F16, or q8_0/q4_0 blocks)"
-                    ))),
-                };
+                    )))
+                }
+            };
             let data = view.data();
             let offset = data.as_ptr() as usize - base;
             let mut t = Tensor {

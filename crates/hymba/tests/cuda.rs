@@ -268,3 +268,36 @@ fn cuda_bf16_weights_match_cpu_to_bf16_precision() {
         "bf16 weights on the GPU vs the CPU: relative difference {rel:.3e} over {bound:.3e}"
     );
 }
+
+/// Prompts longer than the GPU's scan chunks and attention tiles, in one call and in two (the
+/// second starting from the first's state), against the CPU's one-call prefill: the chunked
+/// scan and the tiled attention over window and global layers give the sequential results.
+#[test]
+fn cuda_long_prompts_match_cpu() {
+    let Some(gpu) = gpu("cuda_long_prompts_match_cpu") else {
+        return;
+    };
+    let dir = fixture("tiny-a");
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 32000 + 1).collect();
+    let want = cpu_logits(&dir, &ids, KvDtype::F32, ids.len());
+    let model = Model::load_on(gpu, &dir, None).unwrap();
+    let whole = model
+        .forward(
+            &mut model.new_cache(),
+            &ids,
+            Logits::All,
+            DecodeWindow::Trained,
+        )
+        .unwrap();
+    assert_close(&whole, &want, TOL, "one 300-token prefill, GPU vs CPU");
+    let mut cache = model.new_cache();
+    let mut parts = model
+        .forward(&mut cache, &ids[..130], Logits::All, DecodeWindow::Trained)
+        .unwrap();
+    parts.extend(
+        model
+            .forward(&mut cache, &ids[130..], Logits::All, DecodeWindow::Trained)
+            .unwrap(),
+    );
+    assert_close(&parts, &want, TOL, "130 + 170 tokens, GPU vs CPU");
+}

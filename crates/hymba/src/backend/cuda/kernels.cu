@@ -230,59 +230,96 @@ extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) g[i] = silu(g[i]) * u[i];
 }
 
-// Selective scan, block (channels, sequence): a group of G lanes (G = N rounded up to a power
-// of two, at most 32) per channel, one state each, so the N recurrences of a channel run side by
-// side; y = (Σ_n S·C + D·x) ⊙ silu(z), summed across the group. The block's inputs come through
-// shared memory SCAN_T steps at a time, loaded together, so the recurrence does not wait on
-// global memory every step. ssm[seq] is [E, N]; x, delta, z, y: [t, E]; b, c: [t, N]; a [E, N].
-#define SCAN_T 32
-#define SCAN_MAX_CH 128
-extern "C" __global__ void scan(const float* x, const float* delta, const float* bm, const float* cm, const float* z,
-                                const float* a, const float* d, const SeqInfo* seqs, float* const* ssm, int e, int n, int g,
-                                float* y) {
-    __shared__ float sx[SCAN_T][SCAN_MAX_CH], sd[SCAN_T][SCAN_MAX_CH], sb[SCAN_T][32], sc[SCAN_T][32];
-    int per_block = blockDim.x / g;  // channels of this block
-    int ch0 = blockIdx.x * per_block;
-    int tid = threadIdx.x;
-    int lc = tid / g, j = tid % g;
-    int ch = ch0 + lc;
-    bool live = ch < e && j < n;
-    SeqInfo si = seqs[blockIdx.y];
-    float* state = ssm[blockIdx.y];
-    float s = live ? state[(long)ch * n + j] : 0.0f;
-    float av = live ? a[(long)ch * n + j] : 0.0f;
-    for (int t0 = 0; t0 < si.len; t0 += SCAN_T) {
-        int nt = min(SCAN_T, si.len - t0);
-        __syncthreads();
-        for (int i = tid; i < nt * per_block; i += blockDim.x) {
-            int tt = i / per_block, c = i % per_block;
-            long r = si.row0 + t0 + tt;
-            bool ok = ch0 + c < e;
-            sx[tt][c] = ok ? x[r * e + ch0 + c] : 0.0f;
-            sd[tt][c] = ok ? delta[r * e + ch0 + c] : 0.0f;
-        }
-        for (int i = tid; i < nt * n; i += blockDim.x) {
-            int tt = i / n, k = i % n;
-            long r = si.row0 + t0 + tt;
-            sb[tt][k] = bm[r * n + k];
-            sc[tt][k] = cm[r * n + k];
-        }
-        __syncthreads();
-        for (int tt = 0; tt < nt; tt++) {
-            float dt = sd[tt][lc], xv = sx[tt][lc];
-            float contrib = 0.0f;
-            if (live) {
-                s = expf(dt * av) * s + dt * sb[tt][j] * xv;
-                contrib = s * sc[tt][j];
-            }
-            for (int o = g >> 1; o > 0; o >>= 1) contrib += __shfl_xor_sync(0xffffffffu, contrib, o);
-            if (live && j == 0) {
-                long r = si.row0 + t0 + tt;
-                y[r * e + ch] = (contrib + d[ch] * xv) * silu(z[r * e + ch]);
-            }
-        }
+// Selective scan (spec §3.3) in chunks of a sequence's rows, so that a long prompt runs on
+// channels × chunks threads rather than channels alone: a thread holds one channel's N states
+// in registers. A chunk's end state is a linear function of its start state,
+//   S_end = exp(A · ΣΔ) ⊙ S_start + H,
+// where H is the chunk's end state from zero. So `scan_chunk_end` finds H and ΣΔ of every chunk
+// but a sequence's last, `scan_chunk_carry` walks each sequence's chunks in order to find
+// their start states, and `scan_chunk_out` runs every chunk from its start state, writing
+// y = (Σ_n S·C + D·x) ⊙ silu(z) and the sequence's state after its last row. A decode step
+// (one chunk a sequence) needs only the last. x, delta, z, y: [t, E]; b, c: [t, N]; a [E, N];
+// ssm[seq] [E, N]; hend, init: [chunk][N][E]; dtsum [chunk][E].
+// chunks[i] = (sequence, first row of the chunk in it, rows, CHUNK_FIRST | CHUNK_LAST).
+#define CHUNK_FIRST 1
+#define CHUNK_LAST 2
+#define MAX_STATE 32
+
+extern "C" __global__ void scan_chunk_end(const float* x, const float* delta, const float* bm, const float* a, const SeqInfo* seqs,
+                                          const int4* chunks, int e, int n, float* hend, float* dtsum) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+    int4 ch = chunks[chunk];
+    if (c >= e || (ch.w & CHUNK_LAST)) return;
+    long r0 = seqs[ch.x].row0 + ch.y;
+    float s[MAX_STATE], av[MAX_STATE], sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < MAX_STATE; j++) {
+        s[j] = 0.0f;
+        av[j] = j < n ? a[(long)c * n + j] : 0.0f;
     }
-    if (live) state[(long)ch * n + j] = s;
+    for (int t = 0; t < ch.z; t++) {
+        long r = r0 + t;
+        float dt = delta[r * e + c], dx = dt * x[r * e + c];
+        sum += dt;
+#pragma unroll
+        for (int j = 0; j < MAX_STATE; j++)
+            if (j < n) s[j] = expf(dt * av[j]) * s[j] + dx * bm[r * n + j];
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_STATE; j++)
+        if (j < n) hend[((long)chunk * n + j) * e + c] = s[j];
+    dtsum[(long)chunk * e + c] = sum;
+}
+
+// Thread (channel · N + state, sequence): the start state of each of the sequence's chunks after
+// its first, chunk by chunk (the loads of later chunks, which do not depend on the state, go
+// ahead of the recurrence). seq_chunks[i] is sequence i's first chunk, seq_chunks[i + 1] one
+// past its last.
+extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunks, float* const* ssm, int e, int n, const float* hend,
+                                            const float* dtsum, float* init) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, seq = blockIdx.y;
+    int c0 = seq_chunks[seq], c1 = seq_chunks[seq + 1];
+    if (i >= e * n || c1 - c0 < 2) return;
+    int c = i / n, j = i % n;
+    float s = ssm[seq][i], av = a[i];
+#pragma unroll 8
+    for (int k = c0; k < c1 - 1; k++) {
+        s = expf(dtsum[(long)k * e + c] * av) * s + hend[((long)k * n + j) * e + c];
+        init[((long)(k + 1) * n + j) * e + c] = s;
+    }
+}
+
+extern "C" __global__ void scan_chunk_out(const float* x, const float* delta, const float* bm, const float* cm, const float* z,
+                                          const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, float* const* ssm,
+                                          int e, int n, const float* init, float* y) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+    if (c >= e) return;
+    int4 ch = chunks[chunk];
+    long r0 = seqs[ch.x].row0 + ch.y;
+    float* st = ssm[ch.x];
+    float s[MAX_STATE], av[MAX_STATE];
+#pragma unroll
+    for (int j = 0; j < MAX_STATE; j++) {
+        s[j] = j >= n ? 0.0f : (ch.w & CHUNK_FIRST) ? st[(long)c * n + j] : init[((long)chunk * n + j) * e + c];
+        av[j] = j < n ? a[(long)c * n + j] : 0.0f;
+    }
+    float dc = d[c];
+    for (int t = 0; t < ch.z; t++) {
+        long r = r0 + t;
+        float dt = delta[r * e + c], xv = x[r * e + c], dx = dt * xv, acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MAX_STATE; j++) {
+            if (j < n) {
+                s[j] = expf(dt * av[j]) * s[j] + dx * bm[r * n + j];
+                acc += s[j] * cm[r * n + j];
+            }
+        }
+        y[r * e + c] = (acc + dc * xv) * silu(z[r * e + c]);
+    }
+    if (ch.w & CHUNK_LAST)
+#pragma unroll
+        for (int j = 0; j < MAX_STATE; j++)
+            if (j < n) st[(long)c * n + j] = s[j];
 }
 
 // Keys and values of one source of rows (the meta prefix, a cache store, this call's rows): row

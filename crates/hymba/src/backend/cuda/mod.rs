@@ -277,7 +277,9 @@ struct Kernels {
     conv_state: Kernel,
     softplus_bias: Kernel,
     silu_mul: Kernel,
-    scan: Kernel,
+    scan_chunk_end: Kernel,
+    scan_chunk_carry: Kernel,
+    scan_chunk_out: Kernel,
     attention: Kernel,
     attention_combine: Kernel,
     attention_tiles: Kernel,
@@ -311,6 +313,16 @@ struct Scratch {
     tiles: Option<CudaSlice<i32>>,
     n_tiles: usize,
     max_len: usize,
+    /// Chunks of up to SCAN_CHUNK rows for the selective scan, (sequence, first row in it, rows,
+    /// flags), each sequence's first chunk, and whether any sequence has more than one.
+    chunks: Option<CudaSlice<i32>>,
+    seq_chunks: Option<CudaSlice<i32>>,
+    n_chunks: usize,
+    multi_chunk: bool,
+    /// The chunks' end states from zero, start states and summed Δ (see `scan_chunk_end`).
+    hend: DevRows,
+    init: DevRows,
+    dtsum: DevRows,
     /// K/V writes of the step, made together (`flush`), and their table on the card.
     puts: Vec<PutOp>,
     put_table: Option<CudaSlice<PutOp>>,
@@ -324,6 +336,10 @@ const TILE_KEYS: usize = 32;
 /// Sequences longer than this take the tiled (flash) attention; shorter ones (decode) the
 /// split-K kernel.
 const TILED_FROM: usize = 8;
+
+/// Rows of a chunk of the selective scan (see `scan_chunk_end`): prompts run on channels ×
+/// chunks threads.
+const SCAN_CHUNK: usize = 64;
 
 /// Rows up to which a matrix product runs as one pass of warps over the weights (the kernel's
 /// GEMV_ROWS) rather than through cuBLAS.
@@ -490,7 +506,9 @@ impl Cuda {
             conv_state: f("conv_state")?,
             softplus_bias: f("softplus_bias")?,
             silu_mul: f("silu_mul")?,
-            scan: f("scan")?,
+            scan_chunk_end: f("scan_chunk_end")?,
+            scan_chunk_carry: f("scan_chunk_carry")?,
+            scan_chunk_out: f("scan_chunk_out")?,
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
             attention_tiles: f("attention_tiles")?,
@@ -533,6 +551,13 @@ impl Cuda {
             tiles: None,
             n_tiles: 0,
             max_len: 0,
+            chunks: None,
+            seq_chunks: None,
+            n_chunks: 0,
+            multi_chunk: false,
+            hend: empty(),
+            init: empty(),
+            dtsum: empty(),
             puts: Vec::new(),
             put_table: None,
         };
@@ -1182,6 +1207,19 @@ impl Backend for Cuda {
             .collect();
         self.put(&mut scratch.tiles, &tiles);
         scratch.n_tiles = tiles.len() / 2;
+        let (mut chunks, mut seq_chunks) = (Vec::new(), vec![0i32]);
+        for (i, s) in seqs.iter().enumerate() {
+            let len = s.rows.len();
+            for r in (0..len).step_by(SCAN_CHUNK) {
+                let flags = (r == 0) as i32 | (((r + SCAN_CHUNK >= len) as i32) << 1);
+                chunks.extend([i as i32, r as i32, SCAN_CHUNK.min(len - r) as i32, flags]);
+            }
+            seq_chunks.push((chunks.len() / 4) as i32);
+        }
+        self.put(&mut scratch.chunks, &chunks);
+        self.put(&mut scratch.seq_chunks, &seq_chunks);
+        scratch.n_chunks = chunks.len() / 4;
+        scratch.multi_chunk = seqs.iter().any(|s| s.rows.len() > SCAN_CHUNK);
         scratch.max_len = seqs.iter().map(|s| s.rows.len()).max().unwrap_or(0);
         scratch.n_seqs = seqs.len();
         drop(scratch);
@@ -1669,7 +1707,7 @@ impl Backend for Cuda {
                 );
             }
         }
-        // 3. The selective scan of every sequence from its state, gated by silu(z).
+        // 3. The selective scan of every sequence from its state, gated by silu(z), in chunks.
         let (xp, dp, bp, cp, zp, a_p, dd) = (
             self.p(ssm.x),
             self.p(ssm.delta),
@@ -1679,19 +1717,51 @@ impl Backend for Cuda {
             self.pv(ssm.a),
             self.pv(ssm.d),
         );
-        // A group of g lanes per channel, one state each.
-        let g = n.next_power_of_two();
-        let (ei, ni, gi) = (e as i32, n as i32, g as i32);
+        let (ei, ni) = (e as i32, n as i32);
+        let chunks_p = self.table(&scratch.chunks, 0);
+        let n_chunks = scratch.n_chunks;
+        let blocks = e.div_ceil(128) as u32;
+        if scratch.multi_chunk {
+            let Scratch {
+                hend, init, dtsum, ..
+            } = &mut *scratch;
+            self.shape(hend, n_chunks * n * e);
+            self.shape(init, n_chunks * n * e);
+            self.shape(dtsum, n_chunks * e);
+            let (hp, ip, sp) = (self.p(hend), self.p(init), self.p(dtsum));
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, n_chunks as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.k.scan_chunk_end,
+                cfg,
+                &[&xp, &dp, &bp, &a_p, &seqs_p, &chunks_p, &ei, &ni, &hp, &sp],
+            );
+            let sc = self.table(&scratch.seq_chunks, 0);
+            let cfg = LaunchConfig {
+                grid_dim: ((e * n).div_ceil(128) as u32, ns as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.k.scan_chunk_carry,
+                cfg,
+                &[&a_p, &sc, &ssm_p, &ei, &ni, &hp, &sp, &ip],
+            );
+        }
+        let ip = self.p(&scratch.init);
         let cfg = LaunchConfig {
-            grid_dim: ((e * g).div_ceil(128) as u32, ns as u32, 1),
+            grid_dim: (blocks, n_chunks as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         self.launch(
-            &self.k.scan,
+            &self.k.scan_chunk_out,
             cfg,
             &[
-                &xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &ssm_p, &ei, &ni, &gi, &yp,
+                &xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &chunks_p, &ssm_p, &ei, &ni, &ip, &yp,
             ],
         );
         // 4. Fusion of every row.

@@ -78,11 +78,19 @@ fn run_on<B: hymba::backend::Backend>(a: PerplexityArgs, model: hymba::Model<B>)
     }
     let stride = a.stride.unwrap_or((a.ctx / 2).max(1));
     let t = Instant::now();
+    // Drawn on a terminal only: a redirected stderr gets no progress lines.
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("window {pos}/{len} {wide_bar} {eta}")
+            .expect("a valid template"),
+    );
+    if a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let s = hymba::score::score(&model, &ids, a.ctx, stride, &mut |done, total| {
-        if !a.json {
-            eprint!("\rwindow {done}/{total}");
-        }
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
     })?;
+    bar.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
     if a.json {
         let out = serde_json::json!({
@@ -98,7 +106,6 @@ fn run_on<B: hymba::backend::Backend>(a: PerplexityArgs, model: hymba::Model<B>)
         });
         println!("{out}");
     } else {
-        eprintln!();
         println!(
             "perplexity {:.4} (mean NLL {:.4} ± {:.4} nats/token) over {} tokens in {} windows of {} (stride {stride}); {:.1} s",
             s.perplexity(),

@@ -4,8 +4,10 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use hymba::backend::{Backend, Cpu};
 use hymba::{
     Cache, DecodeWindow, Decoder, GenerateOptions, KvDtype, Logits, Message, Model, SamplingParams,
+    Tokenizer,
 };
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -17,6 +19,9 @@ pub struct ChatArgs {
     /// Checkpoint directory [default: the built-in tiny model].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Where to run: cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// tokenizer.json [default: MODEL/tokenizer.json].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -51,15 +56,15 @@ pub struct ChatArgs {
 }
 
 /// The conversation and the engine state after its last prompt.
-struct Conversation {
+struct Conversation<B: Backend> {
     system: Option<String>,
     messages: Vec<Message>,
     /// Tokens the cache holds: the rendered conversation up to the last generation prompt.
     ids: Vec<u32>,
-    cache: Cache,
+    cache: Cache<B>,
 }
 
-impl Conversation {
+impl<B: Backend> Conversation<B> {
     fn all_messages(&self) -> Vec<Message> {
         self.system
             .iter()
@@ -94,12 +99,36 @@ pub fn run(a: ChatArgs) -> Result<()> {
         crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?
             .expect("required");
     crate::default_model::override_chat_template(&mut tok, a.chat_template.as_deref())?;
-    let tmpl = tok.chat_template.as_ref().ok_or_else(|| {
+    tok.chat_template.as_ref().ok_or_else(|| {
         let path = a.tokenizer.clone().or_else(|| a.model.as_ref().map(|m| m.join("tokenizer.json"))).unwrap_or_default();
         anyhow!("{}: tokenizer_config.json beside it has no chat_template (give one with --chat-template)", path.display())
     })?;
-    let model = crate::default_model::load_model(a.model.as_deref(), a.quant.as_deref())?
-        .with_kv_dtype(a.kv_cache);
+    let (device, dir, quant) = (a.device.clone(), a.model.clone(), a.quant.clone());
+    crate::default_model::with_model(&device, dir.as_deref(), quant.as_deref(), Chat { a, tok })
+}
+
+/// The REPL on a model of any backend.
+struct Chat {
+    a: ChatArgs,
+    tok: Tokenizer,
+}
+
+impl crate::default_model::ModelFn<()> for Chat {
+    fn call<B: Backend>(self, model: Model<B>) -> Result<()> {
+        repl(self.a, self.tok, model)
+    }
+}
+
+/// Sessions are saved from the CPU backend's cache (see `hymba::session`).
+fn on_cpu<B: Backend>(model: &Model<B>) -> Result<&Model<Cpu>> {
+    (model as &dyn std::any::Any)
+        .downcast_ref::<Model<Cpu>>()
+        .ok_or_else(|| anyhow!("/save and /load work with --device cpu only"))
+}
+
+fn repl<B: Backend>(a: ChatArgs, tok: Tokenizer, model: Model<B>) -> Result<()> {
+    let tmpl = tok.chat_template.as_ref().expect("checked before loading");
+    let model = model.with_kv_dtype(a.kv_cache);
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {
@@ -163,12 +192,19 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 }
                 "save" if !arg.is_empty() => {
                     let extra = serde_json::json!({"system": conv.system, "messages": conv.messages, "ids": conv.ids});
-                    hymba::session::save(&model, &conv.cache, &extra.to_string(), std::path::Path::new(arg))?;
-                    eprintln!("[saved to {arg}]");
+                    let cache = (&conv.cache as &dyn std::any::Any).downcast_ref::<Cache<Cpu>>();
+                    match on_cpu(&model).map(|m| (m, cache.expect("a CPU model's cache"))) {
+                        Ok((m, c)) => {
+                            hymba::session::save(m, c, &extra.to_string(), std::path::Path::new(arg))?;
+                            eprintln!("[saved to {arg}]");
+                        }
+                        Err(e) => eprintln!("error: {e:#}"),
+                    }
                 }
-                "load" if !arg.is_empty() => match load(&model, arg) {
+                "load" if !arg.is_empty() => match on_cpu(&model).and_then(|m| load(m, arg)) {
                     Ok(c) => {
-                        conv = c;
+                        let c = (Box::new(c) as Box<dyn std::any::Any>).downcast::<Conversation<B>>();
+                        conv = *c.expect("on_cpu found the model on the CPU");
                         eprintln!("[loaded {arg}: {} messages]", conv.messages.len());
                     }
                     Err(e) => eprintln!("error: {e:#}"),
@@ -215,7 +251,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
-fn load(model: &Model, path: &str) -> Result<Conversation> {
+fn load(model: &Model, path: &str) -> Result<Conversation<Cpu>> {
     let (cache, extra) = hymba::session::load(model, std::path::Path::new(path))?;
     let v: serde_json::Value = serde_json::from_str(&extra).context("session metadata")?;
     let messages: Vec<Message> =

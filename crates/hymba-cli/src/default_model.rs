@@ -47,12 +47,8 @@ pub fn tokenizer() -> Result<Tokenizer> {
     )?)
 }
 
-/// The model of a command: the checkpoint directory when given, else the built-in one.
-pub fn load_model(dir: Option<&Path>, quant: Option<&str>) -> Result<Model> {
-    load_model_on(Cpu, dir, quant)
-}
-
-/// [`load_model`] onto backend `b`.
+/// The model of a command on backend `b`: the checkpoint directory when given, else the
+/// built-in one; quantized as `quant` says.
 pub fn load_model_on<B: Backend>(
     b: B,
     dir: Option<&Path>,
@@ -148,7 +144,7 @@ mod tests {
     /// in reverse order.
     #[test]
     fn built_in_model_prefers_real_sentences_to_shuffled_words() {
-        let model = load_model(None, None).unwrap();
+        let model = load_model_on(Cpu, None, None).unwrap();
         let tok = tokenizer().unwrap();
         assert_eq!(tok.bos_id, Some(1));
         assert_eq!(tok.eos_id, Some(2));

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
+use hymba::backend::Backend;
 use hymba::config::AttnKind;
 use hymba::{KvDtype, Model};
 use std::path::PathBuf;
@@ -10,6 +11,9 @@ use std::path::PathBuf;
 pub struct InspectArgs {
     #[arg(long)]
     model: PathBuf,
+    /// Where the cache is measured: cpu, or cuda[:N] (its buffers on the card).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Tokens in the sequence whose cache is measured.
     #[arg(long, default_value_t = 8192)]
     context: usize,
@@ -23,7 +27,20 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
-    let model = Model::load(&a.model)?.with_kv_dtype(a.kv_cache);
+    let (device, dir) = (a.device.clone(), a.model.clone());
+    crate::default_model::with_model(&device, Some(&dir), None, Inspect(a))
+}
+
+struct Inspect(InspectArgs);
+
+impl crate::default_model::ModelFn<()> for Inspect {
+    fn call<B: Backend>(self, model: Model<B>) -> Result<()> {
+        report(self.0, model)
+    }
+}
+
+fn report<B: Backend>(a: InspectArgs, model: Model<B>) -> Result<()> {
+    let model = model.with_kv_dtype(a.kv_cache);
     let c = &model.config;
     let params = model.parameter_counts();
     let plan: Vec<serde_json::Value> = model

@@ -164,7 +164,44 @@ fn endpoints_and_errors() {
         // Greedy: the chosen token is the most likely one.
         assert!((best - lp["token_logprobs"][i].as_f64().unwrap()).abs() < 1e-6);
         assert!(best <= 0.0);
+        // Tokens are text (not vocabulary entries), and the chosen one is among the top.
+        assert!(
+            top.as_object()
+                .unwrap()
+                .contains_key(lp["tokens"][i].as_str().unwrap()),
+            "{r}"
+        );
     }
+    let texts: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        r["choices"][0]["text"].as_str().unwrap(),
+        "the tokens' text is the answer: {r}"
+    );
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let lens: Vec<u64> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().len() as u64)
+        .collect();
+    assert!(
+        offsets
+            .windows(2)
+            .zip(&lens)
+            .all(|(w, l)| w[1] - w[0] == *l),
+        "{r}"
+    );
     // Echo with max_tokens 0: the prompt's log-probabilities (lm-eval loglikelihood).
     let (st, r) = post(
         p,

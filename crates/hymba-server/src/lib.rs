@@ -655,29 +655,32 @@ fn prompts(st: &AppState, v: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
     Ok(out)
 }
 
-/// OpenAI's legacy completion logprobs: tokens, their logprobs, the top alternatives and the
-/// text offsets.
+/// OpenAI's legacy completion logprobs: tokens (as text, after the ids of `context`), their
+/// logprobs, the top alternatives (with the chosen token among them, as vLLM gives them) and
+/// the text offsets.
 fn logprobs_json(
     tok: &Tokenizer,
+    context: &[u32],
     entries: &[(u32, Option<TokenLogprob>)],
     start_offset: usize,
 ) -> Value {
     let (mut tokens, mut lps, mut tops, mut offsets) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut offset = start_offset;
+    let mut ctx = context.to_vec();
     for (id, lp) in entries {
-        let s = tok.id_to_token(*id);
+        let s = tok.token_text(&ctx, *id);
         offsets.push(offset);
-        offset += tok.decode(&[*id]).map(|t| t.len()).unwrap_or(0);
-        tokens.push(json!(s));
+        offset += s.len();
         match lp {
             Some(lp) => {
                 lps.push(json!(lp.logprob));
-                let top: serde_json::Map<String, Value> = lp
+                let mut top: serde_json::Map<String, Value> = lp
                     .top
                     .iter()
-                    .map(|(t, l)| (tok.id_to_token(*t), json!(l)))
+                    .map(|(t, l)| (tok.token_text(&ctx, *t), json!(l)))
                     .collect();
+                top.entry(s.clone()).or_insert(json!(lp.logprob));
                 tops.push(Value::Object(top));
             }
             None => {
@@ -685,6 +688,8 @@ fn logprobs_json(
                 tops.push(Value::Null);
             }
         }
+        tokens.push(json!(s));
+        ctx.push(*id);
     }
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
@@ -725,6 +730,8 @@ async fn completions_inner(
             done: 0,
             completion_tokens: 0,
         };
+        // Each answer's ids so far, after the prompt: the context of its tokens' text.
+        let mut seen = vec![prompts[0].clone(); n];
         let values = merged(rxs).map(move |(index, ev)| {
             let chunk = |text: &str, lp: Value, finish: Value| {
                 json!({"id": id, "object": "text_completion", "created": created, "model": model,
@@ -732,7 +739,8 @@ async fn completions_inner(
             };
             match ev {
                 Event::Token { id: tid, text, logprob } => {
-                    let lp = if logprob.is_some() { logprobs_json(&tok, &[(tid, logprob)], 0) } else { Value::Null };
+                    let lp = if logprob.is_some() { logprobs_json(&tok, &seen[index], &[(tid, logprob)], 0) } else { Value::Null };
+                    seen[index].push(tid);
                     vec![chunk(&text, lp, Value::Null)]
                 }
                 Event::Done { finish, prompt_tokens, completion_tokens } => {
@@ -788,7 +796,8 @@ async fn completions_inner(
                     );
                 }
                 entries.extend(o.tokens.iter().cloned());
-                logprobs_json(&st.tokenizer, &entries, 0)
+                let context: &[u32] = if req.echo { &[] } else { &prompt };
+                logprobs_json(&st.tokenizer, context, &entries, 0)
             }
         };
         choices.push(json!({"index": i, "text": format!("{prompt_text}{}", o.text), "logprobs": logprobs, "finish_reason": finish_name(o.finish)}));
@@ -892,21 +901,26 @@ struct ChatRequest {
 }
 
 /// Chat log-probabilities in OpenAI's shape: `{"content": [{token, logprob, bytes,
-/// top_logprobs: [...]}]}`.
-fn chat_logprobs(tok: &Tokenizer, entries: &[(u32, Option<TokenLogprob>)]) -> Value {
-    let item = |id: u32, lp: f32| {
-        let text = tok.decode(&[id]).unwrap_or_default();
-        json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
-    };
-    let content: Vec<Value> = entries
-        .iter()
-        .filter_map(|(id, lp)| {
-            let lp = lp.as_ref()?;
+/// top_logprobs: [...]}]}`, each token as the text it adds after `context` and what came before.
+fn chat_logprobs(
+    tok: &Tokenizer,
+    context: &[u32],
+    entries: &[(u32, Option<TokenLogprob>)],
+) -> Value {
+    let mut ctx = context.to_vec();
+    let mut content = Vec::new();
+    for (id, lp) in entries {
+        if let Some(lp) = lp {
+            let item = |id: u32, lp: f32| {
+                let text = tok.token_text(&ctx, id);
+                json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
+            };
             let mut v = item(*id, lp.logprob);
             v["top_logprobs"] = Value::Array(lp.top.iter().map(|(t, l)| item(*t, *l)).collect());
-            Some(v)
-        })
-        .collect();
+            content.push(v);
+        }
+        ctx.push(*id);
+    }
     json!({"content": content})
 }
 
@@ -948,6 +962,7 @@ async fn chat_inner(
     let (id, created) = (request_id("chatcmpl"), now());
     if req.sampling.stream {
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
+        let mut seen = vec![prompt.clone(); n];
         let firsts: Vec<Value> = (0..n)
             .map(|index| {
                 json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -971,12 +986,16 @@ async fn chat_inner(
                 c
             };
             match ev {
-                Event::Token { text, logprob: None, .. } if text.is_empty() => Vec::new(),
+                Event::Token { id: tid, text, logprob: None } if text.is_empty() => {
+                    seen[index].push(tid);
+                    Vec::new()
+                }
                 Event::Token { id: tid, text, logprob } => {
                     let mut c = chunk(json!({"content": text}), Value::Null, Value::Null);
                     if logprob.is_some() {
-                        c["choices"][0]["logprobs"] = chat_logprobs(&tok, &[(tid, logprob)]);
+                        c["choices"][0]["logprobs"] = chat_logprobs(&tok, &seen[index], &[(tid, logprob)]);
                     }
+                    seen[index].push(tid);
                     vec![c]
                 }
                 Event::Done { finish, prompt_tokens, completion_tokens } => {
@@ -1005,7 +1024,7 @@ async fn chat_inner(
         let o = collect(rx).await?;
         completion_tokens += o.completion_tokens;
         choices.push(json!({"index": index, "message": {"role": "assistant", "content": o.text},
-                            "logprobs": if logprobs.is_some() { chat_logprobs(&st.tokenizer, &o.tokens) } else { Value::Null },
+                            "logprobs": if logprobs.is_some() { chat_logprobs(&st.tokenizer, &prompt, &o.tokens) } else { Value::Null },
                             "finish_reason": finish_name(o.finish)}));
     }
     Ok(Json(json!({

@@ -128,6 +128,21 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// The text token `id` adds after `context` (its last few ids suffice): what decoding the
+    /// sequence shows for it, leading space included (a vocabulary entry such as "▁the" or
+    /// "Ġthe" is not text). A token that ends inside a UTF-8 character shows as U+FFFD.
+    pub fn token_text(&self, context: &[u32], id: u32) -> String {
+        let ctx = &context[context.len().saturating_sub(4)..];
+        let before = self.decode(ctx).unwrap_or_default();
+        let mut all = ctx.to_vec();
+        all.push(id);
+        let after = self.decode(&all).unwrap_or_default();
+        match after.strip_prefix(&before) {
+            Some(t) if !before.ends_with('\u{fffd}') => t.to_string(),
+            _ => self.decode(&[id]).unwrap_or_default(),
+        }
+    }
+
     /// The vocabulary entry of a token (e.g. "▁the"), distinct for every id.
     pub fn id_to_token(&self, id: u32) -> String {
         self.inner.id_to_token(id).unwrap_or_default()

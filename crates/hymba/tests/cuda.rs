@@ -18,10 +18,19 @@ const TOL: f32 = 1e-3;
 fn kernels_compile_with_nvrtc() {
     for arch in [None, Some("compute_90")] {
         match compile_kernels(arch) {
-            Ok(ptx) => assert!(
-                ptx.to_src().contains(".entry attention"),
-                "the PTX has no attention kernel"
-            ),
+            Ok(ptx) => {
+                let src = ptx.to_src();
+                assert!(
+                    src.contains(".entry attention"),
+                    "the PTX has no attention kernel"
+                );
+                if arch.is_some() {
+                    assert!(
+                        src.contains("mma.sync.aligned.m16n8k16"),
+                        "no tensor-core attention for sm_90"
+                    );
+                }
+            }
             Err(e) if std::env::var_os("CI").is_none() && e.to_string().contains("not found") => {
                 skipped("kernels_compile_with_nvrtc", &e.to_string());
                 return;
@@ -270,8 +279,10 @@ fn cuda_bf16_weights_match_cpu_to_bf16_precision() {
 }
 
 /// Prompts longer than the GPU's scan chunks and attention tiles, in one call and in two (the
-/// second starting from the first's state), against the CPU's one-call prefill: the chunked
-/// scan and the tiled attention over window and global layers give the sequential results.
+/// second starting from the first's state), against the CPU's one-call prefill, with both K/V
+/// types: the chunked scan and the tiled attention (the tensor-core kernel for bf16 K/V) over
+/// window and global layers give the sequential results. Tolerances: f32 as the official
+/// parity; bf16 K/V as `cuda_bf16_kv_matches_cpu` says.
 #[test]
 fn cuda_long_prompts_match_cpu() {
     let Some(gpu) = gpu("cuda_long_prompts_match_cpu") else {
@@ -279,25 +290,52 @@ fn cuda_long_prompts_match_cpu() {
     };
     let dir = fixture("tiny-a");
     let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 32000 + 1).collect();
-    let want = cpu_logits(&dir, &ids, KvDtype::F32, ids.len());
-    let model = Model::load_on(gpu, &dir, None).unwrap();
-    let whole = model
-        .forward(
-            &mut model.new_cache(),
-            &ids,
-            Logits::All,
-            DecodeWindow::Trained,
-        )
-        .unwrap();
-    assert_close(&whole, &want, TOL, "one 300-token prefill, GPU vs CPU");
-    let mut cache = model.new_cache();
-    let mut parts = model
-        .forward(&mut cache, &ids[..130], Logits::All, DecodeWindow::Trained)
-        .unwrap();
-    parts.extend(
-        model
-            .forward(&mut cache, &ids[130..], Logits::All, DecodeWindow::Trained)
-            .unwrap(),
-    );
-    assert_close(&parts, &want, TOL, "130 + 170 tokens, GPU vs CPU");
+    let gpu = Model::load_on(gpu, &dir, None).unwrap();
+    let mut gpu = Some(gpu);
+    for kv in [KvDtype::F32, KvDtype::BF16] {
+        let want = cpu_logits(&dir, &ids, kv, ids.len());
+        let tol = match kv {
+            KvDtype::F32 => TOL,
+            KvDtype::BF16 => want.iter().fold(0f32, |m, v| m.max(v.abs())) / 256.0,
+        };
+        let model = gpu.take().unwrap().with_kv_dtype(kv);
+        let whole = model
+            .forward(
+                &mut model.new_cache(),
+                &ids,
+                Logits::All,
+                DecodeWindow::Trained,
+            )
+            .unwrap();
+        let worst = whole
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{kv:?} K/V, 300-token prefill: max difference {worst:.2e} (tolerance {tol:.2e})"
+        );
+        assert_close(
+            &whole,
+            &want,
+            tol,
+            &format!("one 300-token prefill, {kv:?} K/V, GPU vs CPU"),
+        );
+        let mut cache = model.new_cache();
+        let mut parts = model
+            .forward(&mut cache, &ids[..130], Logits::All, DecodeWindow::Trained)
+            .unwrap();
+        parts.extend(
+            model
+                .forward(&mut cache, &ids[130..], Logits::All, DecodeWindow::Trained)
+                .unwrap(),
+        );
+        assert_close(
+            &parts,
+            &want,
+            tol,
+            &format!("130 + 170 tokens, {kv:?} K/V, GPU vs CPU"),
+        );
+        gpu = Some(model);
+    }
 }

@@ -51,6 +51,25 @@ __device__ float block_sum(float v) {
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
+// Programmatic dependent launch (sm_90): a kernel lets the stream's next kernel start while it
+// runs (its launch and first loads overlap this one's tail), and waits for the previous kernel
+// to finish, its writes visible, before it touches anything that kernel may write or read.
+// Every kernel starts with this; a matrix product first starts its weights' loads.
+__device__ __forceinline__ void allow_next() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void wait_prior() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep() {
+    allow_next();
+    wait_prior();
+}
+
 // out[i, :] = table[ids[i], :]
 template <typename T>
 __device__ void embed(float* out, const T* table, const u32* ids, int d) {
@@ -58,8 +77,8 @@ __device__ void embed(float* out, const T* table, const u32* ids, int d) {
     const T* src = table + (long)ids[row] * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = load(src, j);
 }
-extern "C" __global__ void embed_f32(float* out, const float* table, const u32* ids, int d) { embed(out, table, ids, d); }
-extern "C" __global__ void embed_bf16(float* out, const bf16_t* table, const u32* ids, int d) { embed(out, table, ids, d); }
+extern "C" __global__ void embed_f32(float* out, const float* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
+extern "C" __global__ void embed_bf16(float* out, const bf16_t* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
 
 // out[:d] = w ⊙ x[:d] / rms(x[:d]), by a whole block.
 __device__ void rmsnorm_row(const float* xr, const float* w, int d, float eps, float* out) {
@@ -72,6 +91,7 @@ __device__ void rmsnorm_row(const float* xr, const float* w, int d, float eps, f
 
 // One block per row: out[r, :d] = w ⊙ x[r, from:from+d] / rms, x rows `width` wide.
 extern "C" __global__ void rmsnorm(const float* x, int width, int from, const float* w, int d, float eps, float* out) {
+    grid_dep();
     long r = blockIdx.x;
     rmsnorm_row(x + r * width + from, w, d, eps, out + r * d);
 }
@@ -85,6 +105,7 @@ struct NormParts {
     int d[3];
 };
 extern "C" __global__ void rmsnorm_parts(const float* x, int width, NormParts np, float eps) {
+    grid_dep();
     long r = blockIdx.x;
     int i = blockIdx.y, d = np.d[i];
     rmsnorm_row(x + r * width + np.from[i], np.w[i], d, eps, np.out[i] + r * d);
@@ -92,6 +113,7 @@ extern "C" __global__ void rmsnorm_parts(const float* x, int width, NormParts np
 
 // out[r, :n] = x[r, from:from+n], for `rows` rows of `width`.
 extern "C" __global__ void columns(const float* x, int width, int from, int n, long total, float* out) {
+    grid_dep();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         long r = i / n, j = i % n;
         out[i] = x[r * width + from + j];
@@ -127,6 +149,7 @@ struct InProjParts {
 };
 extern "C" __global__ void split_in_proj(const float* p, InProjParts s, const int* pos, const float* inv_freq, long rows, float* q,
                                          float* z, float* k, float* v) {
+    grid_dep();
     int per_row = s.qw / 2 + s.e + (s.kv ? s.kw / 2 + s.vw : 0);
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < rows * per_row; i += (long)gridDim.x * blockDim.x) {
         long r = i / per_row;
@@ -159,6 +182,7 @@ extern "C" __global__ void split_in_proj(const float* p, InProjParts s, const in
 }
 
 extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
+    grid_dep();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         out[i] = f32_to_bf16(x[i]);
 }
@@ -173,6 +197,7 @@ struct SeqInfo {
     int pad;
 };
 
+#define MAX_K 8
 // Depthwise causal conv + SiLU, every (row, channel) at once (an output depends on inputs only):
 // channel c of x is column from + c of p (rows `width` wide); inputs before a sequence's first
 // row come from its conv state [K-1, E] (conv[seq]), oldest first. taps [K, E], bias [E]; out
@@ -180,6 +205,7 @@ struct SeqInfo {
 extern "C" __global__ void conv_silu(const float* p, int width, int from, const SeqInfo* seqs, const int* row_seq,
                                      float* const* conv, const float* taps, const float* bias, int e, int k, long total,
                                      float* out) {
+    grid_dep();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         long r = i / e;
         int c = (int)(i % e);
@@ -197,10 +223,43 @@ extern "C" __global__ void conv_silu(const float* p, int width, int from, const 
     }
 }
 
+// The conv of short sequences (decode), thread (channel, sequence): the sequence's rows one after
+// another through a window of the last K inputs, which then becomes the state (conv_silu and
+// conv_state in one launch).
+extern "C" __global__ void conv_silu_step(const float* p, int width, int from, const SeqInfo* seqs, float* const* conv, const float* taps,
+                                          const float* bias, int e, int k, float* out) {
+    grid_dep();
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= e) return;
+    SeqInfo si = seqs[blockIdx.y];
+    float* state = conv[blockIdx.y];
+    float win[MAX_K];
+#pragma unroll
+    for (int j = 0; j < MAX_K - 1; j++)
+        if (j < k - 1) win[j] = state[(long)j * e + c];
+    for (int t = 0; t < si.len; t++) {
+        long r = si.row0 + t;
+#pragma unroll
+        for (int j = 0; j < MAX_K; j++)
+            if (j == k - 1) win[j] = p[r * width + from + c];
+        float acc = bias[c];
+#pragma unroll
+        for (int j = 0; j < MAX_K; j++)
+            if (j < k) acc += taps[(long)j * e + c] * win[j];
+        out[r * e + c] = silu(acc);
+#pragma unroll
+        for (int j = 0; j < MAX_K - 1; j++)
+            if (j < k - 1) win[j] = win[j + 1];
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_K - 1; j++)
+        if (j < k - 1) state[(long)j * e + c] = win[j];
+}
+
 // The conv states after a step, block (channels, sequence): the last K-1 inputs of (state ++
 // the sequence's rows).
-#define MAX_K 8
 extern "C" __global__ void conv_state(const float* p, int width, int from, const SeqInfo* seqs, float* const* conv, int e, int k) {
+    grid_dep();
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= e) return;
     SeqInfo si = seqs[blockIdx.y];
@@ -220,6 +279,7 @@ extern "C" __global__ void conv_state(const float* p, int width, int from, const
 
 // x = softplus(x + bias) (linear above 20, as PyTorch), rows of e.
 extern "C" __global__ void softplus_bias(float* x, const float* bias, int e, long n) {
+    grid_dep();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float v = x[i] + bias[i % e];
         x[i] = v > 20.0f ? v : log1pf(expf(v));
@@ -227,6 +287,7 @@ extern "C" __global__ void softplus_bias(float* x, const float* bias, int e, lon
 }
 
 extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
+    grid_dep();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) g[i] = silu(g[i]) * u[i];
 }
 
@@ -243,17 +304,32 @@ extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
 // chunks[i] = (sequence, first row of the chunk in it, rows, CHUNK_FIRST | CHUNK_LAST).
 #define CHUNK_FIRST 1
 #define CHUNK_LAST 2
-#define MAX_STATE 32
+#define SCAN_ROWS 64
 
-extern "C" __global__ void scan_chunk_end(const float* x, const float* delta, const float* bm, const float* a, const SeqInfo* seqs,
-                                          const int4* chunks, int e, int n, float* hend, float* dtsum) {
+// A chunk's rows of B (and C) into shared memory, N_ states a row (zeros past n), so the
+// recurrence reads four states' values a load.
+template <int N_>
+__device__ void stage_rows(const float* m, long r0, int rows, int n, float (*dst)[N_]) {
+    for (int i = threadIdx.x; i < rows * N_; i += blockDim.x) {
+        int t = i / N_, j = i % N_;
+        dst[t][j] = j < n ? m[(r0 + t) * n + j] : 0.0f;
+    }
+}
+
+template <int N_>
+__device__ void scan_chunk_end(const float* x, const float* delta, const float* bm, const float* a, const SeqInfo* seqs, const int4* chunks,
+                               int e, int n, float* hend, float* dtsum) {
+    __shared__ __align__(16) float sb[SCAN_ROWS][N_];
     int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
     int4 ch = chunks[chunk];
-    if (c >= e || (ch.w & CHUNK_LAST)) return;
+    if (ch.w & CHUNK_LAST) return;
     long r0 = seqs[ch.x].row0 + ch.y;
-    float s[MAX_STATE], av[MAX_STATE], sum = 0.0f;
+    stage_rows<N_>(bm, r0, ch.z, n, sb);
+    __syncthreads();
+    if (c >= e) return;
+    float s[N_], av[N_], sum = 0.0f;
 #pragma unroll
-    for (int j = 0; j < MAX_STATE; j++) {
+    for (int j = 0; j < N_; j++) {
         s[j] = 0.0f;
         av[j] = j < n ? a[(long)c * n + j] : 0.0f;
     }
@@ -262,11 +338,15 @@ extern "C" __global__ void scan_chunk_end(const float* x, const float* delta, co
         float dt = delta[r * e + c], dx = dt * x[r * e + c];
         sum += dt;
 #pragma unroll
-        for (int j = 0; j < MAX_STATE; j++)
-            if (j < n) s[j] = expf(dt * av[j]) * s[j] + dx * bm[r * n + j];
+        for (int q = 0; q < N_ / 4; q++) {
+            float4 b4 = *(const float4*)&sb[t][4 * q];
+            float bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[4 * q + i] = expf(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
+        }
     }
 #pragma unroll
-    for (int j = 0; j < MAX_STATE; j++)
+    for (int j = 0; j < N_; j++)
         if (j < n) hend[((long)chunk * n + j) * e + c] = s[j];
     dtsum[(long)chunk * e + c] = sum;
 }
@@ -277,6 +357,7 @@ extern "C" __global__ void scan_chunk_end(const float* x, const float* delta, co
 // past its last.
 extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunks, float* const* ssm, int e, int n, const float* hend,
                                             const float* dtsum, float* init) {
+    grid_dep();
     int i = blockIdx.x * blockDim.x + threadIdx.x, seq = blockIdx.y;
     int c0 = seq_chunks[seq], c1 = seq_chunks[seq + 1];
     if (i >= e * n || c1 - c0 < 2) return;
@@ -289,17 +370,22 @@ extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunk
     }
 }
 
-extern "C" __global__ void scan_chunk_out(const float* x, const float* delta, const float* bm, const float* cm, const float* z,
-                                          const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, float* const* ssm,
-                                          int e, int n, const float* init, float* y) {
+template <int N_>
+__device__ void scan_chunk_out(const float* x, const float* delta, const float* bm, const float* cm, const float* z, const float* a,
+                               const float* d, const SeqInfo* seqs, const int4* chunks, float* const* ssm, int e, int n, const float* init,
+                               float* y) {
+    __shared__ __align__(16) float sb[SCAN_ROWS][N_], sc[SCAN_ROWS][N_];
     int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
-    if (c >= e) return;
     int4 ch = chunks[chunk];
     long r0 = seqs[ch.x].row0 + ch.y;
+    stage_rows<N_>(bm, r0, ch.z, n, sb);
+    stage_rows<N_>(cm, r0, ch.z, n, sc);
+    __syncthreads();
+    if (c >= e) return;
     float* st = ssm[ch.x];
-    float s[MAX_STATE], av[MAX_STATE];
+    float s[N_], av[N_];
 #pragma unroll
-    for (int j = 0; j < MAX_STATE; j++) {
+    for (int j = 0; j < N_; j++) {
         s[j] = j >= n ? 0.0f : (ch.w & CHUNK_FIRST) ? st[(long)c * n + j] : init[((long)chunk * n + j) * e + c];
         av[j] = j < n ? a[(long)c * n + j] : 0.0f;
     }
@@ -308,19 +394,38 @@ extern "C" __global__ void scan_chunk_out(const float* x, const float* delta, co
         long r = r0 + t;
         float dt = delta[r * e + c], xv = x[r * e + c], dx = dt * xv, acc = 0.0f;
 #pragma unroll
-        for (int j = 0; j < MAX_STATE; j++) {
-            if (j < n) {
-                s[j] = expf(dt * av[j]) * s[j] + dx * bm[r * n + j];
-                acc += s[j] * cm[r * n + j];
+        for (int q = 0; q < N_ / 4; q++) {
+            float4 b4 = *(const float4*)&sb[t][4 * q], c4 = *(const float4*)&sc[t][4 * q];
+            float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                s[4 * q + i] = expf(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
+                acc += s[4 * q + i] * cv[i];
             }
         }
         y[r * e + c] = (acc + dc * xv) * silu(z[r * e + c]);
     }
     if (ch.w & CHUNK_LAST)
 #pragma unroll
-        for (int j = 0; j < MAX_STATE; j++)
+        for (int j = 0; j < N_; j++)
             if (j < n) st[(long)c * n + j] = s[j];
 }
+
+// The scan's kernels for up to 16 and up to 32 states.
+#define SCAN_KERNELS(N_) \
+    extern "C" __global__ void scan_chunk_end_##N_(const float* x, const float* delta, const float* bm, const float* a, const SeqInfo* seqs, \
+                                                   const int4* chunks, int e, int n, float* hend, float* dtsum) { \
+        grid_dep(); \
+        scan_chunk_end<N_>(x, delta, bm, a, seqs, chunks, e, n, hend, dtsum); \
+    } \
+    extern "C" __global__ void scan_chunk_out_##N_(const float* x, const float* delta, const float* bm, const float* cm, const float* z, \
+                                                   const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, \
+                                                   float* const* ssm, int e, int n, const float* init, float* y) { \
+        grid_dep(); \
+        scan_chunk_out<N_>(x, delta, bm, cm, z, a, d, seqs, chunks, ssm, e, n, init, y); \
+    }
+SCAN_KERNELS(16)
+SCAN_KERNELS(32)
 
 // Keys and values of one source of rows (the meta prefix, a cache store, this call's rows): row
 // i of K/V head h at k[i * k_stride + h * dk], in f32 or bf16, at absolute position pos[i] (or
@@ -353,6 +458,7 @@ __device__ __forceinline__ float kv_at(const void* p, int bf16, long i) {
 extern "C" __global__ void attention(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
                                      const int* row_seq, const KvSrc* past, const float* new_k, const float* new_v, int global_,
                                      int meta, float scale, int splits, float* out, float* part) {
+    grid_dep();
     __shared__ float qs[256];
     __shared__ float wm[4], wl[4];
     __shared__ float wacc[4][256];
@@ -431,6 +537,7 @@ extern "C" __global__ void attention(const float* q, int heads, int kv_heads, in
 
 // Merges the splits of `attention`: block (row, head).
 extern "C" __global__ void attention_combine(const float* part, int heads, int dv, int splits, float* out) {
+    grid_dep();
     int t = blockIdx.x, h = blockIdx.y;
     const float* pp = part + ((long)t * heads + h) * splits * (dv + 2);
     float mm = NEG_INF;
@@ -466,6 +573,7 @@ extern "C" __global__ void attention_combine(const float* part, int heads, int d
 extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
                                            const int2* tiles, const KvSrc* past, const float* new_k, const float* new_v,
                                            int global_, int meta, float scale, float* out) {
+    grid_dep();
     extern __shared__ float sm[];
     int qst = dk + 1, pst = BK + 1;
     float* qs = sm;               // BQ × (dk + 1)
@@ -600,6 +708,218 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
     }
 }
 
+// Attention of prefill on the tensor cores (sm_80 and later), for K/V held in bf16: a block
+// takes FA_BQ consecutive query rows of one sequence and one head, 16 rows a warp; keys come
+// FA_BK at a time through shared memory (bf16, 16 bytes a load), scored with mma.sync
+// m16n8k16 and summed into the output the same way, V's fragments read transposed by ldmatrix
+// (flash attention 2: the scores stay in registers, one online softmax per row). Queries and probabilities are f32: each is
+// split into two bf16 terms, hi + lo (16 significant bits), and multiplied by both, so the
+// result is the f32 attention over bf16 keys and values that the other kernels compute, not a
+// bf16 one. Same sources, mask and skipping of invisible key blocks as `attention_tiles`.
+#define FA_BQ 64
+#define FA_BK 64
+#define FA_PAD 8
+#if __CUDA_ARCH__ >= 800
+// a and b packed as bf16 (a in the low half), and what rounding left of them, packed too.
+__device__ __forceinline__ void split2(float a, float b, u32& hi, u32& lo) {
+    bf16_t ah = f32_to_bf16(a), bh = f32_to_bf16(b);
+    hi = (u32)ah | ((u32)bh << 16);
+    lo = (u32)f32_to_bf16(a - bf16_to_f32(ah)) | ((u32)f32_to_bf16(b - bf16_to_f32(bh)) << 16);
+}
+// c += a · b: a 16×16 (row-major fragment), b 16×8 (column-major), bf16 in, f32 accumulated.
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+// Elements i..i+7 of a K/V source as bf16 bits (an f32 source holds values already rounded to
+// bf16); i a multiple of 8.
+__device__ __forceinline__ uint4 kv_bits8(const void* p, int bf16, long i) {
+    if (bf16) return *(const uint4*)((const bf16_t*)p + i);
+    const float4* f = (const float4*)((const float*)p + i);
+    float4 a = f[0], b = f[1];
+    uint4 r;
+    r.x = (u32)f32_to_bf16(a.x) | ((u32)f32_to_bf16(a.y) << 16);
+    r.y = (u32)f32_to_bf16(a.z) | ((u32)f32_to_bf16(a.w) << 16);
+    r.z = (u32)f32_to_bf16(b.x) | ((u32)f32_to_bf16(b.y) << 16);
+    r.w = (u32)f32_to_bf16(b.z) | ((u32)f32_to_bf16(b.w) << 16);
+    return r;
+}
+#if __CUDA_ARCH__ >= 800
+// B fragments of two adjacent 8-column tiles of a 16-row slice of a row-major bf16 matrix in
+// shared memory, transposed on the way (ldmatrix .trans): `row` points at the slice's row
+// lane % 16, column 8 · (lane / 16) of the pair.
+__device__ __forceinline__ void ldmatrix_t4(const bf16_t* row, u32* b) {
+    u32 addr;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(addr));
+}
+#endif
+
+template <int DK, int DV>
+__device__ void attention_mma(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past,
+                              const float* new_k, const float* new_v, int global_, int meta, float scale, float* out) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) bf16_t ks[FA_BK][DK + FA_PAD];
+    __shared__ __align__(16) bf16_t vs[FA_BK][DV + FA_PAD];
+    __shared__ int kpos[FA_BK];
+    int2 tile = tiles[blockIdx.x];
+    int h = blockIdx.y;
+    SeqInfo sq = seqs[tile.x];
+    int kh = h / (heads / kv_heads);
+    int kw = kv_heads * DK, vw = kv_heads * DV;
+    int nrows = min(FA_BQ, sq.len - tile.y);
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int g = lane >> 2, c2 = (lane & 3) * 2;  // the thread's fragment row (and row + 8) and column pair
+    long row0 = sq.row0 + tile.y;
+    int wr = warp * 16;
+    int window = sq.window;
+    int tq[2] = {sq.pos0 + tile.y + wr + g, sq.pos0 + tile.y + wr + g + 8};
+    bool ok[2] = {wr + g < nrows, wr + g + 8 < nrows};
+    u32 qh[DK / 16][4], ql[DK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; kk++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int rr = i & 1, col = kk * 16 + c2 + (i >> 1) * 8;
+            const float* qp = q + (row0 + wr + g + 8 * rr) * heads * DK + h * DK + col;
+            float a = ok[rr] ? qp[0] * scale : 0.0f, b = ok[rr] ? qp[1] * scale : 0.0f;
+            split2(a, b, qh[kk][i], ql[kk][i]);
+        }
+    float o[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    int tq_lo = sq.pos0 + tile.y, tq_hi = tq_lo + nrows - 1;
+    KvSrc s0 = past[2 * tile.x], s1 = past[2 * tile.x + 1], s2;
+    s2.k = new_k + sq.row0 * kw;
+    s2.v = new_v + sq.row0 * vw;
+    s2.pos = 0;
+    s2.rows = sq.len;
+    s2.pos0 = sq.pos0;
+    s2.k_stride = kw;
+    s2.v_stride = vw;
+    s2.bf16 = 0;
+    for (int si = 0; si < 3; si++) {
+        KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
+        for (int k0 = 0; k0 < s.rows; k0 += FA_BK) {
+            int nk = min(FA_BK, s.rows - k0);
+            // Every key of the block visible to every row of the tile: no mask to apply.
+            bool all = false;
+            if (!s.pos) {
+                int plo = s.pos0 + k0, phi = plo + nk - 1;
+                if (plo > tq_hi) break;
+                if (!global_ && plo >= meta && tq_lo - phi > window) continue;
+                all = nk == FA_BK && nrows == FA_BQ && phi <= tq_lo && (global_ || tq_hi - plo <= window || phi < meta);
+            }
+            __syncthreads();
+            const uint4 zero = make_uint4(0, 0, 0, 0);
+            for (int i = tid; i < FA_BK * DK / 8; i += blockDim.x) {
+                int r = i / (DK / 8), j = i % (DK / 8) * 8;
+                *(uint4*)&ks[r][j] = r < nk ? kv_bits8(s.k, s.bf16, (long)(k0 + r) * s.k_stride + (long)kh * DK + j) : zero;
+            }
+            for (int i = tid; i < FA_BK * DV / 8; i += blockDim.x) {
+                int r = i / (DV / 8), j = i % (DV / 8) * 8;
+                *(uint4*)&vs[r][j] = r < nk ? kv_bits8(s.v, s.bf16, (long)(k0 + r) * s.v_stride + (long)kh * DV + j) : zero;
+            }
+            if (tid < FA_BK) kpos[tid] = tid < nk ? (s.pos ? s.pos[k0 + tid] : s.pos0 + k0 + tid) : -1;
+            __syncthreads();
+            float sc[FA_BK / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < FA_BK / 8; nt++) {
+                sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < DK / 16; kk++) {
+                    const bf16_t* kr = &ks[nt * 8 + g][kk * 16 + c2];
+                    u32 b0 = *(const u32*)kr, b1 = *(const u32*)(kr + 8);
+                    mma16816(sc[nt], qh[kk], b0, b1);
+                    mma16816(sc[nt], ql[kk], b0, b1);
+                }
+            }
+#pragma unroll
+            for (int rr = 0; rr < 2; rr++) {
+                float mx = NEG_INF;
+#pragma unroll
+                for (int nt = 0; nt < FA_BK / 8; nt++)
+#pragma unroll
+                    for (int cc = 0; cc < 2; cc++) {
+                        if (!all) {
+                            int sp = kpos[nt * 8 + c2 + cc], t = tq[rr];
+                            bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
+                            if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
+                        }
+                        mx = fmaxf(mx, sc[nt][2 * rr + cc]);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                float mn = fmaxf(m[rr], mx);
+                float corr = m[rr] == NEG_INF ? 0.0f : expf(m[rr] - mn);
+                float rs = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < FA_BK / 8; nt++)
+#pragma unroll
+                    for (int cc = 0; cc < 2; cc++) {
+                        float& v = sc[nt][2 * rr + cc];
+                        v = v == NEG_INF ? 0.0f : expf(v - mn);
+                        rs += v;
+                    }
+                l[rr] = l[rr] * corr + rs;
+                m[rr] = mn;
+#pragma unroll
+                for (int nt = 0; nt < DV / 8; nt++) {
+                    o[nt][2 * rr] *= corr;
+                    o[nt][2 * rr + 1] *= corr;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < FA_BK / 16; kk++) {
+                u32 ph[4], pl[4];
+                split2(sc[2 * kk][0], sc[2 * kk][1], ph[0], pl[0]);
+                split2(sc[2 * kk][2], sc[2 * kk][3], ph[1], pl[1]);
+                split2(sc[2 * kk + 1][0], sc[2 * kk + 1][1], ph[2], pl[2]);
+                split2(sc[2 * kk + 1][2], sc[2 * kk + 1][3], ph[3], pl[3]);
+#pragma unroll
+                for (int nt = 0; nt < DV / 8; nt += 2) {
+                    u32 b[4];
+                    ldmatrix_t4(&vs[kk * 16 + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
+                    mma16816(o[nt], ph, b[0], b[1]);
+                    mma16816(o[nt], pl, b[0], b[1]);
+                    mma16816(o[nt + 1], ph, b[2], b[3]);
+                    mma16816(o[nt + 1], pl, b[2], b[3]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        float tot = l[rr];
+        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
+        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
+        int row = wr + g + 8 * rr;
+        if (row >= nrows) continue;
+        float* op = out + (row0 + row) * heads * DV + h * DV;
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt++) {
+            op[nt * 8 + c2] = tot > 0.0f ? o[nt][2 * rr] / tot : 0.0f;
+            op[nt * 8 + c2 + 1] = tot > 0.0f ? o[nt][2 * rr + 1] / tot : 0.0f;
+        }
+    }
+#endif
+}
+#define ATTENTION_MMA(DK, DV) \
+    extern "C" __global__ void __launch_bounds__(128) attention_mma_##DK##_##DV( \
+        const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past, const float* new_k, \
+        const float* new_v, int global_, int meta, float scale, float* out) { \
+        grid_dep(); \
+        attention_mma<DK, DV>(q, heads, kv_heads, seqs, tiles, past, new_k, new_v, global_, meta, scale, out); \
+    }
+ATTENTION_MMA(16, 32)
+ATTENTION_MMA(64, 64)
+ATTENTION_MMA(64, 128)
+ATTENTION_MMA(128, 128)
+
 // Matrix products of decode and small batches (t <= GEMV_ROWS input rows): y[r, j] = x[r, :] · w[j, :],
 // the weights streamed once at the memory's pace, no input rounded (bf16 weights widened to f32).
 // Work comes in pairs of weight rows (rows 2p, 2p + 1 of w0; for the gated MLP row p of w0 and of
@@ -642,6 +962,9 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     float acc[2][GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) acc[0][r] = acc[1][r] = 0.0f;
+    // The weights do not depend on the previous kernel: their first loads go out before waiting.
+    allow_next();
+    bool waited = false;
     if (live && k % 8 == 0) {
         int chunks = k / 8, per = (chunks + GEMV_SPLIT - 1) / GEMV_SPLIT;
         int lo = part * per, hi = min(chunks, lo + per);
@@ -655,6 +978,10 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
                 else
 #pragma unroll
                     for (int e = 0; e < 8; e++) wb[u][e] = 0.0f;
+            }
+            if (!waited) {
+                wait_prior();
+                waited = true;
             }
 #pragma unroll
             for (int u = 0; u < GEMV_UNROLL; u++) {
@@ -671,7 +998,9 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
                 }
             }
         }
-    } else if (live) {
+    }
+    if (!waited) wait_prior();
+    if (live && k % 8 != 0) {
         // Rows not 16-byte aligned: one element a lane at a time.
         int per = (k + GEMV_SPLIT - 1) / GEMV_SPLIT, lo = part * per, hi = min(k, lo + per);
         for (int j = lo + lane; j < hi; j += 32) {
@@ -730,10 +1059,7 @@ GEMV(gemv_softplus_bf16, bf16_t, EPI_SOFTPLUS)
 GEMV(gemv_glu_bf16, bf16_t, EPI_GLU)
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2.
-extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out) {
-    long r = blockIdx.x;
-    const float* ar = a + r * e;
-    const float* yr = y + r * e;
+__device__ void fuse_row(const float* ar, const float* yr, const float* w1, const float* w2, int e, float eps, float* out) {
     float sa = 0.0f, sy = 0.0f;
     for (int j = threadIdx.x; j < e; j += blockDim.x) {
         sa += ar[j] * ar[j];
@@ -742,7 +1068,48 @@ extern "C" __global__ void fuse(const float* a, const float* y, const float* w1,
     sa = block_sum(sa);
     sy = block_sum(sy);
     float ia = 1.0f / sqrtf(sa / e + eps), iy = 1.0f / sqrtf(sy / e + eps);
-    for (int j = threadIdx.x; j < e; j += blockDim.x) out[r * e + j] = (w1[j] * (ar[j] * ia) + w2[j] * (yr[j] * iy)) * 0.5f;
+    for (int j = threadIdx.x; j < e; j += blockDim.x) out[j] = (w1[j] * (ar[j] * ia) + w2[j] * (yr[j] * iy)) * 0.5f;
+}
+
+extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out) {
+    grid_dep();
+    long r = blockIdx.x;
+    fuse_row(a + r * e, y + r * e, w1, w2, e, eps, out + r * e);
+}
+
+// The fusion of a decode row whose attention is still in split-K partials (`attention`'s
+// `part`): the splits of each head are merged into shared memory first (what
+// `attention_combine` does, without a launch of its own). Dynamic shared memory: e + heads ·
+// splits floats.
+extern "C" __global__ void fuse_splits(const float* part, int heads, int dv, int splits, const float* y, const float* w1, const float* w2,
+                                       int e, float eps, float* out) {
+    grid_dep();
+    extern __shared__ float fs[];
+    float* av = fs;             // the row's attention output [e]
+    float* coef = fs + e;       // weight of each head's splits [heads][splits]
+    long r = blockIdx.x;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const float* pr = part + r * heads * splits * (dv + 2);
+    for (int h = warp; h < heads; h += warps) {
+        float mz = NEG_INF, dz = 0.0f;
+        if (lane < splits) {
+            mz = pr[(h * splits + lane) * (dv + 2)];
+            dz = pr[(h * splits + lane) * (dv + 2) + 1];
+        }
+        float mm = warp_max(mz);
+        float ez = mm == NEG_INF || mz == NEG_INF ? 0.0f : expf(mz - mm);
+        float den = warp_sum(ez * dz);
+        if (lane < splits) coef[h * splits + lane] = den > 0.0f ? ez / den : 0.0f;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < e; j += blockDim.x) {
+        int h = j / dv, col = j % dv;
+        float v = 0.0f;
+        for (int z = 0; z < splits; z++) v += coef[h * splits + z] * pr[(h * splits + z) * (dv + 2) + 2 + col];
+        av[j] = v;
+    }
+    __syncthreads();
+    fuse_row(av, y + r * e, w1, w2, e, eps, out + r * e);
 }
 
 // New K/V rows into the stores, block row (op): rows of keys `k` [rows, kw] and values `v`
@@ -769,6 +1136,7 @@ __device__ __forceinline__ void put_elem(void* dst, int bf16, long i, float x) {
 }
 
 extern "C" __global__ void kv_put(const PutOp* ops) {
+    grid_dep();
     PutOp op = ops[blockIdx.y];
     long stride = (long)gridDim.x * blockDim.x, first = blockIdx.x * (long)blockDim.x + threadIdx.x;
     for (long i = first; i < (long)op.rows * op.kw; i += stride) put_elem(op.dk, op.bf16, op.slot * op.kw + i, op.k[i]);

@@ -19,7 +19,7 @@ use crate::tensor::{Dtype, Tensor};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    LaunchConfig,
 };
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -275,17 +275,22 @@ struct Kernels {
     to_bf16: Kernel,
     conv_silu: Kernel,
     conv_state: Kernel,
+    conv_silu_step: Kernel,
     softplus_bias: Kernel,
     silu_mul: Kernel,
-    scan_chunk_end: Kernel,
+    /// `[up to 16 states, up to 32]`
+    scan_chunk_end: [Kernel; 2],
     scan_chunk_carry: Kernel,
-    scan_chunk_out: Kernel,
+    scan_chunk_out: [Kernel; 2],
     attention: Kernel,
     attention_combine: Kernel,
     attention_tiles: Kernel,
+    /// Tensor-core prefill attention over bf16 K/V, by (dk, dv) (sm_80 and later).
+    attention_mma: Vec<((usize, usize), Kernel)>,
     /// `[f32 weights, bf16 weights][Epilogue]`
     gemv: [[Kernel; 4]; 2],
     fuse: Kernel,
+    fuse_splits: Kernel,
     kv_put: Kernel,
 }
 
@@ -313,6 +318,9 @@ struct Scratch {
     tiles: Option<CudaSlice<i32>>,
     n_tiles: usize,
     max_len: usize,
+    /// The same in tiles of MMA_ROWS, for the tensor-core kernel.
+    mma_tiles: Option<CudaSlice<i32>>,
+    n_mma_tiles: usize,
     /// Chunks of up to SCAN_CHUNK rows for the selective scan, (sequence, first row in it, rows,
     /// flags), each sequence's first chunk, and whether any sequence has more than one.
     chunks: Option<CudaSlice<i32>>,
@@ -333,13 +341,21 @@ struct Scratch {
 const TILE_ROWS: usize = 32;
 const TILE_KEYS: usize = 32;
 
+/// Query rows of one block of tensor-core attention (the kernel's FA_BQ), and the head sizes it
+/// is built for (`ATTENTION_MMA` there).
+const MMA_ROWS: usize = 64;
+const MMA_SHAPES: [(usize, usize); 4] = [(16, 32), (64, 64), (64, 128), (128, 128)];
+
 /// Sequences longer than this take the tiled (flash) attention; shorter ones (decode) the
 /// split-K kernel.
 const TILED_FROM: usize = 8;
 
-/// Rows of a chunk of the selective scan (see `scan_chunk_end`): prompts run on channels ×
-/// chunks threads.
+/// Rows of a chunk of the selective scan (see `scan_chunk_end`; the kernels' SCAN_ROWS): prompts
+/// run on channels × chunks threads.
 const SCAN_CHUNK: usize = 64;
+
+/// Longest sequence whose causal conv runs row after row in one thread a channel (decode).
+const CONV_STEP_UP_TO: usize = 8;
 
 /// Rows up to which a matrix product runs as one pass of warps over the weights (the kernel's
 /// GEMV_ROWS) rather than through cuBLAS.
@@ -400,6 +416,8 @@ pub struct Cuda {
     pub name: String,
     /// Multiprocessors: how many blocks keep the GPU busy.
     sms: usize,
+    /// Kernels may start before the previous one ends (sm_90: programmatic dependent launch).
+    pdl: bool,
     /// Seconds and calls per kernel, when HYMBA_CUDA_PROFILE is set (each launch then waits for
     /// its kernel: a coarse profile, for finding where a step's time goes).
     profile: Option<Mutex<std::collections::BTreeMap<&'static str, (f64, u64)>>>,
@@ -407,6 +425,11 @@ pub struct Cuda {
     /// are stale.
     generation: std::sync::atomic::AtomicU64,
     graphs: Mutex<Graphs>,
+}
+
+/// Shared memory of `fuse_splits`: a row of `e` and the split weights of `heads`.
+fn fuse_smem(e: usize, heads: usize, splits: usize) -> usize {
+    4 * (e + heads * splits)
 }
 
 /// A grid of `n` threads in blocks of 256, capped (the kernels loop over the rest).
@@ -484,7 +507,9 @@ impl Cuda {
             .compute_capability()
             .map_err(|e| device_err("reading the compute capability", e))?;
         let name = format!("{} (sm_{major}{minor})", ctx.name().unwrap_or_default());
-        let ptx = compile_kernels(None)?;
+        // For this device's architecture: the tensor-core kernels need sm_80.
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let ptx = compile_kernels(Some(arch))?;
         let module = ctx
             .load_module(ptx)
             .map_err(|e| device_err("loading the kernels", e))?;
@@ -504,14 +529,27 @@ impl Cuda {
             to_bf16: f("to_bf16")?,
             conv_silu: f("conv_silu")?,
             conv_state: f("conv_state")?,
+            conv_silu_step: f("conv_silu_step")?,
             softplus_bias: f("softplus_bias")?,
             silu_mul: f("silu_mul")?,
-            scan_chunk_end: f("scan_chunk_end")?,
+            scan_chunk_end: [f("scan_chunk_end_16")?, f("scan_chunk_end_32")?],
             scan_chunk_carry: f("scan_chunk_carry")?,
-            scan_chunk_out: f("scan_chunk_out")?,
+            scan_chunk_out: [f("scan_chunk_out_16")?, f("scan_chunk_out_32")?],
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
             attention_tiles: f("attention_tiles")?,
+            attention_mma: if major >= 8 {
+                MMA_SHAPES
+                    .iter()
+                    .map(|&(dk, dv)| {
+                        let name: &'static str =
+                            Box::leak(format!("attention_mma_{dk}_{dv}").into_boxed_str());
+                        Ok::<_, Error>(((dk, dv), f(name)?))
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            },
             gemv: [
                 [
                     f("gemv_f32")?,
@@ -527,6 +565,7 @@ impl Cuda {
                 ],
             ],
             fuse: f("fuse")?,
+            fuse_splits: f("fuse_splits")?,
             kv_put: f("kv_put")?,
         };
         // A stream of its own: the legacy default stream cannot be captured into a graph.
@@ -551,6 +590,8 @@ impl Cuda {
             tiles: None,
             n_tiles: 0,
             max_len: 0,
+            mma_tiles: None,
+            n_mma_tiles: 0,
             chunks: None,
             seq_chunks: None,
             n_chunks: 0,
@@ -583,6 +624,7 @@ impl Cuda {
             err: Mutex::new(None),
             name,
             sms,
+            pdl: major >= 9 && std::env::var_os("HYMBA_CUDA_NO_PDL").is_none(),
             profile,
             generation: Default::default(),
             graphs,
@@ -876,14 +918,41 @@ impl Cuda {
             return;
         }
         let t = self.profile.as_ref().map(|_| self.time_start());
-        let mut b = self.stream.launch_builder(&k.f);
-        for a in args {
-            a.push(&mut b);
-        }
+        use cudarc::driver::sys;
+        let mut params: Vec<*mut std::ffi::c_void> = args.iter().map(|a| a.param()).collect();
+        // Programmatic dependent launch (see `grid_dep` in the kernels), where the device has it.
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: self.pdl as u32,
+        };
         // SAFETY: every kernel's arguments are given in its order and types by the callers
-        // below, pointers from live allocations of the sizes the shapes say.
-        if let Err(e) = unsafe { b.launch(cfg) } {
-            self.fail("launching a kernel", e);
+        // below (each parameter points at a value alive for the call), pointers from live
+        // allocations of the sizes the shapes say.
+        let r = unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                k.f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            self.fail("launching a kernel", r);
         }
         if let Some(t) = t {
             self.time_end(k.name, t);
@@ -949,8 +1018,8 @@ impl Cuda {
     }
 
     /// `y = x · wᵀ + β·y` through cuBLAS (for a bf16 matrix, the input rounded to bf16 first, as
-    /// the official bf16 model computes).
-    fn gemm(&self, x: &DevRows, w: &DevMatrix, beta: f32, y: &mut DevRows) {
+    /// the official bf16 model computes; `rounded`: the previous call rounded this same `x`).
+    fn gemm(&self, x: &DevRows, w: &DevMatrix, beta: f32, y: &mut DevRows, rounded: bool) {
         let alpha = 1.0f32;
         let t = x.len / w.cols.max(1);
         let (m, n, k) = (w.rows as i32, t as i32, w.cols as i32);
@@ -974,8 +1043,10 @@ impl Cuda {
                     .expect("allocated")
                     .device_ptr(&self.stream)
                     .0;
-                let (src, nn) = (self.p(x), len as i64);
-                self.launch(&self.k.to_bf16, flat(len), &[&src, &xs, &nn]);
+                if !rounded {
+                    let (src, nn) = (self.p(x), len as i64);
+                    self.launch(&self.k.to_bf16, flat(len), &[&src, &xs, &nn]);
+                }
                 (xs, blas_sys::cudaDataType::CUDA_R_16BF)
             }
         };
@@ -1066,23 +1137,23 @@ impl Cuda {
             );
         }
         match epi {
-            Epilogue::Store => self.gemm(x, w, 0.0, y),
-            Epilogue::Add => self.gemm(x, w, 1.0, y),
+            Epilogue::Store => self.gemm(x, w, 0.0, y, false),
+            Epilogue::Add => self.gemm(x, w, 1.0, y, false),
             Epilogue::Softplus => {
-                self.gemm(x, w, 0.0, y);
+                self.gemm(x, w, 0.0, y, false);
                 let bias = bias.expect("softplus has a bias");
                 let (yp, bp, e, n) = (self.p(y), self.pv(bias), bias.len() as i32, y.len as i64);
                 self.launch(&self.k.softplus_bias, flat(y.len), &[&yp, &bp, &e, &n]);
             }
             Epilogue::Glu => {
-                self.gemm(x, w, 0.0, y);
+                self.gemm(x, w, 0.0, y, false);
                 let mut u = std::mem::replace(
                     &mut self.scratch.lock().expect("scratch").up,
                     DevRows { buf: None, len: 0 },
                 );
                 let up = up.expect("the gated MLP has an up matrix");
                 self.shape(&mut u, t * up.rows);
-                self.gemm(x, up, 0.0, &mut u);
+                self.gemm(x, up, 0.0, &mut u, true);
                 let (gp, upp, n) = (self.p(y), self.p(&u), y.len as i64);
                 self.launch(&self.k.silu_mul, flat(y.len), &[&gp, &upp, &n]);
                 self.scratch.lock().expect("scratch").up = u;
@@ -1093,12 +1164,13 @@ impl Cuda {
 
 /// A kernel argument: a plain value pushed by reference.
 trait Arg {
-    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+    /// The address of the value, as the driver takes a kernel parameter.
+    fn param(&self) -> *mut std::ffi::c_void;
 }
 
 impl<T: DeviceRepr> Arg for T {
-    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
-        b.arg(self);
+    fn param(&self) -> *mut std::ffi::c_void {
+        self as *const T as *mut std::ffi::c_void
     }
 }
 
@@ -1196,17 +1268,21 @@ impl Backend for Cuda {
         self.put(&mut scratch.past, &past);
         self.put(&mut scratch.ssm, &ssm);
         self.put(&mut scratch.conv, &conv);
-        let tiles: Vec<i32> = seqs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| {
-                (0..s.rows.len())
-                    .step_by(TILE_ROWS)
-                    .flat_map(move |r| [i as i32, r as i32])
-            })
-            .collect();
-        self.put(&mut scratch.tiles, &tiles);
-        scratch.n_tiles = tiles.len() / 2;
+        let tiles = |rows: usize| -> Vec<i32> {
+            seqs.iter()
+                .enumerate()
+                .flat_map(|(i, s)| {
+                    (0..s.rows.len())
+                        .step_by(rows)
+                        .flat_map(move |r| [i as i32, r as i32])
+                })
+                .collect()
+        };
+        let (small, large) = (tiles(TILE_ROWS), tiles(MMA_ROWS));
+        self.put(&mut scratch.tiles, &small);
+        self.put(&mut scratch.mma_tiles, &large);
+        scratch.n_tiles = small.len() / 2;
+        scratch.n_mma_tiles = large.len() / 2;
         let (mut chunks, mut seq_chunks) = (Vec::new(), vec![0i32]);
         for (i, s) in seqs.iter().enumerate() {
             let len = s.rows.len();
@@ -1598,6 +1674,19 @@ impl Backend for Cuda {
             kk as i32,
             (t * e) as i64,
         );
+        let per_seq = LaunchConfig {
+            grid_dim: (e.div_ceil(128) as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if scratch.max_len <= CONV_STEP_UP_TO {
+            // Short sequences (decode): a thread walks a channel's rows, then keeps the state.
+            return self.launch(
+                &self.k.conv_silu_step,
+                per_seq,
+                &[&pp, &wi, &fi, &sp, &cp, &tp, &bp, &ei, &ki, &op],
+            );
+        }
         self.launch(
             &self.k.conv_silu,
             flat(t * e),
@@ -1605,14 +1694,9 @@ impl Backend for Cuda {
                 &pp, &wi, &fi, &sp, &rp, &cp, &tp, &bp, &ei, &ki, &total, &op,
             ],
         );
-        let cfg = LaunchConfig {
-            grid_dim: (e.div_ceil(128) as u32, n as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
         self.launch(
             &self.k.conv_state,
-            cfg,
+            per_seq,
             &[&pp, &wi, &fi, &sp, &cp, &ei, &ki],
         );
     }
@@ -1649,6 +1733,8 @@ impl Backend for Cuda {
         let (qp, ap, yp) = (self.p(at.q), self.p(attn), self.p(y));
         let scale = 1.0 / (hd.dk as f32).sqrt();
         let (heads, kv_heads, dk, dv) = (hd.q as i32, hd.kv as i32, hd.dk as i32, hd.dv as i32);
+        // Split-K partials of decode attention the fusion merges, and their count.
+        let mut merge = None;
         // 2. Attention of every row over its sequence's meta prefix, store and this call's rows.
         // Keys are split when rows × heads alone would leave the multiprocessors idle (decode).
         let (nk, nv) = (self.p(at.k), self.p(at.v));
@@ -1659,7 +1745,28 @@ impl Backend for Cuda {
                 + TILE_KEYS * (hd.dk + 1)
                 + TILE_KEYS * hd.dv
                 + TILE_ROWS * (TILE_KEYS + 1));
-        if max_len > TILED_FROM && smem <= 48 << 10 {
+        let mma = self
+            .k
+            .attention_mma
+            .iter()
+            .find(|(shape, _)| *shape == (hd.dk, hd.dv))
+            .map(|(_, k)| k);
+        if let (true, KvDtype::BF16, Some(kernel)) = (max_len > TILED_FROM, at.kv_dtype, mma) {
+            let (tp, n) = (self.table(&scratch.mma_tiles, 0), scratch.n_mma_tiles);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, hd.q as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                kernel,
+                cfg,
+                &[
+                    &qp, &heads, &kv_heads, &seqs_p, &tp, &past_p, &nk, &nv, &global, &meta,
+                    &scale, &ap,
+                ],
+            );
+        } else if max_len > TILED_FROM && smem <= 48 << 10 {
             let cfg = LaunchConfig {
                 grid_dim: (n_tiles as u32, hd.q as u32, 1),
                 block_dim: (128, 1, 1),
@@ -1694,7 +1801,10 @@ impl Backend for Cuda {
                     &meta, &scale, &zs, &ap, &pp,
                 ],
             );
-            if splits > 1 {
+            // The splits are merged by the fusion below where its shared memory holds a row.
+            if splits > 1 && fuse_smem(e, hd.q, splits) <= 48 << 10 {
+                merge = Some((pp, splits));
+            } else if splits > 1 {
                 let cfg = LaunchConfig {
                     grid_dim: (t as u32, hd.q as u32, 1),
                     block_dim: (128, 1, 1),
@@ -1735,7 +1845,7 @@ impl Backend for Cuda {
                 shared_mem_bytes: 0,
             };
             self.launch(
-                &self.k.scan_chunk_end,
+                &self.k.scan_chunk_end[(n > 16) as usize],
                 cfg,
                 &[&xp, &dp, &bp, &a_p, &seqs_p, &chunks_p, &ei, &ni, &hp, &sp],
             );
@@ -1758,7 +1868,7 @@ impl Backend for Cuda {
             shared_mem_bytes: 0,
         };
         self.launch(
-            &self.k.scan_chunk_out,
+            &self.k.scan_chunk_out[(n > 16) as usize],
             cfg,
             &[
                 &xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &chunks_p, &ssm_p, &ei, &ni, &ip, &yp,
@@ -1766,10 +1876,22 @@ impl Backend for Cuda {
         );
         // 4. Fusion of every row.
         let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
-        self.launch(
-            &self.k.fuse,
-            rows_of(t, row_threads(t)),
-            &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op],
-        );
+        match merge {
+            Some((pp, splits)) => {
+                let mut cfg = rows_of(t, row_threads(t));
+                cfg.shared_mem_bytes = fuse_smem(e, hd.q, splits) as u32;
+                let zs = splits as i32;
+                self.launch(
+                    &self.k.fuse_splits,
+                    cfg,
+                    &[&pp, &heads, &dv, &zs, &yp, &w1, &w2, &ei, &fuse.eps, &op],
+                );
+            }
+            None => self.launch(
+                &self.k.fuse,
+                rows_of(t, row_threads(t)),
+                &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op],
+            ),
+        }
     }
 }

@@ -576,6 +576,38 @@ fn chat_template_kwargs_reach_the_template() {
             .contains("`messages`"),
         "{r}"
     );
+    // `tools` reaches the template on /tokenize as on a chat request; unknown fields are refused.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let (st, t) = post(p, "/tokenize", json!({"messages": msgs, "tools": tools}));
+    assert_eq!(st, 200, "{t}");
+    let (_, plain) = post(p, "/tokenize", json!({"messages": msgs}));
+    assert_ne!(t["tokens"], plain["tokens"], "the template shows the tools");
+    let (_, text) = post(p, "/detokenize", json!({"tokens": t["tokens"]}));
+    assert!(
+        text["prompt"].as_str().unwrap().contains("get_weather"),
+        "{text}"
+    );
+    let (st, r) = post(
+        p,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "tools": tools, "max_tokens": 2}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["usage"]["prompt_tokens"], t["count"]);
+    for (path, body) in [
+        ("/tokenize", json!({"prompt": "Hi", "frobnicate": 1})),
+        ("/detokenize", json!({"tokens": [1], "frobnicate": 1})),
+    ] {
+        let (st, r) = post(p, path, body);
+        assert_eq!(st, 400, "{path}: {r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("frobnicate"),
+            "{r}"
+        );
+    }
 }
 
 /// `--chat-template FILE` replaces the checkpoint's template (for base models that ship none);

@@ -275,6 +275,28 @@ struct StreamOptions {
 /// any other field this server does not know is refused unless null, never silently dropped.
 const IGNORED_FIELDS: [&str; 4] = ["user", "metadata", "store", "service_tier"];
 
+/// The 400 for request fields this server does not know (`rest`: what the request's struct did
+/// not name). A null asks for nothing (clients write unset fields so), so only set ones are
+/// refused; caller metadata (IGNORED_FIELDS) is accepted.
+fn refuse_unknown(rest: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    let unknown: Vec<&str> = rest
+        .iter()
+        .filter(|(k, v)| !v.is_null() && !IGNORED_FIELDS.contains(&k.as_str()))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(error(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "Unrecognized request argument(s) supplied: {}.",
+            unknown.join(", ")
+        ),
+        None,
+    ))
+}
+
 /// Sampling fields both endpoints accept (OpenAI's, plus vLLM's top_k, min_p,
 /// repetition_penalty and ignore_eos).
 #[derive(Deserialize)]
@@ -315,23 +337,7 @@ impl Sampling {
         prompt_len: usize,
         default_max: usize,
     ) -> Result<GenerateOptions, ApiError> {
-        // A null asks for nothing (clients write unset fields so), so only set ones are refused.
-        let unknown: Vec<&str> = self
-            .rest
-            .iter()
-            .filter(|(k, v)| !v.is_null() && !IGNORED_FIELDS.contains(&k.as_str()))
-            .map(|(k, _)| k.as_str())
-            .collect();
-        if !unknown.is_empty() {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "Unrecognized request argument(s) supplied: {}.",
-                    unknown.join(", ")
-                ),
-                None,
-            ));
-        }
+        refuse_unknown(&self.rest)?;
         if let Some(f) = self
             .response_format
             .as_ref()
@@ -1040,9 +1046,13 @@ struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<ChatMessage>>,
+    /// Shown to the chat template as in a chat request.
+    tools: Option<Vec<Value>>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -1050,6 +1060,14 @@ async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Byt
         check_key(&st, &headers)?;
         let req: TokenizeRequest = parse(&body)?;
         check_model(&st, &req.model)?;
+        refuse_unknown(&req.rest)?;
+        if req.tools.is_some() && req.messages.is_none() {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "`tools` goes with `messages`.",
+                Some("tools"),
+            ));
+        }
         let tokens = match (&req.prompt, &req.messages) {
             (Some(p), None) => {
                 let add = req.add_special_tokens.unwrap_or(true) && st.tokenizer.add_bos;
@@ -1060,7 +1078,7 @@ async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Byt
             (None, Some(m)) => chat_prompt(
                 &st,
                 &messages(m)?,
-                None,
+                req.tools.as_deref(),
                 req.add_generation_prompt.unwrap_or(true),
                 req.chat_template_kwargs.as_ref(),
             )?,
@@ -1087,6 +1105,8 @@ async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Byt
 struct DetokenizeRequest {
     model: Option<String>,
     tokens: Vec<u32>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -1094,6 +1114,7 @@ async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
         check_key(&st, &headers)?;
         let req: DetokenizeRequest = parse(&body)?;
         check_model(&st, &req.model)?;
+        refuse_unknown(&req.rest)?;
         let vocab = st.tokenizer.vocab_size();
         if let Some(id) = req.tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(error(

@@ -175,6 +175,10 @@ struct ServeArgs {
     /// Sequences stepped together; as many more may wait.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// Seconds running requests get to finish after SIGTERM or Ctrl-C (no new connections are
+    /// taken meanwhile); then the server exits anyway.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
     /// Prompt plus completion tokens per request, at most the model's max_position_embeddings
     /// [default: max_position_embeddings].
     #[arg(long)]
@@ -410,9 +414,56 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
             .await
             .with_context(|| format!("binding {}:{}", a.host, a.port))?;
         eprintln!("serving `{name}` on http://{}", listener.local_addr()?);
-        hymba_server::serve(listener, state).await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let grace = std::time::Duration::from_secs_f64(a.shutdown_grace.max(0.0));
+        let drain = hymba_server::serve(listener, state, {
+            let rx = stop_rx.clone();
+            async move {
+                stopped(rx).await;
+                eprintln!(
+                    "stopping: no new connections; running requests have {grace:?} to finish"
+                );
+            }
+        });
+        tokio::select! {
+            r = drain => r?,
+            _ = async { stopped(stop_rx).await; tokio::time::sleep(grace).await } => {
+                eprintln!("stopping: the grace period is over, running requests are cancelled");
+            }
+        }
         Ok(())
     })
+}
+
+/// SIGTERM (what service managers send) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {

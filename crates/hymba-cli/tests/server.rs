@@ -761,3 +761,48 @@ fn openai_python_client() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// SIGTERM mid-stream: the server takes no new work, the running stream finishes whole (every
+/// answer to its end, then [DONE]), and the process exits 0.
+#[cfg(unix)]
+#[test]
+fn sigterm_lets_running_streams_finish() {
+    use serde_json::json;
+    let mut srv = start("sigterm", &["--shutdown-grace", "120"]);
+    let n = 16;
+    let body = json!({"prompt": "The quick brown fox", "max_tokens": 240, "temperature": 0, "ignore_eos": true, "stream": true, "n": n}).to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let req = format!("POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).unwrap();
+    let (mut raw, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !String::from_utf8_lossy(&raw).contains("data: {") {
+        let got = s.read(&mut buf).unwrap();
+        assert!(got > 0, "the stream ended before its first event");
+        raw.extend_from_slice(&buf[..got]);
+    }
+    let at_signal = raw.len();
+    let kill = Command::new("kill")
+        .args(["-TERM", &srv.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text[at_signal..].matches("data: {").count() > 0,
+        "the stream had ended before the signal"
+    );
+    assert!(
+        text.contains("data: [DONE]"),
+        "the stream was cut: {}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    assert_eq!(
+        text.matches("\"finish_reason\":\"length\"").count(),
+        n,
+        "every answer ran to max_tokens"
+    );
+    let status = srv.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+}

@@ -175,6 +175,15 @@ struct ServeArgs {
     /// Sequences stepped together; as many more may wait.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// Alternatives per token a request may ask for in `logprobs` / `top_logprobs`.
+    #[arg(long, default_value_t = hymba_server::Limits::default().max_logprobs)]
+    max_logprobs: usize,
+    /// Prompts in one completion request.
+    #[arg(long, default_value_t = hymba_server::Limits::default().max_prompts)]
+    max_prompts: usize,
+    /// Bytes of a request body (413 beyond).
+    #[arg(long, default_value_t = hymba_server::Limits::default().max_body_bytes)]
+    max_body_bytes: usize,
     /// Seconds running requests get to finish after SIGTERM or Ctrl-C (no new connections are
     /// taken meanwhile); then the server exits anyway.
     #[arg(long, default_value_t = 30.0)]
@@ -404,6 +413,11 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
         max_context,
         api_key: a.api_key.clone(),
         eos_id,
+        limits: hymba_server::Limits {
+            max_logprobs: a.max_logprobs,
+            max_prompts: a.max_prompts,
+            max_body_bytes: a.max_body_bytes,
+        },
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

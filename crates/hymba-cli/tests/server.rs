@@ -843,3 +843,69 @@ fn sigterm_lets_running_streams_finish() {
     let status = srv.child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+/// What multiplies a request's work has a limit (server options where users would change it),
+/// refused by name beyond it.
+#[test]
+fn request_limits_are_refused_by_name() {
+    use serde_json::json;
+    let srv = start(
+        "limits",
+        &[
+            "--max-logprobs",
+            "3",
+            "--max-prompts",
+            "2",
+            "--max-body-bytes",
+            "4096",
+        ],
+    );
+    let p = srv.port;
+    let refused = |path: &str, body: serde_json::Value, field: &str| {
+        let (st, r) = post(p, path, body);
+        assert_eq!(st, 400, "{path}: {r}");
+        assert_eq!(r["error"]["param"], field, "{r}");
+        let msg = r["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("`{field}`")) || msg.contains(field),
+            "{msg}"
+        );
+    };
+    refused(
+        "/v1/completions",
+        json!({"prompt": "Hi", "max_tokens": 1, "logprobs": 4}),
+        "logprobs",
+    );
+    refused(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "logprobs": true, "top_logprobs": 4}),
+        "top_logprobs",
+    );
+    refused(
+        "/v1/completions",
+        json!({"prompt": ["a", "b", "c"], "max_tokens": 1}),
+        "prompt",
+    );
+    let stops: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    refused(
+        "/v1/completions",
+        json!({"prompt": "Hi", "max_tokens": 1, "stop": stops}),
+        "stop",
+    );
+    refused(
+        "/v1/completions",
+        json!({"prompt": "Hi", "max_tokens": 1, "stop": "x".repeat(300)}),
+        "stop",
+    );
+    // At the limits: answered.
+    let (st, r) = post(
+        p,
+        "/v1/completions",
+        json!({"prompt": ["a", "b"], "max_tokens": 1, "logprobs": 3}),
+    );
+    assert_eq!(st, 200, "{r}");
+    // A body over --max-body-bytes: 413.
+    let big = json!({"prompt": "x".repeat(5000), "max_tokens": 1}).to_string();
+    let (st, _) = http(p, "POST", "/v1/completions", &big, &[]);
+    assert_eq!(st, 413);
+}

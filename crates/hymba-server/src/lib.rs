@@ -47,6 +47,44 @@ pub struct AppState {
     pub max_context: usize,
     pub api_key: Option<String>,
     pub eos_id: Option<u32>,
+    /// Limits on what one request may ask for (see [`Limits`]).
+    pub limits: Limits,
+}
+
+/// The most one request may multiply its work by; beyond them it is refused by name. `n` is
+/// bounded by the engine's batch and `max_tokens` by the context.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Alternatives per token in `logprobs` / `top_logprobs` (vLLM's --max-logprobs).
+    pub max_logprobs: usize,
+    /// Prompts in one completion request.
+    pub max_prompts: usize,
+    /// Bytes of a request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_logprobs: 20,
+            max_prompts: 256,
+            max_body_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Stop strings in a request, and bytes in one.
+const MAX_STOPS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+
+/// The 400 for a request field over its limit.
+fn over_limit(field: &'static str, got: usize, max: usize, option: Option<&str>) -> ApiError {
+    let how = option.map(|o| format!(" ({o})")).unwrap_or_default();
+    error(
+        StatusCode::BAD_REQUEST,
+        format!("`{field}` is at most {max}{how}, found {got}."),
+        Some(field),
+    )
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -58,6 +96,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.limits.max_body_bytes,
+        ))
         .with_state(state)
 }
 
@@ -400,6 +441,19 @@ impl Sampling {
             .validate()
             .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), None))?;
         let stop = self.stop.list();
+        if stop.len() > MAX_STOPS {
+            return Err(over_limit("stop", stop.len(), MAX_STOPS, None));
+        }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "A stop string is at most {MAX_STOP_BYTES} bytes, found {}.",
+                    long.len()
+                ),
+                Some("stop"),
+            ));
+        }
         if stop.iter().any(String::is_empty) {
             return Err(error(
                 StatusCode::BAD_REQUEST,
@@ -723,6 +777,22 @@ async fn completions_inner(
     let req: CompletionRequest = parse(&body)?;
     check_model(&st, &req.sampling.model)?;
     let prompts = prompts(&st, &req.prompt)?;
+    if prompts.len() > st.limits.max_prompts {
+        return Err(over_limit(
+            "prompt",
+            prompts.len(),
+            st.limits.max_prompts,
+            Some("--max-prompts"),
+        ));
+    }
+    if let Some(k) = req.logprobs.filter(|&k| k > st.limits.max_logprobs) {
+        return Err(over_limit(
+            "logprobs",
+            k,
+            st.limits.max_logprobs,
+            Some("--max-logprobs"),
+        ));
+    }
     let id = request_id("cmpl");
     let created = now();
     let n = req.sampling.choices();
@@ -970,6 +1040,14 @@ async fn chat_inner(
     let options = req.sampling.options(&st, prompt.len(), st.max_context)?;
     let n_prompt = prompt.len();
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    if let Some(k) = logprobs.filter(|&k| k > st.limits.max_logprobs) {
+        return Err(over_limit(
+            "top_logprobs",
+            k,
+            st.limits.max_logprobs,
+            Some("--max-logprobs"),
+        ));
+    }
     let n = req.sampling.choices();
     let rxs = submit_n(&st, &prompt, &options, n, logprobs, false)?;
     let (id, created) = (request_id("chatcmpl"), now());

@@ -88,8 +88,31 @@ pub fn train_tokenizer(docs: &[String], vocab_size: usize, path: &Path) -> Resul
     .build()
     .map_err(tk_err)?;
     tk.train(&mut trainer, docs.iter()).map_err(tk_err)?;
+    let bos = tk.token_to_id(SPECIAL_TOKENS[1]).ok_or_else(|| {
+        Error::Tokenizer(format!(
+            "the trained vocabulary has no {}",
+            SPECIAL_TOKENS[1]
+        ))
+    })?;
+    tk.with_post_processor(Some(bos_post_processor(bos)?));
     let json = tk.to_string(true).map_err(tk_err)?;
     hymba::error::write_atomic(path, json.as_bytes())
+}
+
+/// BOS before every sequence, as the official Hymba tokenizer's post-processor adds it: so Hugging
+/// Face's tokenizer (what clients of the server tokenize with) encodes a prompt with
+/// `add_special_tokens=True` into the ids the engine runs (`add_bos_token` in the config).
+/// `id` is the BOS token's.
+pub fn bos_post_processor(id: u32) -> Result<PostProcessorWrapper> {
+    let bos = SPECIAL_TOKENS[1];
+    let tp = tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single(format!("{bos} $A"))
+        .and_then(|b| b.try_pair(format!("{bos} $A {bos}:1 $B:1")))
+        .map_err(|e| Error::Tokenizer(format!("the BOS template: {e}")))?
+        .special_tokens(vec![(bos, id)])
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("the BOS template: {e}")))?;
+    Ok(PostProcessorWrapper::Template(tp))
 }
 
 /// tokenizer_config.json for a trained tokenizer: BOS added to prompts, and a chat template in
@@ -208,4 +231,39 @@ pub fn ngram_baselines(train: &[u32], valid: &[u32], vocab: usize) -> (f64, f64)
         })
         .fold(f64::INFINITY, f64::min);
     (unigram, bigram)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trained tokenizer adds BOS when asked for special tokens, and the built-in model's
+    /// tokenizer (trained before the post-processor existed, rebuilt since) carries the same one.
+    #[test]
+    fn trained_tokenizers_add_bos_as_the_built_in_one() {
+        let docs: Vec<String> = (0..50)
+            .map(|i| {
+                format!(
+                    "In the beginning {i} was the word and the word was {}.",
+                    i * 7
+                )
+            })
+            .collect();
+        let path = std::env::temp_dir().join(format!("hymba-bos-{}.json", std::process::id()));
+        train_tokenizer(&docs, 300, &path).unwrap();
+        let tk = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let bos = tk.token_to_id("<s>").unwrap();
+        let plain = tk.encode("the word", false).unwrap().get_ids().to_vec();
+        let with = tk.encode("the word", true).unwrap().get_ids().to_vec();
+        assert_eq!(with, [vec![bos], plain].concat());
+        let asset = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../assets/default-model/tokenizer.json");
+        let shipped: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(asset).unwrap()).unwrap();
+        assert_eq!(
+            shipped["post_processor"],
+            serde_json::to_value(bos_post_processor(1).unwrap()).unwrap()
+        );
+    }
 }

@@ -71,3 +71,31 @@ fn streaming_detokenization_never_splits_characters() {
         "multi-token characters were held back"
     );
 }
+
+/// Every tokenizer this project ships or runs (the built-in model's, the official one) encodes a
+/// prompt, through Hugging Face's `tokenizers` with `add_special_tokens=True` as clients of the
+/// server do, into the ids the engine runs: BOS from the post-processor, as `add_bos_token` says.
+#[test]
+fn huggingface_encoding_equals_the_engines_prompt_ids() {
+    let built_in = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../assets/default-model/tokenizer.json");
+    for path in [built_in, shared().join("hymba-1.5b/tokenizer.json")] {
+        let ours = Tokenizer::from_file(&path).unwrap();
+        let hf = tokenizers::Tokenizer::from_file(&path).unwrap();
+        for text in [
+            "And it came to pass",
+            "  two spaces, ünïcode and\nnew lines ",
+            "x",
+        ] {
+            let want = ours.encode_prompt(text).unwrap();
+            let got = hf.encode(text, true).unwrap().get_ids().to_vec();
+            assert_eq!(got, want, "{}: {text:?}", path.display());
+            assert_eq!(
+                got[0],
+                ours.bos_id.unwrap(),
+                "{}: BOS first",
+                path.display()
+            );
+        }
+    }
+}

@@ -351,10 +351,11 @@ __device__ void scan_chunk_end(const float* x, const float* delta, const float* 
     dtsum[(long)chunk * e + c] = sum;
 }
 
-// Thread (channel · N + state, sequence): the start state of each of the sequence's chunks after
-// its first, chunk by chunk (the loads of later chunks, which do not depend on the state, go
-// ahead of the recurrence). seq_chunks[i] is sequence i's first chunk, seq_chunks[i + 1] one
-// past its last.
+// Thread (channel · N + state, sequence): the start state of each of the chunks of a sequence
+// that has more than one, chunk by chunk (the loads of later chunks, which do not depend on the
+// state, go ahead of the recurrence), the first chunk's included: `scan_chunk_out` writes the
+// sequence's state from its last chunk while its first chunk, another block, may not have read
+// it yet. seq_chunks[i] is sequence i's first chunk, seq_chunks[i + 1] one past its last.
 extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunks, float* const* ssm, int e, int n, const float* hend,
                                             const float* dtsum, float* init) {
     grid_dep();
@@ -363,6 +364,7 @@ extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunk
     if (i >= e * n || c1 - c0 < 2) return;
     int c = i / n, j = i % n;
     float s = ssm[seq][i], av = a[i];
+    init[((long)c0 * n + j) * e + c] = s;
 #pragma unroll 8
     for (int k = c0; k < c1 - 1; k++) {
         s = expf(dtsum[(long)k * e + c] * av) * s + hend[((long)k * n + j) * e + c];
@@ -386,7 +388,8 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
     float s[N_], av[N_];
 #pragma unroll
     for (int j = 0; j < N_; j++) {
-        s[j] = j >= n ? 0.0f : (ch.w & CHUNK_FIRST) ? st[(long)c * n + j] : init[((long)chunk * n + j) * e + c];
+        // A sequence's only chunk reads and writes its state in one block; others start from init.
+        s[j] = j >= n ? 0.0f : (ch.w & CHUNK_FIRST) && (ch.w & CHUNK_LAST) ? st[(long)c * n + j] : init[((long)chunk * n + j) * e + c];
         av[j] = j < n ? a[(long)c * n + j] : 0.0f;
     }
     float dc = d[c];

@@ -18,7 +18,7 @@ pub struct BenchArgs {
         conflicts_with = "synthetic",
         required_unless_present = "synthetic"
     )]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Random weights with the shapes of a known model: `hymba-1.5b`.
     #[arg(long)]
     synthetic: Option<String>,
@@ -97,7 +97,7 @@ pub struct QuantEvalArgs {
         conflicts_with = "synthetic",
         required_unless_present = "synthetic"
     )]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     #[arg(long)]
     synthetic: Option<String>,
     /// q8_0 or q4_0.

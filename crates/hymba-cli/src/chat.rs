@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub struct ChatArgs {
     /// Checkpoint directory [default: the built-in tiny model].
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Where to run: cpu, or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: String,

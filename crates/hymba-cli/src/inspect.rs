@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct InspectArgs {
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Where the cache is measured: cpu, or cuda[:N] (its buffers on the card).
     #[arg(long, default_value = "cpu")]
     device: String,

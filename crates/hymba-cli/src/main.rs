@@ -25,6 +25,10 @@ mod train;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// With `--model ORG/NAME` (a Hugging Face repo id, found offline in the hub cache): the
+    /// branch, tag or commit [default: main].
+    #[arg(long, global = true)]
+    revision: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -256,7 +260,11 @@ fn keep_freed_memory() {}
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(e) = resolve_model_arg(&mut cli.cmd, cli.revision.as_deref()) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let res = match cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::Logits(a) => logits(a),
@@ -277,6 +285,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--model` of a command as a directory: a repo id becomes its snapshot in the hub cache.
+fn resolve_model_arg(cmd: &mut Cmd, revision: Option<&str>) -> Result<()> {
+    let model: Option<&mut PathBuf> = match cmd {
+        Cmd::Generate(a) => a.model.as_mut(),
+        Cmd::Logits(a) => Some(&mut a.model),
+        Cmd::Perplexity(a) => a.model.as_mut(),
+        Cmd::Serve(a) => a.model.as_mut(),
+        Cmd::Chat(a) => a.model.as_mut(),
+        Cmd::Inspect(a) => Some(&mut a.model),
+        Cmd::Bench(a) => a.model.as_mut(),
+        Cmd::Quantize(a) => Some(&mut a.model),
+        Cmd::QuantEval(a) => a.model.as_mut(),
+        Cmd::Synth(_) | Cmd::Train(_) => None,
+    };
+    match model {
+        Some(m) => *m = hymba::hub::resolve(m, revision)?,
+        None if revision.is_some() => bail!("--revision goes with --model ORG/NAME"),
+        None => {}
+    }
+    Ok(())
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {

@@ -11,7 +11,7 @@ use std::time::Instant;
 pub struct PerplexityArgs {
     /// Checkpoint directory [default: the built-in tiny model].
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Where to run: cpu, or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: String,

@@ -695,3 +695,85 @@ fn perplexity_scores_text_with_the_built_in_model() {
         &["/nonexistent/text.txt"],
     );
 }
+
+/// `--model ORG/NAME` resolves offline in a Hugging Face hub cache laid out as the hub writes it
+/// (refs naming a commit, a snapshot of symlinks into blobs), on any command that takes
+/// `--model`; a missing repo or revision is an error naming where it looked and how to fetch it.
+#[cfg(unix)]
+#[test]
+fn repo_ids_resolve_in_the_hub_cache() {
+    let cache = temp_dir("hub");
+    let repo = cache.join("models--nvidia--Tiny-Hymba");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for (i, name) in ["config.json", "model.safetensors"].iter().enumerate() {
+        std::fs::copy(fixture().join(name), repo.join(format!("blobs/{i}"))).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{i}"), snap.join(name)).unwrap();
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hymba"))
+            .args(args)
+            .env("HF_HUB_CACHE", &cache)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, hub, err) = run(&[
+        "inspect",
+        "--model",
+        "nvidia/Tiny-Hymba",
+        "--context",
+        "64",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, direct, _) = run(&[
+        "inspect",
+        "--model",
+        fixture().to_str().unwrap(),
+        "--context",
+        "64",
+        "--json",
+    ]);
+    assert_eq!(hub, direct, "the cached snapshot is the fixture");
+    let (code, _, _) = run(&[
+        "inspect",
+        "--model",
+        "nvidia/Tiny-Hymba",
+        "--revision",
+        commit,
+        "--context",
+        "64",
+    ]);
+    assert_eq!(code, Some(0));
+    let (code, _, err) = run(&[
+        "inspect",
+        "--model",
+        "nvidia/Tiny-Hymba",
+        "--revision",
+        "v9",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("revision `v9`")
+            && err.contains("huggingface-cli download nvidia/Tiny-Hymba --revision v9"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["generate", "--model", "nvidia/Missing", "--prompt", "x"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("models--nvidia--Missing")
+            && err.contains("huggingface-cli download nvidia/Missing"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&cache);
+}

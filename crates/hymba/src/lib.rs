@@ -21,6 +21,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod mask;
 pub mod model;
 pub mod sample;

@@ -449,6 +449,20 @@ __device__ __forceinline__ float kv_at(const void* p, int bf16, long i) {
     return bf16 ? bf16_to_f32(((const bf16_t*)p)[i]) : ((const float*)p)[i];
 }
 
+// This call's rows of a sequence as a K/V source (f32, at its positions pos0..).
+__device__ __forceinline__ KvSrc own_rows(const float* new_k, const float* new_v, SeqInfo sq, int kw, int vw) {
+    KvSrc s;
+    s.k = new_k + sq.row0 * kw;
+    s.v = new_v + sq.row0 * vw;
+    s.pos = 0;
+    s.rows = sq.len;
+    s.pos0 = sq.pos0;
+    s.k_stride = kw;
+    s.v_stride = vw;
+    s.bf16 = 0;
+    return s;
+}
+
 #define NEG_INF __int_as_float(0xff800000)
 #define MAX_DV_LANE 8
 // Attention of one sequence's query rows: block (row, head, split), 4 warps splitting the split's
@@ -475,15 +489,7 @@ extern "C" __global__ void attention(const float* q, int heads, int kv_heads, in
     int kh = h / (heads / kv_heads);
     int kw = kv_heads * dk, vw = kv_heads * dv;
     // The sequence's sources: the meta prefix, its store, this call's rows.
-    KvSrc s0 = past[2 * seq], s1 = past[2 * seq + 1], s2;
-    s2.k = new_k + sq.row0 * kw;
-    s2.v = new_v + sq.row0 * vw;
-    s2.pos = 0;
-    s2.rows = sq.len;
-    s2.pos0 = sq.pos0;
-    s2.k_stride = kw;
-    s2.v_stride = vw;
-    s2.bf16 = 0;
+    KvSrc s0 = past[2 * seq], s1 = past[2 * seq + 1], s2 = own_rows(new_k, new_v, sq, kw, vw);
     int keys = s0.rows + s1.rows + s2.rows;
     int per_split = (keys + splits - 1) / splits;
     for (int j = threadIdx.x; j < dk; j += blockDim.x) qs[j] = q[qrow * heads * dk + h * dk + j] * scale;
@@ -606,15 +612,7 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
 #pragma unroll
         for (int i = 0; i < MAX_COLS; i++) acc[r][i] = 0.0f;
     }
-    KvSrc s0 = past[2 * tile.x], s1 = past[2 * tile.x + 1], s2;
-    s2.k = new_k + sq.row0 * kw;
-    s2.v = new_v + sq.row0 * vw;
-    s2.pos = 0;
-    s2.rows = sq.len;
-    s2.pos0 = sq.pos0;
-    s2.k_stride = kw;
-    s2.v_stride = vw;
-    s2.bf16 = 0;
+    KvSrc s0 = past[2 * tile.x], s1 = past[2 * tile.x + 1], s2 = own_rows(new_k, new_v, sq, kw, vw);
     for (int si = 0; si < 3; si++) {
         KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
         for (int k0 = 0; k0 < s.rows; k0 += BK) {
@@ -796,15 +794,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
 #pragma unroll
     for (int nt = 0; nt < DV / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
     int tq_lo = sq.pos0 + tile.y, tq_hi = tq_lo + nrows - 1;
-    KvSrc s0 = past[2 * tile.x], s1 = past[2 * tile.x + 1], s2;
-    s2.k = new_k + sq.row0 * kw;
-    s2.v = new_v + sq.row0 * vw;
-    s2.pos = 0;
-    s2.rows = sq.len;
-    s2.pos0 = sq.pos0;
-    s2.k_stride = kw;
-    s2.v_stride = vw;
-    s2.bf16 = 0;
+    KvSrc s0 = past[2 * tile.x], s1 = past[2 * tile.x + 1], s2 = own_rows(new_k, new_v, sq, kw, vw);
     for (int si = 0; si < 3; si++) {
         KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
         for (int k0 = 0; k0 < s.rows; k0 += FA_BK) {

@@ -169,7 +169,9 @@ fn cuda_bf16_kv_matches_cpu() {
 }
 
 /// Sequences stepped together give what each gives alone (greedy ids identical, logits within
-/// f32 rounding: cuBLAS may pick another algorithm for another batch size).
+/// f32 rounding: cuBLAS may pick another algorithm for another batch size). Twenty sequences,
+/// so that the batched decode steps take the kernels of large batches (`attention_gqa`, cuBLAS)
+/// while each alone takes those of one row.
 #[test]
 fn cuda_batched_equals_alone() {
     let Some(gpu) = gpu("cuda_batched_equals_alone") else {
@@ -177,11 +179,13 @@ fn cuda_batched_equals_alone() {
     };
     let model = Model::load_on(gpu, &fixture("tiny-a"), None).unwrap();
     let v = model.config.vocab_size;
-    let prompts: Vec<Vec<u32>> = vec![
+    let mut prompts: Vec<Vec<u32>> = vec![
         (1..30).collect(),
         (100..104).collect(),
         (7..60).map(|x| x * 3).collect(),
     ];
+    prompts
+        .extend((0..17u32).map(|i| (0..2 + i % 7).map(|j| 3 + (i * 13 + j * 5) % 200).collect()));
     let alone: Vec<Vec<f32>> = prompts
         .iter()
         .map(|p| {

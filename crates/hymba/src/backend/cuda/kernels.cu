@@ -21,6 +21,21 @@ template <> __device__ __forceinline__ float load<float>(const float* p, long i)
 template <> __device__ __forceinline__ float load<bf16_t>(const bf16_t* p, long i) { return bf16_to_f32(p[i]); }
 
 
+// Eight elements from element j of a row (16-byte aligned), widened.
+__device__ __forceinline__ void load8(const bf16_t* __restrict__ w, long j, float* wv) {
+    uint4 raw = __ldg((const uint4*)(w + j));
+    const bf16_t* hb = (const bf16_t*)&raw;
+#pragma unroll
+    for (int e = 0; e < 8; e++) wv[e] = bf16_to_f32(hb[e]);
+}
+__device__ __forceinline__ void load8(const float* __restrict__ w, long j, float* wv) {
+    float4 a = __ldg((const float4*)(w + j)), b = __ldg((const float4*)(w + j + 4));
+    wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w; wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
+}
+__device__ __forceinline__ float dot8(const float* w, float4 a, float4 b) {
+    return w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -544,6 +559,163 @@ extern "C" __global__ void attention(const float* q, int heads, int kv_heads, in
     if (splits > 1 && threadIdx.x == 0) { pp[0] = mm; pp[1] = den; }
 }
 
+// Attention of many sequences' decode rows (a large batch): block (row, K/V head, split), the q
+// heads that share the K/V head together, so that each key and value is read once (with many
+// rows the grid is full without many splits, and re-reading K/V per q head is what costs). Keys
+// come DEC_T at a time through shared memory, all of a tile's loads in flight at once; then a
+// thread a (head, key) scores them, a warp a head updates its online softmax, and a thread a
+// (head, column) sums the values. The keys of all sources, in order, are cut into up to `splits`
+// ranges of at least DEC_SPLIT_KEYS (the grid is fixed, so a captured decode step stays right
+// as the keys grow; the splits a row does not need write empty partials). Outputs, mask and
+// sources as `attention`'s. Dynamic shared memory (floats): gc · dk + T · (dk + 1) + T · dv +
+// gc · T + 3 · gc + T, gc = min(DEC_G, heads / kv_heads), T = dec_tile(dk, dv).
+#define DEC_G 8
+#define DEC_ITEMS 16
+#define DEC_SPLIT_KEYS 128
+__device__ __forceinline__ int dec_tile(int dk, int dv) { return dk + dv <= 256 ? 32 : 16; }
+extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
+                                     const int* row_seq, const KvSrc* past, const float* new_k, const float* new_v, int global_,
+                                     int meta, float scale, int splits, float* out, float* part) {
+    grid_dep();
+    extern __shared__ float sm[];
+    int t = blockIdx.x, kh = blockIdx.y, z = blockIdx.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int group = heads / kv_heads, gmax = min(DEC_G, group), T = dec_tile(dk, dv);
+    float* qs = sm;                   // [g][dk], scaled
+    float* ks = qs + gmax * dk;       // [T][dk + 1]
+    float* vs = ks + T * (dk + 1);    // [T][dv]
+    float* ps = vs + T * dv;          // [g][T]: scores, then weights
+    float* mst = ps + gmax * T;       // [g]: running maximum
+    float* lst = mst + gmax;          // [g]: running sum
+    float* cst = lst + gmax;          // [g]: this tile's correction
+    int* vis = (int*)(cst + gmax);    // [T]
+    int seq = row_seq[t];
+    SeqInfo sq = seqs[seq];
+    int tq = sq.pos0 + (int)(t - sq.row0);
+    int window = sq.window;
+    KvSrc s0 = past[2 * seq], s1 = past[2 * seq + 1], s2 = own_rows(new_k, new_v, sq, kv_heads * dk, kv_heads * dv);
+    int r0 = s0.rows, r01 = s0.rows + s1.rows, keys = r01 + s2.rows;
+    int used = min(splits, max(1, (keys + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS));
+    if (z >= used) {
+        for (int g = threadIdx.x; g < group; g += blockDim.x) {
+            float* pp = part + (((long)t * heads + kh * group + g) * splits + z) * (dv + 2);
+            pp[0] = NEG_INF;
+            pp[1] = 0.0f;
+        }
+        return;
+    }
+    int per_split = (keys + used - 1) / used;
+    int lo = z * per_split, hi = min(keys, lo + per_split);
+    bool vec = dk % 8 == 0 && dv % 8 == 0 && s0.k_stride % 8 == 0 && s1.k_stride % 8 == 0 && s2.k_stride % 8 == 0 &&
+               s0.v_stride % 8 == 0 && s1.v_stride % 8 == 0 && s2.v_stride % 8 == 0;
+    for (int g0 = 0; g0 < group; g0 += DEC_G) {
+        int gc = min(DEC_G, group - g0), h0 = kh * group + g0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < gc * dk; i += blockDim.x) qs[i] = q[(long)t * heads * dk + (long)h0 * dk + i] * scale;
+        for (int g = threadIdx.x; g < gc; g += blockDim.x) { mst[g] = NEG_INF; lst[g] = 0.0f; }
+        __syncthreads();
+        float acc[DEC_ITEMS];
+#pragma unroll
+        for (int u = 0; u < DEC_ITEMS; u++) acc[u] = 0.0f;
+        for (int k0 = lo; k0 < hi; k0 += T) {
+            int nk = min(T, hi - k0);
+            // The tile's visibility, then its keys and values (zeros where unseen or past the end).
+            for (int j = threadIdx.x; j < T; j += blockDim.x) {
+                int key = k0 + j, seen = 0;
+                if (j < nk) {
+                    KvSrc s = key < r0 ? s0 : (key < r01 ? s1 : s2);
+                    int i = key < r0 ? key : (key < r01 ? key - r0 : key - r01);
+                    int sp = s.pos ? s.pos[i] : s.pos0 + i;
+                    seen = sp >= 0 && sp <= tq && (global_ || tq - sp <= window || sp < meta);
+                }
+                vis[j] = seen;
+            }
+            __syncthreads();
+            int step = vec ? 8 : 1, kc = dk / step, vc = dv / step;
+            for (int idx = threadIdx.x; idx < T * (kc + vc); idx += blockDim.x) {
+                bool is_k = idx < T * kc;
+                int r = is_k ? idx : idx - T * kc, per = is_k ? kc : vc;
+                int j = r / per, c = (r % per) * step, key = k0 + j;
+                float* dst = is_k ? ks + j * (dk + 1) + c : vs + j * dv + c;
+                if (vis[j]) {
+                    KvSrc s = key < r0 ? s0 : (key < r01 ? s1 : s2);
+                    int i = key < r0 ? key : (key < r01 ? key - r0 : key - r01);
+                    const void* base = is_k ? s.k : s.v;
+                    long off = (long)i * (is_k ? s.k_stride : s.v_stride) + (long)kh * (is_k ? dk : dv) + c;
+                    if (vec) {
+                        float x[8];
+                        if (s.bf16) load8((const bf16_t*)base, off, x);
+                        else load8((const float*)base, off, x);
+#pragma unroll
+                        for (int e = 0; e < 8; e++) dst[e] = x[e];
+                    } else {
+                        dst[0] = kv_at(base, s.bf16, off);
+                    }
+                } else {
+                    for (int e = 0; e < step; e++) dst[e] = 0.0f;
+                }
+            }
+            __syncthreads();
+            // Scores of (head, key).
+            for (int idx = threadIdx.x; idx < gc * T; idx += blockDim.x) {
+                int g = idx / T, j = idx % T;
+                float sc = NEG_INF;
+                if (vis[j]) {
+                    sc = 0.0f;
+                    const float* qg = qs + g * dk;
+                    const float* kj = ks + j * (dk + 1);
+                    for (int c = 0; c < dk; c++) sc += qg[c] * kj[c];
+                }
+                ps[g * T + j] = sc;
+            }
+            __syncthreads();
+            // The online softmax of each head over the tile: a warp a head, a lane a key.
+            for (int g = warp; g < gc; g += 4) {
+                float sc = lane < T ? ps[g * T + lane] : NEG_INF;
+                float mo = mst[g], mn = fmaxf(mo, warp_max(sc));
+                float corr = mo == NEG_INF ? 0.0f : expf(mo - mn);
+                float pw = sc == NEG_INF ? 0.0f : expf(sc - mn);
+                if (lane < T) ps[g * T + lane] = pw;
+                float sum = warp_sum(pw);
+                if (lane == 0) {
+                    lst[g] = lst[g] * corr + sum;
+                    mst[g] = mn;
+                    cst[g] = corr;
+                }
+            }
+            __syncthreads();
+            // Weighted values into (head, column).
+#pragma unroll
+            for (int u = 0; u < DEC_ITEMS; u++) {
+                int idx = threadIdx.x + u * 128;
+                if (idx < gc * dv) {
+                    int g = idx / dv, col = idx % dv;
+                    float a = acc[u] * cst[g];
+                    const float* pg = ps + g * T;
+                    for (int j = 0; j < nk; j++) a += pg[j] * vs[j * dv + col];
+                    acc[u] = a;
+                }
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int u = 0; u < DEC_ITEMS; u++) {
+            int idx = threadIdx.x + u * 128;
+            if (idx < gc * dv) {
+                int g = idx / dv, col = idx % dv, h = h0 + g;
+                float den = lst[g];
+                if (splits == 1) {
+                    out[(long)t * heads * dv + (long)h * dv + col] = den > 0.0f ? acc[u] / den : 0.0f;
+                } else {
+                    float* pp = part + (((long)t * heads + h) * splits + z) * (dv + 2);
+                    pp[2 + col] = acc[u];
+                    if (col == 0) { pp[0] = mst[g]; pp[1] = den; }
+                }
+            }
+        }
+    }
+}
+
 // Merges the splits of `attention`: block (row, head).
 extern "C" __global__ void attention_combine(const float* part, int heads, int dv, int splits, float* out) {
     grid_dep();
@@ -926,21 +1098,6 @@ ATTENTION_MMA(128, 128)
 #define EPI_ADD 1
 #define EPI_SOFTPLUS 2
 #define EPI_GLU 3
-// Eight weights from element j of a row, widened.
-__device__ __forceinline__ void load8(const bf16_t* __restrict__ w, long j, float* wv) {
-    uint4 raw = __ldg((const uint4*)(w + j));
-    const bf16_t* hb = (const bf16_t*)&raw;
-#pragma unroll
-    for (int e = 0; e < 8; e++) wv[e] = bf16_to_f32(hb[e]);
-}
-__device__ __forceinline__ void load8(const float* __restrict__ w, long j, float* wv) {
-    float4 a = __ldg((const float4*)(w + j)), b = __ldg((const float4*)(w + j + 4));
-    wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w; wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
-}
-__device__ __forceinline__ float dot8(const float* w, float4 a, float4 b) {
-    return w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
-}
-
 template <typename W, int EPI>
 __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const float* __restrict__ bias,
                      float* __restrict__ y, int t, int n, int k) {
@@ -1098,7 +1255,10 @@ extern "C" __global__ void fuse_splits(const float* part, int heads, int dv, int
     for (int j = threadIdx.x; j < e; j += blockDim.x) {
         int h = j / dv, col = j % dv;
         float v = 0.0f;
-        for (int z = 0; z < splits; z++) v += coef[h * splits + z] * pr[(h * splits + z) * (dv + 2) + 2 + col];
+        for (int z = 0; z < splits; z++) {
+            float c = coef[h * splits + z];
+            if (c != 0.0f) v += c * pr[(h * splits + z) * (dv + 2) + 2 + col];  // unused splits: not read
+        }
         av[j] = v;
     }
     __syncthreads();

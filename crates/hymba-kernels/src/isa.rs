@@ -1,5 +1,5 @@
 //! Run-time choice of instruction set. Detected once; `HYMBA_ISA=portable` forces the portable
-//! path (useful to compare, and the path every machine has).
+//! path (useful to compare, and the path every machine has), `HYMBA_ISA=avx2` caps it at AVX2.
 
 use std::sync::OnceLock;
 
@@ -9,6 +9,15 @@ pub enum Isa {
     Portable,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2's kernels, and the prefill GEMM on AVX-512 BF16 dot products (`crate::avx512`).
+    Avx512Bf16,
+}
+
+impl Isa {
+    /// Whether the AVX2 kernels run (every x86 level above the portable one has them).
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512Bf16)
+    }
 }
 
 /// Every instruction set this machine can run, best last.
@@ -20,6 +29,9 @@ pub fn available() -> Vec<Isa> {
         && is_x86_feature_detected!("f16c")
     {
         v.push(Isa::Avx2);
+        if crate::avx512::Bf16Dot::detect().is_some() {
+            v.push(Isa::Avx512Bf16);
+        }
     }
     v
 }
@@ -28,10 +40,11 @@ pub fn available() -> Vec<Isa> {
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("HYMBA_ISA").is_ok_and(|v| v == "portable") {
-            Isa::Portable
-        } else {
-            *available().last().expect("portable is always available")
+        let best = *available().last().expect("portable is always available");
+        match std::env::var("HYMBA_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") if best.has_avx2() => Isa::Avx2,
+            _ => best,
         }
     })
 }

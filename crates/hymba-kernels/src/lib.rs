@@ -9,6 +9,8 @@
 
 pub mod act;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod conv;
 pub mod isa;
 pub mod matmul;

@@ -39,7 +39,7 @@ const _: () = assert!(x86::NR == PANEL);
 /// Whether bf16 matrices are worth packing into panels on this machine: the AVX2 products read
 /// them faster than row-major ones at every batch size (see `panels_avx2`).
 pub fn panels_pay() -> bool {
-    isa() == Isa::Avx2
+    isa().has_avx2()
 }
 
 /// Where element `(r, c)` of a `cols`-column matrix lives in its panel layout.
@@ -82,7 +82,7 @@ pub fn pack_bf16_panels(w: &[bf16], rows: usize, cols: usize, out: &mut [bf16]) 
             let src = &w[p * PANEL * cols..];
             let mut done = 0;
             #[cfg(target_arch = "x86_64")]
-            if isa() == Isa::Avx2 && src.len() >= PANEL * cols {
+            if isa().has_avx2() && src.len() >= PANEL * cols {
                 // SAFETY: Avx2 was detected; a whole panel of rows is there.
                 done = unsafe { x86::pack_panel_pairs(src, cols, panel) };
             }
@@ -235,7 +235,7 @@ pub fn dot_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 => unsafe { x86::dot_f32(a, b) },
+        Isa::Avx2 | Isa::Avx512Bf16 => unsafe { x86::dot_f32(a, b) },
         _ => dot(a, b),
     }
 }
@@ -247,11 +247,17 @@ pub fn dot_weights(isa: Isa, w: WeightData, start: usize, x: &[f32]) -> f32 {
     match (isa, w) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY (all three): `Isa::Avx2` is only ever chosen after run-time detection.
-        (Isa::Avx2, WeightData::F32(d)) => unsafe { x86::dot_f32(&d[start..end], x) },
+        (Isa::Avx2 | Isa::Avx512Bf16, WeightData::F32(d)) => unsafe {
+            x86::dot_f32(&d[start..end], x)
+        },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, WeightData::BF16(d)) => unsafe { x86::dot_bf16(&d[start..end], x) },
+        (Isa::Avx2 | Isa::Avx512Bf16, WeightData::BF16(d)) => unsafe {
+            x86::dot_bf16(&d[start..end], x)
+        },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, WeightData::F16(d)) => unsafe { x86::dot_f16(&d[start..end], x) },
+        (Isa::Avx2 | Isa::Avx512Bf16, WeightData::F16(d)) => unsafe {
+            x86::dot_f16(&d[start..end], x)
+        },
         (_, WeightData::F32(d)) => dot(&d[start..end], x),
         _ => {
             // Widen a stack-sized chunk at a time.
@@ -273,7 +279,7 @@ fn dot_x4(isa: Isa, w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 => unsafe { x86::dot_f32_x4(w, x) },
+        Isa::Avx2 | Isa::Avx512Bf16 => unsafe { x86::dot_f32_x4(w, x) },
         _ => x.map(|r| dot(w, r)),
     }
 }
@@ -309,6 +315,16 @@ fn aligned_rows(x: &[f32], t: usize, k: usize) -> (Vec<Line>, usize) {
     (buf, stride)
 }
 
+/// Rows from which a product with bf16 weights runs on bf16 dot products where the CPU has them
+/// ([`Isa::Avx512Bf16`]), its inputs rounded to bf16: prefill, not decode or batched decode
+/// (whose rows then equal the same rows computed alone).
+pub const BF16_DOT_FROM_ROWS: usize = 64;
+
+/// Whether [`matmul_with`] rounds the inputs of a `t`-row product with `w` to bf16.
+pub fn rounds_inputs(isa: Isa, w: &WeightData, t: usize) -> bool {
+    isa == Isa::Avx512Bf16 && t >= BF16_DOT_FROM_ROWS && matches!(w, WeightData::BF16Panels(_))
+}
+
 /// `y[t, n] = Σ_k x[t, k] · w[n, k]` for `t` input rows; `y` is `[t, w.rows]`.
 pub fn matmul(x: &[f32], w: Mat, y: &mut [f32]) {
     matmul_with(isa(), x, w, y)
@@ -329,12 +345,21 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx2, WeightData::BF16Panels(d)) = (isa, w.data) {
+    if let (true, Some(dot), WeightData::BF16Panels(d)) = (
+        rounds_inputs(isa, &w.data, t),
+        crate::avx512::Bf16Dot::detect(),
+        w.data,
+    ) {
+        dot.gemm_panels(x, t, k, d, n, y);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx2 | Isa::Avx512Bf16, WeightData::BF16Panels(d)) = (isa, w.data) {
         panels_avx2(x, t, w, d, y);
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if t >= 4 && isa == Isa::Avx2 {
+    if t >= 4 && isa.has_avx2() {
         if t <= SMALL_BATCH_ROWS {
             rows_avx2(x, t, w, y);
         } else {
@@ -408,7 +433,7 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
         let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
         let end = ((task + 1) * per_task).min(n);
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 && t > 1 {
+        if isa.has_avx2() && t > 1 {
             walk_tiles(
                 task * per_task..end,
                 t,
@@ -461,11 +486,11 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                 let v = match (isa, w.data) {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-                    (Isa::Avx2, WeightData::Q8_0(b)) => unsafe {
+                    (Isa::Avx2 | Isa::Avx512Bf16, WeightData::Q8_0(b)) => unsafe {
                         x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb, &xd[ti * nb..(ti + 1) * nb])
                     },
                     #[cfg(target_arch = "x86_64")]
-                    (Isa::Avx2, WeightData::Q4_0(b)) => unsafe {
+                    (Isa::Avx2 | Isa::Avx512Bf16, WeightData::Q4_0(b)) => unsafe {
                         let xr = ti * nb..(ti + 1) * nb;
                         x86::dot_q4_0(&b[r * nb..(r + 1) * nb], xb, &xd[xr.clone()], &xs[xr])
                     },
@@ -827,6 +852,8 @@ mod tests {
             (15, 67, 250),
             (40, 150, 600),
             (1030, 19, 9),
+            (100, 70, 75),
+            (67, 33, 64),
         ] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
@@ -845,9 +872,20 @@ mod tests {
                 matmul_ref(&x, w, &mut yr);
                 for isa in crate::isa::available() {
                     matmul_with(isa, &x, w, &mut y);
+                    // Where the kernel rounds its inputs to bf16, so does the reference: the
+                    // products are then exact and only the order of the sums differs.
+                    let mut yb = vec![0.0; t * n];
+                    if rounds_inputs(isa, &data, t) {
+                        let xb: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+                        matmul_ref(&xb, w, &mut yb);
+                    }
                     assert_close(
                         &y,
-                        &yr,
+                        if rounds_inputs(isa, &data, t) {
+                            &yb
+                        } else {
+                            &yr
+                        },
                         1e-4 * (k as f32).sqrt(),
                         &format!("matmul {isa:?} t={t} n={n} k={k}"),
                     );

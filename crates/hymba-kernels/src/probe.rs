@@ -34,7 +34,7 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
 /// Peak f32 multiply-add rate in FLOP/s on all threads (2 FLOP per lane of a fused
 /// multiply-add, registers only): the ceiling for matrix products. None without AVX2/FMA.
 pub fn fma_peak() -> Option<f64> {
-    if crate::isa::isa() != crate::isa::Isa::Avx2 {
+    if !crate::isa::isa().has_avx2() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]

@@ -47,7 +47,7 @@ pub fn selective_scan_with(isa: Isa, inp: &ScanInput, state: &mut [f32], y: &mut
             let mut ci = 0;
             let channels = st.len() / n;
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2 && n.is_multiple_of(8) && n <= 32 {
+            if isa.has_avx2() && n.is_multiple_of(8) && n <= 32 {
                 // Four channels at a time, then one at a time.
                 while ci < channels {
                     let c = if ci + 4 <= channels { 4 } else { 1 };

@@ -1,5 +1,6 @@
 //! Run-time choice of instruction set. Detected once; `HYMBA_ISA=portable` forces the portable
-//! path (useful to compare, and the path every machine has), `HYMBA_ISA=avx2` caps it at AVX2.
+//! path (useful to compare, and the path every machine has), `HYMBA_ISA=avx2` caps it at AVX2,
+//! `HYMBA_ISA=avx512` at AVX-512 BF16 (no AMX).
 
 use std::sync::OnceLock;
 
@@ -11,12 +12,14 @@ pub enum Isa {
     Avx2,
     /// AVX2's kernels, and the prefill GEMM on AVX-512 BF16 dot products (`crate::avx512`).
     Avx512Bf16,
+    /// The same, the prefill GEMM on AMX-BF16 tiles (`crate::amx`).
+    Amx,
 }
 
 impl Isa {
     /// Whether the AVX2 kernels run (every x86 level above the portable one has them).
     pub fn has_avx2(self) -> bool {
-        matches!(self, Isa::Avx2 | Isa::Avx512Bf16)
+        matches!(self, Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx)
     }
 }
 
@@ -32,6 +35,9 @@ pub fn available() -> Vec<Isa> {
         if crate::avx512::Bf16Dot::detect().is_some() {
             v.push(Isa::Avx512Bf16);
         }
+        if crate::amx::Amx::detect().is_some() {
+            v.push(Isa::Amx);
+        }
     }
     v
 }
@@ -44,6 +50,7 @@ pub fn isa() -> Isa {
         match std::env::var("HYMBA_ISA").as_deref() {
             Ok("portable") => Isa::Portable,
             Ok("avx2") if best.has_avx2() => Isa::Avx2,
+            Ok("avx512") if best == Isa::Amx => Isa::Avx512Bf16,
             _ => best,
         }
     })

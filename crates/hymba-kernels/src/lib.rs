@@ -8,6 +8,8 @@
 //! random inputs of odd sizes.
 
 pub mod act;
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;

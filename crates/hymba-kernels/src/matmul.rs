@@ -235,7 +235,7 @@ pub fn dot_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 | Isa::Avx512Bf16 => unsafe { x86::dot_f32(a, b) },
+        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::dot_f32(a, b) },
         _ => dot(a, b),
     }
 }
@@ -247,15 +247,15 @@ pub fn dot_weights(isa: Isa, w: WeightData, start: usize, x: &[f32]) -> f32 {
     match (isa, w) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY (all three): `Isa::Avx2` is only ever chosen after run-time detection.
-        (Isa::Avx2 | Isa::Avx512Bf16, WeightData::F32(d)) => unsafe {
+        (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::F32(d)) => unsafe {
             x86::dot_f32(&d[start..end], x)
         },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Bf16, WeightData::BF16(d)) => unsafe {
+        (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::BF16(d)) => unsafe {
             x86::dot_bf16(&d[start..end], x)
         },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Bf16, WeightData::F16(d)) => unsafe {
+        (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::F16(d)) => unsafe {
             x86::dot_f16(&d[start..end], x)
         },
         (_, WeightData::F32(d)) => dot(&d[start..end], x),
@@ -279,7 +279,7 @@ fn dot_x4(isa: Isa, w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 | Isa::Avx512Bf16 => unsafe { x86::dot_f32_x4(w, x) },
+        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::dot_f32_x4(w, x) },
         _ => x.map(|r| dot(w, r)),
     }
 }
@@ -316,13 +316,15 @@ fn aligned_rows(x: &[f32], t: usize, k: usize) -> (Vec<Line>, usize) {
 }
 
 /// Rows from which a product with bf16 weights runs on bf16 dot products where the CPU has them
-/// ([`Isa::Avx512Bf16`]), its inputs rounded to bf16: prefill, not decode or batched decode
+/// ([`Isa::Avx512Bf16`] and [`Isa::Amx`]), its inputs rounded to bf16: prefill, not decode or batched decode
 /// (whose rows then equal the same rows computed alone).
 pub const BF16_DOT_FROM_ROWS: usize = 64;
 
 /// Whether [`matmul_with`] rounds the inputs of a `t`-row product with `w` to bf16.
 pub fn rounds_inputs(isa: Isa, w: &WeightData, t: usize) -> bool {
-    isa == Isa::Avx512Bf16 && t >= BF16_DOT_FROM_ROWS && matches!(w, WeightData::BF16Panels(_))
+    matches!(isa, Isa::Avx512Bf16 | Isa::Amx)
+        && t >= BF16_DOT_FROM_ROWS
+        && matches!(w, WeightData::BF16Panels(_))
 }
 
 /// `y[t, n] = Σ_k x[t, k] · w[n, k]` for `t` input rows; `y` is `[t, w.rows]`.
@@ -345,16 +347,16 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (true, Some(dot), WeightData::BF16Panels(d)) = (
-        rounds_inputs(isa, &w.data, t),
-        crate::avx512::Bf16Dot::detect(),
-        w.data,
-    ) {
-        dot.gemm_panels(x, t, k, d, n, y);
-        return;
+    if let (true, WeightData::BF16Panels(d)) = (rounds_inputs(isa, &w.data, t), w.data) {
+        if let (Isa::Amx, Some(amx)) = (isa, crate::amx::Amx::detect()) {
+            return amx.gemm_panels(x, t, k, d, n, y);
+        }
+        if let Some(dot) = crate::avx512::Bf16Dot::detect() {
+            return dot.gemm_panels(x, t, k, d, n, y);
+        }
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx2 | Isa::Avx512Bf16, WeightData::BF16Panels(d)) = (isa, w.data) {
+    if let (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::BF16Panels(d)) = (isa, w.data) {
         panels_avx2(x, t, w, d, y);
         return;
     }
@@ -486,11 +488,11 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                 let v = match (isa, w.data) {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-                    (Isa::Avx2 | Isa::Avx512Bf16, WeightData::Q8_0(b)) => unsafe {
+                    (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::Q8_0(b)) => unsafe {
                         x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb, &xd[ti * nb..(ti + 1) * nb])
                     },
                     #[cfg(target_arch = "x86_64")]
-                    (Isa::Avx2 | Isa::Avx512Bf16, WeightData::Q4_0(b)) => unsafe {
+                    (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::Q4_0(b)) => unsafe {
                         let xr = ti * nb..(ti + 1) * nb;
                         x86::dot_q4_0(&b[r * nb..(r + 1) * nb], xb, &xd[xr.clone()], &xs[xr])
                     },

@@ -1,0 +1,135 @@
+//! AMX-BF16 kernels (Intel Sapphire Rapids and later): the prefill GEMM on tile registers, each
+//! `tdpbf16ps` a 16 × 16 block of f32 sums over 32 bf16 products. Rust's AMX intrinsics are not
+//! stable, so the few tile instructions are written as inline assembly; the layout and the
+//! driver are [`crate::avx512`]'s (every AMX CPU has AVX-512 BF16).
+
+use crate::avx512::{gemm_pairs, Bf16Dot, PairTile};
+use half::bf16;
+use std::arch::asm;
+use std::arch::x86_64::__cpuid_count;
+use std::sync::OnceLock;
+
+/// Proof that this CPU has AMX-TILE and AMX-BF16, the OS saves the tile state, and this process
+/// may use it: made only by [`Amx::detect`].
+#[derive(Clone, Copy, Debug)]
+pub struct Amx(Bf16Dot);
+
+impl Amx {
+    pub fn detect() -> Option<Self> {
+        static OK: OnceLock<bool> = OnceLock::new();
+        let dot = Bf16Dot::detect()?;
+        // SAFETY: cpuid and xgetbv (after OSXSAVE is seen) are defined on every x86-64 CPU;
+        // arch_prctl with an unknown request only fails.
+        let ok = *OK.get_or_init(|| unsafe {
+            let leaf7 = __cpuid_count(7, 0);
+            let (tile, bf16) = (leaf7.edx >> 24 & 1 == 1, leaf7.edx >> 22 & 1 == 1);
+            let osxsave = __cpuid_count(1, 0).ecx >> 27 & 1 == 1;
+            tile && bf16 && osxsave && xcr0() >> 17 & 3 == 3 && request_tile_data()
+        });
+        ok.then_some(Amx(dot))
+    }
+
+    /// `y[t, n] = x[t, k] · wᵀ` (see [`gemm_pairs`]), 32 input rows by 32 outputs a tile.
+    pub fn gemm_panels(self, x: &[f32], t: usize, k: usize, w: &[bf16], n: usize, y: &mut [f32]) {
+        gemm_pairs(self.0, self, x, t, k, w, n, y)
+    }
+}
+
+unsafe fn xcr0() -> u64 {
+    let (lo, hi): (u32, u32);
+    asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Linux hands out the tile data state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+/// XFEATURE_XTILEDATA), once per process.
+#[cfg(target_os = "linux")]
+unsafe fn request_tile_data() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    asm!("syscall", inlateout("rax") SYS_ARCH_PRCTL => ret, in("rdi") ARCH_REQ_XCOMP_PERM,
+         in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _, options(nostack));
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+unsafe fn request_tile_data() -> bool {
+    false
+}
+
+/// Palette 1, eight tiles of 16 rows of 64 bytes: C in tmm0..3 (16 × 16 f32), inputs in
+/// tmm4..5 (16 rows × 32 bf16), weights in tmm6..7 (16 pair-rows × 16 outputs).
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+const CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+impl PairTile for Amx {
+    const ROWS: usize = 32;
+    const K_ALIGN: usize = 16;
+
+    unsafe fn tile(
+        self,
+        kp: usize,
+        x: *const u32,
+        _m: usize,
+        w: *const u32,
+        c: &mut [[f32; 32]; 32],
+    ) {
+        let xs = 4 * kp; // bytes between input rows
+        let (x1, w1) = (x.add(16 * kp), w.add(16 * kp));
+        asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nomem, nostack)
+        );
+        for q in (0..kp).step_by(16) {
+            asm!(
+                "tileloadd tmm4, [{x0} + {xs}*1]",
+                "tileloadd tmm5, [{x1} + {xs}*1]",
+                "tileloadd tmm6, [{w0} + {ws}*1]",
+                "tileloadd tmm7, [{w1} + {ws}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                x0 = in(reg) x.add(q),
+                x1 = in(reg) x1.add(q),
+                w0 = in(reg) w.add(16 * q),
+                w1 = in(reg) w1.add(16 * q),
+                xs = in(reg) xs,
+                ws = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        let c0 = c.as_mut_ptr() as *mut f32;
+        asm!(
+            "tilestored [{c0} + {cs}*1], tmm0",
+            "tilestored [{c1} + {cs}*1], tmm1",
+            "tilestored [{c2} + {cs}*1], tmm2",
+            "tilestored [{c3} + {cs}*1], tmm3",
+            "tilerelease",
+            c0 = in(reg) c0,
+            c1 = in(reg) c0.add(16),
+            c2 = in(reg) c0.add(16 * 32),
+            c3 = in(reg) c0.add(16 * 32 + 16),
+            cs = in(reg) 128usize,
+            options(nostack),
+        );
+    }
+}

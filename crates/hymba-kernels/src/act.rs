@@ -35,8 +35,8 @@ pub fn exp_inplace(a: &mut [f32]) {
 pub fn exp_inplace_with(isa: Isa, a: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { crate::x86::exp_inplace(a) },
+        // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
+        i if i.has_avx2() => unsafe { crate::x86::exp_inplace(a) },
         _ => a.iter_mut().for_each(|v| *v = v.exp()),
     }
 }
@@ -46,8 +46,8 @@ pub fn exp_inplace_with(isa: Isa, a: &mut [f32]) {
 pub fn exp_shifted_with(isa: Isa, a: &mut [f32]) -> (f32, f32) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { crate::x86::exp_shifted(a) },
+        // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
+        i if i.has_avx2() => unsafe { crate::x86::exp_shifted(a) },
         _ => {
             let max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             a.iter_mut().for_each(|v| *v = (*v - max).exp());
@@ -65,8 +65,8 @@ pub fn softplus_bias_with(isa: Isa, a: &mut [f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { crate::x86::softplus_bias(a, b) },
+        // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
+        i if i.has_avx2() => unsafe { crate::x86::softplus_bias(a, b) },
         _ => a.iter_mut().zip(b).for_each(|(v, b)| *v = softplus(*v + b)),
     }
 }
@@ -75,8 +75,8 @@ pub fn softplus_bias_with(isa: Isa, a: &mut [f32], b: &[f32]) {
 pub fn silu_mul_with(isa: Isa, a: &mut [f32], b: Option<&[f32]>) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { crate::x86::silu_mul(a, b) },
+        // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
+        i if i.has_avx2() => unsafe { crate::x86::silu_mul(a, b) },
         _ => {
             for (i, x) in a.iter_mut().enumerate() {
                 *x = silu(*x) * b.map_or(1.0, |b| b[i]);

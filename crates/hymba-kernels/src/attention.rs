@@ -364,9 +364,7 @@ unsafe fn head_scores<T: KvElem>(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => {
-            x86::attn_scores(q, group, dk, keys, vals, dv, scale, out)
-        }
+        i if i.has_avx2() => x86::attn_scores(q, group, dk, keys, vals, dv, scale, out),
         _ => {
             let nk = keys.len();
             for (j, &kp) in keys.iter().enumerate() {
@@ -397,7 +395,7 @@ unsafe fn head_values<T: KvElem>(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => x86::attn_values(p, group, dv, vals, out),
+        i if i.has_avx2() => x86::attn_values(p, group, dv, vals, out),
         _ => {
             let nk = vals.len();
             for (j, &vp) in vals.iter().enumerate() {

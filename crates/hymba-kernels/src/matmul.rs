@@ -234,8 +234,8 @@ pub fn dot_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::dot_f32(a, b) },
+        // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
+        i if i.has_avx2() => unsafe { x86::dot_f32(a, b) },
         _ => dot(a, b),
     }
 }
@@ -246,18 +246,12 @@ pub fn dot_weights(isa: Isa, w: WeightData, start: usize, x: &[f32]) -> f32 {
     let end = start + x.len();
     match (isa, w) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY (all three): `Isa::Avx2` is only ever chosen after run-time detection.
-        (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::F32(d)) => unsafe {
-            x86::dot_f32(&d[start..end], x)
-        },
+        // SAFETY (all three): an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
+        (i, WeightData::F32(d)) if i.has_avx2() => unsafe { x86::dot_f32(&d[start..end], x) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::BF16(d)) => unsafe {
-            x86::dot_bf16(&d[start..end], x)
-        },
+        (i, WeightData::BF16(d)) if i.has_avx2() => unsafe { x86::dot_bf16(&d[start..end], x) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::F16(d)) => unsafe {
-            x86::dot_f16(&d[start..end], x)
-        },
+        (i, WeightData::F16(d)) if i.has_avx2() => unsafe { x86::dot_f16(&d[start..end], x) },
         (_, WeightData::F32(d)) => dot(&d[start..end], x),
         _ => {
             // Widen a stack-sized chunk at a time.
@@ -278,8 +272,8 @@ pub fn dot_weights(isa: Isa, w: WeightData, start: usize, x: &[f32]) -> f32 {
 fn dot_x4(isa: Isa, w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::dot_f32_x4(w, x) },
+        // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
+        i if i.has_avx2() => unsafe { x86::dot_f32_x4(w, x) },
         _ => x.map(|r| dot(w, r)),
     }
 }
@@ -316,8 +310,8 @@ fn aligned_rows(x: &[f32], t: usize, k: usize) -> (Vec<Line>, usize) {
 }
 
 /// Rows from which a product with bf16 weights runs on bf16 dot products where the CPU has them
-/// ([`Isa::Avx512Bf16`] and [`Isa::Amx`]), its inputs rounded to bf16: prefill, not decode or batched decode
-/// (whose rows then equal the same rows computed alone).
+/// ([`Isa::Avx512Bf16`], [`Isa::Amx`]), its inputs rounded to bf16: prefill, not decode or
+/// batched decode (whose rows then equal the same rows computed alone).
 pub const BF16_DOT_FROM_ROWS: usize = 64;
 
 /// Whether [`matmul_with`] rounds the inputs of a `t`-row product with `w` to bf16.
@@ -356,7 +350,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::BF16Panels(d)) = (isa, w.data) {
+    if let (true, WeightData::BF16Panels(d)) = (isa.has_avx2(), w.data) {
         panels_avx2(x, t, w, d, y);
         return;
     }
@@ -487,12 +481,12 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                 let xb = &xq[ti * nb..(ti + 1) * nb];
                 let v = match (isa, w.data) {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection.
-                    (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::Q8_0(b)) => unsafe {
+                    // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
+                    (i, WeightData::Q8_0(b)) if i.has_avx2() => unsafe {
                         x86::dot_q8_0(&b[r * nb..(r + 1) * nb], xb, &xd[ti * nb..(ti + 1) * nb])
                     },
                     #[cfg(target_arch = "x86_64")]
-                    (Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx, WeightData::Q4_0(b)) => unsafe {
+                    (i, WeightData::Q4_0(b)) if i.has_avx2() => unsafe {
                         let xr = ti * nb..(ti + 1) * nb;
                         x86::dot_q4_0(&b[r * nb..(r + 1) * nb], xb, &xd[xr.clone()], &xs[xr])
                     },

@@ -50,8 +50,8 @@ pub fn quantize_q8_0_with(isa: Isa, x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * QK);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection; lengths checked.
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { crate::x86::quantize_q8_0(x, out) },
+        // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection; lengths checked.
+        i if i.has_avx2() => unsafe { crate::x86::quantize_q8_0(x, out) },
         _ => quantize_q8_0_ref(x, out),
     }
 }
@@ -80,8 +80,8 @@ pub fn quantize_q4_0_with(isa: Isa, x: &[f32], out: &mut [BlockQ4_0]) {
     assert_eq!(x.len(), out.len() * QK);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only ever chosen after run-time detection; lengths checked.
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx => unsafe { crate::x86::quantize_q4_0(x, out) },
+        // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection; lengths checked.
+        i if i.has_avx2() => unsafe { crate::x86::quantize_q4_0(x, out) },
         _ => quantize_q4_0_ref(x, out),
     }
 }

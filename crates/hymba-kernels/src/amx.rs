@@ -4,7 +4,7 @@
 //! driver are [`crate::avx512`]'s (every AMX CPU has AVX-512 BF16).
 
 use crate::avx512::{gemm_pairs, Bf16Dot, PairTile};
-use half::bf16;
+use crate::matmul::Mat;
 use std::arch::asm;
 use std::arch::x86_64::__cpuid_count;
 use std::sync::OnceLock;
@@ -30,8 +30,8 @@ impl Amx {
     }
 
     /// `y[t, n] = x[t, k] · wᵀ` (see [`gemm_pairs`]), 32 input rows by 32 outputs a tile.
-    pub fn gemm_panels(self, x: &[f32], t: usize, k: usize, w: &[bf16], n: usize, y: &mut [f32]) {
-        gemm_pairs(self.0, self, x, t, k, w, n, y)
+    pub fn gemm(self, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
+        gemm_pairs(self.0, self, x, t, w, y)
     }
 }
 

@@ -4,7 +4,7 @@
 //! only where [`crate::matmul`] asks for it: many rows against bf16 weights. The driver
 //! ([`gemm_pairs`]) is shared with the AMX tiles of [`crate::amx`].
 
-use crate::matmul::PANEL;
+use crate::matmul::{Mat, WeightData, PANEL};
 use half::bf16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -23,8 +23,8 @@ impl Bf16Dot {
     }
 
     /// `y[t, n] = x[t, k] · wᵀ` (see [`gemm_pairs`]), 12 input rows by 32 outputs a tile.
-    pub fn gemm_panels(self, x: &[f32], t: usize, k: usize, w: &[bf16], n: usize, y: &mut [f32]) {
-        gemm_pairs(self, self, x, t, k, w, n, y)
+    pub fn gemm(self, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
+        gemm_pairs(self, self, x, t, w, y)
     }
 }
 
@@ -50,23 +50,22 @@ pub(crate) trait PairTile: Copy + Send + Sync {
     );
 }
 
-/// `y[t, n] = x[t, k] · wᵀ`, `w` in bf16 panels (see [`crate::matmul::WeightData::BF16Panels`]),
-/// `x` rounded to bf16, by `tile`. Work goes out in pairs of panels (32 outputs); each task first
-/// rearranges its panels so that a 32-bit word holds the weights of columns 2q and 2q + 1 of one
+/// `y[t, n] = x[t, k] · wᵀ` by `tile`, `x` rounded to bf16, and the weights too unless they are
+/// bf16 already (quantized ones are widened, then rounded: far less than their own quantization
+/// error). Work goes out in pairs of panels of 16 weight rows (32 outputs); each task first
+/// rearranges its rows so that a 32-bit word holds the weights of columns 2q and 2q + 1 of one
 /// row (the pair a bf16 dot product multiplies with a pair of inputs), then runs the tiles down
 /// the rows.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_pairs<T: PairTile>(
     dot: Bf16Dot,
     tile: T,
     x: &[f32],
     t: usize,
-    k: usize,
-    w: &[bf16],
-    n: usize,
+    w: Mat,
     y: &mut [f32],
 ) {
-    assert!(x.len() >= t * k && y.len() >= t * n && w.len() >= n.next_multiple_of(PANEL) * k);
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() >= t * k && y.len() >= t * n);
     let kp = k.div_ceil(2).next_multiple_of(T::K_ALIGN);
     // Whole tiles of rows; the padding rows stay zero.
     let mut xb = vec![0u32; t.next_multiple_of(T::ROWS) * kp];
@@ -76,17 +75,25 @@ pub(crate) fn gemm_pairs<T: PairTile>(
     let panels = n.div_ceil(PANEL);
     let out = Out(y.as_mut_ptr());
     (0..panels.div_ceil(2)).into_par_iter().for_each_init(
-        || vec![0u32; 2 * PANEL * kp],
-        |buf, task| {
+        || {
+            (
+                vec![0u32; 2 * PANEL * kp],
+                vec![0f32; k],
+                vec![0u32; k.div_ceil(2)],
+            )
+        },
+        |(buf, row, pairs), task| {
             let out = &out;
             let (b0, b1) = buf.split_at_mut(PANEL * kp);
             for (i, b) in [b0, b1].into_iter().enumerate() {
                 let p = 2 * task + i;
-                if p < panels {
-                    // SAFETY: the token proves the features; the panel has k columns of 16.
-                    unsafe { pair_columns(dot, &w[p * PANEL * k..(p + 1) * PANEL * k], k, b) };
-                } else {
-                    b.fill(0);
+                match w.data {
+                    WeightData::BF16Panels(d) if p < panels => {
+                        let panel = &d[p * PANEL * k..(p + 1) * PANEL * k];
+                        // SAFETY: the token proves the features; the panel has k columns of 16.
+                        unsafe { pair_columns(dot, panel, k, b) }
+                    }
+                    _ => pair_rows(dot, w, p * PANEL, row, pairs, b),
                 }
             }
             let r0 = 2 * PANEL * task;
@@ -152,6 +159,21 @@ unsafe fn to_bf16_pairs(_: Bf16Dot, src: &[f32], dst: &mut [u32]) {
     let tail = dst[j / 2..].as_mut_ptr() as *mut u16;
     for (i, &v) in src[j..].iter().enumerate() {
         *tail.add(i) = bf16::from_f32(v).to_bits();
+    }
+}
+
+/// Weight rows `r0..r0 + 16` (zeros past the last) widened and rounded to bf16, as pairs (see
+/// [`pair_columns`]); `row` and `pairs` are scratch of one row.
+fn pair_rows(dot: Bf16Dot, w: Mat, r0: usize, row: &mut [f32], pairs: &mut [u32], dst: &mut [u32]) {
+    dst.fill(0);
+    for j in 0..PANEL.min(w.rows.saturating_sub(r0)) {
+        w.row_f32(r0 + j, row);
+        pairs.fill(0);
+        // SAFETY: the token proves the features.
+        unsafe { to_bf16_pairs(dot, row, pairs) };
+        for (q, &p) in pairs.iter().enumerate() {
+            dst[16 * q + j] = p;
+        }
     }
 }
 

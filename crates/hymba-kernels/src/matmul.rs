@@ -309,16 +309,21 @@ fn aligned_rows(x: &[f32], t: usize, k: usize) -> (Vec<Line>, usize) {
     (buf, stride)
 }
 
-/// Rows from which a product with bf16 weights runs on bf16 dot products where the CPU has them
-/// ([`Isa::Avx512Bf16`], [`Isa::Amx`]), its inputs rounded to bf16: prefill, not decode or
-/// batched decode (whose rows then equal the same rows computed alone).
+/// Rows from which a product with bf16 or quantized weights runs on bf16 dot products where the
+/// CPU has them ([`Isa::Avx512Bf16`], [`Isa::Amx`]), its inputs rounded to bf16 (and quantized
+/// weights, once widened): prefill, not decode or batched decode (whose rows then equal the same
+/// rows computed alone).
 pub const BF16_DOT_FROM_ROWS: usize = 64;
 
-/// Whether [`matmul_with`] rounds the inputs of a `t`-row product with `w` to bf16.
+/// Whether [`matmul_with`] rounds the inputs (and widened quantized weights) of a `t`-row
+/// product with `w` to bf16.
 pub fn rounds_inputs(isa: Isa, w: &WeightData, t: usize) -> bool {
     matches!(isa, Isa::Avx512Bf16 | Isa::Amx)
         && t >= BF16_DOT_FROM_ROWS
-        && matches!(w, WeightData::BF16Panels(_))
+        && matches!(
+            w,
+            WeightData::BF16Panels(_) | WeightData::Q8_0(_) | WeightData::Q4_0(_)
+        )
 }
 
 /// `y[t, n] = Σ_k x[t, k] · w[n, k]` for `t` input rows; `y` is `[t, w.rows]`.
@@ -341,12 +346,12 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (true, WeightData::BF16Panels(d)) = (rounds_inputs(isa, &w.data, t), w.data) {
+    if rounds_inputs(isa, &w.data, t) {
         if let (Isa::Amx, Some(amx)) = (isa, crate::amx::Amx::detect()) {
-            return amx.gemm_panels(x, t, k, d, n, y);
+            return amx.gemm(x, t, w, y);
         }
         if let Some(dot) = crate::avx512::Bf16Dot::detect() {
-            return dot.gemm_panels(x, t, k, d, n, y);
+            return dot.gemm(x, t, w, y);
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -906,6 +911,8 @@ mod tests {
             (9, 17, 1600),
             (21, 19, 64),
             (20, 70, 320),
+            (70, 37, 96),
+            (65, 70, 352),
         ] {
             let x = rng.normal_vec(t * k, 1.0);
             let wf = rng.normal_vec(n * k, 1.0);
@@ -925,9 +932,26 @@ mod tests {
                     } else {
                         1e-4 * (k as f32).sqrt()
                     };
+                    // On bf16 dot products, against the reference of the same rounded inputs
+                    // and widened weights.
+                    let mut yb = vec![0.0; t * n];
+                    if rounds_inputs(isa, &data, t) {
+                        let round = |v: &f32| bf16::from_f32(*v).to_f32();
+                        let mut wd = vec![0.0; n * k];
+                        for (r, row) in wd.chunks_exact_mut(k).enumerate() {
+                            w.row_f32(r, row);
+                        }
+                        let wd: Vec<f32> = wd.iter().map(round).collect();
+                        let xb: Vec<f32> = x.iter().map(round).collect();
+                        matmul_ref(&xb, Mat::new(WeightData::F32(&wd), n, k), &mut yb);
+                    }
                     assert_close(
                         &y,
-                        &yr,
+                        if rounds_inputs(isa, &data, t) {
+                            &yb
+                        } else {
+                            &yr
+                        },
                         tol,
                         &format!("{data:?} {isa:?} t={t} n={n} k={k}")
                             .chars()

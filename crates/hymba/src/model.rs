@@ -72,12 +72,8 @@ struct Run<B: Backend> {
     q: B::Rows,
     z: B::Rows,
     xc: B::Rows,
-    /// x_proj output [t, R + 2N], and its parts δr [t, R], B [t, N], C [t, N]; Δ [t, E]
+    /// x_proj output [t, R + 2N]: δr, B, C
     proj: B::Rows,
-    dr: B::Rows,
-    bm: B::Rows,
-    cm: B::Rows,
-    delta: B::Rows,
     /// The fused branches [t, E]
     fused: B::Rows,
     /// The MLP's hidden rows silu(gate) ⊙ up [t, F]
@@ -99,10 +95,6 @@ impl<B: Backend> Run<B> {
             z: b.rows(),
             xc: b.rows(),
             proj: b.rows(),
-            dr: b.rows(),
-            bm: b.rows(),
-            cm: b.rows(),
-            delta: b.rows(),
             fused: b.rows(),
             gate: b.rows(),
             out: b.rows(),
@@ -181,8 +173,8 @@ impl<B: Backend> Net<'_, B> {
             &mut run.z,
             new_kv,
         );
-        // 3. The SSM's input: the causal conv of x from each sequence's state, SiLU; then its
-        // input-dependent parameters.
+        // 3. The SSM's input: the causal conv of x from each sequence's state, SiLU; then x_proj
+        // into (δr, B, C), from which the scan makes its input-dependent parameters.
         b.conv_silu(
             &run.p,
             width,
@@ -193,7 +185,7 @@ impl<B: Backend> Net<'_, B> {
             seqs,
             &mut run.xc,
         );
-        self.ssm_params(lw, run);
+        b.matmul(&run.xc, &lw.x_proj, &mut run.proj);
         // 2 ∥ 3, then 4: the two heads side by side, fused.
         let heads = Heads {
             q: c.num_attention_heads,
@@ -214,10 +206,13 @@ impl<B: Backend> Net<'_, B> {
         let ssm = ScanInput {
             layer: i,
             x: &run.xc,
-            delta: &run.delta,
-            b: &run.bm,
-            c: &run.cm,
             z: &run.z,
+            proj: &run.proj,
+            dt_rank: c.mamba_dt_rank,
+            norms: lw.inner_norms.as_ref(),
+            eps: c.rms_norm_eps,
+            dt_proj: &lw.dt_proj,
+            dt_bias: &lw.dt_bias,
             a: &lw.a,
             d: &lw.d,
         };
@@ -228,31 +223,6 @@ impl<B: Backend> Net<'_, B> {
         };
         b.hybrid_heads(&attn, &ssm, &fuse, seqs, &mut run.fused);
         b.matmul_add(&run.fused, &lw.out_proj, &mut run.h);
-    }
-
-    /// The Mamba-1 branch's input-dependent parameters (spec §3.3), from the conv output
-    /// `run.xc`: x_proj into normed (δr, B, C), then Δ = softplus(dt_proj(δr) + bias).
-    fn ssm_params(&self, lw: &LayerWeights<B>, run: &mut Run<B>) {
-        let (b, c) = (self.b, self.c);
-        let (n, r) = (c.mamba_d_state, c.mamba_dt_rank);
-        let pw = r + 2 * n;
-        b.matmul(&run.xc, &lw.x_proj, &mut run.proj);
-        match &lw.inner_norms {
-            Some([wd, wb, wc]) => {
-                let mut parts = [
-                    (0, wd, &mut run.dr),
-                    (r, wb, &mut run.bm),
-                    (r + n, wc, &mut run.cm),
-                ];
-                b.rmsnorm_parts(&run.proj, pw, c.rms_norm_eps, &mut parts);
-            }
-            None => {
-                b.columns(&run.proj, pw, 0, r, &mut run.dr);
-                b.columns(&run.proj, pw, r, n, &mut run.bm);
-                b.columns(&run.proj, pw, r + n, n, &mut run.cm);
-            }
-        }
-        b.matmul_softplus(&run.dr, &lw.dt_proj, &lw.dt_bias, &mut run.delta);
     }
 
     /// Gated MLP on `run.u`, added to the residual stream `run.h`: down(silu(gate(x)) ⊙ up(x)).

@@ -122,6 +122,42 @@ impl VectorInfo for Vec<f32> {
     }
 }
 
+/// The selective scan's input-dependent parameters (spec §3.3) of every row, from x_proj's
+/// output: B and C (RMS-normed where the layer has inner norms), and Δ = softplus(δr · dt_projᵀ
+/// + bias) from δr (normed likewise).
+struct ScanParams {
+    b: Vec<f32>,
+    c: Vec<f32>,
+    delta: Vec<f32>,
+}
+
+impl ScanParams {
+    fn new(s: &ScanInput<Cpu>, n: usize) -> ScanParams {
+        let r = s.dt_rank;
+        let pw = r + 2 * n;
+        let part = |from: usize, len: usize, w: Option<&Vec<f32>>| {
+            let mut out = columns(s.proj, pw, from, len);
+            if let Some(w) = w {
+                norm::rmsnorm_inplace(&mut out, w, s.eps);
+            }
+            out
+        };
+        let norm_of = |i: usize| s.norms.map(|w| &w[i]);
+        let dr = part(0, r, norm_of(0));
+        let m = s.dt_proj.mat();
+        let mut delta = vec![0.0; dr.len() / r.max(1) * m.rows];
+        matmul(&dr, m, &mut delta);
+        delta
+            .par_chunks_mut(s.dt_bias.len())
+            .for_each(|row| act::softplus_bias(row, s.dt_bias));
+        ScanParams {
+            b: part(r, n, norm_of(1)),
+            c: part(r + n, n, norm_of(2)),
+            delta,
+        }
+    }
+}
+
 impl Backend for Cpu {
     type Matrix = Tensor;
     type Vector = Vec<f32>;
@@ -210,23 +246,6 @@ impl Backend for Cpu {
         norm::rmsnorm(x, w, eps, shape(out, x.len()));
     }
 
-    fn rmsnorm_parts(
-        &self,
-        x: &Vec<f32>,
-        width: usize,
-        eps: f32,
-        parts: &mut [(usize, &Vec<f32>, &mut Vec<f32>)],
-    ) {
-        for (from, w, out) in parts.iter_mut() {
-            columns_into(x, width, *from, w.len(), out);
-            norm::rmsnorm_inplace(out, w, eps);
-        }
-    }
-
-    fn columns(&self, x: &Vec<f32>, width: usize, from: usize, n: usize, out: &mut Vec<f32>) {
-        columns_into(x, width, from, n, out);
-    }
-
     fn gather(&self, x: &Vec<f32>, width: usize, rows: &[Range<usize>], out: &mut Vec<f32>) {
         out.clear();
         for r in rows {
@@ -242,12 +261,6 @@ impl Backend for Cpu {
                 *a += b;
             }
         })
-    }
-
-    fn matmul_softplus(&self, x: &Vec<f32>, w: &Tensor, bias: &Vec<f32>, y: &mut Vec<f32>) {
-        self.matmul(x, w, y);
-        y.par_chunks_mut(bias.len())
-            .for_each(|row| act::softplus_bias(row, bias));
     }
 
     fn glu(&self, x: &Vec<f32>, gate: &Tensor, up: &Tensor, out: &mut Vec<f32>) {
@@ -319,6 +332,7 @@ impl Backend for Cpu {
         let e = fuse.attn_norm.len();
         let n = ssm.a.len() / e;
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        let params = ScanParams::new(ssm, n);
         let (qw, kw) = (at.heads.q * at.heads.dk, at.heads.kv * at.heads.dk);
         let vw = at.heads.kv * at.heads.dv;
         let shape_ = AttnShape {
@@ -355,10 +369,10 @@ impl Backend for Cpu {
             let state = &mut s.states[ssm.layer].ssm;
             let inp = scan::ScanInput {
                 x: &ssm.x[rows.start * e..rows.end * e],
-                delta: &ssm.delta[rows.start * e..rows.end * e],
+                delta: &params.delta[rows.start * e..rows.end * e],
                 a: ssm.a,
-                b: &ssm.b[rows.start * n..rows.end * n],
-                c: &ssm.c[rows.start * n..rows.end * n],
+                b: &params.b[rows.start * n..rows.end * n],
+                c: &params.c[rows.start * n..rows.end * n],
                 d: ssm.d,
             };
             // The two heads side by side: a core that finishes its share of one takes work from

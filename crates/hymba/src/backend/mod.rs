@@ -147,16 +147,26 @@ impl<B: Backend> AttnInput<'_, B> {
     }
 }
 
-/// The SSM branch's inputs for one layer (spec §3.3), every sequence's rows together.
+/// The SSM branch's inputs for one layer (spec §3.3), every sequence's rows together. Its
+/// input-dependent parameters come as x_proj's output, raw: the backend norms δr, B and C and
+/// makes Δ = softplus(δr · dt_projᵀ + bias) where that costs least (a GPU does it inside the
+/// scan's kernel in a decode step, as Mamba's own scan takes Δ's bias and softplus).
 pub struct ScanInput<'r, B: Backend> {
     /// Index of the layer, into [`Seq::states`].
     pub layer: usize,
-    /// Conv output after SiLU `[t, E]`, Δ `[t, E]`, B and C `[t, N]`, the gate z `[t, E]`.
+    /// Conv output after SiLU `[t, E]`, the gate z `[t, E]`.
     pub x: &'r B::Rows,
-    pub delta: &'r B::Rows,
-    pub b: &'r B::Rows,
-    pub c: &'r B::Rows,
     pub z: &'r B::Rows,
+    /// x_proj's output `[t, R + 2N]`: δr, B, C.
+    pub proj: &'r B::Rows,
+    /// R, the rank of δr.
+    pub dt_rank: usize,
+    /// The RMSNorm scales of δr, B and C, where the layer has them (Hymba's inner norms).
+    pub norms: Option<&'r [B::Vector; 3]>,
+    pub eps: f32,
+    /// dt_proj `[E, R]` and its bias `[E]`.
+    pub dt_proj: &'r B::Matrix,
+    pub dt_bias: &'r B::Vector,
     /// A = −exp(A_log) `[E, N]`, D `[E]`.
     pub a: &'r B::Vector,
     pub d: &'r B::Vector,
@@ -235,29 +245,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn matmul(&self, x: &Self::Rows, w: &Self::Matrix, y: &mut Self::Rows);
     /// RMSNorm of each `w.len()`-wide row, in f32.
     fn rmsnorm(&self, x: &Self::Rows, w: &Self::Vector, eps: f32, out: &mut Self::Rows);
-    /// RMSNorm of columns `from..from + w.len()` of each row of `x` (rows `width` wide), for
-    /// each part `(from, w, out)`.
-    fn rmsnorm_parts(
-        &self,
-        x: &Self::Rows,
-        width: usize,
-        eps: f32,
-        parts: &mut [(usize, &Self::Vector, &mut Self::Rows)],
-    );
-    /// Columns `from..from + n` of every row of `x` (rows `width` wide).
-    fn columns(&self, x: &Self::Rows, width: usize, from: usize, n: usize, out: &mut Self::Rows);
     /// The rows in `rows` (ranges of row indices, in order) of `x`, `width` wide.
     fn gather(&self, x: &Self::Rows, width: usize, rows: &[Range<usize>], out: &mut Self::Rows);
     /// `h += x · wᵀ`: a residual connection through a projection.
     fn matmul_add(&self, x: &Self::Rows, w: &Self::Matrix, h: &mut Self::Rows);
-    /// `y = softplus(x · wᵀ + bias)` (PyTorch's softplus: linear above 20).
-    fn matmul_softplus(
-        &self,
-        x: &Self::Rows,
-        w: &Self::Matrix,
-        bias: &Self::Vector,
-        y: &mut Self::Rows,
-    );
     /// `out = silu(x · gateᵀ) ⊙ (x · upᵀ)`: the gated MLP's hidden rows.
     fn glu(&self, x: &Self::Rows, gate: &Self::Matrix, up: &Self::Matrix, out: &mut Self::Rows);
     /// The in_proj output `p` cut into the heads' inputs: `q` with RoPE at each sequence's
@@ -290,7 +281,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     );
     /// The two heads of the hybrid mixer side by side, then their fusion (spec §3.2–3.4): per
     /// sequence, attention over its past K/V and this call's rows under the layer's mask, and
-    /// the selective scan from its SSM state (updated), gated by silu(z); then
+    /// the selective scan from its SSM state (updated, the scan's parameters made from x_proj's
+    /// output first), gated by silu(z); then
     /// `(norm(attn; attn_norm) + norm(y; ssm_norm)) / 2` into `out` `[t, E]`.
     fn hybrid_heads(
         &self,

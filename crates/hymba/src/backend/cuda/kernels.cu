@@ -445,6 +445,82 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
 SCAN_KERNELS(16)
 SCAN_KERNELS(32)
 
+// Sum over the N_ lanes (a power of two, up to 32) of a group within a warp.
+template <int N_> __device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int o = N_ / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// A decode step of the SSM branch (every sequence one row: chunk i is row i's sequence), with
+// the scan's input-dependent parameters made here rather than by three launches before: from
+// x_proj's output row [δr (R) | B (n) | C (n)], each part RMS-normed when `wd` is given (scales
+// wd, wb, wc), Δ = softplus(dt_w · δr + dt_b) (dt_w [E, R]), then one step of the recurrence
+// from the sequence's state and y = (Σ_n S·C + D·x) ⊙ silu(z). Block (channels, row), N_ lanes
+// a channel (a lane a state; they split δr for Δ). Dynamic shared memory: R + 2n floats.
+template <int N_, typename W>
+__device__ void ssm_step(const float* proj, int rk, int n, const float* wd, const float* wb, const float* wc, float eps, const W* dt_w,
+                         const float* dt_b, const float* x, const float* z, const float* a, const float* d, const SeqInfo* seqs,
+                         const int4* chunks, float* const* ssm, int e, float* y) {
+    extern __shared__ float sp[];
+    __shared__ float inv[3];
+    int4 ch = chunks[blockIdx.y];
+    long row = seqs[ch.x].row0 + ch.y;
+    int pw = rk + 2 * n;
+    for (int i = threadIdx.x; i < pw; i += blockDim.x) sp[i] = proj[row * pw + i];
+    __syncthreads();
+    if (wd) {
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        if (warp < 3) {
+            int from = warp == 0 ? 0 : (warp == 1 ? rk : rk + n), len = warp == 0 ? rk : n;
+            float ss = 0.0f;
+            for (int j = lane; j < len; j += 32) ss += sp[from + j] * sp[from + j];
+            ss = warp_sum(ss);
+            if (lane == 0) inv[warp] = 1.0f / sqrtf(ss / len + eps);
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < pw; i += blockDim.x) {
+            int part = i < rk ? 0 : (i < rk + n ? 1 : 2);
+            float w = part == 0 ? wd[i] : (part == 1 ? wb[i - rk] : wc[i - rk - n]);
+            sp[i] = w * (sp[i] * inv[part]);
+        }
+        __syncthreads();
+    }
+    // Past the last channel a group computes channel e - 1 again (the shuffles need every lane
+    // of the warp) and writes nothing.
+    int c0 = blockIdx.x * (blockDim.x / N_) + threadIdx.x / N_, j = threadIdx.x % N_;
+    bool live = c0 < e;
+    int c = live ? c0 : e - 1;
+    const W* wr = dt_w + (long)c * rk;
+    float dot = 0.0f;
+    for (int k = j; k < rk; k += N_) dot += load(wr, k) * sp[k];
+    float dt = group_sum<N_>(dot) + dt_b[c];
+    dt = dt > 20.0f ? dt : log1pf(expf(dt));
+    long rc = row * e + c;
+    float xv = x[rc], out = 0.0f;
+    if (j < n) {
+        float* st = ssm[ch.x] + (long)c * n + j;
+        float s = expf(dt * a[(long)c * n + j]) * *st + (dt * xv) * sp[rk + j];
+        if (live) *st = s;
+        out = s * sp[rk + n + j];
+    }
+    out = group_sum<N_>(out);
+    if (live && j == 0) y[rc] = (out + d[c] * xv) * silu(z[rc]);
+}
+
+#define SSM_STEP(N_, NAME, W) \
+    extern "C" __global__ void ssm_step_##N_##_##NAME(const float* proj, int rk, int n, const float* wd, const float* wb, const float* wc, \
+                                                      float eps, const W* dt_w, const float* dt_b, const float* x, const float* z, \
+                                                      const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, \
+                                                      float* const* ssm, int e, float* y) { \
+        grid_dep(); \
+        ssm_step<N_, W>(proj, rk, n, wd, wb, wc, eps, dt_w, dt_b, x, z, a, d, seqs, chunks, ssm, e, y); \
+    }
+SSM_STEP(16, f32, float)
+SSM_STEP(16, bf16, bf16_t)
+SSM_STEP(32, f32, float)
+SSM_STEP(32, bf16, bf16_t)
+
 // Keys and values of one source of rows (the meta prefix, a cache store, this call's rows): row
 // i of K/V head h at k[i * k_stride + h * dk], in f32 or bf16, at absolute position pos[i] (or
 // pos0 + i when pos is null).
@@ -480,16 +556,62 @@ __device__ __forceinline__ KvSrc own_rows(const float* new_k, const float* new_v
 
 #define NEG_INF __int_as_float(0xff800000)
 #define MAX_DV_LANE 8
+#define DEC_G 8
+
+// Split-K decode attention: every block of a (row, heads h0..h0+nh) calls this once its split's
+// partials ([max, sum, values...], dv + 2 floats, at part[((t·heads + h)·splits + z)]) are
+// written; the last of the `used` splits to arrive (`count`, zero between launches) merges them
+// into out and sets the count back to zero. One launch rather than a merging kernel after.
+__device__ void merge_splits_if_last(const float* part, int* count, int t, int heads, int h0, int nh, int splits, int used, int dv,
+                                     float* out) {
+    __shared__ int last;
+    __shared__ float coef[DEC_G][32];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(count, 1) == used - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int g0 = 0; g0 < nh; g0 += DEC_G) {
+        int gc = min(DEC_G, nh - g0);
+        // A warp a head: each split's share of the softmax's denominator.
+        for (int g = warp; g < gc; g += warps) {
+            const float* pp = part + ((long)t * heads + h0 + g0 + g) * splits * (dv + 2);
+            float mz = NEG_INF, dz = 0.0f;
+            if (lane < used) {
+                mz = __ldcg(pp + lane * (dv + 2));
+                dz = __ldcg(pp + lane * (dv + 2) + 1);
+            }
+            float mm = warp_max(mz);
+            float ez = mm == NEG_INF || mz == NEG_INF ? 0.0f : expf(mz - mm);
+            float den = warp_sum(ez * dz);
+            coef[g][lane] = den > 0.0f ? ez / den : 0.0f;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < gc * dv; i += blockDim.x) {
+            int g = i / dv, col = i % dv;
+            long rh = (long)t * heads + h0 + g0 + g;
+            const float* pp = part + rh * splits * (dv + 2) + 2 + col;
+            float v = 0.0f;
+#pragma unroll 8
+            for (int z = 0; z < used; z++) v += coef[g][z] * __ldcg(pp + z * (dv + 2));
+            out[rh * dv + col] = v;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *count = 0;
+}
 // Attention of one sequence's query rows: block (row, head, split), 4 warps splitting the split's
 // keys, an online softmax per warp, merged at the end. The keys of all sources, in order, are
-// cut into `splits` ranges (split-K, for decode, where rows × heads alone would leave most of
-// the GPU idle); with one split the block writes the output, otherwise its partial maximum, sum
-// and weighted values for `attention_combine`. A query at t sees key s when s <= t and, in a
+// cut into up to `splits` ranges (split-K, for decode, where rows × heads alone would leave
+// most of the GPU idle); with one split the block writes the output, otherwise its partial
+// maximum, sum and weighted values, merged by the split that ends last (`count[t·heads + h]`). A query at t sees key s when s <= t and, in a
 // window layer, t - s <= window or s < meta. Block x is a row of the step: its sequence gives
 // the positions and the sources (meta prefix, store: `past[2 seq..]`; this call's rows).
 extern "C" __global__ void attention(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
                                      const int* row_seq, const KvSrc* past, const float* new_k, const float* new_v, int global_,
-                                     int meta, float scale, int splits, float* out, float* part) {
+                                     int meta, float scale, int splits, float* out, float* part, int* count) {
     grid_dep();
     __shared__ float qs[256];
     __shared__ float wm[4], wl[4];
@@ -506,7 +628,8 @@ extern "C" __global__ void attention(const float* q, int heads, int kv_heads, in
     // The sequence's sources: the meta prefix, its store, this call's rows.
     KvSrc s0 = past[2 * seq], s1 = past[2 * seq + 1], s2 = own_rows(new_k, new_v, sq, kw, vw);
     int keys = s0.rows + s1.rows + s2.rows;
-    int per_split = (keys + splits - 1) / splits;
+    int per_split = max(1, (keys + splits - 1) / splits), used = max(1, (keys + per_split - 1) / per_split);
+    if (z >= used) return;
     for (int j = threadIdx.x; j < dk; j += blockDim.x) qs[j] = q[qrow * heads * dk + h * dk + j] * scale;
     __syncthreads();
     float m = NEG_INF, l = 0.0f, acc[MAX_DV_LANE];
@@ -556,7 +679,10 @@ extern "C" __global__ void attention(const float* q, int heads, int kv_heads, in
         if (splits == 1) out[qrow * heads * dv + h * dv + col] = den > 0.0f ? num / den : 0.0f;
         else pp[2 + col] = num;
     }
-    if (splits > 1 && threadIdx.x == 0) { pp[0] = mm; pp[1] = den; }
+    if (splits > 1) {
+        if (threadIdx.x == 0) { pp[0] = mm; pp[1] = den; }
+        merge_splits_if_last(part, count + (long)t * heads + h, t, heads, h, 1, splits, used, dv, out);
+    }
 }
 
 // Attention of many sequences' decode rows (a large batch): block (row, K/V head, split), the q
@@ -566,16 +692,15 @@ extern "C" __global__ void attention(const float* q, int heads, int kv_heads, in
 // thread a (head, key) scores them, a warp a head updates its online softmax, and a thread a
 // (head, column) sums the values. The keys of all sources, in order, are cut into up to `splits`
 // ranges of at least DEC_SPLIT_KEYS (the grid is fixed, so a captured decode step stays right
-// as the keys grow; the splits a row does not need write empty partials). Outputs, mask and
-// sources as `attention`'s. Dynamic shared memory (floats): gc · dk + T · (dk + 1) + T · dv +
+// as the keys grow; the splits a row does not need return at once). Outputs, mask, sources and
+// the merge of splits as `attention`'s (the count of (row, K/V head) at count[t·heads + h0]). Dynamic shared memory (floats): gc · dk + T · (dk + 1) + T · dv +
 // gc · T + 3 · gc + T, gc = min(DEC_G, heads / kv_heads), T = dec_tile(dk, dv).
-#define DEC_G 8
 #define DEC_ITEMS 16
 #define DEC_SPLIT_KEYS 128
 __device__ __forceinline__ int dec_tile(int dk, int dv) { return dk + dv <= 256 ? 32 : 16; }
 extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
                                      const int* row_seq, const KvSrc* past, const float* new_k, const float* new_v, int global_,
-                                     int meta, float scale, int splits, float* out, float* part) {
+                                     int meta, float scale, int splits, float* out, float* part, int* count) {
     grid_dep();
     extern __shared__ float sm[];
     int t = blockIdx.x, kh = blockIdx.y, z = blockIdx.z;
@@ -596,14 +721,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, 
     KvSrc s0 = past[2 * seq], s1 = past[2 * seq + 1], s2 = own_rows(new_k, new_v, sq, kv_heads * dk, kv_heads * dv);
     int r0 = s0.rows, r01 = s0.rows + s1.rows, keys = r01 + s2.rows;
     int used = min(splits, max(1, (keys + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS));
-    if (z >= used) {
-        for (int g = threadIdx.x; g < group; g += blockDim.x) {
-            float* pp = part + (((long)t * heads + kh * group + g) * splits + z) * (dv + 2);
-            pp[0] = NEG_INF;
-            pp[1] = 0.0f;
-        }
-        return;
-    }
+    if (z >= used) return;
     int per_split = (keys + used - 1) / used;
     int lo = z * per_split, hi = min(keys, lo + per_split);
     bool vec = dk % 8 == 0 && dv % 8 == 0 && s0.k_stride % 8 == 0 && s1.k_stride % 8 == 0 && s2.k_stride % 8 == 0 &&
@@ -714,30 +832,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, 
             }
         }
     }
-}
-
-// Merges the splits of `attention`: block (row, head).
-extern "C" __global__ void attention_combine(const float* part, int heads, int dv, int splits, float* out) {
-    grid_dep();
-    int t = blockIdx.x, h = blockIdx.y;
-    const float* pp = part + ((long)t * heads + h) * splits * (dv + 2);
-    float mm = NEG_INF;
-    for (int z = 0; z < splits; z++) mm = fmaxf(mm, pp[z * (dv + 2)]);
-    float den = 0.0f;
-    if (mm != NEG_INF)
-        for (int z = 0; z < splits; z++) {
-            float mz = pp[z * (dv + 2)];
-            if (mz != NEG_INF) den += expf(mz - mm) * pp[z * (dv + 2) + 1];
-        }
-    for (int col = threadIdx.x; col < dv; col += blockDim.x) {
-        float num = 0.0f;
-        if (mm != NEG_INF)
-            for (int z = 0; z < splits; z++) {
-                float mz = pp[z * (dv + 2)];
-                if (mz != NEG_INF) num += expf(mz - mm) * pp[z * (dv + 2) + 2 + col];
-            }
-        out[(long)t * heads * dv + h * dv + col] = den > 0.0f ? num / den : 0.0f;
-    }
+    if (splits > 1) merge_splits_if_last(part, count + (long)t * heads + kh * group, t, heads, kh * group, group, splits, used, dv, out);
 }
 
 // Attention of a tile of up to BQ consecutive query rows of one sequence (prefill), block
@@ -1225,44 +1320,6 @@ extern "C" __global__ void fuse(const float* a, const float* y, const float* w1,
     grid_dep();
     long r = blockIdx.x;
     fuse_row(a + r * e, y + r * e, w1, w2, e, eps, out + r * e);
-}
-
-// The fusion of a decode row whose attention is still in split-K partials (`attention`'s
-// `part`): the splits of each head are merged into shared memory first (what
-// `attention_combine` does, without a launch of its own). Dynamic shared memory: e + heads ·
-// splits floats.
-extern "C" __global__ void fuse_splits(const float* part, int heads, int dv, int splits, const float* y, const float* w1, const float* w2,
-                                       int e, float eps, float* out) {
-    grid_dep();
-    extern __shared__ float fs[];
-    float* av = fs;             // the row's attention output [e]
-    float* coef = fs + e;       // weight of each head's splits [heads][splits]
-    long r = blockIdx.x;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const float* pr = part + r * heads * splits * (dv + 2);
-    for (int h = warp; h < heads; h += warps) {
-        float mz = NEG_INF, dz = 0.0f;
-        if (lane < splits) {
-            mz = pr[(h * splits + lane) * (dv + 2)];
-            dz = pr[(h * splits + lane) * (dv + 2) + 1];
-        }
-        float mm = warp_max(mz);
-        float ez = mm == NEG_INF || mz == NEG_INF ? 0.0f : expf(mz - mm);
-        float den = warp_sum(ez * dz);
-        if (lane < splits) coef[h * splits + lane] = den > 0.0f ? ez / den : 0.0f;
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < e; j += blockDim.x) {
-        int h = j / dv, col = j % dv;
-        float v = 0.0f;
-        for (int z = 0; z < splits; z++) {
-            float c = coef[h * splits + z];
-            if (c != 0.0f) v += c * pr[(h * splits + z) * (dv + 2) + 2 + col];  // unused splits: not read
-        }
-        av[j] = v;
-    }
-    __syncthreads();
-    fuse_row(av, y + r * e, w1, w2, e, eps, out + r * e);
 }
 
 // New K/V rows into the stores, block row (op): rows of keys `k` [rows, kw] and values `v`

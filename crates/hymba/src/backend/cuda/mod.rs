@@ -204,6 +204,7 @@ impl VectorInfo for CudaSlice<f32> {
 }
 
 /// Activation rows on the card: `len` f32 values in a buffer that only grows.
+#[derive(Default)]
 pub struct DevRows {
     buf: Option<CudaSlice<f32>>,
     len: usize,
@@ -282,28 +283,31 @@ struct Kernels {
     scan_chunk_end: [Kernel; 2],
     scan_chunk_carry: Kernel,
     scan_chunk_out: [Kernel; 2],
+    /// `[up to 16 states, up to 32][f32 dt_proj, bf16 dt_proj]`
+    ssm_step: [[Kernel; 2]; 2],
     attention: Kernel,
     attention_gqa: Kernel,
-    attention_combine: Kernel,
     attention_tiles: Kernel,
     /// Tensor-core prefill attention over bf16 K/V, by (dk, dv) (sm_80 and later).
     attention_mma: Vec<((usize, usize), Kernel)>,
     /// `[f32 weights, bf16 weights][Epilogue]`
     gemv: [[Kernel; 4]; 2],
     fuse: Kernel,
-    fuse_splits: Kernel,
     kv_put: Kernel,
 }
 
 /// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the MLP's up
 /// rows (when cuBLAS makes them), the attention and SSM outputs of the hybrid heads, attention's
-/// split partials, and the positions of the step's rows.
+/// split partials and the count of splits done per (row, head), the scan's parameters of a
+/// prompt, and the positions of the step's rows.
 struct Scratch {
     x16: Option<CudaSlice<u16>>,
     up: DevRows,
     attn: DevRows,
     y: DevRows,
     part: DevRows,
+    split_count: Option<CudaSlice<i32>>,
+    params: ScanRows,
     /// The step, copied to the card once by `begin`: each row's position and sequence, each
     /// sequence's rows and window, its cached K/V per group (`[group][seq][meta, store]`) and
     /// its states per layer (`[layer][seq]`).
@@ -335,6 +339,16 @@ struct Scratch {
     /// K/V writes of the step, made together (`flush`), and their table on the card.
     puts: Vec<PutOp>,
     put_table: Option<CudaSlice<PutOp>>,
+}
+
+/// The selective scan's input-dependent parameters of a step, made before the scan when it runs
+/// over several rows a sequence: δr `[t, R]`, B and C `[t, N]`, Δ `[t, E]`.
+#[derive(Default)]
+struct ScanRows {
+    dr: DevRows,
+    b: DevRows,
+    c: DevRows,
+    delta: DevRows,
 }
 
 /// Query rows of one block of prefill attention, and keys it takes at a time (the kernel's BQ
@@ -433,11 +447,6 @@ pub struct Cuda {
     /// are stale.
     generation: std::sync::atomic::AtomicU64,
     graphs: Mutex<Graphs>,
-}
-
-/// Shared memory of `fuse_splits`: a row of `e` and the split weights of `heads`.
-fn fuse_smem(e: usize, heads: usize, splits: usize) -> usize {
-    4 * (e + heads * splits)
 }
 
 /// A grid of `n` threads in blocks of 256, capped (the kernels loop over the rest).
@@ -543,9 +552,12 @@ impl Cuda {
             scan_chunk_end: [f("scan_chunk_end_16")?, f("scan_chunk_end_32")?],
             scan_chunk_carry: f("scan_chunk_carry")?,
             scan_chunk_out: [f("scan_chunk_out_16")?, f("scan_chunk_out_32")?],
+            ssm_step: [
+                [f("ssm_step_16_f32")?, f("ssm_step_16_bf16")?],
+                [f("ssm_step_32_f32")?, f("ssm_step_32_bf16")?],
+            ],
             attention: f("attention")?,
             attention_gqa: f("attention_gqa")?,
-            attention_combine: f("attention_combine")?,
             attention_tiles: f("attention_tiles")?,
             attention_mma: if major >= 8 {
                 MMA_SHAPES
@@ -574,7 +586,6 @@ impl Cuda {
                 ],
             ],
             fuse: f("fuse")?,
-            fuse_splits: f("fuse_splits")?,
             kv_put: f("kv_put")?,
         };
         // A stream of its own: the legacy default stream cannot be captured into a graph.
@@ -589,6 +600,8 @@ impl Cuda {
             attn: empty(),
             y: empty(),
             part: empty(),
+            split_count: None,
+            params: ScanRows::default(),
             pos: None,
             row_seq: None,
             seqs: None,
@@ -1098,6 +1111,74 @@ impl Cuda {
         }
     }
 
+    /// The scan's parameters of a step of several rows a sequence (spec §3.3), into `p`: δr, B
+    /// and C cut out of x_proj's output (normed where the layer has inner norms), then
+    /// Δ = softplus(δr · dt_projᵀ + bias). A decode step makes them inside `ssm_step` instead.
+    fn scan_params(&self, s: &ScanInput<Cuda>, n: usize, p: &mut ScanRows) {
+        let r = s.dt_rank;
+        let pw = r + 2 * n;
+        let ScanRows { dr, b, c, delta } = p;
+        match s.norms {
+            Some([wd, wb, wc]) => {
+                let mut parts = [(0, wd, &mut *dr), (r, wb, b), (r + n, wc, c)];
+                self.rmsnorm_parts(s.proj, pw, s.eps, &mut parts);
+            }
+            None => {
+                self.columns(s.proj, pw, 0, r, dr);
+                self.columns(s.proj, pw, r, n, b);
+                self.columns(s.proj, pw, r + n, n, c);
+            }
+        }
+        self.product(
+            dr,
+            s.dt_proj,
+            Epilogue::Softplus,
+            None,
+            Some(s.dt_bias),
+            delta,
+        );
+    }
+
+    /// RMSNorm of columns `from..from + w.len()` of each row of `x` (rows `width` wide), for
+    /// each part `(from, w, out)`.
+    fn rmsnorm_parts(
+        &self,
+        x: &DevRows,
+        width: usize,
+        eps: f32,
+        parts: &mut [(usize, &CudaSlice<f32>, &mut DevRows)],
+    ) {
+        let rows = x.len / width.max(1);
+        for chunk in parts.chunks_mut(3) {
+            let mut np = NormParts::default();
+            for (i, (from, w, out)) in chunk.iter_mut().enumerate() {
+                self.shape(out, rows * w.len());
+                (np.w[i], np.out[i], np.from[i], np.d[i]) =
+                    (self.pv(w), self.p(out), *from as i32, w.len() as i32);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (rows.max(1) as u32, chunk.len() as u32, 1),
+                block_dim: (row_threads(rows), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xp, wi) = (self.p(x), width as i32);
+            self.launch(&self.k.rmsnorm_parts, cfg, &[&xp, &wi, &np, &eps]);
+        }
+    }
+
+    /// Columns `from..from + n` of every row of `x` (rows `width` wide).
+    fn columns(&self, x: &DevRows, width: usize, from: usize, n: usize, out: &mut DevRows) {
+        let rows = x.len / width.max(1);
+        self.shape(out, rows * n);
+        let (xp, op) = (self.p(x), self.p(out));
+        let (wi, fi, ni, total) = (width as i32, from as i32, n as i32, (rows * n) as i64);
+        self.launch(
+            &self.k.columns,
+            flat(rows * n),
+            &[&xp, &wi, &fi, &ni, &total, &op],
+        );
+    }
+
     /// `y ∘= x · wᵀ` by the epilogue `epi` (`up` for `Glu`, `bias` for `Softplus`): one pass of
     /// the GEMV kernels over the weights for up to GEMV_ROWS rows, else cuBLAS, then the
     /// epilogue (`Add` in the GEMM's β).
@@ -1515,10 +1596,6 @@ impl Backend for Cuda {
         self.product(x, w, Epilogue::Add, None, None, h);
     }
 
-    fn matmul_softplus(&self, x: &DevRows, w: &DevMatrix, bias: &CudaSlice<f32>, y: &mut DevRows) {
-        self.product(x, w, Epilogue::Softplus, None, Some(bias), y);
-    }
-
     fn glu(&self, x: &DevRows, gate: &DevMatrix, up: &DevMatrix, out: &mut DevRows) {
         self.product(x, gate, Epilogue::Glu, Some(up), None, out);
     }
@@ -1533,43 +1610,6 @@ impl Backend for Cuda {
             &self.k.rmsnorm,
             rows_of(rows, row_threads(rows)),
             &[&xp, &wi, &fi, &wp, &di, &eps, &op],
-        );
-    }
-
-    fn rmsnorm_parts(
-        &self,
-        x: &DevRows,
-        width: usize,
-        eps: f32,
-        parts: &mut [(usize, &CudaSlice<f32>, &mut DevRows)],
-    ) {
-        let rows = x.len / width.max(1);
-        for chunk in parts.chunks_mut(3) {
-            let mut np = NormParts::default();
-            for (i, (from, w, out)) in chunk.iter_mut().enumerate() {
-                self.shape(out, rows * w.len());
-                (np.w[i], np.out[i], np.from[i], np.d[i]) =
-                    (self.pv(w), self.p(out), *from as i32, w.len() as i32);
-            }
-            let cfg = LaunchConfig {
-                grid_dim: (rows.max(1) as u32, chunk.len() as u32, 1),
-                block_dim: (row_threads(rows), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (xp, wi) = (self.p(x), width as i32);
-            self.launch(&self.k.rmsnorm_parts, cfg, &[&xp, &wi, &np, &eps]);
-        }
-    }
-
-    fn columns(&self, x: &DevRows, width: usize, from: usize, n: usize, out: &mut DevRows) {
-        let rows = x.len / width.max(1);
-        self.shape(out, rows * n);
-        let (xp, op) = (self.p(x), self.p(out));
-        let (wi, fi, ni, total) = (width as i32, from as i32, n as i32, (rows * n) as i64);
-        self.launch(
-            &self.k.columns,
-            flat(rows * n),
-            &[&xp, &wi, &fi, &ni, &total, &op],
         );
     }
 
@@ -1722,6 +1762,12 @@ impl Backend for Cuda {
         let e = fuse.attn_norm.len();
         let n = ssm.a.len() / e.max(1);
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        // A decode step (one row a sequence) makes the scan's parameters inside its kernel.
+        let step = self.scratch.lock().expect("scratch").max_len <= 1;
+        let mut params = std::mem::take(&mut self.scratch.lock().expect("scratch").params);
+        if !step {
+            self.scan_params(ssm, n, &mut params);
+        }
         let mut scratch = self.scratch.lock().expect("scratch");
         let ns = scratch.n_seqs;
         let (seqs_p, rows_p) = (
@@ -1743,8 +1789,6 @@ impl Backend for Cuda {
         let (qp, ap, yp) = (self.p(at.q), self.p(attn), self.p(y));
         let scale = 1.0 / (hd.dk as f32).sqrt();
         let (heads, kv_heads, dk, dv) = (hd.q as i32, hd.kv as i32, hd.dk as i32, hd.dv as i32);
-        // Split-K partials of decode attention the fusion merges, and their count.
-        let mut merge = None;
         // 2. Attention of every row over its sequence's meta prefix, store and this call's rows.
         // Keys are split when rows × heads alone would leave the multiprocessors idle (decode).
         let (nk, nv) = (self.p(at.k), self.p(at.v));
@@ -1801,6 +1845,20 @@ impl Backend for Cuda {
                 self.shape(part, t * hd.q * splits * (hd.dv + 2));
             }
             let pp = if splits > 1 { self.p(part) } else { 0 };
+            // The splits' count per (row, head), zero between launches (the last split resets
+            // it), made once for the most rows.
+            if scratch
+                .split_count
+                .as_ref()
+                .is_none_or(|c| c.len() < t * hd.q)
+            {
+                self.moved();
+                match self.alloc::<i32>((t * hd.q).next_power_of_two(), "attention") {
+                    Ok(c) => scratch.split_count = Some(c),
+                    Err(e) => return self.fail("allocating", e),
+                }
+            }
+            let cp = self.table(&scratch.split_count, 0);
             let zs = splits as i32;
             let (kernel, cfg) = if gqa {
                 let gc = (hd.q / hd.kv).min(GQA_HEADS);
@@ -1826,100 +1884,93 @@ impl Backend for Cuda {
                 cfg,
                 &[
                     &qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global,
-                    &meta, &scale, &zs, &ap, &pp,
+                    &meta, &scale, &zs, &ap, &pp, &cp,
                 ],
             );
-            // The splits are merged by the fusion below where its shared memory holds a row.
-            if splits > 1 && fuse_smem(e, hd.q, splits) <= 48 << 10 {
-                merge = Some((pp, splits));
-            } else if splits > 1 {
+        }
+        // 3. The selective scan of every sequence from its state, gated by silu(z): a decode step
+        // in one kernel with its parameters, a prompt in chunks.
+        let (xp, zp, a_p, dd) = (self.p(ssm.x), self.p(ssm.z), self.pv(ssm.a), self.pv(ssm.d));
+        let (ei, ni) = (e as i32, n as i32);
+        let chunks_p = self.table(&scratch.chunks, 0);
+        let n_chunks = scratch.n_chunks;
+        if step {
+            let r = ssm.dt_rank;
+            let [wd, wb, wc] = ssm
+                .norms
+                .map_or([0; 3], |w| w.each_ref().map(|v| self.pv(v)));
+            let (pp, ri, eps) = (self.p(ssm.proj), r as i32, ssm.eps);
+            let (wp, bp) = (ssm.dt_proj.data.ptr(&self.stream), self.pv(ssm.dt_bias));
+            let lanes = if n > 16 { 32 } else { 16 };
+            let cfg = LaunchConfig {
+                grid_dim: ((e * lanes).div_ceil(128) as u32, n_chunks as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: (4 * (r + 2 * n)) as u32,
+            };
+            let wi = matches!(ssm.dt_proj.data, DevData::BF16(_)) as usize;
+            self.launch(
+                &self.k.ssm_step[(n > 16) as usize][wi],
+                cfg,
+                &[
+                    &pp, &ri, &ni, &wd, &wb, &wc, &eps, &wp, &bp, &xp, &zp, &a_p, &dd, &seqs_p,
+                    &chunks_p, &ssm_p, &ei, &yp,
+                ],
+            );
+        } else {
+            let (dp, bp, cp) = (self.p(&params.delta), self.p(&params.b), self.p(&params.c));
+            let blocks = e.div_ceil(128) as u32;
+            if scratch.multi_chunk {
+                let Scratch {
+                    hend, init, dtsum, ..
+                } = &mut *scratch;
+                self.shape(hend, n_chunks * n * e);
+                self.shape(init, n_chunks * n * e);
+                self.shape(dtsum, n_chunks * e);
+                let (hp, ip, sp) = (self.p(hend), self.p(init), self.p(dtsum));
                 let cfg = LaunchConfig {
-                    grid_dim: (t as u32, hd.q as u32, 1),
+                    grid_dim: (blocks, n_chunks as u32, 1),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 self.launch(
-                    &self.k.attention_combine,
+                    &self.k.scan_chunk_end[(n > 16) as usize],
                     cfg,
-                    &[&pp, &heads, &dv, &zs, &ap],
+                    &[&xp, &dp, &bp, &a_p, &seqs_p, &chunks_p, &ei, &ni, &hp, &sp],
+                );
+                let sc = self.table(&scratch.seq_chunks, 0);
+                let cfg = LaunchConfig {
+                    grid_dim: ((e * n).div_ceil(128) as u32, ns as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                self.launch(
+                    &self.k.scan_chunk_carry,
+                    cfg,
+                    &[&a_p, &sc, &ssm_p, &ei, &ni, &hp, &sp, &ip],
                 );
             }
-        }
-        // 3. The selective scan of every sequence from its state, gated by silu(z), in chunks.
-        let (xp, dp, bp, cp, zp, a_p, dd) = (
-            self.p(ssm.x),
-            self.p(ssm.delta),
-            self.p(ssm.b),
-            self.p(ssm.c),
-            self.p(ssm.z),
-            self.pv(ssm.a),
-            self.pv(ssm.d),
-        );
-        let (ei, ni) = (e as i32, n as i32);
-        let chunks_p = self.table(&scratch.chunks, 0);
-        let n_chunks = scratch.n_chunks;
-        let blocks = e.div_ceil(128) as u32;
-        if scratch.multi_chunk {
-            let Scratch {
-                hend, init, dtsum, ..
-            } = &mut *scratch;
-            self.shape(hend, n_chunks * n * e);
-            self.shape(init, n_chunks * n * e);
-            self.shape(dtsum, n_chunks * e);
-            let (hp, ip, sp) = (self.p(hend), self.p(init), self.p(dtsum));
+            let ip = self.p(&scratch.init);
             let cfg = LaunchConfig {
                 grid_dim: (blocks, n_chunks as u32, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
             self.launch(
-                &self.k.scan_chunk_end[(n > 16) as usize],
+                &self.k.scan_chunk_out[(n > 16) as usize],
                 cfg,
-                &[&xp, &dp, &bp, &a_p, &seqs_p, &chunks_p, &ei, &ni, &hp, &sp],
-            );
-            let sc = self.table(&scratch.seq_chunks, 0);
-            let cfg = LaunchConfig {
-                grid_dim: ((e * n).div_ceil(128) as u32, ns as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(
-                &self.k.scan_chunk_carry,
-                cfg,
-                &[&a_p, &sc, &ssm_p, &ei, &ni, &hp, &sp, &ip],
+                &[
+                    &xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &chunks_p, &ssm_p, &ei, &ni, &ip,
+                    &yp,
+                ],
             );
         }
-        let ip = self.p(&scratch.init);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, n_chunks as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(
-            &self.k.scan_chunk_out[(n > 16) as usize],
-            cfg,
-            &[
-                &xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &chunks_p, &ssm_p, &ei, &ni, &ip, &yp,
-            ],
-        );
         // 4. Fusion of every row.
         let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
-        match merge {
-            Some((pp, splits)) => {
-                let mut cfg = rows_of(t, row_threads(t));
-                cfg.shared_mem_bytes = fuse_smem(e, hd.q, splits) as u32;
-                let zs = splits as i32;
-                self.launch(
-                    &self.k.fuse_splits,
-                    cfg,
-                    &[&pp, &heads, &dv, &zs, &yp, &w1, &w2, &ei, &fuse.eps, &op],
-                );
-            }
-            None => self.launch(
-                &self.k.fuse,
-                rows_of(t, row_threads(t)),
-                &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op],
-            ),
-        }
+        self.launch(
+            &self.k.fuse,
+            rows_of(t, row_threads(t)),
+            &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op],
+        );
+        scratch.params = params;
     }
 }

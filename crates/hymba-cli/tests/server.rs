@@ -909,3 +909,268 @@ fn request_limits_are_refused_by_name() {
     let (st, _) = http(p, "POST", "/v1/completions", &big, &[]);
     assert_eq!(st, 413);
 }
+
+/// The text a streamed completion or chat answer carries, from its server-sent events.
+fn streamed_text(body: &str) -> String {
+    let mut text = String::new();
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(data).unwrap_or_else(|_| panic!("not JSON: {data}"));
+        let c = &v["choices"][0];
+        text += c["text"]
+            .as_str()
+            .or(c["delta"]["content"].as_str())
+            .unwrap_or("");
+    }
+    text
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// What real clients do, at once: 64 clients send 2,000 requests mixing completions and chat,
+/// streamed and not, `n > 1`, logprobs, streams dropped mid-way, malformed and oversized bodies
+/// and wrong keys. No answer is a 5xx; every well-formed greedy request gets the answer it gets
+/// alone; the queue stays bounded (429 beyond it, which the clients retry); the server's
+/// resident memory does not grow from the first half of the run to the second (no leak).
+#[test]
+fn load_of_mixed_clients() {
+    use serde_json::json;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    const CLIENTS: usize = 64;
+    const REQUESTS: usize = 2000;
+    const MAX_BATCH: usize = 8;
+    let srv = start(
+        "load",
+        &[
+            "--max-batch",
+            &MAX_BATCH.to_string(),
+            "--api-key",
+            "k",
+            "--max-body-bytes",
+            "8192",
+        ],
+    );
+    let (port, pid) = (srv.port, srv.child.id());
+    let key = [("Authorization", "Bearer k")];
+    let prompts: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "Story {i}: the {} went",
+                ["cat", "river", "old man", "ship"][i % 4]
+            )
+        })
+        .collect();
+    let complete = |i: usize, stream: bool| {
+        json!({"prompt": prompts[i % 12], "max_tokens": 2 + i % 5, "temperature": 0,
+               "ignore_eos": true, "stream": stream})
+    };
+    let chat = |i: usize, stream: bool| {
+        json!({"messages": [{"role": "user", "content": prompts[i % 12]}],
+               "max_tokens": 2 + i % 5, "temperature": 0, "stream": stream})
+    };
+    let answer = |path: &str, body: &serde_json::Value| -> String {
+        let (st, b) = http(port, "POST", path, &body.to_string(), &key);
+        assert_eq!(st, 200, "{b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        let c = &v["choices"][0];
+        c["text"]
+            .as_str()
+            .or(c["message"]["content"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    // Each greedy request alone: prompt i % 12 with 2 + i % 5 tokens repeats every 60.
+    let alone: Vec<(String, String)> = (0..60)
+        .map(|i| {
+            (
+                answer("/v1/completions", &complete(i, false)),
+                answer("/v1/chat/completions", &chat(i, false)),
+            )
+        })
+        .collect();
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let busy = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The queue as /health sees it, sampled throughout.
+    let most_in_flight = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                let (_, h) = http(port, "GET", "/health", "", &[]);
+                let v: serde_json::Value = serde_json::from_str(&h).unwrap();
+                most = most.max(v["requests_in_flight"].as_u64().unwrap() as usize);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        })
+    };
+    let run_half = |upto: usize| {
+        let t0 = Instant::now();
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (next, busy, latencies, tokens) =
+                    (next.clone(), busy.clone(), latencies.clone(), tokens.clone());
+                let (prompts, alone) = (prompts.clone(), alone.clone());
+                std::thread::spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= upto {
+                        return;
+                    }
+                    let k = i % 60;
+                    let complete = |stream: bool| {
+                        json!({"prompt": prompts[k % 12], "max_tokens": 2 + k % 5,
+                               "temperature": 0, "ignore_eos": true, "stream": stream})
+                    };
+                    let chat = |stream: bool| {
+                        json!({"messages": [{"role": "user", "content": prompts[k % 12]}],
+                               "max_tokens": 2 + k % 5, "temperature": 0, "stream": stream})
+                    };
+                    // (path, body, headers' key, what the answer must be)
+                    enum Want {
+                        Text(String),
+                        Streamed(String),
+                        Choices(usize),
+                        Logprobs(String),
+                        Status(u16),
+                        Dropped,
+                    }
+                    let good = "Bearer k";
+                    let (path, body, auth, want) = match i % 16 {
+                        0..=4 => ("/v1/completions", complete(false).to_string(), good, Want::Text(alone[k].0.clone())),
+                        5..=7 => ("/v1/completions", complete(true).to_string(), good, Want::Streamed(alone[k].0.clone())),
+                        8 => ("/v1/chat/completions", chat(false).to_string(), good, Want::Text(alone[k].1.clone())),
+                        9 => ("/v1/chat/completions", chat(true).to_string(), good, Want::Streamed(alone[k].1.clone())),
+                        10 => ("/v1/completions",
+                               json!({"prompt": prompts[k % 12], "max_tokens": 3, "n": 3, "temperature": 0.9, "seed": i}).to_string(),
+                               good, Want::Choices(3)),
+                        11 => ("/v1/completions",
+                               json!({"prompt": prompts[k % 12], "max_tokens": 2 + k % 5, "temperature": 0,
+                                      "ignore_eos": true, "logprobs": 2}).to_string(),
+                               good, Want::Logprobs(alone[k].0.clone())),
+                        12 => ("/v1/completions",
+                               json!({"prompt": prompts[k % 12], "max_tokens": 64, "ignore_eos": true, "stream": true}).to_string(),
+                               good, Want::Dropped),
+                        13 => ("/v1/completions", "{\"prompt\": \"Hi\", \"max_tok".to_string(), good, Want::Status(400)),
+                        14 => ("/v1/completions", json!({"prompt": "x".repeat(9000), "max_tokens": 1}).to_string(), good, Want::Status(413)),
+                        _ => ("/v1/chat/completions", chat(false).to_string(), "Bearer wrong", Want::Status(401)),
+                    };
+                    let t = Instant::now();
+                    if let Want::Dropped = want {
+                        // Read the head and one event, then hang up.
+                        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                        write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+                        let (mut buf, mut n) = ([0u8; 256], 0);
+                        while n < 12 {
+                            let got = s.read(&mut buf[n..]).unwrap();
+                            assert!(got > 0, "request {i}: closed after {n} bytes");
+                            n += got;
+                        }
+                        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.1 429"), "{head}");
+                        continue;
+                    }
+                    let (st, b) = loop {
+                        let (st, b) = http(port, "POST", path, &body, &[("Authorization", auth)]);
+                        assert!(st < 500, "request {i}: {st} {b}");
+                        if st != 429 {
+                            break (st, b);
+                        }
+                        busy.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(2 + (i % 7) as u64));
+                    };
+                    let v = || serde_json::from_str::<serde_json::Value>(&b).unwrap_or_else(|_| panic!("request {i}: {b}"));
+                    match want {
+                        Want::Status(s) => assert_eq!(st, s, "request {i}: {b}"),
+                        Want::Text(text) => {
+                            assert_eq!(st, 200, "request {i}: {b}");
+                            let v = v();
+                            let c = &v["choices"][0];
+                            let got = c["text"].as_str().or(c["message"]["content"].as_str()).unwrap();
+                            assert_eq!(got, text, "request {i}");
+                            tokens.fetch_add(v["usage"]["completion_tokens"].as_u64().unwrap() as usize, Ordering::Relaxed);
+                        }
+                        Want::Streamed(text) => {
+                            assert_eq!(st, 200, "request {i}: {b}");
+                            assert_eq!(streamed_text(&b), text, "request {i}");
+                            assert!(b.trim_end().ends_with("data: [DONE]"), "request {i}: {b}");
+                        }
+                        Want::Choices(n) => {
+                            assert_eq!(st, 200, "request {i}: {b}");
+                            let v = v();
+                            assert_eq!(v["choices"].as_array().unwrap().len(), n, "request {i}: {b}");
+                            assert_eq!(v["usage"]["completion_tokens"], 3 * n, "request {i}: {b}");
+                        }
+                        Want::Logprobs(text) => {
+                            assert_eq!(st, 200, "request {i}: {b}");
+                            let v = v();
+                            let c = &v["choices"][0];
+                            assert_eq!(c["text"], text.as_str(), "request {i}");
+                            let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+                            assert_eq!(c["logprobs"]["token_logprobs"].as_array().unwrap().len(), n, "request {i}");
+                            assert_eq!(c["logprobs"]["top_logprobs"].as_array().unwrap().len(), n, "request {i}");
+                        }
+                        Want::Dropped => unreachable!(),
+                    }
+                    latencies.lock().unwrap().push(t.elapsed().as_secs_f64());
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+        t0.elapsed().as_secs_f64()
+    };
+    let first = run_half(REQUESTS / 2);
+    // Dropped streams end on the server's next step: let it settle before reading its memory.
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_half = rss(pid);
+    let second = run_half(REQUESTS);
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_end = rss(pid);
+    done.store(true, Ordering::Relaxed);
+    let most = most_in_flight.join().unwrap();
+
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] * 1e3;
+    let retried = busy.load(Ordering::Relaxed);
+    eprintln!(
+        "load: {REQUESTS} requests from {CLIENTS} clients in {:.1} s; latency p50 {:.1} ms, p99 {:.1} ms (answered requests); {:.0} generated tokens/s (non-streamed greedy); {retried} answers of 429 retried; at most {most} requests in flight; resident memory {} MB after half, {} MB after all",
+        first + second,
+        pct(0.5),
+        pct(0.99),
+        tokens.load(Ordering::Relaxed) as f64 / (first + second),
+        rss_half >> 20,
+        rss_end >> 20,
+    );
+    assert!(most <= 2 * MAX_BATCH, "{most} requests in flight");
+    assert!(retried > 0, "64 clients never found the queue full");
+    assert!(
+        rss_end <= rss_half + rss_half / 20 + (4 << 20),
+        "resident memory grew from {} to {} bytes",
+        rss_half,
+        rss_end
+    );
+    let (_, h) = http(port, "GET", "/health", "", &[]);
+    assert!(h.contains("\"requests_in_flight\":0"), "{h}");
+}

@@ -1187,7 +1187,7 @@ ATTENTION_MMA(128, 128)
 // each row in flight before it uses any; the pair's sums meet in shared memory. The epilogue
 // writes y, adds to it (a residual), applies softplus(y + bias) (the SSM's Δ) or silu(gate) · up.
 #define GEMV_ROWS 8
-#define GEMV_SPLIT 4
+#define GEMV_SPLIT 2
 #define GEMV_UNROLL 2
 #define EPI_STORE 0
 #define EPI_ADD 1

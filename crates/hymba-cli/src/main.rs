@@ -173,9 +173,13 @@ struct ServeArgs {
     /// 0 picks a free port (printed on start).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Require `Authorization: Bearer KEY`.
-    #[arg(long)]
+    /// Require `Authorization: Bearer KEY` (also from HYMBA_API_KEY, which keeps the key out
+    /// of the process list).
+    #[arg(long, env = "HYMBA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Read the API key from the first line of this file instead.
+    #[arg(long, conflicts_with = "api_key")]
+    api_key_file: Option<PathBuf>,
     /// Sequences stepped together; as many more may wait.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -395,6 +399,29 @@ pub fn parse_quant(q: Option<&str>) -> Result<Option<Dtype>> {
     }
 }
 
+/// The server's API key: `--api-key` or HYMBA_API_KEY, or the first line of `--api-key-file`.
+fn api_key(a: &ServeArgs) -> Result<Option<String>> {
+    let key = match &a.api_key_file {
+        None => a.api_key.clone(),
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading the API key file {}", f.display()))?;
+            Some(text.lines().next().unwrap_or("").trim().to_string())
+        }
+    };
+    if key.as_deref() == Some("") {
+        bail!(
+            "the API key is empty (from {}): give a key, or no key option to serve without one",
+            a.api_key_file
+                .as_ref()
+                .map_or("--api-key / HYMBA_API_KEY".into(), |f| f
+                    .display()
+                    .to_string())
+        );
+    }
+    Ok(key)
+}
+
 fn serve(a: ServeArgs) -> Result<()> {
     struct Run(ServeArgs);
     impl default_model::ModelFn<()> for Run {
@@ -436,12 +463,14 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
             }
         });
     let engine = hymba::Engine::start(model, Some(tokenizer.clone()), a.max_batch);
+    let key = api_key(&a)?;
+    let state_has_no_key = key.is_none();
     let state = std::sync::Arc::new(hymba_server::AppState {
         engine,
         tokenizer,
         model_name: name.clone(),
         max_context,
-        api_key: a.api_key.clone(),
+        api_key: key,
         eos_id,
         limits: hymba_server::Limits {
             max_logprobs: a.max_logprobs,
@@ -457,7 +486,11 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
             .await
             .with_context(|| format!("binding {}:{}", a.host, a.port))?;
-        eprintln!("serving `{name}` on http://{}", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        eprintln!("serving `{name}` on http://{addr}");
+        if !addr.ip().is_loopback() && state_has_no_key {
+            eprintln!("warning: serving on {} without an API key: anyone who can reach it can use it (set --api-key, HYMBA_API_KEY or --api-key-file)", addr.ip());
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown_signal().await;

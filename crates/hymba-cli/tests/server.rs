@@ -50,8 +50,14 @@ impl Drop for Server {
 }
 
 fn start(tag: &str, extra: &[&str]) -> Server {
+    start_with(tag, extra, &[])
+}
+
+fn start_with(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let dir = model_dir(tag);
     let mut child = Command::new(env!("CARGO_BIN_EXE_hymba"))
+        .env_remove("HYMBA_API_KEY")
+        .envs(env.iter().copied())
         .args([
             "serve",
             "--model",
@@ -674,6 +680,85 @@ fn api_key_is_required_when_set() {
         .0,
         200
     );
+}
+
+/// The key can come from the environment or a file (out of the process list); an empty or
+/// unreadable key file is refused by name.
+#[test]
+fn api_key_from_env_or_file() {
+    let body = serde_json::json!({"prompt": "x", "max_tokens": 1}).to_string();
+    let status = |port: u16, key: &str| {
+        let auth = format!("Bearer {key}");
+        http(
+            port,
+            "POST",
+            "/v1/completions",
+            &body,
+            &[("Authorization", &auth)],
+        )
+        .0
+    };
+    let srv = start_with("key-env", &[], &[("HYMBA_API_KEY", "from-env")]);
+    assert_eq!(status(srv.port, "from-env"), 200);
+    assert_eq!(status(srv.port, "from-en"), 401);
+    assert_eq!(status(srv.port, "from-envv"), 401);
+    drop(srv);
+    let file = std::env::temp_dir().join(format!("hymba-key-{}", std::process::id()));
+    std::fs::write(&file, "from-file\n").unwrap();
+    let srv = start("key-file", &["--api-key-file", file.to_str().unwrap()]);
+    assert_eq!(status(srv.port, "from-file"), 200);
+    assert_eq!(status(srv.port, "from-env"), 401);
+    drop(srv);
+    std::fs::write(&file, "\n").unwrap();
+    let missing = file.with_extension("missing");
+    let dir = model_dir("key-bad");
+    for (f, needle) in [
+        (&file, "the API key is empty"),
+        (&missing, "reading the API key file"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hymba"))
+            .env_remove("HYMBA_API_KEY")
+            .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
+            .args(["--api-key-file", f.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(needle) && err.contains(f.file_name().unwrap().to_str().unwrap()),
+            "{err}"
+        );
+    }
+    std::fs::remove_file(&file).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Serving beyond loopback without a key warns that anyone who reaches it can use it.
+#[test]
+fn open_server_without_key_warns() {
+    let dir = model_dir("open");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hymba"))
+        .env_remove("HYMBA_API_KEY")
+        .args([
+            "serve",
+            "--model",
+            dir.to_str().unwrap(),
+            "--port",
+            "0",
+            "--host",
+            "0.0.0.0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let second = lines.next().unwrap().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(dir).unwrap();
+    assert!(first.contains("serving"), "{first}");
+    assert!(second.contains("without an API key"), "{second}");
 }
 
 /// Sixteen concurrent greedy requests of different lengths give the tokens each gives alone.

@@ -160,6 +160,15 @@ fn request_id(prefix: &str) -> String {
     )
 }
 
+/// Whether two secrets are equal, in a time that does not depend on where they first differ
+/// (so a client cannot find the key a byte at a time by timing refusals).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let diff = (0..a.len().max(b.len())).fold(0u8, |d, i| {
+        d | (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0))
+    });
+    diff == 0 && a.len() == b.len()
+}
+
 fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &st.api_key else {
         return Ok(());
@@ -168,7 +177,7 @@ fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
+    if given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
         Ok(())
     } else {
         Err(error(
@@ -1217,5 +1226,20 @@ async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
     match run() {
         Ok(r) => r,
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_equal_only_when_equal() {
+        let keys: [&[u8]; 6] = [b"", b"a", b"ab", b"abc", b"abd", b"\0"];
+        for a in keys {
+            for b in keys {
+                assert_eq!(same_secret(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
     }
 }

@@ -555,7 +555,7 @@ __device__ __forceinline__ KvSrc own_rows(const float* new_k, const float* new_v
 }
 
 #define NEG_INF __int_as_float(0xff800000)
-#define MAX_DV_LANE 8
+#define ATTN_KEYS 2
 #define DEC_G 8
 
 // Split-K decode attention: every block of a (row, heads h0..h0+nh) calls this once its split's
@@ -609,10 +609,11 @@ __device__ void merge_splits_if_last(const float* part, int* count, int t, int h
 // maximum, sum and weighted values, merged by the split that ends last (`count[t·heads + h]`). A query at t sees key s when s <= t and, in a
 // window layer, t - s <= window or s < meta. Block x is a row of the step: its sequence gives
 // the positions and the sources (meta prefix, store: `past[2 seq..]`; this call's rows).
-extern "C" __global__ void attention(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
-                                     const int* row_seq, const KvSrc* past, const float* new_k, const float* new_v, int global_,
-                                     int meta, float scale, int splits, float* out, float* part, int* count) {
-    grid_dep();
+// DVL: value columns a lane (dv <= 32 · DVL).
+template <int DVL>
+__device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs, const int* row_seq,
+                               const KvSrc* past, const float* new_k, const float* new_v, int global_, int meta, float scale,
+                               int splits, float* out, float* part, int* count) {
     __shared__ float qs[256];
     __shared__ float wm[4], wl[4];
     __shared__ float wacc[4][256];
@@ -632,34 +633,64 @@ extern "C" __global__ void attention(const float* q, int heads, int kv_heads, in
     if (z >= used) return;
     for (int j = threadIdx.x; j < dk; j += blockDim.x) qs[j] = q[qrow * heads * dk + h * dk + j] * scale;
     __syncthreads();
-    float m = NEG_INF, l = 0.0f, acc[MAX_DV_LANE];
-    for (int j = 0; j < MAX_DV_LANE; j++) acc[j] = 0.0f;
+    float m = NEG_INF, l = 0.0f, acc[DVL];
+    for (int j = 0; j < DVL; j++) acc[j] = 0.0f;
     int lo = z * per_split, hi = lo + per_split, base = 0;
     for (int si = 0; si < 3; si++) {
         KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
         int a = max(lo - base, 0), b = min(hi - base, s.rows);
         base += s.rows;
-        for (int i = a + warp; i < b; i += 4) {
-            int sp = s.pos ? s.pos[i] : s.pos0 + i;
-            if (sp < 0 || sp > tq) continue;
-            if (!global_ && tq - sp > window && sp >= meta) continue;
-            long ko = (long)i * s.k_stride + (long)kh * dk;
-            float part_ = 0.0f;
-            for (int j = lane; j < dk; j += 32) part_ += qs[j] * kv_at(s.k, s.bf16, ko + j);
-            float sc = warp_sum(part_);
-            float mn = fmaxf(m, sc);
-            float corr = expf(m - mn), pw = expf(sc - mn);
-            l = l * corr + pw;
-            long vo = (long)i * s.v_stride + (long)kh * dv;
-            for (int j = 0; j < MAX_DV_LANE; j++) {
-                int col = lane + 32 * j;
-                if (col < dv) acc[j] = acc[j] * corr + pw * kv_at(s.v, s.bf16, vo + col);
+        // ATTN_KEYS of this warp's keys at a time: their positions, keys and values are all
+        // asked for before any is used (a memory round trip a batch rather than two a key).
+        for (int i0 = a + warp; i0 < b; i0 += 4 * ATTN_KEYS) {
+            int sp[ATTN_KEYS];
+            float sc[ATTN_KEYS], vv[ATTN_KEYS][DVL];
+#pragma unroll
+            for (int u = 0; u < ATTN_KEYS; u++) {
+                int i = min(i0 + 4 * u, b - 1);  // past the end: the last key again, unseen below
+                sp[u] = s.pos ? s.pos[i] : s.pos0 + i;
+                sc[u] = 0.0f;
+                long vo = (long)i * s.v_stride + (long)kh * dv;
+#pragma unroll
+                for (int j = 0; j < DVL; j++) {
+                    int col = lane + 32 * j;
+                    vv[u][j] = col < dv ? kv_at(s.v, s.bf16, vo + col) : 0.0f;
+                }
+            }
+            for (int j = lane; j < dk; j += 32) {
+                float qj = qs[j];
+#pragma unroll
+                for (int u = 0; u < ATTN_KEYS; u++) {
+                    long i = min(i0 + 4 * u, b - 1);
+                    sc[u] += qj * kv_at(s.k, s.bf16, i * s.k_stride + (long)kh * dk + j);
+                }
+            }
+            float mn = m;
+#pragma unroll
+            for (int u = 0; u < ATTN_KEYS; u++) {
+                bool seen = i0 + 4 * u < b && sp[u] >= 0 && sp[u] <= tq && (global_ || tq - sp[u] <= window || sp[u] < meta);
+                sc[u] = warp_sum(sc[u]);
+                sc[u] = seen ? sc[u] : NEG_INF;
+                mn = fmaxf(mn, sc[u]);
+            }
+            if (mn == NEG_INF) continue;
+            float corr = expf(m - mn);
+            l *= corr;
+#pragma unroll
+            for (int j = 0; j < DVL; j++) acc[j] *= corr;
+#pragma unroll
+            for (int u = 0; u < ATTN_KEYS; u++) {
+                if (sc[u] == NEG_INF) continue;  // the same in every lane
+                float pw = expf(sc[u] - mn);
+                l += pw;
+#pragma unroll
+                for (int j = 0; j < DVL; j++) acc[j] += pw * vv[u][j];
             }
             m = mn;
         }
     }
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
-    for (int j = 0; j < MAX_DV_LANE; j++) {
+    for (int j = 0; j < DVL; j++) {
         int col = lane + 32 * j;
         if (col < dv) wacc[warp][col] = acc[j];
     }
@@ -683,6 +714,18 @@ extern "C" __global__ void attention(const float* q, int heads, int kv_heads, in
         if (threadIdx.x == 0) { pp[0] = mm; pp[1] = den; }
         merge_splits_if_last(part, count + (long)t * heads + h, t, heads, h, 1, splits, used, dv, out);
     }
+}
+extern "C" __global__ void attention_4(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs, const int* row_seq,
+                                       const KvSrc* past, const float* new_k, const float* new_v, int global_, int meta, float scale,
+                                       int splits, float* out, float* part, int* count) {
+    grid_dep();
+    attention_rows<4>(q, heads, kv_heads, dk, dv, seqs, row_seq, past, new_k, new_v, global_, meta, scale, splits, out, part, count);
+}
+extern "C" __global__ void attention_8(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs, const int* row_seq,
+                                       const KvSrc* past, const float* new_k, const float* new_v, int global_, int meta, float scale,
+                                       int splits, float* out, float* part, int* count) {
+    grid_dep();
+    attention_rows<8>(q, heads, kv_heads, dk, dv, seqs, row_seq, past, new_k, new_v, global_, meta, scale, splits, out, part, count);
 }
 
 // Attention of many sequences' decode rows (a large batch): block (row, K/V head, split), the q

@@ -285,7 +285,8 @@ struct Kernels {
     scan_chunk_out: [Kernel; 2],
     /// `[up to 16 states, up to 32][f32 dt_proj, bf16 dt_proj]`
     ssm_step: [[Kernel; 2]; 2],
-    attention: Kernel,
+    /// `[dv up to 128, up to 256]`
+    attention: [Kernel; 2],
     attention_gqa: Kernel,
     attention_tiles: Kernel,
     /// Tensor-core prefill attention over bf16 K/V, by (dk, dv) (sm_80 and later).
@@ -556,7 +557,7 @@ impl Cuda {
                 [f("ssm_step_16_f32")?, f("ssm_step_16_bf16")?],
                 [f("ssm_step_32_f32")?, f("ssm_step_32_bf16")?],
             ],
-            attention: f("attention")?,
+            attention: [f("attention_4")?, f("attention_8")?],
             attention_gqa: f("attention_gqa")?,
             attention_tiles: f("attention_tiles")?,
             attention_mma: if major >= 8 {
@@ -1878,7 +1879,7 @@ impl Backend for Cuda {
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                (&self.k.attention, cfg)
+                (&self.k.attention[(hd.dv > 128) as usize], cfg)
             };
             self.launch(
                 kernel,

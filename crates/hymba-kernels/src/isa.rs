@@ -4,8 +4,16 @@
 
 use std::sync::OnceLock;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
+/// An instruction set the kernels may use. A value above the portable level exists only once
+/// run-time detection found it on this CPU (made by [`available`] and [`isa`] alone), so the
+/// AVX2, AVX-512 and AMX kernels a function runs for it are sound to run: an `Isa` cannot be
+/// made up by a caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Isa(Level);
+
+/// The levels of instruction set, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
     /// Plain Rust the compiler vectorises for the baseline target.
     Portable,
     /// x86-64 AVX2 + FMA + F16C.
@@ -17,26 +25,33 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// The portable kernels, which every CPU runs.
+    pub const PORTABLE: Isa = Isa(Level::Portable);
+
+    pub fn level(self) -> Level {
+        self.0
+    }
+
     /// Whether the AVX2 kernels run (every x86 level above the portable one has them).
     pub fn has_avx2(self) -> bool {
-        matches!(self, Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx)
+        self.0 >= Level::Avx2
     }
 }
 
 /// Every instruction set this machine can run, best last.
 pub fn available() -> Vec<Isa> {
-    let mut v = vec![Isa::Portable];
+    let mut v = vec![Isa::PORTABLE];
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
     {
-        v.push(Isa::Avx2);
+        v.push(Isa(Level::Avx2));
         if crate::avx512::Bf16Dot::detect().is_some() {
-            v.push(Isa::Avx512Bf16);
+            v.push(Isa(Level::Avx512Bf16));
         }
         if crate::amx::Amx::detect().is_some() {
-            v.push(Isa::Amx);
+            v.push(Isa(Level::Amx));
         }
     }
     v
@@ -47,11 +62,19 @@ pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         let best = *available().last().expect("portable is always available");
-        match std::env::var("HYMBA_ISA").as_deref() {
-            Ok("portable") => Isa::Portable,
-            Ok("avx2") if best.has_avx2() => Isa::Avx2,
-            Ok("avx512") if best == Isa::Amx => Isa::Avx512Bf16,
-            _ => best,
-        }
+        // A cap lowers the level, never raises it: every level below a detected one is there.
+        let cap = match std::env::var("HYMBA_ISA").as_deref() {
+            Ok("portable") => Level::Portable,
+            Ok("avx2") => Level::Avx2,
+            Ok("avx512") => Level::Avx512Bf16,
+            Ok(other) => {
+                eprintln!(
+                    "warning: HYMBA_ISA={other:?} is none of portable, avx2, avx512: ignored"
+                );
+                Level::Amx
+            }
+            Err(_) => Level::Amx,
+        };
+        Isa(best.0.min(cap))
     })
 }

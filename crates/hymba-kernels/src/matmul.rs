@@ -4,7 +4,7 @@
 //! (rows of `W`) on rayon's persistent pool; each weight row is widened to f32 once and used for
 //! every input row, so the weights are streamed from memory once per call.
 
-use crate::isa::{isa, Isa};
+use crate::isa::{isa, Isa, Level};
 use crate::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 #[cfg(target_arch = "x86_64")]
 use crate::x86;
@@ -310,7 +310,7 @@ fn aligned_rows(x: &[f32], t: usize, k: usize) -> (Vec<Line>, usize) {
 }
 
 /// Rows from which a product with bf16 or quantized weights runs on bf16 dot products where the
-/// CPU has them ([`Isa::Avx512Bf16`], [`Isa::Amx`]), its inputs rounded to bf16 (and quantized
+/// CPU has them ([`Level::Avx512Bf16`], [`Level::Amx`]), its inputs rounded to bf16 (and quantized
 /// weights, once widened): prefill, not decode or batched decode (whose rows then equal the same
 /// rows computed alone).
 pub const BF16_DOT_FROM_ROWS: usize = 64;
@@ -318,7 +318,7 @@ pub const BF16_DOT_FROM_ROWS: usize = 64;
 /// Whether [`matmul_with`] rounds the inputs (and widened quantized weights) of a `t`-row
 /// product with `w` to bf16.
 pub fn rounds_inputs(isa: Isa, w: &WeightData, t: usize) -> bool {
-    matches!(isa, Isa::Avx512Bf16 | Isa::Amx)
+    isa.level() >= Level::Avx512Bf16
         && t >= BF16_DOT_FROM_ROWS
         && matches!(
             w,
@@ -347,7 +347,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if rounds_inputs(isa, &w.data, t) {
-        if let (Isa::Amx, Some(amx)) = (isa, crate::amx::Amx::detect()) {
+        if let (Level::Amx, Some(amx)) = (isa.level(), crate::amx::Amx::detect()) {
             return amx.gemm(x, t, w, y);
         }
         if let Some(dot) = crate::avx512::Bf16Dot::detect() {

@@ -733,6 +733,62 @@ fn api_key_from_env_or_file() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `GET /tokenizer_info` gives what a client tokenizing through the server reads (lm-eval's
+/// remote tokenizer: the special tokens, which `/tokenize` then turns into their ids, and the
+/// chat template), from the checkpoint's tokenizer_config.json or a `--chat-template` file.
+#[test]
+fn tokenizer_info_serves_a_remote_tokenizer() {
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shared().join("hymba-1.5b/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    let vocab: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shared().join("hymba-1.5b/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let added_id = |content: &str| {
+        vocab["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["content"] == content)
+            .unwrap_or_else(|| panic!("{content} not an added token"))["id"]
+            .clone()
+    };
+    let srv = start("tinfo", &["--api-key", "k"]);
+    let key = [("Authorization", "Bearer k")];
+    assert_eq!(http(srv.port, "GET", "/tokenizer_info", "", &[]).0, 401);
+    let (st, b) = http(srv.port, "GET", "/tokenizer_info", "", &key);
+    assert_eq!(st, 200, "{b}");
+    let info: serde_json::Value = serde_json::from_str(&b).unwrap();
+    for k in [
+        "bos_token",
+        "eos_token",
+        "pad_token",
+        "tokenizer_class",
+        "chat_template",
+    ] {
+        assert_eq!(info[k], cfg[k], "{k}");
+    }
+    for k in ["bos_token", "eos_token"] {
+        let tok = info[k].as_str().unwrap();
+        let body = serde_json::json!({"prompt": tok, "add_special_tokens": false}).to_string();
+        let (st, r) = http(srv.port, "POST", "/tokenize", &body, &key);
+        assert_eq!(st, 200, "{r}");
+        let r: serde_json::Value = serde_json::from_str(&r).unwrap();
+        assert_eq!(r["tokens"], serde_json::json!([added_id(tok)]), "{k}");
+    }
+    drop(srv);
+    let file = std::env::temp_dir().join(format!("hymba-tmpl-{}.jinja", std::process::id()));
+    let tmpl = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}";
+    std::fs::write(&file, tmpl).unwrap();
+    let srv = start("tinfo-file", &["--chat-template", file.to_str().unwrap()]);
+    let (_, b) = http(srv.port, "GET", "/tokenizer_info", "", &[]);
+    let info: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(info["chat_template"], tmpl);
+    std::fs::remove_file(file).unwrap();
+}
+
 /// Serving beyond loopback without a key warns that anyone who reaches it can use it.
 #[test]
 fn open_server_without_key_warns() {

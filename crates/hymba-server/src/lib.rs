@@ -96,6 +96,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.limits.max_body_bytes,
         ))
@@ -1227,6 +1228,40 @@ async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+/// The tokenizer's configuration as vLLM's `GET /tokenizer_info` gives it (what a client that
+/// tokenizes through the server, as lm-eval's `tokenizer_backend=remote`, reads): the keys of
+/// tokenizer_config.json with the special tokens as plain strings, the chat template the server
+/// applies (a `--chat-template` file's where one was given), and `tokenizer_class`.
+async fn tokenizer_info(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_key(&st, &headers) {
+        return e.into_response();
+    }
+    let tok = &st.tokenizer;
+    let mut info = match &tok.config {
+        Some(Value::Object(m)) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        if let Some(content) = info.get(key).and_then(|v| v.get("content")).cloned() {
+            info.insert(key.into(), content);
+        }
+    }
+    for (key, id) in [("bos_token", tok.bos_id), ("eos_token", tok.eos_id)] {
+        if let (false, Some(id)) = (info.contains_key(key), id) {
+            info.insert(key.into(), Value::String(tok.id_to_token(id)));
+        }
+    }
+    info.insert(
+        "chat_template".into(),
+        tok.chat_template
+            .as_ref()
+            .map_or(Value::Null, |t| Value::String(t.source().into())),
+    );
+    info.entry("tokenizer_class")
+        .or_insert_with(|| Value::String("PreTrainedTokenizerFast".into()));
+    Json(Value::Object(info)).into_response()
 }
 
 #[cfg(test)]

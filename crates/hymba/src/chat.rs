@@ -24,6 +24,8 @@ impl Message {
 
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
+    /// The Jinja text, as given.
+    src: String,
     bos_token: String,
     eos_token: String,
 }
@@ -55,6 +57,11 @@ impl ChatTemplate {
         ChatTemplate::new(&src, bos_token, eos_token)
     }
 
+    /// The template's Jinja text.
+    pub fn source(&self) -> &str {
+        &self.src
+    }
+
     pub fn new(src: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
@@ -74,6 +81,7 @@ impl ChatTemplate {
             .map_err(|e| Error::Template(e.to_string()))?;
         Ok(ChatTemplate {
             env,
+            src: src.to_string(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         })

@@ -14,6 +14,8 @@ pub struct Tokenizer {
     pub eos_id: Option<u32>,
     /// The checkpoint's chat template, when tokenizer_config.json has one.
     pub chat_template: Option<ChatTemplate>,
+    /// tokenizer_config.json as read, when there is one.
+    pub config: Option<serde_json::Value>,
 }
 
 impl Tokenizer {
@@ -83,6 +85,7 @@ impl Tokenizer {
             inner,
             add_bos,
             chat_template,
+            config: cfg,
         })
     }
 

@@ -199,13 +199,16 @@ pub fn attention_with<T: KvElem>(
         .map(|&tp| visible_runs(blocks, tp, sees))
         .collect();
     // Phase 2: softmax-weighted sums over each slice of keys, unnormalised, with the slice's max
-    // and sum so slices combine exactly (the flash-decoding split).
+    // and sum so slices combine exactly (the flash-decoding split). Tasks go K/V head by K/V head
+    // (`w` counts (head, row, slice)), so the rows a thread takes one after another read the same
+    // head's keys and values, still in its cache, rather than every head's in turn.
+    let n = q_pos.len();
     let parts: Vec<Partial> = (0..rows * splits)
         .into_par_iter()
         .map(|w| {
             SCRATCH.with_borrow_mut(|(keys, vals, scores)| {
                 let (task, c) = (w / splits, w % splits);
-                let (t, kh) = (task / sh.kv_heads, task % sh.kv_heads);
+                let (kh, t) = (task / n, task % n);
                 let runs = &lists[t];
                 let total: usize = runs.iter().map(|r| r.len as usize).sum();
                 let chunk = total.div_ceil(splits);
@@ -266,7 +269,9 @@ pub fn attention_with<T: KvElem>(
         .with_min_len(8)
         .enumerate()
         .for_each(|(task, o)| {
-            let ps = &parts[task * splits..(task + 1) * splits];
+            let (t, kh) = (task / sh.kv_heads, task % sh.kv_heads);
+            let at = (kh * n + t) * splits;
+            let ps = &parts[at..at + splits];
             for g in 0..group {
                 let m = ps
                     .iter()

@@ -71,6 +71,8 @@ fn main() {
     let mut wq4 = vec![BlockQ4_0::default(); wf.len() / QK];
     quant::quantize_q4_0(&wf, &mut wq4);
     drop(wf);
+    // No matrix when no matmul bench is asked for (a filter for another kernel).
+    let n = if any { n } else { 0 };
     let mut wp = vec![bf16::ZERO; matmul::panels_len(n, k)];
     matmul::pack_bf16_panels(&wb, n, k, &mut wp);
     let wb = vec![wb; copies(n * k * 2)];
@@ -157,23 +159,27 @@ fn main() {
             );
         }
     }
-    // One decode step of the selective scan: 3200 channels of 16 states (Hymba-1.5B), t = 1.
-    if on("scan decode") {
+    // The selective scan of 3200 channels of 16 states (Hymba-1.5B): a decode step (t = 1) and
+    // a 512-row prompt chunk.
+    for (label, t) in [("scan decode", 1), ("scan prefill", 512)] {
+        if !on(label) {
+            continue;
+        }
         let (e, n) = (3200, 16);
-        let x = rng.normal_vec(e, 1.0);
-        let delta: Vec<f32> = rng.normal_vec(e, 0.5).iter().map(|v| v.abs()).collect();
+        let x = rng.normal_vec(t * e, 1.0);
+        let delta: Vec<f32> = rng.normal_vec(t * e, 0.5).iter().map(|v| v.abs()).collect();
         let a: Vec<f32> = rng
             .normal_vec(e * n, 1.0)
             .iter()
             .map(|v| -v.exp())
             .collect();
         let (b, c, d) = (
-            rng.normal_vec(n, 1.0),
-            rng.normal_vec(n, 1.0),
+            rng.normal_vec(t * n, 1.0),
+            rng.normal_vec(t * n, 1.0),
             rng.normal_vec(e, 1.0),
         );
         let mut state = vec![0f32; e * n];
-        let mut y = vec![0f32; e];
+        let mut y = vec![0f32; t * e];
         let inp = scan::ScanInput {
             x: &x,
             delta: &delta,
@@ -182,11 +188,13 @@ fn main() {
             c: &c,
             d: &d,
         };
-        let s = best(50, || scan::selective_scan(&inp, &mut state, &mut y));
+        let s = best(if t == 1 { 50 } else { 5 }, || {
+            scan::selective_scan(&inp, &mut state, &mut y)
+        });
         println!(
-            "scan decode {e}x{n}          {:>7.1} µs  {:>5.1} ns a channel",
+            "{label} {t}x{e}x{n}    {:>9.1} µs  {:>5.1} ns a channel-step",
             s * 1e6,
-            s * 1e9 / e as f64
+            s * 1e9 / (t * e) as f64
         );
     }
 }

@@ -273,6 +273,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     export(&a.out, &config, &outcome.params, dtype)?;
     let h: &History = &outcome.history;
     plot::loss_png(h, &[unigram as f32, bigram as f32], &a.out.join("loss.png"))?;
+    let held = hymba_train::train::held_out_loss(
+        &config,
+        &outcome.params,
+        &corpus.valid,
+        opts.seq_len,
+        opts.batch,
+    );
     let tail = &h.train[h.train.len().saturating_sub(20)..];
     let train_loss = tail.iter().map(|s| s.1).sum::<f32>() / tail.len().max(1) as f32;
     let metrics = serde_json::json!({
@@ -280,6 +287,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "parameters": n_params,
         "train_loss_last20": train_loss,
         "valid_loss": h.valid.last().map(|v| v.1),
+        "held_out_loss": held.map(|h| h.0),
+        "held_out_tokens_scored": held.map(|h| h.1),
+        "held_out_tokens": corpus.valid.len(),
         "unigram_valid_loss": unigram,
         "bigram_valid_loss": bigram,
         "tokens_trained": h.tokens,
@@ -289,10 +299,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     });
     write_json(&a.out.join("metrics.json"), &metrics)?;
     eprintln!(
-        "done: step {} of {}, train loss {train_loss:.3}, validation {} (unigram {unigram:.3}, bigram {bigram:.3}), {:.0} tok/s; wrote {}",
+        "done: step {} of {}, train loss {train_loss:.3}, validation {}, all held-out text {} (unigram {unigram:.3}, bigram {bigram:.3}), {:.0} tok/s; wrote {}",
         outcome.step,
         a.steps,
         h.valid.last().map_or("-".into(), |v| format!("{:.3}", v.1)),
+        held.map_or("-".into(), |h| format!("{:.3} over {} tokens", h.0, h.1)),
         h.tokens as f64 / h.seconds.max(1e-9),
         a.out.display()
     );

@@ -95,6 +95,18 @@ fn train_writes_a_checkpoint_the_engine_loads() {
             m[k]
         );
     }
+    // The figure beside the baselines covers every window of 33 held-out tokens; where those
+    // are no more than the periodic evaluation's 8 batches of 2, the two are the same number.
+    let held = m["held_out_tokens"].as_u64().unwrap();
+    let windows = held / 33;
+    assert!(windows > 0, "{m}");
+    assert_eq!(m["held_out_tokens_scored"], windows * 32, "{m}");
+    let full = m["held_out_loss"].as_f64().unwrap();
+    if windows <= 16 {
+        assert_eq!(full, m["valid_loss"].as_f64().unwrap(), "{m}");
+    } else {
+        assert!(full.is_finite(), "{m}");
+    }
     // The official layout, bf16 as NVIDIA ships it, loaded by the engine unchanged.
     let st = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&st).unwrap();

@@ -260,6 +260,24 @@ pub fn train(
     })
 }
 
+/// The mean next-token loss over the whole held-out stream `valid`, in consecutive windows of
+/// `t + 1` tokens (the evaluations during training read only the first `eval_batches · b` of
+/// them), and the tokens it scores: the figure to set beside baselines computed on all of it.
+pub fn held_out_loss(
+    config: &Config,
+    params: &Params,
+    valid: &[u32],
+    t: usize,
+    b: usize,
+) -> Option<(f32, usize)> {
+    let w = windows(valid, t, usize::MAX);
+    if w.is_empty() {
+        return None;
+    }
+    let model = TrainModel::new(config.clone(), params);
+    Some((evaluate(&model, params, &w, b), w.len() * t))
+}
+
 /// Mean next-token loss over the windows, `b` at a time.
 pub fn evaluate(model: &TrainModel, params: &Params, windows: &[Vec<u32>], b: usize) -> f32 {
     let t = windows[0].len() - 1;

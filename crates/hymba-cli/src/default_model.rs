@@ -57,9 +57,11 @@ pub fn load_model_on<B: Backend>(
     let q = crate::parse_quant(quant)?;
     match dir {
         Some(d) => {
-            let bar = loading_spinner(d, q.and(quant));
-            let m = Model::load_on(b, d, q)
-                .with_context(|| format!("loading model from {}", d.display()));
+            let (bar, what) = loading_spinner(d, q.and(quant));
+            let m = Model::load_on_reporting(b, d, q, &mut |done, total| {
+                bar.set_message(format!("{what}: layer {done} of {total} ready"))
+            })
+            .with_context(|| format!("loading model from {}", d.display()));
             bar.finish_and_clear();
             m
         }
@@ -67,10 +69,11 @@ pub fn load_model_on<B: Backend>(
     }
 }
 
-/// A spinner with the time spent while a checkpoint loads (mapping, packing or quantizing the
-/// weights, computing the meta prefix: seconds for a 3 GB model). Drawn on a terminal only: a
-/// redirected stderr gets nothing.
-fn loading_spinner(dir: &Path, quant: Option<&str>) -> indicatif::ProgressBar {
+/// A spinner with the time spent while a checkpoint loads (mapping, then packing, quantizing or
+/// copying to the GPU the weights layer by layer, which its message counts: seconds for a 3 GB
+/// model), and what it says of the checkpoint. Drawn on a terminal only: a redirected stderr
+/// gets nothing.
+fn loading_spinner(dir: &Path, quant: Option<&str>) -> (indicatif::ProgressBar, String) {
     let bytes: u64 = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -84,13 +87,14 @@ fn loading_spinner(dir: &Path, quant: Option<&str>) -> indicatif::ProgressBar {
         indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
             .expect("a valid template"),
     );
-    bar.set_message(format!(
-        "loading {} ({:.2} GB of weights{what}, then the meta-token prefix)",
+    let what = format!(
+        "loading {} ({:.2} GB of weights{what})",
         dir.display(),
         bytes as f64 / 1e9
-    ));
+    );
+    bar.set_message(what.clone());
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    bar
+    (bar, what)
 }
 
 /// Runs `f` with the model of a command on the device `--device` names (cpu, cuda, cuda:N).

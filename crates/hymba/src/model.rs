@@ -284,6 +284,17 @@ impl Model<Cpu> {
 impl<B: Backend> Model<B> {
     /// Loads `dir` (see [`Model::load_quantized`]) onto `backend`.
     pub fn load_on(backend: B, dir: &Path, quant: Option<Dtype>) -> Result<Model<B>> {
+        Model::load_on_reporting(backend, dir, quant, &mut |_, _| {})
+    }
+
+    /// [`Model::load_on`], telling `layers_done` (done, of how many) as each layer's weights
+    /// are prepared, for a progress display.
+    pub fn load_on_reporting(
+        backend: B,
+        dir: &Path,
+        quant: Option<Dtype>,
+        layers_done: &mut dyn FnMut(usize, usize),
+    ) -> Result<Model<B>> {
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
@@ -295,13 +306,25 @@ impl<B: Backend> Model<B> {
         if let Some(q) = quant {
             store.quantize(q);
         }
-        Model::on(backend, config, store)
+        Model::on_reporting(backend, config, store, layers_done)
     }
 
     /// The model over `store`'s tensors, prepared for backend `b`.
     pub fn on(backend: B, config: Config, store: TensorStore) -> Result<Model<B>> {
+        Model::on_reporting(backend, config, store, &mut |_, _| {})
+    }
+
+    fn on_reporting(
+        backend: B,
+        config: Config,
+        store: TensorStore,
+        layers_done: &mut dyn FnMut(usize, usize),
+    ) -> Result<Model<B>> {
         let (plan, groups) = config.plan();
-        let weights = Weights::load(&backend, &config, &plan, store)?;
+        let total = plan.len();
+        let weights = Weights::load(&backend, &config, &plan, store, &mut |done| {
+            layers_done(done, total)
+        })?;
         let inv_freq = backend.vector(rope::inv_freq(config.rope_base(), config.qk_head_dim))?;
         Ok(Model {
             config,

@@ -58,12 +58,14 @@ pub struct Weights<B: Backend = Cpu> {
 
 impl<B: Backend> Weights<B> {
     /// Takes every tensor the config predicts from `store`, checking shapes, and prepares it for
-    /// `b`; leftovers are an error.
+    /// `b` (packed, quantized or copied to a device: most of a load's time), telling `layer_done`
+    /// the number of layers done after each; leftovers are an error.
     pub fn load(
         b: &B,
         cfg: &Config,
         plan: &[LayerPlan],
         mut store: TensorStore,
+        layer_done: &mut dyn FnMut(usize),
     ) -> Result<Weights<B>> {
         let Dims {
             v,
@@ -145,6 +147,7 @@ impl<B: Backend> Weights<B> {
                 up: mat("moe.experts.0.up_proj.weight", &[f, d])?,
                 down: mat("moe.experts.0.down_proj.weight", &[d, f])?,
             });
+            layer_done(i + 1);
         }
         store.finish()?;
         Ok(Weights {

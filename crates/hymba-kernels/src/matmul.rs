@@ -428,6 +428,9 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
     };
     let out = OutPtr(y.as_mut_ptr());
     let per_task = rows_per_task(k);
+    // The byte products in one VNNI instruction where the CPU has it (the same integers).
+    #[cfg(target_arch = "x86_64")]
+    let vnni = isa.level() >= Level::Avx512Bf16 && x86::Vnni::detect().is_some();
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let out = &out;
         // SAFETY (both writers): rows of this task belong to it only.
@@ -442,22 +445,23 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                 &put,
                 |r, pair, t0, m, res| {
                     macro_rules! tile {
-                    ($f:ident, $b:expr, $r:literal, $m:literal) => {{
-                        let mut o = [[0f32; $m]; $r];
-                        // SAFETY: Avx2 (with FMA and F16C) was detected; every row has nb blocks.
-                        unsafe {
-                            x86::$f::<$r, $m>(
-                                std::array::from_fn(|j| &$b[(r + j) * nb..(r + j + 1) * nb]),
-                                std::array::from_fn(|i| &xq[(t0 + i) * nb..(t0 + i + 1) * nb]),
-                                std::array::from_fn(|i| &xd[(t0 + i) * nb..(t0 + i + 1) * nb]),
-                                &mut o,
-                            )
-                        };
-                        for j in 0..$r {
-                            res[j][..$m].copy_from_slice(&o[j]);
-                        }
-                    }};
-                }
+                        ($f:ident, $b:expr, $r:literal, $m:literal) => {{
+                            let mut o = [[0f32; $m]; $r];
+                            // SAFETY: Avx2 (with FMA and F16C) was detected, and VNNI for the _vnni
+                            // kernels; every row has nb blocks.
+                            unsafe {
+                                x86::$f::<$r, $m>(
+                                    std::array::from_fn(|j| &$b[(r + j) * nb..(r + j + 1) * nb]),
+                                    std::array::from_fn(|i| &xq[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                                    std::array::from_fn(|i| &xd[(t0 + i) * nb..(t0 + i + 1) * nb]),
+                                    &mut o,
+                                )
+                            };
+                            for j in 0..$r {
+                                res[j][..$m].copy_from_slice(&o[j]);
+                            }
+                        }};
+                    }
                     macro_rules! call {
                         ($f:ident, $b:expr) => {
                             match (pair, m) {
@@ -472,9 +476,11 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                             }
                         };
                     }
-                    match w.data {
-                        WeightData::Q8_0(b) => call!(dot_tile_q8_0, b),
-                        WeightData::Q4_0(b) => call!(dot_tile_q4_0, b),
+                    match (w.data, vnni) {
+                        (WeightData::Q8_0(b), true) => call!(dot_tile_q8_0_vnni, b),
+                        (WeightData::Q8_0(b), false) => call!(dot_tile_q8_0, b),
+                        (WeightData::Q4_0(b), true) => call!(dot_tile_q4_0_vnni, b),
+                        (WeightData::Q4_0(b), false) => call!(dot_tile_q4_0, b),
                         _ => unreachable!("only called for quantized weights"),
                     }
                 },
@@ -485,6 +491,20 @@ fn matvec_quant(isa: Isa, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
             for ti in 0..t {
                 let xb = &xq[ti * nb..(ti + 1) * nb];
                 let v = match (isa, w.data) {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY (both): VNNI, with AVX2, FMA and F16C, was detected.
+                    (_, WeightData::Q8_0(b)) if vnni => unsafe {
+                        x86::dot_q8_0_vnni(
+                            &b[r * nb..(r + 1) * nb],
+                            xb,
+                            &xd[ti * nb..(ti + 1) * nb],
+                        )
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    (_, WeightData::Q4_0(b)) if vnni => unsafe {
+                        let xr = ti * nb..(ti + 1) * nb;
+                        x86::dot_q4_0_vnni(&b[r * nb..(r + 1) * nb], xb, &xd[xr.clone()], &xs[xr])
+                    },
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
                     (i, WeightData::Q8_0(b)) if i.has_avx2() => unsafe {

@@ -546,66 +546,107 @@ unsafe fn fold_blocks(
     s
 }
 
-/// Q8_0 weights · Q8_0 activations whose block scales come widened (`xd`). maddubs needs an
-/// unsigned operand, so the sign of the weights moves onto the activations (GGML's
-/// `mul_sum_i8_pairs`); see [`fold_blocks`] for the rest.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0(
-    w: &[crate::quant::BlockQ8_0],
-    x: &[crate::quant::BlockQ8_0],
-    xd: &[f32],
-) -> f32 {
-    let ones = _mm256_set1_epi16(1);
-    let dot = |i: usize| {
-        let a = unpack_q8_0(w.get_unchecked(i));
-        let b = unpack_q8_0(x.get_unchecked(i));
-        _mm256_madd_epi16(
-            _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)),
-            ones,
-        )
-    };
-    let n = w.len().min(x.len());
-    fold_blocks(
-        n,
-        dot,
-        |i| u16::from_le_bytes(w.get_unchecked(i).d),
-        xd,
-        |_| _mm_setzero_si128(),
-        |_| 0,
-    )
+/// Proof that this CPU has AVX-512 VNNI on 256-bit registers (AVX512-VNNI and -VL) beside AVX2,
+/// FMA and F16C: made only by [`Vnni::detect`], so the `_vnni` kernels that need it run nowhere
+/// else.
+#[derive(Clone, Copy, Debug)]
+pub struct Vnni(());
+
+impl Vnni {
+    pub fn detect() -> Option<Vnni> {
+        let ok = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl");
+        ok.then_some(Vnni(()))
+    }
 }
 
-/// Q4_0 weights · Q8_0 activations whose block scales come widened (`xd`) and whose block sums
-/// come precomputed (`xs`). The nibbles (0..15) multiply the activations directly, unsigned by
-/// signed as maddubs wants, and 8·Σx per block is taken off after: Σ(q − 8)·x = Σq·x − 8·Σx,
-/// exactly, in integers; see [`fold_blocks`] for the rest.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0(
-    w: &[crate::quant::BlockQ4_0],
-    x: &[crate::quant::BlockQ8_0],
-    xd: &[f32],
-    xs: &[i32],
-) -> f32 {
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0F);
-    let dot = |i: usize| {
-        let t = _mm_loadu_si128(w.get_unchecked(i).qs.as_ptr() as *const __m128i);
-        let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-        let y = _mm256_loadu_si256(x.get_unchecked(i).qs.as_ptr() as *const __m256i);
-        _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones)
-    };
-    let n = w.len().min(x.len()).min(xs.len());
-    // 8·Σx per block, in the lanes of the folded sums.
-    let corr4 = |i: usize| _mm_slli_epi32(_mm_loadu_si128(xs.as_ptr().add(i) as *const __m128i), 3);
-    fold_blocks(
-        n,
-        dot,
-        |i| u16::from_le_bytes(w.get_unchecked(i).d),
-        xd,
-        corr4,
-        |i| 8 * *xs.get_unchecked(i),
-    )
+/// Σ of four products of unsigned by signed bytes in each of eight i32 lanes: maddubs (pairs to
+/// i16) then madd with ones on AVX2. The quantized operands here never saturate the pairs
+/// (|w|, |x| ≤ 127, or a nibble ≤ 15 by |x| ≤ 127), so this equals [`mul_u8i8_vnni`] exactly.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn mul_u8i8(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
 }
+
+/// [`mul_u8i8`] in one VNNI instruction (`vpdpbusd`).
+#[inline]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn mul_u8i8_vnni(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+}
+
+macro_rules! quant_dots_impl {
+    ($q8:ident, $q4:ident, $feat:literal, $mul:ident) => {
+        /// Q8_0 weights · Q8_0 activations whose block scales come widened (`xd`). The byte
+        /// products want an unsigned operand, so the sign of the weights moves onto the
+        /// activations (GGML's `mul_sum_i8_pairs`); see [`fold_blocks`] for the rest.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $q8(
+            w: &[crate::quant::BlockQ8_0],
+            x: &[crate::quant::BlockQ8_0],
+            xd: &[f32],
+        ) -> f32 {
+            let dot = |i: usize| {
+                let a = unpack_q8_0(w.get_unchecked(i));
+                let b = unpack_q8_0(x.get_unchecked(i));
+                $mul(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+            };
+            let n = w.len().min(x.len());
+            fold_blocks(
+                n,
+                dot,
+                |i| u16::from_le_bytes(w.get_unchecked(i).d),
+                xd,
+                |_| _mm_setzero_si128(),
+                |_| 0,
+            )
+        }
+
+        /// Q4_0 weights · Q8_0 activations whose block scales come widened (`xd`) and whose
+        /// block sums come precomputed (`xs`). The nibbles (0..15) multiply the activations
+        /// directly, unsigned by signed, and 8·Σx per block is taken off after: Σ(q − 8)·x =
+        /// Σq·x − 8·Σx, exactly, in integers; see [`fold_blocks`] for the rest.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $q4(
+            w: &[crate::quant::BlockQ4_0],
+            x: &[crate::quant::BlockQ8_0],
+            xd: &[f32],
+            xs: &[i32],
+        ) -> f32 {
+            let low = _mm256_set1_epi8(0x0F);
+            let dot = |i: usize| {
+                let t = _mm_loadu_si128(w.get_unchecked(i).qs.as_ptr() as *const __m128i);
+                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+                let y = _mm256_loadu_si256(x.get_unchecked(i).qs.as_ptr() as *const __m256i);
+                $mul(q, y)
+            };
+            let n = w.len().min(x.len()).min(xs.len());
+            // 8·Σx per block, in the lanes of the folded sums.
+            let corr4 =
+                |i: usize| _mm_slli_epi32(_mm_loadu_si128(xs.as_ptr().add(i) as *const __m128i), 3);
+            fold_blocks(
+                n,
+                dot,
+                |i| u16::from_le_bytes(w.get_unchecked(i).d),
+                xd,
+                corr4,
+                |i| 8 * *xs.get_unchecked(i),
+            )
+        }
+    };
+}
+
+quant_dots_impl!(dot_q8_0, dot_q4_0, "avx2,fma,f16c", mul_u8i8);
+quant_dots_impl!(
+    dot_q8_0_vnni,
+    dot_q4_0_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    mul_u8i8_vnni
+);
 
 /// A Q8_0 block's 32 values as signed bytes.
 #[inline]
@@ -628,19 +669,18 @@ unsafe fn unpack_q4_0(b: &crate::quant::BlockQ4_0) -> __m256i {
 }
 
 macro_rules! quant_tile_impl {
-    ($name:ident, $blk:ty, $unpack:ident) => {
+    ($name:ident, $blk:ty, $unpack:ident, $feat:literal, $mul:ident) => {
         /// `R` quantized weight rows against `M` Q8_0 input rows, whose block scales are given
         /// widened in `xd`: an R×M tile of dot products in registers. Each weight block is
         /// unpacked and its scale widened once for the M inputs, each input block loaded once
         /// for the R rows.
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[target_feature(enable = $feat)]
         pub unsafe fn $name<const R: usize, const M: usize>(
             w: [&[$blk]; R],
             x: [&[crate::quant::BlockQ8_0]; M],
             xd: [&[f32]; M],
             out: &mut [[f32; M]; R],
         ) {
-            let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_ps(); M]; R];
             for b in 0..w[0].len() {
                 let wq: [__m256i; R] = std::array::from_fn(|j| $unpack(w[j].get_unchecked(b)));
@@ -651,10 +691,7 @@ macro_rules! quant_tile_impl {
                     let y = _mm256_loadu_si256(x[m].get_unchecked(b).qs.as_ptr() as *const __m256i);
                     let dx = *xd[m].get_unchecked(b);
                     for j in 0..R {
-                        let dot = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(y, wq[j])),
-                            ones,
-                        );
+                        let dot = $mul(wa[j], _mm256_sign_epi8(y, wq[j]));
                         acc[j][m] = _mm256_fmadd_ps(
                             _mm256_set1_ps(wd[j] * dx),
                             _mm256_cvtepi32_ps(dot),
@@ -672,8 +709,34 @@ macro_rules! quant_tile_impl {
     };
 }
 
-quant_tile_impl!(dot_tile_q8_0, crate::quant::BlockQ8_0, unpack_q8_0);
-quant_tile_impl!(dot_tile_q4_0, crate::quant::BlockQ4_0, unpack_q4_0);
+quant_tile_impl!(
+    dot_tile_q8_0,
+    crate::quant::BlockQ8_0,
+    unpack_q8_0,
+    "avx2,fma,f16c",
+    mul_u8i8
+);
+quant_tile_impl!(
+    dot_tile_q4_0,
+    crate::quant::BlockQ4_0,
+    unpack_q4_0,
+    "avx2,fma,f16c",
+    mul_u8i8
+);
+quant_tile_impl!(
+    dot_tile_q8_0_vnni,
+    crate::quant::BlockQ8_0,
+    unpack_q8_0,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    mul_u8i8_vnni
+);
+quant_tile_impl!(
+    dot_tile_q4_0_vnni,
+    crate::quant::BlockQ4_0,
+    unpack_q4_0,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    mul_u8i8_vnni
+);
 
 /// e^x for 8 lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial, 2^n from the
 /// exponent bits); relative error about 1e-7. Inputs below −88.4 give 0, above 88.4 are clamped.

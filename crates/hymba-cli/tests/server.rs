@@ -53,9 +53,9 @@ fn start(tag: &str, extra: &[&str]) -> Server {
     start_with(tag, extra, &[])
 }
 
-fn start_with(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
-    let dir = model_dir(tag);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hymba"))
+/// `hymba serve` on the tiny fixture in `dir` at a free port, its stderr piped.
+fn spawn(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_hymba"))
         .env_remove("HYMBA_API_KEY")
         .envs(env.iter().copied())
         .args([
@@ -70,7 +70,12 @@ fn start_with(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         .args(extra)
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn start_with(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let dir = model_dir(tag);
+    let mut child = spawn(&dir, extra, env);
     let mut line = String::new();
     BufReader::new(child.stderr.take().unwrap())
         .read_line(&mut line)
@@ -793,20 +798,7 @@ fn tokenizer_info_serves_a_remote_tokenizer() {
 #[test]
 fn open_server_without_key_warns() {
     let dir = model_dir("open");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hymba"))
-        .env_remove("HYMBA_API_KEY")
-        .args([
-            "serve",
-            "--model",
-            dir.to_str().unwrap(),
-            "--port",
-            "0",
-            "--host",
-            "0.0.0.0",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&dir, &["--host", "0.0.0.0"], &[]);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     let second = lines.next().unwrap().unwrap();

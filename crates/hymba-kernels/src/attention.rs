@@ -631,8 +631,66 @@ mod tests {
         }
     }
 
-    /// Prefix, head-major ring with an empty slot, new rows; GQA shapes with odd widths; K/V
-    /// held as `T` (converted from the same random f32s).
+    /// One case against the reference on every ISA: a prefix of `prefix` rows at positions 0..,
+    /// a head-major ring of 5 slots (capacity 6) at `slots`, one of them empty, and `n` new rows
+    /// at `first..`, which are the queries; K/V held as `T` (from the same random f32s).
+    #[allow(clippy::too_many_arguments)]
+    fn against_reference<T: KvElem>(
+        rng: &mut Rng,
+        to: fn(f32) -> T,
+        sh: AttnShape,
+        prefix: usize,
+        slots: [usize; 5],
+        first: usize,
+        n: usize,
+        sees: &(dyn Fn(usize, usize) -> bool + Sync),
+    ) {
+        let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
+        let mut vec = |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
+        let (pk, pv) = (vec(prefix * kw), vec(prefix * vw));
+        let (rk, rv) = (vec(6 * kw), vec(6 * vw));
+        let (nk, nv) = (vec(n * kw), vec(n * vw));
+        let blocks = [
+            KvBlock::row_major(&pk, &pv, kw, KeyPos::Contiguous(0)),
+            KvBlock {
+                k: &rk,
+                v: &rv,
+                rows: 5,
+                layout: Layout::HeadMajor { cap: 6 },
+                pos: KeyPos::Slots(&slots),
+            },
+            KvBlock::row_major(&nk, &nv, kw, KeyPos::Contiguous(first)),
+        ];
+        let qp: Vec<usize> = (first..first + n).collect();
+        let q = rng.normal_vec(n * sh.heads * sh.dk, 1.0);
+        let (mut o1, mut o2) = (
+            vec![0.0; n * sh.heads * sh.dv],
+            vec![0.0; n * sh.heads * sh.dv],
+        );
+        attention_ref(&q, &qp, &blocks, sh, 0.3, sees, &mut o2);
+        for isa in crate::isa::available() {
+            o1.fill(f32::NAN);
+            attention_with(isa, &q, &qp, &blocks, sh, 0.3, sees, &mut o1);
+            assert_close(
+                &o1,
+                &o2,
+                1e-5,
+                &format!("attention {isa:?} {sh:?} {n} rows bf16={}", T::BF16),
+            );
+        }
+    }
+
+    fn shape(heads: usize, kv_heads: usize, dk: usize, dv: usize) -> AttnShape {
+        AttnShape {
+            heads,
+            kv_heads,
+            dk,
+            dv,
+        }
+    }
+
+    /// Three query rows over a prefix, a ring with an empty slot and the new rows; GQA shapes
+    /// with odd widths.
     fn matches_reference_in<T: KvElem>(to: fn(f32) -> T) {
         let mut rng = Rng::new(5);
         for &(heads, kv_heads, dk, dv) in &[
@@ -642,100 +700,30 @@ mod tests {
             (14, 2, 24, 40),
             (10, 5, 64, 128),
         ] {
-            let sh = AttnShape {
-                heads,
-                kv_heads,
-                dk,
-                dv,
-            };
-            let (kw, vw) = (kv_heads * dk, kv_heads * dv);
-            let mut vec =
-                |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
-            // A prefix at 0..3, a head-major ring of 5 slots (capacity 6) with one empty, new
-            // rows at 20..23.
-            let (pk, pv) = (vec(3 * kw), vec(3 * vw));
-            let (rk, rv) = (vec(6 * kw), vec(6 * vw));
-            let slots = [17, 18, usize::MAX, 15, 16];
-            let (nk, nv) = (vec(3 * kw), vec(3 * vw));
-            let blocks = [
-                KvBlock::row_major(&pk, &pv, kw, KeyPos::Contiguous(0)),
-                KvBlock {
-                    k: &rk,
-                    v: &rv,
-                    rows: 5,
-                    layout: Layout::HeadMajor { cap: 6 },
-                    pos: KeyPos::Slots(&slots),
-                },
-                KvBlock::row_major(&nk, &nv, kw, KeyPos::Contiguous(20)),
-            ];
-            let qp = [20, 21, 22];
-            let q = rng.normal_vec(3 * heads * dk, 1.0);
             let sees = |t: usize, s: usize| s <= t && (t - s <= 4 || s < 3);
-            let (mut o1, mut o2) = (vec![0.0; 3 * heads * dv], vec![0.0; 3 * heads * dv]);
-            attention_ref(&q, &qp, &blocks, sh, 0.3, &sees, &mut o2);
-            for isa in crate::isa::available() {
-                attention_with(isa, &q, &qp, &blocks, sh, 0.3, &sees, &mut o1);
-                assert_close(
-                    &o1,
-                    &o2,
-                    1e-5,
-                    &format!(
-                        "attention {isa:?} {heads}/{kv_heads} dk={dk} dv={dv} bf16={}",
-                        T::BF16
-                    ),
-                );
-            }
+            let slots = [17, 18, usize::MAX, 15, 16];
+            against_reference(
+                &mut rng,
+                to,
+                shape(heads, kv_heads, dk, dv),
+                3,
+                slots,
+                20,
+                3,
+                &sees,
+            );
         }
     }
 
-    /// Prefill-sized: enough query rows for tiles (two full ones and a short one), a prefix, a
-    /// head-major ring with an empty slot, a window, and one row that sees nothing.
+    /// Prefill-sized: enough query rows for tiles (two full ones and a short one), a window, and
+    /// one row that sees nothing.
     fn tiles_match_reference_in<T: KvElem>(to: fn(f32) -> T) {
         let mut rng = Rng::new(7);
         for &(heads, kv_heads, dk, dv) in &[(3, 3, 5, 7), (10, 5, 64, 128), (4, 2, 24, 40)] {
-            let sh = AttnShape {
-                heads,
-                kv_heads,
-                dk,
-                dv,
-            };
-            let (kw, vw) = (kv_heads * dk, kv_heads * dv);
-            let mut vec =
-                |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
-            let n = 2 * TILE + 5;
-            let (pk, pv) = (vec(4 * kw), vec(4 * vw));
-            let (rk, rv) = (vec(6 * kw), vec(6 * vw));
-            let slots = [37, 38, usize::MAX, 35, 36];
-            let (nk, nv) = (vec(n * kw), vec(n * vw));
-            let blocks = [
-                KvBlock::row_major(&pk, &pv, kw, KeyPos::Contiguous(0)),
-                KvBlock {
-                    k: &rk,
-                    v: &rv,
-                    rows: 5,
-                    layout: Layout::HeadMajor { cap: 6 },
-                    pos: KeyPos::Slots(&slots),
-                },
-                KvBlock::row_major(&nk, &nv, kw, KeyPos::Contiguous(40)),
-            ];
-            let qp: Vec<usize> = (40..40 + n).collect();
-            let q = rng.normal_vec(n * heads * dk, 1.0);
             let sees = |t: usize, s: usize| t != 50 && s <= t && (t - s <= 6 || s < 4);
-            let (mut o1, mut o2) = (vec![0.0; n * heads * dv], vec![0.0; n * heads * dv]);
-            attention_ref(&q, &qp, &blocks, sh, 0.3, &sees, &mut o2);
-            for isa in crate::isa::available() {
-                o1.fill(f32::NAN);
-                attention_with(isa, &q, &qp, &blocks, sh, 0.3, &sees, &mut o1);
-                assert_close(
-                    &o1,
-                    &o2,
-                    1e-5,
-                    &format!(
-                        "tiled attention {isa:?} {heads}/{kv_heads} dk={dk} dv={dv} bf16={}",
-                        T::BF16
-                    ),
-                );
-            }
+            let slots = [37, 38, usize::MAX, 35, 36];
+            let sh = shape(heads, kv_heads, dk, dv);
+            against_reference(&mut rng, to, sh, 4, slots, 40, 2 * TILE + 5, &sees);
         }
     }
 

@@ -5,6 +5,7 @@
 //! ([`gemm_pairs`]) is shared with the AMX tiles of [`crate::amx`].
 
 use crate::matmul::{Mat, WeightData, PANEL};
+use crate::quant::{BlockQ4_0, BlockQ8_0, QK};
 use half::bf16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -229,3 +230,114 @@ unsafe fn kernel<const M: usize>(
         _mm512_storeu_ps(c[i].as_mut_ptr().add(PANEL), a1[i]);
     }
 }
+
+/// Proof that this CPU has AVX-512 F, BW and VNNI (`vpdpbusd` on 512-bit registers): made only
+/// by [`Int8Dot::for_isa`], for an ISA at the AVX-512 level, so its kernels run nowhere else.
+#[derive(Clone, Copy, Debug)]
+pub struct Int8Dot(());
+
+impl Int8Dot {
+    pub fn for_isa(isa: crate::isa::Isa) -> Option<Self> {
+        let ok = isa.level() >= crate::isa::Level::Avx512Bf16
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni");
+        ok.then_some(Int8Dot(()))
+    }
+}
+
+/// The panel tiles (see [`crate::qpanel`]) on `vpdpbusd`: each weight vector (four columns of
+/// 16 rows) loaded once for the tile's input rows, each of which broadcasts its four bytes. Two
+/// integer sums a row (even and odd vectors) keep twice the products in flight; integer sums
+/// are exact, so the order is free. The block's end is the reference's float operations.
+macro_rules! int8_panel_tile {
+    ($blk:ty, $name:ident, $pair:expr) => {
+        impl crate::qpanel::PanelKernel<$blk> for Int8Dot {
+            fn tile(
+                self,
+                w: &[<$blk as crate::qpanel::Panelled>::Panel],
+                x: &crate::qpanel::Inputs,
+                nb: usize,
+                t0: usize,
+                rows: usize,
+                out: &mut [[f32; PANEL]; crate::qpanel::TILE_ROWS],
+            ) {
+                assert!(w.len() >= nb && x.q.len() >= (t0 + rows) * nb);
+                // SAFETY: the token proves the features; the assert the lengths.
+                unsafe {
+                    match rows {
+                        1 => self.$name::<1>(w, x, nb, t0, out),
+                        2 => self.$name::<2>(w, x, nb, t0, out),
+                        3 => self.$name::<3>(w, x, nb, t0, out),
+                        4 => self.$name::<4>(w, x, nb, t0, out),
+                        5 => self.$name::<5>(w, x, nb, t0, out),
+                        6 => self.$name::<6>(w, x, nb, t0, out),
+                        7 => self.$name::<7>(w, x, nb, t0, out),
+                        8 => self.$name::<8>(w, x, nb, t0, out),
+                        _ => unreachable!("1 <= rows <= TILE_ROWS"),
+                    }
+                }
+            }
+        }
+
+        impl Int8Dot {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+            unsafe fn $name<const M: usize>(
+                self,
+                w: &[<$blk as crate::qpanel::Panelled>::Panel],
+                x: &crate::qpanel::Inputs,
+                nb: usize,
+                t0: usize,
+                out: &mut [[f32; PANEL]; crate::qpanel::TILE_ROWS],
+            ) {
+                let mut acc = [_mm512_setzero_ps(); M];
+                for (b, blk) in w.iter().enumerate().take(nb) {
+                    let mut even = [_mm512_setzero_si512(); M];
+                    let mut odd = [_mm512_setzero_si512(); M];
+                    // Pair v: the weights of input words 2v and 2v + 1.
+                    for v in 0..QK / 8 {
+                        let (w0, w1): (__m512i, __m512i) = $pair(blk.qs.as_ptr(), v);
+                        for m in 0..M {
+                            let xq = x.q.get_unchecked((t0 + m) * nb + b).qs.as_ptr() as *const i32;
+                            let (i0, i1) = (2 * v, 2 * v + 1);
+                            even[m] =
+                                _mm512_dpbusd_epi32(even[m], w0, _mm512_set1_epi32(*xq.add(i0)));
+                            odd[m] =
+                                _mm512_dpbusd_epi32(odd[m], w1, _mm512_set1_epi32(*xq.add(i1)));
+                        }
+                    }
+                    let wd = _mm512_cvtph_ps(_mm256_loadu_si256(blk.d.as_ptr() as *const _));
+                    for m in 0..M {
+                        let i = (t0 + m) * nb + b;
+                        let corr = _mm512_set1_epi32(
+                            <$blk as crate::qpanel::Panelled>::OFFSET * *x.sum.get_unchecked(i),
+                        );
+                        let dot = _mm512_sub_epi32(_mm512_add_epi32(even[m], odd[m]), corr);
+                        let s = _mm512_mul_ps(wd, _mm512_set1_ps(*x.d.get_unchecked(i)));
+                        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[m]);
+                    }
+                }
+                for m in 0..M {
+                    _mm512_storeu_ps(out[m].as_mut_ptr(), acc[m]);
+                }
+            }
+        }
+    };
+}
+
+// Q8_0: vectors 2v and 2v + 1 as they are.
+int8_panel_tile!(BlockQ8_0, tile_q8_0, |qs: *const u8, v: usize| {
+    (
+        _mm512_loadu_si512(qs.add(128 * v) as *const _),
+        _mm512_loadu_si512(qs.add(128 * v + 64) as *const _),
+    )
+});
+// Q4_0: vector v's low nibbles, then its high ones.
+int8_panel_tile!(BlockQ4_0, tile_q4_0, |qs: *const u8, v: usize| {
+    let raw = _mm512_loadu_si512(qs.add(64 * v) as *const _);
+    let low = _mm512_set1_epi8(0x0F);
+    (
+        _mm512_and_si512(raw, low),
+        _mm512_and_si512(_mm512_srli_epi16(raw, 4), low),
+    )
+});

@@ -18,6 +18,7 @@ pub mod isa;
 pub mod matmul;
 pub mod norm;
 pub mod probe;
+pub mod qpanel;
 pub mod quant;
 pub mod rope;
 pub mod scan;

@@ -5,6 +5,7 @@
 //! every input row, so the weights are streamed from memory once per call.
 
 use crate::isa::{isa, Isa, Level};
+use crate::qpanel::{self, PanelQ4_0, PanelQ8_0};
 use crate::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 #[cfg(target_arch = "x86_64")]
 use crate::x86;
@@ -28,6 +29,11 @@ pub enum WeightData<'a> {
     /// f32 is then a shift (low halves) and a mask (high halves), no shuffles. The last panel is
     /// padded with zero rows, so the data holds `rows.next_multiple_of(16) · cols` values.
     BF16Panels(&'a [bf16]),
+    /// Q8_0 in panels of 16 rows for integer products on 16 rows at once (see
+    /// [`crate::qpanel`]); rows padded to a multiple of 16 like [`WeightData::BF16Panels`].
+    Q8_0Panels(&'a [PanelQ8_0]),
+    /// Q4_0 in panels of 16 rows (see [`crate::qpanel`]).
+    Q4_0Panels(&'a [PanelQ4_0]),
 }
 
 /// Rows in a panel of [`WeightData::BF16Panels`].
@@ -104,7 +110,17 @@ impl WeightData<'_> {
             WeightData::Q8_0(b) => b.len() * QK,
             WeightData::Q4_0(b) => b.len() * QK,
             WeightData::BF16Panels(d) => d.len(),
+            WeightData::Q8_0Panels(p) => p.len() * PANEL * QK,
+            WeightData::Q4_0Panels(p) => p.len() * PANEL * QK,
         }
+    }
+
+    /// Whether the rows are stored in panels of [`PANEL`] (padded to a multiple of it).
+    pub fn is_panels(&self) -> bool {
+        matches!(
+            self,
+            WeightData::BF16Panels(_) | WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_)
+        )
     }
 
     pub fn is_empty(&self) -> bool {
@@ -138,7 +154,7 @@ impl WeightData<'_> {
                 );
                 quant::dequantize_q4_0(&b[start / QK..end / QK], out)
             }
-            WeightData::BF16Panels(_) => {
+            WeightData::BF16Panels(_) | WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_) => {
                 panic!("panel-packed weights are read by rows (Mat::row_f32)")
             }
         }
@@ -155,9 +171,10 @@ pub struct Mat<'a> {
 
 impl<'a> Mat<'a> {
     pub fn new(data: WeightData<'a>, rows: usize, cols: usize) -> Self {
-        let stored_rows = match data {
-            WeightData::BF16Panels(_) => rows.next_multiple_of(PANEL),
-            _ => rows,
+        let stored_rows = if data.is_panels() {
+            rows.next_multiple_of(PANEL)
+        } else {
+            rows
         };
         assert_eq!(
             data.len(),
@@ -172,14 +189,19 @@ impl<'a> Mat<'a> {
     pub fn rows(&self, start: usize, n: usize) -> Mat<'a> {
         assert!(start + n <= self.rows);
         let (a, b) = (start * self.cols, (start + n) * self.cols);
+        assert!(
+            !self.data.is_panels() || start.is_multiple_of(PANEL),
+            "a view of panel-packed rows starts on a panel"
+        );
+        // Panel blocks of the view, for the quantized panels.
+        let nb = self.cols / QK;
+        let (pa, pb) = (start / PANEL * nb, (start + n).div_ceil(PANEL) * nb);
         let data = match self.data {
             WeightData::BF16Panels(d) => {
-                assert!(
-                    start.is_multiple_of(PANEL),
-                    "a view of panel-packed rows starts on a panel"
-                );
                 WeightData::BF16Panels(&d[a..(start + n).next_multiple_of(PANEL) * self.cols])
             }
+            WeightData::Q8_0Panels(p) => WeightData::Q8_0Panels(&p[pa..pb]),
+            WeightData::Q4_0Panels(p) => WeightData::Q4_0Panels(&p[pa..pb]),
             WeightData::F32(d) => WeightData::F32(&d[a..b]),
             WeightData::BF16(d) => WeightData::BF16(&d[a..b]),
             WeightData::F16(d) => WeightData::F16(&d[a..b]),
@@ -203,6 +225,8 @@ impl<'a> Mat<'a> {
                     *o = d[at + c * PANEL].to_f32();
                 }
             }
+            WeightData::Q8_0Panels(p) => qpanel::row_f32::<BlockQ8_0>(p, self.cols / QK, r, out),
+            WeightData::Q4_0Panels(p) => qpanel::row_f32::<BlockQ4_0>(p, self.cols / QK, r, out),
             data => data.to_f32(r * self.cols, out),
         }
     }
@@ -318,12 +342,23 @@ pub const BF16_DOT_FROM_ROWS: usize = 64;
 /// Whether [`matmul_with`] rounds the inputs (and widened quantized weights) of a `t`-row
 /// product with `w` to bf16.
 pub fn rounds_inputs(isa: Isa, w: &WeightData, t: usize) -> bool {
+    let quant_panels = matches!(w, WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_));
     isa.level() >= Level::Avx512Bf16
         && t >= BF16_DOT_FROM_ROWS
-        && matches!(
+        && (matches!(
             w,
             WeightData::BF16Panels(_) | WeightData::Q8_0(_) | WeightData::Q4_0(_)
-        )
+        ) || quant_panels && isa.level() == Level::Amx)
+}
+
+/// Whether Q8_0/Q4_0 matrices are worth packing into panels ([`crate::qpanel`]) on this
+/// machine: where its integer kernel runs (AVX-512 VNNI). There every product with them runs on
+/// int8 inputs, decode and prefill alike (but for AMX tiles in prefill, see [`rounds_inputs`]).
+pub fn quant_panels_pay() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::avx512::Int8Dot::for_isa(isa()).is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// `y[t, n] = Σ_k x[t, k] · w[n, k]` for `t` input rows; `y` is `[t, w.rows]`.
@@ -341,6 +376,15 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     );
     let t = x.len().checked_div(k).unwrap_or(0);
     assert_eq!(y.len(), t * n, "matmul: output is not [{t}, {n}]");
+    match w.data {
+        WeightData::Q8_0Panels(p) if !rounds_inputs(isa, &w.data, t) => {
+            return qpanel::matmul_q8_0(isa, x, t, p, n, k, y)
+        }
+        WeightData::Q4_0Panels(p) if !rounds_inputs(isa, &w.data, t) => {
+            return qpanel::matmul_q4_0(isa, x, t, p, n, k, y)
+        }
+        _ => {}
+    }
     if t <= QUANT_DOT_MAX_ROWS && matches!(w.data, WeightData::Q8_0(_) | WeightData::Q4_0(_)) {
         matvec_quant(isa, x, t, w, y);
         return;
@@ -596,6 +640,9 @@ fn rows_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                             unreachable!("quantized rows take matvec_quant")
                         }
                         WeightData::BF16Panels(_) => unreachable!("panels take panels_avx2"),
+                        WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_) => {
+                            unreachable!("quantized panels take qpanel")
+                        }
                     }
                 }
             },

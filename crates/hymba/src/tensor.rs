@@ -4,7 +4,7 @@
 use crate::error::{parse_json, read_to_string, Error, Result};
 use half::{bf16, f16};
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
-use hymba_kernels::{matmul, Mat, WeightData};
+use hymba_kernels::{matmul, qpanel, Mat, WeightData};
 use memmap2::{Mmap, MmapMut};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -133,8 +133,9 @@ pub struct Tensor {
     owner: Owner,
     offset: usize,
     len: usize,
-    /// A bf16 matrix rearranged into panels ([`WeightData::BF16Panels`]) rather than row-major
-    /// as in the file: same values, the order the AVX2 matrix products read.
+    /// A bf16 or quantized matrix rearranged into panels of 16 rows
+    /// ([`WeightData::BF16Panels`], [`WeightData::Q8_0Panels`], [`WeightData::Q4_0Panels`])
+    /// rather than row-major as in the file: same values, the order the matrix products read.
     panels: bool,
 }
 
@@ -187,10 +188,25 @@ impl Tensor {
         let b = self.bytes();
         let n = self.numel();
         if self.panels {
-            // SAFETY: as below; the length is the padded panels' (see `to_panels`).
-            return WeightData::BF16Panels(unsafe {
-                std::slice::from_raw_parts(b.as_ptr() as *const bf16, b.len() / 2)
-            });
+            // SAFETY: as below; the length is the padded panels' (see `to_panels`), the panel
+            // blocks plain bytes and f16 (alignment 2; the heap buffer is 8-aligned).
+            return unsafe {
+                match self.dtype {
+                    Dtype::BF16 => WeightData::BF16Panels(std::slice::from_raw_parts(
+                        b.as_ptr() as *const bf16,
+                        b.len() / 2,
+                    )),
+                    Dtype::Q8_0 => WeightData::Q8_0Panels(std::slice::from_raw_parts(
+                        b.as_ptr() as *const qpanel::PanelQ8_0,
+                        b.len() / std::mem::size_of::<qpanel::PanelQ8_0>(),
+                    )),
+                    Dtype::Q4_0 => WeightData::Q4_0Panels(std::slice::from_raw_parts(
+                        b.as_ptr() as *const qpanel::PanelQ4_0,
+                        b.len() / std::mem::size_of::<qpanel::PanelQ4_0>(),
+                    )),
+                    other => unreachable!("{other:?} matrices are not packed"),
+                }
+            };
         }
         // SAFETY: length and alignment were checked at construction; bf16/f16 are u16 wrappers
         // and every bit pattern is a valid value.
@@ -271,7 +287,7 @@ impl Tensor {
         }
     }
 
-    /// This bf16 matrix in panels (see [`Tensor::to_panels`]), the mapped pages it was read from
+    /// This matrix in panels (see [`Tensor::to_panels`]), the mapped pages it was read from
     /// given back, so a load holds one copy.
     pub fn into_panels(self) -> Tensor {
         let packed = self.to_panels();
@@ -284,30 +300,43 @@ impl Tensor {
         self.panels
     }
 
-    /// This bf16 matrix rearranged into panels of 16 rows for the AVX2 matrix products; the
-    /// values and their precision are unchanged.
+    /// This bf16, Q8_0 or Q4_0 matrix rearranged into panels of 16 rows for the matrix
+    /// products (bf16 for AVX2's, the quantized ones for AVX-512 VNNI's); the values and their
+    /// precision are unchanged.
     pub fn to_panels(&self) -> Tensor {
         assert!(
-            self.dtype == Dtype::BF16 && self.shape.len() == 2 && !self.panels,
-            "only row-major bf16 matrices are packed"
+            self.shape.len() == 2 && !self.panels,
+            "only row-major matrices are packed"
         );
-        let WeightData::BF16(d) = self.data() else {
-            unreachable!("checked bf16")
-        };
         let (rows, cols) = (self.shape[0], self.shape[1]);
-        let n = matmul::panels_len(rows, cols);
         // Packed straight into fresh zeroed memory: no copy.
-        let owner = Owner::filled(2 * n, |b| {
-            // SAFETY: 2·n bytes, 8-aligned, viewed as bf16 (a u16 wrapper).
-            let out = unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut bf16, n) };
-            matmul::pack_bf16_panels(d, rows, cols, out);
-        });
+        fn packed<P: Copy>(n: usize, fill: impl FnOnce(&mut [P])) -> (Owner, usize) {
+            let size = n * std::mem::size_of::<P>();
+            let owner = Owner::filled(size, |b| {
+                // SAFETY: `size` bytes, 8-aligned, viewed as n panel elements (plain data with
+                // alignment at most 2, any bit pattern valid: each is overwritten by `fill`).
+                fill(unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut P, n) })
+            });
+            (owner, size)
+        }
+        let (owner, len) = match self.data() {
+            WeightData::BF16(d) => packed(matmul::panels_len(rows, cols), |out| {
+                matmul::pack_bf16_panels(d, rows, cols, out)
+            }),
+            WeightData::Q8_0(b) => packed(qpanel::panels_len(rows, cols), |out| {
+                qpanel::pack(b, rows, cols, out)
+            }),
+            WeightData::Q4_0(b) => packed(qpanel::panels_len(rows, cols), |out| {
+                qpanel::pack(b, rows, cols, out)
+            }),
+            _ => panic!("only bf16, Q8_0 and Q4_0 matrices are packed"),
+        };
         Tensor {
-            dtype: Dtype::BF16,
+            dtype: self.dtype,
             shape: self.shape.clone(),
+            len,
             owner,
             offset: 0,
-            len: 2 * n,
             panels: true,
         }
     }

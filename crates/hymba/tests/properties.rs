@@ -300,72 +300,75 @@ fn official_decode_mode_shrinks_the_window_of_decode_steps_only() {
     assert!(hymba_kernels::testing::max_abs_diff(&da, &db) > 1e-3);
 }
 
-/// Sequences stepped together in one batch get exactly the logits they get alone: a prompt,
-/// a chunk of a prompt and single-token decodes side by side.
-#[test]
-fn batched_steps_equal_sequences_alone() {
+/// Logits of four sequences (a prompt longer than the window, a chunk, a single token, one past
+/// two windows) run alone, prompt then two decode steps each, and the same run side by side in
+/// batches: (batched, alone), per sequence.
+fn batched_and_alone(model: &Model, seed: u64, window: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
     use hymba::Step;
-    for (ci, c, kv) in cases()
+    let mut rng = Rng::new(seed);
+    let prompts: Vec<Vec<u32>> = [window + 4, 3, 1, 2 * window + 1]
         .iter()
-        .enumerate()
-        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
-    {
-        let model = build(c, 500 + ci as u64, kv);
-        let mut rng = Rng::new(90 + ci as u64);
-        let prompts: Vec<Vec<u32>> = [c.window + 4, 3, 1, 2 * c.window + 1]
-            .iter()
-            .map(|&n| prompt(&mut rng, n))
-            .collect();
-        // Alone: prompt, then two decode steps.
-        let mut alone = Vec::new();
-        for p in &prompts {
-            let mut cache = model.new_cache();
-            let mut l = model
-                .forward(&mut cache, p, Logits::All, DecodeWindow::Trained)
-                .unwrap();
+        .map(|&n| prompt(&mut rng, n))
+        .collect();
+    let mut alone = Vec::new();
+    for p in &prompts {
+        let mut cache = model.new_cache();
+        let mut l = model
+            .forward(&mut cache, p, Logits::All, DecodeWindow::Trained)
+            .unwrap();
+        for id in [5u32, 7] {
             l.extend(
                 model
-                    .forward(&mut cache, &[5], Logits::Last, DecodeWindow::Trained)
+                    .forward(&mut cache, &[id], Logits::Last, DecodeWindow::Trained)
                     .unwrap(),
             );
-            l.extend(
-                model
-                    .forward(&mut cache, &[7], Logits::Last, DecodeWindow::Trained)
-                    .unwrap(),
-            );
-            alone.push(l);
         }
-        // Together.
-        let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-        let mut got: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+        alone.push(l);
+    }
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut got: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+    let mut steps: Vec<Step> = caches
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(cache, p)| Step {
+            cache,
+            ids: p,
+            logits: Logits::All,
+            window: DecodeWindow::Trained,
+        })
+        .collect();
+    for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
+        g.extend(l);
+    }
+    for id in [5u32, 7] {
+        let ids = [id];
         let mut steps: Vec<Step> = caches
             .iter_mut()
-            .zip(&prompts)
-            .map(|(cache, p)| Step {
+            .map(|cache| Step {
                 cache,
-                ids: p,
-                logits: Logits::All,
+                ids: &ids,
+                logits: Logits::Last,
                 window: DecodeWindow::Trained,
             })
             .collect();
         for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
             g.extend(l);
         }
-        for id in [5u32, 7] {
-            let ids = [id];
-            let mut steps: Vec<Step> = caches
-                .iter_mut()
-                .map(|cache| Step {
-                    cache,
-                    ids: &ids,
-                    logits: Logits::Last,
-                    window: DecodeWindow::Trained,
-                })
-                .collect();
-            for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
-                g.extend(l);
-            }
-        }
+    }
+    (got, alone)
+}
+
+/// Sequences stepped together in one batch get the logits they get alone: a prompt, a chunk
+/// of a prompt and single-token decodes side by side.
+#[test]
+fn batched_steps_equal_sequences_alone() {
+    for (ci, c, kv) in cases()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
+    {
+        let model = build(c, 500 + ci as u64, kv);
+        let (got, alone) = batched_and_alone(&model, 90 + ci as u64, c.window);
         for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
             assert_close(
                 g,
@@ -375,6 +378,57 @@ fn batched_steps_equal_sequences_alone() {
             );
         }
     }
+}
+
+/// With Q8_0 and Q4_0 weights in panels (where their integer kernel runs: AVX-512 VNNI), a
+/// sequence's logits batched are bit for bit its logits alone: every product runs on int8
+/// inputs with the same float operations for a row whatever the rows beside it, and the
+/// matrices left unquantized (rows not whole blocks) stay bf16 panels, whose kernel is the same
+/// for any number of rows. Row-major Q8_0/Q4_0 (CPUs without VNNI) take prompts of more than 16
+/// rows through the f32 GEMM instead, so there the property does not hold: the test says so.
+#[test]
+fn quantized_batched_steps_equal_sequences_alone_bit_for_bit() {
+    if !hymba_kernels::matmul::quant_panels_pay() {
+        eprintln!(
+            "SKIPPED quantized_batched_steps_equal_sequences_alone_bit_for_bit: no AVX-512 VNNI \
+             here, so Q8_0/Q4_0 stay row-major, whose prompts over 16 rows run in f32"
+        );
+        return;
+    }
+    let mut ran = 0;
+    // The configurations whose hidden size is whole blocks (so the layers' matrices quantize).
+    for (ci, c) in cases()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.hidden % 32 == 0)
+    {
+        for q in [Dtype::Q8_0, Dtype::Q4_0] {
+            let dir = common::temp_dir(c.name);
+            write_checkpoint(&config(c), &dir, Dtype::BF16, 700 + ci as u64, 1.5).unwrap();
+            let model = Model::load_quantized(&dir, Some(q)).unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            let quantized: Vec<_> = model
+                .weights
+                .layers
+                .iter()
+                .flat_map(|l| [&l.in_proj, &l.out_proj, &l.gate, &l.up, &l.down])
+                .filter(|t| t.dtype == q)
+                .collect();
+            assert!(!quantized.is_empty(), "{}: nothing quantized", c.name);
+            assert!(quantized.iter().all(|t| t.is_panels()));
+            let (got, alone) = batched_and_alone(&model, 190 + ci as u64, c.window);
+            for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
+                assert!(
+                    g == a,
+                    "{} {q:?}: sequence {i} batched differs from alone by {}",
+                    c.name,
+                    hymba_kernels::testing::max_abs_diff(g, a)
+                );
+            }
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, 4, "two configurations, two formats");
 }
 
 /// bf16 K/V: half the cache bytes, logits near the f32 cache's (bf16 keeps 8 bits of

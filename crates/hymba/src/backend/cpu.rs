@@ -10,7 +10,7 @@ use super::{
 };
 use crate::cache::{Kv, KvDtype, KvView, LayerState};
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{Dtype, Tensor};
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
 use hymba_kernels::{act, conv::causal_conv, matmul, norm, rope, scan};
@@ -199,9 +199,13 @@ impl Backend for Cpu {
 
     fn matrix(&self, t: Tensor) -> Result<Tensor> {
         Ok(
-            if hymba_kernels::matmul::panels_pay()
-                && t.dtype == crate::tensor::Dtype::BF16
-                && !t.is_panels()
+            if !t.is_panels()
+                && t.shape.len() == 2
+                && match t.dtype {
+                    Dtype::BF16 => hymba_kernels::matmul::panels_pay(),
+                    Dtype::Q8_0 | Dtype::Q4_0 => hymba_kernels::matmul::quant_panels_pay(),
+                    _ => false,
+                }
             {
                 t.into_panels()
             } else {

@@ -11,7 +11,7 @@ use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem, Layout};
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use hymba_kernels::testing::Rng;
-use hymba_kernels::{matmul, probe, scan, Mat, WeightData};
+use hymba_kernels::{matmul, probe, qpanel, scan, Mat, WeightData};
 use std::time::Instant;
 
 /// Best seconds of `reps` runs of `f`.
@@ -48,7 +48,16 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5504 * 1600 / k);
-    let any = ["bf16", "bf16 panels", "q8_0", "q4_0"].iter().any(|q| {
+    let any = [
+        "bf16",
+        "bf16 panels",
+        "q8_0",
+        "q4_0",
+        "q8_0 panels",
+        "q4_0 panels",
+    ]
+    .iter()
+    .any(|q| {
         [1, 4, 16, 128]
             .iter()
             .any(|t| on(&format!("matmul {q} t={t}")))
@@ -77,8 +86,14 @@ fn main() {
     matmul::pack_bf16_panels(&wb, n, k, &mut wp);
     let wb = vec![wb; copies(n * k * 2)];
     let wp = vec![wp; copies(n * k * 2)];
+    let mut pq8 = vec![qpanel::PanelQ8_0::default(); qpanel::panels_len(n, k)];
+    qpanel::pack(&wq8, n, k, &mut pq8);
+    let mut pq4 = vec![qpanel::PanelQ4_0::default(); qpanel::panels_len(n, k)];
+    qpanel::pack(&wq4, n, k, &mut pq4);
     let wq8 = vec![wq8; copies(n * k / QK * std::mem::size_of::<BlockQ8_0>())];
     let wq4 = vec![wq4; copies(n * k / QK * std::mem::size_of::<BlockQ4_0>())];
+    let pq8 = vec![pq8; copies(n * k / QK * std::mem::size_of::<BlockQ8_0>())];
+    let pq4 = vec![pq4; copies(n * k / QK * std::mem::size_of::<BlockQ4_0>())];
     for (name, mats) in [
         (
             "bf16",
@@ -90,10 +105,20 @@ fn main() {
         ),
         ("q8_0", wq8.iter().map(|w| WeightData::Q8_0(w)).collect()),
         ("q4_0", wq4.iter().map(|w| WeightData::Q4_0(w)).collect()),
+        (
+            "q8_0 panels",
+            pq8.iter().map(|w| WeightData::Q8_0Panels(w)).collect(),
+        ),
+        (
+            "q4_0 panels",
+            pq4.iter().map(|w| WeightData::Q4_0Panels(w)).collect(),
+        ),
     ] {
         let bytes: usize = match mats.first().copied().unwrap_or(WeightData::F32(&[])) {
             WeightData::BF16(_) | WeightData::BF16Panels(_) => n * k * 2,
-            WeightData::Q8_0(_) => n * k / QK * std::mem::size_of::<BlockQ8_0>(),
+            WeightData::Q8_0(_) | WeightData::Q8_0Panels(_) => {
+                n * k / QK * std::mem::size_of::<BlockQ8_0>()
+            }
             _ => n * k / QK * std::mem::size_of::<BlockQ4_0>(),
         };
         for t in [1, 4, 16, 128] {

@@ -292,8 +292,22 @@ macro_rules! int8_panel_tile {
             ) {
                 let mut acc = [_mm512_setzero_ps(); M];
                 for (b, blk) in w.iter().enumerate().take(nb) {
-                    let mut even = [_mm512_setzero_si512(); M];
+                    // The offset's correction starts the even sums (integers: exact anywhere).
+                    let mut even: [__m512i; M] = std::array::from_fn(|m| {
+                        let s = *x.sum.get_unchecked((t0 + m) * nb + b);
+                        _mm512_set1_epi32(-<$blk as crate::qpanel::Panelled>::OFFSET * s)
+                    });
                     let mut odd = [_mm512_setzero_si512(); M];
+                    // Tiles of several rows run slower than the memory: the block a few ahead is
+                    // asked for, so the first tile's stream from memory overlaps its arithmetic
+                    // (t = 16: 1.2-1.6x). A row alone keeps pace with the hardware's prefetch.
+                    if M >= 4 {
+                        let size = std::mem::size_of_val(blk);
+                        let ahead = (blk as *const _ as *const u8).wrapping_add(4 * size);
+                        for l in (0..size).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+                        }
+                    }
                     // Pair v: the weights of input words 2v and 2v + 1.
                     for v in 0..QK / 8 {
                         let (w0, w1): (__m512i, __m512i) = $pair(blk.qs.as_ptr(), v);
@@ -309,10 +323,7 @@ macro_rules! int8_panel_tile {
                     let wd = _mm512_cvtph_ps(_mm256_loadu_si256(blk.d.as_ptr() as *const _));
                     for m in 0..M {
                         let i = (t0 + m) * nb + b;
-                        let corr = _mm512_set1_epi32(
-                            <$blk as crate::qpanel::Panelled>::OFFSET * *x.sum.get_unchecked(i),
-                        );
-                        let dot = _mm512_sub_epi32(_mm512_add_epi32(even[m], odd[m]), corr);
+                        let dot = _mm512_add_epi32(even[m], odd[m]);
                         let s = _mm512_mul_ps(wd, _mm512_set1_ps(*x.d.get_unchecked(i)));
                         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[m]);
                     }

@@ -334,13 +334,14 @@ mod tests {
     use crate::isa::available;
     use crate::testing::Rng;
 
-    fn case<B: Panelled>(
+    /// A panel matrix product: (isa, x, t, panels, n, k, y).
+    type PanelMatmul<P> = fn(Isa, &[f32], usize, &[P], usize, usize, &mut [f32]);
+
+    fn case<B: Panelled + Default>(
         quantize: fn(&[f32], &mut [B]),
         dequantize: fn(&[B], &mut [f32]),
-        mm: fn(Isa, &[f32], usize, &[B::Panel], usize, usize, &mut [f32]),
-    ) where
-        B: Default,
-    {
+        mm: PanelMatmul<B::Panel>,
+    ) {
         let mut rng = Rng::new(7);
         for (n, k, t) in [
             (1, 32, 1),

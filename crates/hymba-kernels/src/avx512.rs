@@ -312,12 +312,19 @@ macro_rules! int8_panel_tile {
                     for v in 0..QK / 8 {
                         let (w0, w1): (__m512i, __m512i) = $pair(blk.qs.as_ptr(), v);
                         for m in 0..M {
+                            // Blocks are 34 bytes: their words are read unaligned.
                             let xq = x.q.get_unchecked((t0 + m) * nb + b).qs.as_ptr() as *const i32;
                             let (i0, i1) = (2 * v, 2 * v + 1);
-                            even[m] =
-                                _mm512_dpbusd_epi32(even[m], w0, _mm512_set1_epi32(*xq.add(i0)));
-                            odd[m] =
-                                _mm512_dpbusd_epi32(odd[m], w1, _mm512_set1_epi32(*xq.add(i1)));
+                            even[m] = _mm512_dpbusd_epi32(
+                                even[m],
+                                w0,
+                                _mm512_set1_epi32(xq.add(i0).read_unaligned()),
+                            );
+                            odd[m] = _mm512_dpbusd_epi32(
+                                odd[m],
+                                w1,
+                                _mm512_set1_epi32(xq.add(i1).read_unaligned()),
+                            );
                         }
                     }
                     let wd = _mm512_cvtph_ps(_mm256_loadu_si256(blk.d.as_ptr() as *const _));

@@ -217,17 +217,24 @@ impl<'a> Mat<'a> {
 
     /// Row `r` widened to f32.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        assert!(out.len() == self.cols && r < self.rows);
+        assert!(out.len() == self.cols);
+        self.range_f32(r, 0, out)
+    }
+
+    /// Columns `c0..c0 + out.len()` of row `r` widened to f32 (quantized rows: whole blocks).
+    pub fn range_f32(&self, r: usize, c0: usize, out: &mut [f32]) {
+        assert!(c0 + out.len() <= self.cols && r < self.rows);
+        let nb = self.cols / QK;
         match self.data {
             WeightData::BF16Panels(d) => {
-                let at = panel_index(r, 0, self.cols);
+                let at = panel_index(r, c0, self.cols);
                 for (c, o) in out.iter_mut().enumerate() {
                     *o = d[at + c * PANEL].to_f32();
                 }
             }
-            WeightData::Q8_0Panels(p) => qpanel::row_f32::<BlockQ8_0>(p, self.cols / QK, r, out),
-            WeightData::Q4_0Panels(p) => qpanel::row_f32::<BlockQ4_0>(p, self.cols / QK, r, out),
-            data => data.to_f32(r * self.cols, out),
+            WeightData::Q8_0Panels(p) => qpanel::range_f32::<BlockQ8_0>(p, nb, r, c0, out),
+            WeightData::Q4_0Panels(p) => qpanel::range_f32::<BlockQ4_0>(p, nb, r, c0, out),
+            data => data.to_f32(r * self.cols + c0, out),
         }
     }
 }
@@ -342,18 +349,23 @@ pub const BF16_DOT_FROM_ROWS: usize = 64;
 /// Whether [`matmul_with`] rounds the inputs (and widened quantized weights) of a `t`-row
 /// product with `w` to bf16.
 pub fn rounds_inputs(isa: Isa, w: &WeightData, t: usize) -> bool {
-    let quant_panels = matches!(w, WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_));
     isa.level() >= Level::Avx512Bf16
         && t >= BF16_DOT_FROM_ROWS
-        && (matches!(
+        && matches!(
             w,
-            WeightData::BF16Panels(_) | WeightData::Q8_0(_) | WeightData::Q4_0(_)
-        ) || quant_panels && isa.level() == Level::Amx)
+            WeightData::BF16Panels(_)
+                | WeightData::Q8_0(_)
+                | WeightData::Q4_0(_)
+                | WeightData::Q8_0Panels(_)
+                | WeightData::Q4_0Panels(_)
+        )
 }
 
 /// Whether Q8_0/Q4_0 matrices are worth packing into panels ([`crate::qpanel`]) on this
-/// machine: where its integer kernel runs (AVX-512 VNNI). There every product with them runs on
-/// int8 inputs, decode and prefill alike (but for AMX tiles in prefill, see [`rounds_inputs`]).
+/// machine: where its integer kernel runs (AVX-512 VNNI). Products of up to
+/// [`QUANT_DOT_MAX_ROWS`] rows (decode, batched decode) run on int8 inputs there, as with
+/// row-major blocks; prompts keep f32 or bf16 inputs (int8 ones measured faster, 106 against 89
+/// tok/s for a 512-token prompt on a Zen 4, but doubled the Q8_0 fixture's KL divergence).
 pub fn quant_panels_pay() -> bool {
     #[cfg(target_arch = "x86_64")]
     return crate::avx512::Int8Dot::for_isa(isa()).is_some();
@@ -377,10 +389,10 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     let t = x.len().checked_div(k).unwrap_or(0);
     assert_eq!(y.len(), t * n, "matmul: output is not [{t}, {n}]");
     match w.data {
-        WeightData::Q8_0Panels(p) if !rounds_inputs(isa, &w.data, t) => {
+        WeightData::Q8_0Panels(p) if t <= QUANT_DOT_MAX_ROWS => {
             return qpanel::matmul_q8_0(isa, x, t, p, n, k, y)
         }
-        WeightData::Q4_0Panels(p) if !rounds_inputs(isa, &w.data, t) => {
+        WeightData::Q4_0Panels(p) if t <= QUANT_DOT_MAX_ROWS => {
             return qpanel::matmul_q4_0(isa, x, t, p, n, k, y)
         }
         _ => {}
@@ -404,7 +416,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if t >= 4 && isa.has_avx2() {
+    if t >= 4 && isa.has_avx2() && !matches!(w.data, WeightData::BF16Panels(_)) {
         if t <= SMALL_BATCH_ROWS {
             rows_avx2(x, t, w, y);
         } else {
@@ -423,7 +435,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
             // SAFETY: element (ti, r) is written by exactly one task: r belongs to this task.
             let put = |ti: usize, r: usize, v: f32| unsafe { *out.0.add(ti * n + r) = v };
             for r in task * per_task..((task + 1) * per_task).min(n) {
-                if t < 4 && !matches!(w.data, WeightData::BF16Panels(_)) {
+                if t < 4 && !w.data.is_panels() {
                     // Decode: widen as we go, each weight read once.
                     for ti in 0..t {
                         put(ti, r, dot_weights(isa, w.data, r * k, xr(ti)));
@@ -450,7 +462,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
 
 /// Up to this many input rows (decode, batched decode) use integer dots on quantized weights;
 /// more (prefill) dequantize the weights into the f32 GEMM.
-const QUANT_DOT_MAX_ROWS: usize = 16;
+pub const QUANT_DOT_MAX_ROWS: usize = 16;
 
 /// Few rows against quantized weights: the input rows are quantized to Q8_0 once, then every
 /// weight row is an integer dot product per block. Several input rows go in register tiles of
@@ -810,8 +822,7 @@ fn gemm_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                         },
                         _ => {
                             for j in 0..nr {
-                                w.data
-                                    .to_f32((r0 + j) * k + k0, &mut rows[j * kc..(j + 1) * kc]);
+                                w.range_f32(r0 + j, k0, &mut rows[j * kc..(j + 1) * kc]);
                             }
                             unsafe { x86::pack_panel(rows, kc, kc, nr, panel) }
                         }

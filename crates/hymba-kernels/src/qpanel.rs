@@ -150,12 +150,23 @@ pub fn pack<B: Panelled>(blocks: &[B], rows: usize, cols: usize, out: &mut [B::P
         });
 }
 
-/// Row `r` of panel-packed weights with `nb` blocks a row, widened to f32 (as
-/// [`quant::dequantize_q8_0`] and [`quant::dequantize_q4_0`] widen the row-major blocks).
-pub fn row_f32<B: Panelled>(panels: &[B::Panel], nb: usize, r: usize, out: &mut [f32]) {
+/// Columns `c0..c0 + out.len()` (whole blocks) of row `r` of panel-packed weights with `nb`
+/// blocks a row, widened to f32 (as [`quant::dequantize_q8_0`] and [`quant::dequantize_q4_0`]
+/// widen the row-major blocks).
+pub fn range_f32<B: Panelled>(
+    panels: &[B::Panel],
+    nb: usize,
+    r: usize,
+    c0: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        c0.is_multiple_of(QK) && out.len().is_multiple_of(QK),
+        "quantized rows are read whole blocks at a time"
+    );
     let (p, j) = (r / PANEL, r % PANEL);
     for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-        let blk = &panels[p * nb + b];
+        let blk = &panels[p * nb + c0 / QK + b];
         let d = B::scale(blk, j);
         for (v, q) in o.iter_mut().zip(B::stored(blk, j)) {
             *v = (q as i32 - B::OFFSET) as f32 * d;
@@ -359,7 +370,7 @@ mod tests {
             let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
             for r in 0..n {
                 dequantize(&wb[r * k / QK..(r + 1) * k / QK], &mut a);
-                row_f32::<B>(&p, k / QK, r, &mut b);
+                range_f32::<B>(&p, k / QK, r, 0, &mut b);
                 assert_eq!(a, b, "row {r} of [{n}, {k}]");
             }
             let x = rng.normal_vec(t * k, 1.0);

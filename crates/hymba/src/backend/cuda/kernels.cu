@@ -1226,11 +1226,11 @@ ATTENTION_MMA(128, 128)
 // Matrix products of decode and small batches (t <= GEMV_ROWS input rows): y[r, j] = x[r, :] · w[j, :],
 // the weights streamed once at the memory's pace, no input rounded (bf16 weights widened to f32).
 // Work comes in pairs of weight rows (rows 2p, 2p + 1 of w0; for the gated MLP row p of w0 and of
-// w1), GEMV_SPLIT warps splitting a pair's k, so that every warp has several 16-byte loads of
-// each row in flight before it uses any; the pair's sums meet in shared memory. The epilogue
-// writes y, adds to it (a residual), applies softplus(y + bias) (the SSM's Δ) or silu(gate) · up.
+// w1), `split` warps (2, 4 or 8: the host picks enough to fill the card) splitting a pair's k, so
+// that every warp has several 16-byte loads of each row in flight before it uses any; the pair's
+// sums meet in shared memory. The epilogue writes y, adds to it (a residual), applies
+// softplus(y + bias) (the SSM's Δ) or silu(gate) · up.
 #define GEMV_ROWS 8
-#define GEMV_SPLIT 2
 #define GEMV_UNROLL 2
 #define EPI_STORE 0
 #define EPI_ADD 1
@@ -1238,11 +1238,11 @@ ATTENTION_MMA(128, 128)
 #define EPI_GLU 3
 template <typename W, int EPI>
 __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const float* __restrict__ bias,
-                     float* __restrict__ y, int t, int n, int k) {
+                     float* __restrict__ y, int t, int n, int k, int split) {
     __shared__ float red[8][2][GEMV_ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int grp = warp / GEMV_SPLIT, part = warp % GEMV_SPLIT;
-    int pair = blockIdx.x * (8 / GEMV_SPLIT) + grp;
+    int grp = warp / split, part = warp % split;
+    int pair = blockIdx.x * (8 / split) + grp;
     bool live = pair < (EPI == EPI_GLU ? n : (n + 1) / 2);
     const W* ra = EPI == EPI_GLU ? w0 + (long)pair * k : w0 + (long)(2 * pair) * k;
     const W* rb = EPI == EPI_GLU ? w1 + (long)pair * k : ra + k;
@@ -1254,7 +1254,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     allow_next();
     bool waited = false;
     if (live && k % 8 == 0) {
-        int chunks = k / 8, per = (chunks + GEMV_SPLIT - 1) / GEMV_SPLIT;
+        int chunks = k / 8, per = (chunks + split - 1) / split;
         int lo = part * per, hi = min(chunks, lo + per);
         for (int c0 = lo + lane; c0 < hi; c0 += 32 * GEMV_UNROLL) {
             float wa[GEMV_UNROLL][8], wb[GEMV_UNROLL][8];
@@ -1290,7 +1290,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     if (!waited) wait_prior();
     if (live && k % 8 != 0) {
         // Rows not 16-byte aligned: one element a lane at a time.
-        int per = (k + GEMV_SPLIT - 1) / GEMV_SPLIT, lo = part * per, hi = min(k, lo + per);
+        int per = (k + split - 1) / split, lo = part * per, hi = min(k, lo + per);
         for (int j = lo + lane; j < hi; j += 32) {
             float a = load(ra, j), b = has_b ? load(rb, j) : 0.0f;
 #pragma unroll
@@ -1315,8 +1315,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     if (!live || part != 0 || lane >= 2 * GEMV_ROWS) return;
     int i = lane / GEMV_ROWS, r = lane % GEMV_ROWS;
     float s = 0.0f;
-#pragma unroll
-    for (int q = 0; q < GEMV_SPLIT; q++) s += red[grp * GEMV_SPLIT + q][i][r];  // unset when r >= t: not used
+    for (int q = 0; q < split; q++) s += red[grp * split + q][i][r];  // unset when r >= t: not used
     if (EPI == EPI_GLU) {
         float u = __shfl_down_sync(0x0000ffffu, s, GEMV_ROWS, 16);
         if (i == 0 && r < t) y[(long)r * n + pair] = silu(s) * u;
@@ -1334,8 +1333,8 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     }
 }
 #define GEMV(name, W, EPI) \
-    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k) { \
-        gemv<W, EPI>(x, w0, w1, bias, y, t, n, k); \
+    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split) { \
+        gemv<W, EPI>(x, w0, w1, bias, y, t, n, k, split); \
     }
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)

@@ -1211,22 +1211,28 @@ impl Cuda {
             let w1 = up.map_or(0, |u| u.data.ptr(&self.stream));
             let bp = bias.map_or(0, |b| self.pv(b));
             let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
-            // Pairs of weight rows, four a block of 8 warps (GEMV_SPLIT = 2 warps a pair, the
-            // fastest of 1, 2, 4 and 8 on an H200).
+            // Pairs of weight rows in blocks of 8 warps, 2 warps a pair (the fastest of 1, 2, 4
+            // and 8 over a whole step on an H200) unless that leaves the card with under four
+            // blocks a multiprocessor: then 4 or 8 (narrow matrices: down and out_proj).
             let pairs = if epi == Epilogue::Glu {
                 w.rows
             } else {
                 w.rows.div_ceil(2)
             };
+            let split = [2usize, 4, 8]
+                .into_iter()
+                .find(|s| pairs.div_ceil(8 / s) >= 4 * self.sms)
+                .unwrap_or(8);
+            let si = split as i32;
             let cfg = LaunchConfig {
-                grid_dim: (pairs.div_ceil(4) as u32, 1, 1),
+                grid_dim: (pairs.div_ceil(8 / split) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
             return self.launch(
                 &self.k.gemv[wi][epi as usize],
                 cfg,
-                &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki],
+                &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si],
             );
         }
         match epi {

@@ -2,7 +2,8 @@
 //! them into f32 lanes — twice the products of an f32 FMA of the same width, from half the bytes.
 //! Its inputs are rounded to bf16 once (as the official bf16 model's activations are), so it runs
 //! only where [`crate::matmul`] asks for it: many rows against bf16 weights. The driver
-//! ([`gemm_pairs`]) is shared with the AMX tiles of [`crate::amx`].
+//! ([`gemm_pairs`]) is shared with the AMX tiles of [`crate::amx`]. Beside it, the integer
+//! tiles of [`crate::qpanel`] on `vpdpbusd` (AVX-512 VNNI), for Q8_0/Q4_0 weights in panels.
 
 use crate::matmul::{Mat, WeightData, PANEL};
 use crate::quant::{BlockQ4_0, BlockQ8_0, QK};

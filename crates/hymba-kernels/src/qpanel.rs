@@ -67,6 +67,8 @@ pub trait Panelled: Copy + Send + Sync {
     /// Row `j`'s stored (unsigned) values of the panel block, in column order.
     fn stored(panel: &Self::Panel, j: usize) -> [u8; QK];
     fn scale(panel: &Self::Panel, j: usize) -> f32;
+    /// Row `j`'s 32 values of the panel block, widened to f32 (value · scale).
+    fn widen(panel: &Self::Panel, j: usize, out: &mut [f32]);
 }
 
 impl Panelled for BlockQ8_0 {
@@ -86,6 +88,16 @@ impl Panelled for BlockQ8_0 {
 
     fn scale(p: &PanelQ8_0, j: usize) -> f32 {
         p.d[j].to_f32()
+    }
+
+    fn widen(p: &PanelQ8_0, j: usize, out: &mut [f32]) {
+        let d = p.d[j].to_f32();
+        for (s, o) in out.chunks_exact_mut(4).enumerate() {
+            let q = &p.qs[64 * s + 4 * j..64 * s + 4 * j + 4];
+            for (v, &b) in o.iter_mut().zip(q) {
+                *v = (b as i32 - 128) as f32 * d;
+            }
+        }
     }
 }
 
@@ -124,6 +136,18 @@ impl Panelled for BlockQ4_0 {
 
     fn scale(p: &PanelQ4_0, j: usize) -> f32 {
         p.d[j].to_f32()
+    }
+
+    fn widen(p: &PanelQ4_0, j: usize, out: &mut [f32]) {
+        let d = p.d[j].to_f32();
+        for (s, o) in out.chunks_exact_mut(8).enumerate() {
+            let q = &p.qs[64 * s + 4 * j..64 * s + 4 * j + 4];
+            let (lo, hi) = o.split_at_mut(4);
+            for i in 0..4 {
+                lo[i] = ((q[i] & 0x0F) as i32 - 8) as f32 * d;
+                hi[i] = ((q[i] >> 4) as i32 - 8) as f32 * d;
+            }
+        }
     }
 }
 
@@ -166,11 +190,7 @@ pub fn range_f32<B: Panelled>(
     );
     let (p, j) = (r / PANEL, r % PANEL);
     for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-        let blk = &panels[p * nb + c0 / QK + b];
-        let d = B::scale(blk, j);
-        for (v, q) in o.iter_mut().zip(B::stored(blk, j)) {
-            *v = (q as i32 - B::OFFSET) as f32 * d;
-        }
+        B::widen(&panels[p * nb + c0 / QK + b], j, o);
     }
 }
 

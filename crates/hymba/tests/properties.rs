@@ -341,21 +341,26 @@ fn batched_and_alone(model: &Model, seed: u64, window: usize) -> (Vec<Vec<f32>>,
         g.extend(l);
     }
     for id in [5u32, 7] {
-        let ids = [id];
-        let mut steps: Vec<Step> = caches
-            .iter_mut()
-            .map(|cache| Step {
-                cache,
-                ids: &ids,
-                logits: Logits::Last,
-                window: DecodeWindow::Trained,
-            })
-            .collect();
-        for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
+        for (g, l) in got.iter_mut().zip(decode_together(model, &mut caches, id)) {
             g.extend(l);
         }
     }
     (got, alone)
+}
+
+/// One decode step of token `id` for every cache, in one batch: each sequence's last logits.
+fn decode_together(model: &Model, caches: &mut [hymba::Cache], id: u32) -> Vec<Vec<f32>> {
+    let ids = [id];
+    let mut steps: Vec<hymba::Step> = caches
+        .iter_mut()
+        .map(|cache| hymba::Step {
+            cache,
+            ids: &ids,
+            logits: Logits::Last,
+            window: DecodeWindow::Trained,
+        })
+        .collect();
+    model.forward_batch(&mut steps).unwrap()
 }
 
 /// Sequences stepped together in one batch get the logits they get alone: a prompt, a chunk
@@ -388,7 +393,6 @@ fn batched_steps_equal_sequences_alone() {
 /// rows in another order than a row alone, so there the test says it does not apply.
 #[test]
 fn quantized_batched_decode_equals_alone_bit_for_bit() {
-    use hymba::Step;
     if !hymba_kernels::matmul::quant_panels_pay() {
         eprintln!(
             "SKIPPED quantized_batched_decode_equals_alone_bit_for_bit: no AVX-512 VNNI here, \
@@ -436,20 +440,10 @@ fn quantized_batched_decode_equals_alone_bit_for_bit() {
             };
             let (mut alone, mut together) = (prefilled(), prefilled());
             for id in [5u32, 7, 11] {
-                let ids = [id];
-                let mut steps: Vec<Step> = together
-                    .iter_mut()
-                    .map(|cache| Step {
-                        cache,
-                        ids: &ids,
-                        logits: Logits::Last,
-                        window: DecodeWindow::Trained,
-                    })
-                    .collect();
-                let got = model.forward_batch(&mut steps).unwrap();
+                let got = decode_together(&model, &mut together, id);
                 for (i, (cache, g)) in alone.iter_mut().zip(&got).enumerate() {
                     let a = model
-                        .forward(cache, &ids, Logits::Last, DecodeWindow::Trained)
+                        .forward(cache, &[id], Logits::Last, DecodeWindow::Trained)
                         .unwrap();
                     assert!(
                         g == &a,

@@ -267,6 +267,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     );
     /// The depthwise causal conv of columns `from..from + E` of `p` (rows `width` wide), each
     /// sequence from its conv state (updated), then SiLU. `taps` `[K, E]`, `bias` `[E]`.
+    ///
+    /// It starts the SSM heads' branch: it and the products the model asks for until
+    /// `hybrid_heads` (x_proj) read neither q nor K/V, so a backend may run them beside the
+    /// attention's (the CUDA backend does, on a second stream of a captured decode step).
     #[allow(clippy::too_many_arguments)]
     fn conv_silu(
         &self,

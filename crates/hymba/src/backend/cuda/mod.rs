@@ -448,6 +448,40 @@ pub struct Cuda {
     /// are stale.
     generation: std::sync::atomic::AtomicU64,
     graphs: Mutex<Graphs>,
+    /// The SSM branch of a captured decode step (see [`Cuda::branch`]).
+    fork: Option<Fork>,
+}
+
+/// A second stream for the SSM heads' branch of a captured decode step, and the events that
+/// order it against the attention's: the two branches of each layer become parallel paths of
+/// the step's graph, so a layer's small attention and scan kernels wait for each other's
+/// latency no more.
+struct Fork {
+    side: Arc<CudaStream>,
+    /// Recorded on the main stream after in_proj and after the in_proj split, on the side
+    /// stream after the scan.
+    in_proj: cudarc::driver::CudaEvent,
+    split: cudarc::driver::CudaEvent,
+    scan: cudarc::driver::CudaEvent,
+    /// Launches go to the side stream.
+    on_side: std::sync::atomic::AtomicBool,
+}
+
+/// The points where a captured decode step's branches part and meet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Branch {
+    /// in_proj is out: the SSM branch may start (its conv reads in_proj's output).
+    InProjDone,
+    /// The split of in_proj's output is out (the SSM's gate z).
+    SplitDone,
+    /// The SSM branch's kernels from here on: its conv, x_proj.
+    Ssm,
+    /// The scan, after the split: the SSM branch's last kernel.
+    Scan,
+    /// Back on the main stream, after the scan (the fusion reads both branches).
+    Join,
+    /// Back on the main stream for a launch that is not the SSM's (attention).
+    Main,
 }
 
 /// A grid of `n` threads in blocks of 256, capped (the kernels loop over the rest).
@@ -632,6 +666,20 @@ impl Cuda {
             .map_err(|e| device_err("reading the multiprocessor count", e))? as usize;
         let profile =
             std::env::var_os("HYMBA_CUDA_PROFILE").map(|_| Mutex::new(Default::default()));
+        // HYMBA_CUDA_NO_FORK=1 keeps a captured step on one stream, to compare.
+        let fork = match std::env::var_os("HYMBA_CUDA_NO_FORK") {
+            Some(_) => None,
+            None => {
+                let e = |what| move |err| device_err(what, err);
+                Some(Fork {
+                    side: ctx.new_stream().map_err(e("creating a stream"))?,
+                    in_proj: ctx.new_event(None).map_err(e("creating an event"))?,
+                    split: ctx.new_event(None).map_err(e("creating an event"))?,
+                    scan: ctx.new_event(None).map_err(e("creating an event"))?,
+                    on_side: Default::default(),
+                })
+            }
+        };
         let graphs = Mutex::new(Graphs {
             mode: Mode::Eager,
             graphs: Default::default(),
@@ -651,6 +699,7 @@ impl Cuda {
             profile,
             generation: Default::default(),
             graphs,
+            fork,
         })
     }
 
@@ -873,6 +922,9 @@ impl Cuda {
         if let Some(t) = g.note.take() {
             g.seen.insert((t, gen));
         }
+        if let Some(f) = &self.fork {
+            f.on_side.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         match std::mem::replace(&mut g.mode, Mode::Eager) {
             Mode::Eager => {}
             Mode::Capturing(key) => {
@@ -935,6 +987,45 @@ impl Cuda {
         v.device_ptr(&self.stream).0
     }
 
+    /// Parts or joins a captured decode step's branches (in other modes nothing: one stream).
+    fn branch(&self, at: Branch) {
+        let Some(f) = &self.fork else { return };
+        if self.failed() || !matches!(self.mode(), Mode::Capturing(_)) {
+            return;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = match at {
+            Branch::InProjDone => f.in_proj.record(&self.stream),
+            Branch::SplitDone => f.split.record(&self.stream),
+            Branch::Ssm => {
+                f.on_side.store(true, Relaxed);
+                f.side.wait(&f.in_proj)
+            }
+            Branch::Scan => {
+                f.on_side.store(true, Relaxed);
+                f.side.wait(&f.split)
+            }
+            Branch::Join => {
+                f.on_side.store(false, Relaxed);
+                f.scan.record(&f.side).and_then(|()| self.stream.wait(&f.scan))
+            }
+            Branch::Main => {
+                f.on_side.store(false, Relaxed);
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            self.fail("parting a CUDA graph's branches", e);
+        }
+    }
+
+    fn launch_stream(&self) -> cudarc::driver::sys::CUstream {
+        match &self.fork {
+            Some(f) if f.on_side.load(std::sync::atomic::Ordering::Relaxed) => f.side.cu_stream(),
+            _ => self.stream.cu_stream(),
+        }
+    }
+
     /// Launches `f` with `args` (each a `&` to a plain value); errors are kept.
     fn launch(&self, k: &Kernel, cfg: LaunchConfig, args: &[&dyn Arg]) {
         if self.failed() || matches!(self.mode(), Mode::Replaying(_)) {
@@ -960,7 +1051,7 @@ impl Cuda {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.cu_stream(),
+            hStream: self.launch_stream(),
             attrs: &mut attr,
             numAttrs: (self.pdl && matches!(self.mode(), Mode::Capturing(_))) as u32,
         };
@@ -1695,11 +1786,13 @@ impl Backend for Cuda {
             self.p(z),
             rows as i64,
         );
+        self.branch(Branch::InProjDone);
         self.launch(
             &self.k.split_in_proj,
             flat(rows * per_row),
             &[&pp, &l, &pos, &fp, &r, &qp, &zp, &kp, &vp],
         );
+        self.branch(Branch::SplitDone);
     }
 
     fn conv_silu(
@@ -1717,6 +1810,7 @@ impl Backend for Cuda {
         let kk = taps.len() / e.max(1);
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
         self.shape(out, t * e);
+        self.branch(Branch::Ssm);
         let scratch = self.scratch.lock().expect("scratch");
         let n = scratch.n_seqs;
         let (sp, rp, cp) = (
@@ -1770,6 +1864,7 @@ impl Backend for Cuda {
         let e = fuse.attn_norm.len();
         let n = ssm.a.len() / e.max(1);
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
+        self.branch(Branch::Main);
         // A decode step (one row a sequence) makes the scan's parameters inside its kernel.
         let step = self.scratch.lock().expect("scratch").max_len <= 1;
         let mut params = std::mem::take(&mut self.scratch.lock().expect("scratch").params);
@@ -1916,6 +2011,7 @@ impl Backend for Cuda {
                 shared_mem_bytes: (4 * (r + 2 * n)) as u32,
             };
             let wi = matches!(ssm.dt_proj.data, DevData::BF16(_)) as usize;
+            self.branch(Branch::Scan);
             self.launch(
                 &self.k.ssm_step[(n > 16) as usize][wi],
                 cfg,
@@ -1973,6 +2069,7 @@ impl Backend for Cuda {
             );
         }
         // 4. Fusion of every row.
+        self.branch(Branch::Join);
         let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
         self.launch(
             &self.k.fuse,

@@ -249,7 +249,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 },
             )?;
             if let Some(p) = model.backend().take_profile() {
-                eprintln!("kernel time (HYMBA_CUDA_PROFILE: each launch waited for):\n{p}");
+                eprintln!("kernel time (HYMBA_CUDA_PROFILE: each launch between two events, on one stream, no graphs):\n{p}");
             }
             Ok(())
         }

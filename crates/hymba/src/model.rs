@@ -575,9 +575,8 @@ impl<B: Backend> Model<B> {
             .and_then(|mut r| r.take())
             .unwrap_or_else(|| Run::new(b, self.groups.len()));
         b.upload(&[], &mut run.h);
-        for s in steps.iter() {
-            b.embed(&self.weights.embed, s.ids, d, &mut run.h);
-        }
+        let ids: Vec<u32> = steps.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        b.embed(&self.weights.embed, &ids, d, &mut run.h);
         let mut start = 0;
         let mut seqs: Vec<Seq<B>> = steps
             .iter_mut()

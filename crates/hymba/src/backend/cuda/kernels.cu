@@ -456,12 +456,16 @@ template <int N_> __device__ __forceinline__ float group_sum(float v) {
 // the scan's input-dependent parameters made here rather than by three launches before: from
 // x_proj's output row [δr (R) | B (n) | C (n)], each part RMS-normed when `wd` is given (scales
 // wd, wb, wc), Δ = softplus(dt_w · δr + dt_b) (dt_w [E, R]), then one step of the recurrence
-// from the sequence's state and y = (Σ_n S·C + D·x) ⊙ silu(z). Block (channels, row), N_ lanes
-// a channel (a lane a state; they split δr for Δ). Dynamic shared memory: R + 2n floats.
+// from the sequence's state and y = (Σ_n S·C + D·x) ⊙ silu(z). Block (channels, row), N_ / 4
+// lanes a channel (a lane four states; they split δr for Δ): few threads a channel, since a
+// large batch's blocks come in waves, each as long as one block's chain of memory round trips.
+// Dynamic shared memory: R + 2n floats.
+#define SSM_LANE_STATES 4
 template <int N_, typename W>
 __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, const float* wb, const float* wc, float eps, const W* dt_w,
                          const float* dt_b, const float* x, const float* z, const float* a, const float* d, const SeqInfo* seqs,
                          const int4* chunks, float* const* ssm, int e, float* y) {
+    constexpr int L = N_ / SSM_LANE_STATES;
     extern __shared__ float sp[];
     __shared__ float inv[3];
     int4 ch = chunks[blockIdx.y];
@@ -488,23 +492,27 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
     }
     // Past the last channel a group computes channel e - 1 again (the shuffles need every lane
     // of the warp) and writes nothing.
-    int c0 = blockIdx.x * (blockDim.x / N_) + threadIdx.x / N_, j = threadIdx.x % N_;
+    int c0 = blockIdx.x * (blockDim.x / L) + threadIdx.x / L, j = threadIdx.x % L;
     bool live = c0 < e;
     int c = live ? c0 : e - 1;
     const W* wr = dt_w + (long)c * rk;
     float dot = 0.0f;
-    for (int k = j; k < rk; k += N_) dot += load(wr, k) * sp[k];
-    float dt = group_sum<N_>(dot) + dt_b[c];
+    for (int k = j; k < rk; k += L) dot += load(wr, k) * sp[k];
+    float dt = group_sum<L>(dot) + dt_b[c];
     dt = dt > 20.0f ? dt : log1pf(expf(dt));
     long rc = row * e + c;
     float xv = x[rc], out = 0.0f;
-    if (j < n) {
-        float* st = ssm[ch.x] + (long)c * n + j;
-        float s = expf(dt * a[(long)c * n + j]) * *st + (dt * xv) * sp[rk + j];
-        if (live) *st = s;
-        out = s * sp[rk + n + j];
+    float* st = ssm[ch.x] + (long)c * n;
+#pragma unroll
+    for (int u = 0; u < SSM_LANE_STATES; u++) {
+        int i = j * SSM_LANE_STATES + u;
+        if (i < n) {
+            float s = expf(dt * a[(long)c * n + i]) * st[i] + (dt * xv) * sp[rk + i];
+            if (live) st[i] = s;
+            out += s * sp[rk + n + i];
+        }
     }
-    out = group_sum<N_>(out);
+    out = group_sum<L>(out);
     if (live && j == 0) y[rc] = (out + d[c] * xv) * silu(z[rc]);
 }
 

@@ -441,9 +441,9 @@ pub struct Cuda {
     /// Kernels of a captured decode step may start before the previous one ends (sm_90:
     /// programmatic dependent launch).
     pdl: bool,
-    /// Seconds and calls per kernel, when HYMBA_CUDA_PROFILE is set (each launch then waits for
-    /// its kernel: a coarse profile, for finding where a step's time goes).
-    profile: Option<Mutex<std::collections::BTreeMap<&'static str, (f64, u64)>>>,
+    /// Each launch between two timing events, when HYMBA_CUDA_PROFILE is set (steps then run
+    /// eagerly, on one stream: a profile for finding where a step's time goes).
+    profile: Option<Mutex<Profile>>,
     /// Bumped whenever a buffer a kernel is given moves (grows): graphs of older generations
     /// are stale.
     generation: std::sync::atomic::AtomicU64,
@@ -465,6 +465,29 @@ struct Fork {
     scan: cudarc::driver::CudaEvent,
     /// Launches go to the side stream.
     on_side: std::sync::atomic::AtomicBool,
+}
+
+/// Kernel times of HYMBA_CUDA_PROFILE: launches timed by events, summed per kernel now and then.
+#[derive(Default)]
+struct Profile {
+    pending: Vec<(
+        &'static str,
+        cudarc::driver::CudaEvent,
+        cudarc::driver::CudaEvent,
+    )>,
+    /// Seconds and calls per kernel.
+    sums: std::collections::BTreeMap<&'static str, (f64, u64)>,
+}
+
+impl Profile {
+    /// Sums the pending launches' times (the stream synchronized first).
+    fn fold(&mut self) {
+        for (name, start, end) in self.pending.drain(..) {
+            let e = self.sums.entry(name).or_default();
+            e.0 += start.elapsed_ms(&end).unwrap_or(0.0) as f64 * 1e-3;
+            e.1 += 1;
+        }
+    }
 }
 
 /// The points where a captured decode step's branches part and meet.
@@ -804,25 +827,34 @@ impl Cuda {
         Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2])
     }
 
-    fn time_start(&self) -> std::time::Instant {
-        let _ = self.stream.synchronize();
-        std::time::Instant::now()
+    /// An event recorded on the stream, timing on (the profile's).
+    fn time_start(&self) -> Option<cudarc::driver::CudaEvent> {
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        self.stream.record_event(Some(flags)).ok()
     }
 
-    fn time_end(&self, name: &'static str, t: std::time::Instant) {
-        let _ = self.stream.synchronize();
-        if let Some(p) = &self.profile {
+    fn time_end(&self, name: &'static str, start: Option<cudarc::driver::CudaEvent>) {
+        let (Some(p), Some(start)) = (&self.profile, start) else {
+            return;
+        };
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        if let Ok(end) = self.stream.record_event(Some(flags)) {
             let mut p = p.lock().expect("profile");
-            let e = p.entry(name).or_default();
-            e.0 += t.elapsed().as_secs_f64();
-            e.1 += 1;
+            p.pending.push((name, start, end));
+            if p.pending.len() >= 4096 {
+                let _ = self.stream.synchronize();
+                p.fold();
+            }
         }
     }
 
     /// The profile so far (HYMBA_CUDA_PROFILE), largest first, and clears it.
     pub fn take_profile(&self) -> Option<String> {
         let mut p = self.profile.as_ref()?.lock().expect("profile");
-        let mut rows: Vec<_> = std::mem::take(&mut *p).into_iter().collect();
+        let _ = self.stream.synchronize();
+        p.fold();
+        let sums = std::mem::take(&mut p.sums);
+        let mut rows: Vec<_> = sums.into_iter().collect();
         rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
         Some(
             rows.iter()
@@ -1007,7 +1039,9 @@ impl Cuda {
             }
             Branch::Join => {
                 f.on_side.store(false, Relaxed);
-                f.scan.record(&f.side).and_then(|()| self.stream.wait(&f.scan))
+                f.scan
+                    .record(&f.side)
+                    .and_then(|()| self.stream.wait(&f.scan))
             }
             Branch::Main => {
                 f.on_side.store(false, Relaxed);
@@ -2004,7 +2038,8 @@ impl Backend for Cuda {
                 .map_or([0; 3], |w| w.each_ref().map(|v| self.pv(v)));
             let (pp, ri, eps) = (self.p(ssm.proj), r as i32, ssm.eps);
             let (wp, bp) = (ssm.dt_proj.data.ptr(&self.stream), self.pv(ssm.dt_bias));
-            let lanes = if n > 16 { 32 } else { 16 };
+            // Lanes a channel: a lane four states (`ssm_step`).
+            let lanes = if n > 16 { 8 } else { 4 };
             let cfg = LaunchConfig {
                 grid_dim: ((e * lanes).div_ceil(128) as u32, n_chunks as u32, 1),
                 block_dim: (128, 1, 1),

@@ -80,6 +80,7 @@ __device__ __forceinline__ void wait_prior() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void grid_dep() {
     allow_next();
     wait_prior();
@@ -739,12 +740,12 @@ extern "C" __global__ void attention_8(const float* q, int heads, int kv_heads, 
 // Attention of many sequences' decode rows (a large batch): block (row, K/V head, split), the q
 // heads that share the K/V head together, so that each key and value is read once (with many
 // rows the grid is full without many splits, and re-reading K/V per q head is what costs). Keys
-// come DEC_T at a time through shared memory, all of a tile's loads in flight at once; then a
-// thread a (head, key) scores them, a warp a head updates its online softmax, and a thread a
-// (head, column) sums the values. The keys of all sources, in order, are cut into up to `splits`
+// come DEC_T at a time through shared memory (key rows padded to dk + 4, 16-byte aligned); then a thread a (head, key) scores them, a
+// warp a head updates its online softmax, and a thread a (head, four columns) sums the values,
+// each shared-memory load four values (dk, dv multiples of 4: the host checks). The keys of all sources, in order, are cut into up to `splits`
 // ranges of at least DEC_SPLIT_KEYS (the grid is fixed, so a captured decode step stays right
 // as the keys grow; the splits a row does not need return at once). Outputs, mask, sources and
-// the merge of splits as `attention`'s (the count of (row, K/V head) at count[t·heads + h0]). Dynamic shared memory (floats): gc · dk + T · (dk + 1) + T · dv +
+// the merge of splits as `attention`'s (the count of (row, K/V head) at count[t·heads + h0]). Dynamic shared memory (floats): gc · dk + T · (dk + 4) + T · dv +
 // gc · T + 3 · gc + T, gc = min(DEC_G, heads / kv_heads), T = dec_tile(dk, dv).
 #define DEC_ITEMS 16
 #define DEC_SPLIT_KEYS 128
@@ -758,8 +759,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, 
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int group = heads / kv_heads, gmax = min(DEC_G, group), T = dec_tile(dk, dv);
     float* qs = sm;                   // [g][dk], scaled
-    float* ks = qs + gmax * dk;       // [T][dk + 1]
-    float* vs = ks + T * (dk + 1);    // [T][dv]
+    float* ks = qs + gmax * dk;       // [T][dk + 4]
+    float* vs = ks + T * (dk + 4);    // [T][dv]
     float* ps = vs + T * dv;          // [g][T]: scores, then weights
     float* mst = ps + gmax * T;       // [g]: running maximum
     float* lst = mst + gmax;          // [g]: running sum
@@ -783,9 +784,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, 
         for (int i = threadIdx.x; i < gc * dk; i += blockDim.x) qs[i] = q[(long)t * heads * dk + (long)h0 * dk + i] * scale;
         for (int g = threadIdx.x; g < gc; g += blockDim.x) { mst[g] = NEG_INF; lst[g] = 0.0f; }
         __syncthreads();
-        float acc[DEC_ITEMS];
+        float4 acc[DEC_ITEMS / 4];
 #pragma unroll
-        for (int u = 0; u < DEC_ITEMS; u++) acc[u] = 0.0f;
+        for (int u = 0; u < DEC_ITEMS / 4; u++) acc[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         for (int k0 = lo; k0 < hi; k0 += T) {
             int nk = min(T, hi - k0);
             // The tile's visibility, then its keys and values (zeros where unseen or past the end).
@@ -805,7 +806,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, 
                 bool is_k = idx < T * kc;
                 int r = is_k ? idx : idx - T * kc, per = is_k ? kc : vc;
                 int j = r / per, c = (r % per) * step, key = k0 + j;
-                float* dst = is_k ? ks + j * (dk + 1) + c : vs + j * dv + c;
+                float* dst = is_k ? ks + j * (dk + 4) + c : vs + j * dv + c;
                 if (vis[j]) {
                     KvSrc s = key < r0 ? s0 : (key < r01 ? s1 : s2);
                     int i = key < r0 ? key : (key < r01 ? key - r0 : key - r01);
@@ -825,15 +826,21 @@ extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, 
                 }
             }
             __syncthreads();
-            // Scores of (head, key).
+            // Scores of (head, key), four dimensions a shared-memory load.
             for (int idx = threadIdx.x; idx < gc * T; idx += blockDim.x) {
                 int g = idx / T, j = idx % T;
                 float sc = NEG_INF;
                 if (vis[j]) {
                     sc = 0.0f;
-                    const float* qg = qs + g * dk;
-                    const float* kj = ks + j * (dk + 1);
-                    for (int c = 0; c < dk; c++) sc += qg[c] * kj[c];
+                    const float4* qg = (const float4*)(qs + g * dk);
+                    const float4* kj = (const float4*)(ks + j * (dk + 4));
+                    for (int c = 0; c < dk / 4; c++) {
+                        float4 a = qg[c], b = kj[c];
+                        sc += a.x * b.x;
+                        sc += a.y * b.y;
+                        sc += a.z * b.z;
+                        sc += a.w * b.w;
+                    }
                 }
                 ps[g * T + j] = sc;
             }
@@ -853,33 +860,41 @@ extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, 
                 }
             }
             __syncthreads();
-            // Weighted values into (head, column).
+            // Weighted values into (head, four columns).
 #pragma unroll
-            for (int u = 0; u < DEC_ITEMS; u++) {
+            for (int u = 0; u < DEC_ITEMS / 4; u++) {
                 int idx = threadIdx.x + u * 128;
-                if (idx < gc * dv) {
-                    int g = idx / dv, col = idx % dv;
-                    float a = acc[u] * cst[g];
+                if (idx < gc * dv / 4) {
+                    int g = idx / (dv / 4), col = 4 * (idx % (dv / 4));
+                    float c = cst[g];
+                    float4 a = make_float4(acc[u].x * c, acc[u].y * c, acc[u].z * c, acc[u].w * c);
                     const float* pg = ps + g * T;
-                    for (int j = 0; j < nk; j++) a += pg[j] * vs[j * dv + col];
+                    for (int j = 0; j < nk; j++) {
+                        float p = pg[j];
+                        float4 v = *(const float4*)(vs + j * dv + col);
+                        a.x += p * v.x;
+                        a.y += p * v.y;
+                        a.z += p * v.z;
+                        a.w += p * v.w;
+                    }
                     acc[u] = a;
                 }
             }
             __syncthreads();
         }
 #pragma unroll
-        for (int u = 0; u < DEC_ITEMS; u++) {
+        for (int u = 0; u < DEC_ITEMS / 4; u++) {
             int idx = threadIdx.x + u * 128;
-            if (idx < gc * dv) {
-                int g = idx / dv, col = idx % dv, h = h0 + g;
+            if (idx < gc * dv / 4) {
+                int g = idx / (dv / 4), col = 4 * (idx % (dv / 4)), h = h0 + g;
                 float den = lst[g];
-                if (splits == 1) {
-                    out[(long)t * heads * dv + (long)h * dv + col] = den > 0.0f ? acc[u] / den : 0.0f;
-                } else {
-                    float* pp = part + (((long)t * heads + h) * splits + z) * (dv + 2);
-                    pp[2 + col] = acc[u];
-                    if (col == 0) { pp[0] = mst[g]; pp[1] = den; }
+                float a[4] = {acc[u].x, acc[u].y, acc[u].z, acc[u].w};
+                float* pp = part + (((long)t * heads + h) * splits + z) * (dv + 2);
+                for (int e = 0; e < 4; e++) {
+                    if (splits == 1) out[(long)t * heads * dv + (long)h * dv + col + e] = den > 0.0f ? a[e] / den : 0.0f;
+                    else pp[2 + col + e] = a[e];
                 }
+                if (splits > 1 && col == 0) { pp[0] = mst[g]; pp[1] = den; }
             }
         }
     }
@@ -1352,6 +1367,141 @@ GEMV(gemv_bf16, bf16_t, EPI_STORE)
 GEMV(gemv_add_bf16, bf16_t, EPI_ADD)
 GEMV(gemv_softplus_bf16, bf16_t, EPI_SOFTPLUS)
 GEMV(gemv_glu_bf16, bf16_t, EPI_GLU)
+
+// Products of decode batches (4 to 32 input rows, bf16 weights) on the tensor cores: y[r, j] =
+// x[r, :] · w[j, :], x given rounded to bf16 (as the cuBLAS path and the official bf16 model
+// take it), f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8
+// weight rows) and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a
+// weight row (16 bytes) and the same 8 k of its two input rows of each tile; the two mma of a
+// 32-wide k step take those k in an order of their own (k is summed over, so any order A and B
+// share gives the product), so every load is a whole 16 bytes and nothing is shuffled. Work
+// comes in groups of two weight tiles (16 rows; for the gated MLP 8 rows of gate and the same 8
+// of up), `split` warps of a block splitting a group's k, their sums meeting in shared memory;
+// epilogues as the GEMV's. k % 8 == 0 (the host checks).
+template <int MT, int EPI>
+__device__ void gemm_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w0, const bf16_t* __restrict__ w1,
+                          const float* __restrict__ bias, float* __restrict__ y, int t, int n, int k, int split) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ float red[8][2][MT][4][32];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int grp = warp / split, part = warp % split;
+    int group = blockIdx.x * (8 / split) + grp;
+    bool live = group < (EPI == EPI_GLU ? (n + 7) / 8 : (n + 15) / 16);
+    int row_a = EPI == EPI_GLU ? group * 8 + g : group * 16 + g, row_b = EPI == EPI_GLU ? row_a : row_a + 8;
+    bool has_a = live && row_a < n, has_b = live && row_b < n;
+    const bf16_t* wa = w0 + (long)row_a * k;
+    const bf16_t* wb = (EPI == EPI_GLU ? w1 : w0) + (long)row_b * k;
+    float acc[2][MT][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][m][e] = 0.0f;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    int chunks = (k + 31) / 32, per = (chunks + split - 1) / split, lo = part * per, hi = min(chunks, lo + per);
+    // The weights do not depend on the previous kernel: their first chunks are fetched into L2
+    // before waiting for it.
+    allow_next();
+#pragma unroll
+    for (int c = lo; c < min(hi, lo + 4); c++) {
+        int kk = 32 * c + 8 * q;
+        if (kk < k && has_a) prefetch_l2(wa + kk);
+        if (kk < k && has_b) prefetch_l2(wb + kk);
+    }
+    wait_prior();
+    // U chunks at a time, all their loads asked for before any is used.
+    constexpr int U = MT == 1 ? 4 : 2;
+    for (int c0 = lo; c0 < hi; c0 += U) {
+        uint4 wv[U][2], xv[U][MT][2];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int kk = 32 * (c0 + u) + 8 * q;
+            bool in = c0 + u < hi && kk < k;
+            wv[u][0] = in && has_a ? __ldg((const uint4*)(wa + kk)) : zero;
+            wv[u][1] = in && has_b ? __ldg((const uint4*)(wb + kk)) : zero;
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    int r = 16 * m + g + 8 * h;
+                    xv[u][m][h] = in && r < t ? *(const uint4*)(x + (long)r * k + kk) : zero;
+                }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    u32 a0[4] = {xv[u][m][0].x, xv[u][m][1].x, xv[u][m][0].y, xv[u][m][1].y};
+                    mma16816(acc[i][m], a0, wv[u][i].x, wv[u][i].y);
+                    u32 a1[4] = {xv[u][m][0].z, xv[u][m][1].z, xv[u][m][0].w, xv[u][m][1].w};
+                    mma16816(acc[i][m], a1, wv[u][i].z, wv[u][i].w);
+                }
+    }
+    if (split > 1) {
+        if (part != 0)
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) red[warp][i][m][e][lane] = acc[i][m][e];
+        __syncthreads();
+        if (part != 0) return;
+        for (int o = 1; o < split; o++)
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[i][m][e] += red[warp + o][i][m][e][lane];
+    }
+    if (!live) return;
+    // acc[i][m][2h + c] is input row 16m + g + 8h, column 2q + c of weight tile i.
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int r = 16 * m + g + 8 * h;
+            if (r >= t) continue;
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                if (EPI == EPI_GLU) {
+                    int col = group * 8 + 2 * q + c;
+                    if (col < n) y[(long)r * n + col] = silu(acc[0][m][2 * h + c]) * acc[1][m][2 * h + c];
+                    continue;
+                }
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    int col = group * 16 + 8 * i + 2 * q + c;
+                    if (col >= n) continue;
+                    float s = acc[i][m][2 * h + c];
+                    float* out = y + (long)r * n + col;
+                    if (EPI == EPI_STORE) *out = s;
+                    if (EPI == EPI_ADD) *out += s;
+                    if (EPI == EPI_SOFTPLUS) {
+                        float v = s + bias[col];
+                        *out = v > 20.0f ? v : log1pf(expf(v));
+                    }
+                }
+            }
+        }
+#endif
+}
+#define GEMM_ROWS(MT, NAME, EPI) \
+    extern "C" __global__ void __launch_bounds__(256) gemm_rows_##MT##_##NAME(const bf16_t* x, const bf16_t* w0, const bf16_t* w1, \
+                                                                            const float* bias, float* y, int t, int n, int k, int split) { \
+        gemm_rows<MT, EPI>(x, w0, w1, bias, y, t, n, k, split); \
+    }
+#define GEMM_ROWS_ALL(MT) \
+    GEMM_ROWS(MT, store, EPI_STORE) \
+    GEMM_ROWS(MT, add, EPI_ADD) \
+    GEMM_ROWS(MT, softplus, EPI_SOFTPLUS) \
+    GEMM_ROWS(MT, glu, EPI_GLU)
+GEMM_ROWS_ALL(1)
+GEMM_ROWS_ALL(2)
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2.
 __device__ void fuse_row(const float* ar, const float* yr, const float* w1, const float* w2, int e, float eps, float* out) {

@@ -1369,17 +1369,26 @@ GEMV(gemv_softplus_bf16, bf16_t, EPI_SOFTPLUS)
 GEMV(gemv_glu_bf16, bf16_t, EPI_GLU)
 
 // Products of decode batches (4 to 32 input rows, bf16 weights) on the tensor cores: y[r, j] =
-// x[r, :] · w[j, :], x given rounded to bf16 (as the cuBLAS path and the official bf16 model
-// take it), f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8
+// x[r, :] · w[j, :], x rounded to bf16 (as the cuBLAS path and the official bf16 model take it), f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8
 // weight rows) and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a
 // weight row (16 bytes) and the same 8 k of its two input rows of each tile; the two mma of a
 // 32-wide k step take those k in an order of their own (k is summed over, so any order A and B
-// share gives the product), so every load is a whole 16 bytes and nothing is shuffled. Work
+// share gives the product), so every load is a whole 16 bytes and nothing is shuffled. The
+// input comes as bf16 (rounded by `to_bf16`) or as f32, rounded here: the fewer bytes read
+// the more rows there are, one launch less the fewer. Work
 // comes in groups of two weight tiles (16 rows; for the gated MLP 8 rows of gate and the same 8
 // of up), `split` warps of a block splitting a group's k, their sums meeting in shared memory;
 // epilogues as the GEMV's. k % 8 == 0 (the host checks).
-template <int MT, int EPI>
-__device__ void gemm_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w0, const bf16_t* __restrict__ w1,
+// Eight inputs from element i (16-byte aligned) as bf16 pairs: rounded here from f32 (as
+// `to_bf16` rounds), or as stored.
+__device__ __forceinline__ uint4 x_bits8(const float* x, long i) {
+    float4 a = *(const float4*)(x + i), b = *(const float4*)(x + i + 4);
+    auto pack = [](float lo, float hi) { return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16); };
+    return make_uint4(pack(a.x, a.y), pack(a.z, a.w), pack(b.x, b.y), pack(b.z, b.w));
+}
+__device__ __forceinline__ uint4 x_bits8(const bf16_t* x, long i) { return *(const uint4*)(x + i); }
+template <int MT, int EPI, typename X>
+__device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0, const bf16_t* __restrict__ w1,
                           const float* __restrict__ bias, float* __restrict__ y, int t, int n, int k, int split) {
 #if __CUDA_ARCH__ >= 800
     __shared__ float red[8][2][MT][4][32];
@@ -1411,7 +1420,7 @@ __device__ void gemm_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict
     }
     wait_prior();
     // U chunks at a time, all their loads asked for before any is used.
-    constexpr int U = MT == 1 ? 4 : 2;
+    constexpr int U = MT == 1 && sizeof(X) == 2 ? 4 : 2;
     for (int c0 = lo; c0 < hi; c0 += U) {
         uint4 wv[U][2], xv[U][MT][2];
 #pragma unroll
@@ -1425,7 +1434,7 @@ __device__ void gemm_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     int r = 16 * m + g + 8 * h;
-                    xv[u][m][h] = in && r < t ? *(const uint4*)(x + (long)r * k + kk) : zero;
+                    xv[u][m][h] = in && r < t ? x_bits8(x, (long)r * k + kk) : zero;
                 }
         }
 #pragma unroll
@@ -1490,18 +1499,19 @@ __device__ void gemm_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict
         }
 #endif
 }
-#define GEMM_ROWS(MT, NAME, EPI) \
-    extern "C" __global__ void __launch_bounds__(256) gemm_rows_##MT##_##NAME(const bf16_t* x, const bf16_t* w0, const bf16_t* w1, \
-                                                                            const float* bias, float* y, int t, int n, int k, int split) { \
-        gemm_rows<MT, EPI>(x, w0, w1, bias, y, t, n, k, split); \
+#define GEMM_ROWS(XN, X, MT, NAME, EPI) \
+    extern "C" __global__ void __launch_bounds__(256) gemm_rows_##XN##_##MT##_##NAME(const X* x, const bf16_t* w0, const bf16_t* w1, \
+                                                                                   const float* bias, float* y, int t, int n, int k, int split) { \
+        gemm_rows<MT, EPI, X>(x, w0, w1, bias, y, t, n, k, split); \
     }
-#define GEMM_ROWS_ALL(MT) \
-    GEMM_ROWS(MT, store, EPI_STORE) \
-    GEMM_ROWS(MT, add, EPI_ADD) \
-    GEMM_ROWS(MT, softplus, EPI_SOFTPLUS) \
-    GEMM_ROWS(MT, glu, EPI_GLU)
-GEMM_ROWS_ALL(1)
-GEMM_ROWS_ALL(2)
+#define GEMM_ROWS_ALL(XN, X, MT) \
+    GEMM_ROWS(XN, X, MT, store, EPI_STORE) \
+    GEMM_ROWS(XN, X, MT, add, EPI_ADD) \
+    GEMM_ROWS(XN, X, MT, softplus, EPI_SOFTPLUS) \
+    GEMM_ROWS(XN, X, MT, glu, EPI_GLU)
+GEMM_ROWS_ALL(f32, float, 1)
+GEMM_ROWS_ALL(bf16, bf16_t, 1)
+GEMM_ROWS_ALL(bf16, bf16_t, 2)
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2.
 __device__ void fuse_row(const float* ar, const float* yr, const float* w1, const float* w2, int e, float eps, float* out) {

@@ -293,7 +293,8 @@ struct Kernels {
     attention_mma: Vec<((usize, usize), Kernel)>,
     /// `[f32 weights, bf16 weights][Epilogue]`
     gemv: [[Kernel; 4]; 2],
-    /// `[up to 16 rows, 32][Epilogue]`, bf16 weights, sm_80 and later (else empty).
+    /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][Epilogue]`, bf16
+    /// weights, sm_80 and later (else empty).
     gemm_rows: Vec<[Kernel; 4]>,
     fuse: Kernel,
     kv_put: Kernel,
@@ -390,6 +391,10 @@ const GEMV_ROWS: usize = 8;
 /// at 64 cuBLAS (the kernel's input reads from L2 grow with its row tiles).
 const GEMM_ROWS_FROM: usize = 4;
 const GEMM_ROWS: usize = 32;
+/// Rows up to which `gemm_rows` takes its input in f32 and rounds it itself (no `to_bf16`
+/// launch): on an H200 batch 4 and 8 read 1185-1248 and 2044-2071 tok/s so against 1062-1088 and
+/// 1878-1907, batch 16 and 32 2940-2999 and 3837-3886 against 3288-3346 and 5446-5512.
+const GEMM_F32_INPUT_UP_TO: usize = 8;
 /// Decode steps of up to this many sequences are captured as CUDA graphs (cuBLAS included; on
 /// an H200 batch 64 read 7781-8345 tok/s captured, batch 256 no faster captured than not).
 const GRAPH_ROWS: usize = 64;
@@ -655,11 +660,13 @@ impl Cuda {
                 ],
             ],
             gemm_rows: if major >= 8 {
-                [1, 2]
+                [("f32", 1), ("bf16", 1), ("bf16", 2)]
                     .iter()
-                    .map(|mt| {
+                    .map(|(x, mt)| {
                         let g = |epi: &str| {
-                            f(Box::leak(format!("gemm_rows_{mt}_{epi}").into_boxed_str()))
+                            f(Box::leak(
+                                format!("gemm_rows_{x}_{mt}_{epi}").into_boxed_str(),
+                            ))
                         };
                         Ok::<_, Error>([g("store")?, g("add")?, g("softplus")?, g("glu")?])
                     })
@@ -1285,8 +1292,16 @@ impl Cuda {
         y: &mut DevRows,
         t: usize,
     ) {
-        let Some(xs) = self.rounded(x, false) else {
-            return;
+        // Few rows: the kernel rounds the f32 input itself; more: `to_bf16` first (half the
+        // input bytes for every weight tile to read).
+        let f32_input = t <= GEMM_F32_INPUT_UP_TO;
+        let xs = if f32_input {
+            self.p(x)
+        } else {
+            let Some(xs) = self.rounded(x, false) else {
+                return;
+            };
+            xs
         };
         let (w0, yp) = (w.data.ptr(&self.stream), self.p(y));
         let w1 = up.map_or(0, |u| u.data.ptr(&self.stream));
@@ -1307,9 +1322,9 @@ impl Cuda {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mt = (t > 16) as usize;
+        let variant = if f32_input { 0 } else { 1 + (t > 16) as usize };
         self.launch(
-            &self.k.gemm_rows[mt][epi as usize],
+            &self.k.gemm_rows[variant][epi as usize],
             cfg,
             &[&xs, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si],
         );

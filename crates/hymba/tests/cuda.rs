@@ -12,18 +12,24 @@ use hymba_kernels::testing::assert_close;
 /// The official outputs were computed in f32: an f32 engine lands within this (fixtures README).
 const TOL: f32 = 1e-3;
 
-/// Every kernel compiles, for the default target and for Hopper. In CI (CI=true) a missing
+/// Every kernel compiles, for the default target and for Hopper, and defines every kernel the
+/// backend loads on such a device (sm_70 for the default target). In CI (CI=true) a missing
 /// NVRTC is a failure; elsewhere the test says it could not run.
 #[test]
 fn kernels_compile_with_nvrtc() {
-    for arch in [None, Some("compute_90")] {
+    for (arch, major) in [(None, 7), (Some("compute_90"), 9)] {
         match compile_kernels(arch) {
             Ok(ptx) => {
                 let src = ptx.to_src();
-                assert!(
-                    src.contains(".entry attention"),
-                    "the PTX has no attention kernel"
-                );
+                let names = hymba::backend::cuda::kernel_names(major);
+                assert!(names.len() >= 30, "only {} kernel names", names.len());
+                for name in names {
+                    // `.entry name(`: the whole name, not a prefix of another's.
+                    assert!(
+                        src.contains(&format!(".entry {name}(")),
+                        "the backend loads kernel {name}, which kernels.cu does not define ({arch:?})"
+                    );
+                }
                 if arch.is_some() {
                     assert!(
                         src.contains("mma.sync.aligned.m16n8k16"),

@@ -266,38 +266,124 @@ struct Kernel {
     name: &'static str,
 }
 
-struct Kernels {
-    embed_f32: Kernel,
-    embed_bf16: Kernel,
-    rmsnorm: Kernel,
-    rmsnorm_parts: Kernel,
-    columns: Kernel,
-    split_in_proj: Kernel,
-    to_bf16: Kernel,
-    conv_silu: Kernel,
-    conv_state: Kernel,
-    conv_silu_step: Kernel,
-    softplus_bias: Kernel,
-    silu_mul: Kernel,
+/// The backend's kernels (`K`: a loaded kernel; a name where only the names are wanted).
+struct Kernels<K = Kernel> {
+    embed_f32: K,
+    embed_bf16: K,
+    rmsnorm: K,
+    rmsnorm_parts: K,
+    columns: K,
+    split_in_proj: K,
+    to_bf16: K,
+    conv_silu: K,
+    conv_state: K,
+    conv_silu_step: K,
+    softplus_bias: K,
+    silu_mul: K,
     /// `[up to 16 states, up to 32]`
-    scan_chunk_end: [Kernel; 2],
-    scan_chunk_carry: Kernel,
-    scan_chunk_out: [Kernel; 2],
+    scan_chunk_end: [K; 2],
+    scan_chunk_carry: K,
+    scan_chunk_out: [K; 2],
     /// `[up to 16 states, up to 32][f32 dt_proj, bf16 dt_proj]`
-    ssm_step: [[Kernel; 2]; 2],
+    ssm_step: [[K; 2]; 2],
     /// `[dv up to 128, up to 256]`
-    attention: [Kernel; 2],
-    attention_gqa: Kernel,
-    attention_tiles: Kernel,
+    attention: [K; 2],
+    attention_gqa: K,
+    attention_tiles: K,
     /// Tensor-core prefill attention over bf16 K/V, by (dk, dv) (sm_80 and later).
-    attention_mma: Vec<((usize, usize), Kernel)>,
+    attention_mma: Vec<((usize, usize), K)>,
     /// `[f32 weights, bf16 weights][Epilogue]`
-    gemv: [[Kernel; 4]; 2],
+    gemv: [[K; 4]; 2],
     /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][Epilogue]`, bf16
     /// weights, sm_80 and later (else empty).
-    gemm_rows: Vec<[Kernel; 4]>,
-    fuse: Kernel,
-    kv_put: Kernel,
+    gemm_rows: Vec<[K; 4]>,
+    fuse: K,
+    kv_put: K,
+}
+
+impl<K> Kernels<K> {
+    /// Every kernel, by its name in kernels.cu, for a device of compute capability `major`.
+    fn load(major: i32, f: &dyn Fn(&'static str) -> Result<K>) -> Result<Kernels<K>> {
+        Ok(Kernels {
+            embed_f32: f("embed_f32")?,
+            embed_bf16: f("embed_bf16")?,
+            rmsnorm: f("rmsnorm")?,
+            rmsnorm_parts: f("rmsnorm_parts")?,
+            columns: f("columns")?,
+            split_in_proj: f("split_in_proj")?,
+            to_bf16: f("to_bf16")?,
+            conv_silu: f("conv_silu")?,
+            conv_state: f("conv_state")?,
+            conv_silu_step: f("conv_silu_step")?,
+            softplus_bias: f("softplus_bias")?,
+            silu_mul: f("silu_mul")?,
+            scan_chunk_end: [f("scan_chunk_end_16")?, f("scan_chunk_end_32")?],
+            scan_chunk_carry: f("scan_chunk_carry")?,
+            scan_chunk_out: [f("scan_chunk_out_16")?, f("scan_chunk_out_32")?],
+            ssm_step: [
+                [f("ssm_step_16_f32")?, f("ssm_step_16_bf16")?],
+                [f("ssm_step_32_f32")?, f("ssm_step_32_bf16")?],
+            ],
+            attention: [f("attention_4")?, f("attention_8")?],
+            attention_gqa: f("attention_gqa")?,
+            attention_tiles: f("attention_tiles")?,
+            attention_mma: if major >= 8 {
+                MMA_SHAPES
+                    .iter()
+                    .map(|&(dk, dv)| {
+                        let name: &'static str =
+                            Box::leak(format!("attention_mma_{dk}_{dv}").into_boxed_str());
+                        Ok::<_, Error>(((dk, dv), f(name)?))
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            },
+            gemv: [
+                [
+                    f("gemv_f32")?,
+                    f("gemv_add_f32")?,
+                    f("gemv_softplus_f32")?,
+                    f("gemv_glu_f32")?,
+                ],
+                [
+                    f("gemv_bf16")?,
+                    f("gemv_add_bf16")?,
+                    f("gemv_softplus_bf16")?,
+                    f("gemv_glu_bf16")?,
+                ],
+            ],
+            gemm_rows: if major >= 8 {
+                [("f32", 1), ("bf16", 1), ("bf16", 2)]
+                    .iter()
+                    .map(|(x, mt)| {
+                        let g = |epi: &str| {
+                            f(Box::leak(
+                                format!("gemm_rows_{x}_{mt}_{epi}").into_boxed_str(),
+                            ))
+                        };
+                        Ok::<_, Error>([g("store")?, g("add")?, g("softplus")?, g("glu")?])
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            },
+            fuse: f("fuse")?,
+            kv_put: f("kv_put")?,
+        })
+    }
+}
+
+/// The names of the kernels the backend loads on a device of compute capability `major`: a
+/// test checks that kernels.cu defines each (a misspelt one fails only on a GPU otherwise).
+pub fn kernel_names(major: i32) -> Vec<&'static str> {
+    let names = std::cell::RefCell::new(Vec::new());
+    let record = |name: &'static str| {
+        names.borrow_mut().push(name);
+        Ok(())
+    };
+    let _ = Kernels::load(major, &record);
+    names.into_inner()
 }
 
 /// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the MLP's up
@@ -610,73 +696,7 @@ impl Cuda {
                 .map_err(|e| device_err(&format!("kernel {name}"), e))?;
             Ok::<_, Error>(Kernel { f, name })
         };
-        let k = Kernels {
-            embed_f32: f("embed_f32")?,
-            embed_bf16: f("embed_bf16")?,
-            rmsnorm: f("rmsnorm")?,
-            rmsnorm_parts: f("rmsnorm_parts")?,
-            columns: f("columns")?,
-            split_in_proj: f("split_in_proj")?,
-            to_bf16: f("to_bf16")?,
-            conv_silu: f("conv_silu")?,
-            conv_state: f("conv_state")?,
-            conv_silu_step: f("conv_silu_step")?,
-            softplus_bias: f("softplus_bias")?,
-            silu_mul: f("silu_mul")?,
-            scan_chunk_end: [f("scan_chunk_end_16")?, f("scan_chunk_end_32")?],
-            scan_chunk_carry: f("scan_chunk_carry")?,
-            scan_chunk_out: [f("scan_chunk_out_16")?, f("scan_chunk_out_32")?],
-            ssm_step: [
-                [f("ssm_step_16_f32")?, f("ssm_step_16_bf16")?],
-                [f("ssm_step_32_f32")?, f("ssm_step_32_bf16")?],
-            ],
-            attention: [f("attention_4")?, f("attention_8")?],
-            attention_gqa: f("attention_gqa")?,
-            attention_tiles: f("attention_tiles")?,
-            attention_mma: if major >= 8 {
-                MMA_SHAPES
-                    .iter()
-                    .map(|&(dk, dv)| {
-                        let name: &'static str =
-                            Box::leak(format!("attention_mma_{dk}_{dv}").into_boxed_str());
-                        Ok::<_, Error>(((dk, dv), f(name)?))
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            },
-            gemv: [
-                [
-                    f("gemv_f32")?,
-                    f("gemv_add_f32")?,
-                    f("gemv_softplus_f32")?,
-                    f("gemv_glu_f32")?,
-                ],
-                [
-                    f("gemv_bf16")?,
-                    f("gemv_add_bf16")?,
-                    f("gemv_softplus_bf16")?,
-                    f("gemv_glu_bf16")?,
-                ],
-            ],
-            gemm_rows: if major >= 8 {
-                [("f32", 1), ("bf16", 1), ("bf16", 2)]
-                    .iter()
-                    .map(|(x, mt)| {
-                        let g = |epi: &str| {
-                            f(Box::leak(
-                                format!("gemm_rows_{x}_{mt}_{epi}").into_boxed_str(),
-                            ))
-                        };
-                        Ok::<_, Error>([g("store")?, g("add")?, g("softplus")?, g("glu")?])
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            },
-            fuse: f("fuse")?,
-            kv_put: f("kv_put")?,
-        };
+        let k = Kernels::load(major, &f)?;
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx
             .new_stream()

@@ -29,27 +29,29 @@ fn columns_into(m: &[f32], width: usize, from: usize, n: usize, out: &mut Vec<f3
     }
 }
 
-fn columns(m: &[f32], width: usize, from: usize, n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(m.len() / width.max(1) * n);
-    columns_into(m, width, from, n, &mut out);
-    out
-}
-
 /// `out` resized to `n` elements; what it held is overwritten by the caller.
 fn shape(out: &mut Vec<f32>, n: usize) -> &mut [f32] {
     out.resize(n, 0.0);
     &mut out[..]
 }
 
-/// A buffer of the calling thread for an intermediate product (kept between calls, so a step
-/// allocates once per shape).
-fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
-    thread_local!(static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
-    // A task that rayon runs on this thread while it waits inside `f` gets a buffer of its own.
-    SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut b) => f(&mut b),
-        Err(_) => f(&mut Vec::new()),
-    })
+/// Buffers of the calling thread for intermediate results, kept between calls: a step allocates
+/// (and the kernel zeroes fresh pages) once per shape, not once per layer. A call made while the
+/// thread's buffers are out (rayon running another task here) takes new ones, returned after.
+fn with_buffers<const N: usize, R>(f: impl FnOnce(&mut [Vec<f32>; N]) -> R) -> R {
+    thread_local!(static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) });
+    let mut bufs: [Vec<f32>; N] =
+        std::array::from_fn(|_| POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default());
+    let r = f(&mut bufs);
+    POOL.with(|p| p.borrow_mut().extend(bufs));
+    r
+}
+
+/// `buf` as `n` zeros (its storage kept).
+fn zeroed(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    buf.clear();
+    buf.resize(n, 0.0);
+    &mut buf[..]
 }
 
 /// RoPE (rotate-half) on every head of every row, at each sequence's positions.
@@ -123,39 +125,26 @@ impl VectorInfo for Vec<f32> {
 }
 
 /// The selective scan's input-dependent parameters (spec §3.3) of every row, from x_proj's
-/// output: B and C (RMS-normed where the layer has inner norms), and Δ = softplus(δr · dt_projᵀ
-/// + bias) from δr (normed likewise).
-struct ScanParams {
-    b: Vec<f32>,
-    c: Vec<f32>,
-    delta: Vec<f32>,
-}
-
-impl ScanParams {
-    fn new(s: &ScanInput<Cpu>, n: usize) -> ScanParams {
-        let r = s.dt_rank;
-        let pw = r + 2 * n;
-        let part = |from: usize, len: usize, w: Option<&Vec<f32>>| {
-            let mut out = columns(s.proj, pw, from, len);
-            if let Some(w) = w {
-                norm::rmsnorm_inplace(&mut out, w, s.eps);
-            }
-            out
-        };
-        let norm_of = |i: usize| s.norms.map(|w| &w[i]);
-        let dr = part(0, r, norm_of(0));
-        let m = s.dt_proj.mat();
-        let mut delta = vec![0.0; dr.len() / r.max(1) * m.rows];
-        matmul(&dr, m, &mut delta);
-        delta
-            .par_chunks_mut(s.dt_bias.len())
-            .for_each(|row| act::softplus_bias(row, s.dt_bias));
-        ScanParams {
-            b: part(r, n, norm_of(1)),
-            c: part(r + n, n, norm_of(2)),
-            delta,
+/// output, into `b`, `c` and `delta`: B and C (RMS-normed where the layer has inner norms), and
+/// Δ = softplus(δr · dt_projᵀ + bias) from δr (normed likewise; `dr` is scratch for it).
+fn scan_params(s: &ScanInput<Cpu>, n: usize, [b, c, delta, dr]: [&mut Vec<f32>; 4]) {
+    let r = s.dt_rank;
+    let pw = r + 2 * n;
+    let part = |from: usize, len: usize, w: Option<&Vec<f32>>, out: &mut Vec<f32>| {
+        columns_into(s.proj, pw, from, len, out);
+        if let Some(w) = w {
+            norm::rmsnorm_inplace(out, w, s.eps);
         }
-    }
+    };
+    let norm_of = |i: usize| s.norms.map(|w| &w[i]);
+    part(0, r, norm_of(0), dr);
+    let m = s.dt_proj.mat();
+    matmul(dr, m, zeroed(delta, dr.len() / r.max(1) * m.rows));
+    delta
+        .par_chunks_mut(s.dt_bias.len())
+        .for_each(|row| act::softplus_bias(row, s.dt_bias));
+    part(r, n, norm_of(1), b);
+    part(r + n, n, norm_of(2), c);
 }
 
 impl Backend for Cpu {
@@ -258,7 +247,7 @@ impl Backend for Cpu {
     }
 
     fn matmul_add(&self, x: &Vec<f32>, w: &Tensor, h: &mut Vec<f32>) {
-        with_scratch(|y| {
+        with_buffers(|[y]| {
             self.matmul(x, w, y);
             assert_eq!(h.len(), y.len());
             for (a, b) in h.iter_mut().zip(y.iter()) {
@@ -269,7 +258,7 @@ impl Backend for Cpu {
 
     fn glu(&self, x: &Vec<f32>, gate: &Tensor, up: &Tensor, out: &mut Vec<f32>) {
         self.matmul(x, gate, out);
-        with_scratch(|u| {
+        with_buffers(|[u]| {
             self.matmul(x, up, u);
             let width = gate.mat().rows;
             out.par_chunks_mut(width)
@@ -319,8 +308,16 @@ impl Backend for Cpu {
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
         let out = shape(out, t * e);
         per_seq(out, e, seqs).into_par_iter().for_each(|(s, o)| {
-            let x = columns(&p[s.rows.start * width..s.rows.end * width], width, from, e);
-            causal_conv(&x, &mut s.states[layer].conv, taps, bias, o);
+            with_buffers(|[x]| {
+                columns_into(
+                    &p[s.rows.start * width..s.rows.end * width],
+                    width,
+                    from,
+                    e,
+                    x,
+                );
+                causal_conv(x, &mut s.states[layer].conv, taps, bias, o);
+            });
             act::silu_inplace(o);
         });
     }
@@ -336,80 +333,82 @@ impl Backend for Cpu {
         let e = fuse.attn_norm.len();
         let n = ssm.a.len() / e;
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
-        let params = ScanParams::new(ssm, n);
-        let (qw, kw) = (at.heads.q * at.heads.dk, at.heads.kv * at.heads.dk);
-        let vw = at.heads.kv * at.heads.dv;
-        let shape_ = AttnShape {
-            heads: at.heads.q,
-            kv_heads: at.heads.kv,
-            dk: at.heads.dk,
-            dv: at.heads.dv,
-        };
-        let scale = 1.0 / (at.heads.dk as f32).sqrt();
-        let mut y = vec![0.0; t * e];
-        let mut attn = vec![0.0; t * e];
-        let out = shape(out, t * e);
-        let mut parts = Vec::with_capacity(seqs.len());
-        let (mut a_rest, mut y_rest, mut f_rest) = (&mut attn[..], &mut y[..], &mut out[..]);
-        for s in seqs.iter_mut() {
-            let len = s.rows.len() * e;
-            let (a, ar) = std::mem::take(&mut a_rest).split_at_mut(len);
-            let (ys, yr) = std::mem::take(&mut y_rest).split_at_mut(len);
-            let (f, fr) = std::mem::take(&mut f_rest).split_at_mut(len);
-            (a_rest, y_rest, f_rest) = (ar, yr, fr);
-            parts.push((s, a, ys, f));
-        }
-        parts.into_par_iter().for_each(|(s, a, ys, fs)| {
-            let rows = s.rows.clone();
-            let qs = &at.q[rows.start * qw..rows.end * qw];
-            let (k, v) = (
-                &at.k[rows.start * kw..rows.end * kw],
-                &at.v[rows.start * vw..rows.end * vw],
-            );
-            let pos: Vec<usize> = (s.pos0..s.pos0 + rows.len()).collect();
-            let mask = at.mask(s);
-            let visible = move |tq: usize, sk: usize| mask.sees(tq, sk);
-            let past = &s.past[at.group];
-            let state = &mut s.states[ssm.layer].ssm;
-            let inp = scan::ScanInput {
-                x: &ssm.x[rows.start * e..rows.end * e],
-                delta: &params.delta[rows.start * e..rows.end * e],
-                a: ssm.a,
-                b: &params.b[rows.start * n..rows.end * n],
-                c: &params.c[rows.start * n..rows.end * n],
-                d: ssm.d,
+        with_buffers(|[b, c, delta, dr, y, attn]| {
+            scan_params(ssm, n, [b, c, delta, dr]);
+            let (b, c, delta) = (&*b, &*c, &*delta);
+            let (qw, kw) = (at.heads.q * at.heads.dk, at.heads.kv * at.heads.dk);
+            let vw = at.heads.kv * at.heads.dv;
+            let shape_ = AttnShape {
+                heads: at.heads.q,
+                kv_heads: at.heads.kv,
+                dk: at.heads.dk,
+                dv: at.heads.dv,
             };
-            // The two heads side by side: a core that finishes its share of one takes work from
-            // the other.
-            rayon::join(
-                || match at.kv_dtype {
-                    KvDtype::F32 => {
-                        let blocks = with_new_rows(past, KvView::f32, k, v, kw, s.pos0);
-                        attention(qs, &pos, &blocks, shape_, scale, &visible, a)
-                    }
-                    KvDtype::BF16 => {
-                        let narrow = |r: &[f32]| -> Vec<bf16> {
-                            r.iter().map(|&x| bf16::from_f32(x)).collect()
-                        };
-                        let (k, v) = (narrow(k), narrow(v));
-                        let blocks = with_new_rows(past, KvView::bf16, &k, &v, kw, s.pos0);
-                        attention(qs, &pos, &blocks, shape_, scale, &visible, a)
-                    }
-                },
-                || {
-                    scan::selective_scan(&inp, state, ys);
-                    let mut gate = ssm.z[rows.start * e..rows.end * e].to_vec();
-                    act::silu_inplace(&mut gate);
-                    for (v, g) in ys.iter_mut().zip(&gate) {
-                        *v *= g;
-                    }
-                },
-            );
-            norm::rmsnorm(a, fuse.attn_norm, fuse.eps, fs);
-            norm::rmsnorm_inplace(ys, fuse.ssm_norm, fuse.eps);
-            for (f, y) in fs.iter_mut().zip(ys.iter()) {
-                *f = (*f + y) * 0.5;
+            let scale = 1.0 / (at.heads.dk as f32).sqrt();
+            let (y, attn) = (zeroed(y, t * e), zeroed(attn, t * e));
+            let out = shape(out, t * e);
+            let mut parts = Vec::with_capacity(seqs.len());
+            let (mut a_rest, mut y_rest, mut f_rest) = (attn, y, &mut out[..]);
+            for s in seqs.iter_mut() {
+                let len = s.rows.len() * e;
+                let (a, ar) = std::mem::take(&mut a_rest).split_at_mut(len);
+                let (ys, yr) = std::mem::take(&mut y_rest).split_at_mut(len);
+                let (f, fr) = std::mem::take(&mut f_rest).split_at_mut(len);
+                (a_rest, y_rest, f_rest) = (ar, yr, fr);
+                parts.push((s, a, ys, f));
             }
-        });
+            parts.into_par_iter().for_each(|(s, a, ys, fs)| {
+                let rows = s.rows.clone();
+                let qs = &at.q[rows.start * qw..rows.end * qw];
+                let (k, v) = (
+                    &at.k[rows.start * kw..rows.end * kw],
+                    &at.v[rows.start * vw..rows.end * vw],
+                );
+                let pos: Vec<usize> = (s.pos0..s.pos0 + rows.len()).collect();
+                let mask = at.mask(s);
+                let visible = move |tq: usize, sk: usize| mask.sees(tq, sk);
+                let past = &s.past[at.group];
+                let state = &mut s.states[ssm.layer].ssm;
+                let inp = scan::ScanInput {
+                    x: &ssm.x[rows.start * e..rows.end * e],
+                    delta: &delta[rows.start * e..rows.end * e],
+                    a: ssm.a,
+                    b: &b[rows.start * n..rows.end * n],
+                    c: &c[rows.start * n..rows.end * n],
+                    d: ssm.d,
+                };
+                // The two heads side by side: a core that finishes its share of one takes work from
+                // the other.
+                rayon::join(
+                    || match at.kv_dtype {
+                        KvDtype::F32 => {
+                            let blocks = with_new_rows(past, KvView::f32, k, v, kw, s.pos0);
+                            attention(qs, &pos, &blocks, shape_, scale, &visible, a)
+                        }
+                        KvDtype::BF16 => {
+                            let narrow = |r: &[f32]| -> Vec<bf16> {
+                                r.iter().map(|&x| bf16::from_f32(x)).collect()
+                            };
+                            let (k, v) = (narrow(k), narrow(v));
+                            let blocks = with_new_rows(past, KvView::bf16, &k, &v, kw, s.pos0);
+                            attention(qs, &pos, &blocks, shape_, scale, &visible, a)
+                        }
+                    },
+                    || {
+                        scan::selective_scan(&inp, state, ys);
+                        let mut gate = ssm.z[rows.start * e..rows.end * e].to_vec();
+                        act::silu_inplace(&mut gate);
+                        for (v, g) in ys.iter_mut().zip(&gate) {
+                            *v *= g;
+                        }
+                    },
+                );
+                norm::rmsnorm(a, fuse.attn_norm, fuse.eps, fs);
+                norm::rmsnorm_inplace(ys, fuse.ssm_norm, fuse.eps);
+                for (f, y) in fs.iter_mut().zip(ys.iter()) {
+                    *f = (*f + y) * 0.5;
+                }
+            });
+        })
     }
 }

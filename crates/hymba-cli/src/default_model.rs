@@ -61,6 +61,12 @@ pub fn load_model_on<B: Backend>(
             let m = Model::load_on_reporting(b, d, q, &mut |done, total| {
                 bar.set_message(format!("{what}: layer {done} of {total} ready"))
             })
+            .and_then(|m| {
+                // The meta tokens' K/V and states, once per model: a forward of its own.
+                let n = m.config.num_memory_tokens;
+                bar.set_message(format!("{what}: computing the prefix of {n} meta tokens"));
+                m.ready().map(|()| m)
+            })
             .with_context(|| format!("loading model from {}", d.display()));
             bar.finish_and_clear();
             m
@@ -71,7 +77,7 @@ pub fn load_model_on<B: Backend>(
 
 /// A spinner with the time spent while a checkpoint loads (mapping, then packing, quantizing or
 /// copying to the GPU the weights layer by layer, which its message counts: seconds for a 3 GB
-/// model), and what it says of the checkpoint. Drawn on a terminal only: a redirected stderr
+/// model; then the meta-token prefix), and what it says of the checkpoint. Drawn on a terminal only: a redirected stderr
 /// gets nothing.
 fn loading_spinner(dir: &Path, quant: Option<&str>) -> (indicatif::ProgressBar, String) {
     let bytes: u64 = std::fs::read_dir(dir)

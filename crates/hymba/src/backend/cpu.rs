@@ -38,12 +38,17 @@ fn shape(out: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// Buffers of the calling thread for intermediate results, kept between calls: a step allocates
 /// (and the kernel zeroes fresh pages) once per shape, not once per layer. A call made while the
 /// thread's buffers are out (rayon running another task here) takes new ones, returned after.
+/// Buffers past POOL_KEEP floats (a long prompt's) are freed, not kept: the pool stays small.
 fn with_buffers<const N: usize, R>(f: impl FnOnce(&mut [Vec<f32>; N]) -> R) -> R {
+    const POOL_KEEP: usize = 16 << 20;
     thread_local!(static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) });
     let mut bufs: [Vec<f32>; N] =
         std::array::from_fn(|_| POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default());
     let r = f(&mut bufs);
-    POOL.with(|p| p.borrow_mut().extend(bufs));
+    POOL.with(|p| {
+        let kept = bufs.into_iter().filter(|b| b.capacity() <= POOL_KEEP);
+        p.borrow_mut().extend(kept)
+    });
     r
 }
 

@@ -469,7 +469,8 @@ const SCAN_CHUNK: usize = 64;
 const CONV_STEP_UP_TO: usize = 8;
 
 /// Rows up to which a matrix product runs as one pass of warps over the weights (the kernel's
-/// GEMV_ROWS) rather than through cuBLAS.
+/// GEMV_ROWS) rather than through cuBLAS, where `gemm_rows` does not take it (f32 weights, or
+/// fewer than GEMM_ROWS_FROM rows).
 const GEMV_ROWS: usize = 8;
 /// Input rows for which bf16 products run on `gemm_rows` (the tensor cores, weights streamed
 /// once; up to 16 · the kernels' largest MT). Measured on an H200 over whole decode steps: at 2

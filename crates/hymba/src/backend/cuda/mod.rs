@@ -1299,6 +1299,23 @@ impl Cuda {
         }
     }
 
+    /// Blocks of 8 warps over `units` pieces of work (the matrix kernels' row pairs or groups):
+    /// the fewest warps a unit among `splits` that still give the card four blocks a
+    /// multiprocessor, else 8; that count and the launch shape.
+    fn warps_per_unit(&self, units: usize, splits: &[usize]) -> (i32, LaunchConfig) {
+        let split = splits
+            .iter()
+            .copied()
+            .find(|s| units.div_ceil(8 / s) >= 4 * self.sms)
+            .unwrap_or(8);
+        let cfg = LaunchConfig {
+            grid_dim: (units.div_ceil(8 / split) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (split as i32, cfg)
+    }
+
     /// `product` of GEMM_ROWS_FROM to GEMM_ROWS rows on the tensor cores: groups of 16 weight rows (8 of gate
     /// and of up) in blocks of 8 warps, as many warps a group (1, 2, 4 or 8, splitting k) as
     /// give the card four blocks a multiprocessor.
@@ -1333,16 +1350,7 @@ impl Cuda {
         } else {
             w.rows.div_ceil(16)
         };
-        let split = [1usize, 2, 4, 8]
-            .into_iter()
-            .find(|s| groups.div_ceil(8 / s) >= 4 * self.sms)
-            .unwrap_or(8);
-        let si = split as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (groups.div_ceil(8 / split) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (si, cfg) = self.warps_per_unit(groups, &[1, 2, 4, 8]);
         let variant = if f32_input { 0 } else { 1 + (t > 16) as usize };
         self.launch(
             &self.k.gemm_rows[variant][epi as usize],
@@ -1469,16 +1477,7 @@ impl Cuda {
             } else {
                 w.rows.div_ceil(2)
             };
-            let split = [2usize, 4, 8]
-                .into_iter()
-                .find(|s| pairs.div_ceil(8 / s) >= 4 * self.sms)
-                .unwrap_or(8);
-            let si = split as i32;
-            let cfg = LaunchConfig {
-                grid_dim: (pairs.div_ceil(8 / split) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let (si, cfg) = self.warps_per_unit(pairs, &[2, 4, 8]);
             return self.launch(
                 &self.k.gemv[wi][epi as usize],
                 cfg,

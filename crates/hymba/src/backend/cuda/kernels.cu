@@ -1368,17 +1368,6 @@ GEMV(gemv_add_bf16, bf16_t, EPI_ADD)
 GEMV(gemv_softplus_bf16, bf16_t, EPI_SOFTPLUS)
 GEMV(gemv_glu_bf16, bf16_t, EPI_GLU)
 
-// Products of decode batches (4 to 32 input rows, bf16 weights) on the tensor cores: y[r, j] =
-// x[r, :] · w[j, :], x rounded to bf16 (as the cuBLAS path and the official bf16 model take it), f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8
-// weight rows) and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a
-// weight row (16 bytes) and the same 8 k of its two input rows of each tile; the two mma of a
-// 32-wide k step take those k in an order of their own (k is summed over, so any order A and B
-// share gives the product), so every load is a whole 16 bytes and nothing is shuffled. The
-// input comes as bf16 (rounded by `to_bf16`) or as f32, rounded here: the fewer bytes read
-// the more rows there are, one launch less the fewer. Work
-// comes in groups of two weight tiles (16 rows; for the gated MLP 8 rows of gate and the same 8
-// of up), `split` warps of a block splitting a group's k, their sums meeting in shared memory;
-// epilogues as the GEMV's. k % 8 == 0 (the host checks).
 // Eight inputs from element i (16-byte aligned) as bf16 pairs: rounded here from f32 (as
 // `to_bf16` rounds), or as stored.
 __device__ __forceinline__ uint4 x_bits8(const float* x, long i) {
@@ -1387,6 +1376,18 @@ __device__ __forceinline__ uint4 x_bits8(const float* x, long i) {
     return make_uint4(pack(a.x, a.y), pack(a.z, a.w), pack(b.x, b.y), pack(b.z, b.w));
 }
 __device__ __forceinline__ uint4 x_bits8(const bf16_t* x, long i) { return *(const uint4*)(x + i); }
+
+// Products of decode batches (4 to 32 input rows, bf16 weights) on the tensor cores: y[r, j] =
+// x[r, :] · w[j, :], x rounded to bf16 (as the cuBLAS path and the official bf16 model take it),
+// f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8 weight rows) and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a
+// weight row (16 bytes) and the same 8 k of its two input rows of each tile; the two mma of a
+// 32-wide k step take those k in an order of their own (k is summed over, so any order A and B
+// share gives the product), so every load is a whole 16 bytes and nothing is shuffled. The
+// input comes as bf16 (rounded by `to_bf16`: fewer bytes to read, which pays with many rows)
+// or as f32, rounded here (no launch before, which pays with few). Work
+// comes in groups of two weight tiles (16 rows; for the gated MLP 8 rows of gate and the same 8
+// of up), `split` warps of a block splitting a group's k, their sums meeting in shared memory;
+// epilogues as the GEMV's. k % 8 == 0 (the host checks).
 template <int MT, int EPI, typename X>
 __device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0, const bf16_t* __restrict__ w1,
                           const float* __restrict__ bias, float* __restrict__ y, int t, int n, int k, int split) {

@@ -1379,8 +1379,9 @@ __device__ __forceinline__ uint4 x_bits8(const bf16_t* x, long i) { return *(con
 
 // Products of decode batches (4 to 32 input rows, bf16 weights) on the tensor cores: y[r, j] =
 // x[r, :] · w[j, :], x rounded to bf16 (as the cuBLAS path and the official bf16 model take it),
-// f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8 weight rows) and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a
-// weight row (16 bytes) and the same 8 k of its two input rows of each tile; the two mma of a
+// f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8 weight rows)
+// and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a weight row
+// (16 bytes) and the same 8 k of its two input rows of each tile; the two mma of a
 // 32-wide k step take those k in an order of their own (k is summed over, so any order A and B
 // share gives the product), so every load is a whole 16 bytes and nothing is shuffled. The
 // input comes as bf16 (rounded by `to_bf16`: fewer bytes to read, which pays with many rows)

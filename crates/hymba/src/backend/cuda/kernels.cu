@@ -197,10 +197,16 @@ extern "C" __global__ void split_in_proj(const float* p, InProjParts s, const in
     }
 }
 
+// Four values a thread a load (x and out start 16- and 8-byte aligned: buffer starts).
 extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
     grid_dep();
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        out[i] = f32_to_bf16(x[i]);
+    long stride = (long)gridDim.x * blockDim.x, n4 = n / 4;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += stride) {
+        float4 v = ((const float4*)x)[i];
+        ((uint2*)out)[i] = make_uint2((u32)f32_to_bf16(v.x) | ((u32)f32_to_bf16(v.y) << 16),
+                                      (u32)f32_to_bf16(v.z) | ((u32)f32_to_bf16(v.w) << 16));
+    }
+    for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) out[i] = f32_to_bf16(x[i]);
 }
 
 // One sequence of a step: its rows row0..row0+len of the step's activations, the position of
@@ -1044,12 +1050,14 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
 
 // Attention of prefill on the tensor cores (sm_80 and later), for K/V held in bf16: a block
 // takes FA_BQ consecutive query rows of one sequence and one head, 16 rows a warp; keys come
-// FA_BK at a time through shared memory (bf16, 16 bytes a load), scored with mma.sync
-// m16n8k16 and summed into the output the same way, V's fragments read transposed by ldmatrix
-// (flash attention 2: the scores stay in registers, one online softmax per row). Queries and probabilities are f32: each is
-// split into two bf16 terms, hi + lo (16 significant bits), and multiplied by both, so the
-// result is the f32 attention over bf16 keys and values that the other kernels compute, not a
-// bf16 one. Same sources, mask and skipping of invisible key blocks as `attention_tiles`.
+// FA_BK at a time through shared memory in two stages (the next block copied by cp.async while
+// this one is scored: bf16 all the way, this call's rows given as bf16 copies), scored with
+// mma.sync m16n8k16 and summed into the output the same way, V's fragments read transposed by
+// ldmatrix (flash attention 2: the scores stay in registers, one online softmax per row).
+// Queries and probabilities are f32: each is split into two bf16 terms, hi + lo (16 significant
+// bits), and multiplied by both, so the result is the f32 attention over bf16 keys and values
+// that the other kernels compute, not a bf16 one. Same sources, mask and skipping of invisible
+// key blocks as `attention_tiles`.
 #define FA_BQ 64
 #define FA_BK 64
 #define FA_PAD 8
@@ -1093,13 +1101,85 @@ __device__ __forceinline__ void ldmatrix_t4(const bf16_t* row, u32* b) {
 }
 #endif
 
+#if __CUDA_ARCH__ >= 800
+// 16 bytes from global to shared memory, not through registers (cp.async, cached in L2 only);
+// zeros where `bytes` is 0.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    u32 d;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+#endif
+
+// One block of keys of `attention_mma` in shared memory (bf16), with their positions.
+template <int DK, int DV>
+struct FaStage {
+    bf16_t k[FA_BK][DK + FA_PAD];
+    bf16_t v[FA_BK][DV + FA_PAD];
+    int pos[FA_BK];
+};
+
+// The next key block, from source si's row k0 on, that some row of a tile of queries at
+// positions tq_lo..tq_hi can see (a ring's blocks are all taken: the mask sorts them out); false
+// when none is left.
+__device__ bool fa_next(const KvSrc* src, int& si, int& k0, int tq_lo, int tq_hi, int global_, int meta, int window) {
+    for (; si < 3; si++, k0 = 0) {
+        const KvSrc& s = src[si];
+        for (; k0 < s.rows; k0 += FA_BK) {
+            if (s.pos) return true;
+            int plo = s.pos0 + k0, phi = plo + min(FA_BK, s.rows - k0) - 1;
+            if (plo > tq_hi) break;
+            if (!global_ && plo >= meta && tq_lo - phi > window) continue;
+            return true;
+        }
+    }
+    return false;
+}
+
+// Starts loading key block (s, k0) of K/V head kh into `st`: bf16 sources by cp.async (waited
+// for by the caller), f32 ones rounded here; zeros past the source's end.
+template <int DK, int DV>
+__device__ void fa_load(FaStage<DK, DV>& st, const KvSrc& s, int k0, int kh, int tid) {
+#if __CUDA_ARCH__ >= 800
+    int nk = min(FA_BK, s.rows - k0);
+    for (int i = tid; i < FA_BK * (DK + DV) / 8; i += 128) {
+        bool is_k = i < FA_BK * DK / 8;
+        int ii = is_k ? i : i - FA_BK * DK / 8, per = is_k ? DK / 8 : DV / 8;
+        int r = ii / per, j = ii % per * 8;
+        bf16_t* dst = is_k ? &st.k[r][j] : &st.v[r][j];
+        const void* base = is_k ? s.k : s.v;
+        long off = (long)(k0 + r) * (is_k ? s.k_stride : s.v_stride) + (long)kh * (is_k ? DK : DV) + j;
+        if (s.bf16) cp_async16(dst, r < nk ? (const void*)((const bf16_t*)base + off) : base, r < nk ? 16 : 0);
+        else *(uint4*)dst = r < nk ? kv_bits8(base, 0, off) : make_uint4(0, 0, 0, 0);
+    }
+    if (tid < FA_BK) st.pos[tid] = tid < nk ? (s.pos ? s.pos[k0 + tid] : s.pos0 + k0 + tid) : -1;
+#endif
+}
+
+// This call's rows of a sequence as a bf16 source (new_k, new_v: copies of the f32 rows).
+__device__ KvSrc own_rows_bf16(const bf16_t* new_k, const bf16_t* new_v, SeqInfo sq, int kw, int vw) {
+    KvSrc s;
+    s.k = new_k + sq.row0 * kw;
+    s.v = new_v + sq.row0 * vw;
+    s.pos = 0;
+    s.rows = sq.len;
+    s.pos0 = sq.pos0;
+    s.k_stride = kw;
+    s.v_stride = vw;
+    s.bf16 = 1;
+    return s;
+}
+
+// Dynamic shared memory: two FaStage<DK, DV> (the block being scored and the next, loading).
 template <int DK, int DV>
 __device__ void attention_mma(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past,
-                              const float* new_k, const float* new_v, int global_, int meta, float scale, float* out) {
+                              const bf16_t* new_k, const bf16_t* new_v, int global_, int meta, float scale, float* out) {
 #if __CUDA_ARCH__ >= 800
-    __shared__ __align__(16) bf16_t ks[FA_BK][DK + FA_PAD];
-    __shared__ __align__(16) bf16_t vs[FA_BK][DV + FA_PAD];
-    __shared__ int kpos[FA_BK];
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    FaStage<DK, DV>* st = (FaStage<DK, DV>*)fa_smem;
+    __shared__ KvSrc src[3];
     int2 tile = tiles[blockIdx.x];
     int h = blockIdx.y;
     SeqInfo sq = seqs[tile.x];
@@ -1113,6 +1193,11 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
     int window = sq.window;
     int tq[2] = {sq.pos0 + tile.y + wr + g, sq.pos0 + tile.y + wr + g + 8};
     bool ok[2] = {wr + g < nrows, wr + g + 8 < nrows};
+    if (tid == 0) {
+        src[0] = past[2 * tile.x];
+        src[1] = past[2 * tile.x + 1];
+        src[2] = own_rows_bf16(new_k, new_v, sq, kw, vw);
+    }
     u32 qh[DK / 16][4], ql[DK / 16][4];
 #pragma unroll
     for (int kk = 0; kk < DK / 16; kk++)
@@ -1127,96 +1212,93 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
 #pragma unroll
     for (int nt = 0; nt < DV / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
     int tq_lo = sq.pos0 + tile.y, tq_hi = tq_lo + nrows - 1;
-    KvSrc s0 = past[2 * tile.x], s1 = past[2 * tile.x + 1], s2 = own_rows(new_k, new_v, sq, kw, vw);
-    for (int si = 0; si < 3; si++) {
-        KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
-        for (int k0 = 0; k0 < s.rows; k0 += FA_BK) {
-            int nk = min(FA_BK, s.rows - k0);
-            // Every key of the block visible to every row of the tile: no mask to apply.
-            bool all = false;
-            if (!s.pos) {
-                int plo = s.pos0 + k0, phi = plo + nk - 1;
-                if (plo > tq_hi) break;
-                if (!global_ && plo >= meta && tq_lo - phi > window) continue;
-                all = nk == FA_BK && nrows == FA_BQ && phi <= tq_lo && (global_ || tq_hi - plo <= window || phi < meta);
-            }
-            __syncthreads();
-            const uint4 zero = make_uint4(0, 0, 0, 0);
-            for (int i = tid; i < FA_BK * DK / 8; i += blockDim.x) {
-                int r = i / (DK / 8), j = i % (DK / 8) * 8;
-                *(uint4*)&ks[r][j] = r < nk ? kv_bits8(s.k, s.bf16, (long)(k0 + r) * s.k_stride + (long)kh * DK + j) : zero;
-            }
-            for (int i = tid; i < FA_BK * DV / 8; i += blockDim.x) {
-                int r = i / (DV / 8), j = i % (DV / 8) * 8;
-                *(uint4*)&vs[r][j] = r < nk ? kv_bits8(s.v, s.bf16, (long)(k0 + r) * s.v_stride + (long)kh * DV + j) : zero;
-            }
-            if (tid < FA_BK) kpos[tid] = tid < nk ? (s.pos ? s.pos[k0 + tid] : s.pos0 + k0 + tid) : -1;
-            __syncthreads();
-            float sc[FA_BK / 8][4];
+    __syncthreads();
+    // Two stages: block i + 1 loads while block i is scored.
+    int si = 0, k0 = 0;
+    bool have = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
+    if (have) fa_load(st[0], src[si], k0, kh, tid);
+    cp_async_commit();
+    for (int stage = 0; have; stage ^= 1) {
+        const KvSrc& s = src[si];
+        int nk = min(FA_BK, s.rows - k0);
+        // Every key of the block visible to every row of the tile: no mask to apply.
+        bool all = false;
+        if (!s.pos) {
+            int plo = s.pos0 + k0, phi = plo + nk - 1;
+            all = nk == FA_BK && nrows == FA_BQ && phi <= tq_lo && (global_ || tq_hi - plo <= window || phi < meta);
+        }
+        k0 += FA_BK;
+        have = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
+        if (have) fa_load(st[stage ^ 1], src[si], k0, kh, tid);
+        cp_async_commit();
+        cp_async_wait_one();
+        __syncthreads();
+        const FaStage<DK, DV>& cur = st[stage];
+        float sc[FA_BK / 8][4];
 #pragma unroll
-            for (int nt = 0; nt < FA_BK / 8; nt++) {
-                sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+        for (int nt = 0; nt < FA_BK / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
 #pragma unroll
-                for (int kk = 0; kk < DK / 16; kk++) {
-                    const bf16_t* kr = &ks[nt * 8 + g][kk * 16 + c2];
-                    u32 b0 = *(const u32*)kr, b1 = *(const u32*)(kr + 8);
-                    mma16816(sc[nt], qh[kk], b0, b1);
-                    mma16816(sc[nt], ql[kk], b0, b1);
-                }
-            }
-#pragma unroll
-            for (int rr = 0; rr < 2; rr++) {
-                float mx = NEG_INF;
-#pragma unroll
-                for (int nt = 0; nt < FA_BK / 8; nt++)
-#pragma unroll
-                    for (int cc = 0; cc < 2; cc++) {
-                        if (!all) {
-                            int sp = kpos[nt * 8 + c2 + cc], t = tq[rr];
-                            bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
-                            if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
-                        }
-                        mx = fmaxf(mx, sc[nt][2 * rr + cc]);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                float mn = fmaxf(m[rr], mx);
-                float corr = m[rr] == NEG_INF ? 0.0f : expf(m[rr] - mn);
-                float rs = 0.0f;
-#pragma unroll
-                for (int nt = 0; nt < FA_BK / 8; nt++)
-#pragma unroll
-                    for (int cc = 0; cc < 2; cc++) {
-                        float& v = sc[nt][2 * rr + cc];
-                        v = v == NEG_INF ? 0.0f : expf(v - mn);
-                        rs += v;
-                    }
-                l[rr] = l[rr] * corr + rs;
-                m[rr] = mn;
-#pragma unroll
-                for (int nt = 0; nt < DV / 8; nt++) {
-                    o[nt][2 * rr] *= corr;
-                    o[nt][2 * rr + 1] *= corr;
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < FA_BK / 16; kk++) {
-                u32 ph[4], pl[4];
-                split2(sc[2 * kk][0], sc[2 * kk][1], ph[0], pl[0]);
-                split2(sc[2 * kk][2], sc[2 * kk][3], ph[1], pl[1]);
-                split2(sc[2 * kk + 1][0], sc[2 * kk + 1][1], ph[2], pl[2]);
-                split2(sc[2 * kk + 1][2], sc[2 * kk + 1][3], ph[3], pl[3]);
-#pragma unroll
-                for (int nt = 0; nt < DV / 8; nt += 2) {
-                    u32 b[4];
-                    ldmatrix_t4(&vs[kk * 16 + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
-                    mma16816(o[nt], ph, b[0], b[1]);
-                    mma16816(o[nt], pl, b[0], b[1]);
-                    mma16816(o[nt + 1], ph, b[2], b[3]);
-                    mma16816(o[nt + 1], pl, b[2], b[3]);
-                }
+            for (int kk = 0; kk < DK / 16; kk++) {
+                const bf16_t* kr = &cur.k[nt * 8 + g][kk * 16 + c2];
+                u32 b0 = *(const u32*)kr, b1 = *(const u32*)(kr + 8);
+                mma16816(sc[nt], qh[kk], b0, b1);
+                mma16816(sc[nt], ql[kk], b0, b1);
             }
         }
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < FA_BK / 8; nt++)
+#pragma unroll
+                for (int cc = 0; cc < 2; cc++) {
+                    if (!all) {
+                        int sp = cur.pos[nt * 8 + c2 + cc], t = tq[rr];
+                        bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
+                        if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
+                    }
+                    mx = fmaxf(mx, sc[nt][2 * rr + cc]);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float mn = fmaxf(m[rr], mx);
+            float corr = m[rr] == NEG_INF ? 0.0f : expf(m[rr] - mn);
+            float rs = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < FA_BK / 8; nt++)
+#pragma unroll
+                for (int cc = 0; cc < 2; cc++) {
+                    float& v = sc[nt][2 * rr + cc];
+                    v = v == NEG_INF ? 0.0f : expf(v - mn);
+                    rs += v;
+                }
+            l[rr] = l[rr] * corr + rs;
+            m[rr] = mn;
+#pragma unroll
+            for (int nt = 0; nt < DV / 8; nt++) {
+                o[nt][2 * rr] *= corr;
+                o[nt][2 * rr + 1] *= corr;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < FA_BK / 16; kk++) {
+            u32 ph[4], pl[4];
+            split2(sc[2 * kk][0], sc[2 * kk][1], ph[0], pl[0]);
+            split2(sc[2 * kk][2], sc[2 * kk][3], ph[1], pl[1]);
+            split2(sc[2 * kk + 1][0], sc[2 * kk + 1][1], ph[2], pl[2]);
+            split2(sc[2 * kk + 1][2], sc[2 * kk + 1][3], ph[3], pl[3]);
+#pragma unroll
+            for (int nt = 0; nt < DV / 8; nt += 2) {
+                u32 b[4];
+                ldmatrix_t4(&cur.v[kk * 16 + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
+                mma16816(o[nt], ph, b[0], b[1]);
+                mma16816(o[nt], pl, b[0], b[1]);
+                mma16816(o[nt + 1], ph, b[2], b[3]);
+                mma16816(o[nt + 1], pl, b[2], b[3]);
+            }
+        }
+        __syncthreads();
     }
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
@@ -1235,9 +1317,9 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
 #endif
 }
 #define ATTENTION_MMA(DK, DV) \
-    extern "C" __global__ void __launch_bounds__(128) attention_mma_##DK##_##DV( \
-        const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past, const float* new_k, \
-        const float* new_v, int global_, int meta, float scale, float* out) { \
+    extern "C" __global__ void __launch_bounds__(128, (DK + DV <= 192 ? 3 : 2)) attention_mma_##DK##_##DV( \
+        const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past, const bf16_t* new_k, \
+        const bf16_t* new_v, int global_, int meta, float scale, float* out) { \
         grid_dep(); \
         attention_mma<DK, DV>(q, heads, kv_heads, seqs, tiles, past, new_k, new_v, global_, meta, scale, out); \
     }

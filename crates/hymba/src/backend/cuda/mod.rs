@@ -386,12 +386,14 @@ pub fn kernel_names(major: i32) -> Vec<&'static str> {
     names.into_inner()
 }
 
-/// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, the MLP's up
+/// Scratch buffers of the backend's own: a bf16 copy of a matrix product's input, of a prompt's
+/// keys and values (for the tensor-core attention), the MLP's up
 /// rows (when cuBLAS makes them), the attention and SSM outputs of the hybrid heads, attention's
 /// split partials and the count of splits done per (row, head), the scan's parameters of a
 /// prompt, and the positions of the step's rows.
 struct Scratch {
     x16: Option<CudaSlice<u16>>,
+    kv16: Option<CudaSlice<u16>>,
     up: DevRows,
     attn: DevRows,
     y: DevRows,
@@ -450,6 +452,12 @@ const TILE_KEYS: usize = 32;
 /// is built for (`ATTENTION_MMA` there).
 const MMA_ROWS: usize = 64;
 const MMA_SHAPES: [(usize, usize); 4] = [(16, 32), (64, 64), (64, 128), (128, 128)];
+/// Keys of one block of the tensor-core attention (FA_BK), and its shared memory: two stages of
+/// keys and values (rows padded by FA_PAD = 8) and their positions.
+const MMA_KEYS: usize = 64;
+fn mma_smem(dk: usize, dv: usize) -> usize {
+    2 * (2 * MMA_KEYS * (dk + 8 + dv + 8) + 4 * MMA_KEYS)
+}
 
 /// Sequences longer than this take the tiled (flash) attention; shorter ones (decode) the
 /// split-K kernel.
@@ -570,16 +578,15 @@ struct Fork {
     on_side: std::sync::atomic::AtomicBool,
 }
 
+/// A profile row's name: a kernel's, or a cuBLAS product's with its shape.
+type Label = std::borrow::Cow<'static, str>;
+
 /// Kernel times of HYMBA_CUDA_PROFILE: launches timed by events, summed per kernel now and then.
 #[derive(Default)]
 struct Profile {
-    pending: Vec<(
-        &'static str,
-        cudarc::driver::CudaEvent,
-        cudarc::driver::CudaEvent,
-    )>,
-    /// Seconds and calls per kernel.
-    sums: std::collections::BTreeMap<&'static str, (f64, u64)>,
+    pending: Vec<(Label, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+    /// Seconds, calls and the longest call per kernel.
+    sums: std::collections::BTreeMap<Label, (f64, u64, f64)>,
 }
 
 impl Profile {
@@ -587,8 +594,10 @@ impl Profile {
     fn fold(&mut self) {
         for (name, start, end) in self.pending.drain(..) {
             let e = self.sums.entry(name).or_default();
-            e.0 += start.elapsed_ms(&end).unwrap_or(0.0) as f64 * 1e-3;
+            let s = start.elapsed_ms(&end).unwrap_or(0.0) as f64 * 1e-3;
+            e.0 += s;
             e.1 += 1;
+            e.2 = e.2.max(s);
         }
     }
 }
@@ -698,6 +707,15 @@ impl Cuda {
             Ok::<_, Error>(Kernel { f, name })
         };
         let k = Kernels::load(major, &f)?;
+        for ((dk, dv), kernel) in &k.attention_mma {
+            kernel
+                .f
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    mma_smem(*dk, *dv) as i32,
+                )
+                .map_err(|e| device_err("sizing the attention kernel's shared memory", e))?;
+        }
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx
             .new_stream()
@@ -706,6 +724,7 @@ impl Cuda {
         let empty = || DevRows { buf: None, len: 0 };
         let scratch = Scratch {
             x16: None,
+            kv16: None,
             up: empty(),
             attn: empty(),
             y: empty(),
@@ -885,7 +904,7 @@ impl Cuda {
         self.stream.record_event(Some(flags)).ok()
     }
 
-    fn time_end(&self, name: &'static str, start: Option<cudarc::driver::CudaEvent>) {
+    fn time_end(&self, name: Label, start: Option<cudarc::driver::CudaEvent>) {
         let (Some(p), Some(start)) = (&self.profile, start) else {
             return;
         };
@@ -910,7 +929,13 @@ impl Cuda {
         rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
         Some(
             rows.iter()
-                .map(|(n, (s, c))| format!("{n:>20} {:>9.2} ms {c:>7} calls\n", s * 1e3))
+                .map(|(n, (s, c, m))| {
+                    format!(
+                        "{n:>20} {:>9.2} ms {c:>7} calls, longest {:>8.3} ms\n",
+                        s * 1e3,
+                        m * 1e3
+                    )
+                })
                 .collect(),
         )
     }
@@ -1156,7 +1181,7 @@ impl Cuda {
             self.fail("launching a kernel", r);
         }
         if let Some(t) = t {
-            self.time_end(k.name, t);
+            self.time_end(k.name.into(), t);
         }
     }
 
@@ -1238,7 +1263,7 @@ impl Cuda {
         let xs = scratch.x16.as_ref()?.device_ptr(&self.stream).0;
         if !done {
             let (src, nn) = (self.p(x), len as i64);
-            self.launch(&self.k.to_bf16, flat(len), &[&src, &xs, &nn]);
+            self.launch(&self.k.to_bf16, flat(len.div_ceil(4)), &[&src, &xs, &nn]);
         }
         Some(xs)
     }
@@ -1295,7 +1320,7 @@ impl Cuda {
             self.fail("cuBLAS GEMM", e);
         }
         if let Some(t) = timer {
-            self.time_end("cublas_gemm", t);
+            self.time_end(format!("cublas {m}x{k}").into(), t);
         }
     }
 
@@ -2067,17 +2092,37 @@ impl Backend for Cuda {
             .find(|(shape, _)| *shape == (hd.dk, hd.dv))
             .map(|(_, k)| k);
         if let (true, KvDtype::BF16, Some(kernel)) = (max_len > TILED_FROM, at.kv_dtype, mma) {
+            // This call's keys and values as bf16 (the kernel copies bf16 rows to shared memory
+            // without rounding them on the way).
+            let (kl, vl) = (t * hd.kv * hd.dk, t * hd.kv * hd.dv);
+            if scratch.kv16.as_ref().is_none_or(|b| b.len() < kl + vl) {
+                self.moved();
+                match self.alloc::<u16>(kl + vl, "keys and values") {
+                    Ok(b) => scratch.kv16 = Some(b),
+                    Err(e) => return self.fail("allocating", e),
+                }
+            }
+            let Some(kv16) = scratch.kv16.as_ref() else {
+                return;
+            };
+            let k16 = kv16.device_ptr(&self.stream).0;
+            // kl is a multiple of 8 (dk is, for every MMA shape): v16 starts 16-byte aligned.
+            let v16 = k16 + 2 * kl as u64;
+            for (src, dst, len) in [(nk, k16, kl), (nv, v16, vl)] {
+                let n = len as i64;
+                self.launch(&self.k.to_bf16, flat(len.div_ceil(4)), &[&src, &dst, &n]);
+            }
             let (tp, n) = (self.table(&scratch.mma_tiles, 0), scratch.n_mma_tiles);
             let cfg = LaunchConfig {
                 grid_dim: (n as u32, hd.q as u32, 1),
                 block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: mma_smem(hd.dk, hd.dv) as u32,
             };
             self.launch(
                 kernel,
                 cfg,
                 &[
-                    &qp, &heads, &kv_heads, &seqs_p, &tp, &past_p, &nk, &nv, &global, &meta,
+                    &qp, &heads, &kv_heads, &seqs_p, &tp, &past_p, &k16, &v16, &global, &meta,
                     &scale, &ap,
                 ],
             );
@@ -2097,9 +2142,13 @@ impl Backend for Cuda {
             );
         } else {
             // The most splits, from the rows alone (not the keys, which grow), so that a captured
-            // step stays right. From GQA_ATTENTION_FROM rows the q heads of a K/V head run
-            // together (`attention_gqa`, which takes as many splits as the keys need).
-            let gqa = t >= GQA_ATTENTION_FROM && hd.dk.is_multiple_of(4) && hd.dv.is_multiple_of(4);
+            // step stays right. From GQA_ATTENTION_FROM rows, and in global layers (whose keys
+            // grow long) at any, the q heads of a K/V head run together (`attention_gqa`, which
+            // takes as many splits as the keys need): at 8192 keys and one row, 82 µs a layer
+            // against 105 a q head a block.
+            let gqa = (t >= GQA_ATTENTION_FROM || global == 1)
+                && hd.dk.is_multiple_of(4)
+                && hd.dv.is_multiple_of(4);
             let blocks_per_split = t * if gqa { hd.kv } else { hd.q };
             let splits = (4 * self.sms).div_ceil(blocks_per_split).clamp(1, 32);
             if splits > 1 {

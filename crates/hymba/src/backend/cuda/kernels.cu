@@ -163,13 +163,14 @@ struct InProjParts {
     int dk;
     int round;
 };
+// Block (items of a row, rows): an item is a q pair, a z column, a k pair or a v column.
 extern "C" __global__ void split_in_proj(const float* p, InProjParts s, const int* pos, const float* inv_freq, long rows, float* q,
                                          float* z, float* k, float* v) {
     grid_dep();
-    int per_row = s.qw / 2 + s.e + (s.kv ? s.kw / 2 + s.vw : 0);
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < rows * per_row; i += (long)gridDim.x * blockDim.x) {
-        long r = i / per_row;
-        int j = (int)(i % per_row);
+    int per_row = s.qw / 2 + s.e + (s.kv ? s.kw / 2 + s.vw : 0), j0 = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j0 >= per_row) return;
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        int j = j0;
         const float* pr = p + r * s.width;
         if (j < s.qw / 2) {
             rope_pair(pr, q + r * s.qw, s.dk, j, pos[r], inv_freq);
@@ -224,24 +225,32 @@ struct SeqInfo {
 // channel c of x is column from + c of p (rows `width` wide); inputs before a sequence's first
 // row come from its conv state [K-1, E] (conv[seq]), oldest first. taps [K, E], bias [E]; out
 // rows E wide. `conv_state` then moves the last K-1 inputs into the states.
+// Block (channels, CONV_ROWS rows): a thread a channel, its taps in registers, no division by
+// the row width.
+#define CONV_ROWS 8
 extern "C" __global__ void conv_silu(const float* p, int width, int from, const SeqInfo* seqs, const int* row_seq,
-                                     float* const* conv, const float* taps, const float* bias, int e, int k, long total,
+                                     float* const* conv, const float* taps, const float* bias, int e, int k, long rows,
                                      float* out) {
     grid_dep();
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long r = i / e;
-        int c = (int)(i % e);
-        int seq = row_seq[r];
-        SeqInfo si = seqs[seq];
-        const float* state = conv[seq];
-        int t = (int)(r - si.row0);
-        float acc = bias[c];
-        for (int j = 0; j < k; j++) {
-            int src = t - (k - 1) + j;  // row of the sequence; negative: from the state
-            float xv = src >= 0 ? p[(si.row0 + src) * width + from + c] : state[(long)(k - 1 + src) * e + c];
-            acc += taps[(long)j * e + c] * xv;
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= e) return;
+    float w[MAX_K];
+#pragma unroll
+    for (int j = 0; j < MAX_K; j++) w[j] = j < k ? taps[(long)j * e + c] : 0.0f;
+    float b = bias[c];
+    for (long r0 = (long)blockIdx.y * CONV_ROWS; r0 < rows; r0 += (long)gridDim.y * CONV_ROWS) {
+        for (long r = r0; r < min(r0 + CONV_ROWS, rows); r++) {
+            int seq = row_seq[r];
+            SeqInfo si = seqs[seq];
+            int t = (int)(r - si.row0);
+            float acc = b;
+#pragma unroll
+            for (int j = 0; j < MAX_K; j++) {
+                int src = t - (k - 1) + j;  // row of the sequence; negative: from the state
+                if (j < k) acc += w[j] * (src >= 0 ? p[(si.row0 + src) * width + from + c] : conv[seq][(long)(k - 1 + src) * e + c]);
+            }
+            out[r * e + c] = silu(acc);
         }
-        out[r * e + c] = silu(acc);
     }
 }
 
@@ -299,18 +308,27 @@ extern "C" __global__ void conv_state(const float* p, int width, int from, const
         if (j < k - 1) state[(long)j * e + c] = hist[j];
 }
 
-// x = softplus(x + bias) (linear above 20, as PyTorch), rows of e.
-extern "C" __global__ void softplus_bias(float* x, const float* bias, int e, long n) {
+// x = softplus(x + bias) (linear above 20, as PyTorch), rows of e: block (columns, rows).
+extern "C" __global__ void softplus_bias(float* x, const float* bias, int e, long rows) {
     grid_dep();
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float v = x[i] + bias[i % e];
-        x[i] = v > 20.0f ? v : log1pf(expf(v));
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= e) return;
+    float b = bias[c];
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        float v = x[r * e + c] + b;
+        x[r * e + c] = v > 20.0f ? v : log1pf(expf(v));
     }
 }
 
+// g = silu(g) ⊙ u, four values a thread a load (buffer starts: 16-byte aligned).
 extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
     grid_dep();
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) g[i] = silu(g[i]) * u[i];
+    long stride = (long)gridDim.x * blockDim.x, n4 = n / 4;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += stride) {
+        float4 a = ((const float4*)g)[i], b = ((const float4*)u)[i];
+        ((float4*)g)[i] = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
+    }
+    for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) g[i] = silu(g[i]) * u[i];
 }
 
 // Selective scan (spec §3.3) in chunks of a sequence's rows, so that a long prompt runs on
@@ -327,6 +345,10 @@ extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
 #define CHUNK_FIRST 1
 #define CHUNK_LAST 2
 #define SCAN_ROWS 64
+// The decay exp(Δ·A) as exp2(Δ · A·log2 e), A·log2 e kept in registers: one multiply and the
+// hardware's exp2 a state a row, where expf costs a range reduction more (the scan is bound by
+// these instructions).
+#define LOG2E 1.4426950408889634f
 
 // A chunk's rows of B (and C) into shared memory, N_ states a row (zeros past n), so the
 // recurrence reads four states' values a load.
@@ -353,7 +375,7 @@ __device__ void scan_chunk_end(const float* x, const float* delta, const float* 
 #pragma unroll
     for (int j = 0; j < N_; j++) {
         s[j] = 0.0f;
-        av[j] = j < n ? a[(long)c * n + j] : 0.0f;
+        av[j] = j < n ? a[(long)c * n + j] * LOG2E : 0.0f;
     }
     for (int t = 0; t < ch.z; t++) {
         long r = r0 + t;
@@ -364,7 +386,7 @@ __device__ void scan_chunk_end(const float* x, const float* delta, const float* 
             float4 b4 = *(const float4*)&sb[t][4 * q];
             float bv[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
-            for (int i = 0; i < 4; i++) s[4 * q + i] = expf(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
+            for (int i = 0; i < 4; i++) s[4 * q + i] = exp2f(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
         }
     }
 #pragma unroll
@@ -385,11 +407,11 @@ extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunk
     int c0 = seq_chunks[seq], c1 = seq_chunks[seq + 1];
     if (i >= e * n || c1 - c0 < 2) return;
     int c = i / n, j = i % n;
-    float s = ssm[seq][i], av = a[i];
+    float s = ssm[seq][i], av = a[i] * LOG2E;
     init[((long)c0 * n + j) * e + c] = s;
 #pragma unroll 8
     for (int k = c0; k < c1 - 1; k++) {
-        s = expf(dtsum[(long)k * e + c] * av) * s + hend[((long)k * n + j) * e + c];
+        s = exp2f(dtsum[(long)k * e + c] * av) * s + hend[((long)k * n + j) * e + c];
         init[((long)(k + 1) * n + j) * e + c] = s;
     }
 }
@@ -412,7 +434,7 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
     for (int j = 0; j < N_; j++) {
         // A sequence's only chunk reads and writes its state in one block; others start from init.
         s[j] = j >= n ? 0.0f : (ch.w & CHUNK_FIRST) && (ch.w & CHUNK_LAST) ? st[(long)c * n + j] : init[((long)chunk * n + j) * e + c];
-        av[j] = j < n ? a[(long)c * n + j] : 0.0f;
+        av[j] = j < n ? a[(long)c * n + j] * LOG2E : 0.0f;
     }
     float dc = d[c];
     for (int t = 0; t < ch.z; t++) {
@@ -424,7 +446,7 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
             float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                s[4 * q + i] = expf(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
+                s[4 * q + i] = exp2f(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
                 acc += s[4 * q + i] * cv[i];
             }
         }
@@ -514,7 +536,7 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
     for (int u = 0; u < SSM_LANE_STATES; u++) {
         int i = j * SSM_LANE_STATES + u;
         if (i < n) {
-            float s = expf(dt * a[(long)c * n + i]) * st[i] + (dt * xv) * sp[rk + i];
+            float s = exp2f(dt * (a[(long)c * n + i] * LOG2E)) * st[i] + (dt * xv) * sp[rk + i];
             if (live) st[i] = s;
             out += s * sp[rk + n + i];
         }

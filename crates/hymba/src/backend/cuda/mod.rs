@@ -629,6 +629,20 @@ fn flat(n: usize) -> LaunchConfig {
     }
 }
 
+/// Blocks of `threads` over (columns, rows) of a row-wise kernel: a thread a column, the rows
+/// in the grid's second dimension (strided past its limit), so no thread divides by the width.
+fn by_rows(cols: usize, rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            cols.div_ceil(threads as usize).max(1) as u32,
+            rows.clamp(1, 65535) as u32,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Threads of a block that reduces one row: few rows (decode) get whole-GPU-wide latency from a
 /// single block, so they get the largest blocks; many rows (prefill) fill the GPU with blocks.
 fn row_threads(rows: usize) -> u32 {
@@ -1515,8 +1529,13 @@ impl Cuda {
             Epilogue::Softplus => {
                 self.gemm(x, w, 0.0, y, false);
                 let bias = bias.expect("softplus has a bias");
-                let (yp, bp, e, n) = (self.p(y), self.pv(bias), bias.len() as i32, y.len as i64);
-                self.launch(&self.k.softplus_bias, flat(y.len), &[&yp, &bp, &e, &n]);
+                let (yp, bp, e) = (self.p(y), self.pv(bias), bias.len());
+                let (ei, ri) = (e as i32, (y.len / e.max(1)) as i64);
+                self.launch(
+                    &self.k.softplus_bias,
+                    by_rows(e, y.len / e.max(1), 256),
+                    &[&yp, &bp, &ei, &ri],
+                );
             }
             Epilogue::Glu => {
                 self.gemm(x, w, 0.0, y, false);
@@ -1528,7 +1547,7 @@ impl Cuda {
                 self.shape(&mut u, t * up.rows);
                 self.gemm(x, up, 0.0, &mut u, true);
                 let (gp, upp, n) = (self.p(y), self.p(&u), y.len as i64);
-                self.launch(&self.k.silu_mul, flat(y.len), &[&gp, &upp, &n]);
+                self.launch(&self.k.silu_mul, flat(y.len.div_ceil(4)), &[&gp, &upp, &n]);
                 self.scratch.lock().expect("scratch").up = u;
             }
         }
@@ -1972,7 +1991,7 @@ impl Backend for Cuda {
         self.branch(Branch::InProjDone);
         self.launch(
             &self.k.split_in_proj,
-            flat(rows * per_row),
+            by_rows(per_row, rows, 256),
             &[&pp, &l, &pos, &fp, &r, &qp, &zp, &kp, &vp],
         );
         self.branch(Branch::SplitDone);
@@ -2002,13 +2021,7 @@ impl Backend for Cuda {
             self.table(&scratch.conv, layer * n),
         );
         let (pp, tp, bp, op) = (self.p(p), self.pv(taps), self.pv(bias), self.p(out));
-        let (wi, fi, ei, ki, total) = (
-            width as i32,
-            from as i32,
-            e as i32,
-            kk as i32,
-            (t * e) as i64,
-        );
+        let (wi, fi, ei, ki, rows) = (width as i32, from as i32, e as i32, kk as i32, t as i64);
         let per_seq = LaunchConfig {
             grid_dim: (e.div_ceil(128) as u32, n as u32, 1),
             block_dim: (128, 1, 1),
@@ -2022,12 +2035,11 @@ impl Backend for Cuda {
                 &[&pp, &wi, &fi, &sp, &cp, &tp, &bp, &ei, &ki, &op],
             );
         }
+        // CONV_ROWS (8) rows a block.
         self.launch(
             &self.k.conv_silu,
-            flat(t * e),
-            &[
-                &pp, &wi, &fi, &sp, &rp, &cp, &tp, &bp, &ei, &ki, &total, &op,
-            ],
+            by_rows(e, t.div_ceil(8), 128),
+            &[&pp, &wi, &fi, &sp, &rp, &cp, &tp, &bp, &ei, &ki, &rows, &op],
         );
         self.launch(
             &self.k.conv_state,

@@ -771,16 +771,15 @@ extern "C" __global__ void attention_8(const float* q, int heads, int kv_heads, 
 // come DEC_T at a time through shared memory (key rows padded to dk + 4, 16-byte aligned); then a thread a (head, key) scores them, a
 // warp a head updates its online softmax, and a thread a (head, four columns) sums the values,
 // each shared-memory load four values (dk, dv multiples of 4: the host checks). The keys of all sources, in order, are cut into up to `splits`
-// ranges of at least DEC_SPLIT_KEYS (the grid is fixed, so a captured decode step stays right
+// ranges of at least `min_keys` (the grid is fixed, so a captured decode step stays right
 // as the keys grow; the splits a row does not need return at once). Outputs, mask, sources and
 // the merge of splits as `attention`'s (the count of (row, K/V head) at count[t·heads + h0]). Dynamic shared memory (floats): gc · dk + T · (dk + 4) + T · dv +
 // gc · T + 3 · gc + T, gc = min(DEC_G, heads / kv_heads), T = dec_tile(dk, dv).
 #define DEC_ITEMS 16
-#define DEC_SPLIT_KEYS 128
 __device__ __forceinline__ int dec_tile(int dk, int dv) { return dk + dv <= 256 ? 32 : 16; }
 extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs,
                                      const int* row_seq, const KvSrc* past, const float* new_k, const float* new_v, int global_,
-                                     int meta, float scale, int splits, float* out, float* part, int* count) {
+                                     int meta, float scale, int splits, float* out, float* part, int* count, int min_keys) {
     grid_dep();
     extern __shared__ float sm[];
     int t = blockIdx.x, kh = blockIdx.y, z = blockIdx.z;
@@ -800,7 +799,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_gqa(const float* q, 
     int window = sq.window;
     KvSrc s0 = past[2 * seq], s1 = past[2 * seq + 1], s2 = own_rows(new_k, new_v, sq, kv_heads * dk, kv_heads * dv);
     int r0 = s0.rows, r01 = s0.rows + s1.rows, keys = r01 + s2.rows;
-    int used = min(splits, max(1, (keys + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS));
+    int used = min(splits, max(1, (keys + min_keys - 1) / min_keys));
     if (z >= used) return;
     int per_split = (keys + used - 1) / used;
     int lo = z * per_split, hi = min(keys, lo + per_split);

@@ -2157,10 +2157,18 @@ impl Backend for Cuda {
             // step stays right. From GQA_ATTENTION_FROM rows, and in global layers (whose keys
             // grow long) at any, the q heads of a K/V head run together (`attention_gqa`, which
             // takes as many splits as the keys need): at 8192 keys and one row, 82 µs a layer
-            // against 105 a q head a block.
+            // against 105 a q head a block. (Window layers at one row measured slower so.)
             let gqa = (t >= GQA_ATTENTION_FROM || global == 1)
                 && hd.dk.is_multiple_of(4)
                 && hd.dv.is_multiple_of(4);
+            // Its key tile; at least this many keys a split: a tile where few rows leave the
+            // card idle, more (fewer partials to merge) where rows fill it.
+            let tile: usize = if hd.dk + hd.dv <= 256 { 32 } else { 16 };
+            let min_keys = if t >= GQA_ATTENTION_FROM {
+                128
+            } else {
+                tile as i32
+            };
             let blocks_per_split = t * if gqa { hd.kv } else { hd.q };
             let splits = (4 * self.sms).div_ceil(blocks_per_split).clamp(1, 32);
             if splits > 1 {
@@ -2184,7 +2192,6 @@ impl Backend for Cuda {
             let zs = splits as i32;
             let (kernel, cfg) = if gqa {
                 let gc = (hd.q / hd.kv).min(GQA_HEADS);
-                let tile = if hd.dk + hd.dv <= 256 { 32 } else { 16 };
                 let floats =
                     gc * hd.dk + tile * (hd.dk + 4) + tile * hd.dv + gc * tile + 3 * gc + tile;
                 let cfg = LaunchConfig {
@@ -2201,14 +2208,14 @@ impl Backend for Cuda {
                 };
                 (&self.k.attention[(hd.dv > 128) as usize], cfg)
             };
-            self.launch(
-                kernel,
-                cfg,
-                &[
-                    &qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global,
-                    &meta, &scale, &zs, &ap, &pp, &cp,
-                ],
-            );
+            let mut args: Vec<&dyn Arg> = vec![
+                &qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global,
+                &meta, &scale, &zs, &ap, &pp, &cp,
+            ];
+            if gqa {
+                args.push(&min_keys);
+            }
+            self.launch(kernel, cfg, &args);
         }
         // 3. The selective scan of every sequence from its state, gated by silu(z): a decode step
         // in one kernel with its parameters, a prompt in chunks.

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 mod bench;
 mod chat;
 mod default_model;
+mod download;
 mod inspect;
 mod perplexity;
 mod train;
@@ -306,11 +307,30 @@ fn resolve_model_arg(cmd: &mut Cmd, revision: Option<&str>) -> Result<()> {
         Cmd::Synth(_) | Cmd::Train(_) => None,
     };
     match model {
-        Some(m) => *m = hymba::hub::resolve(m, revision)?,
+        Some(m) => *m = resolve_or_download(m, revision)?,
         None if revision.is_some() => bail!("--revision goes with --model ORG/NAME"),
         None => {}
     }
     Ok(())
+}
+
+/// A `--model` as a directory ([`hymba::hub::resolve`]); a repo id missing from the hub cache
+/// is downloaded into it first, unless `HF_HUB_OFFLINE` is set.
+fn resolve_or_download(m: &Path, revision: Option<&str>) -> Result<PathBuf> {
+    let missing = match hymba::hub::resolve(m, revision) {
+        Ok(dir) => return Ok(dir),
+        Err(e) => e,
+    };
+    let repo = m.to_string_lossy();
+    let root = hymba::hub::cache_dir();
+    match root {
+        Some(root) if hymba::hub::is_repo_id(&repo) && !download::offline() => {
+            download::download(&repo, revision, &root)
+                .map_err(|e| anyhow!("{missing}; downloading it failed: {e:#}"))?;
+            Ok(hymba::hub::resolve(m, revision)?)
+        }
+        _ => Err(missing.into()),
+    }
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {

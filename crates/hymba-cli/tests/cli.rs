@@ -715,9 +715,11 @@ fn repo_ids_resolve_in_the_hub_cache() {
         std::os::unix::fs::symlink(format!("../../blobs/{i}"), snap.join(name)).unwrap();
     }
     let run = |args: &[&str]| {
+        // Offline: a missing repo is not looked for on the hub (`hub_download.rs` does that).
         let out = Command::new(env!("CARGO_BIN_EXE_hymba"))
             .args(args)
             .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap();
         (

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use hymba::backend::{Backend, Cpu, Cuda};
 use hymba::tensor::Dtype;
-use hymba::{Config, DecodeWindow, KvDtype, Logits, Model, Step};
+use hymba::{Config, DecodeWindow, Logits, Model, Step};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -42,9 +42,11 @@ pub struct BenchArgs {
     /// Tokens already in each batched sequence's cache (the capacity a batch needs).
     #[arg(long, default_value_t = 128)]
     batch_context: usize,
-    /// Element type of the K/V cache: f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    kv_cache: KvDtype,
+    /// Element type of the K/V cache: auto (the checkpoint's precision: bf16 for bf16
+    /// weights, f32 for f32), f32, or bf16 (half the memory and the bytes attention reads;
+    /// logits within bf16 precision).
+    #[arg(long, default_value = "auto")]
+    kv_cache: crate::KvArg,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -206,8 +208,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match crate::parse_device(&a.device)? {
         None => {
             let t = Instant::now();
-            let model =
-                load(a.model.as_deref(), a.synthetic.as_deref(), quant)?.with_kv_dtype(a.kv_cache);
+            let model = a
+                .kv_cache
+                .apply(load(a.model.as_deref(), a.synthetic.as_deref(), quant)?);
             // The meta prefix is part of loading (computed on first use otherwise).
             model.ready()?;
             let load_s = t.elapsed().as_secs_f64();
@@ -233,8 +236,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let ctx = cuda.context();
             let gpu_used =
                 Box::new(move || ctx.mem_get_info().map_or(0, |(free, total)| total - free));
-            let model = load_on(cuda, a.model.as_deref(), a.synthetic.as_deref(), quant)?
-                .with_kv_dtype(a.kv_cache);
+            let model = a.kv_cache.apply(load_on(
+                cuda,
+                a.model.as_deref(),
+                a.synthetic.as_deref(),
+                quant,
+            )?);
             model.ready()?;
             let load_s = t.elapsed().as_secs_f64();
             bench(
@@ -362,7 +369,7 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
         "model": a.model.as_ref().map(|p| p.display().to_string()).or(a.synthetic.clone()),
         "device": ceil.device,
         "quant": a.quant,
-        "kv_cache": a.kv_cache,
+        "kv_cache": model.kv_dtype(),
         "threads": rayon::current_num_threads(),
         "load_s": load_s,
         "parameters": params,
@@ -392,7 +399,7 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
         out["model"].as_str().unwrap_or(""),
         params,
         a.quant,
-        a.kv_cache,
+        model.kv_dtype(),
         ceil.device
     );
     match ceil.gemm {

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use hymba::backend::{Backend, Cpu};
 use hymba::{
-    Cache, DecodeWindow, Decoder, GenerateOptions, KvDtype, Logits, Message, Model, SamplingParams,
+    Cache, DecodeWindow, Decoder, GenerateOptions, Logits, Message, Model, SamplingParams,
     Tokenizer,
 };
 use std::io::{BufRead, IsTerminal, Write};
@@ -49,10 +49,11 @@ pub struct ChatArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
-    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
-    /// reads; logits within bf16 precision).
-    #[arg(long, default_value = "f32")]
-    kv_cache: KvDtype,
+    /// Element type of the K/V cache: auto (the checkpoint's precision: bf16 for bf16
+    /// weights, f32 for f32), f32, or bf16 (half the memory and the bytes attention reads;
+    /// logits within bf16 precision).
+    #[arg(long, default_value = "auto")]
+    kv_cache: crate::KvArg,
 }
 
 /// The conversation and the engine state after its last prompt.
@@ -128,7 +129,7 @@ fn on_cpu<B: Backend>(model: &Model<B>) -> Result<&Model<Cpu>> {
 
 fn repl<B: Backend>(a: ChatArgs, tok: Tokenizer, model: Model<B>) -> Result<()> {
     let tmpl = tok.chat_template.as_ref().expect("checked before loading");
-    let model = model.with_kv_dtype(a.kv_cache);
+    let model = a.kv_cache.apply(model);
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {

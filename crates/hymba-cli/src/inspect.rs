@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use hymba::backend::Backend;
 use hymba::config::AttnKind;
-use hymba::{KvDtype, Model};
+use hymba::Model;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -20,10 +20,11 @@ pub struct InspectArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
-    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
-    /// reads; logits within bf16 precision).
-    #[arg(long, default_value = "f32")]
-    kv_cache: KvDtype,
+    /// Element type of the K/V cache: auto (the checkpoint's precision: bf16 for bf16
+    /// weights, f32 for f32), f32, or bf16 (half the memory and the bytes attention reads;
+    /// logits within bf16 precision).
+    #[arg(long, default_value = "auto")]
+    kv_cache: crate::KvArg,
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
@@ -40,7 +41,7 @@ impl crate::default_model::ModelFn<()> for Inspect {
 }
 
 fn report<B: Backend>(a: InspectArgs, model: Model<B>) -> Result<()> {
-    let model = model.with_kv_dtype(a.kv_cache);
+    let model = a.kv_cache.apply(model);
     let c = &model.config;
     let params = model.parameter_counts();
     let plan: Vec<serde_json::Value> = model
@@ -61,7 +62,7 @@ fn report<B: Backend>(a: InspectArgs, model: Model<B>) -> Result<()> {
     let cache = model.cache_with_placeholder_tokens(a.context);
     let bytes = cache.bytes();
     // Llama-style: every layer keeps K and V of every token, same widths and element size.
-    let elem = a.kv_cache.size();
+    let elem = model.kv_dtype().size();
     let llama = c.num_hidden_layers * a.context * (c.k_width() + c.v_width()) * elem;
     let ratio = llama as f64 / bytes.per_sequence.max(1) as f64;
     if a.json {
@@ -92,7 +93,8 @@ fn report<B: Backend>(a: InspectArgs, model: Model<B>) -> Result<()> {
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
     println!(
         "\ncache of one sequence at {} tokens ({:?} K/V, from live buffers)",
-        a.context, a.kv_cache
+        a.context,
+        model.kv_dtype()
     );
     println!("  global K/V       {:>10.2} MiB", mib(bytes.global_kv));
     println!("  window K/V rings {:>10.2} MiB", mib(bytes.window_kv));

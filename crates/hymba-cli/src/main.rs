@@ -123,10 +123,11 @@ struct GenerateArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
-    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
-    /// reads; logits within bf16 precision).
-    #[arg(long, default_value = "f32")]
-    kv_cache: KvDtype,
+    /// Element type of the K/V cache: auto (the checkpoint's precision: bf16 for bf16
+    /// weights, f32 for f32), f32, or bf16 (half the memory and the bytes attention reads;
+    /// logits within bf16 precision).
+    #[arg(long, default_value = "auto")]
+    kv_cache: crate::KvArg,
 }
 
 #[derive(Args)]
@@ -146,10 +147,11 @@ struct LogitsArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
-    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
-    /// reads; logits within bf16 precision).
-    #[arg(long, default_value = "f32")]
-    kv_cache: KvDtype,
+    /// Element type of the K/V cache: auto (the checkpoint's precision: bf16 for bf16
+    /// weights, f32 for f32), f32, or bf16 (half the memory and the bytes attention reads;
+    /// logits within bf16 precision).
+    #[arg(long, default_value = "auto")]
+    kv_cache: crate::KvArg,
     /// Where to run: cpu, or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -207,10 +209,11 @@ struct ServeArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
-    /// Element type of the K/V cache: f32, or bf16 (half the memory and the bytes attention
-    /// reads; logits within bf16 precision).
-    #[arg(long, default_value = "f32")]
-    kv_cache: KvDtype,
+    /// Element type of the K/V cache: auto (the checkpoint's precision: bf16 for bf16
+    /// weights, f32 for f32), f32, or bf16 (half the memory and the bytes attention reads;
+    /// logits within bf16 precision).
+    #[arg(long, default_value = "auto")]
+    kv_cache: crate::KvArg,
 }
 
 #[derive(Args)]
@@ -312,6 +315,38 @@ fn resolve_model_arg(cmd: &mut Cmd, revision: Option<&str>) -> Result<()> {
         None => {}
     }
     Ok(())
+}
+
+/// `--kv-cache`: `auto` (the checkpoint's own precision, [`Model::checkpoint_kv_dtype`]), or
+/// a type.
+#[derive(Clone, Copy, Debug)]
+pub enum KvArg {
+    Auto,
+    Is(KvDtype),
+}
+
+impl std::str::FromStr for KvArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(KvArg::Auto),
+            _ => s
+                .parse()
+                .map(KvArg::Is)
+                .map_err(|_| format!("unknown K/V cache type {s:?}: expected auto, f32 or bf16")),
+        }
+    }
+}
+
+impl KvArg {
+    /// `model` with its K/V caches in the chosen type.
+    pub fn apply<B: hymba::backend::Backend>(self, model: Model<B>) -> Model<B> {
+        let dtype = match self {
+            KvArg::Auto => model.checkpoint_kv_dtype(),
+            KvArg::Is(d) => d,
+        };
+        model.with_kv_dtype(dtype)
+    }
 }
 
 /// A `--model` as a directory ([`hymba::hub::resolve`]); a repo id missing from the hub cache
@@ -459,7 +494,7 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
             .expect("required");
     default_model::override_chat_template(&mut tokenizer, a.chat_template.as_deref())?;
     let tokenizer = std::sync::Arc::new(tokenizer);
-    let model = std::sync::Arc::new(model.with_kv_dtype(a.kv_cache));
+    let model = std::sync::Arc::new(a.kv_cache.apply(model));
     let max_pos = model.config.max_position_embeddings;
     let max_context = a.max_context.unwrap_or(max_pos);
     if max_context == 0 || max_context > max_pos {
@@ -610,7 +645,7 @@ fn generate_on<B: hymba::backend::Backend>(a: GenerateArgs, model: Model<B>) -> 
     if let Some(t) = tok.as_mut() {
         default_model::override_chat_template(t, a.chat_template.as_deref())?;
     }
-    let model = model.with_kv_dtype(a.kv_cache);
+    let model = a.kv_cache.apply(model);
     let prompt = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => {
@@ -708,7 +743,7 @@ fn logits_on<B: hymba::backend::Backend>(a: &LogitsArgs, model: Model<B>) -> Res
         a.prompt.tokenizer.as_deref(),
         a.prompt.prompt.is_some(),
     )?;
-    let model = model.with_kv_dtype(a.kv_cache);
+    let model = a.kv_cache.apply(model);
     let ids = match (&a.prompt.ids, &a.prompt.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, Some(text)) => tok

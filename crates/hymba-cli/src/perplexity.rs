@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hymba::KvDtype;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -34,9 +33,11 @@ pub struct PerplexityArgs {
     /// Quantize the large matrices at load: q8_0 or q4_0.
     #[arg(long)]
     quant: Option<String>,
-    /// Element type of the K/V cache: f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    kv_cache: KvDtype,
+    /// Element type of the K/V cache: auto (the checkpoint's precision: bf16 for bf16
+    /// weights, f32 for f32), f32, or bf16 (half the memory and the bytes attention reads;
+    /// logits within bf16 precision).
+    #[arg(long, default_value = "auto")]
+    kv_cache: crate::KvArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -64,7 +65,7 @@ fn run_on<B: hymba::backend::Backend>(a: PerplexityArgs, model: hymba::Model<B>)
     let tok =
         crate::default_model::load_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), true)?
             .expect("required");
-    let model = model.with_kv_dtype(a.kv_cache);
+    let model = a.kv_cache.apply(model);
     let max = model.config.max_position_embeddings;
     if a.ctx > max {
         bail!("--ctx {}: longer than the model's max_position_embeddings ({max}), the positions it was made for", a.ctx);

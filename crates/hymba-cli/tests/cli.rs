@@ -779,3 +779,35 @@ fn repo_ids_resolve_in_the_hub_cache() {
     assert!(!err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// `--kv-cache auto` (the default) keeps the checkpoint's precision: bf16 K/V for the built-in
+/// model's bf16 weights, f32 for the fixture's f32 ones; a type given wins; an unknown one is
+/// refused by name.
+#[test]
+fn kv_cache_auto_follows_the_checkpoint() {
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/default-model");
+    let kv_of = |model: &Path, extra: &[&str]| {
+        let m = model.to_str().unwrap();
+        let mut args = vec!["inspect", "--model", m, "--context", "16"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = hymba(&args);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.contains("K/V, from live buffers"))
+            .unwrap_or_else(|| panic!("no K/V line: {out}"))
+            .to_string()
+    };
+    assert!(kv_of(&built_in, &[]).contains("BF16 K/V"));
+    assert!(kv_of(&fixture(), &[]).contains("F32 K/V"));
+    assert!(kv_of(&built_in, &["--kv-cache", "f32"]).contains("F32 K/V"));
+    assert!(kv_of(&fixture(), &["--kv-cache", "bf16"]).contains("BF16 K/V"));
+    let (code, _, err) = hymba(&[
+        "inspect",
+        "--model",
+        fixture().to_str().unwrap(),
+        "--kv-cache",
+        "f16",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("expected auto, f32 or bf16"), "{err}");
+}

@@ -52,6 +52,8 @@ pub struct Model<B: Backend = Cpu> {
     inv_freq: B::Vector,
     /// The element type of every K/V cache this model makes.
     kv_dtype: KvDtype,
+    /// The K/V type of the checkpoint's own precision (see [`Model::checkpoint_kv_dtype`]).
+    checkpoint_kv: KvDtype,
     /// Computed on first use, so choosing the K/V type after loading costs nothing.
     meta: OnceLock<Arc<MetaPrefix<B>>>,
     /// The activations of the last forward, kept for the next: their buffers are made once per
@@ -322,6 +324,10 @@ impl<B: Backend> Model<B> {
     ) -> Result<Model<B>> {
         let (plan, groups) = config.plan();
         let total = plan.len();
+        let checkpoint_kv = match store.get("model.embed_tokens.weight").map(|t| t.dtype) {
+            Some(Dtype::F32) | None => KvDtype::F32,
+            Some(_) => KvDtype::BF16,
+        };
         let weights = Weights::load(&backend, &config, &plan, store, &mut |done| {
             layers_done(done, total)
         })?;
@@ -334,6 +340,7 @@ impl<B: Backend> Model<B> {
             backend,
             inv_freq,
             kv_dtype: KvDtype::F32,
+            checkpoint_kv,
             meta: OnceLock::new(),
             run: Default::default(),
         })
@@ -383,6 +390,13 @@ impl<B: Backend> Model<B> {
 
     pub fn kv_dtype(&self) -> KvDtype {
         self.kv_dtype
+    }
+
+    /// The K/V type that keeps the checkpoint's own precision: f32 for f32 weights, bf16 for
+    /// bf16 (or quantized) ones, as the official code holds K/V in the model's dtype (vLLM's
+    /// `auto`). The model's default stays f32 (the parity with the official f32 outputs).
+    pub fn checkpoint_kv_dtype(&self) -> KvDtype {
+        self.checkpoint_kv
     }
 
     /// The meta tokens' K/V and recurrent state: the same for every sequence (spec §5).

@@ -433,3 +433,78 @@ fn cuda_products_match_reference() {
         }
     }
 }
+
+/// Decode attention with value heads of 128, four times the keys' (the 1.5B model's shapes; the
+/// fixture's are 32, the keys' size), synthetic f32 weights on the fixture's other shapes (the
+/// SSM widened to match): a prompt, then decode steps past the 16-key window (the ring wraps),
+/// GPU against CPU with both K/V types. Tolerances as the tests above: f32 as the official
+/// parity, bf16 K/V 1/256 of the logits' size.
+#[test]
+fn cuda_decode_with_wide_value_heads_matches_cpu() {
+    let Some(gpu) = gpu("cuda_decode_with_wide_value_heads_matches_cpu") else {
+        return;
+    };
+    let mut raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-a").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    raw["v_head_dim"] = 128.into();
+    // v_head_dim × heads is the SSM's width (mamba_expand × hidden_size): 128 × 4 = 8 × 64.
+    raw["mamba_expand"] = 8.into();
+    for w in raw["conv_dim"].as_object_mut().unwrap().values_mut() {
+        *w = 512.into();
+    }
+    let cfg = Config::from_value(raw).unwrap();
+    let store = || hymba::synthetic::in_memory(&cfg, Dtype::F32, 5, 1.0);
+    let ids: Vec<u32> = (0..50)
+        .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
+        .collect();
+    let prefill = 12;
+    let mut gpu = Some(Model::on(gpu, cfg.clone(), store()).unwrap());
+    for kv in [KvDtype::F32, KvDtype::BF16] {
+        let cpu = Model::from_store(cfg.clone(), store())
+            .unwrap()
+            .with_kv_dtype(kv);
+        let want = prefill_then_decode(&cpu, &ids, prefill);
+        let dev = gpu.take().unwrap().with_kv_dtype(kv);
+        let got = prefill_then_decode(&dev, &ids, prefill);
+        let tol = match kv {
+            KvDtype::F32 => TOL,
+            KvDtype::BF16 => want.iter().fold(0f32, |m, v| m.max(v.abs())) / 256.0,
+        };
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "dv 128, {kv:?} K/V, 38 decode steps: max difference {worst:.2e} (tolerance {tol:.2e})"
+        );
+        assert_close(
+            &got,
+            &want,
+            tol,
+            &format!("dv 128 decode, {kv:?} K/V, GPU vs CPU"),
+        );
+        gpu = Some(dev);
+    }
+}
+
+/// The last row's logits of a prefill of ids[..prefill], then of each decode step after it.
+fn prefill_then_decode<B: hymba::backend::Backend>(
+    m: &Model<B>,
+    ids: &[u32],
+    prefill: usize,
+) -> Vec<f32> {
+    let mut c = m.new_cache();
+    let mut out = m
+        .forward(&mut c, &ids[..prefill], Logits::Last, DecodeWindow::Trained)
+        .unwrap();
+    for &id in &ids[prefill..] {
+        out.extend(
+            m.forward(&mut c, &[id], Logits::Last, DecodeWindow::Trained)
+                .unwrap(),
+        );
+    }
+    out
+}

@@ -594,6 +594,7 @@ __device__ __forceinline__ KvSrc own_rows(const float* new_k, const float* new_v
 #define NEG_INF __int_as_float(0xff800000)
 #define ATTN_KEYS 2
 #define DEC_G 8
+#define MAX_SPLITS 128
 
 // Split-K decode attention: every block of a (row, heads h0..h0+nh) calls this once its split's
 // partials ([max, sum, values...], dv + 2 floats, at part[((t·heads + h)·splits + z)]) are
@@ -602,7 +603,7 @@ __device__ __forceinline__ KvSrc own_rows(const float* new_k, const float* new_v
 __device__ void merge_splits_if_last(const float* part, int* count, int t, int heads, int h0, int nh, int splits, int used, int dv,
                                      float* out) {
     __shared__ int last;
-    __shared__ float coef[DEC_G][32];
+    __shared__ float coef[DEC_G][MAX_SPLITS];
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(count, 1) == used - 1;
@@ -615,15 +616,16 @@ __device__ void merge_splits_if_last(const float* part, int* count, int t, int h
         // A warp a head: each split's share of the softmax's denominator.
         for (int g = warp; g < gc; g += warps) {
             const float* pp = part + ((long)t * heads + h0 + g0 + g) * splits * (dv + 2);
-            float mz = NEG_INF, dz = 0.0f;
-            if (lane < used) {
-                mz = __ldcg(pp + lane * (dv + 2));
-                dz = __ldcg(pp + lane * (dv + 2) + 1);
+            float mz = NEG_INF;
+            for (int z = lane; z < used; z += 32) mz = fmaxf(mz, __ldcg(pp + z * (dv + 2)));
+            float mm = warp_max(mz), den = 0.0f;
+            for (int z = lane; z < used; z += 32) {
+                float m = __ldcg(pp + z * (dv + 2)), ez = mm == NEG_INF || m == NEG_INF ? 0.0f : expf(m - mm);
+                den += ez * __ldcg(pp + z * (dv + 2) + 1);
+                coef[g][z] = ez;
             }
-            float mm = warp_max(mz);
-            float ez = mm == NEG_INF || mz == NEG_INF ? 0.0f : expf(mz - mm);
-            float den = warp_sum(ez * dz);
-            coef[g][lane] = den > 0.0f ? ez / den : 0.0f;
+            den = warp_sum(den);
+            for (int z = lane; z < used; z += 32) coef[g][z] = den > 0.0f ? coef[g][z] / den : 0.0f;
         }
         __syncthreads();
         for (int i = threadIdx.x; i < gc * dv; i += blockDim.x) {

@@ -463,8 +463,16 @@ fn mma_smem(dk: usize, dv: usize) -> usize {
 /// split-K kernel.
 const TILED_FROM: usize = 8;
 /// Decode rows from which attention runs per K/V head rather than per q head (measured on an
-/// H200, 1.5B shapes: batch 8 the same either way, 64 and 256 1.4× and 1.7× faster).
-const GQA_ATTENTION_FROM: usize = 16;
+/// H200, 1.5B shapes: batch 2 slower, 4 the same, 8 and 12 8-11% faster, 64 and 256 1.4× and
+/// 1.7×).
+const GQA_ATTENTION_FROM: usize = 4;
+/// Decode rows from which a split of `attention_gqa` takes at least 128 keys (below, one key
+/// tile: few rows leave the card idle, more fill it and fewer partials are merged).
+const GQA_LONG_SPLITS_FROM: usize = 16;
+/// The most key ranges a decode attention is split into (kernels.cu's MAX_SPLITS, the merge's
+/// coefficients a head).
+const MAX_SPLITS: usize = 128;
+
 /// Query heads `attention_gqa` takes at once (the kernels' DEC_G); its key tiles are the
 /// kernels' `dec_tile`.
 const GQA_HEADS: usize = 8;
@@ -2161,16 +2169,19 @@ impl Backend for Cuda {
             let gqa = (t >= GQA_ATTENTION_FROM || global == 1)
                 && hd.dk.is_multiple_of(4)
                 && hd.dv.is_multiple_of(4);
-            // Its key tile; at least this many keys a split: a tile where few rows leave the
-            // card idle, more (fewer partials to merge) where rows fill it.
+            // Its key tile, and the fewest keys a split takes.
             let tile: usize = if hd.dk + hd.dv <= 256 { 32 } else { 16 };
-            let min_keys = if t >= GQA_ATTENTION_FROM {
+            let min_keys = if t >= GQA_LONG_SPLITS_FROM {
                 128
             } else {
                 tile as i32
             };
+            // Four blocks a multiprocessor, in up to MAX_SPLITS splits (a global layer at 8192
+            // keys and one row: 339-343 tok/s against 331-332 with at most 32).
             let blocks_per_split = t * if gqa { hd.kv } else { hd.q };
-            let splits = (4 * self.sms).div_ceil(blocks_per_split).clamp(1, 32);
+            let splits = (4 * self.sms)
+                .div_ceil(blocks_per_split)
+                .clamp(1, MAX_SPLITS);
             if splits > 1 {
                 self.shape(part, t * hd.q * splits * (hd.dv + 2));
             }

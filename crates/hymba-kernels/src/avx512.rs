@@ -1,11 +1,12 @@
-//! AVX-512 BF16 kernels: the prefill GEMM on `vdpbf16ps`, which multiplies pairs of bf16 and adds
-//! them into f32 lanes — twice the products of an f32 FMA of the same width, from half the bytes.
-//! Its inputs are rounded to bf16 once (as the official bf16 model's activations are), so it runs
-//! only where [`crate::matmul`] asks for it: many rows against bf16 weights. The driver
-//! ([`gemm_pairs`]) is shared with the AMX tiles of [`crate::amx`]. Beside it, the integer
+//! AVX-512 BF16 kernels: the GEMM on `vdpbf16ps`, which multiplies pairs of bf16 and adds them
+//! into f32 lanes — twice the products of an f32 FMA of the same width, from half the bytes. Its
+//! inputs are rounded to bf16 once (as the official bf16 model's activations are), so it runs
+//! where [`crate::matmul`] asks for it: bf16 weights at every size (packed in pairs at load, the
+//! order it reads), quantized ones from many rows. The driver ([`gemm_pairs`]) is shared with
+//! the AMX tiles of [`crate::amx`]. Beside it, the integer
 //! tiles of [`crate::qpanel`] on `vpdpbusd` (AVX-512 VNNI), for Q8_0/Q4_0 weights in panels.
 
-use crate::matmul::{Mat, WeightData, PANEL};
+use crate::matmul::{pair_words, Mat, WeightData, PAIR_ALIGN, PANEL};
 use crate::quant::{BlockQ4_0, BlockQ8_0, QK};
 use half::bf16;
 use rayon::prelude::*;
@@ -27,6 +28,14 @@ impl Bf16Dot {
     /// `y[t, n] = x[t, k] · wᵀ` (see [`gemm_pairs`]), 12 input rows by 32 outputs a tile.
     pub fn gemm(self, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
         gemm_pairs(self, self, x, t, w, y)
+    }
+
+    /// One panel of [`WeightData::BF16Panels`] (`k` columns) as pairs, the layout of
+    /// [`WeightData::BF16Pairs`] (`dst`: [`pair_words`]`(k)` rows of 16 words).
+    pub(crate) fn pair_panel(self, panel: &[bf16], k: usize, dst: &mut [u32]) {
+        assert!(panel.len() >= PANEL * k && dst.len() >= PANEL * k.div_ceil(2));
+        // SAFETY: the token proves the features; the lengths were checked.
+        unsafe { pair_columns(self, panel, k, dst) }
     }
 }
 
@@ -54,10 +63,11 @@ pub(crate) trait PairTile: Copy + Send + Sync {
 
 /// `y[t, n] = x[t, k] · wᵀ` by `tile`, `x` rounded to bf16, and the weights too unless they are
 /// bf16 already (quantized ones are widened, then rounded: far less than their own quantization
-/// error). Work goes out in pairs of panels of 16 weight rows (32 outputs); each task first
+/// error). Work goes out in pairs of panels of 16 weight rows (32 outputs); unless the weights
+/// are packed in pairs at load ([`WeightData::BF16Pairs`], read in place), each task first
 /// rearranges its rows so that a 32-bit word holds the weights of columns 2q and 2q + 1 of one
-/// row (the pair a bf16 dot product multiplies with a pair of inputs), then runs the tiles down
-/// the rows.
+/// row (the pair a bf16 dot product multiplies with a pair of inputs). Then it runs the tiles
+/// down the rows, in tiles of equal size (16 rows: two of 8, not 12 and 4).
 pub(crate) fn gemm_pairs<T: PairTile>(
     dot: Bf16Dot,
     tile: T,
@@ -68,7 +78,14 @@ pub(crate) fn gemm_pairs<T: PairTile>(
 ) {
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() >= t * k && y.len() >= t * n);
-    let kp = k.div_ceil(2).next_multiple_of(T::K_ALIGN);
+    if t == 0 {
+        return;
+    }
+    const { assert!(PAIR_ALIGN.is_multiple_of(T::K_ALIGN)) };
+    let kp = match w.data {
+        WeightData::BF16Pairs(_) => pair_words(k),
+        _ => k.div_ceil(2).next_multiple_of(T::K_ALIGN),
+    };
     // Whole tiles of rows; the padding rows stay zero.
     let mut xb = vec![0u32; t.next_multiple_of(T::ROWS) * kp];
     xb.par_chunks_mut(kp)
@@ -86,25 +103,42 @@ pub(crate) fn gemm_pairs<T: PairTile>(
         },
         |(buf, row, pairs), task| {
             let out = &out;
-            let (b0, b1) = buf.split_at_mut(PANEL * kp);
-            for (i, b) in [b0, b1].into_iter().enumerate() {
-                let p = 2 * task + i;
-                match w.data {
-                    WeightData::BF16Panels(d) if p < panels => {
-                        let panel = &d[p * PANEL * k..(p + 1) * PANEL * k];
-                        // SAFETY: the token proves the features; the panel has k columns of 16.
-                        unsafe { pair_columns(dot, panel, k, b) }
-                    }
-                    _ => pair_rows(dot, w, p * PANEL, row, pairs, b),
+            let in_place = match w.data {
+                // Both panels there (not an odd last one).
+                WeightData::BF16Pairs(d) => {
+                    d.get(2 * task * PANEL * kp..(2 * task + 2) * PANEL * kp)
                 }
-            }
+                _ => None,
+            };
+            let wp = match in_place {
+                Some(d) => d.as_ptr(),
+                None => {
+                    let (b0, b1) = buf.split_at_mut(PANEL * kp);
+                    for (i, b) in [b0, b1].into_iter().enumerate() {
+                        let p = 2 * task + i;
+                        match w.data {
+                            WeightData::BF16Pairs(d) if p < panels => {
+                                b.copy_from_slice(&d[p * PANEL * kp..(p + 1) * PANEL * kp])
+                            }
+                            WeightData::BF16Panels(d) if p < panels => {
+                                let panel = &d[p * PANEL * k..(p + 1) * PANEL * k];
+                                // SAFETY: the token proves the features; the panel has k columns of 16.
+                                unsafe { pair_columns(dot, panel, k, b) }
+                            }
+                            _ => pair_rows(dot, w, p * PANEL, row, pairs, b),
+                        }
+                    }
+                    buf.as_ptr()
+                }
+            };
             let r0 = 2 * PANEL * task;
             let cols = (n - r0).min(2 * PANEL);
             let mut c = [[0f32; 32]; 32];
-            for t0 in (0..t).step_by(T::ROWS) {
-                let m = T::ROWS.min(t - t0);
-                // SAFETY: a whole tile of rows is in xb, two panels of kp pair-rows in buf.
-                unsafe { tile.tile(kp, xb[t0 * kp..].as_ptr(), m, buf.as_ptr(), &mut c) };
+            let per = t.div_ceil(t.div_ceil(T::ROWS));
+            for t0 in (0..t).step_by(per) {
+                let m = per.min(t - t0);
+                // SAFETY: a whole tile of rows is in xb, two panels of kp pair-rows at wp.
+                unsafe { tile.tile(kp, xb[t0 * kp..].as_ptr(), m, wp, &mut c) };
                 for (i, row) in c[..m].iter().enumerate() {
                     // SAFETY: outputs r0..r0 + cols of row t0 + i belong to this task only.
                     unsafe {

@@ -29,6 +29,12 @@ pub enum WeightData<'a> {
     /// f32 is then a shift (low halves) and a mask (high halves), no shuffles. The last panel is
     /// padded with zero rows, so the data holds `rows.next_multiple_of(16) · cols` values.
     BF16Panels(&'a [bf16]),
+    /// bf16 in panels of [`PANEL`] rows for products over pairs of columns (made by
+    /// [`pack_bf16_pairs`], where the CPU multiplies a pair of bf16 by a pair: AVX-512 BF16's
+    /// `vdpbf16ps`, AMX-BF16's tiles): panel `p` is [`pair_words`]`(cols)` rows of 16 words,
+    /// word `16q + j` holding row `16p + j`'s columns `2q` (low half) and `2q + 1` (high half).
+    /// Columns past the last and the last panel's missing rows are zero; [`pairs_len`] words.
+    BF16Pairs(&'a [u32]),
     /// Q8_0 in panels of 16 rows for integer products on 16 rows at once (see
     /// [`crate::qpanel`]); rows padded to a multiple of 16 like [`WeightData::BF16Panels`].
     Q8_0Panels(&'a [PanelQ8_0]),
@@ -42,10 +48,75 @@ pub const PANEL: usize = 16;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(x86::NR == PANEL);
 
-/// Whether bf16 matrices are worth packing into panels on this machine: the AVX2 products read
-/// them faster than row-major ones at every batch size (see `panels_avx2`).
+/// Whether bf16 matrices are worth packing on this machine (into pairs where [`pairs_pay`], else
+/// panels): the AVX2 products read panels faster than row-major rows at every batch size (see
+/// `panels_avx2`).
 pub fn panels_pay() -> bool {
     isa().has_avx2()
+}
+
+/// Whether bf16 matrices are worth packing into pairs ([`WeightData::BF16Pairs`]) rather than
+/// panels on this machine: where products of every size run on bf16 dot products.
+pub fn pairs_pay() -> bool {
+    isa().level() >= Level::Avx512Bf16
+}
+
+/// Pair-words (two columns each) a row of [`WeightData::BF16Pairs`] takes: whole AMX tile rows
+/// of 16 words (32 columns), the padding zero.
+pub fn pair_words(cols: usize) -> usize {
+    cols.div_ceil(2).next_multiple_of(PAIR_ALIGN)
+}
+
+/// Words of a row of [`WeightData::BF16Pairs`] are padded to a multiple of this.
+pub const PAIR_ALIGN: usize = 16;
+
+/// Words a `[rows, cols]` matrix takes in pairs: whole panels, the last one padded.
+pub fn pairs_len(rows: usize, cols: usize) -> usize {
+    rows.next_multiple_of(PANEL) * pair_words(cols)
+}
+
+/// A row-major bf16 matrix `[rows, cols]` rearranged into pairs (see
+/// [`WeightData::BF16Pairs`]) in `out` ([`pairs_len`] words): the same values, in the order the
+/// bf16 dot products read them.
+pub fn pack_bf16_pairs(w: &[bf16], rows: usize, cols: usize, out: &mut [u32]) {
+    assert_eq!(
+        w.len(),
+        rows * cols,
+        "pack_bf16_pairs: data does not match [{rows}, {cols}]"
+    );
+    assert_eq!(
+        out.len(),
+        pairs_len(rows, cols),
+        "pack_bf16_pairs: output is not whole panels"
+    );
+    let pw = pair_words(cols);
+    if pw == 0 {
+        return;
+    }
+    out.par_chunks_mut(PANEL * pw).enumerate().for_each_init(
+        || vec![bf16::ZERO; PANEL * cols],
+        |panel, (p, dst)| {
+            let (r0, nr) = (p * PANEL, PANEL.min(rows - p * PANEL));
+            let src = &w[r0 * cols..(r0 + nr) * cols];
+            #[cfg(target_arch = "x86_64")]
+            if let Some(dot) = crate::avx512::Bf16Dot::detect() {
+                // Through the panel layout, whose columns one permutation turns into pairs.
+                if nr < PANEL {
+                    panel.fill(bf16::ZERO);
+                }
+                pack_bf16_panels(src, nr, cols, panel);
+                dot.pair_panel(panel, cols, dst);
+                return;
+            }
+            let _ = panel;
+            dst.fill(0);
+            for (j, row) in src.chunks_exact(cols).enumerate() {
+                for (c, v) in row.iter().enumerate() {
+                    dst[16 * (c / 2) + j] |= (v.to_bits() as u32) << (16 * (c % 2));
+                }
+            }
+        },
+    );
 }
 
 /// Where element `(r, c)` of a `cols`-column matrix lives in its panel layout.
@@ -110,6 +181,7 @@ impl WeightData<'_> {
             WeightData::Q8_0(b) => b.len() * QK,
             WeightData::Q4_0(b) => b.len() * QK,
             WeightData::BF16Panels(d) => d.len(),
+            WeightData::BF16Pairs(d) => 2 * d.len(),
             WeightData::Q8_0Panels(p) => p.len() * PANEL * QK,
             WeightData::Q4_0Panels(p) => p.len() * PANEL * QK,
         }
@@ -119,7 +191,10 @@ impl WeightData<'_> {
     pub fn is_panels(&self) -> bool {
         matches!(
             self,
-            WeightData::BF16Panels(_) | WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_)
+            WeightData::BF16Panels(_)
+                | WeightData::BF16Pairs(_)
+                | WeightData::Q8_0Panels(_)
+                | WeightData::Q4_0Panels(_)
         )
     }
 
@@ -154,7 +229,10 @@ impl WeightData<'_> {
                 );
                 quant::dequantize_q4_0(&b[start / QK..end / QK], out)
             }
-            WeightData::BF16Panels(_) | WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_) => {
+            WeightData::BF16Panels(_)
+            | WeightData::BF16Pairs(_)
+            | WeightData::Q8_0Panels(_)
+            | WeightData::Q4_0Panels(_) => {
                 panic!("panel-packed weights are read by rows (Mat::row_f32)")
             }
         }
@@ -171,14 +249,14 @@ pub struct Mat<'a> {
 
 impl<'a> Mat<'a> {
     pub fn new(data: WeightData<'a>, rows: usize, cols: usize) -> Self {
-        let stored_rows = if data.is_panels() {
-            rows.next_multiple_of(PANEL)
-        } else {
-            rows
+        let stored = match data {
+            WeightData::BF16Pairs(_) => 2 * pairs_len(rows, cols),
+            d if d.is_panels() => rows.next_multiple_of(PANEL) * cols,
+            _ => rows * cols,
         };
         assert_eq!(
             data.len(),
-            stored_rows * cols,
+            stored,
             "matrix data does not match [{rows}, {cols}]"
         );
         Mat { data, rows, cols }
@@ -199,6 +277,10 @@ impl<'a> Mat<'a> {
         let data = match self.data {
             WeightData::BF16Panels(d) => {
                 WeightData::BF16Panels(&d[a..(start + n).next_multiple_of(PANEL) * self.cols])
+            }
+            WeightData::BF16Pairs(d) => {
+                let pw = pair_words(self.cols);
+                WeightData::BF16Pairs(&d[start * pw..(start + n).next_multiple_of(PANEL) * pw])
             }
             WeightData::Q8_0Panels(p) => WeightData::Q8_0Panels(&p[pa..pb]),
             WeightData::Q4_0Panels(p) => WeightData::Q4_0Panels(&p[pa..pb]),
@@ -230,6 +312,14 @@ impl<'a> Mat<'a> {
                 let at = panel_index(r, c0, self.cols);
                 for (c, o) in out.iter_mut().enumerate() {
                     *o = d[at + c * PANEL].to_f32();
+                }
+            }
+            WeightData::BF16Pairs(d) => {
+                let at = (r / PANEL * pair_words(self.cols)) * PANEL + r % PANEL;
+                for (i, o) in out.iter_mut().enumerate() {
+                    let c = c0 + i;
+                    let half = d[at + c / 2 * PANEL] >> (16 * (c % 2));
+                    *o = f32::from_bits(half << 16);
                 }
             }
             WeightData::Q8_0Panels(p) => qpanel::range_f32::<BlockQ8_0>(p, nb, r, c0, out),
@@ -340,25 +430,26 @@ fn aligned_rows(x: &[f32], t: usize, k: usize) -> (Vec<Line>, usize) {
     (buf, stride)
 }
 
-/// Rows from which a product with bf16 or quantized weights runs on bf16 dot products where the
-/// CPU has them ([`Level::Avx512Bf16`], [`Level::Amx`]), its inputs rounded to bf16 (and quantized
-/// weights, once widened): prefill, not decode or batched decode (whose rows then equal the same
-/// rows computed alone).
+/// Rows from which a product with quantized weights runs on bf16 dot products where the CPU
+/// has them ([`Level::Avx512Bf16`], [`Level::Amx`]), its inputs and widened weights rounded to
+/// bf16: prefill, not decode or batched decode (whose integer dots stay the same batched or
+/// alone). Products with bf16 weights run on them at every size. Also the rows from which AMX's
+/// tiles take over from AVX-512's dot products.
 pub const BF16_DOT_FROM_ROWS: usize = 64;
 
 /// Whether [`matmul_with`] rounds the inputs (and widened quantized weights) of a `t`-row
-/// product with `w` to bf16.
+/// product with `w` to bf16: with bf16 weights, whatever their layout, at every size (the
+/// official bf16 model's activations are bf16), where the CPU multiplies bf16 pairs.
 pub fn rounds_inputs(isa: Isa, w: &WeightData, t: usize) -> bool {
     isa.level() >= Level::Avx512Bf16
-        && t >= BF16_DOT_FROM_ROWS
-        && matches!(
-            w,
-            WeightData::BF16Panels(_)
-                | WeightData::Q8_0(_)
-                | WeightData::Q4_0(_)
-                | WeightData::Q8_0Panels(_)
-                | WeightData::Q4_0Panels(_)
-        )
+        && match w {
+            WeightData::BF16(_) | WeightData::BF16Panels(_) | WeightData::BF16Pairs(_) => true,
+            WeightData::Q8_0(_)
+            | WeightData::Q4_0(_)
+            | WeightData::Q8_0Panels(_)
+            | WeightData::Q4_0Panels(_) => t >= BF16_DOT_FROM_ROWS,
+            _ => false,
+        }
 }
 
 /// Whether Q8_0/Q4_0 matrices are worth packing into panels ([`crate::qpanel`]) on this
@@ -403,7 +494,11 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if rounds_inputs(isa, &w.data, t) {
-        if let (Level::Amx, Some(amx)) = (isa.level(), crate::amx::Amx::detect()) {
+        if let (Level::Amx, Some(amx), true) = (
+            isa.level(),
+            crate::amx::Amx::detect(),
+            t >= BF16_DOT_FROM_ROWS,
+        ) {
             return amx.gemm(x, t, w, y);
         }
         if let Some(dot) = crate::avx512::Bf16Dot::detect() {
@@ -417,7 +512,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if t >= 4 && isa.has_avx2() && !matches!(w.data, WeightData::BF16Panels(_)) {
-        if t <= SMALL_BATCH_ROWS {
+        if t <= SMALL_BATCH_ROWS && !matches!(w.data, WeightData::BF16Pairs(_)) {
             rows_avx2(x, t, w, y);
         } else {
             gemm_avx2(x, t, w, y);
@@ -652,6 +747,7 @@ fn rows_avx2(x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
                             unreachable!("quantized rows take matvec_quant")
                         }
                         WeightData::BF16Panels(_) => unreachable!("panels take panels_avx2"),
+                        WeightData::BF16Pairs(_) => unreachable!("pairs take gemm_avx2"),
                         WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_) => {
                             unreachable!("quantized panels take qpanel")
                         }
@@ -940,11 +1036,14 @@ mod tests {
             let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
             let mut wp = vec![bf16::ZERO; panels_len(n, k)];
             pack_bf16_panels(&wb, n, k, &mut wp);
+            let mut wq = vec![0u32; pairs_len(n, k)];
+            pack_bf16_pairs(&wb, n, k, &mut wq);
             for data in [
                 WeightData::F32(&wf),
                 WeightData::BF16(&wb),
                 WeightData::F16(&wh),
                 WeightData::BF16Panels(&wp),
+                WeightData::BF16Pairs(&wq),
             ] {
                 let w = Mat::new(data, n, k);
                 let (mut y, mut yr) = (vec![0.0; t * n], vec![0.0; t * n]);
@@ -1089,8 +1188,8 @@ mod tests {
         }
     }
 
-    /// Panels hold the same values as the row-major matrix: every row read back, whole matrices
-    /// and views from a panel boundary; padding rows are zero.
+    /// Panels and pairs hold the same values as the row-major matrix: every row read back, whole
+    /// matrices and views from a panel boundary; padding is zero.
     #[test]
     fn panels_hold_the_rows() {
         let mut rng = Rng::new(10);
@@ -1110,31 +1209,41 @@ mod tests {
                 .collect();
             let mut wp = vec![bf16::ZERO; panels_len(n, k)];
             pack_bf16_panels(&wb, n, k, &mut wp);
-            let (rm, pm) = (
-                Mat::new(WeightData::BF16(&wb), n, k),
-                Mat::new(WeightData::BF16Panels(&wp), n, k),
-            );
-            let (mut a, mut b) = (vec![0.0; k], vec![0.0; k]);
-            for r in 0..n {
-                rm.row_f32(r, &mut a);
-                pm.row_f32(r, &mut b);
-                assert_eq!(a, b, "row {r} of [{n}, {k}]");
-            }
-            for start in (0..n).step_by(PANEL) {
-                let len = (n - start).min(PANEL + 1);
-                let v = pm.rows(start, len);
-                for r in 0..len {
-                    rm.row_f32(start + r, &mut a);
-                    v.row_f32(r, &mut b);
-                    assert_eq!(a, b, "row {r} of the view from {start}");
+            let mut wq = vec![u32::MAX; pairs_len(n, k)];
+            pack_bf16_pairs(&wb, n, k, &mut wq);
+            let rm = Mat::new(WeightData::BF16(&wb), n, k);
+            let pairs: Vec<bf16> = wq
+                .iter()
+                .flat_map(|w| [*w as u16, (*w >> 16) as u16].map(bf16::from_bits))
+                .collect();
+            for (pm, stored) in [
+                (Mat::new(WeightData::BF16Panels(&wp), n, k), &wp),
+                (Mat::new(WeightData::BF16Pairs(&wq), n, k), &pairs),
+            ] {
+                let (mut a, mut b) = (vec![0.0; k], vec![0.0; k]);
+                for r in 0..n {
+                    rm.row_f32(r, &mut a);
+                    pm.row_f32(r, &mut b);
+                    assert_eq!(a, b, "row {r} of [{n}, {k}]");
                 }
+                for start in (0..n).step_by(PANEL) {
+                    let len = (n - start).min(PANEL + 1);
+                    let v = pm.rows(start, len);
+                    for r in 0..len {
+                        rm.row_f32(start + r, &mut a);
+                        v.row_f32(r, &mut b);
+                        assert_eq!(a, b, "row {r} of the view from {start}");
+                    }
+                }
+                let padding = stored.len() - n * k;
+                assert_eq!(
+                    stored.iter().filter(|v| v.to_bits() == 0).count()
+                        - wb.iter().filter(|v| v.to_bits() == 0).count(),
+                    padding,
+                    "{:?} [{n}, {k}]: padding",
+                    pm.data.len()
+                );
             }
-            let padding = wp.len() - n * k;
-            assert_eq!(
-                wp.iter().filter(|v| v.to_f32() == 0.0).count()
-                    - wb.iter().filter(|v| v.to_f32() == 0.0).count(),
-                padding
-            );
         }
     }
 

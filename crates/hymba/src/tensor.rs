@@ -133,10 +133,19 @@ pub struct Tensor {
     owner: Owner,
     offset: usize,
     len: usize,
-    /// A bf16 or quantized matrix rearranged into panels of 16 rows
-    /// ([`WeightData::BF16Panels`], [`WeightData::Q8_0Panels`], [`WeightData::Q4_0Panels`])
-    /// rather than row-major as in the file: same values, the order the matrix products read.
-    panels: bool,
+    /// Row-major as in the file, or a bf16 or quantized matrix rearranged into panels of 16
+    /// rows: same values, the order the matrix products read.
+    layout: Layout,
+}
+
+/// The order of a matrix's elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    RowMajor,
+    /// [`WeightData::BF16Panels`], [`WeightData::Q8_0Panels`], [`WeightData::Q4_0Panels`].
+    Panels,
+    /// [`WeightData::BF16Pairs`].
+    Pairs,
 }
 
 impl Tensor {
@@ -150,7 +159,7 @@ impl Tensor {
             owner,
             offset: 0,
             len: bytes.len(),
-            panels: false,
+            layout: Layout::RowMajor,
         }
     }
 
@@ -187,11 +196,14 @@ impl Tensor {
     pub fn data(&self) -> WeightData<'_> {
         let b = self.bytes();
         let n = self.numel();
-        if self.panels {
+        if self.layout != Layout::RowMajor {
             // SAFETY: as below; the length is the padded panels' (see `to_panels`), the panel
-            // blocks plain bytes and f16 (alignment 2; the heap buffer is 8-aligned).
+            // blocks plain bytes and f16 (alignment 2), pairs u32 (the heap buffer is 8-aligned).
             return unsafe {
                 match self.dtype {
+                    Dtype::BF16 if self.layout == Layout::Pairs => WeightData::BF16Pairs(
+                        std::slice::from_raw_parts(b.as_ptr() as *const u32, b.len() / 4),
+                    ),
                     Dtype::BF16 => WeightData::BF16Panels(std::slice::from_raw_parts(
                         b.as_ptr() as *const bf16,
                         b.len() / 2,
@@ -264,7 +276,7 @@ impl Tensor {
     /// All elements widened to f32 (for the small vectors: norms, biases, A, D, conv).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut v = vec![0.0; self.numel()];
-        if self.panels {
+        if self.layout != Layout::RowMajor {
             let m = self.mat();
             for (r, row) in v.chunks_exact_mut(m.cols.max(1)).enumerate() {
                 m.row_f32(r, row);
@@ -297,15 +309,21 @@ impl Tensor {
 
     /// Whether the matrix is held in panels (see [`Tensor::to_panels`]).
     pub fn is_panels(&self) -> bool {
-        self.panels
+        self.layout != Layout::RowMajor
     }
 
     /// This bf16, Q8_0 or Q4_0 matrix rearranged into panels of 16 rows for the matrix
-    /// products (bf16 for AVX2's, the quantized ones for AVX-512 VNNI's); the values and their
-    /// precision are unchanged.
+    /// products (bf16 in pairs of columns for AVX-512 BF16's and AMX's, else for AVX2's; the
+    /// quantized ones for AVX-512 VNNI's); the values and their precision are unchanged.
     pub fn to_panels(&self) -> Tensor {
+        self.to_panels_with(matmul::pairs_pay())
+    }
+
+    /// [`Tensor::to_panels`], bf16 in pairs of columns or not as asked, whatever this machine's
+    /// choice (to compare the two; pairs are read only where the CPU has AVX-512 BF16).
+    pub fn to_panels_with(&self, bf16_pairs: bool) -> Tensor {
         assert!(
-            self.shape.len() == 2 && !self.panels,
+            self.shape.len() == 2 && self.layout == Layout::RowMajor,
             "only row-major matrices are packed"
         );
         let (rows, cols) = (self.shape[0], self.shape[1]);
@@ -319,7 +337,11 @@ impl Tensor {
             });
             (owner, size)
         }
+        let pairs = self.dtype == Dtype::BF16 && bf16_pairs;
         let (owner, len) = match self.data() {
+            WeightData::BF16(d) if pairs => packed(matmul::pairs_len(rows, cols), |out| {
+                matmul::pack_bf16_pairs(d, rows, cols, out)
+            }),
             WeightData::BF16(d) => packed(matmul::panels_len(rows, cols), |out| {
                 matmul::pack_bf16_panels(d, rows, cols, out)
             }),
@@ -337,7 +359,7 @@ impl Tensor {
             len,
             owner,
             offset: 0,
-            panels: true,
+            layout: if pairs { Layout::Pairs } else { Layout::Panels },
         }
     }
 }
@@ -494,7 +516,7 @@ impl TensorStore {
                 owner: owner(),
                 offset,
                 len: data.len(),
-                panels: false,
+                layout: Layout::RowMajor,
             };
             if !(data.as_ptr() as usize).is_multiple_of(dtype.align()) {
                 // A misaligned tensor cannot be viewed in place: copy it, same precision.
@@ -547,7 +569,7 @@ impl TensorStore {
     pub fn save(&self, path: &Path) -> Result<()> {
         let names = self.names();
         assert!(
-            self.tensors.values().all(|(t, _)| !t.panels),
+            self.tensors.values().all(|(t, _)| !t.is_panels()),
             "a store is saved before its matrices are packed"
         );
         let entries: Vec<(String, &Tensor)> = names

@@ -7,6 +7,7 @@
 //! tiles of [`crate::qpanel`] on `vpdpbusd` (AVX-512 VNNI), for Q8_0/Q4_0 weights in panels.
 
 use crate::matmul::{pair_words, Mat, WeightData, PAIR_ALIGN, PANEL};
+use crate::qpanel::{PanelQ4_0, PanelQ8_0};
 use crate::quant::{BlockQ4_0, BlockQ8_0, QK};
 use half::bf16;
 use rayon::prelude::*;
@@ -125,6 +126,13 @@ pub(crate) fn gemm_pairs<T: PairTile>(
                                 // SAFETY: the token proves the features; the panel has k columns of 16.
                                 unsafe { pair_columns(dot, panel, k, b) }
                             }
+                            // SAFETY (both): as above; a panel of k / 32 blocks, k / 2 pair-rows.
+                            WeightData::Q8_0Panels(d) if p < panels => unsafe {
+                                pair_q8_0(dot, &d[p * (k / QK)..(p + 1) * (k / QK)], b)
+                            },
+                            WeightData::Q4_0Panels(d) if p < panels => unsafe {
+                                pair_q4_0(dot, &d[p * (k / QK)..(p + 1) * (k / QK)], b)
+                            },
                             _ => pair_rows(dot, w, p * PANEL, row, pairs, b),
                         }
                     }
@@ -209,6 +217,86 @@ fn pair_rows(dot: Bf16Dot, w: Mat, r0: usize, row: &mut [f32], pairs: &mut [u32]
         unsafe { to_bf16_pairs(dot, row, pairs) };
         for (q, &p) in pairs.iter().enumerate() {
             dst[16 * q + j] = p;
+        }
+    }
+}
+
+/// Pair-rows `q` of the 16 rows from two columns' values (16 lanes each, rounded to bf16 here):
+/// word j = (column a of row j, column b of row j).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn store_pair(dst: *mut u32, a: __m512, b: __m512) {
+    // cvtne2ps puts a's 16 values below b's; the permutation interleaves them a row a word.
+    const IDX: [u16; 32] = {
+        let mut idx = [0u16; 32];
+        let mut j = 0;
+        while j < 16 {
+            idx[2 * j] = j as u16;
+            idx[2 * j + 1] = 16 + j as u16;
+            j += 1;
+        }
+        idx
+    };
+    let idx = _mm512_loadu_si512(IDX.as_ptr() as *const _);
+    let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+    _mm512_storeu_si512(dst as *mut _, _mm512_permutexvar_epi16(idx, v));
+}
+
+/// A panel of Q8_0 blocks (16 rows, see [`crate::qpanel`]) as pairs (see [`pair_columns`]),
+/// each value widened as [`crate::qpanel::Panelled::widen`] does (`(stored − 128) · d`, one
+/// rounding: `stored · d − 128 · d` with `128 · d` exact), then rounded to bf16.
+///
+/// # Safety
+/// `dst` holds `16 · QK / 2` words a block.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_q8_0(_: Bf16Dot, blocks: &[PanelQ8_0], dst: &mut [u32]) {
+    assert!(dst.len() >= blocks.len() * PANEL * QK / 2);
+    let byte = _mm512_set1_epi32(0xFF);
+    for (b, blk) in blocks.iter().enumerate() {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.d.as_ptr() as *const _));
+        let off = _mm512_mul_ps(d, _mm512_set1_ps(128.0));
+        let out = dst.as_mut_ptr().add(b * PANEL * QK / 2);
+        // Vector s: columns 4s..4s + 4 of each row, a byte each.
+        for s in 0..QK / 4 {
+            let v = _mm512_loadu_si512(blk.qs.as_ptr().add(64 * s) as *const _);
+            let col = |i: u32| {
+                let q =
+                    _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(8 * i as i32)), byte);
+                _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), d, off)
+            };
+            store_pair(out.add(16 * 2 * s), col(0), col(1));
+            store_pair(out.add(16 * (2 * s + 1)), col(2), col(3));
+        }
+    }
+}
+
+/// [`pair_q8_0`] for Q4_0: vector s holds columns `8s..8s + 4` in its low nibbles and
+/// `8s + 4..8s + 8` in its high ones; values `(stored − 8) · d`.
+///
+/// # Safety
+/// As [`pair_q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_q4_0(_: Bf16Dot, blocks: &[PanelQ4_0], dst: &mut [u32]) {
+    assert!(dst.len() >= blocks.len() * PANEL * QK / 2);
+    let nib = _mm512_set1_epi32(0x0F);
+    for (b, blk) in blocks.iter().enumerate() {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.d.as_ptr() as *const _));
+        let off = _mm512_mul_ps(d, _mm512_set1_ps(8.0));
+        let out = dst.as_mut_ptr().add(b * PANEL * QK / 2);
+        for s in 0..QK / 8 {
+            let v = _mm512_loadu_si512(blk.qs.as_ptr().add(64 * s) as *const _);
+            // Column 8s + c: byte c % 4, its low nibble for c < 4, else its high one.
+            let col = |c: u32| {
+                let shift = _mm512_set1_epi32((8 * (c % 4) + 4 * (c / 4)) as i32);
+                let q = _mm512_and_si512(_mm512_srlv_epi32(v, shift), nib);
+                _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), d, off)
+            };
+            for pr in 0..4 {
+                store_pair(
+                    out.add(16 * (4 * s + pr as usize)),
+                    col(2 * pr),
+                    col(2 * pr + 1),
+                );
+            }
         }
     }
 }

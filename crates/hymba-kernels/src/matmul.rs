@@ -1072,8 +1072,9 @@ mod tests {
         }
     }
 
-    /// Quantized weights: few rows use integer dots on Q8_0 activations, many rows the f32 path
-    /// on dequantized weights; both against the reference over the dequantized matrix.
+    /// Quantized weights, row-major and in panels: few rows use integer dots on Q8_0
+    /// activations, many rows the f32 path on dequantized weights (or bf16 dot products of the
+    /// rounded ones); each against the reference over the dequantized matrix.
     #[test]
     fn quantized_matmul_matches_reference() {
         let mut rng = Rng::new(8);
@@ -1097,7 +1098,16 @@ mod tests {
             let mut q4 = vec![BlockQ4_0::default(); n * k / QK];
             quant::quantize_q8_0(&wf, &mut q8);
             quant::quantize_q4_0(&wf, &mut q4);
-            for data in [WeightData::Q8_0(&q8), WeightData::Q4_0(&q4)] {
+            let mut p8 = vec![PanelQ8_0::default(); qpanel::panels_len(n, k)];
+            let mut p4 = vec![PanelQ4_0::default(); qpanel::panels_len(n, k)];
+            qpanel::pack(&q8, n, k, &mut p8);
+            qpanel::pack(&q4, n, k, &mut p4);
+            for data in [
+                WeightData::Q8_0(&q8),
+                WeightData::Q4_0(&q4),
+                WeightData::Q8_0Panels(&p8),
+                WeightData::Q4_0Panels(&p4),
+            ] {
                 let w = Mat::new(data, n, k);
                 let (mut y, mut yr) = (vec![0.0; t * n], vec![0.0; t * n]);
                 matmul_ref(&x, w, &mut yr);

@@ -246,7 +246,8 @@ fn cuda_batched_equals_alone() {
 }
 
 /// bf16 weights: the GPU rounds each matrix product's input to bf16 (as the official bf16 model
-/// does), the CPU keeps it in f32. Each rounding errs by at most 2^-9 relatively; over the ~7
+/// does), the CPU keeps it in f32 unless it has bf16 dot products (AVX-512 BF16, AMX; then both
+/// round, and differ less). Each rounding errs by at most 2^-9 relatively; over the ~7
 /// products of each of L layers the errors add up like a random walk, so the logits agree to
 /// about 2^-9·sqrt(7L) of their norm; the bound allows twice that.
 #[test]

@@ -51,6 +51,7 @@ fn main() {
     let any = [
         "bf16",
         "bf16 panels",
+        "bf16 pairs",
         "q8_0",
         "q4_0",
         "q8_0 panels",
@@ -84,8 +85,11 @@ fn main() {
     let n = if any { n } else { 0 };
     let mut wp = vec![bf16::ZERO; matmul::panels_len(n, k)];
     matmul::pack_bf16_panels(&wb, n, k, &mut wp);
+    let mut wq = vec![0u32; matmul::pairs_len(n, k)];
+    matmul::pack_bf16_pairs(&wb, n, k, &mut wq);
     let wb = vec![wb; copies(n * k * 2)];
     let wp = vec![wp; copies(n * k * 2)];
+    let wq = vec![wq; copies(n * k * 2)];
     let mut pq8 = vec![qpanel::PanelQ8_0::default(); qpanel::panels_len(n, k)];
     qpanel::pack(&wq8, n, k, &mut pq8);
     let mut pq4 = vec![qpanel::PanelQ4_0::default(); qpanel::panels_len(n, k)];
@@ -103,6 +107,11 @@ fn main() {
             "bf16 panels",
             wp.iter().map(|w| WeightData::BF16Panels(w)).collect(),
         ),
+        // The engine's layout where the CPU has AVX-512 BF16 (`matmul::pairs_pay`).
+        (
+            "bf16 pairs",
+            wq.iter().map(|w| WeightData::BF16Pairs(w)).collect(),
+        ),
         ("q8_0", wq8.iter().map(|w| WeightData::Q8_0(w)).collect()),
         ("q4_0", wq4.iter().map(|w| WeightData::Q4_0(w)).collect()),
         (
@@ -115,7 +124,7 @@ fn main() {
         ),
     ] {
         let bytes: usize = match mats.first().copied().unwrap_or(WeightData::F32(&[])) {
-            WeightData::BF16(_) | WeightData::BF16Panels(_) => n * k * 2,
+            WeightData::BF16(_) | WeightData::BF16Panels(_) | WeightData::BF16Pairs(_) => n * k * 2,
             WeightData::Q8_0(_) | WeightData::Q8_0Panels(_) => {
                 n * k / QK * std::mem::size_of::<BlockQ8_0>()
             }

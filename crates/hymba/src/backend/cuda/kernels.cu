@@ -577,8 +577,10 @@ __device__ __forceinline__ float kv_at(const void* p, int bf16, long i) {
     return bf16 ? bf16_to_f32(((const bf16_t*)p)[i]) : ((const float*)p)[i];
 }
 
-// This call's rows of a sequence as a K/V source (f32, at its positions pos0..).
-__device__ __forceinline__ KvSrc own_rows(const float* new_k, const float* new_v, SeqInfo sq, int kw, int vw) {
+// This call's rows of a sequence as a K/V source (f32, or bf16 copies of them; at its positions
+// pos0..).
+template <typename T>
+__device__ __forceinline__ KvSrc own_rows(const T* new_k, const T* new_v, SeqInfo sq, int kw, int vw) {
     KvSrc s;
     s.k = new_k + sq.row0 * kw;
     s.v = new_v + sq.row0 * vw;
@@ -587,7 +589,7 @@ __device__ __forceinline__ KvSrc own_rows(const float* new_k, const float* new_v
     s.pos0 = sq.pos0;
     s.k_stride = kw;
     s.v_stride = vw;
-    s.bf16 = 0;
+    s.bf16 = sizeof(T) == 2;
     return s;
 }
 
@@ -1181,20 +1183,6 @@ __device__ void fa_load(FaStage<DK, DV>& st, const KvSrc& s, int k0, int kh, int
 #endif
 }
 
-// This call's rows of a sequence as a bf16 source (new_k, new_v: copies of the f32 rows).
-__device__ KvSrc own_rows_bf16(const bf16_t* new_k, const bf16_t* new_v, SeqInfo sq, int kw, int vw) {
-    KvSrc s;
-    s.k = new_k + sq.row0 * kw;
-    s.v = new_v + sq.row0 * vw;
-    s.pos = 0;
-    s.rows = sq.len;
-    s.pos0 = sq.pos0;
-    s.k_stride = kw;
-    s.v_stride = vw;
-    s.bf16 = 1;
-    return s;
-}
-
 // Dynamic shared memory: two FaStage<DK, DV> (the block being scored and the next, loading).
 template <int DK, int DV>
 __device__ void attention_mma(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past,
@@ -1219,7 +1207,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
     if (tid == 0) {
         src[0] = past[2 * tile.x];
         src[1] = past[2 * tile.x + 1];
-        src[2] = own_rows_bf16(new_k, new_v, sq, kw, vw);
+        src[2] = own_rows(new_k, new_v, sq, kw, vw);
     }
     u32 qh[DK / 16][4], ql[DK / 16][4];
 #pragma unroll

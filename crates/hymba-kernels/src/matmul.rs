@@ -494,12 +494,10 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if rounds_inputs(isa, &w.data, t) {
-        if let (Level::Amx, Some(amx), true) = (
-            isa.level(),
-            crate::amx::Amx::detect(),
-            t >= BF16_DOT_FROM_ROWS,
-        ) {
-            return amx.gemm(x, t, w, y);
+        if isa.level() == Level::Amx && t >= BF16_DOT_FROM_ROWS {
+            if let Some(amx) = crate::amx::Amx::detect() {
+                return amx.gemm(x, t, w, y);
+            }
         }
         if let Some(dot) = crate::avx512::Bf16Dot::detect() {
             return dot.gemm(x, t, w, y);

@@ -128,20 +128,11 @@ fn cuda_matches_official_outputs() {
     }
 }
 
-/// The CPU's logits for the same model and ids, K/V cached as `kv`.
+/// The CPU's logits for the same model and ids, K/V cached as `kv`: every prompt row's, then
+/// each decode step's.
 fn cpu_logits(dir: &std::path::Path, ids: &[u32], kv: KvDtype, prefill: usize) -> Vec<f32> {
     let m = Model::load(dir).unwrap().with_kv_dtype(kv);
-    let mut c = m.new_cache();
-    let mut out = m
-        .forward(&mut c, &ids[..prefill], Logits::All, DecodeWindow::Trained)
-        .unwrap();
-    for &id in &ids[prefill..] {
-        out.extend(
-            m.forward(&mut c, &[id], Logits::Last, DecodeWindow::Trained)
-                .unwrap(),
-        );
-    }
-    out
+    prefill_then_decode(&m, ids, prefill, Logits::All)
 }
 
 /// bf16 K/V on the GPU equals the CPU engine's bf16 K/V to bf16's precision (both round the same
@@ -466,9 +457,9 @@ fn cuda_decode_with_wide_value_heads_matches_cpu() {
         let cpu = Model::from_store(cfg.clone(), store())
             .unwrap()
             .with_kv_dtype(kv);
-        let want = prefill_then_decode(&cpu, &ids, prefill);
+        let want = prefill_then_decode(&cpu, &ids, prefill, Logits::Last);
         let dev = gpu.take().unwrap().with_kv_dtype(kv);
-        let got = prefill_then_decode(&dev, &ids, prefill);
+        let got = prefill_then_decode(&dev, &ids, prefill, Logits::Last);
         let tol = match kv {
             KvDtype::F32 => TOL,
             KvDtype::BF16 => want.iter().fold(0f32, |m, v| m.max(v.abs())) / 256.0,
@@ -491,15 +482,17 @@ fn cuda_decode_with_wide_value_heads_matches_cpu() {
     }
 }
 
-/// The last row's logits of a prefill of ids[..prefill], then of each decode step after it.
+/// The logits of a prefill of ids[..prefill] (`rows`: every row's or the last's), then of each
+/// decode step after it.
 fn prefill_then_decode<B: hymba::backend::Backend>(
     m: &Model<B>,
     ids: &[u32],
     prefill: usize,
+    rows: Logits,
 ) -> Vec<f32> {
     let mut c = m.new_cache();
     let mut out = m
-        .forward(&mut c, &ids[..prefill], Logits::Last, DecodeWindow::Trained)
+        .forward(&mut c, &ids[..prefill], rows, DecodeWindow::Trained)
         .unwrap();
     for &id in &ids[prefill..] {
         out.extend(

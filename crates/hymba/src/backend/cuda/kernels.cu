@@ -32,8 +32,27 @@ __device__ __forceinline__ void load8(const float* __restrict__ w, long j, float
     float4 a = __ldg((const float4*)(w + j)), b = __ldg((const float4*)(w + j + 4));
     wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w; wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
 }
-__device__ __forceinline__ float dot8(const float* w, float4 a, float4 b) {
-    return w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
+// Eight weights as loaded (bf16 kept as bf16 until used: half the registers while in flight).
+template <typename W> struct Raw8 {
+    float4 a, b;
+};
+template <> struct Raw8<bf16_t> {
+    uint4 v;
+};
+__device__ __forceinline__ void load_raw(const float* __restrict__ w, long j, Raw8<float>& r) {
+    r.a = __ldg((const float4*)(w + j));
+    r.b = __ldg((const float4*)(w + j + 4));
+}
+__device__ __forceinline__ void load_raw(const bf16_t* __restrict__ w, long j, Raw8<bf16_t>& r) { r.v = __ldg((const uint4*)(w + j)); }
+__device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+__device__ __forceinline__ void zero_raw(Raw8<bf16_t>& r) { r.v = make_uint4(0, 0, 0, 0); }
+__device__ __forceinline__ float dot8(const Raw8<float>& w, float4 a, float4 b) {
+    return w.a.x * a.x + w.a.y * a.y + w.a.z * a.z + w.a.w * a.w + w.b.x * b.x + w.b.y * b.y + w.b.z * b.z + w.b.w * b.w;
+}
+// A word holds elements 2i (low half) and 2i + 1 (high half).
+__device__ __forceinline__ float dot2(u32 w, float lo, float hi) { return __uint_as_float(w << 16) * lo + __uint_as_float(w & 0xffff0000u) * hi; }
+__device__ __forceinline__ float dot8(const Raw8<bf16_t>& w, float4 a, float4 b) {
+    return dot2(w.v.x, a.x, a.y) + dot2(w.v.y, a.z, a.w) + dot2(w.v.z, b.x, b.y) + dot2(w.v.w, b.z, b.w);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -1339,23 +1358,28 @@ ATTENTION_MMA(64, 64)
 ATTENTION_MMA(64, 128)
 ATTENTION_MMA(128, 128)
 
-// Matrix products of decode and small batches (t <= GEMV_ROWS input rows): y[r, j] = x[r, :] · w[j, :],
+// Matrix products of decode and small batches (t <= ROWS input rows): y[r, j] = x[r, :] · w[j, :],
 // the weights streamed once at the memory's pace, no input rounded (bf16 weights widened to f32).
 // Work comes in pairs of weight rows (rows 2p, 2p + 1 of w0; for the gated MLP row p of w0 and of
 // w1), `split` warps (2, 4 or 8: the host picks enough to fill the card) splitting a pair's k, so
 // that every warp has several 16-byte loads of each row in flight before it uses any; the pair's
 // sums meet in shared memory. The epilogue writes y, adds to it (a residual), applies
-// softplus(y + bias) (the SSM's Δ) or silu(gate) · up.
+// softplus(y + bias) (the SSM's Δ) or silu(gate) · up. ROWS is the most input rows a kernel
+// takes: a decode step of one sequence has its own kernels (ROWS 1), whose registers (56-63
+// against 80) leave room for more of each lane's weight loads in flight (UNROLL of them a row,
+// kept as loaded until used) and more blocks a multiprocessor: ncu put in_proj, the gated MLP and
+// down at 2.2-2.7 TB/s so, 1.4-2.0 with the 8-row kernels.
 #define GEMV_ROWS 8
 #define GEMV_UNROLL 2
+#define GEMV1_UNROLL 4
 #define EPI_STORE 0
 #define EPI_ADD 1
 #define EPI_SOFTPLUS 2
 #define EPI_GLU 3
-template <typename W, int EPI>
+template <typename W, int EPI, int ROWS, int UNROLL>
 __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const float* __restrict__ bias,
                      float* __restrict__ y, int t, int n, int k, int split) {
-    __shared__ float red[8][2][GEMV_ROWS];
+    __shared__ float red[8][2][ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int grp = warp / split, part = warp % split;
     int pair = blockIdx.x * (8 / split) + grp;
@@ -1363,36 +1387,34 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     const W* ra = EPI == EPI_GLU ? w0 + (long)pair * k : w0 + (long)(2 * pair) * k;
     const W* rb = EPI == EPI_GLU ? w1 + (long)pair * k : ra + k;
     bool has_b = live && (EPI == EPI_GLU || 2 * pair + 1 < n);
-    float acc[2][GEMV_ROWS];
+    float acc[2][ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) acc[0][r] = acc[1][r] = 0.0f;
+    for (int r = 0; r < ROWS; r++) acc[0][r] = acc[1][r] = 0.0f;
     // The weights do not depend on the previous kernel: their first loads go out before waiting.
     allow_next();
     bool waited = false;
     if (live && k % 8 == 0) {
         int chunks = k / 8, per = (chunks + split - 1) / split;
         int lo = part * per, hi = min(chunks, lo + per);
-        for (int c0 = lo + lane; c0 < hi; c0 += 32 * GEMV_UNROLL) {
-            float wa[GEMV_UNROLL][8], wb[GEMV_UNROLL][8];
+        for (int c0 = lo + lane; c0 < hi; c0 += 32 * UNROLL) {
+            Raw8<W> wa[UNROLL], wb[UNROLL];
 #pragma unroll
-            for (int u = 0; u < GEMV_UNROLL; u++) {
+            for (int u = 0; u < UNROLL; u++) {
                 long c = c0 + 32 * u;
-                if (c < hi) load8(ra, 8 * c, wa[u]);
-                if (c < hi && has_b) load8(rb, 8 * c, wb[u]);
-                else
-#pragma unroll
-                    for (int e = 0; e < 8; e++) wb[u][e] = 0.0f;
+                if (c < hi) load_raw(ra, 8 * c, wa[u]);
+                if (c < hi && has_b) load_raw(rb, 8 * c, wb[u]);
+                else zero_raw(wb[u]);
             }
             if (!waited) {
                 wait_prior();
                 waited = true;
             }
 #pragma unroll
-            for (int u = 0; u < GEMV_UNROLL; u++) {
+            for (int u = 0; u < UNROLL; u++) {
                 long c = c0 + 32 * u;
                 if (c >= hi) break;
 #pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
+                for (int r = 0; r < ROWS; r++) {
                     if (r < t) {
                         const float4* xr = (const float4*)(x + (long)r * k + 8 * c);
                         float4 a = xr[0], b = xr[1];
@@ -1410,7 +1432,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         for (int j = lo + lane; j < hi; j += 32) {
             float a = load(ra, j), b = has_b ? load(rb, j) : 0.0f;
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) {
+            for (int r = 0; r < ROWS; r++) {
                 if (r < t) {
                     float xv = x[(long)r * k + j];
                     acc[0][r] += a * xv;
@@ -1422,18 +1444,18 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++)
+        for (int r = 0; r < ROWS; r++)
             if (r < t) {
                 float v = warp_sum(acc[i][r]);
                 if (lane == 0) red[warp][i][r] = v;
             }
     __syncthreads();
-    if (!live || part != 0 || lane >= 2 * GEMV_ROWS) return;
-    int i = lane / GEMV_ROWS, r = lane % GEMV_ROWS;
+    if (!live || part != 0 || lane >= 2 * ROWS) return;
+    int i = lane / ROWS, r = lane % ROWS;
     float s = 0.0f;
     for (int q = 0; q < split; q++) s += red[grp * split + q][i][r];  // unset when r >= t: not used
     if (EPI == EPI_GLU) {
-        float u = __shfl_down_sync(0x0000ffffu, s, GEMV_ROWS, 16);
+        float u = __shfl_down_sync((1u << (2 * ROWS)) - 1, s, ROWS, 2 * ROWS);
         if (i == 0 && r < t) y[(long)r * n + pair] = silu(s) * u;
         return;
     }
@@ -1450,7 +1472,11 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
 }
 #define GEMV(name, W, EPI) \
     extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split) { \
-        gemv<W, EPI>(x, w0, w1, bias, y, t, n, k, split); \
+        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL>(x, w0, w1, bias, y, t, n, k, split); \
+    } \
+    extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
+                                                              int split) { \
+        gemv<W, EPI, 1, GEMV1_UNROLL>(x, w0, w1, bias, y, t, n, k, split); \
     }
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)

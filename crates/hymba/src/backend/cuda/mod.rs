@@ -292,8 +292,8 @@ struct Kernels<K = Kernel> {
     attention_tiles: K,
     /// Tensor-core prefill attention over bf16 K/V, by (dk, dv) (sm_80 and later).
     attention_mma: Vec<((usize, usize), K)>,
-    /// `[up to GEMV_ROWS rows, one row][f32 weights, bf16 weights][Epilogue]`
-    gemv: [[[K; 4]; 2]; 2],
+    /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights][Epilogue]`
+    gemv: [[[K; 4]; 2]; 3],
     /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][Epilogue]`, bf16
     /// weights, sm_80 and later (else empty).
     gemm_rows: Vec<[K; 4]>,
@@ -366,6 +366,20 @@ impl<K> Kernels<K> {
                         f("gemv_add_bf16_1")?,
                         f("gemv_softplus_bf16_1")?,
                         f("gemv_glu_bf16_1")?,
+                    ],
+                ],
+                [
+                    [
+                        f("gemv_f32_2")?,
+                        f("gemv_add_f32_2")?,
+                        f("gemv_softplus_f32_2")?,
+                        f("gemv_glu_f32_2")?,
+                    ],
+                    [
+                        f("gemv_bf16_2")?,
+                        f("gemv_add_bf16_2")?,
+                        f("gemv_softplus_bf16_2")?,
+                        f("gemv_glu_bf16_2")?,
                     ],
                 ],
             ],
@@ -1541,10 +1555,11 @@ impl Cuda {
                 w.rows.div_ceil(2)
             };
             let (si, cfg) = self.warps_per_unit(pairs, &[2, 4, 8]);
-            // One row (a decode step of one sequence) has kernels of its own: fewer registers,
-            // more loads in flight (on an H200 batch 1 read 468-474 tok/s so, 386-398 without).
+            // One and two rows (decode steps of one or two sequences) have kernels of their own:
+            // fewer registers, more loads in flight (on an H200 batch 1 read 468-474 tok/s so,
+            // 386-398 without; batch 2 770-782 against 669-681).
             return self.launch(
-                &self.k.gemv[(t == 1) as usize][wi][epi as usize],
+                &self.k.gemv[if t <= 2 { t } else { 0 }][wi][epi as usize],
                 cfg,
                 &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si],
             );

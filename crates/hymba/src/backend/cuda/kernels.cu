@@ -1366,9 +1366,10 @@ ATTENTION_MMA(128, 128)
 // sums meet in shared memory. The epilogue writes y, adds to it (a residual), applies
 // softplus(y + bias) (the SSM's Δ) or silu(gate) · up. ROWS is the most input rows a kernel
 // takes: decode steps of one or two sequences have their own kernels (ROWS 1 and 2), whose
-// registers (56-63 against 80 at one row) leave room for more of each lane's weight loads in flight (UNROLL of them a row,
-// kept as loaded until used) and more blocks a multiprocessor: ncu put in_proj, the gated MLP and
-// down at 2.2-2.7 TB/s so, 1.4-2.0 with the 8-row kernels.
+// registers (56-63 against 80 at one row) leave room for more of each lane's weight loads in
+// flight (UNROLL of them a row, kept as loaded until used; 64 bytes a row whatever the weights'
+// type) and more blocks a multiprocessor: ncu put in_proj, the gated MLP and down at 2.2-2.7
+// TB/s so, 1.4-2.0 with the 8-row kernels.
 #define GEMV_ROWS 8
 #define GEMV_UNROLL 2
 #define GEMV1_UNROLL 4
@@ -1476,11 +1477,11 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     } \
     extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
                                                               int split) { \
-        gemv<W, EPI, 1, GEMV1_UNROLL>(x, w0, w1, bias, y, t, n, k, split); \
+        gemv<W, EPI, 1, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split); \
     } \
     extern "C" __global__ void __launch_bounds__(256) name##_2(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
                                                               int split) { \
-        gemv<W, EPI, 2, GEMV1_UNROLL>(x, w0, w1, bias, y, t, n, k, split); \
+        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split); \
     }
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)

@@ -79,6 +79,7 @@ const CONFIG: TileConfig = {
 impl PairTile for Amx {
     const ROWS: usize = 32;
     const K_ALIGN: usize = 16;
+    const WHOLE_TILES: bool = true;
 
     unsafe fn tile(
         self,

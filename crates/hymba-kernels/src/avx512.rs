@@ -47,11 +47,14 @@ pub(crate) trait PairTile: Copy + Send + Sync {
     const ROWS: usize;
     /// Pair-words a row and a panel's columns are padded to (with zeros).
     const K_ALIGN: usize;
-    /// `c[i][j] = Σ_q x[i·kp + q] · w[..]` for the `m` rows of the tile (`ROWS` rows are there):
-    /// `w` holds the first panel's `kp` pair-rows of 16 words, then the second's.
+    /// The tile reads `ROWS` input rows whatever `m` (AMX's tile loads), not `m`.
+    const WHOLE_TILES: bool;
+    /// `c[i][j] = Σ_q x[i·kp + q] · w[..]` for the `m` rows of the tile: `w` holds the first
+    /// panel's `kp` pair-rows of 16 words, then the second's.
     ///
     /// # Safety
-    /// `x` has `ROWS · kp` words, `w` `2 · 16 · kp`; `kp` is a multiple of `K_ALIGN`.
+    /// `x` has `m · kp` words (`ROWS · kp` where `WHOLE_TILES`), `w` `2 · 16 · kp`; `kp` is a
+    /// multiple of `K_ALIGN`.
     unsafe fn tile(
         self,
         kp: usize,
@@ -87,22 +90,24 @@ pub(crate) fn gemm_pairs<T: PairTile>(
         WeightData::BF16Pairs(_) => pair_words(k),
         _ => k.div_ceil(2).next_multiple_of(T::K_ALIGN),
     };
-    // Whole tiles of rows; the padding rows stay zero.
-    let mut xb = vec![0u32; t.next_multiple_of(T::ROWS) * kp];
+    // The padding rows of whole tiles stay zero (only a decode step's row where tiles are not
+    // read whole: zeroing eleven more cost it ~1.5%).
+    let rows = if T::WHOLE_TILES {
+        t.next_multiple_of(T::ROWS)
+    } else {
+        t
+    };
+    let mut xb = vec![0u32; rows * kp];
     xb.par_chunks_mut(kp)
         .zip(x.par_chunks(k))
         .for_each(|(dst, src)| unsafe { to_bf16_pairs(dot, src, dst) });
     let panels = n.div_ceil(PANEL);
     let out = Out(y.as_mut_ptr());
+    // Scratch for rearranging weights, made only where a task needs it: weights packed in pairs
+    // need none, and zeroing it for every rayon job cost a decode step 5% (bf16, Zen 4).
     (0..panels.div_ceil(2)).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0u32; 2 * PANEL * kp],
-                vec![0f32; k],
-                vec![0u32; k.div_ceil(2)],
-            )
-        },
-        |(buf, row, pairs), task| {
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(buf, row, pairs): &mut (Vec<u32>, Vec<f32>, Vec<u32>), task| {
             let out = &out;
             let in_place = match w.data {
                 // Both panels there (not an odd last one).
@@ -114,6 +119,9 @@ pub(crate) fn gemm_pairs<T: PairTile>(
             let wp = match in_place {
                 Some(d) => d.as_ptr(),
                 None => {
+                    buf.resize(2 * PANEL * kp, 0);
+                    row.resize(k, 0.0);
+                    pairs.resize(k.div_ceil(2), 0);
                     let (b0, b1) = buf.split_at_mut(PANEL * kp);
                     for (i, b) in [b0, b1].into_iter().enumerate() {
                         let p = 2 * task + i;
@@ -163,6 +171,7 @@ impl PairTile for Bf16Dot {
     // Registers: 2·12 accumulators, two weight vectors, one broadcast.
     const ROWS: usize = 12;
     const K_ALIGN: usize = 1;
+    const WHOLE_TILES: bool = false;
 
     unsafe fn tile(
         self,

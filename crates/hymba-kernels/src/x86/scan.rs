@@ -35,21 +35,35 @@ pub unsafe fn scan_channels<const C: usize, const NV: usize>(
             std::array::from_fn(|v| _mm256_loadu_ps(b.as_ptr().add(ti * n + 8 * v)));
         let cv: [__m256; NV] =
             std::array::from_fn(|v| _mm256_loadu_ps(c.as_ptr().add(ti * n + 8 * v)));
+        let row = ti * e + ch;
+        let mut acc = [_mm256_setzero_ps(); C];
         for j in 0..C {
-            let dt = *delta.get_unchecked(ti * e + ch + j);
-            let xv = *x.get_unchecked(ti * e + ch + j);
+            let dt = *delta.get_unchecked(row + j);
+            let xv = *x.get_unchecked(row + j);
             let dtv = _mm256_set1_ps(dt);
             let dx = _mm256_set1_ps(dt * xv);
-            let mut acc = _mm256_setzero_ps();
             for v in 0..NV {
                 let decay = exp256(_mm256_mul_ps(
                     dtv,
                     _mm256_loadu_ps(a.as_ptr().add(j * n + 8 * v)),
                 ));
                 st[j][v] = _mm256_fmadd_ps(decay, st[j][v], _mm256_mul_ps(dx, bv[v]));
-                acc = _mm256_fmadd_ps(st[j][v], cv[v], acc);
+                acc[j] = _mm256_fmadd_ps(st[j][v], cv[v], acc[j]);
             }
-            *y.add(ti * e + ch + j) = hsum(acc) + d[j] * xv;
+        }
+        // The outputs of four channels are neighbours: their sums reduced together and stored
+        // at once (one channel's horizontal sum after another's made a chain of shuffles).
+        if C == 4 {
+            let s01 = _mm256_hadd_ps(acc[0], acc[1]);
+            let s23 = _mm256_hadd_ps(acc[2], acc[3]);
+            let s = _mm256_hadd_ps(s01, s23);
+            let sum = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let dx = _mm_mul_ps(_mm_loadu_ps(d.as_ptr()), _mm_loadu_ps(x.as_ptr().add(row)));
+            _mm_storeu_ps(y.add(row), _mm_add_ps(sum, dx));
+        } else {
+            for j in 0..C {
+                *y.add(row + j) = hsum(acc[j]) + d[j] * *x.get_unchecked(row + j);
+            }
         }
     }
     for (j, sj) in st.iter().enumerate() {

@@ -46,6 +46,19 @@ pub fn selective_scan_with(isa: Isa, inp: &ScanInput, state: &mut [f32], y: &mut
             let c0 = task * per_task;
             let mut ci = 0;
             let channels = st.len() / n;
+            // States of 16 on AVX-512: eight channels at a time, the rest below.
+            #[cfg(target_arch = "x86_64")]
+            if let (16, Some(k)) = (n, crate::avx512::Avx512::for_isa(isa)) {
+                while ci + 8 <= channels {
+                    let ch = c0 + ci;
+                    let (a, d, s) = (&inp.a[ch * n..], &inp.d[ch..], &mut st[ci * n..]);
+                    // SAFETY: as below.
+                    unsafe {
+                        k.scan_channels(t, e, ch, inp.x, inp.delta, a, inp.b, inp.c, d, s, yp.0)
+                    };
+                    ci += 8;
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             if isa.has_avx2() && n.is_multiple_of(8) && n <= 32 {
                 // Four channels at a time, then one at a time.
@@ -141,6 +154,7 @@ mod tests {
             (5, 37, 24),
             (2, 13, 8),
             (1, 3200, 16),
+            (5, 1203, 16),
         ] {
             let x = rng.normal_vec(t * e, 1.0);
             let delta: Vec<f32> = rng.normal_vec(t * e, 1.0).iter().map(|v| v.abs()).collect();

@@ -13,6 +13,9 @@ use half::bf16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
+mod scan;
+pub use scan::Avx512;
+
 /// Proof that this CPU has AVX-512 F, BW and BF16: made only by [`Bf16Dot::detect`], so the
 /// kernels that take it cannot run anywhere else.
 #[derive(Clone, Copy, Debug)]

@@ -4,7 +4,8 @@
 //! where [`crate::matmul`] asks for it: bf16 weights at every size (packed in pairs at load, the
 //! order it reads), quantized ones from many rows. The driver ([`gemm_pairs`]) is shared with
 //! the AMX tiles of [`crate::amx`]. Beside it, the integer
-//! tiles of [`crate::qpanel`] on `vpdpbusd` (AVX-512 VNNI), for Q8_0/Q4_0 weights in panels.
+//! tiles of [`crate::qpanel`] on `vpdpbusd` (AVX-512 VNNI), for Q8_0/Q4_0 weights in panels,
+//! and (`scan.rs`, AVX-512 F) the selective scan for states of 16.
 
 use crate::matmul::{pair_words, Mat, WeightData, PAIR_ALIGN, PANEL};
 use crate::qpanel::{PanelQ4_0, PanelQ8_0};

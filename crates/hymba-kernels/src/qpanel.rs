@@ -314,7 +314,12 @@ fn run<B: Panelled, K: PanelKernel<B>>(
                         // SAFETY: outputs of panel p's rows belong to this task only.
                         unsafe {
                             let dst = out.0.add((t0 + m) * n + p * PANEL);
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
+                            if cols == PANEL {
+                                // A whole panel's row as one fixed-size move, not a memcpy call.
+                                dst.cast::<[f32; PANEL]>().write_unaligned(*row);
+                            } else {
+                                std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
+                            }
                         }
                     }
                 }

@@ -163,7 +163,12 @@ pub(crate) fn gemm_pairs<T: PairTile>(
                     // SAFETY: outputs r0..r0 + cols of row t0 + i belong to this task only.
                     unsafe {
                         let dst = out.0.add((t0 + i) * n + r0);
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
+                        if cols == 2 * PANEL {
+                            // One fixed-size move, not a memcpy call (as the int8 panels).
+                            dst.cast::<[f32; 32]>().write_unaligned(*row);
+                        } else {
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
+                        }
                     }
                 }
             }

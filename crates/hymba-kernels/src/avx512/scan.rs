@@ -1,5 +1,6 @@
 //! AVX-512 F: the selective scan for states of 16 (Hymba's), a channel's state one register.
 
+use crate::x86::{EXP_LN2, EXP_MAX, EXP_POLY};
 use std::arch::x86_64::*;
 
 /// Proof that this CPU has AVX-512 F: made only by [`Avx512::for_isa`], so the kernels that
@@ -65,16 +66,7 @@ impl Avx512 {
                 );
             }
             // Eight halves to eight sums, lane j channel j.
-            let h01 = _mm256_hadd_ps(half[0], half[1]);
-            let h23 = _mm256_hadd_ps(half[2], half[3]);
-            let h45 = _mm256_hadd_ps(half[4], half[5]);
-            let h67 = _mm256_hadd_ps(half[6], half[7]);
-            let lo = _mm256_hadd_ps(h01, h23);
-            let hi = _mm256_hadd_ps(h45, h67);
-            let sum = _mm256_add_ps(
-                _mm256_permute2f128_ps(lo, hi, 0x20),
-                _mm256_permute2f128_ps(lo, hi, 0x31),
-            );
+            let sum = crate::x86::hsum8(half);
             let dx = _mm256_mul_ps(dv, _mm256_loadu_ps(x.as_ptr().add(row)));
             _mm256_storeu_ps(y.add(row), _mm256_add_ps(sum, dx));
         }
@@ -89,25 +81,19 @@ impl Avx512 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp512(x: __m512) -> __m512 {
-    let x = _mm512_min_ps(x, _mm512_set1_ps(88.376_26));
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-88.376_26));
+    let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX));
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-EXP_MAX));
     let fx =
         _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
             x,
             _mm512_set1_ps(std::f32::consts::LOG2_E),
             _mm512_set1_ps(0.5),
         ));
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(c));
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2[0]), x);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2[1]), x);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(*c));
     }
     let y = _mm512_add_ps(
         _mm512_fmadd_ps(_mm512_mul_ps(p, x), x, x),

@@ -2,29 +2,36 @@
 
 use super::*;
 
+/// Cephes' expf: the clamp, ln 2 in two parts (high, low), the polynomial's coefficients from
+/// the highest degree (shared with the AVX-512 exponential).
+pub(crate) const EXP_MAX: f32 = 88.376_26;
+pub(crate) const EXP_LN2: [f32; 2] = [0.693_359_4, -2.121_944_4e-4];
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// e^x for 8 lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial, 2^n from the
 /// exponent bits); relative error about 1e-7. Inputs below −88.4 give 0, above 88.4 are clamped.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn exp256(x: __m256) -> __m256 {
-    let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-88.376_26));
+    let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-EXP_MAX));
     let fx = _mm256_floor_ps(_mm256_fmadd_ps(
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
         _mm256_set1_ps(0.5),
     ));
-    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c));
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2[0]), x);
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2[1]), x);
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(*c));
     }
     let y = _mm256_add_ps(
         _mm256_fmadd_ps(_mm256_mul_ps(p, x), x, x),

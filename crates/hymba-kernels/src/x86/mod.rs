@@ -58,7 +58,7 @@ unsafe fn load_f16(p: *const f16) -> __m256 {
 /// Lane `i` of the result is the sum of the lanes of `a[i]`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
+pub(crate) unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
     let t0 = _mm256_hadd_ps(a[0], a[1]);
     let t1 = _mm256_hadd_ps(a[2], a[3]);
     let t2 = _mm256_hadd_ps(a[4], a[5]);

@@ -339,50 +339,19 @@ impl<K> Kernels<K> {
             } else {
                 Vec::new()
             },
-            gemv: [
+            gemv: {
+                // Named gemv[_add|_softplus|_glu]_{f32|bf16}[_1|_2] in kernels.cu.
+                let set = |w: &str, rows: &str| -> Result<[K; 4]> {
+                    let g =
+                        |epi: &str| f(Box::leak(format!("gemv{epi}_{w}{rows}").into_boxed_str()));
+                    Ok([g("")?, g("_add")?, g("_softplus")?, g("_glu")?])
+                };
                 [
-                    [
-                        f("gemv_f32")?,
-                        f("gemv_add_f32")?,
-                        f("gemv_softplus_f32")?,
-                        f("gemv_glu_f32")?,
-                    ],
-                    [
-                        f("gemv_bf16")?,
-                        f("gemv_add_bf16")?,
-                        f("gemv_softplus_bf16")?,
-                        f("gemv_glu_bf16")?,
-                    ],
-                ],
-                [
-                    [
-                        f("gemv_f32_1")?,
-                        f("gemv_add_f32_1")?,
-                        f("gemv_softplus_f32_1")?,
-                        f("gemv_glu_f32_1")?,
-                    ],
-                    [
-                        f("gemv_bf16_1")?,
-                        f("gemv_add_bf16_1")?,
-                        f("gemv_softplus_bf16_1")?,
-                        f("gemv_glu_bf16_1")?,
-                    ],
-                ],
-                [
-                    [
-                        f("gemv_f32_2")?,
-                        f("gemv_add_f32_2")?,
-                        f("gemv_softplus_f32_2")?,
-                        f("gemv_glu_f32_2")?,
-                    ],
-                    [
-                        f("gemv_bf16_2")?,
-                        f("gemv_add_bf16_2")?,
-                        f("gemv_softplus_bf16_2")?,
-                        f("gemv_glu_bf16_2")?,
-                    ],
-                ],
-            ],
+                    [set("f32", "")?, set("bf16", "")?],
+                    [set("f32", "_1")?, set("bf16", "_1")?],
+                    [set("f32", "_2")?, set("bf16", "_2")?],
+                ]
+            },
             gemm_rows: if major >= 8 {
                 [("f32", 1), ("bf16", 1), ("bf16", 2)]
                     .iter()

@@ -115,20 +115,28 @@ __device__ void embed(float* out, const T* table, const u32* ids, int d) {
 extern "C" __global__ void embed_f32(float* out, const float* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
 extern "C" __global__ void embed_bf16(float* out, const bf16_t* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
 
+// An activation that a matrix product of many rows takes next: stored, and rounded to bf16 beside
+// it (`out16`, when not null), so the product needs no `to_bf16` launch of its own.
+__device__ __forceinline__ void put_act(float* out, bf16_t* out16, long i, float v) {
+    out[i] = v;
+    if (out16) out16[i] = f32_to_bf16(v);
+}
+
 // out[:d] = w ⊙ x[:d] / rms(x[:d]), by a whole block.
-__device__ void rmsnorm_row(const float* xr, const float* w, int d, float eps, float* out) {
+__device__ void rmsnorm_row(const float* xr, const float* w, int d, float eps, float* out, bf16_t* out16) {
     float ss = 0.0f;
     for (int j = threadIdx.x; j < d; j += blockDim.x) ss += xr[j] * xr[j];
     ss = block_sum(ss);
     float inv = 1.0f / sqrtf(ss / d + eps);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = w[j] * (xr[j] * inv);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) put_act(out, out16, j, w[j] * (xr[j] * inv));
 }
 
-// One block per row: out[r, :d] = w ⊙ x[r, from:from+d] / rms, x rows `width` wide.
-extern "C" __global__ void rmsnorm(const float* x, int width, int from, const float* w, int d, float eps, float* out) {
+// One block per row: out[r, :d] = w ⊙ x[r, from:from+d] / rms, x rows `width` wide (and its bf16
+// copy, see `put_act`).
+extern "C" __global__ void rmsnorm(const float* x, int width, int from, const float* w, int d, float eps, float* out, bf16_t* out16) {
     grid_dep();
     long r = blockIdx.x;
-    rmsnorm_row(x + r * width + from, w, d, eps, out + r * d);
+    rmsnorm_row(x + r * width + from, w, d, eps, out + r * d, out16 ? out16 + r * d : nullptr);
 }
 
 // Up to three column ranges of every row normed at once (the SSM's inner norms), block (row,
@@ -143,7 +151,7 @@ extern "C" __global__ void rmsnorm_parts(const float* x, int width, NormParts np
     grid_dep();
     long r = blockIdx.x;
     int i = blockIdx.y, d = np.d[i];
-    rmsnorm_row(x + r * width + np.from[i], np.w[i], d, eps, np.out[i] + r * d);
+    rmsnorm_row(x + r * width + np.from[i], np.w[i], d, eps, np.out[i] + r * d, nullptr);
 }
 
 // out[r, :n] = x[r, from:from+n], for `rows` rows of `width`.
@@ -249,7 +257,7 @@ struct SeqInfo {
 #define CONV_ROWS 8
 extern "C" __global__ void conv_silu(const float* p, int width, int from, const SeqInfo* seqs, const int* row_seq,
                                      float* const* conv, const float* taps, const float* bias, int e, int k, long rows,
-                                     float* out) {
+                                     float* out, bf16_t* out16) {
     grid_dep();
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= e) return;
@@ -268,7 +276,7 @@ extern "C" __global__ void conv_silu(const float* p, int width, int from, const 
                 int src = t - (k - 1) + j;  // row of the sequence; negative: from the state
                 if (j < k) acc += w[j] * (src >= 0 ? p[(si.row0 + src) * width + from + c] : conv[seq][(long)(k - 1 + src) * e + c]);
             }
-            out[r * e + c] = silu(acc);
+            put_act(out, out16, r * e + c, silu(acc));
         }
     }
 }
@@ -277,7 +285,7 @@ extern "C" __global__ void conv_silu(const float* p, int width, int from, const 
 // another through a window of the last K inputs, which then becomes the state (conv_silu and
 // conv_state in one launch).
 extern "C" __global__ void conv_silu_step(const float* p, int width, int from, const SeqInfo* seqs, float* const* conv, const float* taps,
-                                          const float* bias, int e, int k, float* out) {
+                                          const float* bias, int e, int k, float* out, bf16_t* out16) {
     grid_dep();
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= e) return;
@@ -296,7 +304,7 @@ extern "C" __global__ void conv_silu_step(const float* p, int width, int from, c
 #pragma unroll
         for (int j = 0; j < MAX_K; j++)
             if (j < k) acc += taps[(long)j * e + c] * win[j];
-        out[r * e + c] = silu(acc);
+        put_act(out, out16, r * e + c, silu(acc));
 #pragma unroll
         for (int j = 0; j < MAX_K - 1; j++)
             if (j < k - 1) win[j] = win[j + 1];
@@ -339,15 +347,20 @@ extern "C" __global__ void softplus_bias(float* x, const float* bias, int e, lon
     }
 }
 
-// g = silu(g) ⊙ u, four values a thread a load (buffer starts: 16-byte aligned).
-extern "C" __global__ void silu_mul(float* g, const float* u, long n) {
+// g = silu(g) ⊙ u (and its bf16 copy, see `put_act`), four values a thread a load (buffer
+// starts: 16-byte aligned).
+extern "C" __global__ void silu_mul(float* g, const float* u, long n, bf16_t* g16) {
     grid_dep();
     long stride = (long)gridDim.x * blockDim.x, n4 = n / 4;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += stride) {
         float4 a = ((const float4*)g)[i], b = ((const float4*)u)[i];
-        ((float4*)g)[i] = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
+        float4 v = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
+        ((float4*)g)[i] = v;
+        if (g16)
+            ((uint2*)g16)[i] = make_uint2((u32)f32_to_bf16(v.x) | ((u32)f32_to_bf16(v.y) << 16),
+                                          (u32)f32_to_bf16(v.z) | ((u32)f32_to_bf16(v.w) << 16));
     }
-    for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) g[i] = silu(g[i]) * u[i];
+    for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) put_act(g, g16, i, silu(g[i]) * u[i]);
 }
 
 // Selective scan (spec §3.3) in chunks of a sequence's rows, so that a long prompt runs on
@@ -1639,8 +1652,9 @@ GEMM_ROWS_ALL(f32, float, 1)
 GEMM_ROWS_ALL(bf16, bf16_t, 1)
 GEMM_ROWS_ALL(bf16, bf16_t, 2)
 
-// Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2.
-__device__ void fuse_row(const float* ar, const float* yr, const float* w1, const float* w2, int e, float eps, float* out) {
+// Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2 (and its bf16 copy,
+// see `put_act`).
+__device__ void fuse_row(const float* ar, const float* yr, const float* w1, const float* w2, int e, float eps, float* out, bf16_t* out16) {
     float sa = 0.0f, sy = 0.0f;
     for (int j = threadIdx.x; j < e; j += blockDim.x) {
         sa += ar[j] * ar[j];
@@ -1649,13 +1663,13 @@ __device__ void fuse_row(const float* ar, const float* yr, const float* w1, cons
     sa = block_sum(sa);
     sy = block_sum(sy);
     float ia = 1.0f / sqrtf(sa / e + eps), iy = 1.0f / sqrtf(sy / e + eps);
-    for (int j = threadIdx.x; j < e; j += blockDim.x) out[j] = (w1[j] * (ar[j] * ia) + w2[j] * (yr[j] * iy)) * 0.5f;
+    for (int j = threadIdx.x; j < e; j += blockDim.x) put_act(out, out16, j, (w1[j] * (ar[j] * ia) + w2[j] * (yr[j] * iy)) * 0.5f);
 }
 
-extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out) {
+extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out, bf16_t* out16) {
     grid_dep();
     long r = blockIdx.x;
-    fuse_row(a + r * e, y + r * e, w1, w2, e, eps, out + r * e);
+    fuse_row(a + r * e, y + r * e, w1, w2, e, eps, out + r * e, out16 ? out16 + r * e : nullptr);
 }
 
 // New K/V rows into the stores, block row (op): rows of keys `k` [rows, kw] and values `v`

@@ -203,11 +203,15 @@ impl VectorInfo for CudaSlice<f32> {
     }
 }
 
-/// Activation rows on the card: `len` f32 values in a buffer that only grows.
+/// Activation rows on the card: `len` f32 values in a buffer that only grows; and, where the
+/// kernel that made them wrote one (`Cuda::copy16`), their bf16 copy for the matrix product that
+/// takes them next (`fresh` until the rows are made again).
 #[derive(Default)]
 pub struct DevRows {
     buf: Option<CudaSlice<f32>>,
     len: usize,
+    half: Option<CudaSlice<u16>>,
+    fresh: bool,
 }
 
 /// One layer's SSM state `[E, N]` and conv state `[K−1, E]` of one sequence.
@@ -744,7 +748,7 @@ impl Cuda {
             .new_stream()
             .map_err(|e| device_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("starting cuBLAS", e))?;
-        let empty = || DevRows { buf: None, len: 0 };
+        let empty = DevRows::default;
         let scratch = Scratch {
             x16: None,
             kv16: None,
@@ -1085,6 +1089,7 @@ impl Cuda {
 
     /// `rows` resized to `n` values (contents kept up to the old length when it grows).
     fn shape(&self, rows: &mut DevRows, n: usize) {
+        rows.fresh = false;
         let cap = rows.buf.as_ref().map_or(0, |b| b.len());
         if n > cap {
             self.moved();
@@ -1270,7 +1275,37 @@ impl Cuda {
     /// the official bf16 model computes; `rounded`: the previous call rounded this same `x`).
     /// `x` rounded to bf16 (as the official bf16 model computes its products) in the scratch
     /// buffer, whose address this returns; `done`: it already holds them.
+    /// Where the kernel about to make `rows` (`t` of them, shaped already) writes their bf16 copy:
+    /// for products of more than GEMM_F32_INPUT_UP_TO rows, which take their input as bf16
+    /// (`rounded`), so they need no `to_bf16` launch (a batch-64 decode step had five a layer);
+    /// 0 (none) for fewer rows.
+    fn copy16(&self, rows: &mut DevRows, t: usize) -> u64 {
+        if t <= GEMM_F32_INPUT_UP_TO || self.failed() {
+            return 0;
+        }
+        if rows.half.as_ref().is_none_or(|h| h.len() < rows.len) {
+            self.moved();
+            let cap = rows.buf.as_ref().map_or(rows.len, |b| b.len());
+            match self.alloc::<u16>(cap.max(rows.len), "activations") {
+                Ok(h) => rows.half = Some(h),
+                Err(e) => {
+                    self.fail("allocating", e);
+                    return 0;
+                }
+            }
+        }
+        rows.fresh = true;
+        rows.half
+            .as_ref()
+            .map_or(0, |h| h.device_ptr(&self.stream).0)
+    }
+
+    /// A bf16 copy of `x` for a matrix product: the one its kernel wrote beside it (`copy16`),
+    /// else made by `to_bf16` into the scratch (unless `done`: made there for the last product).
     fn rounded(&self, x: &DevRows, done: bool) -> Option<u64> {
+        if let (true, Some(h)) = (x.fresh, &x.half) {
+            return Some(h.device_ptr(&self.stream).0);
+        }
         let mut scratch = self.scratch.lock().expect("scratch");
         let len = x.len;
         if scratch.x16.as_ref().is_none_or(|b| b.len() < len) {
@@ -1551,15 +1586,17 @@ impl Cuda {
             }
             Epilogue::Glu => {
                 self.gemm(x, w, 0.0, y, false);
-                let mut u = std::mem::replace(
-                    &mut self.scratch.lock().expect("scratch").up,
-                    DevRows { buf: None, len: 0 },
-                );
+                let mut u = std::mem::take(&mut self.scratch.lock().expect("scratch").up);
                 let up = up.expect("the gated MLP has an up matrix");
                 self.shape(&mut u, t * up.rows);
                 self.gemm(x, up, 0.0, &mut u, true);
+                let g16 = self.copy16(y, t);
                 let (gp, upp, n) = (self.p(y), self.p(&u), y.len as i64);
-                self.launch(&self.k.silu_mul, flat(y.len.div_ceil(4)), &[&gp, &upp, &n]);
+                self.launch(
+                    &self.k.silu_mul,
+                    flat(y.len.div_ceil(4)),
+                    &[&gp, &upp, &n, &g16],
+                );
                 self.scratch.lock().expect("scratch").up = u;
             }
         }
@@ -1848,7 +1885,7 @@ impl Backend for Cuda {
     }
 
     fn rows(&self) -> DevRows {
-        DevRows { buf: None, len: 0 }
+        DevRows::default()
     }
 
     fn upload(&self, host: &[f32], out: &mut DevRows) {
@@ -1924,12 +1961,13 @@ impl Backend for Cuda {
         let d = w.len();
         let rows = x.len / d.max(1);
         self.shape(out, rows * d);
+        let o16 = self.copy16(out, rows);
         let (xp, wp, op) = (self.p(x), self.pv(w), self.p(out));
         let (wi, fi, di) = (d as i32, 0i32, d as i32);
         self.launch(
             &self.k.rmsnorm,
             rows_of(rows, row_threads(rows)),
-            &[&xp, &wi, &fi, &wp, &di, &eps, &op],
+            &[&xp, &wi, &fi, &wp, &di, &eps, &op, &o16],
         );
     }
 
@@ -2031,6 +2069,7 @@ impl Backend for Cuda {
         let kk = taps.len() / e.max(1);
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
         self.shape(out, t * e);
+        let o16 = self.copy16(out, t);
         self.branch(Branch::Ssm);
         let scratch = self.scratch.lock().expect("scratch");
         let n = scratch.n_seqs;
@@ -2051,14 +2090,16 @@ impl Backend for Cuda {
             return self.launch(
                 &self.k.conv_silu_step,
                 per_seq,
-                &[&pp, &wi, &fi, &sp, &cp, &tp, &bp, &ei, &ki, &op],
+                &[&pp, &wi, &fi, &sp, &cp, &tp, &bp, &ei, &ki, &op, &o16],
             );
         }
         // CONV_ROWS (8) rows a block.
         self.launch(
             &self.k.conv_silu,
             by_rows(e, t.div_ceil(8), 128),
-            &[&pp, &wi, &fi, &sp, &rp, &cp, &tp, &bp, &ei, &ki, &rows, &op],
+            &[
+                &pp, &wi, &fi, &sp, &rp, &cp, &tp, &bp, &ei, &ki, &rows, &op, &o16,
+            ],
         );
         self.launch(
             &self.k.conv_state,
@@ -2319,11 +2360,12 @@ impl Backend for Cuda {
         }
         // 4. Fusion of every row.
         self.branch(Branch::Join);
+        let o16 = self.copy16(out, t);
         let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
         self.launch(
             &self.k.fuse,
             rows_of(t, row_threads(t)),
-            &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op],
+            &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op, &o16],
         );
         scratch.params = params;
     }

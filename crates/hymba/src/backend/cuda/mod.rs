@@ -1271,10 +1271,6 @@ impl Cuda {
         v.device_ptr(&self.stream).0
     }
 
-    /// `y = x · wᵀ + β·y` through cuBLAS (for a bf16 matrix, the input rounded to bf16 first, as
-    /// the official bf16 model computes; `rounded`: the previous call rounded this same `x`).
-    /// `x` rounded to bf16 (as the official bf16 model computes its products) in the scratch
-    /// buffer, whose address this returns; `done`: it already holds them.
     /// Where the kernel about to make `rows` (`t` of them, shaped already) writes their bf16 copy:
     /// for products of more than GEMM_F32_INPUT_UP_TO rows, which take their input as bf16
     /// (`rounded`), so they need no `to_bf16` launch (a batch-64 decode step had five a layer);
@@ -1300,8 +1296,9 @@ impl Cuda {
             .map_or(0, |h| h.device_ptr(&self.stream).0)
     }
 
-    /// A bf16 copy of `x` for a matrix product: the one its kernel wrote beside it (`copy16`),
-    /// else made by `to_bf16` into the scratch (unless `done`: made there for the last product).
+    /// `x` rounded to bf16 (as the official bf16 model computes its products): the copy its
+    /// kernel wrote beside it (`copy16`), else made by `to_bf16` in the scratch buffer (unless
+    /// `done`: the last call made it there); the address of the copy.
     fn rounded(&self, x: &DevRows, done: bool) -> Option<u64> {
         if let (true, Some(h)) = (x.fresh, &x.half) {
             return Some(h.device_ptr(&self.stream).0);
@@ -1326,6 +1323,8 @@ impl Cuda {
         Some(xs)
     }
 
+    /// `y = x · wᵀ + β·y` through cuBLAS (for a bf16 matrix, the input rounded to bf16 first, as
+    /// the official bf16 model computes; `rounded`: the previous call rounded this same `x`).
     fn gemm(&self, x: &DevRows, w: &DevMatrix, beta: f32, y: &mut DevRows, rounded: bool) {
         let alpha = 1.0f32;
         let t = x.len / w.cols.max(1);

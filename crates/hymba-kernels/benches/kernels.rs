@@ -1,5 +1,6 @@
 //! `cargo bench -p hymba-kernels`: the hot kernels at Hymba-1.5B's shapes, each reported as a
-//! fraction of a ceiling measured in the same run (read bandwidth, or the f32 FMA peak).
+//! fraction of a ceiling measured in the same run (read bandwidth, or the peak of the arithmetic
+//! the kernel runs on: f32 FMA, bf16 dots, int8 dots).
 //!
 //! Set `HYMBA_ISA=portable` to measure the portable path. An argument keeps only the lines whose
 //! label contains it (`cargo bench -p hymba-kernels -- "bf16 t=16"`). For experiments, the
@@ -9,6 +10,7 @@
 
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem, Layout};
+use hymba_kernels::isa::isa;
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use hymba_kernels::testing::Rng;
 use hymba_kernels::{matmul, probe, qpanel, scan, Mat, WeightData};
@@ -31,10 +33,14 @@ fn main() {
     let on = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let bw = probe::read_bandwidth(1 << 30, 5);
     let peak = probe::fma_peak().unwrap_or(f64::NAN);
+    let (bf16_peak, int8_peak) = (probe::bf16_dot_peak(), probe::int8_dot_peak());
+    let shown = |p: Option<f64>| p.map_or("none".into(), |p| format!("{:.0} G", p / 1e9));
     println!(
-        "read bandwidth {:.1} GB/s, f32 FMA peak {:.0} GFLOP/s, {} threads",
+        "read bandwidth {:.1} GB/s, peaks: f32 FMA {:.0} GFLOP/s, bf16 dot {}FLOP/s, int8 dot {}OP/s; {} threads",
         bw / 1e9,
         peak / 1e9,
+        shown(bf16_peak),
+        shown(int8_peak),
         rayon::current_num_threads()
     );
     let mut rng = Rng::new(1);
@@ -143,12 +149,28 @@ fn main() {
                 }
             }) / mats.len() as f64;
             let gbs = bytes as f64 / s / 1e9;
+            // The ceiling of the arithmetic `matmul` picks for these weights and rows.
+            let w = mats[0];
+            let int8 = t <= matmul::QUANT_DOT_MAX_ROWS
+                && matches!(
+                    w,
+                    WeightData::Q8_0(_)
+                        | WeightData::Q4_0(_)
+                        | WeightData::Q8_0Panels(_)
+                        | WeightData::Q4_0Panels(_)
+                );
+            let (ceiling, unit) = match (int8, matmul::rounds_inputs(isa(), &w, t)) {
+                (true, _) if int8_peak.is_some() => (int8_peak, "int8 dot"),
+                (false, true) if bf16_peak.is_some() => (bf16_peak, "bf16 dot"),
+                _ => (Some(peak), "f32 FMA"),
+            };
+            let rate = 2.0 * (t * n * k) as f64 / s;
             println!(
-                "{label:<22} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)  {:>6.1} GFLOP/s ({:>3.0}% of peak)",
+                "{label:<22} {:>7.1} µs  {gbs:>5.1} GB/s ({:>3.0}% of read bandwidth)  {:>6.1} G/s ({:>3.0}% of the {unit} peak)",
                 s * 1e6,
                 100.0 * gbs * 1e9 / bw,
-                2.0 * (t * n * k) as f64 / s / 1e9,
-                100.0 * 2.0 * (t * n * k) as f64 / s / peak
+                rate / 1e9,
+                100.0 * rate / ceiling.unwrap_or(f64::NAN)
             );
         }
     }

@@ -31,6 +31,21 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     (n * 4) as f64 / best
 }
 
+/// Instructions a second of `lane_loop(iters)` (12 a round) on every thread at once, best of 3.
+#[cfg(target_arch = "x86_64")]
+fn loop_rate(lane_loop: impl Fn(usize) -> f64 + Sync) -> f64 {
+    let threads = rayon::current_num_threads();
+    let iters = 2_000_000;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f64 = (0..threads).into_par_iter().map(|_| lane_loop(iters)).sum();
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (threads * iters * 12) as f64 / best
+}
+
 /// Peak f32 multiply-add rate in FLOP/s on all threads (2 FLOP per lane of a fused
 /// multiply-add, registers only): the ceiling for matrix products. None without AVX2/FMA.
 pub fn fma_peak() -> Option<f64> {
@@ -38,22 +53,32 @@ pub fn fma_peak() -> Option<f64> {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
-    {
-        let threads = rayon::current_num_threads();
-        let iters = 2_000_000;
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            let t = Instant::now();
-            // SAFETY: Avx2 (with FMA) was detected.
-            let s: f32 = (0..threads)
-                .into_par_iter()
-                .map(|_| unsafe { crate::x86::fma_loop(iters) })
-                .sum();
-            std::hint::black_box(s);
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        Some((threads * iters * 12 * 8 * 2) as f64 / best)
-    }
+    // SAFETY: Avx2 (with FMA) was detected.
+    return Some(16.0 * loop_rate(|n| unsafe { crate::x86::fma_loop(n) } as f64));
     #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// Peak bf16 dot-product rate in FLOP/s on all threads (`vdpbf16ps`: 16 lanes of two products
+/// and their sums, 64 FLOP an instruction): the ceiling of the products that round their inputs
+/// to bf16. None where the CPU has no AVX-512 BF16.
+pub fn bf16_dot_peak() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = crate::avx512::Bf16Dot::detect() {
+        // SAFETY: the token proves the features.
+        return Some(64.0 * loop_rate(|n| unsafe { crate::avx512::dpbf16_loop(k, n) } as f64));
+    }
+    None
+}
+
+/// Peak int8 dot-product rate in OP/s on all threads (`vpdpbusd`: 16 lanes of four products and
+/// their sums, 128 OP an instruction): the ceiling of the quantized kernels' integer dots. None
+/// where the CPU has no AVX-512 VNNI.
+pub fn int8_dot_peak() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = crate::avx512::Int8Dot::for_isa(crate::isa::isa()) {
+        // SAFETY: the token proves the features.
+        return Some(128.0 * loop_rate(|n| unsafe { crate::avx512::dpbusd_loop(k, n) } as f64));
+    }
     None
 }

@@ -372,6 +372,41 @@ unsafe fn kernel<const M: usize>(
     }
 }
 
+/// `iters` rounds of 12 independent `vdpbf16ps` on registers (16 lanes, two products each): the
+/// bf16 dot units' peak, no memory.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn dpbf16_loop(_: Bf16Dot, iters: usize) -> f32 {
+    let mut acc = [_mm512_setzero_ps(); 12];
+    let bh = |v: i16| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(v));
+    let (a, b) = (bh(0x3f80), bh(0x3a80));
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, a, b);
+        }
+    }
+    _mm512_reduce_add_ps(
+        acc.into_iter()
+            .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, v)),
+    )
+}
+
+/// `iters` rounds of 12 independent `vpdpbusd` on registers (16 lanes, four products each): the
+/// integer dot units' peak, no memory.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn dpbusd_loop(_: Int8Dot, iters: usize) -> i32 {
+    let mut acc = [_mm512_setzero_si512(); 12];
+    let (a, b) = (_mm512_set1_epi8(3), _mm512_set1_epi8(-5));
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbusd_epi32(*v, a, b);
+        }
+    }
+    _mm512_reduce_add_epi32(
+        acc.into_iter()
+            .fold(_mm512_setzero_si512(), |s, v| _mm512_add_epi32(s, v)),
+    )
+}
+
 /// Proof that this CPU has AVX-512 F, BW and VNNI (`vpdpbusd` on 512-bit registers): made only
 /// by [`Int8Dot::for_isa`], for an ISA at the AVX-512 level, so its kernels run nowhere else.
 #[derive(Clone, Copy, Debug)]

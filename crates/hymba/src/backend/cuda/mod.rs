@@ -9,6 +9,8 @@
 //! inside a forward is kept (the rest of the step is skipped) and returned by
 //! [`Backend::finish`].
 
+mod lt;
+
 use super::{
     AttnInput, Backend, Fuse, Heads, InProjParts, KeyPositions, KvStorage, MatrixInfo,
     RecurrentState, ScanInput, Seq, VectorInfo,
@@ -554,6 +556,8 @@ pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// bf16 products, each shape's algorithm timed.
+    lt: lt::Products,
     k: Kernels,
     scratch: Mutex<Scratch>,
     /// The first error of a forward, returned by `finish`.
@@ -748,6 +752,8 @@ impl Cuda {
             .new_stream()
             .map_err(|e| device_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("starting cuBLAS", e))?;
+        let lt = lt::Products::new(&stream, std::env::var_os("HYMBA_CUDA_PROFILE").is_some())
+            .map_err(Error::Device)?;
         let empty = DevRows::default;
         let scratch = Scratch {
             x16: None,
@@ -811,6 +817,7 @@ impl Cuda {
             ctx,
             stream,
             blas,
+            lt,
             k,
             scratch: Mutex::new(scratch),
             err: Mutex::new(None),
@@ -1324,33 +1331,77 @@ impl Cuda {
     }
 
     /// `y = x · wᵀ + β·y` through cuBLAS (for a bf16 matrix, the input rounded to bf16 first, as
-    /// the official bf16 model computes; `rounded`: the previous call rounded this same `x`).
+    /// the official bf16 model computes, and the product through cuBLASLt with the algorithm
+    /// timed fastest for its shape; `rounded`: the previous call rounded this same `x`).
     fn gemm(&self, x: &DevRows, w: &DevMatrix, beta: f32, y: &mut DevRows, rounded: bool) {
-        let alpha = 1.0f32;
         let t = x.len / w.cols.max(1);
-        let (m, n, k) = (w.rows as i32, t as i32, w.cols as i32);
-        let yp = self.p(y) as *mut std::ffi::c_void;
-        let (xp, dtype) = match &w.data {
-            DevData::F32(_) => (self.p(x), blas_sys::cudaDataType::CUDA_R_32F),
+        let yp = self.p(y);
+        let xp = match &w.data {
+            DevData::F32(_) => self.p(x),
             DevData::BF16(_) => match self.rounded(x, rounded) {
-                Some(xs) => (xs, blas_sys::cudaDataType::CUDA_R_16BF),
+                Some(xs) => xs,
                 None => return,
             },
         };
-        if matches!(self.mode(), Mode::Replaying(_)) {
+        let mode = self.mode();
+        if matches!(mode, Mode::Replaying(_)) {
             return;
         }
         let timer = self.profile.as_ref().map(|_| self.time_start());
+        let wp = w.data.ptr(&self.stream);
         // On the stream of the branch the product belongs to (see `branch`).
-        // SAFETY: the handle and the stream are alive as long as the backend.
-        if let Err(e) = unsafe { blas::set_stream(*self.blas.handle(), self.launch_stream() as _) }
-        {
-            return self.fail("cuBLAS stream", e);
+        let stream = self.launch_stream();
+        let r = match &w.data {
+            DevData::BF16(_) => {
+                let side = stream != self.stream.cu_stream();
+                let tune = (mode == Mode::Eager && !side).then_some(&self.stream);
+                // SAFETY: pointers of live device buffers holding these shapes.
+                unsafe {
+                    self.lt.product(
+                        (w.rows, t, w.cols),
+                        beta != 0.0,
+                        wp,
+                        xp,
+                        yp,
+                        stream,
+                        side,
+                        tune,
+                    )
+                }
+            }
+            DevData::F32(_) => self.gemm_f32(w.rows, t, w.cols, beta, wp, xp, yp, stream),
+        };
+        if let Err(e) = r {
+            self.fail("matrix product", e);
         }
-        // Row-major y[t, n] = x[t, k] · w[n, k]ᵀ is column-major yᵀ = wᵀᵀ… : C(m×n) = Aᵀ(m×k) B(k×n)
-        // with A = w as column-major [k, m], B = x as column-major [k, t].
-        // SAFETY: pointers of live device buffers holding these shapes.
-        let r = unsafe {
+        if let Some(timer) = timer {
+            self.time_end(format!("cublas {}x{}", w.rows, w.cols).into(), timer);
+        }
+    }
+
+    /// `y[n, m] = x[n, k] · w[m, k]ᵀ + β·y`, all f32, through cuBLAS on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f32(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        beta: f32,
+        w: u64,
+        x: u64,
+        y: u64,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> std::result::Result<(), String> {
+        let alpha = 1.0f32;
+        let (m, n, k) = (m as i32, n as i32, k as i32);
+        let f32t = blas_sys::cudaDataType::CUDA_R_32F;
+        // SAFETY: the handle and the stream are alive as long as the backend; pointers of live
+        // device buffers holding these shapes.
+        unsafe {
+            blas::set_stream(*self.blas.handle(), stream as _)
+                .map_err(|e| format!("cuBLAS stream: {e:?}"))?;
+            // Row-major y[t, n] = x[t, k] · w[n, k]ᵀ is column-major C(m×n) = Aᵀ(m×k) B(k×n)
+            // with A = w as column-major [k, m], B = x as column-major [k, t].
             blas::gemm_ex(
                 *self.blas.handle(),
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
@@ -1359,25 +1410,20 @@ impl Cuda {
                 n,
                 k,
                 &alpha as *const f32 as *const _,
-                w.data.ptr(&self.stream) as *const _,
-                dtype,
+                w as *const _,
+                f32t,
                 k,
-                xp as *const _,
-                dtype,
+                x as *const _,
+                f32t,
                 k,
                 &beta as *const f32 as *const _,
-                yp,
-                blas_sys::cudaDataType::CUDA_R_32F,
+                y as *mut _,
+                f32t,
                 m,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-        };
-        if let Err(e) = r {
-            self.fail("cuBLAS GEMM", e);
-        }
-        if let Some(t) = timer {
-            self.time_end(format!("cublas {m}x{k}").into(), t);
+            .map_err(|e| format!("cuBLAS GEMM: {e:?}"))
         }
     }
 

@@ -1,0 +1,347 @@
+//! bf16 matrix products through cuBLASLt, each shape's algorithm picked by timing.
+//!
+//! cuBLAS's own pick for a product is its heuristic's first candidate. For the products of a
+//! batched decode step (tens of rows against a weight matrix of thousands) that choice can leave
+//! most of the card idle or stream the weights with too few loads in flight; which candidate is
+//! fastest depends on the shape and the card. So the first time a shape runs outside a captured
+//! graph, every candidate the heuristic offers is timed on the card (into a scratch output) and
+//! the fastest kept for that shape. The choice is made once per process and shape; products of
+//! different algorithms may differ in the last bits (the order of the sums over k), as cuBLAS's
+//! own choices for different row counts already do.
+
+use cudarc::cublaslt::sys as lt;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Workspace a product may use (cuBLASLt's recommendation for Hopper).
+const WORKSPACE: usize = 32 << 20;
+
+/// Candidates asked of the heuristic for a shape.
+const CANDIDATES: usize = 16;
+
+/// A product's shape: `y[n, m] (+)= x[n, k] · w[m, k]ᵀ`, with or without the accumulation.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Shape {
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+}
+
+/// The descriptors of one shape and its algorithm.
+struct Plan {
+    desc: lt::cublasLtMatmulDesc_t,
+    w: lt::cublasLtMatrixLayout_t,
+    x: lt::cublasLtMatrixLayout_t,
+    y: lt::cublasLtMatrixLayout_t,
+    algo: lt::cublasLtMatmulAlgo_t,
+    /// Picked by timing (else the heuristic's first: the shape first ran inside a capture).
+    timed: bool,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: made by `Plan::new`, destroyed once.
+        unsafe {
+            lt::cublasLtMatrixLayoutDestroy(self.w);
+            lt::cublasLtMatrixLayoutDestroy(self.x);
+            lt::cublasLtMatrixLayoutDestroy(self.y);
+            lt::cublasLtMatmulDescDestroy(self.desc);
+        }
+    }
+}
+
+/// The cuBLASLt handle, a workspace for each stream products run on, and the plans.
+pub(super) struct Products {
+    handle: lt::cublasLtHandle_t,
+    /// `[main stream, side stream]` (products of a captured step's two branches may overlap):
+    /// the buffer and its device address.
+    workspace: [(CudaSlice<u8>, u64); 2],
+    plans: Mutex<HashMap<Shape, Plan>>,
+    /// Print each tuned shape's candidates and times (HYMBA_CUDA_PROFILE).
+    report: bool,
+}
+
+// SAFETY: the handle and descriptors are used only under the `plans` lock; cuBLASLt handles may
+// be used from any thread.
+unsafe impl Send for Products {}
+unsafe impl Sync for Products {}
+
+fn check(what: &str, s: lt::cublasStatus_t) -> Result<(), String> {
+    match s {
+        lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        e => Err(format!("cuBLASLt {what}: {e:?}")),
+    }
+}
+
+impl Plan {
+    fn new(s: Shape) -> Result<Self, String> {
+        let mut p = Plan {
+            desc: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            x: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            // SAFETY: plain data, all zero is a valid (empty) algorithm.
+            algo: unsafe { std::mem::zeroed() },
+            timed: false,
+        };
+        let bf16 = lt::cudaDataType::CUDA_R_16BF;
+        // Column-major: y (m × n) = wᵀ (m × k, w stored k × m) · x (k × n).
+        // SAFETY: out-pointers to fields of `p`; a failure leaves the rest null, which Drop's
+        // destroy calls accept.
+        unsafe {
+            check(
+                "descriptor",
+                lt::cublasLtMatmulDescCreate(
+                    &mut p.desc,
+                    lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    lt::cudaDataType::CUDA_R_32F,
+                ),
+            )?;
+            let t: i32 = 1; // CUBLAS_OP_T
+            check(
+                "transpose",
+                lt::cublasLtMatmulDescSetAttribute(
+                    p.desc,
+                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                    &t as *const i32 as *const _,
+                    4,
+                ),
+            )?;
+            let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
+            check("layout", lt::cublasLtMatrixLayoutCreate(&mut p.w, bf16, k, m, k as i64))?;
+            check("layout", lt::cublasLtMatrixLayoutCreate(&mut p.x, bf16, k, n, k as i64))?;
+            check(
+                "layout",
+                lt::cublasLtMatrixLayoutCreate(
+                    &mut p.y,
+                    lt::cudaDataType::CUDA_R_32F,
+                    m,
+                    n,
+                    m as i64,
+                ),
+            )?;
+        }
+        Ok(p)
+    }
+}
+
+impl Products {
+    pub(super) fn new(stream: &Arc<CudaStream>, report: bool) -> Result<Self, String> {
+        // SAFETY: only probes whether the shared library loads.
+        if !unsafe { lt::is_culib_present() } {
+            return Err("cuBLASLt (libcublasLt.so) not found: install the CUDA toolkit or the `nvidia-cublas` wheel and put its lib folder on LD_LIBRARY_PATH".into());
+        }
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: an out-pointer.
+        check("start", unsafe { lt::cublasLtCreate(&mut handle) })?;
+        let ws = || {
+            let b = stream
+                .alloc_zeros::<u8>(WORKSPACE)
+                .map_err(|e| format!("out of GPU memory for cuBLASLt's workspace: {e:?}"))?;
+            let at = b.device_ptr(stream).0;
+            Ok::<_, String>((b, at))
+        };
+        Ok(Self {
+            handle,
+            workspace: [ws()?, ws()?],
+            plans: Mutex::new(HashMap::new()),
+            report,
+        })
+    }
+
+    /// The heuristic's candidates for a plan, best first.
+    fn candidates(&self, p: &Plan) -> Result<Vec<lt::cublasLtMatmulAlgo_t>, String> {
+        let mut pref = std::ptr::null_mut();
+        // SAFETY: out-pointers and live descriptors; the preference is destroyed below.
+        unsafe {
+            check("preference", lt::cublasLtMatmulPreferenceCreate(&mut pref))?;
+            let ws = WORKSPACE as u64;
+            let r = check(
+                "preference",
+                lt::cublasLtMatmulPreferenceSetAttribute(
+                    pref,
+                    lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as *const _,
+                    8,
+                ),
+            )
+            .and_then(|()| {
+                let mut found = vec![std::mem::zeroed::<lt::cublasLtMatmulHeuristicResult_t>(); CANDIDATES];
+                let mut count = 0;
+                check(
+                    "heuristic",
+                    lt::cublasLtMatmulAlgoGetHeuristic(
+                        self.handle,
+                        p.desc,
+                        p.w,
+                        p.x,
+                        p.y,
+                        p.y,
+                        pref,
+                        CANDIDATES as i32,
+                        found.as_mut_ptr(),
+                        &mut count,
+                    ),
+                )?;
+                found.truncate(count.max(0) as usize);
+                Ok(found
+                    .into_iter()
+                    .filter(|h| h.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                    .map(|h| h.algo)
+                    .collect::<Vec<_>>())
+            });
+            lt::cublasLtMatmulPreferenceDestroy(pref);
+            match r {
+                Ok(v) if v.is_empty() => Err("cuBLASLt has no algorithm for this product".into()),
+                r => r,
+            }
+        }
+    }
+
+    /// One product with `algo` on `stream` (its workspace: `side`).
+    ///
+    /// # Safety
+    /// `w`, `x`, `y` are device pointers of live buffers of the plan's shape.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &self,
+        p: &Plan,
+        algo: &lt::cublasLtMatmulAlgo_t,
+        accumulate: bool,
+        w: u64,
+        x: u64,
+        y: u64,
+        stream: cudarc::driver::sys::CUstream,
+        side: bool,
+    ) -> Result<(), String> {
+        let (alpha, beta) = (1.0f32, accumulate as u8 as f32);
+        check(
+            "product",
+            lt::cublasLtMatmul(
+                self.handle,
+                p.desc,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                p.w,
+                x as *const _,
+                p.x,
+                &beta as *const f32 as *const _,
+                y as *const _,
+                p.y,
+                y as *mut _,
+                p.y,
+                algo,
+                self.workspace[side as usize].1 as *mut _,
+                WORKSPACE,
+                stream as _,
+            ),
+        )
+    }
+
+    /// `y[n, m] = x[n, k] · w[m, k]ᵀ (+ y if accumulate)`, bf16 `w` and `x`, f32 `y`, queued on
+    /// `stream`. `tune`: the stream may be synchronized (not inside a capture) and `main` is it,
+    /// so a new shape's candidates are timed there first.
+    ///
+    /// # Safety
+    /// `w`, `x`, `y` are device pointers of live buffers of these shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn product(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+        w: u64,
+        x: u64,
+        y: u64,
+        stream: cudarc::driver::sys::CUstream,
+        side: bool,
+        tune: Option<&Arc<CudaStream>>,
+    ) -> Result<(), String> {
+        let shape = Shape {
+            m,
+            n,
+            k,
+            accumulate,
+        };
+        let mut plans = self.plans.lock().expect("plans");
+        let ready = plans.get(&shape).is_some_and(|p| p.timed || tune.is_none());
+        if !ready {
+            let mut p = match plans.remove(&shape) {
+                Some(p) => p,
+                None => Plan::new(shape)?,
+            };
+            let found = self.candidates(&p)?;
+            p.algo = found[0];
+            if let Some(main) = tune {
+                p.algo = self.fastest(&p, shape, &found, w, x, main)?;
+                p.timed = true;
+            }
+            plans.insert(shape, p);
+        }
+        let p = &plans[&shape];
+        self.run(p, &p.algo, accumulate, w, x, y, stream, side)
+    }
+
+    /// The fastest of `found` for the plan, timed on `main` into a scratch output: each
+    /// candidate run once, then three rounds of three runs each, the best round kept.
+    ///
+    /// # Safety
+    /// As `product`.
+    unsafe fn fastest(
+        &self,
+        p: &Plan,
+        s: Shape,
+        found: &[lt::cublasLtMatmulAlgo_t],
+        w: u64,
+        x: u64,
+        main: &Arc<CudaStream>,
+    ) -> Result<lt::cublasLtMatmulAlgo_t, String> {
+        let err = |e| format!("timing cuBLASLt's candidates: {e:?}");
+        let mut out = main.alloc_zeros::<f32>(s.m * s.n).map_err(err)?;
+        let (yp, _sync) = out.device_ptr_mut(main);
+        let cs = main.cu_stream();
+        let usable: Vec<_> = found
+            .iter()
+            .filter(|a| self.run(p, a, s.accumulate, w, x, yp, cs, false).is_ok())
+            .collect();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut best = vec![f32::INFINITY; usable.len()];
+        for _ in 0..3 {
+            for (a, b) in usable.iter().zip(best.iter_mut()) {
+                let start = main.record_event(flags).map_err(err)?;
+                for _ in 0..3 {
+                    self.run(p, a, s.accumulate, w, x, yp, cs, false)?;
+                }
+                let end = main.record_event(flags).map_err(err)?;
+                end.synchronize().map_err(err)?;
+                *b = b.min(start.elapsed_ms(&end).map_err(err)? / 3.0);
+            }
+        }
+        let i = (0..usable.len())
+            .min_by(|&i, &j| best[i].total_cmp(&best[j]))
+            .ok_or("no cuBLASLt candidate ran")?;
+        if self.report {
+            let us: Vec<String> = best.iter().map(|t| format!("{:.1}", t * 1e3)).collect();
+            eprintln!(
+                "cuBLASLt {}x{}x{}{}: candidates {} µs, picked #{i}",
+                s.m,
+                s.n,
+                s.k,
+                if s.accumulate { " +=" } else { "" },
+                us.join(" ")
+            );
+        }
+        Ok(*usable[i])
+    }
+}
+
+impl Drop for Products {
+    fn drop(&mut self) {
+        self.plans.lock().expect("plans").clear();
+        // SAFETY: made by `new`, destroyed once, after its plans.
+        unsafe {
+            lt::cublasLtDestroy(self.handle);
+        }
+    }
+}

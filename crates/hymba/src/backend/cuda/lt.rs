@@ -110,8 +110,14 @@ impl Plan {
                 ),
             )?;
             let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
-            check("layout", lt::cublasLtMatrixLayoutCreate(&mut p.w, bf16, k, m, k as i64))?;
-            check("layout", lt::cublasLtMatrixLayoutCreate(&mut p.x, bf16, k, n, k as i64))?;
+            check(
+                "layout",
+                lt::cublasLtMatrixLayoutCreate(&mut p.w, bf16, k, m, k as i64),
+            )?;
+            check(
+                "layout",
+                lt::cublasLtMatrixLayoutCreate(&mut p.x, bf16, k, n, k as i64),
+            )?;
             check(
                 "layout",
                 lt::cublasLtMatrixLayoutCreate(

@@ -42,8 +42,16 @@ fn device_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
 }
 
-/// Compiles the kernels to PTX with NVRTC (no GPU needed: what CI checks).
+/// Compiles the kernels to PTX with NVRTC (no GPU needed: what CI checks): [`KERNELS`], or the
+/// file HYMBA_CUDA_KERNELS names (a kernel change tried on a GPU machine without a Rust build;
+/// its kernels must keep the names and parameters this module launches them with).
 pub fn compile_kernels(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx> {
+    let src = match std::env::var_os("HYMBA_CUDA_KERNELS") {
+        Some(p) => std::fs::read_to_string(&p).map_err(|e| {
+            Error::Device(format!("HYMBA_CUDA_KERNELS={}: {e}", p.to_string_lossy()))
+        })?,
+        None => KERNELS.to_string(),
+    };
     // SAFETY: only probes whether the shared library loads.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(Error::Device(
@@ -55,8 +63,8 @@ pub fn compile_kernels(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx>
         name: Some("hymba_kernels.cu".into()),
         ..Default::default()
     };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
-        .map_err(|e| Error::Device(format!("kernels.cu does not compile: {e}")))
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+        .map_err(|e| Error::Device(format!("the kernels do not compile: {e}")))
 }
 
 /// Which CUDA device: `cuda` or `cuda:N`.

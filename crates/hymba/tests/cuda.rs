@@ -377,7 +377,8 @@ fn cuda_products_match_reference() {
             b.matrix(to_tensor(&wg)).unwrap(),
             b.matrix(to_tensor(&wu)).unwrap(),
         );
-        for &t in &[1usize, 2, 7, 9, 16, 17, 33, 64, 65] {
+        // 300 and 400 rows: one bucket of timed prompt products, the second reusing the first's pick.
+        for &t in &[1usize, 2, 7, 9, 16, 17, 33, 64, 65, 300, 400] {
             let x = rng.normal_vec(t * k, 1.0);
             let h0 = rng.normal_vec(t * n, 1.0);
             // Per output: the exact product and the sum of its terms' magnitudes.

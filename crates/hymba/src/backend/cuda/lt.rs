@@ -1,13 +1,14 @@
 //! bf16 matrix products through cuBLASLt, each shape's algorithm picked by timing.
 //!
-//! cuBLAS's own pick for a product is its heuristic's first candidate. For the products of a
-//! batched decode step (tens of rows against a weight matrix of thousands) that choice can leave
-//! most of the card idle or stream the weights with too few loads in flight; which candidate is
-//! fastest depends on the shape and the card. So the first time a shape runs outside a captured
-//! graph, every candidate the heuristic offers is timed on the card (into a scratch output) and
-//! the fastest kept for that shape. The choice is made once per process and shape; products of
-//! different algorithms may differ in the last bits (the order of the sums over k), as cuBLAS's
-//! own choices for different row counts already do.
+//! cuBLAS's own pick for a product is its heuristic's first candidate, which is not always the
+//! fastest: on an H200 the 8192-row products of a prompt ran 3-13% faster with another of the
+//! heuristic's candidates, and the batch-64 logits product 17%. So the first time a shape runs
+//! outside a captured graph, every candidate the heuristic offers is timed on the card (into a
+//! scratch output) and the fastest kept. Decode batches (up to EXACT_ROWS rows) are timed per row
+//! count; longer products (prompts) share the choice made for the first of their bucket of row
+//! counts (rounded up to a power of two), so prompts of many lengths do not each pay for a
+//! timing. Products of different algorithms may differ in the last bits (the order of the sums
+//! over k), as cuBLAS's own choices for different row counts already do.
 
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
@@ -20,7 +21,11 @@ const WORKSPACE: usize = 32 << 20;
 /// Candidates asked of the heuristic for a shape.
 const CANDIDATES: usize = 16;
 
-/// A product's shape: `y[n, m] (+)= x[n, k] · w[m, k]ᵀ`, with or without the accumulation.
+/// Products of up to this many rows are timed for their own row count.
+const EXACT_ROWS: usize = 256;
+
+/// A product's shape: `y[n, m] (+)= x[n, k] · w[m, k]ᵀ`, with or without the accumulation; `n`
+/// is the bucket's for more than EXACT_ROWS rows.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 struct Shape {
     m: usize,
@@ -29,12 +34,72 @@ struct Shape {
     accumulate: bool,
 }
 
+fn check(what: &str, s: lt::cublasStatus_t) -> Result<(), String> {
+    match s {
+        lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        e => Err(format!("cuBLASLt {what}: {e:?}")),
+    }
+}
+
+/// The layouts of a product's input and output for `n` rows.
+struct Rows {
+    n: usize,
+    x: lt::cublasLtMatrixLayout_t,
+    y: lt::cublasLtMatrixLayout_t,
+}
+
+impl Rows {
+    fn new(m: usize, n: usize, k: usize) -> Result<Self, String> {
+        let mut r = Rows {
+            n,
+            x: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+        };
+        // Column-major: x is k × n (bf16), y is m × n (f32).
+        // SAFETY: out-pointers; a failure leaves the rest null, which Drop's destroy accepts.
+        unsafe {
+            check(
+                "layout",
+                lt::cublasLtMatrixLayoutCreate(
+                    &mut r.x,
+                    lt::cudaDataType::CUDA_R_16BF,
+                    k as u64,
+                    n as u64,
+                    k as i64,
+                ),
+            )?;
+            check(
+                "layout",
+                lt::cublasLtMatrixLayoutCreate(
+                    &mut r.y,
+                    lt::cudaDataType::CUDA_R_32F,
+                    m as u64,
+                    n as u64,
+                    m as i64,
+                ),
+            )?;
+        }
+        Ok(r)
+    }
+}
+
+impl Drop for Rows {
+    fn drop(&mut self) {
+        // SAFETY: made by `Rows::new`, destroyed once.
+        unsafe {
+            lt::cublasLtMatrixLayoutDestroy(self.x);
+            lt::cublasLtMatrixLayoutDestroy(self.y);
+        }
+    }
+}
+
 /// The descriptors of one shape and its algorithm.
 struct Plan {
     desc: lt::cublasLtMatmulDesc_t,
+    /// The weights, k × m column-major, transposed by the product.
     w: lt::cublasLtMatrixLayout_t,
-    x: lt::cublasLtMatrixLayout_t,
-    y: lt::cublasLtMatrixLayout_t,
+    /// For the row count the plan was made with.
+    rows: Rows,
     algo: lt::cublasLtMatmulAlgo_t,
     /// Picked by timing (else the heuristic's first: the shape first ran inside a capture).
     timed: bool,
@@ -45,49 +110,21 @@ impl Drop for Plan {
         // SAFETY: made by `Plan::new`, destroyed once.
         unsafe {
             lt::cublasLtMatrixLayoutDestroy(self.w);
-            lt::cublasLtMatrixLayoutDestroy(self.x);
-            lt::cublasLtMatrixLayoutDestroy(self.y);
             lt::cublasLtMatmulDescDestroy(self.desc);
         }
     }
 }
 
-/// The cuBLASLt handle, a workspace for each stream products run on, and the plans.
-pub(super) struct Products {
-    handle: lt::cublasLtHandle_t,
-    /// `[main stream, side stream]` (products of a captured step's two branches may overlap):
-    /// the buffer and its device address.
-    workspace: [(CudaSlice<u8>, u64); 2],
-    plans: Mutex<HashMap<Shape, Plan>>,
-    /// Print each tuned shape's candidates and times (HYMBA_CUDA_PROFILE).
-    report: bool,
-}
-
-// SAFETY: the handle and descriptors are used only under the `plans` lock; cuBLASLt handles may
-// be used from any thread.
-unsafe impl Send for Products {}
-unsafe impl Sync for Products {}
-
-fn check(what: &str, s: lt::cublasStatus_t) -> Result<(), String> {
-    match s {
-        lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
-        e => Err(format!("cuBLASLt {what}: {e:?}")),
-    }
-}
-
 impl Plan {
-    fn new(s: Shape) -> Result<Self, String> {
+    fn new(m: usize, n: usize, k: usize) -> Result<Self, String> {
         let mut p = Plan {
             desc: std::ptr::null_mut(),
             w: std::ptr::null_mut(),
-            x: std::ptr::null_mut(),
-            y: std::ptr::null_mut(),
+            rows: Rows::new(m, n, k)?,
             // SAFETY: plain data, all zero is a valid (empty) algorithm.
             algo: unsafe { std::mem::zeroed() },
             timed: false,
         };
-        let bf16 = lt::cudaDataType::CUDA_R_16BF;
-        // Column-major: y (m × n) = wᵀ (m × k, w stored k × m) · x (k × n).
         // SAFETY: out-pointers to fields of `p`; a failure leaves the rest null, which Drop's
         // destroy calls accept.
         unsafe {
@@ -109,29 +146,36 @@ impl Plan {
                     4,
                 ),
             )?;
-            let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
-            check(
-                "layout",
-                lt::cublasLtMatrixLayoutCreate(&mut p.w, bf16, k, m, k as i64),
-            )?;
-            check(
-                "layout",
-                lt::cublasLtMatrixLayoutCreate(&mut p.x, bf16, k, n, k as i64),
-            )?;
             check(
                 "layout",
                 lt::cublasLtMatrixLayoutCreate(
-                    &mut p.y,
-                    lt::cudaDataType::CUDA_R_32F,
-                    m,
-                    n,
-                    m as i64,
+                    &mut p.w,
+                    lt::cudaDataType::CUDA_R_16BF,
+                    k as u64,
+                    m as u64,
+                    k as i64,
                 ),
             )?;
         }
         Ok(p)
     }
 }
+
+/// The cuBLASLt handle, a workspace for each stream products run on, and the plans.
+pub(super) struct Products {
+    handle: lt::cublasLtHandle_t,
+    /// `[main stream, side stream]` (products of a captured step's two branches may overlap):
+    /// the buffer and its device address.
+    workspace: [(CudaSlice<u8>, u64); 2],
+    plans: Mutex<HashMap<Shape, Plan>>,
+    /// Print each timed shape's candidates (HYMBA_CUDA_PROFILE).
+    report: bool,
+}
+
+// SAFETY: the handle and descriptors are used only under the `plans` lock; cuBLASLt handles may
+// be used from any thread.
+unsafe impl Send for Products {}
+unsafe impl Sync for Products {}
 
 impl Products {
     pub(super) fn new(stream: &Arc<CudaStream>, report: bool) -> Result<Self, String> {
@@ -157,8 +201,8 @@ impl Products {
         })
     }
 
-    /// The heuristic's candidates for a plan, best first.
-    fn candidates(&self, p: &Plan) -> Result<Vec<lt::cublasLtMatmulAlgo_t>, String> {
+    /// The heuristic's candidates for a plan's product over `rows`, best first.
+    fn candidates(&self, p: &Plan, rows: &Rows) -> Result<Vec<lt::cublasLtMatmulAlgo_t>, String> {
         let mut pref = std::ptr::null_mut();
         // SAFETY: out-pointers and live descriptors; the preference is destroyed below.
         unsafe {
@@ -182,9 +226,9 @@ impl Products {
                         self.handle,
                         p.desc,
                         p.w,
-                        p.x,
-                        p.y,
-                        p.y,
+                        rows.x,
+                        rows.y,
+                        rows.y,
                         pref,
                         CANDIDATES as i32,
                         found.as_mut_ptr(),
@@ -206,19 +250,37 @@ impl Products {
         }
     }
 
-    /// One product with `algo` on `stream` (its workspace: `side`).
+    /// Whether `algo` computes a plan's product over `rows` within the workspace.
+    fn serves(&self, p: &Plan, rows: &Rows, algo: &lt::cublasLtMatmulAlgo_t) -> bool {
+        // SAFETY: live descriptors; plain-data out-parameter.
+        unsafe {
+            let mut r = std::mem::zeroed::<lt::cublasLtMatmulHeuristicResult_t>();
+            let s = lt::cublasLtMatmulAlgoCheck(
+                self.handle,
+                p.desc,
+                p.w,
+                rows.x,
+                rows.y,
+                rows.y,
+                algo,
+                &mut r,
+            );
+            s == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= WORKSPACE
+        }
+    }
+
+    /// One product with `algo` over `rows` on `stream` (its workspace: `side`).
     ///
     /// # Safety
-    /// `w`, `x`, `y` are device pointers of live buffers of the plan's shape.
+    /// `w`, `x`, `y` are device pointers of live buffers of the plan's shape over `rows`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         &self,
         p: &Plan,
+        rows: &Rows,
         algo: &lt::cublasLtMatmulAlgo_t,
         accumulate: bool,
-        w: u64,
-        x: u64,
-        y: u64,
+        (w, x, y): (u64, u64, u64),
         stream: cudarc::driver::sys::CUstream,
         side: bool,
     ) -> Result<(), String> {
@@ -232,12 +294,12 @@ impl Products {
                 w as *const _,
                 p.w,
                 x as *const _,
-                p.x,
+                rows.x,
                 &beta as *const f32 as *const _,
                 y as *const _,
-                p.y,
+                rows.y,
                 y as *mut _,
-                p.y,
+                rows.y,
                 algo,
                 self.workspace[side as usize].1 as *mut _,
                 WORKSPACE,
@@ -257,16 +319,19 @@ impl Products {
         &self,
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
-        w: u64,
-        x: u64,
-        y: u64,
+        (w, x, y): (u64, u64, u64),
         stream: cudarc::driver::sys::CUstream,
         side: bool,
         tune: Option<&Arc<CudaStream>>,
     ) -> Result<(), String> {
+        let bucket = if n <= EXACT_ROWS {
+            n
+        } else {
+            n.next_power_of_two()
+        };
         let shape = Shape {
             m,
-            n,
+            n: bucket,
             k,
             accumulate,
         };
@@ -274,19 +339,28 @@ impl Products {
         let ready = plans.get(&shape).is_some_and(|p| p.timed || tune.is_none());
         if !ready {
             let mut p = match plans.remove(&shape) {
-                Some(p) => p,
-                None => Plan::new(shape)?,
+                Some(p) if p.rows.n == n => p,
+                _ => Plan::new(m, n, k)?,
             };
-            let found = self.candidates(&p)?;
+            let found = self.candidates(&p, &p.rows)?;
             p.algo = found[0];
             if let Some(main) = tune {
-                p.algo = self.fastest(&p, shape, &found, w, x, main)?;
+                p.algo = self.fastest(&p, shape, &found, (w, x), main)?;
                 p.timed = true;
             }
             plans.insert(shape, p);
         }
         let p = &plans[&shape];
-        self.run(p, &p.algo, accumulate, w, x, y, stream, side)
+        if p.rows.n == n {
+            return self.run(p, &p.rows, &p.algo, accumulate, (w, x, y), stream, side);
+        }
+        // Another row count of the bucket: its algorithm where it serves these rows.
+        let rows = Rows::new(m, n, k)?;
+        let algo = match self.serves(p, &rows, &p.algo) {
+            true => p.algo,
+            false => self.candidates(p, &rows)?[0],
+        };
+        self.run(p, &rows, &algo, accumulate, (w, x, y), stream, side)
     }
 
     /// The fastest of `found` for the plan, timed on `main` into a scratch output: each
@@ -299,17 +373,20 @@ impl Products {
         p: &Plan,
         s: Shape,
         found: &[lt::cublasLtMatmulAlgo_t],
-        w: u64,
-        x: u64,
+        (w, x): (u64, u64),
         main: &Arc<CudaStream>,
     ) -> Result<lt::cublasLtMatmulAlgo_t, String> {
         let err = |e| format!("timing cuBLASLt's candidates: {e:?}");
-        let mut out = main.alloc_zeros::<f32>(s.m * s.n).map_err(err)?;
-        let (yp, _sync) = out.device_ptr_mut(main);
+        let mut out = main.alloc_zeros::<f32>(s.m * p.rows.n).map_err(err)?;
+        let (y, _sync) = out.device_ptr_mut(main);
         let cs = main.cu_stream();
+        let ptrs = (w, x, y);
         let usable: Vec<_> = found
             .iter()
-            .filter(|a| self.run(p, a, s.accumulate, w, x, yp, cs, false).is_ok())
+            .filter(|a| {
+                self.run(p, &p.rows, a, s.accumulate, ptrs, cs, false)
+                    .is_ok()
+            })
             .collect();
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut best = vec![f32::INFINITY; usable.len()];
@@ -317,7 +394,7 @@ impl Products {
             for (a, b) in usable.iter().zip(best.iter_mut()) {
                 let start = main.record_event(flags).map_err(err)?;
                 for _ in 0..3 {
-                    self.run(p, a, s.accumulate, w, x, yp, cs, false)?;
+                    self.run(p, &p.rows, a, s.accumulate, ptrs, cs, false)?;
                 }
                 let end = main.record_event(flags).map_err(err)?;
                 end.synchronize().map_err(err)?;
@@ -332,7 +409,7 @@ impl Products {
             eprintln!(
                 "cuBLASLt {}x{}x{}{}: candidates {} µs, picked #{i}",
                 s.m,
-                s.n,
+                p.rows.n,
                 s.k,
                 if s.accumulate { " +=" } else { "" },
                 us.join(" ")

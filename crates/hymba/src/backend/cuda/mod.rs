@@ -1368,9 +1368,7 @@ impl Cuda {
                     self.lt.product(
                         (w.rows, t, w.cols),
                         beta != 0.0,
-                        wp,
-                        xp,
-                        yp,
+                        (wp, xp, yp),
                         stream,
                         side,
                         tune,

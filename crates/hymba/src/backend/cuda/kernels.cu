@@ -10,6 +10,12 @@ __device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(
 
 // Round to nearest even, NaN kept quiet: what `half::bf16::from_f32` does.
 __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+#if __CUDA_ARCH__ >= 800
+    // The hardware's conversion: the same round-to-nearest-even, one instruction.
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return (bf16_t)h;
+#endif
     u32 x = __float_as_uint(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((x >> 16) | 0x40);
     u32 round = 0x7fffu + ((x >> 16) & 1u);
@@ -1120,10 +1126,20 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
 #define FA_PAD 8
 #if __CUDA_ARCH__ >= 800
 // a and b packed as bf16 (a in the low half), and what rounding left of them, packed too.
+__device__ __forceinline__ u32 bf16x2(float a, float b) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+}
 __device__ __forceinline__ void split2(float a, float b, u32& hi, u32& lo) {
-    bf16_t ah = f32_to_bf16(a), bh = f32_to_bf16(b);
-    hi = (u32)ah | ((u32)bh << 16);
-    lo = (u32)f32_to_bf16(a - bf16_to_f32(ah)) | ((u32)f32_to_bf16(b - bf16_to_f32(bh)) << 16);
+    hi = bf16x2(a, b);
+    lo = bf16x2(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
+}
+// 2^x by the hardware's approximation (2 ulp; 2^-inf = 0), for softmax weights.
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
 }
 // c += a · b: a 16×16 (row-major fragment), b 16×8 (column-major), bf16 in, f32 accumulated.
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
@@ -1159,12 +1175,16 @@ __device__ __forceinline__ void ldmatrix_t4(const bf16_t* row, u32* b) {
 #endif
 
 #if __CUDA_ARCH__ >= 800
-// 16 bytes from global to shared memory, not through registers (cp.async, cached in L2 only);
-// zeros where `bytes` is 0.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+// The shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ u32 shared_addr(const void* p) {
     u32 d;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes) : "memory");
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(p));
+    return d;
+}
+// 16 bytes from global to shared memory at `dst`, not through registers (cp.async, cached in L2
+// only); zeros where `bytes` is 0.
+__device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
@@ -1198,18 +1218,42 @@ __device__ bool fa_next(const KvSrc* src, int& si, int& k0, int tq_lo, int tq_hi
 // Starts loading key block (s, k0) of K/V head kh into `st`: bf16 sources by cp.async (waited
 // for by the caller), f32 ones rounded here; zeros past the source's end.
 template <int DK, int DV>
-__device__ void fa_load(FaStage<DK, DV>& st, const KvSrc& s, int k0, int kh, int tid) {
+__device__ void fa_load(FaStage<DK, DV>& st, const KvSrc& src, int k0, int kh, int tid) {
 #if __CUDA_ARCH__ >= 800
+    // The source in registers: each copy below clobbers memory, so fields read from shared memory
+    // would be read again after every one.
+    const KvSrc s = src;
     int nk = min(FA_BK, s.rows - k0);
-    for (int i = tid; i < FA_BK * (DK + DV) / 8; i += 128) {
-        bool is_k = i < FA_BK * DK / 8;
-        int ii = is_k ? i : i - FA_BK * DK / 8, per = is_k ? DK / 8 : DV / 8;
-        int r = ii / per, j = ii % per * 8;
-        bf16_t* dst = is_k ? &st.k[r][j] : &st.v[r][j];
-        const void* base = is_k ? s.k : s.v;
-        long off = (long)(k0 + r) * (is_k ? s.k_stride : s.v_stride) + (long)kh * (is_k ? DK : DV) + j;
-        if (s.bf16) cp_async16(dst, r < nk ? (const void*)((const bf16_t*)base + off) : base, r < nk ? 16 : 0);
-        else *(uint4*)dst = r < nk ? kv_bits8(base, 0, off) : make_uint4(0, 0, 0, 0);
+    // A row of K is KPR 16-byte chunks: thread tid takes chunk tid % KPR of rows tid / KPR + c·KRS
+    // (likewise V), so every offset but the row's is known at compile time.
+    constexpr int KPR = DK / 8, KRS = 128 / KPR, VPR = DV / 8, VRS = 128 / VPR;
+    static_assert(128 % KPR == 0 && 128 % VPR == 0 && FA_BK % KRS == 0 && FA_BK % VRS == 0, "whole rounds of 128 chunks");
+    int kr = tid / KPR, kj = tid % KPR * 8, vr = tid / VPR, vj = tid % VPR * 8;
+    long kp = (long)(k0 + kr) * s.k_stride + kh * DK + kj, vp = (long)(k0 + vr) * s.v_stride + kh * DV + vj;
+    if (s.bf16) {
+        u32 sk = shared_addr(&st.k[kr][kj]), sv = shared_addr(&st.v[vr][vj]);
+        const bf16_t *kb = (const bf16_t*)s.k, *vb = (const bf16_t*)s.v;
+#pragma unroll
+        for (int c = 0; c < FA_BK / KRS; c++) {
+            bool in = kr + c * KRS < nk;
+            cp_async16_at(sk + c * KRS * (DK + FA_PAD) * 2, in ? kb + kp + (long)c * KRS * s.k_stride : kb, in ? 16 : 0);
+        }
+#pragma unroll
+        for (int c = 0; c < FA_BK / VRS; c++) {
+            bool in = vr + c * VRS < nk;
+            cp_async16_at(sv + c * VRS * (DV + FA_PAD) * 2, in ? vb + vp + (long)c * VRS * s.v_stride : vb, in ? 16 : 0);
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < FA_BK / KRS; c++) {
+            bool in = kr + c * KRS < nk;
+            *(uint4*)&st.k[kr + c * KRS][kj] = in ? kv_bits8(s.k, 0, kp + (long)c * KRS * s.k_stride) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int c = 0; c < FA_BK / VRS; c++) {
+            bool in = vr + c * VRS < nk;
+            *(uint4*)&st.v[vr + c * VRS][vj] = in ? kv_bits8(s.v, 0, vp + (long)c * VRS * s.v_stride) : make_uint4(0, 0, 0, 0);
+        }
     }
     if (tid < FA_BK) st.pos[tid] = tid < nk ? (s.pos ? s.pos[k0 + tid] : s.pos0 + k0 + tid) : -1;
 #endif
@@ -1241,6 +1285,8 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
         src[1] = past[2 * tile.x + 1];
         src[2] = own_rows(new_k, new_v, sq, kw, vw);
     }
+    // Scores in log2 units: the weights are 2^(s - max), the hardware's exp2.
+    float qscale = scale * LOG2E;
     u32 qh[DK / 16][4], ql[DK / 16][4];
 #pragma unroll
     for (int kk = 0; kk < DK / 16; kk++)
@@ -1248,7 +1294,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
         for (int i = 0; i < 4; i++) {
             int rr = i & 1, col = kk * 16 + c2 + (i >> 1) * 8;
             const float* qp = q + (row0 + wr + g + 8 * rr) * heads * DK + h * DK + col;
-            float a = ok[rr] ? qp[0] * scale : 0.0f, b = ok[rr] ? qp[1] * scale : 0.0f;
+            float a = ok[rr] ? qp[0] * qscale : 0.0f, b = ok[rr] ? qp[1] * qscale : 0.0f;
             split2(a, b, qh[kk][i], ql[kk][i]);
         }
     float o[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
@@ -1289,31 +1335,40 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
                 mma16816(sc[nt], ql[kk], b0, b1);
             }
         }
+        if (!all) {
+#pragma unroll
+            for (int nt = 0; nt < FA_BK / 8; nt++)
+#pragma unroll
+                for (int cc = 0; cc < 2; cc++) {
+                    int sp = cur.pos[nt * 8 + c2 + cc];
+#pragma unroll
+                    for (int rr = 0; rr < 2; rr++) {
+                        int t = tq[rr];
+                        bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
+                        if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
+                    }
+                }
+        }
 #pragma unroll
         for (int rr = 0; rr < 2; rr++) {
             float mx = NEG_INF;
 #pragma unroll
             for (int nt = 0; nt < FA_BK / 8; nt++)
 #pragma unroll
-                for (int cc = 0; cc < 2; cc++) {
-                    if (!all) {
-                        int sp = cur.pos[nt * 8 + c2 + cc], t = tq[rr];
-                        bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
-                        if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
-                    }
-                    mx = fmaxf(mx, sc[nt][2 * rr + cc]);
-                }
+                for (int cc = 0; cc < 2; cc++) mx = fmaxf(mx, sc[nt][2 * rr + cc]);
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             float mn = fmaxf(m[rr], mx);
-            float corr = m[rr] == NEG_INF ? 0.0f : expf(m[rr] - mn);
+            // A row that sees no key yet keeps weights of 0 (2^-inf), not NaN.
+            float base = mn == NEG_INF ? 0.0f : mn;
+            float corr = ex2(m[rr] - base);
             float rs = 0.0f;
 #pragma unroll
             for (int nt = 0; nt < FA_BK / 8; nt++)
 #pragma unroll
                 for (int cc = 0; cc < 2; cc++) {
                     float& v = sc[nt][2 * rr + cc];
-                    v = v == NEG_INF ? 0.0f : expf(v - mn);
+                    v = ex2(v - base);
                     rs += v;
                 }
             l[rr] = l[rr] * corr + rs;

@@ -1162,25 +1162,34 @@ __device__ __forceinline__ uint4 kv_bits8(const void* p, int bf16, long i) {
     return r;
 }
 #if __CUDA_ARCH__ >= 800
-// B fragments of two adjacent 8-column tiles of a 16-row slice of a row-major bf16 matrix in
-// shared memory, transposed on the way (ldmatrix .trans): `row` points at the slice's row
-// lane % 16, column 8 · (lane / 16) of the pair.
-__device__ __forceinline__ void ldmatrix_t4(const bf16_t* row, u32* b) {
-    u32 addr;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(row));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                 : "r"(addr));
-}
-#endif
-
-#if __CUDA_ARCH__ >= 800
 // The shared-memory address of a generic pointer into shared memory.
 __device__ __forceinline__ u32 shared_addr(const void* p) {
     u32 d;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(p));
     return d;
 }
+// B fragments of two adjacent 8-column tiles of a 16-row slice of a row-major bf16 matrix in
+// shared memory, transposed on the way (ldmatrix .trans): `row` points at the slice's row
+// lane % 16, column 8 · (lane / 16) of the pair.
+// A fragments' worth of 8×8 tiles of a row-major bf16 matrix in shared memory, as they are
+// (ldmatrix): lanes 8i..8i+7 point at the rows of tile i; thread t gets of tile i the elements of
+// row t / 4, columns 2 (t % 4) and 2 (t % 4) + 1.
+__device__ __forceinline__ void ldmatrix_4(const bf16_t* row, u32* b) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(shared_addr(row)));
+}
+__device__ __forceinline__ void ldmatrix_2(const bf16_t* row, u32* b) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b[0]), "=r"(b[1]) : "r"(shared_addr(row)));
+}
+__device__ __forceinline__ void ldmatrix_t4(const bf16_t* row, u32* b) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(shared_addr(row)));
+}
+#endif
+
+#if __CUDA_ARCH__ >= 800
 // 16 bytes from global to shared memory at `dst`, not through registers (cp.async, cached in L2
 // only); zeros where `bytes` is 0.
 __device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, int bytes) {
@@ -1204,6 +1213,12 @@ struct FaStage {
 __device__ bool fa_next(const KvSrc* src, int& si, int& k0, int tq_lo, int tq_hi, int global_, int meta, int window) {
     for (; si < 3; si++, k0 = 0) {
         const KvSrc& s = src[si];
+        // Past the blocks wholly before every row's window in one step (a long prompt's own
+        // rows): full blocks end at pos0 + k0 + FA_BK - 1, which must reach tq_lo - window.
+        if (!global_ && !s.pos && s.pos0 + k0 >= meta) {
+            int first = tq_lo - window - s.pos0 - FA_BK + 1;
+            if (first > k0) k0 = (first + FA_BK - 1) / FA_BK * FA_BK;
+        }
         for (; k0 < s.rows; k0 += FA_BK) {
             if (s.pos) return true;
             int plo = s.pos0 + k0, phi = plo + min(FA_BK, s.rows - k0) - 1;
@@ -1327,12 +1342,18 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
 #pragma unroll
         for (int nt = 0; nt < FA_BK / 8; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            // K's fragments of two 16-column steps by one ldmatrix (one step where DK / 16 is odd).
 #pragma unroll
-            for (int kk = 0; kk < DK / 16; kk++) {
-                const bf16_t* kr = &cur.k[nt * 8 + g][kk * 16 + c2];
-                u32 b0 = *(const u32*)kr, b1 = *(const u32*)(kr + 8);
-                mma16816(sc[nt], qh[kk], b0, b1);
-                mma16816(sc[nt], ql[kk], b0, b1);
+            for (int kk = 0; kk < DK / 16; kk += 2) {
+                u32 b[4];
+                const bf16_t* row = &cur.k[nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8];
+                if (kk + 1 < DK / 16) ldmatrix_4(row, b);
+                else ldmatrix_2(row, b);
+#pragma unroll
+                for (int h = 0; h < 2 && kk + h < DK / 16; h++) {
+                    mma16816(sc[nt], qh[kk + h], b[2 * h], b[2 * h + 1]);
+                    mma16816(sc[nt], ql[kk + h], b[2 * h], b[2 * h + 1]);
+                }
             }
         }
         if (!all) {

@@ -1435,8 +1435,10 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
     }
 #endif
 }
+// Three blocks a multiprocessor where their registers (168) hold a thread's values; from
+// DK + DV = 192 two, with room for them all (at three, dk 64 / dv 128 spilled).
 #define ATTENTION_MMA(DK, DV) \
-    extern "C" __global__ void __launch_bounds__(128, (DK + DV <= 192 ? 3 : 2)) attention_mma_##DK##_##DV( \
+    extern "C" __global__ void __launch_bounds__(128, (DK + DV < 192 ? 3 : 2)) attention_mma_##DK##_##DV( \
         const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past, const bf16_t* new_k, \
         const bf16_t* new_v, int global_, int meta, float scale, float* out) { \
         grid_dep(); \

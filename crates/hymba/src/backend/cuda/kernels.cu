@@ -1449,6 +1449,198 @@ ATTENTION_MMA(64, 64)
 ATTENTION_MMA(64, 128)
 ATTENTION_MMA(128, 128)
 
+// The n-th key block from (si, k0) on that rows at tq_lo..tq_hi can see (n = 0: the next one), as
+// `fa_next` finds them; false when there are fewer.
+__device__ bool fa_nth(const KvSrc* src, int& si, int& k0, int n, int tq_lo, int tq_hi, int global_, int meta, int window) {
+    for (;; k0 += FA_BK) {
+        if (!fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window)) return false;
+        if (n-- == 0) return true;
+    }
+}
+
+// Decode attention of many rows on the tensor cores (bf16 K/V): block (row, K/V head, split) of
+// 4 warps. The q heads of the K/V head are the rows of one 16-row mma tile (zeros past the
+// group), so each key and value is read once for all of them. The row's key blocks, enumerated
+// and loaded as `attention_mma` does (two stages in flight), go to the splits in turn; warp w
+// scores keys 16w..16w+15 of each block with an online softmax of its own (scores in log2 units,
+// queries and weights split into two bf16 terms), the four warps are merged through shared memory
+// at the end, and the splits by the last to finish, as `attention_gqa`'s (their maxima stored in
+// natural units). Dynamic shared memory: as `attention_mma`'s.
+template <int DK, int DV>
+__device__ void attention_gqa_mma(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int* row_seq, const KvSrc* past,
+                                  const float* new_k, const float* new_v, int global_, int meta, float scale, int splits, float* out,
+                                  float* part, int* count) {
+#if __CUDA_ARCH__ >= 800
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    FaStage<DK, DV>* st = (FaStage<DK, DV>*)fa_smem;
+    __shared__ KvSrc src[3];
+    int t = blockIdx.x, kh = blockIdx.y, z = blockIdx.z;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int g = lane >> 2, c2 = (lane & 3) * 2;
+    int group = heads / kv_heads, h0 = kh * group;
+    int seq = row_seq[t];
+    SeqInfo sq = seqs[seq];
+    int tq = sq.pos0 + (int)(t - sq.row0), window = sq.window;
+    if (tid == 0) {
+        src[0] = past[2 * seq];
+        src[1] = past[2 * seq + 1];
+        src[2] = own_rows(new_k, new_v, sq, kv_heads * DK, kv_heads * DV);
+    }
+    __syncthreads();
+    // This split's blocks: z, z + used, z + 2 used, … of the row's.
+    int blocks = 0;
+    for (int si = 0, k0 = 0; fa_next(src, si, k0, tq, tq, global_, meta, window); k0 += FA_BK) blocks++;
+    int used = min(splits, blocks);
+    if (z >= used) return;
+    float qscale = scale * LOG2E;
+    u32 qh[DK / 16][4], ql[DK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; kk++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int hr = g + 8 * (i & 1), col = kk * 16 + c2 + (i >> 1) * 8;
+            const float* qp = q + ((long)t * heads + h0 + hr) * DK + col;
+            float a = hr < group ? qp[0] * qscale : 0.0f, b = hr < group ? qp[1] * qscale : 0.0f;
+            split2(a, b, qh[kk][i], ql[kk][i]);
+        }
+    float o[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    int si = 0, k0 = 0;
+    bool have = fa_nth(src, si, k0, z, tq, tq, global_, meta, window);
+    if (have) fa_load(st[0], src[si], k0, kh, tid);
+    cp_async_commit();
+    int kw = warp * 16;
+    for (int stage = 0; have; stage ^= 1) {
+        k0 += FA_BK;
+        have = fa_nth(src, si, k0, used - 1, tq, tq, global_, meta, window);
+        if (have) fa_load(st[stage ^ 1], src[si], k0, kh, tid);
+        cp_async_commit();
+        cp_async_wait_one();
+        __syncthreads();
+        const FaStage<DK, DV>& cur = st[stage];
+        float sc[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; kk += 2) {
+                u32 b[4];
+                const bf16_t* row = &cur.k[kw + nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8];
+                if (kk + 1 < DK / 16) ldmatrix_4(row, b);
+                else ldmatrix_2(row, b);
+#pragma unroll
+                for (int h = 0; h < 2 && kk + h < DK / 16; h++) {
+                    mma16816(sc[nt], qh[kk + h], b[2 * h], b[2 * h + 1]);
+                    mma16816(sc[nt], ql[kk + h], b[2 * h], b[2 * h + 1]);
+                }
+            }
+        }
+        // Every head sees the same keys: the row's.
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int cc = 0; cc < 2; cc++) {
+                int sp = cur.pos[kw + nt * 8 + c2 + cc];
+                bool vis = sp >= 0 && sp <= tq && (global_ || tq - sp <= window || sp < meta);
+                if (!vis) sc[nt][cc] = sc[nt][2 + cc] = NEG_INF;
+            }
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            float mx = fmaxf(fmaxf(sc[0][2 * rr], sc[0][2 * rr + 1]), fmaxf(sc[1][2 * rr], sc[1][2 * rr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float mn = fmaxf(m[rr], mx);
+            float base = mn == NEG_INF ? 0.0f : mn;
+            float corr = ex2(m[rr] - base), rs = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int cc = 0; cc < 2; cc++) {
+                    float& v = sc[nt][2 * rr + cc];
+                    v = ex2(v - base);
+                    rs += v;
+                }
+            l[rr] = l[rr] * corr + rs;
+            m[rr] = mn;
+#pragma unroll
+            for (int nt = 0; nt < DV / 8; nt++) {
+                o[nt][2 * rr] *= corr;
+                o[nt][2 * rr + 1] *= corr;
+            }
+        }
+        u32 ph[4], pl[4];
+        split2(sc[0][0], sc[0][1], ph[0], pl[0]);
+        split2(sc[0][2], sc[0][3], ph[1], pl[1]);
+        split2(sc[1][0], sc[1][1], ph[2], pl[2]);
+        split2(sc[1][2], sc[1][3], ph[3], pl[3]);
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt += 2) {
+            u32 b[4];
+            ldmatrix_t4(&cur.v[kw + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
+            mma16816(o[nt], ph, b[0], b[1]);
+            mma16816(o[nt], pl, b[0], b[1]);
+            mma16816(o[nt + 1], ph, b[2], b[3]);
+            mma16816(o[nt + 1], pl, b[2], b[3]);
+        }
+        __syncthreads();
+    }
+    // The four warps' maxima, sums and outputs, per head (the stages are free now).
+    float* ms = (float*)fa_smem;  // [warp][16]
+    float* ls = ms + 64;          // [warp][16]
+    float* os = ls + 64;          // [warp][16][DV]
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        float tot = l[rr];
+        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
+        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
+        int r = warp * 16 + g + 8 * rr;
+        if ((lane & 3) == 0) {
+            ms[r] = m[rr];
+            ls[r] = tot;
+        }
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt++) {
+            os[r * DV + nt * 8 + c2] = o[nt][2 * rr];
+            os[r * DV + nt * 8 + c2 + 1] = o[nt][2 * rr + 1];
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < group * DV; i += blockDim.x) {
+        int r = i / DV, col = i % DV, h = h0 + r;
+        float mm = fmaxf(fmaxf(ms[r], ms[16 + r]), fmaxf(ms[32 + r], ms[48 + r])), den = 0.0f, num = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            float mw = ms[w * 16 + r], e = mw == NEG_INF ? 0.0f : ex2(mw - mm);
+            den += e * ls[w * 16 + r];
+            num += e * os[(w * 16 + r) * DV + col];
+        }
+        if (splits == 1) {
+            out[((long)t * heads + h) * DV + col] = den > 0.0f ? num / den : 0.0f;
+        } else {
+            float* pp = part + (((long)t * heads + h) * splits + z) * (DV + 2);
+            pp[2 + col] = num;
+            if (col == 0) {
+                pp[0] = mm == NEG_INF ? NEG_INF : mm / LOG2E;
+                pp[1] = den;
+            }
+        }
+    }
+    if (splits > 1) merge_splits_if_last(part, count + (long)t * heads + h0, t, heads, h0, group, splits, used, DV, out);
+#endif
+}
+#define ATTENTION_GQA_MMA(DK, DV) \
+    extern "C" __global__ void __launch_bounds__(128) attention_gqa_mma_##DK##_##DV( \
+        const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int* row_seq, const KvSrc* past, const float* new_k, \
+        const float* new_v, int global_, int meta, float scale, int splits, float* out, float* part, int* count) { \
+        grid_dep(); \
+        attention_gqa_mma<DK, DV>(q, heads, kv_heads, seqs, row_seq, past, new_k, new_v, global_, meta, scale, splits, out, part, count); \
+    }
+ATTENTION_GQA_MMA(16, 32)
+ATTENTION_GQA_MMA(64, 64)
+ATTENTION_GQA_MMA(64, 128)
+ATTENTION_GQA_MMA(128, 128)
+
 // Matrix products of decode and small batches (t <= ROWS input rows): y[r, j] = x[r, :] · w[j, :],
 // the weights streamed once at the memory's pace, no input rounded (bf16 weights widened to f32).
 // Work comes in pairs of weight rows (rows 2p, 2p + 1 of w0; for the gated MLP row p of w0 and of

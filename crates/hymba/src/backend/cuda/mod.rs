@@ -1,8 +1,9 @@
 //! The CUDA backend: weights in their stored precision on the card (f32 or bf16), activations in
-//! f32, the K/V stores, SSM and conv states in device memory. Matrix products go through cuBLAS
-//! (f32 × f32, or bf16 × bf16 with f32 accumulation: activations are rounded to bf16 for a bf16
-//! matrix, as the official code computes); everything else runs in the kernels of
-//! `kernels.cu`, compiled by NVRTC when the backend starts.
+//! f32, the K/V stores, SSM and conv states in device memory. Matrix products of few rows run in
+//! kernels of our own (GEMV, `gemm_rows`), larger ones through cuBLAS (f32 × f32) or cuBLASLt
+//! (bf16 × bf16 with f32 accumulation, see `lt`): activations are rounded to bf16 for a bf16
+//! matrix, as the official code computes. Everything else runs in the kernels of `kernels.cu`,
+//! compiled by NVRTC when the backend starts.
 //!
 //! Nothing is linked at build time: the driver, NVRTC and cuBLAS are loaded when a `Cuda` is
 //! made, so the same binary runs on machines with and without a GPU. An error of a CUDA call

@@ -321,6 +321,20 @@ struct Kernels<K = Kernel> {
 impl<K> Kernels<K> {
     /// Every kernel, by its name in kernels.cu, for a device of compute capability `major`.
     fn load(major: i32, f: &dyn Fn(&'static str) -> Result<K>) -> Result<Kernels<K>> {
+        // The tensor-core kernels, `{prefix}_{dk}_{dv}` for each MMA shape (sm_80 and later).
+        let by_shape = |prefix: &str| -> Result<Vec<((usize, usize), K)>> {
+            if major < 8 {
+                return Ok(Vec::new());
+            }
+            MMA_SHAPES
+                .iter()
+                .map(|&(dk, dv)| {
+                    let name: &'static str =
+                        Box::leak(format!("{prefix}_{dk}_{dv}").into_boxed_str());
+                    Ok(((dk, dv), f(name)?))
+                })
+                .collect()
+        };
         Ok(Kernels {
             embed_f32: f("embed_f32")?,
             embed_bf16: f("embed_bf16")?,
@@ -344,30 +358,8 @@ impl<K> Kernels<K> {
             attention: [f("attention_4")?, f("attention_8")?],
             attention_gqa: f("attention_gqa")?,
             attention_tiles: f("attention_tiles")?,
-            attention_mma: if major >= 8 {
-                MMA_SHAPES
-                    .iter()
-                    .map(|&(dk, dv)| {
-                        let name: &'static str =
-                            Box::leak(format!("attention_mma_{dk}_{dv}").into_boxed_str());
-                        Ok::<_, Error>(((dk, dv), f(name)?))
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            },
-            attention_gqa_mma: if major >= 8 {
-                MMA_SHAPES
-                    .iter()
-                    .map(|&(dk, dv)| {
-                        let name: &'static str =
-                            Box::leak(format!("attention_gqa_mma_{dk}_{dv}").into_boxed_str());
-                        Ok::<_, Error>(((dk, dv), f(name)?))
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            },
+            attention_mma: by_shape("attention_mma")?,
+            attention_gqa_mma: by_shape("attention_gqa_mma")?,
             gemv: {
                 // Named gemv[_add|_softplus|_glu]_{f32|bf16}[_1|_2] in kernels.cu.
                 let set = |w: &str, rows: &str| -> Result<[K; 4]> {

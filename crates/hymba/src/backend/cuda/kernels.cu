@@ -231,14 +231,18 @@ extern "C" __global__ void split_in_proj(const float* p, InProjParts s, const in
     }
 }
 
+// Four values rounded to bf16, packed for one 8-byte store.
+__device__ __forceinline__ uint2 bf16x4(float4 v) {
+    return make_uint2((u32)f32_to_bf16(v.x) | ((u32)f32_to_bf16(v.y) << 16), (u32)f32_to_bf16(v.z) | ((u32)f32_to_bf16(v.w) << 16));
+}
+
 // Four values a thread a load (x and out start 16- and 8-byte aligned: buffer starts).
 extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
     grid_dep();
     long stride = (long)gridDim.x * blockDim.x, n4 = n / 4;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += stride) {
         float4 v = ((const float4*)x)[i];
-        ((uint2*)out)[i] = make_uint2((u32)f32_to_bf16(v.x) | ((u32)f32_to_bf16(v.y) << 16),
-                                      (u32)f32_to_bf16(v.z) | ((u32)f32_to_bf16(v.w) << 16));
+        ((uint2*)out)[i] = bf16x4(v);
     }
     for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) out[i] = f32_to_bf16(x[i]);
 }
@@ -363,8 +367,7 @@ extern "C" __global__ void silu_mul(float* g, const float* u, long n, bf16_t* g1
         float4 v = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
         ((float4*)g)[i] = v;
         if (g16)
-            ((uint2*)g16)[i] = make_uint2((u32)f32_to_bf16(v.x) | ((u32)f32_to_bf16(v.y) << 16),
-                                          (u32)f32_to_bf16(v.z) | ((u32)f32_to_bf16(v.w) << 16));
+            ((uint2*)g16)[i] = bf16x4(v);
     }
     for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) put_act(g, g16, i, silu(g[i]) * u[i]);
 }
@@ -1168,9 +1171,6 @@ __device__ __forceinline__ u32 shared_addr(const void* p) {
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(p));
     return d;
 }
-// B fragments of two adjacent 8-column tiles of a 16-row slice of a row-major bf16 matrix in
-// shared memory, transposed on the way (ldmatrix .trans): `row` points at the slice's row
-// lane % 16, column 8 · (lane / 16) of the pair.
 // A fragments' worth of 8×8 tiles of a row-major bf16 matrix in shared memory, as they are
 // (ldmatrix): lanes 8i..8i+7 point at the rows of tile i; thread t gets of tile i the elements of
 // row t / 4, columns 2 (t % 4) and 2 (t % 4) + 1.
@@ -1182,6 +1182,9 @@ __device__ __forceinline__ void ldmatrix_4(const bf16_t* row, u32* b) {
 __device__ __forceinline__ void ldmatrix_2(const bf16_t* row, u32* b) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b[0]), "=r"(b[1]) : "r"(shared_addr(row)));
 }
+// B fragments of two adjacent 8-column tiles of a 16-row slice of a row-major bf16 matrix in
+// shared memory, transposed on the way (ldmatrix .trans): `row` points at the slice's row
+// lane % 16, column 8 · (lane / 16) of the pair.
 __device__ __forceinline__ void ldmatrix_t4(const bf16_t* row, u32* b) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
@@ -1206,6 +1209,90 @@ struct FaStage {
     bf16_t v[FA_BK][DV + FA_PAD];
     int pos[FA_BK];
 };
+
+#if __CUDA_ARCH__ >= 800
+// A warp's scores of NT 8-key tiles, keys kb.. of the stage, for its 16 query rows (q in two
+// bf16 terms, qh + ql): K's fragments of two 16-column steps by one ldmatrix (one step where
+// DK / 16 is odd).
+template <int DK, int DV, int NT>
+__device__ __forceinline__ void fa_scores(const FaStage<DK, DV>& st, int kb, const u32 (*qh)[4], const u32 (*ql)[4], float (*sc)[4],
+                                          int lane) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk += 2) {
+            u32 b[4];
+            const bf16_t* row = &st.k[kb + nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8];
+            if (kk + 1 < DK / 16) ldmatrix_4(row, b);
+            else ldmatrix_2(row, b);
+#pragma unroll
+            for (int h = 0; h < 2 && kk + h < DK / 16; h++) {
+                mma16816(sc[nt], qh[kk + h], b[2 * h], b[2 * h + 1]);
+                mma16816(sc[nt], ql[kk + h], b[2 * h], b[2 * h + 1]);
+            }
+        }
+    }
+}
+
+// One online-softmax step over a warp's NT tiles of (masked) scores in log2 units: each fragment
+// row's running maximum m and sum l move on, its outputs o are rescaled, and the scores become
+// weights 2^(s - max).
+template <int NT, int DV>
+__device__ __forceinline__ void fa_softmax(float (*sc)[4], float* m, float* l, float (*o)[4]) {
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        float mx = fmaxf(sc[0][2 * rr], sc[0][2 * rr + 1]);
+#pragma unroll
+        for (int nt = 1; nt < NT; nt++) mx = fmaxf(mx, fmaxf(sc[nt][2 * rr], sc[nt][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float mn = fmaxf(m[rr], mx);
+        // A row that sees no key yet keeps weights of 0 (2^-inf), not NaN.
+        float base = mn == NEG_INF ? 0.0f : mn;
+        float corr = ex2(m[rr] - base);
+        float rs = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int cc = 0; cc < 2; cc++) {
+                float& v = sc[nt][2 * rr + cc];
+                v = ex2(v - base);
+                rs += v;
+            }
+        l[rr] = l[rr] * corr + rs;
+        m[rr] = mn;
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt++) {
+            o[nt][2 * rr] *= corr;
+            o[nt][2 * rr + 1] *= corr;
+        }
+    }
+}
+
+// o += p · v over the weights of NT 8-key tiles (NT / 2 slices of 16 keys, keys kb.. of the
+// stage), the weights in two bf16 terms.
+template <int DK, int DV, int NT>
+__device__ __forceinline__ void fa_pv(const FaStage<DK, DV>& st, int kb, float (*sc)[4], float (*o)[4], int lane) {
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; kk++) {
+        u32 ph[4], pl[4];
+        split2(sc[2 * kk][0], sc[2 * kk][1], ph[0], pl[0]);
+        split2(sc[2 * kk][2], sc[2 * kk][3], ph[1], pl[1]);
+        split2(sc[2 * kk + 1][0], sc[2 * kk + 1][1], ph[2], pl[2]);
+        split2(sc[2 * kk + 1][2], sc[2 * kk + 1][3], ph[3], pl[3]);
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt += 2) {
+            u32 b[4];
+            ldmatrix_t4(&st.v[kb + kk * 16 + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
+            mma16816(o[nt], ph, b[0], b[1]);
+            mma16816(o[nt], pl, b[0], b[1]);
+            mma16816(o[nt + 1], ph, b[2], b[3]);
+            mma16816(o[nt + 1], pl, b[2], b[3]);
+        }
+    }
+}
+#endif
 
 // The next key block, from source si's row k0 on, that some row of a tile of queries at
 // positions tq_lo..tq_hi can see (a ring's blocks are all taken: the mask sorts them out); false
@@ -1339,23 +1426,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
         __syncthreads();
         const FaStage<DK, DV>& cur = st[stage];
         float sc[FA_BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < FA_BK / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            // K's fragments of two 16-column steps by one ldmatrix (one step where DK / 16 is odd).
-#pragma unroll
-            for (int kk = 0; kk < DK / 16; kk += 2) {
-                u32 b[4];
-                const bf16_t* row = &cur.k[nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8];
-                if (kk + 1 < DK / 16) ldmatrix_4(row, b);
-                else ldmatrix_2(row, b);
-#pragma unroll
-                for (int h = 0; h < 2 && kk + h < DK / 16; h++) {
-                    mma16816(sc[nt], qh[kk + h], b[2 * h], b[2 * h + 1]);
-                    mma16816(sc[nt], ql[kk + h], b[2 * h], b[2 * h + 1]);
-                }
-            }
-        }
+        fa_scores<DK, DV, FA_BK / 8>(cur, 0, qh, ql, sc, lane);
         if (!all) {
 #pragma unroll
             for (int nt = 0; nt < FA_BK / 8; nt++)
@@ -1370,53 +1441,8 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
                     }
                 }
         }
-#pragma unroll
-        for (int rr = 0; rr < 2; rr++) {
-            float mx = NEG_INF;
-#pragma unroll
-            for (int nt = 0; nt < FA_BK / 8; nt++)
-#pragma unroll
-                for (int cc = 0; cc < 2; cc++) mx = fmaxf(mx, sc[nt][2 * rr + cc]);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float mn = fmaxf(m[rr], mx);
-            // A row that sees no key yet keeps weights of 0 (2^-inf), not NaN.
-            float base = mn == NEG_INF ? 0.0f : mn;
-            float corr = ex2(m[rr] - base);
-            float rs = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < FA_BK / 8; nt++)
-#pragma unroll
-                for (int cc = 0; cc < 2; cc++) {
-                    float& v = sc[nt][2 * rr + cc];
-                    v = ex2(v - base);
-                    rs += v;
-                }
-            l[rr] = l[rr] * corr + rs;
-            m[rr] = mn;
-#pragma unroll
-            for (int nt = 0; nt < DV / 8; nt++) {
-                o[nt][2 * rr] *= corr;
-                o[nt][2 * rr + 1] *= corr;
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < FA_BK / 16; kk++) {
-            u32 ph[4], pl[4];
-            split2(sc[2 * kk][0], sc[2 * kk][1], ph[0], pl[0]);
-            split2(sc[2 * kk][2], sc[2 * kk][3], ph[1], pl[1]);
-            split2(sc[2 * kk + 1][0], sc[2 * kk + 1][1], ph[2], pl[2]);
-            split2(sc[2 * kk + 1][2], sc[2 * kk + 1][3], ph[3], pl[3]);
-#pragma unroll
-            for (int nt = 0; nt < DV / 8; nt += 2) {
-                u32 b[4];
-                ldmatrix_t4(&cur.v[kk * 16 + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
-                mma16816(o[nt], ph, b[0], b[1]);
-                mma16816(o[nt], pl, b[0], b[1]);
-                mma16816(o[nt + 1], ph, b[2], b[3]);
-                mma16816(o[nt + 1], pl, b[2], b[3]);
-            }
-        }
+        fa_softmax<FA_BK / 8, DV>(sc, m, l, o);
+        fa_pv<DK, DV, FA_BK / 8>(cur, 0, sc, o, lane);
         __syncthreads();
     }
 #pragma unroll
@@ -1520,22 +1546,7 @@ __device__ void attention_gqa_mma(const float* q, int heads, int kv_heads, const
         __syncthreads();
         const FaStage<DK, DV>& cur = st[stage];
         float sc[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < DK / 16; kk += 2) {
-                u32 b[4];
-                const bf16_t* row = &cur.k[kw + nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8];
-                if (kk + 1 < DK / 16) ldmatrix_4(row, b);
-                else ldmatrix_2(row, b);
-#pragma unroll
-                for (int h = 0; h < 2 && kk + h < DK / 16; h++) {
-                    mma16816(sc[nt], qh[kk + h], b[2 * h], b[2 * h + 1]);
-                    mma16816(sc[nt], ql[kk + h], b[2 * h], b[2 * h + 1]);
-                }
-            }
-        }
+        fa_scores<DK, DV, 2>(cur, kw, qh, ql, sc, lane);
         // Every head sees the same keys: the row's.
 #pragma unroll
         for (int nt = 0; nt < 2; nt++)
@@ -1545,44 +1556,8 @@ __device__ void attention_gqa_mma(const float* q, int heads, int kv_heads, const
                 bool vis = sp >= 0 && sp <= tq && (global_ || tq - sp <= window || sp < meta);
                 if (!vis) sc[nt][cc] = sc[nt][2 + cc] = NEG_INF;
             }
-#pragma unroll
-        for (int rr = 0; rr < 2; rr++) {
-            float mx = fmaxf(fmaxf(sc[0][2 * rr], sc[0][2 * rr + 1]), fmaxf(sc[1][2 * rr], sc[1][2 * rr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float mn = fmaxf(m[rr], mx);
-            float base = mn == NEG_INF ? 0.0f : mn;
-            float corr = ex2(m[rr] - base), rs = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-                for (int cc = 0; cc < 2; cc++) {
-                    float& v = sc[nt][2 * rr + cc];
-                    v = ex2(v - base);
-                    rs += v;
-                }
-            l[rr] = l[rr] * corr + rs;
-            m[rr] = mn;
-#pragma unroll
-            for (int nt = 0; nt < DV / 8; nt++) {
-                o[nt][2 * rr] *= corr;
-                o[nt][2 * rr + 1] *= corr;
-            }
-        }
-        u32 ph[4], pl[4];
-        split2(sc[0][0], sc[0][1], ph[0], pl[0]);
-        split2(sc[0][2], sc[0][3], ph[1], pl[1]);
-        split2(sc[1][0], sc[1][1], ph[2], pl[2]);
-        split2(sc[1][2], sc[1][3], ph[3], pl[3]);
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; nt += 2) {
-            u32 b[4];
-            ldmatrix_t4(&cur.v[kw + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
-            mma16816(o[nt], ph, b[0], b[1]);
-            mma16816(o[nt], pl, b[0], b[1]);
-            mma16816(o[nt + 1], ph, b[2], b[3]);
-            mma16816(o[nt + 1], pl, b[2], b[3]);
-        }
+        fa_softmax<2, DV>(sc, m, l, o);
+        fa_pv<DK, DV, 2>(cur, kw, sc, o, lane);
         __syncthreads();
     }
     // The four warps' maxima, sums and outputs, per head (the stages are free now).

@@ -48,6 +48,20 @@ struct Rows {
     y: lt::cublasLtMatrixLayout_t,
 }
 
+/// A dense column-major layout of `rows × cols` elements of `dtype`.
+fn layout(
+    dtype: lt::cudaDataType,
+    rows: usize,
+    cols: usize,
+) -> Result<lt::cublasLtMatrixLayout_t, String> {
+    let mut l = std::ptr::null_mut();
+    // SAFETY: an out-pointer.
+    check("layout", unsafe {
+        lt::cublasLtMatrixLayoutCreate(&mut l, dtype, rows as u64, cols as u64, rows as i64)
+    })?;
+    Ok(l)
+}
+
 impl Rows {
     fn new(m: usize, n: usize, k: usize) -> Result<Self, String> {
         let mut r = Rows {
@@ -55,30 +69,10 @@ impl Rows {
             x: std::ptr::null_mut(),
             y: std::ptr::null_mut(),
         };
-        // Column-major: x is k × n (bf16), y is m × n (f32).
-        // SAFETY: out-pointers; a failure leaves the rest null, which Drop's destroy accepts.
-        unsafe {
-            check(
-                "layout",
-                lt::cublasLtMatrixLayoutCreate(
-                    &mut r.x,
-                    lt::cudaDataType::CUDA_R_16BF,
-                    k as u64,
-                    n as u64,
-                    k as i64,
-                ),
-            )?;
-            check(
-                "layout",
-                lt::cublasLtMatrixLayoutCreate(
-                    &mut r.y,
-                    lt::cudaDataType::CUDA_R_32F,
-                    m as u64,
-                    n as u64,
-                    m as i64,
-                ),
-            )?;
-        }
+        // Column-major: x is k × n (bf16), y is m × n (f32). A failure leaves the rest null,
+        // which Drop's destroy accepts.
+        r.x = layout(lt::cudaDataType::CUDA_R_16BF, k, n)?;
+        r.y = layout(lt::cudaDataType::CUDA_R_32F, m, n)?;
         Ok(r)
     }
 }
@@ -146,17 +140,8 @@ impl Plan {
                     4,
                 ),
             )?;
-            check(
-                "layout",
-                lt::cublasLtMatrixLayoutCreate(
-                    &mut p.w,
-                    lt::cudaDataType::CUDA_R_16BF,
-                    k as u64,
-                    m as u64,
-                    k as i64,
-                ),
-            )?;
         }
+        p.w = layout(lt::cudaDataType::CUDA_R_16BF, k, m)?;
         Ok(p)
     }
 }

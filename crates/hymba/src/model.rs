@@ -649,16 +649,19 @@ impl<B: Backend> Model<B> {
         }
         b.kv_flush();
         b.finish()?;
-        let all = b.download(&run.out);
+        let v = self.config.vocab_size;
+        let out = b.read(&run.out, |all| {
+            let mut at = 0;
+            wanted
+                .iter()
+                .map(|r| {
+                    at += r.len();
+                    all[(at - r.len()) * v..at * v].to_vec()
+                })
+                .collect()
+        });
         if let Ok(mut slot) = self.run.try_lock() {
             *slot = Some(run);
-        }
-        let v = self.config.vocab_size;
-        let mut out = Vec::with_capacity(steps.len());
-        let mut at = 0;
-        for r in &wanted {
-            out.push(all[at * v..(at + r.len()) * v].to_vec());
-            at += r.len();
         }
         Ok(out)
     }

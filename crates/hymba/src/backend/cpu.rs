@@ -221,8 +221,8 @@ impl Backend for Cpu {
         out.extend_from_slice(host);
     }
 
-    fn download(&self, rows: &Vec<f32>) -> Vec<f32> {
-        rows.clone()
+    fn read<R>(&self, rows: &Vec<f32>, f: impl FnOnce(&[f32]) -> R) -> R {
+        f(rows)
     }
 
     fn embed(&self, table: &Tensor, ids: &[u32], d: usize, out: &mut Vec<f32>) {

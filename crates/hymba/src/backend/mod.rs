@@ -231,8 +231,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rows(&self) -> Self::Rows;
     /// Rows from host memory.
     fn upload(&self, host: &[f32], out: &mut Self::Rows);
-    /// The rows, to host memory.
-    fn download(&self, rows: &Self::Rows) -> Vec<f32>;
+    /// The rows on the host, as `f` sees them (no copy beyond the device's own).
+    fn read<R>(&self, rows: &Self::Rows, f: impl FnOnce(&[f32]) -> R) -> R;
+    /// The rows, copied to host memory.
+    fn download(&self, rows: &Self::Rows) -> Vec<f32> {
+        self.read(rows, |s| s.to_vec())
+    }
     /// Ends a forward: the first error of its operations, if any (a device's launch or memory
     /// error); the operations themselves do not fail.
     fn finish(&self) -> Result<()> {

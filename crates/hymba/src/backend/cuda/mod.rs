@@ -38,6 +38,9 @@ const MAX_CONV: usize = 8;
 
 /// The oldest driver API the backend is written against (CUDA 12.0).
 const MIN_DRIVER: i32 = 12000;
+/// The most floats read back through the kept page-locked buffer (64 MB: a batch of 512
+/// sequences' logits); larger reads (every row of a long prompt) are copied as they come.
+const HOST_KEEP: usize = 16 << 20;
 
 fn device_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
@@ -591,6 +594,8 @@ pub struct Cuda {
     /// are stale.
     generation: std::sync::atomic::AtomicU64,
     graphs: Mutex<Graphs>,
+    /// Page-locked host memory that rows come back through (up to HOST_KEEP floats).
+    host: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
     /// The SSM branch of a captured decode step (see [`Cuda::branch`]).
     fork: Option<Fork>,
 }
@@ -842,6 +847,7 @@ impl Cuda {
             profile,
             generation: Default::default(),
             graphs,
+            host: Mutex::new(None),
             fork,
         })
     }
@@ -1958,17 +1964,47 @@ impl Backend for Cuda {
         }
     }
 
-    fn download(&self, rows: &DevRows) -> Vec<f32> {
+    fn read<R>(&self, rows: &DevRows, f: impl FnOnce(&[f32]) -> R) -> R {
         self.end_step();
-        match &rows.buf {
-            Some(b) if rows.len > 0 && !self.failed() => self
-                .stream
-                .clone_dtoh(&b.slice(0..rows.len))
-                .unwrap_or_else(|e| {
-                    self.fail("downloading", e);
-                    vec![0.0; rows.len]
-                }),
-            _ => vec![0.0; rows.len],
+        let b = match &rows.buf {
+            Some(b) if rows.len > 0 && !self.failed() => b.slice(0..rows.len),
+            _ => return f(&vec![0.0; rows.len]),
+        };
+        // Through the page-locked buffer where it is small enough to keep (a batch's logits):
+        // a copy from pageable memory goes through the driver's staging buffers, at a fraction
+        // of the bus's rate.
+        if rows.len <= HOST_KEEP {
+            let mut host = self.host.lock().expect("host buffer");
+            if host.as_ref().is_none_or(|h| h.len() < rows.len) {
+                *host = None;
+                // SAFETY: plain (cached, not write-combined) page-locked memory; every element
+                // read below is first written by the copy.
+                match unsafe { self.ctx.alloc_pinned_with_flags::<f32>(rows.len, 0) } {
+                    Ok(h) => *host = Some(h),
+                    Err(e) => self.fail("allocating page-locked host memory", e),
+                }
+            }
+            if let Some(h) = host.as_mut() {
+                // The copy's length is its destination's: exactly the rows.
+                let copied = h.as_mut_slice().and_then(|s| {
+                    let s = &mut s[..rows.len];
+                    self.stream.memcpy_dtoh(&b, s)?;
+                    self.stream.synchronize()?;
+                    Ok(s)
+                });
+                match copied {
+                    Ok(s) => return f(s),
+                    Err(e) => self.fail("downloading", e),
+                }
+            }
+            return f(&vec![0.0; rows.len]);
+        }
+        match self.stream.clone_dtoh(&b) {
+            Ok(v) => f(&v),
+            Err(e) => {
+                self.fail("downloading", e);
+                f(&vec![0.0; rows.len])
+            }
         }
     }
 

@@ -271,21 +271,40 @@ extern "C" __global__ void conv_silu(const float* p, int width, int from, const 
     grid_dep();
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= e) return;
-    float w[MAX_K];
+    // Taps by lag: wl[L] weighs the input L rows back.
+    float wl[MAX_K];
 #pragma unroll
-    for (int j = 0; j < MAX_K; j++) w[j] = j < k ? taps[(long)j * e + c] : 0.0f;
+    for (int l = 0; l < MAX_K; l++) wl[l] = l < k ? taps[(long)(k - 1 - l) * e + c] : 0.0f;
     float b = bias[c];
     for (long r0 = (long)blockIdx.y * CONV_ROWS; r0 < rows; r0 += (long)gridDim.y * CONV_ROWS) {
+        // The last K-1 inputs before the row, newest first (h[L] = input L rows back), refilled
+        // where a chunk starts or a new sequence does: then each row reads one input, not K.
+        float h[MAX_K];
+        bool filled = false;
+        long base = 0, end = 0;
         for (long r = r0; r < min(r0 + CONV_ROWS, rows); r++) {
-            int seq = row_seq[r];
-            SeqInfo si = seqs[seq];
-            int t = (int)(r - si.row0);
-            float acc = b;
+            if (!filled || r >= end) {
+                int seq = row_seq[r];
+                SeqInfo si = seqs[seq];
+                int t = (int)(r - si.row0);
+                filled = true;
+                base = si.row0;
+                end = si.row0 + si.len;
 #pragma unroll
-            for (int j = 0; j < MAX_K; j++) {
-                int src = t - (k - 1) + j;  // row of the sequence; negative: from the state
-                if (j < k) acc += w[j] * (src >= 0 ? p[(si.row0 + src) * width + from + c] : conv[seq][(long)(k - 1 + src) * e + c]);
+                for (int l = 1; l < MAX_K; l++) {
+                    int src = t - l;
+                    h[l] = l >= k ? 0.0f : (src >= 0 ? p[(base + src) * width + from + c] : conv[seq][(long)(k - 1 + src) * e + c]);
+                }
             }
+            // Oldest first, the order of the row-by-row sum.
+            float x = p[r * width + from + c], acc = b;
+#pragma unroll
+            for (int l = MAX_K - 1; l >= 1; l--)
+                if (l < k) acc += wl[l] * h[l];
+            acc += wl[0] * x;
+#pragma unroll
+            for (int l = MAX_K - 1; l > 1; l--) h[l] = h[l - 1];
+            h[1] = x;
             put_act(out, out16, r * e + c, silu(acc));
         }
     }

@@ -226,6 +226,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     device,
                     gpu_used: None,
                 },
+                &|_| {},
             )
         }
         Some(ordinal) => {
@@ -254,16 +255,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     device,
                     gpu_used: Some(gpu_used),
                 },
-            )?;
-            if let Some(p) = model.backend().take_profile() {
-                eprintln!("kernel time (HYMBA_CUDA_PROFILE: each launch between two events, on one stream, no graphs):\n{p}");
-            }
-            Ok(())
+                &|phase| {
+                    if let Some(p) = model.backend().take_profile() {
+                        eprintln!("kernel time, {phase} (HYMBA_CUDA_PROFILE: each launch between two events, on one stream, no graphs):\n{p}");
+                    }
+                },
+            )
         }
     }
 }
 
-fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceilings) -> Result<()> {
+/// `phase_done` is called after each phase (a GPU backend prints its kernel profile there).
+fn bench<B: Backend>(
+    model: &Model<B>,
+    a: &BenchArgs,
+    load_s: f64,
+    ceil: Ceilings,
+    phase_done: &dyn Fn(&str),
+) -> Result<()> {
     let bw = ceil.bandwidth;
     let mut gpu_peak = 0usize;
     let mut gpu_mark = || {
@@ -291,6 +300,7 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
     let prefill_tok_s = a.prompt as f64 / t.elapsed().as_secs_f64();
     gpu_mark();
     drop(cache);
+    phase_done(&format!("prefill of {} tokens (twice)", a.prompt));
 
     let wbytes = model.weight_bytes_per_token();
     let mut decode = Vec::new();
@@ -310,6 +320,7 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
             times.push(t.elapsed().as_secs_f64());
         }
         gpu_mark();
+        phase_done(&format!("decode @ {ctx}, {} steps", a.decode + 1));
         let tok_s = 1.0 / median(&mut times);
         decode.push(serde_json::json!({
             "context": ctx,
@@ -354,6 +365,7 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
     for set in sets.iter_mut() {
         step(set)?;
     }
+    phase_done("caches of the batches and their first steps");
     let mut times = vec![Vec::with_capacity(a.decode); sets.len()];
     for _ in 0..a.decode {
         for (set, ts) in sets.iter_mut().zip(times.iter_mut()) {
@@ -361,6 +373,7 @@ fn bench<B: Backend>(model: &Model<B>, a: &BenchArgs, load_s: f64, ceil: Ceiling
         }
     }
     gpu_mark();
+    phase_done(&format!("batch decode, {} steps of each batch", a.decode));
     let batched: Vec<_> =
         a.batch.iter().zip(times.iter_mut()).map(|(&b, ts)| serde_json::json!({"batch": b, "context": a.batch_context, "tok_s": b as f64 / median(ts)})).collect();
     let params = model.parameter_counts().total;

@@ -1007,8 +1007,9 @@ impl Cuda {
             rows.iter()
                 .map(|(n, (s, c, m))| {
                     format!(
-                        "{n:>20} {:>9.2} ms {c:>7} calls, longest {:>8.3} ms\n",
+                        "{n:>20} {:>9.2} ms {c:>7} calls, {:>8.1} µs a call, longest {:>8.3} ms\n",
                         s * 1e3,
+                        s * 1e6 / *c as f64,
                         m * 1e3
                     )
                 })

@@ -541,31 +541,54 @@ template <int N_> __device__ __forceinline__ float group_sum(float v) {
     return v;
 }
 
+// Elements i..i+3 of p[0..n) (zeros past n): one 16-byte (f32) or 8-byte (bf16) load where
+// `vec` says p + i is so aligned and i + 4 <= n whenever i < n.
+__device__ __forceinline__ float4 get4(const float* p, int i, int n, bool vec) {
+    if (vec) return i < n ? *(const float4*)(p + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    return make_float4(i < n ? p[i] : 0.0f, i + 1 < n ? p[i + 1] : 0.0f, i + 2 < n ? p[i + 2] : 0.0f, i + 3 < n ? p[i + 3] : 0.0f);
+}
+__device__ __forceinline__ float4 get4(const bf16_t* p, int i, int n, bool vec) {
+    if (vec) {
+        if (i >= n) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        uint2 r = *(const uint2*)(p + i);
+        return make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x & 0xffff0000u), __uint_as_float(r.y << 16),
+                           __uint_as_float(r.y & 0xffff0000u));
+    }
+    auto at = [&](int j) { return j < n ? bf16_to_f32(p[j]) : 0.0f; };
+    return make_float4(at(i), at(i + 1), at(i + 2), at(i + 3));
+}
+__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+
 // A decode step of the SSM branch (every sequence one row: chunk i is row i's sequence), with
 // the scan's input-dependent parameters made here rather than by three launches before: from
 // x_proj's output row [δr (R) | B (n) | C (n)], each part RMS-normed when `wd` is given (scales
 // wd, wb, wc), Δ = softplus(dt_w · δr + dt_b) (dt_w [E, R]), then one step of the recurrence
 // from the sequence's state and y = (Σ_n S·C + D·x) ⊙ silu(z). Block (channels, row), N_ / 4
-// lanes a channel (a lane four states; they split δr for Δ): few threads a channel, since a
-// large batch's blocks come in waves, each as long as one block's chain of memory round trips.
-// Dynamic shared memory: R + 2n floats.
+// lanes a channel (a lane four consecutive states; they split δr for Δ, four consecutive
+// elements at a time): few threads a channel, since a large batch's blocks come in waves, each
+// as long as one block's chain of memory round trips. Loads are 4 elements wide where rows
+// allow: the L1 traffic of many narrow loads is what bounded this kernel at 64 rows.
+// Dynamic shared memory: the three parts, each from a multiple of 4 floats.
 #define SSM_LANE_STATES 4
+__device__ __forceinline__ int round4(int v) { return (v + 3) & ~3; }
 template <int N_, typename W>
 __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, const float* wb, const float* wc, float eps, const W* dt_w,
                          const float* dt_b, const float* x, const float* z, const float* a, const float* d, const SeqInfo* seqs,
                          const int4* chunks, float* const* ssm, int e, float* y) {
     constexpr int L = N_ / SSM_LANE_STATES;
-    extern __shared__ float sp[];
+    extern __shared__ __align__(16) float sp[];
     __shared__ float inv[3];
     int4 ch = chunks[blockIdx.y];
     long row = seqs[ch.x].row0 + ch.y;
-    int pw = rk + 2 * n;
-    for (int i = threadIdx.x; i < pw; i += blockDim.x) sp[i] = proj[row * pw + i];
+    int pw = rk + 2 * n, ob = round4(rk), oc = ob + round4(n);
+    // Element i of the row goes to its part's place in `sp`.
+    auto place = [&](int i) { return i < rk ? i : (i < rk + n ? ob + i - rk : oc + i - rk - n); };
+    for (int i = threadIdx.x; i < pw; i += blockDim.x) sp[place(i)] = proj[row * pw + i];
     __syncthreads();
     if (wd) {
         int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         if (warp < 3) {
-            int from = warp == 0 ? 0 : (warp == 1 ? rk : rk + n), len = warp == 0 ? rk : n;
+            int from = warp == 0 ? 0 : (warp == 1 ? ob : oc), len = warp == 0 ? rk : n;
             float ss = 0.0f;
             for (int j = lane; j < len; j += 32) ss += sp[from + j] * sp[from + j];
             ss = warp_sum(ss);
@@ -575,7 +598,8 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
         for (int i = threadIdx.x; i < pw; i += blockDim.x) {
             int part = i < rk ? 0 : (i < rk + n ? 1 : 2);
             float w = part == 0 ? wd[i] : (part == 1 ? wb[i - rk] : wc[i - rk - n]);
-            sp[i] = w * (sp[i] * inv[part]);
+            float* v = sp + place(i);
+            *v = w * (*v * inv[part]);
         }
         __syncthreads();
     }
@@ -584,24 +608,28 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
     int c0 = blockIdx.x * (blockDim.x / L) + threadIdx.x / L, j = threadIdx.x % L;
     bool live = c0 < e;
     int c = live ? c0 : e - 1;
-    const W* wr = dt_w + (long)c * rk;
     float dot = 0.0f;
-    for (int k = j; k < rk; k += L) dot += load(wr, k) * sp[k];
+    bool wvec = rk % 4 == 0, svec = n % 4 == 0;
+    for (int k = 4 * j; k < rk; k += 4 * L) dot += dot4(get4(dt_w + (long)c * rk, k, rk, wvec), get4(sp, k, rk, wvec));
     float dt = group_sum<L>(dot) + dt_b[c];
     dt = dt > 20.0f ? dt : log1pf(expf(dt));
     long rc = row * e + c;
-    float xv = x[rc], out = 0.0f;
+    float xv = x[rc];
     float* st = ssm[ch.x] + (long)c * n;
-#pragma unroll
-    for (int u = 0; u < SSM_LANE_STATES; u++) {
-        int i = j * SSM_LANE_STATES + u;
-        if (i < n) {
-            float s = exp2f(dt * (a[(long)c * n + i] * LOG2E)) * st[i] + (dt * xv) * sp[rk + i];
-            if (live) st[i] = s;
-            out += s * sp[rk + n + i];
+    int i = j * SSM_LANE_STATES;
+    float4 av = get4(a + (long)c * n, i, n, svec), sv = get4(st, i, n, svec);
+    float4 bv = get4(sp + ob, i, n, svec), cv = get4(sp + oc, i, n, svec);
+    float dx = dt * xv;
+    auto next = [&](float av, float sv, float bv) { return exp2f(dt * (av * LOG2E)) * sv + dx * bv; };
+    float4 s = make_float4(next(av.x, sv.x, bv.x), next(av.y, sv.y, bv.y), next(av.z, sv.z, bv.z), next(av.w, sv.w, bv.w));
+    if (live && i < n) {
+        if (svec) *(float4*)(st + i) = s;
+        else {
+            const float sa[4] = {s.x, s.y, s.z, s.w};
+            for (int u = 0; u < 4 && i + u < n; u++) st[i + u] = sa[u];
         }
     }
-    out = group_sum<L>(out);
+    float out = group_sum<L>(i < n ? dot4(s, cv) : 0.0f);
     if (live && j == 0) y[rc] = (out + d[c] * xv) * silu(z[rc]);
 }
 

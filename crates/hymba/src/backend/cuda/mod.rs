@@ -2453,7 +2453,8 @@ impl Backend for Cuda {
             let cfg = LaunchConfig {
                 grid_dim: ((e * lanes).div_ceil(128) as u32, n_chunks as u32, 1),
                 block_dim: (128, 1, 1),
-                shared_mem_bytes: (4 * (r + 2 * n)) as u32,
+                // δr, B and C, each from a multiple of 4 floats.
+                shared_mem_bytes: (4 * (r.next_multiple_of(4) + 2 * n.next_multiple_of(4))) as u32,
             };
             let wi = matches!(ssm.dt_proj.data, DevData::BF16(_)) as usize;
             self.branch(Branch::Scan);

@@ -120,6 +120,10 @@ impl<B: Backend> Weights<B> {
             let attn_norm = vec("mamba.pre_avg_layernorm1.weight", &[e])?;
             let ssm_norm = vec("mamba.pre_avg_layernorm2.weight", &[e])?;
             let mlp_norm = vec("pre_moe_layernorm.weight", &[d])?;
+            let (gate, up) = b.glu_matrices(
+                store.take(&p("moe.experts.0.gate_proj.weight"), &[f, d])?,
+                store.take(&p("moe.experts.0.up_proj.weight"), &[f, d])?,
+            )?;
             let mut mat =
                 |s: &str, shape: &[usize]| store.take(&p(s), shape).and_then(|t| b.matrix(t));
             layers.push(LayerWeights {
@@ -143,8 +147,8 @@ impl<B: Backend> Weights<B> {
                 ssm_norm: b.vector(ssm_norm)?,
                 out_proj: mat("mamba.out_proj.weight", &[d, e])?,
                 mlp_norm: b.vector(mlp_norm)?,
-                gate: mat("moe.experts.0.gate_proj.weight", &[f, d])?,
-                up: mat("moe.experts.0.up_proj.weight", &[f, d])?,
+                gate,
+                up,
                 down: mat("moe.experts.0.down_proj.weight", &[d, f])?,
             });
             layer_done(i + 1);

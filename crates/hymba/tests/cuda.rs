@@ -377,6 +377,8 @@ fn cuda_products_match_reference() {
             b.matrix(to_tensor(&wg)).unwrap(),
             b.matrix(to_tensor(&wu)).unwrap(),
         );
+        // Gate and up prepared together (one allocation: one product of both where rows allow).
+        let (gj, uj) = b.glu_matrices(to_tensor(&wg), to_tensor(&wu)).unwrap();
         // 300 and 400 rows: one bucket of timed prompt products, the second reusing the first's pick.
         for &t in &[1usize, 2, 7, 9, 16, 17, 33, 64, 65, 300, 400] {
             let x = rng.normal_vec(t * k, 1.0);
@@ -388,14 +390,17 @@ fn cuda_products_match_reference() {
                     (s + p, a + p.abs())
                 })
             };
-            let (mut xr, mut y, mut h, mut glu) = (b.rows(), b.rows(), b.rows(), b.rows());
+            let (mut xr, mut y, mut h, mut glu, mut glu_j) =
+                (b.rows(), b.rows(), b.rows(), b.rows(), b.rows());
             b.upload(&x, &mut xr);
             b.upload(&h0, &mut h);
             b.matmul(&xr, &gm, &mut y);
             b.matmul_add(&xr, &gm, &mut h);
             b.glu(&xr, &gm, &um, &mut glu);
+            b.glu(&xr, &gj, &uj, &mut glu_j);
             b.finish().unwrap();
-            let (y, h, glu) = (b.download(&y), b.download(&h), b.download(&glu));
+            let (y, h) = (b.download(&y), b.download(&h));
+            let (glu, glu_j) = (b.download(&glu), b.download(&glu_j));
             let silu = |v: f64| v / (1.0 + (-v).exp());
             for r in 0..t {
                 for j in 0..n {
@@ -416,11 +421,12 @@ fn cuda_products_match_reference() {
                     );
                     let want = silu(g) * u;
                     let bound = tol(ga) * 1.1 * (u.abs() + tol(ua)) + silu(g).abs() * tol(ua);
-                    assert!(
-                        (glu[i] as f64 - want).abs() <= bound,
-                        "glu {what}: {} vs {want}",
-                        glu[i]
-                    );
+                    for (v, how) in [(glu[i], "apart"), (glu_j[i], "together")] {
+                        assert!(
+                            (v as f64 - want).abs() <= bound,
+                            "glu (gate and up prepared {how}) {what}: {v} vs {want}",
+                        );
+                    }
                 }
             }
         }

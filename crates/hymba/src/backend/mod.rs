@@ -205,6 +205,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Prepares a weight matrix read by matrix products (e.g. rearranged into panels, or copied
     /// to the device).
     fn matrix(&self, t: Tensor) -> Result<Self::Matrix>;
+    /// The gated MLP's gate and up matrices (`glu`'s), prepared together: a backend may lay them
+    /// out as one, so that one product computes both.
+    fn glu_matrices(&self, gate: Tensor, up: Tensor) -> Result<(Self::Matrix, Self::Matrix)> {
+        Ok((self.matrix(gate)?, self.matrix(up)?))
+    }
     fn vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
     /// Empty K/V rows of one group, room for up to `max` rows.
     fn kv(&self, heads: Heads, max: usize, dtype: KvDtype) -> Self::Kv;

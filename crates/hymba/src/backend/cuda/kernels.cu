@@ -378,17 +378,26 @@ extern "C" __global__ void softplus_bias(float* x, const float* bias, int e, lon
 
 // g = silu(g) ⊙ u (and its bf16 copy, see `put_act`), four values a thread a load (buffer
 // starts: 16-byte aligned).
-extern "C" __global__ void silu_mul(float* g, const float* u, long n, bf16_t* g16) {
+// The gated MLP's activation: out[r, j] = silu(g[r·stride + j]) · u[r·stride + j] for j < f
+// (g and u: the two products' rows, or the halves of one product's).
+extern "C" __global__ void silu_mul(const float* g, const float* u, long stride, int f, long rows, float* out, bf16_t* out16) {
     grid_dep();
-    long stride = (long)gridDim.x * blockDim.x, n4 = n / 4;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += stride) {
-        float4 a = ((const float4*)g)[i], b = ((const float4*)u)[i];
-        float4 v = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
-        ((float4*)g)[i] = v;
-        if (g16)
-            ((uint2*)g16)[i] = bf16x4(v);
+    long step = (long)gridDim.x * blockDim.x, first = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (f % 4 == 0 && stride % 4 == 0) {
+        int f4 = f / 4;
+        for (long i = first; i < rows * f4; i += step) {
+            long r = i / f4, j = 4 * (i % f4);
+            float4 a = *(const float4*)(g + r * stride + j), b = *(const float4*)(u + r * stride + j);
+            float4 v = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
+            *(float4*)(out + r * f + j) = v;
+            if (out16) ((uint2*)out16)[i] = bf16x4(v);
+        }
+        return;
     }
-    for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) put_act(g, g16, i, silu(g[i]) * u[i]);
+    for (long i = first; i < rows * f; i += step) {
+        long r = i / f, j = i % f;
+        put_act(out, out16, i, silu(g[r * stride + j]) * u[r * stride + j]);
+    }
 }
 
 // Selective scan (spec §3.3) in chunks of a sequence's rows, so that a long prompt runs on

@@ -185,7 +185,10 @@ impl DevData {
 
 /// A weight matrix `[rows, cols]` on the card.
 pub struct DevMatrix {
-    data: DevData,
+    /// Shared where one allocation holds two matrices (the gated MLP's gate and up).
+    data: Arc<DevData>,
+    /// Where the matrix starts in `data`, elements.
+    offset: usize,
     pub rows: usize,
     pub cols: usize,
 }
@@ -204,10 +207,28 @@ impl MatrixInfo for DevMatrix {
 
 impl DevMatrix {
     fn elem(&self) -> usize {
-        match self.data {
+        match *self.data {
             DevData::F32(_) => 4,
             DevData::BF16(_) => 2,
         }
+    }
+
+    fn ptr(&self, s: &CudaStream) -> u64 {
+        self.data.ptr(s) + (self.offset * self.elem()) as u64
+    }
+
+    /// The matrix `[self.rows + next.rows, cols]` of both, where `next` follows this one in
+    /// the same allocation.
+    fn joined(&self, next: &DevMatrix) -> Option<DevMatrix> {
+        (Arc::ptr_eq(&self.data, &next.data)
+            && next.offset == self.offset + self.numel()
+            && next.cols == self.cols)
+            .then(|| DevMatrix {
+                data: self.data.clone(),
+                offset: self.offset,
+                rows: self.rows + next.rows,
+                cols: self.cols,
+            })
     }
 }
 
@@ -995,6 +1016,40 @@ impl Cuda {
         }
     }
 
+    /// Matrices of one element type, one after another in one allocation, as stored (bf16 stays
+    /// bf16 on the card).
+    fn upload_matrices(&self, ts: &[Tensor]) -> Result<DevData> {
+        match ts[0].dtype {
+            Dtype::F32 => {
+                let v: Vec<f32> = ts.iter().flat_map(|t| t.to_f32()).collect();
+                let mut d = self.alloc::<f32>(v.len(), "weights")?;
+                self.stream
+                    .memcpy_htod(&v, &mut d)
+                    .map_err(|e| device_err("uploading weights", e))?;
+                Ok(DevData::F32(d))
+            }
+            Dtype::BF16 => {
+                let v: Vec<u16> = ts
+                    .iter()
+                    .flat_map(|t| {
+                        t.bytes()
+                            .chunks_exact(2)
+                            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let mut d = self.alloc::<u16>(v.len(), "weights")?;
+                self.stream
+                    .memcpy_htod(&v, &mut d)
+                    .map_err(|e| device_err("uploading weights", e))?;
+                Ok(DevData::BF16(d))
+            }
+            other => Err(Error::Device(format!(
+                "the CUDA backend runs f32 and bf16 weights; {other:?} matrices are not supported on it yet (leave out --quant, or run on the CPU)"
+            ))),
+        }
+    }
+
     /// The profile so far (HYMBA_CUDA_PROFILE), largest first, and clears it.
     pub fn take_profile(&self) -> Option<String> {
         let mut p = self.profile.as_ref()?.lock().expect("profile");
@@ -1379,7 +1434,7 @@ impl Cuda {
     fn gemm(&self, x: &DevRows, w: &DevMatrix, beta: f32, y: &mut DevRows, rounded: bool) {
         let t = x.len / w.cols.max(1);
         let yp = self.p(y);
-        let xp = match &w.data {
+        let xp = match *w.data {
             DevData::F32(_) => self.p(x),
             DevData::BF16(_) => match self.rounded(x, rounded) {
                 Some(xs) => xs,
@@ -1391,10 +1446,10 @@ impl Cuda {
             return;
         }
         let timer = self.profile.as_ref().map(|_| self.time_start());
-        let wp = w.data.ptr(&self.stream);
+        let wp = w.ptr(&self.stream);
         // On the stream of the branch the product belongs to (see `branch`).
         let stream = self.launch_stream();
-        let r = match &w.data {
+        let r = match *w.data {
             DevData::BF16(_) => {
                 let side = stream != self.stream.cu_stream();
                 let tune = (mode == Mode::Eager && !side).then_some(&self.stream);
@@ -1510,8 +1565,8 @@ impl Cuda {
             };
             xs
         };
-        let (w0, yp) = (w.data.ptr(&self.stream), self.p(y));
-        let w1 = up.map_or(0, |u| u.data.ptr(&self.stream));
+        let (w0, yp) = (w.ptr(&self.stream), self.p(y));
+        let w1 = up.map_or(0, |u| u.ptr(&self.stream));
         let bp = bias.map_or(0, |b| self.pv(b));
         let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
         let groups = if epi == Epilogue::Glu {
@@ -1618,7 +1673,7 @@ impl Cuda {
             return;
         }
         let bf16 = matches!(
-            (&w.data, up.map(|u| &u.data)),
+            (&*w.data, up.map(|u| &*u.data)),
             (DevData::BF16(_), None | Some(DevData::BF16(_)))
         );
         if bf16
@@ -1629,13 +1684,13 @@ impl Cuda {
             return self.gemm_rows(x, w, epi, up, bias, y, t);
         }
         if t <= GEMV_ROWS {
-            let wi = match (&w.data, up.map(|u| &u.data)) {
+            let wi = match (&*w.data, up.map(|u| &*u.data)) {
                 (DevData::F32(_), None | Some(DevData::F32(_))) => 0,
                 (DevData::BF16(_), None | Some(DevData::BF16(_))) => 1,
                 _ => return self.fail("the gated MLP", "gate and up matrices of different types"),
             };
-            let (xp, w0, yp) = (self.p(x), w.data.ptr(&self.stream), self.p(y));
-            let w1 = up.map_or(0, |u| u.data.ptr(&self.stream));
+            let (xp, w0, yp) = (self.p(x), w.ptr(&self.stream), self.p(y));
+            let w1 = up.map_or(0, |u| u.ptr(&self.stream));
             let bp = bias.map_or(0, |b| self.pv(b));
             let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
             // Pairs of weight rows in blocks of 8 warps, 2 warps a pair (the fastest of 1, 2, 4
@@ -1671,17 +1726,31 @@ impl Cuda {
                 );
             }
             Epilogue::Glu => {
-                self.gemm(x, w, 0.0, y, false);
-                let mut u = std::mem::take(&mut self.scratch.lock().expect("scratch").up);
                 let up = up.expect("the gated MLP has an up matrix");
-                self.shape(&mut u, t * up.rows);
-                self.gemm(x, up, 0.0, &mut u, true);
+                let f = w.rows;
+                let mut u = std::mem::take(&mut self.scratch.lock().expect("scratch").up);
+                // Gate and up as one product where they are one allocation (`glu_matrices`):
+                // gate's columns then up's in each row of `u`; else one product each.
+                let (gp, upp, stride) = match w.joined(up) {
+                    Some(both) => {
+                        self.shape(&mut u, t * both.rows);
+                        self.gemm(x, &both, 0.0, &mut u, false);
+                        let at = self.p(&u);
+                        (at, at + 4 * f as u64, 2 * f as i64)
+                    }
+                    None => {
+                        self.gemm(x, w, 0.0, y, false);
+                        self.shape(&mut u, t * up.rows);
+                        self.gemm(x, up, 0.0, &mut u, true);
+                        (self.p(y), self.p(&u), f as i64)
+                    }
+                };
                 let g16 = self.copy16(y, t);
-                let (gp, upp, n) = (self.p(y), self.p(&u), y.len as i64);
+                let (yp, fi, ri) = (self.p(y), f as i32, t as i64);
                 self.launch(
                     &self.k.silu_mul,
                     flat(y.len.div_ceil(4)),
-                    &[&gp, &upp, &n, &g16],
+                    &[&gp, &upp, &stride, &fi, &ri, &yp, &g16],
                 );
                 self.scratch.lock().expect("scratch").up = u;
             }
@@ -1711,28 +1780,29 @@ impl Backend for Cuda {
 
     fn matrix(&self, t: Tensor) -> Result<DevMatrix> {
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        let data = match t.dtype {
-            Dtype::F32 => {
-                let v = t.to_f32();
-                let mut d = self.alloc::<f32>(v.len(), "weights")?;
-                self.stream.memcpy_htod(&v, &mut d).map_err(|e| device_err("uploading weights", e))?;
-                DevData::F32(d)
-            }
-            Dtype::BF16 => {
-                // Stored bytes as they are: bf16 stays bf16 on the card.
-                let b = t.bytes();
-                let v: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-                let mut d = self.alloc::<u16>(v.len(), "weights")?;
-                self.stream.memcpy_htod(&v, &mut d).map_err(|e| device_err("uploading weights", e))?;
-                DevData::BF16(d)
-            }
-            other => {
-                return Err(Error::Device(format!(
-                    "the CUDA backend runs f32 and bf16 weights; {other:?} matrices are not supported on it yet (leave out --quant, or run on the CPU)"
-                )))
-            }
+        let data = Arc::new(self.upload_matrices(&[t])?);
+        Ok(DevMatrix {
+            data,
+            offset: 0,
+            rows,
+            cols,
+        })
+    }
+
+    /// Gate and up in one allocation, so that a product of many rows takes both as one matrix.
+    fn glu_matrices(&self, gate: Tensor, up: Tensor) -> Result<(DevMatrix, DevMatrix)> {
+        if gate.dtype != up.dtype || gate.shape[1] != up.shape[1] {
+            return Ok((self.matrix(gate)?, self.matrix(up)?));
+        }
+        let (rg, ru, cols) = (gate.shape[0], up.shape[0], gate.shape[1]);
+        let data = Arc::new(self.upload_matrices(&[gate, up])?);
+        let at = |offset, rows| DevMatrix {
+            data: data.clone(),
+            offset,
+            rows,
+            cols,
         };
-        Ok(DevMatrix { data, rows, cols })
+        Ok((at(0, rg), at(rg * cols, ru)))
     }
 
     fn vector(&self, v: Vec<f32>) -> Result<CudaSlice<f32>> {
@@ -2050,11 +2120,11 @@ impl Backend for Cuda {
         };
         let (op, tp, ip, dd) = (
             self.p(out) + (start * 4) as u64,
-            table.data.ptr(&self.stream),
+            table.ptr(&self.stream),
             dev_ids.device_ptr(&self.stream).0,
             d as i32,
         );
-        let f = match table.data {
+        let f = match *table.data {
             DevData::F32(_) => &self.k.embed_f32,
             DevData::BF16(_) => &self.k.embed_bf16,
         };
@@ -2447,7 +2517,7 @@ impl Backend for Cuda {
                 .norms
                 .map_or([0; 3], |w| w.each_ref().map(|v| self.pv(v)));
             let (pp, ri, eps) = (self.p(ssm.proj), r as i32, ssm.eps);
-            let (wp, bp) = (ssm.dt_proj.data.ptr(&self.stream), self.pv(ssm.dt_bias));
+            let (wp, bp) = (ssm.dt_proj.ptr(&self.stream), self.pv(ssm.dt_bias));
             // Lanes a channel: a lane four states (`ssm_step`).
             let lanes = if n > 16 { 8 } else { 4 };
             let cfg = LaunchConfig {
@@ -2456,7 +2526,7 @@ impl Backend for Cuda {
                 // δr, B and C, each from a multiple of 4 floats.
                 shared_mem_bytes: (4 * (r.next_multiple_of(4) + 2 * n.next_multiple_of(4))) as u32,
             };
-            let wi = matches!(ssm.dt_proj.data, DevData::BF16(_)) as usize;
+            let wi = matches!(*ssm.dt_proj.data, DevData::BF16(_)) as usize;
             self.branch(Branch::Scan);
             self.launch(
                 &self.k.ssm_step[(n > 16) as usize][wi],

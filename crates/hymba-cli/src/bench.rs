@@ -347,7 +347,9 @@ fn bench<B: Backend>(
             )
         })
         .collect();
-    let step = |(caches, ids): &mut Set<B>| -> Result<f64> {
+    // As a serving loop does: one logits buffer kept across steps.
+    let mut logits = hymba::BatchLogits::default();
+    let mut step = |(caches, ids): &mut Set<B>| -> Result<f64> {
         let mut steps: Vec<Step<B>> = caches
             .iter_mut()
             .zip(ids.iter())
@@ -359,7 +361,7 @@ fn bench<B: Backend>(
             })
             .collect();
         let t = Instant::now();
-        model.forward_batch(&mut steps)?;
+        model.forward_batch_into(&mut steps, &mut logits)?;
         Ok(t.elapsed().as_secs_f64())
     };
     for set in sets.iter_mut() {

@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::generate::{Decoder, FinishReason, GenerateOptions};
-use crate::model::{Logits, Model, Step};
+use crate::model::{BatchLogits, Logits, Model, Step};
 use crate::sample::{token_logprob, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
@@ -324,6 +324,8 @@ fn run<B: Backend>(
 ) {
     let mut active: Vec<Seq<B>> = Vec::new();
     let mut waiting: VecDeque<Request> = VecDeque::new();
+    // Kept from step to step (see `BatchLogits`).
+    let mut logits = BatchLogits::default();
     let v = model.config.vocab_size;
     loop {
         if active.is_empty() && waiting.is_empty() {
@@ -371,15 +373,15 @@ fn run<B: Backend>(
                     }
                 })
                 .collect();
-            model.forward_batch(&mut steps)
+            model.forward_batch_into(&mut steps, &mut logits)
         };
         Stats::add(&stats.steps, 1);
         Stats::add(&stats.step_nanos, began.elapsed().as_nanos() as u64);
         Stats::add(&stats.step_sequences, active.len() as u64);
         match result {
-            Ok(all) => {
-                for ((s, l), ids) in active.iter_mut().zip(all).zip(&ids) {
-                    if let Err(e) = s.advance(&l, ids.len(), v, tok) {
+            Ok(()) => {
+                for (i, (s, ids)) in active.iter_mut().zip(&ids).enumerate() {
+                    if let Err(e) = s.advance(logits.get(i), ids.len(), v, tok) {
                         s.fail(&e);
                     }
                 }

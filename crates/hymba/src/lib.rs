@@ -40,6 +40,6 @@ pub use error::{Error, Result};
 pub use generate::{generate, Accepted, Decoder, FinishReason, GenerateOptions, Generation};
 pub use hymba_kernels as kernels;
 pub use mask::DecodeWindow;
-pub use model::{Logits, Model, ParamCounts, Step};
+pub use model::{BatchLogits, Logits, Model, ParamCounts, Step};
 pub use sample::{Sampler, SamplingParams};
 pub use tokenizer::{Detokenizer, Tokenizer};

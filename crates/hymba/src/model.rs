@@ -31,6 +31,36 @@ pub enum Logits {
     All,
 }
 
+/// The logits of a batched forward call, kept by the caller from one call to the next: step
+/// `i`'s rows (its last, or all of them for [`Logits::All`]), each `vocab` wide, one after
+/// another in one buffer. Reusing it spares a step of many sequences fresh memory for every
+/// one of them (at 256 sequences of Hymba's 32001 logits, 32 MB that the allocator handed back
+/// to the system after each step and the kernel zeroed again in page faults).
+#[derive(Clone, Debug, Default)]
+pub struct BatchLogits {
+    data: Vec<f32>,
+    /// Where each step's rows end, in rows.
+    ends: Vec<usize>,
+    vocab: usize,
+}
+
+impl BatchLogits {
+    /// Steps held.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Step `i`'s logits `[rows, vocab]`.
+    pub fn get(&self, i: usize) -> &[f32] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.data[start * self.vocab..self.ends[i] * self.vocab]
+    }
+}
+
 /// One sequence's part of a batched forward call.
 pub struct Step<'a, B: Backend = Cpu> {
     pub cache: &'a mut Cache<B>,
@@ -566,10 +596,19 @@ impl<B: Backend> Model<B> {
     /// pass over the weights for the whole batch) while attention and the SSM run per sequence
     /// on its own cache. Returns each step's logits. On error no cache is changed.
     pub fn forward_batch(&self, steps: &mut [Step<B>]) -> Result<Vec<Vec<f32>>> {
-        on_pool(|| self.forward_batch_here(steps))
+        let mut out = BatchLogits::default();
+        self.forward_batch_into(steps, &mut out)?;
+        Ok((0..out.len()).map(|i| out.get(i).to_vec()).collect())
     }
 
-    fn forward_batch_here(&self, steps: &mut [Step<B>]) -> Result<Vec<Vec<f32>>> {
+    /// [`Model::forward_batch`] with the logits written into `out` (its buffer reused: a serving
+    /// loop keeps one). On error `out` holds no steps.
+    pub fn forward_batch_into(&self, steps: &mut [Step<B>], out: &mut BatchLogits) -> Result<()> {
+        out.ends.clear();
+        on_pool(|| self.forward_batch_here(steps, out))
+    }
+
+    fn forward_batch_here(&self, steps: &mut [Step<B>], out: &mut BatchLogits) -> Result<()> {
         for s in steps.iter() {
             self.check_ids(s.ids)?;
             if s.cache.kv_dtype() != self.kv_dtype {
@@ -649,21 +688,20 @@ impl<B: Backend> Model<B> {
         }
         b.kv_flush();
         b.finish()?;
-        let v = self.config.vocab_size;
-        let out = b.read(&run.out, |all| {
-            let mut at = 0;
-            wanted
-                .iter()
-                .map(|r| {
-                    at += r.len();
-                    all[(at - r.len()) * v..at * v].to_vec()
-                })
-                .collect()
+        let mut rows = 0;
+        out.ends.extend(wanted.iter().map(|r| {
+            rows += r.len();
+            rows
+        }));
+        out.vocab = self.config.vocab_size;
+        b.read(&run.out, |all| {
+            out.data.clear();
+            out.data.extend_from_slice(&all[..rows * out.vocab]);
         });
         if let Ok(mut slot) = self.run.try_lock() {
             *slot = Some(run);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The official no-cache forward: meta tokens prepended, blank state; logits for every real

@@ -302,7 +302,8 @@ fn official_decode_mode_shrinks_the_window_of_decode_steps_only() {
 
 /// Logits of four sequences (a prompt longer than the window, a chunk, a single token, one past
 /// two windows) run alone, prompt then two decode steps each, and the same run side by side in
-/// batches: (batched, alone), per sequence.
+/// batches: (batched, alone), per sequence. The batches write into one kept `BatchLogits`, as a
+/// serving loop does (every prompt row, then fewer: the buffer is reused at another shape).
 fn batched_and_alone(model: &Model, seed: u64, window: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
     use hymba::Step;
     let mut rng = Rng::new(seed);
@@ -337,12 +338,16 @@ fn batched_and_alone(model: &Model, seed: u64, window: usize) -> (Vec<Vec<f32>>,
             window: DecodeWindow::Trained,
         })
         .collect();
-    for (g, l) in got.iter_mut().zip(model.forward_batch(&mut steps).unwrap()) {
-        g.extend(l);
+    let mut kept = hymba::BatchLogits::default();
+    model.forward_batch_into(&mut steps, &mut kept).unwrap();
+    for (i, g) in got.iter_mut().enumerate() {
+        g.extend_from_slice(kept.get(i));
     }
     for id in [5u32, 7] {
-        for (g, l) in got.iter_mut().zip(decode_together(model, &mut caches, id)) {
-            g.extend(l);
+        decode_together_into(model, &mut caches, id, &mut kept);
+        assert_eq!(kept.len(), prompts.len());
+        for (i, g) in got.iter_mut().enumerate() {
+            g.extend_from_slice(kept.get(i));
         }
     }
     (got, alone)
@@ -350,6 +355,18 @@ fn batched_and_alone(model: &Model, seed: u64, window: usize) -> (Vec<Vec<f32>>,
 
 /// One decode step of token `id` for every cache, in one batch: each sequence's last logits.
 fn decode_together(model: &Model, caches: &mut [hymba::Cache], id: u32) -> Vec<Vec<f32>> {
+    let mut out = hymba::BatchLogits::default();
+    decode_together_into(model, caches, id, &mut out);
+    (0..out.len()).map(|i| out.get(i).to_vec()).collect()
+}
+
+/// `decode_together` into `out`.
+fn decode_together_into(
+    model: &Model,
+    caches: &mut [hymba::Cache],
+    id: u32,
+    out: &mut hymba::BatchLogits,
+) {
     let ids = [id];
     let mut steps: Vec<hymba::Step> = caches
         .iter_mut()
@@ -360,7 +377,7 @@ fn decode_together(model: &Model, caches: &mut [hymba::Cache], id: u32) -> Vec<V
             window: DecodeWindow::Trained,
         })
         .collect();
-    model.forward_batch(&mut steps).unwrap()
+    model.forward_batch_into(&mut steps, out).unwrap();
 }
 
 /// Sequences stepped together in one batch get the logits they get alone: a prompt, a chunk

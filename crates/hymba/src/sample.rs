@@ -158,34 +158,7 @@ impl Sampler {
                 .enumerate()
                 .map(|(i, &v)| (i as u32, ((v - max) / p.temperature).exp())),
         );
-        let k = if p.top_k > 0 {
-            p.top_k.min(self.cand.len())
-        } else {
-            self.cand.len()
-        };
-        if k < self.cand.len() {
-            self.cand
-                .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            self.cand.truncate(k);
-        }
-        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        let total: f32 = self.cand.iter().map(|c| c.1).sum();
-        let mut keep = self.cand.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, c) in self.cand.iter().enumerate() {
-                acc += c.1 / total;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let floor = self.cand[0].1 * p.min_p;
-            keep = keep.min(self.cand.iter().take_while(|c| c.1 >= floor).count().max(1));
-        }
-        self.cand.truncate(keep);
+        keep_candidates(&mut self.cand, p.top_k, p.top_p, p.min_p);
         let total: f32 = self.cand.iter().map(|c| c.1).sum();
         let mut r = self.rng.uniform() as f32 * total;
         for c in &self.cand {
@@ -316,6 +289,77 @@ mod tests {
         assert!(draws(&mut sampler(|_| {})).contains(&3));
     }
 
+    /// The filters over every candidate sorted (the sum of the mass taken as `keep_candidates`
+    /// takes it, after top-k, so that only the sorting differs): what the sampler did before.
+    fn keep_by_full_sort(cand: &mut Vec<(u32, f32)>, top_k: usize, top_p: f32, min_p: f32) {
+        if top_k > 0 && top_k < cand.len() {
+            cand.select_nth_unstable_by_key(top_k - 1, by_probability);
+            cand.truncate(top_k);
+        }
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        cand.sort_unstable_by_key(by_probability);
+        let mut keep = cand.len();
+        if top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, c) in cand.iter().enumerate() {
+                acc += c.1 / total;
+                if acc >= top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if min_p > 0.0 {
+            let floor = cand[0].1 * min_p;
+            keep = keep.min(cand.iter().take_while(|c| c.1 >= floor).count().max(1));
+        }
+        cand.truncate(keep);
+    }
+
+    #[test]
+    fn sorting_the_head_keeps_what_sorting_all_keeps() {
+        let mut rng = Rng::new(3);
+        for n in [1usize, 5, 63, 64, 65, 300, 5000, 32001] {
+            for scale in [0.05f32, 1.0, 4.0, 12.0] {
+                let mut logits = rng.normal_vec(n, scale);
+                // Ties, which only the token id orders.
+                for i in (0..n).step_by(7) {
+                    logits[i] = logits[i / 2];
+                }
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let cand: Vec<(u32, f32)> = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (i as u32, (v - max).exp()))
+                    .collect();
+                for (k, p, m) in [
+                    (0, 1.0, 0.0),
+                    (0, 0.9, 0.0),
+                    (0, 0.999, 0.0),
+                    (0, 1.0, 0.05),
+                    (0, 1.0, 0.9),
+                    (0, 0.95, 0.01),
+                    (40, 0.9, 0.0),
+                    (40, 1.0, 0.0),
+                    (3, 0.5, 0.2),
+                    (100, 1.0, 0.3),
+                ] {
+                    let (mut a, mut b) = (cand.clone(), cand.clone());
+                    keep_candidates(&mut a, k, p, m);
+                    keep_by_full_sort(&mut b, k, p, m);
+                    if p >= 1.0 {
+                        // Without top-p the kept candidates come in no particular order.
+                        a.sort_unstable_by_key(by_probability);
+                    }
+                    assert_eq!(
+                        a, b,
+                        "{n} tokens, logits × {scale}, top-k {k}, top-p {p}, min-p {m}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn same_seed_same_draws() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -329,6 +373,58 @@ mod tests {
         };
         assert_eq!(a, b);
     }
+}
+
+/// The sort key of a candidate: most probable first, equal probabilities by token id, so that
+/// any way of sorting agrees. The bits of a probability (never negative) order as its value.
+fn by_probability(c: &(u32, f32)) -> u64 {
+    ((!c.1.to_bits() as u64) << 32) | c.0 as u64
+}
+
+/// The top-k, top-p and min-p filters over `cand` (token, unnormalized probability): what stays
+/// is the candidates kept, most probable first where top-p applies (in no particular order
+/// otherwise: top-k and min-p only select). Top-p sorts only the head of the distribution: the
+/// most probable 64, else 1024, else all, until their mass reaches top-p (a trained model's
+/// nucleus is usually a few dozen tokens of 32K, whose full sort took ~1 ms a draw); the order
+/// by [`by_probability`] makes the result the full sort's.
+fn keep_candidates(cand: &mut Vec<(u32, f32)>, top_k: usize, top_p: f32, min_p: f32) {
+    if top_k > 0 && top_k < cand.len() {
+        cand.select_nth_unstable_by_key(top_k - 1, by_probability);
+        cand.truncate(top_k);
+    }
+    // min-p keeps what is at least this probable (0: no floor).
+    let floor = min_p.max(0.0) * cand.iter().map(|c| c.1).fold(0.0, f32::max);
+    if top_p >= 1.0 {
+        cand.retain(|c| c.1 >= floor);
+        return;
+    }
+    let total: f32 = cand.iter().map(|c| c.1).sum();
+    let mut head = 64.min(cand.len());
+    let nucleus = loop {
+        if head < cand.len() {
+            cand.select_nth_unstable_by_key(head - 1, by_probability);
+        }
+        cand[..head].sort_unstable_by_key(by_probability);
+        // The smallest prefix whose share of the mass reaches top-p, if it is in the head.
+        let mut acc = 0.0;
+        let nucleus = cand[..head].iter().position(|c| {
+            acc += c.1 / total;
+            acc >= top_p
+        });
+        if let Some(n) = nucleus {
+            break n + 1;
+        }
+        if head == cand.len() {
+            break head;
+        }
+        head = if head < 1024 {
+            1024.min(cand.len())
+        } else {
+            cand.len()
+        };
+    };
+    let above_floor = cand[..nucleus].iter().take_while(|c| c.1 >= floor).count();
+    cand.truncate(above_floor.max(1));
 }
 
 /// Log-probability of a token under the model's distribution (raw logits, before any sampling

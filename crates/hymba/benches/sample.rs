@@ -47,4 +47,51 @@ fn main() {
             );
         }
     }
+    // A serving step's draws: 64 sequences, each its own sampler and logits (temperature 0.8,
+    // top-p 0.95, the peaked spread), one after another and on the thread pool (as the engine).
+    use rayon::prelude::*;
+    let logits: Vec<Vec<f32>> = (0..64).map(|_| rng.normal_vec(32001, 4.0)).collect();
+    let mut samplers: Vec<Sampler> = (0..64)
+        .map(|i| {
+            Sampler::new(SamplingParams {
+                temperature: 0.8,
+                top_p: 0.95,
+                seed: i,
+                ..Default::default()
+            })
+            .expect("valid settings")
+        })
+        .collect();
+    for pool in [false, true] {
+        let mut times: Vec<f64> = (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                if pool {
+                    samplers.par_iter_mut().zip(&logits).for_each(|(s, l)| {
+                        std::hint::black_box(s.sample(l, &[], &[]));
+                    });
+                } else {
+                    for (s, l) in samplers.iter_mut().zip(&logits) {
+                        std::hint::black_box(s.sample(l, &[], &[]));
+                    }
+                }
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        println!(
+            "64 sequences' draws {:<33} {:>8.2} ms ({} threads)",
+            if pool {
+                "on the thread pool"
+            } else {
+                "one after another"
+            },
+            times[10] * 1e3,
+            if pool {
+                rayon::current_num_threads()
+            } else {
+                1
+            }
+        );
+    }
 }

@@ -380,11 +380,20 @@ fn run<B: Backend>(
         Stats::add(&stats.step_sequences, active.len() as u64);
         match result {
             Ok(()) => {
-                for (i, (s, ids)) in active.iter_mut().zip(&ids).enumerate() {
-                    if let Err(e) = s.advance(logits.get(i), ids.len(), v, tok) {
-                        s.fail(&e);
-                    }
-                }
+                // Each sequence's draw (sampling, log-probabilities, detokenizing, its events)
+                // on the thread pool: one after another, a large batch's draws take longer
+                // than a GPU's step (`cargo bench -p hymba --bench sample`).
+                use rayon::prelude::*;
+                let logits = &logits;
+                active
+                    .par_iter_mut()
+                    .zip(&ids)
+                    .enumerate()
+                    .for_each(|(i, (s, ids))| {
+                        if let Err(e) = s.advance(logits.get(i), ids.len(), v, tok) {
+                            s.fail(&e);
+                        }
+                    });
             }
             Err(e) => {
                 for s in active.iter_mut() {

@@ -1020,34 +1020,32 @@ impl Cuda {
     /// bf16 on the card).
     fn upload_matrices(&self, ts: &[Tensor]) -> Result<DevData> {
         match ts[0].dtype {
-            Dtype::F32 => {
-                let v: Vec<f32> = ts.iter().flat_map(|t| t.to_f32()).collect();
-                let mut d = self.alloc::<f32>(v.len(), "weights")?;
-                self.stream
-                    .memcpy_htod(&v, &mut d)
-                    .map_err(|e| device_err("uploading weights", e))?;
-                Ok(DevData::F32(d))
-            }
-            Dtype::BF16 => {
-                let v: Vec<u16> = ts
-                    .iter()
-                    .flat_map(|t| {
-                        t.bytes()
-                            .chunks_exact(2)
-                            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect();
-                let mut d = self.alloc::<u16>(v.len(), "weights")?;
-                self.stream
-                    .memcpy_htod(&v, &mut d)
-                    .map_err(|e| device_err("uploading weights", e))?;
-                Ok(DevData::BF16(d))
-            }
+            Dtype::F32 => Ok(DevData::F32(
+                self.upload_weights(ts.iter().flat_map(|t| t.to_f32()).collect())?,
+            )),
+            Dtype::BF16 => Ok(DevData::BF16(
+                self.upload_weights(
+                    ts.iter()
+                        .flat_map(|t| t.bytes().chunks_exact(2))
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                )?,
+            )),
             other => Err(Error::Device(format!(
                 "the CUDA backend runs f32 and bf16 weights; {other:?} matrices are not supported on it yet (leave out --quant, or run on the CPU)"
             ))),
         }
+    }
+
+    fn upload_weights<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        v: Vec<T>,
+    ) -> Result<CudaSlice<T>> {
+        let mut d = self.alloc::<T>(v.len(), "weights")?;
+        self.stream
+            .memcpy_htod(&v, &mut d)
+            .map_err(|e| device_err("uploading weights", e))?;
+        Ok(d)
     }
 
     /// The profile so far (HYMBA_CUDA_PROFILE), largest first, and clears it.

@@ -153,14 +153,19 @@ impl<B: Backend> Net<'_, B> {
     fn layers(&self, run: &mut Run<B>, seqs: &mut [Seq<B>], mut trace: Option<&mut Vec<Vec<f32>>>) {
         let (b, eps) = (self.b, self.c.rms_norm_eps);
         b.begin(seqs);
-        for (i, lw) in self.w.layers.iter().enumerate() {
+        let layers = &self.w.layers;
+        // Each layer: input norm → mixer → MLP norm → MLP. The two residual adds and the norms
+        // after them are one backend call each (`matmul_add_norm`, which a backend may fuse):
+        // the mixer's add with the MLP's norm, the MLP's with the next layer's input norm.
+        if let Some(first) = layers.first() {
+            b.rmsnorm(&run.h, &first.input_norm, eps, &mut run.u);
+        }
+        for (i, lw) in layers.iter().enumerate() {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.push(b.download(&run.h));
             }
-            b.rmsnorm(&run.h, &lw.input_norm, eps, &mut run.u);
             self.mixer(i, lw, run, seqs);
-            b.rmsnorm(&run.h, &lw.mlp_norm, eps, &mut run.u);
-            self.mlp(lw, run);
+            self.mlp(lw, layers.get(i + 1).map(|next| &next.input_norm), run);
         }
         if let Some(tr) = trace {
             tr.push(b.download(&run.h));
@@ -169,8 +174,8 @@ impl<B: Backend> Net<'_, B> {
 
     /// The hybrid mixer of layer `i` (spec §3, "Mixer") on `run.u`, added to the residual
     /// stream `run.h`: in_proj, the attention and SSM heads side by side, fused by per-channel
-    /// norms and averaged, then out_proj. Projections run over all rows at once; attention and
-    /// the SSM per sequence.
+    /// norms and averaged, then out_proj; `run.u` left normed for the MLP. Projections run over
+    /// all rows at once; attention and the SSM per sequence.
     fn mixer(&self, i: usize, lw: &LayerWeights<B>, run: &mut Run<B>, seqs: &mut [Seq<B>]) {
         let (b, c, lp) = (self.b, self.c, &self.plan[i]);
         let e = c.ssm_width;
@@ -254,14 +259,32 @@ impl<B: Backend> Net<'_, B> {
             eps: c.rms_norm_eps,
         };
         b.hybrid_heads(&attn, &ssm, &fuse, seqs, &mut run.fused);
-        b.matmul_add(&run.fused, &lw.out_proj, &mut run.h);
+        b.matmul_add_norm(
+            &run.fused,
+            &lw.out_proj,
+            &mut run.h,
+            &lw.mlp_norm,
+            c.rms_norm_eps,
+            &mut run.u,
+        );
     }
 
-    /// Gated MLP on `run.u`, added to the residual stream `run.h`: down(silu(gate(x)) ⊙ up(x)).
-    fn mlp(&self, lw: &LayerWeights<B>, run: &mut Run<B>) {
+    /// Gated MLP on `run.u`, added to the residual stream `run.h`: down(silu(gate(x)) ⊙ up(x));
+    /// then `run.u` normed by `next_norm`, the next layer's input norm (none after the last).
+    fn mlp(&self, lw: &LayerWeights<B>, next_norm: Option<&B::Vector>, run: &mut Run<B>) {
         let b = self.b;
         b.glu(&run.u, &lw.gate, &lw.up, &mut run.gate);
-        b.matmul_add(&run.gate, &lw.down, &mut run.h);
+        match next_norm {
+            Some(norm) => b.matmul_add_norm(
+                &run.gate,
+                &lw.down,
+                &mut run.h,
+                norm,
+                self.c.rms_norm_eps,
+                &mut run.u,
+            ),
+            None => b.matmul_add(&run.gate, &lw.down, &mut run.h),
+        }
     }
 
     /// Final norm and output projection of rows `rows` of the residual stream, into `run.out`.

@@ -433,6 +433,147 @@ fn cuda_products_match_reference() {
     }
 }
 
+/// A residual add and the norm after it (`matmul_add_norm`), then the products that take the
+/// normed rows (one and two matrices: the GEMV folds the norm into both at decode rows) and the
+/// normed rows read back (scaled then by `norm_settle`), against f64 on the same weights: f32
+/// and bf16 matrices, odd and even widths, rows through every product path.
+#[test]
+fn cuda_folded_norm_matches_reference() {
+    use hymba::backend::Backend;
+    use hymba::tensor::Tensor;
+    use hymba_kernels::testing::Rng;
+    let Some(b) = gpu("cuda_folded_norm_matches_reference") else {
+        return;
+    };
+    let mut rng = Rng::new(11);
+    let eps = 1e-6f32;
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        // (n: the residual's width, k: the add's input, m: the next product's rows)
+        for &(n, k, m) in &[(37usize, 24usize, 20usize), (200, 64, 130)] {
+            let stored = |v: Vec<f32>| -> Vec<f32> {
+                match dtype {
+                    Dtype::BF16 => v
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_f32())
+                        .collect(),
+                    _ => v,
+                }
+            };
+            let tensor = |v: &[f32], rows: usize, cols: usize| {
+                let bytes: Vec<u8> = match dtype {
+                    Dtype::BF16 => v
+                        .iter()
+                        .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+                        .collect(),
+                    _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                };
+                Tensor::from_bytes(dtype, vec![rows, cols], &bytes)
+            };
+            let (wa, wg, wu) = (
+                stored(rng.normal_vec(n * k, 1.0)),
+                stored(rng.normal_vec(m * n, 1.0)),
+                stored(rng.normal_vec(m * n, 1.0)),
+            );
+            let norm: Vec<f32> = (0..n).map(|j| 0.5 + (j % 7) as f32 * 0.25).collect();
+            let (am, gm, um) = (
+                b.matrix(tensor(&wa, n, k)).unwrap(),
+                b.matrix(tensor(&wg, m, n)).unwrap(),
+                b.matrix(tensor(&wu, m, n)).unwrap(),
+            );
+            let nv = b.vector(norm.clone()).unwrap();
+            for &t in &[1usize, 2, 3, 5, 9] {
+                let x = rng.normal_vec(t * k, 1.0);
+                let h0 = rng.normal_vec(t * n, 1.0);
+                let (mut xr, mut hr, mut ur, mut y, mut glu, mut y2) =
+                    (b.rows(), b.rows(), b.rows(), b.rows(), b.rows(), b.rows());
+                b.upload(&x, &mut xr);
+                b.upload(&h0, &mut hr);
+                b.matmul_add_norm(&xr, &am, &mut hr, &nv, eps, &mut ur);
+                b.matmul(&ur, &gm, &mut y);
+                b.glu(&ur, &gm, &um, &mut glu);
+                let ud = b.download(&ur);
+                // After the read the rows are final: the same products again, unfolded.
+                b.matmul(&ur, &gm, &mut y2);
+                b.finish().unwrap();
+                let (hd, y, glu, y2) = (
+                    b.download(&hr),
+                    b.download(&y),
+                    b.download(&glu),
+                    b.download(&y2),
+                );
+                let what = |r: usize, j: usize| {
+                    format!("{dtype:?} n {n} k {k} m {m}, {t} rows, row {r} column {j}")
+                };
+                // A product's bound from the sum of its terms' magnitudes: bf16 products take
+                // their input rounded to bf16 (2^-9 a term), f32 ones sum in f32.
+                let tol = |a: f64| match dtype {
+                    Dtype::BF16 => a / 256.0 + 1e-5,
+                    _ => a * 1e-5 + 1e-6,
+                };
+                let silu = |v: f64| v / (1.0 + (-v).exp());
+                for r in 0..t {
+                    // h = h0 + x·waᵀ; then the norm and the next products from the card's own h,
+                    // so that they are checked to their own precision.
+                    for j in 0..n {
+                        let i = r * n + j;
+                        let (d, a) = (0..k).fold((0f64, 0f64), |(s, a), c| {
+                            let p = x[r * k + c] as f64 * wa[j * k + c] as f64;
+                            (s + p, a + p.abs())
+                        });
+                        let want = h0[i] as f64 + d;
+                        assert!(
+                            (hd[i] as f64 - want).abs() <= tol(a),
+                            "h {}: {} vs {want}",
+                            what(r, j),
+                            hd[i]
+                        );
+                    }
+                    let hr = &hd[r * n..(r + 1) * n];
+                    let ms = hr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+                    let inv = 1.0 / (ms + eps as f64).sqrt();
+                    let u: Vec<f64> = (0..n)
+                        .map(|j| norm[j] as f64 * hr[j] as f64 * inv)
+                        .collect();
+                    for j in 0..n {
+                        let got = ud[r * n + j] as f64;
+                        assert!(
+                            (got - u[j]).abs() <= 1e-5 * u[j].abs() + 1e-6,
+                            "u {}: {got} vs {}",
+                            what(r, j),
+                            u[j]
+                        );
+                    }
+                    for j in 0..m {
+                        let i = r * m + j;
+                        let dot = |w: &[f32]| -> (f64, f64) {
+                            (0..n).fold((0.0, 0.0), |(s, a), c| {
+                                let p = u[c] * w[j * n + c] as f64;
+                                (s + p, a + p.abs())
+                            })
+                        };
+                        let ((g, ga), (uu, ua)) = (dot(&wg), dot(&wu));
+                        for (v, how) in [(y[i], "folded"), (y2[i], "settled")] {
+                            assert!(
+                                (v as f64 - g).abs() <= tol(ga),
+                                "u·wᵀ ({how}) {}: {v} vs {g}",
+                                what(r, j)
+                            );
+                        }
+                        let want = silu(g) * uu;
+                        let bound = tol(ga) * 1.1 * (uu.abs() + tol(ua)) + silu(g).abs() * tol(ua);
+                        assert!(
+                            (glu[i] as f64 - want).abs() <= bound,
+                            "glu {}: {} vs {want}",
+                            what(r, j),
+                            glu[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Decode attention with value heads of 128, four times the keys' (the 1.5B model's shapes; the
 /// fixture's are 32, the keys' size), synthetic f32 weights on the fixture's other shapes (the
 /// SSM widened to match): a prompt, then decode steps past the 16-key window (the ring wraps),

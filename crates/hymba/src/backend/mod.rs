@@ -258,6 +258,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn gather(&self, x: &Self::Rows, width: usize, rows: &[Range<usize>], out: &mut Self::Rows);
     /// `h += x · wᵀ`: a residual connection through a projection.
     fn matmul_add(&self, x: &Self::Rows, w: &Self::Matrix, h: &mut Self::Rows);
+    /// `h += x · wᵀ`, then `u` = RMSNorm of `h`: a block's residual add and the norm that starts
+    /// the next, which a backend may fuse (the CUDA one into the products around it).
+    fn matmul_add_norm(
+        &self,
+        x: &Self::Rows,
+        w: &Self::Matrix,
+        h: &mut Self::Rows,
+        norm: &Self::Vector,
+        eps: f32,
+        u: &mut Self::Rows,
+    ) {
+        self.matmul_add(x, w, h);
+        self.rmsnorm(h, norm, eps, u);
+    }
     /// `out = silu(x · gateᵀ) ⊙ (x · upᵀ)`: the gated MLP's hidden rows.
     fn glu(&self, x: &Self::Rows, gate: &Self::Matrix, up: &Self::Matrix, out: &mut Self::Rows);
     /// The in_proj output `p` cut into the heads' inputs: `q` with RoPE at each sequence's

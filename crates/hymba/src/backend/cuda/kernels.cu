@@ -145,6 +145,17 @@ extern "C" __global__ void rmsnorm(const float* x, int width, int from, const fl
     rmsnorm_row(x + r * width + from, w, d, eps, out + r * d, out16 ? out16 + r * d : nullptr);
 }
 
+// Rows left by a folded norm (see NormFold) scaled by their 1 / rms, for a reader that is not a
+// GEMV taking them as they are: u[r, :d] *= 1 / rms, the sums of squares `sq` [rows, n].
+extern "C" __global__ void norm_settle(float* u, const float* sq, int n, int d, float eps) {
+    grid_dep();
+    long r = blockIdx.x;
+    float v = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) v += sq[r * n + j];
+    float inv = 1.0f / sqrtf(block_sum(v) / d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) u[r * d + j] *= inv;
+}
+
 // Up to three column ranges of every row normed at once (the SSM's inner norms), block (row,
 // part): out[i][r, :d[i]] = w[i] ⊙ x[r, from[i]:][:d[i]] / rms.
 struct NormParts {
@@ -1691,10 +1702,24 @@ ATTENTION_GQA_MMA(128, 128)
 #define EPI_ADD 1
 #define EPI_SOFTPLUS 2
 #define EPI_GLU 3
+// The RMSNorm between a residual add and the next product, folded into both GEMVs (decode rows):
+// the add's GEMV (out_proj, down) also writes u = h ⊙ w and each row pair's sum of squares of h
+// (`sq`, [t, pairs]), with no reduction over the row; the next GEMV (in_proj, gate·up) sums
+// those (`sq_in`, `sq_n` of them a row) and scales its dot products by 1 / rms, which is the
+// product of the normed rows. A norm kernel fewer on the step's critical path each time.
+struct NormFold {
+    const float* w;  // producer: the norm's weights; null: no fold
+    float* u;
+    float* sq;
+    const float* sq_in;  // consumer: null: the input is as it is
+    int sq_n;
+    float eps;
+};
 template <typename W, int EPI, int ROWS, int UNROLL>
 __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const float* __restrict__ bias,
-                     float* __restrict__ y, int t, int n, int k, int split) {
+                     float* __restrict__ y, int t, int n, int k, int split, NormFold f) {
     __shared__ float red[8][2][ROWS];
+    __shared__ float red_sq[8][ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int grp = warp / split, part = warp % split;
     int pair = blockIdx.x * (8 / split) + grp;
@@ -1764,11 +1789,52 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
                 float v = warp_sum(acc[i][r]);
                 if (lane == 0) red[warp][i][r] = v;
             }
+    if (f.sq_in) {
+        // The input rows' sums of squares, in the same order in every block; a thread's loads
+        // (up to four a row for 1024 partial sums) all in flight at once, as they end every
+        // block's work.
+        float v[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) v[r] = 0.0f;
+        for (int j0 = threadIdx.x; j0 < f.sq_n; j0 += 4 * 256) {
+#pragma unroll
+            for (int r = 0; r < ROWS; r++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    int j = j0 + q * 256;
+                    if (r < t && j < f.sq_n) v[r] += f.sq_in[(long)r * f.sq_n + j];
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; r++)
+            if (r < t) {
+                float s = warp_sum(v[r]);
+                if (lane == 0) red_sq[warp][r] = s;
+            }
+    }
     __syncthreads();
     if (!live || part != 0 || lane >= 2 * ROWS) return;
     int i = lane / ROWS, r = lane % ROWS;
     float s = 0.0f;
     for (int q = 0; q < split; q++) s += red[grp * split + q][i][r];  // unset when r >= t: not used
+    if (f.sq_in) {
+        float ss = 0.0f;
+        for (int q = 0; q < 8; q++) ss += red_sq[q][r];
+        s *= 1.0f / sqrtf(ss / k + f.eps);
+    }
+    if (EPI == EPI_ADD && f.w) {
+        int col = 2 * pair + i;
+        float h = 0.0f;
+        if (r < t && col < n) {
+            h = y[(long)r * n + col] + s;
+            y[(long)r * n + col] = h;
+            f.u[(long)r * n + col] = h * f.w[col];
+        }
+        float q = h * h;
+        q += __shfl_down_sync((1u << (2 * ROWS)) - 1, q, ROWS, 2 * ROWS);
+        if (i == 0 && r < t) f.sq[(long)r * ((n + 1) / 2) + pair] = q;
+        return;
+    }
     if (EPI == EPI_GLU) {
         float u = __shfl_down_sync((1u << (2 * ROWS)) - 1, s, ROWS, 2 * ROWS);
         if (i == 0 && r < t) y[(long)r * n + pair] = silu(s) * u;
@@ -1786,16 +1852,17 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     }
 }
 #define GEMV(name, W, EPI) \
-    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split) { \
-        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL>(x, w0, w1, bias, y, t, n, k, split); \
+    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split, \
+                                                           NormFold f) { \
+        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL>(x, w0, w1, bias, y, t, n, k, split, f); \
     } \
     extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
-                                                              int split) { \
-        gemv<W, EPI, 1, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split); \
+                                                              int split, NormFold f) { \
+        gemv<W, EPI, 1, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split, f); \
     } \
     extern "C" __global__ void __launch_bounds__(256) name##_2(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
-                                                              int split) { \
-        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split); \
+                                                              int split, NormFold f) { \
+        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split, f); \
     }
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)

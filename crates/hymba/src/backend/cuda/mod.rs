@@ -240,14 +240,42 @@ impl VectorInfo for CudaSlice<f32> {
 
 /// Activation rows on the card: `len` f32 values in a buffer that only grows; and, where the
 /// kernel that made them wrote one (`Cuda::copy16`), their bf16 copy for the matrix product that
-/// takes them next (`fresh` until the rows are made again).
+/// takes them next (`fresh` until the rows are made again). Rows made by a folded norm
+/// (`Backend::matmul_add_norm`) hold `h ⊙ w`, with the sums of squares of `h` in `sq`, until a
+/// GEMV takes them so or a reader has them scaled (`pending`).
 #[derive(Default)]
 pub struct DevRows {
     buf: Option<CudaSlice<f32>>,
     len: usize,
     half: Option<CudaSlice<u16>>,
     fresh: bool,
+    sq: Option<CudaSlice<f32>>,
+    pending: Mutex<Option<Pending>>,
 }
+
+/// A folded norm's scale not yet applied to its rows: `n` sums of squares a row in `DevRows::sq`,
+/// rows `d` wide.
+#[derive(Clone, Copy)]
+struct Pending {
+    n: usize,
+    d: usize,
+    eps: f32,
+}
+
+/// The kernel's `NormFold`: a GEMV's part in a folded norm (see kernels.cu); zeros: none.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct NormFold {
+    w: u64,
+    u: u64,
+    sq: u64,
+    sq_in: u64,
+    sq_n: i32,
+    eps: f32,
+}
+
+// SAFETY: plain data with the layout of the kernel's struct; all zeros is a valid value.
+unsafe impl DeviceRepr for NormFold {}
 
 /// One layer's SSM state `[E, N]` and conv state `[K−1, E]` of one sequence.
 #[derive(Clone)]
@@ -324,6 +352,7 @@ struct Kernels<K = Kernel> {
     embed_f32: K,
     embed_bf16: K,
     rmsnorm: K,
+    norm_settle: K,
     rmsnorm_parts: K,
     columns: K,
     split_in_proj: K,
@@ -377,6 +406,7 @@ impl<K> Kernels<K> {
             embed_f32: f("embed_f32")?,
             embed_bf16: f("embed_bf16")?,
             rmsnorm: f("rmsnorm")?,
+            norm_settle: f("norm_settle")?,
             rmsnorm_parts: f("rmsnorm_parts")?,
             columns: f("columns")?,
             split_in_proj: f("split_in_proj")?,
@@ -548,6 +578,11 @@ const CONV_STEP_UP_TO: usize = 8;
 /// GEMV_ROWS) rather than through cuBLAS, where `gemm_rows` does not take it (f32 weights, or
 /// fewer than GEMM_ROWS_FROM rows).
 const GEMV_ROWS: usize = 8;
+/// Rows up to which `matmul_add_norm` folds the norm into the GEMVs (`NormFold`). On an H200
+/// (three rounds, A/B in one call) batch 1 read 470-483 tok/s folded against 459-463, but batch
+/// 2 724-742 against 748-759 and batch 3 862-880 against 949-964: the next GEMV's sum of the
+/// partial sums grows with its rows.
+const FOLD_ROWS: usize = 1;
 /// Input rows for which bf16 products run on `gemm_rows` (the tensor cores, weights streamed
 /// once; up to 16 · the kernels' largest MT). Measured on an H200 over whole decode steps: at 2
 /// rows the GEMV is faster (695 against 567 tok/s), at 8 the tensor cores (1890 against 1370);
@@ -622,6 +657,9 @@ pub struct Cuda {
     /// Kernels of a captured decode step may start before the previous one ends (sm_90:
     /// programmatic dependent launch).
     pdl: bool,
+    /// A residual add's norm folded into the GEMVs around it (`matmul_add_norm`;
+    /// HYMBA_CUDA_NO_NORM_FOLD=1 launches the norm, to compare).
+    norm_fold: bool,
     /// Each launch between two timing events, when HYMBA_CUDA_PROFILE is set (steps then run
     /// eagerly, on one stream: a profile for finding where a step's time goes).
     profile: Option<Mutex<Profile>>,
@@ -886,6 +924,7 @@ impl Cuda {
             name,
             sms,
             pdl: major >= 9 && std::env::var_os("HYMBA_CUDA_NO_PDL").is_none(),
+            norm_fold: std::env::var_os("HYMBA_CUDA_NO_NORM_FOLD").is_none(),
             profile,
             generation: Default::default(),
             graphs,
@@ -1191,8 +1230,10 @@ impl Cuda {
     }
 
     /// `rows` resized to `n` values (contents kept up to the old length when it grows).
+    /// (Rows are shaped to be made again: a folded norm's pending scale is dropped with them.)
     fn shape(&self, rows: &mut DevRows, n: usize) {
         rows.fresh = false;
+        *rows.pending.get_mut().expect("pending scale") = None;
         let cap = rows.buf.as_ref().map_or(0, |b| b.len());
         if n > cap {
             self.moved();
@@ -1217,10 +1258,32 @@ impl Cuda {
         rows.len = n;
     }
 
+    /// The rows' address, their values final (a folded norm's scale applied first).
     fn p(&self, rows: &DevRows) -> u64 {
+        self.settle(rows);
+        self.raw_p(rows)
+    }
+
+    /// The rows' address, as they are.
+    fn raw_p(&self, rows: &DevRows) -> u64 {
         rows.buf
             .as_ref()
             .map_or(0, |b| b.device_ptr(&self.stream).0)
+    }
+
+    /// Applies a folded norm's pending scale to its rows (`norm_settle`), for a reader other than
+    /// the GEMV that takes them unscaled.
+    fn settle(&self, rows: &DevRows) {
+        let Some(pn) = rows.pending.lock().expect("pending scale").take() else {
+            return;
+        };
+        let sq = rows.sq.as_ref().map_or(0, |b| b.device_ptr(&self.stream).0);
+        let (up, n, d, eps) = (self.raw_p(rows), pn.n as i32, pn.d as i32, pn.eps);
+        self.launch(
+            &self.k.norm_settle,
+            rows_of(rows.len / pn.d.max(1), 256),
+            &[&up, &sq, &n, &d, &eps],
+        );
     }
 
     fn pv(&self, v: &CudaSlice<f32>) -> u64 {
@@ -1661,6 +1724,35 @@ impl Cuda {
         bias: Option<&CudaSlice<f32>>,
         y: &mut DevRows,
     ) {
+        self.product_folding(x, w, epi, up, bias, y, NormFold::default());
+    }
+
+    /// Whether `gemm_rows` takes a bf16 product of `t` rows over `w`.
+    fn rows_kernel_takes(&self, t: usize, w: &DevMatrix) -> bool {
+        (GEMM_ROWS_FROM..=GEMM_ROWS).contains(&t)
+            && w.cols.is_multiple_of(8)
+            && !self.k.gemm_rows.is_empty()
+    }
+
+    /// Whether `product` of `t` rows over `w` alone runs the GEMV (else `gemm_rows` or cuBLAS).
+    fn gemv_takes(&self, t: usize, w: &DevMatrix) -> bool {
+        let bf16 = matches!(*w.data, DevData::BF16(_));
+        t <= GEMV_ROWS && !(bf16 && self.rows_kernel_takes(t, w))
+    }
+
+    /// `product`, its GEMV making a folded norm's rows (`fold`'s producer part: only where
+    /// `gemv_takes`); an input left by one is taken unscaled by the GEMV, scaled first elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    fn product_folding(
+        &self,
+        x: &DevRows,
+        w: &DevMatrix,
+        epi: Epilogue,
+        up: Option<&DevMatrix>,
+        bias: Option<&CudaSlice<f32>>,
+        y: &mut DevRows,
+        mut fold: NormFold,
+    ) {
         let t = x.len / w.cols.max(1);
         if epi == Epilogue::Add {
             assert_eq!(y.len, t * w.rows, "the residual's shape");
@@ -1674,11 +1766,7 @@ impl Cuda {
             (&*w.data, up.map(|u| &*u.data)),
             (DevData::BF16(_), None | Some(DevData::BF16(_)))
         );
-        if bf16
-            && (GEMM_ROWS_FROM..=GEMM_ROWS).contains(&t)
-            && w.cols.is_multiple_of(8)
-            && !self.k.gemm_rows.is_empty()
-        {
+        if bf16 && self.rows_kernel_takes(t, w) {
             return self.gemm_rows(x, w, epi, up, bias, y, t);
         }
         if t <= GEMV_ROWS {
@@ -1687,7 +1775,16 @@ impl Cuda {
                 (DevData::BF16(_), None | Some(DevData::BF16(_))) => 1,
                 _ => return self.fail("the gated MLP", "gate and up matrices of different types"),
             };
-            let (xp, w0, yp) = (self.p(x), w.ptr(&self.stream), self.p(y));
+            let pending = *x.pending.lock().expect("pending scale");
+            let xp = match pending {
+                Some(pn) if pn.d == w.cols => {
+                    fold.sq_in = x.sq.as_ref().map_or(0, |b| b.device_ptr(&self.stream).0);
+                    (fold.sq_n, fold.eps) = (pn.n as i32, pn.eps);
+                    self.raw_p(x)
+                }
+                _ => self.p(x),
+            };
+            let (w0, yp) = (w.ptr(&self.stream), self.p(y));
             let w1 = up.map_or(0, |u| u.ptr(&self.stream));
             let bp = bias.map_or(0, |b| self.pv(b));
             let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
@@ -1706,7 +1803,7 @@ impl Cuda {
             return self.launch(
                 &self.k.gemv[if t <= 2 { t } else { 0 }][wi][epi as usize],
                 cfg,
-                &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si],
+                &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si, &fold],
             );
         }
         match epi {
@@ -2055,6 +2152,7 @@ impl Backend for Cuda {
     }
 
     fn read<R>(&self, rows: &DevRows, f: impl FnOnce(&[f32]) -> R) -> R {
+        self.settle(rows);
         self.end_step();
         let b = match &rows.buf {
             Some(b) if rows.len > 0 && !self.failed() => b.slice(0..rows.len),
@@ -2111,6 +2209,8 @@ impl Backend for Cuda {
     }
 
     fn embed(&self, table: &DevMatrix, ids: &[u32], d: usize, out: &mut DevRows) {
+        // Rows are added after those there: those made final first.
+        self.settle(out);
         let start = out.len;
         self.shape(out, start + ids.len() * d);
         let Ok(dev_ids) = self.stream.clone_htod(ids) else {
@@ -2137,6 +2237,50 @@ impl Backend for Cuda {
         self.product(x, w, Epilogue::Add, None, None, h);
     }
 
+    /// Where the GEMV runs the product of up to FOLD_ROWS rows, the norm is folded into it and
+    /// into the next GEMV (see `NormFold` in kernels.cu): `u` holds `h ⊙ norm` and the sums of
+    /// squares until then.
+    fn matmul_add_norm(
+        &self,
+        x: &DevRows,
+        w: &DevMatrix,
+        h: &mut DevRows,
+        norm: &CudaSlice<f32>,
+        eps: f32,
+        u: &mut DevRows,
+    ) {
+        let t = x.len / w.cols.max(1);
+        if !self.norm_fold
+            || !(1..=FOLD_ROWS).contains(&t)
+            || norm.len() != w.rows
+            || !self.gemv_takes(t, w)
+        {
+            self.matmul_add(x, w, h);
+            return self.rmsnorm(h, norm, eps, u);
+        }
+        let pairs = w.rows.div_ceil(2);
+        self.shape(u, t * w.rows);
+        if u.sq.as_ref().is_none_or(|b| b.len() < t * pairs) {
+            self.moved();
+            match self.alloc::<f32>(t * pairs, "activations") {
+                Ok(b) => u.sq = Some(b),
+                Err(e) => return self.fail("allocating", e),
+            }
+        }
+        let fold = NormFold {
+            w: self.pv(norm),
+            u: self.raw_p(u),
+            sq: u.sq.as_ref().map_or(0, |b| b.device_ptr(&self.stream).0),
+            ..Default::default()
+        };
+        self.product_folding(x, w, Epilogue::Add, None, None, h, fold);
+        *u.pending.get_mut().expect("pending scale") = Some(Pending {
+            n: pairs,
+            d: w.rows,
+            eps,
+        });
+    }
+
     fn glu(&self, x: &DevRows, gate: &DevMatrix, up: &DevMatrix, out: &mut DevRows) {
         self.product(x, gate, Epilogue::Glu, Some(up), None, out);
     }
@@ -2157,6 +2301,7 @@ impl Backend for Cuda {
 
     fn gather(&self, x: &DevRows, width: usize, rows: &[Range<usize>], out: &mut DevRows) {
         let n: usize = rows.iter().map(|r| r.len()).sum();
+        self.settle(x);
         self.shape(out, n * width);
         let (Some(src), Some(dst)) = (x.buf.as_ref(), out.buf.as_mut()) else {
             return;

@@ -1730,6 +1730,28 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     float acc[2][ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; r++) acc[0][r] = acc[1][r] = 0.0f;
+    // A folded norm's weight of the column this lane writes (a weight: no wait for it).
+    float wn = EPI == EPI_ADD && f.w && part == 0 && lane < 2 * ROWS && live ? f.w[min(2 * pair + lane / ROWS, n - 1)] : 0.0f;
+    // The input's sums of squares (folded norm): up to four a thread a row for 1024 partial sums,
+    // in the same order in every block. With one or two rows they are loaded as soon as the
+    // previous kernel is done, while the first weights are in flight; with more, after the loop
+    // (their registers held through it would cost the kernel occupancy).
+    constexpr bool early = ROWS <= 2;
+    float sqv[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) sqv[r] = 0.0f;
+    auto load_sq = [&]() {
+        if (!f.sq_in) return;
+        for (int j0 = threadIdx.x; j0 < f.sq_n; j0 += 4 * 256) {
+#pragma unroll
+            for (int r = 0; r < ROWS; r++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    int j = j0 + q * 256;
+                    if (r < t && j < f.sq_n) sqv[r] += f.sq_in[(long)r * f.sq_n + j];
+                }
+        }
+    };
     // The weights do not depend on the previous kernel: their first loads go out before waiting.
     allow_next();
     bool waited = false;
@@ -1748,6 +1770,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
             if (!waited) {
                 wait_prior();
                 waited = true;
+                if (early) load_sq();
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
@@ -1765,7 +1788,11 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
             }
         }
     }
-    if (!waited) wait_prior();
+    if (!waited) {
+        wait_prior();
+        if (early) load_sq();
+    }
+    if (!early) load_sq();
     if (live && k % 8 != 0) {
         // Rows not 16-byte aligned: one element a lane at a time.
         int per = (k + split - 1) / split, lo = part * per, hi = min(k, lo + per);
@@ -1790,25 +1817,10 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
                 if (lane == 0) red[warp][i][r] = v;
             }
     if (f.sq_in) {
-        // The input rows' sums of squares, in the same order in every block; a thread's loads
-        // (up to four a row for 1024 partial sums) all in flight at once, as they end every
-        // block's work.
-        float v[ROWS];
-#pragma unroll
-        for (int r = 0; r < ROWS; r++) v[r] = 0.0f;
-        for (int j0 = threadIdx.x; j0 < f.sq_n; j0 += 4 * 256) {
-#pragma unroll
-            for (int r = 0; r < ROWS; r++)
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    int j = j0 + q * 256;
-                    if (r < t && j < f.sq_n) v[r] += f.sq_in[(long)r * f.sq_n + j];
-                }
-        }
 #pragma unroll
         for (int r = 0; r < ROWS; r++)
             if (r < t) {
-                float s = warp_sum(v[r]);
+                float s = warp_sum(sqv[r]);
                 if (lane == 0) red_sq[warp][r] = s;
             }
     }
@@ -1828,7 +1840,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         if (r < t && col < n) {
             h = y[(long)r * n + col] + s;
             y[(long)r * n + col] = h;
-            f.u[(long)r * n + col] = h * f.w[col];
+            f.u[(long)r * n + col] = h * wn;
         }
         float q = h * h;
         q += __shfl_down_sync((1u << (2 * ROWS)) - 1, q, ROWS, 2 * ROWS);

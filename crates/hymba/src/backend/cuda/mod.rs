@@ -578,10 +578,9 @@ const CONV_STEP_UP_TO: usize = 8;
 /// GEMV_ROWS) rather than through cuBLAS, where `gemm_rows` does not take it (f32 weights, or
 /// fewer than GEMM_ROWS_FROM rows).
 const GEMV_ROWS: usize = 8;
-/// Rows up to which `matmul_add_norm` folds the norm into the GEMVs (`NormFold`). On an H200
-/// (three rounds, A/B in one call) batch 1 read 470-483 tok/s folded against 459-463, but batch
-/// 2 724-742 against 748-759 and batch 3 862-880 against 949-964: the next GEMV's sum of the
-/// partial sums grows with its rows.
+/// Rows up to which `matmul_add_norm` folds the norm into the GEMVs (`NormFold`): on an H200 the
+/// fold paid at one row and not at two or three, where the next GEMV's sums of the partial sums
+/// grow with its rows (the README has the A/B figures).
 const FOLD_ROWS: usize = 1;
 /// Input rows for which bf16 products run on `gemm_rows` (the tensor cores, weights streamed
 /// once; up to 16 · the kernels' largest MT). Measured on an H200 over whole decode steps: at 2

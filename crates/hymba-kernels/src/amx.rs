@@ -29,9 +29,15 @@ impl Amx {
         ok.then_some(Amx(dot))
     }
 
-    /// `y[t, n] = x[t, k] · wᵀ` (see [`gemm_pairs`]), 32 input rows by 32 outputs a tile.
+    /// `y[t, n] = x[t, k] · wᵀ` (see [`gemm_pairs`]), 32 input rows by 32 outputs a tile, or 16
+    /// rows for up to 16 (decode: one weight tile's load a product, not two). An output's sums
+    /// are the same in either: a row's products do not depend on the tile's other rows.
     pub fn gemm(self, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
-        gemm_pairs(self.0, self, x, t, w, y)
+        if t <= 16 {
+            gemm_pairs(self.0, Tiles::<16>(self), x, t, w, y)
+        } else {
+            gemm_pairs(self.0, Tiles::<32>(self), x, t, w, y)
+        }
     }
 }
 
@@ -76,8 +82,12 @@ const CONFIG: TileConfig = {
     TileConfig(c)
 };
 
-impl PairTile for Amx {
-    const ROWS: usize = 32;
+/// The tiles of `R` (16 or 32) input rows by 32 outputs.
+#[derive(Clone, Copy)]
+struct Tiles<const R: usize>(Amx);
+
+impl<const R: usize> PairTile for Tiles<R> {
+    const ROWS: usize = R;
     const K_ALIGN: usize = 16;
     const WHOLE_TILES: bool = true;
 
@@ -85,13 +95,45 @@ impl PairTile for Amx {
         self,
         kp: usize,
         x: *const u32,
-        _m: usize,
+        m: usize,
         w: *const u32,
         c: &mut [[f32; 32]; 32],
     ) {
-        let xs = 4 * kp; // bytes between input rows
-        let (x1, w1) = (x.add(16 * kp), w.add(16 * kp));
+        // Bytes between input rows; a tile of one row reads it 16 times (the other rows' sums
+        // are not used), from L1, rather than 15 rows of zeros from L2.
+        let xs = if m == 1 { 0 } else { 4 * kp };
+        let w1 = w.add(16 * kp);
         asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+        if R == 16 {
+            asm!("tilezero tmm0", "tilezero tmm1", options(nomem, nostack));
+            for q in (0..kp).step_by(16) {
+                asm!(
+                    "tileloadd tmm4, [{x0} + {xs}*1]",
+                    "tileloadd tmm6, [{w0} + {ws}*1]",
+                    "tileloadd tmm7, [{w1} + {ws}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    x0 = in(reg) x.add(q),
+                    w0 = in(reg) w.add(16 * q),
+                    w1 = in(reg) w1.add(16 * q),
+                    xs = in(reg) xs,
+                    ws = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+            let c0 = c.as_mut_ptr() as *mut f32;
+            asm!(
+                "tilestored [{c0} + {cs}*1], tmm0",
+                "tilestored [{c1} + {cs}*1], tmm1",
+                "tilerelease",
+                c0 = in(reg) c0,
+                c1 = in(reg) c0.add(16),
+                cs = in(reg) 128usize,
+                options(nostack),
+            );
+            return;
+        }
+        let x1 = x.add(16 * kp);
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",

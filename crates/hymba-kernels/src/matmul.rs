@@ -433,8 +433,7 @@ fn aligned_rows(x: &[f32], t: usize, k: usize) -> (Vec<Line>, usize) {
 /// Rows from which a product with quantized weights runs on bf16 dot products where the CPU
 /// has them ([`Level::Avx512Bf16`], [`Level::Amx`]), its inputs and widened weights rounded to
 /// bf16: prefill, not decode or batched decode (whose integer dots stay the same batched or
-/// alone). Products with bf16 weights run on them at every size. Also the rows from which AMX's
-/// tiles take over from AVX-512's dot products.
+/// alone). Products with bf16 weights run on them at every size.
 pub const BF16_DOT_FROM_ROWS: usize = 64;
 
 /// Whether [`matmul_with`] rounds the inputs (and widened quantized weights) of a `t`-row
@@ -494,7 +493,8 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if rounds_inputs(isa, &w.data, t) {
-        if isa.level() == Level::Amx && t >= BF16_DOT_FROM_ROWS {
+        // AMX at every size, so that a row's sums do not depend on the rows beside it.
+        if isa.level() == Level::Amx {
             if let Some(amx) = crate::amx::Amx::detect() {
                 return amx.gemm(x, t, w, y);
             }
@@ -1065,6 +1065,42 @@ mod tests {
                         1e-4 * (k as f32).sqrt(),
                         &format!("matmul {isa:?} t={t} n={n} k={k}"),
                     );
+                }
+            }
+        }
+    }
+
+    /// Where products with bf16 weights run on bf16 dots (AVX-512 BF16, AMX: tiles of 16 and of
+    /// 32 rows), a row's outputs are bit for bit the same whatever rows are beside it: a
+    /// sequence's decode step batched is the step alone.
+    #[test]
+    fn bf16_dot_rows_do_not_depend_on_their_neighbours() {
+        let mut rng = Rng::new(9);
+        let (n, k) = (70, 600);
+        let wb: Vec<bf16> = rng
+            .normal_vec(n * k, 1.0)
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
+        let mut wq = vec![0u32; pairs_len(n, k)];
+        pack_bf16_pairs(&wb, n, k, &mut wq);
+        let w = Mat::new(WeightData::BF16Pairs(&wq), n, k);
+        for isa in crate::isa::available() {
+            if !rounds_inputs(isa, &w.data, 1) {
+                continue;
+            }
+            for t in [2, 5, 16, 17, 40] {
+                let x = rng.normal_vec(t * k, 1.0);
+                let mut y = vec![0.0; t * n];
+                matmul_with(isa, &x, w, &mut y);
+                for r in 0..t {
+                    let mut alone = vec![0.0; n];
+                    matmul_with(isa, &x[r * k..(r + 1) * k], w, &mut alone);
+                    let same = y[r * n..(r + 1) * n]
+                        .iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?}: row {r} of {t} differs from the row alone");
                 }
             }
         }

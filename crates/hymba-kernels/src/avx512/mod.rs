@@ -451,7 +451,7 @@ impl Int8Dot {
 /// integer sums a row (even and odd vectors) keep twice the products in flight; integer sums
 /// are exact, so the order is free. The block's end is the reference's float operations.
 macro_rules! int8_panel_tile {
-    ($blk:ty, $name:ident, $pair:expr) => {
+    ($blk:ty, $name:ident, $prefetch_rows:expr, $pair:expr) => {
         impl crate::qpanel::PanelKernel<$blk> for Int8Dot {
             fn tile(
                 self,
@@ -500,8 +500,10 @@ macro_rules! int8_panel_tile {
                     let mut odd = [_mm512_setzero_si512(); M];
                     // Tiles of several rows run slower than the memory: the block a few ahead is
                     // asked for, so the first tile's stream from memory overlaps its arithmetic
-                    // (t = 16: 1.2-1.6x). A row alone keeps pace with the hardware's prefetch.
-                    if M >= 4 {
+                    // (t = 16: 1.2-1.6x). A Q8_0 row alone keeps pace with the hardware's
+                    // prefetch; a Q4_0 row alone, unpacking its nibbles, falls behind it on
+                    // some CPUs (a Xeon), so its blocks are asked for at every size.
+                    if M >= $prefetch_rows {
                         let size = std::mem::size_of_val(blk);
                         let ahead = (blk as *const _ as *const u8).wrapping_add(4 * size);
                         for l in (0..size).step_by(64) {
@@ -544,14 +546,14 @@ macro_rules! int8_panel_tile {
 }
 
 // Q8_0: vectors 2v and 2v + 1 as they are.
-int8_panel_tile!(BlockQ8_0, tile_q8_0, |qs: *const u8, v: usize| {
+int8_panel_tile!(BlockQ8_0, tile_q8_0, 4, |qs: *const u8, v: usize| {
     (
         _mm512_loadu_si512(qs.add(128 * v) as *const _),
         _mm512_loadu_si512(qs.add(128 * v + 64) as *const _),
     )
 });
 // Q4_0: vector v's low nibbles, then its high ones.
-int8_panel_tile!(BlockQ4_0, tile_q4_0, |qs: *const u8, v: usize| {
+int8_panel_tile!(BlockQ4_0, tile_q4_0, 1, |qs: *const u8, v: usize| {
     let raw = _mm512_loadu_si512(qs.add(64 * v) as *const _);
     let low = _mm512_set1_epi8(0x0F);
     (

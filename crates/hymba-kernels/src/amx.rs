@@ -104,75 +104,57 @@ impl<const R: usize> PairTile for Tiles<R> {
         let xs = if m == 1 { 0 } else { 4 * kp };
         let w1 = w.add(16 * kp);
         asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
-        if R == 16 {
-            asm!("tilezero tmm0", "tilezero tmm1", options(nomem, nostack));
-            for q in (0..kp).step_by(16) {
-                asm!(
-                    "tileloadd tmm4, [{x0} + {xs}*1]",
-                    "tileloadd tmm6, [{w0} + {ws}*1]",
-                    "tileloadd tmm7, [{w1} + {ws}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    x0 = in(reg) x.add(q),
-                    w0 = in(reg) w.add(16 * q),
-                    w1 = in(reg) w1.add(16 * q),
-                    xs = in(reg) xs,
-                    ws = in(reg) 64usize,
-                    options(nostack, readonly),
-                );
-            }
-            let c0 = c.as_mut_ptr() as *mut f32;
-            asm!(
-                "tilestored [{c0} + {cs}*1], tmm0",
-                "tilestored [{c1} + {cs}*1], tmm1",
-                "tilerelease",
-                c0 = in(reg) c0,
-                c1 = in(reg) c0.add(16),
-                cs = in(reg) 128usize,
-                options(nostack),
-            );
-            return;
+        asm!("tilezero tmm0", "tilezero tmm1", options(nomem, nostack));
+        if R == 32 {
+            asm!("tilezero tmm2", "tilezero tmm3", options(nomem, nostack));
         }
-        let x1 = x.add(16 * kp);
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nomem, nostack)
-        );
+        // Rows 0..16 into tmm0/tmm1, and for 32-row tiles rows 16..32 into tmm2/tmm3, from the
+        // same weight tiles (tile registers keep their values between the asm blocks).
+        let x1 = x.wrapping_add(16 * kp);
         for q in (0..kp).step_by(16) {
             asm!(
                 "tileloadd tmm4, [{x0} + {xs}*1]",
-                "tileloadd tmm5, [{x1} + {xs}*1]",
                 "tileloadd tmm6, [{w0} + {ws}*1]",
                 "tileloadd tmm7, [{w1} + {ws}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
                 x0 = in(reg) x.add(q),
-                x1 = in(reg) x1.add(q),
                 w0 = in(reg) w.add(16 * q),
                 w1 = in(reg) w1.add(16 * q),
                 xs = in(reg) xs,
                 ws = in(reg) 64usize,
                 options(nostack, readonly),
             );
+            if R == 32 {
+                asm!(
+                    "tileloadd tmm5, [{x1} + {xs}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    x1 = in(reg) x1.add(q),
+                    xs = in(reg) xs,
+                    options(nostack, readonly),
+                );
+            }
         }
         let c0 = c.as_mut_ptr() as *mut f32;
         asm!(
             "tilestored [{c0} + {cs}*1], tmm0",
             "tilestored [{c1} + {cs}*1], tmm1",
-            "tilestored [{c2} + {cs}*1], tmm2",
-            "tilestored [{c3} + {cs}*1], tmm3",
-            "tilerelease",
             c0 = in(reg) c0,
             c1 = in(reg) c0.add(16),
-            c2 = in(reg) c0.add(16 * 32),
-            c3 = in(reg) c0.add(16 * 32 + 16),
             cs = in(reg) 128usize,
             options(nostack),
         );
+        if R == 32 {
+            asm!(
+                "tilestored [{c2} + {cs}*1], tmm2",
+                "tilestored [{c3} + {cs}*1], tmm3",
+                c2 = in(reg) c0.add(16 * 32),
+                c3 = in(reg) c0.add(16 * 32 + 16),
+                cs = in(reg) 128usize,
+                options(nostack),
+            );
+        }
+        asm!("tilerelease", options(nomem, nostack));
     }
 }

@@ -303,6 +303,10 @@ pub fn attention_with<T: KvElem>(
 /// Query rows a task of [`tiles`] takes together.
 const TILE: usize = 16;
 
+/// Heads (query rows × a group's q heads) from which scores and values run as outer products on
+/// AVX-512 (`crate::avx512::Avx512::attn_scores`): a prefill tile's, not a decode step's.
+const MANY_HEADS: usize = 16;
+
 /// Attention of many query rows (prefill) in tiles of [`TILE`] consecutive rows: a tile's keys
 /// are the union of what its rows see, each key and value row read once for all the tile's
 /// queries (rather than once a row, which made prefill attention wait on L2 and L3); scores a
@@ -506,6 +510,12 @@ unsafe fn head_scores<T: KvElem>(
     scale: f32,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if group >= MANY_HEADS {
+        if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
+            return k.attn_scores(q, group, dk, keys, scale, out);
+        }
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         i if i.has_avx2() => x86::attn_scores(q, group, dk, keys, vals, dv, scale, out),
@@ -537,6 +547,12 @@ unsafe fn head_values<T: KvElem>(
     vals: &[*const T],
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if group >= MANY_HEADS {
+        if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
+            return k.attn_values(p, group, dv, vals, out);
+        }
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         i if i.has_avx2() => x86::attn_values(p, group, dv, vals, out),

@@ -5,7 +5,8 @@
 //! order it reads), quantized ones from many rows. The driver ([`gemm_pairs`]) is shared with
 //! the AMX tiles of [`crate::amx`]. Beside it, the integer
 //! tiles of [`crate::qpanel`] on `vpdpbusd` (AVX-512 VNNI), for Q8_0/Q4_0 weights in panels,
-//! and (`scan.rs`, AVX-512 F) the selective scan for states of 16.
+//! and (`scan.rs`, AVX-512 F) the selective scan for states of 16, (`attention.rs`) prefill
+//! attention's scores and values for many heads at once.
 
 use crate::matmul::{pair_words, Mat, WeightData, PAIR_ALIGN, PANEL};
 use crate::qpanel::{PanelQ4_0, PanelQ8_0};
@@ -14,6 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
+mod attention;
 mod scan;
 pub use scan::Avx512;
 

@@ -1,0 +1,300 @@
+//! AVX-512 F: attention's scores and weighted values for many heads at once (a prefill tile's
+//! queries of a K/V group), as outer products: every key and value element is widened to f32
+//! once for all the heads, and no dot product needs a horizontal sum.
+
+use super::Avx512;
+use crate::attention::KvElem;
+use std::arch::x86_64::*;
+
+/// Keys (scores) and value rows (values) a block: a block's widened rows stay in L1 while every
+/// head reads them.
+const KEYS: usize = 32;
+
+/// Sixteen elements from `p`, widened to f32.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
+    if T::BF16 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    } else {
+        _mm512_loadu_ps(p as *const f32)
+    }
+}
+
+/// The mask of the first `n` (at most 16) lanes.
+#[inline]
+fn lanes(n: usize) -> __mmask16 {
+    ((1u32 << n.min(16)) - 1) as __mmask16
+}
+
+/// Transposes the 16 × 16 block in `r` (row i in `r[i]`) in place.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    // 2 × 2 blocks of single floats, then of pairs, then 4 × 4 blocks of 128-bit lanes in two
+    // steps.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (
+            _mm512_castps_pd(t[4 * i]),
+            _mm512_castps_pd(t[4 * i + 1]),
+            _mm512_castps_pd(t[4 * i + 2]),
+            _mm512_castps_pd(t[4 * i + 3]),
+        );
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for i in 0..2 {
+        for j in 0..4 {
+            t[8 * i + j] = _mm512_shuffle_f32x4::<0x88>(r[8 * i + j], r[8 * i + 4 + j]);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4::<0xdd>(r[8 * i + j], r[8 * i + 4 + j]);
+        }
+    }
+    for j in 0..8 {
+        r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+        r[8 + j] = _mm512_shuffle_f32x4::<0xdd>(t[j], t[8 + j]);
+    }
+}
+
+impl Avx512 {
+    /// `out[g·nk + j] = scale · q_g · k_j` for `group` heads (rows of `q`, each `dk` long)
+    /// against the keys at `keys[j]` (as `crate::x86::attn_scores`). Each block of [`KEYS`] keys
+    /// is widened and transposed once into `[dk][KEYS]`; then a head's scores of the block are
+    /// two registers, each step over d one broadcast query element times the block's d-th
+    /// elements.
+    ///
+    /// # Safety
+    /// Each `keys[j]` must point to `dk` readable elements; `q` holds `group · dk`, `out`
+    /// `group · keys.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn attn_scores<T: KvElem>(
+        self,
+        q: &[f32],
+        group: usize,
+        dk: usize,
+        keys: &[*const T],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let nk = keys.len();
+        debug_assert!(q.len() >= group * dk && out.len() >= group * nk);
+        let dk16 = dk.next_multiple_of(16);
+        let mut kt = vec![0f32; dk16 * KEYS];
+        for j0 in (0..nk).step_by(KEYS) {
+            let kb = KEYS.min(nk - j0);
+            // kt[d·KEYS + j] = k_j[d], zeros past the block's keys and past dk.
+            // (Past kb the block's scores are not stored: a short block leaves the rest of kt.)
+            for half in 0..kb.div_ceil(16) {
+                for d0 in (0..dk).step_by(16) {
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (i, ri) in r.iter_mut().enumerate() {
+                        let j = 16 * half + i;
+                        if j < kb {
+                            let p = keys[j0 + j].add(d0);
+                            *ri = if d0 + 16 <= dk {
+                                load16(p)
+                            } else {
+                                let mut tail = [0f32; 16];
+                                for (d, x) in tail.iter_mut().enumerate().take(dk - d0) {
+                                    *x = (*p.add(d)).widen();
+                                }
+                                _mm512_loadu_ps(tail.as_ptr())
+                            };
+                        }
+                    }
+                    transpose16(&mut r);
+                    for (i, ri) in r.iter().enumerate() {
+                        _mm512_storeu_ps(kt.as_mut_ptr().add((d0 + i) * KEYS + 16 * half), *ri);
+                    }
+                }
+            }
+            let mut g0 = 0;
+            while g0 < group {
+                let gn = 12.min(group - g0);
+                macro_rules! heads {
+                    ($($g:literal)*) => {
+                        match gn {
+                            $($g => self.scores_heads::<$g>(q, g0, dk, &kt, j0, kb, nk, scale, out),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                heads!(1 2 3 4 5 6 7 8 9 10 11 12);
+                g0 += gn;
+            }
+        }
+    }
+
+    /// [`Self::attn_scores`] of heads `g0..g0 + G` against one transposed block.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_heads<const G: usize>(
+        self,
+        q: &[f32],
+        g0: usize,
+        dk: usize,
+        kt: &[f32],
+        j0: usize,
+        kb: usize,
+        nk: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; G];
+        let qp: [*const f32; G] = std::array::from_fn(|g| q.as_ptr().add((g0 + g) * dk));
+        for d in 0..dk {
+            let k0 = _mm512_loadu_ps(kt.as_ptr().add(d * KEYS));
+            let k1 = _mm512_loadu_ps(kt.as_ptr().add(d * KEYS + 16));
+            for g in 0..G {
+                let w = _mm512_set1_ps(*qp[g].add(d));
+                acc[g][0] = _mm512_fmadd_ps(w, k0, acc[g][0]);
+                acc[g][1] = _mm512_fmadd_ps(w, k1, acc[g][1]);
+            }
+        }
+        let s = _mm512_set1_ps(scale);
+        for (g, a) in acc.iter().enumerate() {
+            let o = out.as_mut_ptr().add((g0 + g) * nk + j0);
+            _mm512_mask_storeu_ps(o, lanes(kb), _mm512_mul_ps(a[0], s));
+            if kb > 16 {
+                _mm512_mask_storeu_ps(o.add(16), lanes(kb - 16), _mm512_mul_ps(a[1], s));
+            }
+        }
+    }
+
+    /// `out[g·dv..][d] = Σ_j p[g·nk + j] · v_j[d]` for `group` heads (as
+    /// `crate::x86::attn_values`, the same sums in the same order). Each block of [`KEYS`]
+    /// value rows is widened once into f32; then eight heads' accumulators over 32 columns at a
+    /// time, each weight broadcast once for two registers.
+    ///
+    /// # Safety
+    /// Each `vals[j]` must point to `dv` readable elements; `p` holds `group · vals.len()`,
+    /// `out` `group · dv` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn attn_values<T: KvElem>(
+        self,
+        p: &[f32],
+        group: usize,
+        dv: usize,
+        vals: &[*const T],
+        out: &mut [f32],
+    ) {
+        let nk = vals.len();
+        debug_assert!(p.len() >= group * nk && out.len() >= group * dv);
+        out[..group * dv].fill(0.0);
+        let mut wide = vec![0f32; KEYS * dv];
+        for j0 in (0..nk).step_by(KEYS) {
+            let kb = KEYS.min(nk - j0);
+            for (j, &vp) in vals[j0..j0 + kb].iter().enumerate() {
+                let dst = wide.as_mut_ptr().add(j * dv);
+                let mut c = 0;
+                while c + 16 <= dv {
+                    _mm512_storeu_ps(dst.add(c), load16(vp.add(c)));
+                    c += 16;
+                }
+                for c in c..dv {
+                    *dst.add(c) = (*vp.add(c)).widen();
+                }
+            }
+            let mut g0 = 0;
+            while g0 < group {
+                let gn = 8.min(group - g0);
+                macro_rules! heads {
+                    ($($g:literal)*) => {
+                        match gn {
+                            $($g => self.values_heads::<$g>(p, g0, dv, &wide, j0, kb, nk, out),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                heads!(1 2 3 4 5 6 7 8);
+                g0 += gn;
+            }
+        }
+    }
+
+    /// [`Self::attn_values`] of heads `g0..g0 + G` over one widened block, adding into `out`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn values_heads<const G: usize>(
+        self,
+        p: &[f32],
+        g0: usize,
+        dv: usize,
+        wide: &[f32],
+        j0: usize,
+        kb: usize,
+        nk: usize,
+        out: &mut [f32],
+    ) {
+        let pr: [*const f32; G] = std::array::from_fn(|g| p.as_ptr().add((g0 + g) * nk + j0));
+        let mut c = 0;
+        while c < dv {
+            // Two registers of columns where 32 remain, else one, masked past dv.
+            let (m0, m1) = (lanes(dv - c), lanes((dv - c).saturating_sub(16)));
+            // (Masked-off lanes are not touched: the second register's address may lie past the
+            // row.)
+            let o: [*mut f32; G] = std::array::from_fn(|g| out.as_mut_ptr().add((g0 + g) * dv + c));
+            let mut acc: [[__m512; 2]; G] = std::array::from_fn(|g| {
+                [
+                    _mm512_maskz_loadu_ps(m0, o[g]),
+                    _mm512_maskz_loadu_ps(m1, o[g].wrapping_add(16)),
+                ]
+            });
+            for j in 0..kb {
+                let v = wide.as_ptr().add(j * dv + c);
+                let (v0, v1) = (
+                    _mm512_maskz_loadu_ps(m0, v),
+                    _mm512_maskz_loadu_ps(m1, v.wrapping_add(16)),
+                );
+                for g in 0..G {
+                    let w = _mm512_set1_ps(*pr[g].add(j));
+                    acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);
+                    acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);
+                }
+            }
+            for g in 0..G {
+                _mm512_mask_storeu_ps(o[g], m0, acc[g][0]);
+                _mm512_mask_storeu_ps(o[g].wrapping_add(16), m1, acc[g][1]);
+            }
+            c += 32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIPPED transpose16_transposes: this CPU has no AVX-512 F");
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut out = [0f32; 256];
+        // SAFETY: the CPU has AVX-512 F (checked above); 16 rows of 16 floats each way.
+        unsafe {
+            let mut r: [__m512; 16] =
+                std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+            transpose16(&mut r);
+            for (i, ri) in r.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *ri);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[16 * i + j], m[16 * j + i], "row {i} column {j}");
+            }
+        }
+    }
+}

@@ -22,6 +22,19 @@ unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
     }
 }
 
+/// `call` with the const `G` set to `gn`, one of the listed head counts.
+macro_rules! by_heads {
+    ($gn:expr; $($g:literal)*; |$G:ident| $call:expr) => {
+        match $gn {
+            $($g => {
+                const $G: usize = $g;
+                $call
+            })*
+            _ => unreachable!(),
+        }
+    };
+}
+
 /// The mask of the first `n` (at most 16) lanes.
 #[inline]
 fn lanes(n: usize) -> __mmask16 {
@@ -118,15 +131,8 @@ impl Avx512 {
             let mut g0 = 0;
             while g0 < group {
                 let gn = 12.min(group - g0);
-                macro_rules! heads {
-                    ($($g:literal)*) => {
-                        match gn {
-                            $($g => self.scores_heads::<$g>(q, g0, dk, &kt, j0, kb, nk, scale, out),)*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                heads!(1 2 3 4 5 6 7 8 9 10 11 12);
+                by_heads!(gn; 1 2 3 4 5 6 7 8 9 10 11 12; |G| self
+                    .scores_heads::<G>(q, g0, dk, &kt, j0, kb, nk, scale, out));
                 g0 += gn;
             }
         }
@@ -206,15 +212,8 @@ impl Avx512 {
             let mut g0 = 0;
             while g0 < group {
                 let gn = 8.min(group - g0);
-                macro_rules! heads {
-                    ($($g:literal)*) => {
-                        match gn {
-                            $($g => self.values_heads::<$g>(p, g0, dv, &wide, j0, kb, nk, out),)*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                heads!(1 2 3 4 5 6 7 8);
+                by_heads!(gn; 1 2 3 4 5 6 7 8; |G| self
+                    .values_heads::<G>(p, g0, dv, &wide, j0, kb, nk, out));
                 g0 += gn;
             }
         }

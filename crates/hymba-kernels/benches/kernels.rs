@@ -17,6 +17,21 @@ use hymba_kernels::{matmul, probe, qpanel, scan, Mat, WeightData};
 use std::time::Instant;
 
 /// Best seconds of `reps` runs of `f`.
+/// A cache line of words, for aligned weight buffers.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Words([u32; 16]);
+
+fn words(v: &[Words]) -> &[u32] {
+    // SAFETY: `Words` is 16 plain words with no padding.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), 16 * v.len()) }
+}
+
+fn words_mut(v: &mut [Words]) -> &mut [u32] {
+    // SAFETY: as `words`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), 16 * v.len()) }
+}
+
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
     (0..reps)
@@ -95,7 +110,15 @@ fn main() {
     matmul::pack_bf16_pairs(&wb, n, k, &mut wq);
     let wb = vec![wb; copies(n * k * 2)];
     let wp = vec![wp; copies(n * k * 2)];
-    let wq = vec![wq; copies(n * k * 2)];
+    // Page-aligned, as the engine's packed weights are (each in a mapping of its own): the AMX
+    // tiles read whole cache lines.
+    let wq: Vec<Vec<Words>> = (0..copies(n * k * 2))
+        .map(|_| {
+            let mut v = vec![Words([0; 16]); wq.len().div_ceil(16)];
+            words_mut(&mut v)[..wq.len()].copy_from_slice(&wq);
+            v
+        })
+        .collect();
     let mut pq8 = vec![qpanel::PanelQ8_0::default(); qpanel::panels_len(n, k)];
     qpanel::pack(&wq8, n, k, &mut pq8);
     let mut pq4 = vec![qpanel::PanelQ4_0::default(); qpanel::panels_len(n, k)];
@@ -116,7 +139,9 @@ fn main() {
         // The engine's layout where the CPU has AVX-512 BF16 (`matmul::pairs_pay`).
         (
             "bf16 pairs",
-            wq.iter().map(|w| WeightData::BF16Pairs(w)).collect(),
+            wq.iter()
+                .map(|w| WeightData::BF16Pairs(&words(w)[..matmul::pairs_len(n, k)]))
+                .collect(),
         ),
         ("q8_0", wq8.iter().map(|w| WeightData::Q8_0(w)).collect()),
         ("q4_0", wq4.iter().map(|w| WeightData::Q4_0(w)).collect()),

@@ -109,8 +109,7 @@ pub(crate) fn gemm_pairs<T: PairTile>(
     // padding to kp, an odd last column's other half) and the padding rows of whole tiles.
     let mut lines = PAIRS.take();
     lines.resize((rows * kp).div_ceil(16), WordLine([0; 16]));
-    // SAFETY: `WordLine` is 16 plain words with no padding.
-    let xb = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u32>(), rows * kp) };
+    let xb = &mut words_mut(&mut lines)[..rows * kp];
     xb[t * kp..].fill(0);
     xb[..t * kp]
         .par_chunks_mut(kp)
@@ -126,7 +125,7 @@ pub(crate) fn gemm_pairs<T: PairTile>(
     // need none, and zeroing it for every rayon job cost a decode step 5% (bf16, Zen 4).
     (0..panels.div_ceil(2)).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
-        |(buf, row, pairs): &mut (Vec<u32>, Vec<f32>, Vec<u32>), task| {
+        |(lines, row, pairs): &mut (Vec<WordLine>, Vec<f32>, Vec<u32>), task| {
             let out = &out;
             let in_place = match w.data {
                 // Both panels there (not an odd last one).
@@ -138,7 +137,9 @@ pub(crate) fn gemm_pairs<T: PairTile>(
             let wp = match in_place {
                 Some(d) => d.as_ptr(),
                 None => {
-                    buf.resize(2 * PANEL * kp, 0);
+                    // Aligned as the input (see `WordLine`): two panels are whole lines.
+                    lines.resize(2 * PANEL * kp / 16, WordLine([0; 16]));
+                    let buf = words_mut(lines);
                     row.resize(k, 0.0);
                     pairs.resize(k.div_ceil(2), 0);
                     let (b0, b1) = buf.split_at_mut(PANEL * kp);
@@ -210,6 +211,11 @@ thread_local! {
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct WordLine([u32; 16]);
+
+fn words_mut(lines: &mut [WordLine]) -> &mut [u32] {
+    // SAFETY: `WordLine` is 16 plain words with no padding.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), 16 * lines.len()) }
+}
 
 impl PairTile for Bf16Dot {
     // Registers: 2·12 accumulators, two weight vectors, one broadcast.

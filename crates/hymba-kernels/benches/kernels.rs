@@ -10,7 +10,7 @@
 
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem, Layout};
-use hymba_kernels::isa::isa;
+use hymba_kernels::isa::{isa, Level};
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use hymba_kernels::testing::Rng;
 use hymba_kernels::{matmul, probe, qpanel, scan, Mat, WeightData};
@@ -49,12 +49,15 @@ fn main() {
     let bw = probe::read_bandwidth(1 << 30, 5);
     let peak = probe::fma_peak().unwrap_or(f64::NAN);
     let (bf16_peak, int8_peak) = (probe::bf16_dot_peak(), probe::int8_dot_peak());
+    // The products with bf16 inputs run on AMX tiles where the dispatch picked AMX.
+    let amx_peak = probe::amx_peak().filter(|_| isa().level() == Level::Amx);
     let shown = |p: Option<f64>| p.map_or("none".into(), |p| format!("{:.0} G", p / 1e9));
     println!(
-        "read bandwidth {:.1} GB/s, peaks: f32 FMA {:.0} GFLOP/s, bf16 dot {}FLOP/s, int8 dot {}OP/s; {} threads",
+        "read bandwidth {:.1} GB/s, peaks: f32 FMA {:.0} GFLOP/s, bf16 dot {}FLOP/s, AMX bf16 {}FLOP/s, int8 dot {}OP/s; {} threads",
         bw / 1e9,
         peak / 1e9,
         shown(bf16_peak),
+        shown(amx_peak),
         shown(int8_peak),
         rayon::current_num_threads()
     );
@@ -186,6 +189,7 @@ fn main() {
                 );
             let (ceiling, unit) = match (int8, matmul::rounds_inputs(isa(), &w, t)) {
                 (true, _) if int8_peak.is_some() => (int8_peak, "int8 dot"),
+                (false, true) if amx_peak.is_some() => (amx_peak, "AMX bf16"),
                 (false, true) if bf16_peak.is_some() => (bf16_peak, "bf16 dot"),
                 _ => (Some(peak), "f32 FMA"),
             };

@@ -41,6 +41,43 @@ impl Amx {
     }
 }
 
+impl Amx {
+    /// `iters` rounds of 12 `tdpbf16ps` into four accumulator tiles from zeroed operand tiles,
+    /// no memory: the tile unit's peak ([`crate::probe::amx_peak`]).
+    pub(crate) fn peak_loop(self, iters: usize) -> usize {
+        // SAFETY: `Amx` proves the features and the tile state; the configuration is valid.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+            asm!(
+                "tilezero tmm4",
+                "tilezero tmm5",
+                "tilezero tmm6",
+                "tilezero tmm7",
+                options(nomem, nostack)
+            );
+            for _ in 0..iters {
+                asm!(
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    options(nomem, nostack),
+                );
+            }
+            asm!("tilerelease", options(nomem, nostack));
+        }
+        iters
+    }
+}
+
 unsafe fn xcr0() -> u64 {
     let (lo, hi): (u32, u32);
     asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));

@@ -34,8 +34,13 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
 /// Instructions a second of `lane_loop(iters)` (12 a round) on every thread at once, best of 3.
 #[cfg(target_arch = "x86_64")]
 fn loop_rate(lane_loop: impl Fn(usize) -> f64 + Sync) -> f64 {
+    rounds_rate(2_000_000, lane_loop)
+}
+
+/// [`loop_rate`] over `iters` rounds.
+#[cfg(target_arch = "x86_64")]
+fn rounds_rate(iters: usize, lane_loop: impl Fn(usize) -> f64 + Sync) -> f64 {
     let threads = rayon::current_num_threads();
-    let iters = 2_000_000;
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t = Instant::now();
@@ -79,6 +84,18 @@ pub fn int8_dot_peak() -> Option<f64> {
     if let Some(k) = crate::avx512::Int8Dot::for_isa(crate::isa::isa()) {
         // SAFETY: the token proves the features.
         return Some(128.0 * loop_rate(|n| unsafe { crate::avx512::dpbusd_loop(k, n) } as f64));
+    }
+    None
+}
+
+/// Peak AMX bf16 rate in FLOP/s on all threads (`tdpbf16ps`: a 16 × 16 tile of sums of 32
+/// products, 16384 FLOP an instruction, on tile registers only): the ceiling of the products
+/// that run on AMX tiles. None where the CPU or the OS gives no AMX.
+pub fn amx_peak() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(amx) = crate::amx::Amx::detect() {
+        // An instruction takes 16 cycles: 1/16 of the vector loops' rounds.
+        return Some(16384.0 * rounds_rate(125_000, |n| amx.peak_loop(n) as f64));
     }
     None
 }

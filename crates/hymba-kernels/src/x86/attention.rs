@@ -3,9 +3,10 @@
 use super::*;
 
 /// Attention scores of `group` query heads (rows of `q`, each `dk` long) against keys at
-/// `keys[j]` (each `dk` long): `out[g·nk + j] = scale · q_g · k_j`. Keys go eight at a time:
-/// eight dot products share each query load and are reduced together, and the block of keys
-/// stays in L1 while every head of the group reads it.
+/// `keys[j]` (each `dk` long): `out[g·nk + j] = scale · q_g · k_j`. Keys go eight at a time,
+/// reduced together (`hsum8`); within a block, two keys at a time against up to five heads, so
+/// each key element is loaded (and a bf16 one widened) once for the heads rather than once a
+/// head. The block of keys stays in L1 while every head of the group reads it.
 ///
 /// Rows of a cache are strided (one position holds every head), too sparse a pattern for the
 /// hardware prefetcher to run ahead: the next block's keys are requested while this one is
@@ -23,7 +24,6 @@ pub unsafe fn attn_scores<T: KvElem>(
     out: &mut [f32],
 ) {
     let nk = keys.len();
-    let full = dk / 8 * 8;
     let size = std::mem::size_of::<T>();
     // Prefetch about 2 KiB of keys ahead: the next block of f32 keys, the one after for bf16.
     let ahead = if T::BF16 { 16 } else { 8 };
@@ -41,29 +41,75 @@ pub unsafe fn attn_scores<T: KvElem>(
         }
         // A short last block repeats its last key; those results are dropped.
         let kp: [*const T; 8] = std::array::from_fn(|i| keys[j0 + i.min(kb - 1)]);
-        for g in 0..group {
-            let qp = q.as_ptr().add(g * dk);
-            let mut acc = [_mm256_setzero_ps(); 8];
-            let mut d = 0;
-            while d < full {
-                let qv = _mm256_loadu_ps(qp.add(d));
-                for i in 0..8 {
-                    acc[i] = _mm256_fmadd_ps(qv, load8(kp[i].add(d)), acc[i]);
-                }
-                d += 8;
+        let block = Block { kp, kb, j0, nk };
+        let mut g0 = 0;
+        while g0 < group {
+            let gn = 5.min(group - g0);
+            match gn {
+                1 => scores_heads::<T, 1>(q, g0, dk, &block, scale, out),
+                2 => scores_heads::<T, 2>(q, g0, dk, &block, scale, out),
+                3 => scores_heads::<T, 3>(q, g0, dk, &block, scale, out),
+                4 => scores_heads::<T, 4>(q, g0, dk, &block, scale, out),
+                _ => scores_heads::<T, 5>(q, g0, dk, &block, scale, out),
             }
-            let mut s = [0f32; 8];
-            _mm256_storeu_ps(
-                s.as_mut_ptr(),
-                _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)),
-            );
-            for (i, si) in s.iter().enumerate().take(kb) {
-                let mut v = *si;
-                for d in full..dk {
-                    v += *qp.add(d) * (*kp[i].add(d)).widen() * scale;
-                }
-                out[g * nk + j0 + i] = v;
+            g0 += gn;
+        }
+    }
+}
+
+/// Eight keys of [`attn_scores`] (`kb` of them real), from key `j0` of `nk`.
+struct Block<T> {
+    kp: [*const T; 8],
+    kb: usize,
+    j0: usize,
+    nk: usize,
+}
+
+/// [`attn_scores`] of heads `g0..g0 + G` against one block of keys. Each (head, key) sums its
+/// lanes over `dk` in the same order as one key at a time would: the scores do not depend on
+/// how the heads are grouped.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_heads<T: KvElem, const G: usize>(
+    q: &[f32],
+    g0: usize,
+    dk: usize,
+    b: &Block<T>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let full = dk / 8 * 8;
+    let qp: [*const f32; G] = std::array::from_fn(|g| q.as_ptr().add((g0 + g) * dk));
+    let mut lanes = [[_mm256_setzero_ps(); 8]; G];
+    for i in (0..8).step_by(2) {
+        let (k0, k1) = (b.kp[i], b.kp[i + 1]);
+        let mut acc = [[_mm256_setzero_ps(); 2]; G];
+        let mut d = 0;
+        while d < full {
+            let (a0, a1) = (load8(k0.add(d)), load8(k1.add(d)));
+            for g in 0..G {
+                let qv = _mm256_loadu_ps(qp[g].add(d));
+                acc[g][0] = _mm256_fmadd_ps(qv, a0, acc[g][0]);
+                acc[g][1] = _mm256_fmadd_ps(qv, a1, acc[g][1]);
             }
+            d += 8;
+        }
+        for g in 0..G {
+            [lanes[g][i], lanes[g][i + 1]] = acc[g];
+        }
+    }
+    for g in 0..G {
+        let mut s = [0f32; 8];
+        _mm256_storeu_ps(
+            s.as_mut_ptr(),
+            _mm256_mul_ps(hsum8(lanes[g]), _mm256_set1_ps(scale)),
+        );
+        for (i, si) in s.iter().enumerate().take(b.kb) {
+            let mut v = *si;
+            for d in full..dk {
+                v += *qp[g].add(d) * (*b.kp[i].add(d)).widen() * scale;
+            }
+            out[(g0 + g) * b.nk + b.j0 + i] = v;
         }
     }
 }

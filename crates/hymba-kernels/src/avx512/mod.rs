@@ -119,8 +119,39 @@ pub(crate) fn gemm_pairs<T: PairTile>(
             // SAFETY: the token proves the features; dst has kp >= k / 2 words.
             unsafe { to_bf16_pairs(dot, src, dst) }
         });
-    let panels = n.div_ceil(PANEL);
     let out = Out(y.as_mut_ptr());
+    // A long prompt's rows go in blocks, every task over one block before the next, so that
+    // the block's inputs are still in cache for the next task's weights (prefill of 2048 tokens
+    // on AMX 5% faster). Only where the weights are read in place: rearranged ones would be
+    // rearranged again for every block.
+    let block = match w.data {
+        WeightData::BF16Pairs(_) if t >= 2 * ROW_BLOCK => ROW_BLOCK,
+        _ => t,
+    };
+    for lo in (0..t).step_by(block) {
+        let hi = (lo + block).min(t);
+        rows_by_task(dot, tile, xb, lo..hi, kp, w, &out);
+    }
+    if lines.capacity() * 16 <= PAIRS_KEEP {
+        PAIRS.set(lines);
+    }
+}
+
+/// Rows of a long product that [`gemm_pairs`] runs through every task at once.
+const ROW_BLOCK: usize = 512;
+
+/// [`gemm_pairs`] for rows `rows` of the converted input `xb`: every pair of panels a task.
+fn rows_by_task<T: PairTile>(
+    dot: Bf16Dot,
+    tile: T,
+    xb: &[u32],
+    rows: std::ops::Range<usize>,
+    kp: usize,
+    w: Mat,
+    out: &Out,
+) {
+    let (n, k) = (w.rows, w.cols);
+    let panels = n.div_ceil(PANEL);
     // Scratch for rearranging weights, made only where a task needs it: weights packed in pairs
     // need none, and zeroing it for every rayon job cost a decode step 5% (bf16, Zen 4).
     (0..panels.div_ceil(2)).into_par_iter().for_each_init(
@@ -170,9 +201,10 @@ pub(crate) fn gemm_pairs<T: PairTile>(
             let r0 = 2 * PANEL * task;
             let cols = (n - r0).min(2 * PANEL);
             let mut c = [[0f32; 32]; 32];
+            let t = rows.len();
             let per = t.div_ceil(t.div_ceil(T::ROWS));
-            for t0 in (0..t).step_by(per) {
-                let m = per.min(t - t0);
+            for t0 in rows.clone().step_by(per) {
+                let m = per.min(rows.end - t0);
                 // SAFETY: a whole tile of rows is in xb, two panels of kp pair-rows at wp.
                 unsafe { tile.tile(kp, xb[t0 * kp..].as_ptr(), m, wp, &mut c) };
                 for (i, row) in c[..m].iter().enumerate() {
@@ -190,9 +222,6 @@ pub(crate) fn gemm_pairs<T: PairTile>(
             }
         },
     );
-    if lines.capacity() * 16 <= PAIRS_KEEP {
-        PAIRS.set(lines);
-    }
 }
 
 /// Words of converted input a thread keeps between products (64 MB): longer prompts' buffers are

@@ -3,7 +3,7 @@
 //! stable, so the few tile instructions are written as inline assembly; the layout and the
 //! driver are [`crate::avx512`]'s (every AMX CPU has AVX-512 BF16).
 
-use crate::avx512::{gemm_pairs, Bf16Dot, PairTile};
+use crate::avx512::{gemm_pairs, Bf16Dot, Epilogue, PairTile};
 use crate::matmul::Mat;
 use std::arch::asm;
 use std::arch::x86_64::__cpuid_count;
@@ -32,11 +32,11 @@ impl Amx {
     /// `y[t, n] = x[t, k] · wᵀ` (see [`gemm_pairs`]), 32 input rows by 32 outputs a tile, or 16
     /// rows for up to 16 (decode: one weight tile's load a product, not two). An output's sums
     /// are the same in either: a row's products do not depend on the tile's other rows.
-    pub fn gemm(self, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
+    pub fn gemm(self, x: &[f32], t: usize, w: Mat, y: &mut [f32], epi: Epilogue) {
         if t <= 16 {
-            gemm_pairs(self.0, Tiles::<16>(self), x, t, w, y)
+            gemm_pairs(self.0, Tiles::<16>(self), x, t, w, y, epi)
         } else {
-            gemm_pairs(self.0, Tiles::<32>(self), x, t, w, y)
+            gemm_pairs(self.0, Tiles::<32>(self), x, t, w, y, epi)
         }
     }
 }

@@ -494,13 +494,14 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if rounds_inputs(isa, &w.data, t) {
         // AMX at every size, so that a row's sums do not depend on the rows beside it.
+        use crate::avx512::Epilogue::Store;
         if isa.level() == Level::Amx {
             if let Some(amx) = crate::amx::Amx::detect() {
-                return amx.gemm(x, t, w, y);
+                return amx.gemm(x, t, w, y, Store);
             }
         }
         if let Some(dot) = crate::avx512::Bf16Dot::detect() {
-            return dot.gemm(x, t, w, y);
+            return dot.gemm(x, t, w, y, Store);
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -551,6 +552,66 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
             }
         },
     );
+}
+
+/// A gated MLP's gate and up matrices (`[f, k]` each, bf16 pairs: [`pack_bf16_pairs`]) as one
+/// matrix of their panels in turn, gate's first (`out`: `2 · pairs_len(f, k)` words): the
+/// weights [`matmul_glu`] takes, so that a task's 32 outputs are 16 gate rows and the same 16
+/// up rows.
+pub fn pack_glu_pairs(gate: &[u32], up: &[u32], f: usize, k: usize, out: &mut [u32]) {
+    let len = pairs_len(f, k);
+    assert!(gate.len() == len && up.len() == len && out.len() == 2 * len);
+    let panel = PANEL * pair_words(k);
+    if panel == 0 {
+        return;
+    }
+    out.par_chunks_mut(2 * panel)
+        .zip(gate.par_chunks(panel).zip(up.par_chunks(panel)))
+        .for_each(|(o, (g, u))| {
+            o[..panel].copy_from_slice(g);
+            o[panel..].copy_from_slice(u);
+        });
+}
+
+/// `y[t, f] = silu(x · gateᵀ) ⊙ (x · upᵀ)` with gate and up laid out by [`pack_glu_pairs`]
+/// (`w`: `[2 · f rounded up to panels, k]`): one product, the activation applied to each
+/// task's sums where the bf16 pair kernels run (no `[t, f]` up product written and read
+/// back); elsewhere the whole product, then the activation. The same outputs either way.
+pub fn matmul_glu(x: &[f32], w: Mat, f: usize, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(
+        n,
+        2 * f.next_multiple_of(PANEL),
+        "matmul_glu: gate and up panels"
+    );
+    assert!(
+        matches!(w.data, WeightData::BF16Pairs(_)),
+        "matmul_glu: bf16 pairs"
+    );
+    let t = x.len().checked_div(k).unwrap_or(0);
+    assert_eq!(y.len(), t * f, "matmul_glu: output is not [{t}, {f}]");
+    #[cfg(target_arch = "x86_64")]
+    if rounds_inputs(isa(), &w.data, t) {
+        let epi = crate::avx512::Epilogue::Glu(f);
+        if isa().level() == Level::Amx {
+            if let Some(amx) = crate::amx::Amx::detect() {
+                return amx.gemm(x, t, w, y, epi);
+            }
+        }
+        if let Some(dot) = crate::avx512::Bf16Dot::detect() {
+            return dot.gemm(x, t, w, y, epi);
+        }
+    }
+    let mut both = vec![0f32; t * n];
+    matmul(x, w, &mut both);
+    for (row, out) in both.chunks_exact_mut(n).zip(y.chunks_exact_mut(f)) {
+        for (j, pair) in row.chunks_exact_mut(2 * PANEL).enumerate() {
+            let (g, u) = pair.split_at_mut(PANEL);
+            let cols = (f - PANEL * j).min(PANEL);
+            crate::act::silu_mul(&mut g[..cols], &u[..cols]);
+            out[PANEL * j..PANEL * j + cols].copy_from_slice(&g[..cols]);
+        }
+    }
 }
 
 /// Up to this many input rows (decode, batched decode) use integer dots on quantized weights;
@@ -1067,6 +1128,56 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The fused gated product gives bit for bit what the engine computed unfused: the gate
+    /// and up products, then silu(gate) ⊙ up over each row. Odd sizes: a last panel of fewer
+    /// than 16 rows, columns not a whole pair, 1-40 rows and a long prompt's row blocks.
+    #[test]
+    fn glu_product_matches_gate_and_up() {
+        let mut rng = Rng::new(23);
+        for (t, f, k) in [
+            (1, 21, 33),
+            (5, 16, 64),
+            (40, 37, 150),
+            (17, 48, 31),
+            (1030, 19, 40),
+        ] {
+            let x = rng.normal_vec(t * k, 1.0);
+            let pack = |rng: &mut Rng| {
+                let w: Vec<bf16> = rng
+                    .normal_vec(f * k, 0.5)
+                    .iter()
+                    .map(|&v| bf16::from_f32(v))
+                    .collect();
+                let mut p = vec![0u32; pairs_len(f, k)];
+                pack_bf16_pairs(&w, f, k, &mut p);
+                p
+            };
+            let (gate, up) = (pack(&mut rng), pack(&mut rng));
+            let mut both = vec![0u32; 2 * pairs_len(f, k)];
+            pack_glu_pairs(&gate, &up, f, k, &mut both);
+            let (mut g, mut u) = (vec![0.0; t * f], vec![0.0; t * f]);
+            matmul(&x, Mat::new(WeightData::BF16Pairs(&gate), f, k), &mut g);
+            matmul(&x, Mat::new(WeightData::BF16Pairs(&up), f, k), &mut u);
+            for (gr, ur) in g.chunks_exact_mut(f).zip(u.chunks_exact(f)) {
+                crate::act::silu_mul(gr, ur);
+            }
+            let mut y = vec![f32::NAN; t * f];
+            let w = Mat::new(
+                WeightData::BF16Pairs(&both),
+                2 * f.next_multiple_of(PANEL),
+                k,
+            );
+            matmul_glu(&x, w, f, &mut y);
+            let same = y.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "t={t} f={f} k={k}: fused {:?} unfused {:?}",
+                &y[..4.min(y.len())],
+                &g[..4.min(g.len())]
+            );
         }
     }
 

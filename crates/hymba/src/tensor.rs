@@ -307,6 +307,37 @@ impl Tensor {
         packed
     }
 
+    /// A gated MLP's bf16 gate and up matrices (`[f, k]` each, row-major) as one tensor for
+    /// [`matmul::matmul_glu`]: their bf16 pair panels in turn ([`matmul::pack_glu_pairs`]).
+    /// Its shape is `[2·f, k]`, the two stacked; its product runs over `2 · f` rounded up to
+    /// whole panels of rows.
+    pub fn glu_pairs(gate: &Tensor, up: &Tensor) -> Tensor {
+        assert!(
+            gate.dtype == Dtype::BF16 && gate.shape == up.shape && gate.shape.len() == 2,
+            "gate and up are bf16 matrices of one shape"
+        );
+        let (f, k) = (gate.shape[0], gate.shape[1]);
+        let (g, u) = (gate.to_panels_with(true), up.to_panels_with(true));
+        let (WeightData::BF16Pairs(gw), WeightData::BF16Pairs(uw)) = (g.data(), u.data()) else {
+            unreachable!("packed in pairs just above")
+        };
+        let len = 8 * matmul::pairs_len(f, k);
+        let owner = Owner::filled(len, |b| {
+            // SAFETY: `len` bytes, 8-aligned, viewed as u32 words (any bit pattern valid).
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u32, len / 4) };
+            matmul::pack_glu_pairs(gw, uw, f, k, out)
+        });
+        Tensor {
+            dtype: Dtype::BF16,
+            shape: vec![2 * f, k],
+            owner,
+            offset: 0,
+            len,
+            layout: Layout::Pairs,
+        }
+    }
+
     /// Whether the matrix is held in panels (see [`Tensor::to_panels`]).
     pub fn is_panels(&self) -> bool {
         self.layout != Layout::RowMajor

@@ -33,8 +33,8 @@ impl Bf16Dot {
     }
 
     /// `y[t, n] = x[t, k] · wᵀ` (see [`gemm_pairs`]), 12 input rows by 32 outputs a tile.
-    pub fn gemm(self, x: &[f32], t: usize, w: Mat, y: &mut [f32]) {
-        gemm_pairs(self, self, x, t, w, y)
+    pub fn gemm(self, x: &[f32], t: usize, w: Mat, y: &mut [f32], epi: Epilogue) {
+        gemm_pairs(self, self, x, t, w, y, epi)
     }
 
     /// One panel of [`WeightData::BF16Panels`] (`k` columns) as pairs, the layout of
@@ -85,9 +85,21 @@ pub(crate) fn gemm_pairs<T: PairTile>(
     t: usize,
     w: Mat,
     y: &mut [f32],
+    epi: Epilogue,
 ) {
     let (n, k) = (w.rows, w.cols);
-    assert!(x.len() >= t * k && y.len() >= t * n);
+    let width = match epi {
+        Epilogue::Store => n,
+        Epilogue::Glu(f) => {
+            assert_eq!(
+                n,
+                2 * f.next_multiple_of(PANEL),
+                "gate and up in pairs of panels"
+            );
+            f
+        }
+    };
+    assert!(x.len() >= t * k && y.len() >= t * width);
     if t == 0 {
         return;
     }
@@ -130,7 +142,7 @@ pub(crate) fn gemm_pairs<T: PairTile>(
     };
     for lo in (0..t).step_by(block) {
         let hi = (lo + block).min(t);
-        rows_by_task(dot, tile, xb, lo..hi, kp, w, &out);
+        rows_by_task(dot, tile, xb, lo..hi, kp, w, &out, epi);
     }
     if lines.capacity() * 16 <= PAIRS_KEEP {
         PAIRS.set(lines);
@@ -140,7 +152,19 @@ pub(crate) fn gemm_pairs<T: PairTile>(
 /// Rows of a long product that [`gemm_pairs`] runs through every task at once.
 const ROW_BLOCK: usize = 512;
 
+/// What [`gemm_pairs`] writes of a task's 32 sums a row.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue {
+    /// The sums: `y[t, n]`.
+    Store,
+    /// `silu(gate) ⊙ up` of a gated MLP whose gate and up matrices (`f` rows each) alternate
+    /// panel by panel (`matmul::pack_glu_pairs`): a task's first 16 sums are gate's rows, its
+    /// last 16 up's same rows; `y[t, f]`.
+    Glu(usize),
+}
+
 /// [`gemm_pairs`] for rows `rows` of the converted input `xb`: every pair of panels a task.
+#[allow(clippy::too_many_arguments)]
 fn rows_by_task<T: PairTile>(
     dot: Bf16Dot,
     tile: T,
@@ -149,6 +173,7 @@ fn rows_by_task<T: PairTile>(
     kp: usize,
     w: Mat,
     out: &Out,
+    epi: Epilogue,
 ) {
     let (n, k) = (w.rows, w.cols);
     let panels = n.div_ceil(PANEL);
@@ -207,6 +232,24 @@ fn rows_by_task<T: PairTile>(
                 let m = per.min(rows.end - t0);
                 // SAFETY: a whole tile of rows is in xb, two panels of kp pair-rows at wp.
                 unsafe { tile.tile(kp, xb[t0 * kp..].as_ptr(), m, wp, &mut c) };
+                if let Epilogue::Glu(f) = epi {
+                    let (j0, cols) = (PANEL * task, (f - PANEL * task).min(PANEL));
+                    for (i, row) in c[..m].iter_mut().enumerate() {
+                        // Over the real columns only: a short last panel's tail takes the
+                        // scalar path, as the end of a whole row does.
+                        let (g, u) = row.split_at_mut(PANEL);
+                        crate::act::silu_mul(&mut g[..cols], &u[..cols]);
+                        // SAFETY: outputs j0..j0 + cols of row t0 + i belong to this task only.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                g.as_ptr(),
+                                out.0.add((t0 + i) * f + j0),
+                                cols,
+                            )
+                        };
+                    }
+                    continue;
+                }
                 for (i, row) in c[..m].iter().enumerate() {
                     // SAFETY: outputs r0..r0 + cols of row t0 + i belong to this task only.
                     unsafe {

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::tensor::{Dtype, Tensor};
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
+use hymba_kernels::matmul::{Mat, PANEL};
 use hymba_kernels::{act, conv::causal_conv, matmul, norm, rope, scan};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -261,7 +262,31 @@ impl Backend for Cpu {
         })
     }
 
+    fn glu_matrices(&self, gate: Tensor, up: Tensor) -> Result<(Tensor, Tensor)> {
+        // Where products run on bf16 pairs, gate and up as one matrix of alternating panels:
+        // one product over them, its tasks applying silu(gate) ⊙ up to their own sums.
+        if gate.dtype == Dtype::BF16
+            && gate.shape == up.shape
+            && gate.shape.len() == 2
+            && !gate.is_panels()
+            && !up.is_panels()
+            && hymba_kernels::matmul::pairs_pay()
+        {
+            let k = gate.shape[1];
+            let both = Tensor::glu_pairs(&gate, &up);
+            return Ok((both, Tensor::from_bytes(Dtype::BF16, vec![0, k], &[])));
+        }
+        Ok((self.matrix(gate)?, self.matrix(up)?))
+    }
+
     fn glu(&self, x: &Vec<f32>, gate: &Tensor, up: &Tensor, out: &mut Vec<f32>) {
+        if up.numel() == 0 {
+            // `gate` holds both (`glu_matrices`).
+            let (f, k) = (gate.shape[0] / 2, gate.shape[1]);
+            let w = Mat::new(gate.data(), 2 * f.next_multiple_of(PANEL), k);
+            let t = x.len() / k.max(1);
+            return hymba_kernels::matmul::matmul_glu(x, w, f, shape(out, t * f));
+        }
         self.matmul(x, gate, out);
         with_buffers(|[u]| {
             self.matmul(x, up, u);

@@ -554,14 +554,12 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     );
 }
 
-/// A gated MLP's gate and up matrices (`[f, k]` each, bf16 pairs: [`pack_bf16_pairs`]) as one
-/// matrix of their panels in turn, gate's first (`out`: `2 · pairs_len(f, k)` words): the
-/// weights [`matmul_glu`] takes, so that a task's 32 outputs are 16 gate rows and the same 16
-/// up rows.
-pub fn pack_glu_pairs(gate: &[u32], up: &[u32], f: usize, k: usize, out: &mut [u32]) {
-    let len = pairs_len(f, k);
-    assert!(gate.len() == len && up.len() == len && out.len() == 2 * len);
-    let panel = PANEL * pair_words(k);
+/// A gated MLP's gate and up matrices, each packed in panels of 16 rows (bf16 pairs,
+/// [`pack_bf16_pairs`], or Q8_0/Q4_0 panels, [`crate::qpanel::pack`]; `panel` elements a
+/// panel), as one matrix of their panels in turn, gate's first: the weights [`matmul_glu`]
+/// takes, so that a task's 32 outputs are 16 gate rows and the same 16 up rows.
+pub fn pack_glu<T: Copy + Send + Sync>(gate: &[T], up: &[T], panel: usize, out: &mut [T]) {
+    assert!(gate.len() == up.len() && out.len() == 2 * gate.len());
     if panel == 0 {
         return;
     }
@@ -573,7 +571,7 @@ pub fn pack_glu_pairs(gate: &[u32], up: &[u32], f: usize, k: usize, out: &mut [u
         });
 }
 
-/// `y[t, f] = silu(x · gateᵀ) ⊙ (x · upᵀ)` with gate and up laid out by [`pack_glu_pairs`]
+/// `y[t, f] = silu(x · gateᵀ) ⊙ (x · upᵀ)` with gate and up laid out by [`pack_glu`]
 /// (`w`: `[2 · f rounded up to panels, k]`): one product, the activation applied to each
 /// task's sums where the bf16 pair kernels run (no `[t, f]` up product written and read
 /// back); elsewhere the whole product, then the activation. The same outputs either way.
@@ -585,8 +583,11 @@ pub fn matmul_glu(x: &[f32], w: Mat, f: usize, y: &mut [f32]) {
         "matmul_glu: gate and up panels"
     );
     assert!(
-        matches!(w.data, WeightData::BF16Pairs(_)),
-        "matmul_glu: bf16 pairs"
+        matches!(
+            w.data,
+            WeightData::BF16Pairs(_) | WeightData::Q8_0Panels(_) | WeightData::Q4_0Panels(_)
+        ),
+        "matmul_glu: weights in panels"
     );
     let t = x.len().checked_div(k).unwrap_or(0);
     assert_eq!(y.len(), t * f, "matmul_glu: output is not [{t}, {f}]");
@@ -1138,46 +1139,89 @@ mod tests {
     fn glu_product_matches_gate_and_up() {
         let mut rng = Rng::new(23);
         for (t, f, k) in [
-            (1, 21, 33),
+            (1, 21, 64),
             (5, 16, 64),
-            (40, 37, 150),
-            (17, 48, 31),
-            (1030, 19, 40),
+            (40, 37, 160),
+            (70, 48, 96),
+            (17, 33, 32),
+            (1030, 19, 64),
         ] {
             let x = rng.normal_vec(t * k, 1.0);
-            let pack = |rng: &mut Rng| {
-                let w: Vec<bf16> = rng
-                    .normal_vec(f * k, 0.5)
-                    .iter()
-                    .map(|&v| bf16::from_f32(v))
-                    .collect();
+            let (gf, uf) = (rng.normal_vec(f * k, 0.5), rng.normal_vec(f * k, 0.5));
+            let bf = |w: &[f32]| -> Vec<u32> {
+                let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
                 let mut p = vec![0u32; pairs_len(f, k)];
                 pack_bf16_pairs(&w, f, k, &mut p);
                 p
             };
-            let (gate, up) = (pack(&mut rng), pack(&mut rng));
-            let mut both = vec![0u32; 2 * pairs_len(f, k)];
-            pack_glu_pairs(&gate, &up, f, k, &mut both);
-            let (mut g, mut u) = (vec![0.0; t * f], vec![0.0; t * f]);
-            matmul(&x, Mat::new(WeightData::BF16Pairs(&gate), f, k), &mut g);
-            matmul(&x, Mat::new(WeightData::BF16Pairs(&up), f, k), &mut u);
-            for (gr, ur) in g.chunks_exact_mut(f).zip(u.chunks_exact(f)) {
-                crate::act::silu_mul(gr, ur);
+            let q8 = |w: &[f32]| {
+                let mut b = vec![crate::quant::BlockQ8_0::default(); w.len() / QK];
+                crate::quant::quantize_q8_0(w, &mut b);
+                let mut p = vec![Default::default(); crate::qpanel::panels_len(f, k)];
+                crate::qpanel::pack(&b, f, k, &mut p);
+                p
+            };
+            let q4 = |w: &[f32]| {
+                let mut b = vec![crate::quant::BlockQ4_0::default(); w.len() / QK];
+                crate::quant::quantize_q4_0(w, &mut b);
+                let mut p = vec![Default::default(); crate::qpanel::panels_len(f, k)];
+                crate::qpanel::pack(&b, f, k, &mut p);
+                p
+            };
+            fn both<T: Copy + Default + Send + Sync>(g: &[T], u: &[T], panel: usize) -> Vec<T> {
+                let mut o = vec![T::default(); 2 * g.len()];
+                pack_glu(g, u, panel, &mut o);
+                o
             }
-            let mut y = vec![f32::NAN; t * f];
-            let w = Mat::new(
-                WeightData::BF16Pairs(&both),
-                2 * f.next_multiple_of(PANEL),
-                k,
+            let (gb, ub) = (bf(&gf), bf(&uf));
+            let (g8, u8): (Vec<crate::qpanel::PanelQ8_0>, _) = (q8(&gf), q8(&uf));
+            let (g4, u4): (Vec<crate::qpanel::PanelQ4_0>, _) = (q4(&gf), q4(&uf));
+            let (bb, b8, b4) = (
+                both(&gb, &ub, PANEL * pair_words(k)),
+                both(&g8, &u8, k / QK),
+                both(&g4, &u4, k / QK),
             );
-            matmul_glu(&x, w, f, &mut y);
-            let same = y.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same,
-                "t={t} f={f} k={k}: fused {:?} unfused {:?}",
-                &y[..4.min(y.len())],
-                &g[..4.min(g.len())]
-            );
+            for (name, gate, up, merged) in [
+                (
+                    "bf16",
+                    WeightData::BF16Pairs(&gb),
+                    WeightData::BF16Pairs(&ub),
+                    WeightData::BF16Pairs(&bb),
+                ),
+                (
+                    "q8_0",
+                    WeightData::Q8_0Panels(&g8),
+                    WeightData::Q8_0Panels(&u8),
+                    WeightData::Q8_0Panels(&b8),
+                ),
+                (
+                    "q4_0",
+                    WeightData::Q4_0Panels(&g4),
+                    WeightData::Q4_0Panels(&u4),
+                    WeightData::Q4_0Panels(&b4),
+                ),
+            ] {
+                let (mut g, mut u) = (vec![0.0; t * f], vec![0.0; t * f]);
+                matmul(&x, Mat::new(gate, f, k), &mut g);
+                matmul(&x, Mat::new(up, f, k), &mut u);
+                for (gr, ur) in g.chunks_exact_mut(f).zip(u.chunks_exact(f)) {
+                    crate::act::silu_mul(gr, ur);
+                }
+                let mut y = vec![f32::NAN; t * f];
+                matmul_glu(
+                    &x,
+                    Mat::new(merged, 2 * f.next_multiple_of(PANEL), k),
+                    f,
+                    &mut y,
+                );
+                let same = y.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{name} t={t} f={f} k={k}: fused {:?} unfused {:?}",
+                    &y[..4],
+                    &g[..4]
+                );
+            }
         }
     }
 

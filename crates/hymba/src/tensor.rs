@@ -307,34 +307,44 @@ impl Tensor {
         packed
     }
 
-    /// A gated MLP's bf16 gate and up matrices (`[f, k]` each, row-major) as one tensor for
-    /// [`matmul::matmul_glu`]: their bf16 pair panels in turn ([`matmul::pack_glu_pairs`]).
-    /// Its shape is `[2·f, k]`, the two stacked; its product runs over `2 · f` rounded up to
-    /// whole panels of rows.
-    pub fn glu_pairs(gate: &Tensor, up: &Tensor) -> Tensor {
+    /// A gated MLP's gate and up matrices (`[f, k]` each, row-major, bf16, Q8_0 or Q4_0) as
+    /// one tensor for [`matmul::matmul_glu`]: packed as [`Tensor::to_panels`] packs them (bf16
+    /// in pairs), their panels in turn ([`matmul::pack_glu`]). Its shape is `[2·f, k]`, the
+    /// two stacked; its product runs over `2 · f` rounded up to whole panels of rows.
+    pub fn glu_panels(gate: &Tensor, up: &Tensor) -> Tensor {
         assert!(
-            gate.dtype == Dtype::BF16 && gate.shape == up.shape && gate.shape.len() == 2,
-            "gate and up are bf16 matrices of one shape"
+            gate.dtype == up.dtype && gate.shape == up.shape && gate.shape.len() == 2,
+            "gate and up are matrices of one type and shape"
         );
         let (f, k) = (gate.shape[0], gate.shape[1]);
         let (g, u) = (gate.to_panels_with(true), up.to_panels_with(true));
-        let (WeightData::BF16Pairs(gw), WeightData::BF16Pairs(uw)) = (g.data(), u.data()) else {
-            unreachable!("packed in pairs just above")
+        fn merged<T: Copy + Send + Sync>(g: &[T], u: &[T], panel: usize) -> (Owner, usize) {
+            let len = 2 * std::mem::size_of_val(g);
+            let owner = Owner::filled(len, |b| {
+                // SAFETY: `len` bytes, 8-aligned, viewed as 2·|g| panel elements (plain data
+                // with alignment at most 4, any bit pattern valid: each is overwritten).
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut T, 2 * g.len())
+                };
+                matmul::pack_glu(g, u, panel, out)
+            });
+            (owner, len)
+        }
+        let (owner, len) = match (g.data(), u.data()) {
+            (WeightData::BF16Pairs(g), WeightData::BF16Pairs(u)) => {
+                merged(g, u, matmul::PANEL * matmul::pair_words(k))
+            }
+            (WeightData::Q8_0Panels(g), WeightData::Q8_0Panels(u)) => merged(g, u, k / QK),
+            (WeightData::Q4_0Panels(g), WeightData::Q4_0Panels(u)) => merged(g, u, k / QK),
+            _ => panic!("only bf16, Q8_0 and Q4_0 matrices are packed"),
         };
-        let len = 8 * matmul::pairs_len(f, k);
-        let owner = Owner::filled(len, |b| {
-            // SAFETY: `len` bytes, 8-aligned, viewed as u32 words (any bit pattern valid).
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u32, len / 4) };
-            matmul::pack_glu_pairs(gw, uw, f, k, out)
-        });
         Tensor {
-            dtype: Dtype::BF16,
+            dtype: gate.dtype,
             shape: vec![2 * f, k],
             owner,
             offset: 0,
             len,
-            layout: Layout::Pairs,
+            layout: g.layout,
         }
     }
 

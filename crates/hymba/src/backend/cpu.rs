@@ -265,15 +265,21 @@ impl Backend for Cpu {
     fn glu_matrices(&self, gate: Tensor, up: Tensor) -> Result<(Tensor, Tensor)> {
         // Where products run on bf16 pairs, gate and up as one matrix of alternating panels:
         // one product over them, its tasks applying silu(gate) ⊙ up to their own sums.
-        if gate.dtype == Dtype::BF16
+        let packs = match gate.dtype {
+            Dtype::BF16 => true,
+            Dtype::Q8_0 | Dtype::Q4_0 => matmul::quant_panels_pay(),
+            _ => false,
+        };
+        if packs
+            && gate.dtype == up.dtype
             && gate.shape == up.shape
             && gate.shape.len() == 2
             && !gate.is_panels()
             && !up.is_panels()
-            && hymba_kernels::matmul::pairs_pay()
+            && matmul::pairs_pay()
         {
             let k = gate.shape[1];
-            let both = Tensor::glu_pairs(&gate, &up);
+            let both = Tensor::glu_panels(&gate, &up);
             return Ok((both, Tensor::from_bytes(Dtype::BF16, vec![0, k], &[])));
         }
         Ok((self.matrix(gate)?, self.matrix(up)?))

@@ -241,11 +241,14 @@ fn rows_by_task<T: PairTile>(
                         crate::act::silu_mul(&mut g[..cols], &u[..cols]);
                         // SAFETY: outputs j0..j0 + cols of row t0 + i belong to this task only.
                         unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                g.as_ptr(),
-                                out.0.add((t0 + i) * f + j0),
-                                cols,
-                            )
+                            let dst = out.0.add((t0 + i) * f + j0);
+                            if cols == PANEL {
+                                // One fixed-size move, not a memcpy call.
+                                dst.cast::<[f32; PANEL]>()
+                                    .write_unaligned(*g.as_ptr().cast::<[f32; PANEL]>());
+                            } else {
+                                std::ptr::copy_nonoverlapping(g.as_ptr(), dst, cols);
+                            }
                         };
                     }
                     continue;

@@ -492,17 +492,9 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if rounds_inputs(isa, &w.data, t) {
-        // AMX at every size, so that a row's sums do not depend on the rows beside it.
-        use crate::avx512::Epilogue::Store;
-        if isa.level() == Level::Amx {
-            if let Some(amx) = crate::amx::Amx::detect() {
-                return amx.gemm(x, t, w, y, Store);
-            }
-        }
-        if let Some(dot) = crate::avx512::Bf16Dot::detect() {
-            return dot.gemm(x, t, w, y, Store);
-        }
+    if rounds_inputs(isa, &w.data, t) && pairs_gemm(isa, x, t, w, y, crate::avx512::Epilogue::Store)
+    {
+        return;
     }
     #[cfg(target_arch = "x86_64")]
     if let (true, WeightData::BF16Panels(d)) = (isa.has_avx2(), w.data) {
@@ -554,6 +546,38 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: Mat, y: &mut [f32]) {
     );
 }
 
+/// The product on the bf16 pair kernels, if this CPU has them: AMX at every size, so that a
+/// row's sums do not depend on the rows beside it, else AVX-512 BF16. Whether it ran.
+#[cfg(target_arch = "x86_64")]
+fn pairs_gemm(
+    isa: Isa,
+    x: &[f32],
+    t: usize,
+    w: Mat,
+    y: &mut [f32],
+    epi: crate::avx512::Epilogue,
+) -> bool {
+    if isa.level() == Level::Amx {
+        if let Some(amx) = crate::amx::Amx::detect() {
+            amx.gemm(x, t, w, y, epi);
+            return true;
+        }
+    }
+    if let Some(dot) = crate::avx512::Bf16Dot::detect() {
+        dot.gemm(x, t, w, y, epi);
+        return true;
+    }
+    false
+}
+
+/// `silu(gate) ⊙ up` of one task's 32 sums of [`matmul_glu`] (16 gate rows, then the same 16
+/// up rows) into the first `cols`. Over the real columns only: a short last panel's tail takes
+/// the scalar path, as the end of a whole row does in the unfused product.
+pub(crate) fn glu_sums(pair: &mut [f32], cols: usize) {
+    let (g, u) = pair.split_at_mut(PANEL);
+    crate::act::silu_mul(&mut g[..cols], &u[..cols]);
+}
+
 /// A gated MLP's gate and up matrices, each packed in panels of 16 rows (bf16 pairs,
 /// [`pack_bf16_pairs`], or Q8_0/Q4_0 panels, [`crate::qpanel::pack`]; `panel` elements a
 /// panel), as one matrix of their panels in turn, gate's first: the weights [`matmul_glu`]
@@ -574,8 +598,9 @@ pub fn pack_glu<T: Copy + Send + Sync>(gate: &[T], up: &[T], panel: usize, out: 
 /// `y[t, f] = silu(x · gateᵀ) ⊙ (x · upᵀ)` with gate and up laid out by [`pack_glu`]
 /// (`w`: `[2 · f rounded up to panels, k]`): one product, the activation applied to each
 /// task's sums where the bf16 pair kernels run (no `[t, f]` up product written and read
-/// back); elsewhere the whole product, then the activation. The same outputs either way.
-pub fn matmul_glu(x: &[f32], w: Mat, f: usize, y: &mut [f32]) {
+/// back); elsewhere the whole product (in `scratch`, which keeps its storage for the next
+/// call), then the activation. The same outputs either way.
+pub fn matmul_glu(x: &[f32], w: Mat, f: usize, y: &mut [f32], scratch: &mut Vec<f32>) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(
         n,
@@ -592,25 +617,19 @@ pub fn matmul_glu(x: &[f32], w: Mat, f: usize, y: &mut [f32]) {
     let t = x.len().checked_div(k).unwrap_or(0);
     assert_eq!(y.len(), t * f, "matmul_glu: output is not [{t}, {f}]");
     #[cfg(target_arch = "x86_64")]
-    if rounds_inputs(isa(), &w.data, t) {
-        let epi = crate::avx512::Epilogue::Glu(f);
-        if isa().level() == Level::Amx {
-            if let Some(amx) = crate::amx::Amx::detect() {
-                return amx.gemm(x, t, w, y, epi);
-            }
-        }
-        if let Some(dot) = crate::avx512::Bf16Dot::detect() {
-            return dot.gemm(x, t, w, y, epi);
-        }
+    if rounds_inputs(isa(), &w.data, t)
+        && pairs_gemm(isa(), x, t, w, y, crate::avx512::Epilogue::Glu(f))
+    {
+        return;
     }
-    let mut both = vec![0f32; t * n];
-    matmul(x, w, &mut both);
+    scratch.resize(t * n, 0.0);
+    let both = &mut scratch[..t * n];
+    matmul(x, w, both);
     for (row, out) in both.chunks_exact_mut(n).zip(y.chunks_exact_mut(f)) {
         for (j, pair) in row.chunks_exact_mut(2 * PANEL).enumerate() {
-            let (g, u) = pair.split_at_mut(PANEL);
             let cols = (f - PANEL * j).min(PANEL);
-            crate::act::silu_mul(&mut g[..cols], &u[..cols]);
-            out[PANEL * j..PANEL * j + cols].copy_from_slice(&g[..cols]);
+            glu_sums(pair, cols);
+            out[PANEL * j..PANEL * j + cols].copy_from_slice(&pair[..cols]);
         }
     }
 }
@@ -1208,12 +1227,8 @@ mod tests {
                     crate::act::silu_mul(gr, ur);
                 }
                 let mut y = vec![f32::NAN; t * f];
-                matmul_glu(
-                    &x,
-                    Mat::new(merged, 2 * f.next_multiple_of(PANEL), k),
-                    f,
-                    &mut y,
-                );
+                let w = Mat::new(merged, 2 * f.next_multiple_of(PANEL), k);
+                matmul_glu(&x, w, f, &mut y, &mut Vec::new());
                 let same = y.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(
                     same,

@@ -235,10 +235,8 @@ fn rows_by_task<T: PairTile>(
                 if let Epilogue::Glu(f) = epi {
                     let (j0, cols) = (PANEL * task, (f - PANEL * task).min(PANEL));
                     for (i, row) in c[..m].iter_mut().enumerate() {
-                        // Over the real columns only: a short last panel's tail takes the
-                        // scalar path, as the end of a whole row does.
-                        let (g, u) = row.split_at_mut(PANEL);
-                        crate::act::silu_mul(&mut g[..cols], &u[..cols]);
+                        crate::matmul::glu_sums(row, cols);
+                        let g = &row[..PANEL];
                         // SAFETY: outputs j0..j0 + cols of row t0 + i belong to this task only.
                         unsafe {
                             let dst = out.0.add((t0 + i) * f + j0);

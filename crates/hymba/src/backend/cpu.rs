@@ -291,7 +291,8 @@ impl Backend for Cpu {
             let (f, k) = (gate.shape[0] / 2, gate.shape[1]);
             let w = Mat::new(gate.data(), 2 * f.next_multiple_of(PANEL), k);
             let t = x.len() / k.max(1);
-            return hymba_kernels::matmul::matmul_glu(x, w, f, shape(out, t * f));
+            let out = shape(out, t * f);
+            return with_buffers(|[both]| matmul::matmul_glu(x, w, f, out, both));
         }
         self.matmul(x, gate, out);
         with_buffers(|[u]| {

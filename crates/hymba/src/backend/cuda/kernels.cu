@@ -111,6 +111,24 @@ __device__ __forceinline__ void grid_dep() {
     wait_prior();
 }
 
+#if __CUDA_ARCH__ >= 800
+// The shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ u32 shared_addr(const void* p) {
+    u32 d;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(p));
+    return d;
+}
+// 16 bytes from global to shared memory at `dst`, not through registers (cp.async, cached in L2
+// only); zeros where `bytes` is 0.
+__device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// Until at most N of this thread's groups of copies are in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+#endif
+
 // out[i, :] = table[ids[i], :]
 template <typename T>
 __device__ void embed(float* out, const T* table, const u32* ids, int d) {
@@ -759,13 +777,17 @@ __device__ void merge_splits_if_last(const float* part, int* count, int t, int h
 // window layer, t - s <= window or s < meta. Block x is a row of the step: its sequence gives
 // the positions and the sources (meta prefix, store: `past[2 seq..]`; this call's rows).
 // DVL: value columns a lane (dv <= 32 · DVL).
+// Stages of a warp's keys in flight (`attention_rows` over bf16 sources): each ATTN_KEYS keys
+// with their values and positions.
+#define ATTN_STAGES 4
 template <int DVL>
 __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs, const int* row_seq,
                                const KvSrc* past, const float* new_k, const float* new_v, int global_, int meta, float scale,
-                               int splits, float* out, float* part, int* count) {
+                               int splits, float* out, float* part, int* count, int staged) {
     __shared__ float qs[256];
     __shared__ float wm[4], wl[4];
     __shared__ float wacc[4][256];
+    extern __shared__ __align__(16) unsigned char att_smem[];
     int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int seq = row_seq[t];
@@ -784,11 +806,97 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
     __syncthreads();
     float m = NEG_INF, l = 0.0f, acc[DVL];
     for (int j = 0; j < DVL; j++) acc[j] = 0.0f;
+    // The online softmax over ATTN_KEYS keys i0, i0 + 4, … (< b) with positions sp, partial
+    // scores sc (this lane's dimensions) and values vv (this lane's columns).
+    auto consume = [&](int i0, int b, const int* sp, float* sc, float (*vv)[DVL]) {
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < ATTN_KEYS; u++) {
+            bool seen = i0 + 4 * u < b && sp[u] >= 0 && sp[u] <= tq && (global_ || tq - sp[u] <= window || sp[u] < meta);
+            sc[u] = warp_sum(sc[u]);
+            sc[u] = seen ? sc[u] : NEG_INF;
+            mn = fmaxf(mn, sc[u]);
+        }
+        if (mn == NEG_INF) return;
+        float corr = expf(m - mn);
+        l *= corr;
+#pragma unroll
+        for (int j = 0; j < DVL; j++) acc[j] *= corr;
+#pragma unroll
+        for (int u = 0; u < ATTN_KEYS; u++) {
+            if (sc[u] == NEG_INF) continue;  // the same in every lane
+            float pw = expf(sc[u] - mn);
+            l += pw;
+#pragma unroll
+            for (int j = 0; j < DVL; j++) acc[j] += pw * vv[u][j];
+        }
+        m = mn;
+    };
+    // A staged key: dk then dv bf16 values, in 16-byte chunks.
+    int kc = dk / 8, per_key = kc + dv / 8, stage_len = ATTN_KEYS * per_key * 8;
+    bf16_t* wst = (bf16_t*)att_smem + warp * ATTN_STAGES * stage_len;
+    int* wpos = (int*)(att_smem + 8 * ATTN_STAGES * stage_len) + warp * ATTN_STAGES * ATTN_KEYS;
     int lo = z * per_split, hi = lo + per_split, base = 0;
     for (int si = 0; si < 3; si++) {
         KvSrc s = si == 0 ? s0 : (si == 1 ? s1 : s2);
         int a = max(lo - base, 0), b = min(hi - base, s.rows);
         base += s.rows;
+#if __CUDA_ARCH__ >= 800
+        // A bf16 source with 16-byte rows: the warp's keys come through shared memory by
+        // cp.async, ATTN_STAGES batches in flight, so a batch waits for its loads only when the
+        // ones before it have been used (the sums below run as in the loop after).
+        if (staged && s.bf16 && s.k_stride % 8 == 0 && s.v_stride % 8 == 0 && (((unsigned long)s.k | (unsigned long)s.v) & 15) == 0) {
+            int n_it = b - a > warp ? (b - a - warp + 4 * ATTN_KEYS - 1) / (4 * ATTN_KEYS) : 0;
+            auto issue = [&](int it) {
+                if (it < n_it) {
+                    int i0 = a + warp + it * 4 * ATTN_KEYS, st = it % ATTN_STAGES;
+                    bf16_t* dst = wst + st * stage_len;
+                    for (int c = lane; c < ATTN_KEYS * per_key; c += 32) {
+                        int u = c / per_key, r = c % per_key;
+                        long i = min(i0 + 4 * u, b - 1);
+                        const bf16_t* src = r < kc ? (const bf16_t*)s.k + i * s.k_stride + (long)kh * dk + 8 * r
+                                                   : (const bf16_t*)s.v + i * s.v_stride + (long)kh * dv + 8 * (r - kc);
+                        cp_async16_at(shared_addr(dst + c * 8), src, 16);
+                    }
+                    if (lane < ATTN_KEYS) {
+                        int i = min(i0 + 4 * lane, b - 1);
+                        int* pd = wpos + st * ATTN_KEYS + lane;
+                        if (s.pos) asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(shared_addr(pd)), "l"(s.pos + i) : "memory");
+                        else *pd = s.pos0 + i;
+                    }
+                }
+                cp_async_commit();
+            };
+            for (int it = 0; it < ATTN_STAGES - 1; it++) issue(it);
+            for (int it = 0; it < n_it; it++) {
+                issue(it + ATTN_STAGES - 1);
+                cp_async_wait<ATTN_STAGES - 1>();
+                __syncwarp();
+                int i0 = a + warp + it * 4 * ATTN_KEYS, st = it % ATTN_STAGES;
+                const bf16_t* cur = wst + st * stage_len;
+                int sp[ATTN_KEYS];
+                float sc[ATTN_KEYS], vv[ATTN_KEYS][DVL];
+#pragma unroll
+                for (int u = 0; u < ATTN_KEYS; u++) {
+                    sp[u] = wpos[st * ATTN_KEYS + u];
+                    sc[u] = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < DVL; j++) {
+                        int col = lane + 32 * j;
+                        vv[u][j] = col < dv ? bf16_to_f32(cur[u * per_key * 8 + dk + col]) : 0.0f;
+                    }
+                }
+                for (int j = lane; j < dk; j += 32) {
+                    float qj = qs[j];
+#pragma unroll
+                    for (int u = 0; u < ATTN_KEYS; u++) sc[u] += qj * bf16_to_f32(cur[u * per_key * 8 + j]);
+                }
+                __syncwarp();  // the stage is free for the batch ATTN_STAGES on
+                consume(i0, b, sp, sc, vv);
+            }
+            continue;
+        }
+#endif
         // ATTN_KEYS of this warp's keys at a time: their positions, keys and values are all
         // asked for before any is used (a memory round trip a batch rather than two a key).
         for (int i0 = a + warp; i0 < b; i0 += 4 * ATTN_KEYS) {
@@ -814,28 +922,7 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
                     sc[u] += qj * kv_at(s.k, s.bf16, i * s.k_stride + (long)kh * dk + j);
                 }
             }
-            float mn = m;
-#pragma unroll
-            for (int u = 0; u < ATTN_KEYS; u++) {
-                bool seen = i0 + 4 * u < b && sp[u] >= 0 && sp[u] <= tq && (global_ || tq - sp[u] <= window || sp[u] < meta);
-                sc[u] = warp_sum(sc[u]);
-                sc[u] = seen ? sc[u] : NEG_INF;
-                mn = fmaxf(mn, sc[u]);
-            }
-            if (mn == NEG_INF) continue;
-            float corr = expf(m - mn);
-            l *= corr;
-#pragma unroll
-            for (int j = 0; j < DVL; j++) acc[j] *= corr;
-#pragma unroll
-            for (int u = 0; u < ATTN_KEYS; u++) {
-                if (sc[u] == NEG_INF) continue;  // the same in every lane
-                float pw = expf(sc[u] - mn);
-                l += pw;
-#pragma unroll
-                for (int j = 0; j < DVL; j++) acc[j] += pw * vv[u][j];
-            }
-            m = mn;
+            consume(i0, b, sp, sc, vv);
         }
     }
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
@@ -864,17 +951,20 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
         merge_splits_if_last(part, count + (long)t * heads + h, t, heads, h, 1, splits, used, dv, out);
     }
 }
-extern "C" __global__ void attention_4(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs, const int* row_seq,
+// Five blocks a multiprocessor (96 registers, no spills): left to itself the compiler takes 161
+// for the staged loop, and a one-row step's 550 blocks (25 heads × 22 splits) would need a
+// second wave.
+extern "C" __global__ void __launch_bounds__(128, 5) attention_4(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs, const int* row_seq,
                                        const KvSrc* past, const float* new_k, const float* new_v, int global_, int meta, float scale,
-                                       int splits, float* out, float* part, int* count) {
+                                       int splits, float* out, float* part, int* count, int staged) {
     grid_dep();
-    attention_rows<4>(q, heads, kv_heads, dk, dv, seqs, row_seq, past, new_k, new_v, global_, meta, scale, splits, out, part, count);
+    attention_rows<4>(q, heads, kv_heads, dk, dv, seqs, row_seq, past, new_k, new_v, global_, meta, scale, splits, out, part, count, staged);
 }
 extern "C" __global__ void attention_8(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs, const int* row_seq,
                                        const KvSrc* past, const float* new_k, const float* new_v, int global_, int meta, float scale,
-                                       int splits, float* out, float* part, int* count) {
+                                       int splits, float* out, float* part, int* count, int staged) {
     grid_dep();
-    attention_rows<8>(q, heads, kv_heads, dk, dv, seqs, row_seq, past, new_k, new_v, global_, meta, scale, splits, out, part, count);
+    attention_rows<8>(q, heads, kv_heads, dk, dv, seqs, row_seq, past, new_k, new_v, global_, meta, scale, splits, out, part, count, staged);
 }
 
 // Attention of many sequences' decode rows (a large batch): block (row, K/V head, split), the q
@@ -1232,12 +1322,6 @@ __device__ __forceinline__ uint4 kv_bits8(const void* p, int bf16, long i) {
     return r;
 }
 #if __CUDA_ARCH__ >= 800
-// The shared-memory address of a generic pointer into shared memory.
-__device__ __forceinline__ u32 shared_addr(const void* p) {
-    u32 d;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(p));
-    return d;
-}
 // A fragments' worth of 8×8 tiles of a row-major bf16 matrix in shared memory, as they are
 // (ldmatrix): lanes 8i..8i+7 point at the rows of tile i; thread t gets of tile i the elements of
 // row t / 4, columns 2 (t % 4) and 2 (t % 4) + 1.
@@ -1259,15 +1343,6 @@ __device__ __forceinline__ void ldmatrix_t4(const bf16_t* row, u32* b) {
 }
 #endif
 
-#if __CUDA_ARCH__ >= 800
-// 16 bytes from global to shared memory at `dst`, not through registers (cp.async, cached in L2
-// only); zeros where `bytes` is 0.
-__device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-#endif
 
 // One block of keys of `attention_mma` in shared memory (bf16), with their positions.
 template <int DK, int DV>

@@ -547,6 +547,14 @@ fn mma_smem(dk: usize, dv: usize) -> usize {
     2 * (2 * MMA_KEYS * (dk + 8 + dv + 8) + 4 * MMA_KEYS)
 }
 
+/// Keys of a decode attention warp in flight (kernels.cu's ATTN_STAGES batches of ATTN_KEYS), and
+/// their shared memory (four warps): the keys' K and V rows in bf16 and their positions.
+const ATTN_STAGES: usize = 4;
+const ATTN_KEYS: usize = 2;
+fn staged_smem(dk: usize, dv: usize) -> usize {
+    4 * ATTN_STAGES * ATTN_KEYS * (2 * (dk + dv) + 4)
+}
+
 /// Sequences longer than this take the tiled (flash) attention; shorter ones (decode) the
 /// split-K kernel.
 const TILED_FROM: usize = 8;
@@ -2608,6 +2616,10 @@ impl Backend for Cuda {
             }
             let cp = self.table(&scratch.split_count, 0);
             let zs = splits as i32;
+            // The per-q-head kernel's bf16 sources through shared memory (`attention_rows`).
+            let staged = (at.kv_dtype == KvDtype::BF16
+                && hd.dk.is_multiple_of(8)
+                && hd.dv.is_multiple_of(8)) as i32;
             let (kernel, cfg) = if let Some(k) = gqa_mma {
                 let cfg = LaunchConfig {
                     grid_dim: (t as u32, hd.kv as u32, splits as u32),
@@ -2629,7 +2641,11 @@ impl Backend for Cuda {
                 let cfg = LaunchConfig {
                     grid_dim: (t as u32, hd.q as u32, splits as u32),
                     block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
+                    shared_mem_bytes: if staged != 0 {
+                        staged_smem(hd.dk, hd.dv) as u32
+                    } else {
+                        0
+                    },
                 };
                 (&self.k.attention[(hd.dv > 128) as usize], cfg)
             };
@@ -2644,6 +2660,8 @@ impl Backend for Cuda {
                 ];
             } else if gqa {
                 args.push(&min_keys);
+            } else {
+                args.push(&staged);
             }
             self.launch(kernel, cfg, &args);
         }

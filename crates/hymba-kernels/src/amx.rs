@@ -1,6 +1,8 @@
 //! AMX-BF16 kernels (Intel Sapphire Rapids and later): the prefill GEMM on tile registers, each
-//! `tdpbf16ps` a 16 × 16 block of f32 sums over 32 bf16 products. Rust's AMX intrinsics are not
-//! stable, so the few tile instructions are written as inline assembly; the layout and the
+//! `tdpbf16ps` a 16 × 16 block of f32 sums over 32 bf16 products, and a prefill tile's attention
+//! scores and values over bf16 K/V, whose f32 operands (queries, softmax weights) go in as
+//! several bf16 terms so the sums stay those of f32 attention. Rust's AMX intrinsics are not
+//! stable, so the few tile instructions are written as inline assembly; the GEMM's layout and
 //! driver are [`crate::avx512`]'s (every AMX CPU has AVX-512 BF16).
 
 use crate::avx512::{gemm_pairs, Bf16Dot, Epilogue, PairTile};
@@ -193,5 +195,389 @@ impl<const R: usize> PairTile for Tiles<R> {
             );
         }
         asm!("tilerelease", options(nomem, nostack));
+    }
+}
+
+/// Scratch of [`Amx::attn_values`] and [`Amx::attn_scores`], kept by each thread: the f32
+/// operand's bf16 terms, and the values as pairs of keys (the keys as pairs of dimensions).
+struct ValueTiles {
+    hi: Vec<u16>,
+    lo: Vec<u16>,
+    lo2: Vec<u16>,
+    pairs: Vec<u32>,
+}
+
+thread_local! {
+    static VALUE_TILES: std::cell::RefCell<ValueTiles> = const {
+        std::cell::RefCell::new(ValueTiles { hi: Vec::new(), lo: Vec::new(), lo2: Vec::new(), pairs: Vec::new() })
+    };
+}
+
+impl Amx {
+    /// `out[g, :] = Σ_j p[g, j] · v_j` over bf16 value rows (`vals[j]`, `dv` a multiple of 16),
+    /// for `group` weight rows of `vals.len()` weights each (what
+    /// `crate::avx512::Avx512::attn_values` computes), on tiles: each weight as two bf16 terms
+    /// (`hi` its rounding, `lo` the rounding of what is left), so the products are those of the
+    /// f32 weight to about 2^-16 of it, and the values as pairs of keys, 32 keys a k step.
+    ///
+    /// # Safety
+    /// Each `vals[j]` must point to `dv` readable bf16 values; `p` holds `group · vals.len()`,
+    /// `out` `group · dv` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn attn_values(
+        self,
+        p: &[f32],
+        group: usize,
+        dv: usize,
+        vals: &[*const u16],
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let nk = vals.len();
+        debug_assert!(dv.is_multiple_of(16) && p.len() >= group * nk && out.len() >= group * dv);
+        let (kp, mp) = (nk.next_multiple_of(32), group.next_multiple_of(16));
+        VALUE_TILES.with_borrow_mut(|s| {
+            s.hi.clear();
+            s.hi.resize(mp * kp, 0);
+            s.lo.clear();
+            s.lo.resize(mp * kp, 0);
+            let dvp = dv.next_multiple_of(32);
+            s.pairs.clear();
+            s.pairs.resize(kp / 2 * dvp, 0);
+            // The weights: rows of kp bf16 (zeros past nk and past the group's rows).
+            for g in 0..group {
+                split_terms(
+                    p.as_ptr().add(g * nk),
+                    nk,
+                    [s.hi.as_mut_ptr().add(g * kp), s.lo.as_mut_ptr().add(g * kp)],
+                );
+            }
+            // The values: word (q, c) holds column c of keys 2q (low half) and 2q + 1.
+            for q in 0..nk.div_ceil(2) {
+                let (a, b) = (vals[2 * q], vals.get(2 * q + 1).copied());
+                let dst = s.pairs.as_mut_ptr().add(q * dvp);
+                let mut c = 0;
+                while c < dv {
+                    let lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(a.add(c) as *const _));
+                    let hi = match b {
+                        Some(b) => _mm512_cvtepu16_epi32(_mm256_loadu_si256(b.add(c) as *const _)),
+                        None => _mm512_setzero_si512(),
+                    };
+                    _mm512_storeu_si512(
+                        dst.add(c) as *mut _,
+                        _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
+                    );
+                    c += 16;
+                }
+            }
+            // 32 rows (16 for the last odd tile) by 32 columns a pass: four sums in tmm0..3, the
+            // k step's weights hi then lo for each row tile, so no two products in a row feed
+            // the same sums.
+            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+            let (ws, ps) = (2 * kp, 4 * dvp);
+            for m0 in (0..group).step_by(32) {
+                let two = m0 + 16 < group;
+                for c0 in (0..dv).step_by(32) {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nomem, nostack)
+                    );
+                    for k0 in (0..kp).step_by(32) {
+                        let b0 = s.pairs.as_ptr().add(k0 / 2 * dvp + c0);
+                        let (h, l) = (
+                            s.hi.as_ptr().add(m0 * kp + k0),
+                            s.lo.as_ptr().add(m0 * kp + k0),
+                        );
+                        if two {
+                            asm!(
+                                "tileloadd tmm6, [{b0} + {ps}*1]",
+                                "tileloadd tmm7, [{b1} + {ps}*1]",
+                                "tileloadd tmm4, [{h0} + {ws}*1]",
+                                "tileloadd tmm5, [{h1} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                "tileloadd tmm4, [{l0} + {ws}*1]",
+                                "tileloadd tmm5, [{l1} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                b0 = in(reg) b0,
+                                b1 = in(reg) b0.add(16),
+                                h0 = in(reg) h,
+                                h1 = in(reg) h.add(16 * kp),
+                                l0 = in(reg) l,
+                                l1 = in(reg) l.add(16 * kp),
+                                ps = in(reg) ps,
+                                ws = in(reg) ws,
+                                options(nostack, readonly),
+                            );
+                        } else {
+                            asm!(
+                                "tileloadd tmm6, [{b0} + {ps}*1]",
+                                "tileloadd tmm7, [{b1} + {ps}*1]",
+                                "tileloadd tmm4, [{h0} + {ws}*1]",
+                                "tileloadd tmm5, [{l0} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                b0 = in(reg) b0,
+                                b1 = in(reg) b0.add(16),
+                                h0 = in(reg) h,
+                                l0 = in(reg) l,
+                                ps = in(reg) ps,
+                                ws = in(reg) ws,
+                                options(nostack, readonly),
+                            );
+                        }
+                    }
+                    // The pass's sums (one row tile: its hi and lo halves, tmm0 + tmm2 and
+                    // tmm1 + tmm3), then its rows of the group into `out`.
+                    let mut c = [[0f32; 32]; 32];
+                    asm!(
+                        "tilestored [{c0} + {cs}*1], tmm0",
+                        "tilestored [{c1} + {cs}*1], tmm1",
+                        "tilestored [{c2} + {cs}*1], tmm2",
+                        "tilestored [{c3} + {cs}*1], tmm3",
+                        c0 = in(reg) c.as_mut_ptr() as *mut f32,
+                        c1 = in(reg) (c.as_mut_ptr() as *mut f32).add(16),
+                        c2 = in(reg) (c.as_mut_ptr() as *mut f32).add(16 * 32),
+                        c3 = in(reg) (c.as_mut_ptr() as *mut f32).add(16 * 32 + 16),
+                        cs = in(reg) 128usize,
+                        options(nostack),
+                    );
+                    let w = 32.min(dv - c0);
+                    for r in 0..(group - m0).min(if two { 32 } else { 16 }) {
+                        let dst = &mut out[(m0 + r) * dv + c0..][..w];
+                        if two {
+                            dst.copy_from_slice(&c[r][..w]);
+                        } else {
+                            for (j, d) in dst.iter_mut().enumerate() {
+                                *d = c[r][j] + c[16 + r][j];
+                            }
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nomem, nostack));
+        });
+    }
+}
+
+impl Amx {
+    /// `out[g·nk + j] = scale · q_g · k_j` for `group` query rows of `dk` (a multiple of 32)
+    /// against bf16 keys (what `crate::avx512::Avx512::attn_scores` computes), on tiles: each
+    /// query element as three bf16 terms (two left scores off by ~2^-16 of them, which the
+    /// softmax carries into the output), the keys 16 at a time as pairs of dimensions, a
+    /// tile's column a key.
+    ///
+    /// # Safety
+    /// Each `keys[j]` must point to `dk` readable bf16 values; `q` holds `group · dk`, `out`
+    /// `group · keys.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn attn_scores(
+        self,
+        q: &[f32],
+        group: usize,
+        dk: usize,
+        keys: &[*const u16],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let nk = keys.len();
+        debug_assert!(dk.is_multiple_of(32) && q.len() >= group * dk && out.len() >= group * nk);
+        let (np, mp, kw) = (nk.next_multiple_of(32), group.next_multiple_of(16), dk / 2);
+        VALUE_TILES.with_borrow_mut(|s| {
+            s.hi.clear();
+            s.hi.resize(mp * dk, 0);
+            s.lo.clear();
+            s.lo.resize(mp * dk, 0);
+            s.lo2.clear();
+            s.lo2.resize(mp * dk, 0);
+            for g in 0..group {
+                let at = [&mut s.hi, &mut s.lo, &mut s.lo2].map(|v| v.as_mut_ptr().add(g * dk));
+                split_terms(q.as_ptr().add(g * dk), dk, at);
+            }
+            // The keys: block b of 16, word (w, i) = key 16b + i's dimensions 2w, 2w + 1 (a key
+            // row's w-th word as it is stored); zeros past the last key.
+            s.pairs.clear();
+            s.pairs.resize(np * kw, 0);
+            for b in 0..np / 16 {
+                for w0 in (0..kw).step_by(16) {
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (i, ri) in r.iter_mut().enumerate() {
+                        if let Some(&k) = keys.get(16 * b + i) {
+                            *ri = _mm512_loadu_ps(k.add(2 * w0) as *const f32);
+                        }
+                    }
+                    crate::avx512::attention::transpose16(&mut r);
+                    for (w, ri) in r.iter().enumerate() {
+                        _mm512_storeu_ps(
+                            s.pairs.as_mut_ptr().add((b * kw + w0 + w) * 16) as *mut f32,
+                            *ri,
+                        );
+                    }
+                }
+            }
+            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+            let (ws, scl) = (2 * dk, _mm512_set1_ps(scale));
+            for m0 in (0..group).step_by(32) {
+                let two = m0 + 16 < group;
+                for j0 in (0..nk).step_by(32) {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nomem, nostack)
+                    );
+                    for d0 in (0..dk).step_by(32) {
+                        let b0 = s.pairs.as_ptr().add((j0 / 16 * kw + d0 / 2) * 16);
+                        let at = m0 * dk + d0;
+                        let (h, l, l2) = (
+                            s.hi.as_ptr().add(at),
+                            s.lo.as_ptr().add(at),
+                            s.lo2.as_ptr().add(at),
+                        );
+                        if two {
+                            asm!(
+                                "tileloadd tmm6, [{b0} + {bs}*1]",
+                                "tileloadd tmm7, [{b1} + {bs}*1]",
+                                "tileloadd tmm4, [{h0} + {ws}*1]",
+                                "tileloadd tmm5, [{h1} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                "tileloadd tmm4, [{l0} + {ws}*1]",
+                                "tileloadd tmm5, [{l1} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                "tileloadd tmm4, [{m0} + {ws}*1]",
+                                "tileloadd tmm5, [{m1} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                b0 = in(reg) b0,
+                                b1 = in(reg) b0.add(16 * kw),
+                                h0 = in(reg) h,
+                                h1 = in(reg) h.add(16 * dk),
+                                l0 = in(reg) l,
+                                l1 = in(reg) l.add(16 * dk),
+                                m0 = in(reg) l2,
+                                m1 = in(reg) l2.add(16 * dk),
+                                bs = in(reg) 64usize,
+                                ws = in(reg) ws,
+                                options(nostack, readonly),
+                            );
+                        } else {
+                            asm!(
+                                "tileloadd tmm6, [{b0} + {bs}*1]",
+                                "tileloadd tmm7, [{b1} + {bs}*1]",
+                                "tileloadd tmm4, [{h0} + {ws}*1]",
+                                "tileloadd tmm5, [{l0} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                "tileloadd tmm4, [{m0} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                b0 = in(reg) b0,
+                                b1 = in(reg) b0.add(16 * kw),
+                                h0 = in(reg) h,
+                                l0 = in(reg) l,
+                                m0 = in(reg) l2,
+                                bs = in(reg) 64usize,
+                                ws = in(reg) ws,
+                                options(nostack, readonly),
+                            );
+                        }
+                    }
+                    // The pass's sums (one row tile: its halves, tmm0 + tmm2 and tmm1 + tmm3), scaled, into
+                    // `out`.
+                    let mut c = [[0f32; 32]; 32];
+                    asm!(
+                        "tilestored [{c0} + {cs}*1], tmm0",
+                        "tilestored [{c1} + {cs}*1], tmm1",
+                        "tilestored [{c2} + {cs}*1], tmm2",
+                        "tilestored [{c3} + {cs}*1], tmm3",
+                        c0 = in(reg) c.as_mut_ptr() as *mut f32,
+                        c1 = in(reg) (c.as_mut_ptr() as *mut f32).add(16),
+                        c2 = in(reg) (c.as_mut_ptr() as *mut f32).add(16 * 32),
+                        c3 = in(reg) (c.as_mut_ptr() as *mut f32).add(16 * 32 + 16),
+                        cs = in(reg) 128usize,
+                        options(nostack),
+                    );
+                    let kb = 32.min(nk - j0);
+                    for r in 0..(group - m0).min(if two { 32 } else { 16 }) {
+                        let o = out.as_mut_ptr().add((m0 + r) * nk + j0);
+                        for h in 0..kb.div_ceil(16) {
+                            let mut v = _mm512_loadu_ps(c[r].as_ptr().add(16 * h));
+                            if !two {
+                                v = _mm512_add_ps(
+                                    v,
+                                    _mm512_loadu_ps(c[16 + r].as_ptr().add(16 * h)),
+                                );
+                            }
+                            _mm512_mask_storeu_ps(
+                                o.add(16 * h),
+                                mask(kb - 16 * h),
+                                _mm512_mul_ps(v, scl),
+                            );
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nomem, nostack));
+        });
+    }
+}
+
+/// `n` f32 values as `N` bf16 terms each: term 0 the rounding of a value, each next one the
+/// rounding of what the terms before leave (zeros from n to the next multiple of 32, which
+/// every `out[t]` must hold). Two terms carry a value to about 2^-16 of itself, three to f32's
+/// precision.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn split_terms<const N: usize>(src: *const f32, n: usize, out: [*mut u16; N]) {
+    use std::arch::x86_64::*;
+    let mut j = 0;
+    while j < n {
+        let (m0, m1) = (mask(n - j), mask((n - j).saturating_sub(16)));
+        let mut a = _mm512_maskz_loadu_ps(m0, src.add(j));
+        let mut b = _mm512_maskz_loadu_ps(m1, src.wrapping_add(j + 16));
+        for o in out {
+            let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+            _mm512_storeu_si512(o.add(j) as *mut _, h);
+            // The term's f32 values (a bf16 is the high half of an f32) off what is left.
+            let ha = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm512_castsi512_si256(h),
+            )));
+            let hb = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm512_extracti64x4_epi64::<1>(h),
+            )));
+            a = _mm512_sub_ps(a, ha);
+            b = _mm512_sub_ps(b, hb);
+        }
+        j += 32;
+    }
+}
+
+/// The first `n` (up to 16) of 16 lanes.
+fn mask(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
     }
 }

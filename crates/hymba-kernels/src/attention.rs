@@ -512,6 +512,15 @@ unsafe fn head_scores<T: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if group >= MANY_HEADS {
+        // bf16 keys on AMX tiles, the queries in two bf16 terms.
+        if T::BF16 && dk.is_multiple_of(32) && isa.level() == crate::isa::Level::Amx {
+            if let Some(amx) = crate::amx::Amx::detect() {
+                // SAFETY: T is bf16 (a u16 pattern); the pointers are as the caller promises.
+                let k16 =
+                    std::slice::from_raw_parts(keys.as_ptr() as *const *const u16, keys.len());
+                return amx.attn_scores(q, group, dk, k16, scale, out);
+            }
+        }
         if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
             return k.attn_scores(q, group, dk, keys, scale, out);
         }
@@ -549,6 +558,15 @@ unsafe fn head_values<T: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if group >= MANY_HEADS {
+        // bf16 values on AMX tiles, the weights in two bf16 terms.
+        if T::BF16 && dv.is_multiple_of(16) && isa.level() == crate::isa::Level::Amx {
+            if let Some(amx) = crate::amx::Amx::detect() {
+                // SAFETY: T is bf16 (a u16 pattern); the pointers are as the caller promises.
+                let v16: &[*const u16] =
+                    std::slice::from_raw_parts(vals.as_ptr() as *const *const u16, vals.len());
+                return amx.attn_values(p, group, dv, v16, out);
+            }
+        }
         if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
             return k.attn_values(p, group, dv, vals, out);
         }
@@ -735,7 +753,14 @@ mod tests {
     /// one row that sees nothing.
     fn tiles_match_reference_in<T: KvElem>(to: fn(f32) -> T) {
         let mut rng = Rng::new(7);
-        for &(heads, kv_heads, dk, dv) in &[(3, 3, 5, 7), (10, 5, 64, 128), (4, 2, 24, 40)] {
+        // (10, 2, 16, 48): five q heads a K/V head, so a tile's 80 (row, head)s end in a lone
+        // 16 on AMX, and 48 columns in a half-empty pair.
+        for &(heads, kv_heads, dk, dv) in &[
+            (3, 3, 5, 7),
+            (10, 5, 64, 128),
+            (4, 2, 24, 40),
+            (10, 2, 16, 48),
+        ] {
             let sees = |t: usize, s: usize| t != 50 && s <= t && (t - s <= 6 || s < 4);
             let slots = [37, 38, usize::MAX, 35, 36];
             let sh = shape(heads, kv_heads, dk, dv);

@@ -44,7 +44,7 @@ fn lanes(n: usize) -> __mmask16 {
 /// Transposes the 16 × 16 block in `r` (row i in `r[i]`) in place.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: &mut [__m512; 16]) {
+pub(crate) unsafe fn transpose16(r: &mut [__m512; 16]) {
     // 2 × 2 blocks of single floats, then of pairs, then 4 × 4 blocks of 128-bit lanes in two
     // steps.
     let mut t = [_mm512_setzero_ps(); 16];

@@ -15,7 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
-mod attention;
+pub(crate) mod attention;
 mod scan;
 pub use scan::Avx512;
 

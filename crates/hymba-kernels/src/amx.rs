@@ -207,6 +207,21 @@ struct ValueTiles {
     pairs: Vec<u32>,
 }
 
+impl ValueTiles {
+    /// Room for `terms` values of each term and `pairs` words, keeping what is there (the
+    /// kernels write what they read, so nothing is zeroed a call).
+    fn fit(&mut self, terms: usize, pairs: usize) {
+        for v in [&mut self.hi, &mut self.lo, &mut self.lo2] {
+            if v.len() < terms {
+                v.resize(terms, 0);
+            }
+        }
+        if self.pairs.len() < pairs {
+            self.pairs.resize(pairs, 0);
+        }
+    }
+}
+
 thread_local! {
     static VALUE_TILES: std::cell::RefCell<ValueTiles> = const {
         std::cell::RefCell::new(ValueTiles { hi: Vec::new(), lo: Vec::new(), lo2: Vec::new(), pairs: Vec::new() })
@@ -237,14 +252,11 @@ impl Amx {
         debug_assert!(dv.is_multiple_of(16) && p.len() >= group * nk && out.len() >= group * dv);
         let (kp, mp) = (nk.next_multiple_of(32), group.next_multiple_of(16));
         VALUE_TILES.with_borrow_mut(|s| {
-            s.hi.clear();
-            s.hi.resize(mp * kp, 0);
-            s.lo.clear();
-            s.lo.resize(mp * kp, 0);
             let dvp = dv.next_multiple_of(32);
-            s.pairs.clear();
-            s.pairs.resize(kp / 2 * dvp, 0);
-            // The weights: rows of kp bf16 (zeros past nk and past the group's rows).
+            s.fit(mp * kp, kp / 2 * dvp);
+            // The weights: rows of kp bf16 (zeros past nk). Rows past the group's and columns
+            // past dv are left as they are: a tile's output row (column) takes only its input
+            // row (column), and those outputs are not kept.
             for g in 0..group {
                 split_terms(
                     p.as_ptr().add(g * nk),
@@ -270,6 +282,8 @@ impl Amx {
                     c += 16;
                 }
             }
+            // Pairs past the last key: zeros (their weights are, but 0 · NaN is not).
+            s.pairs[nk.div_ceil(2) * dvp..kp / 2 * dvp].fill(0);
             // 32 rows (16 for the last odd tile) by 32 columns a pass: four sums in tmm0..3, the
             // k step's weights hi then lo for each row tile, so no two products in a row feed
             // the same sums.
@@ -395,20 +409,15 @@ impl Amx {
         debug_assert!(dk.is_multiple_of(32) && q.len() >= group * dk && out.len() >= group * nk);
         let (np, mp, kw) = (nk.next_multiple_of(32), group.next_multiple_of(16), dk / 2);
         VALUE_TILES.with_borrow_mut(|s| {
-            s.hi.clear();
-            s.hi.resize(mp * dk, 0);
-            s.lo.clear();
-            s.lo.resize(mp * dk, 0);
-            s.lo2.clear();
-            s.lo2.resize(mp * dk, 0);
+            // Every word the tiles read is written below (keys past the last are zeros), but
+            // the query rows past the group's (see `attn_values`).
+            s.fit(mp * dk, np * kw);
             for g in 0..group {
                 let at = [&mut s.hi, &mut s.lo, &mut s.lo2].map(|v| v.as_mut_ptr().add(g * dk));
                 split_terms(q.as_ptr().add(g * dk), dk, at);
             }
             // The keys: block b of 16, word (w, i) = key 16b + i's dimensions 2w, 2w + 1 (a key
             // row's w-th word as it is stored); zeros past the last key.
-            s.pairs.clear();
-            s.pairs.resize(np * kw, 0);
             for b in 0..np / 16 {
                 for w0 in (0..kw).step_by(16) {
                     let mut r = [_mm512_setzero_ps(); 16];
@@ -579,5 +588,85 @@ fn mask(n: usize) -> u16 {
         u16::MAX
     } else {
         (1u16 << n) - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, Rng};
+    use half::bf16;
+
+    /// The attention tiles against plain sums in f64, on odd sizes (a lone last row tile, a
+    /// short last key block, half a pair of column tiles), with the scratch poisoned with NaNs
+    /// first: what the tiles read must be what this call wrote.
+    #[test]
+    fn attention_tiles_match_plain_sums() {
+        let Some(amx) = Amx::detect() else {
+            eprintln!("SKIPPED attention_tiles_match_plain_sums: no AMX here");
+            return;
+        };
+        let mut rng = Rng::new(11);
+        for &(group, nk, dk, dv) in &[(21, 45, 64, 48), (80, 1, 32, 16), (33, 70, 96, 128)] {
+            VALUE_TILES.with_borrow_mut(|s| {
+                s.fit(1 << 16, 1 << 16);
+                for v in [&mut s.hi, &mut s.lo, &mut s.lo2] {
+                    v.fill(0x7fc0);
+                }
+                s.pairs.fill(0x7fc0_7fc0);
+            });
+            let kv = |n: usize, rng: &mut Rng| -> Vec<u16> {
+                rng.normal_vec(n, 1.0)
+                    .into_iter()
+                    .map(|x| bf16::from_f32(x).to_bits())
+                    .collect()
+            };
+            let (k, v) = (kv(nk * dk, &mut rng), kv(nk * dv, &mut rng));
+            let (q, p) = (
+                rng.normal_vec(group * dk, 1.0),
+                rng.normal_vec(group * nk, 1.0),
+            );
+            let w = |x: u16| bf16::from_bits(x).to_f32() as f64;
+            let keys: Vec<*const u16> = (0..nk).map(|j| k[j * dk..].as_ptr()).collect();
+            let vals: Vec<*const u16> = (0..nk).map(|j| v[j * dv..].as_ptr()).collect();
+            let (mut s, mut o) = (vec![f32::NAN; group * nk], vec![f32::NAN; group * dv]);
+            // SAFETY: the pointers address rows of dk and dv values; the slices are as long as
+            // the kernels take.
+            unsafe {
+                amx.attn_scores(&q, group, dk, &keys, 0.3, &mut s);
+                amx.attn_values(&p, group, dv, &vals, &mut o);
+            }
+            let s_ref: Vec<f32> = (0..group * nk)
+                .map(|i| {
+                    let (g, j) = (i / nk, i % nk);
+                    (0..dk)
+                        .map(|d| q[g * dk + d] as f64 * w(k[j * dk + d]))
+                        .sum::<f64>() as f32
+                        * 0.3
+                })
+                .collect();
+            let o_ref: Vec<f32> = (0..group * dv)
+                .map(|i| {
+                    let (g, c) = (i / dv, i % dv);
+                    (0..nk)
+                        .map(|j| p[g * nk + j] as f64 * w(v[j * dv + c]))
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            // Scores: three terms, f32's precision. Values: two terms leave each weight off by
+            // up to 2^-16 of itself, so an output by 2^-16 · Σ_j |p_j · v_j|.
+            let bound = (0..group * dv)
+                .map(|i| {
+                    let (g, c) = (i / dv, i % dv);
+                    (0..nk)
+                        .map(|j| (p[g * nk + j] as f64 * w(v[j * dv + c])).abs())
+                        .sum::<f64>()
+                })
+                .fold(0.0, f64::max) as f32
+                / 65536.0;
+            let what = format!("{group} rows, {nk} keys, dk {dk}, dv {dv}");
+            assert_close(&s, &s_ref, 1e-5, &format!("scores, {what}"));
+            assert_close(&o, &o_ref, bound, &format!("values, {what}"));
+        }
     }
 }

@@ -284,98 +284,22 @@ impl Amx {
             }
             // Pairs past the last key: zeros (their weights are, but 0 · NaN is not).
             s.pairs[nk.div_ceil(2) * dvp..kp / 2 * dvp].fill(0);
-            // 32 rows (16 for the last odd tile) by 32 columns a pass: four sums in tmm0..3, the
-            // k step's weights hi then lo for each row tile, so no two products in a row feed
-            // the same sums.
             asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
-            let (ws, ps) = (2 * kp, 4 * dvp);
             for m0 in (0..group).step_by(32) {
                 let two = m0 + 16 < group;
                 for c0 in (0..dv).step_by(32) {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nomem, nostack)
-                    );
-                    for k0 in (0..kp).step_by(32) {
-                        let b0 = s.pairs.as_ptr().add(k0 / 2 * dvp + c0);
-                        let (h, l) = (
-                            s.hi.as_ptr().add(m0 * kp + k0),
-                            s.lo.as_ptr().add(m0 * kp + k0),
-                        );
-                        if two {
-                            asm!(
-                                "tileloadd tmm6, [{b0} + {ps}*1]",
-                                "tileloadd tmm7, [{b1} + {ps}*1]",
-                                "tileloadd tmm4, [{h0} + {ws}*1]",
-                                "tileloadd tmm5, [{h1} + {ws}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                "tileloadd tmm4, [{l0} + {ws}*1]",
-                                "tileloadd tmm5, [{l1} + {ws}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                b0 = in(reg) b0,
-                                b1 = in(reg) b0.add(16),
-                                h0 = in(reg) h,
-                                h1 = in(reg) h.add(16 * kp),
-                                l0 = in(reg) l,
-                                l1 = in(reg) l.add(16 * kp),
-                                ps = in(reg) ps,
-                                ws = in(reg) ws,
-                                options(nostack, readonly),
-                            );
-                        } else {
-                            asm!(
-                                "tileloadd tmm6, [{b0} + {ps}*1]",
-                                "tileloadd tmm7, [{b1} + {ps}*1]",
-                                "tileloadd tmm4, [{h0} + {ws}*1]",
-                                "tileloadd tmm5, [{l0} + {ws}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                b0 = in(reg) b0,
-                                b1 = in(reg) b0.add(16),
-                                h0 = in(reg) h,
-                                l0 = in(reg) l,
-                                ps = in(reg) ps,
-                                ws = in(reg) ws,
-                                options(nostack, readonly),
-                            );
-                        }
-                    }
-                    // The pass's sums (one row tile: its hi and lo halves, tmm0 + tmm2 and
-                    // tmm1 + tmm3), then its rows of the group into `out`.
-                    let mut c = [[0f32; 32]; 32];
-                    asm!(
-                        "tilestored [{c0} + {cs}*1], tmm0",
-                        "tilestored [{c1} + {cs}*1], tmm1",
-                        "tilestored [{c2} + {cs}*1], tmm2",
-                        "tilestored [{c3} + {cs}*1], tmm3",
-                        c0 = in(reg) c.as_mut_ptr() as *mut f32,
-                        c1 = in(reg) (c.as_mut_ptr() as *mut f32).add(16),
-                        c2 = in(reg) (c.as_mut_ptr() as *mut f32).add(16 * 32),
-                        c3 = in(reg) (c.as_mut_ptr() as *mut f32).add(16 * 32 + 16),
-                        cs = in(reg) 128usize,
-                        options(nostack),
+                    let c = pass(
+                        [s.hi.as_ptr(), s.lo.as_ptr()].map(|t| t.add(m0 * kp)),
+                        kp,
+                        s.pairs.as_ptr().add(c0),
+                        16,
+                        dvp,
+                        kp / 32,
+                        two,
                     );
                     let w = 32.min(dv - c0);
-                    for r in 0..(group - m0).min(if two { 32 } else { 16 }) {
-                        let dst = &mut out[(m0 + r) * dv + c0..][..w];
-                        if two {
-                            dst.copy_from_slice(&c[r][..w]);
-                        } else {
-                            for (j, d) in dst.iter_mut().enumerate() {
-                                *d = c[r][j] + c[16 + r][j];
-                            }
-                        }
+                    for (r, row) in c.iter().enumerate().take(group - m0) {
+                        out[(m0 + r) * dv + c0..][..w].copy_from_slice(&row[..w]);
                     }
                 }
             }
@@ -436,109 +360,24 @@ impl Amx {
                 }
             }
             asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
-            let (ws, scl) = (2 * dk, _mm512_set1_ps(scale));
+            let scl = _mm512_set1_ps(scale);
             for m0 in (0..group).step_by(32) {
                 let two = m0 + 16 < group;
                 for j0 in (0..nk).step_by(32) {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nomem, nostack)
-                    );
-                    for d0 in (0..dk).step_by(32) {
-                        let b0 = s.pairs.as_ptr().add((j0 / 16 * kw + d0 / 2) * 16);
-                        let at = m0 * dk + d0;
-                        let (h, l, l2) = (
-                            s.hi.as_ptr().add(at),
-                            s.lo.as_ptr().add(at),
-                            s.lo2.as_ptr().add(at),
-                        );
-                        if two {
-                            asm!(
-                                "tileloadd tmm6, [{b0} + {bs}*1]",
-                                "tileloadd tmm7, [{b1} + {bs}*1]",
-                                "tileloadd tmm4, [{h0} + {ws}*1]",
-                                "tileloadd tmm5, [{h1} + {ws}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                "tileloadd tmm4, [{l0} + {ws}*1]",
-                                "tileloadd tmm5, [{l1} + {ws}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                "tileloadd tmm4, [{m0} + {ws}*1]",
-                                "tileloadd tmm5, [{m1} + {ws}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                b0 = in(reg) b0,
-                                b1 = in(reg) b0.add(16 * kw),
-                                h0 = in(reg) h,
-                                h1 = in(reg) h.add(16 * dk),
-                                l0 = in(reg) l,
-                                l1 = in(reg) l.add(16 * dk),
-                                m0 = in(reg) l2,
-                                m1 = in(reg) l2.add(16 * dk),
-                                bs = in(reg) 64usize,
-                                ws = in(reg) ws,
-                                options(nostack, readonly),
-                            );
-                        } else {
-                            asm!(
-                                "tileloadd tmm6, [{b0} + {bs}*1]",
-                                "tileloadd tmm7, [{b1} + {bs}*1]",
-                                "tileloadd tmm4, [{h0} + {ws}*1]",
-                                "tileloadd tmm5, [{l0} + {ws}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                "tileloadd tmm4, [{m0} + {ws}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                b0 = in(reg) b0,
-                                b1 = in(reg) b0.add(16 * kw),
-                                h0 = in(reg) h,
-                                l0 = in(reg) l,
-                                m0 = in(reg) l2,
-                                bs = in(reg) 64usize,
-                                ws = in(reg) ws,
-                                options(nostack, readonly),
-                            );
-                        }
-                    }
-                    // The pass's sums (one row tile: its halves, tmm0 + tmm2 and tmm1 + tmm3), scaled, into
-                    // `out`.
-                    let mut c = [[0f32; 32]; 32];
-                    asm!(
-                        "tilestored [{c0} + {cs}*1], tmm0",
-                        "tilestored [{c1} + {cs}*1], tmm1",
-                        "tilestored [{c2} + {cs}*1], tmm2",
-                        "tilestored [{c3} + {cs}*1], tmm3",
-                        c0 = in(reg) c.as_mut_ptr() as *mut f32,
-                        c1 = in(reg) (c.as_mut_ptr() as *mut f32).add(16),
-                        c2 = in(reg) (c.as_mut_ptr() as *mut f32).add(16 * 32),
-                        c3 = in(reg) (c.as_mut_ptr() as *mut f32).add(16 * 32 + 16),
-                        cs = in(reg) 128usize,
-                        options(nostack),
+                    let c = pass(
+                        [s.hi.as_ptr(), s.lo.as_ptr(), s.lo2.as_ptr()].map(|t| t.add(m0 * dk)),
+                        dk,
+                        s.pairs.as_ptr().add(j0 / 16 * kw * 16),
+                        16 * kw,
+                        16,
+                        dk / 32,
+                        two,
                     );
                     let kb = 32.min(nk - j0);
-                    for r in 0..(group - m0).min(if two { 32 } else { 16 }) {
+                    for (r, row) in c.iter().enumerate().take(group - m0) {
                         let o = out.as_mut_ptr().add((m0 + r) * nk + j0);
                         for h in 0..kb.div_ceil(16) {
-                            let mut v = _mm512_loadu_ps(c[r].as_ptr().add(16 * h));
-                            if !two {
-                                v = _mm512_add_ps(
-                                    v,
-                                    _mm512_loadu_ps(c[16 + r].as_ptr().add(16 * h)),
-                                );
-                            }
+                            let v = _mm512_loadu_ps(row.as_ptr().add(16 * h));
                             _mm512_mask_storeu_ps(
                                 o.add(16 * h),
                                 mask(kb - 16 * h),
@@ -551,6 +390,101 @@ impl Amx {
             asm!("tilerelease", options(nomem, nostack));
         });
     }
+}
+
+/// One pass of the attention tiles: rows `m0..m0 + 32` (`two` row tiles; else 16) by 32 columns
+/// of `Σ_t A_t · B` over `steps` k steps of 32, `A_t` the f32 operand's bf16 terms (`a[t]`, rows
+/// `ka` apart, its row tile's first row), `B` bf16 pairs (16 words a row, rows `bw` words apart,
+/// the second column tile `b1` words on, 16 rows a k step). Sums in tmm0..3: with two row tiles
+/// every term of a tile feeds its two sums; with one, the terms take turns at tmm0/1 and tmm2/3
+/// (no two products in a row into the same sums), added at the end. Rows `16..` of the result
+/// are set only with two row tiles. The caller has loaded [`CONFIG`].
+unsafe fn pass<const N: usize>(
+    a: [*const u16; N],
+    ka: usize,
+    b: *const u32,
+    b1: usize,
+    bw: usize,
+    steps: usize,
+    two: bool,
+) -> [[f32; 32]; 32] {
+    let (ws, bs) = (2 * ka, 4 * bw);
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nomem, nostack)
+    );
+    for k in 0..steps {
+        let b0 = b.add(16 * k * bw);
+        asm!(
+            "tileloadd tmm6, [{b0} + {bs}*1]",
+            "tileloadd tmm7, [{b1} + {bs}*1]",
+            b0 = in(reg) b0,
+            b1 = in(reg) b0.add(b1),
+            bs = in(reg) bs,
+            options(nostack, readonly),
+        );
+        for (t, &at) in a.iter().enumerate() {
+            let a0 = at.add(32 * k);
+            if two {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {ws}*1]",
+                    "tileloadd tmm5, [{a1} + {ws}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a0.add(16 * ka),
+                    ws = in(reg) ws,
+                    options(nostack, readonly),
+                );
+            } else if t % 2 == 0 {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {ws}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    a0 = in(reg) a0,
+                    ws = in(reg) ws,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm5, [{a0} + {ws}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0,
+                    ws = in(reg) ws,
+                    options(nostack, readonly),
+                );
+            }
+        }
+    }
+    let mut c = [[0f32; 32]; 32];
+    let c0 = c.as_mut_ptr() as *mut f32;
+    asm!(
+        "tilestored [{c0} + {cs}*1], tmm0",
+        "tilestored [{c1} + {cs}*1], tmm1",
+        "tilestored [{c2} + {cs}*1], tmm2",
+        "tilestored [{c3} + {cs}*1], tmm3",
+        c0 = in(reg) c0,
+        c1 = in(reg) c0.add(16),
+        c2 = in(reg) c0.add(16 * 32),
+        c3 = in(reg) c0.add(16 * 32 + 16),
+        cs = in(reg) 128usize,
+        options(nostack),
+    );
+    if !two {
+        let (lo, hi) = c.split_at_mut(16);
+        for (r, h) in lo.iter_mut().zip(hi.iter()) {
+            for (x, y) in r.iter_mut().zip(h) {
+                *x += y;
+            }
+        }
+    }
+    c
 }
 
 /// `n` f32 values as `N` bf16 terms each: term 0 the rounding of a value, each next one the

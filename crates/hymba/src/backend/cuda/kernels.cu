@@ -776,15 +776,29 @@ __device__ void merge_splits_if_last(const float* part, int* count, int t, int h
 // maximum, sum and weighted values, merged by the split that ends last (`count[t·heads + h]`). A query at t sees key s when s <= t and, in a
 // window layer, t - s <= window or s < meta. Block x is a row of the step: its sequence gives
 // the positions and the sources (meta prefix, store: `past[2 seq..]`; this call's rows).
-// DVL: value columns a lane (dv <= 32 · DVL).
+// A lane scores dimension pairs 2·lane, 2·lane + 64, … and sums value columns in fours,
+// 4·lane, 4·lane + 128, …: DVL columns a lane (a multiple of 4, dv <= 32 · DVL), each load of a
+// staged bf16 key or value one shared-memory word or double word.
 // Stages of a warp's keys in flight (`attention_rows` over bf16 sources): each ATTN_KEYS keys
 // with their values and positions.
 #define ATTN_STAGES 4
+static_assert(ATTN_KEYS == 2, "warp_sum2 reduces two keys' scores at once");
+// The warp sums of a and b in seven shuffles rather than ten: after the first exchange the low
+// half of the warp holds a's pairs and the high half b's, then each half reduces its own. Every
+// sum is the one warp_sum makes (the same pairs added, commuted), so the results are equal.
+__device__ __forceinline__ void warp_sum2(float& a, float& b) {
+    bool high = threadIdx.x & 16;
+    float keep = high ? b : a;
+    keep += __shfl_xor_sync(0xffffffffu, high ? a : b, 16);
+    for (int o = 8; o > 0; o >>= 1) keep += __shfl_xor_sync(0xffffffffu, keep, o);
+    a = __shfl_sync(0xffffffffu, keep, 0);
+    b = __shfl_sync(0xffffffffu, keep, 16);
+}
 template <int DVL>
 __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, int dv, const SeqInfo* seqs, const int* row_seq,
                                const KvSrc* past, const float* new_k, const float* new_v, int global_, int meta, float scale,
                                int splits, float* out, float* part, int* count, int staged) {
-    __shared__ float qs[256];
+    __shared__ __align__(16) float qs[256];
     __shared__ float wm[4], wl[4];
     __shared__ float wacc[4][256];
     extern __shared__ __align__(16) unsigned char att_smem[];
@@ -809,11 +823,11 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
     // The online softmax over ATTN_KEYS keys i0, i0 + 4, … (< b) with positions sp, partial
     // scores sc (this lane's dimensions) and values vv (this lane's columns).
     auto consume = [&](int i0, int b, const int* sp, float* sc, float (*vv)[DVL]) {
+        warp_sum2(sc[0], sc[1]);
         float mn = m;
 #pragma unroll
         for (int u = 0; u < ATTN_KEYS; u++) {
             bool seen = i0 + 4 * u < b && sp[u] >= 0 && sp[u] <= tq && (global_ || tq - sp[u] <= window || sp[u] < meta);
-            sc[u] = warp_sum(sc[u]);
             sc[u] = seen ? sc[u] : NEG_INF;
             mn = fmaxf(mn, sc[u]);
         }
@@ -847,16 +861,17 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
         // ones before it have been used (the sums below run as in the loop after).
         if (staged && s.bf16 && s.k_stride % 8 == 0 && s.v_stride % 8 == 0 && (((unsigned long)s.k | (unsigned long)s.v) & 15) == 0) {
             int n_it = b - a > warp ? (b - a - warp + 4 * ATTN_KEYS - 1) / (4 * ATTN_KEYS) : 0;
+            u32 wst_at = shared_addr(wst);
             auto issue = [&](int it) {
                 if (it < n_it) {
                     int i0 = a + warp + it * 4 * ATTN_KEYS, st = it % ATTN_STAGES;
-                    bf16_t* dst = wst + st * stage_len;
-                    for (int c = lane; c < ATTN_KEYS * per_key; c += 32) {
-                        int u = c / per_key, r = c % per_key;
+#pragma unroll
+                    for (int u = 0; u < ATTN_KEYS; u++) {
                         long i = min(i0 + 4 * u, b - 1);
-                        const bf16_t* src = r < kc ? (const bf16_t*)s.k + i * s.k_stride + (long)kh * dk + 8 * r
-                                                   : (const bf16_t*)s.v + i * s.v_stride + (long)kh * dv + 8 * (r - kc);
-                        cp_async16_at(shared_addr(dst + c * 8), src, 16);
+                        const bf16_t* kr = (const bf16_t*)s.k + i * s.k_stride + (long)kh * dk;
+                        const bf16_t* vr = (const bf16_t*)s.v + i * s.v_stride + (long)kh * dv - dk;
+                        u32 dst = wst_at + 2 * (st * stage_len + u * per_key * 8);
+                        for (int r = lane; r < per_key; r += 32) cp_async16_at(dst + 16 * r, (r < kc ? kr : vr) + 8 * r, 16);
                     }
                     if (lane < ATTN_KEYS) {
                         int i = min(i0 + 4 * lane, b - 1);
@@ -878,18 +893,27 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
                 float sc[ATTN_KEYS], vv[ATTN_KEYS][DVL];
 #pragma unroll
                 for (int u = 0; u < ATTN_KEYS; u++) {
+                    const bf16_t* kr = cur + u * per_key * 8;
                     sp[u] = wpos[st * ATTN_KEYS + u];
                     sc[u] = 0.0f;
 #pragma unroll
-                    for (int j = 0; j < DVL; j++) {
-                        int col = lane + 32 * j;
-                        vv[u][j] = col < dv ? bf16_to_f32(cur[u * per_key * 8 + dk + col]) : 0.0f;
+                    for (int g = 0; g < DVL / 4; g++) {
+                        int col = 4 * (lane + 32 * g);
+                        uint2 w = col < dv ? *(const uint2*)(kr + dk + col) : make_uint2(0, 0);
+                        vv[u][4 * g] = __uint_as_float(w.x << 16);
+                        vv[u][4 * g + 1] = __uint_as_float(w.x & 0xffff0000u);
+                        vv[u][4 * g + 2] = __uint_as_float(w.y << 16);
+                        vv[u][4 * g + 3] = __uint_as_float(w.y & 0xffff0000u);
                     }
                 }
-                for (int j = lane; j < dk; j += 32) {
-                    float qj = qs[j];
+                for (int d = 2 * lane; d < dk; d += 64) {
+                    float2 qd = *(const float2*)(qs + d);
 #pragma unroll
-                    for (int u = 0; u < ATTN_KEYS; u++) sc[u] += qj * bf16_to_f32(cur[u * per_key * 8 + j]);
+                    for (int u = 0; u < ATTN_KEYS; u++) {
+                        u32 w = *(const u32*)(cur + u * per_key * 8 + d);
+                        sc[u] += qd.x * __uint_as_float(w << 16);
+                        sc[u] += qd.y * __uint_as_float(w & 0xffff0000u);
+                    }
                 }
                 __syncwarp();  // the stage is free for the batch ATTN_STAGES on
                 consume(i0, b, sp, sc, vv);
@@ -910,16 +934,17 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
                 long vo = (long)i * s.v_stride + (long)kh * dv;
 #pragma unroll
                 for (int j = 0; j < DVL; j++) {
-                    int col = lane + 32 * j;
+                    int col = 4 * (lane + 32 * (j / 4)) + j % 4;
                     vv[u][j] = col < dv ? kv_at(s.v, s.bf16, vo + col) : 0.0f;
                 }
             }
-            for (int j = lane; j < dk; j += 32) {
-                float qj = qs[j];
+            for (int d = 2 * lane; d < dk; d += 64) {
+                float q0 = qs[d], q1 = d + 1 < dk ? qs[d + 1] : 0.0f;
 #pragma unroll
                 for (int u = 0; u < ATTN_KEYS; u++) {
-                    long i = min(i0 + 4 * u, b - 1);
-                    sc[u] += qj * kv_at(s.k, s.bf16, i * s.k_stride + (long)kh * dk + j);
+                    long ko = min(i0 + 4 * u, b - 1) * (long)s.k_stride + (long)kh * dk + d;
+                    sc[u] += q0 * kv_at(s.k, s.bf16, ko);
+                    sc[u] += q1 * (d + 1 < dk ? kv_at(s.k, s.bf16, ko + 1) : 0.0f);
                 }
             }
             consume(i0, b, sp, sc, vv);
@@ -927,7 +952,7 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
     }
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
     for (int j = 0; j < DVL; j++) {
-        int col = lane + 32 * j;
+        int col = 4 * (lane + 32 * (j / 4)) + j % 4;
         if (col < dv) wacc[warp][col] = acc[j];
     }
     __syncthreads();

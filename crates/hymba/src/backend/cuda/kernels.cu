@@ -89,6 +89,12 @@ __device__ float block_sum(float v) {
     return total;
 }
 
+// 2^x by the hardware's approximation (2 ulp; 2^-inf = 0), for softmax weights.
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // Programmatic dependent launch (sm_90): a kernel lets the stream's next kernel start while it
@@ -777,8 +783,9 @@ __device__ void merge_splits_if_last(const float* part, int* count, int t, int h
 // window layer, t - s <= window or s < meta. Block x is a row of the step: its sequence gives
 // the positions and the sources (meta prefix, store: `past[2 seq..]`; this call's rows).
 // A lane scores dimension pairs 2·lane, 2·lane + 64, … and sums value columns in fours,
-// 4·lane, 4·lane + 128, …: DVL columns a lane (a multiple of 4, dv <= 32 · DVL), each load of a
-// staged bf16 key or value one shared-memory word or double word.
+// 4·lane, 4·lane + 128, …: DVL columns a lane (a multiple of 4; dk, dv <= 32 · DVL, so that every
+// loop over a lane's share unrolls), each load of a staged bf16 key or value one shared-memory
+// word or double word.
 // Stages of a warp's keys in flight (`attention_rows` over bf16 sources): each ATTN_KEYS keys
 // with their values and positions.
 #define ATTN_STAGES 4
@@ -816,8 +823,10 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
     int keys = s0.rows + s1.rows + s2.rows;
     int per_split = max(1, (keys + splits - 1) / splits), used = max(1, (keys + per_split - 1) / per_split);
     if (z >= used) return;
-    for (int j = threadIdx.x; j < dk; j += blockDim.x) qs[j] = q[qrow * heads * dk + h * dk + j] * scale;
+    float qscale = scale * LOG2E;
+    for (int j = threadIdx.x; j < dk; j += blockDim.x) qs[j] = q[qrow * heads * dk + h * dk + j] * qscale;
     __syncthreads();
+    // Scores in log2 units (the queries scaled by log2 e), so that a weight is one ex2.
     float m = NEG_INF, l = 0.0f, acc[DVL];
     for (int j = 0; j < DVL; j++) acc[j] = 0.0f;
     // The online softmax over ATTN_KEYS keys i0, i0 + 4, … (< b) with positions sp, partial
@@ -832,14 +841,14 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
             mn = fmaxf(mn, sc[u]);
         }
         if (mn == NEG_INF) return;
-        float corr = expf(m - mn);
+        float corr = ex2(m - mn);
         l *= corr;
 #pragma unroll
         for (int j = 0; j < DVL; j++) acc[j] *= corr;
 #pragma unroll
         for (int u = 0; u < ATTN_KEYS; u++) {
             if (sc[u] == NEG_INF) continue;  // the same in every lane
-            float pw = expf(sc[u] - mn);
+            float pw = ex2(sc[u] - mn);
             l += pw;
 #pragma unroll
             for (int j = 0; j < DVL; j++) acc[j] += pw * vv[u][j];
@@ -871,7 +880,11 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
                         const bf16_t* kr = (const bf16_t*)s.k + i * s.k_stride + (long)kh * dk;
                         const bf16_t* vr = (const bf16_t*)s.v + i * s.v_stride + (long)kh * dv - dk;
                         u32 dst = wst_at + 2 * (st * stage_len + u * per_key * 8);
-                        for (int r = lane; r < per_key; r += 32) cp_async16_at(dst + 16 * r, (r < kc ? kr : vr) + 8 * r, 16);
+#pragma unroll
+                        for (int c = 0; c < DVL / 4; c++) {
+                            int r = lane + 32 * c;
+                            if (r < per_key) cp_async16_at(dst + 16 * r, (r < kc ? kr : vr) + 8 * r, 16);
+                        }
                     }
                     if (lane < ATTN_KEYS) {
                         int i = min(i0 + 4 * lane, b - 1);
@@ -906,7 +919,10 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
                         vv[u][4 * g + 3] = __uint_as_float(w.y & 0xffff0000u);
                     }
                 }
-                for (int d = 2 * lane; d < dk; d += 64) {
+#pragma unroll
+                for (int p = 0; p < DVL / 2; p++) {
+                    int d = 2 * (lane + 32 * p);
+                    if (d >= dk) break;
                     float2 qd = *(const float2*)(qs + d);
 #pragma unroll
                     for (int u = 0; u < ATTN_KEYS; u++) {
@@ -938,7 +954,10 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
                     vv[u][j] = col < dv ? kv_at(s.v, s.bf16, vo + col) : 0.0f;
                 }
             }
-            for (int d = 2 * lane; d < dk; d += 64) {
+#pragma unroll
+            for (int p = 0; p < DVL / 2; p++) {
+                int d = 2 * (lane + 32 * p);
+                if (d >= dk) break;
                 float q0 = qs[d], q1 = d + 1 < dk ? qs[d + 1] : 0.0f;
 #pragma unroll
                 for (int u = 0; u < ATTN_KEYS; u++) {
@@ -962,17 +981,17 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
     float den = 0.0f;
     if (mm != NEG_INF)
         for (int w = 0; w < 4; w++)
-            if (wm[w] != NEG_INF) den += expf(wm[w] - mm) * wl[w];
+            if (wm[w] != NEG_INF) den += ex2(wm[w] - mm) * wl[w];
     for (int col = threadIdx.x; col < dv; col += blockDim.x) {
         float num = 0.0f;
         if (mm != NEG_INF)
             for (int w = 0; w < 4; w++)
-                if (wm[w] != NEG_INF) num += expf(wm[w] - mm) * wacc[w][col];
+                if (wm[w] != NEG_INF) num += ex2(wm[w] - mm) * wacc[w][col];
         if (splits == 1) out[qrow * heads * dv + h * dv + col] = den > 0.0f ? num / den : 0.0f;
         else pp[2 + col] = num;
     }
     if (splits > 1) {
-        if (threadIdx.x == 0) { pp[0] = mm; pp[1] = den; }
+        if (threadIdx.x == 0) { pp[0] = mm / LOG2E; pp[1] = den; }  // the merge takes natural units
         merge_splits_if_last(part, count + (long)t * heads + h, t, heads, h, 1, splits, used, dv, out);
     }
 }
@@ -1319,12 +1338,6 @@ __device__ __forceinline__ u32 bf16x2(float a, float b) {
 __device__ __forceinline__ void split2(float a, float b, u32& hi, u32& lo) {
     hi = bf16x2(a, b);
     lo = bf16x2(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
-}
-// 2^x by the hardware's approximation (2 ulp; 2^-inf = 0), for softmax weights.
-__device__ __forceinline__ float ex2(float x) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
 }
 // c += a · b: a 16×16 (row-major fragment), b 16×8 (column-major), bf16 in, f32 accumulated.
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {

@@ -368,7 +368,7 @@ struct Kernels<K = Kernel> {
     scan_chunk_out: [K; 2],
     /// `[up to 16 states, up to 32][f32 dt_proj, bf16 dt_proj]`
     ssm_step: [[K; 2]; 2],
-    /// `[dv up to 128, up to 256]`
+    /// `[dk and dv up to 128, up to 256]`
     attention: [K; 2],
     attention_gqa: K,
     attention_tiles: K,
@@ -2550,11 +2550,18 @@ impl Backend for Cuda {
             );
         } else {
             // The most splits, from the rows alone (not the keys, which grow), so that a captured
-            // step stays right. From GQA_ATTENTION_FROM rows, and in global layers (whose keys
-            // grow long) at any, the q heads of a K/V head run together (`attention_gqa`, which
-            // takes as many splits as the keys need): at 8192 keys and one row, 82 µs a layer
-            // against 105 a q head a block. (Window layers at one row measured slower so.)
-            let gqa = (t >= GQA_ATTENTION_FROM || global == 1)
+            // step stays right.
+            // The per-q-head kernel's bf16 sources through shared memory (`attention_rows`).
+            let staged = (at.kv_dtype == KvDtype::BF16
+                && hd.dk.is_multiple_of(8)
+                && hd.dv.is_multiple_of(8)) as i32;
+            // From GQA_ATTENTION_FROM rows the q heads of a K/V head run together
+            // (`attention_gqa`, which takes as many splits as the keys need), and in global layers
+            // (whose keys grow long) at any when the per-q-head kernel cannot stage its keys: at
+            // 8192 keys and one row, 82 µs a layer against 105 a q head a block with plain loads.
+            // Staged, the per-q-head kernel is the faster (H200, one row at 8192 keys: 53 µs a
+            // global layer against 61, whole steps 462 / 472 tok/s against 435 / 446).
+            let gqa = (t >= GQA_ATTENTION_FROM || (global == 1 && staged == 0))
                 && hd.dk.is_multiple_of(4)
                 && hd.dv.is_multiple_of(4);
             // From GQA_ATTENTION_FROM rows with bf16 K/V and at most 16 q heads a group, on the
@@ -2616,10 +2623,6 @@ impl Backend for Cuda {
             }
             let cp = self.table(&scratch.split_count, 0);
             let zs = splits as i32;
-            // The per-q-head kernel's bf16 sources through shared memory (`attention_rows`).
-            let staged = (at.kv_dtype == KvDtype::BF16
-                && hd.dk.is_multiple_of(8)
-                && hd.dv.is_multiple_of(8)) as i32;
             let (kernel, cfg) = if let Some(k) = gqa_mma {
                 let cfg = LaunchConfig {
                     grid_dim: (t as u32, hd.kv as u32, splits as u32),
@@ -2647,7 +2650,7 @@ impl Backend for Cuda {
                         0
                     },
                 };
-                (&self.k.attention[(hd.dv > 128) as usize], cfg)
+                (&self.k.attention[(hd.dk.max(hd.dv) > 128) as usize], cfg)
             };
             let mut args: Vec<&dyn Arg> = vec![
                 &qp, &heads, &kv_heads, &dk, &dv, &seqs_p, &rows_p, &past_p, &nk, &nv, &global,

@@ -870,27 +870,38 @@ __device__ void attention_rows(const float* q, int heads, int kv_heads, int dk, 
         // ones before it have been used (the sums below run as in the loop after).
         if (staged && s.bf16 && s.k_stride % 8 == 0 && s.v_stride % 8 == 0 && (((unsigned long)s.k | (unsigned long)s.v) & 15) == 0) {
             int n_it = b - a > warp ? (b - a - warp + 4 * ATTN_KEYS - 1) / (4 * ATTN_KEYS) : 0;
-            u32 wst_at = shared_addr(wst);
+            u32 wst_at = shared_addr(wst), wpos_at = shared_addr(wpos);
+            // The lane's 16-byte chunks of a key (its K or V part), at the warp's first key and
+            // the bytes from one key to the next: a batch's addresses are one multiply-add each.
+            const char* src[DVL / 4];
+            int src_stride[DVL / 4];
+#pragma unroll
+            for (int c = 0; c < DVL / 4; c++) {
+                int r = lane + 32 * c;
+                bool is_k = r < kc;
+                src[c] = (const char*)(is_k ? (const bf16_t*)s.k + (long)(a + warp) * s.k_stride + (long)kh * dk + 8 * r
+                                            : (const bf16_t*)s.v + (long)(a + warp) * s.v_stride + (long)kh * dv + 8 * (r - kc));
+                src_stride[c] = 2 * (is_k ? s.k_stride : s.v_stride);
+            }
             auto issue = [&](int it) {
                 if (it < n_it) {
                     int i0 = a + warp + it * 4 * ATTN_KEYS, st = it % ATTN_STAGES;
 #pragma unroll
                     for (int u = 0; u < ATTN_KEYS; u++) {
-                        long i = min(i0 + 4 * u, b - 1);
-                        const bf16_t* kr = (const bf16_t*)s.k + i * s.k_stride + (long)kh * dk;
-                        const bf16_t* vr = (const bf16_t*)s.v + i * s.v_stride + (long)kh * dv - dk;
+                        // Past the last key: nothing read (zeros), the key unseen below.
+                        int rel = it * 4 * ATTN_KEYS + 4 * u, in = i0 + 4 * u < b;
                         u32 dst = wst_at + 2 * (st * stage_len + u * per_key * 8);
 #pragma unroll
                         for (int c = 0; c < DVL / 4; c++) {
                             int r = lane + 32 * c;
-                            if (r < per_key) cp_async16_at(dst + 16 * r, (r < kc ? kr : vr) + 8 * r, 16);
+                            if (r < per_key) cp_async16_at(dst + 16 * r, src[c] + (in ? (long)rel * src_stride[c] : 0), in ? 16 : 0);
                         }
                     }
                     if (lane < ATTN_KEYS) {
                         int i = min(i0 + 4 * lane, b - 1);
-                        int* pd = wpos + st * ATTN_KEYS + lane;
-                        if (s.pos) asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(shared_addr(pd)), "l"(s.pos + i) : "memory");
-                        else *pd = s.pos0 + i;
+                        int w = st * ATTN_KEYS + lane;
+                        if (s.pos) asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(wpos_at + 4 * w), "l"(s.pos + i) : "memory");
+                        else wpos[w] = s.pos0 + i;
                     }
                 }
                 cp_async_commit();

@@ -28,10 +28,40 @@ mod x86;
 
 pub use matmul::{matmul, matmul_ref, Mat, WeightData};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 /// Runs `f` on a thread of rayon's pool, so the serial work between the kernels' parallel loops
 /// runs there too. Called from outside the pool, every parallel loop would otherwise be a hand-off
 /// to the pool and back (two wake-ups), and the calling thread would be a third thread on the
 /// pool's cores; a whole forward pass pays that once instead.
+///
+/// While `f` runs, the pool's other threads keep looking for its loops' work instead of going
+/// to sleep between them: a decode step is hundreds of short parallel loops, and a sleeping
+/// thread costs each one a wake-up (a futex call and a context switch) before it can help.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    let done = AtomicBool::new(false);
+    let done = &done;
+    rayon::scope(|s| {
+        let home = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(move |_| keep_looking(done, home));
+        }
+        let r = f();
+        done.store(true, Ordering::Release);
+        r
+    })
+}
+
+/// Runs the pool's pending work until `done` (spinning while there is none). A keeper that lands
+/// on the thread running the forward itself (taken up while that thread waited in a join) returns
+/// at once: it would hold the forward below it up.
+fn keep_looking(done: &AtomicBool, home: Option<usize>) {
+    if rayon::current_thread_index() == home {
+        return;
+    }
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
 }

@@ -34,11 +34,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// runs there too. Called from outside the pool, every parallel loop would otherwise be a hand-off
 /// to the pool and back (two wake-ups), and the calling thread would be a third thread on the
 /// pool's cores; a whole forward pass pays that once instead.
-///
-/// While `f` runs, the pool's other threads keep looking for its loops' work instead of going
-/// to sleep between them: a decode step is hundreds of short parallel loops, and a sleeping
-/// thread costs each one a wake-up (a futex call and a context switch) before it can help.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+/// [`on_pool`] for work made of the kernels' parallel loops (a forward on the CPU): while `f`
+/// runs, the pool's other threads keep looking for its loops' work instead of going to sleep
+/// between them. A decode step is hundreds of short parallel loops, and a sleeping thread costs
+/// each one a wake-up (a futex call and a context switch) before it can help.
+pub fn on_busy_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let done = AtomicBool::new(false);
     let done = &done;
     rayon::scope(|s| {

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
 use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
-use hymba_kernels::{on_pool, rope};
+use hymba_kernels::rope;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -323,7 +323,7 @@ impl Model<Cpu> {
     /// final norm), as the official `output_hidden_states` gives them. For debugging.
     pub fn hidden_states_uncached(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut hs = Vec::new();
-        on_pool(|| self.run_uncached(ids, Some(&mut hs)))?;
+        self.backend.run(|| self.run_uncached(ids, Some(&mut hs)))?;
         let last = hs
             .last_mut()
             .expect("the trace ends with the final hidden state");
@@ -402,7 +402,7 @@ impl<B: Backend> Model<B> {
     /// Computes the meta prefix now, and reports the first error of the backend (a GPU's):
     /// call before serving.
     pub fn ready(&self) -> Result<()> {
-        on_pool(|| self.meta());
+        self.backend.run(|| self.meta());
         self.backend.finish()
     }
 
@@ -438,7 +438,7 @@ impl<B: Backend> Model<B> {
     /// re-enter the computation on the same thread).
     fn meta(&self) -> &Arc<MetaPrefix<B>> {
         self.meta
-            .get_or_init(|| Arc::new(on_pool(|| self.compute_meta_prefix())))
+            .get_or_init(|| Arc::new(self.backend.run(|| self.compute_meta_prefix())))
     }
 
     pub fn kv_dtype(&self) -> KvDtype {
@@ -628,7 +628,7 @@ impl<B: Backend> Model<B> {
     /// loop keeps one). On error `out` holds no steps.
     pub fn forward_batch_into(&self, steps: &mut [Step<B>], out: &mut BatchLogits) -> Result<()> {
         out.ends.clear();
-        on_pool(|| self.forward_batch_here(steps, out))
+        self.backend.run(|| self.forward_batch_here(steps, out))
     }
 
     fn forward_batch_here(&self, steps: &mut [Step<B>], out: &mut BatchLogits) -> Result<()> {
@@ -730,7 +730,7 @@ impl<B: Backend> Model<B> {
     /// The official no-cache forward: meta tokens prepended, blank state; logits for every real
     /// position. The reference the cached path is tested against.
     pub fn forward_uncached(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        on_pool(|| {
+        self.backend.run(|| {
             let n = ids.len();
             let mut run = self.run_uncached(ids, None)?;
             let m = self.config.num_memory_tokens;

@@ -199,6 +199,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     where
         Self: 'a;
 
+    /// Runs a forward (`f`, the model's calls of this backend) on the threads this backend
+    /// wants it on: by default a thread of rayon's pool (`hymba_kernels::on_pool`).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        hymba_kernels::on_pool(f)
+    }
     /// Starts a forward over `seqs` (called once, before the layers), e.g. to copy the rows'
     /// positions to a device once rather than per operation.
     fn begin(&self, _seqs: &[Seq<Self>]) {}

@@ -50,10 +50,20 @@ pub fn on_busy_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         for _ in 1..rayon::current_num_threads() {
             s.spawn(move |_| keep_looking(done, home));
         }
-        let r = f();
-        done.store(true, Ordering::Release);
-        r
+        // Set however `f` ends: if it panics, the keepers must stop for the scope to end and
+        // pass the panic on (else the call would hang).
+        let _stop = Stop(done);
+        f()
     })
+}
+
+/// Sets its flag when dropped.
+struct Stop<'a>(&'a AtomicBool);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// Runs the pool's pending work until `done` (spinning while there is none). A keeper that lands
@@ -67,5 +77,33 @@ fn keep_looking(done: &AtomicBool, home: Option<usize>) {
         if rayon::yield_now() != Some(rayon::Yield::Executed) {
             std::hint::spin_loop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forward that panics on the busy pool passes its panic on (its keepers stop) rather than
+    /// hanging, and the pool runs the next one.
+    #[test]
+    fn busy_pool_passes_panics_on() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = pool.install(|| {
+                let panicked = std::panic::catch_unwind(|| {
+                    on_busy_pool(|| -> usize { panic!("a forward that fails") })
+                })
+                .is_err();
+                (panicked, on_busy_pool(|| 6 * 7))
+            });
+            tx.send(r).unwrap();
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(r, Ok((true, 42)), "the busy pool hung or lost the panic");
     }
 }

@@ -57,6 +57,11 @@ pub struct BenchArgs {
     /// bandwidth and bf16 matrix rate).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Decode steps copy every sequence's logits to the host, as sampling with a temperature
+    /// does, instead of taking the greedy pick made where the logits are (on a GPU, no logits
+    /// leave the card).
+    #[arg(long)]
+    copy_logits: bool,
 }
 
 /// The real Hymba-1.5B config, compiled in so `--synthetic` needs no files.
@@ -303,6 +308,11 @@ fn bench<B: Backend>(
     phase_done(&format!("prefill of {} tokens (twice)", a.prompt));
 
     let wbytes = model.weight_bytes_per_token();
+    let pick = if a.copy_logits {
+        Logits::Last
+    } else {
+        Logits::Greedy
+    };
     let mut decode = Vec::new();
     for &ctx in &a.contexts {
         let mut cache = model.cache_with_placeholder_tokens(ctx);
@@ -314,7 +324,7 @@ fn bench<B: Backend>(
             model.forward(
                 &mut cache,
                 &[(i as u32 * 31 + 7) % v],
-                Logits::Last,
+                pick,
                 DecodeWindow::Trained,
             )?;
             times.push(t.elapsed().as_secs_f64());
@@ -356,7 +366,7 @@ fn bench<B: Backend>(
             .map(|(cache, id)| Step {
                 cache,
                 ids: id,
-                logits: Logits::Last,
+                logits: pick,
                 window: DecodeWindow::Trained,
             })
             .collect();
@@ -393,6 +403,7 @@ fn bench<B: Backend>(
         "prompt_tokens": a.prompt,
         "prefill_tok_s": prefill_tok_s,
         "prefill_gflop_s": prefill_flop_s / 1e9,
+        "decode_pick": if a.copy_logits { "logits copied out" } else { "greedy" },
         "decode": decode,
         "batched_decode": batched,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -431,6 +442,14 @@ fn bench<B: Backend>(
         }
     }
     println!("weights per token   {:>8.1} MB", wbytes as f64 / 1e6);
+    println!(
+        "decode steps end in {}",
+        if a.copy_logits {
+            "every logit copied to the host (--copy-logits)"
+        } else {
+            "the greedy pick, made where the logits are"
+        }
+    );
     let of_gemm = ceil.gemm.map_or(String::new(), |g| {
         format!(", {:.1}% of the matrix rate", 100.0 * prefill_flop_s / g)
     });

@@ -370,8 +370,16 @@ impl Config {
                 format!("expected a positive number, found {eps}"),
             ));
         }
+        let vocab_size = r.pos_usize("vocab_size")?;
+        // Greedy picks travel as f32 indices (`Backend::argmax`).
+        if vocab_size > 1 << 24 {
+            return Err(Error::config(
+                "vocab_size",
+                format!("{vocab_size} is above the 2^24 tokens this engine supports"),
+            ));
+        }
         let cfg = Config {
-            vocab_size: r.pos_usize("vocab_size")?,
+            vocab_size,
             hidden_size: d,
             num_hidden_layers: l,
             num_attention_heads: h,

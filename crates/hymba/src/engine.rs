@@ -229,16 +229,16 @@ impl<B: Backend> Seq<B> {
         }
     }
 
-    /// Takes this sequence's logits from a step that fed it `fed` tokens: one row, or a row per
-    /// token when echoing the prompt.
+    /// Takes this sequence's logits from a step that fed it `fed` tokens: one row, a row per
+    /// token when echoing the prompt, or none beside the greedy pick.
     fn advance(
         &mut self,
         logits: &[f32],
+        pick: Option<u32>,
         fed: usize,
         v: usize,
         tok: Option<&Tokenizer>,
     ) -> Result<()> {
-        let last = &logits[logits.len() - v..];
         if self.prefilling() {
             if self.req.echo {
                 for r in 0..logits.len() / v {
@@ -268,7 +268,11 @@ impl<B: Backend> Seq<B> {
                 return Ok(());
             }
         }
-        let acc = self.decoder.accept(last, tok)?;
+        let last = &logits[logits.len().saturating_sub(v)..];
+        let acc = match pick {
+            Some(id) => self.decoder.take(id, tok)?,
+            None => self.decoder.accept(last, tok)?,
+        };
         Stats::add(&self.stats.generated_tokens, 1);
         let logprob = self.req.logprobs.map(|n| token_logprob(last, acc.id, n));
         self.send(Event::Token {
@@ -362,6 +366,8 @@ fn run<B: Backend>(
                 .map(|(s, ids)| {
                     let logits = if s.prefilling() && s.req.echo {
                         Logits::All
+                    } else if s.decoder.is_plain_greedy() && s.req.logprobs.is_none() {
+                        Logits::Greedy
                     } else {
                         Logits::Last
                     };
@@ -390,7 +396,8 @@ fn run<B: Backend>(
                     .zip(&ids)
                     .enumerate()
                     .for_each(|(i, (s, ids))| {
-                        if let Err(e) = s.advance(logits.get(i), ids.len(), v, tok) {
+                        if let Err(e) = s.advance(logits.get(i), logits.pick(i), ids.len(), v, tok)
+                        {
                             s.fail(&e);
                         }
                     });

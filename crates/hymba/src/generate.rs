@@ -3,9 +3,10 @@
 //! text that might be the start of a stop string is held back until it is known not to be.
 
 use crate::backend::Backend;
+use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
-use crate::model::{Logits, Model};
+use crate::model::{BatchLogits, Logits, Model, Step};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{Detokenizer, Tokenizer};
 
@@ -86,10 +87,22 @@ impl Decoder {
         })
     }
 
+    /// Whether the next token is the logits' argmax: [`Decoder::take`] can then be given the
+    /// backend's greedy pick ([`Logits::Greedy`]) instead of the logits.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.sampler.params.is_plain_greedy()
+    }
+
     /// Samples the next token from `logits` and applies every stopping rule. Text needs a
     /// tokenizer; without one only ids come out.
     pub fn accept(&mut self, logits: &[f32], tok: Option<&Tokenizer>) -> Result<Accepted> {
         let id = self.sampler.sample(logits, &self.history, &self.generated);
+        self.take(id, tok)
+    }
+
+    /// Takes `id` as the next token (a greedy pick made elsewhere, for a plain greedy decoder)
+    /// and applies every stopping rule.
+    pub fn take(&mut self, id: u32, tok: Option<&Tokenizer>) -> Result<Accepted> {
         self.history.push(id);
         self.generated.push(id);
         if !self.ignore_eos && Some(id) == self.eos_id {
@@ -142,8 +155,24 @@ pub fn generate<B: Backend>(
     }
     let mut dec = Decoder::new(prompt, opts)?;
     let mut cache = model.new_cache();
+    // Plain greedy decoding asks the backend for its pick, not for the logits.
+    let want = if dec.is_plain_greedy() && !opts.keep_logits {
+        Logits::Greedy
+    } else {
+        Logits::Last
+    };
+    let mut out = BatchLogits::default();
+    let step = |cache: &mut Cache<B>, ids: &[u32], out: &mut BatchLogits| {
+        let mut s = [Step {
+            cache,
+            ids,
+            logits: want,
+            window: opts.window,
+        }];
+        model.forward_batch_into(&mut s, out)
+    };
     let t0 = std::time::Instant::now();
-    let mut logits = model.forward(&mut cache, prompt, Logits::Last, opts.window)?;
+    step(&mut cache, prompt, &mut out)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut gen = Generation {
@@ -157,17 +186,22 @@ pub fn generate<B: Backend>(
     // The decoder ends the loop: at a stop, or after max_new_tokens (none when it is 0).
     if opts.max_new_tokens > 0 {
         loop {
-            if opts.keep_logits {
-                gen.logits.extend_from_slice(&logits);
-            }
-            let acc = dec.accept(&logits, tokenizer)?;
+            let acc = match out.pick(0) {
+                Some(id) => dec.take(id, tokenizer)?,
+                None => {
+                    if opts.keep_logits {
+                        gen.logits.extend_from_slice(out.get(0));
+                    }
+                    dec.accept(out.get(0), tokenizer)?
+                }
+            };
             gen.text.push_str(&acc.text);
             on_text(&acc.text);
             if let Some(f) = acc.finish {
                 gen.finish = f;
                 break;
             }
-            logits = model.forward(&mut cache, &[acc.id], Logits::Last, opts.window)?;
+            step(&mut cache, &[acc.id], &mut out)?;
         }
     }
     gen.ids = dec.generated;

@@ -29,11 +29,14 @@ pub enum Logits {
     Last,
     /// Every row (scoring, `hymba logits`).
     All,
+    /// Only the last row's greedy pick, its argmax ([`BatchLogits::pick`]), found where the
+    /// logits were made: on a GPU none of them is copied out (a batch of 64 has 8 MB of them).
+    Greedy,
 }
 
 /// The logits of a batched forward call, kept by the caller from one call to the next: step
-/// `i`'s rows (its last, or all of them for [`Logits::All`]), each `vocab` wide, one after
-/// another in one buffer. Reusing it spares a step of many sequences fresh memory for every
+/// `i`'s rows (its last, all of them for [`Logits::All`], none for [`Logits::Greedy`]), each
+/// `vocab` wide, one after another in one buffer, and the greedy steps' picks. Reusing it spares a step of many sequences fresh memory for every
 /// one of them (at 256 sequences of Hymba's 32001 logits, 32 MB that the allocator handed back
 /// to the system after each step and the kernel zeroed again in page faults).
 #[derive(Clone, Debug, Default)]
@@ -41,6 +44,8 @@ pub struct BatchLogits {
     data: Vec<f32>,
     /// Where each step's rows end, in rows.
     ends: Vec<usize>,
+    /// Each step's argmax, for [`Logits::Greedy`] steps.
+    picks: Vec<Option<u32>>,
     vocab: usize,
 }
 
@@ -54,10 +59,16 @@ impl BatchLogits {
         self.ends.is_empty()
     }
 
-    /// Step `i`'s logits `[rows, vocab]`.
+    /// Step `i`'s logits `[rows, vocab]` (no rows for a [`Logits::Greedy`] step).
     pub fn get(&self, i: usize) -> &[f32] {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         &self.data[start * self.vocab..self.ends[i] * self.vocab]
+    }
+
+    /// Step `i`'s greedy pick, the index of its last row's largest logit (the first on ties, as
+    /// [`crate::sample::argmax`]), where it asked for [`Logits::Greedy`].
+    pub fn pick(&self, i: usize) -> Option<u32> {
+        self.picks[i]
     }
 }
 
@@ -112,6 +123,10 @@ struct Run<B: Backend> {
     gate: B::Rows,
     /// Logits [rows asked for, V]
     out: B::Rows,
+    /// Their argmax, a row each (greedy picks), and the rows copied out where a batch has
+    /// greedy steps beside others
+    picks: B::Rows,
+    kept: B::Rows,
     /// This call's K/V rows per group [t, Hkv·dqk], [t, Hkv·dv], from the group's first layer
     k: Vec<B::Rows>,
     v: Vec<B::Rows>,
@@ -130,6 +145,8 @@ impl<B: Backend> Run<B> {
             fused: b.rows(),
             gate: b.rows(),
             out: b.rows(),
+            picks: b.rows(),
+            kept: b.rows(),
             k: (0..groups).map(|_| b.rows()).collect(),
             v: (0..groups).map(|_| b.rows()).collect(),
         }
@@ -628,6 +645,7 @@ impl<B: Backend> Model<B> {
     /// loop keeps one). On error `out` holds no steps.
     pub fn forward_batch_into(&self, steps: &mut [Step<B>], out: &mut BatchLogits) -> Result<()> {
         out.ends.clear();
+        out.picks.clear();
         self.backend.run(|| self.forward_batch_here(steps, out))
     }
 
@@ -710,17 +728,53 @@ impl<B: Backend> Model<B> {
             s.cache.pos += s.ids.len();
         }
         b.kv_flush();
+        let v = self.config.vocab_size;
+        // Each step's rows among the logits'.
+        let mut at = 0;
+        let spans: Vec<_> = wanted
+            .iter()
+            .map(|r| {
+                at += r.len();
+                at - r.len()..at
+            })
+            .collect();
+        let greedy: Vec<bool> = steps.iter().map(|s| s.logits == Logits::Greedy).collect();
+        let any_greedy = greedy.contains(&true);
+        if any_greedy {
+            b.argmax(&run.out, v, &mut run.picks);
+        }
+        // Beside greedy steps, the others' rows are gathered so that only they are copied out.
+        let mixed = any_greedy && greedy.contains(&false);
+        if mixed {
+            let keep: Vec<_> = spans
+                .iter()
+                .zip(&greedy)
+                .filter(|(_, &g)| !g)
+                .map(|(s, _)| s.clone())
+                .collect();
+            b.gather(&run.out, v, &keep, &mut run.kept);
+        }
         b.finish()?;
+        out.vocab = v;
         let mut rows = 0;
-        out.ends.extend(wanted.iter().map(|r| {
-            rows += r.len();
+        out.ends.extend(spans.iter().zip(&greedy).map(|(s, &g)| {
+            rows += if g { 0 } else { s.len() };
             rows
         }));
-        out.vocab = self.config.vocab_size;
-        b.read(&run.out, |all| {
-            out.data.clear();
-            out.data.extend_from_slice(&all[..rows * out.vocab]);
-        });
+        if any_greedy {
+            b.read(&run.picks, |p| {
+                let pick =
+                    |(s, &g): (&std::ops::Range<usize>, &bool)| g.then(|| p[s.end - 1] as u32);
+                out.picks.extend(spans.iter().zip(&greedy).map(pick))
+            });
+        } else {
+            out.picks.resize(steps.len(), None);
+        }
+        out.data.clear();
+        if rows > 0 {
+            let src = if mixed { &run.kept } else { &run.out };
+            b.read(src, |all| out.data.extend_from_slice(&all[..rows * v]));
+        }
         if let Ok(mut slot) = self.run.try_lock() {
             *slot = Some(run);
         }

@@ -47,6 +47,16 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Whether every token is simply the argmax of the logits (no temperature, bias or
+    /// penalty), so a backend can pick it without handing the logits over.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0
+            && self.logit_bias.is_empty()
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+    }
+
     /// Refuses values that have no meaning, naming the option.
     pub fn validate(&self) -> Result<()> {
         let bad = |name: &str, v: f32, want: &str| {

@@ -236,6 +236,43 @@ fn cuda_batched_equals_alone() {
     }
 }
 
+/// Greedy picks made on the card, beside steps that copy their logits out and in all-greedy
+/// rounds, over captured and replayed decode steps (the greedy pattern changes from round to
+/// round, the graph does not), and the argmax kernel on rows with ties, NaN and infinities.
+#[test]
+fn cuda_greedy_picks_match_logits() {
+    use hymba::backend::Backend;
+    let Some(gpu) = gpu("cuda_greedy_picks_match_logits") else {
+        return;
+    };
+    let mut rng = hymba_kernels::testing::Rng::new(9);
+    for width in [1usize, 7, 1023, 1025, 32001] {
+        let mut x: Vec<f32> = (0..6 * width).map(|_| rng.normal()).collect();
+        let row = |r: usize| r * width..(r + 1) * width;
+        // Row 1: a tie for the largest value (the first wins); row 2: NaN first (index 0);
+        // row 3: NaN elsewhere (never the largest); row 4: every value -inf; row 5: one +inf.
+        let m = width - 1;
+        x[row(1)][m / 2] = 9.0;
+        x[row(1)][m] = 9.0;
+        x[row(2)][0] = f32::NAN;
+        x[row(3)][m] = f32::NAN;
+        x[row(4)].fill(f32::NEG_INFINITY);
+        x[row(5)][m / 3] = f32::INFINITY;
+        let (mut rows, mut picks) = (gpu.rows(), gpu.rows());
+        gpu.upload(&x, &mut rows);
+        gpu.argmax(&rows, width, &mut picks);
+        let got = gpu.download(&picks);
+        gpu.finish().unwrap();
+        let want: Vec<f32> = x.chunks_exact(width).map(|r| argmax(r) as f32).collect();
+        assert_eq!(got, want, "argmax of rows {width} wide");
+    }
+    let model = Model::load_on(gpu, &fixture("tiny-a"), None).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..20u32)
+        .map(|i| (0..1 + i % 9).map(|j| 3 + (i * 17 + j * 7) % 200).collect())
+        .collect();
+    common::greedy_picks_match_logits(&model, &prompts, 5);
+}
+
 /// bf16 weights: the GPU rounds each matrix product's input to bf16 (as the official bf16 model
 /// does), the CPU keeps it in f32 unless it has bf16 dot products (AVX-512 BF16, AMX; then both
 /// round, and differ less). Each rounding errs by at most 2^-9 relatively; over the ~7

@@ -402,6 +402,23 @@ fn batched_steps_equal_sequences_alone() {
     }
 }
 
+/// A greedy step's pick is the argmax of the logits it would have copied out, and steps beside
+/// greedy ones get their logits unchanged (see `common::greedy_picks_match_logits`).
+#[test]
+fn greedy_steps_pick_the_argmax_of_their_logits() {
+    for (ci, c) in cases().iter().enumerate() {
+        for kv in KV {
+            let model = build(c, 700 + ci as u64, kv);
+            let mut rng = Rng::new(40 + ci as u64);
+            let prompts: Vec<Vec<u32>> = [c.window + 4, 3, 1, 6, 2]
+                .iter()
+                .map(|&n| prompt(&mut rng, n))
+                .collect();
+            common::greedy_picks_match_logits(&model, &prompts, 3);
+        }
+    }
+}
+
 /// With Q8_0 and Q4_0 weights in panels (where their integer kernel runs: AVX-512 VNNI), a
 /// sequence's decode logits in a batch are bit for bit its logits alone: products of up to 16
 /// rows run on int8 inputs with the same float operations for a row whatever the rows beside

@@ -10,6 +10,7 @@ use super::{
 };
 use crate::cache::{Kv, KvDtype, KvView, LayerState};
 use crate::error::Result;
+use crate::sample::argmax;
 use crate::tensor::{Dtype, Tensor};
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
@@ -257,6 +258,11 @@ impl Backend for Cpu {
         for r in rows {
             out.extend_from_slice(&x[r.start * width..r.end * width]);
         }
+    }
+
+    fn argmax(&self, x: &Vec<f32>, width: usize, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend(x.chunks_exact(width).map(|r| argmax(r) as f32));
     }
 
     fn matmul_add(&self, x: &Vec<f32>, w: &Tensor, h: &mut Vec<f32>) {

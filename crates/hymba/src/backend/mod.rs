@@ -261,6 +261,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rmsnorm(&self, x: &Self::Rows, w: &Self::Vector, eps: f32, out: &mut Self::Rows);
     /// The rows in `rows` (ranges of row indices, in order) of `x`, `width` wide.
     fn gather(&self, x: &Self::Rows, width: usize, rows: &[Range<usize>], out: &mut Self::Rows);
+    /// The index of the largest value of each `width`-wide row of `x`, the first on ties, as
+    /// [`crate::sample::argmax`] finds it (so a NaN wins only as a row's first value): a greedy
+    /// pick that leaves the rows where they are. One value a row in `out`, the index as f32
+    /// (exact: widths are below 2^24).
+    fn argmax(&self, x: &Self::Rows, width: usize, out: &mut Self::Rows);
     /// `h += x · wᵀ`: a residual connection through a projection.
     fn matmul_add(&self, x: &Self::Rows, w: &Self::Matrix, h: &mut Self::Rows);
     /// `h += x · wᵀ`, then `u` = RMSNorm of `h`: a block's residual add and the norm that starts

@@ -61,6 +61,8 @@ __device__ __forceinline__ float dot8(const Raw8<bf16_t>& w, float4 a, float4 b)
     return dot2(w.v.x, a.x, a.y) + dot2(w.v.y, a.z, a.w) + dot2(w.v.z, b.x, b.y) + dot2(w.v.w, b.z, b.w);
 }
 
+#define NEG_INF __int_as_float(0xff800000)
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -280,6 +282,43 @@ extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
         ((uint2*)out)[i] = bf16x4(v);
     }
     for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) out[i] = f32_to_bf16(x[i]);
+}
+
+// The index of each `width`-wide row's largest value, the first on ties, as the host's
+// sequential argmax finds it: NaN never beats a value (it counts as -inf here) but a row whose
+// first value is NaN gives 0. A block a row; out holds the index as a float.
+#define ARGMAX_THREADS 1024
+extern "C" __global__ void argmax_rows(const float* x, long width, float* out) {
+    grid_dep();
+    const float* r = x + blockIdx.x * width;
+    auto get = [&](long i) {
+        float v = r[i];
+        return v == v ? v : NEG_INF;
+    };
+    // Each thread's first value starts its search, so a -inf can win (where every value is).
+    long at = threadIdx.x < width ? threadIdx.x : width;
+    float best = at < width ? get(at) : NEG_INF;
+#pragma unroll 8
+    for (long i = at + ARGMAX_THREADS; i < width; i += ARGMAX_THREADS) {
+        float v = get(i);
+        if (v > best) best = v, at = i;
+    }
+    auto take = [&](float b, long a) {
+        if (b > best || (b == best && a < at)) best = b, at = a;
+    };
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) take(__shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o));
+    __shared__ float bs[ARGMAX_THREADS / 32];
+    __shared__ long as[ARGMAX_THREADS / 32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) bs[warp] = best, as[warp] = at;
+    __syncthreads();
+    if (warp == 0) {
+        best = bs[lane], at = as[lane];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) take(__shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o));
+        if (lane == 0) out[blockIdx.x] = r[0] != r[0] ? 0.0f : (float)at;
+    }
 }
 
 // One sequence of a step: its rows row0..row0+len of the step's activations, the position of
@@ -725,7 +764,6 @@ __device__ __forceinline__ KvSrc own_rows(const T* new_k, const T* new_v, SeqInf
     return s;
 }
 
-#define NEG_INF __int_as_float(0xff800000)
 #define ATTN_KEYS 2
 #define DEC_G 8
 #define MAX_SPLITS 128

@@ -357,6 +357,7 @@ struct Kernels<K = Kernel> {
     columns: K,
     split_in_proj: K,
     to_bf16: K,
+    argmax_rows: K,
     conv_silu: K,
     conv_state: K,
     conv_silu_step: K,
@@ -411,6 +412,7 @@ impl<K> Kernels<K> {
             columns: f("columns")?,
             split_in_proj: f("split_in_proj")?,
             to_bf16: f("to_bf16")?,
+            argmax_rows: f("argmax_rows")?,
             conv_silu: f("conv_silu")?,
             conv_state: f("conv_state")?,
             conv_silu_step: f("conv_silu_step")?,
@@ -578,6 +580,9 @@ const GQA_HEADS: usize = 8;
 const SCAN_CHUNK: usize = 64;
 /// Chunks a step's scan is cut into at least, where rows allow (chunks of 16 rows at the least).
 const SCAN_MIN_CHUNKS: usize = 11;
+
+/// Threads of an `argmax_rows` block (a row; the kernel's ARGMAX_THREADS).
+const ARGMAX_THREADS: u32 = 1024;
 
 /// Longest sequence whose causal conv runs row after row in one thread a channel (decode).
 const CONV_STEP_UP_TO: usize = 8;
@@ -2327,6 +2332,21 @@ impl Backend for Cuda {
             }
             at += len;
         }
+    }
+
+    fn argmax(&self, x: &DevRows, width: usize, out: &mut DevRows) {
+        let rows = x.len / width;
+        self.shape(out, rows);
+        if rows == 0 {
+            return;
+        }
+        let (xp, op, w) = (self.p(x), self.p(out), width as i64);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ARGMAX_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(&self.k.argmax_rows, cfg, &[&xp, &w, &op]);
     }
 
     fn split_in_proj(

@@ -182,19 +182,32 @@ extern "C" __global__ void norm_settle(float* u, const float* sq, int n, int d, 
     for (int j = threadIdx.x; j < d; j += blockDim.x) u[r * d + j] *= inv;
 }
 
-// Up to three column ranges of every row normed at once (the SSM's inner norms), block (row,
-// part): out[i][r, :d[i]] = w[i] ⊙ x[r, from[i]:][:d[i]] / rms.
+// Up to three column ranges of every row normed at once (the SSM's inner norms):
+// out[i][r, :d[i]] = w[i] ⊙ x[r, from[i]:][:d[i]] / rms.
 struct NormParts {
     const float* w[3];
     float* out[3];
     int from[3];
     int d[3];
 };
-extern "C" __global__ void rmsnorm_parts(const float* x, int width, NormParts np, float eps) {
+// A warp a (row, part): the parts are short (x_proj's δr, B and C: tens of values), where a
+// block a row left most of its threads idle and waited on a block barrier.
+extern "C" __global__ void rmsnorm_parts(const float* x, int width, NormParts np, float eps, long rows) {
     grid_dep();
-    long r = blockIdx.x;
-    int i = blockIdx.y, d = np.d[i];
-    rmsnorm_row(x + r * width + np.from[i], np.w[i], d, eps, np.out[i] + r * d, nullptr);
+    long r = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31, i = blockIdx.y;
+    if (r >= rows) return;
+    // Selected, not indexed: a parameter array indexed at run time is copied to local memory.
+#define PICK3(a) (i == 0 ? (a)[0] : (i == 1 ? (a)[1] : (a)[2]))
+    const float* w = PICK3(np.w);
+    int d = PICK3(np.d);
+    const float* xr = x + r * width + PICK3(np.from);
+    float* out = PICK3(np.out) + r * d;
+#undef PICK3
+    float ss = 0.0f;
+    for (int j = lane; j < d; j += 32) ss += xr[j] * xr[j];
+    float inv = 1.0f / sqrtf(warp_sum(ss) / d + eps);
+    for (int j = lane; j < d; j += 32) out[j] = w[j] * (xr[j] * inv);
 }
 
 // out[r, :n] = x[r, from:from+n], for `rows` rows of `width`.
@@ -493,6 +506,15 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, long stride,
 // these instructions).
 #define LOG2E 1.4426950408889634f
 
+// Δ of row element i: as given, or softplus(Δ + bias) where the product that made it left its
+// epilogue to the scan (`dt_bias`; `bc` its channel's value, as `softplus_bias` computes it).
+__device__ __forceinline__ float delta_at(const float* delta, long i, const float* dt_bias, float bc) {
+    float v = delta[i];
+    if (!dt_bias) return v;
+    v += bc;
+    return v > 20.0f ? v : log1pf(expf(v));
+}
+
 // A chunk's rows of B (and C) into shared memory, N_ states a row (zeros past n), so the
 // recurrence reads four states' values a load.
 template <int N_>
@@ -504,8 +526,8 @@ __device__ void stage_rows(const float* m, long r0, int rows, int n, float (*dst
 }
 
 template <int N_>
-__device__ void scan_chunk_end(const float* x, const float* delta, const float* bm, const float* a, const SeqInfo* seqs, const int4* chunks,
-                               int e, int n, float* hend, float* dtsum) {
+__device__ void scan_chunk_end(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* a, const SeqInfo* seqs,
+                               const int4* chunks, int e, int n, float* hend, float* dtsum) {
     __shared__ __align__(16) float sb[SCAN_ROWS][N_];
     int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
     int4 ch = chunks[chunk];
@@ -514,7 +536,7 @@ __device__ void scan_chunk_end(const float* x, const float* delta, const float* 
     stage_rows<N_>(bm, r0, ch.z, n, sb);
     __syncthreads();
     if (c >= e) return;
-    float s[N_], av[N_], sum = 0.0f;
+    float s[N_], av[N_], sum = 0.0f, bc = dt_bias ? dt_bias[c] : 0.0f;
 #pragma unroll
     for (int j = 0; j < N_; j++) {
         s[j] = 0.0f;
@@ -522,7 +544,7 @@ __device__ void scan_chunk_end(const float* x, const float* delta, const float* 
     }
     for (int t = 0; t < ch.z; t++) {
         long r = r0 + t;
-        float dt = delta[r * e + c], dx = dt * x[r * e + c];
+        float dt = delta_at(delta, r * e + c, dt_bias, bc), dx = dt * x[r * e + c];
         sum += dt;
 #pragma unroll
         for (int q = 0; q < N_ / 4; q++) {
@@ -560,9 +582,9 @@ extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunk
 }
 
 template <int N_>
-__device__ void scan_chunk_out(const float* x, const float* delta, const float* bm, const float* cm, const float* z, const float* a,
-                               const float* d, const SeqInfo* seqs, const int4* chunks, float* const* ssm, int e, int n, const float* init,
-                               float* y) {
+__device__ void scan_chunk_out(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* cm, const float* z,
+                               const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, float* const* ssm, int e, int n,
+                               const float* init, float* y) {
     __shared__ __align__(16) float sb[SCAN_ROWS][N_], sc[SCAN_ROWS][N_];
     int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
     int4 ch = chunks[chunk];
@@ -579,10 +601,10 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
         s[j] = j >= n ? 0.0f : (ch.w & CHUNK_FIRST) && (ch.w & CHUNK_LAST) ? st[(long)c * n + j] : init[((long)chunk * n + j) * e + c];
         av[j] = j < n ? a[(long)c * n + j] * LOG2E : 0.0f;
     }
-    float dc = d[c];
+    float dc = d[c], bc = dt_bias ? dt_bias[c] : 0.0f;
     for (int t = 0; t < ch.z; t++) {
         long r = r0 + t;
-        float dt = delta[r * e + c], xv = x[r * e + c], dx = dt * xv, acc = 0.0f;
+        float dt = delta_at(delta, r * e + c, dt_bias, bc), xv = x[r * e + c], dx = dt * xv, acc = 0.0f;
 #pragma unroll
         for (int q = 0; q < N_ / 4; q++) {
             float4 b4 = *(const float4*)&sb[t][4 * q], c4 = *(const float4*)&sc[t][4 * q];
@@ -603,16 +625,16 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
 
 // The scan's kernels for up to 16 and up to 32 states.
 #define SCAN_KERNELS(N_) \
-    extern "C" __global__ void scan_chunk_end_##N_(const float* x, const float* delta, const float* bm, const float* a, const SeqInfo* seqs, \
-                                                   const int4* chunks, int e, int n, float* hend, float* dtsum) { \
+    extern "C" __global__ void scan_chunk_end_##N_(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* a, \
+                                                   const SeqInfo* seqs, const int4* chunks, int e, int n, float* hend, float* dtsum) { \
         grid_dep(); \
-        scan_chunk_end<N_>(x, delta, bm, a, seqs, chunks, e, n, hend, dtsum); \
+        scan_chunk_end<N_>(x, delta, dt_bias, bm, a, seqs, chunks, e, n, hend, dtsum); \
     } \
-    extern "C" __global__ void scan_chunk_out_##N_(const float* x, const float* delta, const float* bm, const float* cm, const float* z, \
-                                                   const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, \
+    extern "C" __global__ void scan_chunk_out_##N_(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* cm, \
+                                                   const float* z, const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, \
                                                    float* const* ssm, int e, int n, const float* init, float* y) { \
         grid_dep(); \
-        scan_chunk_out<N_>(x, delta, bm, cm, z, a, d, seqs, chunks, ssm, e, n, init, y); \
+        scan_chunk_out<N_>(x, delta, dt_bias, bm, cm, z, a, d, seqs, chunks, ssm, e, n, init, y); \
     }
 SCAN_KERNELS(16)
 SCAN_KERNELS(32)

@@ -1659,7 +1659,10 @@ impl Cuda {
     /// The scan's parameters of a step of several rows a sequence (spec §3.3), into `p`: δr, B
     /// and C cut out of x_proj's output (normed where the layer has inner norms), then
     /// Δ = softplus(δr · dt_projᵀ + bias). A decode step makes them inside `ssm_step` instead.
-    fn scan_params(&self, s: &ScanInput<Cuda>, n: usize, p: &mut ScanRows) {
+    /// Where the product runs through cuBLAS, whose epilogues have no softplus, Δ is left as
+    /// δr · dt_projᵀ and the bias's address returned: the scan's kernels finish it as they read
+    /// it (a pass over [t, E] less).
+    fn scan_params(&self, s: &ScanInput<Cuda>, n: usize, p: &mut ScanRows) -> u64 {
         let r = s.dt_rank;
         let pw = r + 2 * n;
         let ScanRows { dr, b, c, delta } = p;
@@ -1674,14 +1677,20 @@ impl Cuda {
                 self.columns(s.proj, pw, r + n, n, c);
             }
         }
-        self.product(
-            dr,
-            s.dt_proj,
-            Epilogue::Softplus,
-            None,
-            Some(s.dt_bias),
-            delta,
-        );
+        let t = dr.len / r.max(1);
+        let bf16 = matches!(*s.dt_proj.data, DevData::BF16(_));
+        let cublas = t > GEMV_ROWS && !(bf16 && self.rows_kernel_takes(t, s.dt_proj));
+        let epi = if cublas {
+            Epilogue::Store
+        } else {
+            Epilogue::Softplus
+        };
+        self.product(dr, s.dt_proj, epi, None, Some(s.dt_bias), delta);
+        if cublas {
+            self.pv(s.dt_bias)
+        } else {
+            0
+        }
     }
 
     /// RMSNorm of columns `from..from + w.len()` of each row of `x` (rows `width` wide), for
@@ -1701,13 +1710,14 @@ impl Cuda {
                 (np.w[i], np.out[i], np.from[i], np.d[i]) =
                     (self.pv(w), self.p(out), *from as i32, w.len() as i32);
             }
+            // A warp a (row, part).
             let cfg = LaunchConfig {
-                grid_dim: (rows.max(1) as u32, chunk.len() as u32, 1),
-                block_dim: (row_threads(rows), 1, 1),
+                grid_dim: (rows.div_ceil(8).max(1) as u32, chunk.len() as u32, 1),
+                block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (xp, wi) = (self.p(x), width as i32);
-            self.launch(&self.k.rmsnorm_parts, cfg, &[&xp, &wi, &np, &eps]);
+            let (xp, wi, ri) = (self.p(x), width as i32, rows as i64);
+            self.launch(&self.k.rmsnorm_parts, cfg, &[&xp, &wi, &np, &eps, &ri]);
         }
     }
 
@@ -2479,9 +2489,11 @@ impl Backend for Cuda {
         // A decode step (one row a sequence) makes the scan's parameters inside its kernel.
         let step = self.scratch.lock().expect("scratch").max_len <= 1;
         let mut params = std::mem::take(&mut self.scratch.lock().expect("scratch").params);
-        if !step {
-            self.scan_params(ssm, n, &mut params);
-        }
+        let dt_bias = if step {
+            0
+        } else {
+            self.scan_params(ssm, n, &mut params)
+        };
         let mut scratch = self.scratch.lock().expect("scratch");
         let ns = scratch.n_seqs;
         let (seqs_p, rows_p) = (
@@ -2738,7 +2750,9 @@ impl Backend for Cuda {
                 self.launch(
                     &self.k.scan_chunk_end[(n > 16) as usize],
                     cfg,
-                    &[&xp, &dp, &bp, &a_p, &seqs_p, &chunks_p, &ei, &ni, &hp, &sp],
+                    &[
+                        &xp, &dp, &dt_bias, &bp, &a_p, &seqs_p, &chunks_p, &ei, &ni, &hp, &sp,
+                    ],
                 );
                 let sc = self.table(&scratch.seq_chunks, 0);
                 let cfg = LaunchConfig {
@@ -2762,8 +2776,8 @@ impl Backend for Cuda {
                 &self.k.scan_chunk_out[(n > 16) as usize],
                 cfg,
                 &[
-                    &xp, &dp, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &chunks_p, &ssm_p, &ei, &ni, &ip,
-                    &yp,
+                    &xp, &dp, &dt_bias, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &chunks_p, &ssm_p, &ei,
+                    &ni, &ip, &yp,
                 ],
             );
         }

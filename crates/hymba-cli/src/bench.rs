@@ -57,11 +57,14 @@ pub struct BenchArgs {
     /// bandwidth and bf16 matrix rate).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Decode steps copy every sequence's logits to the host, as sampling with a temperature
-    /// does, instead of taking the greedy pick made where the logits are (on a GPU, no logits
-    /// leave the card).
+    /// Decode steps copy every sequence's logits to the host (as sampling with top-k, top-p,
+    /// penalties or log-probabilities does) instead of taking the token picked where the
+    /// logits are (on a GPU, no logits leave the card).
     #[arg(long)]
     copy_logits: bool,
+    /// The temperature of the picks (0: greedy); each sequence's variates from a seeded RNG.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
 }
 
 /// The real Hymba-1.5B config, compiled in so `--synthetic` needs no files.
@@ -308,10 +311,20 @@ fn bench<B: Backend>(
     phase_done(&format!("prefill of {} tokens (twice)", a.prompt));
 
     let wbytes = model.weight_bytes_per_token();
-    let pick = if a.copy_logits {
-        Logits::Last
-    } else {
-        Logits::Greedy
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature {}: expected a number ≥ 0", a.temperature);
+    }
+    let mut rng = hymba::kernels::testing::Rng::new(5);
+    let mut pick = || {
+        if a.copy_logits {
+            Logits::Last
+        } else {
+            Logits::Sample(hymba::sample::Draw {
+                temperature: a.temperature,
+                min_p: 0.0,
+                u: rng.uniform() as f32,
+            })
+        }
     };
     let mut decode = Vec::new();
     for &ctx in &a.contexts {
@@ -324,7 +337,7 @@ fn bench<B: Backend>(
             model.forward(
                 &mut cache,
                 &[(i as u32 * 31 + 7) % v],
-                pick,
+                pick(),
                 DecodeWindow::Trained,
             )?;
             times.push(t.elapsed().as_secs_f64());
@@ -366,7 +379,7 @@ fn bench<B: Backend>(
             .map(|(cache, id)| Step {
                 cache,
                 ids: id,
-                logits: pick,
+                logits: pick(),
                 window: DecodeWindow::Trained,
             })
             .collect();
@@ -403,7 +416,7 @@ fn bench<B: Backend>(
         "prompt_tokens": a.prompt,
         "prefill_tok_s": prefill_tok_s,
         "prefill_gflop_s": prefill_flop_s / 1e9,
-        "decode_pick": if a.copy_logits { "logits copied out" } else { "greedy" },
+        "decode_pick": if a.copy_logits { "logits copied out".to_string() } else { format!("picked at temperature {}", a.temperature) },
         "decode": decode,
         "batched_decode": batched,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -445,9 +458,12 @@ fn bench<B: Backend>(
     println!(
         "decode steps end in {}",
         if a.copy_logits {
-            "every logit copied to the host (--copy-logits)"
+            "every logit copied to the host (--copy-logits)".to_string()
         } else {
-            "the greedy pick, made where the logits are"
+            format!(
+                "a token picked where the logits are, at temperature {}",
+                a.temperature
+            )
         }
     );
     let of_gemm = ceil.gemm.map_or(String::new(), |g| {

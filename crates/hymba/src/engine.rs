@@ -366,10 +366,13 @@ fn run<B: Backend>(
                 .map(|(s, ids)| {
                     let logits = if s.prefilling() && s.req.echo {
                         Logits::All
-                    } else if s.decoder.is_plain_greedy() && s.req.logprobs.is_none() {
+                    } else if s.req.logprobs.is_some() {
+                        Logits::Last
+                    } else if s.fed + ids.len() < s.req.prompt.len() {
+                        // A chunk before the prompt's last: its pick is not used.
                         Logits::Greedy
                     } else {
-                        Logits::Last
+                        s.decoder.next_logits()
                     };
                     Step {
                         cache: &mut s.cache,

@@ -7,7 +7,7 @@ use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
 use crate::model::{BatchLogits, Logits, Model, Step};
-use crate::sample::{Sampler, SamplingParams};
+use crate::sample::{Draw, Sampler, SamplingParams};
 use crate::tokenizer::{Detokenizer, Tokenizer};
 
 #[derive(Clone, Debug)]
@@ -87,10 +87,24 @@ impl Decoder {
         })
     }
 
-    /// Whether the next token is the logits' argmax: [`Decoder::take`] can then be given the
-    /// backend's greedy pick ([`Logits::Greedy`]) instead of the logits.
-    pub fn is_plain_greedy(&self) -> bool {
-        self.sampler.params.is_plain_greedy()
+    /// What the step that makes this sequence's next token asks for: where the sampler takes
+    /// the logits as they are, the backend's pick, [`Logits::Greedy`] or [`Logits::Sample`]
+    /// with the sampler's next variate (give the token to [`Decoder::take`]); else the last
+    /// row's logits (for [`Decoder::accept`]).
+    pub fn next_logits(&mut self) -> Logits {
+        let p = &self.sampler.params;
+        if p.is_plain_greedy() {
+            Logits::Greedy
+        } else if p.is_plain_draw() {
+            let (temperature, min_p) = (p.temperature, p.min_p);
+            Logits::Sample(Draw {
+                temperature,
+                min_p,
+                u: self.sampler.next_uniform(),
+            })
+        } else {
+            Logits::Last
+        }
     }
 
     /// Samples the next token from `logits` and applies every stopping rule. Text needs a
@@ -155,24 +169,25 @@ pub fn generate<B: Backend>(
     }
     let mut dec = Decoder::new(prompt, opts)?;
     let mut cache = model.new_cache();
-    // Plain greedy decoding asks the backend for its pick, not for the logits.
-    let want = if dec.is_plain_greedy() && !opts.keep_logits {
-        Logits::Greedy
-    } else {
-        Logits::Last
-    };
     let mut out = BatchLogits::default();
-    let step = |cache: &mut Cache<B>, ids: &[u32], out: &mut BatchLogits| {
+    // The backend's pick where the decoder can take one (no logits copied out), unless the
+    // logits are kept.
+    let step = |cache: &mut Cache<B>, ids: &[u32], dec: &mut Decoder, out: &mut BatchLogits| {
+        let logits = if opts.keep_logits {
+            Logits::Last
+        } else {
+            dec.next_logits()
+        };
         let mut s = [Step {
             cache,
             ids,
-            logits: want,
+            logits,
             window: opts.window,
         }];
         model.forward_batch_into(&mut s, out)
     };
     let t0 = std::time::Instant::now();
-    step(&mut cache, prompt, &mut out)?;
+    step(&mut cache, prompt, &mut dec, &mut out)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut gen = Generation {
@@ -201,7 +216,7 @@ pub fn generate<B: Backend>(
                 gen.finish = f;
                 break;
             }
-            step(&mut cache, &[acc.id], &mut out)?;
+            step(&mut cache, &[acc.id], &mut dec, &mut out)?;
         }
     }
     gen.ids = dec.generated;

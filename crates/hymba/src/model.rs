@@ -16,6 +16,7 @@ use crate::cache::{Cache, KvDtype, KvStore, MetaPrefix};
 use crate::config::{AttnKind, Config, KvGroup, LayerPlan};
 use crate::error::{Error, Result};
 use crate::mask::DecodeWindow;
+use crate::sample::Draw;
 use crate::tensor::{Dtype, TensorStore};
 use crate::weights::{LayerWeights, Weights};
 use hymba_kernels::rope;
@@ -23,7 +24,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 /// Which rows of a forward call get logits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Logits {
     /// Only the last row (generation).
     Last,
@@ -32,11 +33,30 @@ pub enum Logits {
     /// Only the last row's greedy pick, its argmax ([`BatchLogits::pick`]), found where the
     /// logits were made: on a GPU none of them is copied out (a batch of 64 has 8 MB of them).
     Greedy,
+    /// Only the last row's token by this draw ([`crate::sample::draw`]), made where the logits
+    /// were, as `Greedy`'s pick.
+    Sample(Draw),
+}
+
+impl Logits {
+    /// The draw that picks this step's token where the logits are, if it asks for one.
+    fn draw(&self) -> Option<Draw> {
+        match *self {
+            Logits::Greedy => Some(Draw {
+                temperature: 0.0,
+                min_p: 0.0,
+                u: 0.0,
+            }),
+            Logits::Sample(d) => Some(d),
+            Logits::Last | Logits::All => None,
+        }
+    }
 }
 
 /// The logits of a batched forward call, kept by the caller from one call to the next: step
-/// `i`'s rows (its last, all of them for [`Logits::All`], none for [`Logits::Greedy`]), each
-/// `vocab` wide, one after another in one buffer, and the greedy steps' picks. Reusing it spares a step of many sequences fresh memory for every
+/// `i`'s rows (its last, all of them for [`Logits::All`], none for [`Logits::Greedy`] and
+/// [`Logits::Sample`]), each `vocab` wide, one after another in one buffer, and the other
+/// steps' picks. Reusing it spares a step of many sequences fresh memory for every
 /// one of them (at 256 sequences of Hymba's 32001 logits, 32 MB that the allocator handed back
 /// to the system after each step and the kernel zeroed again in page faults).
 #[derive(Clone, Debug, Default)]
@@ -44,7 +64,7 @@ pub struct BatchLogits {
     data: Vec<f32>,
     /// Where each step's rows end, in rows.
     ends: Vec<usize>,
-    /// Each step's argmax, for [`Logits::Greedy`] steps.
+    /// Each step's token, for [`Logits::Greedy`] and [`Logits::Sample`] steps.
     picks: Vec<Option<u32>>,
     vocab: usize,
 }
@@ -65,8 +85,8 @@ impl BatchLogits {
         &self.data[start * self.vocab..self.ends[i] * self.vocab]
     }
 
-    /// Step `i`'s greedy pick, the index of its last row's largest logit (the first on ties, as
-    /// [`crate::sample::argmax`]), where it asked for [`Logits::Greedy`].
+    /// Step `i`'s token where it asked for [`Logits::Greedy`] (the index of its last row's
+    /// largest logit, the first on ties, as [`crate::sample::argmax`]) or [`Logits::Sample`].
     pub fn pick(&self, i: usize) -> Option<u32> {
         self.picks[i]
     }
@@ -123,8 +143,8 @@ struct Run<B: Backend> {
     gate: B::Rows,
     /// Logits [rows asked for, V]
     out: B::Rows,
-    /// Their argmax, a row each (greedy picks), and the rows copied out where a batch has
-    /// greedy steps beside others
+    /// Their picks, a row each, and the rows copied out where a batch has picked steps
+    /// beside others
     picks: B::Rows,
     kept: B::Rows,
     /// This call's K/V rows per group [t, Hkv·dqk], [t, Hkv·dv], from the group's first layer
@@ -738,17 +758,26 @@ impl<B: Backend> Model<B> {
                 at - r.len()..at
             })
             .collect();
-        let greedy: Vec<bool> = steps.iter().map(|s| s.logits == Logits::Greedy).collect();
-        let any_greedy = greedy.contains(&true);
-        if any_greedy {
-            b.argmax(&run.out, v, &mut run.picks);
+        let draws: Vec<Option<Draw>> = steps.iter().map(|s| s.logits.draw()).collect();
+        let picked: Vec<bool> = draws.iter().map(Option::is_some).collect();
+        let any_picked = picked.contains(&true);
+        if any_picked {
+            // A draw a row of logits: a step's own on its last row, the argmax on the others
+            // (not read).
+            let mut each = vec![Logits::Greedy.draw().expect("a draw"); at];
+            for (s, d) in spans.iter().zip(&draws) {
+                if let Some(d) = d {
+                    each[s.end - 1] = *d;
+                }
+            }
+            b.pick(&run.out, v, &each, &mut run.picks);
         }
-        // Beside greedy steps, the others' rows are gathered so that only they are copied out.
-        let mixed = any_greedy && greedy.contains(&false);
+        // Beside picked steps, the others' rows are gathered so that only they are copied out.
+        let mixed = any_picked && picked.contains(&false);
         if mixed {
             let keep: Vec<_> = spans
                 .iter()
-                .zip(&greedy)
+                .zip(&picked)
                 .filter(|(_, &g)| !g)
                 .map(|(s, _)| s.clone())
                 .collect();
@@ -757,15 +786,15 @@ impl<B: Backend> Model<B> {
         b.finish()?;
         out.vocab = v;
         let mut rows = 0;
-        out.ends.extend(spans.iter().zip(&greedy).map(|(s, &g)| {
+        out.ends.extend(spans.iter().zip(&picked).map(|(s, &g)| {
             rows += if g { 0 } else { s.len() };
             rows
         }));
-        if any_greedy {
+        if any_picked {
             b.read(&run.picks, |p| {
                 let pick =
                     |(s, &g): (&std::ops::Range<usize>, &bool)| g.then(|| p[s.end - 1] as u32);
-                out.picks.extend(spans.iter().zip(&greedy).map(pick))
+                out.picks.extend(spans.iter().zip(&picked).map(pick))
             });
         } else {
             out.picks.resize(steps.len(), None);

@@ -47,14 +47,24 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Whether every token is simply the argmax of the logits (no temperature, bias or
-    /// penalty), so a backend can pick it without handing the logits over.
-    pub fn is_plain_greedy(&self) -> bool {
-        self.temperature == 0.0
-            && self.logit_bias.is_empty()
+    /// Whether the logits are taken as they are (no bias, no penalty).
+    fn unmodified(&self) -> bool {
+        self.logit_bias.is_empty()
             && self.repetition_penalty == 1.0
             && self.presence_penalty == 0.0
             && self.frequency_penalty == 0.0
+    }
+
+    /// Whether every token is simply the argmax of the logits (no temperature, bias or
+    /// penalty), so a backend can pick it without handing the logits over.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0 && self.unmodified()
+    }
+
+    /// Whether every token is a [`draw`] from the raw logits (temperature, maybe min-p; no top-k,
+    /// top-p, bias or penalty), so a backend can make it where the logits are.
+    pub fn is_plain_draw(&self) -> bool {
+        self.temperature > 0.0 && self.top_k == 0 && self.top_p >= 1.0 && self.unmodified()
     }
 
     /// Refuses values that have no meaning, naming the option.
@@ -159,6 +169,14 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(&logits);
         }
+        if p.top_k == 0 && p.top_p >= 1.0 {
+            let d = Draw {
+                temperature: p.temperature,
+                min_p: p.min_p,
+                u: self.next_uniform(),
+            };
+            return draw(&logits, &d);
+        }
         // Softmax at temperature, candidates sorted by probability.
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.cand.clear();
@@ -170,7 +188,7 @@ impl Sampler {
         );
         keep_candidates(&mut self.cand, p.top_k, p.top_p, p.min_p);
         let total: f32 = self.cand.iter().map(|c| c.1).sum();
-        let mut r = self.rng.uniform() as f32 * total;
+        let mut r = self.next_uniform() * total;
         for c in &self.cand {
             r -= c.1;
             if r <= 0.0 {
@@ -179,6 +197,57 @@ impl Sampler {
         }
         self.cand.last().expect("at least one candidate").0
     }
+}
+
+impl Sampler {
+    /// The uniform variate of the next draw: one a sampled token, as [`Sampler::sample`] takes
+    /// them (a caller making a [`Draw`] elsewhere keeps the seeded sequence).
+    pub fn next_uniform(&mut self) -> f32 {
+        self.rng.uniform() as f32
+    }
+}
+
+/// A temperature draw from one row of logits with the variate `u` (in [0, 1)): what a backend
+/// makes where the logits are (`Logits::Sample`); temperature 0 means the argmax.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draw {
+    pub temperature: f32,
+    /// 0 means off.
+    pub min_p: f32,
+    pub u: f32,
+}
+
+/// The token a [`Draw`] picks: each token weighted by exp((logit − max) / temperature), those
+/// below `min_p` of the top weight (which is 1) dropped, then the first token, in id order,
+/// whose running sum of weights reaches `u` × their total. This is [`Sampler::sample`]'s draw
+/// without top-k or top-p, made without the candidate list (the same operations in the same
+/// order, so the same token).
+pub fn draw(logits: &[f32], d: &Draw) -> u32 {
+    if d.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weight = |v: f32| ((v - max) / d.temperature).exp();
+    // The top weight is exp(0) = 1 unless no logit is finite (then none is above 0).
+    let floor = d.min_p.max(0.0) * if max.is_finite() { 1.0 } else { 0.0 };
+    let total: f32 = logits
+        .iter()
+        .map(|&v| weight(v))
+        .filter(|&p| p >= floor)
+        .sum();
+    let mut r = d.u * total;
+    let mut last = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        let p = weight(v);
+        if p >= floor {
+            last = i;
+            r -= p;
+            if r <= 0.0 {
+                return i as u32;
+            }
+        }
+    }
+    last as u32
 }
 
 /// Index of the largest logit (the first on ties).
@@ -365,6 +434,51 @@ mod tests {
                         a, b,
                         "{n} tokens, logits × {scale}, top-k {k}, top-p {p}, min-p {m}"
                     );
+                }
+            }
+        }
+    }
+
+    /// `draw` is the candidate list's walk without top-k or top-p, token for token.
+    #[test]
+    fn draw_is_the_candidate_walk() {
+        let mut rng = Rng::new(8);
+        for n in [1usize, 2, 7, 300, 32001] {
+            for scale in [0.05f32, 1.0, 12.0] {
+                let mut logits = rng.normal_vec(n, scale);
+                if n > 7 {
+                    // Ties, a NaN, infinitely unlikely tokens.
+                    logits[3] = logits[1];
+                    logits[4] = f32::NAN;
+                    logits[5] = f32::NEG_INFINITY;
+                }
+                for (temperature, min_p) in [(1.0f32, 0.0f32), (0.3, 0.0), (2.5, 0.05), (1.0, 0.9)]
+                {
+                    for u in [0.0f32, 0.25, 0.5, rng.uniform() as f32, 0.999_999] {
+                        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut cand: Vec<(u32, f32)> = logits
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &v)| (i as u32, ((v - max) / temperature).exp()))
+                            .collect();
+                        keep_candidates(&mut cand, 0, 1.0, min_p);
+                        let total: f32 = cand.iter().map(|c| c.1).sum();
+                        let mut r = u * total;
+                        let want = cand
+                            .iter()
+                            .find(|c| {
+                                r -= c.1;
+                                r <= 0.0
+                            })
+                            .unwrap_or(cand.last().unwrap())
+                            .0;
+                        let d = Draw {
+                            temperature,
+                            min_p,
+                            u,
+                        };
+                        assert_eq!(draw(&logits, &d), want, "{n} tokens × {scale}, {d:?}");
+                    }
                 }
             }
         }

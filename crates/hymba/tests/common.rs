@@ -67,24 +67,41 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 }
 
 /// Runs the same batches twice on fresh caches: once with every step's logits copied out, once
-/// with some steps asking only for their greedy pick (`Logits::Greedy`), mixed with steps that
-/// want their last row or all their rows, and in rounds where every step is greedy. The two
-/// runs compute the same logits, so each pick must be the argmax of the logits the first run
-/// copied out, and the other steps' logits must be the first run's bit for bit. `prompts` are
-/// fed in one step each, then `rounds` decode steps.
-pub fn greedy_picks_match_logits<B: hymba::backend::Backend>(
+/// with some steps asking only for their token picked where the logits are (`Logits::Greedy`,
+/// `Logits::Sample`), mixed with steps that want their last row or all their rows, and in
+/// rounds where every step picks. The two runs compute the same logits, so each pick must be
+/// what `sample::draw` makes of the logits the first run copied out, and the other steps'
+/// logits must be the first run's bit for bit. `prompts` are fed in one step each, then
+/// `rounds` decode steps. `exact`: a draw must be the host's token; else (a backend that sums
+/// the weights in another order) its running sums must bracket u × total to rounding.
+pub fn picks_match_logits<B: hymba::backend::Backend>(
     model: &hymba::Model<B>,
     prompts: &[Vec<u32>],
     rounds: u32,
+    exact: bool,
 ) {
+    use hymba::sample::{draw, Draw};
     use hymba::{BatchLogits, DecodeWindow, Logits, Step};
     let v = model.config.vocab_size;
-    // Round r's kind for sequence i: all greedy in the last round, otherwise a mix.
-    let kind = |r: u32, i: usize| match (r == rounds, (i + r as usize) % 3) {
-        (true, _) | (false, 0) => Logits::Greedy,
-        (false, 1) => Logits::Last,
-        _ if r == 0 => Logits::All,
-        _ => Logits::Last,
+    // Round r's kind for sequence i: every step picks in the last round, otherwise a mix.
+    let kind = |r: u32, i: usize| {
+        let u = ((i as u32 * 7 + r * 13) % 17) as f32 / 17.0;
+        let sample = |temperature, min_p| {
+            Logits::Sample(Draw {
+                temperature,
+                min_p,
+                u,
+            })
+        };
+        match (r == rounds, (i + r as usize) % 5) {
+            (true, 0) | (false, 0) => Logits::Greedy,
+            (true, _) => sample(0.8, 0.0),
+            (false, 1) => Logits::Last,
+            (false, 2) => sample(1.0, 0.0),
+            (false, 3) => sample(0.5, 0.1),
+            _ if r == 0 => Logits::All,
+            _ => Logits::Last,
+        }
     };
     let run = |picking: bool| -> Vec<Vec<(Vec<f32>, Option<u32>)>> {
         let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
@@ -100,7 +117,7 @@ pub fn greedy_picks_match_logits<B: hymba::backend::Backend>(
                     cache,
                     ids: if r == 0 { &p[..] } else { &tok[..] },
                     logits: match kind(r, i) {
-                        Logits::Greedy if !picking => Logits::Last,
+                        Logits::Greedy | Logits::Sample(_) if !picking => Logits::Last,
                         k => k,
                     },
                     window: DecodeWindow::Trained,
@@ -119,28 +136,52 @@ pub fn greedy_picks_match_logits<B: hymba::backend::Backend>(
     let (all, picked) = (run(false), run(true));
     for (r, (a, p)) in all.iter().zip(&picked).enumerate() {
         for (i, ((la, pa), (lp, pp))) in a.iter().zip(p).enumerate() {
-            assert_eq!(
-                *pa, None,
-                "round {r}, sequence {i}: a pick nobody asked for"
-            );
-            if kind(r as u32, i) == Logits::Greedy {
-                let want = hymba::sample::argmax(&la[la.len() - v..]);
-                assert_eq!(*pp, Some(want), "round {r}, sequence {i}: the greedy pick");
-                assert!(
-                    lp.is_empty(),
-                    "round {r}, sequence {i}: logits of a greedy step"
-                );
-            } else {
-                assert_eq!(
-                    *pp, None,
-                    "round {r}, sequence {i}: a pick nobody asked for"
-                );
-                assert!(
-                    la.len() == lp.len()
-                        && la.iter().zip(lp).all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "round {r}, sequence {i}: the logits beside greedy steps differ"
-                );
+            let what = format!("round {r}, sequence {i}");
+            assert_eq!(*pa, None, "{what}: a pick nobody asked for");
+            let d = match kind(r as u32, i) {
+                Logits::Greedy => Draw {
+                    temperature: 0.0,
+                    min_p: 0.0,
+                    u: 0.0,
+                },
+                Logits::Sample(d) => d,
+                _ => {
+                    assert_eq!(*pp, None, "{what}: a pick nobody asked for");
+                    assert!(
+                        la.len() == lp.len()
+                            && la.iter().zip(lp).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{what}: the logits beside picked steps differ"
+                    );
+                    continue;
+                }
+            };
+            assert!(lp.is_empty(), "{what}: logits of a picked step");
+            let row = &la[la.len() - v..];
+            let want = draw(row, &d);
+            let got = pp.unwrap_or_else(|| panic!("{what}: no pick"));
+            if got == want || exact || d.temperature == 0.0 {
+                assert_eq!(got, want, "{what}: the pick of {d:?}");
+                continue;
             }
+            // Either side of a boundary within rounding: the running sum in id order up to the
+            // token brackets u × total.
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f64> = row
+                .iter()
+                .map(|&x| ((x - max) / d.temperature).exp())
+                .map(|p| if p >= d.min_p { p as f64 } else { 0.0 })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let target = d.u as f64 * total;
+            let before: f64 = w[..got as usize].iter().sum();
+            let slack = 1e-5 * total;
+            assert!(
+                w[got as usize] > 0.0
+                    && before <= target + slack
+                    && before + w[got as usize] >= target - slack,
+                "{what}: {d:?} picked {got} (host {want}): sums {before} + {} against {target}",
+                w[got as usize]
+            );
         }
     }
 }

@@ -236,13 +236,15 @@ fn cuda_batched_equals_alone() {
     }
 }
 
-/// Greedy picks made on the card, beside steps that copy their logits out and in all-greedy
-/// rounds, over captured and replayed decode steps (the greedy pattern changes from round to
-/// round, the graph does not), and the argmax kernel on rows with ties, NaN and infinities.
+/// Tokens picked on the card (greedy and at temperatures), beside steps that copy their logits
+/// out and in rounds where every step picks, over captured and replayed decode steps (the
+/// pattern changes from round to round, the graph does not); and the pick kernel on rows with
+/// ties, NaN and infinities.
 #[test]
-fn cuda_greedy_picks_match_logits() {
+fn cuda_picks_match_logits() {
     use hymba::backend::Backend;
-    let Some(gpu) = gpu("cuda_greedy_picks_match_logits") else {
+    use hymba::sample::{draw, Draw};
+    let Some(gpu) = gpu("cuda_picks_match_logits") else {
         return;
     };
     let mut rng = hymba_kernels::testing::Rng::new(9);
@@ -260,17 +262,42 @@ fn cuda_greedy_picks_match_logits() {
         x[row(5)][m / 3] = f32::INFINITY;
         let (mut rows, mut picks) = (gpu.rows(), gpu.rows());
         gpu.upload(&x, &mut rows);
-        gpu.argmax(&rows, width, &mut picks);
-        let got = gpu.download(&picks);
-        gpu.finish().unwrap();
-        let want: Vec<f32> = x.chunks_exact(width).map(|r| argmax(r) as f32).collect();
-        assert_eq!(got, want, "argmax of rows {width} wide");
+        for temperature in [0.0, 1.0] {
+            let draws: Vec<Draw> = (0..6)
+                .map(|r| Draw {
+                    temperature,
+                    min_p: 0.0,
+                    u: r as f32 / 6.0,
+                })
+                .collect();
+            gpu.pick(&rows, width, &draws, &mut picks);
+            let got = gpu.download(&picks);
+            gpu.finish().unwrap();
+            let want: Vec<f32> = x
+                .chunks_exact(width)
+                .zip(&draws)
+                .map(|(r, d)| draw(r, d) as f32)
+                .collect();
+            // Draws at a temperature over random rows may differ by rounding (the model-level
+            // check below bounds them); the special rows have one answer.
+            let exact: Vec<usize> = if temperature == 0.0 {
+                (0..6).collect()
+            } else {
+                vec![0, 4, 5]
+            };
+            for r in exact {
+                assert_eq!(
+                    got[r], want[r],
+                    "row {r} of width {width} at temperature {temperature}"
+                );
+            }
+        }
     }
     let model = Model::load_on(gpu, &fixture("tiny-a"), None).unwrap();
     let prompts: Vec<Vec<u32>> = (0..20u32)
         .map(|i| (0..1 + i % 9).map(|j| 3 + (i * 17 + j * 7) % 200).collect())
         .collect();
-    common::greedy_picks_match_logits(&model, &prompts, 5);
+    common::picks_match_logits(&model, &prompts, 5, false);
 }
 
 /// bf16 weights: the GPU rounds each matrix product's input to bf16 (as the official bf16 model

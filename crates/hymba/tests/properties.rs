@@ -402,10 +402,11 @@ fn batched_steps_equal_sequences_alone() {
     }
 }
 
-/// A greedy step's pick is the argmax of the logits it would have copied out, and steps beside
-/// greedy ones get their logits unchanged (see `common::greedy_picks_match_logits`).
+/// A picked step's token is the host's draw (greedy or at a temperature) from the logits it
+/// would have copied out, and steps beside picked ones get their logits unchanged (see
+/// `common::picks_match_logits`).
 #[test]
-fn greedy_steps_pick_the_argmax_of_their_logits() {
+fn picked_steps_match_their_logits() {
     for (ci, c) in cases().iter().enumerate() {
         for kv in KV {
             let model = build(c, 700 + ci as u64, kv);
@@ -414,7 +415,7 @@ fn greedy_steps_pick_the_argmax_of_their_logits() {
                 .iter()
                 .map(|&n| prompt(&mut rng, n))
                 .collect();
-            common::greedy_picks_match_logits(&model, &prompts, 3);
+            common::picks_match_logits(&model, &prompts, 3, true);
         }
     }
 }

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::cache::{Kv, KvDtype, KvView, LayerState};
 use crate::error::Result;
-use crate::sample::argmax;
+use crate::sample::{draw, Draw};
 use crate::tensor::{Dtype, Tensor};
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
@@ -260,9 +260,14 @@ impl Backend for Cpu {
         }
     }
 
-    fn argmax(&self, x: &Vec<f32>, width: usize, out: &mut Vec<f32>) {
+    fn pick(&self, x: &Vec<f32>, width: usize, draws: &[Draw], out: &mut Vec<f32>) {
+        assert_eq!(draws.len() * width, x.len(), "a draw a row");
         out.clear();
-        out.extend(x.chunks_exact(width).map(|r| argmax(r) as f32));
+        out.extend(
+            x.chunks_exact(width)
+                .zip(draws)
+                .map(|(r, d)| draw(r, d) as f32),
+        );
     }
 
     fn matmul_add(&self, x: &Vec<f32>, w: &Tensor, h: &mut Vec<f32>) {

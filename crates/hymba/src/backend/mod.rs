@@ -19,6 +19,7 @@ use crate::cache::KvDtype;
 use crate::config::AttnKind;
 use crate::error::Result;
 use crate::mask::Mask;
+use crate::sample::Draw;
 use crate::tensor::Tensor;
 use std::ops::Range;
 
@@ -261,11 +262,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rmsnorm(&self, x: &Self::Rows, w: &Self::Vector, eps: f32, out: &mut Self::Rows);
     /// The rows in `rows` (ranges of row indices, in order) of `x`, `width` wide.
     fn gather(&self, x: &Self::Rows, width: usize, rows: &[Range<usize>], out: &mut Self::Rows);
-    /// The index of the largest value of each `width`-wide row of `x`, the first on ties, as
-    /// [`crate::sample::argmax`] finds it (so a NaN wins only as a row's first value): a greedy
-    /// pick that leaves the rows where they are. One value a row in `out`, the index as f32
-    /// (exact: widths are below 2^24).
-    fn argmax(&self, x: &Self::Rows, width: usize, out: &mut Self::Rows);
+    /// Each `width`-wide row of logits `x`'s token by `draws[row]`, as [`crate::sample::draw`]
+    /// picks it (temperature 0: the argmax, the first on ties; a NaN wins only as a row's first
+    /// value), made where the rows are. One value a row in `out`, the index as f32 (exact:
+    /// widths are below 2^24). A draw's running sums may be added in another order than the
+    /// host's, so where its variate falls within rounding of a boundary between two tokens,
+    /// either may come.
+    fn pick(&self, x: &Self::Rows, width: usize, draws: &[Draw], out: &mut Self::Rows);
     /// `h += x · wᵀ`: a residual connection through a projection.
     fn matmul_add(&self, x: &Self::Rows, w: &Self::Matrix, h: &mut Self::Rows);
     /// `h += x · wᵀ`, then `u` = RMSNorm of `h`: a block's residual add and the norm that starts

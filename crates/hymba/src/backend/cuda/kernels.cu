@@ -297,41 +297,105 @@ extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
     for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) out[i] = f32_to_bf16(x[i]);
 }
 
-// The index of each `width`-wide row's largest value, the first on ties, as the host's
-// sequential argmax finds it: NaN never beats a value (it counts as -inf here) but a row whose
-// first value is NaN gives 0. A block a row; out holds the index as a float.
-#define ARGMAX_THREADS 1024
-extern "C" __global__ void argmax_rows(const float* x, long width, float* out) {
+// Each `width`-wide row of logits' token, a block a row, as the host's `sample::draw` picks it:
+// with temperature 0 (or no `draws`) the index of the largest value, the first on ties (NaN
+// never beats a value, but a row whose first value is NaN gives 0); else a draw by `draws[3r..]`
+// = (temperature, min-p, u): weights exp((v - max) / temperature), those below min-p dropped,
+// the first token whose running sum reaches u × their total. A thread sums a contiguous run of
+// tokens, the runs' sums are scanned in token order, and the run where the total is reached
+// walks its tokens as the host does (so the sums differ from the host's only in their order).
+// out holds the index as a float.
+#define PICK_THREADS 1024
+struct Best {
+    float v;
+    long at;
+};
+// The larger value, the smaller index on ties.
+__device__ __forceinline__ Best best_of(Best a, Best b) { return b.v > a.v || (b.v == a.v && b.at < a.at) ? b : a; }
+__device__ Best block_best(Best b) {
+    __shared__ Best bs[PICK_THREADS / 32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) b = best_of(b, Best{__shfl_xor_sync(0xffffffffu, b.v, o), __shfl_xor_sync(0xffffffffu, b.at, o)});
+    if (lane == 0) bs[warp] = b;
+    __syncthreads();
+    b = bs[lane];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) b = best_of(b, Best{__shfl_xor_sync(0xffffffffu, b.v, o), __shfl_xor_sync(0xffffffffu, b.at, o)});
+    __syncthreads();
+    return b;
+}
+extern "C" __global__ void pick_rows(const float* x, long width, const float* draws, float* out) {
     grid_dep();
     const float* r = x + blockIdx.x * width;
+    float temp = draws ? draws[3 * blockIdx.x] : 0.0f;
     auto get = [&](long i) {
         float v = r[i];
         return v == v ? v : NEG_INF;
     };
-    // Each thread's first value starts its search, so a -inf can win (where every value is).
+    // The largest value (a thread's first value starts its search, so a -inf can win).
     long at = threadIdx.x < width ? threadIdx.x : width;
-    float best = at < width ? get(at) : NEG_INF;
+    Best b{at < width ? get(at) : NEG_INF, at};
 #pragma unroll 8
-    for (long i = at + ARGMAX_THREADS; i < width; i += ARGMAX_THREADS) {
+    for (long i = at + PICK_THREADS; i < width; i += PICK_THREADS) {
         float v = get(i);
-        if (v > best) best = v, at = i;
+        if (v > b.v) b = Best{v, i};
     }
-    auto take = [&](float b, long a) {
-        if (b > best || (b == best && a < at)) best = b, at = a;
-    };
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) take(__shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o));
-    __shared__ float bs[ARGMAX_THREADS / 32];
-    __shared__ long as[ARGMAX_THREADS / 32];
+    b = block_best(b);
+    if (temp == 0.0f) {
+        if (threadIdx.x == 0) out[blockIdx.x] = r[0] != r[0] ? 0.0f : (float)b.at;
+        return;
+    }
+    float max = b.v, min_p = draws[3 * blockIdx.x + 1], u = draws[3 * blockIdx.x + 2];
+    float floor = fmaxf(min_p, 0.0f) * (isfinite(max) ? 1.0f : 0.0f);
+    auto weight = [&](long i) { return expf((r[i] - max) / temp); };
+    long run = (width + PICK_THREADS - 1) / PICK_THREADS, lo = min(width, threadIdx.x * run), hi = min(width, lo + run);
+    float sum = 0.0f;
+    long last = -1;
+    for (long i = lo; i < hi; i++) {
+        float p = weight(i);
+        if (p >= floor) sum += p, last = i;
+    }
+    // Inclusive scan of the runs' sums in thread order.
+    __shared__ float wsum[PICK_THREADS / 32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) bs[warp] = best, as[warp] = at;
+    float inc = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        float v = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += v;
+    }
+    if (lane == 31) wsum[warp] = inc;
     __syncthreads();
     if (warp == 0) {
-        best = bs[lane], at = as[lane];
+        float w = wsum[lane];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) take(__shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o));
-        if (lane == 0) out[blockIdx.x] = r[0] != r[0] ? 0.0f : (float)at;
+        for (int o = 1; o < 32; o <<= 1) {
+            float v = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += v;
+        }
+        wsum[lane] = w;
     }
+    __syncthreads();
+    float before = inc - sum + (warp > 0 ? wsum[warp - 1] : 0.0f), total = wsum[PICK_THREADS / 32 - 1];
+    // This run's walk from what the runs before it left of u × total.
+    float left = u * total - before;
+    long hit = width;
+    if (left <= sum)
+        for (long i = lo; i < hi; i++) {
+            float p = weight(i);
+            if (p >= floor) {
+                left -= p;
+                if (left <= 0.0f) {
+                    hit = i;
+                    break;
+                }
+            }
+        }
+    // The first run whose walk reached the total; past every run, the last token kept.
+    Best first = block_best(Best{hit < width ? -(float)hit : NEG_INF, hit});
+    Best kept = block_best(Best{(float)last, last});
+    if (threadIdx.x == 0) out[blockIdx.x] = (float)(first.at < width ? first.at : (kept.at >= 0 ? kept.at : 0));
 }
 
 // One sequence of a step: its rows row0..row0+len of the step's activations, the position of

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::cache::KvDtype;
 use crate::error::{Error, Result};
+use crate::sample::Draw;
 use crate::tensor::{Dtype, Tensor};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
@@ -357,7 +358,7 @@ struct Kernels<K = Kernel> {
     columns: K,
     split_in_proj: K,
     to_bf16: K,
-    argmax_rows: K,
+    pick_rows: K,
     conv_silu: K,
     conv_state: K,
     conv_silu_step: K,
@@ -412,7 +413,7 @@ impl<K> Kernels<K> {
             columns: f("columns")?,
             split_in_proj: f("split_in_proj")?,
             to_bf16: f("to_bf16")?,
-            argmax_rows: f("argmax_rows")?,
+            pick_rows: f("pick_rows")?,
             conv_silu: f("conv_silu")?,
             conv_state: f("conv_state")?,
             conv_silu_step: f("conv_silu_step")?,
@@ -581,8 +582,8 @@ const SCAN_CHUNK: usize = 64;
 /// Chunks a step's scan is cut into at least, where rows allow (chunks of 16 rows at the least).
 const SCAN_MIN_CHUNKS: usize = 11;
 
-/// Threads of an `argmax_rows` block (a row; the kernel's ARGMAX_THREADS).
-const ARGMAX_THREADS: u32 = 1024;
+/// Threads of a `pick_rows` block (a row; the kernel's PICK_THREADS).
+const PICK_THREADS: u32 = 1024;
 
 /// Longest sequence whose causal conv runs row after row in one thread a channel (decode).
 const CONV_STEP_UP_TO: usize = 8;
@@ -2344,19 +2345,33 @@ impl Backend for Cuda {
         }
     }
 
-    fn argmax(&self, x: &DevRows, width: usize, out: &mut DevRows) {
+    fn pick(&self, x: &DevRows, width: usize, draws: &[Draw], out: &mut DevRows) {
         let rows = x.len / width;
+        assert_eq!(draws.len(), rows, "a draw a row");
         self.shape(out, rows);
         if rows == 0 {
             return;
         }
+        // The draws' (temperature, min-p, u) to the card, unless every pick is an argmax.
+        let table = draws.iter().any(|d| d.temperature != 0.0).then(|| {
+            let t: Vec<f32> = draws
+                .iter()
+                .flat_map(|d| [d.temperature, d.min_p, d.u])
+                .collect();
+            self.stream.clone_htod(&t)
+        });
+        let dp = match &table {
+            None => 0,
+            Some(Ok(t)) => t.device_ptr(&self.stream).0,
+            Some(Err(e)) => return self.fail("uploading the draws", e),
+        };
         let (xp, op, w) = (self.p(x), self.p(out), width as i64);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (ARGMAX_THREADS, 1, 1),
+            block_dim: (PICK_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch(&self.k.argmax_rows, cfg, &[&xp, &w, &op]);
+        self.launch(&self.k.pick_rows, cfg, &[&xp, &w, &dp, &op]);
     }
 
     fn split_in_proj(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, one call of the device machine: the CUDA tests (parity with the official
-# outputs and with the CPU engine), then `hymba bench --device cuda`, then a summary.
+# outputs and with the CPU engine), then `hymba bench --device cuda`, then `hymba serve --device
+# cuda` against `generate` (scripts/gpu-serve-check.py), then a summary.
 #
 # Built on a machine with Rust, then carried with the working tree:
 #   cargo build --release -p hymba-cli && cargo test --release -p hymba --test cuda --no-run
@@ -41,5 +42,12 @@ for d in b["batched_decode"]:
     print("batch %4d        %.1f tok/s in all%s" % (d["batch"], d["tok_s"], r))
 print("peak GPU memory    %.0f MB" % (b["gpu_peak_memory_bytes"] / 1e6))
 PY
-echo "== summary: tests exit $tests, bench exit $bench"
-[ "$tests" = 0 ] && [ "$bench" = 0 ]
+echo "== serve (built-in model, against generate)"
+"$DIR/hymba" serve --device cuda --port 8089 > "$OUT/serve.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 60); do curl -s localhost:8089/v1/models > /dev/null 2>&1 && break; sleep 1; done
+python3 "$(dirname "$0")/gpu-serve-check.py" http://127.0.0.1:8089 "$DIR/hymba" cuda
+serve=$?
+kill -TERM $pid; wait $pid || serve=1
+echo "== summary: tests exit $tests, bench exit $bench, serve exit $serve"
+[ "$tests" = 0 ] && [ "$bench" = 0 ] && [ "$serve" = 0 ]

@@ -230,7 +230,7 @@ impl<B: Backend> Seq<B> {
     }
 
     /// Takes this sequence's logits from a step that fed it `fed` tokens: one row, a row per
-    /// token when echoing the prompt, or none beside the greedy pick.
+    /// token when echoing the prompt, or none beside the token the backend picked (`pick`).
     fn advance(
         &mut self,
         logits: &[f32],

@@ -114,8 +114,8 @@ impl Decoder {
         self.take(id, tok)
     }
 
-    /// Takes `id` as the next token (a greedy pick made elsewhere, for a plain greedy decoder)
-    /// and applies every stopping rule.
+    /// Takes `id` as the next token (the backend's pick for what [`Decoder::next_logits`]
+    /// asked) and applies every stopping rule.
     pub fn take(&mut self, id: u32, tok: Option<&Tokenizer>) -> Result<Accepted> {
         self.history.push(id);
         self.generated.push(id);

@@ -129,11 +129,10 @@ struct Run<B: Backend> {
     h: B::Rows,
     /// Its normed copy, the input of the mixer and of the MLP [t, d]
     u: B::Rows,
-    /// in_proj output [t, q (+ k + v) + x + z]
+    /// in_proj output [t, q (+ k + v) + x + z]; the conv and the scan read x and z there
     p: B::Rows,
-    /// Queries [t, H·dqk], the gate z [t, E], conv output after SiLU [t, E]
+    /// Queries [t, H·dqk], conv output after SiLU [t, E]
     q: B::Rows,
-    z: B::Rows,
     xc: B::Rows,
     /// x_proj output [t, R + 2N]: δr, B, C
     proj: B::Rows,
@@ -159,7 +158,6 @@ impl<B: Backend> Run<B> {
             u: b.rows(),
             p: b.rows(),
             q: b.rows(),
-            z: b.rows(),
             xc: b.rows(),
             proj: b.rows(),
             fused: b.rows(),
@@ -238,15 +236,7 @@ impl<B: Backend> Net<'_, B> {
             kv,
         };
         let new_kv = lp.computes_kv.then_some((&mut run.k[g], &mut run.v[g]));
-        b.split_in_proj(
-            &run.p,
-            parts,
-            self.inv_freq,
-            seqs,
-            &mut run.q,
-            &mut run.z,
-            new_kv,
-        );
+        b.split_in_proj(&run.p, parts, self.inv_freq, seqs, &mut run.q, new_kv);
         // 3. The SSM's input: the causal conv of x from each sequence's state, SiLU; then x_proj
         // into (δr, B, C), from which the scan makes its input-dependent parameters.
         b.conv_silu(
@@ -280,7 +270,9 @@ impl<B: Backend> Net<'_, B> {
         let ssm = ScanInput {
             layer: i,
             x: &run.xc,
-            z: &run.z,
+            z: &run.p,
+            z_at: parts.z_at,
+            z_width: width,
             proj: &run.proj,
             dt_rank: c.mamba_dt_rank,
             norms: lw.inner_norms.as_ref(),

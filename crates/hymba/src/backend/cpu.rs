@@ -329,11 +329,9 @@ impl Backend for Cpu {
         inv_freq: &Vec<f32>,
         seqs: &[Seq<Cpu>],
         q: &mut Vec<f32>,
-        z: &mut Vec<f32>,
         kv: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
     ) {
         columns_into(p, parts.width, 0, parts.q, q);
-        columns_into(p, parts.width, parts.z_at, parts.e, z);
         rope_rows(q, inv_freq, seqs);
         if let (Some(split), Some((k, v))) = (parts.kv, kv) {
             columns_into(p, parts.width, split.k_at, split.kw, k);
@@ -451,7 +449,11 @@ impl Backend for Cpu {
                     },
                     || {
                         scan::selective_scan(&inp, state, ys);
-                        let mut gate = ssm.z[rows.start * e..rows.end * e].to_vec();
+                        let mut gate = Vec::with_capacity(rows.len() * e);
+                        for r in rows.clone() {
+                            let at = r * ssm.z_width + ssm.z_at;
+                            gate.extend_from_slice(&ssm.z[at..at + e]);
+                        }
                         act::silu_inplace(&mut gate);
                         for (v, g) in ys.iter_mut().zip(&gate) {
                             *v *= g;

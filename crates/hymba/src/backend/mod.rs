@@ -155,9 +155,13 @@ impl<B: Backend> AttnInput<'_, B> {
 pub struct ScanInput<'r, B: Backend> {
     /// Index of the layer, into [`Seq::states`].
     pub layer: usize,
-    /// Conv output after SiLU `[t, E]`, the gate z `[t, E]`.
+    /// Conv output after SiLU `[t, E]`.
     pub x: &'r B::Rows,
+    /// The gate z: columns `z_at..z_at + E` of `z`'s rows, `z_width` wide (in_proj's output,
+    /// read where it is).
     pub z: &'r B::Rows,
+    pub z_at: usize,
+    pub z_width: usize,
     /// x_proj's output `[t, R + 2N]`: δr, B, C.
     pub proj: &'r B::Rows,
     /// R, the rank of δr.
@@ -287,10 +291,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
     /// `out = silu(x · gateᵀ) ⊙ (x · upᵀ)`: the gated MLP's hidden rows.
     fn glu(&self, x: &Self::Rows, gate: &Self::Matrix, up: &Self::Matrix, out: &mut Self::Rows);
-    /// The in_proj output `p` cut into the heads' inputs: `q` with RoPE at each sequence's
-    /// positions, the gate `z`, and in a layer that computes its group's K/V, this call's `k`
-    /// (RoPE) and `v`, rounded to the cache's element type.
-    #[allow(clippy::too_many_arguments)]
+    /// The in_proj output `p` cut into the attention's inputs: `q` with RoPE at each sequence's
+    /// positions, and in a layer that computes its group's K/V, this call's `k` (RoPE) and `v`,
+    /// rounded to the cache's element type. (The SSM's x and z are read where they are.)
     fn split_in_proj(
         &self,
         p: &Self::Rows,
@@ -298,7 +301,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         inv_freq: &Self::Vector,
         seqs: &[Seq<Self>],
         q: &mut Self::Rows,
-        z: &mut Self::Rows,
         kv: Option<(&mut Self::Rows, &mut Self::Rows)>,
     );
     /// The depthwise causal conv of columns `from..from + E` of `p` (rows `width` wide), each

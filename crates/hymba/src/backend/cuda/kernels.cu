@@ -231,9 +231,10 @@ __device__ __forceinline__ void rope_pair(const float* src, float* dst, int dk, 
 
 __device__ __forceinline__ float round_to_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 
-// The in_proj output cut into the heads' inputs, every row at once: q with RoPE at the row's
-// position, the gate z, and in a layer that computes the group's K/V, k with RoPE and v, rounded
-// to bf16 when the cache holds bf16 (so this call's queries see what the cache will hold).
+// The in_proj output cut into the attention's inputs, every row at once: q with RoPE at the
+// row's position, and in a layer that computes the group's K/V, k with RoPE and v, rounded to
+// bf16 when the cache holds bf16 (so this call's queries see what the cache will hold). The gate
+// z stays where it is: the scan reads it from in_proj's output (`zs` its row stride there).
 struct InProjParts {
     int width;
     int qw;
@@ -248,9 +249,9 @@ struct InProjParts {
 };
 // Block (items of a row, rows): an item is a q pair, a z column, a k pair or a v column.
 extern "C" __global__ void split_in_proj(const float* p, InProjParts s, const int* pos, const float* inv_freq, long rows, float* q,
-                                         float* z, float* k, float* v) {
+                                         float* k, float* v) {
     grid_dep();
-    int per_row = s.qw / 2 + s.e + (s.kv ? s.kw / 2 + s.vw : 0), j0 = blockIdx.x * blockDim.x + threadIdx.x;
+    int per_row = s.qw / 2 + (s.kv ? s.kw / 2 + s.vw : 0), j0 = blockIdx.x * blockDim.x + threadIdx.x;
     if (j0 >= per_row) return;
     for (long r = blockIdx.y; r < rows; r += gridDim.y) {
         int j = j0;
@@ -260,11 +261,6 @@ extern "C" __global__ void split_in_proj(const float* p, InProjParts s, const in
             continue;
         }
         j -= s.qw / 2;
-        if (j < s.e) {
-            z[r * s.e + j] = pr[s.z_at + j];
-            continue;
-        }
-        j -= s.e;
         if (j < s.kw / 2) {
             float* kr = k + r * s.kw;
             rope_pair(pr + s.k_at, kr, s.dk, j, pos[r], inv_freq);
@@ -647,8 +643,8 @@ extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunk
 
 template <int N_>
 __device__ void scan_chunk_out(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* cm, const float* z,
-                               const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, float* const* ssm, int e, int n,
-                               const float* init, float* y) {
+                               long zs, const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, float* const* ssm, int e,
+                               int n, const float* init, float* y) {
     __shared__ __align__(16) float sb[SCAN_ROWS][N_], sc[SCAN_ROWS][N_];
     int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
     int4 ch = chunks[chunk];
@@ -679,7 +675,7 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
                 acc += s[4 * q + i] * cv[i];
             }
         }
-        y[r * e + c] = (acc + dc * xv) * silu(z[r * e + c]);
+        y[r * e + c] = (acc + dc * xv) * silu(z[r * zs + c]);
     }
     if (ch.w & CHUNK_LAST)
 #pragma unroll
@@ -695,10 +691,10 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
         scan_chunk_end<N_>(x, delta, dt_bias, bm, a, seqs, chunks, e, n, hend, dtsum); \
     } \
     extern "C" __global__ void scan_chunk_out_##N_(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* cm, \
-                                                   const float* z, const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, \
-                                                   float* const* ssm, int e, int n, const float* init, float* y) { \
+                                                   const float* z, long zs, const float* a, const float* d, const SeqInfo* seqs, \
+                                                   const int4* chunks, float* const* ssm, int e, int n, const float* init, float* y) { \
         grid_dep(); \
-        scan_chunk_out<N_>(x, delta, dt_bias, bm, cm, z, a, d, seqs, chunks, ssm, e, n, init, y); \
+        scan_chunk_out<N_>(x, delta, dt_bias, bm, cm, z, zs, a, d, seqs, chunks, ssm, e, n, init, y); \
     }
 SCAN_KERNELS(16)
 SCAN_KERNELS(32)
@@ -742,7 +738,7 @@ __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a
 __device__ __forceinline__ int round4(int v) { return (v + 3) & ~3; }
 template <int N_, typename W>
 __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, const float* wb, const float* wc, float eps, const W* dt_w,
-                         const float* dt_b, const float* x, const float* z, const float* a, const float* d, const SeqInfo* seqs,
+                         const float* dt_b, const float* x, const float* z, long zs, const float* a, const float* d, const SeqInfo* seqs,
                          const int4* chunks, float* const* ssm, int e, float* y) {
     constexpr int L = N_ / SSM_LANE_STATES;
     extern __shared__ __align__(16) float sp[];
@@ -799,16 +795,16 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
         }
     }
     float out = group_sum<L>(i < n ? dot4(s, cv) : 0.0f);
-    if (live && j == 0) y[rc] = (out + d[c] * xv) * silu(z[rc]);
+    if (live && j == 0) y[rc] = (out + d[c] * xv) * silu(z[row * zs + c]);
 }
 
 #define SSM_STEP(N_, NAME, W) \
     extern "C" __global__ void ssm_step_##N_##_##NAME(const float* proj, int rk, int n, const float* wd, const float* wb, const float* wc, \
                                                       float eps, const W* dt_w, const float* dt_b, const float* x, const float* z, \
-                                                      const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, \
+                                                      long zs, const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, \
                                                       float* const* ssm, int e, float* y) { \
         grid_dep(); \
-        ssm_step<N_, W>(proj, rk, n, wd, wb, wc, eps, dt_w, dt_b, x, z, a, d, seqs, chunks, ssm, e, y); \
+        ssm_step<N_, W>(proj, rk, n, wd, wb, wc, eps, dt_w, dt_b, x, z, zs, a, d, seqs, chunks, ssm, e, y); \
     }
 SSM_STEP(16, f32, float)
 SSM_STEP(16, bf16, bf16_t)

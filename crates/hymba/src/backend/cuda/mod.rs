@@ -692,10 +692,8 @@ pub struct Cuda {
 /// latency no more.
 struct Fork {
     side: Arc<CudaStream>,
-    /// Recorded on the main stream after in_proj and after the in_proj split, on the side
-    /// stream after the scan.
+    /// Recorded on the main stream after in_proj, on the side stream after the scan.
     in_proj: cudarc::driver::CudaEvent,
-    split: cudarc::driver::CudaEvent,
     scan: cudarc::driver::CudaEvent,
     /// Launches go to the side stream.
     on_side: std::sync::atomic::AtomicBool,
@@ -728,13 +726,12 @@ impl Profile {
 /// The points where a captured decode step's branches part and meet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Branch {
-    /// in_proj is out: the SSM branch may start (its conv reads in_proj's output).
+    /// in_proj is out: the SSM branch may start (its conv and scan read x and z in in_proj's
+    /// output).
     InProjDone,
-    /// The split of in_proj's output is out (the SSM's gate z).
-    SplitDone,
     /// The SSM branch's kernels from here on: its conv, x_proj.
     Ssm,
-    /// The scan, after the split: the SSM branch's last kernel.
+    /// The scan: the SSM branch's last kernel.
     Scan,
     /// Back on the main stream, after the scan (the fusion reads both branches).
     Join,
@@ -914,7 +911,6 @@ impl Cuda {
                 Some(Fork {
                     side: ctx.new_stream().map_err(e("creating a stream"))?,
                     in_proj: ctx.new_event(None).map_err(e("creating an event"))?,
-                    split: ctx.new_event(None).map_err(e("creating an event"))?,
                     scan: ctx.new_event(None).map_err(e("creating an event"))?,
                     on_side: Default::default(),
                 })
@@ -1312,14 +1308,13 @@ impl Cuda {
         use std::sync::atomic::Ordering::Relaxed;
         let r = match at {
             Branch::InProjDone => f.in_proj.record(&self.stream),
-            Branch::SplitDone => f.split.record(&self.stream),
             Branch::Ssm => {
                 f.on_side.store(true, Relaxed);
                 f.side.wait(&f.in_proj)
             }
             Branch::Scan => {
                 f.on_side.store(true, Relaxed);
-                f.side.wait(&f.split)
+                Ok(())
             }
             Branch::Join => {
                 f.on_side.store(false, Relaxed);
@@ -2381,12 +2376,10 @@ impl Backend for Cuda {
         inv_freq: &CudaSlice<f32>,
         _seqs: &[Seq<Cuda>],
         q: &mut DevRows,
-        z: &mut DevRows,
         kv: Option<(&mut DevRows, &mut DevRows)>,
     ) {
         let rows = p.len / parts.width.max(1);
         self.shape(q, rows * parts.q);
-        self.shape(z, rows * parts.e);
         let mut l = InProjLayout {
             width: parts.width as i32,
             qw: parts.q as i32,
@@ -2413,26 +2406,18 @@ impl Backend for Cuda {
             None => return self.fail("split_in_proj", "no positions: begin was not called"),
         };
         let per_row = parts.q / 2
-            + parts.e
             + if l.kv == 1 {
                 (l.kw / 2 + l.vw) as usize
             } else {
                 0
             };
-        let (pp, fp, qp, zp, r) = (
-            self.p(p),
-            self.pv(inv_freq),
-            self.p(q),
-            self.p(z),
-            rows as i64,
-        );
+        let (pp, fp, qp, r) = (self.p(p), self.pv(inv_freq), self.p(q), rows as i64);
         self.branch(Branch::InProjDone);
         self.launch(
             &self.k.split_in_proj,
             by_rows(per_row, rows, 256),
-            &[&pp, &l, &pos, &fp, &r, &qp, &zp, &kp, &vp],
+            &[&pp, &l, &pos, &fp, &r, &qp, &kp, &vp],
         );
-        self.branch(Branch::SplitDone);
     }
 
     fn conv_silu(
@@ -2717,7 +2702,8 @@ impl Backend for Cuda {
         }
         // 3. The selective scan of every sequence from its state, gated by silu(z): a decode step
         // in one kernel with its parameters, a prompt in chunks.
-        let (xp, zp, a_p, dd) = (self.p(ssm.x), self.p(ssm.z), self.pv(ssm.a), self.pv(ssm.d));
+        let (xp, a_p, dd) = (self.p(ssm.x), self.pv(ssm.a), self.pv(ssm.d));
+        let (zp, zs) = (self.p(ssm.z) + 4 * ssm.z_at as u64, ssm.z_width as i64);
         let (ei, ni) = (e as i32, n as i32);
         let chunks_p = self.table(&scratch.chunks, 0);
         let n_chunks = scratch.n_chunks;
@@ -2742,8 +2728,8 @@ impl Backend for Cuda {
                 &self.k.ssm_step[(n > 16) as usize][wi],
                 cfg,
                 &[
-                    &pp, &ri, &ni, &wd, &wb, &wc, &eps, &wp, &bp, &xp, &zp, &a_p, &dd, &seqs_p,
-                    &chunks_p, &ssm_p, &ei, &yp,
+                    &pp, &ri, &ni, &wd, &wb, &wc, &eps, &wp, &bp, &xp, &zp, &zs, &a_p, &dd,
+                    &seqs_p, &chunks_p, &ssm_p, &ei, &yp,
                 ],
             );
         } else {
@@ -2791,8 +2777,8 @@ impl Backend for Cuda {
                 &self.k.scan_chunk_out[(n > 16) as usize],
                 cfg,
                 &[
-                    &xp, &dp, &dt_bias, &bp, &cp, &zp, &a_p, &dd, &seqs_p, &chunks_p, &ssm_p, &ei,
-                    &ni, &ip, &yp,
+                    &xp, &dp, &dt_bias, &bp, &cp, &zp, &zs, &a_p, &dd, &seqs_p, &chunks_p, &ssm_p,
+                    &ei, &ni, &ip, &yp,
                 ],
             );
         }

@@ -627,7 +627,8 @@ impl<B: Backend> Model<B> {
 
     /// Runs `ids` of one sequence after what `cache` holds and returns logits `[rows, V]`.
     /// `window` matters only for a single-token step: see [`DecodeWindow`]. On error the cache
-    /// is unchanged.
+    /// is unchanged. A picked token ([`Logits::Greedy`], [`Logits::Sample`]) comes with no
+    /// rows: [`Model::forward_batch_into`] hands it over ([`BatchLogits::pick`]).
     pub fn forward(
         &self,
         cache: &mut Cache<B>,

@@ -394,6 +394,7 @@ fn unsupported_config_values_name_the_key() {
         ("kv_reuse_group", json!([[1, 9]]), "kv_reuse_group"),
         ("global_attn_idx", json!([0, 6]), "global_attn_idx"),
         ("hidden_size", json!("64"), "hidden_size"),
+        ("vocab_size", json!(1 << 25), "2^24"),
     ];
     for (key, value, needle) in cases {
         let v = value.clone();

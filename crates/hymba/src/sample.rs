@@ -226,28 +226,37 @@ pub fn draw(logits: &[f32], d: &Draw) -> u32 {
     if d.temperature == 0.0 {
         return argmax(logits);
     }
+    thread_local! {
+        /// The weights of the last draw's row, kept so a draw allocates nothing.
+        static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weight = |v: f32| ((v - max) / d.temperature).exp();
     // The top weight is exp(0) = 1 unless no logit is finite (then none is above 0).
     let floor = d.min_p.max(0.0) * if max.is_finite() { 1.0 } else { 0.0 };
-    let total: f32 = logits
-        .iter()
-        .map(|&v| weight(v))
-        .filter(|&p| p >= floor)
-        .sum();
-    let mut r = d.u * total;
-    let mut last = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        let p = weight(v);
-        if p >= floor {
-            last = i;
-            r -= p;
-            if r <= 0.0 {
-                return i as u32;
+    WEIGHTS.with_borrow_mut(|w| {
+        w.clear();
+        // The total as the kept weights come, in id order: the candidate list's sum.
+        let mut total = 0f32;
+        w.extend(logits.iter().map(|&v| {
+            let p = ((v - max) / d.temperature).exp();
+            if p >= floor {
+                total += p;
+            }
+            p
+        }));
+        let mut r = d.u * total;
+        let mut last = 0;
+        for (i, &p) in w.iter().enumerate() {
+            if p >= floor {
+                last = i;
+                r -= p;
+                if r <= 0.0 {
+                    return i as u32;
+                }
             }
         }
-    }
-    last as u32
+        last as u32
+    })
 }
 
 /// Index of the largest logit (the first on ties).

@@ -79,7 +79,8 @@ impl BatchLogits {
         self.ends.is_empty()
     }
 
-    /// Step `i`'s logits `[rows, vocab]` (no rows for a [`Logits::Greedy`] step).
+    /// Step `i`'s logits `[rows, vocab]` (no rows for a [`Logits::Greedy`] or [`Logits::Sample`]
+    /// step).
     pub fn get(&self, i: usize) -> &[f32] {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         &self.data[start * self.vocab..self.ends[i] * self.vocab]

@@ -9,7 +9,7 @@
 //! (attention repetitions, best taken).
 
 use half::bf16;
-use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem, Layout};
+use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem, Layout, Visibility};
 use hymba_kernels::isa::{isa, Level};
 use hymba_kernels::quant::{self, BlockQ4_0, BlockQ8_0, QK};
 use hymba_kernels::testing::Rng;
@@ -311,7 +311,10 @@ fn bench_attention<T: KvElem>(
     let q = rng.normal_vec(sh.heads * sh.dk, 1.0);
     let mut out = vec![0f32; sh.heads * sh.dv];
     let pos = 128 + ctx;
-    let sees = |t: usize, s: usize| s <= t;
+    let vis = Visibility {
+        window: None,
+        sinks: 0,
+    };
     // On the pool with its threads kept busy, as the model runs it: called from outside, each
     // of the kernel's three parallel loops would also time two thread wake-ups.
     let s = best(reps, || {
@@ -324,7 +327,7 @@ fn bench_attention<T: KvElem>(
                     layout,
                     pos: KeyPos::Contiguous(0),
                 }];
-                attention(&q, &[pos], &blocks, sh, 0.125, &sees, &mut out);
+                attention(&q, &[pos], &blocks, sh, 0.125, vis, &mut out);
             }
         })
     }) / layers.len() as f64;

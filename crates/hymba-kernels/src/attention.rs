@@ -1,7 +1,8 @@
 //! Scaled dot-product attention over keys held in several blocks (a shared prefix, a cache, the
 //! rows being computed now), each key tagged with its absolute position. Which keys a query may
-//! see is the caller's predicate over (query position, key position): this kernel knows nothing
-//! of windows or meta tokens.
+//! see is given as data ([`Visibility`]: causal, a sliding window, always-visible sink
+//! positions), so the visible rows of a block of consecutive positions are two ranges, found
+//! without asking about each key.
 //!
 //! Query head `h` reads key/value head `h / (heads / kv_heads)` (grouped-query attention).
 
@@ -141,6 +142,23 @@ impl<'a, T: KvElem> KvBlock<'a, T> {
     }
 }
 
+/// Which keys a query sees: those at or before it, and of those, the last `window + 1` positions
+/// (itself and `window` before it) and the first `sinks` positions. `window: None` sees every
+/// earlier key (causal attention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    pub window: Option<usize>,
+    pub sinks: usize,
+}
+
+impl Visibility {
+    /// Whether a query at position `t` sees the key at `s`.
+    #[inline]
+    pub fn sees(&self, t: usize, s: usize) -> bool {
+        s <= t && (self.window.is_none_or(|w| t - s <= w) || s < self.sinks)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub heads: usize,
@@ -158,10 +176,10 @@ pub fn attention<T: KvElem>(
     blocks: &[KvBlock<T>],
     sh: AttnShape,
     scale: f32,
-    sees: &(dyn Fn(usize, usize) -> bool + Sync),
+    vis: Visibility,
     out: &mut [f32],
 ) {
-    attention_with(isa(), q, q_pos, blocks, sh, scale, sees, out)
+    attention_with(isa(), q, q_pos, blocks, sh, scale, vis, out)
 }
 
 /// [`attention`] on a given instruction set.
@@ -173,7 +191,7 @@ pub fn attention_with<T: KvElem>(
     blocks: &[KvBlock<T>],
     sh: AttnShape,
     scale: f32,
-    sees: &(dyn Fn(usize, usize) -> bool + Sync),
+    vis: Visibility,
     out: &mut [f32],
 ) {
     let (qw, ow) = (sh.heads * sh.dk, sh.heads * sh.dv);
@@ -196,7 +214,7 @@ pub fn attention_with<T: KvElem>(
     let lists: Vec<Vec<Run>> = q_pos
         .par_iter()
         .with_min_len(8)
-        .map(|&tp| visible_runs(blocks, tp, sees))
+        .map(|&tp| visible_runs(blocks, tp, vis))
         .collect();
     if splits == 1 && q_pos.len() >= 2 * TILE {
         return tiles(isa, q, &lists, blocks, sh, scale, out);
@@ -447,26 +465,46 @@ struct Run {
     len: u32,
 }
 
-/// The rows of `blocks` a query at `tp` sees, in block order, merged into runs.
-fn visible_runs<T: KvElem>(
-    blocks: &[KvBlock<T>],
-    tp: usize,
-    sees: &(dyn Fn(usize, usize) -> bool + Sync),
-) -> Vec<Run> {
+/// The rows of `blocks` a query at `tp` sees, in block order, merged into runs. A block of
+/// consecutive positions gives at most two ranges (the sinks, the window), computed; a ring's
+/// slots are checked one by one.
+fn visible_runs<T: KvElem>(blocks: &[KvBlock<T>], tp: usize, vis: Visibility) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
+    let mut push = |block: usize, lo: usize, hi: usize| {
+        if lo >= hi {
+            return;
+        }
+        let (block, lo, hi) = (block as u32, lo as u32, hi as u32);
+        match runs.last_mut() {
+            Some(r) if r.block == block && r.start + r.len == lo => r.len += hi - lo,
+            _ => runs.push(Run {
+                block,
+                start: lo,
+                len: hi - lo,
+            }),
+        }
+    };
     for (bi, b) in blocks.iter().enumerate() {
-        for i in 0..b.rows {
-            let p = b.position(i);
-            if p == usize::MAX || !sees(tp, p) {
-                continue;
+        match b.pos {
+            KeyPos::Contiguous(first) => {
+                // Row i holds position first + i: rows up to `end` are at or before the query.
+                let end = (tp + 1).saturating_sub(first).min(b.rows);
+                match vis.window {
+                    None => push(bi, 0, end),
+                    Some(w) => {
+                        let sinks = vis.sinks.saturating_sub(first).min(end);
+                        let recent = tp.saturating_sub(w).saturating_sub(first).min(end);
+                        push(bi, 0, sinks);
+                        push(bi, recent.max(sinks), end);
+                    }
+                }
             }
-            match runs.last_mut() {
-                Some(r) if r.block == bi as u32 && (r.start + r.len) as usize == i => r.len += 1,
-                _ => runs.push(Run {
-                    block: bi as u32,
-                    start: i as u32,
-                    len: 1,
-                }),
+            KeyPos::Slots(p) => {
+                for (i, &pos) in p[..b.rows].iter().enumerate() {
+                    if pos != usize::MAX && vis.sees(tp, pos) {
+                        push(bi, i, i + 1);
+                    }
+                }
             }
         }
     }
@@ -597,7 +635,7 @@ pub fn attention_ref<T: KvElem>(
     blocks: &[KvBlock<T>],
     sh: AttnShape,
     scale: f32,
-    sees: &dyn Fn(usize, usize) -> bool,
+    vis: Visibility,
     out: &mut [f32],
 ) {
     for (t, &tp) in q_pos.iter().enumerate() {
@@ -607,7 +645,7 @@ pub fn attention_ref<T: KvElem>(
             for b in blocks {
                 for i in 0..b.rows {
                     let p = b.position(i);
-                    if p == usize::MAX || !sees(tp, p) {
+                    if p == usize::MAX || !vis.sees(tp, p) {
                         continue;
                     }
                     let (ko, vo) = (
@@ -656,18 +694,22 @@ mod tests {
         let v = rng.normal_vec(5 * 24, 1.0);
         let blocks = [KvBlock::row_major(&k, &v, 8, KeyPos::Contiguous(0))];
         let q = rng.normal_vec(16, 1.0);
-        let sees = |t: usize, s: usize| s <= t && t - s <= 1;
+        let vis = Visibility {
+            window: Some(1),
+            sinks: 0,
+        };
         let (mut o1, mut o2) = (vec![0.0; 48], vec![0.0; 48]);
-        attention_ref(&q, &[4], &blocks, sh, 0.5, &sees, &mut o2);
+        attention_ref(&q, &[4], &blocks, sh, 0.5, vis, &mut o2);
         for isa in crate::isa::available() {
-            attention_with(isa, &q, &[4], &blocks, sh, 0.5, &sees, &mut o1);
+            attention_with(isa, &q, &[4], &blocks, sh, 0.5, vis, &mut o1);
             assert_close(&o1, &o2, 1e-5, &format!("attention {isa:?}"));
         }
     }
 
-    /// One case against the reference on every ISA: a prefix of `prefix` rows at positions 0..,
+    /// One case against the reference on every ISA: a prefix of `prefix` rows at positions 1..,
     /// a head-major ring of 5 slots (capacity 6) at `slots`, one of them empty, and `n` new rows
-    /// at `first..`, which are the queries; K/V held as `T` (from the same random f32s).
+    /// at `first..`, which are the queries (but query `nothing`, put at position 0, before every
+    /// key); K/V held as `T` (from the same random f32s).
     #[allow(clippy::too_many_arguments)]
     fn against_reference<T: KvElem>(
         rng: &mut Rng,
@@ -677,7 +719,8 @@ mod tests {
         slots: [usize; 5],
         first: usize,
         n: usize,
-        sees: &(dyn Fn(usize, usize) -> bool + Sync),
+        vis: Visibility,
+        nothing: Option<usize>,
     ) {
         let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
         let mut vec = |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
@@ -685,7 +728,7 @@ mod tests {
         let (rk, rv) = (vec(6 * kw), vec(6 * vw));
         let (nk, nv) = (vec(n * kw), vec(n * vw));
         let blocks = [
-            KvBlock::row_major(&pk, &pv, kw, KeyPos::Contiguous(0)),
+            KvBlock::row_major(&pk, &pv, kw, KeyPos::Contiguous(1)),
             KvBlock {
                 k: &rk,
                 v: &rv,
@@ -695,16 +738,19 @@ mod tests {
             },
             KvBlock::row_major(&nk, &nv, kw, KeyPos::Contiguous(first)),
         ];
-        let qp: Vec<usize> = (first..first + n).collect();
+        let mut qp: Vec<usize> = (first..first + n).collect();
+        if let Some(i) = nothing {
+            qp[i] = 0;
+        }
         let q = rng.normal_vec(n * sh.heads * sh.dk, 1.0);
         let (mut o1, mut o2) = (
             vec![0.0; n * sh.heads * sh.dv],
             vec![0.0; n * sh.heads * sh.dv],
         );
-        attention_ref(&q, &qp, &blocks, sh, 0.3, sees, &mut o2);
+        attention_ref(&q, &qp, &blocks, sh, 0.3, vis, &mut o2);
         for isa in crate::isa::available() {
             o1.fill(f32::NAN);
-            attention_with(isa, &q, &qp, &blocks, sh, 0.3, sees, &mut o1);
+            attention_with(isa, &q, &qp, &blocks, sh, 0.3, vis, &mut o1);
             assert_close(
                 &o1,
                 &o2,
@@ -734,7 +780,10 @@ mod tests {
             (14, 2, 24, 40),
             (10, 5, 64, 128),
         ] {
-            let sees = |t: usize, s: usize| s <= t && (t - s <= 4 || s < 3);
+            let vis = Visibility {
+                window: Some(4),
+                sinks: 3,
+            };
             let slots = [17, 18, usize::MAX, 15, 16];
             against_reference(
                 &mut rng,
@@ -744,7 +793,8 @@ mod tests {
                 slots,
                 20,
                 3,
-                &sees,
+                vis,
+                None,
             );
         }
     }
@@ -761,10 +811,45 @@ mod tests {
             (4, 2, 24, 40),
             (10, 2, 16, 48),
         ] {
-            let sees = |t: usize, s: usize| t != 50 && s <= t && (t - s <= 6 || s < 4);
+            let vis = Visibility {
+                window: Some(6),
+                sinks: 4,
+            };
             let slots = [37, 38, usize::MAX, 35, 36];
             let sh = shape(heads, kv_heads, dk, dv);
-            against_reference(&mut rng, to, sh, 4, slots, 40, 2 * TILE + 5, &sees);
+            against_reference(&mut rng, to, sh, 4, slots, 40, 2 * TILE + 5, vis, Some(10));
+        }
+    }
+
+    /// The runs computed for a block of consecutive positions hold exactly the rows whose
+    /// positions `Visibility::sees`, for every small case.
+    #[test]
+    fn computed_runs_are_the_visible_rows() {
+        let none: [f32; 0] = [];
+        for first in 0..6 {
+            for rows in 0..8 {
+                let blocks = [KvBlock {
+                    k: &none[..],
+                    v: &none[..],
+                    rows,
+                    layout: Layout::RowMajor,
+                    pos: KeyPos::Contiguous(first),
+                }];
+                for tp in 0..16 {
+                    for window in [None, Some(0), Some(1), Some(2), Some(4), Some(9)] {
+                        for sinks in 0..6 {
+                            let vis = Visibility { window, sinks };
+                            let got: Vec<usize> = visible_runs(&blocks, tp, vis)
+                                .iter()
+                                .flat_map(|r| r.start as usize..(r.start + r.len) as usize)
+                                .collect();
+                            let want: Vec<usize> =
+                                (0..rows).filter(|&i| vis.sees(tp, first + i)).collect();
+                            assert_eq!(got, want, "first {first} rows {rows} tp {tp} {vis:?}");
+                        }
+                    }
+                }
+            }
         }
     }
 

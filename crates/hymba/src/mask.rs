@@ -1,6 +1,7 @@
 //! Which keys a query sees (spec §4): the one place this is decided.
 
 use crate::config::AttnKind;
+use hymba_kernels::attention::Visibility;
 
 /// Effective window of a sliding-window layer for one forward call.
 ///
@@ -29,7 +30,16 @@ impl Mask {
     /// Whether a query at position `t` sees the key at `s` (see [`sees`]).
     #[inline]
     pub fn sees(&self, t: usize, s: usize) -> bool {
-        sees(self.kind, self.window, self.meta, t, s)
+        self.visibility().sees(t, s)
+    }
+
+    /// The mask in the attention kernels' terms: causal, the window in window layers, the meta
+    /// tokens as always-visible sinks.
+    pub fn visibility(&self) -> Visibility {
+        Visibility {
+            window: (self.kind == AttnKind::Window).then_some(self.window),
+            sinks: self.meta,
+        }
     }
 }
 
@@ -37,7 +47,12 @@ impl Mask {
 /// `attn` with window `window`, `meta` being the number of meta tokens (always visible).
 #[inline]
 pub fn sees(attn: AttnKind, window: usize, meta: usize, t: usize, s: usize) -> bool {
-    s <= t && (attn == AttnKind::Global || t - s <= window || s < meta)
+    Mask {
+        kind: attn,
+        window,
+        meta,
+    }
+    .sees(t, s)
 }
 
 #[cfg(test)]

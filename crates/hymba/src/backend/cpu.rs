@@ -418,8 +418,7 @@ impl Backend for Cpu {
                     &at.v[rows.start * vw..rows.end * vw],
                 );
                 let pos: Vec<usize> = (s.pos0..s.pos0 + rows.len()).collect();
-                let mask = at.mask(s);
-                let visible = move |tq: usize, sk: usize| mask.sees(tq, sk);
+                let visible = at.mask(s).visibility();
                 let past = &s.past[at.group];
                 let state = &mut s.states[ssm.layer].ssm;
                 let inp = scan::ScanInput {
@@ -436,7 +435,7 @@ impl Backend for Cpu {
                     || match at.kv_dtype {
                         KvDtype::F32 => {
                             let blocks = with_new_rows(past, KvView::f32, k, v, kw, s.pos0);
-                            attention(qs, &pos, &blocks, shape_, scale, &visible, a)
+                            attention(qs, &pos, &blocks, shape_, scale, visible, a)
                         }
                         KvDtype::BF16 => {
                             let narrow = |r: &[f32]| -> Vec<bf16> {
@@ -444,7 +443,7 @@ impl Backend for Cpu {
                             };
                             let (k, v) = (narrow(k), narrow(v));
                             let blocks = with_new_rows(past, KvView::bf16, &k, &v, kw, s.pos0);
-                            attention(qs, &pos, &blocks, shape_, scale, &visible, a)
+                            attention(qs, &pos, &blocks, shape_, scale, visible, a)
                         }
                     },
                     || {

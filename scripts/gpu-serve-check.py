@@ -1,7 +1,8 @@
 """`hymba serve` against `hymba generate` on one device (run by scripts/gpu-check.sh with cuda):
-greedy and seeded temperature completions (tokens the serving engine has picked where the
-logits are) give the generate command's text, streamed ones the same text, and a top-p request
-(logits to the host) an answer. Usage: gpu-serve-check.py BASE_URL HYMBA DEVICE"""
+greedy, seeded temperature, min-p, top-p and top-k completions (tokens the serving engine has
+picked where the logits are) give the generate command's text, streamed ones the same text, and
+a request with a penalty (logits to the host) an answer. Usage: gpu-serve-check.py BASE_URL
+HYMBA DEVICE"""
 import json, subprocess, sys, urllib.request
 
 base, hymba, device = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -22,7 +23,9 @@ MODEL = json.loads(urllib.request.urlopen(base + "/v1/models").read())["data"][0
 ok = True
 for name, kw, args in [("greedy", dict(temperature=0), []),
                        ("t=0.8 seed 7", dict(temperature=0.8, seed=7), ["--temperature", "0.8", "--seed", "7"]),
-                       ("t=1.2 min_p 0.05 seed 3", dict(temperature=1.2, min_p=0.05, seed=3), ["--temperature", "1.2", "--min-p", "0.05", "--seed", "3"])]:
+                       ("t=1.2 min_p 0.05 seed 3", dict(temperature=1.2, min_p=0.05, seed=3), ["--temperature", "1.2", "--min-p", "0.05", "--seed", "3"]),
+                       ("t=0.9 top_p 0.9 seed 5", dict(temperature=0.9, top_p=0.9, seed=5), ["--temperature", "0.9", "--top-p", "0.9", "--seed", "5"]),
+                       ("t=1 top_k 20 seed 4", dict(temperature=1.0, top_k=20, seed=4), ["--temperature", "1", "--top-k", "20", "--seed", "4"])]:
     c = complete(**kw)["choices"][0]["text"]
     g = generate(*args)
     same = g.startswith("And it came to pass" + c) or c in g
@@ -32,7 +35,7 @@ for name, kw, args in [("greedy", dict(temperature=0), []),
     text = "".join(json.loads(l[6:])["choices"][0]["text"] for l in stream.splitlines() if l.startswith("data: {"))
     print(f"    stream {'same' if text == c else 'DIFFERENT: ' + repr(text)}")
     ok &= text == c
-c = complete(temperature=0.9, top_p=0.9, seed=5)["choices"][0]
-print("top_p 0.9:", repr(c["text"]), c["finish_reason"])
+c = complete(temperature=0.9, top_p=0.9, presence_penalty=0.5, seed=5)["choices"][0]
+print("top_p 0.9, presence_penalty 0.5:", repr(c["text"]), c["finish_reason"])
 print("serve check:", "ok" if ok else "FAILED")
 sys.exit(0 if ok else 1)

@@ -57,14 +57,20 @@ pub struct BenchArgs {
     /// bandwidth and bf16 matrix rate).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Decode steps copy every sequence's logits to the host (as sampling with top-k, top-p,
-    /// penalties or log-probabilities does) instead of taking the token picked where the
-    /// logits are (on a GPU, no logits leave the card).
+    /// Decode steps copy every sequence's logits to the host (as sampling with penalties,
+    /// biases or log-probabilities does) instead of taking the token picked where the logits
+    /// are (on a GPU, no logits leave the card).
     #[arg(long)]
     copy_logits: bool,
     /// The temperature of the picks (0: greedy); each sequence's variates from a seeded RNG.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// The picks' top-k filter (0: off), with a temperature above 0.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// The picks' top-p filter (1: off), with a temperature above 0.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
 }
 
 /// The real Hymba-1.5B config, compiled in so `--synthetic` needs no files.
@@ -311,19 +317,19 @@ fn bench<B: Backend>(
     phase_done(&format!("prefill of {} tokens (twice)", a.prompt));
 
     let wbytes = model.weight_bytes_per_token();
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        bail!("--temperature {}: expected a number ≥ 0", a.temperature);
-    }
+    let sampling = hymba::sample::SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        ..Default::default()
+    };
+    sampling.validate()?;
     let mut rng = hymba::kernels::testing::Rng::new(5);
     let mut pick = || {
         if a.copy_logits {
             Logits::Last
         } else {
-            Logits::Sample(hymba::sample::Draw {
-                temperature: a.temperature,
-                min_p: 0.0,
-                u: rng.uniform() as f32,
-            })
+            Logits::Sample(hymba::sample::Draw::of(&sampling, rng.uniform() as f32))
         }
     };
     let mut decode = Vec::new();
@@ -416,7 +422,7 @@ fn bench<B: Backend>(
         "prompt_tokens": a.prompt,
         "prefill_tok_s": prefill_tok_s,
         "prefill_gflop_s": prefill_flop_s / 1e9,
-        "decode_pick": if a.copy_logits { "logits copied out".to_string() } else { format!("picked at temperature {}", a.temperature) },
+        "decode_pick": if a.copy_logits { "logits copied out".to_string() } else { format!("picked at temperature {}, top-k {}, top-p {}", a.temperature, a.top_k, a.top_p) },
         "decode": decode,
         "batched_decode": batched,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -461,8 +467,8 @@ fn bench<B: Backend>(
             "every logit copied to the host (--copy-logits)".to_string()
         } else {
             format!(
-                "a token picked where the logits are, at temperature {}",
-                a.temperature
+                "a token picked where the logits are, at temperature {} (top-k {}, top-p {})",
+                a.temperature, a.top_k, a.top_p
             )
         }
     );

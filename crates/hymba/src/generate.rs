@@ -96,12 +96,8 @@ impl Decoder {
         if p.is_plain_greedy() {
             Logits::Greedy
         } else if p.is_plain_draw() {
-            let (temperature, min_p) = (p.temperature, p.min_p);
-            Logits::Sample(Draw {
-                temperature,
-                min_p,
-                u: self.sampler.next_uniform(),
-            })
+            let u = self.sampler.next_uniform();
+            Logits::Sample(Draw::of(&self.sampler.params, u))
         } else {
             Logits::Last
         }

@@ -42,11 +42,7 @@ impl Logits {
     /// The draw that picks this step's token where the logits are, if it asks for one.
     fn draw(&self) -> Option<Draw> {
         match *self {
-            Logits::Greedy => Some(Draw {
-                temperature: 0.0,
-                min_p: 0.0,
-                u: 0.0,
-            }),
+            Logits::Greedy => Some(Draw::GREEDY),
             Logits::Sample(d) => Some(d),
             Logits::Last | Logits::All => None,
         }

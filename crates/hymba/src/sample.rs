@@ -61,10 +61,10 @@ impl SamplingParams {
         self.temperature == 0.0 && self.unmodified()
     }
 
-    /// Whether every token is a [`draw`] from the raw logits (temperature, maybe min-p; no top-k,
-    /// top-p, bias or penalty), so a backend can make it where the logits are.
+    /// Whether every token is a [`draw`] from the raw logits (temperature and the top-k, top-p
+    /// and min-p filters; no bias or penalty), so a backend can make it where the logits are.
     pub fn is_plain_draw(&self) -> bool {
-        self.temperature > 0.0 && self.top_k == 0 && self.top_p >= 1.0 && self.unmodified()
+        self.temperature > 0.0 && self.unmodified()
     }
 
     /// Refuses values that have no meaning, naming the option.
@@ -114,19 +114,13 @@ impl SamplingParams {
 pub struct Sampler {
     pub params: SamplingParams,
     rng: Rng,
-    /// (token, probability) scratch
-    cand: Vec<(u32, f32)>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
         let rng = Rng::new(params.seed);
-        Ok(Sampler {
-            params,
-            rng,
-            cand: Vec::new(),
-        })
+        Ok(Sampler { params, rng })
     }
 
     /// Picks the next token; `history` is every token of the sequence so far (for the
@@ -169,33 +163,8 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(&logits);
         }
-        if p.top_k == 0 && p.top_p >= 1.0 {
-            let d = Draw {
-                temperature: p.temperature,
-                min_p: p.min_p,
-                u: self.next_uniform(),
-            };
-            return draw(&logits, &d);
-        }
-        // Softmax at temperature, candidates sorted by probability.
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        self.cand.clear();
-        self.cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (i as u32, ((v - max) / p.temperature).exp())),
-        );
-        keep_candidates(&mut self.cand, p.top_k, p.top_p, p.min_p);
-        let total: f32 = self.cand.iter().map(|c| c.1).sum();
-        let mut r = self.next_uniform() * total;
-        for c in &self.cand {
-            r -= c.1;
-            if r <= 0.0 {
-                return c.0;
-            }
-        }
-        self.cand.last().expect("at least one candidate").0
+        let u = self.next_uniform();
+        draw(&logits, &Draw::of(&self.params, u))
     }
 }
 
@@ -207,21 +176,94 @@ impl Sampler {
     }
 }
 
-/// A temperature draw from one row of logits with the variate `u` (in [0, 1)): what a backend
-/// makes where the logits are (`Logits::Sample`); temperature 0 means the argmax.
+/// A draw from one row of logits with the variate `u` (in [0, 1)): what a backend makes where
+/// the logits are (`Logits::Sample`); temperature 0 means the argmax.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Draw {
     pub temperature: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 1 means off.
+    pub top_p: f32,
     /// 0 means off.
     pub min_p: f32,
     pub u: f32,
 }
 
-/// The token a [`Draw`] picks: each token weighted by exp((logit − max) / temperature), those
-/// below `min_p` of the top weight (which is 1) dropped, then the first token, in id order,
-/// whose running sum of weights reaches `u` × their total. This is [`Sampler::sample`]'s draw
-/// without top-k or top-p, made without the candidate list (the same operations in the same
-/// order, so the same token).
+impl Draw {
+    /// The argmax.
+    pub const GREEDY: Draw = Draw {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        u: 0.0,
+    };
+
+    /// The draw `params` make (their temperature and filters) with the variate `u`.
+    pub fn of(params: &SamplingParams, u: f32) -> Draw {
+        Draw {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            u,
+        }
+    }
+
+    /// Whether top-k or top-p cut the tokens of a `vocab`-wide row.
+    pub fn cuts(&self, vocab: usize) -> bool {
+        (self.top_k > 0 && self.top_k < vocab) || self.top_p < 1.0
+    }
+}
+
+/// The weights a [`Draw`] chooses among, in token order, into `w`: exp((logit − max) /
+/// temperature) for the tokens its filters keep, −1 for those they drop; returns the kept
+/// weights' total, summed in token order. Top-k and top-p keep the most probable tokens (equal
+/// weights in token order) as `keep_candidates` does, min-p those at least `min_p` × the top
+/// weight.
+pub fn kept_weights(logits: &[f32], d: &Draw, w: &mut Vec<f32>) -> f32 {
+    thread_local! {
+        /// The (token, weight) list top-k and top-p select from, kept between draws.
+        static CAND: std::cell::RefCell<Vec<(u32, f32)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weight = |v: f32| ((v - max) / d.temperature).exp();
+    w.clear();
+    if !d.cuts(logits.len()) {
+        // The top weight is exp(0) = 1 unless no logit is finite (then none is above 0).
+        let floor = d.min_p.max(0.0) * if max.is_finite() { 1.0 } else { 0.0 };
+        let mut total = 0f32;
+        w.extend(logits.iter().map(|&v| {
+            let p = weight(v);
+            if p >= floor {
+                total += p;
+                p
+            } else {
+                -1.0
+            }
+        }));
+        return total;
+    }
+    w.resize(logits.len(), -1.0);
+    CAND.with_borrow_mut(|cand| {
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (i as u32, weight(v))),
+        );
+        keep_candidates(cand, d.top_k, d.top_p, d.min_p);
+        for &(i, p) in cand.iter() {
+            w[i as usize] = p;
+        }
+    });
+    w.iter().filter(|&&p| p >= 0.0).sum()
+}
+
+/// The token a [`Draw`] picks: among the weights [`kept_weights`] keeps, the first token in id
+/// order whose running sum reaches `u` × their total.
 pub fn draw(logits: &[f32], d: &Draw) -> u32 {
     if d.temperature == 0.0 {
         return argmax(logits);
@@ -230,24 +272,11 @@ pub fn draw(logits: &[f32], d: &Draw) -> u32 {
         /// The weights of the last draw's row, kept so a draw allocates nothing.
         static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // The top weight is exp(0) = 1 unless no logit is finite (then none is above 0).
-    let floor = d.min_p.max(0.0) * if max.is_finite() { 1.0 } else { 0.0 };
     WEIGHTS.with_borrow_mut(|w| {
-        w.clear();
-        // The total as the kept weights come, in id order: the candidate list's sum.
-        let mut total = 0f32;
-        w.extend(logits.iter().map(|&v| {
-            let p = ((v - max) / d.temperature).exp();
-            if p >= floor {
-                total += p;
-            }
-            p
-        }));
-        let mut r = d.u * total;
+        let mut r = d.u * kept_weights(logits, d, w);
         let mut last = 0;
         for (i, &p) in w.iter().enumerate() {
-            if p >= floor {
+            if p >= 0.0 {
                 last = i;
                 r -= p;
                 if r <= 0.0 {
@@ -484,6 +513,61 @@ mod tests {
                         let d = Draw {
                             temperature,
                             min_p,
+                            u,
+                            ..Draw::GREEDY
+                        };
+                        assert_eq!(draw(&logits, &d), want, "{n} tokens × {scale}, {d:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// With top-k or top-p, `draw` walks the tokens the filters keep (the full sort's) in id
+    /// order, token for token.
+    #[test]
+    fn filtered_draw_walks_the_kept_tokens_in_id_order() {
+        let mut rng = Rng::new(12);
+        for n in [2usize, 7, 300, 32001] {
+            for scale in [0.05f32, 1.0, 12.0] {
+                let mut logits = rng.normal_vec(n, scale);
+                if n > 7 {
+                    // Ties, which only the token id orders.
+                    logits[3] = logits[1];
+                    logits[6] = logits[1];
+                }
+                for (temperature, k, p, m) in [
+                    (1.0f32, 40usize, 1.0f32, 0.0f32),
+                    (0.7, 0, 0.9, 0.0),
+                    (1.3, 0, 0.5, 0.05),
+                    (1.0, 3, 0.95, 0.0),
+                    (2.0, 100, 0.8, 0.2),
+                    (1.0, 1, 1.0, 0.0),
+                ] {
+                    for u in [0.0f32, 0.3, rng.uniform() as f32, 0.999_999] {
+                        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut cand: Vec<(u32, f32)> = logits
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &v)| (i as u32, ((v - max) / temperature).exp()))
+                            .collect();
+                        keep_by_full_sort(&mut cand, k, p, m);
+                        cand.sort_unstable_by_key(|c| c.0);
+                        let total: f32 = cand.iter().map(|c| c.1).sum();
+                        let mut r = u * total;
+                        let want = cand
+                            .iter()
+                            .find(|c| {
+                                r -= c.1;
+                                r <= 0.0
+                            })
+                            .unwrap_or(cand.last().unwrap())
+                            .0;
+                        let d = Draw {
+                            temperature,
+                            top_k: k,
+                            top_p: p,
+                            min_p: m,
                             u,
                         };
                         assert_eq!(draw(&logits, &d), want, "{n} tokens × {scale}, {d:?}");

@@ -86,19 +86,24 @@ pub fn picks_match_logits<B: hymba::backend::Backend>(
     // Round r's kind for sequence i: every step picks in the last round, otherwise a mix.
     let kind = |r: u32, i: usize| {
         let u = ((i as u32 * 7 + r * 13) % 17) as f32 / 17.0;
-        let sample = |temperature, min_p| {
+        let sample = |temperature, min_p, top_k, top_p| {
             Logits::Sample(Draw {
                 temperature,
+                top_k,
+                top_p,
                 min_p,
                 u,
             })
         };
         match (r == rounds, (i + r as usize) % 5) {
             (true, 0) | (false, 0) => Logits::Greedy,
-            (true, _) => sample(0.8, 0.0),
+            (true, 1) => sample(0.8, 0.0, 40, 0.9),
+            (true, 2) => sample(1.2, 0.0, 3, 1.0),
+            (true, 3) => sample(0.8, 0.05, 0, 0.95),
+            (true, _) => sample(0.8, 0.0, 0, 1.0),
             (false, 1) => Logits::Last,
-            (false, 2) => sample(1.0, 0.0),
-            (false, 3) => sample(0.5, 0.1),
+            (false, 2) => sample(1.0, 0.0, 0, 1.0),
+            (false, 3) => sample(0.5, 0.1, 0, 0.7),
             _ if r == 0 => Logits::All,
             _ => Logits::Last,
         }
@@ -139,11 +144,7 @@ pub fn picks_match_logits<B: hymba::backend::Backend>(
             let what = format!("round {r}, sequence {i}");
             assert_eq!(*pa, None, "{what}: a pick nobody asked for");
             let d = match kind(r as u32, i) {
-                Logits::Greedy => Draw {
-                    temperature: 0.0,
-                    min_p: 0.0,
-                    u: 0.0,
-                },
+                Logits::Greedy => Draw::GREEDY,
                 Logits::Sample(d) => d,
                 _ => {
                     assert_eq!(*pp, None, "{what}: a pick nobody asked for");
@@ -157,31 +158,37 @@ pub fn picks_match_logits<B: hymba::backend::Backend>(
             };
             assert!(lp.is_empty(), "{what}: logits of a picked step");
             let row = &la[la.len() - v..];
-            let want = draw(row, &d);
             let got = pp.unwrap_or_else(|| panic!("{what}: no pick"));
-            if got == want || exact || d.temperature == 0.0 {
-                assert_eq!(got, want, "{what}: the pick of {d:?}");
-                continue;
+            if exact {
+                assert_eq!(got, draw(row, &d), "{what}: the pick of {d:?}");
+            } else {
+                check_pick(row, &d, got, &what);
             }
-            // Either side of a boundary within rounding: the running sum in id order up to the
-            // token brackets u × total.
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let w: Vec<f64> = row
-                .iter()
-                .map(|&x| ((x - max) / d.temperature).exp())
-                .map(|p| if p >= d.min_p { p as f64 } else { 0.0 })
-                .collect();
-            let total: f64 = w.iter().sum();
-            let target = d.u as f64 * total;
-            let before: f64 = w[..got as usize].iter().sum();
-            let slack = 1e-5 * total;
-            assert!(
-                w[got as usize] > 0.0
-                    && before <= target + slack
-                    && before + w[got as usize] >= target - slack,
-                "{what}: {d:?} picked {got} (host {want}): sums {before} + {} against {target}",
-                w[got as usize]
-            );
         }
     }
+}
+
+/// A token picked by a backend that sums in another order than the host: the host's token,
+/// or (at a temperature) one either side of a boundary within rounding, the running sum in id
+/// order of the weights the filters keep up to it bracketing u × their total.
+pub fn check_pick(row: &[f32], d: &hymba::sample::Draw, got: u32, what: &str) {
+    let want = hymba::sample::draw(row, d);
+    if got == want || d.temperature == 0.0 {
+        assert_eq!(got, want, "{what}: the pick of {d:?}");
+        return;
+    }
+    let mut kept = Vec::new();
+    hymba::sample::kept_weights(row, d, &mut kept);
+    let w: Vec<f64> = kept.iter().map(|&p| p.max(0.0) as f64).collect();
+    let total: f64 = w.iter().sum();
+    let target = d.u as f64 * total;
+    let before: f64 = w[..got as usize].iter().sum();
+    let slack = 1e-5 * total;
+    assert!(
+        w[got as usize] > 0.0
+            && before <= target + slack
+            && before + w[got as usize] >= target - slack,
+        "{what}: {d:?} picked {got} (host {want}): sums {before} + {} against {target}",
+        w[got as usize]
+    );
 }

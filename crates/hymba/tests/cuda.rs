@@ -266,8 +266,8 @@ fn cuda_picks_match_logits() {
             let draws: Vec<Draw> = (0..6)
                 .map(|r| Draw {
                     temperature,
-                    min_p: 0.0,
                     u: r as f32 / 6.0,
+                    ..Draw::GREEDY
                 })
                 .collect();
             gpu.pick(&rows, width, &draws, &mut picks);
@@ -290,6 +290,46 @@ fn cuda_picks_match_logits() {
                     got[r], want[r],
                     "row {r} of width {width} at temperature {temperature}"
                 );
+            }
+        }
+    }
+    // Top-k and top-p over random rows (ties at the top-k boundary in the last rows).
+    for width in [1025usize, 32001] {
+        let mut x: Vec<f32> = (0..8 * width).map(|_| 2.0 * rng.normal()).collect();
+        for r in 6..8 {
+            let row = &mut x[r * width..(r + 1) * width];
+            let mut order: Vec<usize> = (0..width).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            // The 3rd to 6th most likely tokens weigh the same.
+            for &i in &order[3..6] {
+                row[i] = row[order[2]];
+            }
+        }
+        let (mut rows, mut picks) = (gpu.rows(), gpu.rows());
+        gpu.upload(&x, &mut rows);
+        for (temperature, top_k, top_p, min_p) in [
+            (1.0f32, 40usize, 1.0f32, 0.0f32),
+            (0.7, 0, 0.9, 0.0),
+            (1.0, 4, 0.95, 0.0),
+            (1.5, 0, 0.5, 0.05),
+            (1.0, 1, 1.0, 0.0),
+            (2.0, 100, 0.8, 0.2),
+        ] {
+            let draws: Vec<Draw> = (0..8)
+                .map(|r| Draw {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    u: (r as f32 + 0.5) / 8.0,
+                })
+                .collect();
+            gpu.pick(&rows, width, &draws, &mut picks);
+            let got = gpu.download(&picks);
+            gpu.finish().unwrap();
+            for (r, (row, d)) in x.chunks_exact(width).zip(&draws).enumerate() {
+                let what = format!("row {r} of width {width}");
+                common::check_pick(row, d, got[r] as u32, &what);
             }
         }
     }

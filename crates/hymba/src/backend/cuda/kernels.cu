@@ -295,12 +295,15 @@ extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
 
 // Each `width`-wide row of logits' token, a block a row, as the host's `sample::draw` picks it:
 // with temperature 0 (or no `draws`) the index of the largest value, the first on ties (NaN
-// never beats a value, but a row whose first value is NaN gives 0); else a draw by `draws[3r..]`
-// = (temperature, min-p, u): weights exp((v - max) / temperature), those below min-p dropped,
-// the first token whose running sum reaches u × their total. A thread sums a contiguous run of
-// tokens, the runs' sums are scanned in token order, and the run where the total is reached
-// walks its tokens as the host does (so the sums differ from the host's only in their order).
-// out holds the index as a float.
+// never beats a value, but a row whose first value is NaN gives 0); else a draw by `draws[5r..]`
+// = (temperature, min-p, top-k, top-p, u): weights exp((v - max) / temperature); top-k and top-p
+// keep the most probable tokens (equal weights in id order), found by bisecting on the weight
+// that bounds them (counts and masses summed over the block); min-p drops those below it × the
+// top weight; then the first token, in id order, whose running sum of the kept weights reaches
+// u × their total. A thread sums a contiguous run of tokens, the runs' sums are scanned in token
+// order, and the run where the total is reached walks its tokens as the host does (so the sums
+// differ from the host's only in their order). out holds the index as a float. Rows of up to
+// `cache` tokens keep their weights in shared memory (the bisections read them ~60 times).
 #define PICK_THREADS 1024
 struct Best {
     float v;
@@ -321,10 +324,51 @@ __device__ Best block_best(Best b) {
     __syncthreads();
     return b;
 }
-extern "C" __global__ void pick_rows(const float* x, long width, const float* draws, float* out) {
+// Inclusive scan of one value a thread, in thread order, over a block of PICK_THREADS; `total`
+// gets the whole sum.
+__device__ float block_scan(float v, float& total) {
+    __shared__ float wsum[PICK_THREADS / 32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        float x = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += x;
+    }
+    if (lane == 31) wsum[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float w = wsum[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            float x = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += x;
+        }
+        wsum[lane] = w;
+    }
+    __syncthreads();
+    float out = v + (warp > 0 ? wsum[warp - 1] : 0.0f);
+    total = wsum[PICK_THREADS / 32 - 1];
+    __syncthreads();
+    return out;
+}
+__device__ __forceinline__ float bits_f(u32 b) { return __uint_as_float(b); }
+// Sum over a block of PICK_THREADS with one barrier: the warps' sums go to one of two arrays in
+// turn (`flip`), and every warp adds all of them in the same order.
+__device__ float pick_sum(float v, int& flip) {
+    __shared__ float part[2][PICK_THREADS / 32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) part[flip][warp] = v;
+    __syncthreads();
+    float s = warp_sum(part[flip][lane]);
+    flip ^= 1;
+    return s;
+}
+extern "C" __global__ void pick_rows(const float* x, long width, const float* draws, long cache, float* out) {
     grid_dep();
     const float* r = x + blockIdx.x * width;
-    float temp = draws ? draws[3 * blockIdx.x] : 0.0f;
+    const float* d = draws ? draws + 5 * blockIdx.x : nullptr;
+    float temp = d ? d[0] : 0.0f;
     auto get = [&](long i) {
         float v = r[i];
         return v == v ? v : NEG_INF;
@@ -342,52 +386,102 @@ extern "C" __global__ void pick_rows(const float* x, long width, const float* dr
         if (threadIdx.x == 0) out[blockIdx.x] = r[0] != r[0] ? 0.0f : (float)b.at;
         return;
     }
-    float max = b.v, min_p = draws[3 * blockIdx.x + 1], u = draws[3 * blockIdx.x + 2];
+    float max = b.v, min_p = d[1], top_k = d[2], top_p = d[3], u = d[4];
     float floor = fmaxf(min_p, 0.0f) * (isfinite(max) ? 1.0f : 0.0f);
-    auto weight = [&](long i) { return expf((r[i] - max) / temp); };
+    extern __shared__ float held[];
+    bool kept_here = width <= cache;
+    if (kept_here) {
+        for (long i = threadIdx.x; i < width; i += PICK_THREADS) held[i] = expf((r[i] - max) / temp);
+        __syncthreads();
+    }
+    auto weight = [&](long i) { return kept_here ? held[i] : expf((r[i] - max) / temp); };
+    // Tokens weighing at least t, and their weight (NaN weighs nothing and never counts).
+    int flip = 0;
+    auto count_ge = [&](float t) {
+        float s = 0.0f;
+        for (long i = threadIdx.x; i < width; i += PICK_THREADS) s += weight(i) >= t ? 1.0f : 0.0f;
+        return pick_sum(s, flip);
+    };
+    auto mass_ge = [&](float t) {
+        float s = 0.0f;
+        for (long i = threadIdx.x; i < width; i += PICK_THREADS) {
+            float p = weight(i);
+            s += p >= t ? p : 0.0f;
+        }
+        return pick_sum(s, flip);
+    };
+    // What top-k and top-p keep, as the most probable tokens in order: those weighing more than
+    // `thr` and the first `ties` (by id) of those weighing exactly `thr` (weights lie in [0, 1],
+    // so bisecting on their bits orders them). Counts are exact in f32 below 2^24 tokens.
+    const u32 one_up = 0x3f800001u;
+    float thr = -1.0f, ties = 0.0f, total = 0.0f;
+    bool cut_k = top_k > 0.0f && top_k < (float)width && count_ge(0.0f) >= top_k;
+    if (cut_k) {
+        u32 lo = 0, hi = one_up;  // count_ge(lo) >= k > count_ge(hi)
+        while (hi - lo > 1) {
+            u32 mid = lo + (hi - lo) / 2;
+            if (count_ge(bits_f(mid)) >= top_k) lo = mid;
+            else hi = mid;
+        }
+        thr = bits_f(lo);
+        ties = top_k - count_ge(bits_f(lo + 1));
+        total = mass_ge(bits_f(lo + 1)) + ties * thr;
+    }
+    if (top_p < 1.0f) {
+        if (!cut_k) total = mass_ge(0.0f);
+        float target = top_p * total;
+        // The kept mass weighing at least t is mass_ge(t) above thr, all of it at thr.
+        u32 lo = cut_k ? __float_as_uint(thr) : 0u, hi = one_up;
+        if (target > 0.0f) {
+            while (hi - lo > 1) {
+                u32 mid = lo + (hi - lo) / 2;
+                if (mass_ge(bits_f(mid)) >= target) lo = mid;
+                else hi = mid;
+            }
+            float t = bits_f(lo), above = mass_ge(bits_f(lo + 1));
+            float at_t = cut_k && t == thr ? ties : count_ge(t) - count_ge(bits_f(lo + 1));
+            // The fewest tokens at t that bring the mass to the target.
+            float need = t > 0.0f ? ceilf((target - above) / t) : at_t;
+            thr = t;
+            ties = fminf(fmaxf(need, 1.0f), at_t);
+        }
+    }
     long run = (width + PICK_THREADS - 1) / PICK_THREADS, lo = min(width, threadIdx.x * run), hi = min(width, lo + run);
-    float sum = 0.0f;
+    // Each token's rank among those weighing exactly thr, in id order: the runs' counts scanned.
+    float tie0 = 0.0f;
+    if (ties > 0.0f) {
+        float n = 0.0f, all;
+        for (long i = lo; i < hi; i++) n += weight(i) == thr ? 1.0f : 0.0f;
+        tie0 = block_scan(n, all) - n;
+    }
+    float sum = 0.0f, rank = tie0;
     long last = -1;
     for (long i = lo; i < hi; i++) {
         float p = weight(i);
-        if (p >= floor) sum += p, last = i;
+        bool tied = p == thr;
+        if (p >= floor && (p > thr || (tied && rank < ties))) sum += p, last = i;
+        if (tied) rank += 1.0f;
     }
-    // Inclusive scan of the runs' sums in thread order.
-    __shared__ float wsum[PICK_THREADS / 32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float inc = sum;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        float v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += v;
-    }
-    if (lane == 31) wsum[warp] = inc;
-    __syncthreads();
-    if (warp == 0) {
-        float w = wsum[lane];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            float v = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += v;
-        }
-        wsum[lane] = w;
-    }
-    __syncthreads();
-    float before = inc - sum + (warp > 0 ? wsum[warp - 1] : 0.0f), total = wsum[PICK_THREADS / 32 - 1];
+    float all;
+    float before = block_scan(sum, all) - sum;
     // This run's walk from what the runs before it left of u × total.
-    float left = u * total - before;
+    float left = u * all - before;
     long hit = width;
-    if (left <= sum)
+    if (left <= sum) {
+        rank = tie0;
         for (long i = lo; i < hi; i++) {
             float p = weight(i);
-            if (p >= floor) {
+            bool tied = p == thr;
+            if (p >= floor && (p > thr || (tied && rank < ties))) {
                 left -= p;
                 if (left <= 0.0f) {
                     hit = i;
                     break;
                 }
             }
+            if (tied) rank += 1.0f;
         }
+    }
     // The first run whose walk reached the total; past every run, the last token kept.
     Best first = block_best(Best{hit < width ? -(float)hit : NEG_INF, hit});
     Best kept = block_best(Best{(float)last, last});

@@ -667,6 +667,8 @@ pub struct Cuda {
     pub name: String,
     /// Multiprocessors: how many blocks keep the GPU busy.
     sms: usize,
+    /// Bytes of shared memory a `pick_rows` block may keep a row's weights in.
+    pick_smem: usize,
     /// Kernels of a captured decode step may start before the previous one ends (sm_90:
     /// programmatic dependent launch).
     pdl: bool,
@@ -901,6 +903,21 @@ impl Cuda {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| device_err("reading the multiprocessor count", e))? as usize;
+        // What a block may ask for beyond the kernel's own 2 KB, up to 192 KB (Hymba's 32001
+        // weights take 128 KB).
+        let optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| device_err("reading the shared memory a block may use", e))? as usize;
+        let pick_smem = optin.saturating_sub(2048).min(192 << 10);
+        k.pick_rows
+            .f
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                pick_smem as i32,
+            )
+            .map_err(|e| device_err("sizing the pick kernel's shared memory", e))?;
         let profile =
             std::env::var_os("HYMBA_CUDA_PROFILE").map(|_| Mutex::new(Default::default()));
         // HYMBA_CUDA_NO_FORK=1 keeps a captured step on one stream, to compare.
@@ -932,6 +949,7 @@ impl Cuda {
             err: Mutex::new(None),
             name,
             sms,
+            pick_smem,
             pdl: major >= 9 && std::env::var_os("HYMBA_CUDA_NO_PDL").is_none(),
             norm_fold: std::env::var_os("HYMBA_CUDA_NO_NORM_FOLD").is_none(),
             profile,
@@ -2347,11 +2365,15 @@ impl Backend for Cuda {
         if rows == 0 {
             return;
         }
-        // The draws' (temperature, min-p, u) to the card, unless every pick is an argmax.
+        // The draws' (temperature, min-p, top-k, top-p, u) to the card, unless every pick is an
+        // argmax.
         let table = draws.iter().any(|d| d.temperature != 0.0).then(|| {
             let t: Vec<f32> = draws
                 .iter()
-                .flat_map(|d| [d.temperature, d.min_p, d.u])
+                .flat_map(|d| {
+                    let top_k = d.top_k.min(width) as f32;
+                    [d.temperature, d.min_p, top_k, d.top_p, d.u]
+                })
                 .collect();
             self.stream.clone_htod(&t)
         });
@@ -2361,12 +2383,21 @@ impl Backend for Cuda {
             Some(Err(e)) => return self.fail("uploading the draws", e),
         };
         let (xp, op, w) = (self.p(x), self.p(out), width as i64);
+        // Rows that fit keep their weights in shared memory, where top-k and top-p cut.
+        let cache = if draws.iter().any(|d| d.temperature != 0.0 && d.cuts(width))
+            && 4 * width <= self.pick_smem
+        {
+            width
+        } else {
+            0
+        };
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (PICK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: 4 * cache as u32,
         };
-        self.launch(&self.k.pick_rows, cfg, &[&xp, &w, &dp, &op]);
+        let cache = cache as i64;
+        self.launch(&self.k.pick_rows, cfg, &[&xp, &w, &dp, &cache, &op]);
     }
 
     fn split_in_proj(

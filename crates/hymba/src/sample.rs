@@ -217,49 +217,84 @@ impl Draw {
     }
 }
 
+thread_local! {
+    /// The (token, weight) list top-k and top-p select from, kept between draws.
+    static CAND: std::cell::RefCell<Vec<(u32, f32)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The weights of the last draw's row, kept so a draw allocates nothing.
+    static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Into `cand`: the tokens top-k and top-p keep (most probable first, equal weights in token
+/// order, as `keep_candidates` keeps them; then min-p) with their weights, in no set order.
+fn cut_candidates(logits: &[f32], d: &Draw, cand: &mut Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    cand.clear();
+    cand.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, ((v - max) / d.temperature).exp())),
+    );
+    keep_candidates(cand, d.top_k, d.top_p, d.min_p);
+}
+
+/// `cand`'s weights marked in `w` (−1 elsewhere), `n` wide; returns their total in token order.
+fn mark(cand: &[(u32, f32)], n: usize, w: &mut Vec<f32>) -> f32 {
+    w.clear();
+    w.resize(n, -1.0);
+    for &(i, p) in cand {
+        w[i as usize] = p;
+    }
+    w.iter().filter(|&&p| p >= 0.0).sum()
+}
+
+/// The first (token, weight) whose running sum reaches `u` × `total`; past the end, the last.
+fn walk(kept: impl Iterator<Item = (usize, f32)>, u: f32, total: f32) -> u32 {
+    let mut r = u * total;
+    let mut last = 0;
+    for (i, p) in kept {
+        last = i;
+        r -= p;
+        if r <= 0.0 {
+            return i as u32;
+        }
+    }
+    last as u32
+}
+
+/// Into `w`: the weights without top-k or top-p, exp((logit − max) / temperature), −1 where
+/// min-p drops them; returns the kept weights' total, summed in token order.
+fn floor_weights(logits: &[f32], d: &Draw, w: &mut Vec<f32>) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // The top weight is exp(0) = 1 unless no logit is finite (then none is above 0).
+    let floor = d.min_p.max(0.0) * if max.is_finite() { 1.0 } else { 0.0 };
+    let mut total = 0f32;
+    w.clear();
+    w.extend(logits.iter().map(|&v| {
+        let p = ((v - max) / d.temperature).exp();
+        if p >= floor {
+            total += p;
+            p
+        } else {
+            -1.0
+        }
+    }));
+    total
+}
+
 /// The weights a [`Draw`] chooses among, in token order, into `w`: exp((logit − max) /
 /// temperature) for the tokens its filters keep, −1 for those they drop; returns the kept
 /// weights' total, summed in token order. Top-k and top-p keep the most probable tokens (equal
 /// weights in token order) as `keep_candidates` does, min-p those at least `min_p` × the top
 /// weight.
 pub fn kept_weights(logits: &[f32], d: &Draw, w: &mut Vec<f32>) -> f32 {
-    thread_local! {
-        /// The (token, weight) list top-k and top-p select from, kept between draws.
-        static CAND: std::cell::RefCell<Vec<(u32, f32)>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weight = |v: f32| ((v - max) / d.temperature).exp();
-    w.clear();
     if !d.cuts(logits.len()) {
-        // The top weight is exp(0) = 1 unless no logit is finite (then none is above 0).
-        let floor = d.min_p.max(0.0) * if max.is_finite() { 1.0 } else { 0.0 };
-        let mut total = 0f32;
-        w.extend(logits.iter().map(|&v| {
-            let p = weight(v);
-            if p >= floor {
-                total += p;
-                p
-            } else {
-                -1.0
-            }
-        }));
-        return total;
+        return floor_weights(logits, d, w);
     }
-    w.resize(logits.len(), -1.0);
     CAND.with_borrow_mut(|cand| {
-        cand.clear();
-        cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (i as u32, weight(v))),
-        );
-        keep_candidates(cand, d.top_k, d.top_p, d.min_p);
-        for &(i, p) in cand.iter() {
-            w[i as usize] = p;
-        }
-    });
-    w.iter().filter(|&&p| p >= 0.0).sum()
+        cut_candidates(logits, d, cand);
+        mark(cand, logits.len(), w)
+    })
 }
 
 /// The token a [`Draw`] picks: among the weights [`kept_weights`] keeps, the first token in id
@@ -268,23 +303,32 @@ pub fn draw(logits: &[f32], d: &Draw) -> u32 {
     if d.temperature == 0.0 {
         return argmax(logits);
     }
-    thread_local! {
-        /// The weights of the last draw's row, kept so a draw allocates nothing.
-        static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     WEIGHTS.with_borrow_mut(|w| {
-        let mut r = d.u * kept_weights(logits, d, w);
-        let mut last = 0;
-        for (i, &p) in w.iter().enumerate() {
-            if p >= 0.0 {
-                last = i;
-                r -= p;
-                if r <= 0.0 {
-                    return i as u32;
-                }
-            }
+        if !d.cuts(logits.len()) {
+            let total = floor_weights(logits, d, w);
+            return walk(
+                w.iter().copied().enumerate().filter(|&(_, p)| p >= 0.0),
+                d.u,
+                total,
+            );
         }
-        last as u32
+        CAND.with_borrow_mut(|cand| {
+            cut_candidates(logits, d, cand);
+            // Few kept tokens (a peaked distribution, top-k) are put in token order; many are
+            // marked in the row, which takes one pass where sorting them took more.
+            if cand.len() <= 1024 {
+                cand.sort_unstable_by_key(|c| c.0);
+                let total = cand.iter().map(|c| c.1).sum();
+                walk(cand.iter().map(|&(i, p)| (i as usize, p)), d.u, total)
+            } else {
+                let total = mark(cand, logits.len(), w);
+                walk(
+                    w.iter().copied().enumerate().filter(|&(_, p)| p >= 0.0),
+                    d.u,
+                    total,
+                )
+            }
+        })
     })
 }
 

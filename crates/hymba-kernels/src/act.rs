@@ -44,6 +44,10 @@ pub fn exp_inplace_with(isa: Isa, a: &mut [f32]) {
 /// `a[i] = exp(a[i] − max a)`; returns (max a, Σ of the new a): a softmax's numerators, with
 /// the shift and the sum that let slices of one softmax be combined.
 pub fn exp_shifted_with(isa: Isa, a: &mut [f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
+        return k.exp_shifted(a);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
@@ -73,6 +77,10 @@ pub fn softplus_bias_with(isa: Isa, a: &mut [f32], b: &[f32]) {
 
 /// `a[i] = silu(a[i]) · b[i]` (or silu alone) on a given instruction set.
 pub fn silu_mul_with(isa: Isa, a: &mut [f32], b: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
+        return k.silu_mul(a, b);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.

@@ -6,7 +6,8 @@
 //! the AMX tiles of [`crate::amx`]. Beside it, the integer
 //! tiles of [`crate::qpanel`] on `vpdpbusd` (AVX-512 VNNI), for Q8_0/Q4_0 weights in panels,
 //! and (`scan.rs`, AVX-512 F) the selective scan for states of 16, (`attention.rs`) prefill
-//! attention's scores and values for many heads at once.
+//! attention's scores and values for many heads at once, (`act.rs`) SiLU·up and a softmax's
+//! exponentials.
 
 use crate::matmul::{pair_words, Mat, WeightData, PAIR_ALIGN, PANEL};
 use crate::qpanel::{PanelQ4_0, PanelQ8_0};
@@ -15,6 +16,7 @@ use half::bf16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
+mod act;
 pub(crate) mod attention;
 mod scan;
 pub use scan::Avx512;

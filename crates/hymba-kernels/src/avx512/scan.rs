@@ -1,6 +1,6 @@
 //! AVX-512 F: the selective scan for states of 16 (Hymba's), a channel's state one register.
 
-use crate::x86::{EXP_LN2, EXP_MAX, EXP_POLY};
+use super::act::exp512;
 use std::arch::x86_64::*;
 
 /// Proof that this CPU has AVX-512 F: made only by [`Avx512::for_isa`], so the kernels that
@@ -74,30 +74,4 @@ impl Avx512 {
             _mm512_storeu_ps(s.as_mut_ptr().add(16 * j), *sj);
         }
     }
-}
-
-/// `exp` of 16 lanes: the same range reduction and polynomial as the AVX2 `exp256`, the power
-/// of two applied by `vscalefps`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp512(x: __m512) -> __m512 {
-    let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX));
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-EXP_MAX));
-    let fx =
-        _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
-            x,
-            _mm512_set1_ps(std::f32::consts::LOG2_E),
-            _mm512_set1_ps(0.5),
-        ));
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2[0]), x);
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2[1]), x);
-    let mut p = _mm512_set1_ps(EXP_POLY[0]);
-    for c in &EXP_POLY[1..] {
-        p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(*c));
-    }
-    let y = _mm512_add_ps(
-        _mm512_fmadd_ps(_mm512_mul_ps(p, x), x, x),
-        _mm512_set1_ps(1.0),
-    );
-    _mm512_scalef_ps(y, fx)
 }

@@ -1,0 +1,110 @@
+//! AVX-512 F: activations sixteen lanes at a time — e^x, SiLU·up (the gated MLP) and a softmax's
+//! shifted exponentials.
+
+use super::Avx512;
+use crate::x86::{EXP_LN2, EXP_MAX, EXP_POLY};
+use std::arch::x86_64::*;
+
+/// `exp` of 16 lanes: the same range reduction and polynomial as the AVX2 `exp256`, the power
+/// of two applied by `vscalefps`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX));
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-EXP_MAX));
+    let fx =
+        _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+            _mm512_set1_ps(0.5),
+        ));
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2[0]), x);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2[1]), x);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(*c));
+    }
+    let y = _mm512_add_ps(
+        _mm512_fmadd_ps(_mm512_mul_ps(p, x), x, x),
+        _mm512_set1_ps(1.0),
+    );
+    _mm512_scalef_ps(y, fx)
+}
+
+/// 1 / d for 16 lanes: `vrcp14ps` and one Newton step (to within an ulp or two of the
+/// quotient; a division takes longer than the exponential on 16 lanes).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn recip(d: __m512) -> __m512 {
+    let r = _mm512_rcp14_ps(d);
+    _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)))
+}
+
+impl Avx512 {
+    /// `a[i] = silu(a[i]) · b[i]` (or just silu when `b` is None), sixteen lanes at a time, the
+    /// tail masked.
+    pub fn silu_mul(self, a: &mut [f32], b: Option<&[f32]>) {
+        // SAFETY: `self` exists only where the CPU has AVX-512 F.
+        unsafe { silu_mul(a, b) }
+    }
+
+    /// [`crate::act::exp_shifted_with`]: the max and the sum in sixteen lanes, reduced at the
+    /// end, the tail masked.
+    pub fn exp_shifted(self, a: &mut [f32]) -> (f32, f32) {
+        // SAFETY: `self` exists only where the CPU has AVX-512 F.
+        unsafe { exp_shifted(a) }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+fn silu_mul(a: &mut [f32], b: Option<&[f32]>) {
+    let n = a.len();
+    assert!(b.is_none_or(|b| b.len() >= n));
+    let one = _mm512_set1_ps(1.0);
+    for i in (0..n).step_by(16) {
+        let m: __mmask16 = if n - i >= 16 { !0 } else { (1 << (n - i)) - 1 };
+        // SAFETY: the mask keeps every load and store inside `a` and `b` (checked above).
+        unsafe {
+            let p = a.as_mut_ptr().add(i);
+            let x = _mm512_maskz_loadu_ps(m, p);
+            let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+            let mut s = _mm512_mul_ps(x, recip(_mm512_add_ps(one, e)));
+            if let Some(b) = b {
+                s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)));
+            }
+            _mm512_mask_storeu_ps(p, m, s);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+fn exp_shifted(a: &mut [f32]) -> (f32, f32) {
+    let n = a.len();
+    let mask = |i: usize| -> __mmask16 {
+        if n - i >= 16 {
+            !0
+        } else {
+            (1 << (n - i)) - 1
+        }
+    };
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..n).step_by(16) {
+        // SAFETY: the mask keeps the load inside `a`.
+        let v = unsafe { _mm512_maskz_loadu_ps(mask(i), a.as_ptr().add(i)) };
+        m = _mm512_mask_max_ps(m, mask(i), m, v);
+    }
+    let max = _mm512_reduce_max_ps(m);
+    let mv = _mm512_set1_ps(max);
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..n).step_by(16) {
+        let k = mask(i);
+        // SAFETY: the mask keeps the load and the store inside `a`.
+        unsafe {
+            let p = a.as_mut_ptr().add(i);
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p), mv));
+            _mm512_mask_storeu_ps(p, k, e);
+            acc = _mm512_mask_add_ps(acc, k, acc, e);
+        }
+    }
+    (max, _mm512_reduce_add_ps(acc))
+}

@@ -40,9 +40,11 @@ fn shape(out: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// Buffers of the calling thread for intermediate results, kept between calls: a step allocates
 /// (and the kernel zeroes fresh pages) once per shape, not once per layer. A call made while the
 /// thread's buffers are out (rayon running another task here) takes new ones, returned after.
-/// Buffers past POOL_KEEP floats (a long prompt's) are freed, not kept: the pool stays small.
+/// Buffers past POOL_KEEP floats (256 MB: a 2048-token prompt's gate·up output, 90 MB, is kept;
+/// a longer prompt's is freed) are not kept: the pool stays small. Freed buffers that large go
+/// back to the system, and the next layer's take fresh pages the kernel zeroes.
 fn with_buffers<const N: usize, R>(f: impl FnOnce(&mut [Vec<f32>; N]) -> R) -> R {
-    const POOL_KEEP: usize = 16 << 20;
+    const POOL_KEEP: usize = 64 << 20;
     thread_local!(static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) });
     let mut bufs: [Vec<f32>; N] =
         std::array::from_fn(|_| POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default());

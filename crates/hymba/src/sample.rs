@@ -315,8 +315,10 @@ pub fn draw(logits: &[f32], d: &Draw) -> u32 {
         CAND.with_borrow_mut(|cand| {
             cut_candidates(logits, d, cand);
             // Few kept tokens (a peaked distribution, top-k) are put in token order; many are
-            // marked in the row, which takes one pass where sorting them took more.
+            // marked in the row, which takes one pass where sorting them took more. Either way
+            // a NaN weight (a NaN logit) is dropped, as `mark` drops it.
             if cand.len() <= 1024 {
+                cand.retain(|c| c.1 >= 0.0);
                 cand.sort_unstable_by_key(|c| c.0);
                 let total = cand.iter().map(|c| c.1).sum();
                 walk(cand.iter().map(|&(i, p)| (i as usize, p)), d.u, total)

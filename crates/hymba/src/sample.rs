@@ -523,6 +523,30 @@ mod tests {
         }
     }
 
+    /// (token, exp((logit − max) / temperature)) for every token.
+    fn weighted(logits: &[f32], temperature: f32) -> Vec<(u32, f32)> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, ((v - max) / temperature).exp()))
+            .collect()
+    }
+
+    /// The sampler's old walk: the first candidate, in list order, whose running sum reaches
+    /// u × the list's total; past the end, the last.
+    fn candidate_walk(cand: &[(u32, f32)], u: f32) -> u32 {
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        let mut r = u * total;
+        cand.iter()
+            .find(|c| {
+                r -= c.1;
+                r <= 0.0
+            })
+            .unwrap_or(cand.last().unwrap())
+            .0
+    }
+
     /// `draw` is the candidate list's walk without top-k or top-p, token for token.
     #[test]
     fn draw_is_the_candidate_walk() {
@@ -539,23 +563,9 @@ mod tests {
                 for (temperature, min_p) in [(1.0f32, 0.0f32), (0.3, 0.0), (2.5, 0.05), (1.0, 0.9)]
                 {
                     for u in [0.0f32, 0.25, 0.5, rng.uniform() as f32, 0.999_999] {
-                        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut cand: Vec<(u32, f32)> = logits
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &v)| (i as u32, ((v - max) / temperature).exp()))
-                            .collect();
+                        let mut cand = weighted(&logits, temperature);
                         keep_candidates(&mut cand, 0, 1.0, min_p);
-                        let total: f32 = cand.iter().map(|c| c.1).sum();
-                        let mut r = u * total;
-                        let want = cand
-                            .iter()
-                            .find(|c| {
-                                r -= c.1;
-                                r <= 0.0
-                            })
-                            .unwrap_or(cand.last().unwrap())
-                            .0;
+                        let want = candidate_walk(&cand, u);
                         let d = Draw {
                             temperature,
                             min_p,
@@ -591,24 +601,10 @@ mod tests {
                     (1.0, 1, 1.0, 0.0),
                 ] {
                     for u in [0.0f32, 0.3, rng.uniform() as f32, 0.999_999] {
-                        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut cand: Vec<(u32, f32)> = logits
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &v)| (i as u32, ((v - max) / temperature).exp()))
-                            .collect();
+                        let mut cand = weighted(&logits, temperature);
                         keep_by_full_sort(&mut cand, k, p, m);
                         cand.sort_unstable_by_key(|c| c.0);
-                        let total: f32 = cand.iter().map(|c| c.1).sum();
-                        let mut r = u * total;
-                        let want = cand
-                            .iter()
-                            .find(|c| {
-                                r -= c.1;
-                                r <= 0.0
-                            })
-                            .unwrap_or(cand.last().unwrap())
-                            .0;
+                        let want = candidate_walk(&cand, u);
                         let d = Draw {
                             temperature,
                             top_k: k,

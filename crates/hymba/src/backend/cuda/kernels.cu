@@ -649,15 +649,17 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, long stride,
 // but a sequence's last, `scan_chunk_carry` walks each sequence's chunks in order to find
 // their start states, and `scan_chunk_out` runs every chunk from its start state, writing
 // y = (Σ_n S·C + D·x) ⊙ silu(z) and the sequence's state after its last row. A decode step
-// (one chunk a sequence) needs only the last. x, delta, z, y: [t, E]; b, c: [t, N]; a [E, N];
+// (one chunk a sequence) needs only the last. Where Δ still needs its bias and softplus
+// (`dt_bias`), `scan_chunk_end` writes it back finished, every chunk's, so the softplus is taken
+// once an element. x, delta, z, y: [t, E]; b, c: [t, N]; a [E, N];
 // ssm[seq] [E, N]; hend, init: [chunk][N][E]; dtsum [chunk][E].
 // chunks[i] = (sequence, first row of the chunk in it, rows, CHUNK_FIRST | CHUNK_LAST).
 #define CHUNK_FIRST 1
 #define CHUNK_LAST 2
 #define SCAN_ROWS 64
 // The decay exp(Δ·A) as exp2(Δ · A·log2 e), A·log2 e kept in registers: one multiply and the
-// hardware's exp2 a state a row, where expf costs a range reduction more (the scan is bound by
-// these instructions).
+// hardware's exp2 (`ex2`) a state a row, where expf costs a range reduction more and exp2f a
+// rescaling for subnormal results (the scan is bound by these instructions).
 #define LOG2E 1.4426950408889634f
 
 // Δ of row element i: as given, or softplus(Δ + bias) where the product that made it left its
@@ -680,13 +682,20 @@ __device__ void stage_rows(const float* m, long r0, int rows, int n, float (*dst
 }
 
 template <int N_>
-__device__ void scan_chunk_end(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* a, const SeqInfo* seqs,
+__device__ void scan_chunk_end(const float* x, float* delta, const float* dt_bias, const float* bm, const float* a, const SeqInfo* seqs,
                                const int4* chunks, int e, int n, float* hend, float* dtsum) {
     __shared__ __align__(16) float sb[SCAN_ROWS][N_];
     int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
     int4 ch = chunks[chunk];
-    if (ch.w & CHUNK_LAST) return;
     long r0 = seqs[ch.x].row0 + ch.y;
+    if (ch.w & CHUNK_LAST) {
+        // No end state to find, but Δ to finish for `scan_chunk_out`.
+        if (dt_bias && c < e) {
+            float bc = dt_bias[c];
+            for (int t = 0; t < ch.z; t++) delta[(r0 + t) * e + c] = delta_at(delta, (r0 + t) * e + c, dt_bias, bc);
+        }
+        return;
+    }
     stage_rows<N_>(bm, r0, ch.z, n, sb);
     __syncthreads();
     if (c >= e) return;
@@ -699,13 +708,14 @@ __device__ void scan_chunk_end(const float* x, const float* delta, const float* 
     for (int t = 0; t < ch.z; t++) {
         long r = r0 + t;
         float dt = delta_at(delta, r * e + c, dt_bias, bc), dx = dt * x[r * e + c];
+        if (dt_bias) delta[r * e + c] = dt;
         sum += dt;
 #pragma unroll
         for (int q = 0; q < N_ / 4; q++) {
             float4 b4 = *(const float4*)&sb[t][4 * q];
             float bv[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
-            for (int i = 0; i < 4; i++) s[4 * q + i] = exp2f(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
+            for (int i = 0; i < 4; i++) s[4 * q + i] = ex2(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
         }
     }
 #pragma unroll
@@ -730,7 +740,7 @@ extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunk
     init[((long)c0 * n + j) * e + c] = s;
 #pragma unroll 8
     for (int k = c0; k < c1 - 1; k++) {
-        s = exp2f(dtsum[(long)k * e + c] * av) * s + hend[((long)k * n + j) * e + c];
+        s = ex2(dtsum[(long)k * e + c] * av) * s + hend[((long)k * n + j) * e + c];
         init[((long)(k + 1) * n + j) * e + c] = s;
     }
 }
@@ -765,7 +775,7 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
             float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                s[4 * q + i] = exp2f(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
+                s[4 * q + i] = ex2(dt * av[4 * q + i]) * s[4 * q + i] + dx * bv[i];
                 acc += s[4 * q + i] * cv[i];
             }
         }
@@ -779,7 +789,7 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
 
 // The scan's kernels for up to 16 and up to 32 states.
 #define SCAN_KERNELS(N_) \
-    extern "C" __global__ void scan_chunk_end_##N_(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* a, \
+    extern "C" __global__ void scan_chunk_end_##N_(const float* x, float* delta, const float* dt_bias, const float* bm, const float* a, \
                                                    const SeqInfo* seqs, const int4* chunks, int e, int n, float* hend, float* dtsum) { \
         grid_dep(); \
         scan_chunk_end<N_>(x, delta, dt_bias, bm, a, seqs, chunks, e, n, hend, dtsum); \
@@ -879,7 +889,7 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
     float4 av = get4(a + (long)c * n, i, n, svec), sv = get4(st, i, n, svec);
     float4 bv = get4(sp + ob, i, n, svec), cv = get4(sp + oc, i, n, svec);
     float dx = dt * xv;
-    auto next = [&](float av, float sv, float bv) { return exp2f(dt * (av * LOG2E)) * sv + dx * bv; };
+    auto next = [&](float av, float sv, float bv) { return ex2(dt * (av * LOG2E)) * sv + dx * bv; };
     float4 s = make_float4(next(av.x, sv.x, bv.x), next(av.y, sv.y, bv.y), next(av.z, sv.z, bv.z), next(av.w, sv.w, bv.w));
     if (live && i < n) {
         if (svec) *(float4*)(st + i) = s;

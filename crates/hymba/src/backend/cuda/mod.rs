@@ -2799,6 +2799,8 @@ impl Backend for Cuda {
                 );
             }
             let ip = self.p(&scratch.init);
+            // `scan_chunk_end` has finished Δ where it ran.
+            let dt_bias = if scratch.multi_chunk { 0 } else { dt_bias };
             let cfg = LaunchConfig {
                 grid_dim: (blocks, n_chunks as u32, 1),
                 block_dim: (128, 1, 1),

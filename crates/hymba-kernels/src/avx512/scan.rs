@@ -1,6 +1,6 @@
 //! AVX-512 F: the selective scan for states of 16 (Hymba's), a channel's state one register.
 
-use super::act::exp512;
+use super::act::exp2_512;
 use std::arch::x86_64::*;
 
 /// Proof that this CPU has AVX-512 F: made only by [`Avx512::for_isa`], so the kernels that
@@ -53,8 +53,9 @@ impl Avx512 {
             for j in 0..C {
                 let dt = *delta.get_unchecked(row + j);
                 let xv = *x.get_unchecked(row + j);
-                let decay = exp512(_mm512_mul_ps(
-                    _mm512_set1_ps(dt),
+                // exp(Δ·a) as 2^(Δ·log2 e · a): one scalar multiply a channel and step.
+                let decay = exp2_512(_mm512_mul_ps(
+                    _mm512_set1_ps(dt * std::f32::consts::LOG2_E),
                     _mm512_loadu_ps(a.as_ptr().add(16 * j)),
                 ));
                 let dbx = _mm512_mul_ps(_mm512_set1_ps(dt * xv), bv);

@@ -42,10 +42,13 @@ const EXP2_POLY: [f32; 7] = [
     0.000_153_533_6,
 ];
 
-/// `2^x` of 16 lanes for x ≤ 0 (the scan's decays, their exponent in log2 units): x rounded to
-/// the nearest integer n, 2^(x − n) by [`EXP2_POLY`], then `vscalefps` by n (so far below 2^-126
-/// it goes to 0). Four operations fewer than [`exp512`], which reduces by ln 2 in two steps;
-/// x below -150 (or NaN) is taken as -150.
+/// `2^x` of 16 lanes: x below -150 (or NaN) taken as -150, rounded to the nearest integer n,
+/// 2^(x − n) by [`EXP2_POLY`], then `vscalefps` by n (far below 2^-126 it goes to 0, from 2^128
+/// up to infinity). The caller scales its exponent by log2 e: with that multiply, four
+/// operations fewer than [`exp512`], which reduces by ln 2 in two steps, but the multiply's
+/// rounding puts e^x off by up to |x| · 2^-24 of itself (1.5e-6 at x = -72), where `exp512`
+/// stays within an ulp or two: the scan's decays take it (their exponent Δ·a is rounded as
+/// much already), the softmax and SiLU do not.
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn exp2_512(x: __m512) -> __m512 {
@@ -142,7 +145,8 @@ mod tests {
     use super::*;
     use crate::testing::Rng;
 
-    /// `exp2_512` against f64's 2^x over the scan's range, zero, and far below f32's range.
+    /// `exp2_512` against f64's 2^x over the scan's range, zero, far below f32's range, and
+    /// positive exponents up to f32's top.
     #[test]
     fn exp2_matches_f64() {
         let Some(_) = Avx512::for_isa(crate::isa::isa()) else {
@@ -166,6 +170,11 @@ mod tests {
             -200.0,
             -1e30,
             f32::NEG_INFINITY,
+            0.5,
+            1.0,
+            3.3,
+            64.0,
+            126.9,
         ]);
         while !xs.len().is_multiple_of(16) {
             xs.push(-3.25);

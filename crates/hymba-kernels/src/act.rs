@@ -186,6 +186,33 @@ mod tests {
                     out[0]
                 );
             }
+            // 2^x: within 2.5e-7 of itself over [-126, 127], 0 below -126.5.
+            let mut rng = Rng::new(9);
+            let mut xs: Vec<f32> = rng.normal_vec(512, 40.0);
+            xs.extend([
+                -150.0, -127.0, -126.0, -125.6, -0.5, 0.0, 0.5, 126.9, 127.0, 200.0,
+            ]);
+            for &v in &xs {
+                let mut out = [0f32; 8];
+                // SAFETY: Avx2 was detected just above.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm256_storeu_ps(out.as_mut_ptr(), crate::x86::exp2_256(_mm256_set1_ps(v)));
+                }
+                let c = (v as f64).clamp(-127.0, 127.0);
+                let want = c.exp2();
+                if c < -126.5 {
+                    assert_eq!(out[0], 0.0, "2^{v}");
+                } else if want < f32::MIN_POSITIVE as f64 {
+                    assert!(((out[0] as f64) - want).abs() <= 2f64.powi(-148), "2^{v}");
+                } else {
+                    assert!(
+                        ((out[0] as f64) / want - 1.0).abs() <= 2.5e-7,
+                        "2^{v} = {} vs {want}",
+                        out[0]
+                    );
+                }
+            }
         }
     }
 }

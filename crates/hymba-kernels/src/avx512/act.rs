@@ -2,7 +2,7 @@
 //! shifted exponentials.
 
 use super::Avx512;
-use crate::x86::{EXP_LN2, EXP_MAX, EXP_POLY};
+use crate::x86::{EXP2_POLY, EXP_LN2, EXP_MAX, EXP_POLY};
 use std::arch::x86_64::*;
 
 /// `exp` of 16 lanes: the same range reduction and polynomial as the AVX2 `exp256`, the power
@@ -30,17 +30,6 @@ pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
     );
     _mm512_scalef_ps(y, fx)
 }
-
-/// 2^r on [-1/2, 1/2]: a degree-6 fit of the relative error (1.3 ulp at most in f32 with FMAs).
-const EXP2_POLY: [f32; 7] = [
-    1.0,
-    std::f32::consts::LN_2,
-    0.240_226_48,
-    0.055_503_324,
-    0.009_618_437,
-    0.001_339_887_5,
-    0.000_153_533_6,
-];
 
 /// `2^x` of 16 lanes: x below -150 (or NaN) taken as -150, rounded to the nearest integer n,
 /// 2^(x − n) by [`EXP2_POLY`], then `vscalefps` by n (far below 2^-126 it goes to 0, from 2^128

@@ -15,6 +15,37 @@ pub(crate) const EXP_POLY: [f32; 6] = [
     0.5,
 ];
 
+/// 2^r on [-1/2, 1/2]: a degree-6 fit of the relative error (1.3 ulp at most in f32 with FMAs),
+/// from the constant term (shared with the AVX-512 `exp2_512`).
+pub(crate) const EXP2_POLY: [f32; 7] = [
+    1.0,
+    std::f32::consts::LN_2,
+    0.240_226_48,
+    0.055_503_324,
+    0.009_618_437,
+    0.001_339_887_5,
+    0.000_153_533_6,
+];
+
+/// 2^x for 8 lanes: x clamped to [-127, 127], rounded to the nearest integer n, 2^(x − n) by
+/// [`EXP2_POLY`], times 2^n from the exponent bits (0 for n = -127). As with the AVX-512
+/// `exp2_512`, a caller's scaling of its exponent by log2 e rounds it (e^x off by up to
+/// |x| · 2^-24 of itself): the scan's decays take it, where Δ·a is rounded as much already.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp2_256(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(x, _mm256_set1_ps(127.0));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-127.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+    let r = _mm256_sub_ps(x, n);
+    let mut p = _mm256_set1_ps(EXP2_POLY[6]);
+    for c in EXP2_POLY[..6].iter().rev() {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    }
+    let e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)))
+}
+
 /// e^x for 8 lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial, 2^n from the
 /// exponent bits); relative error about 1e-7. Inputs below −88.4 give 0, above 88.4 are clamped.
 #[inline]

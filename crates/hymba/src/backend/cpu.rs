@@ -56,12 +56,6 @@ fn with_buffers<const N: usize, R>(f: impl FnOnce(&mut [Vec<f32>; N]) -> R) -> R
     r
 }
 
-/// `buf` as `n` zeros (its storage kept).
-fn zeroed(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    buf.clear();
-    buf.resize(n, 0.0);
-    &mut buf[..]
-}
 
 /// RoPE (rotate-half) on every head of every row, at each sequence's positions.
 fn rope_rows(x: &mut [f32], inv_freq: &[f32], seqs: &[Seq<Cpu>]) {
@@ -148,7 +142,8 @@ fn scan_params(s: &ScanInput<Cpu>, n: usize, [b, c, delta, dr]: [&mut Vec<f32>; 
     let norm_of = |i: usize| s.norms.map(|w| &w[i]);
     part(0, r, norm_of(0), dr);
     let m = s.dt_proj.mat();
-    matmul(dr, m, zeroed(delta, dr.len() / r.max(1) * m.rows));
+    // Every element written by the product (and below by the scan and attention): no zeroing.
+    matmul(dr, m, shape(delta, dr.len() / r.max(1) * m.rows));
     delta
         .par_chunks_mut(s.dt_bias.len())
         .for_each(|row| act::softplus_bias(row, s.dt_bias));
@@ -400,7 +395,7 @@ impl Backend for Cpu {
                 dv: at.heads.dv,
             };
             let scale = 1.0 / (at.heads.dk as f32).sqrt();
-            let (y, attn) = (zeroed(y, t * e), zeroed(attn, t * e));
+            let (y, attn) = (shape(y, t * e), shape(attn, t * e));
             let out = shape(out, t * e);
             let mut parts = Vec::with_capacity(seqs.len());
             let (mut a_rest, mut y_rest, mut f_rest) = (attn, y, &mut out[..]);

@@ -216,7 +216,7 @@ impl Inputs {
 }
 
 /// Input rows of a tile.
-pub const TILE_ROWS: usize = 8;
+pub const TILE_ROWS: usize = 16;
 
 /// `out[m][j] = Σ_b fma(dot, d_w·d_x, acc)` for the `m < rows` input rows from `t0` against one
 /// panel's `nb` blocks: the reference the vector kernels match bit for bit.

@@ -539,9 +539,12 @@ impl Int8Dot {
 }
 
 /// The panel tiles (see [`crate::qpanel`]) on `vpdpbusd`: each weight vector (four columns of
-/// 16 rows) loaded once for the tile's input rows, each of which broadcasts its four bytes. Two
-/// integer sums a row (even and odd vectors) keep twice the products in flight; integer sums
-/// are exact, so the order is free. The block's end is the reference's float operations.
+/// 16 rows) loaded (Q4_0: unpacked) once for the tile's input rows, up to 16, each of which
+/// broadcasts its four bytes. Up to 8 rows keep two integer sums a row (even and odd vectors),
+/// twice the products in flight; from 9 rows one sum a row, which the registers still hold
+/// beside the float sums (16 rows in one tile rather than two of 8: Q8_0 t=16 637-766 µs
+/// against 839-921 on a Xeon). Integer sums are exact, so the order is free. The block's end is
+/// the reference's float operations.
 macro_rules! int8_panel_tile {
     ($blk:ty, $name:ident, $prefetch_rows:expr, $pair:expr) => {
         impl crate::qpanel::PanelKernel<$blk> for Int8Dot {
@@ -566,6 +569,14 @@ macro_rules! int8_panel_tile {
                         6 => self.$name::<6>(w, x, nb, t0, out),
                         7 => self.$name::<7>(w, x, nb, t0, out),
                         8 => self.$name::<8>(w, x, nb, t0, out),
+                        9 => self.$name::<9>(w, x, nb, t0, out),
+                        10 => self.$name::<10>(w, x, nb, t0, out),
+                        11 => self.$name::<11>(w, x, nb, t0, out),
+                        12 => self.$name::<12>(w, x, nb, t0, out),
+                        13 => self.$name::<13>(w, x, nb, t0, out),
+                        14 => self.$name::<14>(w, x, nb, t0, out),
+                        15 => self.$name::<15>(w, x, nb, t0, out),
+                        16 => self.$name::<16>(w, x, nb, t0, out),
                         _ => unreachable!("1 <= rows <= TILE_ROWS"),
                     }
                 }
@@ -614,11 +625,12 @@ macro_rules! int8_panel_tile {
                                 w0,
                                 _mm512_set1_epi32(xq.add(i0).read_unaligned()),
                             );
-                            odd[m] = _mm512_dpbusd_epi32(
-                                odd[m],
-                                w1,
-                                _mm512_set1_epi32(xq.add(i1).read_unaligned()),
-                            );
+                            let x1 = _mm512_set1_epi32(xq.add(i1).read_unaligned());
+                            if M <= 8 {
+                                odd[m] = _mm512_dpbusd_epi32(odd[m], w1, x1);
+                            } else {
+                                even[m] = _mm512_dpbusd_epi32(even[m], w1, x1);
+                            }
                         }
                     }
                     let wd = _mm512_cvtph_ps(_mm256_loadu_si256(blk.d.as_ptr() as *const _));

@@ -56,7 +56,6 @@ fn with_buffers<const N: usize, R>(f: impl FnOnce(&mut [Vec<f32>; N]) -> R) -> R
     r
 }
 
-
 /// RoPE (rotate-half) on every head of every row, at each sequence's positions.
 fn rope_rows(x: &mut [f32], inv_freq: &[f32], seqs: &[Seq<Cpu>]) {
     let t: usize = seqs.iter().map(|s| s.rows.len()).sum();

@@ -542,9 +542,8 @@ impl Int8Dot {
 /// 16 rows) loaded (Q4_0: unpacked) once for the tile's input rows, up to 16, each of which
 /// broadcasts its four bytes. Up to 8 rows keep two integer sums a row (even and odd vectors),
 /// twice the products in flight; from 9 rows one sum a row, which the registers still hold
-/// beside the float sums (16 rows in one tile rather than two of 8: Q8_0 t=16 637-766 µs
-/// against 839-921 on a Xeon). Integer sums are exact, so the order is free. The block's end is
-/// the reference's float operations.
+/// beside the float sums, so 16 rows take one tile rather than two of 8. Integer sums are
+/// exact, so the order is free. The block's end is the reference's float operations.
 macro_rules! int8_panel_tile {
     ($blk:ty, $name:ident, $prefetch_rows:expr, $pair:expr) => {
         impl crate::qpanel::PanelKernel<$blk> for Int8Dot {

@@ -678,6 +678,82 @@ fn cuda_folded_norm_matches_reference() {
     }
 }
 
+/// Decode steps of one sequence and of two together (the GEMV kernels of one and two rows, f32
+/// and bf16 weights), against the CPU's steps of each sequence alone. Tolerances: f32 as the
+/// official parity; bf16 weights as `cuda_bf16_weights_match_cpu_to_bf16_precision` derives
+/// them (relative, over all logits).
+#[test]
+fn cuda_decode_rows_match_cpu() {
+    let cfg = Config::from_file(&fixture("tiny-a").join("config.json")).unwrap();
+    let prompts: [Vec<u32>; 2] = [(5..22).collect(), (40..47).map(|x| x * 7).collect()];
+    let steps: Vec<u32> = (0..6).map(|i| i * 13 + 9).collect();
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        let Some(gpu) = gpu("cuda_decode_rows_match_cpu") else {
+            return;
+        };
+        let store = || hymba::synthetic::in_memory(&cfg, dtype, 7, 1.0);
+        let cpu = Model::from_store(cfg.clone(), store()).unwrap();
+        let dev = Model::on(gpu, cfg.clone(), store()).unwrap();
+        let want: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| {
+                let ids: Vec<u32> = p.iter().chain(&steps).copied().collect();
+                prefill_then_decode(&cpu, &ids, p.len(), Logits::Last)
+            })
+            .collect();
+        // Alone: one row a step.
+        let alone: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| {
+                let ids: Vec<u32> = p.iter().chain(&steps).copied().collect();
+                prefill_then_decode(&dev, &ids, p.len(), Logits::Last)
+            })
+            .collect();
+        // Together: two rows a step.
+        let mut caches: Vec<_> = prompts.iter().map(|_| dev.new_cache()).collect();
+        let mut together = vec![Vec::new(); prompts.len()];
+        for round in 0..=steps.len() {
+            let tok = [steps[round.saturating_sub(1)]];
+            let mut batch: Vec<Step<_>> = caches
+                .iter_mut()
+                .zip(&prompts)
+                .map(|(cache, p)| Step {
+                    cache,
+                    ids: if round == 0 { &p[..] } else { &tok[..] },
+                    logits: Logits::Last,
+                    window: DecodeWindow::Trained,
+                })
+                .collect();
+            for (t, out) in together
+                .iter_mut()
+                .zip(dev.forward_batch(&mut batch).unwrap())
+            {
+                t.extend(out);
+            }
+        }
+        for (i, w) in want.iter().enumerate() {
+            for (got, how) in [(&alone[i], "alone"), (&together[i], "two together")] {
+                let what = format!("{dtype:?} weights, sequence {i}, {how}: GPU vs CPU");
+                match dtype {
+                    Dtype::BF16 => {
+                        let norm =
+                            |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                        let diff: Vec<f32> = got.iter().zip(w).map(|(a, b)| a - b).collect();
+                        let rel = norm(&diff) / norm(w);
+                        let bound =
+                            2.0 * 2f64.powi(-9) * (7.0 * cfg.num_hidden_layers as f64).sqrt();
+                        assert!(
+                            rel.is_finite() && rel < bound,
+                            "{what}: {rel:.3e} over {bound:.3e}"
+                        );
+                    }
+                    _ => assert_close(got, w, TOL, &what),
+                }
+            }
+        }
+    }
+}
+
 /// Decode attention with value heads of 128, four times the keys' (the 1.5B model's shapes; the
 /// fixture's are 32, the keys' size), synthetic f32 weights on the fixture's other shapes (the
 /// SSM widened to match): a prompt, then decode steps past the 16-key window (the ring wraps),

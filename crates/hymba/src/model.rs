@@ -152,13 +152,13 @@ impl<B: Backend> Run<B> {
     fn new(b: &B, groups: usize) -> Self {
         Run {
             h: b.rows(),
-            u: b.rows(),
+            u: b.product_rows(),
             p: b.rows(),
             q: b.rows(),
             xc: b.rows(),
             proj: b.rows(),
-            fused: b.rows(),
-            gate: b.rows(),
+            fused: b.product_rows(),
+            gate: b.product_rows(),
             out: b.rows(),
             picks: b.rows(),
             kept: b.rows(),

@@ -537,6 +537,76 @@ fn cuda_products_match_reference() {
     }
 }
 
+/// Rows that only matrix products read (`product_rows`), which the CUDA backend keeps as their
+/// bf16 copy alone when the products take that (many rows, bf16 matrices): the MLP's activation
+/// and a norm's output so made give the next product bit for bit what rows kept in f32 give it,
+/// and reading such rows as f32 is an error rather than stale values.
+#[test]
+fn cuda_product_rows_feed_products_alone() {
+    use hymba::backend::Backend;
+    use hymba::tensor::Tensor;
+    use hymba_kernels::testing::Rng;
+    let Some(b) = gpu("cuda_product_rows_feed_products_alone") else {
+        return;
+    };
+    let mut rng = Rng::new(3);
+    let (n, k, m) = (40usize, 72usize, 24usize);
+    let bf16 = |v: &[f32], rows: usize, cols: usize| {
+        let bytes: Vec<u8> = v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect();
+        Tensor::from_bytes(Dtype::BF16, vec![rows, cols], &bytes)
+    };
+    let gm = b.matrix(bf16(&rng.normal_vec(n * k, 1.0), n, k)).unwrap();
+    let um = b.matrix(bf16(&rng.normal_vec(n * k, 1.0), n, k)).unwrap();
+    let dm = b.matrix(bf16(&rng.normal_vec(m * n, 1.0), m, n)).unwrap();
+    let norm = b
+        .vector((0..k).map(|j| 0.5 + j as f32 / k as f32).collect())
+        .unwrap();
+    for &t in &[3usize, 9, 100] {
+        let mut xr = b.rows();
+        b.upload(&rng.normal_vec(t * k, 1.0), &mut xr);
+        // The MLP's activation, then down; a norm's output, then gate.
+        let (mut act, mut act_p, mut nrm, mut nrm_p) =
+            (b.rows(), b.product_rows(), b.rows(), b.product_rows());
+        b.glu(&xr, &gm, &um, &mut act);
+        b.glu(&xr, &gm, &um, &mut act_p);
+        b.rmsnorm(&xr, &norm, 1e-6, &mut nrm);
+        b.rmsnorm(&xr, &norm, 1e-6, &mut nrm_p);
+        let mut outs: Vec<_> = (0..4).map(|_| b.rows()).collect();
+        b.matmul(&act, &dm, &mut outs[0]);
+        b.matmul(&act_p, &dm, &mut outs[1]);
+        b.matmul(&nrm, &gm, &mut outs[2]);
+        b.matmul(&nrm_p, &gm, &mut outs[3]);
+        b.finish().unwrap();
+        let got: Vec<Vec<f32>> = outs.iter().map(|o| b.download(o)).collect();
+        assert!(
+            got[0] == got[1],
+            "down of the activation, {t} rows: product rows differ"
+        );
+        assert!(
+            got[2] == got[3],
+            "gate of the norm, {t} rows: product rows differ"
+        );
+        // Few rows keep f32 (the products take f32 there); more do not, and say so when read:
+        // the norm's rows from 9 (its products then take bf16), the activation's from 33 (below,
+        // `gemm_rows` makes it in its epilogue, in f32).
+        let mut reads = vec![(&nrm_p, &nrm, t > 8)];
+        if t == 100 {
+            reads.push((&act_p, &act, true));
+        }
+        for (p, f32_rows, bf16_only) in reads {
+            let read = b.download(p);
+            match (bf16_only, b.finish()) {
+                (false, Ok(())) => assert!(read == b.download(f32_rows), "{t} rows: f32 kept"),
+                (true, Err(e)) => assert!(e.to_string().contains("bf16 copy alone"), "{e}"),
+                (_, r) => panic!("{t} rows: reading product rows gave {r:?}"),
+            }
+        }
+    }
+}
+
 /// A residual add and the norm after it (`matmul_add_norm`), then the products that take the
 /// normed rows (one and two matrices: the GEMV folds the norm into both at decode rows) and the
 /// normed rows read back (scaled then by `norm_settle`), against f64 on the same weights: f32

@@ -244,6 +244,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn state(&self, e: usize, n: usize, k: usize) -> Self::State;
     /// An empty activation buffer.
     fn rows(&self) -> Self::Rows;
+    /// An empty activation buffer that only matrix products will read (the norms' outputs, the
+    /// fusion's, the MLP's activation): a backend may keep such rows in no more precision than
+    /// its products take them in (the CUDA backend: the bf16 copies of long prompts' rows).
+    fn product_rows(&self) -> Self::Rows {
+        self.rows()
+    }
     /// Rows from host memory.
     fn upload(&self, host: &[f32], out: &mut Self::Rows);
     /// The rows on the host, as `f` sees them (no copy beyond the device's own).

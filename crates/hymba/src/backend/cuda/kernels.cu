@@ -148,9 +148,10 @@ extern "C" __global__ void embed_f32(float* out, const float* table, const u32* 
 extern "C" __global__ void embed_bf16(float* out, const bf16_t* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
 
 // An activation that a matrix product of many rows takes next: stored, and rounded to bf16 beside
-// it (`out16`, when not null), so the product needs no `to_bf16` launch of its own.
+// it (`out16`, when not null), so the product needs no `to_bf16` launch of its own; `out` null:
+// only the bf16 copy (its one reader takes that).
 __device__ __forceinline__ void put_act(float* out, bf16_t* out16, long i, float v) {
-    out[i] = v;
+    if (out) out[i] = v;
     if (out16) out16[i] = f32_to_bf16(v);
 }
 
@@ -168,7 +169,7 @@ __device__ void rmsnorm_row(const float* xr, const float* w, int d, float eps, f
 extern "C" __global__ void rmsnorm(const float* x, int width, int from, const float* w, int d, float eps, float* out, bf16_t* out16) {
     grid_dep();
     long r = blockIdx.x;
-    rmsnorm_row(x + r * width + from, w, d, eps, out + r * d, out16 ? out16 + r * d : nullptr);
+    rmsnorm_row(x + r * width + from, w, d, eps, out ? out + r * d : nullptr, out16 ? out16 + r * d : nullptr);
 }
 
 // Rows left by a folded norm (see NormFold) scaled by their 1 / rms, for a reader that is not a
@@ -630,7 +631,7 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, long stride,
             long r = i / f4, j = 4 * (i % f4);
             float4 a = *(const float4*)(g + r * stride + j), b = *(const float4*)(u + r * stride + j);
             float4 v = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
-            *(float4*)(out + r * f + j) = v;
+            if (out) *(float4*)(out + r * f + j) = v;
             if (out16) ((uint2*)out16)[i] = bf16x4(v);
         }
         return;
@@ -2397,7 +2398,7 @@ __device__ void fuse_row(const float* ar, const float* yr, const float* w1, cons
 extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out, bf16_t* out16) {
     grid_dep();
     long r = blockIdx.x;
-    fuse_row(a + r * e, y + r * e, w1, w2, e, eps, out + r * e, out16 ? out16 + r * e : nullptr);
+    fuse_row(a + r * e, y + r * e, w1, w2, e, eps, out ? out + r * e : nullptr, out16 ? out16 + r * e : nullptr);
 }
 
 // New K/V rows into the stores, block row (op): rows of keys `k` [rows, kw] and values `v`

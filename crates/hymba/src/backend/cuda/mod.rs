@@ -243,7 +243,9 @@ impl VectorInfo for CudaSlice<f32> {
 /// kernel that made them wrote one (`Cuda::copy16`), their bf16 copy for the matrix product that
 /// takes them next (`fresh` until the rows are made again). Rows made by a folded norm
 /// (`Backend::matmul_add_norm`) hold `h ⊙ w`, with the sums of squares of `h` in `sq`, until a
-/// GEMV takes them so or a reader has them scaled (`pending`).
+/// GEMV takes them so or a reader has them scaled (`pending`). Rows made by
+/// `Backend::product_rows`, which only matrix products read, may be made as the bf16 copy alone
+/// (`only16`, see `Cuda::outputs16`).
 #[derive(Default)]
 pub struct DevRows {
     buf: Option<CudaSlice<f32>>,
@@ -252,6 +254,8 @@ pub struct DevRows {
     fresh: bool,
     sq: Option<CudaSlice<f32>>,
     pending: Mutex<Option<Pending>>,
+    products_only: bool,
+    only16: bool,
 }
 
 /// A folded norm's scale not yet applied to its rows: `n` sums of squares a row in `DevRows::sq`,
@@ -675,6 +679,11 @@ pub struct Cuda {
     /// A residual add's norm folded into the GEMVs around it (`matmul_add_norm`;
     /// HYMBA_CUDA_NO_NORM_FOLD=1 launches the norm, to compare).
     norm_fold: bool,
+    /// Whether rows may be made as their bf16 copy alone (`outputs16`; HYMBA_CUDA_F32_ROWS:
+    /// never, for A/B runs).
+    bf16_only: bool,
+    /// Whether any f32 matrix is on the card (then every activation keeps its f32 rows).
+    f32_matrices: std::sync::atomic::AtomicBool,
     /// Each launch between two timing events, when HYMBA_CUDA_PROFILE is set (steps then run
     /// eagerly, on one stream: a profile for finding where a step's time goes).
     profile: Option<Mutex<Profile>>,
@@ -952,6 +961,8 @@ impl Cuda {
             pick_smem,
             pdl: major >= 9 && std::env::var_os("HYMBA_CUDA_NO_PDL").is_none(),
             norm_fold: std::env::var_os("HYMBA_CUDA_NO_NORM_FOLD").is_none(),
+            bf16_only: std::env::var_os("HYMBA_CUDA_F32_ROWS").is_none(),
+            f32_matrices: Default::default(),
             profile,
             generation: Default::default(),
             graphs,
@@ -1086,9 +1097,13 @@ impl Cuda {
     /// bf16 on the card).
     fn upload_matrices(&self, ts: &[Tensor]) -> Result<DevData> {
         match ts[0].dtype {
-            Dtype::F32 => Ok(DevData::F32(
-                self.upload_weights(ts.iter().flat_map(|t| t.to_f32()).collect())?,
-            )),
+            Dtype::F32 => {
+                self.f32_matrices
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(DevData::F32(
+                    self.upload_weights(ts.iter().flat_map(|t| t.to_f32()).collect())?,
+                ))
+            }
             Dtype::BF16 => Ok(DevData::BF16(
                 self.upload_weights(
                     ts.iter()
@@ -1260,6 +1275,7 @@ impl Cuda {
     /// (Rows are shaped to be made again: a folded norm's pending scale is dropped with them.)
     fn shape(&self, rows: &mut DevRows, n: usize) {
         rows.fresh = false;
+        rows.only16 = false;
         *rows.pending.get_mut().expect("pending scale") = None;
         let cap = rows.buf.as_ref().map_or(0, |b| b.len());
         if n > cap {
@@ -1293,6 +1309,12 @@ impl Cuda {
 
     /// The rows' address, as they are.
     fn raw_p(&self, rows: &DevRows) -> u64 {
+        if rows.only16 {
+            self.fail(
+                "activations",
+                "rows kept as their bf16 copy alone (`Backend::product_rows`) were read as f32",
+            );
+        }
         rows.buf
             .as_ref()
             .map_or(0, |b| b.device_ptr(&self.stream).0)
@@ -1486,6 +1508,25 @@ impl Cuda {
         rows.half
             .as_ref()
             .map_or(0, |h| h.device_ptr(&self.stream).0)
+    }
+
+    /// Where the kernel about to make `rows` (`t` of them, shaped already) writes them: `(f32,
+    /// bf16 copy)`. Rows that only matrix products read (`Backend::product_rows`: the norms',
+    /// the fusion's, the MLP's activation) are made as the bf16 copy alone (f32 address 0) where
+    /// those products take their input as bf16: more than GEMM_F32_INPUT_UP_TO rows, and every
+    /// matrix bf16 (no f32 product would want them). An 8192-token prefill writes ~390 MB a layer
+    /// fewer so.
+    fn outputs16(&self, rows: &mut DevRows, t: usize) -> (u64, u64) {
+        let o16 = self.copy16(rows, t);
+        if o16 != 0
+            && rows.products_only
+            && self.bf16_only
+            && !self.f32_matrices.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            rows.only16 = true;
+            return (0, o16);
+        }
+        (self.p(rows), o16)
     }
 
     /// `x` rounded to bf16 (as the official bf16 model computes its products): the copy its
@@ -1876,8 +1917,8 @@ impl Cuda {
                         (self.p(y), self.p(&u), f as i64)
                     }
                 };
-                let g16 = self.copy16(y, t);
-                let (yp, fi, ri) = (self.p(y), f as i32, t as i64);
+                let (yp, g16) = self.outputs16(y, t);
+                let (fi, ri) = (f as i32, t as i64);
                 self.launch(
                     &self.k.silu_mul,
                     flat(y.len.div_ceil(4)),
@@ -2175,6 +2216,13 @@ impl Backend for Cuda {
         DevRows::default()
     }
 
+    fn product_rows(&self) -> DevRows {
+        DevRows {
+            products_only: true,
+            ..Default::default()
+        }
+    }
+
     fn upload(&self, host: &[f32], out: &mut DevRows) {
         self.shape(out, host.len());
         if let (Some(b), false) = (out.buf.as_mut(), host.is_empty()) {
@@ -2189,6 +2237,9 @@ impl Backend for Cuda {
 
     fn read<R>(&self, rows: &DevRows, f: impl FnOnce(&[f32]) -> R) -> R {
         self.settle(rows);
+        if rows.only16 {
+            self.raw_p(rows); // fails: such rows have no f32 values to read
+        }
         self.end_step();
         let b = match &rows.buf {
             Some(b) if rows.len > 0 && !self.failed() => b.slice(0..rows.len),
@@ -2325,8 +2376,8 @@ impl Backend for Cuda {
         let d = w.len();
         let rows = x.len / d.max(1);
         self.shape(out, rows * d);
-        let o16 = self.copy16(out, rows);
-        let (xp, wp, op) = (self.p(x), self.pv(w), self.p(out));
+        let (xp, wp) = (self.p(x), self.pv(w));
+        let (op, o16) = self.outputs16(out, rows);
         let (wi, fi, di) = (d as i32, 0i32, d as i32);
         self.launch(
             &self.k.rmsnorm,
@@ -2817,8 +2868,8 @@ impl Backend for Cuda {
         }
         // 4. Fusion of every row.
         self.branch(Branch::Join);
-        let o16 = self.copy16(out, t);
-        let (w1, w2, op) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm), self.p(out));
+        let (w1, w2) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm));
+        let (op, o16) = self.outputs16(out, t);
         self.launch(
             &self.k.fuse,
             rows_of(t, row_threads(t)),

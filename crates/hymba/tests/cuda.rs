@@ -450,8 +450,9 @@ fn cuda_long_prompts_match_cpu() {
 /// kernel (the GEMV at 1 and 2 rows, the tensor-core kernel at 7 to 17 in both its sizes,
 /// cuBLAS from 33), bf16 weights: y = x·wᵀ, h += x·wᵀ, silu(x·gateᵀ) ⊙ (x·upᵀ). Each value
 /// within 2^-8 of the sum of its products' magnitudes (the input is rounded to bf16 on the
-/// tensor-core and cuBLAS paths: 2^-9 relative a term), far below what a misplaced k or row
-/// gives (a value off by the size of the product itself).
+/// tensor-core and cuBLAS paths: 2^-9 relative a term; cuBLAS's gate and up, prepared together,
+/// come out rounded to bf16 too: 2^-9 of the product, at most of that sum), far below what a
+/// misplaced k or row gives (a value off by the size of the product itself).
 #[test]
 fn cuda_products_match_reference() {
     use hymba::backend::Backend;

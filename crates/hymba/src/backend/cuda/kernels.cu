@@ -642,6 +642,31 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, long stride,
     }
 }
 
+// The same over gate and up rows in bf16 (a bf16 product's output, rounded as the official bf16
+// model has them).
+extern "C" __global__ void silu_mul16(const bf16_t* g, const bf16_t* u, long stride, int f, long rows, float* out, bf16_t* out16) {
+    grid_dep();
+    long step = (long)gridDim.x * blockDim.x, first = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (f % 4 == 0 && stride % 4 == 0) {
+        int f4 = f / 4;
+        for (long i = first; i < rows * f4; i += step) {
+            long r = i / f4, j = 4 * (i % f4);
+            uint2 a = *(const uint2*)(g + r * stride + j), b = *(const uint2*)(u + r * stride + j);
+            float4 v = make_float4(silu(__uint_as_float(a.x << 16)) * __uint_as_float(b.x << 16),
+                                   silu(__uint_as_float(a.x & 0xffff0000u)) * __uint_as_float(b.x & 0xffff0000u),
+                                   silu(__uint_as_float(a.y << 16)) * __uint_as_float(b.y << 16),
+                                   silu(__uint_as_float(a.y & 0xffff0000u)) * __uint_as_float(b.y & 0xffff0000u));
+            if (out) *(float4*)(out + r * f + j) = v;
+            if (out16) ((uint2*)out16)[i] = bf16x4(v);
+        }
+        return;
+    }
+    for (long i = first; i < rows * f; i += step) {
+        long r = i / f, j = i % f;
+        put_act(out, out16, i, silu(bf16_to_f32(g[r * stride + j])) * bf16_to_f32(u[r * stride + j]));
+    }
+}
+
 // Selective scan (spec §3.3) in chunks of a sequence's rows, so that a long prompt runs on
 // channels × chunks threads rather than channels alone: a thread holds one channel's N states
 // in registers. A chunk's end state is a linear function of its start state,

@@ -24,14 +24,15 @@ const CANDIDATES: usize = 16;
 /// Products of up to this many rows are timed for their own row count.
 const EXACT_ROWS: usize = 256;
 
-/// A product's shape: `y[n, m] (+)= x[n, k] · w[m, k]ᵀ`, with or without the accumulation; `n`
-/// is the bucket's for more than EXACT_ROWS rows.
+/// A product's shape: `y[n, m] (+)= x[n, k] · w[m, k]ᵀ`, with or without the accumulation, `y`
+/// f32 or bf16 (`out16`); `n` is the bucket's for more than EXACT_ROWS rows.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 struct Shape {
     m: usize,
     n: usize,
     k: usize,
     accumulate: bool,
+    out16: bool,
 }
 
 fn check(what: &str, s: lt::cublasStatus_t) -> Result<(), String> {
@@ -63,16 +64,19 @@ fn layout(
 }
 
 impl Rows {
-    fn new(m: usize, n: usize, k: usize) -> Result<Self, String> {
+    fn new(m: usize, n: usize, k: usize, out16: bool) -> Result<Self, String> {
         let mut r = Rows {
             n,
             x: std::ptr::null_mut(),
             y: std::ptr::null_mut(),
         };
-        // Column-major: x is k × n (bf16), y is m × n (f32). A failure leaves the rest null,
-        // which Drop's destroy accepts.
+        // Column-major: x is k × n (bf16), y is m × n (f32 or bf16). A failure leaves the rest
+        // null, which Drop's destroy accepts.
         r.x = layout(lt::cudaDataType::CUDA_R_16BF, k, n)?;
-        r.y = layout(lt::cudaDataType::CUDA_R_32F, m, n)?;
+        r.y = match out16 {
+            true => layout(lt::cudaDataType::CUDA_R_16BF, m, n)?,
+            false => layout(lt::cudaDataType::CUDA_R_32F, m, n)?,
+        };
         Ok(r)
     }
 }
@@ -110,11 +114,11 @@ impl Drop for Plan {
 }
 
 impl Plan {
-    fn new(m: usize, n: usize, k: usize) -> Result<Self, String> {
+    fn new(m: usize, n: usize, k: usize, out16: bool) -> Result<Self, String> {
         let mut p = Plan {
             desc: std::ptr::null_mut(),
             w: std::ptr::null_mut(),
-            rows: Rows::new(m, n, k)?,
+            rows: Rows::new(m, n, k, out16)?,
             // SAFETY: plain data, all zero is a valid (empty) algorithm.
             algo: unsafe { std::mem::zeroed() },
             timed: false,
@@ -293,8 +297,8 @@ impl Products {
         )
     }
 
-    /// `y[n, m] = x[n, k] · w[m, k]ᵀ (+ y if accumulate)`, bf16 `w` and `x`, f32 `y`, queued on
-    /// `stream`. `tune`: the stream may be synchronized (not inside a capture) and `main` is it,
+    /// `y[n, m] = x[n, k] · w[m, k]ᵀ (+ y if accumulate)`, bf16 `w` and `x`, f32 `y` (bf16 if
+    /// `out16`: the f32 sums rounded), queued on `stream`. `tune`: the stream may be synchronized (not inside a capture) and `main` is it,
     /// so a new shape's candidates are timed there first.
     ///
     /// # Safety
@@ -303,7 +307,7 @@ impl Products {
     pub(super) unsafe fn product(
         &self,
         (m, n, k): (usize, usize, usize),
-        accumulate: bool,
+        (accumulate, out16): (bool, bool),
         (w, x, y): (u64, u64, u64),
         stream: cudarc::driver::sys::CUstream,
         side: bool,
@@ -319,13 +323,14 @@ impl Products {
             n: bucket,
             k,
             accumulate,
+            out16,
         };
         let mut plans = self.plans.lock().expect("plans");
         let ready = plans.get(&shape).is_some_and(|p| p.timed || tune.is_none());
         if !ready {
             let mut p = match plans.remove(&shape) {
                 Some(p) if p.rows.n == n => p,
-                _ => Plan::new(m, n, k)?,
+                _ => Plan::new(m, n, k, out16)?,
             };
             let found = self.candidates(&p, &p.rows)?;
             p.algo = found[0];
@@ -340,7 +345,7 @@ impl Products {
             return self.run(p, &p.rows, &p.algo, accumulate, (w, x, y), stream, side);
         }
         // Another row count of the bucket: its algorithm where it serves these rows.
-        let rows = Rows::new(m, n, k)?;
+        let rows = Rows::new(m, n, k, out16)?;
         let algo = match self.serves(p, &rows, &p.algo) {
             true => p.algo,
             false => self.candidates(p, &rows)?[0],
@@ -392,11 +397,12 @@ impl Products {
         if self.report {
             let us: Vec<String> = best.iter().map(|t| format!("{:.1}", t * 1e3)).collect();
             eprintln!(
-                "cuBLASLt {}x{}x{}{}: candidates {} µs, picked #{i}",
+                "cuBLASLt {}x{}x{}{}{}: candidates {} µs, picked #{i}",
                 s.m,
                 p.rows.n,
                 s.k,
                 if s.accumulate { " +=" } else { "" },
+                if s.out16 { " bf16" } else { "" },
                 us.join(" ")
             );
         }

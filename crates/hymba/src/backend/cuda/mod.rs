@@ -367,7 +367,8 @@ struct Kernels<K = Kernel> {
     conv_state: K,
     conv_silu_step: K,
     softplus_bias: K,
-    silu_mul: K,
+    /// `[f32 gate and up, bf16]`
+    silu_mul: [K; 2],
     /// `[up to 16 states, up to 32]`
     scan_chunk_end: [K; 2],
     scan_chunk_carry: K,
@@ -422,7 +423,7 @@ impl<K> Kernels<K> {
             conv_state: f("conv_state")?,
             conv_silu_step: f("conv_silu_step")?,
             softplus_bias: f("softplus_bias")?,
-            silu_mul: f("silu_mul")?,
+            silu_mul: [f("silu_mul")?, f("silu_mul16")?],
             scan_chunk_end: [f("scan_chunk_end_16")?, f("scan_chunk_end_32")?],
             scan_chunk_carry: f("scan_chunk_carry")?,
             scan_chunk_out: [f("scan_chunk_out_16")?, f("scan_chunk_out_32")?],
@@ -490,6 +491,8 @@ struct Scratch {
     x16: Option<CudaSlice<u16>>,
     kv16: Option<CudaSlice<u16>>,
     up: DevRows,
+    /// The gated MLP's gate and up rows in bf16 (a long prompt's, `product_folding`).
+    up16: Option<CudaSlice<u16>>,
     attn: DevRows,
     y: DevRows,
     part: DevRows,
@@ -679,8 +682,8 @@ pub struct Cuda {
     /// A residual add's norm folded into the GEMVs around it (`matmul_add_norm`;
     /// HYMBA_CUDA_NO_NORM_FOLD=1 launches the norm, to compare).
     norm_fold: bool,
-    /// Whether rows may be made as their bf16 copy alone (`outputs16`; HYMBA_CUDA_F32_ROWS:
-    /// never, for A/B runs).
+    /// Whether rows may be made as their bf16 copy alone (`outputs16`) and a long prompt's gate
+    /// and up rows as bf16 (HYMBA_CUDA_F32_ROWS: every activation in f32, for A/B runs).
     bf16_only: bool,
     /// Whether any f32 matrix is on the card (then every activation keeps its f32 rows).
     f32_matrices: std::sync::atomic::AtomicBool,
@@ -878,6 +881,7 @@ impl Cuda {
         let empty = DevRows::default;
         let scratch = Scratch {
             x16: None,
+            up16: None,
             kv16: None,
             up: empty(),
             attn: empty(),
@@ -1529,6 +1533,28 @@ impl Cuda {
         (self.p(rows), o16)
     }
 
+    /// A bf16 scratch buffer of at least `len` elements (`slot` of the scratch, grown when
+    /// short), its address.
+    fn scratch16(
+        &self,
+        slot: impl Fn(&mut Scratch) -> &mut Option<CudaSlice<u16>>,
+        len: usize,
+    ) -> Option<u64> {
+        let mut scratch = self.scratch.lock().expect("scratch");
+        let b = slot(&mut scratch);
+        if b.as_ref().is_none_or(|b| b.len() < len) {
+            self.moved();
+            match self.alloc::<u16>(len, "activations") {
+                Ok(n) => *b = Some(n),
+                Err(e) => {
+                    self.fail("allocating", e);
+                    return None;
+                }
+            }
+        }
+        b.as_ref().map(|b| b.device_ptr(&self.stream).0)
+    }
+
     /// `x` rounded to bf16 (as the official bf16 model computes its products): the copy its
     /// kernel wrote beside it (`copy16`), else made by `to_bf16` in the scratch buffer (unless
     /// `done`: the last call made it there); the address of the copy.
@@ -1560,8 +1586,20 @@ impl Cuda {
     /// the official bf16 model computes, and the product through cuBLASLt with the algorithm
     /// timed fastest for its shape; `rounded`: the previous call rounded this same `x`).
     fn gemm(&self, x: &DevRows, w: &DevMatrix, beta: f32, y: &mut DevRows, rounded: bool) {
-        let t = x.len / w.cols.max(1);
         let yp = self.p(y);
+        self.gemm_to(x, w, beta, (yp, false), rounded);
+    }
+
+    /// `gemm` into the f32 rows at `yp`, or (`out16`, bf16 matrices only) bf16 rows there.
+    fn gemm_to(
+        &self,
+        x: &DevRows,
+        w: &DevMatrix,
+        beta: f32,
+        (yp, out16): (u64, bool),
+        rounded: bool,
+    ) {
+        let t = x.len / w.cols.max(1);
         let xp = match *w.data {
             DevData::F32(_) => self.p(x),
             DevData::BF16(_) => match self.rounded(x, rounded) {
@@ -1585,7 +1623,7 @@ impl Cuda {
                 unsafe {
                     self.lt.product(
                         (w.rows, t, w.cols),
-                        beta != 0.0,
+                        (beta != 0.0, out16),
                         (wp, xp, yp),
                         stream,
                         side,
@@ -1593,13 +1631,15 @@ impl Cuda {
                     )
                 }
             }
-            DevData::F32(_) => self.gemm_f32(w.rows, t, w.cols, beta, wp, xp, yp, stream),
+            DevData::F32(_) if !out16 => self.gemm_f32(w.rows, t, w.cols, beta, wp, xp, yp, stream),
+            DevData::F32(_) => Err("an f32 matrix's product into bf16 rows".into()),
         };
         if let Err(e) = r {
             self.fail("matrix product", e);
         }
         if let Some(timer) = timer {
-            self.time_end(format!("cublas {}x{}", w.rows, w.cols).into(), timer);
+            let to = if out16 { " to bf16" } else { "" };
+            self.time_end(format!("cublas {}x{}{to}", w.rows, w.cols).into(), timer);
         }
     }
 
@@ -1902,25 +1942,36 @@ impl Cuda {
                 let f = w.rows;
                 let mut u = std::mem::take(&mut self.scratch.lock().expect("scratch").up);
                 // Gate and up as one product where they are one allocation (`glu_matrices`):
-                // gate's columns then up's in each row of `u`; else one product each.
-                let (gp, upp, stride) = match w.joined(up) {
+                // gate's columns then up's in each row of `u`; else one product each. bf16
+                // matrices' joined product goes out rounded to bf16, as the official bf16 model
+                // has gate and up (half the bytes of the widest product's output to write and
+                // read again: 360 MB → 180 MB at 8192 rows).
+                let bf16 = matches!(*w.data, DevData::BF16(_)) && self.bf16_only;
+                let (gp, upp, stride, in16) = match w.joined(up) {
+                    Some(both) if bf16 => {
+                        let Some(at) = self.scratch16(|s| &mut s.up16, t * both.rows) else {
+                            return;
+                        };
+                        self.gemm_to(x, &both, 0.0, (at, true), false);
+                        (at, at + 2 * f as u64, 2 * f as i64, true)
+                    }
                     Some(both) => {
                         self.shape(&mut u, t * both.rows);
                         self.gemm(x, &both, 0.0, &mut u, false);
                         let at = self.p(&u);
-                        (at, at + 4 * f as u64, 2 * f as i64)
+                        (at, at + 4 * f as u64, 2 * f as i64, false)
                     }
                     None => {
                         self.gemm(x, w, 0.0, y, false);
                         self.shape(&mut u, t * up.rows);
                         self.gemm(x, up, 0.0, &mut u, true);
-                        (self.p(y), self.p(&u), f as i64)
+                        (self.p(y), self.p(&u), f as i64, false)
                     }
                 };
                 let (yp, g16) = self.outputs16(y, t);
                 let (fi, ri) = (f as i32, t as i64);
                 self.launch(
-                    &self.k.silu_mul,
+                    &self.k.silu_mul[in16 as usize],
                     flat(y.len.div_ceil(4)),
                     &[&gp, &upp, &stride, &fi, &ri, &yp, &g16],
                 );

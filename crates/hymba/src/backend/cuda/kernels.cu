@@ -283,6 +283,38 @@ __device__ __forceinline__ uint2 bf16x4(float4 v) {
     return make_uint2((u32)f32_to_bf16(v.x) | ((u32)f32_to_bf16(v.y) << 16), (u32)f32_to_bf16(v.z) | ((u32)f32_to_bf16(v.w) << 16));
 }
 
+// RMSNorm of many rows (prompts): a warp a row, held in registers (d a multiple of 4, at most
+// 128 · RMS_V4), its sum of squares by shuffles: x read once and no block-wide reduction, where
+// `rmsnorm` gives each row a block. out or out16 may be null (see `put_act`).
+#define RMS_V4 16
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_rows(const float* x, const float* w, int d, float eps, long rows, float* out,
+                                                              bf16_t* out16) {
+    grid_dep();
+    long r = (long)blockIdx.x * 8 + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const float4* xr = (const float4*)(x + r * d);
+    float4 v[RMS_V4];
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RMS_V4; i++) {
+        int j = lane + 32 * i;
+        v[i] = 4 * j < d ? xr[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
+    }
+    ss = warp_sum(ss);
+    float inv = 1.0f / sqrtf(ss / d + eps);
+#pragma unroll
+    for (int i = 0; i < RMS_V4; i++) {
+        int j = lane + 32 * i;
+        if (4 * j >= d) break;
+        float4 wv = ((const float4*)w)[j];
+        float4 o = make_float4(wv.x * (v[i].x * inv), wv.y * (v[i].y * inv), wv.z * (v[i].z * inv), wv.w * (v[i].w * inv));
+        if (out) ((float4*)(out + r * d))[j] = o;
+        if (out16) ((uint2*)(out16 + r * d))[j] = bf16x4(o);
+    }
+}
+
 // Four values a thread a load (x and out start 16- and 8-byte aligned: buffer starts).
 extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long n) {
     grid_dep();
@@ -519,6 +551,29 @@ extern "C" __global__ void conv_silu(const float* p, int width, int from, const 
     for (int l = 0; l < MAX_K; l++) wl[l] = l < k ? taps[(long)(k - 1 - l) * e + c] : 0.0f;
     float b = bias[c];
     for (long r0 = (long)blockIdx.y * CONV_ROWS; r0 < rows; r0 += (long)gridDim.y * CONV_ROWS) {
+        // A whole chunk inside one sequence's rows of p, with the K-1 inputs before it there too
+        // (a long prompt's chunks but its first): all its inputs loaded before any is used.
+        SeqInfo s0 = seqs[row_seq[r0]];
+        if (r0 + CONV_ROWS <= min(rows, s0.row0 + s0.len) && r0 - s0.row0 >= k - 1) {
+            // v[i]: the input of row r0 + i - (MAX_K - 1).
+            float v[CONV_ROWS + MAX_K - 1];
+#pragma unroll
+            for (int i = 0; i < CONV_ROWS + MAX_K - 1; i++) {
+                int l = i - (MAX_K - 1);
+                v[i] = l >= 1 - k ? p[(r0 + l) * width + from + c] : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < CONV_ROWS; i++) {
+                // Oldest first, as below.
+                float acc = b;
+#pragma unroll
+                for (int l = MAX_K - 1; l >= 1; l--)
+                    if (l < k) acc += wl[l] * v[i + MAX_K - 1 - l];
+                acc += wl[0] * v[i + MAX_K - 1];
+                put_act(out, out16, (r0 + i) * e + c, silu(acc));
+            }
+            continue;
+        }
         // The last K-1 inputs before the row, newest first (h[L] = input L rows back), refilled
         // where a chunk starts or a new sequence does: then each row reads one input, not K.
         float h[MAX_K];

@@ -357,6 +357,7 @@ struct Kernels<K = Kernel> {
     embed_f32: K,
     embed_bf16: K,
     rmsnorm: K,
+    rmsnorm_rows: K,
     norm_settle: K,
     rmsnorm_parts: K,
     columns: K,
@@ -413,6 +414,7 @@ impl<K> Kernels<K> {
             embed_f32: f("embed_f32")?,
             embed_bf16: f("embed_bf16")?,
             rmsnorm: f("rmsnorm")?,
+            rmsnorm_rows: f("rmsnorm_rows")?,
             norm_settle: f("norm_settle")?,
             rmsnorm_parts: f("rmsnorm_parts")?,
             columns: f("columns")?,
@@ -599,6 +601,10 @@ const CONV_STEP_UP_TO: usize = 8;
 /// GEMV_ROWS) rather than through cuBLAS, where `gemm_rows` does not take it (f32 weights, or
 /// fewer than GEMM_ROWS_FROM rows).
 const GEMV_ROWS: usize = 8;
+/// Rows from which an RMSNorm runs a warp a row (`rmsnorm_rows`: the card is full of rows) for
+/// widths of at most NORM_WARP_MAX (the kernel's 128 · RMS_V4), rather than a block a row.
+const NORM_WARP_ROWS_FROM: usize = 256;
+const NORM_WARP_MAX: usize = 2048;
 /// Rows up to which `matmul_add_norm` folds the norm into the GEMVs (`NormFold`): on an H200 the
 /// fold paid at one row and not at two or three, where the next GEMV's sums of the partial sums
 /// grow with its rows (the README has the A/B figures).
@@ -2429,6 +2435,19 @@ impl Backend for Cuda {
         self.shape(out, rows * d);
         let (xp, wp) = (self.p(x), self.pv(w));
         let (op, o16) = self.outputs16(out, rows);
+        if rows >= NORM_WARP_ROWS_FROM && d % 4 == 0 && d <= NORM_WARP_MAX {
+            let (di, ri) = (d as i32, rows as i64);
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            return self.launch(
+                &self.k.rmsnorm_rows,
+                cfg,
+                &[&xp, &wp, &di, &eps, &ri, &op, &o16],
+            );
+        }
         let (wi, fi, di) = (d as i32, 0i32, d as i32);
         self.launch(
             &self.k.rmsnorm,

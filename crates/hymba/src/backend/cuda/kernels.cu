@@ -810,8 +810,9 @@ __device__ void scan_chunk_end(const float* x, float* delta, const float* dt_bia
 // state, go ahead of the recurrence), the first chunk's included: `scan_chunk_out` writes the
 // sequence's state from its last chunk while its first chunk, another block, may not have read
 // it yet. seq_chunks[i] is sequence i's first chunk, seq_chunks[i + 1] one past its last.
-extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunks, float* const* ssm, int e, int n, const float* hend,
-                                            const float* dtsum, float* init) {
+// (`__restrict__`: the stores to init do not alias the loads, so the unrolled loads go first.)
+extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunks, float* const* ssm, int e, int n,
+                                            const float* __restrict__ hend, const float* __restrict__ dtsum, float* __restrict__ init) {
     grid_dep();
     int i = blockIdx.x * blockDim.x + threadIdx.x, seq = blockIdx.y;
     int c0 = seq_chunks[seq], c1 = seq_chunks[seq + 1];
@@ -819,7 +820,7 @@ extern "C" __global__ void scan_chunk_carry(const float* a, const int* seq_chunk
     int c = i / n, j = i % n;
     float s = ssm[seq][i], av = a[i] * LOG2E;
     init[((long)c0 * n + j) * e + c] = s;
-#pragma unroll 8
+#pragma unroll 16
     for (int k = c0; k < c1 - 1; k++) {
         s = ex2(dtsum[(long)k * e + c] * av) * s + hend[((long)k * n + j) * e + c];
         init[((long)(k + 1) * n + j) * e + c] = s;
@@ -2479,6 +2480,49 @@ extern "C" __global__ void fuse(const float* a, const float* y, const float* w1,
     grid_dep();
     long r = blockIdx.x;
     fuse_row(a + r * e, y + r * e, w1, w2, e, eps, out ? out + r * e : nullptr, out16 ? out16 + r * e : nullptr);
+}
+
+// The fusion of many rows (prompts): four warps a row, its values held in registers (e a multiple
+// of 4, at most 512 · FUSE_V4), so a and y are read once and both sums reduced together.
+#define FUSE_V4 8
+extern "C" __global__ void __launch_bounds__(128) fuse_rows(const float* a, const float* y, const float* w1, const float* w2, int e,
+                                                           float eps, float* out, bf16_t* out16) {
+    grid_dep();
+    __shared__ float part[2][4];
+    long r = blockIdx.x;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float4 *ar = (const float4*)(a + r * e), *yr = (const float4*)(y + r * e);
+    float4 va[FUSE_V4], vy[FUSE_V4];
+    float sa = 0.0f, sy = 0.0f;
+#pragma unroll
+    for (int i = 0; i < FUSE_V4; i++) {
+        int j = threadIdx.x + 128 * i;
+        bool in = 4 * j < e;
+        va[i] = in ? ar[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        vy[i] = in ? yr[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        sa += va[i].x * va[i].x + va[i].y * va[i].y + va[i].z * va[i].z + va[i].w * va[i].w;
+        sy += vy[i].x * vy[i].x + vy[i].y * vy[i].y + vy[i].z * vy[i].z + vy[i].w * vy[i].w;
+    }
+    sa = warp_sum(sa);
+    sy = warp_sum(sy);
+    if (lane == 0) {
+        part[0][warp] = sa;
+        part[1][warp] = sy;
+    }
+    __syncthreads();
+    sa = part[0][0] + part[0][1] + part[0][2] + part[0][3];
+    sy = part[1][0] + part[1][1] + part[1][2] + part[1][3];
+    float ia = 1.0f / sqrtf(sa / e + eps), iy = 1.0f / sqrtf(sy / e + eps);
+#pragma unroll
+    for (int i = 0; i < FUSE_V4; i++) {
+        int j = threadIdx.x + 128 * i;
+        if (4 * j >= e) break;
+        float4 u = ((const float4*)w1)[j], v = ((const float4*)w2)[j];
+        float4 o = make_float4((u.x * (va[i].x * ia) + v.x * (vy[i].x * iy)) * 0.5f, (u.y * (va[i].y * ia) + v.y * (vy[i].y * iy)) * 0.5f,
+                               (u.z * (va[i].z * ia) + v.z * (vy[i].z * iy)) * 0.5f, (u.w * (va[i].w * ia) + v.w * (vy[i].w * iy)) * 0.5f);
+        if (out) ((float4*)(out + r * e))[j] = o;
+        if (out16) ((uint2*)(out16 + r * e))[j] = bf16x4(o);
+    }
 }
 
 // New K/V rows into the stores, block row (op): rows of keys `k` [rows, kw] and values `v`

@@ -390,6 +390,7 @@ struct Kernels<K = Kernel> {
     /// weights, sm_80 and later (else empty).
     gemm_rows: Vec<[K; 4]>,
     fuse: K,
+    fuse_rows: K,
     kv_put: K,
 }
 
@@ -467,6 +468,7 @@ impl<K> Kernels<K> {
                 Vec::new()
             },
             fuse: f("fuse")?,
+            fuse_rows: f("fuse_rows")?,
             kv_put: f("kv_put")?,
         })
     }
@@ -605,6 +607,8 @@ const GEMV_ROWS: usize = 8;
 /// widths of at most NORM_WARP_MAX (the kernel's 128 · RMS_V4), rather than a block a row.
 const NORM_WARP_ROWS_FROM: usize = 256;
 const NORM_WARP_MAX: usize = 2048;
+/// The widest rows `fuse_rows` holds (the kernel's 512 · FUSE_V4).
+const FUSE_ROWS_MAX: usize = 4096;
 /// Rows up to which `matmul_add_norm` folds the norm into the GEMVs (`NormFold`): on an H200 the
 /// fold paid at one row and not at two or three, where the next GEMV's sums of the partial sums
 /// grow with its rows (the README has the A/B figures).
@@ -2940,9 +2944,14 @@ impl Backend for Cuda {
         self.branch(Branch::Join);
         let (w1, w2) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm));
         let (op, o16) = self.outputs16(out, t);
+        // Many rows: four warps a row, held in registers (`fuse_rows`); else a block a row.
+        let (kernel, cfg) = match t >= NORM_WARP_ROWS_FROM && e % 4 == 0 && e <= FUSE_ROWS_MAX {
+            true => (&self.k.fuse_rows, rows_of(t, 128)),
+            false => (&self.k.fuse, rows_of(t, row_threads(t))),
+        };
         self.launch(
-            &self.k.fuse,
-            rows_of(t, row_threads(t)),
+            kernel,
+            cfg,
             &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op, &o16],
         );
         scratch.params = params;

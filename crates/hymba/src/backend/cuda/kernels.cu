@@ -745,11 +745,11 @@ extern "C" __global__ void silu_mul16(const bf16_t* g, const bf16_t* u, long str
 
 // Δ of row element i: as given, or softplus(Δ + bias) where the product that made it left its
 // epilogue to the scan (`dt_bias`; `bc` its channel's value, as `softplus_bias` computes it).
+__device__ __forceinline__ float softplus_of(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 __device__ __forceinline__ float delta_at(const float* delta, long i, const float* dt_bias, float bc) {
     float v = delta[i];
     if (!dt_bias) return v;
-    v += bc;
-    return v > 20.0f ? v : log1pf(expf(v));
+    return softplus_of(v + bc);
 }
 
 // A chunk's rows of B (and C) into shared memory, N_ states a row (zeros past n), so the
@@ -786,9 +786,17 @@ __device__ void scan_chunk_end(const float* x, float* delta, const float* dt_bia
         s[j] = 0.0f;
         av[j] = j < n ? a[(long)c * n + j] * LOG2E : 0.0f;
     }
+    // The next row's Δ and x loaded a row ahead (before this row's store of Δ, which the
+    // compiler may not move a load past).
+    float dn = ch.z > 0 ? delta[r0 * e + c] : 0.0f, xn = ch.z > 0 ? x[r0 * e + c] : 0.0f;
     for (int t = 0; t < ch.z; t++) {
         long r = r0 + t;
-        float dt = delta_at(delta, r * e + c, dt_bias, bc), dx = dt * x[r * e + c];
+        float dv = dn, xv = xn;
+        if (t + 1 < ch.z) {
+            dn = delta[(r + 1) * e + c];
+            xn = x[(r + 1) * e + c];
+        }
+        float dt = dt_bias ? softplus_of(dv + bc) : dv, dx = dt * xv;
         if (dt_bias) delta[r * e + c] = dt;
         sum += dt;
 #pragma unroll
@@ -848,9 +856,18 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
         av[j] = j < n ? a[(long)c * n + j] * LOG2E : 0.0f;
     }
     float dc = d[c], bc = dt_bias ? dt_bias[c] : 0.0f;
+    // The next row's Δ, x and gate loaded a row ahead (before this row's store of y).
+    float dn = 0.0f, xn = 0.0f, zn = 0.0f;
+    if (ch.z > 0) dn = delta[r0 * e + c], xn = x[r0 * e + c], zn = z[r0 * zs + c];
     for (int t = 0; t < ch.z; t++) {
         long r = r0 + t;
-        float dt = delta_at(delta, r * e + c, dt_bias, bc), xv = x[r * e + c], dx = dt * xv, acc = 0.0f;
+        float dv = dn, xv = xn, zv = zn;
+        if (t + 1 < ch.z) {
+            dn = delta[(r + 1) * e + c];
+            xn = x[(r + 1) * e + c];
+            zn = z[(r + 1) * zs + c];
+        }
+        float dt = dt_bias ? softplus_of(dv + bc) : dv, dx = dt * xv, acc = 0.0f;
 #pragma unroll
         for (int q = 0; q < N_ / 4; q++) {
             float4 b4 = *(const float4*)&sb[t][4 * q], c4 = *(const float4*)&sc[t][4 * q];
@@ -861,7 +878,7 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
                 acc += s[4 * q + i] * cv[i];
             }
         }
-        y[r * e + c] = (acc + dc * xv) * silu(z[r * zs + c]);
+        y[r * e + c] = (acc + dc * xv) * silu(zv);
     }
     if (ch.w & CHUNK_LAST)
 #pragma unroll

@@ -91,6 +91,26 @@ __device__ float block_sum(float v) {
     return total;
 }
 
+// Two sums over a block at once (each as `block_sum` takes it, in one pass of barriers).
+__device__ float2 block_sum2(float2 v) {
+    __shared__ float2 part[32];
+    __shared__ float2 total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v.x = warp_sum(v.x);
+    v.y = warp_sum(v.y);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float2 s = lane < (int)((blockDim.x + 31) >> 5) ? part[lane] : make_float2(0.0f, 0.0f);
+        s.x = warp_sum(s.x);
+        s.y = warp_sum(s.y);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
 // 2^x by the hardware's approximation (2 ulp; 2^-inf = 0), for softmax weights.
 __device__ __forceinline__ float ex2(float x) {
     float r;
@@ -2481,16 +2501,37 @@ GEMM_ROWS_ALL(bf16, bf16_t, 2)
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2 (and its bf16 copy,
 // see `put_act`).
+// A thread's first FUSE_HELD elements, with their weights, are loaded together and kept (a
+// decode step's row: no second round trip for the weights after the sums); a wider row's rest is
+// read again.
+#define FUSE_HELD 4
 __device__ void fuse_row(const float* ar, const float* yr, const float* w1, const float* w2, int e, float eps, float* out, bf16_t* out16) {
-    float sa = 0.0f, sy = 0.0f;
-    for (int j = threadIdx.x; j < e; j += blockDim.x) {
-        sa += ar[j] * ar[j];
-        sy += yr[j] * yr[j];
+    float av[FUSE_HELD], yv[FUSE_HELD], u[FUSE_HELD], v[FUSE_HELD];
+    float2 sq = make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int i = 0; i < FUSE_HELD; i++) {
+        int j = threadIdx.x + i * blockDim.x;
+        bool in = j < e;
+        av[i] = in ? ar[j] : 0.0f;
+        yv[i] = in ? yr[j] : 0.0f;
+        u[i] = in ? w1[j] : 0.0f;
+        v[i] = in ? w2[j] : 0.0f;
+        sq.x += av[i] * av[i];
+        sq.y += yv[i] * yv[i];
     }
-    sa = block_sum(sa);
-    sy = block_sum(sy);
-    float ia = 1.0f / sqrtf(sa / e + eps), iy = 1.0f / sqrtf(sy / e + eps);
-    for (int j = threadIdx.x; j < e; j += blockDim.x) put_act(out, out16, j, (w1[j] * (ar[j] * ia) + w2[j] * (yr[j] * iy)) * 0.5f);
+    for (int j = threadIdx.x + FUSE_HELD * blockDim.x; j < e; j += blockDim.x) {
+        sq.x += ar[j] * ar[j];
+        sq.y += yr[j] * yr[j];
+    }
+    sq = block_sum2(sq);
+    float ia = 1.0f / sqrtf(sq.x / e + eps), iy = 1.0f / sqrtf(sq.y / e + eps);
+#pragma unroll
+    for (int i = 0; i < FUSE_HELD; i++) {
+        int j = threadIdx.x + i * blockDim.x;
+        if (j < e) put_act(out, out16, j, (u[i] * (av[i] * ia) + v[i] * (yv[i] * iy)) * 0.5f);
+    }
+    for (int j = threadIdx.x + FUSE_HELD * blockDim.x; j < e; j += blockDim.x)
+        put_act(out, out16, j, (w1[j] * (ar[j] * ia) + w2[j] * (yr[j] * iy)) * 0.5f);
 }
 
 extern "C" __global__ void fuse(const float* a, const float* y, const float* w1, const float* w2, int e, float eps, float* out, bf16_t* out16) {

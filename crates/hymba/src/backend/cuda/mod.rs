@@ -2439,7 +2439,7 @@ impl Backend for Cuda {
         self.shape(out, rows * d);
         let (xp, wp) = (self.p(x), self.pv(w));
         let (op, o16) = self.outputs16(out, rows);
-        if rows >= NORM_WARP_ROWS_FROM && d % 4 == 0 && d <= NORM_WARP_MAX {
+        if rows >= NORM_WARP_ROWS_FROM && d.is_multiple_of(4) && d <= NORM_WARP_MAX {
             let (di, ri) = (d as i32, rows as i64);
             let cfg = LaunchConfig {
                 grid_dim: (rows.div_ceil(8) as u32, 1, 1),
@@ -2945,10 +2945,11 @@ impl Backend for Cuda {
         let (w1, w2) = (self.pv(fuse.attn_norm), self.pv(fuse.ssm_norm));
         let (op, o16) = self.outputs16(out, t);
         // Many rows: four warps a row, held in registers (`fuse_rows`); else a block a row.
-        let (kernel, cfg) = match t >= NORM_WARP_ROWS_FROM && e % 4 == 0 && e <= FUSE_ROWS_MAX {
-            true => (&self.k.fuse_rows, rows_of(t, 128)),
-            false => (&self.k.fuse, rows_of(t, row_threads(t))),
-        };
+        let (kernel, cfg) =
+            match t >= NORM_WARP_ROWS_FROM && e.is_multiple_of(4) && e <= FUSE_ROWS_MAX {
+                true => (&self.k.fuse_rows, rows_of(t, 128)),
+                false => (&self.k.fuse, rows_of(t, row_threads(t))),
+            };
         self.launch(
             kernel,
             cfg,

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Where a decode step's time goes, under Nsight Systems over replayed CUDA graphs (each graph
+# node traced): per kernel its time a step, each stream's busy time, the main stream's idle
+# time inside a step, and one step's kernels in order with their start offsets (session 38 read
+# the mixer's ~18 µs a layer of small kernels off this). On the GPU machine nsys is the copy
+# inside Nsight Compute; its importer needs libdw.so.1 and libelf.so.1, which that machine
+# lacks: on the build machine `apt-get download libdw1 libelf1 libbz2-1.0 liblzma5`, unpack
+# them (`dpkg-deb -x`) and carry the .so files in $GPU_DIR/lib. Binaries carried as for
+# scripts/gpu-check.sh.
+# Usage: bash scripts/gpu-timeline.sh [context (default 128)] [batch (default 1)]
+set -uo pipefail
+DIR=${GPU_DIR:-.gpu}
+CTX=${1:-128}
+BATCH=${2:-1}
+OUT=${OUT:-/tmp/gpu-timeline}
+mkdir -p "$OUT"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+NSYS=$(command -v nsys || ls /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys 2>/dev/null | head -1)
+[ -n "$NSYS" ] || { echo "nsys not found"; exit 1; }
+export LD_LIBRARY_PATH="$PWD/$DIR/lib:$LD_LIBRARY_PATH"
+"$NSYS" profile -t cuda --cuda-graph-trace=node -o "$OUT/steps" --force-overwrite true \
+    "$DIR/hymba" bench --device cuda --synthetic hymba-1.5b --kv-cache bf16 --prompt 16 --decode 48 \
+    --contexts "$CTX" --batch "$BATCH" > "$OUT/nsys.log" 2>&1 || { tail -5 "$OUT/nsys.log"; exit 1; }
+"$NSYS" export -t sqlite -o "$OUT/steps.sqlite" --force-overwrite true "$OUT/steps.nsys-rep" > /dev/null 2>&1 \
+    || { echo "nsys export failed (libdw.so.1 on LD_LIBRARY_PATH?)"; exit 1; }
+python3 - "$OUT/steps.sqlite" <<'PY'
+import collections, sqlite3, statistics, sys
+db = sqlite3.connect(sys.argv[1])
+names = dict(db.execute("select id, value from StringIds"))
+ks = [(s, e, st, names[n]) for s, e, st, n in db.execute(
+    "select start, end, streamId, shortName from CUPTI_ACTIVITY_KIND_KERNEL order by start")]
+# A step starts with its embedding kernel; the decode steps are the most common kernel count.
+starts = [i for i, k in enumerate(ks) if k[3].startswith("embed")]
+steps = [ks[a:b] for a, b in zip(starts, starts[1:])]
+n = collections.Counter(len(s) for s in steps).most_common(1)[0][0]
+sel = [s for s in steps if len(s) == n][2:-2]
+if not sel:
+    sys.exit("too few steps of one shape")
+print("%d steps of %d kernels; a step's span %.1f µs (median)" % (
+    len(sel), n, statistics.median(s[-1][1] - s[0][0] for s in sel) / 1e3))
+per, busy = collections.defaultdict(list), collections.defaultdict(list)
+for s in sel:
+    d, b = collections.defaultdict(float), collections.defaultdict(float)
+    for st, en, stream, name in s:
+        d[name] += en - st
+        b[stream] += en - st
+    for k, v in d.items(): per[k].append(v)
+    for k, v in b.items(): busy[k].append(v)
+for k, v in sorted(per.items(), key=lambda kv: -statistics.median(kv[1])):
+    c = sum(1 for x in sel[0] if x[3] == k)
+    m = statistics.median(v) / 1e3
+    print("%-28s %8.1f µs a step, %4d calls, %6.2f µs a call" % (k[:28], m, c, m / c))
+for k, v in busy.items():
+    print("stream %s busy %.1f µs a step" % (k, statistics.median(v) / 1e3))
+main = collections.Counter(x[2] for x in sel[0]).most_common(1)[0][0]
+idle = [sum(max(0, b[0] - a[1]) for a, b in zip(m, m[1:]))
+        for m in ([x for x in s if x[2] == main] for s in sel)]
+print("main stream idle inside a step: %.1f µs" % (statistics.median(idle) / 1e3))
+s0 = sel[len(sel) // 2]
+print("one step's first kernels (start offset, duration µs, stream, kernel):")
+for st, en, stream, name in s0[:40]:
+    print("  %8.2f %6.2f  s%-3s %s" % ((st - s0[0][0]) / 1e3, (en - st) / 1e3, stream, name[:40]))
+PY

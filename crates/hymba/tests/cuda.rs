@@ -205,27 +205,8 @@ fn cuda_batched_equals_alone() {
             out
         })
         .collect();
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut batched = vec![Vec::new(); prompts.len()];
-    for round in 0..6u32 {
-        let tok = [round.saturating_sub(1) * 11 + 5];
-        let mut steps: Vec<Step<_>> = caches
-            .iter_mut()
-            .zip(&prompts)
-            .map(|(cache, p)| Step {
-                cache,
-                ids: if round == 0 { &p[..] } else { &tok[..] },
-                logits: Logits::Last,
-                window: DecodeWindow::Trained,
-            })
-            .collect();
-        for (b, out) in batched
-            .iter_mut()
-            .zip(model.forward_batch(&mut steps).unwrap())
-        {
-            b.extend(out);
-        }
-    }
+    let tokens: Vec<u32> = (0..5).map(|t| t * 11 + 5).collect();
+    let batched = decode_together(&model, &prompts, &tokens);
     for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
         assert_close(b, a, 1e-4, &format!("sequence {i}: batched vs alone"));
         let (ga, gb): (Vec<u32>, Vec<u32>) = (
@@ -820,27 +801,7 @@ fn cuda_decode_rows_match_cpu() {
             })
             .collect();
         // Together: two rows a step.
-        let mut caches: Vec<_> = prompts.iter().map(|_| dev.new_cache()).collect();
-        let mut together = vec![Vec::new(); prompts.len()];
-        for round in 0..=steps.len() {
-            let tok = [steps[round.saturating_sub(1)]];
-            let mut batch: Vec<Step<_>> = caches
-                .iter_mut()
-                .zip(&prompts)
-                .map(|(cache, p)| Step {
-                    cache,
-                    ids: if round == 0 { &p[..] } else { &tok[..] },
-                    logits: Logits::Last,
-                    window: DecodeWindow::Trained,
-                })
-                .collect();
-            for (t, out) in together
-                .iter_mut()
-                .zip(dev.forward_batch(&mut batch).unwrap())
-            {
-                t.extend(out);
-            }
-        }
+        let together = decode_together(&dev, &prompts, &steps);
         for (i, w) in want.iter().enumerate() {
             for (got, how) in [(&alone[i], "alone"), (&together[i], "two together")] {
                 let what = format!("{dtype:?} weights, sequence {i}, {how}: GPU vs CPU");
@@ -918,6 +879,37 @@ fn cuda_decode_with_wide_value_heads_matches_cpu() {
         );
         gpu = Some(dev);
     }
+}
+
+/// Every prompt's prefill in one batched call, then a step of each token of `tokens` for every
+/// sequence together: each sequence's logits (the last row of each call).
+fn decode_together<B: hymba::backend::Backend>(
+    m: &Model<B>,
+    prompts: &[Vec<u32>],
+    tokens: &[u32],
+) -> Vec<Vec<f32>> {
+    let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache()).collect();
+    let mut out = vec![Vec::new(); prompts.len()];
+    for round in 0..=tokens.len() {
+        let mut steps: Vec<Step<_>> = caches
+            .iter_mut()
+            .zip(prompts)
+            .map(|(cache, p)| Step {
+                cache,
+                ids: if round == 0 {
+                    &p[..]
+                } else {
+                    &tokens[round - 1..round]
+                },
+                logits: Logits::Last,
+                window: DecodeWindow::Trained,
+            })
+            .collect();
+        for (o, logits) in out.iter_mut().zip(m.forward_batch(&mut steps).unwrap()) {
+            o.extend(logits);
+        }
+    }
+    out
 }
 
 /// The logits of a prefill of ids[..prefill] (`rows`: every row's or the last's), then of each

@@ -1675,10 +1675,11 @@ extern "C" __global__ void attention_tiles(const float* q, int heads, int kv_hea
 // this one is scored: bf16 all the way, this call's rows given as bf16 copies), scored with
 // mma.sync m16n8k16 and summed into the output the same way, V's fragments read transposed by
 // ldmatrix (flash attention 2: the scores stay in registers, one online softmax per row).
-// Queries and probabilities are f32: each is split into two bf16 terms, hi + lo (16 significant
-// bits), and multiplied by both, so the result is the f32 attention over bf16 keys and values
-// that the other kernels compute, not a bf16 one. Same sources, mask and skipping of invisible
-// key blocks as `attention_tiles`.
+// TERMS = 2: queries and probabilities are f32, each split into two bf16 terms, hi + lo (16
+// significant bits) and multiplied by both, so the result is the f32 attention over bf16 keys and
+// values that the other kernels compute. TERMS = 1: both rounded to bf16, as the official bf16
+// model's flash attention rounds them (half the tensor-core work), for models whose matrices are
+// all bf16. Same sources, mask and skipping of invisible key blocks as `attention_tiles`.
 #define FA_BQ 64
 #define FA_BK 64
 #define FA_PAD 8
@@ -1745,10 +1746,10 @@ struct FaStage {
 };
 
 #if __CUDA_ARCH__ >= 800
-// A warp's scores of NT 8-key tiles, keys kb.. of the stage, for its 16 query rows (q in two
+// A warp's scores of NT 8-key tiles, keys kb.. of the stage, for its 16 query rows (q in TERMS
 // bf16 terms, qh + ql): K's fragments of two 16-column steps by one ldmatrix (one step where
 // DK / 16 is odd).
-template <int DK, int DV, int NT>
+template <int DK, int DV, int NT, int TERMS>
 __device__ __forceinline__ void fa_scores(const FaStage<DK, DV>& st, int kb, const u32 (*qh)[4], const u32 (*ql)[4], float (*sc)[4],
                                           int lane) {
 #pragma unroll
@@ -1763,7 +1764,7 @@ __device__ __forceinline__ void fa_scores(const FaStage<DK, DV>& st, int kb, con
 #pragma unroll
             for (int h = 0; h < 2 && kk + h < DK / 16; h++) {
                 mma16816(sc[nt], qh[kk + h], b[2 * h], b[2 * h + 1]);
-                mma16816(sc[nt], ql[kk + h], b[2 * h], b[2 * h + 1]);
+                if (TERMS == 2) mma16816(sc[nt], ql[kk + h], b[2 * h], b[2 * h + 1]);
             }
         }
     }
@@ -1805,24 +1806,26 @@ __device__ __forceinline__ void fa_softmax(float (*sc)[4], float* m, float* l, f
 }
 
 // o += p · v over the weights of NT 8-key tiles (NT / 2 slices of 16 keys, keys kb.. of the
-// stage), the weights in two bf16 terms.
-template <int DK, int DV, int NT>
+// stage), the weights in TERMS bf16 terms.
+template <int DK, int DV, int NT, int TERMS>
 __device__ __forceinline__ void fa_pv(const FaStage<DK, DV>& st, int kb, float (*sc)[4], float (*o)[4], int lane) {
 #pragma unroll
     for (int kk = 0; kk < NT / 2; kk++) {
         u32 ph[4], pl[4];
-        split2(sc[2 * kk][0], sc[2 * kk][1], ph[0], pl[0]);
-        split2(sc[2 * kk][2], sc[2 * kk][3], ph[1], pl[1]);
-        split2(sc[2 * kk + 1][0], sc[2 * kk + 1][1], ph[2], pl[2]);
-        split2(sc[2 * kk + 1][2], sc[2 * kk + 1][3], ph[3], pl[3]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float* p = &sc[2 * kk + (i >> 1)][2 * (i & 1)];
+            if (TERMS == 2) split2(p[0], p[1], ph[i], pl[i]);
+            else ph[i] = bf16x2(p[0], p[1]);
+        }
 #pragma unroll
         for (int nt = 0; nt < DV / 8; nt += 2) {
             u32 b[4];
             ldmatrix_t4(&st.v[kb + kk * 16 + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
             mma16816(o[nt], ph, b[0], b[1]);
-            mma16816(o[nt], pl, b[0], b[1]);
+            if (TERMS == 2) mma16816(o[nt], pl, b[0], b[1]);
             mma16816(o[nt + 1], ph, b[2], b[3]);
-            mma16816(o[nt + 1], pl, b[2], b[3]);
+            if (TERMS == 2) mma16816(o[nt + 1], pl, b[2], b[3]);
         }
     }
 }
@@ -1896,7 +1899,7 @@ __device__ void fa_load(FaStage<DK, DV>& st, const KvSrc& src, int k0, int kh, i
 }
 
 // Dynamic shared memory: two FaStage<DK, DV> (the block being scored and the next, loading).
-template <int DK, int DV>
+template <int DK, int DV, int TERMS>
 __device__ void attention_mma(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past,
                               const bf16_t* new_k, const bf16_t* new_v, int global_, int meta, float scale, float* out) {
 #if __CUDA_ARCH__ >= 800
@@ -1931,7 +1934,8 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
             int rr = i & 1, col = kk * 16 + c2 + (i >> 1) * 8;
             const float* qp = q + (row0 + wr + g + 8 * rr) * heads * DK + h * DK + col;
             float a = ok[rr] ? qp[0] * qscale : 0.0f, b = ok[rr] ? qp[1] * qscale : 0.0f;
-            split2(a, b, qh[kk][i], ql[kk][i]);
+            if (TERMS == 2) split2(a, b, qh[kk][i], ql[kk][i]);
+            else qh[kk][i] = bf16x2(a, b);
         }
     float o[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -1960,7 +1964,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
         __syncthreads();
         const FaStage<DK, DV>& cur = st[stage];
         float sc[FA_BK / 8][4];
-        fa_scores<DK, DV, FA_BK / 8>(cur, 0, qh, ql, sc, lane);
+        fa_scores<DK, DV, FA_BK / 8, TERMS>(cur, 0, qh, ql, sc, lane);
         if (!all) {
 #pragma unroll
             for (int nt = 0; nt < FA_BK / 8; nt++)
@@ -1976,7 +1980,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
                 }
         }
         fa_softmax<FA_BK / 8, DV>(sc, m, l, o);
-        fa_pv<DK, DV, FA_BK / 8>(cur, 0, sc, o, lane);
+        fa_pv<DK, DV, FA_BK / 8, TERMS>(cur, 0, sc, o, lane);
         __syncthreads();
     }
 #pragma unroll
@@ -1997,17 +2001,18 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
 }
 // Three blocks a multiprocessor where their registers (168) hold a thread's values; from
 // DK + DV = 192 two, with room for them all (at three, dk 64 / dv 128 spilled).
-#define ATTENTION_MMA(DK, DV) \
-    extern "C" __global__ void __launch_bounds__(128, (DK + DV < 192 ? 3 : 2)) attention_mma_##DK##_##DV( \
+#define ATTENTION_MMA(DK, DV, TERMS, NAME) \
+    extern "C" __global__ void __launch_bounds__(128, (DK + DV < 192 ? 3 : 2)) NAME##_##DK##_##DV( \
         const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past, const bf16_t* new_k, \
         const bf16_t* new_v, int global_, int meta, float scale, float* out) { \
         grid_dep(); \
-        attention_mma<DK, DV>(q, heads, kv_heads, seqs, tiles, past, new_k, new_v, global_, meta, scale, out); \
+        attention_mma<DK, DV, TERMS>(q, heads, kv_heads, seqs, tiles, past, new_k, new_v, global_, meta, scale, out); \
     }
-ATTENTION_MMA(16, 32)
-ATTENTION_MMA(64, 64)
-ATTENTION_MMA(64, 128)
-ATTENTION_MMA(128, 128)
+#define ATTENTION_MMA_BOTH(DK, DV) ATTENTION_MMA(DK, DV, 2, attention_mma) ATTENTION_MMA(DK, DV, 1, attention_mma16)
+ATTENTION_MMA_BOTH(16, 32)
+ATTENTION_MMA_BOTH(64, 64)
+ATTENTION_MMA_BOTH(64, 128)
+ATTENTION_MMA_BOTH(128, 128)
 
 // The n-th key block from (si, k0) on that rows at tq_lo..tq_hi can see (n = 0: the next one), as
 // `fa_next` finds them; false when there are fewer.
@@ -2080,7 +2085,7 @@ __device__ void attention_gqa_mma(const float* q, int heads, int kv_heads, const
         __syncthreads();
         const FaStage<DK, DV>& cur = st[stage];
         float sc[2][4];
-        fa_scores<DK, DV, 2>(cur, kw, qh, ql, sc, lane);
+        fa_scores<DK, DV, 2, 2>(cur, kw, qh, ql, sc, lane);
         // Every head sees the same keys: the row's.
 #pragma unroll
         for (int nt = 0; nt < 2; nt++)
@@ -2091,7 +2096,7 @@ __device__ void attention_gqa_mma(const float* q, int heads, int kv_heads, const
                 if (!vis) sc[nt][cc] = sc[nt][2 + cc] = NEG_INF;
             }
         fa_softmax<2, DV>(sc, m, l, o);
-        fa_pv<DK, DV, 2>(cur, kw, sc, o, lane);
+        fa_pv<DK, DV, 2, 2>(cur, kw, sc, o, lane);
         __syncthreads();
     }
     // The four warps' maxima, sums and outputs, per head (the stages are free now).

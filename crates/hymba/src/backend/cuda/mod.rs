@@ -380,8 +380,9 @@ struct Kernels<K = Kernel> {
     attention: [K; 2],
     attention_gqa: K,
     attention_tiles: K,
-    /// Tensor-core prefill attention over bf16 K/V, by (dk, dv) (sm_80 and later).
-    attention_mma: Vec<((usize, usize), K)>,
+    /// Tensor-core prefill attention over bf16 K/V, by (dk, dv) (sm_80 and later): `[f32
+    /// queries and weights, rounded to bf16]`.
+    attention_mma: Vec<((usize, usize), [K; 2])>,
     /// The tensor-core decode attention of many rows, by (dk, dv) (bf16 K/V, sm_80).
     attention_gqa_mma: Vec<((usize, usize), K)>,
     /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights][Epilogue]`
@@ -437,7 +438,11 @@ impl<K> Kernels<K> {
             attention: [f("attention_4")?, f("attention_8")?],
             attention_gqa: f("attention_gqa")?,
             attention_tiles: f("attention_tiles")?,
-            attention_mma: by_shape("attention_mma")?,
+            attention_mma: by_shape("attention_mma")?
+                .into_iter()
+                .zip(by_shape("attention_mma16")?)
+                .map(|((shape, f32), (_, bf16))| (shape, [f32, bf16]))
+                .collect(),
             attention_gqa_mma: by_shape("attention_gqa_mma")?,
             gemv: {
                 // Named gemv[_add|_softplus|_glu]_{f32|bf16}[_1|_2] in kernels.cu.
@@ -697,6 +702,10 @@ pub struct Cuda {
     bf16_only: bool,
     /// Whether any f32 matrix is on the card (then every activation keeps its f32 rows).
     f32_matrices: std::sync::atomic::AtomicBool,
+    /// Whether a prompt's attention over bf16 K/V takes its queries and weights rounded to bf16
+    /// where every matrix is bf16, as the official bf16 model does (`attention_mma16`;
+    /// HYMBA_CUDA_F32_ATTENTION=1: the f32 attention over the bf16 cache, for A/B runs).
+    attention16: bool,
     /// Each launch between two timing events, when HYMBA_CUDA_PROFILE is set (steps then run
     /// eagerly, on one stream: a profile for finding where a step's time goes).
     profile: Option<Mutex<Profile>>,
@@ -872,7 +881,11 @@ impl Cuda {
             })
         };
         let k = Kernels::load(major, &f)?;
-        for ((dk, dv), kernel) in k.attention_mma.iter().chain(&k.attention_gqa_mma) {
+        let mma = k
+            .attention_mma
+            .iter()
+            .flat_map(|(s, k)| k.iter().map(move |k| (s, k)));
+        for ((dk, dv), kernel) in mma.chain(k.attention_gqa_mma.iter().map(|(s, k)| (s, k))) {
             kernel
                 .f
                 .set_attribute(
@@ -977,6 +990,7 @@ impl Cuda {
             norm_fold: std::env::var_os("HYMBA_CUDA_NO_NORM_FOLD").is_none(),
             bf16_only: std::env::var_os("HYMBA_CUDA_F32_ROWS").is_none(),
             f32_matrices: Default::default(),
+            attention16: std::env::var_os("HYMBA_CUDA_F32_ATTENTION").is_none(),
             profile,
             generation: Default::default(),
             graphs,
@@ -2686,7 +2700,10 @@ impl Backend for Cuda {
             .attention_mma
             .iter()
             .find(|(shape, _)| *shape == (hd.dk, hd.dv))
-            .map(|(_, k)| k);
+            .map(|(_, k)| {
+                let all_bf16 = !self.f32_matrices.load(std::sync::atomic::Ordering::Relaxed);
+                &k[(self.attention16 && all_bf16) as usize]
+            });
         if let (true, KvDtype::BF16, Some(kernel)) = (max_len > TILED_FROM, at.kv_dtype, mma) {
             // This call's keys and values as bf16 (the kernel copies bf16 rows to shared memory
             // without rounding them on the way).

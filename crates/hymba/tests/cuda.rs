@@ -427,6 +427,85 @@ fn cuda_long_prompts_match_cpu() {
     }
 }
 
+/// The tensor-core prompt attention at each head shape it is built for but the fixture's (dk 16,
+/// dv 32): 64 / 64, 64 / 128 (Hymba-1.5B's) and 128 / 128, in synthetic models of the fixture's
+/// layout, against the CPU with bf16 K/V: 300 tokens in one call and in two (130 + 170, so the
+/// second reads the first's cache), window and global layers. f32 weights: the f32 attention over
+/// the bf16 cache, within `cuda_bf16_kv_matches_cpu`'s tolerance; bf16 weights: the queries and
+/// weights rounded as well, within `cuda_bf16_weights_match_cpu_to_bf16_precision`'s bound.
+#[test]
+fn cuda_prompt_attention_shapes_match_cpu() {
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 32000 + 1).collect();
+    for (dk, dv) in [(64usize, 64usize), (64, 128), (128, 128)] {
+        let mut raw: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture("tiny-a").join("config.json")).unwrap(),
+        )
+        .unwrap();
+        // Four heads of dk: hidden 4·dk; the SSM's width is the heads' values, 4·dv.
+        raw["hidden_size"] = (4 * dk).into();
+        raw["v_head_dim"] = dv.into();
+        raw["mamba_expand"] = (dv / dk).into();
+        for w in raw["conv_dim"].as_object_mut().unwrap().values_mut() {
+            *w = (4 * dv).into();
+        }
+        let cfg = Config::from_value(raw).unwrap();
+        for dtype in [Dtype::F32, Dtype::BF16] {
+            let Some(gpu) = gpu("cuda_prompt_attention_shapes_match_cpu") else {
+                return;
+            };
+            let store = || hymba::synthetic::in_memory(&cfg, dtype, 3, 1.0);
+            let cpu = Model::from_store(cfg.clone(), store())
+                .unwrap()
+                .with_kv_dtype(KvDtype::BF16);
+            let dev = Model::on(gpu, cfg.clone(), store())
+                .unwrap()
+                .with_kv_dtype(KvDtype::BF16);
+            let want = cpu
+                .forward(
+                    &mut cpu.new_cache(),
+                    &ids,
+                    Logits::All,
+                    DecodeWindow::Trained,
+                )
+                .unwrap();
+            let whole = dev
+                .forward(
+                    &mut dev.new_cache(),
+                    &ids,
+                    Logits::All,
+                    DecodeWindow::Trained,
+                )
+                .unwrap();
+            let mut cache = dev.new_cache();
+            let mut parts = dev
+                .forward(&mut cache, &ids[..130], Logits::All, DecodeWindow::Trained)
+                .unwrap();
+            parts.extend(
+                dev.forward(&mut cache, &ids[130..], Logits::All, DecodeWindow::Trained)
+                    .unwrap(),
+            );
+            let what = format!("dk {dk}, dv {dv}, {dtype:?} weights, bf16 K/V");
+            for (got, how) in [(&whole, "one call"), (&parts, "130 + 170")] {
+                if dtype == Dtype::F32 {
+                    let tol = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 256.0;
+                    assert_close(got, &want, tol, &format!("{what}, {how}, GPU vs CPU"));
+                } else {
+                    let norm =
+                        |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                    let diff: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+                    let rel = norm(&diff) / norm(&want);
+                    let bound = 2.0 * 2f64.powi(-9) * (9.0 * cfg.num_hidden_layers as f64).sqrt();
+                    eprintln!("{what}, {how}: relative difference {rel:.2e} (bound {bound:.2e})");
+                    assert!(
+                        rel.is_finite() && rel < bound,
+                        "{what}, {how}, GPU vs CPU: relative difference {rel:.3e} over {bound:.3e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The matrix products against an f64 reference on odd shapes, at row counts that reach every
 /// kernel (the GEMV at 1 and 2 rows, the tensor-core kernel at 7 to 17 in both its sizes,
 /// cuBLAS from 33), bf16 weights: y = x·wᵀ, h += x·wᵀ, silu(x·gateᵀ) ⊙ (x·upᵀ). Each value

@@ -1717,22 +1717,23 @@ __device__ __forceinline__ uint4 kv_bits8(const void* p, int bf16, long i) {
 #if __CUDA_ARCH__ >= 800
 // A fragments' worth of 8×8 tiles of a row-major bf16 matrix in shared memory, as they are
 // (ldmatrix): lanes 8i..8i+7 point at the rows of tile i; thread t gets of tile i the elements of
-// row t / 4, columns 2 (t % 4) and 2 (t % 4) + 1.
-__device__ __forceinline__ void ldmatrix_4(const bf16_t* row, u32* b) {
+// row t / 4, columns 2 (t % 4) and 2 (t % 4) + 1. Addresses are shared-window offsets (a base
+// plus a constant, so the offset folds into the instruction: no 64-bit address arithmetic).
+__device__ __forceinline__ void ldmatrix_4(u32 at, u32* b) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                 : "r"(shared_addr(row)));
+                 : "r"(at));
 }
-__device__ __forceinline__ void ldmatrix_2(const bf16_t* row, u32* b) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b[0]), "=r"(b[1]) : "r"(shared_addr(row)));
+__device__ __forceinline__ void ldmatrix_2(u32 at, u32* b) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b[0]), "=r"(b[1]) : "r"(at));
 }
 // B fragments of two adjacent 8-column tiles of a 16-row slice of a row-major bf16 matrix in
-// shared memory, transposed on the way (ldmatrix .trans): `row` points at the slice's row
+// shared memory, transposed on the way (ldmatrix .trans): `at` addresses the slice's row
 // lane % 16, column 8 · (lane / 16) of the pair.
-__device__ __forceinline__ void ldmatrix_t4(const bf16_t* row, u32* b) {
+__device__ __forceinline__ void ldmatrix_t4(u32 at, u32* b) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                 : "r"(shared_addr(row)));
+                 : "r"(at));
 }
 #endif
 
@@ -1752,15 +1753,16 @@ struct FaStage {
 template <int DK, int DV, int NT, int TERMS>
 __device__ __forceinline__ void fa_scores(const FaStage<DK, DV>& st, int kb, const u32 (*qh)[4], const u32 (*ql)[4], float (*sc)[4],
                                           int lane) {
+    u32 k_at = shared_addr(&st.k[kb + (lane & 7)][(lane >> 3) * 8]);
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
         sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < DK / 16; kk += 2) {
             u32 b[4];
-            const bf16_t* row = &st.k[kb + nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8];
-            if (kk + 1 < DK / 16) ldmatrix_4(row, b);
-            else ldmatrix_2(row, b);
+            u32 at = k_at + 2 * (nt * 8 * (DK + FA_PAD) + kk * 16);
+            if (kk + 1 < DK / 16) ldmatrix_4(at, b);
+            else ldmatrix_2(at, b);
 #pragma unroll
             for (int h = 0; h < 2 && kk + h < DK / 16; h++) {
                 mma16816(sc[nt], qh[kk + h], b[2 * h], b[2 * h + 1]);
@@ -1809,6 +1811,7 @@ __device__ __forceinline__ void fa_softmax(float (*sc)[4], float* m, float* l, f
 // stage), the weights in TERMS bf16 terms.
 template <int DK, int DV, int NT, int TERMS>
 __device__ __forceinline__ void fa_pv(const FaStage<DK, DV>& st, int kb, float (*sc)[4], float (*o)[4], int lane) {
+    u32 v_at = shared_addr(&st.v[kb + (lane & 15)][(lane >> 4) * 8]);
 #pragma unroll
     for (int kk = 0; kk < NT / 2; kk++) {
         u32 ph[4], pl[4];
@@ -1821,7 +1824,7 @@ __device__ __forceinline__ void fa_pv(const FaStage<DK, DV>& st, int kb, float (
 #pragma unroll
         for (int nt = 0; nt < DV / 8; nt += 2) {
             u32 b[4];
-            ldmatrix_t4(&st.v[kb + kk * 16 + (lane & 15)][nt * 8 + (lane >> 4) * 8], b);
+            ldmatrix_t4(v_at + 2 * (kk * 16 * (DV + FA_PAD) + nt * 8), b);
             mma16816(o[nt], ph, b[0], b[1]);
             if (TERMS == 2) mma16816(o[nt], pl, b[0], b[1]);
             mma16816(o[nt + 1], ph, b[2], b[3]);
@@ -1906,8 +1909,11 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
     extern __shared__ __align__(16) unsigned char fa_smem[];
     FaStage<DK, DV>* st = (FaStage<DK, DV>*)fa_smem;
     __shared__ KvSrc src[3];
-    int2 tile = tiles[blockIdx.x];
-    int h = blockIdx.y;
+    // Blocks start in the order of their index, heads first: a sequence's later tiles, which
+    // see more keys (global layers), go first, so that the grid does not end on them.
+    int t_ = gridDim.y - 1 - blockIdx.y;
+    int2 tile = tiles[t_];
+    int h = blockIdx.x;
     SeqInfo sq = seqs[tile.x];
     int kh = h / (heads / kv_heads);
     int kw = kv_heads * DK, vw = kv_heads * DV;
@@ -1999,10 +2005,11 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
     }
 #endif
 }
-// Three blocks a multiprocessor where their registers (168) hold a thread's values; from
-// DK + DV = 192 two, with room for them all (at three, dk 64 / dv 128 spilled).
+// Three blocks a multiprocessor where their registers (168) hold a thread's values: up to DK +
+// DV = 192 with queries and weights of one term; else two, with room for them all (at three,
+// the two-term dk 64 / dv 128 spilled).
 #define ATTENTION_MMA(DK, DV, TERMS, NAME) \
-    extern "C" __global__ void __launch_bounds__(128, (DK + DV < 192 ? 3 : 2)) NAME##_##DK##_##DV( \
+    extern "C" __global__ void __launch_bounds__(128, (DK + DV < 192 || (TERMS == 1 && DK + DV == 192) ? 3 : 2)) NAME##_##DK##_##DV( \
         const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past, const bf16_t* new_k, \
         const bf16_t* new_v, int global_, int meta, float scale, float* out) { \
         grid_dep(); \

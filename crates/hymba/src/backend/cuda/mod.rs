@@ -2677,6 +2677,8 @@ impl Backend for Cuda {
             scratch.n_tiles,
             scratch.max_len,
         );
+        // (The tensor-core kernel's tiles go along the grid's y: at most 65535.)
+        let mma_fits = scratch.n_mma_tiles <= 65535;
         let Scratch { attn, y, part, .. } = &mut *scratch;
         self.shape(attn, t * e);
         self.shape(y, t * e);
@@ -2704,7 +2706,9 @@ impl Backend for Cuda {
                 let all_bf16 = !self.f32_matrices.load(std::sync::atomic::Ordering::Relaxed);
                 &k[(self.attention16 && all_bf16) as usize]
             });
-        if let (true, KvDtype::BF16, Some(kernel)) = (max_len > TILED_FROM, at.kv_dtype, mma) {
+        if let (true, KvDtype::BF16, Some(kernel)) =
+            (max_len > TILED_FROM && mma_fits, at.kv_dtype, mma)
+        {
             // This call's keys and values as bf16 (the kernel copies bf16 rows to shared memory
             // without rounding them on the way).
             let (kl, vl) = (t * hd.kv * hd.dk, t * hd.kv * hd.dv);
@@ -2726,8 +2730,9 @@ impl Backend for Cuda {
                 self.launch(&self.k.to_bf16, flat(len.div_ceil(4)), &[&src, &dst, &n]);
             }
             let (tp, n) = (self.table(&scratch.mma_tiles, 0), scratch.n_mma_tiles);
+            // Heads along x: the kernel takes the tiles from the last (see attention_mma).
             let cfg = LaunchConfig {
-                grid_dim: (n as u32, hd.q as u32, 1),
+                grid_dim: (hd.q as u32, n as u32, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: mma_smem(hd.dk, hd.dv) as u32,
             };

@@ -72,6 +72,19 @@ pub fn compile_kernels(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx>
         .map_err(|e| Error::Device(format!("the kernels do not compile: {e}")))
 }
 
+/// The kernels for `arch`, compiled once a process: NVRTC takes seconds, and a second backend
+/// (another model, another test) reuses them.
+fn compiled_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    static COMPILED: Mutex<Vec<(&str, cudarc::nvrtc::Ptx)>> = Mutex::new(Vec::new());
+    let mut compiled = COMPILED.lock().expect("compiled kernels");
+    if let Some((_, ptx)) = compiled.iter().find(|(a, _)| *a == arch) {
+        return Ok(ptx.clone());
+    }
+    let ptx = compile_kernels(Some(arch))?;
+    compiled.push((arch, ptx.clone()));
+    Ok(ptx)
+}
+
 /// Which CUDA device: `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> Option<usize> {
     match s {
@@ -866,7 +879,7 @@ impl Cuda {
         let name = format!("{} (sm_{major}{minor})", ctx.name().unwrap_or_default());
         // For this device's architecture: the tensor-core kernels need sm_80.
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-        let ptx = compile_kernels(Some(arch))?;
+        let ptx = compiled_kernels(arch)?;
         let module = ctx
             .load_module(ptx)
             .map_err(|e| device_err("loading the kernels", e))?;

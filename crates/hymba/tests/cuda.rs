@@ -427,16 +427,18 @@ fn cuda_long_prompts_match_cpu() {
     }
 }
 
-/// The tensor-core prompt attention at each head shape it is built for but the fixture's (dk 16,
+/// A prompt's tensor-core attention at each head shape it is built for but the fixture's (dk 16,
 /// dv 32): 64 / 64, 64 / 128 (Hymba-1.5B's) and 128 / 128, in synthetic models of the fixture's
 /// layout, against the CPU with bf16 K/V: 300 tokens in one call and in two (130 + 170, so the
-/// second reads the first's cache), window and global layers. f32 weights: the f32 attention over
+/// second reads the first's cache), window and global layers; and SSM states of 12, 16 and 32
+/// (the scan's kernels of up to 16 and up to 32 states, in one pass over the 300 rows and in
+/// chunks over the 130 and the 170). f32 weights: the f32 attention over
 /// the bf16 cache, within `cuda_bf16_kv_matches_cpu`'s tolerance; bf16 weights: the queries and
 /// weights rounded as well, within `cuda_bf16_weights_match_cpu_to_bf16_precision`'s bound.
 #[test]
-fn cuda_prompt_attention_shapes_match_cpu() {
+fn cuda_prompt_shapes_match_cpu() {
     let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 32000 + 1).collect();
-    for (dk, dv) in [(64usize, 64usize), (64, 128), (128, 128)] {
+    for (dk, dv, states) in [(64usize, 64usize, 12usize), (64, 128, 16), (128, 128, 32)] {
         let mut raw: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixture("tiny-a").join("config.json")).unwrap(),
         )
@@ -445,12 +447,13 @@ fn cuda_prompt_attention_shapes_match_cpu() {
         raw["hidden_size"] = (4 * dk).into();
         raw["v_head_dim"] = dv.into();
         raw["mamba_expand"] = (dv / dk).into();
+        raw["mamba_d_state"] = states.into();
         for w in raw["conv_dim"].as_object_mut().unwrap().values_mut() {
             *w = (4 * dv).into();
         }
         let cfg = Config::from_value(raw).unwrap();
         for dtype in [Dtype::F32, Dtype::BF16] {
-            let Some(gpu) = gpu("cuda_prompt_attention_shapes_match_cpu") else {
+            let Some(gpu) = gpu("cuda_prompt_shapes_match_cpu") else {
                 return;
             };
             let store = || hymba::synthetic::in_memory(&cfg, dtype, 3, 1.0);
@@ -484,7 +487,7 @@ fn cuda_prompt_attention_shapes_match_cpu() {
                 dev.forward(&mut cache, &ids[130..], Logits::All, DecodeWindow::Trained)
                     .unwrap(),
             );
-            let what = format!("dk {dk}, dv {dv}, {dtype:?} weights, bf16 K/V");
+            let what = format!("dk {dk}, dv {dv}, {states} states, {dtype:?} weights, bf16 K/V");
             for (got, how) in [(&whole, "one call"), (&parts, "130 + 170")] {
                 if dtype == Dtype::F32 {
                     let tol = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 256.0;

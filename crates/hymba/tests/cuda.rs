@@ -352,17 +352,28 @@ fn cuda_bf16_weights_match_cpu_to_bf16_precision() {
         let got = d
             .forward(&mut d.new_cache(), &ids, Logits::All, DecodeWindow::Trained)
             .unwrap();
-        let norm = |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-        let diff: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
-        let rel = norm(&diff) / norm(&want);
-        let bound = 2.0 * 2f64.powi(-9) * (9.0 * cfg.num_hidden_layers as f64).sqrt();
-        eprintln!("bf16 weights, {kv:?} K/V: relative difference {rel:.2e} (bound {bound:.2e})");
-        assert!(
-            rel.is_finite() && rel < bound,
-            "bf16 weights, {kv:?} K/V, on the GPU vs the CPU: relative difference {rel:.3e} over {bound:.3e}"
+        within_bf16_bound(
+            &got,
+            &want,
+            cfg.num_hidden_layers,
+            &format!("bf16 weights, {kv:?} K/V, on the GPU vs the CPU"),
         );
         (cpu, dev) = (Some(c), Some(d));
     }
+}
+
+/// `got` within `cuda_bf16_weights_match_cpu_to_bf16_precision`'s bound of `want` (the norm of
+/// the difference against 2·2^-9·sqrt(9·layers) of the norm of `want`).
+fn within_bf16_bound(got: &[f32], want: &[f32], layers: usize, what: &str) {
+    let norm = |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let diff: Vec<f32> = got.iter().zip(want).map(|(a, b)| a - b).collect();
+    let rel = norm(&diff) / norm(want);
+    let bound = 2.0 * 2f64.powi(-9) * (9.0 * layers as f64).sqrt();
+    eprintln!("{what}: relative difference {rel:.2e} (bound {bound:.2e})");
+    assert!(
+        rel.is_finite() && rel < bound,
+        "{what}: relative difference {rel:.3e} over {bound:.3e}"
+    );
 }
 
 /// Prompts longer than the GPU's scan chunks and attention tiles, in one call and in two (the
@@ -493,15 +504,11 @@ fn cuda_prompt_shapes_match_cpu() {
                     let tol = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 256.0;
                     assert_close(got, &want, tol, &format!("{what}, {how}, GPU vs CPU"));
                 } else {
-                    let norm =
-                        |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-                    let diff: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
-                    let rel = norm(&diff) / norm(&want);
-                    let bound = 2.0 * 2f64.powi(-9) * (9.0 * cfg.num_hidden_layers as f64).sqrt();
-                    eprintln!("{what}, {how}: relative difference {rel:.2e} (bound {bound:.2e})");
-                    assert!(
-                        rel.is_finite() && rel < bound,
-                        "{what}, {how}, GPU vs CPU: relative difference {rel:.3e} over {bound:.3e}"
+                    within_bf16_bound(
+                        got,
+                        &want,
+                        cfg.num_hidden_layers,
+                        &format!("{what}, {how}, GPU vs CPU"),
                     );
                 }
             }

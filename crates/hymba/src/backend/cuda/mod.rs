@@ -743,6 +743,22 @@ struct Fork {
     scan: cudarc::driver::CudaEvent,
     /// Launches go to the side stream.
     on_side: std::sync::atomic::AtomicBool,
+    /// Whether eager steps part too (not when profiled: its events time one stream).
+    eager: bool,
+}
+
+/// The SSM branch's stream, at the device's greatest priority (HYMBA_CUDA_EVEN_STREAMS=1: the
+/// default one, to compare): as the attention's blocks of a long prompt finish, the scan's are
+/// placed first, so the two branches share the multiprocessors rather than take turns.
+fn side_stream(
+    ctx: &Arc<CudaContext>,
+) -> std::result::Result<Arc<CudaStream>, cudarc::driver::DriverError> {
+    if std::env::var_os("HYMBA_CUDA_EVEN_STREAMS").is_some() {
+        return ctx.new_stream();
+    }
+    ctx.bind_to_thread()?;
+    let (_, greatest) = cudarc::driver::result::stream::get_priority_range()?;
+    ctx.new_stream_with_priority(greatest)
 }
 
 /// A profile row's name: a kernel's, or a cuBLAS product's with its shape.
@@ -975,10 +991,12 @@ impl Cuda {
             None => {
                 let e = |what| move |err| device_err(what, err);
                 Some(Fork {
-                    side: ctx.new_stream().map_err(e("creating a stream"))?,
+                    side: side_stream(&ctx).map_err(e("creating a stream"))?,
                     in_proj: ctx.new_event(None).map_err(e("creating an event"))?,
                     scan: ctx.new_event(None).map_err(e("creating an event"))?,
                     on_side: Default::default(),
+                    eager: profile.is_none()
+                        && std::env::var_os("HYMBA_CUDA_NO_PROMPT_FORK").is_none(),
                 })
             }
         };
@@ -1221,7 +1239,7 @@ impl Cuda {
         n: usize,
         what: &str,
     ) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
+        let b = self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
             let (free, total) = self.memory();
             Error::Device(format!(
                 "out of GPU memory for {what}: {} MB needed, {} MB free of {} MB ({e:?})",
@@ -1229,7 +1247,28 @@ impl Cuda {
                 free >> 20,
                 total >> 20
             ))
-        })
+        })?;
+        self.fork_barrier();
+        Ok(b)
+    }
+
+    /// In an eager step that parts its branches, both streams wait for each other: a buffer
+    /// allocated (or filled) on the main stream is ready for the side's kernels, and the old one
+    /// its caller drops is freed on the main stream after the side's kernels that read it.
+    fn fork_barrier(&self) {
+        let Some(f) = &self.fork else { return };
+        if !f.eager || self.failed() || self.mode() != Mode::Eager {
+            return;
+        }
+        let r = f
+            .scan
+            .record(&f.side)
+            .and_then(|()| self.stream.wait(&f.scan))
+            .and_then(|()| f.in_proj.record(&self.stream))
+            .and_then(|()| f.side.wait(&f.in_proj));
+        if let Err(e) = r {
+            self.fail("ordering the branches' streams", e);
+        }
     }
 
     fn mode(&self) -> Mode {
@@ -1332,6 +1371,7 @@ impl Cuda {
                             {
                                 self.fail("copying activations", e);
                             }
+                            self.fork_barrier();
                         }
                     }
                     rows.buf = Some(b);
@@ -1380,10 +1420,16 @@ impl Cuda {
         v.device_ptr(&self.stream).0
     }
 
-    /// Parts or joins a captured decode step's branches (in other modes nothing: one stream).
+    /// Parts or joins a step's branches: in a captured decode step, and in an eager step (a
+    /// prompt) unless profiled or HYMBA_CUDA_NO_PROMPT_FORK is set (then one stream).
     fn branch(&self, at: Branch) {
         let Some(f) = &self.fork else { return };
-        if self.failed() || !matches!(self.mode(), Mode::Capturing(_)) {
+        let on = match self.mode() {
+            Mode::Capturing(_) => true,
+            Mode::Eager => f.eager,
+            Mode::Replaying(_) => false,
+        };
+        if self.failed() || !on {
             return;
         }
         use std::sync::atomic::Ordering::Relaxed;
@@ -1655,7 +1701,7 @@ impl Cuda {
         let r = match *w.data {
             DevData::BF16(_) => {
                 let side = stream != self.stream.cu_stream();
-                let tune = (mode == Mode::Eager && !side).then_some(&self.stream);
+                let tune = (mode == Mode::Eager).then_some(&self.stream);
                 // SAFETY: pointers of live device buffers holding these shapes.
                 unsafe {
                     self.lt.product(
@@ -2668,15 +2714,16 @@ impl Backend for Cuda {
         let e = fuse.attn_norm.len();
         let n = ssm.a.len() / e.max(1);
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
-        self.branch(Branch::Main);
         // A decode step (one row a sequence) makes the scan's parameters inside its kernel.
         let step = self.scratch.lock().expect("scratch").max_len <= 1;
         let mut params = std::mem::take(&mut self.scratch.lock().expect("scratch").params);
         let dt_bias = if step {
             0
         } else {
+            self.branch(Branch::Scan);
             self.scan_params(ssm, n, &mut params)
         };
+        self.branch(Branch::Main);
         let mut scratch = self.scratch.lock().expect("scratch");
         let ns = scratch.n_seqs;
         let (seqs_p, rows_p) = (
@@ -2898,6 +2945,7 @@ impl Backend for Cuda {
         let (ei, ni) = (e as i32, n as i32);
         let chunks_p = self.table(&scratch.chunks, 0);
         let n_chunks = scratch.n_chunks;
+        self.branch(Branch::Scan);
         if step {
             let r = ssm.dt_rank;
             let [wd, wb, wc] = ssm
@@ -2914,7 +2962,6 @@ impl Backend for Cuda {
                 shared_mem_bytes: (4 * (r.next_multiple_of(4) + 2 * n.next_multiple_of(4))) as u32,
             };
             let wi = matches!(*ssm.dt_proj.data, DevData::BF16(_)) as usize;
-            self.branch(Branch::Scan);
             self.launch(
                 &self.k.ssm_step[(n > 16) as usize][wi],
                 cfg,

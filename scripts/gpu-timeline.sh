@@ -58,6 +58,12 @@ main = collections.Counter(x[2] for x in sel[0]).most_common(1)[0][0]
 idle = [sum(max(0, b[0] - a[1]) for a, b in zip(m, m[1:]))
         for m in ([x for x in s if x[2] == main] for s in sel)]
 print("main stream idle inside a step: %.1f µs" % (statistics.median(idle) / 1e3))
+# Between steps of that shape: the card idle from a step's last kernel to the next one's first
+# (the token's way back to the host, the host's work, the next graph's launch).
+between = [b[0][0] - max(x[1] for x in a) for a, b in zip(steps, steps[1:]) if len(a) == n == len(b)]
+print("between steps: %.1f µs (median), a step from first start to next first start %.1f µs" % (
+    statistics.median(between) / 1e3,
+    statistics.median(b[0][0] - a[0][0] for a, b in zip(steps, steps[1:]) if len(a) == n == len(b)) / 1e3))
 s0 = sel[len(sel) // 2]
 print("one step's first kernels (start offset, duration µs, stream, kernel):")
 for st, en, stream, name in s0[:40]:

@@ -551,6 +551,8 @@ struct Scratch {
     /// K/V writes of the step, made together (`flush`), and their table on the card.
     puts: Vec<PutOp>,
     put_table: Option<CudaSlice<PutOp>>,
+    /// The step's token ids (`embed`), kept rather than allocated a step.
+    ids: Option<CudaSlice<u32>>,
 }
 
 /// The selective scan's input-dependent parameters of a step, made before the scan when it runs
@@ -728,6 +730,11 @@ pub struct Cuda {
     graphs: Mutex<Graphs>,
     /// Page-locked host memory that rows come back through (up to HOST_KEEP floats).
     host: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
+    /// What each table buffer (by its address) holds from its last copy (see `put`).
+    tables_held: Mutex<std::collections::HashMap<u64, Vec<u8>>>,
+    /// A replayed step's graph launched where the step ends rather than where it starts (for
+    /// A/B runs).
+    late_graph: bool,
     /// The SSM branch of a captured decode step (see [`Cuda::branch`]).
     fork: Option<Fork>,
 }
@@ -962,6 +969,7 @@ impl Cuda {
             dtsum: empty(),
             puts: Vec::new(),
             put_table: None,
+            ids: None,
         };
         let sms =
             ctx.attribute(
@@ -1026,6 +1034,8 @@ impl Cuda {
             generation: Default::default(),
             graphs,
             host: Mutex::new(None),
+            late_graph: std::env::var_os("HYMBA_CUDA_LATE_GRAPH").is_some(),
+            tables_held: Default::default(),
             fork,
         })
     }
@@ -1302,6 +1312,15 @@ impl Cuda {
         );
         if g.graphs.contains_key(&key) {
             g.mode = Mode::Replaying(key);
+            // The graph runs now: the walk over the layers that follows only keeps the host's
+            // books (a replayed step's launches return at once), so it overlaps the card's work
+            // instead of delaying its start (HYMBA_CUDA_LATE_GRAPH=1: launched at the step's
+            // end, to compare).
+            if !self.late_graph {
+                if let Err(e) = g.graphs[&key].0.launch() {
+                    self.fail("running a CUDA graph", e);
+                }
+            }
         } else if g.seen.contains(&key) {
             match self.stream.begin_capture(
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
@@ -1344,8 +1363,10 @@ impl Cuda {
                 }
             }
             Mode::Replaying(key) => {
-                if let Err(e) = g.graphs[&key].0.launch() {
-                    self.fail("running a CUDA graph", e);
+                if self.late_graph {
+                    if let Err(e) = g.graphs[&key].0.launch() {
+                        self.fail("running a CUDA graph", e);
+                    }
                 }
             }
         }
@@ -1536,7 +1557,8 @@ impl Cuda {
         self.launch(&self.k.kv_put, cfg, &[&tp]);
     }
 
-    /// `host` copied into `dst`, which grows to fit.
+    /// `host` copied into `dst`, which grows to fit; not copied again where `dst` holds it from
+    /// the last copy (a decode step's tables mostly repeat the last step's).
     fn put<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         dst: &mut Option<CudaSlice<T>>,
@@ -1545,7 +1567,8 @@ impl Cuda {
         if host.is_empty() {
             return;
         }
-        if dst.as_ref().is_none_or(|d| d.len() < host.len()) {
+        let fresh = dst.as_ref().is_none_or(|d| d.len() < host.len());
+        if fresh {
             self.moved();
             match self.alloc::<T>(host.len().next_power_of_two(), "the step's tables") {
                 Ok(d) => *dst = Some(d),
@@ -1553,12 +1576,24 @@ impl Cuda {
             }
         }
         let d = dst.as_mut().expect("allocated");
+        // SAFETY: the tables' element types are integers and `repr(C)` structs of integers
+        // with their padding as named fields: every byte is initialized.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(host.as_ptr() as *const u8, std::mem::size_of_val(host))
+        };
+        let at = d.device_ptr(&self.stream).0;
+        let mut held = self.tables_held.lock().expect("tables held");
+        if !fresh && held.get(&at).is_some_and(|h| h[..] == *bytes) {
+            return;
+        }
         if let Err(e) = self
             .stream
             .memcpy_htod(host, &mut d.slice_mut(0..host.len()))
         {
-            self.fail("uploading the step's tables", e);
+            held.remove(&at);
+            return self.fail("uploading the step's tables", e);
         }
+        held.insert(at, bytes.to_vec());
     }
 
     /// Device address of element `at` of a table made by `begin`.
@@ -2434,13 +2469,14 @@ impl Backend for Cuda {
         self.settle(out);
         let start = out.len;
         self.shape(out, start + ids.len() * d);
-        let Ok(dev_ids) = self.stream.clone_htod(ids) else {
-            return self.fail("uploading token ids", "copy failed");
+        let ip = {
+            let mut scratch = self.scratch.lock().expect("scratch");
+            self.put(&mut scratch.ids, ids);
+            self.table(&scratch.ids, 0)
         };
-        let (op, tp, ip, dd) = (
+        let (op, tp, dd) = (
             self.p(out) + (start * 4) as u64,
             table.ptr(&self.stream),
-            dev_ids.device_ptr(&self.stream).0,
             d as i32,
         );
         let f = match *table.data {

@@ -632,24 +632,31 @@ extern "C" __global__ void conv_silu(const float* p, int width, int from, const 
 // conv_state in one launch).
 extern "C" __global__ void conv_silu_step(const float* p, int width, int from, const SeqInfo* seqs, float* const* conv, const float* taps,
                                           const float* bias, int e, int k, float* out, bf16_t* out16) {
-    grid_dep();
+    // The step's table, the weights and the state the last step left do not depend on the
+    // kernels before: loaded before waiting on them.
+    allow_next();
     int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= e) return;
+    bool live = c < e;
     SeqInfo si = seqs[blockIdx.y];
     float* state = conv[blockIdx.y];
-    float win[MAX_K];
+    float win[MAX_K], tap[MAX_K];
+    float b0 = live ? bias[c] : 0.0f;
 #pragma unroll
-    for (int j = 0; j < MAX_K - 1; j++)
-        if (j < k - 1) win[j] = state[(long)j * e + c];
+    for (int j = 0; j < MAX_K; j++) {
+        if (live && j < k - 1) win[j] = state[(long)j * e + c];
+        tap[j] = live && j < k ? taps[(long)j * e + c] : 0.0f;
+    }
+    wait_prior();
+    if (!live) return;
     for (int t = 0; t < si.len; t++) {
         long r = si.row0 + t;
 #pragma unroll
         for (int j = 0; j < MAX_K; j++)
             if (j == k - 1) win[j] = p[r * width + from + c];
-        float acc = bias[c];
+        float acc = b0;
 #pragma unroll
         for (int j = 0; j < MAX_K; j++)
-            if (j < k) acc += taps[(long)j * e + c] * win[j];
+            if (j < k) acc += tap[j] * win[j];
         put_act(out, out16, r * e + c, silu(acc));
 #pragma unroll
         for (int j = 0; j < MAX_K - 1; j++)
@@ -955,7 +962,12 @@ __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a
 // lanes a channel (a lane four consecutive states; they split δr for Δ, four consecutive
 // elements at a time): few threads a channel, since a large batch's blocks come in waves, each
 // as long as one block's chain of memory round trips. Loads are 4 elements wide where rows
-// allow: the L1 traffic of many narrow loads is what bounded this kernel at 64 rows.
+// allow: the L1 traffic of many narrow loads is what bounded this kernel at 64 rows. The step's
+// tables, A, D, the bias and the state the last step left do not depend on the kernels before
+// it: they are asked for before waiting on them, and x and z with x_proj's row right after, so
+// the chain after the wait is shorter (dt_w's rows loaded before the wait too, 640 KB a layer
+// at the 1.5B shapes, made steps at context 8192 slower: they compete with the attention's
+// reads).
 // Dynamic shared memory: the three parts, each from a multiple of 4 floats.
 #define SSM_LANE_STATES 4
 __device__ __forceinline__ int round4(int v) { return (v + 3) & ~3; }
@@ -966,8 +978,22 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
     constexpr int L = N_ / SSM_LANE_STATES;
     extern __shared__ __align__(16) float sp[];
     __shared__ float inv[3];
+    allow_next();
     int4 ch = chunks[blockIdx.y];
     long row = seqs[ch.x].row0 + ch.y;
+    // Past the last channel a group computes channel e - 1 again (the shuffles need every lane
+    // of the warp) and writes nothing.
+    int c0 = blockIdx.x * (blockDim.x / L) + threadIdx.x / L, j = threadIdx.x % L;
+    bool live = c0 < e;
+    int c = live ? c0 : e - 1;
+    bool wvec = rk % 4 == 0, svec = n % 4 == 0;
+    int i = j * SSM_LANE_STATES;
+    float* st = ssm[ch.x] + (long)c * n;
+    float4 av = get4(a + (long)c * n, i, n, svec), sv = get4(st, i, n, svec);
+    float bias = dt_b[c], dc = d[c];
+    wait_prior();
+    long rc = row * e + c;
+    float xv = x[rc], zv = z[row * zs + c];
     int pw = rk + 2 * n, ob = round4(rk), oc = ob + round4(n);
     // Element i of the row goes to its part's place in `sp`.
     auto place = [&](int i) { return i < rk ? i : (i < rk + n ? ob + i - rk : oc + i - rk - n); };
@@ -991,21 +1017,10 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
         }
         __syncthreads();
     }
-    // Past the last channel a group computes channel e - 1 again (the shuffles need every lane
-    // of the warp) and writes nothing.
-    int c0 = blockIdx.x * (blockDim.x / L) + threadIdx.x / L, j = threadIdx.x % L;
-    bool live = c0 < e;
-    int c = live ? c0 : e - 1;
     float dot = 0.0f;
-    bool wvec = rk % 4 == 0, svec = n % 4 == 0;
     for (int k = 4 * j; k < rk; k += 4 * L) dot += dot4(get4(dt_w + (long)c * rk, k, rk, wvec), get4(sp, k, rk, wvec));
-    float dt = group_sum<L>(dot) + dt_b[c];
+    float dt = group_sum<L>(dot) + bias;
     dt = dt > 20.0f ? dt : log1pf(expf(dt));
-    long rc = row * e + c;
-    float xv = x[rc];
-    float* st = ssm[ch.x] + (long)c * n;
-    int i = j * SSM_LANE_STATES;
-    float4 av = get4(a + (long)c * n, i, n, svec), sv = get4(st, i, n, svec);
     float4 bv = get4(sp + ob, i, n, svec), cv = get4(sp + oc, i, n, svec);
     float dx = dt * xv;
     auto next = [&](float av, float sv, float bv) { return ex2(dt * (av * LOG2E)) * sv + dx * bv; };
@@ -1018,7 +1033,7 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
         }
     }
     float out = group_sum<L>(i < n ? dot4(s, cv) : 0.0f);
-    if (live && j == 0) y[rc] = (out + d[c] * xv) * silu(z[row * zs + c]);
+    if (live && j == 0) y[rc] = (out + dc * xv) * silu(zv);
 }
 
 #define SSM_STEP(N_, NAME, W) \
@@ -1026,7 +1041,6 @@ __device__ void ssm_step(const float* proj, int rk, int n, const float* wd, cons
                                                       float eps, const W* dt_w, const float* dt_b, const float* x, const float* z, \
                                                       long zs, const float* a, const float* d, const SeqInfo* seqs, const int4* chunks, \
                                                       float* const* ssm, int e, float* y) { \
-        grid_dep(); \
         ssm_step<N_, W>(proj, rk, n, wd, wb, wc, eps, dt_w, dt_b, x, z, zs, a, d, seqs, chunks, ssm, e, y); \
     }
 SSM_STEP(16, f32, float)

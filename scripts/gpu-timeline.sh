@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where a decode step's time goes, under Nsight Systems over replayed CUDA graphs (each graph
 # node traced): per kernel its time a step, each stream's busy time, the main stream's idle
-# time inside a step, and one step's kernels in order with their start offsets (session 38 read
+# time inside a step and between steps, the host's driver calls a step, and one step's kernels
+# in order with their start offsets (session 38 read
 # the mixer's ~18 µs a layer of small kernels off this). On the GPU machine nsys is the copy
 # inside Nsight Compute; its importer needs libdw.so.1 and libelf.so.1, which that machine
 # lacks: on the build machine `apt-get download libdw1 libelf1 libbz2-1.0 liblzma5`, unpack
@@ -64,6 +65,26 @@ between = [b[0][0] - max(x[1] for x in a) for a, b in zip(steps, steps[1:]) if l
 print("between steps: %.1f µs (median), a step from first start to next first start %.1f µs" % (
     statistics.median(between) / 1e3,
     statistics.median(b[0][0] - a[0][0] for a, b in zip(steps, steps[1:]) if len(a) == n == len(b)) / 1e3))
+# The host's side of such a step: its driver calls (median count and time a step), and the card
+# idle from the embedding's end to the next kernel (the graph's first, where the step replays one).
+import bisect
+api = [(s, e, names.get(i, str(i))) for s, e, i in db.execute(
+    "select start, end, nameId from CUPTI_ACTIVITY_KIND_RUNTIME order by start")]
+at = [x[0] for x in api]
+calls, took, gap = collections.defaultdict(list), collections.defaultdict(list), []
+pairs = [(a, b) for a, b in zip(steps, steps[1:]) if len(a) == n == len(b)][2:-2]
+for a, b in pairs:
+    c, t = collections.Counter(), collections.Counter()
+    for s, e, name in api[bisect.bisect_left(at, a[0][0]):bisect.bisect_left(at, b[0][0])]:
+        c[name] += 1
+        t[name] += e - s
+    for name in set(c) | set(calls):
+        calls[name].append(c[name])
+        took[name].append(t[name])
+    gap.append(a[1][0] - a[0][1])
+print("host calls a step (count, µs), embedding to next kernel %.1f µs:" % (statistics.median(gap) / 1e3))
+for name in sorted((k for k in took if statistics.median(calls[k]) > 0), key=lambda k: -statistics.median(took[k])):
+    print("  %-28s %4d %8.1f" % (name[:28], statistics.median(calls[name]), statistics.median(took[name]) / 1e3))
 s0 = sel[len(sel) // 2]
 print("one step's first kernels (start offset, duration µs, stream, kernel):")
 for st, en, stream, name in s0[:40]:

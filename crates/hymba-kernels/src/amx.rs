@@ -142,7 +142,6 @@ impl<const R: usize> PairTile for Tiles<R> {
         // are not used), from L1, rather than 15 rows of zeros from L2.
         let xs = if m == 1 { 0 } else { 4 * kp };
         let w1 = w.add(16 * kp);
-        asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
         asm!("tilezero tmm0", "tilezero tmm1", options(nomem, nostack));
         if R == 32 {
             asm!("tilezero tmm2", "tilezero tmm3", options(nomem, nostack));
@@ -194,7 +193,14 @@ impl<const R: usize> PairTile for Tiles<R> {
                 options(nostack),
             );
         }
-        asm!("tilerelease", options(nomem, nostack));
+    }
+
+    fn session(self, f: impl FnOnce()) {
+        // SAFETY: `Amx` proves the features and the tile state; the configuration is valid.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack)) };
+        f();
+        // SAFETY: as above.
+        unsafe { asm!("tilerelease", options(nomem, nostack)) };
     }
 }
 

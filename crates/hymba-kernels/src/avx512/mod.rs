@@ -62,7 +62,7 @@ pub(crate) trait PairTile: Copy + Send + Sync {
     ///
     /// # Safety
     /// `x` has `m · kp` words (`ROWS · kp` where `WHOLE_TILES`), `w` `2 · 16 · kp`; `kp` is a
-    /// multiple of `K_ALIGN`.
+    /// multiple of `K_ALIGN`; called inside [`PairTile::session`].
     unsafe fn tile(
         self,
         kp: usize,
@@ -71,6 +71,11 @@ pub(crate) trait PairTile: Copy + Send + Sync {
         w: *const u32,
         c: &mut [[f32; 32]; 32],
     );
+    /// Runs `f`, which calls `tile`, with whatever state the tiles need set up once around it
+    /// (AMX: the tile configuration) rather than once a tile.
+    fn session(self, f: impl FnOnce()) {
+        f()
+    }
 }
 
 /// `y[t, n] = x[t, k] · wᵀ` by `tile`, `x` rounded to bf16, and the weights too unless they are
@@ -230,42 +235,44 @@ fn rows_by_task<T: PairTile>(
             let mut c = [[0f32; 32]; 32];
             let t = rows.len();
             let per = t.div_ceil(t.div_ceil(T::ROWS));
-            for t0 in rows.clone().step_by(per) {
-                let m = per.min(rows.end - t0);
-                // SAFETY: a whole tile of rows is in xb, two panels of kp pair-rows at wp.
-                unsafe { tile.tile(kp, xb[t0 * kp..].as_ptr(), m, wp, &mut c) };
-                if let Epilogue::Glu(f) = epi {
-                    let (j0, cols) = (PANEL * task, (f - PANEL * task).min(PANEL));
-                    for (i, row) in c[..m].iter_mut().enumerate() {
-                        crate::matmul::glu_sums(row, cols);
-                        let g = &row[..PANEL];
-                        // SAFETY: outputs j0..j0 + cols of row t0 + i belong to this task only.
-                        unsafe {
-                            let dst = out.0.add((t0 + i) * f + j0);
-                            if cols == PANEL {
-                                // One fixed-size move, not a memcpy call.
-                                dst.cast::<[f32; PANEL]>()
-                                    .write_unaligned(*g.as_ptr().cast::<[f32; PANEL]>());
-                            } else {
-                                std::ptr::copy_nonoverlapping(g.as_ptr(), dst, cols);
-                            }
-                        };
+            tile.session(|| {
+                for t0 in rows.clone().step_by(per) {
+                    let m = per.min(rows.end - t0);
+                    // SAFETY: a whole tile of rows is in xb, two panels of kp pair-rows at wp.
+                    unsafe { tile.tile(kp, xb[t0 * kp..].as_ptr(), m, wp, &mut c) };
+                    if let Epilogue::Glu(f) = epi {
+                        let (j0, cols) = (PANEL * task, (f - PANEL * task).min(PANEL));
+                        for (i, row) in c[..m].iter_mut().enumerate() {
+                            crate::matmul::glu_sums(row, cols);
+                            let g = &row[..PANEL];
+                            // SAFETY: outputs j0..j0 + cols of row t0 + i belong to this task only.
+                            unsafe {
+                                let dst = out.0.add((t0 + i) * f + j0);
+                                if cols == PANEL {
+                                    // One fixed-size move, not a memcpy call.
+                                    dst.cast::<[f32; PANEL]>()
+                                        .write_unaligned(*g.as_ptr().cast::<[f32; PANEL]>());
+                                } else {
+                                    std::ptr::copy_nonoverlapping(g.as_ptr(), dst, cols);
+                                }
+                            };
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                for (i, row) in c[..m].iter().enumerate() {
-                    // SAFETY: outputs r0..r0 + cols of row t0 + i belong to this task only.
-                    unsafe {
-                        let dst = out.0.add((t0 + i) * n + r0);
-                        if cols == 2 * PANEL {
-                            // One fixed-size move, not a memcpy call (as the int8 panels).
-                            dst.cast::<[f32; 32]>().write_unaligned(*row);
-                        } else {
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
+                    for (i, row) in c[..m].iter().enumerate() {
+                        // SAFETY: outputs r0..r0 + cols of row t0 + i belong to this task only.
+                        unsafe {
+                            let dst = out.0.add((t0 + i) * n + r0);
+                            if cols == 2 * PANEL {
+                                // One fixed-size move, not a memcpy call (as the int8 panels).
+                                dst.cast::<[f32; 32]>().write_unaligned(*row);
+                            } else {
+                                std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
+                            }
                         }
                     }
                 }
-            }
+            });
         },
     );
 }

@@ -7,20 +7,59 @@
 /// vectorised multiply-add over the channels; `bias`: `[C]`.
 pub fn causal_conv(x: &[f32], state: &mut [f32], taps: &[f32], bias: &[f32], out: &mut [f32]) {
     let c = bias.len();
-    let k = taps.len() / c;
     let t = x.len() / c;
-    assert_eq!(state.len(), (k - 1) * c);
     assert_eq!(out.len(), x.len());
-    // history row j: j < K−1 comes from the state, the rest from x.
+    let inp = ConvInput {
+        x,
+        width: c,
+        from: 0,
+        t,
+    };
+    causal_conv_rows(&inp, state, taps, bias, 0..t, out);
+    advance_state(&inp, c, state);
+}
+
+/// A causal conv's input: `t` rows of C channels, row i's at `x[i · width + from..][..C]` (a
+/// column range of a wider matrix, read in place).
+#[derive(Clone, Copy)]
+pub struct ConvInput<'a> {
+    pub x: &'a [f32],
+    pub width: usize,
+    pub from: usize,
+    pub t: usize,
+}
+
+impl ConvInput<'_> {
+    fn row(&self, i: usize, c: usize) -> &[f32] {
+        &self.x[i * self.width + self.from..][..c]
+    }
+}
+
+/// Output rows `rows` of [`causal_conv`] into `out` (`[rows.len(), C]`), from the state before
+/// this input (not changed: [`advance_state`] moves it on once every row is done), so a long
+/// input's rows can be computed by several tasks.
+pub fn causal_conv_rows(
+    inp: &ConvInput,
+    state: &[f32],
+    taps: &[f32],
+    bias: &[f32],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let c = bias.len();
+    let k = taps.len() / c;
+    assert_eq!(state.len(), (k - 1) * c);
+    assert!(rows.end <= inp.t && out.len() == rows.len() * c);
+    assert!(inp.t == 0 || (inp.t - 1) * inp.width + inp.from + c <= inp.x.len());
+    // History row j: j < K−1 comes from the state, the rest from the input.
     let hist = |j: usize| -> &[f32] {
         if j < k - 1 {
             &state[j * c..(j + 1) * c]
         } else {
-            &x[(j - (k - 1)) * c..(j - (k - 2)) * c]
+            inp.row(j - (k - 1), c)
         }
     };
-    for ti in 0..t {
-        let o = &mut out[ti * c..(ti + 1) * c];
+    for (ti, o) in rows.zip(out.chunks_exact_mut(c)) {
         o.copy_from_slice(bias);
         for (kk, tap) in taps.chunks_exact(c).enumerate() {
             for ((o, w), h) in o.iter_mut().zip(tap).zip(hist(ti + kk)) {
@@ -28,12 +67,16 @@ pub fn causal_conv(x: &[f32], state: &mut [f32], taps: &[f32], bias: &[f32], out
             }
         }
     }
-    // New state: the last K−1 rows of (state ++ x).
-    let mut new = Vec::with_capacity(state.len());
-    for j in t..t + k - 1 {
-        new.extend_from_slice(hist(j));
+}
+
+/// The conv state (`[K−1, C]`) after `inp`: the last K−1 rows of (state ++ input).
+pub fn advance_state(inp: &ConvInput, c: usize, state: &mut [f32]) {
+    let (km1, t) = (state.len() / c, inp.t);
+    let kept = km1.saturating_sub(t);
+    state.copy_within((km1 - kept) * c.., 0);
+    for j in kept..km1 {
+        state[j * c..(j + 1) * c].copy_from_slice(inp.row(t + j - km1, c));
     }
-    state.copy_from_slice(&new);
 }
 
 /// Conv weights `[C, K]` (the checkpoint's `[C, 1, K]`) rearranged tap-major, `[K, C]`.
@@ -68,6 +111,28 @@ mod tests {
         }
         assert_close(&whole, &parts, 1e-6, "conv");
         assert_eq!(s0, s1);
+        // The same columns read in place from a wider matrix, its rows in parts from one state:
+        // the same outputs, bit for bit, and the same state after.
+        let (width, from) = (c + 5, 3);
+        let mut wide = rng.normal_vec(t * width, 1.0);
+        for ti in 0..t {
+            wide[ti * width + from..][..c].copy_from_slice(&x[ti * c..(ti + 1) * c]);
+        }
+        let inp = ConvInput {
+            x: &wide,
+            width,
+            from,
+            t,
+        };
+        let s2 = vec![0.0; (k - 1) * c];
+        let mut rows = vec![0.0; t * c];
+        for (a, e) in [(0, 2), (2, 7), (7, 11)] {
+            causal_conv_rows(&inp, &s2, &wt, &b, a..e, &mut rows[a * c..e * c]);
+        }
+        assert_eq!(whole, rows);
+        let mut s2 = s2;
+        advance_state(&inp, c, &mut s2);
+        assert_eq!(s0, s2);
         // Direct formula for the last row.
         let ti = t - 1;
         for ch in 0..c {

@@ -14,14 +14,18 @@ use crate::sample::{draw, Draw};
 use crate::tensor::{Dtype, Tensor};
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem};
+use hymba_kernels::conv::{advance_state, causal_conv_rows, ConvInput};
 use hymba_kernels::matmul::{Mat, PANEL};
-use hymba_kernels::{act, conv::causal_conv, matmul, norm, rope, scan};
+use hymba_kernels::{act, matmul, norm, rope, scan};
 use rayon::prelude::*;
 use std::ops::Range;
 
 /// The CPU backend. Holds nothing: the thread pool is rayon's global one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
+
+/// Rows of a prompt's causal conv a task takes.
+const CONV_PART_ROWS: usize = 64;
 
 /// Columns `from..from + n` of every row of a `[t, width]` matrix, into `out`.
 fn columns_into(m: &[f32], width: usize, from: usize, n: usize, out: &mut Vec<f32>) {
@@ -388,17 +392,22 @@ impl Backend for Cpu {
         let t: usize = seqs.iter().map(|s| s.rows.len()).sum();
         let out = shape(out, t * e);
         per_seq(out, e, seqs).into_par_iter().for_each(|(s, o)| {
-            with_buffers(|[x]| {
-                columns_into(
-                    &p[s.rows.start * width..s.rows.end * width],
-                    width,
-                    from,
-                    e,
-                    x,
-                );
-                causal_conv(x, &mut s.states[layer].conv, taps, bias, o);
-            });
-            act::silu_inplace(o);
+            // The input read in place from in_proj's rows; a prompt's rows in parts over the pool.
+            let inp = ConvInput {
+                x: &p[s.rows.start * width..s.rows.end * width],
+                width,
+                from,
+                t: s.rows.len(),
+            };
+            let state = &mut s.states[layer].conv;
+            o.par_chunks_mut(CONV_PART_ROWS * e)
+                .enumerate()
+                .for_each(|(i, part)| {
+                    let r0 = i * CONV_PART_ROWS;
+                    causal_conv_rows(&inp, state, taps, bias, r0..r0 + part.len() / e, part);
+                    act::silu_inplace(part);
+                });
+            advance_state(&inp, e, state);
         });
     }
 

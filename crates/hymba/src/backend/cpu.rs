@@ -29,9 +29,32 @@ const CONV_PART_ROWS: usize = 64;
 
 /// Columns `from..from + n` of every row of a `[t, width]` matrix, into `out`.
 fn columns_into(m: &[f32], width: usize, from: usize, n: usize, out: &mut Vec<f32>) {
-    out.clear();
-    for r in m.chunks_exact(width) {
-        out.extend_from_slice(&r[from..from + n]);
+    let t = m.len() / width;
+    let out = shape(out, t * n);
+    rows_in_parts(out, n, |r0, part| {
+        for (o, r) in part
+            .chunks_exact_mut(n)
+            .zip(m[r0 * width..].chunks_exact(width))
+        {
+            o.copy_from_slice(&r[from..from + n]);
+        }
+    });
+}
+
+/// Rows of a long prompt a task of the elementwise passes takes (`rows_in_parts`).
+const ROWS_A_TASK: usize = 64;
+
+/// `f(first row, rows)` over `buf`'s rows of `width` in parts of ROWS_A_TASK rows, on the pool
+/// where there is more than one part: a prompt's elementwise passes would otherwise run on one
+/// thread while the others wait.
+fn rows_in_parts(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let part = ROWS_A_TASK * width.max(1);
+    if buf.len() <= part {
+        f(0, buf);
+    } else {
+        buf.par_chunks_mut(part)
+            .enumerate()
+            .for_each(|(i, p)| f(i * ROWS_A_TASK, p));
     }
 }
 
@@ -103,9 +126,11 @@ fn rope_rows(x: &mut [f32], inv_freq: &[f32], seqs: &[Seq<Cpu>]) {
         parts.push((s.pos0, mine));
     }
     parts.into_par_iter().for_each(|(pos0, rows)| {
-        for (row, p) in rows.chunks_exact_mut(width).zip(pos0..) {
-            rope::apply(row, p, inv_freq);
-        }
+        rows_in_parts(rows, width, |r0, part| {
+            for (row, p) in part.chunks_exact_mut(width).zip(pos0 + r0..) {
+                rope::apply(row, p, inv_freq);
+            }
+        })
     });
 }
 
@@ -305,9 +330,12 @@ impl Backend for Cpu {
         with_buffers(|[y]| {
             self.matmul(x, w, y);
             assert_eq!(h.len(), y.len());
-            for (a, b) in h.iter_mut().zip(y.iter()) {
-                *a += b;
-            }
+            let width = w.mat().rows;
+            rows_in_parts(h, width, |r0, part| {
+                for (a, b) in part.iter_mut().zip(&y[r0 * width..]) {
+                    *a += b;
+                }
+            });
         })
     }
 
@@ -370,8 +398,12 @@ impl Backend for Cpu {
             rope_rows(k, inv_freq, seqs);
             if split.dtype == KvDtype::BF16 {
                 // What the cache will hold, so this call's queries see it too.
-                for x in k.iter_mut().chain(v.iter_mut()) {
-                    *x = bf16::from_f32(*x).to_f32();
+                for (m, w) in [(k, split.kw), (v, split.vw)] {
+                    rows_in_parts(m, w, |_, part| {
+                        for x in part {
+                            *x = bf16::from_f32(*x).to_f32();
+                        }
+                    });
                 }
             }
         }
@@ -484,22 +516,30 @@ impl Backend for Cpu {
                     },
                     || {
                         scan::selective_scan(&inp, state, ys);
-                        let mut gate = Vec::with_capacity(rows.len() * e);
-                        for r in rows.clone() {
-                            let at = r * ssm.z_width + ssm.z_at;
-                            gate.extend_from_slice(&ssm.z[at..at + e]);
-                        }
-                        act::silu_inplace(&mut gate);
-                        for (v, g) in ys.iter_mut().zip(&gate) {
-                            *v *= g;
-                        }
+                        // y ⊙ silu(z), z read from in_proj's rows.
+                        rows_in_parts(ys, e, |r0, part| {
+                            let mut gate = [0f32; 256];
+                            for (i, y) in part.chunks_exact_mut(e).enumerate() {
+                                let at = (rows.start + r0 + i) * ssm.z_width + ssm.z_at;
+                                for (y, z) in y.chunks_mut(256).zip(ssm.z[at..at + e].chunks(256)) {
+                                    let g = &mut gate[..z.len()];
+                                    g.copy_from_slice(z);
+                                    act::silu_inplace(g);
+                                    for (v, g) in y.iter_mut().zip(g.iter()) {
+                                        *v *= g;
+                                    }
+                                }
+                            }
+                        });
                     },
                 );
                 norm::rmsnorm(a, fuse.attn_norm, fuse.eps, fs);
                 norm::rmsnorm_inplace(ys, fuse.ssm_norm, fuse.eps);
-                for (f, y) in fs.iter_mut().zip(ys.iter()) {
-                    *f = (*f + y) * 0.5;
-                }
+                rows_in_parts(fs, e, |r0, part| {
+                    for (f, y) in part.iter_mut().zip(&ys[r0 * e..]) {
+                        *f = (*f + y) * 0.5;
+                    }
+                });
             });
         })
     }

@@ -45,8 +45,17 @@ impl Avx512 {
         debug_assert!(s.len() >= C * 16 && a.len() >= C * 16 && d.len() >= C && ch + C <= e);
         let mut st: [__m512; C] = std::array::from_fn(|j| _mm512_loadu_ps(s.as_ptr().add(16 * j)));
         let dv = _mm256_loadu_ps(d.as_ptr());
+        // A row's x, Δ and y lie a row of channels apart, too far for the hardware prefetcher:
+        // asked for 16 rows ahead (2048-row scan 4.1-4.2 ns a channel-step against 4.2-4.4).
+        const AHEAD: usize = 16;
         for ti in 0..t {
             let row = ti * e + ch;
+            if ti + AHEAD < t {
+                let ahead = row + AHEAD * e;
+                _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(delta.as_ptr().add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(y.add(ahead) as *const i8);
+            }
             let bv = _mm512_loadu_ps(b.as_ptr().add(16 * ti));
             let cv = _mm512_loadu_ps(c.as_ptr().add(16 * ti));
             let mut half = [_mm256_setzero_ps(); C];

@@ -24,9 +24,6 @@ use std::ops::Range;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
-/// Rows of a prompt's causal conv a task takes.
-const CONV_PART_ROWS: usize = 64;
-
 /// Columns `from..from + n` of every row of a `[t, width]` matrix, into `out`.
 fn columns_into(m: &[f32], width: usize, from: usize, n: usize, out: &mut Vec<f32>) {
     let t = m.len() / width;
@@ -432,13 +429,10 @@ impl Backend for Cpu {
                 t: s.rows.len(),
             };
             let state = &mut s.states[layer].conv;
-            o.par_chunks_mut(CONV_PART_ROWS * e)
-                .enumerate()
-                .for_each(|(i, part)| {
-                    let r0 = i * CONV_PART_ROWS;
-                    causal_conv_rows(&inp, state, taps, bias, r0..r0 + part.len() / e, part);
-                    act::silu_inplace(part);
-                });
+            rows_in_parts(o, e, |r0, part| {
+                causal_conv_rows(&inp, state, taps, bias, r0..r0 + part.len() / e, part);
+                act::silu_inplace(part);
+            });
             advance_state(&inp, e, state);
         });
     }

@@ -168,6 +168,29 @@ fn prompt(rng: &mut Rng, n: usize) -> Vec<u32> {
     (0..n).map(|_| rng.below(97) as u32).collect()
 }
 
+/// `ids` prefilled in one call give the logits of the same ids decoded one at a time.
+fn assert_decode_equals_prefill(model: &Model, ids: &[u32], kv: KvDtype, name: &str) {
+    let mut cache = model.new_cache();
+    let whole = model
+        .forward(&mut cache, ids, Logits::All, DecodeWindow::Trained)
+        .unwrap();
+    let mut cache = model.new_cache();
+    let mut steps = Vec::new();
+    for &id in ids {
+        steps.extend(
+            model
+                .forward(&mut cache, &[id], Logits::Last, DecodeWindow::Trained)
+                .unwrap(),
+        );
+    }
+    assert_close(
+        &steps,
+        &whole,
+        tol(kv, &whole),
+        &format!("{name} {kv:?}: decode vs a {}-token prefill", ids.len()),
+    );
+}
+
 #[test]
 fn token_by_token_decode_equals_prefill() {
     for (ci, c, kv) in cases()
@@ -179,25 +202,7 @@ fn token_by_token_decode_equals_prefill() {
         let mut rng = Rng::new(ci as u64);
         // Longer than meta + window, so rings wrap.
         let ids = prompt(&mut rng, c.meta + 3 * c.window + 5);
-        let mut cache = model.new_cache();
-        let whole = model
-            .forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained)
-            .unwrap();
-        let mut cache = model.new_cache();
-        let mut steps = Vec::new();
-        for &id in &ids {
-            steps.extend(
-                model
-                    .forward(&mut cache, &[id], Logits::Last, DecodeWindow::Trained)
-                    .unwrap(),
-            );
-        }
-        assert_close(
-            &steps,
-            &whole,
-            tol(kv, &whole),
-            &format!("{} {kv:?}: decode vs prefill", c.name),
-        );
+        assert_decode_equals_prefill(&model, &ids, kv, c.name);
     }
 }
 
@@ -219,25 +224,7 @@ fn long_prompt_prefill_equals_decode() {
         let mut rng = Rng::new(70 + ci as u64);
         // Within max_position_embeddings (128).
         let ids = prompt(&mut rng, 100);
-        let mut cache = model.new_cache();
-        let whole = model
-            .forward(&mut cache, &ids, Logits::All, DecodeWindow::Trained)
-            .unwrap();
-        let mut cache = model.new_cache();
-        let mut steps = Vec::new();
-        for &id in &ids {
-            steps.extend(
-                model
-                    .forward(&mut cache, &[id], Logits::Last, DecodeWindow::Trained)
-                    .unwrap(),
-            );
-        }
-        assert_close(
-            &steps,
-            &whole,
-            tol(kv, &whole),
-            &format!("{} {kv:?}: decode vs a 100-token prefill", c.name),
-        );
+        assert_decode_equals_prefill(&model, &ids, kv, c.name);
     }
 }
 

@@ -186,6 +186,14 @@ struct ServeArgs {
     /// Sequences stepped together; as many more may wait.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// MiB of finished requests' caches kept so that a prompt extending one (a conversation's
+    /// next turn) prefills only its new tokens; 0 turns the prompt cache off. CPU only for now
+    /// [default: 1024 on the CPU, 0 on a GPU].
+    #[arg(long)]
+    prompt_cache_mb: Option<usize>,
+    /// `--prompt-cache-mb` in bytes, for this device (checked before the model loads).
+    #[arg(skip)]
+    prompt_cache_bytes: usize,
     /// Alternatives per token a request may ask for in `logprobs` / `top_logprobs`.
     #[arg(long, default_value_t = hymba_server::Limits::default().max_logprobs)]
     max_logprobs: usize,
@@ -477,7 +485,24 @@ fn api_key(a: &ServeArgs) -> Result<Option<String>> {
     Ok(key)
 }
 
-fn serve(a: ServeArgs) -> Result<()> {
+/// `--prompt-cache-mb` in bytes: 1 GiB by default on the CPU; on a GPU none, and a size is
+/// refused (a copy of a sequence's cache there would take device memory that nothing checks).
+fn prompt_cache_bytes(asked: Option<usize>, device: &str) -> Result<usize> {
+    let on_cpu = parse_device(device)?.is_none();
+    let mb = match asked {
+        None if on_cpu => 1024,
+        None | Some(0) => 0,
+        Some(n) if on_cpu => n,
+        Some(n) => bail!(
+            "--prompt-cache-mb {n}: the prompt cache runs on the CPU only for now; leave it out (or give 0) with --device {device}"
+        ),
+    };
+    mb.checked_mul(1 << 20)
+        .ok_or_else(|| anyhow!("--prompt-cache-mb {mb}: too large"))
+}
+
+fn serve(mut a: ServeArgs) -> Result<()> {
+    a.prompt_cache_bytes = prompt_cache_bytes(a.prompt_cache_mb, &a.device)?;
     struct Run(ServeArgs);
     impl default_model::ModelFn<()> for Run {
         fn call<B: hymba::backend::Backend>(self, model: Model<B>) -> Result<()> {
@@ -517,7 +542,14 @@ fn serve_on<B: hymba::backend::Backend>(a: ServeArgs, model: Model<B>) -> Result
                     .unwrap_or_else(|| "hymba".into())
             }
         });
-    let engine = hymba::Engine::start(model, Some(tokenizer.clone()), a.max_batch);
+    let engine = hymba::Engine::start(
+        model,
+        Some(tokenizer.clone()),
+        hymba::EngineOptions {
+            max_batch: a.max_batch,
+            prompt_cache_bytes: a.prompt_cache_bytes,
+        },
+    );
     let key = api_key(&a)?;
     let state_has_no_key = key.is_none();
     let state = std::sync::Arc::new(hymba_server::AppState {

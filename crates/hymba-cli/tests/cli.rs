@@ -500,6 +500,12 @@ fn bad_token_ids_and_arguments() {
         ],
         &["--prefill"],
     );
+    // The prompt cache copies sequence caches in the device's memory: CPU only for now, said
+    // before any model loads.
+    assert_fails(
+        &["serve", "--device", "cuda", "--prompt-cache-mb", "64"],
+        &["--prompt-cache-mb 64", "CPU only"],
+    );
     // A bad flag value is a usage error (clap's exit code 2), naming the flag and the choices.
     let (code, _, err) = hymba(&[
         "generate",

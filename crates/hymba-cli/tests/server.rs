@@ -549,6 +549,51 @@ fn metrics_count_what_was_served() {
     assert!(metric(p, "hymba_engine_step_seconds_total") > 0.0);
 }
 
+/// A prompt that extends a finished request's tokens resumes from its cache: the usage says how
+/// many prompt tokens were resumed (OpenAI's `prompt_tokens_details.cached_tokens`), and so do
+/// the metrics; `--prompt-cache-mb 0` turns it off.
+#[test]
+fn extended_prompt_reports_its_cached_tokens() {
+    use serde_json::json;
+    for (tag, extra, hit) in [
+        ("pc-on", &[][..], true),
+        ("pc-off", &["--prompt-cache-mb", "0"][..], false),
+    ] {
+        let srv = start(tag, extra);
+        let first: Vec<u32> = vec![1, 450, 4996, 17354, 1701];
+        // One token: it is never fed, so the cache holds exactly the prompt.
+        let (st, r) = post(
+            srv.port,
+            "/v1/completions",
+            json!({"prompt": first, "max_tokens": 1, "temperature": 0}),
+        );
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        let mut next = first.clone();
+        next.extend([29871, 13, 450]);
+        let (st, r) = post(
+            srv.port,
+            "/v1/completions",
+            json!({"prompt": next, "max_tokens": 3, "temperature": 0}),
+        );
+        assert_eq!(st, 200, "{r}");
+        let cached = if hit { first.len() } else { 0 };
+        assert_eq!(
+            r["usage"]["prompt_tokens_details"]["cached_tokens"], cached,
+            "{tag}: {r}"
+        );
+        assert_eq!(r["usage"]["prompt_tokens"], next.len());
+        assert_eq!(
+            metric(srv.port, "hymba_prompt_cache_hits_total"),
+            hit as u8 as f64
+        );
+        assert_eq!(
+            metric(srv.port, "hymba_prompt_cache_tokens_total"),
+            cached as f64
+        );
+    }
+}
+
 /// `chat_template_kwargs` reach the template: Hymba's Instruct template shows `contexts`
 /// (retrieved passages) in the system turn.
 #[test]
@@ -1080,7 +1125,8 @@ fn rss(pid: u32) -> u64 {
 /// and wrong keys. No answer is a 5xx; every well-formed greedy request gets the answer it gets
 /// alone; the queue stays bounded (429 beyond it, which the clients retry; a burst of four times
 /// the batch at once, first, must meet it whatever the machine's speed); the server's
-/// resident memory does not grow from the first half of the run to the second (no leak).
+/// resident memory does not grow from the first half of the run to the second (no leak; the
+/// prompt cache, kept to 2 MB here, is full by then and evicting).
 #[test]
 fn load_of_mixed_clients() {
     use serde_json::json;
@@ -1098,6 +1144,8 @@ fn load_of_mixed_clients() {
             "k",
             "--max-body-bytes",
             "8192",
+            "--prompt-cache-mb",
+            "2",
         ],
     );
     let (port, pid) = (srv.port, srv.child.id());

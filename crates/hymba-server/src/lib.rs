@@ -250,6 +250,18 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         &[("", Stats::get(&s.prompt_tokens) as f64)],
     );
     put(
+        "prompt_cache_hits_total",
+        "counter",
+        "Requests whose prompt resumed from the prompt cache.",
+        &[("", Stats::get(&s.prompt_cache_hits) as f64)],
+    );
+    put(
+        "prompt_cache_tokens_total",
+        "counter",
+        "Prompt tokens resumed from the prompt cache rather than computed.",
+        &[("", Stats::get(&s.cached_prompt_tokens) as f64)],
+    );
+    put(
         "generation_tokens_total",
         "counter",
         "Tokens generated.",
@@ -541,17 +553,17 @@ impl UsageTally {
     }
 }
 
+/// OpenAI's usage object: the counts, and of the prompt tokens those resumed from the engine's
+/// prompt cache rather than computed.
+fn usage(prompt_tokens: usize, cached_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}})
+}
+
 /// The chunk OpenAI ends a stream with when asked for usage: no choices, the counts.
-fn usage_chunk(
-    id: &str,
-    object: &str,
-    created: u64,
-    model: &str,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-) -> Value {
-    json!({"id": id, "object": object, "created": created, "model": model, "choices": [],
-           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}})
+fn usage_chunk(id: &str, object: &str, created: u64, model: &str, usage: Value) -> Value {
+    json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage})
 }
 
 /// Submits one request; its events arrive on the returned receiver. Dropping the receiver
@@ -627,6 +639,7 @@ struct Outcome {
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     finish: Option<FinishReason>,
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
 }
 
@@ -642,10 +655,12 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Outcome, ApiE
             Event::Done {
                 finish,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
             } => {
                 o.finish = Some(finish);
                 o.prompt_tokens = prompt_tokens;
+                o.cached_tokens = cached_tokens;
                 o.completion_tokens = completion_tokens;
                 return Ok(o);
             }
@@ -836,10 +851,10 @@ async fn completions_inner(
                     seen[index].push(tid);
                     vec![chunk(&text, lp, Value::Null)]
                 }
-                Event::Done { finish, prompt_tokens, completion_tokens } => {
+                Event::Done { finish, prompt_tokens, cached_tokens, completion_tokens } => {
                     let mut v = vec![chunk("", Value::Null, finish_name(Some(finish)))];
                     if let Some(total) = tally.finished(completion_tokens) {
-                        v.push(usage_chunk(&id, "text_completion", created, &model, prompt_tokens, total));
+                        v.push(usage_chunk(&id, "text_completion", created, &model, usage(prompt_tokens, cached_tokens, total)));
                     }
                     v
                 }
@@ -863,12 +878,14 @@ async fn completions_inner(
                 .map(|rx| (p.clone(), rx)),
         );
     }
-    let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
+    let (mut choices, mut prompt_tokens, mut cached_tokens, mut completion_tokens) =
+        (Vec::new(), 0, 0, 0);
     for (i, (prompt, rx)) in rxs.into_iter().enumerate() {
         let o = collect(rx).await?;
         // A prompt counts once however many answers it has (as OpenAI counts).
         if i % n == 0 {
             prompt_tokens += o.prompt_tokens;
+            cached_tokens += o.cached_tokens;
         }
         completion_tokens += o.completion_tokens;
         let prompt_text = if req.echo {
@@ -897,7 +914,7 @@ async fn completions_inner(
     }
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": created, "model": st.model_name, "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, cached_tokens, completion_tokens),
     }))
     .into_response())
 }
@@ -1099,14 +1116,14 @@ async fn chat_inner(
                     seen[index].push(tid);
                     vec![c]
                 }
-                Event::Done { finish, prompt_tokens, completion_tokens } => {
+                Event::Done { finish, prompt_tokens, cached_tokens, completion_tokens } => {
                     let mut v = vec![chunk(
                         json!({}),
                         finish_name(Some(finish)),
-                        json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}),
+                        usage(prompt_tokens, cached_tokens, completion_tokens),
                     )];
                     if let Some(total) = tally.finished(completion_tokens) {
-                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, prompt_tokens, total));
+                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, usage(prompt_tokens, cached_tokens, total)));
                     }
                     v
                 }
@@ -1120,17 +1137,21 @@ async fn chat_inner(
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    let (mut choices, mut completion_tokens) = (Vec::new(), 0);
+    let (mut choices, mut completion_tokens, mut cached_tokens) = (Vec::new(), 0, 0);
     for (index, rx) in rxs.into_iter().enumerate() {
         let o = collect(rx).await?;
         completion_tokens += o.completion_tokens;
+        // The prompt counts once however many answers it has; its cached part, the first's.
+        if index == 0 {
+            cached_tokens = o.cached_tokens;
+        }
         choices.push(json!({"index": index, "message": {"role": "assistant", "content": o.text},
                             "logprobs": if logprobs.is_some() { chat_logprobs(&st.tokenizer, &prompt, &o.tokens) } else { Value::Null },
                             "finish_reason": finish_name(o.finish)}));
     }
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": st.model_name, "choices": choices,
-        "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens, "total_tokens": n_prompt + completion_tokens},
+        "usage": usage(n_prompt, cached_tokens, completion_tokens),
     }))
     .into_response())
 }

@@ -1,7 +1,8 @@
 //! The batching engine: one loop, on its own thread, steps every active sequence together (one
 //! pass over the weights per step for the whole batch), each with its own cache. New requests
 //! join at the next step; a prompt is prefilled in chunks beside the others' decode steps; a
-//! request whose receiver is gone is dropped and its cache freed.
+//! request whose receiver is gone is dropped and its cache freed. A finished sequence's cache
+//! goes to the [`PromptCache`], from which a later prompt that extends its tokens resumes.
 //!
 //! Front-ends hold an [`Engine`] (cheap to clone) and get [`Event`]s through a callback, so
 //! the library needs no async runtime.
@@ -10,7 +11,9 @@ use crate::backend::Backend;
 use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::generate::{Decoder, FinishReason, GenerateOptions};
+use crate::mask::DecodeWindow;
 use crate::model::{BatchLogits, Logits, Model, Step};
+use crate::prompt_cache::PromptCache;
 use crate::sample::{token_logprob, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
@@ -33,6 +36,8 @@ pub enum Event {
     Done {
         finish: FinishReason,
         prompt_tokens: usize,
+        /// Of the prompt tokens, those resumed from the prompt cache rather than computed.
+        cached_tokens: usize,
         completion_tokens: usize,
     },
     Error(String),
@@ -66,6 +71,9 @@ pub struct Stats {
     /// Sequences in the batch now.
     pub running: AtomicUsize,
     pub prompt_tokens: AtomicU64,
+    /// Requests that resumed from the prompt cache, and the prompt tokens they did not compute.
+    pub prompt_cache_hits: AtomicU64,
+    pub cached_prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     /// Requests ended by a stop (end-of-sequence or stop string), by the token limit, by an
     /// error, and by their client leaving.
@@ -90,6 +98,26 @@ impl Stats {
     }
 }
 
+/// How the engine runs.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// Sequences stepped together; as many more may wait.
+    pub max_batch: usize,
+    /// Bytes of finished sequences' caches kept for prompts that extend them ([`PromptCache`];
+    /// 0, the default: none). The copies live where the backend keeps caches, e.g. a GPU's
+    /// memory, and nothing checks that they fit there.
+    pub prompt_cache_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_batch: 16,
+            prompt_cache_bytes: 0,
+        }
+    }
+}
+
 /// Handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
@@ -106,18 +134,30 @@ impl Engine {
     pub fn start<B: Backend>(
         model: Arc<Model<B>>,
         tokenizer: Option<Arc<Tokenizer>>,
-        max_batch: usize,
+        options: EngineOptions,
     ) -> Engine {
         // The shared meta prefix now, not on the first request.
         model.meta_prefix();
-        let max_batch = max_batch.max(1);
+        let max_batch = options.max_batch.max(1);
+        let cache = options.prompt_cache_bytes;
         let (tx, rx) = mpsc::channel();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Stats::default());
         let (count, st) = (in_flight.clone(), stats.clone());
         std::thread::Builder::new()
             .name("hymba-engine".into())
-            .spawn(move || run(&model, tokenizer.as_deref(), rx, &count, &st, max_batch))
+            .spawn(move || {
+                let prompts = PromptCache::new(cache);
+                run(
+                    &model,
+                    tokenizer.as_deref(),
+                    rx,
+                    &count,
+                    &st,
+                    max_batch,
+                    prompts,
+                )
+            })
             .expect("spawning the engine thread");
         Engine {
             tx,
@@ -155,24 +195,32 @@ impl Engine {
 struct Seq<B: Backend> {
     req: Request,
     cache: Cache<B>,
-    /// Prompt tokens already fed.
+    /// Prompt tokens already fed (or resumed from the prompt cache).
     fed: usize,
+    /// Prompt tokens resumed from the prompt cache.
+    cached: usize,
     decoder: Decoder,
     /// The token to feed next, once the prompt is in.
     next: Option<u32>,
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     done: bool,
+    /// Ended by a failed step.
+    failed: bool,
     /// Counted here before the events that report them go out, so a client that reads the
     /// counters after its answer sees its own request in them.
     stats: Arc<Stats>,
 }
 
 impl<B: Backend> Seq<B> {
-    /// Checks the request; a refused one comes back with the reason.
+    /// Checks the request; a refused one comes back with the reason. A prompt that extends an
+    /// entry of `prompts` resumes from it, but for an echo (which reports every prompt token's
+    /// log-probability) and the official decode window (whose decode steps see fewer keys than
+    /// a prompt's rows, so an answer's cache is not its tokens' prefill).
     fn new(
         model: &Model<B>,
         req: Request,
         stats: &Arc<Stats>,
+        prompts: &mut PromptCache<B>,
     ) -> std::result::Result<Seq<B>, Box<(Request, Error)>> {
         let problem = if req.prompt.is_empty() {
             Some(Error::Input("the prompt is empty".into()))
@@ -193,13 +241,28 @@ impl<B: Backend> Seq<B> {
         match Decoder::new(&req.prompt, &req.options) {
             Ok(decoder) => {
                 Stats::add(&stats.prompt_tokens, req.prompt.len() as u64);
+                let resumed = if req.echo || req.options.window != DecodeWindow::Trained {
+                    None
+                } else {
+                    prompts.lookup(&req.prompt)
+                };
+                let (cache, cached) = match resumed {
+                    Some((cache, n)) => {
+                        Stats::add(&stats.prompt_cache_hits, 1);
+                        Stats::add(&stats.cached_prompt_tokens, n as u64);
+                        (cache, n)
+                    }
+                    None => (model.new_cache(), 0),
+                };
                 Ok(Seq {
-                    cache: model.new_cache(),
-                    fed: 0,
+                    cache,
+                    fed: cached,
+                    cached,
                     decoder,
                     next: None,
                     prompt_logprobs: vec![None],
                     done: false,
+                    failed: false,
                     stats: stats.clone(),
                     req,
                 })
@@ -304,6 +367,7 @@ impl<B: Backend> Seq<B> {
         self.send(Event::Done {
             finish,
             prompt_tokens: p,
+            cached_tokens: self.cached,
             completion_tokens: c,
         });
     }
@@ -313,8 +377,22 @@ impl<B: Backend> Seq<B> {
             return;
         }
         Stats::add(&self.stats.errors, 1);
+        self.failed = true;
         self.done = true;
         self.send(Event::Error(e.to_string()));
+    }
+
+    /// Its cache for the prompt cache, under the tokens it holds: the prompt and the answer but
+    /// its last token (never fed). None after a failed step (its cache may be part-written) or
+    /// with the official decode window.
+    fn into_prompt_entry(self) -> Option<(Vec<u32>, Cache<B>)> {
+        if self.failed || self.req.options.window != DecodeWindow::Trained {
+            return None;
+        }
+        let mut tokens = self.req.prompt;
+        tokens.extend(self.decoder.generated);
+        tokens.truncate(self.cache.len());
+        (tokens.len() == self.cache.len()).then_some((tokens, self.cache))
     }
 }
 
@@ -325,6 +403,7 @@ fn run<B: Backend>(
     in_flight: &AtomicUsize,
     stats: &Arc<Stats>,
     max_batch: usize,
+    mut prompts: PromptCache<B>,
 ) {
     let mut active: Vec<Seq<B>> = Vec::new();
     let mut waiting: VecDeque<Request> = VecDeque::new();
@@ -343,7 +422,7 @@ fn run<B: Backend>(
         }
         while active.len() < max_batch {
             let Some(r) = waiting.pop_front() else { break };
-            match Seq::new(model, r, stats) {
+            match Seq::new(model, r, stats, &mut prompts) {
                 Ok(s) => active.push(s),
                 Err(refused) => {
                     let (mut r, e) = *refused;
@@ -412,7 +491,11 @@ fn run<B: Backend>(
             }
         }
         let before = active.len();
-        active.retain(|s| !s.done);
+        let (done, running): (Vec<_>, Vec<_>) = active.into_iter().partition(|s| s.done);
+        active = running;
+        for (tokens, cache) in done.into_iter().filter_map(Seq::into_prompt_entry) {
+            prompts.insert(tokens, cache);
+        }
         in_flight.fetch_sub(before - active.len(), Ordering::SeqCst);
         stats.running.store(active.len(), Ordering::Relaxed);
     }

@@ -1,10 +1,14 @@
 //! The batching engine: concurrent greedy requests give the tokens they give alone; a full
-//! engine refuses; a request whose listener is gone is cancelled and frees its slot.
+//! engine refuses; a request whose listener is gone is cancelled and frees its slot; a prompt
+//! that extends a finished request's tokens resumes from its cache and answers as it would
+//! alone.
 
 mod common;
 use common::{fixture, Expected};
 use hymba::engine::{Event, Request, SubmitError};
-use hymba::{generate, Engine, FinishReason, GenerateOptions, Model, SamplingParams};
+use hymba::{
+    generate, Engine, EngineOptions, FinishReason, GenerateOptions, Model, SamplingParams,
+};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -20,6 +24,14 @@ fn options(max_new_tokens: usize) -> GenerateOptions {
     }
 }
 
+/// Up to `max_batch` sequences at once, with no prompt cache (the default).
+fn batch(max_batch: usize) -> EngineOptions {
+    EngineOptions {
+        max_batch,
+        ..Default::default()
+    }
+}
+
 fn request(prompt: Vec<u32>, max_new_tokens: usize) -> (Request, mpsc::Receiver<Event>) {
     let (tx, rx) = mpsc::channel();
     let req = Request {
@@ -32,7 +44,8 @@ fn request(prompt: Vec<u32>, max_new_tokens: usize) -> (Request, mpsc::Receiver<
     (req, rx)
 }
 
-fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason) {
+/// A request's tokens, how it ended, and how many of its prompt tokens came from the prompt cache.
+fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason, usize) {
     let mut ids = Vec::new();
     loop {
         match rx
@@ -43,10 +56,11 @@ fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason) {
             Event::Done {
                 finish,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 assert_eq!(completion_tokens, ids.len());
-                return (ids, finish);
+                return (ids, finish, cached_tokens);
             }
             Event::Error(e) => panic!("engine error: {e}"),
             Event::Prompt(_) => panic!("no echo asked"),
@@ -69,7 +83,7 @@ fn concurrent_greedy_requests_match_sequential_runs() {
                 .ids
         })
         .collect();
-    let engine = Engine::start(model.clone(), None, 8);
+    let engine = Engine::start(model.clone(), None, batch(8));
     let rxs: Vec<_> = cases
         .iter()
         .map(|(p, n)| {
@@ -79,7 +93,7 @@ fn concurrent_greedy_requests_match_sequential_runs() {
         })
         .collect();
     for (i, rx) in rxs.iter().enumerate() {
-        let (got, finish) = collect(rx);
+        let (got, finish, _) = collect(rx);
         assert_eq!(got, alone[i], "request {i}");
         assert_eq!(finish, FinishReason::Length);
     }
@@ -88,7 +102,7 @@ fn concurrent_greedy_requests_match_sequential_runs() {
 #[test]
 fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
     let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
-    let engine = Engine::start(model, None, 1);
+    let engine = Engine::start(model, None, batch(1));
     // A listener that hangs up after the first token.
     let (tx, rx) = mpsc::channel();
     let cancel = Request {
@@ -119,5 +133,70 @@ fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
             "cancelled requests were not freed"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A conversation's next turn: the last prompt, its answer, then new tokens. It resumes from the
+/// last request's cache (the prompt and the answer but its last token, never fed) and gives the
+/// tokens it gives alone; with no prompt cache, or where the new prompt departs from the old
+/// one's tokens, it starts afresh.
+#[test]
+fn next_turn_resumes_from_the_last_ones_cache() {
+    let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
+    let ids = Expected::load("tiny-a").ids("input_ids");
+    let alone = |p: &[u32], n: usize| {
+        generate(&model, None, p, &options(n), &mut |_| {})
+            .unwrap()
+            .ids
+    };
+    for cache_bytes in [1 << 30, 0] {
+        let engine = Engine::start(
+            model.clone(),
+            None,
+            EngineOptions {
+                max_batch: 4,
+                prompt_cache_bytes: cache_bytes,
+            },
+        );
+        let ask = |p: &[u32], n: usize| {
+            let (req, rx) = request(p.to_vec(), n);
+            engine.submit(req).unwrap();
+            collect(&rx)
+        };
+        let first = ids[..5].to_vec();
+        let (answer, _, cached) = ask(&first, 6);
+        assert_eq!((answer.clone(), cached), (alone(&first, 6), 0));
+        let mut next = first.clone();
+        next.extend(&answer);
+        next.extend(&ids[5..9]);
+        let (got, _, cached) = ask(&next, 7);
+        assert_eq!(
+            got,
+            alone(&next, 7),
+            "the next turn, cache of {cache_bytes} bytes"
+        );
+        let want = if cache_bytes > 0 {
+            first.len() + answer.len() - 1
+        } else {
+            0
+        };
+        assert_eq!(cached, want);
+        let stats = engine.stats();
+        use hymba::engine::Stats;
+        assert_eq!(
+            (
+                Stats::get(&stats.prompt_cache_hits),
+                Stats::get(&stats.cached_prompt_tokens)
+            ),
+            ((want > 0) as u64, want as u64)
+        );
+        // Another branch from the first prompt: the next turn's entry does not begin it, the
+        // first one's does (its prompt and answer, then another message).
+        let mut other = first.clone();
+        other.extend(&answer[..5]);
+        other.extend(&ids[9..12]);
+        let (got, _, cached) = ask(&other, 4);
+        assert_eq!(got, alone(&other, 4));
+        assert_eq!(cached, if cache_bytes > 0 { first.len() + 5 } else { 0 });
     }
 }

@@ -382,11 +382,16 @@ impl<B: Backend> Seq<B> {
         self.send(Event::Error(e.to_string()));
     }
 
+    /// Whether its cache may go to the prompt cache: not after a failed step (the cache may be
+    /// part-written), nor with the official decode window (see [`Seq::new`]).
+    fn cacheable(&self) -> bool {
+        !self.failed && self.req.options.window == DecodeWindow::Trained
+    }
+
     /// Its cache for the prompt cache, under the tokens it holds: the prompt and the answer but
-    /// its last token (never fed). None after a failed step (its cache may be part-written) or
-    /// with the official decode window.
+    /// its last token (never fed).
     fn into_prompt_entry(self) -> Option<(Vec<u32>, Cache<B>)> {
-        if self.failed || self.req.options.window != DecodeWindow::Trained {
+        if !self.cacheable() {
             return None;
         }
         let mut tokens = self.req.prompt;
@@ -438,6 +443,7 @@ fn run<B: Backend>(
         }
         let began = std::time::Instant::now();
         let ids: Vec<Vec<u32>> = active.iter().map(Seq::step_ids).collect();
+        let prefilling: Vec<bool> = active.iter().map(Seq::prefilling).collect();
         let result = {
             let mut steps: Vec<Step<B>> = active
                 .iter_mut()
@@ -487,6 +493,16 @@ fn run<B: Backend>(
             Err(e) => {
                 for s in active.iter_mut() {
                     s.fail(&e);
+                }
+            }
+        }
+        // A prompt just computed goes to the prompt cache as it is, beside what its answer will
+        // leave: a conversation's next turn begins with it even where the answer's text encodes
+        // to other tokens than were generated. (One that ended here leaves the same tokens.)
+        if prompts.enabled() {
+            for (s, _) in active.iter().zip(&prefilling).filter(|(_, &p)| p) {
+                if !s.prefilling() && !s.done && s.cacheable() {
+                    prompts.insert(s.req.prompt.clone(), s.cache.clone());
                 }
             }
         }

@@ -39,6 +39,11 @@ impl<B: Backend> PromptCache<B> {
         }
     }
 
+    /// Whether it keeps anything (a budget above 0).
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
     /// Bytes held now.
     pub fn bytes(&self) -> usize {
         self.held

@@ -137,9 +137,9 @@ fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
 }
 
 /// A conversation's next turn: the last prompt, its answer, then new tokens. It resumes from the
-/// last request's cache (the prompt and the answer but its last token, never fed) and gives the
-/// tokens it gives alone; with no prompt cache, or where the new prompt departs from the old
-/// one's tokens, it starts afresh.
+/// last request's cache (the prompt and the answer but its last token, never fed), or from its
+/// prompt's where it departs from the answer's tokens, and gives the tokens it gives alone; with
+/// no prompt cache it starts afresh.
 #[test]
 fn next_turn_resumes_from_the_last_ones_cache() {
     let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
@@ -198,5 +198,12 @@ fn next_turn_resumes_from_the_last_ones_cache() {
         let (got, _, cached) = ask(&other, 4);
         assert_eq!(got, alone(&other, 4));
         assert_eq!(cached, if cache_bytes > 0 { first.len() + 5 } else { 0 });
+        // A next turn whose answer encodes to other tokens than were generated: the first
+        // prompt's own entry, kept when it was computed, still begins it.
+        let mut edited = first.clone();
+        edited.extend(&ids[12..15]);
+        let (got, _, cached) = ask(&edited, 4);
+        assert_eq!(got, alone(&edited, 4));
+        assert_eq!(cached, if cache_bytes > 0 { first.len() } else { 0 });
     }
 }

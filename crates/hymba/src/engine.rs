@@ -199,6 +199,9 @@ struct Seq<B: Backend> {
     fed: usize,
     /// Prompt tokens resumed from the prompt cache.
     cached: usize,
+    /// The prompt's last logits, where the prompt cache held all of it: the first token is
+    /// drawn from them, with no forward.
+    ready: Option<Vec<f32>>,
     decoder: Decoder,
     /// The token to feed next, once the prompt is in.
     next: Option<u32>,
@@ -246,18 +249,19 @@ impl<B: Backend> Seq<B> {
                 } else {
                     prompts.lookup(&req.prompt)
                 };
-                let (cache, cached) = match resumed {
-                    Some((cache, n)) => {
+                let (cache, cached, ready) = match resumed {
+                    Some(r) => {
                         Stats::add(&stats.prompt_cache_hits, 1);
-                        Stats::add(&stats.cached_prompt_tokens, n as u64);
-                        (cache, n)
+                        Stats::add(&stats.cached_prompt_tokens, r.tokens as u64);
+                        (r.cache, r.tokens, r.logits)
                     }
-                    None => (model.new_cache(), 0),
+                    None => (model.new_cache(), 0, None),
                 };
                 Ok(Seq {
                     cache,
                     fed: cached,
                     cached,
+                    ready,
                     decoder,
                     next: None,
                     prompt_logprobs: vec![None],
@@ -350,6 +354,15 @@ impl<B: Backend> Seq<B> {
         Ok(())
     }
 
+    /// Starts the answer of a prompt the prompt cache held whole, from its last logits.
+    fn answer_from(&mut self, logits: &[f32], v: usize, tok: Option<&Tokenizer>) -> Result<()> {
+        if self.req.options.max_new_tokens == 0 {
+            self.finish(FinishReason::Length);
+            return Ok(());
+        }
+        self.advance(logits, None, 0, v, tok)
+    }
+
     fn finish(&mut self, finish: FinishReason) {
         if self.done {
             return;
@@ -437,6 +450,14 @@ fn run<B: Backend>(
                 }
             }
         }
+        for s in active.iter_mut() {
+            if let Some(l) = s.ready.take() {
+                if let Err(e) = s.answer_from(&l, v, tok) {
+                    s.fail(&e);
+                }
+            }
+        }
+        retire(&mut active, &mut prompts, in_flight);
         stats.running.store(active.len(), Ordering::Relaxed);
         if active.is_empty() {
             continue;
@@ -456,6 +477,9 @@ fn run<B: Backend>(
                     } else if s.fed + ids.len() < s.req.prompt.len() {
                         // A chunk before the prompt's last: its pick is not used.
                         Logits::Greedy
+                    } else if s.prefilling() && prompts.enabled() && s.cacheable() {
+                        // The prompt's last chunk: its logits go to the prompt cache with it.
+                        Logits::Last
                     } else {
                         s.decoder.next_logits()
                     };
@@ -496,23 +520,37 @@ fn run<B: Backend>(
                 }
             }
         }
-        // A prompt just computed goes to the prompt cache as it is, beside what its answer will
-        // leave: a conversation's next turn begins with it even where the answer's text encodes
-        // to other tokens than were generated. (One that ended here leaves the same tokens.)
+        // A prompt just computed goes to the prompt cache as it is, with its last logits, beside
+        // what its answer will leave: the same prompt again (a regenerated answer) starts with
+        // no forward, and a conversation's next turn begins with it even where the answer's
+        // text encodes to other tokens than were generated.
         if prompts.enabled() {
-            for (s, _) in active.iter().zip(&prefilling).filter(|(_, &p)| p) {
-                if !s.prefilling() && !s.done && s.cacheable() {
-                    prompts.insert(s.req.prompt.clone(), s.cache.clone());
+            for (i, s) in active.iter().enumerate() {
+                if prefilling[i] && !s.prefilling() && s.cacheable() {
+                    let rows = logits.get(i);
+                    let last = rows[rows.len().saturating_sub(v)..].to_vec();
+                    let last = (last.len() == v).then_some(last);
+                    prompts.insert(s.req.prompt.clone(), s.cache.clone(), last);
                 }
             }
         }
-        let before = active.len();
-        let (done, running): (Vec<_>, Vec<_>) = active.into_iter().partition(|s| s.done);
-        active = running;
-        for (tokens, cache) in done.into_iter().filter_map(Seq::into_prompt_entry) {
-            prompts.insert(tokens, cache);
-        }
-        in_flight.fetch_sub(before - active.len(), Ordering::SeqCst);
+        retire(&mut active, &mut prompts, in_flight);
         stats.running.store(active.len(), Ordering::Relaxed);
     }
+}
+
+/// Takes the finished sequences out of the batch, their caches into the prompt cache.
+fn retire<B: Backend>(
+    active: &mut Vec<Seq<B>>,
+    prompts: &mut PromptCache<B>,
+    in_flight: &AtomicUsize,
+) {
+    let before = active.len();
+    let (done, running): (Vec<_>, Vec<_>) =
+        std::mem::take(active).into_iter().partition(|s| s.done);
+    *active = running;
+    for (tokens, cache) in done.into_iter().filter_map(Seq::into_prompt_entry) {
+        prompts.insert(tokens, cache, None);
+    }
+    in_flight.fetch_sub(before - active.len(), Ordering::SeqCst);
 }

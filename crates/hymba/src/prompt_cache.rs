@@ -4,8 +4,9 @@
 //! message (vLLM's automatic prefix caching, llama.cpp's `cache_prompt`).
 //!
 //! Hymba's SSM state and window rings cannot be rolled back to an earlier position, so an entry
-//! serves only prompts that extend all of its tokens, and at least one prompt token is left to
-//! feed (its logits start the answer). A resumed prompt is computed in other parts than a fresh
+//! serves only prompts that extend all of its tokens: longer ones, or the same tokens where the
+//! entry kept the logits of its last one (a prompt's own entry), which start the answer without
+//! any forward (a regenerated answer). A resumed prompt is computed in other parts than a fresh
 //! one, so its logits agree with a fresh prefill's to the engine's decode-equals-prefill
 //! tolerance, not bit for bit.
 
@@ -24,8 +25,18 @@ pub struct PromptCache<B: Backend = Cpu> {
 struct Entry<B: Backend> {
     tokens: Vec<u32>,
     cache: Cache<B>,
+    /// The logits of the last token, where kept.
+    logits: Option<Vec<f32>>,
     bytes: usize,
     used: u64,
+}
+
+/// Where a prompt resumes: a copy of an entry's cache, the prompt tokens it holds, and when it
+/// holds all of them, the logits of the last.
+pub struct Resume<B: Backend> {
+    pub cache: Cache<B>,
+    pub tokens: usize,
+    pub logits: Option<Vec<f32>>,
 }
 
 impl<B: Backend> PromptCache<B> {
@@ -57,30 +68,42 @@ impl<B: Backend> PromptCache<B> {
         self.entries.is_empty()
     }
 
-    /// A copy of the cache of the longest entry whose tokens begin `prompt` and are fewer, with
-    /// how many tokens it holds; the entry stays for other prompts.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(Cache<B>, usize)> {
+    /// Where `prompt` resumes: from the longest entry whose tokens begin it and are fewer, or
+    /// are all of them with their last logits kept (a copy; the entry stays for other prompts).
+    pub fn lookup(&mut self, prompt: &[u32]) -> Option<Resume<B>> {
         self.clock += 1;
         let best = self
             .entries
             .iter_mut()
-            .filter(|e| e.tokens.len() < prompt.len() && prompt.starts_with(&e.tokens))
+            .filter(|e| {
+                (e.tokens.len() < prompt.len() || e.logits.is_some())
+                    && prompt.starts_with(&e.tokens)
+            })
             .max_by_key(|e| e.tokens.len())?;
         best.used = self.clock;
-        Some((best.cache.clone(), best.tokens.len()))
+        let whole = best.tokens.len() == prompt.len();
+        Some(Resume {
+            cache: best.cache.clone(),
+            tokens: best.tokens.len(),
+            logits: if whole { best.logits.clone() } else { None },
+        })
     }
 
-    /// Keeps `cache`, which holds `tokens` (its `len()` of them), dropping an entry of the same
-    /// tokens and then the least recently used until the budget holds it. A cache larger than
-    /// the whole budget is not kept.
-    pub fn insert(&mut self, tokens: Vec<u32>, cache: Cache<B>) {
+    /// Keeps `cache`, which holds `tokens` (its `len()` of them), with the logits of the last
+    /// where given, dropping an entry of the same tokens (whose logits it keeps if it has none)
+    /// and then the least recently used until the budget holds it. An entry larger than the
+    /// whole budget is not kept.
+    pub fn insert(&mut self, tokens: Vec<u32>, cache: Cache<B>, mut logits: Option<Vec<f32>>) {
         debug_assert_eq!(tokens.len(), cache.len());
-        let bytes = cache.bytes().per_sequence;
+        if let Some(i) = self.entries.iter().position(|e| e.tokens == tokens) {
+            if logits.is_none() {
+                logits = self.entries[i].logits.take();
+            }
+            self.remove(i);
+        }
+        let bytes = cache.bytes().per_sequence + logits.as_ref().map_or(0, |l| 4 * l.len());
         if tokens.is_empty() || bytes > self.budget {
             return;
-        }
-        if let Some(i) = self.entries.iter().position(|e| e.tokens == tokens) {
-            self.remove(i);
         }
         while self.held + bytes > self.budget {
             let oldest = (0..self.entries.len())
@@ -93,6 +116,7 @@ impl<B: Backend> PromptCache<B> {
         self.entries.push(Entry {
             tokens,
             cache,
+            logits,
             bytes,
             used: self.clock,
         });
@@ -145,18 +169,28 @@ mod tests {
     fn serves_the_longest_entry_that_begins_the_prompt_and_leaves_a_token() {
         let model = model();
         let mut pc = PromptCache::new(usize::MAX);
-        pc.insert(vec![1, 2], fed(&model, &[1, 2]));
-        pc.insert(vec![1, 2, 3, 4], fed(&model, &[1, 2, 3, 4]));
-        pc.insert(vec![1, 5, 6], fed(&model, &[1, 5, 6]));
-        let (c, n) = pc.lookup(&[1, 2, 3, 4, 9]).unwrap();
-        assert_eq!((n, c.len()), (4, 4));
-        // The whole prompt held: the shorter entry, so a token is left to feed.
-        assert_eq!(pc.lookup(&[1, 2, 3, 4]).unwrap().1, 2);
-        assert_eq!(pc.lookup(&[1, 2, 3]).unwrap().1, 2);
+        pc.insert(vec![1, 2], fed(&model, &[1, 2]), None);
+        pc.insert(vec![1, 2, 3, 4], fed(&model, &[1, 2, 3, 4]), None);
+        pc.insert(vec![1, 5, 6], fed(&model, &[1, 5, 6]), None);
+        let r = pc.lookup(&[1, 2, 3, 4, 9]).unwrap();
+        assert_eq!((r.tokens, r.cache.len(), r.logits.is_none()), (4, 4, true));
+        // The whole prompt held without its logits: the shorter entry, so a token is left to
+        // feed.
+        assert_eq!(pc.lookup(&[1, 2, 3, 4]).unwrap().tokens, 2);
+        assert_eq!(pc.lookup(&[1, 2, 3]).unwrap().tokens, 2);
         assert!(pc.lookup(&[1, 2]).is_none());
         assert!(pc.lookup(&[2, 1, 5, 6, 7]).is_none());
+        // With its logits, the whole prompt resumes with nothing to feed; a longer prompt
+        // resumes from it without them (its next token's logits are to be computed).
+        pc.insert(vec![1, 2], fed(&model, &[1, 2]), Some(vec![0.5; 50]));
+        let r = pc.lookup(&[1, 2]).unwrap();
+        assert_eq!((r.tokens, r.logits), (2, Some(vec![0.5; 50])));
+        assert_eq!(pc.lookup(&[1, 2, 3]).unwrap().logits, None);
+        // The same tokens again without logits keep the ones the entry had.
+        pc.insert(vec![1, 2], fed(&model, &[1, 2]), None);
+        assert_eq!(pc.lookup(&[1, 2]).unwrap().logits, Some(vec![0.5; 50]));
         // The copy continues as the sequence it was cut from would.
-        let (mut c, _) = pc.lookup(&[1, 5, 6, 7]).unwrap();
+        let mut c = pc.lookup(&[1, 5, 6, 7]).unwrap().cache;
         let resumed = model
             .forward(&mut c, &[7], Logits::Last, DecodeWindow::Trained)
             .unwrap();
@@ -177,23 +211,23 @@ mod tests {
         let model = model();
         let one = fed(&model, &[1, 2, 3]).bytes().per_sequence;
         let mut pc = PromptCache::new(2 * one);
-        pc.insert(vec![1, 2, 3], fed(&model, &[1, 2, 3]));
-        pc.insert(vec![4, 5, 6], fed(&model, &[4, 5, 6]));
+        pc.insert(vec![1, 2, 3], fed(&model, &[1, 2, 3]), None);
+        pc.insert(vec![4, 5, 6], fed(&model, &[4, 5, 6]), None);
         assert_eq!((pc.len(), pc.bytes()), (2, 2 * one));
         // [1, 2, 3] used last, so [4, 5, 6] goes for the third.
         assert!(pc.lookup(&[1, 2, 3, 0]).is_some());
-        pc.insert(vec![7, 8, 9], fed(&model, &[7, 8, 9]));
+        pc.insert(vec![7, 8, 9], fed(&model, &[7, 8, 9]), None);
         assert_eq!((pc.len(), pc.bytes()), (2, 2 * one));
         assert!(pc.lookup(&[4, 5, 6, 0]).is_none());
         assert!(pc.lookup(&[1, 2, 3, 0]).is_some());
         assert!(pc.lookup(&[7, 8, 9, 0]).is_some());
         // The same tokens again replace their entry rather than taking a second place.
-        pc.insert(vec![7, 8, 9], fed(&model, &[7, 8, 9]));
+        pc.insert(vec![7, 8, 9], fed(&model, &[7, 8, 9]), None);
         assert_eq!((pc.len(), pc.bytes()), (2, 2 * one));
         // Nothing fits a budget smaller than one cache, or none.
         for budget in [one - 1, 0] {
             let mut small = PromptCache::new(budget);
-            small.insert(vec![1, 2, 3], fed(&model, &[1, 2, 3]));
+            small.insert(vec![1, 2, 3], fed(&model, &[1, 2, 3]), None);
             assert!(small.is_empty() && small.bytes() == 0);
         }
     }

@@ -138,8 +138,8 @@ fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
 
 /// A conversation's next turn: the last prompt, its answer, then new tokens. It resumes from the
 /// last request's cache (the prompt and the answer but its last token, never fed), or from its
-/// prompt's where it departs from the answer's tokens, and gives the tokens it gives alone; with
-/// no prompt cache it starts afresh.
+/// prompt's where it departs from the answer's tokens, and gives the tokens it gives alone; the
+/// same prompt again resumes whole; with no prompt cache each starts afresh.
 #[test]
 fn next_turn_resumes_from_the_last_ones_cache() {
     let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
@@ -205,5 +205,13 @@ fn next_turn_resumes_from_the_last_ones_cache() {
         let (got, _, cached) = ask(&edited, 4);
         assert_eq!(got, alone(&edited, 4));
         assert_eq!(cached, if cache_bytes > 0 { first.len() } else { 0 });
+        // The first prompt again (a regenerated answer): held whole with its last logits, it
+        // starts with no forward and answers as before.
+        let (again, _, cached) = ask(&first, 6);
+        assert_eq!(again, answer);
+        assert_eq!(cached, if cache_bytes > 0 { first.len() } else { 0 });
+        // And with no token to generate, it ends at once.
+        let (none, finish, _) = ask(&first, 0);
+        assert_eq!((none.len(), finish), (0, FinishReason::Length));
     }
 }

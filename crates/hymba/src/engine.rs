@@ -244,10 +244,10 @@ impl<B: Backend> Seq<B> {
         match Decoder::new(&req.prompt, &req.options) {
             Ok(decoder) => {
                 Stats::add(&stats.prompt_tokens, req.prompt.len() as u64);
-                let resumed = if req.echo || req.options.window != DecodeWindow::Trained {
-                    None
-                } else {
+                let resumed = if may_resume(&req) {
                     prompts.lookup(&req.prompt)
+                } else {
+                    None
                 };
                 let (cache, cached, ready) = match resumed {
                     Some(r) => {
@@ -414,6 +414,11 @@ impl<B: Backend> Seq<B> {
     }
 }
 
+/// Whether a request may resume from the prompt cache (see [`Seq::new`]).
+fn may_resume(req: &Request) -> bool {
+    !req.echo && req.options.window == DecodeWindow::Trained
+}
+
 fn run<B: Backend>(
     model: &Model<B>,
     tok: Option<&Tokenizer>,
@@ -438,8 +443,17 @@ fn run<B: Backend>(
         while let Ok(r) = rx.try_recv() {
             waiting.push_back(r);
         }
+        // Requests whose prompt a running sequence is computing now wait for it: its prompt and
+        // last logits will then be in the prompt cache (`n` answers to one prompt compute it once).
+        let mut behind = Vec::new();
         while active.len() < max_batch {
             let Some(r) = waiting.pop_front() else { break };
+            let computing =
+                |s: &Seq<B>| s.prefilling() && s.cacheable() && s.req.prompt == r.prompt;
+            if prompts.enabled() && may_resume(&r) && active.iter().any(computing) {
+                behind.push(r);
+                continue;
+            }
             match Seq::new(model, r, stats, &mut prompts) {
                 Ok(s) => active.push(s),
                 Err(refused) => {
@@ -449,6 +463,9 @@ fn run<B: Backend>(
                     Stats::add(&stats.errors, 1);
                 }
             }
+        }
+        for r in behind.into_iter().rev() {
+            waiting.push_front(r);
         }
         for s in active.iter_mut() {
             if let Some(l) = s.ready.take() {

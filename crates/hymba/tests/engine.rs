@@ -215,3 +215,39 @@ fn next_turn_resumes_from_the_last_ones_cache() {
         assert_eq!((none.len(), finish), (0, FinishReason::Length));
     }
 }
+
+/// Answers to one prompt submitted together (as `n` asks): the prompt is computed once, the
+/// others wait for it and start from its kept logits, and each answers as it would alone.
+#[test]
+fn one_prompt_asked_together_is_computed_once() {
+    let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
+    let prompt = Expected::load("tiny-a").ids("input_ids")[..7].to_vec();
+    let alone = generate(&model, None, &prompt, &options(5), &mut |_| {})
+        .unwrap()
+        .ids;
+    let engine = Engine::start(
+        model.clone(),
+        None,
+        EngineOptions {
+            max_batch: 4,
+            prompt_cache_bytes: 1 << 30,
+        },
+    );
+    let rxs: Vec<_> = (0..3)
+        .map(|_| {
+            let (req, rx) = request(prompt.clone(), 5);
+            engine.submit(req).unwrap();
+            rx
+        })
+        .collect();
+    let mut cached: Vec<usize> = rxs
+        .iter()
+        .map(|rx| {
+            let (got, _, cached) = collect(rx);
+            assert_eq!(got, alone);
+            cached
+        })
+        .collect();
+    cached.sort();
+    assert_eq!(cached, [0, prompt.len(), prompt.len()]);
+}

@@ -594,6 +594,34 @@ fn extended_prompt_reports_its_cached_tokens() {
     }
 }
 
+/// Two chats with one system prompt: the second resumes where the conversation before its last
+/// message ends (the system turn, as `/tokenize` renders it), which the first kept.
+#[test]
+fn chats_share_their_system_prompt() {
+    use serde_json::json;
+    let srv = start("pc-chat", &[]);
+    let system =
+        json!({"role": "system", "content": "You answer in one word. Be brief and exact."});
+    let mut cached = Vec::new();
+    for question in ["Hello there", "And the sea?"] {
+        let body = json!({"messages": [system, {"role": "user", "content": question}], "max_tokens": 2, "temperature": 0});
+        let (st, r) = post(srv.port, "/v1/chat/completions", body);
+        assert_eq!(st, 200, "{r}");
+        cached.push(
+            r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    let (st, t) = post(
+        srv.port,
+        "/tokenize",
+        json!({"messages": [system], "add_generation_prompt": false}),
+    );
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(cached, [0, t["count"].as_u64().unwrap()]);
+}
+
 /// `chat_template_kwargs` reach the template: Hymba's Instruct template shows `contexts`
 /// (retrieved passages) in the system turn.
 #[test]

@@ -574,6 +574,7 @@ fn submit(
     options: GenerateOptions,
     logprobs: Option<usize>,
     echo: bool,
+    branch_point: Option<usize>,
 ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let req = Request {
@@ -581,6 +582,7 @@ fn submit(
         options,
         logprobs,
         echo,
+        branch_point,
         sink: Box::new(move |ev| tx.send(ev).is_ok()),
     };
     match st.engine.submit(req) {
@@ -610,12 +612,13 @@ fn submit_n(
     n: usize,
     logprobs: Option<usize>,
     echo: bool,
+    branch_point: Option<usize>,
 ) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
     (0..n)
         .map(|j| {
             let mut o = options.clone();
             o.sampling.seed = o.sampling.seed.wrapping_add(j as u64);
-            submit(st, prompt.to_vec(), o, logprobs, echo)
+            submit(st, prompt.to_vec(), o, logprobs, echo, branch_point)
         })
         .collect()
 }
@@ -830,7 +833,7 @@ async fn completions_inner(
             ));
         }
         let options = req.sampling.options(&st, prompts[0].len(), 16)?;
-        let rxs = submit_n(&st, &prompts[0], &options, n, req.logprobs, false)?;
+        let rxs = submit_n(&st, &prompts[0], &options, n, req.logprobs, false, None)?;
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
         let mut tally = UsageTally {
             n,
@@ -873,7 +876,7 @@ async fn completions_inner(
     for p in &prompts {
         let options = req.sampling.options(&st, p.len(), 16)?;
         rxs.extend(
-            submit_n(&st, p, &options, n, req.logprobs, req.echo)?
+            submit_n(&st, p, &options, n, req.logprobs, req.echo, None)?
                 .into_iter()
                 .map(|rx| (p.clone(), rx)),
         );
@@ -966,8 +969,7 @@ fn messages(v: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
 }
 
 /// The chat prompt as the checkpoint's template renders it, tokenized without an added BOS
-/// (what `apply_chat_template` gives).
-/// The chat template's rendering of `msgs`, tokenized; `extra` holds more template variables.
+/// (what `apply_chat_template` gives); `extra` holds more template variables.
 fn chat_prompt(
     st: &AppState,
     msgs: &[Message],
@@ -1063,7 +1065,20 @@ async fn chat_inner(
             return Err(error(StatusCode::BAD_REQUEST, msg, Some("tool_choice")));
         }
     };
-    let prompt = chat_prompt(&st, &msgs, tools, true, req.chat_template_kwargs.as_ref())?;
+    let kwargs = req.chat_template_kwargs.as_ref();
+    let prompt = chat_prompt(&st, &msgs, tools, true, kwargs)?;
+    // The conversation before its last message, where the prompt cache keeps the state too:
+    // other conversations with the same system prompt begin there, and this one's next turn
+    // does even where its answer's text encodes to other tokens than were generated.
+    let branch_point = if st.engine.prompt_cache_bytes > 0 && msgs.len() > 1 {
+        chat_prompt(&st, &msgs[..msgs.len() - 1], tools, false, kwargs)
+            .ok()
+            .filter(|before| before.len() < prompt.len() && prompt.starts_with(before))
+            .map(|before| before.len())
+            .filter(|&c| c > 0)
+    } else {
+        None
+    };
     let options = req.sampling.options(&st, prompt.len(), st.max_context)?;
     let n_prompt = prompt.len();
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
@@ -1076,7 +1091,7 @@ async fn chat_inner(
         ));
     }
     let n = req.sampling.choices();
-    let rxs = submit_n(&st, &prompt, &options, n, logprobs, false)?;
+    let rxs = submit_n(&st, &prompt, &options, n, logprobs, false, branch_point)?;
     let (id, created) = (request_id("chatcmpl"), now());
     if req.sampling.stream {
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());

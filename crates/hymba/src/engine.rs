@@ -54,6 +54,11 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Report the prompt tokens' log-probabilities.
     pub echo: bool,
+    /// A prompt position (0 < it < the prompt's length) whose cache goes to the prompt cache
+    /// too, where another prompt may diverge from this one: e.g. a chat's end of the
+    /// conversation before its last message (the system prompt other users share). The prefill
+    /// stops there once, so it costs a step.
+    pub branch_point: Option<usize>,
     pub sink: Sink,
 }
 
@@ -126,6 +131,8 @@ pub struct Engine {
     stats: Arc<Stats>,
     capacity: usize,
     pub max_batch: usize,
+    /// The prompt cache's budget in bytes (0: none).
+    pub prompt_cache_bytes: usize,
 }
 
 impl Engine {
@@ -165,6 +172,7 @@ impl Engine {
             stats,
             capacity: 2 * max_batch,
             max_batch,
+            prompt_cache_bytes: cache,
         }
     }
 
@@ -279,9 +287,20 @@ impl<B: Backend> Seq<B> {
         self.fed < self.req.prompt.len()
     }
 
-    fn step_ids(&self) -> Vec<u32> {
+    /// The branch point still ahead of the prefill, where the prompt cache keeps anything.
+    fn branch_point_ahead(&self, prompts: &PromptCache<B>) -> Option<usize> {
+        self.req
+            .branch_point
+            .filter(|&c| c > self.fed && c < self.req.prompt.len())
+            .filter(|_| prompts.enabled() && self.cacheable())
+    }
+
+    fn step_ids(&self, prompts: &PromptCache<B>) -> Vec<u32> {
         if self.prefilling() {
-            let end = (self.fed + PREFILL_CHUNK).min(self.req.prompt.len());
+            let mut end = (self.fed + PREFILL_CHUNK).min(self.req.prompt.len());
+            if let Some(c) = self.branch_point_ahead(prompts) {
+                end = end.min(c);
+            }
             self.req.prompt[self.fed..end].to_vec()
         } else {
             vec![self.next.expect("a decoding sequence has a next token")]
@@ -480,8 +499,12 @@ fn run<B: Backend>(
             continue;
         }
         let began = std::time::Instant::now();
-        let ids: Vec<Vec<u32>> = active.iter().map(Seq::step_ids).collect();
+        let ids: Vec<Vec<u32>> = active.iter().map(|s| s.step_ids(&prompts)).collect();
         let prefilling: Vec<bool> = active.iter().map(Seq::prefilling).collect();
+        let branch_points: Vec<Option<usize>> = active
+            .iter()
+            .map(|s| s.branch_point_ahead(&prompts))
+            .collect();
         let result = {
             let mut steps: Vec<Step<B>> = active
                 .iter_mut()
@@ -543,6 +566,10 @@ fn run<B: Backend>(
         // text encodes to other tokens than were generated.
         if prompts.enabled() {
             for (i, s) in active.iter().enumerate() {
+                if branch_points[i].is_some_and(|c| c == s.fed) && s.cacheable() {
+                    let c = s.fed;
+                    prompts.insert(s.req.prompt[..c].to_vec(), s.cache.clone(), None);
+                }
                 if prefilling[i] && !s.prefilling() && s.cacheable() {
                     let rows = logits.get(i);
                     let last = rows[rows.len().saturating_sub(v)..].to_vec();

@@ -39,6 +39,7 @@ fn request(prompt: Vec<u32>, max_new_tokens: usize) -> (Request, mpsc::Receiver<
         options: options(max_new_tokens),
         logprobs: None,
         echo: false,
+        branch_point: None,
         sink: Box::new(move |ev| tx.send(ev).is_ok()),
     };
     (req, rx)
@@ -110,6 +111,7 @@ fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
         options: options(100_000),
         logprobs: None,
         echo: false,
+        branch_point: None,
         // Forwards the first event, then reports nobody listens: the engine cancels it.
         sink: Box::new(move |ev| {
             let _ = tx.send(ev);
@@ -250,4 +252,38 @@ fn one_prompt_asked_together_is_computed_once() {
         .collect();
     cached.sort();
     assert_eq!(cached, [0, prompt.len(), prompt.len()]);
+}
+
+/// A branch point: the prompt cache keeps the state there too, so another prompt that shares
+/// only the part before it (another user's question after the same system prompt) resumes from
+/// it, and each answers as it would alone.
+#[test]
+fn another_prompt_resumes_at_a_branch_point() {
+    let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
+    let ids = Expected::load("tiny-a").ids("input_ids");
+    let alone = |p: &[u32]| {
+        generate(&model, None, p, &options(4), &mut |_| {})
+            .unwrap()
+            .ids
+    };
+    let engine = Engine::start(
+        model.clone(),
+        None,
+        EngineOptions {
+            max_batch: 4,
+            prompt_cache_bytes: 1 << 30,
+        },
+    );
+    let system = &ids[..6];
+    let ask = |question: &[u32], branch_point: Option<usize>| {
+        let prompt = [system, question].concat();
+        let (mut req, rx) = request(prompt.clone(), 4);
+        req.branch_point = branch_point;
+        engine.submit(req).unwrap();
+        let (got, _, cached) = collect(&rx);
+        assert_eq!(got, alone(&prompt));
+        cached
+    };
+    assert_eq!(ask(&ids[6..10], Some(system.len())), 0);
+    assert_eq!(ask(&ids[10..13], None), system.len());
 }

@@ -591,6 +591,26 @@ fn extended_prompt_reports_its_cached_tokens() {
             metric(srv.port, "hymba_prompt_cache_tokens_total"),
             cached as f64
         );
+        // Two answers to a new prompt, streamed with usage: the prompt counts once, as the
+        // first answer computed it (the second waits and resumes it whole), as a non-streamed
+        // answer counts it.
+        let body = json!({"prompt": [1, 7, 8, 9, 10], "max_tokens": 2, "n": 2, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}).to_string();
+        let (st, sse) = http(srv.port, "POST", "/v1/completions", &body, &[]);
+        assert_eq!(st, 200, "{sse}");
+        let last: serde_json::Value = sse
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .last()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .unwrap();
+        assert_eq!(
+            last["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+            "{tag}: {sse}"
+        );
+        let hits = metric(srv.port, "hymba_prompt_cache_hits_total");
+        assert_eq!(hits, 2.0 * hit as u8 as f64, "{tag}");
+        assert_eq!(last["usage"]["completion_tokens"], 4, "{sse}");
     }
 }
 

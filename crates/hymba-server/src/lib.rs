@@ -541,15 +541,38 @@ struct UsageTally {
     wanted: bool,
     done: usize,
     completion_tokens: usize,
+    /// The first answer's prompt tokens resumed from the prompt cache: the prompt counts once
+    /// however many answers it has, as a non-streamed answer counts it.
+    cached_tokens: usize,
 }
 
 impl UsageTally {
-    /// Records an answer's end; the total completion tokens when it was the last one and usage
-    /// was asked for.
-    fn finished(&mut self, completion_tokens: usize) -> Option<usize> {
+    fn new(n: usize, wanted: bool) -> Self {
+        UsageTally {
+            n,
+            wanted,
+            done: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+        }
+    }
+
+    /// Records answer `index`'s end; the usage when it was the last one and usage was asked
+    /// for.
+    fn finished(
+        &mut self,
+        index: usize,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+        completion_tokens: usize,
+    ) -> Option<Value> {
         self.done += 1;
         self.completion_tokens += completion_tokens;
-        (self.wanted && self.done == self.n).then_some(self.completion_tokens)
+        if index == 0 {
+            self.cached_tokens = cached_tokens;
+        }
+        (self.wanted && self.done == self.n)
+            .then(|| usage(prompt_tokens, self.cached_tokens, self.completion_tokens))
     }
 }
 
@@ -835,12 +858,7 @@ async fn completions_inner(
         let options = req.sampling.options(&st, prompts[0].len(), 16)?;
         let rxs = submit_n(&st, &prompts[0], &options, n, req.logprobs, false, None)?;
         let (model, tok) = (st.model_name.clone(), st.tokenizer.clone());
-        let mut tally = UsageTally {
-            n,
-            wanted: req.sampling.stream_usage(),
-            done: 0,
-            completion_tokens: 0,
-        };
+        let mut tally = UsageTally::new(n, req.sampling.stream_usage());
         // Each answer's ids so far, after the prompt: the context of its tokens' text.
         let mut seen = vec![prompts[0].clone(); n];
         let values = merged(rxs).map(move |(index, ev)| {
@@ -856,8 +874,8 @@ async fn completions_inner(
                 }
                 Event::Done { finish, prompt_tokens, cached_tokens, completion_tokens } => {
                     let mut v = vec![chunk("", Value::Null, finish_name(Some(finish)))];
-                    if let Some(total) = tally.finished(completion_tokens) {
-                        v.push(usage_chunk(&id, "text_completion", created, &model, usage(prompt_tokens, cached_tokens, total)));
+                    if let Some(u) = tally.finished(index, prompt_tokens, cached_tokens, completion_tokens) {
+                        v.push(usage_chunk(&id, "text_completion", created, &model, u));
                     }
                     v
                 }
@@ -1103,12 +1121,7 @@ async fn chat_inner(
             })
             .collect();
         let head = sse_events(firsts);
-        let mut tally = UsageTally {
-            n,
-            wanted: req.sampling.stream_usage(),
-            done: 0,
-            completion_tokens: 0,
-        };
+        let mut tally = UsageTally::new(n, req.sampling.stream_usage());
         let values = merged(rxs).map(move |(index, ev)| {
             let chunk = |delta: Value, finish: Value, usage: Value| {
                 let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -1137,8 +1150,8 @@ async fn chat_inner(
                         finish_name(Some(finish)),
                         usage(prompt_tokens, cached_tokens, completion_tokens),
                     )];
-                    if let Some(total) = tally.finished(completion_tokens) {
-                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, usage(prompt_tokens, cached_tokens, total)));
+                    if let Some(u) = tally.finished(index, prompt_tokens, cached_tokens, completion_tokens) {
+                        v.push(usage_chunk(&id, "chat.completion.chunk", created, &model, u));
                     }
                     v
                 }

@@ -600,8 +600,7 @@ fn extended_prompt_reports_its_cached_tokens() {
         let last: serde_json::Value = sse
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
-            .filter(|d| *d != "[DONE]")
-            .last()
+            .rfind(|d| *d != "[DONE]")
             .map(|d| serde_json::from_str(d).unwrap())
             .unwrap();
         assert_eq!(

@@ -114,6 +114,8 @@ pub struct Model<B: Backend = Cpu> {
     checkpoint_kv: KvDtype,
     /// Computed on first use, so choosing the K/V type after loading costs nothing.
     meta: OnceLock<Arc<MetaPrefix<B>>>,
+    /// Rows of a lone prompt a forward takes at once (see [`Backend::prompt_part`]).
+    prompt_part: Option<usize>,
     /// The activations of the last forward, kept for the next: their buffers are made once per
     /// step shape (a GPU backend replays a step whose buffers have not moved).
     run: std::sync::Mutex<Option<Run<B>>>,
@@ -416,6 +418,7 @@ impl<B: Backend> Model<B> {
             plan,
             groups,
             weights,
+            prompt_part: backend.prompt_part(),
             backend,
             inv_freq,
             kv_dtype: KvDtype::F32,
@@ -456,6 +459,14 @@ impl<B: Backend> Model<B> {
             self.kv_dtype = dtype;
             self.meta = OnceLock::new();
         }
+        self
+    }
+
+    /// The model feeding a lone sequence's prompt longer than `rows` in parts of `rows` (None:
+    /// whole), instead of its backend's choice ([`Backend::prompt_part`]). The parts' logits are
+    /// the whole prompt's to the tolerance of chunked prefill, not bit for bit.
+    pub fn with_prompt_part(mut self, rows: Option<usize>) -> Model<B> {
+        self.prompt_part = rows.filter(|&r| r > 0);
         self
     }
 
@@ -656,7 +667,53 @@ impl<B: Backend> Model<B> {
     pub fn forward_batch_into(&self, steps: &mut [Step<B>], out: &mut BatchLogits) -> Result<()> {
         out.ends.clear();
         out.picks.clear();
-        self.backend.run(|| self.forward_batch_here(steps, out))
+        match (steps, self.prompt_part) {
+            ([step], Some(part)) if step.ids.len() > part => {
+                self.backend.run(|| self.forward_in_parts(step, part, out))
+            }
+            (steps, _) => self.backend.run(|| self.forward_batch_here(steps, out)),
+        }
+    }
+
+    /// One sequence's long prompt in parts of `part` rows, one forward each; the step's logits
+    /// are the last part's (all parts' rows, in order, for [`Logits::All`]). Every id is checked
+    /// first, so an error leaves the cache unchanged.
+    fn forward_in_parts(
+        &self,
+        step: &mut Step<B>,
+        part: usize,
+        out: &mut BatchLogits,
+    ) -> Result<()> {
+        self.check_ids(step.ids)?;
+        let n = step.ids.len().div_ceil(part);
+        let mut rows = Vec::new();
+        for (k, ids) in step.ids.chunks(part).enumerate() {
+            let logits = match step.logits {
+                _ if k + 1 == n => step.logits,
+                Logits::All => Logits::All,
+                // Only the last part's row is wanted: the cheapest kind that makes none.
+                _ => Logits::Greedy,
+            };
+            out.ends.clear();
+            out.picks.clear();
+            let mut one = [Step {
+                cache: &mut *step.cache,
+                ids,
+                logits,
+                window: step.window,
+            }];
+            self.forward_batch_here(&mut one, out)?;
+            if step.logits == Logits::All && k + 1 < n {
+                rows.extend_from_slice(out.get(0));
+            }
+        }
+        if !rows.is_empty() {
+            // The earlier parts' rows before the last's, as one step's.
+            rows.extend_from_slice(out.get(0));
+            out.ends = vec![rows.len() / out.vocab.max(1)];
+            out.data = rows;
+        }
+        Ok(())
     }
 
     fn forward_batch_here(&self, steps: &mut [Step<B>], out: &mut BatchLogits) -> Result<()> {

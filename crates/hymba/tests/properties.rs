@@ -244,6 +244,47 @@ fn long_prompt_prefill_equals_decode() {
     }
 }
 
+/// A prompt fed in parts (the CPU's micro-batches, here of 32 rows) gives the whole prompt's
+/// logits, all rows in order, and its last row alone that row of all of them (the products of
+/// one row and of four sum alike only to f32's tolerance).
+#[test]
+fn prompt_in_parts_equals_the_whole_prompt() {
+    for (ci, c, kv) in cases()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.dtype != Dtype::BF16)
+        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
+    {
+        let whole = build(c, 700 + ci as u64, kv).with_prompt_part(None);
+        let parts = build(c, 700 + ci as u64, kv).with_prompt_part(Some(32));
+        let ids = prompt(&mut Rng::new(90 + ci as u64), 100);
+        let run = |m: &Model, kind: Logits| {
+            let mut cache = m.new_cache();
+            let out = m
+                .forward(&mut cache, &ids, kind, DecodeWindow::Trained)
+                .unwrap();
+            (out, cache.len())
+        };
+        let (want, _) = run(&whole, Logits::All);
+        let (got, held) = run(&parts, Logits::All);
+        assert_eq!((got.len(), held), (want.len(), ids.len()));
+        assert_close(
+            &got,
+            &want,
+            tol(kv, &want),
+            &format!("{} {kv:?}: parts of 32", c.name),
+        );
+        let (last, _) = run(&parts, Logits::Last);
+        let row = &got[got.len() - last.len()..];
+        assert_close(
+            &last,
+            row,
+            tol(kv, row),
+            &format!("{}: the last row", c.name),
+        );
+    }
+}
+
 #[test]
 fn chunked_prefill_equals_one_shot() {
     for (ci, c, kv) in cases()

@@ -204,6 +204,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     where
         Self: 'a;
 
+    /// Rows of one sequence's prompt a forward takes at once, where more run slower; the model
+    /// feeds a longer prompt in parts of this many (llama.cpp's micro-batch). None: any number.
+    fn prompt_part(&self) -> Option<usize> {
+        None
+    }
     /// Runs a forward (`f`, the model's calls of this backend) on the threads this backend
     /// wants it on: by default a thread of rayon's pool (`hymba_kernels::on_pool`).
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {

@@ -295,9 +295,11 @@ impl<B: Backend> Seq<B> {
             .filter(|_| prompts.enabled() && self.cacheable())
     }
 
-    fn step_ids(&self, prompts: &PromptCache<B>) -> Vec<u32> {
+    /// The tokens it feeds this step: the next one, or its prompt's next chunk within `room`
+    /// prompt rows (none when there is no room).
+    fn step_ids(&self, prompts: &PromptCache<B>, room: usize) -> Vec<u32> {
         if self.prefilling() {
-            let mut end = (self.fed + PREFILL_CHUNK).min(self.req.prompt.len());
+            let mut end = (self.fed + PREFILL_CHUNK.min(room)).min(self.req.prompt.len());
             if let Some(c) = self.branch_point_ahead(prompts) {
                 end = end.min(c);
             }
@@ -499,7 +501,30 @@ fn run<B: Backend>(
             continue;
         }
         let began = std::time::Instant::now();
-        let ids: Vec<Vec<u32>> = active.iter().map(|s| s.step_ids(&prompts)).collect();
+        // Prompt rows a step takes, across sequences, as many as the backend takes at once
+        // (`Model::prompt_part`: more run slower on the CPU); the earliest admitted first.
+        let mut room = model.prompt_part().unwrap_or(usize::MAX);
+        let ids: Vec<Vec<u32>> = active
+            .iter()
+            .map(|s| {
+                let ids = s.step_ids(&prompts, room);
+                if s.prefilling() {
+                    room -= ids.len();
+                }
+                ids
+            })
+            .collect();
+        // Each sequence's place in the step: a prefilling one left no room waits.
+        let mut n_steps = 0;
+        let slot: Vec<Option<usize>> = ids
+            .iter()
+            .map(|ids| {
+                (!ids.is_empty()).then(|| {
+                    n_steps += 1;
+                    n_steps - 1
+                })
+            })
+            .collect();
         let prefilling: Vec<bool> = active.iter().map(Seq::prefilling).collect();
         let branch_points: Vec<Option<usize>> = active
             .iter()
@@ -509,6 +534,7 @@ fn run<B: Backend>(
             let mut steps: Vec<Step<B>> = active
                 .iter_mut()
                 .zip(&ids)
+                .filter(|(_, ids)| !ids.is_empty())
                 .map(|(s, ids)| {
                     let logits = if s.prefilling() && s.req.echo {
                         Logits::All
@@ -535,7 +561,7 @@ fn run<B: Backend>(
         };
         Stats::add(&stats.steps, 1);
         Stats::add(&stats.step_nanos, began.elapsed().as_nanos() as u64);
-        Stats::add(&stats.step_sequences, active.len() as u64);
+        Stats::add(&stats.step_sequences, n_steps as u64);
         match result {
             Ok(()) => {
                 // Each sequence's draw (sampling, log-probabilities, detokenizing, its events)
@@ -546,16 +572,17 @@ fn run<B: Backend>(
                 active
                     .par_iter_mut()
                     .zip(&ids)
-                    .enumerate()
-                    .for_each(|(i, (s, ids))| {
-                        if let Err(e) = s.advance(logits.get(i), logits.pick(i), ids.len(), v, tok)
+                    .zip(&slot)
+                    .filter_map(|((s, ids), k)| k.map(|k| (s, ids, k)))
+                    .for_each(|(s, ids, k)| {
+                        if let Err(e) = s.advance(logits.get(k), logits.pick(k), ids.len(), v, tok)
                         {
                             s.fail(&e);
                         }
                     });
             }
             Err(e) => {
-                for s in active.iter_mut() {
+                for (s, _) in active.iter_mut().zip(&slot).filter(|(_, k)| k.is_some()) {
                     s.fail(&e);
                 }
             }
@@ -570,8 +597,10 @@ fn run<B: Backend>(
                     let c = s.fed;
                     prompts.insert(s.req.prompt[..c].to_vec(), s.cache.clone(), None);
                 }
-                if prefilling[i] && !s.prefilling() && s.cacheable() {
-                    let rows = logits.get(i);
+                if let (true, false, true, Some(k)) =
+                    (prefilling[i], s.prefilling(), s.cacheable(), slot[i])
+                {
+                    let rows = logits.get(k);
                     let last = rows[rows.len().saturating_sub(v)..].to_vec();
                     let last = (last.len() == v).then_some(last);
                     prompts.insert(s.req.prompt.clone(), s.cache.clone(), last);

@@ -470,6 +470,11 @@ impl<B: Backend> Model<B> {
         self
     }
 
+    /// Rows of a lone prompt a forward takes at once (see [`Model::with_prompt_part`]).
+    pub fn prompt_part(&self) -> Option<usize> {
+        self.prompt_part
+    }
+
     /// The shared meta prefix, computed the first time it is asked for (the first
     /// [`Model::new_cache`] or [`Model::meta_prefix`]; not from inside a rayon task, which could
     /// re-enter the computation on the same thread).

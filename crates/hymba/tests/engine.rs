@@ -287,3 +287,40 @@ fn another_prompt_resumes_at_a_branch_point() {
     assert_eq!(ask(&ids[6..10], Some(system.len())), 0);
     assert_eq!(ask(&ids[10..13], None), system.len());
 }
+
+/// Prompts admitted together feed no more rows a step, across them, than the model takes at
+/// once (here 8): the earliest admitted first, the others waiting their turn, and each answer
+/// as it would be alone.
+#[test]
+fn a_steps_prompt_rows_stay_within_the_part() {
+    let model = Arc::new(
+        Model::load(&fixture("tiny-a"))
+            .unwrap()
+            .with_prompt_part(Some(8)),
+    );
+    let ids = Expected::load("tiny-a").ids("input_ids");
+    let prompts: Vec<Vec<u32>> = [20, 13, 9, 17].iter().map(|&n| ids[..n].to_vec()).collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            generate(&model, None, p, &options(3), &mut |_| {})
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let engine = Engine::start(model.clone(), None, batch(4));
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (req, rx) = request(p.clone(), 3);
+            engine.submit(req).unwrap();
+            rx
+        })
+        .collect();
+    for (i, rx) in rxs.iter().enumerate() {
+        assert_eq!(collect(rx).0, alone[i], "request {i}");
+    }
+    use hymba::engine::Stats;
+    let prompt_rows: usize = prompts.iter().map(Vec::len).sum();
+    assert!(Stats::get(&engine.stats().steps) as usize >= prompt_rows.div_ceil(8));
+}

@@ -682,7 +682,8 @@ impl<B: Backend> Model<B> {
 
     /// One sequence's long prompt in parts of `part` rows, one forward each; the step's logits
     /// are the last part's (all parts' rows, in order, for [`Logits::All`]). Every id is checked
-    /// first, so an error leaves the cache unchanged.
+    /// first and the other checks are the first part's, so where the operations themselves do
+    /// not fail (the CPU's) an error leaves the cache unchanged.
     fn forward_in_parts(
         &self,
         step: &mut Step<B>,
@@ -696,7 +697,7 @@ impl<B: Backend> Model<B> {
             let logits = match step.logits {
                 _ if k + 1 == n => step.logits,
                 Logits::All => Logits::All,
-                // Only the last part's row is wanted: the cheapest kind that makes none.
+                // Only the last part's rows are wanted: the kind that copies out none.
                 _ => Logits::Greedy,
             };
             out.ends.clear();

@@ -32,6 +32,28 @@ fn batch(max_batch: usize) -> EngineOptions {
     }
 }
 
+/// Up to `max_batch` sequences at once, with a prompt cache of `cache_bytes`.
+fn cached(max_batch: usize, cache_bytes: usize) -> EngineOptions {
+    EngineOptions {
+        max_batch,
+        prompt_cache_bytes: cache_bytes,
+    }
+}
+
+/// The greedy tokens `prompt` gives alone, by `generate`.
+fn alone(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    generate(model, None, prompt, &options(n), &mut |_| {})
+        .unwrap()
+        .ids
+}
+
+/// Submits `prompt` for `n` greedy tokens; its events arrive on the receiver.
+fn submit(engine: &Engine, prompt: &[u32], n: usize) -> mpsc::Receiver<Event> {
+    let (req, rx) = request(prompt.to_vec(), n);
+    engine.submit(req).unwrap();
+    rx
+}
+
 fn request(prompt: Vec<u32>, max_new_tokens: usize) -> (Request, mpsc::Receiver<Event>) {
     let (tx, rx) = mpsc::channel();
     let req = Request {
@@ -76,23 +98,9 @@ fn concurrent_greedy_requests_match_sequential_runs() {
     let cases: Vec<(Vec<u32>, usize)> = (0..16)
         .map(|i| (ids[..3 + 2 * i].to_vec(), 3 + (i * 5) % 11))
         .collect();
-    let alone: Vec<Vec<u32>> = cases
-        .iter()
-        .map(|(p, n)| {
-            generate(&model, None, p, &options(*n), &mut |_| {})
-                .unwrap()
-                .ids
-        })
-        .collect();
+    let alone: Vec<Vec<u32>> = cases.iter().map(|(p, n)| alone(&model, p, *n)).collect();
     let engine = Engine::start(model.clone(), None, batch(8));
-    let rxs: Vec<_> = cases
-        .iter()
-        .map(|(p, n)| {
-            let (req, rx) = request(p.clone(), *n);
-            engine.submit(req).unwrap();
-            rx
-        })
-        .collect();
+    let rxs: Vec<_> = cases.iter().map(|(p, n)| submit(&engine, p, *n)).collect();
     for (i, rx) in rxs.iter().enumerate() {
         let (got, finish, _) = collect(rx);
         assert_eq!(got, alone[i], "request {i}");
@@ -146,25 +154,10 @@ fn full_engine_refuses_and_cancelled_requests_free_their_slot() {
 fn next_turn_resumes_from_the_last_ones_cache() {
     let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
     let ids = Expected::load("tiny-a").ids("input_ids");
-    let alone = |p: &[u32], n: usize| {
-        generate(&model, None, p, &options(n), &mut |_| {})
-            .unwrap()
-            .ids
-    };
+    let alone = |p: &[u32], n: usize| alone(&model, p, n);
     for cache_bytes in [1 << 30, 0] {
-        let engine = Engine::start(
-            model.clone(),
-            None,
-            EngineOptions {
-                max_batch: 4,
-                prompt_cache_bytes: cache_bytes,
-            },
-        );
-        let ask = |p: &[u32], n: usize| {
-            let (req, rx) = request(p.to_vec(), n);
-            engine.submit(req).unwrap();
-            collect(&rx)
-        };
+        let engine = Engine::start(model.clone(), None, cached(4, cache_bytes));
+        let ask = |p: &[u32], n: usize| collect(&submit(&engine, p, n));
         let first = ids[..5].to_vec();
         let (answer, _, cached) = ask(&first, 6);
         assert_eq!((answer.clone(), cached), (alone(&first, 6), 0));
@@ -224,24 +217,9 @@ fn next_turn_resumes_from_the_last_ones_cache() {
 fn one_prompt_asked_together_is_computed_once() {
     let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
     let prompt = Expected::load("tiny-a").ids("input_ids")[..7].to_vec();
-    let alone = generate(&model, None, &prompt, &options(5), &mut |_| {})
-        .unwrap()
-        .ids;
-    let engine = Engine::start(
-        model.clone(),
-        None,
-        EngineOptions {
-            max_batch: 4,
-            prompt_cache_bytes: 1 << 30,
-        },
-    );
-    let rxs: Vec<_> = (0..3)
-        .map(|_| {
-            let (req, rx) = request(prompt.clone(), 5);
-            engine.submit(req).unwrap();
-            rx
-        })
-        .collect();
+    let alone = alone(&model, &prompt, 5);
+    let engine = Engine::start(model.clone(), None, cached(4, 1 << 30));
+    let rxs: Vec<_> = (0..3).map(|_| submit(&engine, &prompt, 5)).collect();
     let mut cached: Vec<usize> = rxs
         .iter()
         .map(|rx| {
@@ -261,19 +239,7 @@ fn one_prompt_asked_together_is_computed_once() {
 fn another_prompt_resumes_at_a_branch_point() {
     let model = Arc::new(Model::load(&fixture("tiny-a")).unwrap());
     let ids = Expected::load("tiny-a").ids("input_ids");
-    let alone = |p: &[u32]| {
-        generate(&model, None, p, &options(4), &mut |_| {})
-            .unwrap()
-            .ids
-    };
-    let engine = Engine::start(
-        model.clone(),
-        None,
-        EngineOptions {
-            max_batch: 4,
-            prompt_cache_bytes: 1 << 30,
-        },
-    );
+    let engine = Engine::start(model.clone(), None, cached(4, 1 << 30));
     let system = &ids[..6];
     let ask = |question: &[u32], branch_point: Option<usize>| {
         let prompt = [system, question].concat();
@@ -281,7 +247,7 @@ fn another_prompt_resumes_at_a_branch_point() {
         req.branch_point = branch_point;
         engine.submit(req).unwrap();
         let (got, _, cached) = collect(&rx);
-        assert_eq!(got, alone(&prompt));
+        assert_eq!(got, alone(&model, &prompt, 4));
         cached
     };
     assert_eq!(ask(&ids[6..10], Some(system.len())), 0);
@@ -300,23 +266,9 @@ fn a_steps_prompt_rows_stay_within_the_part() {
     );
     let ids = Expected::load("tiny-a").ids("input_ids");
     let prompts: Vec<Vec<u32>> = [20, 13, 9, 17].iter().map(|&n| ids[..n].to_vec()).collect();
-    let alone: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            generate(&model, None, p, &options(3), &mut |_| {})
-                .unwrap()
-                .ids
-        })
-        .collect();
+    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&model, p, 3)).collect();
     let engine = Engine::start(model.clone(), None, batch(4));
-    let rxs: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (req, rx) = request(p.clone(), 3);
-            engine.submit(req).unwrap();
-            rx
-        })
-        .collect();
+    let rxs: Vec<_> = prompts.iter().map(|p| submit(&engine, p, 3)).collect();
     for (i, rx) in rxs.iter().enumerate() {
         assert_eq!(collect(rx).0, alone[i], "request {i}");
     }

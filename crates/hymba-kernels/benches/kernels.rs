@@ -5,8 +5,9 @@
 //! Set `HYMBA_ISA=portable` to measure the portable path. An argument keeps only the lines whose
 //! label contains it (`cargo bench -p hymba-kernels -- "bf16 t=16"`). For experiments, the
 //! environment changes the shapes: `K` and `N` (matrix columns and rows), `KVH` (K/V heads, five
-//! query heads each), `LAYERS` (caches rotated through, so they come from memory), `REPS`
-//! (attention repetitions, best taken).
+//! query heads each), `LAYERS` (caches rotated through, so they come from memory), `DV` (the
+//! value heads' width: 64 unless set; Hymba-1.5B's is 128), `REPS` (attention repetitions, best
+//! taken).
 
 use half::bf16;
 use hymba_kernels::attention::{attention, AttnShape, KeyPos, KvBlock, KvElem, Layout, Visibility};
@@ -297,11 +298,15 @@ fn bench_attention<T: KvElem>(
     bw: f64,
     to: fn(f32) -> T,
 ) {
+    let dv: usize = std::env::var("DV")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let sh = AttnShape {
         heads: 5 * kvh,
         kv_heads: kvh,
         dk: 64,
-        dv: 64,
+        dv,
     };
     let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
     let mut vec = |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };

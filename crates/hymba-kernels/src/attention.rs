@@ -609,6 +609,13 @@ unsafe fn head_values<T: KvElem>(
             return k.attn_values(p, group, dv, vals, out);
         }
     }
+    // A decode step's few heads: AVX-512 straight from the rows.
+    #[cfg(target_arch = "x86_64")]
+    if group <= crate::avx512::attention::FEW_HEADS {
+        if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
+            return k.attn_values_few(p, group, dv, vals, out);
+        }
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         i if i.has_avx2() => x86::attn_values(p, group, dv, vals, out),

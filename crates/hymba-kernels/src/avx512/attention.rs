@@ -269,9 +269,153 @@ impl Avx512 {
     }
 }
 
+impl Avx512 {
+    /// [`Self::attn_values`] for a decode step's few heads (`group` at most [`FEW_HEADS`]), read
+    /// from the value rows as they are: with one pass of heads over a block, widening it into a
+    /// buffer first would be work no other head reuses. Blocks of [`FEW_KEYS`] rows stay in L1
+    /// across the column passes; a pass holds every head's sums of 64 columns in registers (a
+    /// value element widened once for all the heads). Each output is the same chain of FMAs,
+    /// key after key, as `crate::x86::attn_values`'s vector columns, so the sums are the same
+    /// bits there (its last `dv % 16` columns are products then sums).
+    ///
+    /// # Safety
+    /// Each `vals[j]` must point to `dv` readable elements; `p` holds `group · vals.len()`,
+    /// `out` `group · dv` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn attn_values_few<T: KvElem>(
+        self,
+        p: &[f32],
+        group: usize,
+        dv: usize,
+        vals: &[*const T],
+        out: &mut [f32],
+    ) {
+        let nk = vals.len();
+        debug_assert!(group <= FEW_HEADS && p.len() >= group * nk && out.len() >= group * dv);
+        out[..group * dv].fill(0.0);
+        for j0 in (0..nk).step_by(FEW_KEYS) {
+            let block = &vals[j0..(j0 + FEW_KEYS).min(nk)];
+            by_heads!(group; 1 2 3 4 5 6; |G| values_rows::<T, G>(p, dv, block, j0, nk, out));
+        }
+    }
+}
+
+/// Heads up to which [`Avx512::attn_values_few`] takes a group (4 · G sums, four value
+/// registers and a weight's broadcast in 32 registers).
+pub(crate) const FEW_HEADS: usize = 6;
+
+/// Value rows a block of [`Avx512::attn_values_few`].
+const FEW_KEYS: usize = 64;
+
+/// Sixteen elements from `p` where `m` allows (zeros elsewhere, nothing read there), widened.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load16_masked<T: KvElem>(p: *const T, m: __mmask16) -> __m512 {
+    if T::BF16 {
+        let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    } else {
+        _mm512_maskz_loadu_ps(m, p as *const f32)
+    }
+}
+
+/// [`Avx512::attn_values_few`] of `G` heads over one block of value rows (keys `j0..`), adding
+/// into `out`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn values_rows<T: KvElem, const G: usize>(
+    p: &[f32],
+    dv: usize,
+    block: &[*const T],
+    j0: usize,
+    nk: usize,
+    out: &mut [f32],
+) {
+    let pr: [*const f32; G] = std::array::from_fn(|g| p.as_ptr().add(g * nk + j0));
+    let mut c = 0;
+    while c < dv {
+        // Masked past dv: those lanes are neither read nor written.
+        let m: [__mmask16; 4] = std::array::from_fn(|i| lanes((dv - c).saturating_sub(16 * i)));
+        let o: [*mut f32; G] = std::array::from_fn(|g| out.as_mut_ptr().add(g * dv + c));
+        let mut acc: [[__m512; 4]; G] = std::array::from_fn(|g| {
+            std::array::from_fn(|i| _mm512_maskz_loadu_ps(m[i], o[g].wrapping_add(16 * i)))
+        });
+        for (j, &vp) in block.iter().enumerate() {
+            let v: [__m512; 4] =
+                std::array::from_fn(|i| load16_masked(vp.wrapping_add(c + 16 * i), m[i]));
+            for g in 0..G {
+                let w = _mm512_set1_ps(*pr[g].add(j));
+                for i in 0..4 {
+                    acc[g][i] = _mm512_fmadd_ps(w, v[i], acc[g][i]);
+                }
+            }
+        }
+        for g in 0..G {
+            for i in 0..4 {
+                _mm512_mask_storeu_ps(o[g].wrapping_add(16 * i), m[i], acc[g][i]);
+            }
+        }
+        c += 64;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Rng;
+
+    /// `attn_values_few` against the AVX2 kernel: bit for bit in its vector columns (the same
+    /// chain of FMAs an output), within an ulp a term in the last `dv % 16`, which AVX2 sums as
+    /// products then adds; every head count it takes, widths that leave each mask partly set,
+    /// and key counts on both sides of a block; f32 and bf16 rows.
+    #[test]
+    fn values_few_equal_avx2_values() {
+        let Some(k) = Avx512::for_isa(crate::isa::isa()) else {
+            eprintln!("SKIPPED values_few_equal_avx2_values: no AVX-512 BF16 level on this CPU");
+            return;
+        };
+        fn case<T: KvElem>(k: Avx512, rng: &mut Rng, to: fn(f32) -> T) {
+            for group in 1..=FEW_HEADS {
+                for &dv in &[4usize, 17, 64, 128, 130] {
+                    for &nk in &[1usize, 63, 64, 65, 200] {
+                        let rows: Vec<Vec<T>> = (0..nk)
+                            .map(|_| rng.normal_vec(dv, 1.0).into_iter().map(to).collect())
+                            .collect();
+                        let vals: Vec<*const T> = rows.iter().map(|r| r.as_ptr()).collect();
+                        let p = rng.normal_vec(group * nk, 1.0);
+                        let (mut got, mut want) =
+                            (vec![f32::NAN; group * dv], vec![f32::NAN; group * dv]);
+                        // SAFETY: AVX-512 BF16 level (so F, BW, VL, AVX2 and FMA) checked above;
+                        // each row holds dv elements, p group · nk, the outputs group · dv.
+                        unsafe {
+                            k.attn_values_few(&p, group, dv, &vals, &mut got);
+                            crate::x86::attn_values(&p, group, dv, &vals, &mut want);
+                        }
+                        let what = format!("group {group}, dv {dv}, {nk} keys, bf16={}", T::BF16);
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            let (g, c) = (i / dv, i % dv);
+                            if c < dv / 16 * 16 {
+                                assert_eq!(
+                                    a.to_bits(),
+                                    b.to_bits(),
+                                    "{what}: output {i}: {a} vs {b}"
+                                );
+                                continue;
+                            }
+                            let terms: f32 = (0..nk)
+                                .map(|j| (p[g * nk + j] * rows[j][c].widen()).abs())
+                                .sum();
+                            let bound = terms * nk as f32 * f32::EPSILON;
+                            assert!((a - b).abs() <= bound, "{what}: output {i}: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+        let mut rng = Rng::new(11);
+        case::<f32>(k, &mut rng, |v| v);
+        case::<half::bf16>(k, &mut rng, half::bf16::from_f32);
+    }
 
     #[test]
     fn transpose16_transposes() {

@@ -563,6 +563,13 @@ unsafe fn head_scores<T: KvElem>(
             return k.attn_scores(q, group, dk, keys, scale, out);
         }
     }
+    // A decode step's few heads: AVX-512, four keys at a time.
+    #[cfg(target_arch = "x86_64")]
+    if group <= crate::avx512::attention::FEW_HEADS {
+        if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
+            return k.attn_scores_few(q, group, dk, keys, vals, dv, scale, out);
+        }
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         i if i.has_avx2() => x86::attn_scores(q, group, dk, keys, vals, dv, scale, out),

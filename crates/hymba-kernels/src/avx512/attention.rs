@@ -300,8 +300,114 @@ impl Avx512 {
     }
 }
 
-/// Heads up to which [`Avx512::attn_values_few`] takes a group (4 · G sums, four value
-/// registers and a weight's broadcast in 32 registers).
+impl Avx512 {
+    /// [`Self::attn_scores`] for a decode step's few heads (`group` at most [`FEW_HEADS`]):
+    /// four keys at a time against every head, each key element widened once for the heads and
+    /// each (head, key) a 16-lane sum over dk, the four keys' sums of a head reduced together.
+    ///
+    /// Rows of a cache are strided (one position holds every head), too sparse a pattern for the
+    /// hardware prefetcher to run ahead: keys are asked for 16 ahead of their use, and the value
+    /// rows `vals[j]` (`dv` long, read by the values pass next) into L2.
+    ///
+    /// # Safety
+    /// Each `keys[j]` must point to `dk` readable elements, each `vals[j]` to `dv`; `q` holds
+    /// `group · dk`, `out` `group · keys.len()` values.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn attn_scores_few<T: KvElem>(
+        self,
+        q: &[f32],
+        group: usize,
+        dk: usize,
+        keys: &[*const T],
+        vals: &[*const T],
+        dv: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let nk = keys.len();
+        debug_assert!(group <= FEW_HEADS && q.len() >= group * dk && out.len() >= group * nk);
+        debug_assert_eq!(vals.len(), nk);
+        let size = std::mem::size_of::<T>();
+        for j0 in (0..nk).step_by(4) {
+            let kb = 4.min(nk - j0);
+            for &p in &keys[(j0 + 16).min(nk)..(j0 + 20).min(nk)] {
+                for off in (0..dk * size).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(off));
+                }
+            }
+            for &p in &vals[j0..j0 + kb] {
+                for off in (0..dv * size).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T1>((p as *const i8).add(off));
+                }
+            }
+            // A short last block repeats its last key; those sums are not stored.
+            let kp: [*const T; 4] = std::array::from_fn(|i| keys[j0 + i.min(kb - 1)]);
+            let o = out.as_mut_ptr().add(j0);
+            by_heads!(group; 1 2 3 4 5 6; |G| scores_rows::<T, G>(q, dk, kp, kb, nk, scale, o));
+        }
+    }
+}
+
+/// [`Avx512::attn_scores_few`] of `G` heads against four keys: `o[g·nk + i]` for the first `kb`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn scores_rows<T: KvElem, const G: usize>(
+    q: &[f32],
+    dk: usize,
+    kp: [*const T; 4],
+    kb: usize,
+    nk: usize,
+    scale: f32,
+    o: *mut f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 4]; G];
+    let mut d = 0;
+    while d < dk {
+        // Masked past dk: zeros in both operands.
+        let m = lanes(dk - d);
+        let k: [__m512; 4] = std::array::from_fn(|i| load16_masked(kp[i].wrapping_add(d), m));
+        for (g, a) in acc.iter_mut().enumerate() {
+            let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(g * dk + d));
+            for i in 0..4 {
+                a[i] = _mm512_fmadd_ps(qv, k[i], a[i]);
+            }
+        }
+        d += 16;
+    }
+    let s = _mm_set1_ps(scale);
+    for (g, a) in acc.iter().enumerate() {
+        _mm_mask_storeu_ps(o.add(g * nk), (1 << kb) - 1, _mm_mul_ps(sum4(a), s));
+    }
+}
+
+/// The lane sums of four registers, `[Σ a[0], Σ a[1], Σ a[2], Σ a[3]]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum4(a: &[__m512; 4]) -> __m128 {
+    // Within each 128-bit lane: [a0₀+a0₂, a1₀+a1₂, a0₁+a0₃, a1₁+a1₃], the same for a2, a3 ...
+    let t01 = _mm512_add_ps(
+        _mm512_unpacklo_ps(a[0], a[1]),
+        _mm512_unpackhi_ps(a[0], a[1]),
+    );
+    let t23 = _mm512_add_ps(
+        _mm512_unpacklo_ps(a[2], a[3]),
+        _mm512_unpackhi_ps(a[2], a[3]),
+    );
+    // ... then [a0, a1, a2, a3]'s four lanes summed, in each 128-bit lane ...
+    let (lo, hi) = (
+        _mm512_unpacklo_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23)),
+        _mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23)),
+    );
+    let u = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    // ... and the four 128-bit lanes added.
+    let v = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b01_00_11_10>(u, u));
+    let w = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+    _mm512_castps512_ps128(w)
+}
+
+/// Heads up to which [`Avx512::attn_scores_few`] and [`Avx512::attn_values_few`] take a group
+/// (4 · G sums and four key or value registers in 32 registers).
 pub(crate) const FEW_HEADS: usize = 6;
 
 /// Value rows a block of [`Avx512::attn_values_few`].
@@ -413,6 +519,54 @@ mod tests {
             }
         }
         let mut rng = Rng::new(11);
+        case::<f32>(k, &mut rng, |v| v);
+        case::<half::bf16>(k, &mut rng, half::bf16::from_f32);
+    }
+
+    /// `attn_scores_few` against f64 dot products, within f32's rounding of the terms' sum:
+    /// every head count, widths with a partial last register, key counts around its blocks of
+    /// four; f32 and bf16 keys. A swapped key, head or lane gives errors of the scores' size.
+    #[test]
+    fn scores_few_match_f64() {
+        let Some(k) = Avx512::for_isa(crate::isa::isa()) else {
+            eprintln!("SKIPPED scores_few_match_f64: no AVX-512 BF16 level on this CPU");
+            return;
+        };
+        fn case<T: KvElem>(k: Avx512, rng: &mut Rng, to: fn(f32) -> T) {
+            for group in 1..=FEW_HEADS {
+                for &dk in &[3usize, 16, 40, 64, 128] {
+                    for &nk in &[1usize, 3, 4, 5, 37] {
+                        let rows: Vec<Vec<T>> = (0..nk)
+                            .map(|_| rng.normal_vec(dk, 1.0).into_iter().map(to).collect())
+                            .collect();
+                        let keys: Vec<*const T> = rows.iter().map(|r| r.as_ptr()).collect();
+                        let q = rng.normal_vec(group * dk, 1.0);
+                        let mut got = vec![f32::NAN; group * nk];
+                        // SAFETY: AVX-512 BF16 level (so F, BW, VL) checked above; each key
+                        // (and value: the keys again) holds dk elements, q group · dk.
+                        unsafe {
+                            k.attn_scores_few(&q, group, dk, &keys, &keys, dk, 0.3, &mut got)
+                        };
+                        for g in 0..group {
+                            for j in 0..nk {
+                                let terms = (0..dk)
+                                    .map(|d| q[g * dk + d] as f64 * rows[j][d].widen() as f64);
+                                let (want, size) =
+                                    terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                                let (a, want) = (got[g * nk + j] as f64, 0.3 * want);
+                                let bound = 0.3 * size * dk as f64 * f32::EPSILON as f64;
+                                assert!(
+                                    (a - want).abs() <= bound,
+                                    "group {group}, dk {dk}, {nk} keys, bf16={}: head {g} key {j}: {a} vs {want}",
+                                    T::BF16
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut rng = Rng::new(12);
         case::<f32>(k, &mut rng, |v| v);
         case::<half::bf16>(k, &mut rng, half::bf16::from_f32);
     }

@@ -122,6 +122,14 @@ fn cases() -> Vec<Case> {
 /// Both K/V element types, for every property.
 const KV: [KvDtype; 2] = [KvDtype::F32, KvDtype::BF16];
 
+/// Every case (with its index, which seeds it) with each K/V type.
+fn with_kv(cases: &[Case]) -> impl Iterator<Item = (usize, &Case, KvDtype)> {
+    cases
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
+}
+
 fn config(c: &Case) -> Config {
     let cfg = json!({
         "model_type": "hymba",
@@ -209,11 +217,7 @@ fn assert_decode_equals_prefill(
 
 #[test]
 fn token_by_token_decode_equals_prefill() {
-    for (ci, c, kv) in cases()
-        .iter()
-        .enumerate()
-        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
-    {
+    for (ci, c, kv) in with_kv(&cases()) {
         let model = build(c, 100 + ci as u64, kv);
         let mut rng = Rng::new(ci as u64);
         // Longer than meta + window, so rings wrap.
@@ -231,11 +235,7 @@ fn token_by_token_decode_equals_prefill() {
 /// agree to bf16's precision, as with bf16 K/V (0.029 in one logit of the bf16 case here).
 #[test]
 fn long_prompt_prefill_equals_decode() {
-    for (ci, c, kv) in cases()
-        .iter()
-        .enumerate()
-        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
-    {
+    for (ci, c, kv) in with_kv(&cases()) {
         let model = build(c, 400 + ci as u64, kv);
         let mut rng = Rng::new(70 + ci as u64);
         // Within max_position_embeddings (128).
@@ -249,12 +249,7 @@ fn long_prompt_prefill_equals_decode() {
 /// one row and of four sum alike only to f32's tolerance).
 #[test]
 fn prompt_in_parts_equals_the_whole_prompt() {
-    for (ci, c, kv) in cases()
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.dtype != Dtype::BF16)
-        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
-    {
+    for (ci, c, kv) in with_kv(&cases()).filter(|(_, c, _)| c.dtype != Dtype::BF16) {
         let whole = build(c, 700 + ci as u64, kv).with_prompt_part(None);
         let parts = build(c, 700 + ci as u64, kv).with_prompt_part(Some(32));
         let ids = prompt(&mut Rng::new(90 + ci as u64), 100);
@@ -287,11 +282,7 @@ fn prompt_in_parts_equals_the_whole_prompt() {
 
 #[test]
 fn chunked_prefill_equals_one_shot() {
-    for (ci, c, kv) in cases()
-        .iter()
-        .enumerate()
-        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
-    {
+    for (ci, c, kv) in with_kv(&cases()) {
         let model = build(c, 200 + ci as u64, kv);
         let mut rng = Rng::new(50 + ci as u64);
         let ids = prompt(&mut rng, 2 * c.window + 11);
@@ -333,11 +324,7 @@ fn chunked_prefill_equals_one_shot() {
 
 #[test]
 fn meta_prefix_equals_meta_tokens_run_with_the_prompt() {
-    for (ci, c, kv) in cases()
-        .iter()
-        .enumerate()
-        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
-    {
+    for (ci, c, kv) in with_kv(&cases()) {
         let model = build(c, 300 + ci as u64, kv);
         let mut rng = Rng::new(70 + ci as u64);
         let ids = prompt(&mut rng, c.window + 7);
@@ -468,11 +455,7 @@ fn decode_together_into(
 /// of a prompt and single-token decodes side by side.
 #[test]
 fn batched_steps_equal_sequences_alone() {
-    for (ci, c, kv) in cases()
-        .iter()
-        .enumerate()
-        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
-    {
+    for (ci, c, kv) in with_kv(&cases()) {
         let model = build(c, 500 + ci as u64, kv);
         let (got, alone) = batched_and_alone(&model, 90 + ci as u64, c.window);
         for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
@@ -631,11 +614,7 @@ fn bf16_kv_halves_the_cache_and_stays_close() {
 /// bf16 K/V stored as bf16. A state is refused by a model caching K/V in the other type.
 #[test]
 fn saved_sessions_resume_exactly() {
-    for (ci, c, kv) in cases()
-        .iter()
-        .enumerate()
-        .flat_map(|(i, c)| KV.map(|kv| (i, c, kv)))
-    {
+    for (ci, c, kv) in with_kv(&cases()) {
         let model = build(c, 300 + ci as u64, kv);
         let mut rng = Rng::new(ci as u64 + 7);
         // Long enough that windows wrap before the save.

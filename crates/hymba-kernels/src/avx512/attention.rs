@@ -1,6 +1,7 @@
-//! AVX-512 F: attention's scores and weighted values for many heads at once (a prefill tile's
+//! AVX-512: attention's scores and weighted values for many heads at once (a prefill tile's
 //! queries of a K/V group), as outer products: every key and value element is widened to f32
-//! once for all the heads, and no dot product needs a horizontal sum.
+//! once for all the heads, and no dot product needs a horizontal sum; and for a decode step's
+//! few heads (`attn_scores_few`, `attn_values_few`), straight from the cache's rows.
 
 use super::Avx512;
 use crate::attention::KvElem;

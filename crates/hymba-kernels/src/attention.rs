@@ -202,13 +202,6 @@ pub fn attention_with<T: KvElem>(
     for b in blocks {
         b.check(sh);
     }
-    // Few (query, K/V head) pairs, as in decode: split each one's keys so every core has work.
-    let target = 4 * rayon::current_num_threads();
-    let splits = if rows >= target {
-        1
-    } else {
-        target.div_ceil(rows)
-    };
     // Phase 1: the keys each query row sees, as runs of consecutive rows of a block (a ring's
     // slots are in position order but for one wrap, so runs are long). Shared by its K/V heads.
     let lists: Vec<Vec<Run>> = q_pos
@@ -216,6 +209,19 @@ pub fn attention_with<T: KvElem>(
         .with_min_len(8)
         .map(|&tp| visible_runs(blocks, tp, vis))
         .collect();
+    // Few (query, K/V head) pairs, as in decode: split each one's keys so every core has work
+    // (four tasks a thread), and long key lists further, into slices of at least SPLIT_KEYS
+    // keys up to 32 tasks a thread: a task's values, prefetched into L2 while its scores are
+    // made, are still there when its values pass reads them.
+    let threads = rayon::current_num_threads();
+    let most = lists
+        .iter()
+        .map(|r| r.iter().map(|r| r.len as usize).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    let splits = (4 * threads)
+        .div_ceil(rows)
+        .max((32 * threads).div_ceil(rows).min(most / SPLIT_KEYS));
     if splits == 1 && q_pos.len() >= 2 * TILE {
         return tiles(isa, q, &lists, blocks, sh, scale, out);
     }
@@ -317,6 +323,9 @@ pub fn attention_with<T: KvElem>(
             }
         });
 }
+
+/// The fewest keys a decode split of a long key list takes (see [`attention_with`]).
+const SPLIT_KEYS: usize = 256;
 
 /// Query rows a task of [`tiles`] takes together.
 const TILE: usize = 16;
@@ -693,6 +702,50 @@ pub fn attention_ref<T: KvElem>(
 mod tests {
     use super::*;
     use crate::testing::{assert_close, Rng};
+
+    /// Decode over long key lists (split into many slices of at least SPLIT_KEYS keys, merged
+    /// at the end), one and two query rows, five heads a K/V head, f32 and bf16 K/V in heads
+    /// order: the reference's outputs on every ISA.
+    #[test]
+    fn long_key_lists_split_and_match_reference() {
+        fn case<T: KvElem>(rng: &mut Rng, to: fn(f32) -> T) {
+            let sh = AttnShape {
+                heads: 10,
+                kv_heads: 2,
+                dk: 16,
+                dv: 40,
+            };
+            let n = 3000;
+            let mut vec =
+                |len: usize| -> Vec<T> { rng.normal_vec(len, 1.0).into_iter().map(to).collect() };
+            let (k, v) = (vec(n * sh.kv_heads * sh.dk), vec(n * sh.kv_heads * sh.dv));
+            let blocks = [KvBlock {
+                k: &k,
+                v: &v,
+                rows: n,
+                layout: Layout::HeadMajor { cap: n },
+                pos: KeyPos::Contiguous(0),
+            }];
+            let vis = Visibility {
+                window: None,
+                sinks: 0,
+            };
+            for q_pos in [vec![n - 1], vec![n - 1, 1500]] {
+                let q = rng.normal_vec(q_pos.len() * sh.heads * sh.dk, 1.0);
+                let len = q_pos.len() * sh.heads * sh.dv;
+                let (mut got, mut want) = (vec![f32::NAN; len], vec![0.0; len]);
+                attention_ref(&q, &q_pos, &blocks, sh, 0.25, vis, &mut want);
+                for isa in crate::isa::available() {
+                    attention_with(isa, &q, &q_pos, &blocks, sh, 0.25, vis, &mut got);
+                    let what = format!("{isa:?}, {} rows, bf16={}", q_pos.len(), T::BF16);
+                    assert_close(&got, &want, 1e-5, &what);
+                }
+            }
+        }
+        let mut rng = Rng::new(8);
+        case::<f32>(&mut rng, |v| v);
+        case::<half::bf16>(&mut rng, half::bf16::from_f32);
+    }
 
     /// One query with two visible keys: most key slices are empty when decode splits keys.
     #[test]

@@ -325,7 +325,7 @@ pub fn attention_with<T: KvElem>(
 }
 
 /// The fewest keys a decode split of a long key list takes (see [`attention_with`]).
-const SPLIT_KEYS: usize = 256;
+const SPLIT_KEYS: usize = 512;
 
 /// Query rows a task of [`tiles`] takes together.
 const TILE: usize = 16;

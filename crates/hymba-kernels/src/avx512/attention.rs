@@ -5,6 +5,7 @@
 
 use super::Avx512;
 use crate::attention::KvElem;
+use crate::x86::prefetch_rows;
 use std::arch::x86_64::*;
 
 /// Keys (scores) and value rows (values) a block: a block's widened rows stay in L1 while every
@@ -329,19 +330,10 @@ impl Avx512 {
         let nk = keys.len();
         debug_assert!(group <= FEW_HEADS && q.len() >= group * dk && out.len() >= group * nk);
         debug_assert_eq!(vals.len(), nk);
-        let size = std::mem::size_of::<T>();
         for j0 in (0..nk).step_by(4) {
             let kb = 4.min(nk - j0);
-            for &p in &keys[(j0 + 16).min(nk)..(j0 + 20).min(nk)] {
-                for off in (0..dk * size).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(off));
-                }
-            }
-            for &p in &vals[j0..j0 + kb] {
-                for off in (0..dv * size).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T1>((p as *const i8).add(off));
-                }
-            }
+            prefetch_rows::<_MM_HINT_T0, T>(&keys[(j0 + 16).min(nk)..(j0 + 20).min(nk)], dk);
+            prefetch_rows::<_MM_HINT_T1, T>(&vals[j0..j0 + kb], dv);
             // A short last block repeats its last key; those sums are not stored.
             let kp: [*const T; 4] = std::array::from_fn(|i| keys[j0 + i.min(kb - 1)]);
             let o = out.as_mut_ptr().add(j0);
@@ -471,6 +463,20 @@ mod tests {
     use super::*;
     use crate::testing::Rng;
 
+    /// `n` random rows of `width` elements as `T`, and their addresses.
+    fn random_rows<T: KvElem>(
+        rng: &mut Rng,
+        n: usize,
+        width: usize,
+        to: fn(f32) -> T,
+    ) -> (Vec<Vec<T>>, Vec<*const T>) {
+        let rows: Vec<Vec<T>> = (0..n)
+            .map(|_| rng.normal_vec(width, 1.0).into_iter().map(to).collect())
+            .collect();
+        let ptrs = rows.iter().map(|r| r.as_ptr()).collect();
+        (rows, ptrs)
+    }
+
     /// `attn_values_few` against the AVX2 kernel: bit for bit in its vector columns (the same
     /// chain of FMAs an output), within an ulp a term in the last `dv % 16`, which AVX2 sums as
     /// products then adds; every head count it takes, widths that leave each mask partly set,
@@ -485,10 +491,7 @@ mod tests {
             for group in 1..=FEW_HEADS {
                 for &dv in &[4usize, 17, 64, 128, 130] {
                     for &nk in &[1usize, 63, 64, 65, 200] {
-                        let rows: Vec<Vec<T>> = (0..nk)
-                            .map(|_| rng.normal_vec(dv, 1.0).into_iter().map(to).collect())
-                            .collect();
-                        let vals: Vec<*const T> = rows.iter().map(|r| r.as_ptr()).collect();
+                        let (rows, vals) = random_rows(rng, nk, dv, to);
                         let p = rng.normal_vec(group * nk, 1.0);
                         let (mut got, mut want) =
                             (vec![f32::NAN; group * dv], vec![f32::NAN; group * dv]);
@@ -537,10 +540,7 @@ mod tests {
             for group in 1..=FEW_HEADS {
                 for &dk in &[3usize, 16, 40, 64, 128] {
                     for &nk in &[1usize, 3, 4, 5, 37] {
-                        let rows: Vec<Vec<T>> = (0..nk)
-                            .map(|_| rng.normal_vec(dk, 1.0).into_iter().map(to).collect())
-                            .collect();
-                        let keys: Vec<*const T> = rows.iter().map(|r| r.as_ptr()).collect();
+                        let (rows, keys) = random_rows(rng, nk, dk, to);
                         let q = rng.normal_vec(group * dk, 1.0);
                         let mut got = vec![f32::NAN; group * nk];
                         // SAFETY: AVX-512 BF16 level (so F, BW, VL) checked above; each key

@@ -24,21 +24,12 @@ pub unsafe fn attn_scores<T: KvElem>(
     out: &mut [f32],
 ) {
     let nk = keys.len();
-    let size = std::mem::size_of::<T>();
     // Prefetch about 2 KiB of keys ahead: the next block of f32 keys, the one after for bf16.
     let ahead = if T::BF16 { 16 } else { 8 };
     for j0 in (0..nk).step_by(8) {
         let kb = 8.min(nk - j0);
-        for &p in &keys[(j0 + ahead).min(nk)..(j0 + ahead + 8).min(nk)] {
-            for off in (0..dk * size).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(off));
-            }
-        }
-        for &p in &vals[j0..j0 + kb] {
-            for off in (0..dv * size).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T1>((p as *const i8).add(off));
-            }
-        }
+        prefetch_rows::<_MM_HINT_T0, T>(&keys[(j0 + ahead).min(nk)..(j0 + ahead + 8).min(nk)], dk);
+        prefetch_rows::<_MM_HINT_T1, T>(&vals[j0..j0 + kb], dv);
         // A short last block repeats its last key; those results are dropped.
         let kp: [*const T; 8] = std::array::from_fn(|i| keys[j0 + i.min(kb - 1)]);
         let block = Block { kp, kb, j0, nk };

@@ -19,6 +19,20 @@ pub use matmul::*;
 pub use quant::*;
 pub use scan::*;
 
+/// Asks for every cache line of `len` elements at each of `rows` (`HINT`: `_MM_HINT_T0` into
+/// L1, `_MM_HINT_T1` into L2): for rows too far apart for the hardware prefetcher to run ahead.
+///
+/// # Safety
+/// Each row must point into one allocation of at least `len` elements (nothing is read).
+#[inline]
+pub(crate) unsafe fn prefetch_rows<const HINT: i32, T>(rows: &[*const T], len: usize) {
+    for &p in rows {
+        for off in (0..len * std::mem::size_of::<T>()).step_by(64) {
+            _mm_prefetch::<HINT>((p as *const i8).add(off));
+        }
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn hsum(v: __m256) -> f32 {

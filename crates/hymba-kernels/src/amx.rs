@@ -206,11 +206,13 @@ impl<const R: usize> PairTile for Tiles<R> {
 
 /// Scratch of [`Amx::attn_values`] and [`Amx::attn_scores`], kept by each thread: the f32
 /// operand's bf16 terms, and the values as pairs of keys (the keys as pairs of dimensions).
+/// Each starts a cache line, and its tile rows are whole lines: a row across two lines cost the
+/// tile loads about half their rate.
 struct ValueTiles {
-    hi: Vec<u16>,
-    lo: Vec<u16>,
-    lo2: Vec<u16>,
-    pairs: Vec<u32>,
+    hi: Lines,
+    lo: Lines,
+    lo2: Lines,
+    pairs: Lines,
 }
 
 impl ValueTiles {
@@ -218,19 +220,46 @@ impl ValueTiles {
     /// kernels write what they read, so nothing is zeroed a call).
     fn fit(&mut self, terms: usize, pairs: usize) {
         for v in [&mut self.hi, &mut self.lo, &mut self.lo2] {
-            if v.len() < terms {
-                v.resize(terms, 0);
-            }
+            v.fit(2 * terms);
         }
-        if self.pairs.len() < pairs {
-            self.pairs.resize(pairs, 0);
+        self.pairs.fit(4 * pairs);
+    }
+}
+
+/// A buffer of 64-byte lines, read as bf16 bit patterns or as words.
+struct Lines(Vec<Line>);
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+impl Lines {
+    fn fit(&mut self, bytes: usize) {
+        let n = bytes.div_ceil(64);
+        if self.0.len() < n {
+            self.0.resize(n, Line([0; 64]));
         }
+    }
+
+    fn halves(&mut self) -> &mut [u16] {
+        // SAFETY: the lines are plain bytes with no padding, aligned beyond a u16's needs.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), 32 * self.0.len()) }
+    }
+
+    fn words(&mut self) -> &mut [u32] {
+        // SAFETY: as above, for u32.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), 16 * self.0.len()) }
     }
 }
 
 thread_local! {
     static VALUE_TILES: std::cell::RefCell<ValueTiles> = const {
-        std::cell::RefCell::new(ValueTiles { hi: Vec::new(), lo: Vec::new(), lo2: Vec::new(), pairs: Vec::new() })
+        std::cell::RefCell::new(ValueTiles {
+            hi: Lines(Vec::new()),
+            lo: Lines(Vec::new()),
+            lo2: Lines(Vec::new()),
+            pairs: Lines(Vec::new()),
+        })
     };
 }
 
@@ -267,13 +296,16 @@ impl Amx {
                 split_terms(
                     p.as_ptr().add(g * nk),
                     nk,
-                    [s.hi.as_mut_ptr().add(g * kp), s.lo.as_mut_ptr().add(g * kp)],
+                    [
+                        s.hi.halves().as_mut_ptr().add(g * kp),
+                        s.lo.halves().as_mut_ptr().add(g * kp),
+                    ],
                 );
             }
             // The values: word (q, c) holds column c of keys 2q (low half) and 2q + 1.
             for q in 0..nk.div_ceil(2) {
                 let (a, b) = (vals[2 * q], vals.get(2 * q + 1).copied());
-                let dst = s.pairs.as_mut_ptr().add(q * dvp);
+                let dst = s.pairs.words().as_mut_ptr().add(q * dvp);
                 let mut c = 0;
                 while c < dv {
                     let lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(a.add(c) as *const _));
@@ -289,15 +321,15 @@ impl Amx {
                 }
             }
             // Pairs past the last key: zeros (their weights are, but 0 · NaN is not).
-            s.pairs[nk.div_ceil(2) * dvp..kp / 2 * dvp].fill(0);
+            s.pairs.words()[nk.div_ceil(2) * dvp..kp / 2 * dvp].fill(0);
             asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
             for m0 in (0..group).step_by(32) {
                 let two = m0 + 16 < group;
                 for c0 in (0..dv).step_by(32) {
                     let c = pass(
-                        [s.hi.as_ptr(), s.lo.as_ptr()].map(|t| t.add(m0 * kp)),
+                        [s.hi.halves().as_ptr(), s.lo.halves().as_ptr()].map(|t| t.add(m0 * kp)),
                         kp,
-                        s.pairs.as_ptr().add(c0),
+                        s.pairs.words().as_ptr().add(c0),
                         16,
                         dvp,
                         kp / 32,
@@ -343,7 +375,8 @@ impl Amx {
             // the query rows past the group's (see `attn_values`).
             s.fit(mp * dk, np * kw);
             for g in 0..group {
-                let at = [&mut s.hi, &mut s.lo, &mut s.lo2].map(|v| v.as_mut_ptr().add(g * dk));
+                let at =
+                    [&mut s.hi, &mut s.lo, &mut s.lo2].map(|v| v.halves().as_mut_ptr().add(g * dk));
                 split_terms(q.as_ptr().add(g * dk), dk, at);
             }
             // The keys: block b of 16, word (w, i) = key 16b + i's dimensions 2w, 2w + 1 (a key
@@ -359,7 +392,7 @@ impl Amx {
                     crate::avx512::attention::transpose16(&mut r);
                     for (w, ri) in r.iter().enumerate() {
                         _mm512_storeu_ps(
-                            s.pairs.as_mut_ptr().add((b * kw + w0 + w) * 16) as *mut f32,
+                            s.pairs.words().as_mut_ptr().add((b * kw + w0 + w) * 16) as *mut f32,
                             *ri,
                         );
                     }
@@ -371,9 +404,10 @@ impl Amx {
                 let two = m0 + 16 < group;
                 for j0 in (0..nk).step_by(32) {
                     let c = pass(
-                        [s.hi.as_ptr(), s.lo.as_ptr(), s.lo2.as_ptr()].map(|t| t.add(m0 * dk)),
+                        [&mut s.hi, &mut s.lo, &mut s.lo2]
+                            .map(|t| t.halves().as_ptr().add(m0 * dk)),
                         dk,
-                        s.pairs.as_ptr().add(j0 / 16 * kw * 16),
+                        s.pairs.words().as_ptr().add(j0 / 16 * kw * 16),
                         16 * kw,
                         16,
                         dk / 32,
@@ -551,9 +585,9 @@ mod tests {
             VALUE_TILES.with_borrow_mut(|s| {
                 s.fit(1 << 16, 1 << 16);
                 for v in [&mut s.hi, &mut s.lo, &mut s.lo2] {
-                    v.fill(0x7fc0);
+                    v.halves().fill(0x7fc0);
                 }
-                s.pairs.fill(0x7fc0_7fc0);
+                s.pairs.words().fill(0x7fc0_7fc0);
             });
             let kv = |n: usize, rng: &mut Rng| -> Vec<u16> {
                 rng.normal_vec(n, 1.0)

@@ -245,6 +245,56 @@ fn main() {
             );
         }
     }
+    // Prefill attention: a 512-token prompt part after the meta prefix (128 rows), causal,
+    // bf16 K/V by heads: the prompt tiles' kernels (AMX tiles where the CPU has them).
+    let label = "attention prefill 512 heads bf16";
+    if on(label) {
+        let dv: usize = std::env::var("DV")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64);
+        let sh = AttnShape {
+            heads: 5 * kvh,
+            kv_heads: kvh,
+            dk: 64,
+            dv,
+        };
+        let (t, n) = (512, 128 + 512);
+        let mut vec = |n: usize| -> Vec<bf16> {
+            rng.normal_vec(n, 1.0)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect()
+        };
+        let (k, v) = (vec(n * sh.kv_heads * sh.dk), vec(n * sh.kv_heads * sh.dv));
+        let q = rng.normal_vec(t * sh.heads * sh.dk, 1.0);
+        let pos: Vec<usize> = (128..n).collect();
+        let mut out = vec![0f32; t * sh.heads * sh.dv];
+        let vis = Visibility {
+            window: None,
+            sinks: 0,
+        };
+        let s = best(reps, || {
+            hymba_kernels::on_busy_pool(|| {
+                let blocks = [KvBlock {
+                    k: &k,
+                    v: &v,
+                    rows: n,
+                    layout: Layout::HeadMajor { cap: n },
+                    pos: KeyPos::Contiguous(0),
+                }];
+                attention(&q, &pos, &blocks, sh, 0.125, vis, &mut out);
+            })
+        });
+        // Each query against the keys up to its own position.
+        let pairs: usize = pos.iter().map(|p| p + 1).sum();
+        let flops = 2.0 * (pairs * sh.heads * (sh.dk + sh.dv)) as f64;
+        println!(
+            "{label:<33} {:>7.1} µs  {:>6.1} GFLOP/s",
+            s * 1e6,
+            flops / s / 1e9
+        );
+    }
     // The selective scan of 3200 channels of 16 states (Hymba-1.5B): a decode step (t = 1) and
     // a 512-row prompt chunk.
     for (label, t) in [("scan decode", 1), ("scan prefill", 512)] {

@@ -372,10 +372,10 @@ fn tiles<T: KvElem>(
                 at.push(nk);
                 nk += u.len as usize;
             }
-            let mut seen = vec![false; r * nk];
-            let mut sees_any = vec![false; r];
-            for (i, row) in rows.iter().enumerate() {
-                for x in row {
+            // Each row's keys as ranges of the union's, in order: the rest is masked.
+            let mut seen: Vec<Vec<(usize, usize)>> = vec![Vec::new(); r];
+            for (row, spans) in rows.iter().zip(seen.iter_mut()) {
+                for x in row.iter().filter(|x| x.len > 0) {
                     let ui = union
                         .iter()
                         .position(|u| {
@@ -383,10 +383,11 @@ fn tiles<T: KvElem>(
                         })
                         .expect("a row's run lies in the union");
                     let from = at[ui] + (x.start - union[ui].start) as usize;
-                    seen[i * nk + from..i * nk + from + x.len as usize].fill(true);
-                    sees_any[i] |= x.len > 0;
+                    spans.push((from, from + x.len as usize));
                 }
+                spans.sort_unstable();
             }
+            let sees_any: Vec<bool> = seen.iter().map(|s| !s.is_empty()).collect();
             let (mut keys, mut vals) = (Vec::with_capacity(nk), Vec::with_capacity(nk));
             let (mut qg, mut scores, mut acc) = (Vec::new(), Vec::new(), Vec::new());
             for kh in 0..sh.kv_heads {
@@ -439,11 +440,12 @@ fn tiles<T: KvElem>(
                     if !sees_any[i] {
                         continue;
                     }
-                    for (v, &ok) in s.iter_mut().zip(&seen[i * nk..(i + 1) * nk]) {
-                        if !ok {
-                            *v = f32::NEG_INFINITY;
-                        }
+                    let mut next = 0;
+                    for &(a, b) in &seen[i] {
+                        s[next..a.max(next)].fill(f32::NEG_INFINITY);
+                        next = next.max(b);
                     }
+                    s[next..].fill(f32::NEG_INFINITY);
                     sums[qi] = act::exp_shifted_with(isa, s).1;
                 }
                 acc.clear();

@@ -73,6 +73,12 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5504 * 1600 / k);
+    // Input rows of the products: decode, batched decode and a prompt part by default; `TS`
+    // takes a list (`TS=512` for a 512-token prompt part).
+    let rows: Vec<usize> = std::env::var("TS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16, 128]);
     let any = [
         "bf16",
         "bf16 panels",
@@ -83,11 +89,7 @@ fn main() {
         "q4_0 panels",
     ]
     .iter()
-    .any(|q| {
-        [1, 4, 16, 128]
-            .iter()
-            .any(|t| on(&format!("matmul {q} t={t}")))
-    });
+    .any(|q| rows.iter().any(|t| on(&format!("matmul {q} t={t}"))));
     let wf: Vec<f32> = if any {
         rng.normal_vec(n * k, 0.02)
     } else {
@@ -165,7 +167,7 @@ fn main() {
             }
             _ => n * k / QK * std::mem::size_of::<BlockQ4_0>(),
         };
-        for t in [1, 4, 16, 128] {
+        for &t in &rows {
             let label = format!("matmul {name} t={t}");
             if !on(&label) || mats.is_empty() {
                 continue;

@@ -65,14 +65,8 @@ fn main() {
     let mut rng = Rng::new(1);
     // [5504, 1600] matrices (the MLP's shape), as many copies of each format as make 256 MB, eight
     // times the last-level cache, so every pass streams from memory as decode does.
-    let k: usize = std::env::var("K")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1600);
-    let n: usize = std::env::var("N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5504 * 1600 / k);
+    let k: usize = env_or("K", 1600);
+    let n: usize = env_or("N", 5504 * 1600 / k);
     // Input rows of the products: decode, batched decode and a prompt part by default; `TS`
     // takes a list (`TS=512` for a 512-token prompt part).
     let rows: Vec<usize> = std::env::var("TS")
@@ -209,19 +203,10 @@ fn main() {
     // Decode attention: one query of 25 heads over 5 K/V heads of 64, against the meta prefix
     // (128 rows) and a sliding-window ring (1024) or a global context (8192), K/V in f32 rows,
     // f32 heads or bf16 heads.
-    let reps: usize = std::env::var("REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let kvh: usize = std::env::var("KVH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let reps: usize = env_or("REPS", 5);
+    let kvh: usize = env_or("KVH", 5);
     // Eight layers' worth of K/V so the caches come from memory, as in a real step.
-    let nl: usize = std::env::var("LAYERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+    let nl: usize = env_or("LAYERS", 8);
     for ctx in [1024usize, 8192] {
         for (layout, name) in [
             (Layout::RowMajor, "rows"),
@@ -251,16 +236,7 @@ fn main() {
     // bf16 K/V by heads: the prompt tiles' kernels (AMX tiles where the CPU has them).
     let label = "attention prefill 512 heads bf16";
     if on(label) {
-        let dv: usize = std::env::var("DV")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(64);
-        let sh = AttnShape {
-            heads: 5 * kvh,
-            kv_heads: kvh,
-            dk: 64,
-            dv,
-        };
+        let sh = attn_shape(kvh);
         let (t, n) = (512, 128 + 512);
         let mut vec = |n: usize| -> Vec<bf16> {
             rng.normal_vec(n, 1.0)
@@ -337,6 +313,25 @@ fn main() {
     }
 }
 
+/// `key` from the environment as a number, else `default`.
+fn env_or(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Hymba-1.5B's attention with `kvh` K/V heads of five query heads each, dk 64, and the value
+/// heads `DV` wide (the 1.5B model's are 128; 64 unless set).
+fn attn_shape(kvh: usize) -> AttnShape {
+    AttnShape {
+        heads: 5 * kvh,
+        kv_heads: kvh,
+        dk: 64,
+        dv: env_or("DV", 64),
+    }
+}
+
 /// One decode query against `ctx` + 128 keys held as `T`, over `nl` layers' caches in turn.
 #[allow(clippy::too_many_arguments)]
 fn bench_attention<T: KvElem>(
@@ -350,16 +345,7 @@ fn bench_attention<T: KvElem>(
     bw: f64,
     to: fn(f32) -> T,
 ) {
-    let dv: usize = std::env::var("DV")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
-    let sh = AttnShape {
-        heads: 5 * kvh,
-        kv_heads: kvh,
-        dk: 64,
-        dv,
-    };
+    let sh = attn_shape(kvh);
     let (kw, vw) = (sh.kv_heads * sh.dk, sh.kv_heads * sh.dv);
     let mut vec = |n: usize| -> Vec<T> { rng.normal_vec(n, 1.0).into_iter().map(to).collect() };
     let layers: Vec<(Vec<T>, Vec<T>)> = (0..nl)

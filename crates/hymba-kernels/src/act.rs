@@ -67,6 +67,10 @@ pub fn softplus_bias(a: &mut [f32], b: &[f32]) {
 
 pub fn softplus_bias_with(isa: Isa, a: &mut [f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
+        return k.softplus_bias(a, b);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.

@@ -1,8 +1,8 @@
-//! AVX-512 F: activations sixteen lanes at a time — e^x, SiLU·up (the gated MLP) and a softmax's
-//! shifted exponentials.
+//! AVX-512 F: activations sixteen lanes at a time — e^x, ln x, SiLU·up (the gated MLP),
+//! softplus (the SSM's Δ) and a softmax's shifted exponentials.
 
 use super::Avx512;
-use crate::x86::{EXP2_POLY, EXP_LN2, EXP_MAX, EXP_POLY};
+use crate::x86::{EXP2_POLY, EXP_LN2, EXP_MAX, EXP_POLY, LOG_POLY};
 use std::arch::x86_64::*;
 
 /// `exp` of 16 lanes: the same range reduction and polynomial as the AVX2 `exp256`, the power
@@ -51,6 +51,29 @@ pub(crate) unsafe fn exp2_512(x: __m512) -> __m512 {
     _mm512_scalef_ps(p, n)
 }
 
+/// ln x for 16 lanes of positive, finite x: `vgetexpps` and `vgetmantps` split x = m·2^e with
+/// m in [1, 2), m above √2 halved (and e one more), then the polynomial of the AVX2 `log256`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn log512(x: __m512) -> __m512 {
+    let one = _mm512_set1_ps(1.0);
+    let mut e = _mm512_getexp_ps(x);
+    let mut m = _mm512_getmant_ps::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(x);
+    let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_set1_ps(std::f32::consts::SQRT_2));
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5));
+    e = _mm512_mask_add_ps(e, big, e, one);
+    let m = _mm512_sub_ps(m, one);
+    let z = _mm512_mul_ps(m, m);
+    let mut p = _mm512_set1_ps(LOG_POLY[0]);
+    for c in &LOG_POLY[1..] {
+        p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(*c));
+    }
+    let mut y = _mm512_mul_ps(_mm512_mul_ps(p, m), z);
+    y = _mm512_fmadd_ps(e, _mm512_set1_ps(EXP_LN2[1]), y);
+    y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5), z, y);
+    _mm512_fmadd_ps(e, _mm512_set1_ps(EXP_LN2[0]), _mm512_add_ps(m, y))
+}
+
 /// 1 / d for 16 lanes: `vrcp14ps` and one Newton step (to within an ulp or two of the
 /// quotient; a division takes longer than the exponential on 16 lanes).
 #[inline]
@@ -66,6 +89,13 @@ impl Avx512 {
     pub fn silu_mul(self, a: &mut [f32], b: Option<&[f32]>) {
         // SAFETY: `self` exists only where the CPU has AVX-512 F.
         unsafe { silu_mul(a, b) }
+    }
+
+    /// `a[i] = softplus(a[i] + b[i])`, sixteen lanes at a time, the tail masked: the AVX2
+    /// kernel's log1p(eˣ) = ln(u)·eˣ/(u − 1), u = 1 + eˣ.
+    pub fn softplus_bias(self, a: &mut [f32], b: &[f32]) {
+        // SAFETY: `self` exists only where the CPU has AVX-512 F.
+        unsafe { softplus_bias(a, b) }
     }
 
     /// [`crate::act::exp_shifted_with`]: the max and the sum in sixteen lanes, reduced at the
@@ -93,6 +123,37 @@ fn silu_mul(a: &mut [f32], b: Option<&[f32]>) {
                 s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)));
             }
             _mm512_mask_storeu_ps(p, m, s);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+fn softplus_bias(a: &mut [f32], b: &[f32]) {
+    let n = a.len();
+    assert!(b.len() >= n);
+    let one = _mm512_set1_ps(1.0);
+    let limit = _mm512_set1_ps(20.0);
+    for i in (0..n).step_by(16) {
+        let m: __mmask16 = if n - i >= 16 { !0 } else { (1 << (n - i)) - 1 };
+        // SAFETY: the mask keeps every load and store inside `a` and `b` (checked above).
+        unsafe {
+            let p = a.as_mut_ptr().add(i);
+            let x = _mm512_add_ps(
+                _mm512_maskz_loadu_ps(m, p),
+                _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)),
+            );
+            let ex = exp512(_mm512_min_ps(x, limit));
+            let u = _mm512_add_ps(one, ex);
+            let d = _mm512_sub_ps(u, one);
+            let l = _mm512_mul_ps(_mm512_mul_ps(log512(u), ex), recip(d));
+            // u = 1 exactly: log1p(eˣ) = eˣ to within rounding.
+            let l = _mm512_mask_blend_ps(
+                _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(d, _mm512_setzero_ps()),
+                l,
+                ex,
+            );
+            let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, limit);
+            _mm512_mask_storeu_ps(p, m, _mm512_mask_blend_ps(big, l, x));
         }
     }
 }

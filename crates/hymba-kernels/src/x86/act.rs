@@ -27,6 +27,20 @@ pub(crate) const EXP2_POLY: [f32; 7] = [
     0.000_153_533_6,
 ];
 
+/// Cephes' logf: ln(1 + m) ≈ m − m²/2 + m³·P(m) for m in [√½ − 1, √2 − 1), P's coefficients
+/// from the highest degree (shared with the AVX-512 logarithm).
+pub(crate) const LOG_POLY: [f32; 9] = [
+    7.037_683_6e-2,
+    -1.151_461e-1,
+    1.167_699_9e-1,
+    -1.242_014_1e-1,
+    1.424_932_3e-1,
+    -1.666_805_8e-1,
+    2.000_071_5e-1,
+    -2.499_999_4e-1,
+    3.333_333e-1,
+];
+
 /// 2^x for 8 lanes: x clamped to [-127, 127], rounded to the nearest integer n, 2^(x − n) by
 /// [`EXP2_POLY`], times 2^n from the exponent bits (0 for n = -127). As with the AVX-512
 /// `exp2_512`, a caller's scaling of its exponent by log2 e rounds it (e^x off by up to
@@ -98,23 +112,14 @@ pub unsafe fn log256(x: __m256) -> __m256 {
     e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
     m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), one);
     let z = _mm256_mul_ps(m, m);
-    let mut p = _mm256_set1_ps(7.037_683_6e-2);
-    for c in [
-        -1.151_461e-1,
-        1.167_699_9e-1,
-        -1.242_014_1e-1,
-        1.424_932_3e-1,
-        -1.666_805_8e-1,
-        2.000_071_5e-1,
-        -2.499_999_4e-1,
-        3.333_333e-1,
-    ] {
-        p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(c));
+    let mut p = _mm256_set1_ps(LOG_POLY[0]);
+    for c in &LOG_POLY[1..] {
+        p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(*c));
     }
     let mut y = _mm256_mul_ps(_mm256_mul_ps(p, m), z);
-    y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.121_944_4e-4), y);
+    y = _mm256_fmadd_ps(e, _mm256_set1_ps(EXP_LN2[1]), y);
     y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5), z, y);
-    _mm256_fmadd_ps(e, _mm256_set1_ps(0.693_359_4), _mm256_add_ps(m, y))
+    _mm256_fmadd_ps(e, _mm256_set1_ps(EXP_LN2[0]), _mm256_add_ps(m, y))
 }
 
 /// `a[i] = softplus(a[i] + b[i])` with PyTorch's threshold (linear above 20). log1p(eˣ) is

@@ -41,20 +41,21 @@ pub fn exp_inplace_with(isa: Isa, a: &mut [f32]) {
     }
 }
 
-/// `a[i] = exp(a[i] − max a)`; returns (max a, Σ of the new a): a softmax's numerators, with
+/// `a[i] = 2^(a[i] − max a)`; returns (max a, Σ of the new a): a softmax's numerators from
+/// scores in log2 units (scaled by log2 e where they were made, so a weight is one `exp2`), with
 /// the shift and the sum that let slices of one softmax be combined.
-pub fn exp_shifted_with(isa: Isa, a: &mut [f32]) -> (f32, f32) {
+pub fn exp2_shifted_with(isa: Isa, a: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if let Some(k) = crate::avx512::Avx512::for_isa(isa) {
-        return k.exp_shifted(a);
+        return k.exp2_shifted(a);
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an ISA with AVX2 (`has_avx2`) is only ever chosen after run-time detection.
-        i if i.has_avx2() => unsafe { crate::x86::exp_shifted(a) },
+        i if i.has_avx2() => unsafe { crate::x86::exp2_shifted(a) },
         _ => {
             let max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            a.iter_mut().for_each(|v| *v = (*v - max).exp());
+            a.iter_mut().for_each(|v| *v = (*v - max).exp2());
             (max, a.iter().sum())
         }
     }
@@ -157,13 +158,13 @@ mod tests {
         let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for isa in crate::isa::available() {
             let mut got = x.clone();
-            let (m, sum) = exp_shifted_with(isa, &mut got);
+            let (m, sum) = exp2_shifted_with(isa, &mut got);
             assert_eq!(m, max, "{isa:?}");
             for (g, v) in got.iter().zip(&x) {
-                let want = ((*v - max) as f64).exp();
+                let want = ((*v - max) as f64).exp2();
                 assert!(
                     ((*g as f64) - want).abs() <= 3e-7 * want + 1e-38,
-                    "{isa:?} exp({v} - {max}) = {g} vs {want}"
+                    "{isa:?} 2^({v} - {max}) = {g} vs {want}"
                 );
             }
             let total: f64 = got.iter().map(|&v| v as f64).sum();

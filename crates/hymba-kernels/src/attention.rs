@@ -202,6 +202,8 @@ pub fn attention_with<T: KvElem>(
     for b in blocks {
         b.check(sh);
     }
+    // Scores in log2 units, so a softmax weight is one exp2 (`act::exp2_shifted_with`).
+    let scale = scale * std::f32::consts::LOG2_E;
     // Phase 1: the keys each query row sees, as runs of consecutive rows of a block (a ring's
     // slots are in position order but for one wrap, so runs are long). Shared by its K/V heads.
     let lists: Vec<Vec<Run>> = q_pos
@@ -284,7 +286,7 @@ pub fn attention_with<T: KvElem>(
                 // (values) elements, taken from the blocks above.
                 unsafe { head_scores(isa, qg, group, sh.dk, keys, vals, sh.dv, scale, scores) };
                 for (g, s) in scores.chunks_exact_mut(nk).enumerate() {
-                    (part.max[g], part.sum[g]) = act::exp_shifted_with(isa, s);
+                    (part.max[g], part.sum[g]) = act::exp2_shifted_with(isa, s);
                 }
                 unsafe { head_values(isa, scores, group, sh.dv, vals, &mut part.acc) };
                 part
@@ -311,7 +313,7 @@ pub fn attention_with<T: KvElem>(
                 }
                 let mut total = 0f32;
                 for p in ps.iter().filter(|p| p.max[g] > f32::NEG_INFINITY) {
-                    let f = (p.max[g] - m).exp();
+                    let f = (p.max[g] - m).exp2();
                     total += f * p.sum[g];
                     for (a, b) in og.iter_mut().zip(&p.acc[g * sh.dv..(g + 1) * sh.dv]) {
                         *a += f * b;
@@ -446,7 +448,7 @@ fn tiles<T: KvElem>(
                         next = next.max(b);
                     }
                     s[next..].fill(f32::NEG_INFINITY);
-                    sums[qi] = act::exp_shifted_with(isa, s).1;
+                    sums[qi] = act::exp2_shifted_with(isa, s).1;
                 }
                 acc.clear();
                 acc.resize(r * group * sh.dv, 0.0);

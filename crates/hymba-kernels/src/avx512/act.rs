@@ -37,7 +37,8 @@ pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
 /// operations fewer than [`exp512`], which reduces by ln 2 in two steps, but the multiply's
 /// rounding puts e^x off by up to |x| · 2^-24 of itself (1.5e-6 at x = -72), where `exp512`
 /// stays within an ulp or two: the scan's decays take it (their exponent Δ·a is rounded as
-/// much already), the softmax and SiLU do not.
+/// much already), and so do attention's scores, made in log2 units (the scale times log2 e, one
+/// rounding of each score as before); SiLU does not.
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn exp2_512(x: __m512) -> __m512 {
@@ -98,11 +99,11 @@ impl Avx512 {
         unsafe { softplus_bias(a, b) }
     }
 
-    /// [`crate::act::exp_shifted_with`]: the max and the sum in sixteen lanes, reduced at the
+    /// [`crate::act::exp2_shifted_with`]: the max and the sum in sixteen lanes, reduced at the
     /// end, the tail masked.
-    pub fn exp_shifted(self, a: &mut [f32]) -> (f32, f32) {
+    pub fn exp2_shifted(self, a: &mut [f32]) -> (f32, f32) {
         // SAFETY: `self` exists only where the CPU has AVX-512 F.
-        unsafe { exp_shifted(a) }
+        unsafe { exp2_shifted(a) }
     }
 }
 
@@ -159,7 +160,7 @@ fn softplus_bias(a: &mut [f32], b: &[f32]) {
 }
 
 #[target_feature(enable = "avx512f")]
-fn exp_shifted(a: &mut [f32]) -> (f32, f32) {
+fn exp2_shifted(a: &mut [f32]) -> (f32, f32) {
     let n = a.len();
     let mask = |i: usize| -> __mmask16 {
         if n - i >= 16 {
@@ -182,7 +183,7 @@ fn exp_shifted(a: &mut [f32]) -> (f32, f32) {
         // SAFETY: the mask keeps the load and the store inside `a`.
         unsafe {
             let p = a.as_mut_ptr().add(i);
-            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p), mv));
+            let e = exp2_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p), mv));
             _mm512_mask_storeu_ps(p, k, e);
             acc = _mm512_mask_add_ps(acc, k, acc, e);
         }

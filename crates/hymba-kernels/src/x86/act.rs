@@ -44,7 +44,8 @@ pub(crate) const LOG_POLY: [f32; 9] = [
 /// 2^x for 8 lanes: x clamped to [-127, 127], rounded to the nearest integer n, 2^(x − n) by
 /// [`EXP2_POLY`], times 2^n from the exponent bits (0 for n = -127). As with the AVX-512
 /// `exp2_512`, a caller's scaling of its exponent by log2 e rounds it (e^x off by up to
-/// |x| · 2^-24 of itself): the scan's decays take it, where Δ·a is rounded as much already.
+/// |x| · 2^-24 of itself): the scan's decays take it, where Δ·a is rounded as much already, and
+/// attention's scores, made in log2 units.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn exp2_256(x: __m256) -> __m256 {
@@ -168,9 +169,9 @@ pub unsafe fn exp_inplace(a: &mut [f32]) {
     }
 }
 
-/// [`crate::act::exp_shifted_with`]: the max and the sum in eight lanes, reduced at the end.
+/// [`crate::act::exp2_shifted_with`]: the max and the sum in eight lanes, reduced at the end.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn exp_shifted(a: &mut [f32]) -> (f32, f32) {
+pub unsafe fn exp2_shifted(a: &mut [f32]) -> (f32, f32) {
     let n = a.len();
     let full = n / 8 * 8;
     let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -188,13 +189,13 @@ pub unsafe fn exp_shifted(a: &mut [f32]) -> (f32, f32) {
     let mut acc = _mm256_setzero_ps();
     for i in (0..full).step_by(8) {
         let p = a.as_mut_ptr().add(i);
-        let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+        let e = exp2_256(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
         _mm256_storeu_ps(p, e);
         acc = _mm256_add_ps(acc, e);
     }
     let mut sum = hsum(acc);
     for v in &mut a[full..] {
-        *v = (*v - max).exp();
+        *v = (*v - max).exp2();
         sum += *v;
     }
     (max, sum)

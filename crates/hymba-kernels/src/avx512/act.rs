@@ -1,7 +1,7 @@
 //! AVX-512 F: activations sixteen lanes at a time — e^x, ln x, SiLU·up (the gated MLP),
 //! softplus (the SSM's Δ) and a softmax's shifted exponentials.
 
-use super::Avx512;
+use super::{lanes, Avx512};
 use crate::x86::{EXP2_POLY, EXP_LN2, EXP_MAX, EXP_POLY, LOG_POLY};
 use std::arch::x86_64::*;
 
@@ -113,7 +113,7 @@ fn silu_mul(a: &mut [f32], b: Option<&[f32]>) {
     assert!(b.is_none_or(|b| b.len() >= n));
     let one = _mm512_set1_ps(1.0);
     for i in (0..n).step_by(16) {
-        let m: __mmask16 = if n - i >= 16 { !0 } else { (1 << (n - i)) - 1 };
+        let m = lanes(n - i);
         // SAFETY: the mask keeps every load and store inside `a` and `b` (checked above).
         unsafe {
             let p = a.as_mut_ptr().add(i);
@@ -135,7 +135,7 @@ fn softplus_bias(a: &mut [f32], b: &[f32]) {
     let one = _mm512_set1_ps(1.0);
     let limit = _mm512_set1_ps(20.0);
     for i in (0..n).step_by(16) {
-        let m: __mmask16 = if n - i >= 16 { !0 } else { (1 << (n - i)) - 1 };
+        let m = lanes(n - i);
         // SAFETY: the mask keeps every load and store inside `a` and `b` (checked above).
         unsafe {
             let p = a.as_mut_ptr().add(i);
@@ -162,13 +162,7 @@ fn softplus_bias(a: &mut [f32], b: &[f32]) {
 #[target_feature(enable = "avx512f")]
 fn exp2_shifted(a: &mut [f32]) -> (f32, f32) {
     let n = a.len();
-    let mask = |i: usize| -> __mmask16 {
-        if n - i >= 16 {
-            !0
-        } else {
-            (1 << (n - i)) - 1
-        }
-    };
+    let mask = |i: usize| lanes(n - i);
     let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
     for i in (0..n).step_by(16) {
         // SAFETY: the mask keeps the load inside `a`.

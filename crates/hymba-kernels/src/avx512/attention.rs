@@ -3,7 +3,7 @@
 //! once for all the heads, and no dot product needs a horizontal sum; and for a decode step's
 //! few heads (`attn_scores_few`, `attn_values_few`), straight from the cache's rows.
 
-use super::Avx512;
+use super::{lanes, Avx512};
 use crate::attention::KvElem;
 use crate::x86::prefetch_rows;
 use std::arch::x86_64::*;
@@ -35,12 +35,6 @@ macro_rules! by_heads {
             _ => unreachable!(),
         }
     };
-}
-
-/// The mask of the first `n` (at most 16) lanes.
-#[inline]
-fn lanes(n: usize) -> __mmask16 {
-    ((1u32 << n.min(16)) - 1) as __mmask16
 }
 
 /// Transposes the 16 × 16 block in `r` (row i in `r[i]`) in place.

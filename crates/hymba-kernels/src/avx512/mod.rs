@@ -21,6 +21,12 @@ pub(crate) mod attention;
 mod scan;
 pub use scan::Avx512;
 
+/// The mask of the first `n` lanes of 16 (all 16 from `n` = 16 on): a tail's loads and stores.
+#[inline]
+pub(crate) fn lanes(n: usize) -> __mmask16 {
+    ((1u32 << n.min(16)) - 1) as __mmask16
+}
+
 /// Proof that this CPU has AVX-512 F, BW and BF16: made only by [`Bf16Dot::detect`], so the
 /// kernels that take it cannot run anywhere else.
 #[derive(Clone, Copy, Debug)]

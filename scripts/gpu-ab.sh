@@ -8,7 +8,8 @@
 # (HYMBA_CUDA_KERNELS: a kernel-only change needs no build of its own).
 # Usage: bash scripts/gpu-ab.sh [-r ROUNDS] [-t TEST_FILTER|-t none] VARIANT... -- BENCH_ARGS...
 #   e.g. bash scripts/gpu-ab.sh -t cuda_decode main=.gpu/v/m new=.gpu/v/m:k_new.cu -- \
-#        --kv-cache bf16 --prompt 64 --decode 64 --contexts 128,8192 --batch 1,2,8,64
+#        --synthetic hymba-1.5b --kv-cache bf16 --prompt 64 --decode 64 --contexts 128,8192 \
+#        --batch 1,2,8,64 (BENCH_ARGS name the model: --synthetic or --model)
 # DEVICE (default cuda) picks the bench's device, so the script can be tried on a CPU.
 set -uo pipefail
 ROUNDS=2

@@ -1811,13 +1811,14 @@ impl Cuda {
 
     /// Blocks of 8 warps over `units` pieces of work (the matrix kernels' row pairs or groups):
     /// the fewest warps a unit among `splits` that still give the card four blocks a
-    /// multiprocessor, else 8; that count and the launch shape.
+    /// multiprocessor, else the last of `splits`; that count and the launch shape.
     fn warps_per_unit(&self, units: usize, splits: &[usize]) -> (i32, LaunchConfig) {
+        let last = splits.last().copied().unwrap_or(8);
         let split = splits
             .iter()
             .copied()
             .find(|s| units.div_ceil(8 / s) >= 4 * self.sms)
-            .unwrap_or(8);
+            .unwrap_or(last);
         let cfg = LaunchConfig {
             grid_dim: (units.div_ceil(8 / split) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -2031,12 +2032,25 @@ impl Cuda {
             } else {
                 w.rows.div_ceil(2)
             };
-            let (si, cfg) = self.warps_per_unit(pairs, &[2, 4, 8]);
             // One and two rows (decode steps of one or two sequences) have kernels of their own:
             // fewer registers, more loads in flight (on an H200 batch 1 read 468-474 tok/s so,
             // 386-398 without; batch 2 770-782 against 669-681).
+            let kernel = &self.k.gemv[if t <= 2 { t } else { 0 }][wi][epi as usize];
+            // One row: the most warps a pair whose blocks the card holds all at once, where some
+            // count does. out_proj's and down's 800 pairs (1.5B) take 4 warps a pair in 400
+            // blocks, not 8 in 800, which at four blocks a multiprocessor need a second wave
+            // (H100, three rounds: batch 1 521 / 530 / 527 tok/s against 495 / 491 / 482). Two
+            // rows read slower so (747-757 against 766-782) and keep the rule above.
+            let wave = kernel.resident(256, 0) * self.sms;
+            let (si, cfg) = match [8, 4, 2]
+                .into_iter()
+                .find(|s| t == 1 && pairs.div_ceil(8 / s) <= wave)
+            {
+                Some(s) => self.warps_per_unit(pairs, &[s]),
+                None => self.warps_per_unit(pairs, &[2, 4, 8]),
+            };
             return self.launch(
-                &self.k.gemv[if t <= 2 { t } else { 0 }][wi][epi as usize],
+                kernel,
                 cfg,
                 &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si, &fold],
             );

@@ -518,7 +518,8 @@ fn cuda_prompt_shapes_match_cpu() {
 
 /// The matrix products against an f64 reference on odd shapes, at row counts that reach every
 /// kernel (the GEMV at 1 and 2 rows, the tensor-core kernel at 7 to 17 in both its sizes,
-/// cuBLAS from 33), bf16 weights: y = x·wᵀ, h += x·wᵀ, silu(x·gateᵀ) ⊙ (x·upᵀ). Each value
+/// cuBLAS from 33; 1600 rows of weights: the one-row GEMV's 800 pairs with fewer warps a pair,
+/// in one wave), bf16 weights: y = x·wᵀ, h += x·wᵀ, silu(x·gateᵀ) ⊙ (x·upᵀ). Each value
 /// within 2^-8 of the sum of its products' magnitudes (the input is rounded to bf16 on the
 /// tensor-core and cuBLAS paths: 2^-9 relative a term; cuBLAS's gate and up, prepared together,
 /// come out rounded to bf16 too: 2^-9 of the product, at most of that sum), far below what a
@@ -532,7 +533,7 @@ fn cuda_products_match_reference() {
         return;
     };
     let mut rng = Rng::new(7);
-    for &(n, k) in &[(37usize, 200usize), (129, 1608), (16, 8)] {
+    for &(n, k) in &[(37usize, 200usize), (129, 1608), (16, 8), (1600, 200)] {
         let wg = rng.normal_vec(n * k, 1.0);
         let wu = rng.normal_vec(n * k, 1.0);
         let to_tensor = |v: &[f32]| {

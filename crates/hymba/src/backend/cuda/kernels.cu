@@ -700,18 +700,28 @@ extern "C" __global__ void softplus_bias(float* x, const float* bias, int e, lon
     }
 }
 
-// g = silu(g) ⊙ u (and its bf16 copy, see `put_act`), four values a thread a load (buffer
-// starts: 16-byte aligned).
+// Four consecutive values as f32, from f32 or bf16 (16- or 8-byte aligned), and one.
+__device__ __forceinline__ float4 load4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 load4(const bf16_t* p) {
+    uint2 a = *(const uint2*)p;
+    return make_float4(__uint_as_float(a.x << 16), __uint_as_float(a.x & 0xffff0000u), __uint_as_float(a.y << 16),
+                       __uint_as_float(a.y & 0xffff0000u));
+}
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ float load1(const bf16_t* p) { return bf16_to_f32(*p); }
+
 // The gated MLP's activation: out[r, j] = silu(g[r·stride + j]) · u[r·stride + j] for j < f
-// (g and u: the two products' rows, or the halves of one product's).
-extern "C" __global__ void silu_mul(const float* g, const float* u, long stride, int f, long rows, float* out, bf16_t* out16) {
-    grid_dep();
+// (g and u: the two products' rows, or the halves of one product's; f32, or bf16 as a bf16
+// product writes them, rounded as the official bf16 model has them), and its bf16 copy (see
+// `put_act`); four values a thread a load where the rows allow (buffer starts aligned).
+template <typename T>
+__device__ void silu_mul_rows(const T* g, const T* u, long stride, int f, long rows, float* out, bf16_t* out16) {
     long step = (long)gridDim.x * blockDim.x, first = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (f % 4 == 0 && stride % 4 == 0) {
         int f4 = f / 4;
         for (long i = first; i < rows * f4; i += step) {
             long r = i / f4, j = 4 * (i % f4);
-            float4 a = *(const float4*)(g + r * stride + j), b = *(const float4*)(u + r * stride + j);
+            float4 a = load4(g + r * stride + j), b = load4(u + r * stride + j);
             float4 v = make_float4(silu(a.x) * b.x, silu(a.y) * b.y, silu(a.z) * b.z, silu(a.w) * b.w);
             if (out) *(float4*)(out + r * f + j) = v;
             if (out16) ((uint2*)out16)[i] = bf16x4(v);
@@ -720,33 +730,16 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, long stride,
     }
     for (long i = first; i < rows * f; i += step) {
         long r = i / f, j = i % f;
-        put_act(out, out16, i, silu(g[r * stride + j]) * u[r * stride + j]);
+        put_act(out, out16, i, silu(load1(g + r * stride + j)) * load1(u + r * stride + j));
     }
 }
-
-// The same over gate and up rows in bf16 (a bf16 product's output, rounded as the official bf16
-// model has them).
+extern "C" __global__ void silu_mul(const float* g, const float* u, long stride, int f, long rows, float* out, bf16_t* out16) {
+    grid_dep();
+    silu_mul_rows(g, u, stride, f, rows, out, out16);
+}
 extern "C" __global__ void silu_mul16(const bf16_t* g, const bf16_t* u, long stride, int f, long rows, float* out, bf16_t* out16) {
     grid_dep();
-    long step = (long)gridDim.x * blockDim.x, first = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (f % 4 == 0 && stride % 4 == 0) {
-        int f4 = f / 4;
-        for (long i = first; i < rows * f4; i += step) {
-            long r = i / f4, j = 4 * (i % f4);
-            uint2 a = *(const uint2*)(g + r * stride + j), b = *(const uint2*)(u + r * stride + j);
-            float4 v = make_float4(silu(__uint_as_float(a.x << 16)) * __uint_as_float(b.x << 16),
-                                   silu(__uint_as_float(a.x & 0xffff0000u)) * __uint_as_float(b.x & 0xffff0000u),
-                                   silu(__uint_as_float(a.y << 16)) * __uint_as_float(b.y << 16),
-                                   silu(__uint_as_float(a.y & 0xffff0000u)) * __uint_as_float(b.y & 0xffff0000u));
-            if (out) *(float4*)(out + r * f + j) = v;
-            if (out16) ((uint2*)out16)[i] = bf16x4(v);
-        }
-        return;
-    }
-    for (long i = first; i < rows * f; i += step) {
-        long r = i / f, j = i % f;
-        put_act(out, out16, i, silu(bf16_to_f32(g[r * stride + j])) * bf16_to_f32(u[r * stride + j]));
-    }
+    silu_mul_rows(g, u, stride, f, rows, out, out16);
 }
 
 // Selective scan (spec §3.3) in chunks of a sequence's rows, so that a long prompt runs on

@@ -3,9 +3,10 @@
 # (or a filter of them), then rounds of `hymba bench`, the variants taking turns within each
 # round so the card's swings fall on all of them alike, one line a run.
 #
-# A variant is NAME=DIR[:KERNELS]: DIR holds a carried `hymba` and `cuda-tests` (as for
-# scripts/gpu-check.sh); KERNELS, a kernels.cu to run instead of the built-in one
-# (HYMBA_CUDA_KERNELS: a kernel-only change needs no build of its own).
+# A variant is NAME=DIR[:KERNELS][,VAR=VALUE...]: DIR holds a carried `hymba` and `cuda-tests`
+# (as for scripts/gpu-check.sh); KERNELS, a kernels.cu to run instead of the built-in one
+# (HYMBA_CUDA_KERNELS: a kernel-only change needs no build of its own); VAR=VALUE, variables
+# set for its runs (a switch such as HYMBA_CUDA_GEMV_ANY_WAVES=1: one build, two variants).
 # Usage: bash scripts/gpu-ab.sh [-r ROUNDS] [-t TEST_FILTER|-t none] VARIANT... -- BENCH_ARGS...
 #   e.g. bash scripts/gpu-ab.sh -t cuda_decode main=.gpu/v/m new=.gpu/v/m:k_new.cu -- \
 #        --synthetic hymba-1.5b --kv-cache bf16 --prompt 64 --decode 64 --contexts 128,8192 \
@@ -35,16 +36,20 @@ done
 # Runs the rest of the line as variant $1 would: its kernels, its shared files.
 as() {
     local spec=${1#*=}
+    local vars=()
+    IFS=, read -r -a vars <<< "$spec"
+    spec=${vars[0]}
+    vars=("${vars[@]:1}")
     local dir=${spec%%:*} kernels=
     [ "$spec" != "$dir" ] && kernels=${spec#*:}
     shift
     if [ -n "$kernels" ]; then
-        HYMBA_SHARED=${HYMBA_SHARED:-$dir/shared} HYMBA_CUDA_KERNELS=$kernels "$@"
+        env HYMBA_SHARED="${HYMBA_SHARED:-$dir/shared}" HYMBA_CUDA_KERNELS="$kernels" "${vars[@]}" "$@"
     else
-        (unset HYMBA_CUDA_KERNELS; HYMBA_SHARED=${HYMBA_SHARED:-$dir/shared} "$@")
+        env -u HYMBA_CUDA_KERNELS HYMBA_SHARED="${HYMBA_SHARED:-$dir/shared}" "${vars[@]}" "$@"
     fi
 }
-dir_of() { local spec=${1#*=}; echo "${spec%%:*}"; }
+dir_of() { local spec=${1#*=}; spec=${spec%%,*}; echo "${spec%%:*}"; }
 if [ "$TESTS" != none ]; then
     for v in "${VARIANTS[@]}"; do
         echo "== tests ${v%%=*}"

@@ -735,6 +735,9 @@ pub struct Cuda {
     /// A replayed step's graph launched where the step ends rather than where it starts (for
     /// A/B runs).
     late_graph: bool,
+    /// A one-row GEMV's warps a pair chosen by the rule of every row count, not by the wave
+    /// (HYMBA_CUDA_GEMV_ANY_WAVES=1, for A/B runs; see `product_folding`).
+    gemv_any_waves: bool,
     /// The SSM branch of a captured decode step (see [`Cuda::branch`]).
     fork: Option<Fork>,
 }
@@ -1035,6 +1038,7 @@ impl Cuda {
             graphs,
             host: Mutex::new(None),
             late_graph: std::env::var_os("HYMBA_CUDA_LATE_GRAPH").is_some(),
+            gemv_any_waves: std::env::var_os("HYMBA_CUDA_GEMV_ANY_WAVES").is_some(),
             tables_held: Default::default(),
             fork,
         })
@@ -2044,7 +2048,7 @@ impl Cuda {
             let wave = kernel.resident(256, 0) * self.sms;
             let (si, cfg) = match [8, 4, 2]
                 .into_iter()
-                .find(|s| t == 1 && pairs.div_ceil(8 / s) <= wave)
+                .find(|s| t == 1 && !self.gemv_any_waves && pairs.div_ceil(8 / s) <= wave)
             {
                 Some(s) => self.warps_per_unit(pairs, &[s]),
                 None => self.warps_per_unit(pairs, &[2, 4, 8]),

@@ -207,6 +207,10 @@ struct Ceilings {
     device: String,
     /// The card's memory in use now, for the peak.
     gpu_used: Option<Box<dyn Fn() -> usize>>,
+    /// The bandwidth measured again (a CPU's, which moves by a quarter from minute to minute on
+    /// a shared machine): each decode context's fraction is of the mean of two measurements,
+    /// just before its steps and just after.
+    bandwidth_now: Option<Box<dyn Fn() -> f64>>,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -239,6 +243,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     gemm: None,
                     device,
                     gpu_used: None,
+                    bandwidth_now: Some(Box::new(|| {
+                        hymba::kernels::probe::read_bandwidth(1 << 30, 5)
+                    })),
                 },
                 &|_| {},
             )
@@ -268,6 +275,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     gemm: Some(gemm),
                     device,
                     gpu_used: Some(gpu_used),
+                    bandwidth_now: None,
                 },
                 &|phase| {
                     if let Some(p) = model.backend().take_profile() {
@@ -339,6 +347,7 @@ fn bench<B: Backend>(
     };
     let mut decode = Vec::new();
     for &ctx in &a.contexts {
+        let before = ceil.bandwidth_now.as_ref().map(|f| f());
         let mut cache = model.cache_with_placeholder_tokens(ctx);
         // One untimed step warms caches and the thread pool.
         model.forward(&mut cache, &[5], Logits::Last, DecodeWindow::Trained)?;
@@ -356,10 +365,15 @@ fn bench<B: Backend>(
         gpu_mark();
         phase_done(&format!("decode @ {ctx}, {} steps", a.decode + 1));
         let tok_s = 1.0 / median(&mut times);
+        let beside = match (before, &ceil.bandwidth_now) {
+            (Some(b), Some(f)) => (b + f()) / 2.0,
+            _ => bw,
+        };
         decode.push(serde_json::json!({
             "context": ctx,
             "tok_s": tok_s,
-            "bandwidth_fraction": tok_s * wbytes as f64 / bw,
+            "bandwidth_gbs": beside / 1e9,
+            "bandwidth_fraction": tok_s * wbytes as f64 / beside,
         }));
     }
     // Batch sizes are stepped in turn, round after round, so each sees the same conditions: on a
@@ -488,10 +502,11 @@ fn bench<B: Backend>(
     );
     for d in &decode {
         println!(
-            "decode @ {:>6}     {:>8.2} tok/s ({:.0}% of the bandwidth)",
+            "decode @ {:>6}     {:>8.2} tok/s ({:.0}% of the bandwidth, {:.1} GB/s beside)",
             d["context"],
             d["tok_s"].as_f64().unwrap_or(0.0),
-            100.0 * d["bandwidth_fraction"].as_f64().unwrap_or(0.0)
+            100.0 * d["bandwidth_fraction"].as_f64().unwrap_or(0.0),
+            d["bandwidth_gbs"].as_f64().unwrap_or(0.0)
         );
     }
     // Throughput relative to one sequence, when it was measured in this run.

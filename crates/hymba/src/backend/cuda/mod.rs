@@ -430,8 +430,8 @@ struct Kernels<K = Kernel> {
     /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights][Epilogue]`
     gemv: [[[K; 4]; 2]; 3],
     /// A decode step's in_proj with the split and the conv in its epilogue (`InProjFold`):
-    /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights]`
-    gemv_in_proj: [[K; 2]; 3],
+    /// `[one row, two rows][f32 weights, bf16 weights]`
+    gemv_in_proj: [[K; 2]; 2],
     /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][Epilogue]`, bf16
     /// weights, sm_80 and later (else empty).
     gemm_rows: Vec<[K; 4]>,
@@ -503,7 +503,6 @@ impl<K> Kernels<K> {
                 ]
             },
             gemv_in_proj: [
-                [f("gemv_in_proj_f32")?, f("gemv_in_proj_bf16")?],
                 [f("gemv_in_proj_f32_1")?, f("gemv_in_proj_bf16_1")?],
                 [f("gemv_in_proj_f32_2")?, f("gemv_in_proj_bf16_2")?],
             ],
@@ -2076,7 +2075,8 @@ impl Cuda {
         // 386-398 without; batch 2 770-782 against 669-681).
         let size = if t <= 2 { t } else { 0 };
         let kernel = match in_proj {
-            Some(_) => &self.k.gemv_in_proj[size][wi],
+            Some(_) if (1..=2).contains(&t) => &self.k.gemv_in_proj[t - 1][wi],
+            Some(_) => return self.fail("in_proj", "folded into a GEMV of more than two rows"),
             None => &self.k.gemv[size][wi][epi as usize],
         };
         // One row: the most warps a pair whose blocks the card holds all at once, where some
@@ -2861,7 +2861,7 @@ impl Backend for Cuda {
         };
         let fold = self.in_proj_fold
             && one_row_each
-            && t > 0
+            && (1..=2).contains(&t)
             && self.gemv_takes(t, w)
             && (1..=CONV_MAX_TAPS).contains(&kk)
             && parts.dk.is_multiple_of(2)

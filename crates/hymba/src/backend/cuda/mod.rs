@@ -773,9 +773,6 @@ pub struct Cuda {
     /// A replayed step's graph launched where the step ends rather than where it starts (for
     /// A/B runs).
     late_graph: bool,
-    /// A one-row GEMV's warps a pair chosen by the rule of every row count, not by the wave
-    /// (HYMBA_CUDA_GEMV_ANY_WAVES=1, for A/B runs; see `product_folding`).
-    gemv_any_waves: bool,
     /// A decode step's in_proj does the split and the conv in its GEMV (`Backend::in_proj`):
     /// off until it has run on a card (HYMBA_CUDA_IN_PROJ_FOLD=1 turns it on).
     in_proj_fold: bool,
@@ -1079,7 +1076,6 @@ impl Cuda {
             graphs,
             host: Mutex::new(None),
             late_graph: std::env::var_os("HYMBA_CUDA_LATE_GRAPH").is_some(),
-            gemv_any_waves: std::env::var_os("HYMBA_CUDA_GEMV_ANY_WAVES").is_some(),
             in_proj_fold: std::env::var_os("HYMBA_CUDA_IN_PROJ_FOLD").is_some_and(|v| v != "0"),
             tables_held: Default::default(),
             fork,
@@ -2082,12 +2078,13 @@ impl Cuda {
         // One row: the most warps a pair whose blocks the card holds all at once, where some
         // count does. out_proj's and down's 800 pairs (1.5B) take 4 warps a pair in 400
         // blocks, not 8 in 800, which at four blocks a multiprocessor need a second wave
-        // (H100, three rounds: batch 1 521 / 530 / 527 tok/s against 495 / 491 / 482). Two
-        // rows read slower so (747-757 against 766-782) and keep the rule above.
+        // (H100, three rounds: batch 1 521 / 530 / 527 tok/s against 495 / 491 / 482; the rule
+        // itself against the one below, two rounds: 529 / 531 against 495 / 501). Two rows read
+        // slower so (747-757 against 766-782) and keep the rule below.
         let wave = kernel.resident(256, 0) * self.sms;
         let (si, cfg) = match [8, 4, 2]
             .into_iter()
-            .find(|s| t == 1 && !self.gemv_any_waves && pairs.div_ceil(8 / s) <= wave)
+            .find(|s| t == 1 && pairs.div_ceil(8 / s) <= wave)
         {
             Some(s) => self.warps_per_unit(pairs, &[s]),
             None => self.warps_per_unit(pairs, &[2, 4, 8]),

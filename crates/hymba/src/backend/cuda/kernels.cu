@@ -240,16 +240,12 @@ extern "C" __global__ void columns(const float* x, int width, int from, int n, l
     }
 }
 
-// RoPE (rotate-half) of a head's pair (a1, a2) = (x[j], x[j + dk/2]) by the angle whose sine and
-// cosine are s, c.
-__device__ __forceinline__ float2 rope_apply(float a1, float a2, float s, float c) {
-    return make_float2(a1 * c - a2 * s, a2 * c + a1 * s);
-}
-// The same at position `pos`, f the pair's inverse frequency.
+// RoPE (rotate-half) of a head's pair (a1, a2) = (x[j], x[j + dk/2]) at position `pos`, f the
+// pair's inverse frequency.
 __device__ __forceinline__ float2 rope2(float a1, float a2, int pos, float f) {
     float s, c;
     sincosf((float)pos * f, &s, &c);
-    return rope_apply(a1, a2, s, c);
+    return make_float2(a1 * c - a2 * s, a2 * c + a1 * s);
 }
 // RoPE of the pair (j, j + dk/2) of head h of a row at position `pos`.
 __device__ __forceinline__ void rope_pair(const float* src, float* dst, int dk, int pair, int pos, const float* inv_freq) {
@@ -2248,48 +2244,14 @@ __device__ __forceinline__ int2 gemv_pair_rows(int pair, const InProjFold& g) {
     }
     return make_int2(2 * pair, 2 * pair + 1);
 }
-// What the epilogue of in_proj row `col` (pair `pair`, its row i) of input row r needs besides
-// the sums, made before the GEMV waits for the kernel before it (none of it is that kernel's:
-// tables, weights, the conv state the last step left): RoPE's sine and cosine, or the conv's
-// sum over the window's older inputs with the newest input's tap, the state moved on by all but
-// that input. Then the epilogue is arithmetic and stores, no trip to memory at a block's end.
-struct InProjPre {
-    float a, b;
-    float* state;
-};
-__device__ __forceinline__ InProjPre in_proj_prep(const InProjFold& g, int r, int col, int pair) {
-    InProjPre pre{0.0f, 0.0f, nullptr};
-    if (pair < (g.qw + g.kw) / 2) {
-        int p = pair - (pair < g.qw / 2 ? 0 : g.qw / 2), j = p % (g.dk / 2);
-        sincosf((float)g.pos[r] * g.inv_freq[j], &pre.a, &pre.b);
-        return pre;
-    }
-    int c = col - g.x_at;
-    if (col < g.qw + g.kw + g.vw || c < 0 || c >= g.e) return pre;
-    float* state = g.conv[g.row_seq[r]];
-    float win[MAX_K], acc = g.bias[c];
-#pragma unroll
-    for (int j = 0; j < MAX_K; j++) win[j] = j < g.kk - 1 ? state[(long)j * g.e + c] : 0.0f;
-    // conv_window's sum, oldest first, but for the newest input's term.
-#pragma unroll
-    for (int j = 0; j < MAX_K; j++)
-        if (j < g.kk - 1) acc += g.taps[(long)j * g.e + c] * win[j];
-#pragma unroll
-    for (int j = 0; j < MAX_K - 2; j++)
-        if (j < g.kk - 2) state[(long)j * g.e + c] = win[j + 1];
-    pre.a = acc;
-    pre.b = g.taps[(long)(g.kk - 1) * g.e + c];
-    pre.state = state;
-    return pre;
-}
 // Row r's sum s of in_proj row `col` (the pair's other sum o) into q, k, v or the conv.
-__device__ __forceinline__ void in_proj_fold(const InProjFold& g, const InProjPre& pre, int r, int col, int pair, int i, float s, float o) {
+__device__ __forceinline__ void in_proj_fold(const InProjFold& g, int r, int col, int pair, int i, float s, float o) {
     if (pair < (g.qw + g.kw) / 2) {
         bool is_q = pair < g.qw / 2;
-        int p = pair - (is_q ? 0 : g.qw / 2), half = g.dk / 2;
-        float2 rot = rope_apply(i ? o : s, i ? s : o, pre.a, pre.b);
+        int p = pair - (is_q ? 0 : g.qw / 2), half = g.dk / 2, j = p % half;
+        float2 rot = rope2(i ? o : s, i ? s : o, g.pos[r], g.inv_freq[j]);
         float v = i ? rot.y : rot.x;
-        long at = (long)(p / half) * g.dk + p % half + i * half;
+        long at = (long)(p / half) * g.dk + j + i * half;
         if (is_q) g.q[(long)r * g.qw + at] = v;
         else g.k[(long)r * g.kw + at] = g.round ? round_to_bf16(v) : v;
         return;
@@ -2300,17 +2262,23 @@ __device__ __forceinline__ void in_proj_fold(const InProjFold& g, const InProjPr
     }
     int c = col - g.x_at;
     if (c < 0 || c >= g.e) return;  // z: read where it is
-    float acc = pre.a;
-    acc += pre.b * s;
-    put_act(g.xc, g.xc16, (long)r * g.e + c, silu(acc));
-    if (g.kk >= 2) pre.state[(long)(g.kk - 2) * g.e + c] = s;
+    float* state = g.conv[g.row_seq[r]];
+    float win[MAX_K], tap[MAX_K];
+#pragma unroll
+    for (int j = 0; j < MAX_K; j++) {
+        win[j] = j < g.kk - 1 ? state[(long)j * g.e + c] : (j == g.kk - 1 ? s : 0.0f);
+        tap[j] = j < g.kk ? g.taps[(long)j * g.e + c] : 0.0f;
+    }
+    put_act(g.xc, g.xc16, (long)r * g.e + c, silu(conv_window(tap, win, g.bias[c], g.kk)));
+#pragma unroll
+    for (int j = 0; j < MAX_K - 1; j++)
+        if (j < g.kk - 1) state[(long)j * g.e + c] = win[j + 1];
 }
 template <typename W, int EPI, int ROWS, int UNROLL>
 __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const float* __restrict__ bias,
-                     float* __restrict__ y, int t, int n, int k, int split, NormFold f, InProjFold g) {
+                     float* __restrict__ y, int t, int n, int k, int split, NormFold f, const InProjFold& g) {
     __shared__ float red[8][2][ROWS];
     __shared__ float red_sq[8][ROWS];
-    __shared__ InProjPre pre[8][2 * ROWS];  // EPI_IN_PROJ's, by warp and epilogue lane
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int grp = warp / split, part = warp % split;
     int pair = blockIdx.x * (8 / split) + grp;
@@ -2344,12 +2312,6 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
                 }
         }
     };
-    // EPI_IN_PROJ: the epilogue lanes' `in_proj_prep`, while the first weights are in flight.
-    auto prep = [&]() {
-        if (EPI != EPI_IN_PROJ || !live || part != 0 || lane >= 2 * ROWS) return;
-        int i = lane / ROWS, r = lane % ROWS, col = i ? rows_ab.y : rows_ab.x;
-        if (r < t && col < n) pre[warp][lane] = in_proj_prep(g, r, col, pair);
-    };
     // The weights do not depend on the previous kernel: their first loads go out before waiting.
     allow_next();
     bool waited = false;
@@ -2366,7 +2328,6 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
                 else zero_raw(wb[u]);
             }
             if (!waited) {
-                prep();
                 wait_prior();
                 waited = true;
                 if (early) load_sq();
@@ -2388,7 +2349,6 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         }
     }
     if (!waited) {
-        prep();
         wait_prior();
         if (early) load_sq();
     }
@@ -2458,7 +2418,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         int col = i ? rows_ab.y : rows_ab.x;
         if (r >= t || col >= n) return;
         y[(long)r * n + col] = s;
-        in_proj_fold(g, pre[warp][lane], r, col, pair, i, s, o);
+        in_proj_fold(g, r, col, pair, i, s, o);
         return;
     }
     if (r >= t) return;
@@ -2472,16 +2432,23 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         *out = v > 20.0f ? v : log1pf(expf(v));
     }
 }
-// The GEMV's kernels for up to GEMV_ROWS rows, one row (`_1`) and two (`_2`).
+// The GEMV's kernels for up to GEMV_ROWS rows, one row (`_1`) and two (`_2`); EPI_IN_PROJ's take
+// an InProjFold after the NormFold.
 #define GEMV_KERNEL(name, W, EPI, ROWS, UNROLL) \
     extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split, \
                                                            NormFold f) { \
         gemv<W, EPI, ROWS, UNROLL>(x, w0, w1, bias, y, t, n, k, split, f, InProjFold{}); \
     }
-#define GEMV(name, W, EPI) \
-    GEMV_KERNEL(name, W, EPI, GEMV_ROWS, GEMV_UNROLL) \
-    GEMV_KERNEL(name##_1, W, EPI, 1, GEMV1_UNROLL * 2 / sizeof(W)) \
-    GEMV_KERNEL(name##_2, W, EPI, 2, GEMV1_UNROLL * 2 / sizeof(W))
+#define GEMV_IN_PROJ_KERNEL(name, W, EPI, ROWS, UNROLL) \
+    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split, \
+                                                           NormFold f, InProjFold g) { \
+        gemv<W, EPI, ROWS, UNROLL>(x, w0, w1, bias, y, t, n, k, split, f, g); \
+    }
+#define GEMV_SIZES(KERNEL, name, W, EPI) \
+    KERNEL(name, W, EPI, GEMV_ROWS, GEMV_UNROLL) \
+    KERNEL(name##_1, W, EPI, 1, GEMV1_UNROLL * 2 / sizeof(W)) \
+    KERNEL(name##_2, W, EPI, 2, GEMV1_UNROLL * 2 / sizeof(W))
+#define GEMV(name, W, EPI) GEMV_SIZES(GEMV_KERNEL, name, W, EPI)
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)
 GEMV(gemv_softplus_f32, float, EPI_SOFTPLUS)
@@ -2490,18 +2457,8 @@ GEMV(gemv_bf16, bf16_t, EPI_STORE)
 GEMV(gemv_add_bf16, bf16_t, EPI_ADD)
 GEMV(gemv_softplus_bf16, bf16_t, EPI_SOFTPLUS)
 GEMV(gemv_glu_bf16, bf16_t, EPI_GLU)
-// The in_proj fold's kernels, one and two rows: held to 64 registers, as the plain ones use, so
-// that four blocks fit a multiprocessor (left free, ptxas takes 80 for the epilogue's code: three
-// blocks, and in_proj read 15.8 µs a call against ~9 on an H100); what spills is read once.
-#define GEMV_IN_PROJ_KERNEL(name, W, ROWS) \
-    extern "C" __global__ void __launch_bounds__(256, 4) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
-                                                              int split, NormFold f, InProjFold g) { \
-        gemv<W, EPI_IN_PROJ, ROWS, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split, f, g); \
-    }
-GEMV_IN_PROJ_KERNEL(gemv_in_proj_f32_1, float, 1)
-GEMV_IN_PROJ_KERNEL(gemv_in_proj_f32_2, float, 2)
-GEMV_IN_PROJ_KERNEL(gemv_in_proj_bf16_1, bf16_t, 1)
-GEMV_IN_PROJ_KERNEL(gemv_in_proj_bf16_2, bf16_t, 2)
+GEMV_SIZES(GEMV_IN_PROJ_KERNEL, gemv_in_proj_f32, float, EPI_IN_PROJ)
+GEMV_SIZES(GEMV_IN_PROJ_KERNEL, gemv_in_proj_bf16, bf16_t, EPI_IN_PROJ)
 
 // Eight inputs from element i (16-byte aligned) as bf16 pairs: rounded here from f32 (as
 // `to_bf16` rounds), or as stored.

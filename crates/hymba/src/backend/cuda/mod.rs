@@ -430,8 +430,8 @@ struct Kernels<K = Kernel> {
     /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights][Epilogue]`
     gemv: [[[K; 4]; 2]; 3],
     /// A decode step's in_proj with the split and the conv in its epilogue (`InProjFold`):
-    /// `[one row, two rows][f32 weights, bf16 weights]`
-    gemv_in_proj: [[K; 2]; 2],
+    /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights]`
+    gemv_in_proj: [[K; 2]; 3],
     /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][Epilogue]`, bf16
     /// weights, sm_80 and later (else empty).
     gemm_rows: Vec<[K; 4]>,
@@ -503,6 +503,7 @@ impl<K> Kernels<K> {
                 ]
             },
             gemv_in_proj: [
+                [f("gemv_in_proj_f32")?, f("gemv_in_proj_bf16")?],
                 [f("gemv_in_proj_f32_1")?, f("gemv_in_proj_bf16_1")?],
                 [f("gemv_in_proj_f32_2")?, f("gemv_in_proj_bf16_2")?],
             ],
@@ -2071,8 +2072,7 @@ impl Cuda {
         // 386-398 without; batch 2 770-782 against 669-681).
         let size = if t <= 2 { t } else { 0 };
         let kernel = match in_proj {
-            Some(_) if (1..=2).contains(&t) => &self.k.gemv_in_proj[t - 1][wi],
-            Some(_) => return self.fail("in_proj", "folded into a GEMV of more than two rows"),
+            Some(_) => &self.k.gemv_in_proj[size][wi],
             None => &self.k.gemv[size][wi][epi as usize],
         };
         // One row: the most warps a pair whose blocks the card holds all at once, where some
@@ -2858,7 +2858,7 @@ impl Backend for Cuda {
         };
         let fold = self.in_proj_fold
             && one_row_each
-            && (1..=2).contains(&t)
+            && t > 0
             && self.gemv_takes(t, w)
             && (1..=CONV_MAX_TAPS).contains(&kk)
             && parts.dk.is_multiple_of(2)

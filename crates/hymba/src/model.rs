@@ -9,7 +9,7 @@
 //! weights prepared for the CPU backend and the caches, and feeds the network each call's rows.
 
 use crate::backend::{
-    AttnInput, Backend, Conv, Cpu, Fuse, Heads, InProjParts, KeyPositions, KvSplit, MatrixInfo,
+    AttnInput, Backend, Cpu, Fuse, Heads, InProjParts, KeyPositions, KvSplit, MatrixInfo,
     ScanInput, Seq, VectorInfo,
 };
 use crate::cache::{Cache, KvDtype, KvStore, MetaPrefix};
@@ -214,9 +214,10 @@ impl<B: Backend> Net<'_, B> {
         let (b, c, lp) = (self.b, self.c, &self.plan[i]);
         let e = c.ssm_width;
         let (qw, kw, vw) = (c.q_width(), c.k_width(), c.v_width());
-        // 1. in_proj: q [, k, v], x, z.
+        // 1. in_proj, split q [, k, v], x, z.
         let width = c.in_proj_rows(lp.computes_kv);
         let xz = if lp.computes_kv { qw + kw + vw } else { qw };
+        b.matmul(&run.u, &lw.in_proj, &mut run.p);
         // 2. Attention's inputs: RoPE on q, and on k of a layer that computes the group's K/V.
         let g = lp.kv_group;
         let kv = lp.computes_kv.then_some(KvSplit {
@@ -234,25 +235,19 @@ impl<B: Backend> Net<'_, B> {
             kv,
         };
         let new_kv = lp.computes_kv.then_some((&mut run.k[g], &mut run.v[g]));
-        // 3. The SSM's input: the causal conv of x from each sequence's state, SiLU.
-        let conv = Conv {
-            layer: i,
-            taps: &lw.conv_w,
-            bias: &lw.conv_b,
-        };
-        b.in_proj(
-            &run.u,
-            &lw.in_proj,
-            &mut run.p,
-            parts,
-            self.inv_freq,
-            &conv,
+        b.split_in_proj(&run.p, parts, self.inv_freq, seqs, &mut run.q, new_kv);
+        // 3. The SSM's input: the causal conv of x from each sequence's state, SiLU; then x_proj
+        // into (δr, B, C), from which the scan makes its input-dependent parameters.
+        b.conv_silu(
+            &run.p,
+            width,
+            xz,
+            i,
+            &lw.conv_w,
+            &lw.conv_b,
             seqs,
-            &mut run.q,
-            new_kv,
             &mut run.xc,
         );
-        // Then x_proj into (δr, B, C), from which the scan makes its input-dependent parameters.
         b.matmul(&run.xc, &lw.x_proj, &mut run.proj);
         // 2 ∥ 3, then 4: the two heads side by side, fused.
         let heads = Heads {

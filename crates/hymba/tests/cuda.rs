@@ -915,55 +915,6 @@ fn cuda_decode_rows_match_cpu() {
     }
 }
 
-/// A decode step's in_proj with the split and the conv in its GEMV gives the very
-/// logits of the three launches it replaces (the same operations in the same order): one and
-/// two rows a step, f32 and bf16 weights, both K/V types.
-#[test]
-fn cuda_in_proj_fold_matches_unfolded() {
-    let cfg = Config::from_file(&fixture("tiny-a").join("config.json")).unwrap();
-    let prompts: [Vec<u32>; 2] = [(3..19).collect(), (30..41).map(|x| x * 5).collect()];
-    let steps: Vec<u32> = (0..7).map(|i| i * 11 + 4).collect();
-    for dtype in [Dtype::F32, Dtype::BF16] {
-        for kv in [KvDtype::F32, KvDtype::BF16] {
-            let run = |fold: bool| -> Option<Vec<Vec<f32>>> {
-                let gpu = gpu("cuda_in_proj_fold_matches_unfolded")?;
-                let gpu = gpu.with_in_proj_fold(fold);
-                let store = hymba::synthetic::in_memory(&cfg, dtype, 5, 1.0);
-                let m = Model::on(gpu, cfg.clone(), store)
-                    .unwrap()
-                    .with_kv_dtype(kv);
-                let mut out: Vec<Vec<f32>> = prompts
-                    .iter()
-                    .map(|p| {
-                        let ids: Vec<u32> = p.iter().chain(&steps).copied().collect();
-                        prefill_then_decode(&m, &ids, p.len(), Logits::Last)
-                    })
-                    .collect();
-                out.extend(decode_together(&m, &prompts, &steps));
-                Some(out)
-            };
-            let (Some(folded), Some(unfolded)) = (run(true), run(false)) else {
-                return;
-            };
-            for (i, (a, b)) in folded.iter().zip(&unfolded).enumerate() {
-                let how = if i < 2 { "alone" } else { "two together" };
-                assert_eq!(a.len(), b.len());
-                let differ = a
-                    .iter()
-                    .zip(b)
-                    .filter(|(x, y)| x.to_bits() != y.to_bits())
-                    .count();
-                assert_eq!(
-                    differ, 0,
-                    "{dtype:?} weights, {kv:?} K/V, sequence {}, {how}: {differ} of {} logits differ",
-                    i % 2,
-                    a.len()
-                );
-            }
-        }
-    }
-}
-
 /// Decode attention with value heads of 128, four times the keys' (the 1.5B model's shapes; the
 /// fixture's are 32, the keys' size), synthetic f32 weights on the fixture's other shapes (the
 /// SSM widened to match): a prompt, then decode steps past the 16-key window (the ring wraps),

@@ -108,21 +108,6 @@ pub struct InProjParts {
     pub kv: Option<KvSplit>,
 }
 
-impl InProjParts {
-    /// The SSM's x: columns `x_at()..x_at() + e`, just before z.
-    pub fn x_at(&self) -> usize {
-        self.z_at - self.e
-    }
-}
-
-/// A layer's causal conv (spec §3, "Mixer" step 3): its weights `taps` `[K, E]` and `bias`
-/// `[E]`, and the layer, whose conv state each sequence keeps.
-pub struct Conv<'r, B: Backend> {
-    pub layer: usize,
-    pub taps: &'r B::Vector,
-    pub bias: &'r B::Vector,
-}
-
 /// Where a layer's new K/V rows are in the in_proj output, and the element type the cache keeps
 /// them in (new rows are rounded to it before any query reads them).
 #[derive(Clone, Copy, Debug)]
@@ -347,26 +332,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         seqs: &mut [Seq<Self>],
         out: &mut Self::Rows,
     );
-    /// in_proj and the heads' inputs from its output `p = u · wᵀ`: `split_in_proj` (q, and k,
-    /// v where the layer computes them) and `conv_silu` of its x into `xc`, which a backend may
-    /// fold into the product (the CUDA one does in decode steps, where a row's split and conv
-    /// need no other row).
-    #[allow(clippy::too_many_arguments)]
-    fn in_proj(
-        &self,
-        u: &Self::Rows,
-        w: &Self::Matrix,
-        p: &mut Self::Rows,
-        parts: InProjParts,
-        inv_freq: &Self::Vector,
-        conv: &Conv<Self>,
-        seqs: &mut [Seq<Self>],
-        q: &mut Self::Rows,
-        kv: Option<(&mut Self::Rows, &mut Self::Rows)>,
-        xc: &mut Self::Rows,
-    ) {
-        in_proj_unfolded(self, u, w, p, parts, inv_freq, conv, seqs, q, kv, xc);
-    }
     /// The two heads of the hybrid mixer side by side, then their fusion (spec §3.2–3.4): per
     /// sequence, attention over its past K/V and this call's rows under the layer's mask, and
     /// the selective scan from its SSM state (updated, the scan's parameters made from x_proj's
@@ -379,35 +344,5 @@ pub trait Backend: Send + Sync + Sized + 'static {
         fuse: &Fuse<Self>,
         seqs: &mut [Seq<Self>],
         out: &mut Self::Rows,
-    );
-}
-
-/// `Backend::in_proj` as three calls: the product, the split, the conv.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn in_proj_unfolded<B: Backend>(
-    b: &B,
-    u: &B::Rows,
-    w: &B::Matrix,
-    p: &mut B::Rows,
-    parts: InProjParts,
-    inv_freq: &B::Vector,
-    conv: &Conv<B>,
-    seqs: &mut [Seq<B>],
-    q: &mut B::Rows,
-    kv: Option<(&mut B::Rows, &mut B::Rows)>,
-    xc: &mut B::Rows,
-) {
-    b.matmul(u, w, p);
-    b.split_in_proj(p, parts, inv_freq, seqs, q, kv);
-    let (taps, bias) = (conv.taps, conv.bias);
-    b.conv_silu(
-        p,
-        parts.width,
-        parts.x_at(),
-        conv.layer,
-        taps,
-        bias,
-        seqs,
-        xc,
     );
 }

@@ -240,19 +240,14 @@ extern "C" __global__ void columns(const float* x, int width, int from, int n, l
     }
 }
 
-// RoPE (rotate-half) of a head's pair (a1, a2) = (x[j], x[j + dk/2]) at position `pos`, f the
-// pair's inverse frequency.
-__device__ __forceinline__ float2 rope2(float a1, float a2, int pos, float f) {
-    float s, c;
-    sincosf((float)pos * f, &s, &c);
-    return make_float2(a1 * c - a2 * s, a2 * c + a1 * s);
-}
-// RoPE of the pair (j, j + dk/2) of head h of a row at position `pos`.
+// RoPE (rotate-half) of the pair (j, j + dk/2) of head h of a row at position `pos`.
 __device__ __forceinline__ void rope_pair(const float* src, float* dst, int dk, int pair, int pos, const float* inv_freq) {
     int half = dk / 2, h = pair / half, j = pair % half;
-    float2 r = rope2(src[h * dk + j], src[h * dk + j + half], pos, inv_freq[j]);
-    dst[h * dk + j] = r.x;
-    dst[h * dk + j + half] = r.y;
+    float s, c;
+    sincosf((float)pos * inv_freq[j], &s, &c);
+    float a1 = src[h * dk + j], a2 = src[h * dk + j + half];
+    dst[h * dk + j] = a1 * c - a2 * s;
+    dst[h * dk + j + half] = a2 * c + a1 * s;
 }
 
 __device__ __forceinline__ float round_to_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
@@ -632,15 +627,6 @@ extern "C" __global__ void conv_silu(const float* p, int width, int from, const 
     }
 }
 
-// A conv output before its SiLU: the bias, then the window's K inputs (oldest first) by their taps.
-__device__ __forceinline__ float conv_window(const float (&tap)[MAX_K], const float (&win)[MAX_K], float b0, int k) {
-    float acc = b0;
-#pragma unroll
-    for (int j = 0; j < MAX_K; j++)
-        if (j < k) acc += tap[j] * win[j];
-    return acc;
-}
-
 // The conv of short sequences (decode), thread (channel, sequence): the sequence's rows one after
 // another through a window of the last K inputs, which then becomes the state (conv_silu and
 // conv_state in one launch).
@@ -667,7 +653,11 @@ extern "C" __global__ void conv_silu_step(const float* p, int width, int from, c
 #pragma unroll
         for (int j = 0; j < MAX_K; j++)
             if (j == k - 1) win[j] = p[r * width + from + c];
-        put_act(out, out16, r * e + c, silu(conv_window(tap, win, b0, k)));
+        float acc = b0;
+#pragma unroll
+        for (int j = 0; j < MAX_K; j++)
+            if (j < k) acc += tap[j] * win[j];
+        put_act(out, out16, r * e + c, silu(acc));
 #pragma unroll
         for (int j = 0; j < MAX_K - 1; j++)
             if (j < k - 1) win[j] = win[j + 1];
@@ -2198,7 +2188,6 @@ ATTENTION_GQA_MMA(128, 128)
 #define EPI_ADD 1
 #define EPI_SOFTPLUS 2
 #define EPI_GLU 3
-#define EPI_IN_PROJ 4
 // The RMSNorm between a residual add and the next product, folded into both GEMVs (decode rows):
 // the add's GEMV (out_proj, down) also writes u = h ⊙ w and each row pair's sum of squares of h
 // (`sq`, [t, pairs]), with no reduction over the row; the next GEMV (in_proj, gate·up) sums
@@ -2212,81 +2201,18 @@ struct NormFold {
     int sq_n;
     float eps;
 };
-// A decode step's in_proj (one row a sequence) with `split_in_proj`'s and `conv_silu_step`'s
-// work in the GEMV's epilogue, so that each head's branch starts from in_proj's end with one
-// kernel fewer: its pairs of q's and k's rows are RoPE's pairs (j, j + dk/2) of a head, whose
-// two sums the epilogue rotates into q and k (k and v rounded as `round` says), and the sums of
-// x's rows go through the sequence's conv window into xc (the state moved on). y gets the plain
-// product, as the unfolded path's in_proj. The same operations as those kernels', in the same
-// order: the same bits. Layout as `InProjParts`: q, [k, v,] x at x_at, then z.
-struct InProjFold {
-    float* q;
-    float* k;  // null (kw = vw = 0): the layer does not compute K/V
-    float* v;
-    float* xc;
-    bf16_t* xc16;
-    const int* pos;
-    const float* inv_freq;
-    const int* row_seq;
-    float* const* conv;
-    const float* taps;
-    const float* bias;
-    int qw, kw, vw, dk, x_at, e, kk, round;
-};
-// The weight rows of pair `pair` (rows 2p and 2p + 1, but RoPE's for q and k under EPI_IN_PROJ).
-template <int EPI>
-__device__ __forceinline__ int2 gemv_pair_rows(int pair, const InProjFold& g) {
-    if (EPI == EPI_GLU) return make_int2(pair, pair);
-    if (EPI == EPI_IN_PROJ && pair < (g.qw + g.kw) / 2) {
-        int at = pair < g.qw / 2 ? 0 : g.qw, p = pair - at / 2, half = g.dk / 2;
-        int a = at + p / half * g.dk + p % half;
-        return make_int2(a, a + half);
-    }
-    return make_int2(2 * pair, 2 * pair + 1);
-}
-// Row r's sum s of in_proj row `col` (the pair's other sum o) into q, k, v or the conv.
-__device__ __forceinline__ void in_proj_fold(const InProjFold& g, int r, int col, int pair, int i, float s, float o) {
-    if (pair < (g.qw + g.kw) / 2) {
-        bool is_q = pair < g.qw / 2;
-        int p = pair - (is_q ? 0 : g.qw / 2), half = g.dk / 2, j = p % half;
-        float2 rot = rope2(i ? o : s, i ? s : o, g.pos[r], g.inv_freq[j]);
-        float v = i ? rot.y : rot.x;
-        long at = (long)(p / half) * g.dk + j + i * half;
-        if (is_q) g.q[(long)r * g.qw + at] = v;
-        else g.k[(long)r * g.kw + at] = g.round ? round_to_bf16(v) : v;
-        return;
-    }
-    if (col < g.qw + g.kw + g.vw) {
-        g.v[(long)r * g.vw + col - g.qw - g.kw] = g.round ? round_to_bf16(s) : s;
-        return;
-    }
-    int c = col - g.x_at;
-    if (c < 0 || c >= g.e) return;  // z: read where it is
-    float* state = g.conv[g.row_seq[r]];
-    float win[MAX_K], tap[MAX_K];
-#pragma unroll
-    for (int j = 0; j < MAX_K; j++) {
-        win[j] = j < g.kk - 1 ? state[(long)j * g.e + c] : (j == g.kk - 1 ? s : 0.0f);
-        tap[j] = j < g.kk ? g.taps[(long)j * g.e + c] : 0.0f;
-    }
-    put_act(g.xc, g.xc16, (long)r * g.e + c, silu(conv_window(tap, win, g.bias[c], g.kk)));
-#pragma unroll
-    for (int j = 0; j < MAX_K - 1; j++)
-        if (j < g.kk - 1) state[(long)j * g.e + c] = win[j + 1];
-}
 template <typename W, int EPI, int ROWS, int UNROLL>
 __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const float* __restrict__ bias,
-                     float* __restrict__ y, int t, int n, int k, int split, NormFold f, const InProjFold& g) {
+                     float* __restrict__ y, int t, int n, int k, int split, NormFold f) {
     __shared__ float red[8][2][ROWS];
     __shared__ float red_sq[8][ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int grp = warp / split, part = warp % split;
     int pair = blockIdx.x * (8 / split) + grp;
     bool live = pair < (EPI == EPI_GLU ? n : (n + 1) / 2);
-    int2 rows_ab = gemv_pair_rows<EPI>(pair, g);
-    const W* ra = w0 + (long)rows_ab.x * k;
-    const W* rb = (EPI == EPI_GLU ? w1 : w0) + (long)rows_ab.y * k;
-    bool has_b = live && (EPI == EPI_GLU || rows_ab.y < n);
+    const W* ra = EPI == EPI_GLU ? w0 + (long)pair * k : w0 + (long)(2 * pair) * k;
+    const W* rb = EPI == EPI_GLU ? w1 + (long)pair * k : ra + k;
+    bool has_b = live && (EPI == EPI_GLU || 2 * pair + 1 < n);
     float acc[2][ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; r++) acc[0][r] = acc[1][r] = 0.0f;
@@ -2412,15 +2338,6 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         if (i == 0 && r < t) y[(long)r * n + pair] = silu(s) * u;
         return;
     }
-    if (EPI == EPI_IN_PROJ) {
-        // Lane i · ROWS + r: the pair's other row of r is lane ^ ROWS (ROWS a power of two).
-        float o = __shfl_xor_sync((1u << (2 * ROWS)) - 1, s, ROWS);
-        int col = i ? rows_ab.y : rows_ab.x;
-        if (r >= t || col >= n) return;
-        y[(long)r * n + col] = s;
-        in_proj_fold(g, r, col, pair, i, s, o);
-        return;
-    }
     if (r >= t) return;
     int col = 2 * pair + i;
     if (col >= n) return;
@@ -2432,23 +2349,19 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         *out = v > 20.0f ? v : log1pf(expf(v));
     }
 }
-// The GEMV's kernels for up to GEMV_ROWS rows, one row (`_1`) and two (`_2`); EPI_IN_PROJ's take
-// an InProjFold after the NormFold.
-#define GEMV_KERNEL(name, W, EPI, ROWS, UNROLL) \
+#define GEMV(name, W, EPI) \
     extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split, \
                                                            NormFold f) { \
-        gemv<W, EPI, ROWS, UNROLL>(x, w0, w1, bias, y, t, n, k, split, f, InProjFold{}); \
+        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL>(x, w0, w1, bias, y, t, n, k, split, f); \
+    } \
+    extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
+                                                              int split, NormFold f) { \
+        gemv<W, EPI, 1, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split, f); \
+    } \
+    extern "C" __global__ void __launch_bounds__(256) name##_2(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
+                                                              int split, NormFold f) { \
+        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split, f); \
     }
-#define GEMV_IN_PROJ_KERNEL(name, W, EPI, ROWS, UNROLL) \
-    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split, \
-                                                           NormFold f, InProjFold g) { \
-        gemv<W, EPI, ROWS, UNROLL>(x, w0, w1, bias, y, t, n, k, split, f, g); \
-    }
-#define GEMV_SIZES(KERNEL, name, W, EPI) \
-    KERNEL(name, W, EPI, GEMV_ROWS, GEMV_UNROLL) \
-    KERNEL(name##_1, W, EPI, 1, GEMV1_UNROLL * 2 / sizeof(W)) \
-    KERNEL(name##_2, W, EPI, 2, GEMV1_UNROLL * 2 / sizeof(W))
-#define GEMV(name, W, EPI) GEMV_SIZES(GEMV_KERNEL, name, W, EPI)
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)
 GEMV(gemv_softplus_f32, float, EPI_SOFTPLUS)
@@ -2457,8 +2370,6 @@ GEMV(gemv_bf16, bf16_t, EPI_STORE)
 GEMV(gemv_add_bf16, bf16_t, EPI_ADD)
 GEMV(gemv_softplus_bf16, bf16_t, EPI_SOFTPLUS)
 GEMV(gemv_glu_bf16, bf16_t, EPI_GLU)
-GEMV_SIZES(GEMV_IN_PROJ_KERNEL, gemv_in_proj_f32, float, EPI_IN_PROJ)
-GEMV_SIZES(GEMV_IN_PROJ_KERNEL, gemv_in_proj_bf16, bf16_t, EPI_IN_PROJ)
 
 // Eight inputs from element i (16-byte aligned) as bf16 pairs: rounded here from f32 (as
 // `to_bf16` rounds), or as stored.

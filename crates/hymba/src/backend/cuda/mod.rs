@@ -13,8 +13,8 @@
 mod lt;
 
 use super::{
-    in_proj_unfolded, AttnInput, Backend, Conv, Fuse, Heads, InProjParts, KeyPositions, KvStorage,
-    MatrixInfo, RecurrentState, ScanInput, Seq, VectorInfo,
+    AttnInput, Backend, Fuse, Heads, InProjParts, KeyPositions, KvStorage, MatrixInfo,
+    RecurrentState, ScanInput, Seq, VectorInfo,
 };
 use crate::cache::KvDtype;
 use crate::error::{Error, Result};
@@ -295,35 +295,6 @@ struct NormFold {
 // SAFETY: plain data with the layout of the kernel's struct; all zeros is a valid value.
 unsafe impl DeviceRepr for NormFold {}
 
-/// The kernel's `InProjFold`: where a decode step's in_proj GEMV puts q, k, v (RoPE, rounding)
-/// and the conv's output, and what it reads for them (device pointers; see kernels.cu).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct InProjFold {
-    q: u64,
-    k: u64,
-    v: u64,
-    xc: u64,
-    xc16: u64,
-    pos: u64,
-    inv_freq: u64,
-    row_seq: u64,
-    conv: u64,
-    taps: u64,
-    bias: u64,
-    qw: i32,
-    kw: i32,
-    vw: i32,
-    dk: i32,
-    x_at: i32,
-    e: i32,
-    kk: i32,
-    round: i32,
-}
-
-// SAFETY: plain data with the layout of the kernel's struct.
-unsafe impl DeviceRepr for InProjFold {}
-
 /// One layer's SSM state `[E, N]` and conv state `[K−1, E]` of one sequence.
 #[derive(Clone)]
 pub struct DevState {
@@ -429,9 +400,6 @@ struct Kernels<K = Kernel> {
     attention_gqa_mma: Vec<((usize, usize), K)>,
     /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights][Epilogue]`
     gemv: [[[K; 4]; 2]; 3],
-    /// A decode step's in_proj with the split and the conv in its epilogue (`InProjFold`):
-    /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights]`
-    gemv_in_proj: [[K; 2]; 3],
     /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][Epilogue]`, bf16
     /// weights, sm_80 and later (else empty).
     gemm_rows: Vec<[K; 4]>,
@@ -502,11 +470,6 @@ impl<K> Kernels<K> {
                     [set("f32", "_2")?, set("bf16", "_2")?],
                 ]
             },
-            gemv_in_proj: [
-                [f("gemv_in_proj_f32")?, f("gemv_in_proj_bf16")?],
-                [f("gemv_in_proj_f32_1")?, f("gemv_in_proj_bf16_1")?],
-                [f("gemv_in_proj_f32_2")?, f("gemv_in_proj_bf16_2")?],
-            ],
             gemm_rows: if major >= 8 {
                 [("f32", 1), ("bf16", 1), ("bf16", 2)]
                     .iter()
@@ -655,8 +618,6 @@ const PICK_THREADS: u32 = 1024;
 
 /// Longest sequence whose causal conv runs row after row in one thread a channel (decode).
 const CONV_STEP_UP_TO: usize = 8;
-/// The most conv taps the kernels take (their MAX_K).
-const CONV_MAX_TAPS: usize = 8;
 
 /// Rows up to which a matrix product runs as one pass of warps over the weights (the kernel's
 /// GEMV_ROWS) rather than through cuBLAS, where `gemm_rows` does not take it (f32 weights, or
@@ -774,9 +735,6 @@ pub struct Cuda {
     /// A replayed step's graph launched where the step ends rather than where it starts (for
     /// A/B runs).
     late_graph: bool,
-    /// A decode step's in_proj does the split and the conv in its GEMV (`Backend::in_proj`):
-    /// off until it has run on a card (HYMBA_CUDA_IN_PROJ_FOLD=1 turns it on).
-    in_proj_fold: bool,
     /// The SSM branch of a captured decode step (see [`Cuda::branch`]).
     fork: Option<Fork>,
 }
@@ -1077,17 +1035,9 @@ impl Cuda {
             graphs,
             host: Mutex::new(None),
             late_graph: std::env::var_os("HYMBA_CUDA_LATE_GRAPH").is_some(),
-            in_proj_fold: std::env::var_os("HYMBA_CUDA_IN_PROJ_FOLD").is_some_and(|v| v != "0"),
             tables_held: Default::default(),
             fork,
         })
-    }
-
-    /// This backend with a decode step's in_proj as one GEMV that also does the split and the
-    /// conv (`Backend::in_proj`), or as the three launches (`on` false): the same results.
-    pub fn with_in_proj_fold(mut self, on: bool) -> Cuda {
-        self.in_proj_fold = on;
-        self
     }
 
     /// Checks that a model's shapes fit the kernels.
@@ -2026,76 +1976,6 @@ impl Cuda {
         t <= GEMV_ROWS && !(bf16 && self.rows_kernel_takes(t, w))
     }
 
-    /// The GEMV of `t <= GEMV_ROWS` rows (`product_folding`'s), or with `in_proj` the decode
-    /// step's in_proj that also does the split and the conv (`gemv_in_proj`; `y = s`).
-    #[allow(clippy::too_many_arguments)]
-    fn gemv(
-        &self,
-        x: &DevRows,
-        w: &DevMatrix,
-        epi: Epilogue,
-        up: Option<&DevMatrix>,
-        bias: Option<&CudaSlice<f32>>,
-        y: &mut DevRows,
-        mut fold: NormFold,
-        in_proj: Option<InProjFold>,
-    ) {
-        let t = x.len / w.cols.max(1);
-        let wi = match (&*w.data, up.map(|u| &*u.data)) {
-            (DevData::F32(_), None | Some(DevData::F32(_))) => 0,
-            (DevData::BF16(_), None | Some(DevData::BF16(_))) => 1,
-            _ => return self.fail("the gated MLP", "gate and up matrices of different types"),
-        };
-        let pending = *x.pending.lock().expect("pending scale");
-        let xp = match pending {
-            Some(pn) if pn.d == w.cols => {
-                fold.sq_in = x.sq.as_ref().map_or(0, |b| b.device_ptr(&self.stream).0);
-                (fold.sq_n, fold.eps) = (pn.n as i32, pn.eps);
-                self.raw_p(x)
-            }
-            _ => self.p(x),
-        };
-        let (w0, yp) = (w.ptr(&self.stream), self.p(y));
-        let w1 = up.map_or(0, |u| u.ptr(&self.stream));
-        let bp = bias.map_or(0, |b| self.pv(b));
-        let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
-        // Pairs of weight rows in blocks of 8 warps, 2 warps a pair (the fastest of 1, 2, 4
-        // and 8 over a whole step on an H200) unless that leaves the card with under four
-        // blocks a multiprocessor: then 4 or 8 (narrow matrices: down and out_proj).
-        let pairs = if epi == Epilogue::Glu {
-            w.rows
-        } else {
-            w.rows.div_ceil(2)
-        };
-        // One and two rows (decode steps of one or two sequences) have kernels of their own:
-        // fewer registers, more loads in flight (on an H200 batch 1 read 468-474 tok/s so,
-        // 386-398 without; batch 2 770-782 against 669-681).
-        let size = if t <= 2 { t } else { 0 };
-        let kernel = match in_proj {
-            Some(_) => &self.k.gemv_in_proj[size][wi],
-            None => &self.k.gemv[size][wi][epi as usize],
-        };
-        // One row: the most warps a pair whose blocks the card holds all at once, where some
-        // count does. out_proj's and down's 800 pairs (1.5B) take 4 warps a pair in 400
-        // blocks, not 8 in 800, which at four blocks a multiprocessor need a second wave
-        // (H100, three rounds: batch 1 521 / 530 / 527 tok/s against 495 / 491 / 482; the rule
-        // itself against the one below, two rounds: 529 / 531 against 495 / 501). Two rows read
-        // slower so (747-757 against 766-782) and keep the rule below.
-        let wave = kernel.resident(256, 0) * self.sms;
-        let (si, cfg) = match [8, 4, 2]
-            .into_iter()
-            .find(|s| t == 1 && pairs.div_ceil(8 / s) <= wave)
-        {
-            Some(s) => self.warps_per_unit(pairs, &[s]),
-            None => self.warps_per_unit(pairs, &[2, 4, 8]),
-        };
-        let mut args: Vec<&dyn Arg> = vec![&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si, &fold];
-        if let Some(g) = &in_proj {
-            args.push(g);
-        }
-        self.launch(kernel, cfg, &args);
-    }
-
     /// `product`, its GEMV making a folded norm's rows (`fold`'s producer part: only where
     /// `gemv_takes`); an input left by one is taken unscaled by the GEMV, scaled first elsewhere.
     #[allow(clippy::too_many_arguments)]
@@ -2107,7 +1987,7 @@ impl Cuda {
         up: Option<&DevMatrix>,
         bias: Option<&CudaSlice<f32>>,
         y: &mut DevRows,
-        fold: NormFold,
+        mut fold: NormFold,
     ) {
         let t = x.len / w.cols.max(1);
         if epi == Epilogue::Add {
@@ -2126,7 +2006,55 @@ impl Cuda {
             return self.gemm_rows(x, w, epi, up, bias, y, t);
         }
         if t <= GEMV_ROWS {
-            return self.gemv(x, w, epi, up, bias, y, fold, None);
+            let wi = match (&*w.data, up.map(|u| &*u.data)) {
+                (DevData::F32(_), None | Some(DevData::F32(_))) => 0,
+                (DevData::BF16(_), None | Some(DevData::BF16(_))) => 1,
+                _ => return self.fail("the gated MLP", "gate and up matrices of different types"),
+            };
+            let pending = *x.pending.lock().expect("pending scale");
+            let xp = match pending {
+                Some(pn) if pn.d == w.cols => {
+                    fold.sq_in = x.sq.as_ref().map_or(0, |b| b.device_ptr(&self.stream).0);
+                    (fold.sq_n, fold.eps) = (pn.n as i32, pn.eps);
+                    self.raw_p(x)
+                }
+                _ => self.p(x),
+            };
+            let (w0, yp) = (w.ptr(&self.stream), self.p(y));
+            let w1 = up.map_or(0, |u| u.ptr(&self.stream));
+            let bp = bias.map_or(0, |b| self.pv(b));
+            let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
+            // Pairs of weight rows in blocks of 8 warps, 2 warps a pair (the fastest of 1, 2, 4
+            // and 8 over a whole step on an H200) unless that leaves the card with under four
+            // blocks a multiprocessor: then 4 or 8 (narrow matrices: down and out_proj).
+            let pairs = if epi == Epilogue::Glu {
+                w.rows
+            } else {
+                w.rows.div_ceil(2)
+            };
+            // One and two rows (decode steps of one or two sequences) have kernels of their own:
+            // fewer registers, more loads in flight (on an H200 batch 1 read 468-474 tok/s so,
+            // 386-398 without; batch 2 770-782 against 669-681).
+            let kernel = &self.k.gemv[if t <= 2 { t } else { 0 }][wi][epi as usize];
+            // One row: the most warps a pair whose blocks the card holds all at once, where some
+            // count does. out_proj's and down's 800 pairs (1.5B) take 4 warps a pair in 400
+            // blocks, not 8 in 800, which at four blocks a multiprocessor need a second wave
+            // (H100, three rounds: batch 1 521 / 530 / 527 tok/s against 495 / 491 / 482; the
+            // rule itself against the one below, two rounds: 529 / 531 against 495 / 501). Two
+            // rows read slower so (747-757 against 766-782) and keep the rule below.
+            let wave = kernel.resident(256, 0) * self.sms;
+            let (si, cfg) = match [8, 4, 2]
+                .into_iter()
+                .find(|s| t == 1 && pairs.div_ceil(8 / s) <= wave)
+            {
+                Some(s) => self.warps_per_unit(pairs, &[s]),
+                None => self.warps_per_unit(pairs, &[2, 4, 8]),
+            };
+            return self.launch(
+                kernel,
+                cfg,
+                &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si, &fold],
+            );
         }
         match epi {
             Epilogue::Store => self.gemm(x, w, 0.0, y, false),
@@ -2824,89 +2752,6 @@ impl Backend for Cuda {
             per_seq,
             &[&pp, &wi, &fi, &sp, &cp, &ei, &ki],
         );
-    }
-
-    fn in_proj(
-        &self,
-        u: &DevRows,
-        w: &DevMatrix,
-        p: &mut DevRows,
-        parts: InProjParts,
-        inv_freq: &CudaSlice<f32>,
-        conv: &Conv<Cuda>,
-        seqs: &mut [Seq<Cuda>],
-        q: &mut DevRows,
-        kv: Option<(&mut DevRows, &mut DevRows)>,
-        xc: &mut DevRows,
-    ) {
-        let t = u.len / w.cols.max(1);
-        let e = parts.e;
-        let kk = conv.taps.len() / e.max(1);
-        // Where the GEMV takes the product and each row is a sequence of its own (a decode
-        // step), each output's split or conv needs only its row: the GEMV's epilogue does them.
-        let (tables, one_row_each) = {
-            let scratch = self.scratch.lock().expect("scratch");
-            let n = scratch.n_seqs;
-            let tables = scratch.pos.as_ref().map(|pos| {
-                (
-                    self.pv_i(pos),
-                    self.table(&scratch.row_seq, 0),
-                    self.table(&scratch.conv, conv.layer * n),
-                )
-            });
-            (tables, scratch.max_len == 1)
-        };
-        let fold = self.in_proj_fold
-            && one_row_each
-            && t > 0
-            && self.gemv_takes(t, w)
-            && (1..=CONV_MAX_TAPS).contains(&kk)
-            && parts.dk.is_multiple_of(2)
-            && parts.kv.is_none_or(|s| s.k_at == parts.q)
-            && w.rows == parts.width;
-        let Some((pos, row_seq, conv_p)) = tables.filter(|_| fold) else {
-            return in_proj_unfolded(self, u, w, p, parts, inv_freq, conv, seqs, q, kv, xc);
-        };
-        self.shape(p, t * parts.width);
-        self.shape(q, t * parts.q);
-        self.shape(xc, t * e);
-        let mut g = InProjFold {
-            q: self.p(q),
-            xc16: self.copy16(xc, t),
-            xc: self.p(xc),
-            pos,
-            inv_freq: self.pv(inv_freq),
-            row_seq,
-            conv: conv_p,
-            taps: self.pv(conv.taps),
-            bias: self.pv(conv.bias),
-            qw: parts.q as i32,
-            dk: parts.dk as i32,
-            x_at: parts.x_at() as i32,
-            e: e as i32,
-            kk: kk as i32,
-            ..Default::default()
-        };
-        if let (Some(split), Some((k, v))) = (parts.kv, kv) {
-            self.shape(k, t * split.kw);
-            self.shape(v, t * split.vw);
-            (g.k, g.v) = (self.p(k), self.p(v));
-            (g.kw, g.vw) = (split.kw as i32, split.vw as i32);
-            g.round = (split.dtype == KvDtype::BF16) as i32;
-        }
-        self.gemv(
-            u,
-            w,
-            Epilogue::Store,
-            None,
-            None,
-            p,
-            NormFold::default(),
-            Some(g),
-        );
-        // Both branches start here: the SSM's (x_proj next) on the side stream.
-        self.branch(Branch::InProjDone);
-        self.branch(Branch::Ssm);
     }
 
     fn hybrid_heads(

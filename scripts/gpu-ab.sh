@@ -6,7 +6,7 @@
 # A variant is NAME=DIR[:KERNELS][,VAR=VALUE...]: DIR holds a carried `hymba` and `cuda-tests`
 # (as for scripts/gpu-check.sh); KERNELS, a kernels.cu to run instead of the built-in one
 # (HYMBA_CUDA_KERNELS: a kernel-only change needs no build of its own); VAR=VALUE, variables
-# set for its runs (a switch such as HYMBA_CUDA_IN_PROJ_FOLD=1: one build, two variants).
+# set for its runs (a switch such as HYMBA_CUDA_NO_NORM_FOLD=1: one build, two variants).
 # Usage: bash scripts/gpu-ab.sh [-r ROUNDS] [-t TEST_FILTER|-t none] VARIANT... -- BENCH_ARGS...
 #   e.g. bash scripts/gpu-ab.sh -t cuda_decode main=.gpu/v/m new=.gpu/v/m:k_new.cu -- \
 #        --synthetic hymba-1.5b --kv-cache bf16 --prompt 64 --decode 64 --contexts 128,8192 \

@@ -551,15 +551,15 @@ impl Int8Dot {
     }
 }
 
+/// How far ahead a lone input row's panel tile asks for its weights (bytes; see the tile).
+const LONE_ROW_AHEAD: usize = 8 << 10;
+
 /// The panel tiles (see [`crate::qpanel`]) on `vpdpbusd`: each weight vector (four columns of
 /// 16 rows) loaded (Q4_0: unpacked) once for the tile's input rows, up to 16, each of which
 /// broadcasts its four bytes. Up to 8 rows keep two integer sums a row (even and odd vectors),
 /// twice the products in flight; from 9 rows one sum a row, which the registers still hold
 /// beside the float sums, so 16 rows take one tile rather than two of 8. Integer sums are
 /// exact, so the order is free. The block's end is the reference's float operations.
-/// How far ahead a lone input row's panel tile asks for its weights (bytes; see the tile).
-const LONE_ROW_AHEAD: usize = 8 << 10;
-
 macro_rules! int8_panel_tile {
     ($blk:ty, $name:ident, $pair:expr) => {
         impl crate::qpanel::PanelKernel<$blk> for Int8Dot {

@@ -32,10 +32,13 @@ db = sqlite3.connect(sys.argv[1])
 names = dict(db.execute("select id, value from StringIds"))
 ks = [(s, e, st, names[n]) for s, e, st, n in db.execute(
     "select start, end, streamId, shortName from CUPTI_ACTIVITY_KIND_KERNEL order by start")]
-# A step starts with its embedding kernel; the decode steps are the most common kernel count.
+# A step starts with its embedding kernel. The bench decodes one sequence at the context first,
+# then the batch: the steps timed are those of the last kernel count that ten steps or more share
+# (a batch's steps have more kernels than one row's, and as many as one row's at batch 1).
 starts = [i for i, k in enumerate(ks) if k[3].startswith("embed")]
 steps = [ks[a:b] for a, b in zip(starts, starts[1:])]
-n = collections.Counter(len(s) for s in steps).most_common(1)[0][0]
+counts = collections.Counter(len(s) for s in steps)
+n = next(len(s) for s in reversed(steps) if counts[len(s)] >= 10)
 sel = [s for s in steps if len(s) == n][2:-2]
 if not sel:
     sys.exit("too few steps of one shape")

@@ -38,7 +38,7 @@ ks = [(s, e, st, names[n]) for s, e, st, n in db.execute(
 starts = [i for i, k in enumerate(ks) if k[3].startswith("embed")]
 steps = [ks[a:b] for a, b in zip(starts, starts[1:])]
 counts = collections.Counter(len(s) for s in steps)
-n = next(len(s) for s in reversed(steps) if counts[len(s)] >= 10)
+n = next((len(s) for s in reversed(steps) if counts[len(s)] >= 10), None)
 sel = [s for s in steps if len(s) == n][2:-2]
 if not sel:
     sys.exit("too few steps of one shape")

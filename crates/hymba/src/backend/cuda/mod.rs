@@ -735,6 +735,9 @@ pub struct Cuda {
     /// A replayed step's graph launched where the step ends rather than where it starts (for
     /// A/B runs).
     late_graph: bool,
+    /// A forward runs on a thread of rayon's pool, as the CPU's does, rather than on the
+    /// caller's (HYMBA_CUDA_ON_POOL=1, to compare; see `run`).
+    on_pool: bool,
     /// The SSM branch of a captured decode step (see [`Cuda::branch`]).
     fork: Option<Fork>,
 }
@@ -1035,6 +1038,7 @@ impl Cuda {
             graphs,
             host: Mutex::new(None),
             late_graph: std::env::var_os("HYMBA_CUDA_LATE_GRAPH").is_some(),
+            on_pool: std::env::var_os("HYMBA_CUDA_ON_POOL").is_some(),
             tables_held: Default::default(),
             fork,
         })
@@ -2169,6 +2173,16 @@ impl Backend for Cuda {
                 .map_err(|e| device_err("uploading parameters", e))?;
         }
         Ok(d)
+    }
+
+    /// A forward runs on the caller's thread: its host work has no parallel loops for a pool to
+    /// share, and handing it to a pool thread and back costs two wake-ups a step, while the card
+    /// waits for the next step's graph.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.on_pool {
+            return hymba_kernels::on_pool(f);
+        }
+        f()
     }
 
     fn begin(&self, seqs: &[Seq<Cuda>]) {

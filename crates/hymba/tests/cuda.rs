@@ -362,6 +362,52 @@ fn cuda_bf16_weights_match_cpu_to_bf16_precision() {
     }
 }
 
+/// Q8_0 weights (`--quant q8_0`) on the GPU against the CPU's f32 engine over the values they
+/// stand for (each quantized matrix widened back to f32, so the reference is exact): a prompt
+/// of 300 tokens, whose products widen the weights to bf16 and round their inputs (the bound of
+/// `cuda_bf16_weights_match_cpu_to_bf16_precision`), then 12 decode steps, whose GEMV multiplies
+/// the quantized weights in f32 (held to the same bound, alone). Every large matrix is
+/// quantized, the tied embedding and logits included.
+#[test]
+fn cuda_q8_0_weights_match_cpu_on_their_values() {
+    use hymba::tensor::{Tensor, TensorStore};
+    let Some(gpu) = gpu("cuda_q8_0_weights_match_cpu_on_their_values") else {
+        return;
+    };
+    let cfg = Config::from_file(&fixture("tiny-a").join("config.json")).unwrap();
+    let mut quantized = hymba::synthetic::in_memory(&cfg, Dtype::BF16, 11, 1.0);
+    quantized.quantize(Dtype::Q8_0);
+    let mut widened = std::collections::BTreeMap::new();
+    let mut q8 = 0;
+    for name in quantized.names() {
+        let t = quantized.get(&name).unwrap();
+        let t = if t.dtype == Dtype::Q8_0 {
+            q8 += 1;
+            Tensor::from_f32(t.shape.clone(), &t.to_f32())
+        } else {
+            t.clone()
+        };
+        widened.insert(name, t);
+    }
+    assert!(
+        q8 > 5 * cfg.num_hidden_layers,
+        "only {q8} matrices quantized"
+    );
+    let cpu = Model::from_store(cfg.clone(), TensorStore::from_tensors("widened", widened)).unwrap();
+    let dev = Model::on(gpu, cfg.clone(), quantized).unwrap();
+    let ids: Vec<u32> = (0..312)
+        .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
+        .collect();
+    let want = prefill_then_decode(&cpu, &ids, 300, Logits::All);
+    let got = prefill_then_decode(&dev, &ids, 300, Logits::All);
+    assert_eq!(got.len(), want.len());
+    let prompt = 300 * cfg.vocab_size;
+    for (range, what) in [(0..prompt, "the prompt"), (prompt..got.len(), "the decode steps")] {
+        let (g, w) = (&got[range.clone()], &want[range]);
+        within_bf16_bound(g, w, cfg.num_hidden_layers, &format!("Q8_0 weights, {what}"));
+    }
+}
+
 /// `got` within `cuda_bf16_weights_match_cpu_to_bf16_precision`'s bound of `want` (the norm of
 /// the difference against 2·2^-9·sqrt(9·layers) of the norm of `want`).
 fn within_bf16_bound(got: &[f32], want: &[f32], layers: usize, what: &str) {
@@ -526,27 +572,50 @@ fn cuda_prompt_shapes_match_cpu() {
 /// misplaced k or row gives (a value off by the size of the product itself).
 #[test]
 fn cuda_products_match_reference() {
-    use hymba::backend::Backend;
-    use hymba::tensor::Tensor;
-    use hymba_kernels::testing::Rng;
     let Some(b) = gpu("cuda_products_match_reference") else {
         return;
     };
+    let shapes = [(37usize, 200usize), (129, 1608), (16, 8), (1600, 200)];
+    products_match_reference(&b, Dtype::BF16, &shapes);
+}
+
+/// `cuda_products_match_reference` with Q8_0 weights (rows of whole blocks of 32), against the
+/// exact values they stand for: the GEMV (up to 8 rows) multiplies them in f32, more rows
+/// widen them to bf16 first (2^-9 relative a weight) for the tensor-core and cuBLAS kernels,
+/// which round the input too: within the same 2^-8 of the sum of the terms' magnitudes.
+#[test]
+fn cuda_q8_0_products_match_reference() {
+    let Some(b) = gpu("cuda_q8_0_products_match_reference") else {
+        return;
+    };
+    let shapes = [(37usize, 224usize), (129, 1600), (16, 32), (1600, 96)];
+    products_match_reference(&b, Dtype::Q8_0, &shapes);
+}
+
+/// The body of the product tests: random `[n, k]` gate and up matrices of each shape stored as
+/// `dtype` (bf16, or Q8_0 quantized from f32), their reference the values stored.
+fn products_match_reference(b: &Cuda, dtype: Dtype, shapes: &[(usize, usize)]) {
+    use hymba::backend::Backend;
+    use hymba::tensor::Tensor;
+    use hymba_kernels::testing::Rng;
     let mut rng = Rng::new(7);
-    for &(n, k) in &[(37usize, 200usize), (129, 1608), (16, 8), (1600, 200)] {
+    for &(n, k) in shapes {
         let wg = rng.normal_vec(n * k, 1.0);
         let wu = rng.normal_vec(n * k, 1.0);
-        let to_tensor = |v: &[f32]| {
-            let bytes: Vec<u8> = v
-                .iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
-                .collect();
-            Tensor::from_bytes(Dtype::BF16, vec![n, k], &bytes)
+        let to_tensor = |v: &[f32]| match dtype {
+            Dtype::BF16 => {
+                let bytes: Vec<u8> = v
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+                    .collect();
+                Tensor::from_bytes(Dtype::BF16, vec![n, k], &bytes)
+            }
+            q => Tensor::from_f32(vec![n, k], v).quantize(q),
         };
         let widen = |v: &[f32]| -> Vec<f64> {
-            v.iter()
-                .map(|&x| half::bf16::from_f32(x).to_f32() as f64)
-                .collect()
+            let t = to_tensor(v);
+            assert_eq!(t.dtype, dtype);
+            t.to_f32().into_iter().map(f64::from).collect()
         };
         let (g64, u64_) = (widen(&wg), widen(&wu));
         let (gm, um) = (

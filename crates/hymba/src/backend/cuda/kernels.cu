@@ -1,10 +1,12 @@
 // Kernels of the CUDA backend, compiled at run time by NVRTC (no headers: NVRTC has none of the
 // toolkit's, so the bf16 conversions are written out). Activations are f32, row-major; weights
-// and K/V are f32 or bf16 (raw 16-bit patterns). Every kernel knows nothing of Hymba: the
+// are f32, bf16 (raw 16-bit patterns) or Q8_0 (int8 quants, row-major, and beside them one f16
+// scale a block of 32), K/V f32 or bf16. Every kernel knows nothing of Hymba: the
 // backend passes shapes, offsets and positions.
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
+typedef signed char q8_t;
 
 __device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
 
@@ -26,6 +28,17 @@ template <typename T> __device__ __forceinline__ float load(const T* p, long i);
 template <> __device__ __forceinline__ float load<float>(const float* p, long i) { return p[i]; }
 template <> __device__ __forceinline__ float load<bf16_t>(const bf16_t* p, long i) { return bf16_to_f32(p[i]); }
 
+// An f16 bit pattern widened (exact): a Q8_0 block's scale.
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// Weight i of a matrix row: `s` is the row's Q8_0 scales (one a block of 32), unused for f32
+// and bf16 rows.
+template <typename W> __device__ __forceinline__ float wload(const W* w, const unsigned short*, long i) { return load(w, i); }
+__device__ __forceinline__ float wload(const q8_t* w, const unsigned short* s, long i) { return (float)w[i] * f16_to_f32(s[i / 32]); }
+
 
 // Eight elements from element j of a row (16-byte aligned), widened.
 __device__ __forceinline__ void load8(const bf16_t* __restrict__ w, long j, float* wv) {
@@ -45,13 +58,29 @@ template <typename W> struct Raw8 {
 template <> struct Raw8<bf16_t> {
     uint4 v;
 };
-__device__ __forceinline__ void load_raw(const float* __restrict__ w, long j, Raw8<float>& r) {
+// Q8_0: eight quants (one block's quarter) and their block's scale.
+template <> struct Raw8<q8_t> {
+    uint2 q;
+    float d;
+};
+// Eight weights from element j of a row (`s`: its Q8_0 scales, see `wload`).
+__device__ __forceinline__ void load_raw(const float* __restrict__ w, const unsigned short*, long j, Raw8<float>& r) {
     r.a = __ldg((const float4*)(w + j));
     r.b = __ldg((const float4*)(w + j + 4));
 }
-__device__ __forceinline__ void load_raw(const bf16_t* __restrict__ w, long j, Raw8<bf16_t>& r) { r.v = __ldg((const uint4*)(w + j)); }
+__device__ __forceinline__ void load_raw(const bf16_t* __restrict__ w, const unsigned short*, long j, Raw8<bf16_t>& r) {
+    r.v = __ldg((const uint4*)(w + j));
+}
+__device__ __forceinline__ void load_raw(const q8_t* __restrict__ w, const unsigned short* __restrict__ s, long j, Raw8<q8_t>& r) {
+    r.q = __ldg((const uint2*)(w + j));
+    r.d = f16_to_f32(__ldg(s + j / 32));
+}
 __device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
 __device__ __forceinline__ void zero_raw(Raw8<bf16_t>& r) { r.v = make_uint4(0, 0, 0, 0); }
+__device__ __forceinline__ void zero_raw(Raw8<q8_t>& r) {
+    r.q = make_uint2(0, 0);
+    r.d = 0.0f;
+}
 __device__ __forceinline__ float dot8(const Raw8<float>& w, float4 a, float4 b) {
     return w.a.x * a.x + w.a.y * a.y + w.a.z * a.z + w.a.w * a.w + w.b.x * b.x + w.b.y * b.y + w.b.z * b.z + w.b.w * b.w;
 }
@@ -59,6 +88,18 @@ __device__ __forceinline__ float dot8(const Raw8<float>& w, float4 a, float4 b) 
 __device__ __forceinline__ float dot2(u32 w, float lo, float hi) { return __uint_as_float(w << 16) * lo + __uint_as_float(w & 0xffff0000u) * hi; }
 __device__ __forceinline__ float dot8(const Raw8<bf16_t>& w, float4 a, float4 b) {
     return dot2(w.v.x, a.x, a.y) + dot2(w.v.y, a.z, a.w) + dot2(w.v.z, b.x, b.y) + dot2(w.v.w, b.z, b.w);
+}
+// Byte i of a word of quants (offset by 128: `q ^ 0x80`) as a float: the byte as the low
+// mantissa of 2^23, minus 2^23 + 128, exact. A byte permute and an add, where the conversion
+// instruction runs at a quarter of their rate.
+__device__ __forceinline__ float q8_at(u32 biased, int i) {
+    return __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440 + i)) - 8388736.0f;
+}
+__device__ __forceinline__ float dot8(const Raw8<q8_t>& w, float4 a, float4 b) {
+    u32 lo = w.q.x ^ 0x80808080u, hi = w.q.y ^ 0x80808080u;
+    float s = q8_at(lo, 0) * a.x + q8_at(lo, 1) * a.y + q8_at(lo, 2) * a.z + q8_at(lo, 3) * a.w;
+    s += q8_at(hi, 0) * b.x + q8_at(hi, 1) * b.y + q8_at(hi, 2) * b.z + q8_at(hi, 3) * b.w;
+    return s * w.d;
 }
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -166,6 +207,27 @@ __device__ void embed(float* out, const T* table, const u32* ids, int d) {
 }
 extern "C" __global__ void embed_f32(float* out, const float* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
 extern "C" __global__ void embed_bf16(float* out, const bf16_t* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
+extern "C" __global__ void embed_q8(float* out, const q8_t* table, const unsigned short* scales, const u32* ids, int d) {
+    grid_dep();
+    long row = blockIdx.x, base = (long)ids[row] * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = wload(table + base, scales + base / 32, j);
+}
+
+// A Q8_0 matrix's n weights (n % 8 == 0) widened and rounded to bf16, as a product of many rows
+// takes them (the cuBLAS and tensor-core paths multiply bf16). It waits for the kernels before:
+// the product before it may still read the buffer it writes.
+extern "C" __global__ void dequant_q8(const q8_t* q, const unsigned short* scales, long n, bf16_t* out) {
+    grid_dep();
+    long i = 8 * (blockIdx.x * (long)blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    uint2 raw = *(const uint2*)(q + i);
+    float d = f16_to_f32(scales[i / 32]);
+    u32 lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
+    auto pack = [&](u32 w, int i0) {
+        return (u32)f32_to_bf16(q8_at(w, i0) * d) | ((u32)f32_to_bf16(q8_at(w, i0 + 1) * d) << 16);
+    };
+    *(uint4*)(out + i) = make_uint4(pack(lo, 0), pack(lo, 2), pack(hi, 0), pack(hi, 2));
+}
 
 // An activation that a matrix product of many rows takes next: stored, and rounded to bf16 beside
 // it (`out16`, when not null), so the product needs no `to_bf16` launch of its own; `out` null:
@@ -2202,8 +2264,9 @@ struct NormFold {
     float eps;
 };
 template <typename W, int EPI, int ROWS, int UNROLL>
-__device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const float* __restrict__ bias,
-                     float* __restrict__ y, int t, int n, int k, int split, NormFold f) {
+__device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const unsigned short* s0,
+                     const unsigned short* s1, const float* __restrict__ bias, float* __restrict__ y, int t, int n, int k, int split,
+                     NormFold f) {
     __shared__ float red[8][2][ROWS];
     __shared__ float red_sq[8][ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -2213,6 +2276,10 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     const W* ra = EPI == EPI_GLU ? w0 + (long)pair * k : w0 + (long)(2 * pair) * k;
     const W* rb = EPI == EPI_GLU ? w1 + (long)pair * k : ra + k;
     bool has_b = live && (EPI == EPI_GLU || 2 * pair + 1 < n);
+    // Q8_0 rows' scales (null for f32 and bf16 weights).
+    long blocks = k / 32;
+    const unsigned short* sa = s0 ? (EPI == EPI_GLU ? s0 + pair * blocks : s0 + 2 * pair * blocks) : s0;
+    const unsigned short* sb = s0 ? (EPI == EPI_GLU ? s1 + pair * blocks : sa + blocks) : s0;
     float acc[2][ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; r++) acc[0][r] = acc[1][r] = 0.0f;
@@ -2249,8 +2316,8 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 long c = c0 + 32 * u;
-                if (c < hi) load_raw(ra, 8 * c, wa[u]);
-                if (c < hi && has_b) load_raw(rb, 8 * c, wb[u]);
+                if (c < hi) load_raw(ra, sa, 8 * c, wa[u]);
+                if (c < hi && has_b) load_raw(rb, sb, 8 * c, wb[u]);
                 else zero_raw(wb[u]);
             }
             if (!waited) {
@@ -2283,7 +2350,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         // Rows not 16-byte aligned: one element a lane at a time.
         int per = (k + split - 1) / split, lo = part * per, hi = min(k, lo + per);
         for (int j = lo + lane; j < hi; j += 32) {
-            float a = load(ra, j), b = has_b ? load(rb, j) : 0.0f;
+            float a = wload(ra, sa, j), b = has_b ? wload(rb, sb, j) : 0.0f;
 #pragma unroll
             for (int r = 0; r < ROWS; r++) {
                 if (r < t) {
@@ -2349,18 +2416,23 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         *out = v > 20.0f ? v : log1pf(expf(v));
     }
 }
+// One and two rows keep GEMV1_UNROLL chunks of 8 bf16 weights a lane in flight, as many Q8_0
+// chunks (twice as many take 128 registers), half as many of f32.
 #define GEMV(name, W, EPI) \
-    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, int split, \
-                                                           NormFold f) { \
-        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL>(x, w0, w1, bias, y, t, n, k, split, f); \
+    extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
+                                                           const unsigned short* s1, const float* bias, float* y, int t, int n, int k, \
+                                                           int split, NormFold f) { \
+        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     } \
-    extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
-                                                              int split, NormFold f) { \
-        gemv<W, EPI, 1, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split, f); \
+    extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
+                                                              const unsigned short* s1, const float* bias, float* y, int t, int n, \
+                                                              int k, int split, NormFold f) { \
+        gemv<W, EPI, 1, GEMV1_UNROLL * 2 / (sizeof(W) == 1 ? 2 : sizeof(W))>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     } \
-    extern "C" __global__ void __launch_bounds__(256) name##_2(const float* x, const W* w0, const W* w1, const float* bias, float* y, int t, int n, int k, \
-                                                              int split, NormFold f) { \
-        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / sizeof(W)>(x, w0, w1, bias, y, t, n, k, split, f); \
+    extern "C" __global__ void __launch_bounds__(256) name##_2(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
+                                                              const unsigned short* s1, const float* bias, float* y, int t, int n, \
+                                                              int k, int split, NormFold f) { \
+        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / (sizeof(W) == 1 ? 2 : sizeof(W))>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     }
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)
@@ -2370,6 +2442,10 @@ GEMV(gemv_bf16, bf16_t, EPI_STORE)
 GEMV(gemv_add_bf16, bf16_t, EPI_ADD)
 GEMV(gemv_softplus_bf16, bf16_t, EPI_SOFTPLUS)
 GEMV(gemv_glu_bf16, bf16_t, EPI_GLU)
+GEMV(gemv_q8, q8_t, EPI_STORE)
+GEMV(gemv_add_q8, q8_t, EPI_ADD)
+GEMV(gemv_softplus_q8, q8_t, EPI_SOFTPLUS)
+GEMV(gemv_glu_q8, q8_t, EPI_GLU)
 
 // Eight inputs from element i (16-byte aligned) as bf16 pairs: rounded here from f32 (as
 // `to_bf16` rounds), or as stored.

@@ -20,6 +20,7 @@ use crate::cache::KvDtype;
 use crate::error::{Error, Result};
 use crate::sample::Draw;
 use crate::tensor::{Dtype, Tensor};
+use hymba_kernels::quant::QK;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -186,6 +187,12 @@ unsafe impl cudarc::driver::ValidAsZeroBits for SeqInfo {}
 pub enum DevData {
     F32(CudaSlice<f32>),
     BF16(CudaSlice<u16>),
+    /// Q8_0 weights: the int8 quants row-major (`q`), and each block of 32's f16 scale, in the
+    /// same order (`d`); a matrix's rows are whole blocks.
+    Q8_0 {
+        q: CudaSlice<u8>,
+        d: CudaSlice<u16>,
+    },
 }
 
 impl DevData {
@@ -193,6 +200,7 @@ impl DevData {
         match self {
             DevData::F32(d) => d.device_ptr(s).0,
             DevData::BF16(d) => d.device_ptr(s).0,
+            DevData::Q8_0 { q, .. } => q.device_ptr(s).0,
         }
     }
 }
@@ -212,23 +220,36 @@ impl MatrixInfo for DevMatrix {
         self.rows * self.cols
     }
     fn nbytes(&self) -> usize {
-        self.numel() * self.elem()
+        self.rows * self.row_bytes()
     }
     fn row_bytes(&self) -> usize {
-        self.cols * self.elem()
+        match *self.data {
+            DevData::Q8_0 { .. } => self.cols + 2 * (self.cols / QK),
+            _ => self.cols * self.elem(),
+        }
     }
 }
 
 impl DevMatrix {
+    /// Bytes an element (Q8_0: its quant; the scales lie apart, see [`DevMatrix::scales`]).
     fn elem(&self) -> usize {
         match *self.data {
             DevData::F32(_) => 4,
             DevData::BF16(_) => 2,
+            DevData::Q8_0 { .. } => 1,
         }
     }
 
     fn ptr(&self, s: &CudaStream) -> u64 {
         self.data.ptr(s) + (self.offset * self.elem()) as u64
+    }
+
+    /// Where a Q8_0 matrix's scales start (0 for other types).
+    fn scales(&self, s: &CudaStream) -> u64 {
+        match &*self.data {
+            DevData::Q8_0 { d, .. } => d.device_ptr(s).0 + 2 * (self.offset / QK) as u64,
+            _ => 0,
+        }
     }
 
     /// The matrix `[self.rows + next.rows, cols]` of both, where `next` follows this one in
@@ -369,6 +390,8 @@ impl Kernel {
 struct Kernels<K = Kernel> {
     embed_f32: K,
     embed_bf16: K,
+    embed_q8: K,
+    dequant_q8: K,
     rmsnorm: K,
     rmsnorm_rows: K,
     norm_settle: K,
@@ -398,8 +421,8 @@ struct Kernels<K = Kernel> {
     attention_mma: Vec<((usize, usize), [K; 2])>,
     /// The tensor-core decode attention of many rows, by (dk, dv) (bf16 K/V, sm_80).
     attention_gqa_mma: Vec<((usize, usize), K)>,
-    /// `[up to GEMV_ROWS rows, one row, two rows][f32 weights, bf16 weights][Epilogue]`
-    gemv: [[[K; 4]; 2]; 3],
+    /// `[up to GEMV_ROWS rows, one row, two rows][f32, bf16, Q8_0 weights][Epilogue]`
+    gemv: [[[K; 4]; 3]; 3],
     /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][Epilogue]`, bf16
     /// weights, sm_80 and later (else empty).
     gemm_rows: Vec<[K; 4]>,
@@ -428,6 +451,8 @@ impl<K> Kernels<K> {
         Ok(Kernels {
             embed_f32: f("embed_f32")?,
             embed_bf16: f("embed_bf16")?,
+            embed_q8: f("embed_q8")?,
+            dequant_q8: f("dequant_q8")?,
             rmsnorm: f("rmsnorm")?,
             rmsnorm_rows: f("rmsnorm_rows")?,
             norm_settle: f("norm_settle")?,
@@ -458,16 +483,16 @@ impl<K> Kernels<K> {
                 .collect(),
             attention_gqa_mma: by_shape("attention_gqa_mma")?,
             gemv: {
-                // Named gemv[_add|_softplus|_glu]_{f32|bf16}[_1|_2] in kernels.cu.
+                // Named gemv[_add|_softplus|_glu]_{f32|bf16|q8}[_1|_2] in kernels.cu.
                 let set = |w: &str, rows: &str| -> Result<[K; 4]> {
                     let g =
                         |epi: &str| f(Box::leak(format!("gemv{epi}_{w}{rows}").into_boxed_str()));
                     Ok([g("")?, g("_add")?, g("_softplus")?, g("_glu")?])
                 };
                 [
-                    [set("f32", "")?, set("bf16", "")?],
-                    [set("f32", "_1")?, set("bf16", "_1")?],
-                    [set("f32", "_2")?, set("bf16", "_2")?],
+                    [set("f32", "")?, set("bf16", "")?, set("q8", "")?],
+                    [set("f32", "_1")?, set("bf16", "_1")?, set("q8", "_1")?],
+                    [set("f32", "_2")?, set("bf16", "_2")?, set("q8", "_2")?],
                 ]
             },
             gemm_rows: if major >= 8 {
@@ -728,6 +753,9 @@ pub struct Cuda {
     /// are stale.
     generation: std::sync::atomic::AtomicU64,
     graphs: Mutex<Graphs>,
+    /// Q8_0 matrices widened to bf16 for products of many rows (see [`Cuda::dequantized`]):
+    /// `[main stream, side stream][the matrix, the gated MLP's up]`.
+    dequant: Mutex<[[Option<Arc<DevData>>; 2]; 2]>,
     /// Page-locked host memory that rows come back through (up to HOST_KEEP floats).
     host: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
     /// What each table buffer (by its address) holds from its last copy (see `put`).
@@ -1036,6 +1064,7 @@ impl Cuda {
             profile,
             generation: Default::default(),
             graphs,
+            dequant: Default::default(),
             host: Mutex::new(None),
             late_graph: std::env::var_os("HYMBA_CUDA_LATE_GRAPH").is_some(),
             on_pool: std::env::var_os("HYMBA_CUDA_ON_POOL").is_some(),
@@ -1185,8 +1214,21 @@ impl Cuda {
                         .collect(),
                 )?,
             )),
+            Dtype::Q8_0 => {
+                // GGML blocks (f16 scale, 32 quants) apart into quants and scales.
+                let bytes = ts.iter().flat_map(|t| t.bytes().chunks_exact(2 + QK));
+                let (mut q, mut d) = (Vec::new(), Vec::new());
+                for b in bytes {
+                    d.push(u16::from_le_bytes([b[0], b[1]]));
+                    q.extend_from_slice(&b[2..]);
+                }
+                Ok(DevData::Q8_0 {
+                    q: self.upload_weights(q)?,
+                    d: self.upload_weights(d)?,
+                })
+            }
             other => Err(Error::Device(format!(
-                "the CUDA backend runs f32 and bf16 weights; {other:?} matrices are not supported on it yet (leave out --quant, or run on the CPU)"
+                "the CUDA backend runs f32, bf16 and q8_0 weights; {other:?} matrices are not supported on it yet (use --quant q8_0, or run on the CPU)"
             ))),
         }
     }
@@ -1728,6 +1770,8 @@ impl Cuda {
                 Some(xs) => xs,
                 None => return,
             },
+            // `product` widens them first (`dequantized`).
+            DevData::Q8_0 { .. } => return self.fail("matrix product", "Q8_0 weights not widened"),
         };
         let mode = self.mode();
         if matches!(mode, Mode::Replaying(_)) {
@@ -1755,6 +1799,7 @@ impl Cuda {
             }
             DevData::F32(_) if !out16 => self.gemm_f32(w.rows, t, w.cols, beta, wp, xp, yp, stream),
             DevData::F32(_) => Err("an f32 matrix's product into bf16 rows".into()),
+            DevData::Q8_0 { .. } => Err("Q8_0 weights not widened".into()),
         };
         if let Err(e) = r {
             self.fail("matrix product", e);
@@ -1967,6 +2012,40 @@ impl Cuda {
         self.product_folding(x, w, epi, up, bias, y, NormFold::default());
     }
 
+    /// `w` (Q8_0) widened and rounded to bf16, into a buffer kept for the stream the product runs
+    /// on and its operand (`slot`: 0 the matrix, 1 the gated MLP's up), as a matrix of its own:
+    /// what a product of more rows than the GEMV takes (the tensor-core and cuBLAS paths multiply
+    /// bf16). None where the buffer could not be made (the error recorded).
+    fn dequantized(&self, w: &DevMatrix, slot: usize) -> Option<DevMatrix> {
+        let n = w.numel();
+        let side = (self.launch_stream() != self.stream.cu_stream()) as usize;
+        let data = {
+            let mut bufs = self.dequant.lock().expect("dequantized weights");
+            let buf = &mut bufs[side][slot];
+            let fits = |d: &DevData| matches!(d, DevData::BF16(b) if b.len() >= n);
+            if !buf.as_deref().is_some_and(fits) {
+                self.moved();
+                match self.alloc::<u16>(n, "dequantized weights") {
+                    Ok(b) => *buf = Some(Arc::new(DevData::BF16(b))),
+                    Err(e) => {
+                        self.fail("allocating", e);
+                        return None;
+                    }
+                }
+            }
+            buf.clone()?
+        };
+        let (qp, sp, nn) = (w.ptr(&self.stream), w.scales(&self.stream), n as i64);
+        let out = data.ptr(&self.stream);
+        self.launch(&self.k.dequant_q8, flat(n.div_ceil(8)), &[&qp, &sp, &nn, &out]);
+        Some(DevMatrix {
+            data,
+            offset: 0,
+            rows: w.rows,
+            cols: w.cols,
+        })
+    }
+
     /// Whether `gemm_rows` takes a bf16 product of `t` rows over `w`.
     fn rows_kernel_takes(&self, t: usize, w: &DevMatrix) -> bool {
         (GEMM_ROWS_FROM..=GEMM_ROWS).contains(&t)
@@ -2002,6 +2081,32 @@ impl Cuda {
         if t == 0 || self.failed() {
             return;
         }
+        if t > GEMV_ROWS && matches!(*w.data, DevData::Q8_0 { .. }) {
+            // Gate and up prepared together stay one matrix (one product of both).
+            let (wd, ud) = match up.map(|u| (u, w.joined(u))) {
+                Some((_, Some(both))) => {
+                    let Some(d) = self.dequantized(&both, 0) else {
+                        return;
+                    };
+                    let part = |offset, rows| DevMatrix {
+                        data: d.data.clone(),
+                        offset,
+                        rows,
+                        cols: w.cols,
+                    };
+                    (part(0, w.rows), Some(part(w.numel(), both.rows - w.rows)))
+                }
+                Some((u, None)) => match (self.dequantized(w, 0), self.dequantized(u, 1)) {
+                    (Some(wd), Some(ud)) => (wd, Some(ud)),
+                    _ => return,
+                },
+                None => match self.dequantized(w, 0) {
+                    Some(wd) => (wd, None),
+                    None => return,
+                },
+            };
+            return self.product_folding(x, &wd, epi, ud.as_ref(), bias, y, fold);
+        }
         let bf16 = matches!(
             (&*w.data, up.map(|u| &*u.data)),
             (DevData::BF16(_), None | Some(DevData::BF16(_)))
@@ -2013,6 +2118,7 @@ impl Cuda {
             let wi = match (&*w.data, up.map(|u| &*u.data)) {
                 (DevData::F32(_), None | Some(DevData::F32(_))) => 0,
                 (DevData::BF16(_), None | Some(DevData::BF16(_))) => 1,
+                (DevData::Q8_0 { .. }, None | Some(DevData::Q8_0 { .. })) => 2,
                 _ => return self.fail("the gated MLP", "gate and up matrices of different types"),
             };
             let pending = *x.pending.lock().expect("pending scale");
@@ -2026,6 +2132,10 @@ impl Cuda {
             };
             let (w0, yp) = (w.ptr(&self.stream), self.p(y));
             let w1 = up.map_or(0, |u| u.ptr(&self.stream));
+            let (s0, s1) = (
+                w.scales(&self.stream),
+                up.map_or(0, |u| u.scales(&self.stream)),
+            );
             let bp = bias.map_or(0, |b| self.pv(b));
             let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
             // Pairs of weight rows in blocks of 8 warps, 2 warps a pair (the fastest of 1, 2, 4
@@ -2057,7 +2167,7 @@ impl Cuda {
             return self.launch(
                 kernel,
                 cfg,
-                &[&xp, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si, &fold],
+                &[&xp, &w0, &w1, &s0, &s1, &bp, &yp, &ti, &ni, &ki, &si, &fold],
             );
         }
         match epi {
@@ -2508,11 +2618,15 @@ impl Backend for Cuda {
             table.ptr(&self.stream),
             d as i32,
         );
-        let f = match *table.data {
-            DevData::F32(_) => &self.k.embed_f32,
-            DevData::BF16(_) => &self.k.embed_bf16,
-        };
-        self.launch(f, rows_of(ids.len(), 128), &[&op, &tp, &ip, &dd]);
+        let cfg = rows_of(ids.len(), 128);
+        match *table.data {
+            DevData::F32(_) => self.launch(&self.k.embed_f32, cfg, &[&op, &tp, &ip, &dd]),
+            DevData::BF16(_) => self.launch(&self.k.embed_bf16, cfg, &[&op, &tp, &ip, &dd]),
+            DevData::Q8_0 { .. } => {
+                let sp = table.scales(&self.stream);
+                self.launch(&self.k.embed_q8, cfg, &[&op, &tp, &sp, &ip, &dd])
+            }
+        }
     }
 
     fn matmul(&self, x: &DevRows, w: &DevMatrix, y: &mut DevRows) {

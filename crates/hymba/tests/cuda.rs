@@ -393,7 +393,8 @@ fn cuda_q8_0_weights_match_cpu_on_their_values() {
         q8 > 5 * cfg.num_hidden_layers,
         "only {q8} matrices quantized"
     );
-    let cpu = Model::from_store(cfg.clone(), TensorStore::from_tensors("widened", widened)).unwrap();
+    let cpu =
+        Model::from_store(cfg.clone(), TensorStore::from_tensors("widened", widened)).unwrap();
     let dev = Model::on(gpu, cfg.clone(), quantized).unwrap();
     let ids: Vec<u32> = (0..312)
         .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
@@ -402,9 +403,17 @@ fn cuda_q8_0_weights_match_cpu_on_their_values() {
     let got = prefill_then_decode(&dev, &ids, 300, Logits::All);
     assert_eq!(got.len(), want.len());
     let prompt = 300 * cfg.vocab_size;
-    for (range, what) in [(0..prompt, "the prompt"), (prompt..got.len(), "the decode steps")] {
+    for (range, what) in [
+        (0..prompt, "the prompt"),
+        (prompt..got.len(), "the decode steps"),
+    ] {
         let (g, w) = (&got[range.clone()], &want[range]);
-        within_bf16_bound(g, w, cfg.num_hidden_layers, &format!("Q8_0 weights, {what}"));
+        within_bf16_bound(
+            g,
+            w,
+            cfg.num_hidden_layers,
+            &format!("Q8_0 weights, {what}"),
+        );
     }
 }
 

@@ -20,12 +20,12 @@ use crate::cache::KvDtype;
 use crate::error::{Error, Result};
 use crate::sample::Draw;
 use crate::tensor::{Dtype, Tensor};
-use hymba_kernels::quant::QK;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
     LaunchConfig,
 };
+use hymba_kernels::quant::QK;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -2037,7 +2037,11 @@ impl Cuda {
         };
         let (qp, sp, nn) = (w.ptr(&self.stream), w.scales(&self.stream), n as i64);
         let out = data.ptr(&self.stream);
-        self.launch(&self.k.dequant_q8, flat(n.div_ceil(8)), &[&qp, &sp, &nn, &out]);
+        self.launch(
+            &self.k.dequant_q8,
+            flat(n.div_ceil(8)),
+            &[&qp, &sp, &nn, &out],
+        );
         Some(DevMatrix {
             data,
             offset: 0,

@@ -58,12 +58,19 @@ template <typename W> struct Raw8 {
 template <> struct Raw8<bf16_t> {
     uint4 v;
 };
-// Q8_0: eight quants (one block's quarter) and their block's scale.
+// Q8_0: sixteen quants (half a block: 16 bytes a load, as bf16's eight) and their block's scale.
 template <> struct Raw8<q8_t> {
-    uint2 q;
+    uint4 q;
     float d;
 };
-// Eight weights from element j of a row (`s`: its Q8_0 scales, see `wload`).
+// Weights a GEMV chunk (`Raw8`) holds.
+template <typename W> struct Chunk {
+    static constexpr int N = 8;
+};
+template <> struct Chunk<q8_t> {
+    static constexpr int N = 16;
+};
+// A chunk of weights from element j of a row (`s`: its Q8_0 scales, see `wload`).
 __device__ __forceinline__ void load_raw(const float* __restrict__ w, const unsigned short*, long j, Raw8<float>& r) {
     r.a = __ldg((const float4*)(w + j));
     r.b = __ldg((const float4*)(w + j + 4));
@@ -72,13 +79,13 @@ __device__ __forceinline__ void load_raw(const bf16_t* __restrict__ w, const uns
     r.v = __ldg((const uint4*)(w + j));
 }
 __device__ __forceinline__ void load_raw(const q8_t* __restrict__ w, const unsigned short* __restrict__ s, long j, Raw8<q8_t>& r) {
-    r.q = __ldg((const uint2*)(w + j));
+    r.q = __ldg((const uint4*)(w + j));
     r.d = f16_to_f32(__ldg(s + j / 32));
 }
 __device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
 __device__ __forceinline__ void zero_raw(Raw8<bf16_t>& r) { r.v = make_uint4(0, 0, 0, 0); }
 __device__ __forceinline__ void zero_raw(Raw8<q8_t>& r) {
-    r.q = make_uint2(0, 0);
+    r.q = make_uint4(0, 0, 0, 0);
     r.d = 0.0f;
 }
 __device__ __forceinline__ float dot8(const Raw8<float>& w, float4 a, float4 b) {
@@ -95,11 +102,29 @@ __device__ __forceinline__ float dot8(const Raw8<bf16_t>& w, float4 a, float4 b)
 __device__ __forceinline__ float q8_at(u32 biased, int i) {
     return __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440 + i)) - 8388736.0f;
 }
-__device__ __forceinline__ float dot8(const Raw8<q8_t>& w, float4 a, float4 b) {
-    u32 lo = w.q.x ^ 0x80808080u, hi = w.q.y ^ 0x80808080u;
-    float s = q8_at(lo, 0) * a.x + q8_at(lo, 1) * a.y + q8_at(lo, 2) * a.z + q8_at(lo, 3) * a.w;
-    s += q8_at(hi, 0) * b.x + q8_at(hi, 1) * b.y + q8_at(hi, 2) * b.z + q8_at(hi, 3) * b.w;
-    return s * w.d;
+__device__ __forceinline__ float dot4(u32 quants, float4 a) {
+    u32 b = quants ^ 0x80808080u;
+    return q8_at(b, 0) * a.x + q8_at(b, 1) * a.y + q8_at(b, 2) * a.z + q8_at(b, 3) * a.w;
+}
+// A chunk's sum of products with the input at xr (its Chunk<W>::N elements, 16-byte aligned).
+template <typename W> __device__ __forceinline__ float dot_chunk(const Raw8<W>& w, const float4* xr) { return dot8(w, xr[0], xr[1]); }
+__device__ __forceinline__ float dot_chunk(const Raw8<q8_t>& w, const float4* xr) {
+    return (dot4(w.q.x, xr[0]) + dot4(w.q.y, xr[1]) + dot4(w.q.z, xr[2]) + dot4(w.q.w, xr[3])) * w.d;
+}
+// Eight Q8_0 quants (a word's four, then the next's) times their scale, as bf16 pairs.
+__device__ __forceinline__ uint4 q8_bits8(uint2 raw, float d) {
+    u32 lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
+    auto pack = [&](u32 w, int i0) {
+        return (u32)f32_to_bf16(q8_at(w, i0) * d) | ((u32)f32_to_bf16(q8_at(w, i0 + 1) * d) << 16);
+    };
+    return make_uint4(pack(lo, 0), pack(lo, 2), pack(hi, 0), pack(hi, 2));
+}
+// Eight weights from element kk of a row as bf16 pairs: as stored, or (Q8_0, `s` the row's
+// scales) widened and rounded as `dequant_q8` does, so a product reads the quants in place and
+// gives the sums of the widened matrix.
+__device__ __forceinline__ uint4 w_bits8(const bf16_t* w, const unsigned short*, long kk) { return __ldg((const uint4*)(w + kk)); }
+__device__ __forceinline__ uint4 w_bits8(const q8_t* w, const unsigned short* s, long kk) {
+    return q8_bits8(__ldg((const uint2*)(w + kk)), f16_to_f32(__ldg(s + kk / 32)));
 }
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -220,13 +245,7 @@ extern "C" __global__ void dequant_q8(const q8_t* q, const unsigned short* scale
     grid_dep();
     long i = 8 * (blockIdx.x * (long)blockDim.x + threadIdx.x);
     if (i >= n) return;
-    uint2 raw = *(const uint2*)(q + i);
-    float d = f16_to_f32(scales[i / 32]);
-    u32 lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
-    auto pack = [&](u32 w, int i0) {
-        return (u32)f32_to_bf16(q8_at(w, i0) * d) | ((u32)f32_to_bf16(q8_at(w, i0 + 1) * d) << 16);
-    };
-    *(uint4*)(out + i) = make_uint4(pack(lo, 0), pack(lo, 2), pack(hi, 0), pack(hi, 2));
+    *(uint4*)(out + i) = q8_bits8(*(const uint2*)(q + i), f16_to_f32(scales[i / 32]));
 }
 
 // An activation that a matrix product of many rows takes next: stored, and rounded to bf16 beside
@@ -2308,16 +2327,17 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     // The weights do not depend on the previous kernel: their first loads go out before waiting.
     allow_next();
     bool waited = false;
-    if (live && k % 8 == 0) {
-        int chunks = k / 8, per = (chunks + split - 1) / split;
+    constexpr int CH = Chunk<W>::N;
+    if (live && k % CH == 0) {
+        int chunks = k / CH, per = (chunks + split - 1) / split;
         int lo = part * per, hi = min(chunks, lo + per);
         for (int c0 = lo + lane; c0 < hi; c0 += 32 * UNROLL) {
             Raw8<W> wa[UNROLL], wb[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 long c = c0 + 32 * u;
-                if (c < hi) load_raw(ra, sa, 8 * c, wa[u]);
-                if (c < hi && has_b) load_raw(rb, sb, 8 * c, wb[u]);
+                if (c < hi) load_raw(ra, sa, CH * c, wa[u]);
+                if (c < hi && has_b) load_raw(rb, sb, CH * c, wb[u]);
                 else zero_raw(wb[u]);
             }
             if (!waited) {
@@ -2332,10 +2352,9 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
                     if (r < t) {
-                        const float4* xr = (const float4*)(x + (long)r * k + 8 * c);
-                        float4 a = xr[0], b = xr[1];
-                        acc[0][r] += dot8(wa[u], a, b);
-                        acc[1][r] += dot8(wb[u], a, b);
+                        const float4* xr = (const float4*)(x + (long)r * k + CH * c);
+                        acc[0][r] += dot_chunk(wa[u], xr);
+                        acc[1][r] += dot_chunk(wb[u], xr);
                     }
                 }
             }
@@ -2346,7 +2365,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         if (early) load_sq();
     }
     if (!early) load_sq();
-    if (live && k % 8 != 0) {
+    if (live && k % CH != 0) {
         // Rows not 16-byte aligned: one element a lane at a time.
         int per = (k + split - 1) / split, lo = part * per, hi = min(k, lo + per);
         for (int j = lo + lane; j < hi; j += 32) {
@@ -2416,13 +2435,15 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         *out = v > 20.0f ? v : log1pf(expf(v));
     }
 }
-// One and two rows keep GEMV1_UNROLL chunks of 8 bf16 weights a lane in flight, as many Q8_0
-// chunks (twice as many take 128 registers), half as many of f32.
+// One and two rows keep GEMV1_UNROLL chunks of 8 bf16 weights a lane in flight (half as many
+// of f32); one row as many Q8_0 chunks of 16 (the same bytes, at 77 registers), two rows half as
+// many (with as many: 128 registers); up to GEMV_ROWS rows, GEMV_UNROLL chunks of bf16 or f32,
+// half as many of Q8_0.
 #define GEMV(name, W, EPI) \
     extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                            const unsigned short* s1, const float* bias, float* y, int t, int n, int k, \
                                                            int split, NormFold f) { \
-        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
+        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL / (sizeof(W) == 1 ? 2 : 1)>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     } \
     extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                               const unsigned short* s1, const float* bias, float* y, int t, int n, \
@@ -2432,7 +2453,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     extern "C" __global__ void __launch_bounds__(256) name##_2(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                               const unsigned short* s1, const float* bias, float* y, int t, int n, \
                                                               int k, int split, NormFold f) { \
-        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / (sizeof(W) == 1 ? 2 : sizeof(W))>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
+        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / (sizeof(W) == 1 ? 4 : sizeof(W))>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     }
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)
@@ -2456,7 +2477,8 @@ __device__ __forceinline__ uint4 x_bits8(const float* x, long i) {
 }
 __device__ __forceinline__ uint4 x_bits8(const bf16_t* x, long i) { return *(const uint4*)(x + i); }
 
-// Products of decode batches (4 to 32 input rows, bf16 weights) on the tensor cores: y[r, j] =
+// Products of decode batches (4 to 32 input rows, bf16 weights, or Q8_0 ones widened to bf16 as
+// they are read: the products of `dequant_q8`'s matrix) on the tensor cores: y[r, j] =
 // x[r, :] · w[j, :], x rounded to bf16 (as the cuBLAS path and the official bf16 model take it),
 // f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8 weight rows)
 // and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a weight row
@@ -2468,9 +2490,10 @@ __device__ __forceinline__ uint4 x_bits8(const bf16_t* x, long i) { return *(con
 // comes in groups of two weight tiles (16 rows; for the gated MLP 8 rows of gate and the same 8
 // of up), `split` warps of a block splitting a group's k, their sums meeting in shared memory;
 // epilogues as the GEMV's. k % 8 == 0 (the host checks).
-template <int MT, int EPI, typename X>
-__device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0, const bf16_t* __restrict__ w1,
-                          const float* __restrict__ bias, float* __restrict__ y, int t, int n, int k, int split) {
+template <int MT, int EPI, typename X, typename W>
+__device__ void gemm_rows(const X* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const unsigned short* s0,
+                          const unsigned short* s1, const float* __restrict__ bias, float* __restrict__ y, int t, int n, int k,
+                          int split) {
 #if __CUDA_ARCH__ >= 800
     __shared__ float red[8][2][MT][4][32];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -2479,8 +2502,11 @@ __device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0
     bool live = group < (EPI == EPI_GLU ? (n + 7) / 8 : (n + 15) / 16);
     int row_a = EPI == EPI_GLU ? group * 8 + g : group * 16 + g, row_b = EPI == EPI_GLU ? row_a : row_a + 8;
     bool has_a = live && row_a < n, has_b = live && row_b < n;
-    const bf16_t* wa = w0 + (long)row_a * k;
-    const bf16_t* wb = (EPI == EPI_GLU ? w1 : w0) + (long)row_b * k;
+    const W* wa = w0 + (long)row_a * k;
+    const W* wb = (EPI == EPI_GLU ? w1 : w0) + (long)row_b * k;
+    // Q8_0 rows' scales (null for bf16 weights; then unused).
+    const unsigned short* sa = s0 ? s0 + (long)row_a * (k / 32) : s0;
+    const unsigned short* sb = s0 ? (EPI == EPI_GLU ? s1 : s0) + (long)row_b * (k / 32) : s0;
     float acc[2][MT][4];
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -2501,15 +2527,15 @@ __device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0
     }
     wait_prior();
     // U chunks at a time, all their loads asked for before any is used.
-    constexpr int U = MT == 1 && sizeof(X) == 2 ? 4 : 2;
+    constexpr int U = MT == 1 && sizeof(X) == 2 && sizeof(W) == 2 ? 4 : 2;
     for (int c0 = lo; c0 < hi; c0 += U) {
         uint4 wv[U][2], xv[U][MT][2];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             int kk = 32 * (c0 + u) + 8 * q;
             bool in = c0 + u < hi && kk < k;
-            wv[u][0] = in && has_a ? __ldg((const uint4*)(wa + kk)) : zero;
-            wv[u][1] = in && has_b ? __ldg((const uint4*)(wb + kk)) : zero;
+            wv[u][0] = in && has_a ? w_bits8(wa, sa, kk) : zero;
+            wv[u][1] = in && has_b ? w_bits8(wb, sb, kk) : zero;
 #pragma unroll
             for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -2580,19 +2606,24 @@ __device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0
         }
 #endif
 }
-#define GEMM_ROWS(XN, X, MT, NAME, EPI) \
-    extern "C" __global__ void __launch_bounds__(256) gemm_rows_##XN##_##MT##_##NAME(const X* x, const bf16_t* w0, const bf16_t* w1, \
-                                                                                   const float* bias, float* y, int t, int n, int k, int split) { \
-        gemm_rows<MT, EPI, X>(x, w0, w1, bias, y, t, n, k, split); \
+// Named gemm_rows_{input}_{MT}_{epilogue}, and with a _q8 suffix over Q8_0 weights.
+#define GEMM_ROWS(XN, X, MT, NAME, EPI, W, WN) \
+    extern "C" __global__ void __launch_bounds__(256) gemm_rows_##XN##_##MT##_##NAME##WN( \
+        const X* x, const W* w0, const W* w1, const unsigned short* s0, const unsigned short* s1, const float* bias, float* y, int t, \
+        int n, int k, int split) { \
+        gemm_rows<MT, EPI, X, W>(x, w0, w1, s0, s1, bias, y, t, n, k, split); \
     }
-#define GEMM_ROWS_ALL(XN, X, MT) \
-    GEMM_ROWS(XN, X, MT, store, EPI_STORE) \
-    GEMM_ROWS(XN, X, MT, add, EPI_ADD) \
-    GEMM_ROWS(XN, X, MT, softplus, EPI_SOFTPLUS) \
-    GEMM_ROWS(XN, X, MT, glu, EPI_GLU)
-GEMM_ROWS_ALL(f32, float, 1)
-GEMM_ROWS_ALL(bf16, bf16_t, 1)
-GEMM_ROWS_ALL(bf16, bf16_t, 2)
+#define GEMM_ROWS_ALL(XN, X, MT, W, WN) \
+    GEMM_ROWS(XN, X, MT, store, EPI_STORE, W, WN) \
+    GEMM_ROWS(XN, X, MT, add, EPI_ADD, W, WN) \
+    GEMM_ROWS(XN, X, MT, softplus, EPI_SOFTPLUS, W, WN) \
+    GEMM_ROWS(XN, X, MT, glu, EPI_GLU, W, WN)
+GEMM_ROWS_ALL(f32, float, 1, bf16_t, )
+GEMM_ROWS_ALL(bf16, bf16_t, 1, bf16_t, )
+GEMM_ROWS_ALL(bf16, bf16_t, 2, bf16_t, )
+GEMM_ROWS_ALL(f32, float, 1, q8_t, _q8)
+GEMM_ROWS_ALL(bf16, bf16_t, 1, q8_t, _q8)
+GEMM_ROWS_ALL(bf16, bf16_t, 2, q8_t, _q8)
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2 (and its bf16 copy,
 // see `put_act`).

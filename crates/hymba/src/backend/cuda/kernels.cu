@@ -58,19 +58,13 @@ template <typename W> struct Raw8 {
 template <> struct Raw8<bf16_t> {
     uint4 v;
 };
-// Q8_0: sixteen quants (half a block: 16 bytes a load, as bf16's eight) and their block's scale.
+// Q8_0: eight quants (one block's quarter) and their block's scale. (Chunks of sixteen, a
+// 16-byte load as bf16's, took 77 registers and decoded a row 16% slower.)
 template <> struct Raw8<q8_t> {
-    uint4 q;
+    uint2 q;
     float d;
 };
-// Weights a GEMV chunk (`Raw8`) holds.
-template <typename W> struct Chunk {
-    static constexpr int N = 8;
-};
-template <> struct Chunk<q8_t> {
-    static constexpr int N = 16;
-};
-// A chunk of weights from element j of a row (`s`: its Q8_0 scales, see `wload`).
+// Eight weights from element j of a row (`s`: its Q8_0 scales, see `wload`).
 __device__ __forceinline__ void load_raw(const float* __restrict__ w, const unsigned short*, long j, Raw8<float>& r) {
     r.a = __ldg((const float4*)(w + j));
     r.b = __ldg((const float4*)(w + j + 4));
@@ -79,13 +73,13 @@ __device__ __forceinline__ void load_raw(const bf16_t* __restrict__ w, const uns
     r.v = __ldg((const uint4*)(w + j));
 }
 __device__ __forceinline__ void load_raw(const q8_t* __restrict__ w, const unsigned short* __restrict__ s, long j, Raw8<q8_t>& r) {
-    r.q = __ldg((const uint4*)(w + j));
+    r.q = __ldg((const uint2*)(w + j));
     r.d = f16_to_f32(__ldg(s + j / 32));
 }
 __device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
 __device__ __forceinline__ void zero_raw(Raw8<bf16_t>& r) { r.v = make_uint4(0, 0, 0, 0); }
 __device__ __forceinline__ void zero_raw(Raw8<q8_t>& r) {
-    r.q = make_uint4(0, 0, 0, 0);
+    r.q = make_uint2(0, 0);
     r.d = 0.0f;
 }
 __device__ __forceinline__ float dot8(const Raw8<float>& w, float4 a, float4 b) {
@@ -106,11 +100,7 @@ __device__ __forceinline__ float dot4(u32 quants, float4 a) {
     u32 b = quants ^ 0x80808080u;
     return q8_at(b, 0) * a.x + q8_at(b, 1) * a.y + q8_at(b, 2) * a.z + q8_at(b, 3) * a.w;
 }
-// A chunk's sum of products with the input at xr (its Chunk<W>::N elements, 16-byte aligned).
-template <typename W> __device__ __forceinline__ float dot_chunk(const Raw8<W>& w, const float4* xr) { return dot8(w, xr[0], xr[1]); }
-__device__ __forceinline__ float dot_chunk(const Raw8<q8_t>& w, const float4* xr) {
-    return (dot4(w.q.x, xr[0]) + dot4(w.q.y, xr[1]) + dot4(w.q.z, xr[2]) + dot4(w.q.w, xr[3])) * w.d;
-}
+__device__ __forceinline__ float dot8(const Raw8<q8_t>& w, float4 a, float4 b) { return (dot4(w.q.x, a) + dot4(w.q.y, b)) * w.d; }
 // Eight Q8_0 quants (a word's four, then the next's) times their scale, as bf16 pairs.
 __device__ __forceinline__ uint4 q8_bits8(uint2 raw, float d) {
     u32 lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
@@ -2327,17 +2317,16 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     // The weights do not depend on the previous kernel: their first loads go out before waiting.
     allow_next();
     bool waited = false;
-    constexpr int CH = Chunk<W>::N;
-    if (live && k % CH == 0) {
-        int chunks = k / CH, per = (chunks + split - 1) / split;
+    if (live && k % 8 == 0) {
+        int chunks = k / 8, per = (chunks + split - 1) / split;
         int lo = part * per, hi = min(chunks, lo + per);
         for (int c0 = lo + lane; c0 < hi; c0 += 32 * UNROLL) {
             Raw8<W> wa[UNROLL], wb[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 long c = c0 + 32 * u;
-                if (c < hi) load_raw(ra, sa, CH * c, wa[u]);
-                if (c < hi && has_b) load_raw(rb, sb, CH * c, wb[u]);
+                if (c < hi) load_raw(ra, sa, 8 * c, wa[u]);
+                if (c < hi && has_b) load_raw(rb, sb, 8 * c, wb[u]);
                 else zero_raw(wb[u]);
             }
             if (!waited) {
@@ -2352,9 +2341,10 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
                     if (r < t) {
-                        const float4* xr = (const float4*)(x + (long)r * k + CH * c);
-                        acc[0][r] += dot_chunk(wa[u], xr);
-                        acc[1][r] += dot_chunk(wb[u], xr);
+                        const float4* xr = (const float4*)(x + (long)r * k + 8 * c);
+                        float4 a = xr[0], b = xr[1];
+                        acc[0][r] += dot8(wa[u], a, b);
+                        acc[1][r] += dot8(wb[u], a, b);
                     }
                 }
             }
@@ -2365,7 +2355,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         if (early) load_sq();
     }
     if (!early) load_sq();
-    if (live && k % CH != 0) {
+    if (live && k % 8 != 0) {
         // Rows not 16-byte aligned: one element a lane at a time.
         int per = (k + split - 1) / split, lo = part * per, hi = min(k, lo + per);
         for (int j = lo + lane; j < hi; j += 32) {
@@ -2435,15 +2425,13 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         *out = v > 20.0f ? v : log1pf(expf(v));
     }
 }
-// One and two rows keep GEMV1_UNROLL chunks of 8 bf16 weights a lane in flight (half as many
-// of f32); one row as many Q8_0 chunks of 16 (the same bytes, at 77 registers), two rows half as
-// many (with as many: 128 registers); up to GEMV_ROWS rows, GEMV_UNROLL chunks of bf16 or f32,
-// half as many of Q8_0.
+// One and two rows keep GEMV1_UNROLL chunks of 8 bf16 weights a lane in flight, as many Q8_0
+// chunks (twice as many take 128 registers), half as many of f32.
 #define GEMV(name, W, EPI) \
     extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                            const unsigned short* s1, const float* bias, float* y, int t, int n, int k, \
                                                            int split, NormFold f) { \
-        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL / (sizeof(W) == 1 ? 2 : 1)>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
+        gemv<W, EPI, GEMV_ROWS, GEMV_UNROLL>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     } \
     extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                               const unsigned short* s1, const float* bias, float* y, int t, int n, \
@@ -2453,7 +2441,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     extern "C" __global__ void __launch_bounds__(256) name##_2(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                               const unsigned short* s1, const float* bias, float* y, int t, int n, \
                                                               int k, int split, NormFold f) { \
-        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / (sizeof(W) == 1 ? 4 : sizeof(W))>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
+        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / (sizeof(W) == 1 ? 2 : sizeof(W))>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     }
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)

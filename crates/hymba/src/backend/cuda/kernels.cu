@@ -58,7 +58,8 @@ template <typename W> struct Raw8 {
 template <> struct Raw8<bf16_t> {
     uint4 v;
 };
-// Q8_0: eight quants (one block's quarter) and their block's scale.
+// Q8_0: eight quants (one block's quarter) and their block's scale. (Chunks of sixteen, a
+// 16-byte load as bf16's, took 77 registers and decoded a row 16% slower.)
 template <> struct Raw8<q8_t> {
     uint2 q;
     float d;
@@ -95,11 +96,25 @@ __device__ __forceinline__ float dot8(const Raw8<bf16_t>& w, float4 a, float4 b)
 __device__ __forceinline__ float q8_at(u32 biased, int i) {
     return __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440 + i)) - 8388736.0f;
 }
-__device__ __forceinline__ float dot8(const Raw8<q8_t>& w, float4 a, float4 b) {
-    u32 lo = w.q.x ^ 0x80808080u, hi = w.q.y ^ 0x80808080u;
-    float s = q8_at(lo, 0) * a.x + q8_at(lo, 1) * a.y + q8_at(lo, 2) * a.z + q8_at(lo, 3) * a.w;
-    s += q8_at(hi, 0) * b.x + q8_at(hi, 1) * b.y + q8_at(hi, 2) * b.z + q8_at(hi, 3) * b.w;
-    return s * w.d;
+__device__ __forceinline__ float dot4(u32 quants, float4 a) {
+    u32 b = quants ^ 0x80808080u;
+    return q8_at(b, 0) * a.x + q8_at(b, 1) * a.y + q8_at(b, 2) * a.z + q8_at(b, 3) * a.w;
+}
+__device__ __forceinline__ float dot8(const Raw8<q8_t>& w, float4 a, float4 b) { return (dot4(w.q.x, a) + dot4(w.q.y, b)) * w.d; }
+// Eight Q8_0 quants (a word's four, then the next's) times their scale, as bf16 pairs.
+__device__ __forceinline__ uint4 q8_bits8(uint2 raw, float d) {
+    u32 lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
+    auto pack = [&](u32 w, int i0) {
+        return (u32)f32_to_bf16(q8_at(w, i0) * d) | ((u32)f32_to_bf16(q8_at(w, i0 + 1) * d) << 16);
+    };
+    return make_uint4(pack(lo, 0), pack(lo, 2), pack(hi, 0), pack(hi, 2));
+}
+// Eight weights from element kk of a row as bf16 pairs: as stored, or (Q8_0, `s` the row's
+// scales) widened and rounded as `dequant_q8` does, so a product reads the quants in place and
+// gives the sums of the widened matrix.
+__device__ __forceinline__ uint4 w_bits8(const bf16_t* w, const unsigned short*, long kk) { return __ldg((const uint4*)(w + kk)); }
+__device__ __forceinline__ uint4 w_bits8(const q8_t* w, const unsigned short* s, long kk) {
+    return q8_bits8(__ldg((const uint2*)(w + kk)), f16_to_f32(__ldg(s + kk / 32)));
 }
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -220,13 +235,7 @@ extern "C" __global__ void dequant_q8(const q8_t* q, const unsigned short* scale
     grid_dep();
     long i = 8 * (blockIdx.x * (long)blockDim.x + threadIdx.x);
     if (i >= n) return;
-    uint2 raw = *(const uint2*)(q + i);
-    float d = f16_to_f32(scales[i / 32]);
-    u32 lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
-    auto pack = [&](u32 w, int i0) {
-        return (u32)f32_to_bf16(q8_at(w, i0) * d) | ((u32)f32_to_bf16(q8_at(w, i0 + 1) * d) << 16);
-    };
-    *(uint4*)(out + i) = make_uint4(pack(lo, 0), pack(lo, 2), pack(hi, 0), pack(hi, 2));
+    *(uint4*)(out + i) = q8_bits8(*(const uint2*)(q + i), f16_to_f32(scales[i / 32]));
 }
 
 // An activation that a matrix product of many rows takes next: stored, and rounded to bf16 beside
@@ -2456,7 +2465,8 @@ __device__ __forceinline__ uint4 x_bits8(const float* x, long i) {
 }
 __device__ __forceinline__ uint4 x_bits8(const bf16_t* x, long i) { return *(const uint4*)(x + i); }
 
-// Products of decode batches (4 to 32 input rows, bf16 weights) on the tensor cores: y[r, j] =
+// Products of decode batches (4 to 32 input rows, bf16 weights, or Q8_0 ones widened to bf16 as
+// they are read: the products of `dequant_q8`'s matrix) on the tensor cores: y[r, j] =
 // x[r, :] · w[j, :], x rounded to bf16 (as the cuBLAS path and the official bf16 model take it),
 // f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8 weight rows)
 // and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a weight row
@@ -2468,9 +2478,10 @@ __device__ __forceinline__ uint4 x_bits8(const bf16_t* x, long i) { return *(con
 // comes in groups of two weight tiles (16 rows; for the gated MLP 8 rows of gate and the same 8
 // of up), `split` warps of a block splitting a group's k, their sums meeting in shared memory;
 // epilogues as the GEMV's. k % 8 == 0 (the host checks).
-template <int MT, int EPI, typename X>
-__device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0, const bf16_t* __restrict__ w1,
-                          const float* __restrict__ bias, float* __restrict__ y, int t, int n, int k, int split) {
+template <int MT, int EPI, typename X, typename W>
+__device__ void gemm_rows(const X* __restrict__ x, const W* __restrict__ w0, const W* __restrict__ w1, const unsigned short* s0,
+                          const unsigned short* s1, const float* __restrict__ bias, float* __restrict__ y, int t, int n, int k,
+                          int split) {
 #if __CUDA_ARCH__ >= 800
     __shared__ float red[8][2][MT][4][32];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -2479,8 +2490,11 @@ __device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0
     bool live = group < (EPI == EPI_GLU ? (n + 7) / 8 : (n + 15) / 16);
     int row_a = EPI == EPI_GLU ? group * 8 + g : group * 16 + g, row_b = EPI == EPI_GLU ? row_a : row_a + 8;
     bool has_a = live && row_a < n, has_b = live && row_b < n;
-    const bf16_t* wa = w0 + (long)row_a * k;
-    const bf16_t* wb = (EPI == EPI_GLU ? w1 : w0) + (long)row_b * k;
+    const W* wa = w0 + (long)row_a * k;
+    const W* wb = (EPI == EPI_GLU ? w1 : w0) + (long)row_b * k;
+    // Q8_0 rows' scales (null for bf16 weights; then unused).
+    const unsigned short* sa = s0 ? s0 + (long)row_a * (k / 32) : s0;
+    const unsigned short* sb = s0 ? (EPI == EPI_GLU ? s1 : s0) + (long)row_b * (k / 32) : s0;
     float acc[2][MT][4];
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -2501,15 +2515,15 @@ __device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0
     }
     wait_prior();
     // U chunks at a time, all their loads asked for before any is used.
-    constexpr int U = MT == 1 && sizeof(X) == 2 ? 4 : 2;
+    constexpr int U = MT == 1 && sizeof(X) == 2 && sizeof(W) == 2 ? 4 : 2;
     for (int c0 = lo; c0 < hi; c0 += U) {
         uint4 wv[U][2], xv[U][MT][2];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             int kk = 32 * (c0 + u) + 8 * q;
             bool in = c0 + u < hi && kk < k;
-            wv[u][0] = in && has_a ? __ldg((const uint4*)(wa + kk)) : zero;
-            wv[u][1] = in && has_b ? __ldg((const uint4*)(wb + kk)) : zero;
+            wv[u][0] = in && has_a ? w_bits8(wa, sa, kk) : zero;
+            wv[u][1] = in && has_b ? w_bits8(wb, sb, kk) : zero;
 #pragma unroll
             for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -2580,19 +2594,24 @@ __device__ void gemm_rows(const X* __restrict__ x, const bf16_t* __restrict__ w0
         }
 #endif
 }
-#define GEMM_ROWS(XN, X, MT, NAME, EPI) \
-    extern "C" __global__ void __launch_bounds__(256) gemm_rows_##XN##_##MT##_##NAME(const X* x, const bf16_t* w0, const bf16_t* w1, \
-                                                                                   const float* bias, float* y, int t, int n, int k, int split) { \
-        gemm_rows<MT, EPI, X>(x, w0, w1, bias, y, t, n, k, split); \
+// Named gemm_rows_{input}_{MT}_{epilogue}, and with a _q8 suffix over Q8_0 weights.
+#define GEMM_ROWS(XN, X, MT, NAME, EPI, W, WN) \
+    extern "C" __global__ void __launch_bounds__(256) gemm_rows_##XN##_##MT##_##NAME##WN( \
+        const X* x, const W* w0, const W* w1, const unsigned short* s0, const unsigned short* s1, const float* bias, float* y, int t, \
+        int n, int k, int split) { \
+        gemm_rows<MT, EPI, X, W>(x, w0, w1, s0, s1, bias, y, t, n, k, split); \
     }
-#define GEMM_ROWS_ALL(XN, X, MT) \
-    GEMM_ROWS(XN, X, MT, store, EPI_STORE) \
-    GEMM_ROWS(XN, X, MT, add, EPI_ADD) \
-    GEMM_ROWS(XN, X, MT, softplus, EPI_SOFTPLUS) \
-    GEMM_ROWS(XN, X, MT, glu, EPI_GLU)
-GEMM_ROWS_ALL(f32, float, 1)
-GEMM_ROWS_ALL(bf16, bf16_t, 1)
-GEMM_ROWS_ALL(bf16, bf16_t, 2)
+#define GEMM_ROWS_ALL(XN, X, MT, W, WN) \
+    GEMM_ROWS(XN, X, MT, store, EPI_STORE, W, WN) \
+    GEMM_ROWS(XN, X, MT, add, EPI_ADD, W, WN) \
+    GEMM_ROWS(XN, X, MT, softplus, EPI_SOFTPLUS, W, WN) \
+    GEMM_ROWS(XN, X, MT, glu, EPI_GLU, W, WN)
+GEMM_ROWS_ALL(f32, float, 1, bf16_t, )
+GEMM_ROWS_ALL(bf16, bf16_t, 1, bf16_t, )
+GEMM_ROWS_ALL(bf16, bf16_t, 2, bf16_t, )
+GEMM_ROWS_ALL(f32, float, 1, q8_t, _q8)
+GEMM_ROWS_ALL(bf16, bf16_t, 1, q8_t, _q8)
+GEMM_ROWS_ALL(bf16, bf16_t, 2, q8_t, _q8)
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2 (and its bf16 copy,
 // see `put_act`).

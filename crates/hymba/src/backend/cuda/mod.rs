@@ -423,9 +423,9 @@ struct Kernels<K = Kernel> {
     attention_gqa_mma: Vec<((usize, usize), K)>,
     /// `[up to GEMV_ROWS rows, one row, two rows][f32, bf16, Q8_0 weights][Epilogue]`
     gemv: [[[K; 4]; 3]; 3],
-    /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][Epilogue]`, bf16
-    /// weights, sm_80 and later (else empty).
-    gemm_rows: Vec<[K; 4]>,
+    /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][bf16, Q8_0
+    /// weights][Epilogue]`, sm_80 and later (else empty).
+    gemm_rows: Vec<[[K; 4]; 2]>,
     fuse: K,
     fuse_rows: K,
     kv_put: K,
@@ -499,12 +499,15 @@ impl<K> Kernels<K> {
                 [("f32", 1), ("bf16", 1), ("bf16", 2)]
                     .iter()
                     .map(|(x, mt)| {
-                        let g = |epi: &str| {
-                            f(Box::leak(
-                                format!("gemm_rows_{x}_{mt}_{epi}").into_boxed_str(),
-                            ))
+                        let set = |w: &str| {
+                            let g = |epi: &str| {
+                                f(Box::leak(
+                                    format!("gemm_rows_{x}_{mt}_{epi}{w}").into_boxed_str(),
+                                ))
+                            };
+                            Ok::<_, Error>([g("store")?, g("add")?, g("softplus")?, g("glu")?])
                         };
-                        Ok::<_, Error>([g("store")?, g("add")?, g("softplus")?, g("glu")?])
+                        Ok::<_, Error>([set("")?, set("_q8")?])
                     })
                     .collect::<Result<_>>()?
             } else {
@@ -1903,6 +1906,11 @@ impl Cuda {
         };
         let (w0, yp) = (w.ptr(&self.stream), self.p(y));
         let w1 = up.map_or(0, |u| u.ptr(&self.stream));
+        let (s0, s1) = (
+            w.scales(&self.stream),
+            up.map_or(0, |u| u.scales(&self.stream)),
+        );
+        let q8 = matches!(*w.data, DevData::Q8_0 { .. }) as usize;
         let bp = bias.map_or(0, |b| self.pv(b));
         let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
         let groups = if epi == Epilogue::Glu {
@@ -1913,9 +1921,9 @@ impl Cuda {
         let (si, cfg) = self.warps_per_unit(groups, &[1, 2, 4, 8]);
         let variant = if f32_input { 0 } else { 1 + (t > 16) as usize };
         self.launch(
-            &self.k.gemm_rows[variant][epi as usize],
+            &self.k.gemm_rows[variant][q8][epi as usize],
             cfg,
-            &[&xs, &w0, &w1, &bp, &yp, &ti, &ni, &ki, &si],
+            &[&xs, &w0, &w1, &s0, &s1, &bp, &yp, &ti, &ni, &ki, &si],
         );
     }
 
@@ -2059,8 +2067,7 @@ impl Cuda {
 
     /// Whether `product` of `t` rows over `w` alone runs the GEMV (else `gemm_rows` or cuBLAS).
     fn gemv_takes(&self, t: usize, w: &DevMatrix) -> bool {
-        let bf16 = matches!(*w.data, DevData::BF16(_));
-        t <= GEMV_ROWS && !(bf16 && self.rows_kernel_takes(t, w))
+        t <= GEMV_ROWS && !(rows_kernel_weights(&w.data) && self.rows_kernel_takes(t, w))
     }
 
     /// `product`, its GEMV making a folded norm's rows (`fold`'s producer part: only where
@@ -2085,7 +2092,8 @@ impl Cuda {
         if t == 0 || self.failed() {
             return;
         }
-        if t > GEMV_ROWS && matches!(*w.data, DevData::Q8_0 { .. }) {
+        if t > GEMV_ROWS && matches!(*w.data, DevData::Q8_0 { .. }) && !self.rows_kernel_takes(t, w)
+        {
             // Gate and up prepared together stay one matrix (one product of both).
             let (wd, ud) = match up.map(|u| (u, w.joined(u))) {
                 Some((_, Some(both))) => {
@@ -2111,11 +2119,9 @@ impl Cuda {
             };
             return self.product_folding(x, &wd, epi, ud.as_ref(), bias, y, fold);
         }
-        let bf16 = matches!(
-            (&*w.data, up.map(|u| &*u.data)),
-            (DevData::BF16(_), None | Some(DevData::BF16(_)))
-        );
-        if bf16 && self.rows_kernel_takes(t, w) {
+        let same_type =
+            up.is_none_or(|u| std::mem::discriminant(&*u.data) == std::mem::discriminant(&*w.data));
+        if same_type && rows_kernel_weights(&w.data) && self.rows_kernel_takes(t, w) {
             return self.gemm_rows(x, w, epi, up, bias, y, t);
         }
         if t <= GEMV_ROWS {
@@ -2230,6 +2236,11 @@ impl Cuda {
             }
         }
     }
+}
+
+/// Whether `gemm_rows` multiplies weights of this type (bf16, and Q8_0 widened as it reads them).
+fn rows_kernel_weights(d: &DevData) -> bool {
+    matches!(d, DevData::BF16(_) | DevData::Q8_0 { .. })
 }
 
 /// A kernel argument: a plain value pushed by reference.

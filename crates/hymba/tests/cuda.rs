@@ -589,9 +589,10 @@ fn cuda_products_match_reference() {
 }
 
 /// `cuda_products_match_reference` with Q8_0 weights (rows of whole blocks of 32), against the
-/// exact values they stand for: the GEMV (up to 8 rows) multiplies them in f32, more rows
-/// widen them to bf16 first (2^-9 relative a weight) for the tensor-core and cuBLAS kernels,
-/// which round the input too: within the same 2^-8 of the sum of the terms' magnitudes.
+/// exact values they stand for: the GEMV (up to 3 rows) multiplies them in f32, the tensor-core
+/// rows kernel (4 to 32) widens each quant it reads to bf16 (2^-9 relative a weight), more rows
+/// widen the matrix to bf16 first for cuBLAS; both round the input too: within the same 2^-8 of
+/// the sum of the terms' magnitudes.
 #[test]
 fn cuda_q8_0_products_match_reference() {
     let Some(b) = gpu("cuda_q8_0_products_match_reference") else {

@@ -362,58 +362,60 @@ fn cuda_bf16_weights_match_cpu_to_bf16_precision() {
     }
 }
 
-/// Q8_0 weights (`--quant q8_0`) on the GPU against the CPU's f32 engine over the values they
+/// Q8_0 and Q4_0 weights (`--quant`) on the GPU against the CPU's f32 engine over the values they
 /// stand for (each quantized matrix widened back to f32, so the reference is exact): a prompt
 /// of 300 tokens, whose products widen the weights to bf16 and round their inputs (the bound of
 /// `cuda_bf16_weights_match_cpu_to_bf16_precision`), then 12 decode steps, whose GEMV multiplies
 /// the quantized weights in f32 (held to the same bound, alone). Every large matrix is
 /// quantized, the tied embedding and logits included.
 #[test]
-fn cuda_q8_0_weights_match_cpu_on_their_values() {
+fn cuda_quantized_weights_match_cpu_on_their_values() {
     use hymba::tensor::{Tensor, TensorStore};
-    let Some(gpu) = gpu("cuda_q8_0_weights_match_cpu_on_their_values") else {
+    if gpu("cuda_quantized_weights_match_cpu_on_their_values").is_none() {
         return;
-    };
-    let cfg = Config::from_file(&fixture("tiny-a").join("config.json")).unwrap();
-    let mut quantized = hymba::synthetic::in_memory(&cfg, Dtype::BF16, 11, 1.0);
-    quantized.quantize(Dtype::Q8_0);
-    let mut widened = std::collections::BTreeMap::new();
-    let mut q8 = 0;
-    for name in quantized.names() {
-        let t = quantized.get(&name).unwrap();
-        let t = if t.dtype == Dtype::Q8_0 {
-            q8 += 1;
-            Tensor::from_f32(t.shape.clone(), &t.to_f32())
-        } else {
-            t.clone()
-        };
-        widened.insert(name, t);
     }
-    assert!(
-        q8 > 5 * cfg.num_hidden_layers,
-        "only {q8} matrices quantized"
-    );
-    let cpu =
-        Model::from_store(cfg.clone(), TensorStore::from_tensors("widened", widened)).unwrap();
-    let dev = Model::on(gpu, cfg.clone(), quantized).unwrap();
+    let cfg = Config::from_file(&fixture("tiny-a").join("config.json")).unwrap();
     let ids: Vec<u32> = (0..312)
         .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
         .collect();
-    let want = prefill_then_decode(&cpu, &ids, 300, Logits::All);
-    let got = prefill_then_decode(&dev, &ids, 300, Logits::All);
-    assert_eq!(got.len(), want.len());
-    let prompt = 300 * cfg.vocab_size;
-    for (range, what) in [
-        (0..prompt, "the prompt"),
-        (prompt..got.len(), "the decode steps"),
-    ] {
-        let (g, w) = (&got[range.clone()], &want[range]);
-        within_bf16_bound(
-            g,
-            w,
-            cfg.num_hidden_layers,
-            &format!("Q8_0 weights, {what}"),
+    for format in [Dtype::Q8_0, Dtype::Q4_0] {
+        let mut quantized = hymba::synthetic::in_memory(&cfg, Dtype::BF16, 11, 1.0);
+        quantized.quantize(format);
+        let mut widened = std::collections::BTreeMap::new();
+        let mut count = 0;
+        for name in quantized.names() {
+            let t = quantized.get(&name).unwrap();
+            let t = if t.dtype == format {
+                count += 1;
+                Tensor::from_f32(t.shape.clone(), &t.to_f32())
+            } else {
+                t.clone()
+            };
+            widened.insert(name, t);
+        }
+        assert!(
+            count > 5 * cfg.num_hidden_layers,
+            "only {count} matrices quantized"
         );
+        let cpu =
+            Model::from_store(cfg.clone(), TensorStore::from_tensors("widened", widened)).unwrap();
+        let dev = Model::on(Cuda::new(0).unwrap(), cfg.clone(), quantized).unwrap();
+        let want = prefill_then_decode(&cpu, &ids, 300, Logits::All);
+        let got = prefill_then_decode(&dev, &ids, 300, Logits::All);
+        assert_eq!(got.len(), want.len());
+        let prompt = 300 * cfg.vocab_size;
+        for (range, what) in [
+            (0..prompt, "the prompt"),
+            (prompt..got.len(), "the decode steps"),
+        ] {
+            let (g, w) = (&got[range.clone()], &want[range]);
+            within_bf16_bound(
+                g,
+                w,
+                cfg.num_hidden_layers,
+                &format!("{format:?} weights, {what}"),
+            );
+        }
     }
 }
 
@@ -588,22 +590,24 @@ fn cuda_products_match_reference() {
     products_match_reference(&b, Dtype::BF16, &shapes);
 }
 
-/// `cuda_products_match_reference` with Q8_0 weights (rows of whole blocks of 32), against the
-/// exact values they stand for: the GEMV (up to 3 rows) multiplies them in f32, the tensor-core
+/// `cuda_products_match_reference` with Q8_0 and Q4_0 weights (rows of whole blocks of 32),
+/// against the exact values they stand for: the GEMV (up to 3 rows) multiplies them in f32, the tensor-core
 /// rows kernel (4 to 32) widens each quant it reads to bf16 (2^-9 relative a weight), more rows
 /// widen the matrix to bf16 first for cuBLAS; both round the input too: within the same 2^-8 of
 /// the sum of the terms' magnitudes.
 #[test]
-fn cuda_q8_0_products_match_reference() {
-    let Some(b) = gpu("cuda_q8_0_products_match_reference") else {
+fn cuda_quantized_products_match_reference() {
+    let Some(b) = gpu("cuda_quantized_products_match_reference") else {
         return;
     };
     let shapes = [(37usize, 224usize), (129, 1600), (16, 32), (1600, 96)];
-    products_match_reference(&b, Dtype::Q8_0, &shapes);
+    for q in [Dtype::Q8_0, Dtype::Q4_0] {
+        products_match_reference(&b, q, &shapes);
+    }
 }
 
 /// The body of the product tests: random `[n, k]` gate and up matrices of each shape stored as
-/// `dtype` (bf16, or Q8_0 quantized from f32), their reference the values stored.
+/// `dtype` (bf16, or Q8_0 / Q4_0 quantized from f32), their reference the values stored.
 fn products_match_reference(b: &Cuda, dtype: Dtype, shapes: &[(usize, usize)]) {
     use hymba::backend::Backend;
     use hymba::tensor::Tensor;

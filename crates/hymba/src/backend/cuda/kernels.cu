@@ -1,12 +1,18 @@
 // Kernels of the CUDA backend, compiled at run time by NVRTC (no headers: NVRTC has none of the
 // toolkit's, so the bf16 conversions are written out). Activations are f32, row-major; weights
-// are f32, bf16 (raw 16-bit patterns) or Q8_0 (int8 quants, row-major, and beside them one f16
-// scale a block of 32), K/V f32 or bf16. Every kernel knows nothing of Hymba: the
+// are f32, bf16 (raw 16-bit patterns), Q8_0 or Q4_0 (int8 quants, or two 4-bit ones a byte,
+// row-major, and beside them one f16 scale a block of 32), K/V f32 or bf16. Every kernel knows nothing of Hymba: the
 // backend passes shapes, offsets and positions.
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
 typedef signed char q8_t;
+// Q4_0 quants, two a byte: in each block of 32, chunk c (elements 8c..8c + 8) is bytes 4c..4c + 4,
+// byte j holding element 8c + j in its low nibble and 8c + 4 + j in its high one (the backend
+// lays GGML's blocks out so), so element i's chunk starts at byte i / 2.
+struct q4_t {
+    unsigned char b;
+};
 
 __device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
 
@@ -34,10 +40,18 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
-// Weight i of a matrix row: `s` is the row's Q8_0 scales (one a block of 32), unused for f32
-// and bf16 rows.
+// Weight i of a matrix row: `s` is the row's Q8_0 / Q4_0 scales (one a block of 32), unused for
+// f32 and bf16 rows.
 template <typename W> __device__ __forceinline__ float wload(const W* w, const unsigned short*, long i) { return load(w, i); }
 __device__ __forceinline__ float wload(const q8_t* w, const unsigned short* s, long i) { return (float)w[i] * f16_to_f32(s[i / 32]); }
+__device__ __forceinline__ float wload(const q4_t* w, const unsigned short* s, long i) {
+    int r = i % 8;
+    unsigned char b = w[(i - r) / 2 + r % 4].b;
+    return (float)((r < 4 ? b & 15 : b >> 4) - 8) * f16_to_f32(s[i / 32]);
+}
+// Row `row` of a matrix of k columns.
+template <typename W> __device__ __forceinline__ const W* row_at(const W* w, long row, int k) { return w + row * k; }
+__device__ __forceinline__ const q4_t* row_at(const q4_t* w, long row, int k) { return w + row * (k / 2); }
 
 
 // Eight elements from element j of a row (16-byte aligned), widened.
@@ -64,6 +78,11 @@ template <> struct Raw8<q8_t> {
     uint2 q;
     float d;
 };
+// Q4_0: a chunk's eight quants (a word) and their block's scale.
+template <> struct Raw8<q4_t> {
+    u32 q;
+    float d;
+};
 // Eight weights from element j of a row (`s`: its Q8_0 scales, see `wload`).
 __device__ __forceinline__ void load_raw(const float* __restrict__ w, const unsigned short*, long j, Raw8<float>& r) {
     r.a = __ldg((const float4*)(w + j));
@@ -78,6 +97,14 @@ __device__ __forceinline__ void load_raw(const q8_t* __restrict__ w, const unsig
 }
 __device__ __forceinline__ void zero_raw(Raw8<float>& r) { r.a = r.b = make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
 __device__ __forceinline__ void zero_raw(Raw8<bf16_t>& r) { r.v = make_uint4(0, 0, 0, 0); }
+__device__ __forceinline__ void load_raw(const q4_t* __restrict__ w, const unsigned short* __restrict__ s, long j, Raw8<q4_t>& r) {
+    r.q = __ldg((const u32*)(w + j / 2));
+    r.d = f16_to_f32(__ldg(s + j / 32));
+}
+__device__ __forceinline__ void zero_raw(Raw8<q4_t>& r) {
+    r.q = 0;
+    r.d = 0.0f;
+}
 __device__ __forceinline__ void zero_raw(Raw8<q8_t>& r) {
     r.q = make_uint2(0, 0);
     r.d = 0.0f;
@@ -90,31 +117,39 @@ __device__ __forceinline__ float dot2(u32 w, float lo, float hi) { return __uint
 __device__ __forceinline__ float dot8(const Raw8<bf16_t>& w, float4 a, float4 b) {
     return dot2(w.v.x, a.x, a.y) + dot2(w.v.y, a.z, a.w) + dot2(w.v.z, b.x, b.y) + dot2(w.v.w, b.z, b.w);
 }
-// Byte i of a word of quants (offset by 128: `q ^ 0x80`) as a float: the byte as the low
-// mantissa of 2^23, minus 2^23 + 128, exact. A byte permute and an add, where the conversion
-// instruction runs at a quarter of their rate.
-__device__ __forceinline__ float q8_at(u32 biased, int i) {
-    return __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440 + i)) - 8388736.0f;
+// Byte i of a word of quants as a float less OFF (Q8_0's offset by 128: `q ^ 0x80`, Q4_0's
+// nibbles by 8): the byte as the low mantissa of 2^23, minus 2^23 + OFF, exact. A byte permute
+// and an add, where the conversion instruction runs at a quarter of their rate.
+template <int OFF> __device__ __forceinline__ float q_at(u32 w, int i) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440 + i)) - (8388608.0f + OFF);
 }
-__device__ __forceinline__ float dot4(u32 quants, float4 a) {
-    u32 b = quants ^ 0x80808080u;
-    return q8_at(b, 0) * a.x + q8_at(b, 1) * a.y + q8_at(b, 2) * a.z + q8_at(b, 3) * a.w;
+template <int OFF> __device__ __forceinline__ float qdot4(u32 w, float4 a) {
+    return q_at<OFF>(w, 0) * a.x + q_at<OFF>(w, 1) * a.y + q_at<OFF>(w, 2) * a.z + q_at<OFF>(w, 3) * a.w;
 }
-__device__ __forceinline__ float dot8(const Raw8<q8_t>& w, float4 a, float4 b) { return (dot4(w.q.x, a) + dot4(w.q.y, b)) * w.d; }
-// Eight Q8_0 quants (a word's four, then the next's) times their scale, as bf16 pairs.
-__device__ __forceinline__ uint4 q8_bits8(uint2 raw, float d) {
-    u32 lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
+__device__ __forceinline__ float dot8(const Raw8<q8_t>& w, float4 a, float4 b) {
+    return (qdot4<128>(w.q.x ^ 0x80808080u, a) + qdot4<128>(w.q.y ^ 0x80808080u, b)) * w.d;
+}
+__device__ __forceinline__ float dot8(const Raw8<q4_t>& w, float4 a, float4 b) {
+    return (qdot4<8>(w.q & 0x0F0F0F0Fu, a) + qdot4<8>((w.q >> 4) & 0x0F0F0F0Fu, b)) * w.d;
+}
+// Eight quants (a word's four bytes, then the next's, less OFF) times their scale, as bf16 pairs.
+template <int OFF> __device__ __forceinline__ uint4 q_bits8(u32 lo, u32 hi, float d) {
     auto pack = [&](u32 w, int i0) {
-        return (u32)f32_to_bf16(q8_at(w, i0) * d) | ((u32)f32_to_bf16(q8_at(w, i0 + 1) * d) << 16);
+        return (u32)f32_to_bf16(q_at<OFF>(w, i0) * d) | ((u32)f32_to_bf16(q_at<OFF>(w, i0 + 1) * d) << 16);
     };
     return make_uint4(pack(lo, 0), pack(lo, 2), pack(hi, 0), pack(hi, 2));
 }
-// Eight weights from element kk of a row as bf16 pairs: as stored, or (Q8_0, `s` the row's
-// scales) widened and rounded as `dequant_q8` does, so a product reads the quants in place and
-// gives the sums of the widened matrix.
+// Eight weights from element kk of a row as bf16 pairs: as stored, or (Q8_0, Q4_0; `s` the row's
+// scales) widened and rounded to bf16, so a product reads the quants in place and gives the sums
+// of the widened matrix (`dequant_*`'s).
 __device__ __forceinline__ uint4 w_bits8(const bf16_t* w, const unsigned short*, long kk) { return __ldg((const uint4*)(w + kk)); }
 __device__ __forceinline__ uint4 w_bits8(const q8_t* w, const unsigned short* s, long kk) {
-    return q8_bits8(__ldg((const uint2*)(w + kk)), f16_to_f32(__ldg(s + kk / 32)));
+    uint2 q = __ldg((const uint2*)(w + kk));
+    return q_bits8<128>(q.x ^ 0x80808080u, q.y ^ 0x80808080u, f16_to_f32(__ldg(s + kk / 32)));
+}
+__device__ __forceinline__ uint4 w_bits8(const q4_t* w, const unsigned short* s, long kk) {
+    u32 q = __ldg((const u32*)(w + kk / 2));
+    return q_bits8<8>(q & 0x0F0F0F0Fu, (q >> 4) & 0x0F0F0F0Fu, f16_to_f32(__ldg(s + kk / 32)));
 }
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -222,20 +257,36 @@ __device__ void embed(float* out, const T* table, const u32* ids, int d) {
 }
 extern "C" __global__ void embed_f32(float* out, const float* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
 extern "C" __global__ void embed_bf16(float* out, const bf16_t* table, const u32* ids, int d) { grid_dep(); embed(out, table, ids, d); }
+// Rows of a quantized table (`scales` its blocks' scales).
+template <typename W>
+__device__ void embed_quant(float* out, const W* table, const unsigned short* scales, const u32* ids, int d) {
+    long row = blockIdx.x, id = ids[row];
+    const W* src = row_at(table, id, d);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = wload(src, scales + id * (d / 32), j);
+}
 extern "C" __global__ void embed_q8(float* out, const q8_t* table, const unsigned short* scales, const u32* ids, int d) {
     grid_dep();
-    long row = blockIdx.x, base = (long)ids[row] * d;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = wload(table + base, scales + base / 32, j);
+    embed_quant(out, table, scales, ids, d);
+}
+extern "C" __global__ void embed_q4(float* out, const q4_t* table, const unsigned short* scales, const u32* ids, int d) {
+    grid_dep();
+    embed_quant(out, table, scales, ids, d);
 }
 
-// A Q8_0 matrix's n weights (n % 8 == 0) widened and rounded to bf16, as a product of many rows
-// takes them (the cuBLAS and tensor-core paths multiply bf16). It waits for the kernels before:
-// the product before it may still read the buffer it writes.
+// A quantized matrix's n weights (n % 8 == 0) widened and rounded to bf16, as a product of many
+// rows takes them (cuBLAS multiplies bf16). It waits for the kernels before: the product before
+// it may still read the buffer it writes.
+template <typename W> __device__ void dequant(const W* q, const unsigned short* scales, long n, bf16_t* out) {
+    long i = 8 * (blockIdx.x * (long)blockDim.x + threadIdx.x);
+    if (i < n) *(uint4*)(out + i) = w_bits8(q, scales, i);
+}
 extern "C" __global__ void dequant_q8(const q8_t* q, const unsigned short* scales, long n, bf16_t* out) {
     grid_dep();
-    long i = 8 * (blockIdx.x * (long)blockDim.x + threadIdx.x);
-    if (i >= n) return;
-    *(uint4*)(out + i) = q8_bits8(*(const uint2*)(q + i), f16_to_f32(scales[i / 32]));
+    dequant(q, scales, n, out);
+}
+extern "C" __global__ void dequant_q4(const q4_t* q, const unsigned short* scales, long n, bf16_t* out) {
+    grid_dep();
+    dequant(q, scales, n, out);
 }
 
 // An activation that a matrix product of many rows takes next: stored, and rounded to bf16 beside
@@ -2282,8 +2333,8 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     int grp = warp / split, part = warp % split;
     int pair = blockIdx.x * (8 / split) + grp;
     bool live = pair < (EPI == EPI_GLU ? n : (n + 1) / 2);
-    const W* ra = EPI == EPI_GLU ? w0 + (long)pair * k : w0 + (long)(2 * pair) * k;
-    const W* rb = EPI == EPI_GLU ? w1 + (long)pair * k : ra + k;
+    const W* ra = EPI == EPI_GLU ? row_at(w0, pair, k) : row_at(w0, 2 * pair, k);
+    const W* rb = EPI == EPI_GLU ? row_at(w1, pair, k) : row_at(w0, 2 * pair + 1, k);
     bool has_b = live && (EPI == EPI_GLU || 2 * pair + 1 < n);
     // Q8_0 rows' scales (null for f32 and bf16 weights).
     long blocks = k / 32;
@@ -2425,8 +2476,18 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
         *out = v > 20.0f ? v : log1pf(expf(v));
     }
 }
-// One and two rows keep GEMV1_UNROLL chunks of 8 bf16 weights a lane in flight, as many Q8_0
-// chunks (twice as many take 128 registers), half as many of f32.
+// Chunks of eight weights a lane keeps in flight in the one- and two-row GEMVs: GEMV1_UNROLL of
+// bf16 (16 bytes each), half as many of f32, as many of Q8_0 (8 bytes: twice as many took 128
+// registers), as many of Q4_0 (4 bytes; twice as many took 112 registers at two rows).
+template <typename W> struct Unroll1 {
+    static constexpr int N = GEMV1_UNROLL * 2 / sizeof(W);
+};
+template <> struct Unroll1<q8_t> {
+    static constexpr int N = GEMV1_UNROLL;
+};
+template <> struct Unroll1<q4_t> {
+    static constexpr int N = GEMV1_UNROLL;
+};
 #define GEMV(name, W, EPI) \
     extern "C" __global__ void __launch_bounds__(256) name(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                            const unsigned short* s1, const float* bias, float* y, int t, int n, int k, \
@@ -2436,12 +2497,12 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     extern "C" __global__ void __launch_bounds__(256) name##_1(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                               const unsigned short* s1, const float* bias, float* y, int t, int n, \
                                                               int k, int split, NormFold f) { \
-        gemv<W, EPI, 1, GEMV1_UNROLL * 2 / (sizeof(W) == 1 ? 2 : sizeof(W))>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
+        gemv<W, EPI, 1, Unroll1<W>::N>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     } \
     extern "C" __global__ void __launch_bounds__(256) name##_2(const float* x, const W* w0, const W* w1, const unsigned short* s0, \
                                                               const unsigned short* s1, const float* bias, float* y, int t, int n, \
                                                               int k, int split, NormFold f) { \
-        gemv<W, EPI, 2, GEMV1_UNROLL * 2 / (sizeof(W) == 1 ? 2 : sizeof(W))>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
+        gemv<W, EPI, 2, Unroll1<W>::N>(x, w0, w1, s0, s1, bias, y, t, n, k, split, f); \
     }
 GEMV(gemv_f32, float, EPI_STORE)
 GEMV(gemv_add_f32, float, EPI_ADD)
@@ -2455,6 +2516,10 @@ GEMV(gemv_q8, q8_t, EPI_STORE)
 GEMV(gemv_add_q8, q8_t, EPI_ADD)
 GEMV(gemv_softplus_q8, q8_t, EPI_SOFTPLUS)
 GEMV(gemv_glu_q8, q8_t, EPI_GLU)
+GEMV(gemv_q4, q4_t, EPI_STORE)
+GEMV(gemv_add_q4, q4_t, EPI_ADD)
+GEMV(gemv_softplus_q4, q4_t, EPI_SOFTPLUS)
+GEMV(gemv_glu_q4, q4_t, EPI_GLU)
 
 // Eight inputs from element i (16-byte aligned) as bf16 pairs: rounded here from f32 (as
 // `to_bf16` rounds), or as stored.
@@ -2465,8 +2530,8 @@ __device__ __forceinline__ uint4 x_bits8(const float* x, long i) {
 }
 __device__ __forceinline__ uint4 x_bits8(const bf16_t* x, long i) { return *(const uint4*)(x + i); }
 
-// Products of decode batches (4 to 32 input rows, bf16 weights, or Q8_0 ones widened to bf16 as
-// they are read: the products of `dequant_q8`'s matrix) on the tensor cores: y[r, j] =
+// Products of decode batches (4 to 32 input rows, bf16 weights, or quantized ones widened to bf16
+// as they are read: the products of `dequant_*`'s matrix) on the tensor cores: y[r, j] =
 // x[r, :] · w[j, :], x rounded to bf16 (as the cuBLAS path and the official bf16 model take it),
 // f32 accumulated by mma.sync m16n8k16 with the weights as its B operand (a tile of 8 weight rows)
 // and the input rows as A (16 a tile, MT tiles). A lane loads 8 consecutive k of a weight row
@@ -2490,8 +2555,8 @@ __device__ void gemm_rows(const X* __restrict__ x, const W* __restrict__ w0, con
     bool live = group < (EPI == EPI_GLU ? (n + 7) / 8 : (n + 15) / 16);
     int row_a = EPI == EPI_GLU ? group * 8 + g : group * 16 + g, row_b = EPI == EPI_GLU ? row_a : row_a + 8;
     bool has_a = live && row_a < n, has_b = live && row_b < n;
-    const W* wa = w0 + (long)row_a * k;
-    const W* wb = (EPI == EPI_GLU ? w1 : w0) + (long)row_b * k;
+    const W* wa = row_at(w0, row_a, k);
+    const W* wb = row_at(EPI == EPI_GLU ? w1 : w0, row_b, k);
     // Q8_0 rows' scales (null for bf16 weights; then unused).
     const unsigned short* sa = s0 ? s0 + (long)row_a * (k / 32) : s0;
     const unsigned short* sb = s0 ? (EPI == EPI_GLU ? s1 : s0) + (long)row_b * (k / 32) : s0;
@@ -2595,7 +2660,7 @@ __device__ void gemm_rows(const X* __restrict__ x, const W* __restrict__ w0, con
         }
 #endif
 }
-// Named gemm_rows_{input}_{MT}_{epilogue}, and with a _q8 suffix over Q8_0 weights.
+// Named gemm_rows_{input}_{MT}_{epilogue}, with a _q8 or _q4 suffix over Q8_0 or Q4_0 weights.
 #define GEMM_ROWS(XN, X, MT, NAME, EPI, W, WN) \
     extern "C" __global__ void __launch_bounds__(256) gemm_rows_##XN##_##MT##_##NAME##WN( \
         const X* x, const W* w0, const W* w1, const unsigned short* s0, const unsigned short* s1, const float* bias, float* y, int t, \
@@ -2613,6 +2678,9 @@ GEMM_ROWS_ALL(bf16, bf16_t, 2, bf16_t, )
 GEMM_ROWS_ALL(f32, float, 1, q8_t, _q8)
 GEMM_ROWS_ALL(bf16, bf16_t, 1, q8_t, _q8)
 GEMM_ROWS_ALL(bf16, bf16_t, 2, q8_t, _q8)
+GEMM_ROWS_ALL(f32, float, 1, q4_t, _q4)
+GEMM_ROWS_ALL(bf16, bf16_t, 1, q4_t, _q4)
+GEMM_ROWS_ALL(bf16, bf16_t, 2, q4_t, _q4)
 
 // Fusion, one block per row: out = (w1 ⊙ a / rms(a) + w2 ⊙ y / rms(y)) / 2 (and its bf16 copy,
 // see `put_act`).

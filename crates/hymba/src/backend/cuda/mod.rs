@@ -187,12 +187,38 @@ unsafe impl cudarc::driver::ValidAsZeroBits for SeqInfo {}
 pub enum DevData {
     F32(CudaSlice<f32>),
     BF16(CudaSlice<u16>),
-    /// Q8_0 weights: the int8 quants row-major (`q`), and each block of 32's f16 scale, in the
-    /// same order (`d`); a matrix's rows are whole blocks.
-    Q8_0 {
+    /// Quantized weights: the quants row-major (`q`: Q8_0's int8, Q4_0's two a byte in the
+    /// order `kernels.cu`'s `q4_t` says), and each block of 32's f16 scale, in the same order
+    /// (`d`); a matrix's rows are whole blocks.
+    Quant {
+        kind: Quant,
         q: CudaSlice<u8>,
         d: CudaSlice<u16>,
     },
+}
+
+/// The block formats the card multiplies in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    Q8_0,
+    Q4_0,
+}
+
+impl Quant {
+    /// Bytes of quants in a block of 32.
+    fn block_quants(self) -> usize {
+        match self {
+            Quant::Q8_0 => QK,
+            Quant::Q4_0 => QK / 2,
+        }
+    }
+    /// The GEMV table's index of its kernels (after f32's and bf16's).
+    fn gemv_index(self) -> usize {
+        match self {
+            Quant::Q8_0 => 2,
+            Quant::Q4_0 => 3,
+        }
+    }
 }
 
 impl DevData {
@@ -200,7 +226,14 @@ impl DevData {
         match self {
             DevData::F32(d) => d.device_ptr(s).0,
             DevData::BF16(d) => d.device_ptr(s).0,
-            DevData::Q8_0 { q, .. } => q.device_ptr(s).0,
+            DevData::Quant { q, .. } => q.device_ptr(s).0,
+        }
+    }
+
+    fn quant(&self) -> Option<Quant> {
+        match self {
+            DevData::Quant { kind, .. } => Some(*kind),
+            _ => None,
         }
     }
 }
@@ -223,31 +256,29 @@ impl MatrixInfo for DevMatrix {
         self.rows * self.row_bytes()
     }
     fn row_bytes(&self) -> usize {
-        match *self.data {
-            DevData::Q8_0 { .. } => self.cols + 2 * (self.cols / QK),
-            _ => self.cols * self.elem(),
-        }
+        self.bytes_at(self.cols) + self.data.quant().map_or(0, |_| 2 * (self.cols / QK))
     }
 }
 
 impl DevMatrix {
-    /// Bytes an element (Q8_0: its quant; the scales lie apart, see [`DevMatrix::scales`]).
-    fn elem(&self) -> usize {
+    /// Bytes of `elems` elements' values (quantized ones: their quants; the scales lie apart,
+    /// see [`DevMatrix::scales`]).
+    fn bytes_at(&self, elems: usize) -> usize {
         match *self.data {
-            DevData::F32(_) => 4,
-            DevData::BF16(_) => 2,
-            DevData::Q8_0 { .. } => 1,
+            DevData::F32(_) => 4 * elems,
+            DevData::BF16(_) => 2 * elems,
+            DevData::Quant { kind, .. } => elems / QK * kind.block_quants(),
         }
     }
 
     fn ptr(&self, s: &CudaStream) -> u64 {
-        self.data.ptr(s) + (self.offset * self.elem()) as u64
+        self.data.ptr(s) + self.bytes_at(self.offset) as u64
     }
 
-    /// Where a Q8_0 matrix's scales start (0 for other types).
+    /// Where a quantized matrix's scales start (0 for other types).
     fn scales(&self, s: &CudaStream) -> u64 {
         match &*self.data {
-            DevData::Q8_0 { d, .. } => d.device_ptr(s).0 + 2 * (self.offset / QK) as u64,
+            DevData::Quant { d, .. } => d.device_ptr(s).0 + 2 * (self.offset / QK) as u64,
             _ => 0,
         }
     }
@@ -390,8 +421,10 @@ impl Kernel {
 struct Kernels<K = Kernel> {
     embed_f32: K,
     embed_bf16: K,
-    embed_q8: K,
-    dequant_q8: K,
+    /// `[Q8_0, Q4_0]` tables.
+    embed_quant: [K; 2],
+    /// `[Q8_0, Q4_0]` matrices widened to bf16.
+    dequant: [K; 2],
     rmsnorm: K,
     rmsnorm_rows: K,
     norm_settle: K,
@@ -421,11 +454,11 @@ struct Kernels<K = Kernel> {
     attention_mma: Vec<((usize, usize), [K; 2])>,
     /// The tensor-core decode attention of many rows, by (dk, dv) (bf16 K/V, sm_80).
     attention_gqa_mma: Vec<((usize, usize), K)>,
-    /// `[up to GEMV_ROWS rows, one row, two rows][f32, bf16, Q8_0 weights][Epilogue]`
-    gemv: [[[K; 4]; 3]; 3],
-    /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][bf16, Q8_0
+    /// `[up to GEMV_ROWS rows, one row, two rows][f32, bf16, Q8_0, Q4_0 weights][Epilogue]`
+    gemv: [[[K; 4]; 4]; 3],
+    /// `[f32 input up to 16 rows, bf16 input up to 16, bf16 input up to 32][bf16, Q8_0, Q4_0
     /// weights][Epilogue]`, sm_80 and later (else empty).
-    gemm_rows: Vec<[[K; 4]; 2]>,
+    gemm_rows: Vec<[[K; 4]; 3]>,
     fuse: K,
     fuse_rows: K,
     kv_put: K,
@@ -451,8 +484,8 @@ impl<K> Kernels<K> {
         Ok(Kernels {
             embed_f32: f("embed_f32")?,
             embed_bf16: f("embed_bf16")?,
-            embed_q8: f("embed_q8")?,
-            dequant_q8: f("dequant_q8")?,
+            embed_quant: [f("embed_q8")?, f("embed_q4")?],
+            dequant: [f("dequant_q8")?, f("dequant_q4")?],
             rmsnorm: f("rmsnorm")?,
             rmsnorm_rows: f("rmsnorm_rows")?,
             norm_settle: f("norm_settle")?,
@@ -483,16 +516,31 @@ impl<K> Kernels<K> {
                 .collect(),
             attention_gqa_mma: by_shape("attention_gqa_mma")?,
             gemv: {
-                // Named gemv[_add|_softplus|_glu]_{f32|bf16|q8}[_1|_2] in kernels.cu.
+                // Named gemv[_add|_softplus|_glu]_{f32|bf16|q8|q4}[_1|_2] in kernels.cu.
                 let set = |w: &str, rows: &str| -> Result<[K; 4]> {
                     let g =
                         |epi: &str| f(Box::leak(format!("gemv{epi}_{w}{rows}").into_boxed_str()));
                     Ok([g("")?, g("_add")?, g("_softplus")?, g("_glu")?])
                 };
                 [
-                    [set("f32", "")?, set("bf16", "")?, set("q8", "")?],
-                    [set("f32", "_1")?, set("bf16", "_1")?, set("q8", "_1")?],
-                    [set("f32", "_2")?, set("bf16", "_2")?, set("q8", "_2")?],
+                    [
+                        set("f32", "")?,
+                        set("bf16", "")?,
+                        set("q8", "")?,
+                        set("q4", "")?,
+                    ],
+                    [
+                        set("f32", "_1")?,
+                        set("bf16", "_1")?,
+                        set("q8", "_1")?,
+                        set("q4", "_1")?,
+                    ],
+                    [
+                        set("f32", "_2")?,
+                        set("bf16", "_2")?,
+                        set("q8", "_2")?,
+                        set("q4", "_2")?,
+                    ],
                 ]
             },
             gemm_rows: if major >= 8 {
@@ -507,7 +555,7 @@ impl<K> Kernels<K> {
                             };
                             Ok::<_, Error>([g("store")?, g("add")?, g("softplus")?, g("glu")?])
                         };
-                        Ok::<_, Error>([set("")?, set("_q8")?])
+                        Ok::<_, Error>([set("")?, set("_q8")?, set("_q4")?])
                     })
                     .collect::<Result<_>>()?
             } else {
@@ -756,7 +804,7 @@ pub struct Cuda {
     /// are stale.
     generation: std::sync::atomic::AtomicU64,
     graphs: Mutex<Graphs>,
-    /// Q8_0 matrices widened to bf16 for products of many rows (see [`Cuda::dequantized`]):
+    /// Quantized matrices widened to bf16 for products of many rows (see [`Cuda::dequantized`]):
     /// `[main stream, side stream][the matrix, the gated MLP's up]`.
     dequant: Mutex<[[Option<Arc<DevData>>; 2]; 2]>,
     /// Page-locked host memory that rows come back through (up to HOST_KEEP floats).
@@ -1205,9 +1253,9 @@ impl Cuda {
             Dtype::F32 => {
                 self.f32_matrices
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                Ok(DevData::F32(
-                    self.upload_weights(ts.iter().flat_map(|t| t.to_f32()).collect())?,
-                ))
+                Ok(DevData::F32(self.upload_weights(
+                    ts.iter().flat_map(|t| t.to_f32()).collect(),
+                )?))
             }
             Dtype::BF16 => Ok(DevData::BF16(
                 self.upload_weights(
@@ -1217,21 +1265,31 @@ impl Cuda {
                         .collect(),
                 )?,
             )),
-            Dtype::Q8_0 => {
-                // GGML blocks (f16 scale, 32 quants) apart into quants and scales.
-                let bytes = ts.iter().flat_map(|t| t.bytes().chunks_exact(2 + QK));
+            Dtype::Q8_0 | Dtype::Q4_0 => {
+                // GGML blocks (f16 scale, then the quants) apart into quants and scales.
+                let kind = if ts[0].dtype == Dtype::Q8_0 {
+                    Quant::Q8_0
+                } else {
+                    Quant::Q4_0
+                };
+                let bq = kind.block_quants();
+                let blocks = ts.iter().flat_map(|t| t.bytes().chunks_exact(2 + bq));
                 let (mut q, mut d) = (Vec::new(), Vec::new());
-                for b in bytes {
+                for b in blocks {
                     d.push(u16::from_le_bytes([b[0], b[1]]));
-                    q.extend_from_slice(&b[2..]);
+                    match kind {
+                        Quant::Q8_0 => q.extend_from_slice(&b[2..]),
+                        Quant::Q4_0 => q.extend(q4_0_chunks(&b[2..])),
+                    }
                 }
-                Ok(DevData::Q8_0 {
+                Ok(DevData::Quant {
+                    kind,
                     q: self.upload_weights(q)?,
                     d: self.upload_weights(d)?,
                 })
             }
             other => Err(Error::Device(format!(
-                "the CUDA backend runs f32, bf16 and q8_0 weights; {other:?} matrices are not supported on it yet (use --quant q8_0, or run on the CPU)"
+                "the CUDA backend runs f32, bf16, q8_0 and q4_0 weights, not {other:?} matrices"
             ))),
         }
     }
@@ -1774,7 +1832,9 @@ impl Cuda {
                 None => return,
             },
             // `product` widens them first (`dequantized`).
-            DevData::Q8_0 { .. } => return self.fail("matrix product", "Q8_0 weights not widened"),
+            DevData::Quant { .. } => {
+                return self.fail("matrix product", "quantized weights not widened")
+            }
         };
         let mode = self.mode();
         if matches!(mode, Mode::Replaying(_)) {
@@ -1802,7 +1862,7 @@ impl Cuda {
             }
             DevData::F32(_) if !out16 => self.gemm_f32(w.rows, t, w.cols, beta, wp, xp, yp, stream),
             DevData::F32(_) => Err("an f32 matrix's product into bf16 rows".into()),
-            DevData::Q8_0 { .. } => Err("Q8_0 weights not widened".into()),
+            DevData::Quant { .. } => Err("quantized weights not widened".into()),
         };
         if let Err(e) = r {
             self.fail("matrix product", e);
@@ -1910,7 +1970,7 @@ impl Cuda {
             w.scales(&self.stream),
             up.map_or(0, |u| u.scales(&self.stream)),
         );
-        let q8 = matches!(*w.data, DevData::Q8_0 { .. }) as usize;
+        let wi = w.data.quant().map_or(0, |q| q.gemv_index() - 1);
         let bp = bias.map_or(0, |b| self.pv(b));
         let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
         let groups = if epi == Epilogue::Glu {
@@ -1921,7 +1981,7 @@ impl Cuda {
         let (si, cfg) = self.warps_per_unit(groups, &[1, 2, 4, 8]);
         let variant = if f32_input { 0 } else { 1 + (t > 16) as usize };
         self.launch(
-            &self.k.gemm_rows[variant][q8][epi as usize],
+            &self.k.gemm_rows[variant][wi][epi as usize],
             cfg,
             &[&xs, &w0, &w1, &s0, &s1, &bp, &yp, &ti, &ni, &ki, &si],
         );
@@ -2020,7 +2080,7 @@ impl Cuda {
         self.product_folding(x, w, epi, up, bias, y, NormFold::default());
     }
 
-    /// `w` (Q8_0) widened and rounded to bf16, into a buffer kept for the stream the product runs
+    /// `w` (quantized) widened and rounded to bf16, into a buffer kept for the stream the product runs
     /// on and its operand (`slot`: 0 the matrix, 1 the gated MLP's up), as a matrix of its own:
     /// what a product of more rows than the GEMV takes (the tensor-core and cuBLAS paths multiply
     /// bf16). None where the buffer could not be made (the error recorded).
@@ -2045,11 +2105,15 @@ impl Cuda {
         };
         let (qp, sp, nn) = (w.ptr(&self.stream), w.scales(&self.stream), n as i64);
         let out = data.ptr(&self.stream);
-        self.launch(
-            &self.k.dequant_q8,
-            flat(n.div_ceil(8)),
-            &[&qp, &sp, &nn, &out],
-        );
+        let kernel = match w.data.quant() {
+            Some(Quant::Q8_0) => &self.k.dequant[0],
+            Some(Quant::Q4_0) => &self.k.dequant[1],
+            None => {
+                self.fail("widening weights", "not quantized");
+                return None;
+            }
+        };
+        self.launch(kernel, flat(n.div_ceil(8)), &[&qp, &sp, &nn, &out]);
         Some(DevMatrix {
             data,
             offset: 0,
@@ -2092,8 +2156,7 @@ impl Cuda {
         if t == 0 || self.failed() {
             return;
         }
-        if t > GEMV_ROWS && matches!(*w.data, DevData::Q8_0 { .. }) && !self.rows_kernel_takes(t, w)
-        {
+        if t > GEMV_ROWS && w.data.quant().is_some() && !self.rows_kernel_takes(t, w) {
             // Gate and up prepared together stay one matrix (one product of both).
             let (wd, ud) = match up.map(|u| (u, w.joined(u))) {
                 Some((_, Some(both))) => {
@@ -2128,7 +2191,12 @@ impl Cuda {
             let wi = match (&*w.data, up.map(|u| &*u.data)) {
                 (DevData::F32(_), None | Some(DevData::F32(_))) => 0,
                 (DevData::BF16(_), None | Some(DevData::BF16(_))) => 1,
-                (DevData::Q8_0 { .. }, None | Some(DevData::Q8_0 { .. })) => 2,
+                (DevData::Quant { kind, .. }, None) => kind.gemv_index(),
+                (DevData::Quant { kind, .. }, Some(DevData::Quant { kind: up, .. }))
+                    if up == kind =>
+                {
+                    kind.gemv_index()
+                }
                 _ => return self.fail("the gated MLP", "gate and up matrices of different types"),
             };
             let pending = *x.pending.lock().expect("pending scale");
@@ -2238,9 +2306,21 @@ impl Cuda {
     }
 }
 
-/// Whether `gemm_rows` multiplies weights of this type (bf16, and Q8_0 widened as it reads them).
+/// Whether `gemm_rows` multiplies weights of this type (bf16, and quantized ones widened as it
+/// reads them).
 fn rows_kernel_weights(d: &DevData) -> bool {
-    matches!(d, DevData::BF16(_) | DevData::Q8_0 { .. })
+    matches!(d, DevData::BF16(_) | DevData::Quant { .. })
+}
+
+/// A Q4_0 block's 16 bytes of quants (GGML's: byte j holds element j low, 16 + j high) in the
+/// card's order (`kernels.cu`'s `q4_t`: a chunk of eight elements a word, byte j of chunk c
+/// holding element 8c + j low and 8c + 4 + j high).
+fn q4_0_chunks(qs: &[u8]) -> [u8; QK / 2] {
+    let nibble = |e: usize| if e < 16 { qs[e] & 15 } else { qs[e - 16] >> 4 };
+    std::array::from_fn(|i| {
+        let (c, j) = (i / 4, i % 4);
+        nibble(8 * c + j) | nibble(8 * c + 4 + j) << 4
+    })
 }
 
 /// A kernel argument: a plain value pushed by reference.
@@ -2637,9 +2717,10 @@ impl Backend for Cuda {
         match *table.data {
             DevData::F32(_) => self.launch(&self.k.embed_f32, cfg, &[&op, &tp, &ip, &dd]),
             DevData::BF16(_) => self.launch(&self.k.embed_bf16, cfg, &[&op, &tp, &ip, &dd]),
-            DevData::Q8_0 { .. } => {
+            DevData::Quant { kind, .. } => {
                 let sp = table.scales(&self.stream);
-                self.launch(&self.k.embed_q8, cfg, &[&op, &tp, &sp, &ip, &dd])
+                let k = &self.k.embed_quant[(kind == Quant::Q4_0) as usize];
+                self.launch(k, cfg, &[&op, &tp, &sp, &ip, &dd])
             }
         }
     }
@@ -3232,5 +3313,26 @@ impl Backend for Cuda {
             &[&ap, &yp, &w1, &w2, &ei, &fuse.eps, &op, &o16],
         );
         scratch.params = params;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The Q4_0 order the card reads (`q4_t` in kernels.cu: element 8c + r of a block in byte
+    /// 4c + r % 4, its low nibble for r < 4) holds each element of GGML's block.
+    #[test]
+    fn q4_0_chunks_keep_every_element() {
+        let mut rng = hymba_kernels::testing::Rng::new(3);
+        for _ in 0..64 {
+            let qs: Vec<u8> = (0..16).map(|_| rng.below(256) as u8).collect();
+            let out = super::q4_0_chunks(&qs);
+            for e in 0..32 {
+                let ggml = if e < 16 { qs[e] & 15 } else { qs[e - 16] >> 4 };
+                let (c, r) = (e / 8, e % 8);
+                let byte = out[4 * c + r % 4];
+                let card = if r < 4 { byte & 15 } else { byte >> 4 };
+                assert_eq!(card, ggml, "element {e} of block {qs:?}");
+            }
+        }
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, one call of the device machine: the CUDA tests (parity with the official
-# outputs and with the CPU engine), then `hymba bench --device cuda` (and a short one with Q8_0
-# weights), then `hymba serve --device cuda` against `generate` (scripts/gpu-serve-check.py),
+# outputs and with the CPU engine), then `hymba bench --device cuda` (and short ones with Q8_0
+# and Q4_0 weights), then `hymba serve --device cuda` against `generate` (scripts/gpu-serve-check.py),
 # then a summary.
 #
 # Built on a machine with Rust, then carried with the working tree:
@@ -43,22 +43,25 @@ for d in b["batched_decode"]:
     print("batch %4d        %.1f tok/s in all%s" % (d["batch"], d["tok_s"], r))
 print("peak GPU memory    %.0f MB" % (b["gpu_peak_memory_bytes"] / 1e6))
 PY
-echo "== bench q8_0 (one row and a batch of 16)"
-"$DIR/hymba" bench --device cuda --synthetic hymba-1.5b --quant q8_0 --kv-cache bf16 --prompt 16 \
-    --decode 32 --contexts 128 --batch 1,16 --json > "$OUT/bench-q8.json" 2> "$OUT/bench-q8.err"
-q8=$?
-python3 - "$OUT/bench-q8.json" <<'PY'
+quant=0
+for q in q8_0 q4_0; do
+    echo "== bench $q (one row and a batch of 16)"
+    "$DIR/hymba" bench --device cuda --synthetic hymba-1.5b --quant $q --kv-cache bf16 --prompt 16 \
+        --decode 32 --contexts 128 --batch 1,16 --json > "$OUT/bench-$q.json" 2> "$OUT/bench-$q.err" || quant=1
+    python3 - "$OUT/bench-$q.json" $q <<'PY'
 import json, sys
+q = sys.argv[2]
 try:
     b = json.load(open(sys.argv[1]))
 except Exception as e:
-    print("bench q8_0: no result (%s)" % e); sys.exit()
+    print("bench %s: no result (%s)" % (q, e)); sys.exit()
 d = b["decode"][0]
-print("q8_0 decode @ %d   %.1f tok/s (%.1f%% of the copy bandwidth, %.0f MB of weights a token)" % (
-    d["context"], d["tok_s"], 100 * d["bandwidth_fraction"], b["weight_bytes_per_token"] / 1e6))
+print("%s decode @ %d   %.1f tok/s (%.1f%% of the copy bandwidth, %.0f MB of weights a token)" % (
+    q, d["context"], d["tok_s"], 100 * d["bandwidth_fraction"], b["weight_bytes_per_token"] / 1e6))
 for d in b["batched_decode"]:
-    print("q8_0 batch %4d   %.1f tok/s in all" % (d["batch"], d["tok_s"]))
+    print("%s batch %4d   %.1f tok/s in all" % (q, d["batch"], d["tok_s"]))
 PY
+done
 echo "== serve (built-in model, against generate)"
 "$DIR/hymba" serve --device cuda --port 8089 > "$OUT/serve.log" 2>&1 &
 pid=$!
@@ -66,5 +69,5 @@ for _ in $(seq 1 60); do curl -s localhost:8089/v1/models > /dev/null 2>&1 && br
 python3 "$(dirname "$0")/gpu-serve-check.py" http://127.0.0.1:8089 "$DIR/hymba" cuda
 serve=$?
 kill -TERM $pid; wait $pid || serve=1
-echo "== summary: tests exit $tests, bench exit $bench, q8_0 bench exit $q8, serve exit $serve"
-[ "$tests" = 0 ] && [ "$bench" = 0 ] && [ "$q8" = 0 ] && [ "$serve" = 0 ]
+echo "== summary: tests exit $tests, bench exit $bench, quantized benches exit $quant, serve exit $serve"
+[ "$tests" = 0 ] && [ "$bench" = 0 ] && [ "$quant" = 0 ] && [ "$serve" = 0 ]

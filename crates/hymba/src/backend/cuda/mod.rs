@@ -212,11 +212,12 @@ impl Quant {
             Quant::Q4_0 => QK / 2,
         }
     }
-    /// The GEMV table's index of its kernels (after f32's and bf16's).
-    fn gemv_index(self) -> usize {
+    /// Its place in the `[Q8_0, Q4_0]` kernel tables (after f32's and bf16's in the GEMV's,
+    /// after bf16's in `gemm_rows`').
+    fn index(self) -> usize {
         match self {
-            Quant::Q8_0 => 2,
-            Quant::Q4_0 => 3,
+            Quant::Q8_0 => 0,
+            Quant::Q4_0 => 1,
         }
     }
 }
@@ -522,26 +523,15 @@ impl<K> Kernels<K> {
                         |epi: &str| f(Box::leak(format!("gemv{epi}_{w}{rows}").into_boxed_str()));
                     Ok([g("")?, g("_add")?, g("_softplus")?, g("_glu")?])
                 };
-                [
-                    [
-                        set("f32", "")?,
-                        set("bf16", "")?,
-                        set("q8", "")?,
-                        set("q4", "")?,
-                    ],
-                    [
-                        set("f32", "_1")?,
-                        set("bf16", "_1")?,
-                        set("q8", "_1")?,
-                        set("q4", "_1")?,
-                    ],
-                    [
-                        set("f32", "_2")?,
-                        set("bf16", "_2")?,
-                        set("q8", "_2")?,
-                        set("q4", "_2")?,
-                    ],
-                ]
+                let by_type = |rows: &str| -> Result<[[K; 4]; 4]> {
+                    Ok([
+                        set("f32", rows)?,
+                        set("bf16", rows)?,
+                        set("q8", rows)?,
+                        set("q4", rows)?,
+                    ])
+                };
+                [by_type("")?, by_type("_1")?, by_type("_2")?]
             },
             gemm_rows: if major >= 8 {
                 [("f32", 1), ("bf16", 1), ("bf16", 2)]
@@ -1970,7 +1960,7 @@ impl Cuda {
             w.scales(&self.stream),
             up.map_or(0, |u| u.scales(&self.stream)),
         );
-        let wi = w.data.quant().map_or(0, |q| q.gemv_index() - 1);
+        let wi = w.data.quant().map_or(0, |q| 1 + q.index());
         let bp = bias.map_or(0, |b| self.pv(b));
         let (ti, ni, ki) = (t as i32, w.rows as i32, w.cols as i32);
         let groups = if epi == Epilogue::Glu {
@@ -2105,14 +2095,11 @@ impl Cuda {
         };
         let (qp, sp, nn) = (w.ptr(&self.stream), w.scales(&self.stream), n as i64);
         let out = data.ptr(&self.stream);
-        let kernel = match w.data.quant() {
-            Some(Quant::Q8_0) => &self.k.dequant[0],
-            Some(Quant::Q4_0) => &self.k.dequant[1],
-            None => {
-                self.fail("widening weights", "not quantized");
-                return None;
-            }
+        let Some(kind) = w.data.quant() else {
+            self.fail("widening weights", "not quantized");
+            return None;
         };
+        let kernel = &self.k.dequant[kind.index()];
         self.launch(kernel, flat(n.div_ceil(8)), &[&qp, &sp, &nn, &out]);
         Some(DevMatrix {
             data,
@@ -2191,11 +2178,11 @@ impl Cuda {
             let wi = match (&*w.data, up.map(|u| &*u.data)) {
                 (DevData::F32(_), None | Some(DevData::F32(_))) => 0,
                 (DevData::BF16(_), None | Some(DevData::BF16(_))) => 1,
-                (DevData::Quant { kind, .. }, None) => kind.gemv_index(),
+                (DevData::Quant { kind, .. }, None) => 2 + kind.index(),
                 (DevData::Quant { kind, .. }, Some(DevData::Quant { kind: up, .. }))
                     if up == kind =>
                 {
-                    kind.gemv_index()
+                    2 + kind.index()
                 }
                 _ => return self.fail("the gated MLP", "gate and up matrices of different types"),
             };
@@ -2719,7 +2706,7 @@ impl Backend for Cuda {
             DevData::BF16(_) => self.launch(&self.k.embed_bf16, cfg, &[&op, &tp, &ip, &dd]),
             DevData::Quant { kind, .. } => {
                 let sp = table.scales(&self.stream);
-                let k = &self.k.embed_quant[(kind == Quant::Q4_0) as usize];
+                let k = &self.k.embed_quant[kind.index()];
                 self.launch(k, cfg, &[&op, &tp, &sp, &ip, &dd])
             }
         }

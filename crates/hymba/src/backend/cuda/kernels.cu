@@ -83,7 +83,7 @@ template <> struct Raw8<q4_t> {
     u32 q;
     float d;
 };
-// Eight weights from element j of a row (`s`: its Q8_0 scales, see `wload`).
+// Eight weights from element j of a row (`s`: its Q8_0 / Q4_0 scales, see `wload`).
 __device__ __forceinline__ void load_raw(const float* __restrict__ w, const unsigned short*, long j, Raw8<float>& r) {
     r.a = __ldg((const float4*)(w + j));
     r.b = __ldg((const float4*)(w + j + 4));
@@ -2336,7 +2336,7 @@ __device__ void gemv(const float* __restrict__ x, const W* __restrict__ w0, cons
     const W* ra = EPI == EPI_GLU ? row_at(w0, pair, k) : row_at(w0, 2 * pair, k);
     const W* rb = EPI == EPI_GLU ? row_at(w1, pair, k) : row_at(w0, 2 * pair + 1, k);
     bool has_b = live && (EPI == EPI_GLU || 2 * pair + 1 < n);
-    // Q8_0 rows' scales (null for f32 and bf16 weights).
+    // Quantized rows' scales (null for f32 and bf16 weights).
     long blocks = k / 32;
     const unsigned short* sa = s0 ? (EPI == EPI_GLU ? s0 + pair * blocks : s0 + 2 * pair * blocks) : s0;
     const unsigned short* sb = s0 ? (EPI == EPI_GLU ? s1 + pair * blocks : sa + blocks) : s0;
@@ -2557,7 +2557,7 @@ __device__ void gemm_rows(const X* __restrict__ x, const W* __restrict__ w0, con
     bool has_a = live && row_a < n, has_b = live && row_b < n;
     const W* wa = row_at(w0, row_a, k);
     const W* wb = row_at(EPI == EPI_GLU ? w1 : w0, row_b, k);
-    // Q8_0 rows' scales (null for bf16 weights; then unused).
+    // Quantized rows' scales (null for bf16 weights; then unused).
     const unsigned short* sa = s0 ? s0 + (long)row_a * (k / 32) : s0;
     const unsigned short* sb = s0 ? (EPI == EPI_GLU ? s1 : s0) + (long)row_b * (k / 32) : s0;
     float acc[2][MT][4];

@@ -624,10 +624,18 @@ macro_rules! int8_panel_tile {
                     // memory only when asked for far ahead (LONE_ROW_AHEAD; a 2-core Sapphire
                     // Rapids Xeon, alternating runs: Q4_0 decode 69-72% of the read bandwidth
                     // with four blocks ahead, 71-85% with 8 KB; Q8_0, not prefetched alone
-                    // before, 11.2-11.8 tok/s against 12.3-12.8).
+                    // before, 11.2-11.8 tok/s against 12.3-12.8), and into L2 only: a line
+                    // asked for into L1 holds one of the core's few L1 miss buffers until it
+                    // arrives, and the prefetches stalled on them (Q4_0 decode 29.1-29.6 tok/s
+                    // against 26.4-27.8; a batch of 16 slower into L2, so its tiles keep L1).
                     let ahead = (blk as *const _ as *const u8).wrapping_add(ahead_by);
                     for l in (0..size).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+                        let line = ahead.wrapping_add(l) as *const i8;
+                        if M == 1 {
+                            _mm_prefetch::<_MM_HINT_T1>(line);
+                        } else {
+                            _mm_prefetch::<_MM_HINT_T0>(line);
+                        }
                     }
                     // Pair v: the weights of input words 2v and 2v + 1.
                     for v in 0..QK / 8 {

@@ -300,31 +300,29 @@ fn run<B: Panelled, K: PanelKernel<B>>(
     let out = Out(y.as_mut_ptr());
     // A few tasks a thread, so a thread slowed by a neighbour does not hold the rest up.
     let per_task = panels.div_ceil(4 * rayon::current_num_threads()).max(1);
-    (0..panels.div_ceil(per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            let out = &out;
-            let mut tile = [[0f32; PANEL]; TILE_ROWS];
-            for p in task * per_task..((task + 1) * per_task).min(panels) {
-                let cols = PANEL.min(n - p * PANEL);
-                for t0 in (0..t).step_by(TILE_ROWS) {
-                    let rows = TILE_ROWS.min(t - t0);
-                    kernel.tile(&w[p * nb..(p + 1) * nb], &inputs, nb, t0, rows, &mut tile);
-                    for (m, row) in tile.iter().enumerate().take(rows) {
-                        // SAFETY: outputs of panel p's rows belong to this task only.
-                        unsafe {
-                            let dst = out.0.add((t0 + m) * n + p * PANEL);
-                            if cols == PANEL {
-                                // A whole panel's row as one fixed-size move, not a memcpy call.
-                                dst.cast::<[f32; PANEL]>().write_unaligned(*row);
-                            } else {
-                                std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
-                            }
+    crate::par_tasks(panels.div_ceil(per_task), |task| {
+        let out = &out;
+        let mut tile = [[0f32; PANEL]; TILE_ROWS];
+        for p in task * per_task..((task + 1) * per_task).min(panels) {
+            let cols = PANEL.min(n - p * PANEL);
+            for t0 in (0..t).step_by(TILE_ROWS) {
+                let rows = TILE_ROWS.min(t - t0);
+                kernel.tile(&w[p * nb..(p + 1) * nb], &inputs, nb, t0, rows, &mut tile);
+                for (m, row) in tile.iter().enumerate().take(rows) {
+                    // SAFETY: outputs of panel p's rows belong to this task only.
+                    unsafe {
+                        let dst = out.0.add((t0 + m) * n + p * PANEL);
+                        if cols == PANEL {
+                            // A whole panel's row as one fixed-size move, not a memcpy call.
+                            dst.cast::<[f32; PANEL]>().write_unaligned(*row);
+                        } else {
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
                         }
                     }
                 }
             }
-        });
+        }
+    });
 }
 
 /// `y = x · wᵀ` for Q8_0 weights in panels, on `isa` (the VNNI kernel where it has AVX-512 and

@@ -1044,6 +1044,128 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
 SCAN_KERNELS(16)
 SCAN_KERNELS(32)
 
+// A short prompt's selective scan in one pass over its rows (up to SEQ_SCAN_UP_TO rows a
+// sequence; longer ones take the chunked scan above): a block walks one sequence's rows in order
+// for 128 / N_ channels, a lane a state, so each state takes one exp a row where the chunked
+// scan takes two (its end pass and its out pass) and three launches. It has channels × N_ lanes
+// whatever the length (51,200 at the 1.5B shapes), each a chain of rows: on an H100 the 1.5B
+// shapes' 128-row prefill ran 10% faster with it, 1024 rows 3%, 2048 rows 4% slower.
+// Rows come in tiles of SEQ_SCAN_ROWS, loaded into registers while the tile before is scanned,
+// then staged in shared memory by channel and by state (Δ finished there, once an element), so
+// a lane reads four rows' B, four rows' C and two rows' (Δ, x) a load. A lane keeps its state's
+// share S·C of N_ rows, and the N_ lanes of a channel then sum them by halves through shuffles,
+// leaving row j's Σ S·C with lane j. Rows past the sequence's end are zeros: Δ = 0 leaves the
+// state as it is, so a tile's rounds of N_ rows need no tail.
+#define SEQ_SCAN_ROWS 64
+template <int N_>
+__device__ void scan_seq(const float* x, const float* delta, const float* dt_bias, const float* bm, const float* cm, const float* z, long zs,
+                         const float* a, const float* d, const SeqInfo* seqs, float* const* ssm, int e, int n, float* y) {
+    constexpr int CH = 128 / N_, T = SEQ_SCAN_ROWS, TP = T + 4, CE = T * CH / 128, BE = T * N_ / 128;
+    constexpr int HALVINGS = N_ == 32 ? 5 : N_ == 16 ? 4 : -1;
+    static_assert(HALVINGS > 0 && T % N_ == 0, "16 or 32 states, rounds of N_ rows");
+    __shared__ __align__(16) float s_dx[CH][2 * TP];  // (Δ finished, x) of each row
+    __shared__ __align__(16) float s_b[N_][TP], s_c[N_][TP];
+    __shared__ __align__(16) float s_z[CH][TP], s_y[CH][TP];
+    int tid = threadIdx.x, ch = tid / N_, j = tid % N_;
+    int c0 = blockIdx.x * CH, c = c0 + ch, seq = blockIdx.y;
+    long r0 = seqs[seq].row0;
+    int len = seqs[seq].len;
+    bool live = c < e && j < n;
+    float* st = ssm[seq];
+    float h = live ? st[(long)c * n + j] : 0.0f, av = live ? a[(long)c * n + j] * LOG2E : 0.0f;
+    float dc = c < e ? d[c] : 0.0f;
+    // This thread's staging slots: column jc of rows tid / CH + k · (128 / CH) of the channel
+    // tiles, and state j of rows tid / N_ + k · (128 / N_) of B and C.
+    int jc = tid % CH, cc = c0 + jc;
+    float bc = dt_bias && cc < e ? dt_bias[cc] : 0.0f;
+    float rd[CE], rx[CE], rz[CE], rb[BE], rc[BE];
+    auto load = [&](int t0) {
+#pragma unroll
+        for (int k = 0; k < CE; k++) {
+            int t = tid / CH + k * (128 / CH);
+            bool ok = t0 + t < len && cc < e;
+            long i = (r0 + t0 + t) * e + cc;
+            rd[k] = ok ? delta[i] : 0.0f;
+            rx[k] = ok ? x[i] : 0.0f;
+            rz[k] = ok ? z[(r0 + t0 + t) * zs + cc] : 0.0f;
+            if (dt_bias && ok) rd[k] += bc;
+        }
+#pragma unroll
+        for (int k = 0; k < BE; k++) {
+            int t = tid / N_ + k * (128 / N_);
+            bool ok = t0 + t < len && j < n;
+            rb[k] = ok ? bm[(r0 + t0 + t) * n + j] : 0.0f;
+            rc[k] = ok ? cm[(r0 + t0 + t) * n + j] : 0.0f;
+        }
+    };
+    if (len > 0) load(0);
+    for (int t0 = 0; t0 < len; t0 += T) {
+        __syncthreads();  // the tile before is read and written out
+#pragma unroll
+        for (int k = 0; k < CE; k++) {
+            int t = tid / CH + k * (128 / CH);
+            bool ok = t0 + t < len && cc < e;
+            *(float2*)&s_dx[jc][2 * t] = make_float2(dt_bias && ok ? softplus_of(rd[k]) : rd[k], rx[k]);
+            s_z[jc][t] = rz[k];
+        }
+#pragma unroll
+        for (int k = 0; k < BE; k++) {
+            int t = tid / N_ + k * (128 / N_);
+            s_b[j][t] = rb[k];
+            s_c[j][t] = rc[k];
+        }
+        __syncthreads();
+        if (t0 + T < len) load(t0 + T);
+        int rows = min(T, len - t0);
+        for (int k0 = 0; k0 < rows; k0 += N_) {
+            float p[N_];
+#pragma unroll
+            for (int q = 0; q < N_ / 4; q++) {
+                float4 b4 = *(const float4*)&s_b[j][k0 + 4 * q], c4 = *(const float4*)&s_c[j][k0 + 4 * q];
+                float4 v0 = *(const float4*)&s_dx[ch][2 * (k0 + 4 * q)], v1 = *(const float4*)&s_dx[ch][2 * (k0 + 4 * q) + 4];
+                float dt[4] = {v0.x, v0.z, v1.x, v1.z}, xv[4] = {v0.y, v0.w, v1.y, v1.w};
+                float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float dx = dt[i] * xv[i];
+                    h = ex2(dt[i] * av) * h + dx * bv[i];
+                    p[4 * q + i] = h * cv[i];
+                }
+            }
+            // Halves: the lane with bit o keeps rows o..2o of its pairs, its partner rows 0..o.
+#pragma unroll
+            for (int stage = 0; stage < HALVINGS; stage++) {
+                const int o = N_ / 2 >> stage;
+                bool up = j & o;
+#pragma unroll
+                for (int i = 0; i < N_ / 2; i++) {
+                    if (i >= o) break;
+                    float send = up ? p[i] : p[i + o], keep = up ? p[i + o] : p[i];
+                    p[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+                }
+            }
+            int t = k0 + j;
+            s_y[ch][t] = (p[0] + dc * s_dx[ch][2 * t + 1]) * silu(s_z[ch][t]);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < CE; k++) {
+            int t = tid / CH + k * (128 / CH);
+            if (t < rows && cc < e) y[(r0 + t0 + t) * e + cc] = s_y[jc][t];
+        }
+    }
+    if (live) st[(long)c * n + j] = h;
+}
+#define SEQ_SCAN_KERNEL(N_) \
+    extern "C" __global__ void __launch_bounds__(128) scan_seq_##N_(const float* x, const float* delta, const float* dt_bias, const float* bm, \
+                                                                   const float* cm, const float* z, long zs, const float* a, const float* d, \
+                                                                   const SeqInfo* seqs, float* const* ssm, int e, int n, float* y) { \
+        grid_dep(); \
+        scan_seq<N_>(x, delta, dt_bias, bm, cm, z, zs, a, d, seqs, ssm, e, n, y); \
+    }
+SEQ_SCAN_KERNEL(16)
+SEQ_SCAN_KERNEL(32)
+
 // Sum over the N_ lanes (a power of two, up to 32) of a group within a warp.
 template <int N_> __device__ __forceinline__ float group_sum(float v) {
 #pragma unroll

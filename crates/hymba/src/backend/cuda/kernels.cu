@@ -1044,12 +1044,12 @@ __device__ void scan_chunk_out(const float* x, const float* delta, const float* 
 SCAN_KERNELS(16)
 SCAN_KERNELS(32)
 
-// A short prompt's selective scan in one pass over its rows (up to SEQ_SCAN_UP_TO rows a
-// sequence; longer ones take the chunked scan above): a block walks one sequence's rows in order
-// for 128 / N_ channels, a lane a state, so each state takes one exp a row where the chunked
-// scan takes two (its end pass and its out pass) and three launches. It has channels × N_ lanes
-// whatever the length (51,200 at the 1.5B shapes), each a chain of rows: on an H100 the 1.5B
-// shapes' 128-row prefill ran 10% faster with it, 1024 rows 3%, 2048 rows 4% slower.
+// Short prompts' selective scan in one pass over their rows (up to SEQ_SCAN_UP_TO rows a step;
+// more take the chunked scan above): a block walks one sequence's rows in order for 128 / N_
+// channels, a lane a state, so each state takes one exp a row where the chunked scan takes two
+// (its end pass and its out pass) and three launches. It has channels × N_ lanes a sequence
+// whatever its length (51,200 at the 1.5B shapes), each a chain of rows: on an H100 the 1.5B
+// shapes' 128-row prefill ran 10% faster with it, 1024 rows 4%, 2048 rows 4% slower.
 // Rows come in tiles of SEQ_SCAN_ROWS, loaded into registers while the tile before is scanned,
 // then staged in shared memory by channel and by state (Δ finished there, once an element), so
 // a lane reads four rows' B, four rows' C and two rows' (Δ, x) a load. A lane keeps its state's

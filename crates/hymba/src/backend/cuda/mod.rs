@@ -680,8 +680,9 @@ const GQA_HEADS: usize = 8;
 const SCAN_CHUNK: usize = 64;
 /// Chunks a step's scan is cut into at least, where rows allow (chunks of 16 rows at the least).
 const SCAN_MIN_CHUNKS: usize = 11;
-/// Rows a sequence up to which a prompt's scan walks them in one pass (`scan_seq`); longer
-/// prompts are cut into chunks (on an H100, 1.5B shapes, prefill with `scan_seq` against the
+/// Rows of a step up to which its prompts' scan walks them in one pass (`scan_seq`); more are
+/// cut into chunks, whose threads grow with the rows where `scan_seq`'s lanes grow only with
+/// the sequences (on an H100, 1.5B shapes, one prompt's prefill with `scan_seq` against the
 /// chunks: 128 rows 27.6K tok/s against 25.1K, 512 67.7K against 64.2K, 1024 82.5K against
 /// 80.4K, 2048 88.2-89.1K against 91.8-92.5K, 8192 95.4-97.3K against 97.0-100.1K).
 const SEQ_SCAN_UP_TO: usize = 1024;
@@ -3243,7 +3244,7 @@ impl Backend for Cuda {
                     &seqs_p, &chunks_p, &ssm_p, &ei, &yp,
                 ],
             );
-        } else if self.seq_scan && max_len <= SEQ_SCAN_UP_TO {
+        } else if self.seq_scan && t <= SEQ_SCAN_UP_TO {
             let (dp, bp, cp) = (self.p(&params.delta), self.p(&params.b), self.p(&params.c));
             // A block walks a sequence's rows for 128 / N channels, a lane a state (`scan_seq`).
             let channels = if n > 16 { 4 } else { 8 };

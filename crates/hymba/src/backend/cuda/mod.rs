@@ -795,8 +795,8 @@ pub struct Cuda {
     /// where every matrix is bf16, as the official bf16 model does (`attention_mma16`;
     /// HYMBA_CUDA_F32_ATTENTION=1: the f32 attention over the bf16 cache, for A/B runs).
     attention16: bool,
-    /// Whether a short prompt's scan runs in one pass (`scan_seq`; HYMBA_CUDA_CHUNKED_SCAN=1:
-    /// in chunks at any length, to compare).
+    /// Whether a step of few prompt rows has its scan in one pass (`scan_seq`;
+    /// HYMBA_CUDA_CHUNKED_SCAN=1: in chunks at any length, to compare).
     seq_scan: bool,
     /// Each launch between two timing events, when HYMBA_CUDA_PROFILE is set (steps then run
     /// eagerly, on one stream: a profile for finding where a step's time goes).
@@ -3213,7 +3213,8 @@ impl Backend for Cuda {
             self.launch(kernel, cfg, &args);
         }
         // 3. The selective scan of every sequence from its state, gated by silu(z): a decode step
-        // in one kernel with its parameters, a prompt in chunks.
+        // in one kernel with its parameters, prompts in one pass (up to SEQ_SCAN_UP_TO rows) or
+        // in chunks.
         let (xp, a_p, dd) = (self.p(ssm.x), self.pv(ssm.a), self.pv(ssm.d));
         let (zp, zs) = (self.p(ssm.z) + 4 * ssm.z_at as u64, ssm.z_width as i64);
         let (ei, ni) = (e as i32, n as i32);

@@ -10,19 +10,21 @@
 # Usage: bash scripts/kernel-registers.sh [kernel regex] [kernels.cu]
 set -euo pipefail
 PATTERN=${1:-.}
+# CUDA_ARCH=90a: as the backend compiles for an H100 / H200 (the warpgroup-MMA attention).
+ARCH=${CUDA_ARCH:-90}
 SRC=${2:-$(dirname "$0")/../crates/hymba/src/backend/cuda/kernels.cu}
 LIB=${CUDA_WHEELS:-/tmp/cu/x}/nvidia/cu13/lib
 PTXAS=${CUDA_WHEELS:-/tmp/cu/x}/nvidia/cu13/bin/ptxas
 [ -e "$LIB/libnvrtc.so.13" ] && [ -x "$PTXAS" ] || { echo "no NVRTC or ptxas under ${CUDA_WHEELS:-/tmp/cu/x} (see the header)" >&2; exit 1; }
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-LD_LIBRARY_PATH="$LIB:${LD_LIBRARY_PATH:-}" python3 - "$LIB/libnvrtc.so.13" "$SRC" "$TMP/k.ptx" <<'PY'
+LD_LIBRARY_PATH="$LIB:${LD_LIBRARY_PATH:-}" python3 - "$LIB/libnvrtc.so.13" "$SRC" "$TMP/k.ptx" "$ARCH" <<'PY'
 import ctypes, sys
 lib = ctypes.CDLL(sys.argv[1])
 prog = ctypes.c_void_p()
 src = open(sys.argv[2], "rb").read()
 assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"hymba_kernels.cu", 0, None, None) == 0
-opts = (ctypes.c_char_p * 1)(b"--gpu-architecture=compute_90")
+opts = (ctypes.c_char_p * 1)(("--gpu-architecture=compute_" + sys.argv[4]).encode())
 ok = lib.nvrtcCompileProgram(prog, 1, opts) == 0
 n = ctypes.c_size_t()
 if not ok:
@@ -35,7 +37,7 @@ ptx = ctypes.create_string_buffer(n.value)
 lib.nvrtcGetPTX(prog, ptx)
 open(sys.argv[3], "wb").write(ptx.value)
 PY
-"$PTXAS" -arch=sm_90 -v "$TMP/k.ptx" -o "$TMP/k.cubin" 2> "$TMP/v.txt"
+"$PTXAS" -arch=sm_$ARCH -v "$TMP/k.ptx" -o "$TMP/k.cubin" 2> "$TMP/v.txt"
 python3 - "$TMP/v.txt" "$PATTERN" <<'PY'
 import re, sys
 rows, name, spill = [], None, (0, 0)

@@ -12,12 +12,13 @@ use hymba_kernels::testing::assert_close;
 /// The official outputs were computed in f32: an f32 engine lands within this (fixtures README).
 const TOL: f32 = 1e-3;
 
-/// Every kernel compiles, for the default target and for Hopper, and defines every kernel the
-/// backend loads on such a device (sm_70 for the default target). In CI (CI=true) a missing
-/// NVRTC is a failure; elsewhere the test says it could not run.
+/// Every kernel compiles, for the default target and for Hopper (with and without its
+/// architecture-specific instructions), and defines every kernel the backend loads on such a
+/// device (sm_70 for the default target). In CI (CI=true) a missing NVRTC is a failure;
+/// elsewhere the test says it could not run.
 #[test]
 fn kernels_compile_with_nvrtc() {
-    for (arch, major) in [(None, 7), (Some("compute_90"), 9)] {
+    for (arch, major) in [(None, 7), (Some("compute_90"), 9), (Some("compute_90a"), 9)] {
         match compile_kernels(arch) {
             Ok(ptx) => {
                 let src = ptx.to_src();
@@ -34,6 +35,12 @@ fn kernels_compile_with_nvrtc() {
                     assert!(
                         src.contains("mma.sync.aligned.m16n8k16"),
                         "no tensor-core attention for sm_90"
+                    );
+                }
+                if arch == Some("compute_90a") {
+                    assert!(
+                        src.contains("wgmma.mma_async.sync.aligned.m64n64k16"),
+                        "no warpgroup-MMA attention for sm_90a"
                     );
                 }
             }

@@ -2152,6 +2152,238 @@ __device__ void fa_load(FaStage<DK, DV>& st, const KvSrc& src, int k0, int kh, i
 #endif
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Hopper's warpgroup MMA (wgmma, sm_90a): the four warps of a block multiply as one, 64 rows by
+// N columns by 16, A (queries, weights) from registers in mma.sync's fragments, B (keys, values)
+// read by the tensor cores straight from shared memory, the f32 products in mma.sync's
+// accumulator layout (warp w rows 16w..16w+15). Operands in shared memory are 64 bf16 (128 bytes)
+// a row, 16-byte chunk c of row r stored at chunk c ^ (r % 8) (the 128-byte swizzle: ldmatrix-free
+// reads without bank conflicts), atoms of 8 rows 1024 bytes apart from 1024-aligned bases.
+template <int TRANS>
+__device__ __forceinline__ void wgmma_64x64(float (*d)[4], const u32* a, unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TRANS));
+}
+template <int TRANS>
+__device__ __forceinline__ void wgmma_64x128(float (*d)[4], const u32* a, unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TRANS));
+}
+template <int N, int TRANS>
+__device__ __forceinline__ void wgmma_64(float (*d)[4], const u32* a, unsigned long long b, int accumulate) {
+    static_assert(N == 64 || N == 128, "64 or 128 columns");
+    if constexpr (N == 64) wgmma_64x64<TRANS>(d, a, b, accumulate);
+    else wgmma_64x128<TRANS>(d, a, b, accumulate);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Registers the tensor cores write or read in the background: the compiler must neither read
+// nor reuse them before the wait (an empty asm that "changes" them, after it).
+template <int R> __device__ __forceinline__ void wgmma_hold(float (*d)[4]) {
+#pragma unroll
+    for (int i = 0; i < R; i++) asm volatile("" : "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])::"memory");
+}
+template <int R> __device__ __forceinline__ void wgmma_hold(u32 (*a)[4]) {
+#pragma unroll
+    for (int i = 0; i < R; i++) asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3])::"memory");
+}
+// The descriptor of a 128-byte-swizzled operand at shared address `at`: `lbo` bytes between
+// 64-column blocks along N (for a transposed B; unused for K-major), `sbo` between 8-row atoms.
+__device__ __forceinline__ unsigned long long wgmma_desc(u32 at, u32 lbo, u32 sbo) {
+    return (unsigned long long)((at & 0x3ffff) >> 4) | (unsigned long long)(lbo >> 4) << 16 | (unsigned long long)(sbo >> 4) << 32 |
+           1ull << 62;
+}
+#endif
+
+// One block of keys of `attention_wg`: K and V in 64-column slices of swizzled 128-byte rows.
+template <int DK, int DV>
+struct __align__(1024) WgStage {
+    bf16_t k[DK / 64][FA_BK][64];
+    bf16_t v[DV / 64][FA_BK][64];
+    int pos[FA_BK];
+};
+// (Its kernel's dynamic shared memory: two stages and the slack to align them to 1024 bytes,
+// `mma_smem` in mod.rs.)
+
+// Starts loading key block (s, k0) of K/V head kh into `st`, as `fa_load` does, into the swizzled
+// rows.
+template <int DK, int DV>
+__device__ void wg_load(WgStage<DK, DV>& st, const KvSrc& src, int k0, int kh, int tid) {
+#if __CUDA_ARCH__ >= 800
+    const KvSrc s = src;
+    int nk = min(FA_BK, s.rows - k0);
+    constexpr int KPR = DK / 8, KRS = 128 / KPR, VPR = DV / 8, VRS = 128 / VPR;
+    static_assert(128 % KPR == 0 && 128 % VPR == 0 && FA_BK % KRS == 0 && FA_BK % VRS == 0 && KRS % 8 == 0 && VRS % 8 == 0,
+                  "whole rounds of 128 chunks, whole swizzle atoms");
+    // A thread's rows step by KRS (a multiple of 8): its chunk's swizzled place is the same in each.
+    int kr = tid / KPR, kc = tid % KPR, vr = tid / VPR, vc = tid % VPR;
+    long kp = (long)(k0 + kr) * s.k_stride + kh * DK + kc * 8, vp = (long)(k0 + vr) * s.v_stride + kh * DV + vc * 8;
+    bf16_t* kd = &st.k[kc / 8][kr][((kc % 8) ^ (kr % 8)) * 8];
+    bf16_t* vd = &st.v[vc / 8][vr][((vc % 8) ^ (vr % 8)) * 8];
+    if (s.bf16) {
+        u32 sk = shared_addr(kd), sv = shared_addr(vd);
+        const bf16_t *kb = (const bf16_t*)s.k, *vb = (const bf16_t*)s.v;
+#pragma unroll
+        for (int c = 0; c < FA_BK / KRS; c++) {
+            bool in = kr + c * KRS < nk;
+            cp_async16_at(sk + c * KRS * 128, in ? kb + kp + (long)c * KRS * s.k_stride : kb, in ? 16 : 0);
+        }
+#pragma unroll
+        for (int c = 0; c < FA_BK / VRS; c++) {
+            bool in = vr + c * VRS < nk;
+            cp_async16_at(sv + c * VRS * 128, in ? vb + vp + (long)c * VRS * s.v_stride : vb, in ? 16 : 0);
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < FA_BK / KRS; c++) {
+            bool in = kr + c * KRS < nk;
+            *(uint4*)(kd + c * KRS * 64) = in ? kv_bits8(s.k, 0, kp + (long)c * KRS * s.k_stride) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int c = 0; c < FA_BK / VRS; c++) {
+            bool in = vr + c * VRS < nk;
+            *(uint4*)(vd + c * VRS * 64) = in ? kv_bits8(s.v, 0, vp + (long)c * VRS * s.v_stride) : make_uint4(0, 0, 0, 0);
+        }
+    }
+    if (tid < FA_BK) st.pos[tid] = tid < nk ? (s.pos ? s.pos[k0 + tid] : s.pos0 + k0 + tid) : -1;
+#endif
+}
+
+// `attention_mma` with queries and weights rounded to bf16 (TERMS = 1) on Hopper's warpgroup MMA:
+// the same tiles, key blocks, stages, mask and online softmax, the block's 64 rows × 64 keys of
+// scores made by DK / 16 wgmma and its weights · values by FA_BK / 16, each waited for before the
+// softmax that needs it. Only where compiled for sm_90a.
+template <int DK, int DV>
+__device__ void attention_wg(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past,
+                             const bf16_t* new_k, const bf16_t* new_v, int global_, int meta, float scale, float* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(FA_BQ == 64 && FA_BK == 64 && DK % 64 == 0 && DV % 64 == 0 && DV <= 128, "a warpgroup's 64 rows, 64-column slices");
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    WgStage<DK, DV>* st = (WgStage<DK, DV>*)(fa_smem + ((1024 - shared_addr(fa_smem) % 1024) % 1024));
+    __shared__ KvSrc src[3];
+    int t_ = gridDim.y - 1 - blockIdx.y;
+    int2 tile = tiles[t_];
+    int h = blockIdx.x;
+    SeqInfo sq = seqs[tile.x];
+    int kh = h / (heads / kv_heads);
+    int kw = kv_heads * DK, vw = kv_heads * DV;
+    int nrows = min(FA_BQ, sq.len - tile.y);
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int g = lane >> 2, c2 = (lane & 3) * 2;
+    long row0 = sq.row0 + tile.y;
+    int wr = warp * 16;
+    int window = sq.window;
+    int tq[2] = {sq.pos0 + tile.y + wr + g, sq.pos0 + tile.y + wr + g + 8};
+    bool ok[2] = {wr + g < nrows, wr + g + 8 < nrows};
+    if (tid == 0) {
+        src[0] = past[2 * tile.x];
+        src[1] = past[2 * tile.x + 1];
+        src[2] = own_rows(new_k, new_v, sq, kw, vw);
+    }
+    float qscale = scale * LOG2E;
+    u32 qh[DK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; kk++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int rr = i & 1, col = kk * 16 + c2 + (i >> 1) * 8;
+            const float* qp = q + (row0 + wr + g + 8 * rr) * heads * DK + h * DK + col;
+            qh[kk][i] = bf16x2(ok[rr] ? qp[0] * qscale : 0.0f, ok[rr] ? qp[1] * qscale : 0.0f);
+        }
+    float o[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    int tq_lo = sq.pos0 + tile.y, tq_hi = tq_lo + nrows - 1;
+    __syncthreads();
+    int si = 0, k0 = 0;
+    bool have = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
+    if (have) wg_load(st[0], src[si], k0, kh, tid);
+    cp_async_commit();
+    for (int stage = 0; have; stage ^= 1) {
+        const KvSrc& s = src[si];
+        int nk = min(FA_BK, s.rows - k0);
+        bool all = false;
+        if (!s.pos) {
+            int plo = s.pos0 + k0, phi = plo + nk - 1;
+            all = nk == FA_BK && nrows == FA_BQ && phi <= tq_lo && (global_ || tq_hi - plo <= window || phi < meta);
+        }
+        k0 += FA_BK;
+        have = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
+        if (have) wg_load(st[stage ^ 1], src[si], k0, kh, tid);
+        cp_async_commit();
+        cp_async_wait_one();
+        // What cp.async and the stores wrote, made visible to the tensor cores' reads (the async proxy).
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        const WgStage<DK, DV>& cur = st[stage];
+        u32 k_at = shared_addr(&cur.k[0][0][0]), v_at = shared_addr(&cur.v[0][0][0]);
+        float sc[FA_BK / 8][4];
+        wgmma_hold<FA_BK / 8>(sc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++)
+            wgmma_64<FA_BK, 0>(sc, qh[kk], wgmma_desc(k_at + (kk / 4) * FA_BK * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_hold<FA_BK / 8>(sc);
+        if (!all) {
+#pragma unroll
+            for (int nt = 0; nt < FA_BK / 8; nt++)
+#pragma unroll
+                for (int cc = 0; cc < 2; cc++) {
+                    int sp = cur.pos[nt * 8 + c2 + cc];
+#pragma unroll
+                    for (int rr = 0; rr < 2; rr++) {
+                        int t = tq[rr];
+                        bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
+                        if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
+                    }
+                }
+        }
+        fa_softmax<FA_BK / 8, DV>(sc, m, l, o);
+        u32 p[FA_BK / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < FA_BK / 16; kk++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float* w = &sc[2 * kk + (i >> 1)][2 * (i & 1)];
+                p[kk][i] = bf16x2(w[0], w[1]);
+            }
+        wgmma_hold<DV / 8>(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < FA_BK / 16; kk++) wgmma_64<DV, 1>(o, p[kk], wgmma_desc(v_at + kk * 16 * 128, FA_BK * 128, 1024), 1);
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_hold<DV / 8>(o);
+        wgmma_hold<FA_BK / 16>(p);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        float tot = l[rr];
+        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
+        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
+        int row = wr + g + 8 * rr;
+        if (row >= nrows) continue;
+        float* op = out + (row0 + row) * heads * DV + h * DV;
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt++) {
+            op[nt * 8 + c2] = tot > 0.0f ? o[nt][2 * rr] / tot : 0.0f;
+            op[nt * 8 + c2 + 1] = tot > 0.0f ? o[nt][2 * rr + 1] / tot : 0.0f;
+        }
+    }
+#endif
+}
+
+
 // Dynamic shared memory: two FaStage<DK, DV> (the block being scored and the next, loading).
 template <int DK, int DV, int TERMS>
 __device__ void attention_mma(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past,
@@ -2256,6 +2488,12 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
     }
 #endif
 }
+// Compiled for sm_90a, the bf16 kernels of 64-column slices run on the warpgroup MMA.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WG_ATTENTION 1
+#else
+#define WG_ATTENTION 0
+#endif
 // Three blocks a multiprocessor where their registers (168) hold a thread's values: up to DK +
 // DV = 192 with queries and weights of one term; else two, with room for them all (at three,
 // the two-term dk 64 / dv 128 spilled).
@@ -2264,7 +2502,10 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
         const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past, const bf16_t* new_k, \
         const bf16_t* new_v, int global_, int meta, float scale, float* out) { \
         grid_dep(); \
-        attention_mma<DK, DV, TERMS>(q, heads, kv_heads, seqs, tiles, past, new_k, new_v, global_, meta, scale, out); \
+        if constexpr (WG_ATTENTION && TERMS == 1 && DK % 64 == 0 && DV % 64 == 0 && DV <= 128) \
+            attention_wg<DK, DV>(q, heads, kv_heads, seqs, tiles, past, new_k, new_v, global_, meta, scale, out); \
+        else \
+            attention_mma<DK, DV, TERMS>(q, heads, kv_heads, seqs, tiles, past, new_k, new_v, global_, meta, scale, out); \
     }
 #define ATTENTION_MMA_BOTH(DK, DV) ATTENTION_MMA(DK, DV, 2, attention_mma) ATTENTION_MMA(DK, DV, 1, attention_mma16)
 ATTENTION_MMA_BOTH(16, 32)

@@ -643,10 +643,13 @@ const TILE_KEYS: usize = 32;
 const MMA_ROWS: usize = 64;
 const MMA_SHAPES: [(usize, usize); 4] = [(16, 32), (64, 64), (64, 128), (128, 128)];
 /// Keys of one block of the tensor-core attention (FA_BK), and its shared memory: two stages of
-/// keys and values (rows padded by FA_PAD = 8) and their positions.
+/// keys and values (rows padded by FA_PAD = 8) and their positions; on the warpgroup MMA
+/// (`attention_wg`), unpadded stages aligned to 1024 bytes, and the slack to align the first.
 const MMA_KEYS: usize = 64;
 fn mma_smem(dk: usize, dv: usize) -> usize {
-    2 * (2 * MMA_KEYS * (dk + 8 + dv + 8) + 4 * MMA_KEYS)
+    let padded = 2 * (2 * MMA_KEYS * (dk + 8 + dv + 8) + 4 * MMA_KEYS);
+    let wg_stage = (2 * MMA_KEYS * (dk + dv) + 4 * MMA_KEYS).next_multiple_of(1024);
+    padded.max(2 * wg_stage + 1024)
 }
 
 /// Keys of a decode attention warp in flight (kernels.cu's ATTN_STAGES batches of ATTN_KEYS), and
@@ -983,8 +986,13 @@ impl Cuda {
             .compute_capability()
             .map_err(|e| device_err("reading the compute capability", e))?;
         let name = format!("{} (sm_{major}{minor})", ctx.name().unwrap_or_default());
-        // For this device's architecture: the tensor-core kernels need sm_80.
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        // For this device's architecture: the tensor-core kernels need sm_80; on sm_90 the
+        // bf16 prompt attention takes Hopper's warpgroup MMA, which only sm_90a code may use
+        // (HYMBA_CUDA_NO_WGMMA=1: the sm_80 kernels, to compare).
+        let wgmma = (major, minor) == (9, 0) && std::env::var_os("HYMBA_CUDA_NO_WGMMA").is_none();
+        let arch: &'static str = Box::leak(
+            format!("compute_{major}{minor}{}", if wgmma { "a" } else { "" }).into_boxed_str(),
+        );
         let ptx = compiled_kernels(arch)?;
         let module = ctx
             .load_module(ptx)

@@ -2024,10 +2024,10 @@ __device__ __forceinline__ void fa_scores(const FaStage<DK, DV>& st, int kb, con
 }
 
 // One online-softmax step over a warp's NT tiles of (masked) scores in log2 units: each fragment
-// row's running maximum m and sum l move on, its outputs o are rescaled, and the scores become
-// weights 2^(s - max).
-template <int NT, int DV>
-__device__ __forceinline__ void fa_softmax(float (*sc)[4], float* m, float* l, float (*o)[4]) {
+// row's running maximum m and sum l move on, and the scores become weights 2^(s - max); the
+// outputs so far are to be rescaled by corr (`fa_rescale`).
+template <int NT>
+__device__ __forceinline__ void fa_weights(float (*sc)[4], float* m, float* l, float* corr) {
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
         float mx = fmaxf(sc[0][2 * rr], sc[0][2 * rr + 1]);
@@ -2038,7 +2038,7 @@ __device__ __forceinline__ void fa_softmax(float (*sc)[4], float* m, float* l, f
         float mn = fmaxf(m[rr], mx);
         // A row that sees no key yet keeps weights of 0 (2^-inf), not NaN.
         float base = mn == NEG_INF ? 0.0f : mn;
-        float corr = ex2(m[rr] - base);
+        corr[rr] = ex2(m[rr] - base);
         float rs = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
@@ -2048,14 +2048,24 @@ __device__ __forceinline__ void fa_softmax(float (*sc)[4], float* m, float* l, f
                 v = ex2(v - base);
                 rs += v;
             }
-        l[rr] = l[rr] * corr + rs;
+        l[rr] = l[rr] * corr[rr] + rs;
         m[rr] = mn;
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; nt++) {
-            o[nt][2 * rr] *= corr;
-            o[nt][2 * rr + 1] *= corr;
-        }
     }
+}
+template <int DV> __device__ __forceinline__ void fa_rescale(float (*o)[4], const float* corr) {
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; nt++) {
+        o[nt][0] *= corr[0];
+        o[nt][1] *= corr[0];
+        o[nt][2] *= corr[1];
+        o[nt][3] *= corr[1];
+    }
+}
+template <int NT, int DV>
+__device__ __forceinline__ void fa_softmax(float (*sc)[4], float* m, float* l, float (*o)[4]) {
+    float corr[2];
+    fa_weights<NT>(sc, m, l, corr);
+    fa_rescale<DV>(o, corr);
 }
 
 // o += p · v over the weights of NT 8-key tiles (NT / 2 slices of 16 keys, keys kb.. of the
@@ -2106,6 +2116,33 @@ __device__ bool fa_next(const KvSrc* src, int& si, int& k0, int tq_lo, int tq_hi
         }
     }
     return false;
+}
+
+// Whether every key of block (s, k0) is visible to every row of a full tile of queries at
+// positions tq_lo..tq_hi: then no mask is applied.
+__device__ __forceinline__ bool fa_whole(const KvSrc& s, int k0, int nrows, int tq_lo, int tq_hi, int global_, int meta, int window) {
+    if (s.pos) return false;
+    int nk = min(FA_BK, s.rows - k0), plo = s.pos0 + k0, phi = plo + nk - 1;
+    return nk == FA_BK && nrows == FA_BQ && phi <= tq_lo && (global_ || tq_hi - plo <= window || phi < meta);
+}
+
+// Scores of a warp's NT 8-key tiles set to -inf where the key (its position in `pos`, -1 past a
+// source's end) is unseen by the fragment row (position tq[rr], a row of the prompt where ok[rr]).
+template <int NT>
+__device__ __forceinline__ void fa_mask(float (*sc)[4], const int* pos, const int* tq, const bool* ok, int c2, int global_, int meta,
+                                        int window) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int cc = 0; cc < 2; cc++) {
+            int sp = pos[nt * 8 + c2 + cc];
+#pragma unroll
+            for (int rr = 0; rr < 2; rr++) {
+                int t = tq[rr];
+                bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
+                if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
+            }
+        }
 }
 
 // Starts loading key block (s, k0) of K/V head kh into `st`: bf16 sources by cp.async (waited
@@ -2257,9 +2294,12 @@ __device__ void wg_load(WgStage<DK, DV>& st, const KvSrc& src, int k0, int kh, i
 }
 
 // `attention_mma` with queries and weights rounded to bf16 (TERMS = 1) on Hopper's warpgroup MMA:
-// the same tiles, key blocks, stages, mask and online softmax, the block's 64 rows × 64 keys of
-// scores made by DK / 16 wgmma and its weights · values by FA_BK / 16, each waited for before the
-// softmax that needs it. Only where compiled for sm_90a.
+// the same tiles, key blocks, stages, mask and online softmax, a block's 64 rows × 64 keys of
+// scores made by DK / 16 wgmma and its weights · values by FA_BK / 16. Key block j + 1's scores
+// and block j's weights · values are issued together; the scores are waited for first, and
+// their softmax runs while the values' products do (all but rescaling the outputs, which waits
+// for them): the tensor cores and the exponentials overlap within a block, not only across
+// blocks. Only where compiled for sm_90a.
 template <int DK, int DV>
 __device__ void attention_wg(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past,
                              const bf16_t* new_k, const bf16_t* new_v, int global_, int meta, float scale, float* out) {
@@ -2297,58 +2337,27 @@ __device__ void attention_wg(const float* q, int heads, int kv_heads, const SeqI
             const float* qp = q + (row0 + wr + g + 8 * rr) * heads * DK + h * DK + col;
             qh[kk][i] = bf16x2(ok[rr] ? qp[0] * qscale : 0.0f, ok[rr] ? qp[1] * qscale : 0.0f);
         }
-    float o[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    float o[DV / 8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f}, sc[FA_BK / 8][4], corr[2];
+    u32 p[FA_BK / 16][4];
 #pragma unroll
     for (int nt = 0; nt < DV / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
     int tq_lo = sq.pos0 + tile.y, tq_hi = tq_lo + nrows - 1;
-    __syncthreads();
-    int si = 0, k0 = 0;
-    bool have = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
-    if (have) wg_load(st[0], src[si], k0, kh, tid);
-    cp_async_commit();
-    for (int stage = 0; have; stage ^= 1) {
-        const KvSrc& s = src[si];
-        int nk = min(FA_BK, s.rows - k0);
-        bool all = false;
-        if (!s.pos) {
-            int plo = s.pos0 + k0, phi = plo + nk - 1;
-            all = nk == FA_BK && nrows == FA_BQ && phi <= tq_lo && (global_ || tq_hi - plo <= window || phi < meta);
-        }
-        k0 += FA_BK;
-        have = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
-        if (have) wg_load(st[stage ^ 1], src[si], k0, kh, tid);
-        cp_async_commit();
-        cp_async_wait_one();
-        // What cp.async and the stores wrote, made visible to the tensor cores' reads (the async proxy).
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        const WgStage<DK, DV>& cur = st[stage];
-        u32 k_at = shared_addr(&cur.k[0][0][0]), v_at = shared_addr(&cur.v[0][0][0]);
-        float sc[FA_BK / 8][4];
-        wgmma_hold<FA_BK / 8>(sc);
-        wgmma_fence();
+    // The products of a stage's keys (into sc) and values (from p, into o), issued, not waited for.
+    auto scores = [&](const WgStage<DK, DV>& s) {
+        u32 at = shared_addr(&s.k[0][0][0]);
 #pragma unroll
         for (int kk = 0; kk < DK / 16; kk++)
-            wgmma_64<FA_BK, 0>(sc, qh[kk], wgmma_desc(k_at + (kk / 4) * FA_BK * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+            wgmma_64<FA_BK, 0>(sc, qh[kk], wgmma_desc(at + (kk / 4) * FA_BK * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
         wgmma_commit();
-        wgmma_wait_all();
-        wgmma_hold<FA_BK / 8>(sc);
-        if (!all) {
+    };
+    auto values = [&](const WgStage<DK, DV>& s) {
+        u32 at = shared_addr(&s.v[0][0][0]);
 #pragma unroll
-            for (int nt = 0; nt < FA_BK / 8; nt++)
-#pragma unroll
-                for (int cc = 0; cc < 2; cc++) {
-                    int sp = cur.pos[nt * 8 + c2 + cc];
-#pragma unroll
-                    for (int rr = 0; rr < 2; rr++) {
-                        int t = tq[rr];
-                        bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
-                        if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
-                    }
-                }
-        }
-        fa_softmax<FA_BK / 8, DV>(sc, m, l, o);
-        u32 p[FA_BK / 16][4];
+        for (int kk = 0; kk < FA_BK / 16; kk++) wgmma_64<DV, 1>(o, p[kk], wgmma_desc(at + kk * 16 * 128, FA_BK * 128, 1024), 1);
+        wgmma_commit();
+    };
+    // The weights of the block in sc, as bf16 fragments.
+    auto weights = [&]() {
 #pragma unroll
         for (int kk = 0; kk < FA_BK / 16; kk++)
 #pragma unroll
@@ -2356,15 +2365,67 @@ __device__ void attention_wg(const float* q, int heads, int kv_heads, const SeqI
                 const float* w = &sc[2 * kk + (i >> 1)][2 * (i & 1)];
                 p[kk][i] = bf16x2(w[0], w[1]);
             }
+    };
+    // What cp.async and the stores wrote, seen by every thread and by the tensor cores (the async
+    // proxy).
+    auto landed = [&]() {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+    };
+    __syncthreads();
+    int si = 0, k0 = 0;
+    if (fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window)) {
+        // Block 0 scored alone, block 1 loading meanwhile.
+        bool whole = fa_whole(src[si], k0, nrows, tq_lo, tq_hi, global_, meta, window);
+        wg_load(st[0], src[si], k0, kh, tid);
+        cp_async_commit();
+        k0 += FA_BK;
+        bool more = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
+        bool next_whole = more && fa_whole(src[si], k0, nrows, tq_lo, tq_hi, global_, meta, window);
+        if (more) wg_load(st[1], src[si], k0, kh, tid);
+        cp_async_commit();
+        cp_async_wait_one();
+        landed();
+        wgmma_hold<FA_BK / 8>(sc);
+        wgmma_fence();
+        scores(st[0]);
+        wgmma_wait_all();
+        wgmma_hold<FA_BK / 8>(sc);
+        if (!whole) fa_mask<FA_BK / 8>(sc, st[0].pos, tq, ok, c2, global_, meta, window);
+        fa_weights<FA_BK / 8>(sc, m, l, corr);
+        // Block j in stage `stage`, its weights in sc; block j + 1 (where `more`) loading into the other.
+        int stage = 0;
+        for (; more; stage ^= 1) {
+            weights();
+            cp_async_wait<0>();
+            landed();
+            wgmma_hold<FA_BK / 8>(sc);
+            wgmma_hold<DV / 8>(o);
+            wgmma_fence();
+            scores(st[stage ^ 1]);
+            values(st[stage]);
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            wgmma_hold<FA_BK / 8>(sc);
+            if (!next_whole) fa_mask<FA_BK / 8>(sc, st[stage ^ 1].pos, tq, ok, c2, global_, meta, window);
+            fa_weights<FA_BK / 8>(sc, m, l, corr);
+            wgmma_wait_all();
+            wgmma_hold<DV / 8>(o);
+            wgmma_hold<FA_BK / 16>(p);
+            fa_rescale<DV>(o, corr);
+            __syncthreads();  // every warp is done with block j's values: block j + 2 may load there
+            k0 += FA_BK;
+            more = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
+            next_whole = more && fa_whole(src[si], k0, nrows, tq_lo, tq_hi, global_, meta, window);
+            if (more) wg_load(st[stage], src[si], k0, kh, tid);
+            cp_async_commit();
+        }
+        weights();
         wgmma_hold<DV / 8>(o);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < FA_BK / 16; kk++) wgmma_64<DV, 1>(o, p[kk], wgmma_desc(v_at + kk * 16 * 128, FA_BK * 128, 1024), 1);
-        wgmma_commit();
+        values(st[stage]);
         wgmma_wait_all();
         wgmma_hold<DV / 8>(o);
         wgmma_hold<FA_BK / 16>(p);
-        __syncthreads();
     }
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
@@ -2382,8 +2443,6 @@ __device__ void attention_wg(const float* q, int heads, int kv_heads, const SeqI
     }
 #endif
 }
-
-
 // Dynamic shared memory: two FaStage<DK, DV> (the block being scored and the next, loading).
 template <int DK, int DV, int TERMS>
 __device__ void attention_mma(const float* q, int heads, int kv_heads, const SeqInfo* seqs, const int2* tiles, const KvSrc* past,
@@ -2437,14 +2496,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
     if (have) fa_load(st[0], src[si], k0, kh, tid);
     cp_async_commit();
     for (int stage = 0; have; stage ^= 1) {
-        const KvSrc& s = src[si];
-        int nk = min(FA_BK, s.rows - k0);
-        // Every key of the block visible to every row of the tile: no mask to apply.
-        bool all = false;
-        if (!s.pos) {
-            int plo = s.pos0 + k0, phi = plo + nk - 1;
-            all = nk == FA_BK && nrows == FA_BQ && phi <= tq_lo && (global_ || tq_hi - plo <= window || phi < meta);
-        }
+        bool all = fa_whole(src[si], k0, nrows, tq_lo, tq_hi, global_, meta, window);
         k0 += FA_BK;
         have = fa_next(src, si, k0, tq_lo, tq_hi, global_, meta, window);
         if (have) fa_load(st[stage ^ 1], src[si], k0, kh, tid);
@@ -2454,20 +2506,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
         const FaStage<DK, DV>& cur = st[stage];
         float sc[FA_BK / 8][4];
         fa_scores<DK, DV, FA_BK / 8, TERMS>(cur, 0, qh, ql, sc, lane);
-        if (!all) {
-#pragma unroll
-            for (int nt = 0; nt < FA_BK / 8; nt++)
-#pragma unroll
-                for (int cc = 0; cc < 2; cc++) {
-                    int sp = cur.pos[nt * 8 + c2 + cc];
-#pragma unroll
-                    for (int rr = 0; rr < 2; rr++) {
-                        int t = tq[rr];
-                        bool vis = ok[rr] && sp >= 0 && sp <= t && (global_ || t - sp <= window || sp < meta);
-                        if (!vis) sc[nt][2 * rr + cc] = NEG_INF;
-                    }
-                }
-        }
+        if (!all) fa_mask<FA_BK / 8>(sc, cur.pos, tq, ok, c2, global_, meta, window);
         fa_softmax<FA_BK / 8, DV>(sc, m, l, o);
         fa_pv<DK, DV, FA_BK / 8, TERMS>(cur, 0, sc, o, lane);
         __syncthreads();

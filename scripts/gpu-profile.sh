@@ -4,6 +4,8 @@
 # registers and how many of its blocks fit a multiprocessor. What found that the decode GEMVs ran
 # at a third of the memory's pace (session 24). Binaries carried as for scripts/gpu-check.sh.
 # Usage: bash scripts/gpu-profile.sh [kernel regex (default: all)] [launches to skip] [count]
+# SECTIONS=1: instead, Nsight Compute's own report of the matching launches (speed of light,
+# warp stalls, schedulers, occupancy): why a kernel takes its time, not only how long.
 set -uo pipefail
 DIR=${GPU_DIR:-.gpu}
 REGEX=${1:-.}
@@ -15,6 +17,14 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
 done
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
+if [ -n "${SECTIONS:-}" ]; then
+    HYMBA_CUDA_PROFILE=1 "$NCU" --clock-control none -k "regex:$REGEX" --launch-skip "$SKIP" \
+        --launch-count "$COUNT" --section SpeedOfLight --section WarpStateStats \
+        --section SchedulerStats --section Occupancy --section LaunchStats "$DIR/hymba" bench \
+        --device cuda --synthetic hymba-1.5b --kv-cache bf16 --prompt 16 --decode 4 --contexts 128 \
+        --batch "${BATCH:-1}" 2>/dev/null | grep -vE "^==PROF==|^\s*$|^ *-+ *-+"
+    exit
+fi
 CSV=$(mktemp)
 M=gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,launch__occupancy_limit_registers
 # HYMBA_CUDA_PROFILE keeps steps out of CUDA graphs, so each launch is seen by its kernel's name.

@@ -2145,6 +2145,27 @@ __device__ __forceinline__ void fa_mask(float (*sc)[4], const int* pos, const in
         }
 }
 
+// A warp's outputs of head h, divided by their rows' sums over the quad's lanes: fragment rows
+// r0 and r0 + 8 of the tile at prompt row row0 (those below nrows).
+template <int DV>
+__device__ __forceinline__ void fa_store(float (*o)[4], const float* l, float* out, long row0, int heads, int h, int r0, int c2,
+                                         int nrows) {
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        float tot = l[rr];
+        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
+        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
+        int row = r0 + 8 * rr;
+        if (row >= nrows) continue;
+        float* op = out + (row0 + row) * heads * DV + h * DV;
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt++) {
+            op[nt * 8 + c2] = tot > 0.0f ? o[nt][2 * rr] / tot : 0.0f;
+            op[nt * 8 + c2 + 1] = tot > 0.0f ? o[nt][2 * rr + 1] / tot : 0.0f;
+        }
+    }
+}
+
 // Starts loading key block (s, k0) of K/V head kh into `st`: bf16 sources by cp.async (waited
 // for by the caller), f32 ones rounded here; zeros past the source's end.
 template <int DK, int DV>
@@ -2427,20 +2448,7 @@ __device__ void attention_wg(const float* q, int heads, int kv_heads, const SeqI
         wgmma_hold<DV / 8>(o);
         wgmma_hold<FA_BK / 16>(p);
     }
-#pragma unroll
-    for (int rr = 0; rr < 2; rr++) {
-        float tot = l[rr];
-        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
-        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
-        int row = wr + g + 8 * rr;
-        if (row >= nrows) continue;
-        float* op = out + (row0 + row) * heads * DV + h * DV;
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; nt++) {
-            op[nt * 8 + c2] = tot > 0.0f ? o[nt][2 * rr] / tot : 0.0f;
-            op[nt * 8 + c2 + 1] = tot > 0.0f ? o[nt][2 * rr + 1] / tot : 0.0f;
-        }
-    }
+    fa_store<DV>(o, l, out, row0, heads, h, wr + g, c2, nrows);
 #endif
 }
 // Dynamic shared memory: two FaStage<DK, DV> (the block being scored and the next, loading).
@@ -2511,20 +2519,7 @@ __device__ void attention_mma(const float* q, int heads, int kv_heads, const Seq
         fa_pv<DK, DV, FA_BK / 8, TERMS>(cur, 0, sc, o, lane);
         __syncthreads();
     }
-#pragma unroll
-    for (int rr = 0; rr < 2; rr++) {
-        float tot = l[rr];
-        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
-        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
-        int row = wr + g + 8 * rr;
-        if (row >= nrows) continue;
-        float* op = out + (row0 + row) * heads * DV + h * DV;
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; nt++) {
-            op[nt * 8 + c2] = tot > 0.0f ? o[nt][2 * rr] / tot : 0.0f;
-            op[nt * 8 + c2 + 1] = tot > 0.0f ? o[nt][2 * rr + 1] / tot : 0.0f;
-        }
-    }
+    fa_store<DV>(o, l, out, row0, heads, h, wr + g, c2, nrows);
 #endif
 }
 // Compiled for sm_90a, the bf16 kernels of 64-column slices run on the warpgroup MMA.

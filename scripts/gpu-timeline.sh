@@ -9,6 +9,9 @@
 # them (`dpkg-deb -x`) and carry the .so files in $GPU_DIR/lib. Binaries carried as for
 # scripts/gpu-check.sh.
 # Usage: bash scripts/gpu-timeline.sh [context (default 128)] [batch (default 1)]
+# PREFILL=N: instead, one timed prefill of N tokens: its span, the time the card had no kernel
+# running and its longest gaps, each stream's busy time, and how long the two branches' streams
+# ran kernels at once (session 59; not yet run on a card).
 set -uo pipefail
 DIR=${GPU_DIR:-.gpu}
 CTX=${1:-128}
@@ -21,11 +24,65 @@ done
 NSYS=$(command -v nsys || ls /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys 2>/dev/null | head -1)
 [ -n "$NSYS" ] || { echo "nsys not found"; exit 1; }
 export LD_LIBRARY_PATH="$PWD/$DIR/lib:$LD_LIBRARY_PATH"
+if [ -n "${PREFILL:-}" ]; then
+    ARGS=(--prompt "$PREFILL" --decode 1 --contexts 16 --batch 1)
+else
+    ARGS=(--prompt 16 --decode 48 --contexts "$CTX" --batch "$BATCH")
+fi
 "$NSYS" profile -t cuda --cuda-graph-trace=node -o "$OUT/steps" --force-overwrite true \
-    "$DIR/hymba" bench --device cuda --synthetic hymba-1.5b --kv-cache bf16 --prompt 16 --decode 48 \
-    --contexts "$CTX" --batch "$BATCH" > "$OUT/nsys.log" 2>&1 || { tail -5 "$OUT/nsys.log"; exit 1; }
+    "$DIR/hymba" bench --device cuda --synthetic hymba-1.5b --kv-cache bf16 "${ARGS[@]}" \
+    > "$OUT/nsys.log" 2>&1 || { tail -5 "$OUT/nsys.log"; exit 1; }
 "$NSYS" export -t sqlite -o "$OUT/steps.sqlite" --force-overwrite true "$OUT/steps.nsys-rep" > /dev/null 2>&1 \
     || { echo "nsys export failed (libdw.so.1 on LD_LIBRARY_PATH?)"; exit 1; }
+if [ -n "${PREFILL:-}" ]; then
+    grep -E "prefill" "$OUT/nsys.log"
+    python3 - "$OUT/steps.sqlite" <<'PY'
+import collections, sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+names = dict(db.execute("select id, value from StringIds"))
+ks = [(s, e, st, names[n]) for s, e, st, n in db.execute(
+    "select start, end, streamId, shortName from CUPTI_ACTIVITY_KIND_KERNEL order by start")]
+# Steps start with their embedding kernel; the bench prefills the prompt twice (the first
+# untimed) after the model's meta prefix, then the short context: the timed prefill is the later
+# of the two steps with the most kernel time.
+starts = [i for i, k in enumerate(ks) if k[3].startswith("embed")] + [len(ks)]
+steps = [ks[a:b] for a, b in zip(starts, starts[1:])]
+work = lambda s: sum(k[1] - k[0] for k in s)
+two = sorted(sorted(range(len(steps)), key=lambda i: -work(steps[i]))[:2])
+sel = steps[two[-1]]
+t0, t1 = sel[0][0], max(k[1] for k in sel)
+iv = sorted((k[0], k[1]) for k in sel)
+busy, (cs, ce), gaps = 0, iv[0], []
+for a, b in iv[1:]:
+    if a > ce:
+        busy += ce - cs
+        gaps.append((a - ce, ce, a))
+        cs, ce = a, b
+    else:
+        ce = max(ce, b)
+busy += ce - cs
+print("timed prefill: %d kernels, %.2f ms from the first kernel's start to the last's end" % (len(sel), (t1 - t0) / 1e6))
+print("a kernel running %.2f ms, none %.2f ms (%d gaps; %.2f ms in gaps over 5 µs); kernel time summed %.2f ms" % (
+    busy / 1e6, (t1 - t0 - busy) / 1e6, len(gaps), sum(g[0] for g in gaps if g[0] > 5000) / 1e6, work(sel) / 1e6))
+ev = sorted([(k[0], 1) for k in sel] + [(k[1], -1) for k in sel])
+n, last, both = 0, t0, 0
+for t, d in ev:
+    if n >= 2:
+        both += t - last
+    n, last = n + d, t
+print("two kernels or more at once: %.2f ms" % (both / 1e6))
+by = collections.Counter()
+for k in sel:
+    by[k[2]] += k[1] - k[0]
+for st, v in by.most_common():
+    print("stream %s: kernels %.2f ms" % (st, v / 1e6))
+ends = {k[1]: k[3] for k in sel}
+for g, a, b in sorted(gaps, reverse=True)[:10]:
+    after = next(k[3] for k in sel if k[0] >= b)
+    print("  gap %7.1f µs after %-28s before %s" % (g / 1e3, ends.get(a, "?")[:28], after[:28]))
+PY
+    exit
+fi
 python3 - "$OUT/steps.sqlite" <<'PY'
 import collections, sqlite3, statistics, sys
 db = sqlite3.connect(sys.argv[1])
